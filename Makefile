@@ -1,0 +1,29 @@
+# The two commands a new user runs: `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: deps test lint unit demo bench fmt clean-demo
+
+## deps: install every real server the tests use into .deps/ (idempotent, cached in ~/.cache)
+deps:
+	@bash scripts/deps.sh
+
+## lint: formatting and clippy, warnings are errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## test: deps, lint, then the whole suite against real servers
+test: deps lint
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+## demo: run the agent end to end against throwaway servers with a file:// repository
+demo: deps
+	@bash scripts/demo.sh
+
+## bench: side-by-side benchmarks against the peer tools (not part of `make test`)
+bench: deps
+	$(CARGO) bench --workspace
+
+fmt:
+	$(CARGO) fmt --all

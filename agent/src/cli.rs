@@ -1,0 +1,30 @@
+//! The command line. Sub-commands are added as capabilities land; each validates its
+//! arguments into a config before anything touches a server or a repository.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Streaming backup agent for PostgreSQL and Redis/Valkey.
+#[derive(Debug, Parser)]
+#[command(name = "syncbridge-agent", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the version and build facts.
+    Version,
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Version => {
+            println!("syncbridge-agent {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
