@@ -4,3 +4,4 @@
 //! any point (proptest) and fuzzed. The agent's drivers own the I/O.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+pub mod pg;
