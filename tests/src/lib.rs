@@ -15,5 +15,7 @@
 pub mod paths;
 pub mod pg;
 pub mod process;
+pub mod redis;
 
 pub use pg::{PgCluster, PgClusterBuilder, PgVersion};
+pub use redis::{RedisFlavor, RedisServer, RedisServerBuilder, RespValue};
