@@ -5,3 +5,4 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 pub mod pg;
+pub mod redis;
