@@ -1,0 +1,524 @@
+//! The object container, version 1 (specified in `storage/FORMAT.md`): a header, a body of
+//! independently decodable frames, and a fixed-size trailer. This module only lays bytes
+//! out and parses them back (no I/O), so it can be fuzzed and reused by other tools.
+//!
+//! Every structure carries its own CRC32C, so a damaged byte is reported with the offset of
+//! the structure that holds it, and the trailer's SHA-256 proves the decoded whole.
+
+use crate::error::{Result, StorageError};
+
+/// First bytes of every object (PNG-style: non-ASCII, CR LF, ^Z, LF detect mangling).
+pub const MAGIC: [u8; 8] = [0x89, b'S', b'B', b'O', b'\r', b'\n', 0x1a, b'\n'];
+/// Last bytes of every complete object.
+pub const END_MAGIC: [u8; 8] = *b"SBOEND\r\n";
+/// The container version this build writes and the highest it reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// Fixed part of the header, before recipient fingerprints and the CRC.
+pub const HEADER_FIXED_LEN: usize = 32;
+/// Bytes of one recipient fingerprint (SHA-256 of the recipient string).
+pub const FINGERPRINT_LEN: usize = 32;
+/// Upper bound on recipients, caps the header allocation.
+pub const MAX_RECIPIENTS: usize = 64;
+/// Bytes of a frame header.
+pub const FRAME_HEADER_LEN: usize = 20;
+/// Bytes of the trailer.
+pub const TRAILER_LEN: usize = 68;
+/// Tag byte of a frame record.
+pub const FRAME_TAG: u8 = b'F';
+/// Tag byte of the trailer.
+pub const TRAILER_TAG: u8 = b'T';
+/// Frame flag: payload is a zstd frame.
+pub const FRAME_ZSTD: u8 = 0x01;
+/// Frame flag: payload is an age file (of the possibly compressed bytes).
+pub const FRAME_AGE: u8 = 0x02;
+/// Largest original bytes per frame a reader accepts (caps allocations from headers).
+pub const MAX_FRAME_ORIGINAL: u32 = 64 << 20;
+/// Largest stored payload per frame a reader accepts.
+pub const MAX_FRAME_STORED: u32 = MAX_FRAME_ORIGINAL + (1 << 20);
+/// Original length value meaning "not known when the header was written".
+pub const UNKNOWN_LEN: u64 = u64::MAX;
+
+/// What an object holds; recorded so a stray object explains itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ContentKind {
+    /// Anything not listed (tests, tools).
+    Other,
+    /// The repository marker.
+    Marker,
+    /// A complete PostgreSQL WAL segment.
+    WalSegment,
+    /// A partial WAL segment.
+    WalPartial,
+    /// A timeline history file.
+    TimelineHistory,
+    /// Base backup data.
+    BaseBackupData,
+    /// A base backup manifest (server's or agent's).
+    BaseBackupManifest,
+    /// A Redis RDB snapshot.
+    RedisSnapshot,
+    /// A chunk of the Redis replication stream.
+    RedisCommands,
+    /// A Redis generation manifest.
+    RedisManifest,
+    /// A kind written by a newer version.
+    Unknown(u8),
+}
+
+impl ContentKind {
+    /// The byte stored in the header.
+    pub fn code(self) -> u8 {
+        match self {
+            ContentKind::Other => 0,
+            ContentKind::Marker => 1,
+            ContentKind::WalSegment => 2,
+            ContentKind::WalPartial => 3,
+            ContentKind::TimelineHistory => 4,
+            ContentKind::BaseBackupData => 5,
+            ContentKind::BaseBackupManifest => 6,
+            ContentKind::RedisSnapshot => 7,
+            ContentKind::RedisCommands => 8,
+            ContentKind::RedisManifest => 9,
+            ContentKind::Unknown(c) => c,
+        }
+    }
+
+    /// Inverse of `code`; unknown codes are kept, not rejected (forward compatibility).
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            0 => ContentKind::Other,
+            1 => ContentKind::Marker,
+            2 => ContentKind::WalSegment,
+            3 => ContentKind::WalPartial,
+            4 => ContentKind::TimelineHistory,
+            5 => ContentKind::BaseBackupData,
+            6 => ContentKind::BaseBackupManifest,
+            7 => ContentKind::RedisSnapshot,
+            8 => ContentKind::RedisCommands,
+            9 => ContentKind::RedisManifest,
+            c => ContentKind::Unknown(c),
+        }
+    }
+
+    /// A short lower-case name for listings.
+    pub fn name(self) -> String {
+        match self {
+            ContentKind::Other => "other".into(),
+            ContentKind::Marker => "marker".into(),
+            ContentKind::WalSegment => "wal-segment".into(),
+            ContentKind::WalPartial => "wal-partial".into(),
+            ContentKind::TimelineHistory => "timeline-history".into(),
+            ContentKind::BaseBackupData => "base-backup-data".into(),
+            ContentKind::BaseBackupManifest => "base-backup-manifest".into(),
+            ContentKind::RedisSnapshot => "redis-snapshot".into(),
+            ContentKind::RedisCommands => "redis-commands".into(),
+            ContentKind::RedisManifest => "redis-manifest".into(),
+            ContentKind::Unknown(c) => format!("unknown-{c}"),
+        }
+    }
+}
+
+/// Codec recorded in the header: the writer's intent. Each frame's flags say what was
+/// actually applied (incompressible frames are stored raw).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// Frames stored as is.
+    None,
+    /// Frames compressed with zstd when that makes them smaller.
+    Zstd,
+}
+
+impl Codec {
+    fn code(self) -> u8 {
+        match self {
+            Codec::None => 0,
+            Codec::Zstd => 1,
+        }
+    }
+}
+
+/// The decoded object header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Container version.
+    pub version: u16,
+    /// What the object holds.
+    pub kind: ContentKind,
+    /// Intended codec.
+    pub codec: Codec,
+    /// Whether frames are age-encrypted.
+    pub encrypted: bool,
+    /// Original length when known at write time.
+    pub original_len: Option<u64>,
+    /// Largest original bytes in one frame.
+    pub frame_size: u32,
+    /// SHA-256 fingerprints of the age recipients' public keys.
+    pub recipients: Vec<[u8; FINGERPRINT_LEN]>,
+}
+
+impl Header {
+    /// Encoded length of this header.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_FIXED_LEN + FINGERPRINT_LEN * self.recipients.len() + 4
+    }
+
+    /// Serialises the header.
+    pub fn encode(&self) -> Vec<u8> {
+        let len = self.encoded_len();
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+        out.push(self.kind.code());
+        out.push(self.codec.code());
+        out.push(u8::from(self.encrypted));
+        out.push(0);
+        out.extend_from_slice(&self.original_len.unwrap_or(UNKNOWN_LEN).to_le_bytes());
+        out.extend_from_slice(&self.frame_size.to_le_bytes());
+        out.extend_from_slice(&(self.recipients.len() as u16).to_le_bytes());
+        for r in &self.recipients {
+            out.extend_from_slice(r);
+        }
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Parses a header from the start of `buf`. `Ok(None)` while `buf` is too short;
+    /// `Ok(Some((header, len)))` once complete.
+    pub fn parse(key: &str, buf: &[u8]) -> Result<Option<(Header, usize)>> {
+        if buf.len() < 14 {
+            // Fail early on a wrong magic even when short, so garbage is named quickly.
+            let n = buf.len().min(MAGIC.len());
+            if buf[..n] != MAGIC[..n] {
+                return Err(magic_err(key, &buf[..n]));
+            }
+            return Ok(None);
+        }
+        if buf[..8] != MAGIC {
+            return Err(magic_err(key, &buf[..8]));
+        }
+        let version = u16_at(buf, 8);
+        if version == 0 || version > FORMAT_VERSION {
+            return Err(StorageError::UnsupportedVersion {
+                key: key.to_owned(),
+                version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let len = u32_at(buf, 10) as usize;
+        let max = HEADER_FIXED_LEN + FINGERPRINT_LEN * MAX_RECIPIENTS + 4;
+        if !(HEADER_FIXED_LEN + 4..=max).contains(&len) {
+            return Err(StorageError::corrupt(
+                key,
+                "header length",
+                format!("{}..={max}", HEADER_FIXED_LEN + 4),
+                len,
+                10,
+            ));
+        }
+        if buf.len() < len {
+            return Ok(None);
+        }
+        let stored_crc = u32_at(buf, len - 4);
+        let crc = crc32c::crc32c(&buf[..len - 4]);
+        if crc != stored_crc {
+            return Err(StorageError::corrupt(
+                key,
+                "header crc32c",
+                format!("{stored_crc:08x}"),
+                format!("{crc:08x}"),
+                0,
+            ));
+        }
+        let count = u16_at(buf, 30) as usize;
+        if len != HEADER_FIXED_LEN + FINGERPRINT_LEN * count + 4 {
+            return Err(StorageError::corrupt(
+                key,
+                "header recipient count",
+                (len - HEADER_FIXED_LEN - 4) / FINGERPRINT_LEN,
+                count,
+                30,
+            ));
+        }
+        let codec = match buf[15] {
+            0 => Codec::None,
+            1 => Codec::Zstd,
+            c => {
+                return Err(StorageError::corrupt(key, "header codec", "0 or 1", c, 15));
+            }
+        };
+        let encrypted = match buf[16] {
+            0 => false,
+            1 => true,
+            f => return Err(StorageError::corrupt(key, "header flags", "0 or 1", f, 16)),
+        };
+        let original_len = match u64_at(buf, 18) {
+            UNKNOWN_LEN => None,
+            n => Some(n),
+        };
+        let frame_size = u32_at(buf, 26);
+        if frame_size == 0 || frame_size > MAX_FRAME_ORIGINAL {
+            return Err(StorageError::corrupt(
+                key,
+                "header frame size",
+                format!("1..={MAX_FRAME_ORIGINAL}"),
+                frame_size,
+                26,
+            ));
+        }
+        let recipients = (0..count)
+            .map(|i| {
+                let at = HEADER_FIXED_LEN + i * FINGERPRINT_LEN;
+                let mut fp = [0u8; FINGERPRINT_LEN];
+                fp.copy_from_slice(&buf[at..at + FINGERPRINT_LEN]);
+                fp
+            })
+            .collect();
+        Ok(Some((
+            Header {
+                version,
+                kind: ContentKind::from_code(buf[14]),
+                codec,
+                encrypted,
+                original_len,
+                frame_size,
+                recipients,
+            },
+            len,
+        )))
+    }
+}
+
+fn magic_err(key: &str, found: &[u8]) -> StorageError {
+    StorageError::corrupt(
+        key,
+        "header magic (not a SyncBridge object?)",
+        hex::encode(MAGIC),
+        hex::encode(found),
+        0,
+    )
+}
+
+/// A frame header: what follows and how to check it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// `FRAME_ZSTD` | `FRAME_AGE`.
+    pub flags: u8,
+    /// Payload bytes that follow the header.
+    pub stored_len: u32,
+    /// Bytes the payload decodes to.
+    pub original_len: u32,
+    /// CRC32C of the payload.
+    pub payload_crc: u32,
+}
+
+impl FrameHeader {
+    /// Serialises the frame header (including its own CRC).
+    pub fn encode(&self) -> [u8; FRAME_HEADER_LEN] {
+        let mut out = [0u8; FRAME_HEADER_LEN];
+        out[0] = FRAME_TAG;
+        out[1] = self.flags;
+        out[4..8].copy_from_slice(&self.stored_len.to_le_bytes());
+        out[8..12].copy_from_slice(&self.original_len.to_le_bytes());
+        out[12..16].copy_from_slice(&self.payload_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&out[..16]);
+        out[16..20].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Parses a frame header that starts at stored `offset`; `buf` holds at least
+    /// `FRAME_HEADER_LEN` bytes and starts with `FRAME_TAG`.
+    pub fn parse(key: &str, buf: &[u8], offset: u64, frame_size: u32) -> Result<FrameHeader> {
+        let stored_crc = u32_at(buf, 16);
+        let crc = crc32c::crc32c(&buf[..16]);
+        if crc != stored_crc {
+            return Err(StorageError::corrupt(
+                key,
+                "frame header crc32c",
+                format!("{stored_crc:08x}"),
+                format!("{crc:08x}"),
+                offset,
+            ));
+        }
+        let flags = buf[1];
+        if flags & !(FRAME_ZSTD | FRAME_AGE) != 0 || buf[2] != 0 || buf[3] != 0 {
+            return Err(StorageError::corrupt(
+                key,
+                "frame flags",
+                "known flags",
+                hex::encode(&buf[1..4]),
+                offset,
+            ));
+        }
+        let h = FrameHeader {
+            flags,
+            stored_len: u32_at(buf, 4),
+            original_len: u32_at(buf, 8),
+            payload_crc: u32_at(buf, 12),
+        };
+        if h.original_len == 0 || h.original_len > frame_size {
+            return Err(StorageError::corrupt(
+                key,
+                "frame original length",
+                format!("1..={frame_size}"),
+                h.original_len,
+                offset,
+            ));
+        }
+        if h.stored_len > MAX_FRAME_STORED {
+            return Err(StorageError::corrupt(
+                key,
+                "frame stored length",
+                format!("<= {MAX_FRAME_STORED}"),
+                h.stored_len,
+                offset,
+            ));
+        }
+        Ok(h)
+    }
+}
+
+/// The trailer: totals and whole-object checksums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trailer {
+    /// Number of frames.
+    pub frame_count: u64,
+    /// Total original bytes.
+    pub original_len: u64,
+    /// SHA-256 of the original bytes.
+    pub sha256: [u8; 32],
+    /// CRC32C of every stored byte before the trailer.
+    pub stored_crc: u32,
+}
+
+impl Trailer {
+    /// Serialises the trailer.
+    pub fn encode(&self) -> [u8; TRAILER_LEN] {
+        let mut out = [0u8; TRAILER_LEN];
+        out[0] = TRAILER_TAG;
+        out[4..12].copy_from_slice(&self.frame_count.to_le_bytes());
+        out[12..20].copy_from_slice(&self.original_len.to_le_bytes());
+        out[20..52].copy_from_slice(&self.sha256);
+        out[52..56].copy_from_slice(&self.stored_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&out[..56]);
+        out[56..60].copy_from_slice(&crc.to_le_bytes());
+        out[60..68].copy_from_slice(&END_MAGIC);
+        out
+    }
+
+    /// Parses a trailer found at stored `offset`; `buf` is exactly `TRAILER_LEN` bytes.
+    pub fn parse(key: &str, buf: &[u8], offset: u64) -> Result<Trailer> {
+        if buf.len() != TRAILER_LEN || buf[0] != TRAILER_TAG {
+            return Err(StorageError::corrupt(
+                key,
+                "trailer tag",
+                format!("{TRAILER_TAG:02x}"),
+                buf.first().map(|b| format!("{b:02x}")).unwrap_or_default(),
+                offset,
+            ));
+        }
+        if buf[60..68] != END_MAGIC {
+            return Err(StorageError::corrupt(
+                key,
+                "trailer end magic",
+                hex::encode(END_MAGIC),
+                hex::encode(&buf[60..68]),
+                offset + 60,
+            ));
+        }
+        let stored = u32_at(buf, 56);
+        let crc = crc32c::crc32c(&buf[..56]);
+        if stored != crc || buf[1..4] != [0, 0, 0] {
+            return Err(StorageError::corrupt(
+                key,
+                "trailer crc32c",
+                format!("{stored:08x}"),
+                format!("{crc:08x}"),
+                offset,
+            ));
+        }
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(&buf[20..52]);
+        Ok(Trailer {
+            frame_count: u64_at(buf, 4),
+            original_len: u64_at(buf, 12),
+            sha256,
+            stored_crc: u32_at(buf, 52),
+        })
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_short_input() {
+        let h = Header {
+            version: 1,
+            kind: ContentKind::WalSegment,
+            codec: Codec::Zstd,
+            encrypted: true,
+            original_len: Some(16 << 20),
+            frame_size: 1 << 20,
+            recipients: vec![[7u8; 32], [9u8; 32]],
+        };
+        let bytes = h.encode();
+        assert_eq!(bytes.len(), h.encoded_len());
+        for cut in 0..bytes.len() {
+            assert!(
+                Header::parse("k", &bytes[..cut]).unwrap().is_none(),
+                "cut {cut}"
+            );
+        }
+        let (parsed, len) = Header::parse("k", &bytes).unwrap().unwrap();
+        assert_eq!(parsed, h);
+        assert_eq!(len, bytes.len());
+        let mut bad = bytes.clone();
+        bad[20] ^= 1;
+        let err = Header::parse("k", &bad).unwrap_err().to_string();
+        assert!(err.contains("header crc32c"), "{err}");
+        let err = Header::parse("k", b"PGDMP").unwrap_err().to_string();
+        assert!(err.contains("magic"), "{err}");
+    }
+
+    #[test]
+    fn frame_and_trailer_round_trip() {
+        let f = FrameHeader {
+            flags: FRAME_ZSTD,
+            stored_len: 10,
+            original_len: 20,
+            payload_crc: 0xdeadbeef,
+        };
+        assert_eq!(FrameHeader::parse("k", &f.encode(), 0, 1 << 20).unwrap(), f);
+        let t = Trailer {
+            frame_count: 3,
+            original_len: 99,
+            sha256: [1; 32],
+            stored_crc: 5,
+        };
+        assert_eq!(Trailer::parse("k", &t.encode(), 0).unwrap(), t);
+        let mut bad = t.encode();
+        bad[30] ^= 0x10;
+        assert!(Trailer::parse("k", &bad, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("trailer crc32c"));
+    }
+}

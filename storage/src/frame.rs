@@ -1,0 +1,239 @@
+//! Turning one frame of original bytes into a stored frame record and back: zstd
+//! compression (skipped when it does not help), optional age encryption, CRC32C. These
+//! functions are CPU-bound and run on tokio's blocking pool, several frames at a time.
+//!
+//! The SHA-256 of the whole object must see frames in order although they are encoded in
+//! parallel; `HashChain` lets the job for frame *i* wait its turn to feed the hasher, so a
+//! single-worker pipeline does exactly the work of the three operations back to back.
+
+use std::cell::RefCell;
+use std::io::{Read, Write};
+use std::sync::{Condvar, Mutex};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::format::{FrameHeader, FRAME_AGE, FRAME_HEADER_LEN, FRAME_ZSTD};
+
+/// age X25519 recipients and identities of a repository, with their fingerprints.
+#[derive(Clone, Default)]
+pub(crate) struct Keys {
+    pub recipients: Vec<age::x25519::Recipient>,
+    pub identities: Vec<age::x25519::Identity>,
+}
+
+impl Keys {
+    pub fn recipient_fingerprints(&self) -> Vec<[u8; 32]> {
+        self.recipients.iter().map(fingerprint).collect()
+    }
+}
+
+/// Fingerprint of a recipient: SHA-256 of its `age1…` text. Public, so it may be stored in
+/// the clear; it lets a reader say which key an object needs.
+pub fn fingerprint(recipient: &age::x25519::Recipient) -> [u8; 32] {
+    Sha256::digest(recipient.to_string().as_bytes()).into()
+}
+
+/// The short form of a fingerprint shown to people (first 8 bytes, hex).
+pub fn short_fingerprint(fp: &[u8; 32]) -> String {
+    hex::encode(&fp[..8])
+}
+
+/// One encoded frame record, ready to be appended to the stored object.
+pub(crate) struct EncodedFrame {
+    pub record: Bytes,
+    pub record_crc: u32,
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn compress(level: i32, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let reuse = matches!(&*slot, Some((l, _)) if *l == level);
+        if !reuse {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        match slot.as_mut() {
+            Some((_, c)) => c.compress(data),
+            None => Err(std::io::Error::other("zstd compressor missing")),
+        }
+    })
+}
+
+fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(data, capacity),
+            None => Err(std::io::Error::other("zstd decompressor missing")),
+        }
+    })
+}
+
+/// Encodes one frame. `level` None stores it raw.
+pub(crate) fn encode_frame(
+    data: &[u8],
+    level: Option<i32>,
+    recipients: &[age::x25519::Recipient],
+) -> Result<EncodedFrame, String> {
+    let mut flags = 0u8;
+    let compressed;
+    let mut payload: &[u8] = data;
+    if let Some(level) = level {
+        compressed = compress(level, data).map_err(|e| format!("zstd: {e}"))?;
+        if compressed.len() < data.len() {
+            payload = &compressed;
+            flags |= FRAME_ZSTD;
+        }
+    }
+    let encrypted;
+    if !recipients.is_empty() {
+        let enc =
+            age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+                .map_err(|e| format!("age: {e}"))?;
+        let mut out = Vec::with_capacity(payload.len() + 256 + payload.len() / 4096);
+        let mut w = enc.wrap_output(&mut out).map_err(|e| format!("age: {e}"))?;
+        w.write_all(payload).map_err(|e| format!("age: {e}"))?;
+        w.finish().map_err(|e| format!("age: {e}"))?;
+        encrypted = out;
+        payload = &encrypted;
+        flags |= FRAME_AGE;
+    }
+    let header = FrameHeader {
+        flags,
+        stored_len: u32::try_from(payload.len()).map_err(|_| "frame too large".to_string())?,
+        original_len: u32::try_from(data.len()).map_err(|_| "frame too large".to_string())?,
+        payload_crc: crc32c::crc32c(payload),
+    }
+    .encode();
+    let mut record = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
+    record.extend_from_slice(&header);
+    record.extend_from_slice(payload);
+    let record_crc = crc32c::crc32c(&record);
+    Ok(EncodedFrame {
+        record: Bytes::from(record),
+        record_crc,
+    })
+}
+
+/// Why a frame could not be decoded (the caller adds key and offset).
+pub(crate) enum DecodeError {
+    /// No identity matches, or the ciphertext is damaged.
+    Decrypt(String),
+    /// zstd failed or produced the wrong length.
+    Decompress { expected: u64, actual: String },
+}
+
+/// Decodes one frame's payload (already CRC-checked) into its original bytes.
+pub(crate) fn decode_frame(
+    header: &FrameHeader,
+    payload: &[u8],
+    identities: &[age::x25519::Identity],
+) -> Result<Bytes, DecodeError> {
+    let decrypted;
+    let mut data: &[u8] = payload;
+    if header.flags & FRAME_AGE != 0 {
+        let dec = age::Decryptor::new(payload).map_err(|e| DecodeError::Decrypt(e.to_string()))?;
+        let mut r = dec
+            .decrypt(identities.iter().map(|i| i as &dyn age::Identity))
+            .map_err(|e| DecodeError::Decrypt(e.to_string()))?;
+        let cap = payload.len();
+        let mut out = Vec::with_capacity(cap);
+        (&mut r)
+            .take(cap as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| DecodeError::Decrypt(e.to_string()))?;
+        decrypted = out;
+        data = &decrypted;
+    }
+    let want = header.original_len as usize;
+    if header.flags & FRAME_ZSTD != 0 {
+        let out = decompress(data, want).map_err(|e| DecodeError::Decompress {
+            expected: want as u64,
+            actual: format!("zstd error: {e}"),
+        })?;
+        if out.len() != want {
+            return Err(DecodeError::Decompress {
+                expected: want as u64,
+                actual: format!("{} bytes", out.len()),
+            });
+        }
+        Ok(Bytes::from(out))
+    } else if data.len() != want {
+        Err(DecodeError::Decompress {
+            expected: want as u64,
+            actual: format!("{} bytes", data.len()),
+        })
+    } else if data.as_ptr() == payload.as_ptr() {
+        Ok(Bytes::copy_from_slice(data))
+    } else {
+        Ok(Bytes::from(decrypted_owned(data)))
+    }
+}
+
+fn decrypted_owned(data: &[u8]) -> Vec<u8> {
+    data.to_vec()
+}
+
+/// Feeds frames to one SHA-256 in frame order although they are processed in parallel.
+pub(crate) struct HashChain {
+    state: Mutex<ChainState>,
+    turn: Condvar,
+}
+
+struct ChainState {
+    next: u64,
+    hasher: Sha256,
+    abandoned: bool,
+}
+
+impl HashChain {
+    pub fn new() -> Self {
+        HashChain {
+            state: Mutex::new(ChainState {
+                next: 0,
+                hasher: Sha256::new(),
+                abandoned: false,
+            }),
+            turn: Condvar::new(),
+        }
+    }
+
+    /// Blocks until every frame before `index` has been hashed, then hashes `data`.
+    /// Returns false when the chain was abandoned (the object is being dropped).
+    pub fn update(&self, index: u64, data: &[u8]) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.next != index && !st.abandoned {
+            st = self.turn.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.abandoned {
+            return false;
+        }
+        st.hasher.update(data);
+        st.next += 1;
+        drop(st);
+        self.turn.notify_all();
+        true
+    }
+
+    /// Wakes and releases every waiting job (used when the object is dropped or fails).
+    pub fn abandon(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.abandoned = true;
+        drop(st);
+        self.turn.notify_all();
+    }
+
+    /// The digest after `frames` frames; None if not all were hashed.
+    pub fn finish(&self, frames: u64) -> Option<[u8; 32]> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (st.next == frames && !st.abandoned).then(|| st.hasher.clone().finalize().into())
+    }
+}

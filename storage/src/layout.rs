@@ -1,0 +1,584 @@
+//! The repository's key layout: the only place that turns names into object keys and
+//! back. Keys look like paths (`postgres/wal/00000001/000000010000000000000003`) so a
+//! listing by prefix finds a timeline, a backup or a Redis generation.
+//!
+//! ```text
+//! syncbridge-repo                                   repository marker (RepoMarker, JSON)
+//! postgres/wal/<tli 8 hex>/<segment 24 hex>         a complete WAL segment, as named in pg_wal
+//! postgres/wal/<tli>/<segment>.partial.<end 8 hex>  the segment's first <end> bytes (low RPO)
+//! postgres/wal/<tli>/<tli>.history                  timeline history file
+//! postgres/base/<backup-id>/data/<seq 10 digits>    base backup data chunks, in stream order
+//! postgres/base/<backup-id>/backup_manifest         the server's backup_manifest
+//! postgres/base/<backup-id>/backup.json             agent's backup manifest, written LAST
+//! redis/gen/<generation-id>/snapshot.rdb            the RDB snapshot of a generation
+//! redis/gen/<generation-id>/chunks/<start 20 digits>-<end 20 digits>
+//!                                                   replication stream bytes [start, end)
+//! redis/gen/<generation-id>/generation.json         generation manifest
+//! ```
+//!
+//! WAL file naming follows PostgreSQL's `XLogFileName` (src/include/access/xlog_internal.h);
+//! the segment/LSN arithmetic itself lives in `wire`, this module only validates shapes.
+//! Zero-padded numbers make lexical order equal numeric order, so listings sort correctly.
+
+use std::fmt;
+
+use crate::error::{Result, StorageError};
+
+/// A validated object key, relative to the repository root. Components are
+/// `[A-Za-z0-9_][A-Za-z0-9._-]*`, joined by `/`; a leading dot is reserved for the
+/// local store's temporary files. The empty key is the root and is only valid as a prefix.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RepoKey(String);
+
+impl RepoKey {
+    /// Checks a key given as text (e.g. on the `repo` command line).
+    pub fn parse(text: &str) -> Result<Self> {
+        let text = text.trim_matches('/');
+        if text.is_empty() {
+            return Ok(Self::root());
+        }
+        if text.len() > 900 {
+            return Err(invalid(text, "longer than 900 bytes"));
+        }
+        for comp in text.split('/') {
+            check_component(text, comp)?;
+        }
+        Ok(RepoKey(text.to_owned()))
+    }
+
+    /// The repository root, for listing everything.
+    pub fn root() -> Self {
+        RepoKey(String::new())
+    }
+
+    /// True for the root prefix.
+    pub fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The last component (the "file name").
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or("")
+    }
+
+    /// Whether this key is `prefix` itself or lies under it.
+    pub fn starts_with(&self, prefix: &RepoKey) -> bool {
+        prefix.is_root()
+            || self.0 == prefix.0
+            || (self.0.starts_with(&prefix.0)
+                && self.0.as_bytes().get(prefix.0.len()) == Some(&b'/'))
+    }
+
+    fn join(parts: &[&str]) -> Self {
+        RepoKey(parts.join("/"))
+    }
+}
+
+impl fmt::Display for RepoKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("/")
+        } else {
+            f.write_str(&self.0)
+        }
+    }
+}
+
+impl fmt::Debug for RepoKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RepoKey({:?})", self.0)
+    }
+}
+
+fn invalid(text: &str, reason: impl Into<String>) -> StorageError {
+    StorageError::InvalidKey {
+        key: text.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn check_component(text: &str, comp: &str) -> Result<()> {
+    let bytes = comp.as_bytes();
+    let Some(first) = bytes.first() else {
+        return Err(invalid(text, "empty path component"));
+    };
+    if !(first.is_ascii_alphanumeric() || *first == b'_') {
+        return Err(invalid(
+            text,
+            format!("component {comp:?} must start with a letter, digit or '_'"),
+        ));
+    }
+    if let Some(bad) = bytes
+        .iter()
+        .find(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
+    {
+        return Err(invalid(
+            text,
+            format!("component {comp:?} contains {:?}", char::from(*bad)),
+        ));
+    }
+    Ok(())
+}
+
+fn is_upper_hex(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+/// The repository marker's key.
+pub fn marker() -> RepoKey {
+    RepoKey::join(&["syncbridge-repo"])
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL WAL
+// ---------------------------------------------------------------------------------------
+
+/// A PostgreSQL timeline id (`TimeLineID`, never 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TimelineId(u32);
+
+impl TimelineId {
+    /// Rejects 0, which PostgreSQL never uses.
+    pub fn new(id: u32) -> Result<Self> {
+        if id == 0 {
+            return Err(invalid("0", "timeline 0 does not exist"));
+        }
+        Ok(TimelineId(id))
+    }
+
+    /// The numeric id.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    /// Parses the 8-hex-digit form used in file names.
+    pub fn from_hex(text: &str) -> Result<Self> {
+        if text.len() != 8 || !is_upper_hex(text) {
+            return Err(invalid(text, "timeline must be 8 upper-case hex digits"));
+        }
+        let id = u32::from_str_radix(text, 16).map_err(|e| invalid(text, e.to_string()))?;
+        Self::new(id)
+    }
+}
+
+impl fmt::Display for TimelineId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08X}", self.0)
+    }
+}
+
+/// A WAL segment file name as in `pg_wal`: 24 upper-case hex digits (timeline, log, seg).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WalSegmentName(String);
+
+impl WalSegmentName {
+    /// Validates the shape (the arithmetic is `wire`'s business).
+    pub fn parse(text: &str) -> Result<Self> {
+        if text.len() != 24 || !is_upper_hex(text) {
+            return Err(invalid(
+                text,
+                "WAL segment name must be 24 upper-case hex digits",
+            ));
+        }
+        TimelineId::from_hex(&text[..8])?;
+        Ok(WalSegmentName(text.to_owned()))
+    }
+
+    /// The timeline encoded in the first 8 digits.
+    pub fn timeline(&self) -> TimelineId {
+        // Validated in `parse`.
+        TimelineId(u32::from_str_radix(&self.0[..8], 16).unwrap_or(1))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WalSegmentName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for WalSegmentName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WalSegmentName({})", self.0)
+    }
+}
+
+/// All WAL of all timelines.
+pub fn wal_prefix() -> RepoKey {
+    RepoKey::join(&["postgres", "wal"])
+}
+
+/// All WAL objects of one timeline (segments, partials, its history file).
+pub fn wal_timeline_prefix(tli: TimelineId) -> RepoKey {
+    RepoKey(format!("postgres/wal/{tli}"))
+}
+
+/// A complete segment. It is stored under the timeline in its own name.
+pub fn wal_segment(segment: &WalSegmentName) -> RepoKey {
+    RepoKey(format!("postgres/wal/{}/{}", segment.timeline(), segment))
+}
+
+/// The first `end_offset` bytes of a segment still being written. Several partials of one
+/// segment may exist briefly; the one with the largest end offset is the newest.
+pub fn wal_partial(segment: &WalSegmentName, end_offset: u32) -> RepoKey {
+    RepoKey(format!(
+        "postgres/wal/{}/{}.partial.{:08X}",
+        segment.timeline(),
+        segment,
+        end_offset
+    ))
+}
+
+/// A timeline history file `0000000N.history` (PostgreSQL's `TLHistoryFileName`).
+pub fn timeline_history(tli: TimelineId) -> RepoKey {
+    RepoKey(format!("postgres/wal/{tli}/{tli}.history"))
+}
+
+/// What a key under `postgres/wal/` is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WalObject {
+    /// A complete segment.
+    Segment(WalSegmentName),
+    /// A partial segment holding bytes `[0, end_offset)`.
+    Partial {
+        /// The segment.
+        segment: WalSegmentName,
+        /// Bytes of the segment the object holds.
+        end_offset: u32,
+    },
+    /// A timeline history file.
+    History(TimelineId),
+}
+
+/// Parses a key produced by the WAL functions above; `None` for anything else.
+pub fn parse_wal_key(key: &RepoKey) -> Option<WalObject> {
+    let rest = key.as_str().strip_prefix("postgres/wal/")?;
+    let (tli_text, name) = rest.split_once('/')?;
+    let tli = TimelineId::from_hex(tli_text).ok()?;
+    if let Some(h) = name.strip_suffix(".history") {
+        let htli = TimelineId::from_hex(h).ok()?;
+        return (htli == tli).then_some(WalObject::History(tli));
+    }
+    if let Some((seg, end)) = name.split_once(".partial.") {
+        let segment = WalSegmentName::parse(seg).ok()?;
+        if end.len() != 8 || !is_upper_hex(end) || segment.timeline() != tli {
+            return None;
+        }
+        let end_offset = u32::from_str_radix(end, 16).ok()?;
+        return Some(WalObject::Partial {
+            segment,
+            end_offset,
+        });
+    }
+    let segment = WalSegmentName::parse(name).ok()?;
+    (segment.timeline() == tli).then_some(WalObject::Segment(segment))
+}
+
+// ---------------------------------------------------------------------------------------
+// Base backups
+// ---------------------------------------------------------------------------------------
+
+/// A base backup's id: 1..=64 characters of `[A-Za-z0-9_-]`, e.g. `20261127T160700Z`.
+/// Choose ids that sort by start time.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackupId(String);
+
+impl BackupId {
+    /// Validates an id.
+    pub fn parse(text: &str) -> Result<Self> {
+        check_id(text, "backup id")?;
+        Ok(BackupId(text.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BackupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn check_id(text: &str, what: &str) -> Result<()> {
+    if text.is_empty() || text.len() > 64 {
+        return Err(invalid(text, format!("{what} must be 1 to 64 characters")));
+    }
+    if !text
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(invalid(
+            text,
+            format!("{what} may only contain A-Z a-z 0-9 _ -"),
+        ));
+    }
+    Ok(())
+}
+
+/// All base backups.
+pub fn base_backups_prefix() -> RepoKey {
+    RepoKey::join(&["postgres", "base"])
+}
+
+/// Everything of one base backup.
+pub fn base_backup_prefix(id: &BackupId) -> RepoKey {
+    RepoKey(format!("postgres/base/{id}"))
+}
+
+/// Data chunk `seq` of a base backup (stream order, so restore can parallelise by chunk).
+pub fn base_backup_chunk(id: &BackupId, seq: u64) -> RepoKey {
+    RepoKey(format!("postgres/base/{id}/data/{seq:010}"))
+}
+
+/// The server's `backup_manifest` file.
+pub fn base_backup_server_manifest(id: &BackupId) -> RepoKey {
+    RepoKey(format!("postgres/base/{id}/backup_manifest"))
+}
+
+/// The agent's manifest of the backup, written last: a backup without it is incomplete.
+pub fn base_backup_manifest(id: &BackupId) -> RepoKey {
+    RepoKey(format!("postgres/base/{id}/backup.json"))
+}
+
+/// What a key under `postgres/base/` is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BaseBackupObject {
+    /// Data chunk number `seq`.
+    Chunk {
+        /// The backup.
+        id: BackupId,
+        /// Chunk sequence number.
+        seq: u64,
+    },
+    /// The server's backup_manifest.
+    ServerManifest(BackupId),
+    /// The agent's manifest (completion marker).
+    Manifest(BackupId),
+}
+
+/// Parses a key produced by the base backup functions; `None` for anything else.
+pub fn parse_base_backup_key(key: &RepoKey) -> Option<BaseBackupObject> {
+    let rest = key.as_str().strip_prefix("postgres/base/")?;
+    let (id, name) = rest.split_once('/')?;
+    let id = BackupId::parse(id).ok()?;
+    match name {
+        "backup_manifest" => Some(BaseBackupObject::ServerManifest(id)),
+        "backup.json" => Some(BaseBackupObject::Manifest(id)),
+        _ => {
+            let seq = name.strip_prefix("data/")?;
+            if seq.len() != 10 || !seq.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            Some(BaseBackupObject::Chunk {
+                id,
+                seq: seq.parse().ok()?,
+            })
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis generations
+// ---------------------------------------------------------------------------------------
+
+/// A Redis snapshot generation's id: 1..=64 characters of `[A-Za-z0-9_-]`; choose ids
+/// that sort by start time (e.g. `20261127T160700Z-<replid prefix>`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GenerationId(String);
+
+impl GenerationId {
+    /// Validates an id.
+    pub fn parse(text: &str) -> Result<Self> {
+        check_id(text, "generation id")?;
+        Ok(GenerationId(text.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GenerationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// All Redis generations.
+pub fn redis_generations_prefix() -> RepoKey {
+    RepoKey::join(&["redis", "gen"])
+}
+
+/// Everything of one generation.
+pub fn redis_generation_prefix(id: &GenerationId) -> RepoKey {
+    RepoKey(format!("redis/gen/{id}"))
+}
+
+/// The generation's RDB snapshot.
+pub fn redis_snapshot(id: &GenerationId) -> RepoKey {
+    RepoKey(format!("redis/gen/{id}/snapshot.rdb"))
+}
+
+/// All command-stream chunks of a generation.
+pub fn redis_chunks_prefix(id: &GenerationId) -> RepoKey {
+    RepoKey(format!("redis/gen/{id}/chunks"))
+}
+
+/// The command-stream chunk holding replication offsets `[start, end)`.
+pub fn redis_chunk(id: &GenerationId, start: u64, end: u64) -> RepoKey {
+    RepoKey(format!("redis/gen/{id}/chunks/{start:020}-{end:020}"))
+}
+
+/// The generation manifest.
+pub fn redis_generation_manifest(id: &GenerationId) -> RepoKey {
+    RepoKey(format!("redis/gen/{id}/generation.json"))
+}
+
+/// What a key under `redis/gen/` is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisObject {
+    /// The snapshot.
+    Snapshot(GenerationId),
+    /// A chunk of the replication stream.
+    Chunk {
+        /// The generation.
+        id: GenerationId,
+        /// First replication offset in the chunk.
+        start: u64,
+        /// Offset just past the chunk.
+        end: u64,
+    },
+    /// The generation manifest.
+    Manifest(GenerationId),
+}
+
+/// Parses a key produced by the Redis functions; `None` for anything else.
+pub fn parse_redis_key(key: &RepoKey) -> Option<RedisObject> {
+    let rest = key.as_str().strip_prefix("redis/gen/")?;
+    let (id, name) = rest.split_once('/')?;
+    let id = GenerationId::parse(id).ok()?;
+    match name {
+        "snapshot.rdb" => Some(RedisObject::Snapshot(id)),
+        "generation.json" => Some(RedisObject::Manifest(id)),
+        _ => {
+            let range = name.strip_prefix("chunks/")?;
+            let (s, e) = range.split_once('-')?;
+            let digits = |t: &str| t.len() == 20 && t.bytes().all(|b| b.is_ascii_digit());
+            if !digits(s) || !digits(e) {
+                return None;
+            }
+            let (start, end) = (s.parse().ok()?, e.parse().ok()?);
+            (start <= end).then_some(RedisObject::Chunk { id, start, end })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn key_validation() {
+        assert!(RepoKey::parse("postgres/wal/x").is_ok());
+        assert!(RepoKey::parse("/postgres/wal/").is_ok());
+        assert!(RepoKey::parse("").unwrap().is_root());
+        for bad in ["a//b", "a/../b", "a/.hidden", "a b", "a/b\\c", "é"] {
+            assert!(RepoKey::parse(bad).is_err(), "{bad}");
+        }
+        let k = RepoKey::parse("postgres/wal/00000001/x").unwrap();
+        assert!(k.starts_with(&wal_prefix()));
+        assert!(!RepoKey::parse("postgres/walx")
+            .unwrap()
+            .starts_with(&wal_prefix()));
+        assert_eq!(k.file_name(), "x");
+    }
+
+    #[test]
+    fn wal_keys_round_trip() {
+        let seg = WalSegmentName::parse("000000020000000A000000FF").unwrap();
+        assert_eq!(seg.timeline().get(), 2);
+        let k = wal_segment(&seg);
+        assert_eq!(k.as_str(), "postgres/wal/00000002/000000020000000A000000FF");
+        assert_eq!(parse_wal_key(&k), Some(WalObject::Segment(seg.clone())));
+        let p = wal_partial(&seg, 0x1234);
+        assert_eq!(
+            p.as_str(),
+            "postgres/wal/00000002/000000020000000A000000FF.partial.00001234"
+        );
+        assert_eq!(
+            parse_wal_key(&p),
+            Some(WalObject::Partial {
+                segment: seg,
+                end_offset: 0x1234
+            })
+        );
+        let tli = TimelineId::new(3).unwrap();
+        let h = timeline_history(tli);
+        assert_eq!(h.as_str(), "postgres/wal/00000003/00000003.history");
+        assert_eq!(parse_wal_key(&h), Some(WalObject::History(tli)));
+        assert!(WalSegmentName::parse("000000010000000000000003x").is_err());
+        assert!(WalSegmentName::parse("00000001000000000000000a").is_err());
+        assert!(WalSegmentName::parse("000000000000000000000003").is_err());
+        assert!(parse_wal_key(
+            &RepoKey::parse("postgres/wal/00000001/000000020000000000000003").unwrap()
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn backup_and_redis_keys_round_trip() {
+        let id = BackupId::parse("20261127T160700Z").unwrap();
+        let c = base_backup_chunk(&id, 42);
+        assert_eq!(c.as_str(), "postgres/base/20261127T160700Z/data/0000000042");
+        assert_eq!(
+            parse_base_backup_key(&c),
+            Some(BaseBackupObject::Chunk {
+                id: id.clone(),
+                seq: 42
+            })
+        );
+        assert_eq!(
+            parse_base_backup_key(&base_backup_manifest(&id)),
+            Some(BaseBackupObject::Manifest(id.clone()))
+        );
+        assert!(BackupId::parse("a/b").is_err());
+        let g = GenerationId::parse("g1").unwrap();
+        let ch = redis_chunk(&g, 5, 1_000);
+        assert_eq!(
+            ch.as_str(),
+            "redis/gen/g1/chunks/00000000000000000005-00000000000000001000"
+        );
+        assert_eq!(
+            parse_redis_key(&ch),
+            Some(RedisObject::Chunk {
+                id: g.clone(),
+                start: 5,
+                end: 1000
+            })
+        );
+        assert_eq!(
+            parse_redis_key(&redis_snapshot(&g)),
+            Some(RedisObject::Snapshot(g.clone()))
+        );
+        assert_eq!(
+            parse_redis_key(&redis_generation_manifest(&g)),
+            Some(RedisObject::Manifest(g))
+        );
+    }
+}

@@ -1,0 +1,599 @@
+//! `Repository`: opening a repository URL and the object operations every stream uses.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use object_store::{Attribute, Attributes, ClientOptions, ObjectStore};
+use tokio::sync::Semaphore;
+
+use crate::backend::{Backend, LocalBackend, ObjectMeta, RetryPolicy, StoreBackend};
+use crate::error::{Result, StorageError};
+use crate::format::{ContentKind, Header, Trailer, TRAILER_LEN};
+use crate::frame::{short_fingerprint, Keys};
+use crate::layout::RepoKey;
+use crate::reader::{ObjectReader, ReadMode};
+use crate::writer::ObjectWriter;
+use crate::PutMode;
+
+/// How a repository is written and read. `Default` is right for production use; tests
+/// shrink sizes and retry times.
+#[derive(Clone)]
+pub struct RepoOptions {
+    /// zstd level for new objects (1 fast .. 19 small); `None` stores frames uncompressed.
+    pub compression_level: Option<i32>,
+    /// Original bytes per frame: the unit of parallel work and of damage location.
+    pub frame_size: usize,
+    /// Bytes per multipart part (at least 5 MiB, S3's minimum). Objects smaller than one
+    /// part are written with a single PUT.
+    pub part_size: usize,
+    /// Frames compressed / decompressed at once, repository-wide.
+    pub workers: usize,
+    /// Parts in flight per object. Peak writer memory is about
+    /// `part_size * (upload_concurrency + 1) + frame_size * 2 * workers`.
+    pub upload_concurrency: usize,
+    /// age recipients every new object is encrypted to (empty: no encryption).
+    pub recipients: Vec<age::x25519::Recipient>,
+    /// age identities used to read encrypted objects.
+    pub identities: Vec<age::x25519::Identity>,
+    /// Retries of transient store failures.
+    pub retry: RetryPolicy,
+    /// PEM bundle of extra trusted CA certificates for HTTPS stores (also `AWS_CA_BUNDLE`
+    /// or the URL option `ca_bundle=`).
+    pub ca_bundle: Option<PathBuf>,
+}
+
+impl Default for RepoOptions {
+    fn default() -> Self {
+        RepoOptions {
+            compression_level: Some(3),
+            frame_size: 1 << 20,
+            part_size: 8 << 20,
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .clamp(1, 8),
+            upload_concurrency: 4,
+            recipients: Vec::new(),
+            identities: Vec::new(),
+            retry: RetryPolicy::default(),
+            ca_bundle: None,
+        }
+    }
+}
+
+/// What is known about a stored object: enough to compare content without reading it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The object.
+    pub key: RepoKey,
+    /// What it holds.
+    pub kind: ContentKind,
+    /// Bytes a reader gets back.
+    pub original_len: u64,
+    /// Bytes in the store.
+    pub stored_len: u64,
+    /// SHA-256 of the original bytes, as recorded in the trailer.
+    pub sha256: [u8; 32],
+    /// CRC32C of the stored bytes before the trailer.
+    pub stored_crc32c: u32,
+    /// Number of frames.
+    pub frames: u64,
+    /// Whether the frames are age-encrypted.
+    pub encrypted: bool,
+}
+
+impl ObjectInfo {
+    /// The SHA-256 as lower-case hex.
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}
+
+pub(crate) struct RepoInner {
+    pub backend: Backend,
+    pub url: String,
+    pub opts: RepoOptions,
+    pub keys: Arc<Keys>,
+    /// Repository-wide cap on CPU-bound frame jobs.
+    pub cpu: Arc<Semaphore>,
+}
+
+/// A repository: cheap to clone, safe to share between tasks.
+#[derive(Clone)]
+pub struct Repository {
+    pub(crate) inner: Arc<RepoInner>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Repository({})", self.inner.url)
+    }
+}
+
+fn config_err(what: impl Into<String>, reason: impl std::fmt::Display) -> StorageError {
+    StorageError::Config {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
+}
+
+impl Repository {
+    /// Opens a repository. No request is made; the first operation reaches the store.
+    ///
+    /// * `file:///abs/dir` (or a bare absolute path): a local directory, created if missing.
+    /// * `s3://bucket/prefix`: S3 or a compatible store, configured by the standard AWS
+    ///   environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+    ///   `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, `AWS_WEB_IDENTITY_TOKEN_FILE` +
+    ///   `AWS_ROLE_ARN`, `AWS_CA_BUNDLE`) and URL query options: `endpoint=`, `region=`,
+    ///   `path_style=true|false`, `allow_http=true`, `storage_class=`, `ca_bundle=`,
+    ///   `conditional_put=etag|disabled`, `checksum=sha256` (off by default: some
+    ///   S3-compatible stores reject checksum headers).
+    /// * `gs://bucket/prefix`, `az://container/prefix`: by their SDK environment.
+    /// * `memory://`: an in-process store for tests (each `open` is a new, empty store).
+    pub fn open(url: &str, opts: RepoOptions) -> Result<Repository> {
+        let opts = sanitize(opts)?;
+        let backend = open_backend(url, &opts)?;
+        let keys = Arc::new(Keys {
+            recipients: opts.recipients.clone(),
+            identities: opts.identities.clone(),
+        });
+        Ok(Repository {
+            inner: Arc::new(RepoInner {
+                backend,
+                url: redact(url),
+                cpu: Arc::new(Semaphore::new(opts.workers)),
+                opts,
+                keys,
+            }),
+        })
+    }
+
+    /// The URL this repository was opened with (query options removed).
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// The options in effect.
+    pub fn options(&self) -> &RepoOptions {
+        &self.inner.opts
+    }
+
+    /// Whether new objects are encrypted.
+    pub fn encrypts(&self) -> bool {
+        !self.inner.keys.recipients.is_empty()
+    }
+
+    /// Writes a small object in one call (still framed, so it may be of any size).
+    pub async fn put(
+        &self,
+        key: &RepoKey,
+        kind: ContentKind,
+        data: Bytes,
+        mode: PutMode,
+    ) -> Result<ObjectInfo> {
+        let mut w = self
+            .writer_with_len(key, kind, mode, Some(data.len() as u64))
+            .await?;
+        w.write(data).await?;
+        w.finish().await
+    }
+
+    /// Starts a streaming write of unknown length. Nothing is visible at `key` until
+    /// `finish` succeeds; `abort` (or dropping the writer) leaves nothing behind.
+    pub async fn writer(
+        &self,
+        key: &RepoKey,
+        kind: ContentKind,
+        mode: PutMode,
+    ) -> Result<ObjectWriter> {
+        self.writer_with_len(key, kind, mode, None).await
+    }
+
+    /// Starts a streaming write whose length is known up front: it is recorded in the
+    /// header, sizes the parts, and `finish` fails if a different amount was written.
+    pub async fn writer_with_len(
+        &self,
+        key: &RepoKey,
+        kind: ContentKind,
+        mode: PutMode,
+        len: Option<u64>,
+    ) -> Result<ObjectWriter> {
+        if key.is_root() {
+            return Err(StorageError::InvalidKey {
+                key: String::new(),
+                reason: "the repository root is not an object".into(),
+            });
+        }
+        ObjectWriter::new(self.inner.clone(), key.clone(), kind, mode, len)
+    }
+
+    /// Reads and fully verifies a whole object into memory. For large objects use `reader`.
+    pub async fn get(&self, key: &RepoKey) -> Result<Bytes> {
+        let mut r = self.reader(key).await?;
+        let mut chunks = Vec::new();
+        while let Some(chunk) = r.next_chunk().await? {
+            chunks.push(chunk);
+        }
+        if chunks.len() == 1 {
+            return Ok(chunks.swap_remove(0));
+        }
+        let total = chunks.iter().map(|c| c.len()).sum();
+        let mut out = BytesMut::with_capacity(total);
+        for c in chunks {
+            out.extend_from_slice(&c);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Streams an object's original bytes, verified frame by frame; the last chunk is only
+    /// released (and the end only reported) after the trailer's checks pass.
+    pub async fn reader(&self, key: &RepoKey) -> Result<ObjectReader> {
+        ObjectReader::open(self.inner.clone(), key.clone(), ReadMode::Plaintext).await
+    }
+
+    /// Reads an object to the end, checking everything, and returns its info. Without an
+    /// identity, an encrypted object is checked up to the stored bytes (CRC32C, structure);
+    /// `VerifyReport::plaintext_verified` says whether the SHA-256 was checked too.
+    pub async fn verify(&self, key: &RepoKey) -> Result<VerifyReport> {
+        let plaintext = self.inner.keys.identities.is_empty();
+        let mode = if plaintext {
+            ReadMode::StoredOnlyIfEncrypted
+        } else {
+            ReadMode::Plaintext
+        };
+        let mut r = ObjectReader::open(self.inner.clone(), key.clone(), mode).await?;
+        while r.next_chunk().await?.is_some() {}
+        let info = r.info().ok_or_else(|| StorageError::WriterClosed {
+            key: key.to_string(),
+            reason: "reader ended without info".into(),
+        })?;
+        Ok(VerifyReport {
+            plaintext_verified: !(info.encrypted && plaintext),
+            info,
+        })
+    }
+
+    /// Reads an object's header and trailer only (a few small requests): its length, kind
+    /// and the SHA-256 of its original bytes, as recorded. Use it to compare an existing
+    /// object with one about to be written without downloading it.
+    pub async fn info(&self, key: &RepoKey) -> Result<ObjectInfo> {
+        let b = &self.inner.backend;
+        let policy = &self.inner.opts.retry;
+        let meta = policy
+            .run(|_| b.head(key))
+            .await?
+            .ok_or_else(|| StorageError::NotFound {
+                key: key.to_string(),
+            })?;
+        let k = key.as_str();
+        let size = meta.size;
+        let head_len = size.min(4096);
+        let head = policy.run(|_| b.get_range(key, 0..head_len)).await?;
+        let (header, hlen) = Header::parse(k, &head)?.ok_or_else(|| {
+            StorageError::corrupt(
+                k,
+                "object length",
+                "a complete header",
+                format!("{size} bytes"),
+                0,
+            )
+        })?;
+        if size < (hlen + TRAILER_LEN) as u64 {
+            return Err(StorageError::corrupt(
+                k,
+                "object length (truncated)",
+                format!(">= {}", hlen + TRAILER_LEN),
+                size,
+                0,
+            ));
+        }
+        let t_off = size - TRAILER_LEN as u64;
+        let tail = policy.run(|_| b.get_range(key, t_off..size)).await?;
+        let trailer = Trailer::parse(k, &tail, t_off)?;
+        Ok(ObjectInfo {
+            key: key.clone(),
+            kind: header.kind,
+            original_len: trailer.original_len,
+            stored_len: size,
+            sha256: trailer.sha256,
+            stored_crc32c: trailer.stored_crc,
+            frames: trailer.frame_count,
+            encrypted: header.encrypted,
+        })
+    }
+
+    /// Every object under `prefix` (use `RepoKey::root()` for all), sorted by key.
+    pub async fn list(&self, prefix: &RepoKey) -> Result<Vec<ObjectMeta>> {
+        let b = &self.inner.backend;
+        self.inner.opts.retry.run(|_| b.list(prefix)).await
+    }
+
+    /// Whether an object exists (a store error is an error, not "no").
+    pub async fn exists(&self, key: &RepoKey) -> Result<bool> {
+        let b = &self.inner.backend;
+        Ok(self.inner.opts.retry.run(|_| b.head(key)).await?.is_some())
+    }
+
+    /// Removes an object; removing an absent object succeeds.
+    pub async fn delete(&self, key: &RepoKey) -> Result<()> {
+        let b = &self.inner.backend;
+        self.inner.opts.retry.run(|_| b.delete(key)).await
+    }
+
+    /// Short fingerprints of the recipients new objects are encrypted to.
+    pub fn recipient_fingerprints(&self) -> Vec<String> {
+        self.inner
+            .keys
+            .recipient_fingerprints()
+            .iter()
+            .map(short_fingerprint)
+            .collect()
+    }
+}
+
+/// Result of `Repository::verify`.
+#[derive(Clone, Debug)]
+pub struct VerifyReport {
+    /// The verified object's info.
+    pub info: ObjectInfo,
+    /// False when the object is encrypted and no identity was available, so only the
+    /// stored bytes (not the SHA-256 of the original) could be checked.
+    pub plaintext_verified: bool,
+}
+
+fn sanitize(mut o: RepoOptions) -> Result<RepoOptions> {
+    const MIN_PART: usize = 5 << 20;
+    if let Some(level) = o.compression_level {
+        if !(1..=22).contains(&level) {
+            return Err(config_err(
+                "compression level",
+                format!("{level} is not in 1..=22"),
+            ));
+        }
+    }
+    if o.frame_size == 0 || o.frame_size > crate::format::MAX_FRAME_ORIGINAL as usize {
+        return Err(config_err(
+            "frame size",
+            format!("{} is not in 1..=64 MiB", o.frame_size),
+        ));
+    }
+    o.part_size = o.part_size.max(MIN_PART);
+    o.workers = o.workers.max(1);
+    o.upload_concurrency = o.upload_concurrency.max(1);
+    o.retry.max_attempts = o.retry.max_attempts.max(1);
+    Ok(o)
+}
+
+fn redact(url: &str) -> String {
+    url.split('?').next().unwrap_or(url).to_owned()
+}
+
+fn open_backend(url_text: &str, opts: &RepoOptions) -> Result<Backend> {
+    if url_text.starts_with('/') {
+        return local_backend(url_text, PathBuf::from(url_text));
+    }
+    let url = url::Url::parse(url_text).map_err(|e| config_err(url_text, e))?;
+    match url.scheme() {
+        "file" => {
+            if url
+                .host_str()
+                .is_some_and(|h| !h.is_empty() && h != "localhost")
+            {
+                return Err(config_err(
+                    url_text,
+                    "file:// URLs take an absolute path (file:///dir)",
+                ));
+            }
+            let path = url
+                .to_file_path()
+                .map_err(|_| config_err(url_text, "not a valid absolute file path"))?;
+            local_backend(url_text, path)
+        }
+        "memory" => Ok(Backend::Store(StoreBackend {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            prefix: clean_prefix(url_text, url.path())?,
+            conditional_create: true,
+            attributes: Attributes::new(),
+        })),
+        "s3" | "s3a" => s3_backend(url_text, &url, opts),
+        "gs" => {
+            let bucket = url.host_str().unwrap_or_default();
+            let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_bucket_name(bucket)
+                .with_client_options(client_options(url_text, &url, opts)?)
+                .with_retry(store_retry(&opts.retry))
+                .build()
+                .map_err(|e| config_err(url_text, e))?;
+            Ok(store_backend(
+                url_text,
+                &url,
+                Arc::new(store),
+                true,
+                Attributes::new(),
+            )?)
+        }
+        "az" | "azure" | "abfs" | "abfss" => {
+            let store = object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_url(url_text.split('?').next().unwrap_or(url_text))
+                .with_client_options(client_options(url_text, &url, opts)?)
+                .with_retry(store_retry(&opts.retry))
+                .build()
+                .map_err(|e| config_err(url_text, e))?;
+            Ok(store_backend(
+                url_text,
+                &url,
+                Arc::new(store),
+                true,
+                Attributes::new(),
+            )?)
+        }
+        other => Err(config_err(
+            url_text,
+            format!("unsupported scheme {other:?} (use file://, s3://, gs://, az:// or memory://)"),
+        )),
+    }
+}
+
+fn local_backend(url_text: &str, path: PathBuf) -> Result<Backend> {
+    if !path.is_absolute() {
+        return Err(config_err(url_text, "the path must be absolute"));
+    }
+    std::fs::create_dir_all(&path)
+        .map_err(|e| config_err(url_text, format!("cannot create {}: {e}", path.display())))?;
+    Ok(Backend::Local(LocalBackend { root: path }))
+}
+
+fn clean_prefix(url_text: &str, path: &str) -> Result<String> {
+    let key = RepoKey::parse(path).map_err(|e| config_err(url_text, format!("prefix: {e}")))?;
+    Ok(key.as_str().to_owned())
+}
+
+fn store_backend(
+    url_text: &str,
+    url: &url::Url,
+    store: Arc<dyn ObjectStore>,
+    conditional_create: bool,
+    attributes: Attributes,
+) -> Result<Backend> {
+    Ok(Backend::Store(StoreBackend {
+        store,
+        prefix: clean_prefix(url_text, url.path())?,
+        conditional_create,
+        attributes,
+    }))
+}
+
+fn store_retry(p: &RetryPolicy) -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: p.initial_backoff,
+            max_backoff: p.max_backoff,
+            base: 2.0,
+        },
+        max_retries: 3,
+        retry_timeout: (p.max_elapsed / 2).max(Duration::from_secs(1)),
+    }
+}
+
+fn query(url: &url::Url, name: &str) -> Option<String> {
+    url.query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn parse_bool(url_text: &str, name: &str, v: &str) -> Result<bool> {
+    match v {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(config_err(
+            url_text,
+            format!("{name}={v}: expected true or false"),
+        )),
+    }
+}
+
+fn client_options(url_text: &str, url: &url::Url, opts: &RepoOptions) -> Result<ClientOptions> {
+    let mut co = ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(10))
+        .with_timeout(Duration::from_secs(300));
+    let bundle = query(url, "ca_bundle")
+        .map(PathBuf::from)
+        .or_else(|| opts.ca_bundle.clone())
+        .or_else(|| std::env::var_os("AWS_CA_BUNDLE").map(PathBuf::from));
+    if let Some(path) = bundle {
+        let pem = std::fs::read(&path)
+            .map_err(|e| config_err(format!("CA bundle {}", path.display()), e))?;
+        let certs = object_store::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| config_err(format!("CA bundle {}", path.display()), e))?;
+        if certs.is_empty() {
+            return Err(config_err(
+                format!("CA bundle {}", path.display()),
+                "no PEM certificates found",
+            ));
+        }
+        for c in certs {
+            co = co.with_root_certificate(c);
+        }
+    }
+    if let Some(v) = query(url, "allow_http") {
+        co = co.with_allow_http(parse_bool(url_text, "allow_http", &v)?);
+    }
+    Ok(co)
+}
+
+fn s3_backend(url_text: &str, url: &url::Url, opts: &RepoOptions) -> Result<Backend> {
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
+    let bucket = url
+        .host_str()
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| config_err(url_text, "missing bucket (s3://bucket/prefix)"))?;
+    let known = [
+        "endpoint",
+        "region",
+        "path_style",
+        "allow_http",
+        "storage_class",
+        "ca_bundle",
+        "conditional_put",
+        "checksum",
+    ];
+    for (k, _) in url.query_pairs() {
+        if !known.contains(&k.as_ref()) {
+            return Err(config_err(
+                url_text,
+                format!("unknown option {k:?} (known: {})", known.join(", ")),
+            ));
+        }
+    }
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_client_options(client_options(url_text, url, opts)?)
+        .with_retry(store_retry(&opts.retry));
+    if let Some(ep) = query(url, "endpoint") {
+        b = b.with_endpoint(ep);
+    }
+    if let Some(r) = query(url, "region") {
+        b = b.with_region(r);
+    }
+    let custom_endpoint = query(url, "endpoint").is_some()
+        || std::env::var_os("AWS_ENDPOINT_URL").is_some()
+        || std::env::var_os("AWS_ENDPOINT").is_some();
+    // S3-compatible stores behind a custom endpoint mostly want path-style requests.
+    let path_style = match query(url, "path_style") {
+        Some(v) => parse_bool(url_text, "path_style", &v)?,
+        None => custom_endpoint,
+    };
+    b = b.with_virtual_hosted_style_request(!path_style);
+    if let Some(v) = query(url, "allow_http") {
+        b = b.with_config(
+            AmazonS3ConfigKey::Client(object_store::ClientConfigKey::AllowHttp),
+            v,
+        );
+    }
+    if let Some(v) = query(url, "checksum") {
+        b = b.with_config(AmazonS3ConfigKey::Checksum, v);
+    }
+    let conditional = match query(url, "conditional_put").as_deref() {
+        None | Some("etag") => true,
+        Some("disabled") | Some("none") => false,
+        Some(other) => {
+            return Err(config_err(
+                url_text,
+                format!("conditional_put={other}: expected etag or disabled"),
+            ))
+        }
+    };
+    b = b.with_conditional_put(if conditional {
+        S3ConditionalPut::ETagMatch
+    } else {
+        S3ConditionalPut::Disabled
+    });
+    let mut attributes = Attributes::new();
+    if let Some(sc) = query(url, "storage_class") {
+        attributes.insert(Attribute::StorageClass, sc.into());
+    }
+    let store = b.build().map_err(|e| config_err(url_text, e))?;
+    store_backend(url_text, url, Arc::new(store), conditional, attributes)
+}

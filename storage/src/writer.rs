@@ -1,0 +1,461 @@
+//! `ObjectWriter`: the streaming write pipeline.
+//!
+//! ```text
+//! write(Bytes) ─► cut into frames ─► blocking pool (≤ workers at once, repository-wide):
+//!                                       SHA-256 in frame order (HashChain), zstd, age, CRC32C
+//!             ◄── results in order ◄──┘
+//!   stored bytes ─► parts of part_size ─► ≤ upload_concurrency part uploads in flight
+//! finish(): last frame, trailer, single PUT (if it all fit in one part) or last part +
+//!           complete; nothing is visible at the key before that.
+//! ```
+//!
+//! Backpressure: `write` waits while `2 × workers` frames are queued or
+//! `upload_concurrency` parts are in flight, so memory stays bounded by roughly
+//! `part_size × (upload_concurrency + 1) + 2 × workers × frame_size` whatever the size.
+//! Unknown-length objects double their part size every 900 parts, so S3's 10 000-part
+//! limit is reached only far beyond 5 TiB.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::task::JoinHandle;
+
+use crate::backend::Upload;
+use crate::error::{Result, StorageError};
+use crate::format::{Codec, ContentKind, Header, Trailer, FORMAT_VERSION};
+use crate::frame::{encode_frame, EncodedFrame, HashChain};
+use crate::layout::RepoKey;
+use crate::repo::{ObjectInfo, RepoInner};
+use crate::PutMode;
+
+const PART_GROWTH_EVERY: u32 = 900;
+const MAX_PART_SIZE: usize = 5 << 30;
+
+enum State {
+    Open,
+    Failed(String),
+    Done,
+}
+
+/// A streaming write in progress (see the module docs). Call `finish` to publish the
+/// object; dropping the writer or calling `abort` publishes nothing.
+pub struct ObjectWriter {
+    repo: Arc<RepoInner>,
+    key: RepoKey,
+    kind: ContentKind,
+    mode: PutMode,
+    encrypted: bool,
+    expected_len: Option<u64>,
+    chain: Arc<HashChain>,
+    /// Original bytes not yet cut into a frame.
+    pending: BytesMut,
+    frames: u64,
+    original_len: u64,
+    jobs: VecDeque<JoinHandle<std::result::Result<EncodedFrame, String>>>,
+    /// Stored bytes not yet handed to an upload.
+    part: BytesMut,
+    part_size: usize,
+    stored_len: u64,
+    stored_crc: u32,
+    upload: Option<Upload>,
+    uploads: FuturesUnordered<BoxFuture<'static, Result<()>>>,
+    parts_sent: u32,
+    state: State,
+}
+
+impl ObjectWriter {
+    pub(crate) fn new(
+        repo: Arc<RepoInner>,
+        key: RepoKey,
+        kind: ContentKind,
+        mode: PutMode,
+        expected_len: Option<u64>,
+    ) -> Result<Self> {
+        let opts = &repo.opts;
+        let header = Header {
+            version: FORMAT_VERSION,
+            kind,
+            codec: if opts.compression_level.is_some() {
+                Codec::Zstd
+            } else {
+                Codec::None
+            },
+            encrypted: !repo.keys.recipients.is_empty(),
+            original_len: expected_len,
+            frame_size: opts.frame_size as u32,
+            recipients: repo.keys.recipient_fingerprints(),
+        }
+        .encode();
+        let part_size = match expected_len {
+            // Known length: one size for every part, large enough for 9 000 parts.
+            Some(len) => {
+                let need = (len + len / 64 + (1 << 20)).div_ceil(9_000) as usize;
+                need.next_multiple_of(1 << 20)
+                    .clamp(opts.part_size, MAX_PART_SIZE)
+            }
+            None => opts.part_size,
+        };
+        let mut part = BytesMut::with_capacity(part_size.min(header.len() + (64 << 10)));
+        part.extend_from_slice(&header);
+        Ok(ObjectWriter {
+            encrypted: !repo.keys.recipients.is_empty(),
+            stored_crc: crc32c::crc32c(&header),
+            stored_len: header.len() as u64,
+            repo,
+            key,
+            kind,
+            mode,
+            expected_len,
+            chain: Arc::new(HashChain::new()),
+            pending: BytesMut::new(),
+            frames: 0,
+            original_len: 0,
+            jobs: VecDeque::new(),
+            part,
+            part_size,
+            upload: None,
+            uploads: FuturesUnordered::new(),
+            parts_sent: 0,
+            state: State::Open,
+        })
+    }
+
+    /// The key being written.
+    pub fn key(&self) -> &RepoKey {
+        &self.key
+    }
+
+    /// Original bytes accepted so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.original_len
+    }
+
+    fn check_open(&self) -> Result<()> {
+        match &self.state {
+            State::Open => Ok(()),
+            State::Failed(reason) => Err(StorageError::WriterClosed {
+                key: self.key.to_string(),
+                reason: reason.clone(),
+            }),
+            State::Done => Err(StorageError::WriterClosed {
+                key: self.key.to_string(),
+                reason: "already finished or aborted".into(),
+            }),
+        }
+    }
+
+    /// Appends bytes. Waits when the pipeline is full (backpressure).
+    pub async fn write(&mut self, data: Bytes) -> Result<()> {
+        self.check_open()?;
+        match self.write_inner(data).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.fail(&e).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn write_inner(&mut self, mut data: Bytes) -> Result<()> {
+        self.original_len += data.len() as u64;
+        if let Some(exp) = self.expected_len {
+            if self.original_len > exp {
+                return Err(StorageError::Encode {
+                    key: self.key.to_string(),
+                    reason: format!("more bytes written than the declared length {exp}"),
+                });
+            }
+        }
+        let fs = self.repo.opts.frame_size;
+        while !data.is_empty() {
+            if self.pending.is_empty() && data.len() >= fs {
+                let frame = data.split_to(fs);
+                self.submit(frame).await?;
+                continue;
+            }
+            let take = (fs - self.pending.len()).min(data.len());
+            if self.pending.capacity() == 0 {
+                self.pending.reserve(fs);
+            }
+            self.pending.extend_from_slice(&data.split_to(take));
+            if self.pending.len() == fs {
+                let frame = self.pending.split().freeze();
+                self.submit(frame).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn submit(&mut self, frame: Bytes) -> Result<()> {
+        while self.jobs.len() >= 2 * self.repo.opts.workers {
+            self.collect_one().await?;
+        }
+        let permit =
+            self.repo
+                .cpu
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| StorageError::Encode {
+                    key: self.key.to_string(),
+                    reason: e.to_string(),
+                })?;
+        let index = self.frames;
+        self.frames += 1;
+        let chain = self.chain.clone();
+        let level = self.repo.opts.compression_level;
+        let keys = self.repo.keys.clone();
+        self.jobs.push_back(tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            if !chain.update(index, &frame) {
+                return Err("write abandoned".to_string());
+            }
+            encode_frame(&frame, level, &keys.recipients)
+        }));
+        Ok(())
+    }
+
+    async fn collect_one(&mut self) -> Result<()> {
+        let Some(job) = self.jobs.pop_front() else {
+            return Ok(());
+        };
+        let enc = job
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|reason| StorageError::Encode {
+                key: self.key.to_string(),
+                reason,
+            })?;
+        self.stored_crc = crc32c::crc32c_combine(self.stored_crc, enc.record_crc, enc.record.len());
+        self.stored_len += enc.record.len() as u64;
+        self.append_stored(&enc.record).await
+    }
+
+    async fn append_stored(&mut self, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            let room = self.part_size - self.part.len().min(self.part_size);
+            let take = room.min(bytes.len());
+            self.part.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.part.len() >= self.part_size {
+                self.send_part().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_part(&mut self) -> Result<()> {
+        if self.upload.is_none() {
+            if self.mode == PutMode::CreateNew && self.exists().await? {
+                return Err(StorageError::AlreadyExists {
+                    key: self.key.to_string(),
+                });
+            }
+            let b = &self.repo.backend;
+            let key = &self.key;
+            self.upload = Some(self.repo.opts.retry.run(|_| b.start_upload(key)).await?);
+        }
+        while self.uploads.len() >= self.repo.opts.upload_concurrency {
+            if let Some(r) = self.uploads.next().await {
+                r?;
+            }
+        }
+        let n = self.part.len().min(self.part_size);
+        let data = self.part.split_to(n).freeze();
+        if let Some(up) = self.upload.as_mut() {
+            self.uploads.push(up.put_part(data));
+        }
+        self.parts_sent += 1;
+        if self.expected_len.is_none() && self.parts_sent % PART_GROWTH_EVERY == 0 {
+            self.part_size = (self.part_size * 2).min(MAX_PART_SIZE);
+        }
+        if self.part.capacity() < self.part_size.min(64 << 20) {
+            self.part.reserve(self.part_size.min(64 << 20));
+        }
+        Ok(())
+    }
+
+    async fn exists(&self) -> Result<bool> {
+        let b = &self.repo.backend;
+        let key = &self.key;
+        Ok(self.repo.opts.retry.run(|_| b.head(key)).await?.is_some())
+    }
+
+    /// Publishes the object: after `Ok`, readers see all of it; after `Err`, nothing new
+    /// is visible at the key.
+    pub async fn finish(mut self) -> Result<ObjectInfo> {
+        self.check_open()?;
+        match self.finish_inner().await {
+            Ok(info) => {
+                self.state = State::Done;
+                Ok(info)
+            }
+            Err(e) => {
+                self.fail(&e).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn finish_inner(&mut self) -> Result<ObjectInfo> {
+        if !self.pending.is_empty() {
+            let frame = self.pending.split().freeze();
+            self.submit(frame).await?;
+        }
+        while !self.jobs.is_empty() {
+            self.collect_one().await?;
+        }
+        if let Some(exp) = self.expected_len {
+            if exp != self.original_len {
+                return Err(StorageError::Encode {
+                    key: self.key.to_string(),
+                    reason: format!(
+                        "declared length {exp} but {} bytes were written",
+                        self.original_len
+                    ),
+                });
+            }
+        }
+        let sha256 = self
+            .chain
+            .finish(self.frames)
+            .ok_or_else(|| StorageError::Encode {
+                key: self.key.to_string(),
+                reason: "frame hashing did not complete".into(),
+            })?;
+        let trailer = Trailer {
+            frame_count: self.frames,
+            original_len: self.original_len,
+            sha256,
+            stored_crc: self.stored_crc,
+        };
+        let info = ObjectInfo {
+            key: self.key.clone(),
+            kind: self.kind,
+            original_len: self.original_len,
+            stored_len: self.stored_len + crate::format::TRAILER_LEN as u64,
+            sha256,
+            stored_crc32c: self.stored_crc,
+            frames: self.frames,
+            encrypted: self.encrypted,
+        };
+        let trailer = trailer.encode();
+        if self.upload.is_none() && self.part.len() + trailer.len() <= self.part_size {
+            self.part.extend_from_slice(&trailer);
+            let data = self.part.split().freeze();
+            self.put_single(data, &info).await?;
+            return Ok(info);
+        }
+        self.append_stored(&trailer).await?;
+        if !self.part.is_empty() {
+            // The last part may be short; S3 allows that.
+            let data = self.part.split().freeze();
+            if let Some(up) = self.upload.as_mut() {
+                self.uploads.push(up.put_part(data));
+            }
+        }
+        while let Some(r) = self.uploads.next().await {
+            r?;
+        }
+        if self.mode == PutMode::CreateNew && self.exists().await? {
+            return Err(StorageError::AlreadyExists {
+                key: self.key.to_string(),
+            });
+        }
+        let up = self.upload.take().ok_or_else(|| StorageError::Encode {
+            key: self.key.to_string(),
+            reason: "multipart upload missing".into(),
+        })?;
+        up.complete(self.mode).await?;
+        Ok(info)
+    }
+
+    /// One PUT, retried. A create-new PUT that hits "already exists" on a retry checks
+    /// whether the existing object is the one it wrote itself (its first attempt may have
+    /// succeeded with the reply lost) by comparing trailers.
+    async fn put_single(&self, data: Bytes, info: &ObjectInfo) -> Result<()> {
+        let b = &self.repo.backend;
+        let key = &self.key;
+        let mode = self.mode;
+        let mut last_attempt = 0;
+        let res = self
+            .repo
+            .opts
+            .retry
+            .run(|attempt| {
+                last_attempt = attempt;
+                b.put(key, data.clone(), mode)
+            })
+            .await;
+        match res {
+            Err(StorageError::AlreadyExists { .. }) if last_attempt > 1 => {
+                let repo = crate::repo::Repository {
+                    inner: self.repo.clone(),
+                };
+                match repo.info(key).await {
+                    Ok(existing)
+                        if existing.sha256 == info.sha256
+                            && existing.stored_crc32c == info.stored_crc32c
+                            && existing.stored_len == info.stored_len =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err(StorageError::AlreadyExists {
+                        key: key.to_string(),
+                    }),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Abandons the write; nothing becomes visible and a started multipart upload is
+    /// aborted.
+    pub async fn abort(mut self) -> Result<()> {
+        self.state = State::Done;
+        self.chain.abandon();
+        for j in self.jobs.drain(..) {
+            j.abort();
+        }
+        self.uploads.clear();
+        match self.upload.take() {
+            Some(up) => up.abort().await,
+            None => Ok(()),
+        }
+    }
+
+    async fn fail(&mut self, e: &StorageError) {
+        self.state = State::Failed(e.to_string());
+        self.chain.abandon();
+        for j in self.jobs.drain(..) {
+            j.abort();
+        }
+        self.uploads.clear();
+        if let Some(up) = self.upload.take() {
+            if let Err(err) = up.abort().await {
+                tracing::warn!(key = %self.key, error = %err, "could not abort multipart upload");
+            }
+        }
+    }
+}
+
+impl Drop for ObjectWriter {
+    fn drop(&mut self) {
+        self.chain.abandon();
+        if let Some(up) = self.upload.take() {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                let key = self.key.clone();
+                handle.spawn(async move {
+                    if let Err(err) = up.abort().await {
+                        tracing::warn!(%key, error = %err, "could not abort multipart upload");
+                    }
+                });
+            }
+        }
+    }
+}
