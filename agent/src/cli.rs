@@ -17,6 +17,8 @@ pub struct Cli {
 enum Command {
     /// Print the version and build facts.
     Version,
+    /// PostgreSQL: stream WAL into a repository, fetch WAL for restore_command, check a source.
+    Postgres(crate::pg::cli::PostgresArgs),
 }
 
 /// Runs the parsed command line.
@@ -26,5 +28,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("syncbridge-agent {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Postgres(args) => crate::pg::cli::run(args),
     }
 }

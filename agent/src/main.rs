@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cli;
+mod pg;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

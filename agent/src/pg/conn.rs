@@ -1,0 +1,654 @@
+//! A PostgreSQL connection for replication: startup, authentication (SCRAM-SHA-256, MD5,
+//! cleartext), simple queries and CopyBoth/CopyOut streaming, over TCP, TLS or a Unix socket.
+//!
+//! Frontend messages are encoded and backend messages decoded with `postgres-protocol`; each
+//! backend frame is first cut with `wire::pg::frame::next_frame`, which refuses oversized
+//! lengths before anything is allocated. Messages `postgres-protocol` does not know
+//! (CopyBothResponse) and the hot path (CopyData) are handled directly.
+//! Protocol reference: PostgreSQL docs, "Frontend/Backend Protocol" (Message Flow, Message
+//! Formats) and "Streaming Replication Protocol".
+
+use std::collections::HashMap;
+use std::fmt;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::{BufMut, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::backend::{ErrorFields, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpStream, UnixStream};
+
+use super::conninfo::{ConnInfo, Host, SslMode};
+use super::tls;
+use wire::pg::frame::{next_frame, DEFAULT_MAX_FRAME_BODY};
+
+/// Anything we can speak the protocol over.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// What the startup packet asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectMode {
+    /// `replication=true`: a physical walsender (IDENTIFY_SYSTEM, START_REPLICATION, BASE_BACKUP).
+    Physical,
+    /// `replication=database`: walsender that also runs SQL.
+    Database,
+    /// A normal backend for SQL.
+    Sql,
+}
+
+/// An `ErrorResponse` from the server, with the fields operators need.
+#[derive(Debug, Clone, Default)]
+pub struct PgServerError {
+    /// `ERROR`, `FATAL`, `PANIC`.
+    pub severity: String,
+    /// SQLSTATE.
+    pub code: String,
+    /// Primary message.
+    pub message: String,
+    /// `DETAIL`.
+    pub detail: Option<String>,
+    /// `HINT`.
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for PgServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "server {}: {} (SQLSTATE {})",
+            self.severity, self.message, self.code
+        )?;
+        if let Some(d) = &self.detail {
+            write!(f, "; detail: {d}")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "; hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PgServerError {}
+
+impl PgServerError {
+    fn from_fields(mut fields: ErrorFields<'_>) -> PgServerError {
+        let mut e = PgServerError::default();
+        while let Ok(Some(f)) = fields.next() {
+            let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+            match f.type_() {
+                b'V' => e.severity = v,
+                b'S' if e.severity.is_empty() => e.severity = v,
+                b'C' => e.code = v,
+                b'M' => e.message = v,
+                b'D' => e.detail = Some(v),
+                b'H' => e.hint = Some(v),
+                _ => {}
+            }
+        }
+        e
+    }
+
+    /// What an operator should do about it, for the errors a backup agent meets most.
+    pub fn advice(&self, user: &str) -> Option<String> {
+        let m = self.message.as_str();
+        match self.code.as_str() {
+            "28P01" => Some(format!("wrong password for role {user:?}: check PGPASSWORD, the password file or the connection string")),
+            "28000" if m.contains("pg_hba.conf") => Some(format!(
+                "pg_hba.conf does not allow this connection: add e.g. `host replication {user} <agent address>/32 scram-sha-256` and reload"
+            )),
+            "42501" if m.contains("WAL sender") || m.contains("replication role") => Some(format!(
+                "role {user:?} lacks the REPLICATION attribute: run `ALTER ROLE {user} REPLICATION;` as a superuser"
+            )),
+            "55006" => Some("the replication slot is in use by another connection: is another agent or standby streaming from it? Stop it or use --slot with another name".to_string()),
+            "53300" if m.contains("max_wal_senders") => Some(
+                "the server accepts no more WAL senders: raise max_wal_senders (it must be > 0, which needs wal_level=replica or logical) and restart PostgreSQL".to_string(),
+            ),
+            "55000" if m.contains("wal_level") => Some(
+                "wal_level is too low for streaming: set wal_level = replica in postgresql.conf and restart PostgreSQL".to_string(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// One result set of a simple query, values in text format.
+#[derive(Debug, Clone, Default)]
+pub struct QueryResult {
+    /// Column names.
+    pub columns: Vec<String>,
+    /// Rows; `None` is SQL NULL.
+    pub rows: Vec<Vec<Option<Bytes>>>,
+    /// The CommandComplete tag.
+    pub tag: String,
+}
+
+impl QueryResult {
+    /// A row as the borrowed slice the `wire::pg::commands` decoders take.
+    pub fn row(&self, idx: usize) -> Option<Vec<Option<&[u8]>>> {
+        self.rows
+            .get(idx)
+            .map(|r| r.iter().map(|v| v.as_deref()).collect())
+    }
+
+    /// The single text value of a one-row, one-column result (e.g. `SHOW`).
+    pub fn single_text(&self) -> Result<String> {
+        let v = self
+            .rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(|v| v.as_ref())
+            .context("expected one value, got none")?;
+        Ok(String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// A message while in copy mode.
+#[derive(Debug)]
+pub enum CopyMessage {
+    /// A CopyData payload.
+    Data(Bytes),
+    /// The server ended its side of the copy.
+    Done,
+}
+
+enum Backend {
+    CopyData(Bytes),
+    CopyDone,
+    CopyBothResponse,
+    CopyOutResponse,
+    Other(Message),
+}
+
+/// Caps the bytes a simple query may buffer (replication command results are tiny).
+const MAX_RESULT_BYTES: usize = 256 * 1024 * 1024;
+
+/// An open, authenticated connection.
+pub struct PgConnection {
+    reader: ReadHalf<Box<dyn Io>>,
+    writer: WriteHalf<Box<dyn Io>>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    params: HashMap<String, String>,
+    user: String,
+    endpoint: String,
+}
+
+impl fmt::Debug for PgConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgConnection")
+            .field("endpoint", &self.endpoint)
+            .field("user", &self.user)
+            .finish()
+    }
+}
+
+impl PgConnection {
+    /// Connects, negotiates TLS per `sslmode`, starts up and authenticates.
+    pub async fn connect(
+        info: &ConnInfo,
+        mode: ConnectMode,
+        default_app_name: &str,
+    ) -> Result<PgConnection> {
+        let endpoint = info.describe();
+        let fut = PgConnection::connect_inner(info, mode, default_app_name);
+        match info.connect_timeout {
+            Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| {
+                anyhow!("connecting to {endpoint}: timed out after {}s", t.as_secs())
+            })?,
+            None => fut.await,
+        }
+    }
+
+    async fn connect_inner(
+        info: &ConnInfo,
+        mode: ConnectMode,
+        default_app_name: &str,
+    ) -> Result<PgConnection> {
+        let endpoint = info.describe();
+        let stream: Box<dyn Io> = match &info.host {
+            Host::Socket(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{}", info.port));
+                Box::new(
+                    UnixStream::connect(&path)
+                        .await
+                        .with_context(|| format!("connecting to {}", path.display()))?,
+                )
+            }
+            Host::Tcp(host) => {
+                let mut tcp = TcpStream::connect((host.as_str(), info.port))
+                    .await
+                    .with_context(|| format!("connecting to {endpoint}"))?;
+                tcp.set_nodelay(true).ok();
+                match tls::client_config(info)? {
+                    None => Box::new(tcp),
+                    Some(config) => {
+                        let mut req = BytesMut::new();
+                        frontend::ssl_request(&mut req);
+                        tcp.write_all(&req)
+                            .await
+                            .with_context(|| format!("sending SSLRequest to {endpoint}"))?;
+                        let answer = tcp.read_u8().await.with_context(|| {
+                            format!("reading SSLRequest answer from {endpoint}")
+                        })?;
+                        match answer {
+                            b'S' => {
+                                let connector = tokio_rustls::TlsConnector::from(config);
+                                let tls = connector
+                                    .connect(tls::server_name(host)?, tcp)
+                                    .await
+                                    .with_context(|| format!("TLS handshake with {endpoint} (sslmode={:?})", info.sslmode))?;
+                                Box::new(tls)
+                            }
+                            b'N' if info.sslmode == SslMode::Prefer => Box::new(tcp),
+                            b'N' => bail!("{endpoint} does not accept TLS but sslmode={:?} requires it: enable ssl on the server or lower sslmode", info.sslmode),
+                            other => bail!("{endpoint} answered the SSLRequest with {other:#04x}: is this a PostgreSQL server?"),
+                        }
+                    }
+                }
+            }
+        };
+        let (reader, writer) = tokio::io::split(stream);
+        let mut conn = PgConnection {
+            reader,
+            writer,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wbuf: BytesMut::new(),
+            params: HashMap::new(),
+            user: info.user.clone(),
+            endpoint,
+        };
+        let app = info
+            .application_name
+            .clone()
+            .unwrap_or_else(|| default_app_name.to_string());
+        let mut params: Vec<(&str, &str)> = vec![
+            ("user", info.user.as_str()),
+            ("application_name", app.as_str()),
+        ];
+        match mode {
+            ConnectMode::Physical => params.push(("replication", "true")),
+            ConnectMode::Database => {
+                params.push(("replication", "database"));
+                params.push(("database", info.dbname.as_str()));
+            }
+            ConnectMode::Sql => params.push(("database", info.dbname.as_str())),
+        }
+        frontend::startup_message(params.iter().copied(), &mut conn.wbuf)
+            .context("encoding startup message")?;
+        conn.flush().await?;
+        conn.authenticate(info).await?;
+        Ok(conn)
+    }
+
+    async fn authenticate(&mut self, info: &ConnInfo) -> Result<()> {
+        let need_password = || {
+            info.password.clone().with_context(|| {
+                format!("{} asks for a password for role {:?} and none was given: set it in the connection string, PGPASSWORD or ~/.pgpass", info.describe(), info.user)
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.recv().await? {
+                Backend::Other(Message::AuthenticationOk) => break,
+                Backend::Other(Message::AuthenticationCleartextPassword) => {
+                    let pw = need_password()?;
+                    frontend::password_message(pw.as_bytes(), &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                Backend::Other(Message::AuthenticationMd5Password(body)) => {
+                    let pw = need_password()?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        info.user.as_bytes(),
+                        pw.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                Backend::Other(Message::AuthenticationSasl(body)) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = mechanisms.next()? {
+                        has_scram |= m == SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        bail!(
+                            "{} offers no SASL mechanism we support (need SCRAM-SHA-256)",
+                            self.endpoint
+                        );
+                    }
+                    let pw = need_password()?;
+                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
+                    self.flush().await?;
+                    scram = Some(s);
+                }
+                Backend::Other(Message::AuthenticationSaslContinue(body)) => {
+                    let s = scram.as_mut().context("SASL continue without SASL start")?;
+                    s.update(body.data()).context("SCRAM exchange")?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                Backend::Other(Message::AuthenticationSaslFinal(body)) => {
+                    let s = scram.as_mut().context("SASL final without SASL start")?;
+                    s.finish(body.data()).context("SCRAM server signature does not verify: the server may not know the password")?;
+                }
+                Backend::Other(Message::ErrorResponse(body)) => {
+                    return Err(self.server_error(PgServerError::from_fields(body.fields())))
+                }
+                Backend::Other(
+                    Message::AuthenticationGss
+                    | Message::AuthenticationSspi
+                    | Message::AuthenticationKerberosV5
+                    | Message::AuthenticationScmCredential,
+                ) => {
+                    bail!("{} requires an authentication method we do not support (GSS/SSPI/Kerberos); use scram-sha-256 or md5 in pg_hba.conf", self.endpoint)
+                }
+                _ => bail!(
+                    "{}: unexpected message during authentication",
+                    self.endpoint
+                ),
+            }
+        }
+        loop {
+            match self.recv().await? {
+                Backend::Other(Message::ReadyForQuery(_)) => return Ok(()),
+                Backend::Other(Message::BackendKeyData(_)) => {}
+                Backend::Other(Message::ErrorResponse(body)) => {
+                    return Err(self.server_error(PgServerError::from_fields(body.fields())))
+                }
+                _ => bail!("{}: unexpected message after authentication", self.endpoint),
+            }
+        }
+    }
+
+    fn server_error(&self, e: PgServerError) -> anyhow::Error {
+        let advice = e.advice(&self.user);
+        let err = anyhow::Error::new(e);
+        match advice {
+            Some(a) => err.context(format!("{}: {a}", self.endpoint)),
+            None => err.context(self.endpoint.clone()),
+        }
+    }
+
+    /// A server parameter reported at startup (`server_version`, `server_version_num`, …).
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.params.get(name).map(String::as_str)
+    }
+
+    /// The server's major version (`server_version_num / 10000`).
+    pub fn server_major(&self) -> Result<u32> {
+        if let Some(num) = self
+            .parameter("server_version_num")
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            return Ok(num / 10000);
+        }
+        let v = self
+            .parameter("server_version")
+            .context("server did not report server_version")?;
+        v.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|m| m.parse().ok())
+            .with_context(|| format!("cannot read server_version {v:?}"))
+    }
+
+    /// `host:port` of the server, for messages.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.writer
+            .write_all(&self.wbuf)
+            .await
+            .with_context(|| format!("writing to {}", self.endpoint))?;
+        self.writer
+            .flush()
+            .await
+            .with_context(|| format!("writing to {}", self.endpoint))?;
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    /// Reads the next message; cancel-safe (partial input stays buffered).
+    async fn recv(&mut self) -> Result<Backend> {
+        loop {
+            if let Some(mut frame) = next_frame(&mut self.rbuf, DEFAULT_MAX_FRAME_BODY)
+                .with_context(|| format!("reading from {}", self.endpoint))?
+            {
+                match frame[0] {
+                    b'd' => return Ok(Backend::CopyData(frame.split_off(5).freeze())),
+                    b'c' => return Ok(Backend::CopyDone),
+                    b'W' => return Ok(Backend::CopyBothResponse),
+                    b'H' => return Ok(Backend::CopyOutResponse),
+                    _ => {}
+                }
+                let msg = Message::parse(&mut frame)
+                    .with_context(|| format!("malformed message from {}", self.endpoint))?
+                    .context("incomplete message after framing")?;
+                match msg {
+                    Message::NoticeResponse(body) => {
+                        let n = PgServerError::from_fields(body.fields());
+                        tracing::info!(server = %self.endpoint, "server notice: {}", n.message);
+                    }
+                    Message::ParameterStatus(body) => {
+                        if let (Ok(k), Ok(v)) = (body.name(), body.value()) {
+                            self.params.insert(k.to_string(), v.to_string());
+                        }
+                    }
+                    other => return Ok(Backend::Other(other)),
+                }
+                continue;
+            }
+            let n = self
+                .reader
+                .read_buf(&mut self.rbuf)
+                .await
+                .with_context(|| format!("reading from {}", self.endpoint))?;
+            if n == 0 {
+                if self.rbuf.is_empty() {
+                    bail!("{} closed the connection", self.endpoint);
+                }
+                bail!(
+                    "{} closed the connection in the middle of a message",
+                    self.endpoint
+                );
+            }
+        }
+    }
+
+    /// Runs a simple query and returns every result set; a server error becomes an error
+    /// with advice for the common cases.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<QueryResult>> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.flush().await?;
+        self.collect_results().await
+    }
+
+    /// Reads result sets until ReadyForQuery.
+    pub async fn collect_results(&mut self) -> Result<Vec<QueryResult>> {
+        let mut results = Vec::new();
+        let mut current: Option<QueryResult> = None;
+        let mut error: Option<PgServerError> = None;
+        let mut bytes = 0usize;
+        loop {
+            match self.recv().await? {
+                Backend::Other(Message::RowDescription(body)) => {
+                    let mut fields = body.fields();
+                    let mut columns = Vec::new();
+                    while let Some(f) = fields.next()? {
+                        columns.push(f.name().to_string());
+                    }
+                    current = Some(QueryResult {
+                        columns,
+                        ..QueryResult::default()
+                    });
+                }
+                Backend::Other(Message::DataRow(body)) => {
+                    let r = current.as_mut().context("DataRow without RowDescription")?;
+                    let buf = body.buffer_bytes().clone();
+                    bytes += buf.len();
+                    if bytes > MAX_RESULT_BYTES {
+                        bail!(
+                            "result of more than {MAX_RESULT_BYTES} bytes from {}",
+                            self.endpoint
+                        );
+                    }
+                    let mut ranges = body.ranges();
+                    let mut row = Vec::new();
+                    while let Some(range) = ranges.next()? {
+                        row.push(range.map(|r| buf.slice(r)));
+                    }
+                    r.rows.push(row);
+                }
+                Backend::Other(Message::CommandComplete(body)) => {
+                    let mut r = current.take().unwrap_or_default();
+                    r.tag = body.tag().unwrap_or_default().to_string();
+                    results.push(r);
+                }
+                Backend::Other(Message::EmptyQueryResponse) => {}
+                Backend::Other(Message::ErrorResponse(body)) => {
+                    error = Some(PgServerError::from_fields(body.fields()))
+                }
+                Backend::Other(Message::ReadyForQuery(_)) => {
+                    return match error {
+                        Some(e) => Err(self.server_error(e)),
+                        None => Ok(results),
+                    };
+                }
+                Backend::CopyBothResponse | Backend::CopyOutResponse => {
+                    bail!("{}: unexpected COPY in a simple query", self.endpoint)
+                }
+                _ => bail!("{}: unexpected message in a query result", self.endpoint),
+            }
+        }
+    }
+
+    /// Sends a command that switches to CopyBoth (`START_REPLICATION`); returns once the
+    /// server confirmed, or with the server's error (slot in use, WAL removed, …).
+    pub async fn start_copy_both(&mut self, sql: &str) -> Result<()> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.flush().await?;
+        loop {
+            match self.recv().await? {
+                Backend::CopyBothResponse => return Ok(()),
+                Backend::Other(Message::ErrorResponse(body)) => {
+                    let e = PgServerError::from_fields(body.fields());
+                    // drain to ReadyForQuery so the connection stays usable
+                    loop {
+                        if let Backend::Other(Message::ReadyForQuery(_)) = self.recv().await? {
+                            break;
+                        }
+                    }
+                    return Err(self.server_error(e));
+                }
+                Backend::Other(
+                    Message::RowDescription(_) | Message::DataRow(_) | Message::CommandComplete(_),
+                ) => {}
+                _ => bail!(
+                    "{}: unexpected message waiting for CopyBothResponse",
+                    self.endpoint
+                ),
+            }
+        }
+    }
+
+    /// Sends a command whose result contains CopyOut streams (`BASE_BACKUP`) and returns the
+    /// result sets received before the first CopyOut (or all of them if none came).
+    pub async fn start_copy_out(&mut self, sql: &str) -> Result<(Vec<QueryResult>, bool)> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.flush().await?;
+        self.results_until_copy_out().await
+    }
+
+    /// Reads result sets until a CopyOutResponse (`true`) or ReadyForQuery (`false`).
+    pub async fn results_until_copy_out(&mut self) -> Result<(Vec<QueryResult>, bool)> {
+        let mut results = Vec::new();
+        let mut current: Option<QueryResult> = None;
+        loop {
+            match self.recv().await? {
+                Backend::CopyOutResponse => return Ok((results, true)),
+                Backend::Other(Message::RowDescription(body)) => {
+                    let mut fields = body.fields();
+                    let mut columns = Vec::new();
+                    while let Some(f) = fields.next()? {
+                        columns.push(f.name().to_string());
+                    }
+                    current = Some(QueryResult {
+                        columns,
+                        ..QueryResult::default()
+                    });
+                }
+                Backend::Other(Message::DataRow(body)) => {
+                    let r = current.as_mut().context("DataRow without RowDescription")?;
+                    let buf = body.buffer_bytes().clone();
+                    let mut ranges = body.ranges();
+                    let mut row = Vec::new();
+                    while let Some(range) = ranges.next()? {
+                        row.push(range.map(|r| buf.slice(r)));
+                    }
+                    r.rows.push(row);
+                }
+                Backend::Other(Message::CommandComplete(body)) => {
+                    let mut r = current.take().unwrap_or_default();
+                    r.tag = body.tag().unwrap_or_default().to_string();
+                    results.push(r);
+                }
+                Backend::Other(Message::ErrorResponse(body)) => {
+                    let e = PgServerError::from_fields(body.fields());
+                    loop {
+                        if let Backend::Other(Message::ReadyForQuery(_)) = self.recv().await? {
+                            break;
+                        }
+                    }
+                    return Err(self.server_error(e));
+                }
+                Backend::Other(Message::ReadyForQuery(_)) => return Ok((results, false)),
+                _ => bail!(
+                    "{}: unexpected message in BASE_BACKUP results",
+                    self.endpoint
+                ),
+            }
+        }
+    }
+
+    /// Next message while copying; cancel-safe.
+    pub async fn recv_copy(&mut self) -> Result<CopyMessage> {
+        match self.recv().await? {
+            Backend::CopyData(d) => Ok(CopyMessage::Data(d)),
+            Backend::CopyDone | Backend::Other(Message::CommandComplete(_)) => {
+                Ok(CopyMessage::Done)
+            }
+            Backend::Other(Message::ErrorResponse(body)) => {
+                Err(self.server_error(PgServerError::from_fields(body.fields())))
+            }
+            _ => bail!("{}: unexpected message during COPY", self.endpoint),
+        }
+    }
+
+    /// Sends one CopyData message.
+    pub async fn send_copy_data(&mut self, payload: &[u8]) -> Result<()> {
+        self.wbuf.reserve(5 + payload.len());
+        self.wbuf.put_u8(b'd');
+        self.wbuf.put_u32(4 + payload.len() as u32);
+        self.wbuf.put_slice(payload);
+        self.flush().await
+    }
+
+    /// Ends our side of CopyBoth.
+    pub async fn send_copy_done(&mut self) -> Result<()> {
+        frontend::copy_done(&mut self.wbuf);
+        self.flush().await
+    }
+
+    /// Sends Terminate and closes (best effort).
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.wbuf);
+        let _ = self.flush().await;
+        let _ = self.writer.shutdown().await;
+    }
+}

@@ -1,0 +1,552 @@
+//! Where and how to connect: a libpq connection URL or keyword string plus the standard
+//! `PG*` environment (libpq docs, "Connection Strings" and "Environment Variables").
+//!
+//! Parsed here rather than by `tokio_postgres::Config` because that rejects `sslmode`
+//! `verify-ca`/`verify-full`, `sslrootcert`, `sslcert`, `sslkey` and `passfile`, all of which a
+//! backup agent's users rely on.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// libpq's `sslmode` values (`allow` is treated like `prefer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Never TLS.
+    Disable,
+    /// TLS if the server offers it, unverified.
+    Prefer,
+    /// TLS or fail; unverified unless a root certificate is given (then like `verify-ca`).
+    Require,
+    /// TLS with the chain checked against `sslrootcert`.
+    VerifyCa,
+    /// `verify-ca` plus the host name.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(v: &str) -> Result<SslMode> {
+        Ok(match v {
+            "disable" => SslMode::Disable,
+            "allow" | "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => bail!("invalid sslmode {other:?}: expected disable, prefer, require, verify-ca or verify-full"),
+        })
+    }
+}
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    /// TCP host name or address.
+    Tcp(String),
+    /// Directory containing `.s.PGSQL.<port>`.
+    Socket(PathBuf),
+}
+
+/// A validated connection source.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Server location.
+    pub host: Host,
+    /// Port (TCP) or socket suffix.
+    pub port: u16,
+    /// Role to log in as.
+    pub user: String,
+    /// Password (from the string, `PGPASSWORD` or the password file).
+    pub password: Option<String>,
+    /// Database (for `replication=database` and plain SQL connections).
+    pub dbname: String,
+    /// Shown in `pg_stat_replication` and matched by `synchronous_standby_names`.
+    pub application_name: Option<String>,
+    /// TLS policy.
+    pub sslmode: SslMode,
+    /// CA bundle for verification.
+    pub sslrootcert: Option<PathBuf>,
+    /// Client certificate.
+    pub sslcert: Option<PathBuf>,
+    /// Client key.
+    pub sslkey: Option<PathBuf>,
+    /// Connect timeout.
+    pub connect_timeout: Option<Duration>,
+}
+
+/// Keys libpq knows that change nothing for us; accepted so existing strings keep working.
+const IGNORED_KEYS: &[&str] = &[
+    "replication",
+    "options",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "target_session_attrs",
+    "channel_binding",
+    "gssencmode",
+    "sslcompression",
+    "sslsni",
+    "sslnegotiation",
+    "sslcrl",
+    "sslcrldir",
+    "sslpassword",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "krbsrvname",
+    "gsslib",
+    "requirepeer",
+    "require_auth",
+    "load_balance_hosts",
+    "client_encoding",
+    "fallback_application_name",
+    "service",
+];
+
+impl ConnInfo {
+    /// Parses `source` (URL or keyword form; empty means "environment only"), filling gaps
+    /// from the process environment like libpq does.
+    pub fn parse(source: &str) -> Result<ConnInfo> {
+        ConnInfo::parse_with_env(source, &|k| std::env::var(k).ok())
+    }
+
+    /// [`ConnInfo::parse`] with an explicit environment (for tests).
+    pub fn parse_with_env(source: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<ConnInfo> {
+        let s = source.trim();
+        let params = if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            parse_url(s)?
+        } else {
+            parse_keywords(s)?
+        };
+        for key in params.keys() {
+            let known = matches!(
+                key.as_str(),
+                "host"
+                    | "hostaddr"
+                    | "port"
+                    | "user"
+                    | "password"
+                    | "dbname"
+                    | "application_name"
+                    | "sslmode"
+                    | "sslrootcert"
+                    | "sslcert"
+                    | "sslkey"
+                    | "passfile"
+                    | "connect_timeout"
+            );
+            if !known && !IGNORED_KEYS.contains(&key.as_str()) {
+                bail!("invalid connection option {key:?}");
+            }
+        }
+        let get = |key: &str, var: &str| {
+            params
+                .get(key)
+                .cloned()
+                .filter(|v| !v.is_empty())
+                .or_else(|| env(var).filter(|v| !v.is_empty()))
+        };
+        let host_text = params
+            .get("hostaddr")
+            .cloned()
+            .filter(|v| !v.is_empty())
+            .or_else(|| get("host", "PGHOST"))
+            .unwrap_or_else(default_host);
+        if host_text.contains(',') {
+            bail!(
+                "several hosts ({host_text}) are not supported: give the one server to stream from"
+            );
+        }
+        let host = if host_text.starts_with('/') {
+            Host::Socket(PathBuf::from(&host_text))
+        } else {
+            Host::Tcp(host_text.clone())
+        };
+        let port = match get("port", "PGPORT") {
+            Some(p) => p
+                .parse::<u16>()
+                .with_context(|| format!("invalid port {p:?}"))?,
+            None => 5432,
+        };
+        let user = get("user", "PGUSER")
+            .or_else(|| env("USER"))
+            .context("no user given: set user= in the connection string or PGUSER")?;
+        let dbname = get("dbname", "PGDATABASE").unwrap_or_else(|| user.clone());
+        let sslmode =
+            SslMode::parse(&get("sslmode", "PGSSLMODE").unwrap_or_else(|| "prefer".into()))?;
+        let connect_timeout = get("connect_timeout", "PGCONNECT_TIMEOUT")
+            .map(|v| {
+                v.parse::<u64>()
+                    .with_context(|| format!("invalid connect_timeout {v:?}"))
+            })
+            .transpose()?
+            .filter(|&s| s > 0)
+            .map(|s| Duration::from_secs(s.max(2)));
+        let home = env("HOME").map(PathBuf::from);
+        let pg_home_file = |name: &str| {
+            home.as_ref()
+                .map(|h| h.join(".postgresql").join(name))
+                .filter(|p| p.exists())
+        };
+        let sslrootcert = get("sslrootcert", "PGSSLROOTCERT")
+            .map(PathBuf::from)
+            .or_else(|| pg_home_file("root.crt"));
+        let sslcert = get("sslcert", "PGSSLCERT")
+            .map(PathBuf::from)
+            .or_else(|| pg_home_file("postgresql.crt"));
+        let sslkey = get("sslkey", "PGSSLKEY")
+            .map(PathBuf::from)
+            .or_else(|| pg_home_file("postgresql.key"));
+        let mut password = get("password", "PGPASSWORD");
+        if password.is_none() {
+            let passfile = get("passfile", "PGPASSFILE")
+                .map(PathBuf::from)
+                .or_else(|| home.as_ref().map(|h| h.join(".pgpass")));
+            if let Some(file) = passfile {
+                let host_key = match &host {
+                    Host::Tcp(h) => h.clone(),
+                    Host::Socket(_) => "localhost".to_string(),
+                };
+                password = lookup_passfile(&file, &host_key, port, &dbname, &user)?;
+            }
+        }
+        Ok(ConnInfo {
+            host,
+            port,
+            user,
+            password,
+            dbname,
+            application_name: get("application_name", "PGAPPNAME"),
+            sslmode,
+            sslrootcert,
+            sslcert,
+            sslkey,
+            connect_timeout,
+        })
+    }
+
+    /// `host:port` or the socket path, for messages.
+    pub fn describe(&self) -> String {
+        match &self.host {
+            Host::Tcp(h) if h.contains(':') => format!("[{h}]:{}", self.port),
+            Host::Tcp(h) => format!("{h}:{}", self.port),
+            Host::Socket(d) => d
+                .join(format!(".s.PGSQL.{}", self.port))
+                .display()
+                .to_string(),
+        }
+    }
+}
+
+fn default_host() -> String {
+    for dir in ["/var/run/postgresql", "/tmp"] {
+        if Path::new(dir).join(".s.PGSQL.5432").exists() {
+            return dir.to_string();
+        }
+    }
+    "localhost".to_string()
+}
+
+/// Finds a password in a `.pgpass`-format file (`host:port:db:user:password`, `*` matches
+/// anything, `\:` and `\\` escape). Like libpq, a replication connection matches the database
+/// `replication`, so both names are tried.
+fn lookup_passfile(
+    file: &Path,
+    host: &str,
+    port: u16,
+    dbname: &str,
+    user: &str,
+) -> Result<Option<String>> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading password file {}", file.display()))
+        }
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(file) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %file.display(), "password file has group or world access; ignoring it (chmod 0600)");
+                return Ok(None);
+            }
+        }
+    }
+    let port = port.to_string();
+    for line in text.lines() {
+        if line.trim_start().starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let fields = split_passfile_line(line);
+        if fields.len() < 5 {
+            continue;
+        }
+        let m = |pattern: &str, value: &str| pattern == "*" || pattern == value;
+        if m(&fields[0], host)
+            && m(&fields[1], &port)
+            && (m(&fields[2], dbname) || m(&fields[2], "replication"))
+            && m(&fields[3], user)
+        {
+            return Ok(Some(fields[4..].join(":")));
+        }
+    }
+    Ok(None)
+}
+
+fn split_passfile_line(line: &str) -> Vec<String> {
+    let mut fields = vec![String::new()];
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    if let Some(last) = fields.last_mut() {
+                        last.push(n);
+                    }
+                }
+            }
+            ':' if fields.len() < 5 => fields.push(String::new()),
+            c => {
+                if let Some(last) = fields.last_mut() {
+                    last.push(c);
+                }
+            }
+        }
+    }
+    fields
+}
+
+fn parse_keywords(s: &str) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.next() != Some('=') {
+            bail!("missing \"=\" after {key:?} in connection string");
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'\'') {
+            chars.next();
+            let mut closed = false;
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.push(
+                        chars
+                            .next()
+                            .context("connection string ends after a backslash")?,
+                    ),
+                    '\'' => {
+                        closed = true;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            if !closed {
+                bail!("unterminated quoted value for {key:?} in connection string");
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                chars.next();
+                if c == '\\' {
+                    value.push(
+                        chars
+                            .next()
+                            .context("connection string ends after a backslash")?,
+                    );
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        out.insert(key, value);
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Result<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .context("truncated %-escape in connection URL")?;
+            out.push(
+                u8::from_str_radix(hex, 16)
+                    .with_context(|| format!("invalid %-escape %{hex} in connection URL"))?,
+            );
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).context("connection URL is not UTF-8 after %-decoding")
+}
+
+fn parse_url(s: &str) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let rest = s.split_once("://").map(|(_, r)| r).unwrap_or(s);
+    let (rest, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match rest.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (rest, None),
+    };
+    let hostport = match authority.rsplit_once('@') {
+        Some((userinfo, hp)) => {
+            let (user, pw) = match userinfo.split_once(':') {
+                Some((u, p)) => (u, Some(p)),
+                None => (userinfo, None),
+            };
+            if !user.is_empty() {
+                out.insert("user".into(), percent_decode(user)?);
+            }
+            if let Some(pw) = pw {
+                out.insert("password".into(), percent_decode(pw)?);
+            }
+            hp
+        }
+        None => authority,
+    };
+    if !hostport.is_empty() {
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .context("unterminated [IPv6] host in connection URL")?;
+            (h.to_string(), after.strip_prefix(':').map(str::to_string))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p.to_string())),
+                None => (hostport.to_string(), None),
+            }
+        };
+        if !host.is_empty() {
+            out.insert("host".into(), percent_decode(&host)?);
+        }
+        if let Some(p) = port.filter(|p| !p.is_empty()) {
+            out.insert("port".into(), p);
+        }
+    }
+    if let Some(db) = path.filter(|p| !p.is_empty()) {
+        out.insert("dbname".into(), percent_decode(db)?);
+    }
+    if let Some(q) = query {
+        for pair in q.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .with_context(|| format!("connection URL parameter {pair:?} has no value"))?;
+            out.insert(percent_decode(k)?, percent_decode(v)?);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn url_form() {
+        let c = ConnInfo::parse_with_env(
+            "postgresql://rep%40x:p%3Aw@db.example:6543/app?sslmode=verify-full&application_name=sb&sslrootcert=/ca.pem",
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(c.host, Host::Tcp("db.example".into()));
+        assert_eq!(c.port, 6543);
+        assert_eq!(c.user, "rep@x");
+        assert_eq!(c.password.as_deref(), Some("p:w"));
+        assert_eq!(c.dbname, "app");
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        assert_eq!(c.application_name.as_deref(), Some("sb"));
+        assert_eq!(c.sslrootcert, Some(PathBuf::from("/ca.pem")));
+        let c = ConnInfo::parse_with_env("postgres://u@[::1]:5433", &no_env).unwrap();
+        assert_eq!(c.host, Host::Tcp("::1".into()));
+        assert_eq!(c.describe(), "[::1]:5433");
+    }
+
+    #[test]
+    fn keyword_form_and_env() {
+        let env = |k: &str| match k {
+            "PGPORT" => Some("7777".to_string()),
+            "PGUSER" => Some("envuser".to_string()),
+            "PGPASSWORD" => Some("envpw".to_string()),
+            "PGSSLMODE" => Some("require".to_string()),
+            "PGAPPNAME" => Some("fromenv".to_string()),
+            _ => None,
+        };
+        let c = ConnInfo::parse_with_env("host=/run/pg dbname = 'my db' password='it''s'", &env);
+        assert!(c.is_err(), "doubled quote is not libpq syntax");
+        let c = ConnInfo::parse_with_env("host=/run/pg dbname = 'my db' password='it\\'s'", &env)
+            .unwrap();
+        assert_eq!(c.host, Host::Socket("/run/pg".into()));
+        assert_eq!(c.port, 7777);
+        assert_eq!(c.user, "envuser");
+        assert_eq!(c.password.as_deref(), Some("it's"));
+        assert_eq!(c.dbname, "my db");
+        assert_eq!(c.sslmode, SslMode::Require);
+        assert_eq!(c.application_name.as_deref(), Some("fromenv"));
+        assert!(ConnInfo::parse_with_env("host=x bogus=1 user=u", &no_env)
+            .unwrap_err()
+            .to_string()
+            .contains("bogus"));
+        assert!(ConnInfo::parse_with_env("host=x sslmode=maybe user=u", &no_env).is_err());
+        assert!(ConnInfo::parse_with_env("host=a,b user=u", &no_env).is_err());
+    }
+
+    #[test]
+    fn passfile_lookup() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pgpass");
+        std::fs::write(
+            &file,
+            "# c\nother:*:*:*:no\n127.0.0.1:5432:replication:rep:s\\:ecret\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let f = file.display().to_string();
+        let env = move |k: &str| (k == "PGPASSFILE").then(|| f.clone());
+        let c = ConnInfo::parse_with_env("host=127.0.0.1 user=rep dbname=postgres", &env).unwrap();
+        assert_eq!(c.password.as_deref(), Some("s:ecret"));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let c = ConnInfo::parse_with_env("host=127.0.0.1 user=rep dbname=postgres", &env).unwrap();
+        assert_eq!(c.password, None);
+    }
+}

@@ -1,0 +1,9 @@
+//! PostgreSQL: the replication connection, WAL streaming into the repository and
+//! `restore_command` support.
+// Parts of the connection API (CopyOut, SQL mode) serve BASE_BACKUP, which lands next.
+#![allow(dead_code)]
+
+pub mod cli;
+pub mod conn;
+pub mod conninfo;
+pub mod tls;
