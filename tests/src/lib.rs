@@ -15,9 +15,11 @@
 pub mod paths;
 pub mod pg;
 pub mod process;
+pub mod proxy;
 pub mod redis;
 pub mod s3;
 
 pub use pg::{PgCluster, PgClusterBuilder, PgVersion};
+pub use proxy::{Fault, FaultProxy, FaultRule};
 pub use redis::{RedisFlavor, RedisServer, RedisServerBuilder, RespValue};
 pub use s3::{S3Server, TempRepo};
