@@ -42,6 +42,10 @@ pub struct RepoOptions {
     /// PEM bundle of extra trusted CA certificates for HTTPS stores (also `AWS_CA_BUNDLE`
     /// or the URL option `ca_bundle=`).
     pub ca_bundle: Option<PathBuf>,
+    /// Extra `object_store` settings applied after the environment, e.g.
+    /// `("aws_access_key_id", "...")` from a config file; names are case-insensitive and
+    /// use object_store's config keys (`aws_*`, `google_*`, `azure_*`).
+    pub store_config: Vec<(String, String)>,
 }
 
 impl Default for RepoOptions {
@@ -59,6 +63,7 @@ impl Default for RepoOptions {
             identities: Vec::new(),
             retry: RetryPolicy::default(),
             ca_bundle: None,
+            store_config: Vec::new(),
         }
     }
 }
@@ -400,7 +405,15 @@ fn open_backend(url_text: &str, opts: &RepoOptions) -> Result<Backend> {
         "s3" | "s3a" => s3_backend(url_text, &url, opts),
         "gs" => {
             let bucket = url.host_str().unwrap_or_default();
-            let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+            let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env();
+            for (k, v) in &opts.store_config {
+                let key = <object_store::gcp::GoogleConfigKey as std::str::FromStr>::from_str(
+                    &k.to_ascii_lowercase(),
+                )
+                .map_err(|e| config_err(format!("store option {k}"), e))?;
+                b = b.with_config(key, v);
+            }
+            let store = b
                 .with_bucket_name(bucket)
                 .with_client_options(client_options(url_text, &url, opts)?)
                 .with_retry(store_retry(&opts.retry))
@@ -415,7 +428,15 @@ fn open_backend(url_text: &str, opts: &RepoOptions) -> Result<Backend> {
             )?)
         }
         "az" | "azure" | "abfs" | "abfss" => {
-            let store = object_store::azure::MicrosoftAzureBuilder::from_env()
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env();
+            for (k, v) in &opts.store_config {
+                let key = <object_store::azure::AzureConfigKey as std::str::FromStr>::from_str(
+                    &k.to_ascii_lowercase(),
+                )
+                .map_err(|e| config_err(format!("store option {k}"), e))?;
+                b = b.with_config(key, v);
+            }
+            let store = b
                 .with_url(url_text.split('?').next().unwrap_or(url_text))
                 .with_client_options(client_options(url_text, &url, opts)?)
                 .with_retry(store_retry(&opts.retry))
@@ -525,6 +546,7 @@ fn client_options(url_text: &str, url: &url::Url, opts: &RepoOptions) -> Result<
 
 fn s3_backend(url_text: &str, url: &url::Url, opts: &RepoOptions) -> Result<Backend> {
     use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
+    use std::str::FromStr;
     let bucket = url
         .host_str()
         .filter(|b| !b.is_empty())
@@ -551,13 +573,21 @@ fn s3_backend(url_text: &str, url: &url::Url, opts: &RepoOptions) -> Result<Back
         .with_bucket_name(bucket)
         .with_client_options(client_options(url_text, url, opts)?)
         .with_retry(store_retry(&opts.retry));
+    let mut configured_endpoint = false;
+    for (k, v) in &opts.store_config {
+        let key = AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase())
+            .map_err(|e| config_err(format!("store option {k}"), e))?;
+        configured_endpoint |= matches!(key, AmazonS3ConfigKey::Endpoint);
+        b = b.with_config(key, v);
+    }
     if let Some(ep) = query(url, "endpoint") {
         b = b.with_endpoint(ep);
     }
     if let Some(r) = query(url, "region") {
         b = b.with_region(r);
     }
-    let custom_endpoint = query(url, "endpoint").is_some()
+    let custom_endpoint = configured_endpoint
+        || query(url, "endpoint").is_some()
         || std::env::var_os("AWS_ENDPOINT_URL").is_some()
         || std::env::var_os("AWS_ENDPOINT").is_some();
     // S3-compatible stores behind a custom endpoint mostly want path-style requests.

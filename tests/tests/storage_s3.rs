@@ -1,0 +1,220 @@
+//! The storage pipeline against real SeaweedFS: round trips, create-new semantics, and
+//! injected faults through the harness's FaultProxy.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use storage::{
+    layout, ContentKind, PutMode, RepoKey, RepoOptions, Repository, RetryPolicy, StorageError,
+};
+use syncbridge_tests::proxy::{Fault, FaultProxy, FaultRule};
+use syncbridge_tests::s3::S3Server;
+
+fn opts(s3: &S3Server, endpoint: &str) -> RepoOptions {
+    RepoOptions {
+        frame_size: 256 << 10,
+        part_size: 5 << 20,
+        workers: 2,
+        retry: RetryPolicy {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+            max_elapsed: Duration::from_secs(20),
+        },
+        store_config: vec![
+            ("aws_access_key_id".into(), s3.access_key().into()),
+            ("aws_secret_access_key".into(), s3.secret_key().into()),
+            ("aws_region".into(), s3.region().into()),
+            ("aws_endpoint".into(), endpoint.into()),
+            ("aws_allow_http".into(), "true".into()),
+        ],
+        ..RepoOptions::default()
+    }
+}
+
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if i % 3 == 0 {
+                b'.'
+            } else {
+                x as u8
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn s3_round_trip_sizes_and_streams() {
+    let s3 = S3Server::start();
+    let repo = Repository::open(&s3.repo_url("rt"), opts(&s3, &s3.endpoint())).unwrap();
+    let key = RepoKey::parse("t/obj").unwrap();
+    for len in [0usize, 1, 256 << 10, (256 << 10) + 1, 4 << 20, 11 << 20] {
+        let d = data(len, len as u64 + 1);
+        let info = repo
+            .put(
+                &key,
+                ContentKind::Other,
+                Bytes::from(d.clone()),
+                PutMode::Overwrite,
+            )
+            .await
+            .unwrap();
+        assert_eq!(info.original_len, len as u64);
+        assert!(
+            repo.get(&key).await.unwrap() == d,
+            "round trip of {len} bytes"
+        );
+        assert_eq!(repo.info(&key).await.unwrap(), info);
+    }
+    // Unknown length, odd chunks, several parts.
+    let d = data(17 << 20, 99);
+    let mut w = repo
+        .writer(&key, ContentKind::Other, PutMode::Overwrite)
+        .await
+        .unwrap();
+    for c in d.chunks(1_234_567) {
+        w.write(Bytes::copy_from_slice(c)).await.unwrap();
+    }
+    let info = w.finish().await.unwrap();
+    assert!(info.stored_len > 5 << 20, "exercises multipart");
+    assert!(repo.get(&key).await.unwrap() == d);
+    let listed = repo.list(&RepoKey::root()).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].key, key);
+    assert_eq!(listed[0].size, info.stored_len);
+}
+
+#[tokio::test]
+async fn s3_create_new_never_overwrites() {
+    let s3 = S3Server::start();
+    let repo = Repository::open(&s3.repo_url(""), opts(&s3, &s3.endpoint())).unwrap();
+    let seg = layout::WalSegmentName::parse("000000010000000000000007").unwrap();
+    let key = layout::wal_segment(&seg);
+    let first = repo
+        .put(
+            &key,
+            ContentKind::WalSegment,
+            Bytes::from_static(b"first"),
+            PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
+    let err = repo
+        .put(
+            &key,
+            ContentKind::WalSegment,
+            Bytes::from_static(b"second"),
+            PutMode::CreateNew,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::AlreadyExists { .. }), "{err}");
+    assert_eq!(&repo.get(&key).await.unwrap()[..], b"first");
+    assert_eq!(repo.info(&key).await.unwrap().sha256, first.sha256);
+    // Multipart path.
+    let mut w = repo
+        .writer(&key, ContentKind::WalSegment, PutMode::CreateNew)
+        .await
+        .unwrap();
+    let res = async {
+        w.write(Bytes::from(data(12 << 20, 5))).await?;
+        w.finish().await
+    }
+    .await;
+    assert!(
+        matches!(res, Err(StorageError::AlreadyExists { .. })),
+        "{res:?}"
+    );
+    assert_eq!(&repo.get(&key).await.unwrap()[..], b"first");
+}
+
+#[tokio::test]
+async fn s3_objects_arrive_intact_through_transient_faults() {
+    let s3 = S3Server::start();
+    let proxy = FaultProxy::start(s3.port());
+    let repo = Repository::open(&s3.repo_url("faults"), opts(&s3, &proxy.url())).unwrap();
+    // The first requests of each kind fail, reset or stall.
+    proxy.fail_first("PUT", 2, Fault::SlowDown503);
+    proxy.fail_first("PUT", 1, Fault::Reset);
+    proxy.fail_first("POST", 1, Fault::InternalError500);
+    proxy.fail_first("POST", 1, Fault::Reset);
+    proxy.fail_first("GET", 1, Fault::SlowDown503);
+    proxy.fail_first("GET", 1, Fault::Reset);
+    proxy.fail_first("HEAD", 1, Fault::InternalError500);
+    proxy.fail_first("HEAD", 1, Fault::Delay(Duration::from_millis(300)));
+
+    let small_key = RepoKey::parse("small").unwrap();
+    let small = data(100_000, 3);
+    repo.put(
+        &small_key,
+        ContentKind::Other,
+        Bytes::from(small.clone()),
+        PutMode::CreateNew,
+    )
+    .await
+    .unwrap();
+    let big_key = RepoKey::parse("big").unwrap();
+    let big = data(16 << 20, 4);
+    let mut w = repo
+        .writer(&big_key, ContentKind::Other, PutMode::CreateNew)
+        .await
+        .unwrap();
+    for c in big.chunks(1 << 20) {
+        w.write(Bytes::copy_from_slice(c)).await.unwrap();
+    }
+    w.finish().await.unwrap();
+    assert!(repo.get(&small_key).await.unwrap() == small);
+    assert!(repo.get(&big_key).await.unwrap() == big);
+    let faulted = proxy.injected_total();
+    assert!(faulted >= 8, "the proxy injected {faulted} faults");
+}
+
+#[tokio::test]
+async fn s3_permanent_failure_is_a_clear_error_and_leaves_nothing() {
+    let s3 = S3Server::start();
+    let proxy = FaultProxy::start(s3.port());
+    let repo = Repository::open(&s3.repo_url("perm"), opts(&s3, &proxy.url())).unwrap();
+
+    // Every single PUT fails.
+    proxy.add_rule(FaultRule::method("PUT", Fault::InternalError500).always());
+    let key = RepoKey::parse("never/small").unwrap();
+    let err = repo
+        .put(
+            &key,
+            ContentKind::Other,
+            Bytes::from(data(1000, 1)),
+            PutMode::CreateNew,
+        )
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(err.is_retryable(), "{msg}");
+    assert!(msg.contains("never/small") && msg.contains("500"), "{msg}");
+
+    // Every part upload fails: the multipart upload is aborted, nothing is visible.
+    let key2 = RepoKey::parse("never/big").unwrap();
+    let mut w = repo
+        .writer(&key2, ContentKind::Other, PutMode::Overwrite)
+        .await
+        .unwrap();
+    let res = async {
+        for _ in 0..12 {
+            w.write(Bytes::from(data(1 << 20, 9))).await?;
+        }
+        w.finish().await
+    }
+    .await;
+    let msg = res.unwrap_err().to_string();
+    assert!(msg.contains("never/big"), "{msg}");
+
+    proxy.clear_rules();
+    assert!(!repo.exists(&key).await.unwrap());
+    assert!(!repo.exists(&key2).await.unwrap());
+    assert!(repo.list(&RepoKey::root()).await.unwrap().is_empty());
+}
