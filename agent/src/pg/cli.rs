@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
@@ -22,6 +24,74 @@ enum PostgresCommand {
     /// Connect over the replication protocol and print what the agent would stream from:
     /// system identifier, timeline, WAL position, segment size, server version.
     Check(CheckArgs),
+    /// Stream WAL continuously into the repository over a physical replication slot, like
+    /// pg_receivewal: every segment becomes one object named as in pg_wal; the segment in
+    /// progress is stored as partial objects at least every --max-lag; the flush position
+    /// reported to the server (and so the slot, and synchronous commits) only advances over
+    /// WAL that is in the repository. Safe to kill at any moment and restart.
+    Stream(StreamArgs),
+}
+
+/// Where the repository is.
+#[derive(Debug, Args, Clone)]
+pub struct RepoArgs {
+    /// Repository URL: file:///dir, s3://bucket/prefix (AWS_* environment), gs://, az://.
+    #[arg(long, env = "SYNCBRIDGE_REPO")]
+    pub repo: String,
+}
+
+#[derive(Debug, Args)]
+struct StreamArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Physical replication slot; created (with RESERVE_WAL) if missing.
+    #[arg(long, default_value = "syncbridge")]
+    slot: String,
+    /// Longest time received WAL may wait before it is in the repository (e.g. 1s, 500ms).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    max_lag: Duration,
+    /// Longest time between status updates to the server.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    status_interval: Duration,
+    /// Store WAL as soon as it arrives and report it at once, so that with this agent in
+    /// synchronous_standby_names every commit waits until its WAL is in the repository.
+    #[arg(long)]
+    synchronous: bool,
+    /// application_name the server sees (what synchronous_standby_names lists).
+    #[arg(long, default_value = "syncbridge")]
+    application_name: String,
+    /// Uploads in flight before the agent stops reading from the server.
+    #[arg(long, default_value_t = 8)]
+    max_inflight: usize,
+}
+
+/// Parses `500ms`, `1s`, `2m`, `1h` or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 1s, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {text:?}: use ms, s, m or h"
+            ))
+        }
+    };
+    if !(secs > 0.0 && secs < 1e9) {
+        return Err(format!("duration {text:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Where to connect.
@@ -48,6 +118,7 @@ pub fn run(args: PostgresArgs) -> Result<ExitCode> {
     rt.block_on(async move {
         match args.command {
             PostgresCommand::Check(a) => check(a).await,
+            PostgresCommand::Stream(a) => stream(a).await,
         }
     })
 }
@@ -77,5 +148,24 @@ async fn check(args: CheckArgs) -> Result<ExitCode> {
     println!("xlogpos:           {}", id.xlogpos);
     println!("wal_segment_size:  {seg_size}");
     conn.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stream(args: StreamArgs) -> Result<ExitCode> {
+    let source = ConnInfo::parse(&args.source.source).context("reading --source")?;
+    let repo = storage::Repository::open(&args.repo.repo, storage::RepoOptions::default())
+        .with_context(|| format!("opening repository {}", args.repo.repo))?;
+    let slot = wire::pg::commands::SlotName::new(&args.slot)?;
+    super::stream::run(super::stream::StreamOptions {
+        source,
+        repo,
+        slot,
+        max_lag: args.max_lag,
+        status_interval: args.status_interval,
+        synchronous: args.synchronous,
+        application_name: args.application_name,
+        max_inflight: args.max_inflight.max(1),
+    })
+    .await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -3,7 +3,9 @@
 // Parts of the connection API (CopyOut, SQL mode) serve BASE_BACKUP, which lands next.
 #![allow(dead_code)]
 
+pub mod archive;
 pub mod cli;
 pub mod conn;
 pub mod conninfo;
+pub mod stream;
 pub mod tls;

@@ -45,3 +45,130 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// A running agent process, SIGKILLed on drop.
+pub struct AgentProcess {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts the agent with `args`, logging to `log`.
+    pub fn spawn(args: &[&str], log: PathBuf) -> AgentProcess {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = agent()
+            .args(args)
+            .env("SYNCBRIDGE_LOG", "info,syncbridge_agent=debug")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        AgentProcess { child, log }
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait (a clean stop).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent did not stop on SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Whether it has exited (with its status).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `cond` every 200 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    cond()
+}
+
+/// WAL objects in a repository, read back through the storage crate (verified).
+pub mod repo {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use storage::layout::{self, WalObject};
+    use storage::{RepoOptions, Repository};
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// Complete segment names, partial (segment, end offset) pairs and history timelines.
+    pub fn listing(url: &str) -> (Vec<String>, Vec<(String, u32)>, Vec<u32>) {
+        let repo = Repository::open(url, RepoOptions::default()).unwrap();
+        let metas = block_on(repo.list(&layout::wal_prefix())).unwrap();
+        let (mut segs, mut parts, mut hist) = (Vec::new(), Vec::new(), Vec::new());
+        for m in metas {
+            match layout::parse_wal_key(&m.key) {
+                Some(WalObject::Segment(s)) => segs.push(s.to_string()),
+                Some(WalObject::Partial {
+                    segment,
+                    end_offset,
+                }) => parts.push((segment.to_string(), end_offset)),
+                Some(WalObject::History(t)) => hist.push(t.get()),
+                None => {}
+            }
+        }
+        segs.sort();
+        (segs, parts, hist)
+    }
+
+    /// Every complete segment's content.
+    pub fn segments(url: &str) -> BTreeMap<String, Bytes> {
+        let repo = Repository::open(url, RepoOptions::default()).unwrap();
+        let (segs, _, _) = listing(url);
+        segs.into_iter()
+            .map(|s| {
+                let key = layout::wal_segment(&layout::WalSegmentName::parse(&s).unwrap());
+                let data = block_on(repo.get(&key)).unwrap();
+                (s, data)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,161 @@
+//! Writing WAL into the repository: keys, the "identical is a no-op, different is an error"
+//! rule for segments and history files, and what the repository already holds.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use storage::layout::{self, WalObject};
+use storage::{ContentKind, PutMode, RepoKey, Repository, StorageError};
+use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
+
+/// An error that reconnecting cannot fix: the stream must stop and a human must look.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Fatal(pub String);
+
+/// The repository key of a segment.
+pub fn segment_key(seg: SegmentName) -> Result<RepoKey> {
+    Ok(layout::wal_segment(&storage_segment(seg)?))
+}
+
+/// The repository key of a partial segment ending at `end_offset`.
+pub fn partial_key(seg: SegmentName, end_offset: u32) -> Result<RepoKey> {
+    Ok(layout::wal_partial(&storage_segment(seg)?, end_offset))
+}
+
+/// The repository key of a history file.
+pub fn history_key(tli: TimelineId) -> Result<RepoKey> {
+    Ok(layout::timeline_history(layout::TimelineId::new(
+        tli.get(),
+    )?))
+}
+
+fn storage_segment(seg: SegmentName) -> Result<layout::WalSegmentName> {
+    layout::WalSegmentName::parse(&seg.to_string()).with_context(|| format!("segment name {seg}"))
+}
+
+/// Stores an object that must never change once written (a complete segment or a history
+/// file): writing identical bytes again is a no-op; different bytes are a [`Fatal`] error
+/// and the existing object is left alone.
+pub async fn put_immutable(
+    repo: &Repository,
+    key: &RepoKey,
+    kind: ContentKind,
+    data: Bytes,
+) -> Result<()> {
+    let ours: [u8; 32] = Sha256::digest(&data).into();
+    match repo.put(key, kind, data.clone(), PutMode::CreateNew).await {
+        Ok(_) => Ok(()),
+        Err(StorageError::AlreadyExists { .. }) => {
+            let theirs = repo
+                .info(key)
+                .await
+                .with_context(|| format!("reading the existing {key}"))?;
+            if theirs.sha256 == ours && theirs.original_len == data.len() as u64 {
+                tracing::debug!(%key, "already in the repository with identical content");
+                return Ok(());
+            }
+            let saved =
+                std::env::temp_dir().join(format!("syncbridge-conflict-{}", key.file_name()));
+            let kept = std::fs::write(&saved, &data)
+                .map(|_| format!("; our version was saved to {}", saved.display()))
+                .unwrap_or_default();
+            Err(Fatal(format!(
+                "{key} already exists in the repository with DIFFERENT content (stored sha256 {}, {} bytes; streamed sha256 {}, {} bytes). \
+                 The stored object was not overwritten{kept}. Is another cluster or agent writing to this repository?",
+                theirs.sha256_hex(),
+                theirs.original_len,
+                hex::encode(ours),
+                data.len()
+            ))
+            .into())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("storing {key}"))),
+    }
+}
+
+/// What the repository holds for WAL, per timeline.
+#[derive(Debug, Default)]
+pub struct RepoWal {
+    /// Complete segments: (timeline, segno).
+    pub segments: BTreeMap<(u32, u64), RepoKey>,
+    /// Partials: (timeline, segno) → [(end offset, key)].
+    pub partials: BTreeMap<(u32, u64), Vec<(u32, RepoKey)>>,
+    /// Timelines with a history file.
+    pub histories: Vec<u32>,
+}
+
+impl RepoWal {
+    /// Lists `postgres/wal/`.
+    pub async fn load(repo: &Repository, size: WalSegmentSize) -> Result<RepoWal> {
+        let mut out = RepoWal::default();
+        let listed = repo
+            .list(&layout::wal_prefix())
+            .await
+            .context("listing WAL in the repository")?;
+        for meta in listed {
+            match layout::parse_wal_key(&meta.key) {
+                Some(WalObject::Segment(name)) => {
+                    let seg = SegmentName::parse(name.as_str(), size)?;
+                    out.segments
+                        .insert((seg.timeline().get(), seg.segno()), meta.key);
+                }
+                Some(WalObject::Partial {
+                    segment,
+                    end_offset,
+                }) => {
+                    let seg = SegmentName::parse(segment.as_str(), size)?;
+                    out.partials
+                        .entry((seg.timeline().get(), seg.segno()))
+                        .or_default()
+                        .push((end_offset, meta.key));
+                }
+                Some(WalObject::History(t)) => out.histories.push(t.get()),
+                None => {}
+            }
+        }
+        for v in out.partials.values_mut() {
+            v.sort();
+        }
+        Ok(out)
+    }
+
+    /// The end of durable WAL on `tli`: after the newest complete segment or partial.
+    pub fn durable_end(&self, tli: TimelineId, size: WalSegmentSize) -> Option<Lsn> {
+        let t = tli.get();
+        let seg_end = self
+            .segments
+            .keys()
+            .filter(|(st, _)| *st == t)
+            .map(|(_, n)| Lsn((n + 1) * size.bytes()))
+            .max();
+        let part_end = self
+            .partials
+            .iter()
+            .filter(|((st, _), _)| *st == t)
+            .filter_map(|((_, n), v)| {
+                v.last()
+                    .map(|(off, _)| Lsn(n * size.bytes() + u64::from(*off)))
+            })
+            .max();
+        seg_end.max(part_end)
+    }
+
+    /// Segments missing between the oldest and the newest complete segment of `tli`.
+    pub fn gaps(&self, tli: TimelineId) -> Vec<u64> {
+        let t = tli.get();
+        let nums: Vec<u64> = self
+            .segments
+            .keys()
+            .filter(|(st, _)| *st == t)
+            .map(|(_, n)| *n)
+            .collect();
+        let mut missing = Vec::new();
+        for w in nums.windows(2) {
+            missing.extend(w[0] + 1..w[1]);
+        }
+        missing
+    }
+}

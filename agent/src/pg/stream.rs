@@ -1,0 +1,684 @@
+//! `postgres stream`: a physical replication client that writes WAL into the repository.
+//!
+//! Like `pg_receivewal`, but the "disk" is the repository and the flush position we report
+//! is what the repository holds, so the slot (and, with `--synchronous`, every commit) only
+//! moves past WAL that is safe. The shape follows Neon's safekeeper WAL backup: uploads run
+//! concurrently but complete in order (`FuturesOrdered`), and the flush LSN advances only
+//! past a contiguous prefix of finished uploads.
+//!
+//! Resuming needs no local state: the slot's `restart_lsn` is the last flush we reported,
+//! and everything before it is in the repository, so a restart streams again from the start
+//! of that segment; segments already stored are compared and skipped.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::{Bytes, BytesMut};
+use futures::stream::FuturesOrdered;
+use futures::{Future, StreamExt};
+use storage::{ContentKind, PutMode, RepoKey, RepoKind, RepoMarker, Repository};
+use tokio::sync::oneshot;
+use wire::pg::commands::{
+    self, CreatedSlot, EndOfTimeline, IdentifySystem, ReplicationSlotPosition, SlotName,
+    TimelineHistoryFile,
+};
+use wire::pg::{
+    Lsn, PgTimestamp, ReplicationMessage, SegmentName, SegmentSplitter, StandbyStatusUpdate,
+    TimelineHistory, TimelineId, WalSegmentSize,
+};
+
+use super::archive::{history_key, partial_key, put_immutable, segment_key, Fatal, RepoWal};
+use super::conn::{ConnectMode, CopyMessage, PgConnection, PgServerError};
+use super::conninfo::ConnInfo;
+
+/// Validated settings of `postgres stream`.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Where to stream from.
+    pub source: ConnInfo,
+    /// Where to write.
+    pub repo: Repository,
+    /// Physical slot.
+    pub slot: SlotName,
+    /// Longest time new WAL may wait before it is in the repository (as a partial).
+    pub max_lag: Duration,
+    /// Longest time between status updates.
+    pub status_interval: Duration,
+    /// Ship WAL as soon as it arrives (grouped while an upload is in flight).
+    pub synchronous: bool,
+    /// `application_name` (what `synchronous_standby_names` lists).
+    pub application_name: String,
+    /// Uploads in flight before we stop reading from the server.
+    pub max_inflight: usize,
+}
+
+// Not `Send`: storage's write futures are not, and everything runs on the stream's task anyway.
+type UploadFuture = Pin<Box<dyn Future<Output = Result<Uploaded>>>>;
+
+struct Uploaded {
+    end: Lsn,
+    partial: bool,
+}
+
+/// The segment being received.
+struct OpenSegment {
+    name: SegmentName,
+    data: BytesMut,
+    /// Bytes already shipped (as a partial).
+    shipped: usize,
+    /// Partials of this segment in the repository that become garbage once it is complete
+    /// or a newer partial is stored.
+    stale_partials: Vec<RepoKey>,
+}
+
+/// How one connection's stream ended.
+enum Ended {
+    /// The server's timeline ended; continue on the next.
+    TimelineSwitch(EndOfTimeline),
+    /// SIGINT/SIGTERM: everything received is stored.
+    Shutdown,
+}
+
+/// Runs the stream until a fatal error or a signal, reconnecting with backoff otherwise.
+pub async fn run(opts: StreamOptions) -> Result<()> {
+    let mut backoff = Duration::from_secs(1);
+    let mut first = true;
+    loop {
+        let attempt_started = Instant::now();
+        match stream_once(&opts).await {
+            Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::TimelineSwitch(e)) => {
+                tracing::info!(next_timeline = %e.next_tli, start = %e.next_tli_startpos, "timeline ended; continuing on the next");
+                backoff = Duration::from_secs(1);
+                continue;
+            }
+            Err(e) if is_fatal(&e) || first => return Err(e),
+            Err(e) => {
+                if attempt_started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_secs(1);
+                }
+                tracing::warn!(
+                    "stream interrupted: {e:#}; reconnecting in {}s",
+                    backoff.as_secs()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown_signal() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+        first = false;
+    }
+}
+
+fn is_fatal(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<Fatal>().is_some()
+            || c.downcast_ref::<PgServerError>()
+                .is_some_and(|s| matches!(s.code.as_str(), "28P01" | "28000" | "42501" | "55000"))
+    })
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn query_row(conn: &mut PgConnection, sql: &str) -> Result<Vec<Option<Bytes>>> {
+    let results = conn
+        .simple_query(sql)
+        .await
+        .with_context(|| format!("running {sql}"))?;
+    results
+        .into_iter()
+        .find(|r| !r.columns.is_empty())
+        .and_then(|r| r.rows.into_iter().next())
+        .with_context(|| format!("{sql} returned no row"))
+}
+
+fn refs(row: &[Option<Bytes>]) -> Vec<Option<&[u8]>> {
+    row.iter().map(|v| v.as_deref()).collect()
+}
+
+/// The slot's position: READ_REPLICATION_SLOT on 15+, `pg_replication_slots` before.
+async fn read_slot(
+    conn: &mut PgConnection,
+    opts: &StreamOptions,
+    major: u32,
+) -> Result<Option<(Option<Lsn>, Option<String>)>> {
+    if major >= 15 {
+        let row = query_row(conn, &format!("READ_REPLICATION_SLOT {}", opts.slot)).await?;
+        let pos = ReplicationSlotPosition::from_row(&refs(&row))?;
+        if let Some(p) = &pos {
+            if p.slot_type != "physical" {
+                return Err(Fatal(format!(
+                    "slot {} is a {} slot; a physical slot is needed",
+                    opts.slot, p.slot_type
+                ))
+                .into());
+            }
+        }
+        // wal_status is only in the view; ask for it separately so a lost slot is reported.
+        let status = slot_status_sql(opts)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|(_, s)| s);
+        return Ok(pos.map(|p| (p.restart_lsn, status)));
+    }
+    slot_status_sql(opts).await
+}
+
+async fn slot_status_sql(opts: &StreamOptions) -> Result<Option<(Option<Lsn>, Option<String>)>> {
+    let mut sql =
+        PgConnection::connect(&opts.source, ConnectMode::Sql, &opts.application_name).await?;
+    let q = format!("SELECT slot_type, restart_lsn::text, wal_status FROM pg_replication_slots WHERE slot_name = '{}'", opts.slot);
+    let results = sql.simple_query(&q).await?;
+    sql.close().await;
+    let Some(row) = results
+        .into_iter()
+        .find(|r| !r.columns.is_empty())
+        .and_then(|r| r.rows.into_iter().next())
+    else {
+        return Ok(None);
+    };
+    let text = |i: usize| {
+        row.get(i)
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    if text(0).as_deref() != Some("physical") {
+        return Err(Fatal(format!("slot {} is not a physical slot", opts.slot)).into());
+    }
+    let lsn = text(1).map(|t| Lsn::parse(&t)).transpose()?;
+    Ok(Some((lsn, text(2))))
+}
+
+async fn stream_once(opts: &StreamOptions) -> Result<Ended> {
+    let mut conn =
+        PgConnection::connect(&opts.source, ConnectMode::Physical, &opts.application_name).await?;
+    let major = conn.server_major()?;
+    let row = query_row(&mut conn, "IDENTIFY_SYSTEM").await?;
+    let ident = IdentifySystem::from_row(&refs(&row))?;
+
+    let mut marker = RepoMarker::new(RepoKind::Postgres);
+    marker.system_identifier = Some(ident.system_id.to_string());
+    let existing = opts
+        .repo
+        .init_marker(&marker)
+        .await
+        .context("reading the repository marker")?;
+    let m = existing.marker();
+    if m.kind != RepoKind::Postgres {
+        return Err(Fatal(format!(
+            "repository {} holds a {:?} backup, not PostgreSQL",
+            opts.repo.url(),
+            m.kind
+        ))
+        .into());
+    }
+    if let Some(sys) = &m.system_identifier {
+        if *sys != ident.system_id.to_string() {
+            return Err(Fatal(format!(
+                "repository {} belongs to PostgreSQL system {sys}, but {} is system {}: refusing to mix clusters (use another repository)",
+                opts.repo.url(),
+                conn.endpoint(),
+                ident.system_id
+            ))
+            .into());
+        }
+    }
+
+    let seg_text = conn
+        .simple_query("SHOW wal_segment_size")
+        .await?
+        .first()
+        .context("SHOW wal_segment_size returned nothing")?
+        .single_text()?;
+    let size = WalSegmentSize::from_setting(&seg_text)?;
+
+    // Timeline history: archive every history file the server has, and know our lineage.
+    let mut history = TimelineHistory::default();
+    for t in 2..=ident.timeline.get() {
+        let tli = TimelineId::new(t)?;
+        match query_row(&mut conn, &format!("TIMELINE_HISTORY {t}")).await {
+            Ok(row) => {
+                let file = TimelineHistoryFile::from_row(&refs(&row), tli)?;
+                if tli == ident.timeline {
+                    history = TimelineHistory::parse(&file.content)?;
+                }
+                put_immutable(
+                    &opts.repo,
+                    &history_key(tli)?,
+                    ContentKind::TimelineHistory,
+                    file.content,
+                )
+                .await?;
+            }
+            Err(e) if t < ident.timeline.get() => {
+                tracing::debug!("history of timeline {t} not on the server: {e:#}")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+
+    // The slot: create it if missing, then read where it stands.
+    let mut slot = read_slot(&mut conn, opts, major).await?;
+    if slot.is_none() {
+        let row = query_row(&mut conn, &commands::create_physical_slot(&opts.slot)).await?;
+        let created = CreatedSlot::from_row(&refs(&row))?;
+        tracing::info!(slot = %created.slot_name, at = ?created.consistent_point.map(|l| l.to_string()), "created physical replication slot");
+        slot = read_slot(&mut conn, opts, major).await?;
+    }
+    let (restart_lsn, wal_status) =
+        slot.with_context(|| format!("slot {} vanished right after creation", opts.slot))?;
+    if wal_status.as_deref() == Some("lost") {
+        return Err(Fatal(format!(
+            "replication slot {} was invalidated (wal_status = lost, max_slot_wal_keep_size exceeded): the server removed WAL the repository does not have. \
+             Drop the slot, let the agent recreate it, and take a new base backup",
+            opts.slot
+        ))
+        .into());
+    }
+    let restart_lsn = restart_lsn.unwrap_or(ident.xlogpos);
+    let start = size.segment_start(restart_lsn);
+    let tli = history.timeline_at(start, ident.timeline);
+
+    // What the repository has, and whether anything is missing before where we start.
+    let repo_wal = RepoWal::load(&opts.repo, size).await?;
+    if let Some(end) = repo_wal.durable_end(tli, size) {
+        if end < start {
+            tracing::error!(
+                "WAL from {end} to {start} is missing from the repository and no longer reserved by slot {}: \
+                 point-in-time recovery across that range is impossible; take a new base backup",
+                opts.slot
+            );
+        }
+    }
+    let gaps = repo_wal.gaps(tli);
+    if !gaps.is_empty() {
+        let first = SegmentName::new(tli, gaps[0], size)?;
+        let last = SegmentName::new(tli, gaps[gaps.len() - 1], size)?;
+        tracing::warn!(
+            missing = gaps.len(),
+            "repository has gaps on timeline {tli}: {first} .. {last}"
+        );
+    }
+
+    tracing::info!(server = %conn.endpoint(), system = ident.system_id, timeline = %tli, %start, segment_size = %size, slot = %opts.slot, "starting replication");
+    conn.start_copy_both(&commands::start_replication(Some(&opts.slot), start, tli))
+        .await?;
+
+    let mut stale: BTreeMap<u64, Vec<RepoKey>> = BTreeMap::new();
+    for ((t, n), v) in &repo_wal.partials {
+        if *t == tli.get() && *n >= size.segment_of(start) {
+            stale.insert(*n, v.iter().map(|(_, k)| k.clone()).collect());
+        }
+    }
+    let mut s = Streamer::new(opts, size, tli, start, stale);
+    let ended = s.run(&mut conn).await?;
+    if let Ended::TimelineSwitch(_) = ended {
+        conn.close().await;
+    }
+    Ok(ended)
+}
+
+struct Streamer<'a> {
+    opts: &'a StreamOptions,
+    size: WalSegmentSize,
+    tli: TimelineId,
+    splitter: SegmentSplitter,
+    open: Option<OpenSegment>,
+    stale: BTreeMap<u64, Vec<RepoKey>>,
+    uploads: FuturesOrdered<UploadFuture>,
+    partials_in_flight: usize,
+    /// Completion of the most recently queued upload: the next one waits for it before
+    /// deleting anything, so a delete never races a put of the same key.
+    last_done: Option<oneshot::Receiver<()>>,
+    received: Lsn,
+    flushed: Lsn,
+    reported_flush: Lsn,
+    server_end: Lsn,
+    last_status: Instant,
+    last_progress: Instant,
+    last_stall_warning: Instant,
+}
+
+impl<'a> Streamer<'a> {
+    fn new(
+        opts: &'a StreamOptions,
+        size: WalSegmentSize,
+        tli: TimelineId,
+        start: Lsn,
+        stale: BTreeMap<u64, Vec<RepoKey>>,
+    ) -> Streamer<'a> {
+        let now = Instant::now();
+        Streamer {
+            opts,
+            size,
+            tli,
+            splitter: SegmentSplitter::starting_at(size, start),
+            open: None,
+            stale,
+            uploads: FuturesOrdered::new(),
+            partials_in_flight: 0,
+            last_done: None,
+            received: start,
+            flushed: start,
+            reported_flush: Lsn::INVALID,
+            server_end: start,
+            last_status: now,
+            last_progress: now,
+            last_stall_warning: now,
+        }
+    }
+
+    async fn run(&mut self, conn: &mut PgConnection) -> Result<Ended> {
+        let mut ship_tick = tokio::time::interval(self.opts.max_lag);
+        ship_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut status_tick =
+            tokio::time::interval(Duration::from_millis(500).min(self.opts.status_interval));
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            let can_read = self.uploads.len() < self.opts.max_inflight;
+            tokio::select! {
+                msg = conn.recv_copy(), if can_read => {
+                    match msg? {
+                        CopyMessage::Data(payload) => self.on_message(conn, payload).await?,
+                        CopyMessage::Done => return self.end_of_timeline(conn).await,
+                    }
+                }
+                Some(done) = self.uploads.next(), if !self.uploads.is_empty() => {
+                    let done = done?;
+                    if done.partial {
+                        self.partials_in_flight -= 1;
+                    }
+                    if done.end > self.flushed {
+                        self.flushed = done.end;
+                        self.last_progress = Instant::now();
+                    }
+                    // Report durable progress at once: the slot may advance and synchronous
+                    // commits waiting for this WAL are released.
+                    self.send_status(conn, false).await?;
+                    if self.opts.synchronous {
+                        self.ship_partial()?;
+                    }
+                }
+                _ = ship_tick.tick() => self.ship_partial()?,
+                _ = status_tick.tick() => {
+                    if self.last_status.elapsed() >= self.opts.status_interval {
+                        self.send_status(conn, false).await?;
+                    }
+                    self.warn_if_stalled();
+                }
+                _ = &mut shutdown => {
+                    tracing::info!("stopping: storing what was received");
+                    self.ship_partial()?;
+                    self.drain(conn).await?;
+                    let _ = conn.send_copy_done().await;
+                    return Ok(Ended::Shutdown);
+                }
+            }
+        }
+    }
+
+    fn warn_if_stalled(&mut self) {
+        if !self.uploads.is_empty()
+            && self.last_progress.elapsed() >= Duration::from_secs(30)
+            && self.last_stall_warning.elapsed() >= Duration::from_secs(30)
+        {
+            self.last_stall_warning = Instant::now();
+            let retained = self.server_end.bytes_since(self.flushed).unwrap_or(0);
+            tracing::warn!(
+                durable = %self.flushed,
+                server_end = %self.server_end,
+                retained_bytes = retained,
+                "the repository has not confirmed a write for {}s; the stream is stalled and the slot retains {retained} bytes of WAL on the server",
+                self.last_progress.elapsed().as_secs()
+            );
+        }
+    }
+
+    async fn on_message(&mut self, conn: &mut PgConnection, payload: Bytes) -> Result<()> {
+        match ReplicationMessage::parse(payload)? {
+            ReplicationMessage::XLogData(x) => {
+                self.server_end = self.server_end.max(x.server_end);
+                for slice in self.splitter.push(x.start, x.data)? {
+                    self.append(
+                        slice.segno,
+                        slice.offset,
+                        &slice.data,
+                        slice.completes_segment,
+                    )?;
+                }
+                self.received = self.splitter.next_lsn().unwrap_or(self.received);
+                if self.opts.synchronous {
+                    self.ship_partial()?;
+                }
+            }
+            ReplicationMessage::PrimaryKeepalive(k) => {
+                self.server_end = self.server_end.max(k.server_end);
+                if k.reply_requested {
+                    self.send_status(conn, false).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, segno: u64, offset: u64, data: &[u8], completes: bool) -> Result<()> {
+        let open = match &mut self.open {
+            Some(o) if o.name.segno() == segno => o,
+            _ => {
+                if offset != 0 {
+                    bail!(
+                        "WAL for segment {segno:X} starts at offset {offset}, not at its beginning"
+                    );
+                }
+                let name = SegmentName::new(self.tli, segno, self.size)?;
+                self.open = Some(OpenSegment {
+                    name,
+                    data: BytesMut::with_capacity(self.size.bytes() as usize),
+                    shipped: 0,
+                    stale_partials: self.stale.remove(&segno).unwrap_or_default(),
+                });
+                self.open.as_mut().context("segment just opened")?
+            }
+        };
+        if open.data.len() as u64 != offset {
+            bail!(
+                "internal: segment {} has {} bytes, data arrived for offset {offset}",
+                open.name,
+                open.data.len()
+            );
+        }
+        open.data.extend_from_slice(data);
+        if completes {
+            if let Some(o) = self.open.take() {
+                self.queue_segment(o)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn chain(&mut self) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+        let (tx, rx) = oneshot::channel();
+        (self.last_done.replace(rx), tx)
+    }
+
+    fn queue_segment(&mut self, seg: OpenSegment) -> Result<()> {
+        let key = segment_key(seg.name)?;
+        let end = seg.name.end_lsn();
+        let repo = self.opts.repo.clone();
+        let data = seg.data.freeze();
+        let cleanup = seg.stale_partials;
+        let (prev, done) = self.chain();
+        self.uploads.push_back(Box::pin(async move {
+            retrying(&key, || {
+                put_immutable(&repo, &key, ContentKind::WalSegment, data.clone())
+            })
+            .await?;
+            if let Some(p) = prev {
+                let _ = p.await;
+            }
+            for k in cleanup {
+                if let Err(e) = repo.delete(&k).await {
+                    tracing::warn!(key = %k, "could not remove superseded partial: {e}");
+                }
+            }
+            let _ = done.send(());
+            tracing::debug!(%key, "segment stored");
+            Ok(Uploaded {
+                end,
+                partial: false,
+            })
+        }));
+        Ok(())
+    }
+
+    /// Stores the open segment's bytes so far as a partial object (zero-padded to the full
+    /// segment size, like `pg_receivewal`'s `.partial` files), if anything new arrived and
+    /// no partial is already in flight.
+    fn ship_partial(&mut self) -> Result<()> {
+        if self.partials_in_flight > 0 {
+            return Ok(());
+        }
+        let Some(open) = self.open.as_mut() else {
+            return Ok(());
+        };
+        if open.data.len() <= open.shipped {
+            return Ok(());
+        }
+        let end_offset = open.data.len();
+        open.shipped = end_offset;
+        let key = partial_key(
+            open.name,
+            u32::try_from(end_offset).context("segment offset beyond 4 GiB")?,
+        )?;
+        let end = Lsn(open.name.start_lsn().0 + end_offset as u64);
+        let mut padded = BytesMut::with_capacity(self.size.bytes() as usize);
+        padded.extend_from_slice(&open.data);
+        padded.resize(self.size.bytes() as usize, 0);
+        let data = padded.freeze();
+        let cleanup = std::mem::replace(&mut open.stale_partials, vec![key.clone()]);
+        let repo = self.opts.repo.clone();
+        let (prev, done) = self.chain();
+        self.partials_in_flight += 1;
+        self.uploads.push_back(Box::pin(async move {
+            retrying(&key, || async {
+                repo.put(
+                    &key,
+                    ContentKind::WalPartial,
+                    data.clone(),
+                    PutMode::Overwrite,
+                )
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::new)
+            })
+            .await?;
+            if let Some(p) = prev {
+                let _ = p.await;
+            }
+            for k in cleanup.into_iter().filter(|k| *k != key) {
+                if let Err(e) = repo.delete(&k).await {
+                    tracing::warn!(key = %k, "could not remove superseded partial: {e}");
+                }
+            }
+            let _ = done.send(());
+            Ok(Uploaded { end, partial: true })
+        }));
+        Ok(())
+    }
+
+    async fn send_status(&mut self, conn: &mut PgConnection, reply: bool) -> Result<()> {
+        let update = StandbyStatusUpdate {
+            write: self.received,
+            flush: self.flushed,
+            apply: Lsn::INVALID,
+            client_time: PgTimestamp::now(),
+            reply_requested: reply,
+        };
+        let mut buf = BytesMut::with_capacity(StandbyStatusUpdate::LEN);
+        update.encode(&mut buf);
+        conn.send_copy_data(&buf).await?;
+        self.last_status = Instant::now();
+        if self.flushed != self.reported_flush {
+            tracing::debug!(write = %self.received, flush = %self.flushed, "status update");
+            self.reported_flush = self.flushed;
+        }
+        Ok(())
+    }
+
+    /// Waits for every queued upload, reporting progress.
+    async fn drain(&mut self, conn: &mut PgConnection) -> Result<()> {
+        while let Some(done) = self.uploads.next().await {
+            let done = done?;
+            if done.partial {
+                self.partials_in_flight -= 1;
+            }
+            self.flushed = self.flushed.max(done.end);
+        }
+        self.send_status(conn, false).await
+    }
+
+    async fn end_of_timeline(&mut self, conn: &mut PgConnection) -> Result<Ended> {
+        self.ship_partial()?;
+        self.drain(conn).await?;
+        conn.send_copy_done().await?;
+        let results = conn.collect_results().await?;
+        let row = results
+            .iter()
+            .find(|r| r.columns.len() == 2)
+            .and_then(|r| r.row(0))
+            .context("the server ended streaming without saying where the next timeline starts")?;
+        let end = EndOfTimeline::from_row(&row)?;
+        tracing::info!(old = %self.tli, new = %end.next_tli, at = %end.next_tli_startpos, "end of timeline");
+        Ok(Ended::TimelineSwitch(end))
+    }
+}
+
+/// Retries an upload on retryable storage errors forever (the stream stalls meanwhile and
+/// the caller warns); other errors end the stream.
+async fn retrying<F, Fut>(key: &RepoKey, mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let mut delay = Duration::from_millis(500);
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        match f().await {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e.chain().any(|c| {
+                    c.downcast_ref::<storage::StorageError>()
+                        .is_some_and(|s| s.is_retryable())
+                }) =>
+            {
+                if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    tracing::warn!(%key, "repository write failed, retrying: {e:#}");
+                    last_warn = Some(Instant::now());
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
