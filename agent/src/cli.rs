@@ -19,6 +19,8 @@ enum Command {
     Version,
     /// PostgreSQL: stream WAL into a repository, fetch WAL for restore_command, check a source.
     Postgres(crate::pg::cli::PostgresArgs),
+    /// Redis/Valkey: snapshots as a replica, RDB checks.
+    Redis(crate::redis::cli::RedisArgs),
 }
 
 /// Runs the parsed command line.
@@ -29,5 +31,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Postgres(args) => crate::pg::cli::run(args),
+        Command::Redis(args) => crate::redis::cli::run(args),
     }
 }

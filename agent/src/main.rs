@@ -7,6 +7,7 @@ use clap::Parser;
 
 mod cli;
 mod pg;
+mod redis;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

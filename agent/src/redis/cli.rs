@@ -1,0 +1,252 @@
+//! `syncbridge-agent redis …`: the Redis/Valkey sub-commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use storage::{RepoOptions, Repository};
+use tokio::io::AsyncReadExt;
+use wire::redis::handshake::PsyncReply;
+use wire::redis::rdb::RdbValidator;
+
+use super::link::MasterLink;
+use super::snapshot;
+use super::source::{redact, RedisSource};
+
+/// Redis/Valkey: snapshots and command streams captured as a replica.
+#[derive(Debug, Args)]
+pub struct RedisArgs {
+    #[command(subcommand)]
+    command: RedisCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum RedisCommand {
+    /// Take one snapshot now and exit: attach as a replica, receive the RDB (diskless when
+    /// the master allows it, so nothing touches the master's disk), validate it while it
+    /// uploads, record it as a new generation. The agent's Redis user needs the ACL
+    /// `+psync +replconf +sync +ping`.
+    Snapshot(SnapshotArgs),
+    /// Attach as a replica and keep the repository current: a snapshot generation, then
+    /// every write command in chunks stored at least every --max-lag. Restarted, it resumes
+    /// with PSYNC from the last stored chunk (no new snapshot while the master's backlog
+    /// covers the gap). Stops cleanly, storing what it read, on SIGINT/SIGTERM.
+    Stream(StreamArgs),
+    /// Check an RDB file (`dump.rdb`, a `.base.rdb`): format, checksum, every value's
+    /// encoding; prints keys per database and per type. Exit status 1 if it is damaged.
+    VerifyRdb(VerifyRdbArgs),
+}
+
+/// Where to connect.
+#[derive(Debug, Args, Clone)]
+pub struct SourceArgs {
+    /// The master: redis://[user[:password]@]host[:port]. The password may instead come
+    /// from SYNCBRIDGE_REDIS_PASSWORD or REDISCLI_AUTH.
+    #[arg(long, env = "SYNCBRIDGE_REDIS_SOURCE", default_value = "")]
+    pub source: String,
+}
+
+/// Where to store.
+#[derive(Debug, Args, Clone)]
+pub struct RepoArgs {
+    /// The repository: file:///path, s3://bucket/prefix, ...
+    #[arg(long, env = "SYNCBRIDGE_REPO")]
+    pub repo: String,
+}
+
+#[derive(Debug, Args)]
+struct SnapshotArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    repo: RepoArgs,
+}
+
+#[derive(Debug, Args)]
+struct StreamArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Longest time read commands wait before they are stored (e.g. 1s, 500ms, 2m).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    max_lag: Duration,
+}
+
+/// Parses `500ms`, `1s`, `2m`, `1h`.
+fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 1s, 2m or 1h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    if d.is_zero() {
+        return Err("the duration must be positive".into());
+    }
+    Ok(d)
+}
+
+#[derive(Debug, Args)]
+struct VerifyRdbArgs {
+    /// The RDB file.
+    file: PathBuf,
+}
+
+/// Runs a `redis` sub-command.
+pub fn run(args: RedisArgs) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        match args.command {
+            RedisCommand::Snapshot(a) => snapshot_now(a).await,
+            RedisCommand::Stream(a) => stream(a).await,
+            RedisCommand::VerifyRdb(a) => verify_rdb(a).await,
+        }
+    })
+}
+
+fn open_repo(url: &str) -> Result<Repository> {
+    Repository::open(url, RepoOptions::default())
+        .with_context(|| format!("opening the repository {}", redact(url)))
+}
+
+async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
+    let source = RedisSource::parse(&args.source.source).context("reading --source")?;
+    let repo = open_repo(&args.repo.repo)?;
+    let mut link = MasterLink::connect(&source).await?;
+    let (replid, offset) = match link.psync(None).await? {
+        PsyncReply::FullResync { replid, offset } => (replid, offset),
+        PsyncReply::Continue { .. } => bail!(
+            "the master at {} answered PSYNC ? -1 with +CONTINUE",
+            source.endpoint()
+        ),
+    };
+    snapshot::ensure_redis_repo(&repo, &replid).await?;
+    let captured = snapshot::capture(&repo, &mut link, &replid, offset).await?;
+    let m = &captured.manifest;
+    let secs = captured.elapsed.as_secs_f64();
+    println!("generation:   {}", m.generation);
+    println!(
+        "source:       {} ({})",
+        m.source,
+        m.snapshot
+            .server_version
+            .as_deref()
+            .unwrap_or("unknown version")
+    );
+    println!("replication:  {} offset {}", m.replid, m.snapshot_offset);
+    println!(
+        "snapshot:     {} ({}, {} bytes, {} stored, sha256 {})",
+        m.snapshot.key,
+        m.snapshot.rdb_format,
+        m.snapshot.size,
+        captured.object.stored_len,
+        m.snapshot.sha256
+    );
+    println!(
+        "transfer:     {} in {:.2}s ({:.1} MiB/s)",
+        if m.snapshot.diskless {
+            "diskless"
+        } else {
+            "disk-based"
+        },
+        secs,
+        m.snapshot.size as f64 / 1048576.0 / secs.max(1e-9)
+    );
+    print_keys(&captured.report);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stream(args: StreamArgs) -> Result<ExitCode> {
+    let source = RedisSource::parse(&args.source.source).context("reading --source")?;
+    let repo = open_repo(&args.repo.repo)?;
+    let opts = super::stream::StreamOptions {
+        max_lag: args.max_lag,
+        ..Default::default()
+    };
+    let stop = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping: storing what was read");
+    };
+    super::stream::run(&repo, &source, &opts, stop).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_keys(report: &wire::redis::rdb::RdbReport) {
+    for (db, n) in &report.keys_per_db {
+        let expires = report.expires_per_db.get(db).copied().unwrap_or(0);
+        println!("db{db}:          keys={n} expires={expires}");
+    }
+    let kinds: Vec<String> = report
+        .keys_per_kind
+        .iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    println!("types:        {}", kinds.join(" "));
+}
+
+async fn verify_rdb(args: VerifyRdbArgs) -> Result<ExitCode> {
+    let mut file = tokio::fs::File::open(&args.file)
+        .await
+        .with_context(|| format!("opening {}", args.file.display()))?;
+    let mut validator = RdbValidator::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .await
+            .with_context(|| format!("reading {}", args.file.display()))?;
+        if n == 0 {
+            break;
+        }
+        if let Err(e) = validator.feed(&buf[..n]) {
+            eprintln!("{}: {e}", args.file.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    match validator.finish() {
+        Ok(report) => {
+            println!(
+                "{}: OK, {} ({} bytes)",
+                args.file.display(),
+                report.format,
+                report.size
+            );
+            match report.checksum {
+                Some(c) => println!("checksum:     {c:#018x} (matches)"),
+                None => println!("checksum:     none (written with rdbchecksum no)"),
+            }
+            print_keys(&report);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", args.file.display());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

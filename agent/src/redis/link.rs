@@ -1,0 +1,282 @@
+//! The agent's connection to a master, as a replica (Redis `src/replication.c`,
+//! `syncWithMaster` is the replica side of the same conversation).
+//!
+//! Handshake: `AUTH`, `REPLCONF listening-port`, `REPLCONF capa eof capa psync2` (so the
+//! master may send diskless payloads and `+CONTINUE <new id>`), `REPLCONF version` (Valkey
+//! only: without it a Valkey 9 master sends an RDB 11 payload, in which hash field TTLs
+//! cannot be represented; Redis answers "Unrecognized REPLCONF option", which is ignored),
+//! then `PSYNC ? -1` or `PSYNC <replid> <offset+1>`.
+//!
+//! ACL the agent's user needs: `+psync +replconf +sync +ping` (e.g.
+//! `ACL SETUSER backup on >secret +psync +replconf +sync +ping`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use wire::redis::command::{CommandDecoder, ReplicatedCommand};
+use wire::redis::handshake::{decode_psync_reply, PsyncReply};
+use wire::redis::resp::{decode_reply, encode_command, Reply};
+use wire::redis::transfer::{RdbTransferDecoder, TransferEvent};
+use wire::redis::ReplicationOffset;
+
+use super::source::RedisSource;
+
+/// The Valkey version the agent announces: the newest whose RDB format (VALKEY080) the
+/// validator knows, so a newer master still sends something the agent can check.
+pub const ANNOUNCED_VALKEY_VERSION: &str = "9.0.0";
+
+/// How long to wait for the master to accept a connection or answer a handshake step.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Silence after which the master is considered gone. Masters PING replicas every
+/// `repl-ping-replica-period` (10 s) and send `\n` while preparing a snapshot.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 256 << 10;
+
+/// The write half, shared with the task that sends `REPLCONF ACK`.
+#[derive(Clone)]
+pub struct AckSender {
+    writer: Arc<Mutex<OwnedWriteHalf>>,
+}
+
+impl AckSender {
+    /// Sends `REPLCONF ACK <offset>`.
+    pub async fn ack(&self, offset: ReplicationOffset) -> Result<()> {
+        let mut buf = BytesMut::new();
+        encode_command(
+            &mut buf,
+            &[b"REPLCONF", b"ACK", offset.to_string().as_bytes()],
+        );
+        let mut w = self.writer.lock().await;
+        w.write_all(&buf)
+            .await
+            .context("sending REPLCONF ACK to the master")?;
+        Ok(())
+    }
+}
+
+/// A replica connection to one master.
+pub struct MasterLink {
+    reader: OwnedReadHalf,
+    writer: AckSender,
+    buf: BytesMut,
+    endpoint: String,
+    /// Bytes read from the socket in total (for throughput reports).
+    pub bytes_read: u64,
+}
+
+impl MasterLink {
+    /// Connects and runs the handshake up to (not including) `PSYNC`.
+    pub async fn connect(source: &RedisSource) -> Result<MasterLink> {
+        if source.tls {
+            bail!("rediss:// (TLS) sources are not supported yet; use redis:// or a TLS tunnel (stunnel)");
+        }
+        let endpoint = source.endpoint();
+        let stream = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            TcpStream::connect((source.host.as_str(), source.port)),
+        )
+        .await
+        .map_err(|_| anyhow!("connecting to Redis at {endpoint}: timed out"))?
+        .with_context(|| format!("connecting to Redis at {endpoint}"))?;
+        stream.set_nodelay(true).ok();
+        let (reader, writer) = stream.into_split();
+        let mut link = MasterLink {
+            reader,
+            writer: AckSender {
+                writer: Arc::new(Mutex::new(writer)),
+            },
+            buf: BytesMut::with_capacity(READ_SIZE),
+            endpoint,
+            bytes_read: 0,
+        };
+        link.handshake(source).await?;
+        Ok(link)
+    }
+
+    /// `host:port` of the master.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// A handle that sends `REPLCONF ACK` from another task.
+    pub fn ack_sender(&self) -> AckSender {
+        self.writer.clone()
+    }
+
+    async fn send(&self, args: &[&[u8]]) -> Result<()> {
+        let mut buf = BytesMut::new();
+        encode_command(&mut buf, args);
+        let mut w = self.writer.writer.lock().await;
+        w.write_all(&buf)
+            .await
+            .with_context(|| format!("writing to the master at {}", self.endpoint))
+    }
+
+    /// Reads more bytes into the buffer; a closed connection or silence is an error.
+    async fn fill(&mut self) -> Result<()> {
+        self.buf.reserve(READ_SIZE);
+        let n = tokio::time::timeout(READ_TIMEOUT, self.reader.read_buf(&mut self.buf))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "the master at {} sent nothing for {}s",
+                    self.endpoint,
+                    READ_TIMEOUT.as_secs()
+                )
+            })?
+            .with_context(|| format!("reading from the master at {}", self.endpoint))?;
+        if n == 0 {
+            bail!("the master at {} closed the connection", self.endpoint);
+        }
+        self.bytes_read += n as u64;
+        Ok(())
+    }
+
+    async fn request(&mut self, args: &[&[u8]]) -> Result<Reply> {
+        self.send(args).await?;
+        let fut = async {
+            loop {
+                if let Some(reply) = decode_reply(&mut self.buf)? {
+                    return Ok::<Reply, anyhow::Error>(reply);
+                }
+                self.fill().await?;
+            }
+        };
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "the master at {} did not answer {} within {}s",
+                    self.endpoint,
+                    String::from_utf8_lossy(args[0]),
+                    HANDSHAKE_TIMEOUT.as_secs()
+                )
+            })?
+    }
+
+    async fn handshake(&mut self, source: &RedisSource) -> Result<()> {
+        if let Some(password) = &source.password {
+            let reply = match &source.username {
+                Some(user) => {
+                    self.request(&[b"AUTH", user.as_bytes(), password.as_bytes()])
+                        .await?
+                }
+                None => self.request(&[b"AUTH", password.as_bytes()]).await?,
+            };
+            if let Reply::Error(e) = reply {
+                bail!(
+                    "authentication as {} failed at {}: {e}",
+                    source.username.as_deref().unwrap_or("the default user"),
+                    self.endpoint
+                );
+            }
+        }
+        let steps: [&[&[u8]]; 2] = [
+            &[b"REPLCONF", b"listening-port", b"0"],
+            &[b"REPLCONF", b"capa", b"eof", b"capa", b"psync2"],
+        ];
+        for step in steps {
+            if let Reply::Error(e) = self.request(step).await? {
+                bail!(
+                    "the master at {} refused `{}`: {e} (the agent's user needs the ACL +psync +replconf +sync +ping)",
+                    self.endpoint,
+                    step.iter().map(|a| String::from_utf8_lossy(a)).collect::<Vec<_>>().join(" ")
+                );
+            }
+        }
+        match self
+            .request(&[b"REPLCONF", b"version", ANNOUNCED_VALKEY_VERSION.as_bytes()])
+            .await?
+        {
+            Reply::Error(e) if e.contains("Unrecognized REPLCONF option") => {
+                tracing::debug!("master does not take REPLCONF version (Redis): {e}");
+            }
+            Reply::Error(e) => bail!(
+                "the master at {} refused REPLCONF version: {e}",
+                self.endpoint
+            ),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Sends `PSYNC` (`? -1` for a new snapshot, or the id and the first offset wanted)
+    /// and reads the answer, skipping keep-alive newlines.
+    pub async fn psync(&mut self, resume: Option<(&str, ReplicationOffset)>) -> Result<PsyncReply> {
+        let (id, offset) = match resume {
+            Some((id, next)) => (id.to_owned(), next.to_string()),
+            None => ("?".to_owned(), "-1".to_owned()),
+        };
+        self.send(&[b"PSYNC", id.as_bytes(), offset.as_bytes()])
+            .await?;
+        loop {
+            match decode_psync_reply(&mut self.buf) {
+                Ok(Some(reply)) => return Ok(reply),
+                Ok(None) => self.fill().await?,
+                Err(e) => {
+                    return Err(
+                        anyhow!(e).context(format!("PSYNC {id} {offset} at {}", self.endpoint))
+                    )
+                }
+            }
+        }
+    }
+
+    /// The next step of a snapshot transfer (after `+FULLRESYNC`).
+    pub async fn next_transfer_event(
+        &mut self,
+        dec: &mut RdbTransferDecoder,
+    ) -> Result<TransferEvent> {
+        loop {
+            match dec.decode(&mut self.buf) {
+                Ok(Some(ev)) => return Ok(ev),
+                Ok(None) => self.fill().await?,
+                Err(e) => {
+                    return Err(
+                        anyhow!(e).context(format!("snapshot transfer from {}", self.endpoint))
+                    )
+                }
+            }
+        }
+    }
+
+    /// The next command of the replication stream.
+    pub async fn next_command(&mut self, dec: &mut CommandDecoder) -> Result<ReplicatedCommand> {
+        loop {
+            match dec.decode(&mut self.buf) {
+                Ok(Some(cmd)) => return Ok(cmd),
+                Ok(None) => self.fill().await?,
+                Err(e) => {
+                    return Err(
+                        anyhow!(e).context(format!("replication stream from {}", self.endpoint))
+                    )
+                }
+            }
+        }
+    }
+
+    /// Like [`next_command`](Self::next_command) but gives up after `wait` of silence,
+    /// so a caller can flush chunks on time while traffic is idle.
+    pub async fn next_command_within(
+        &mut self,
+        dec: &mut CommandDecoder,
+        wait: Duration,
+    ) -> Result<Option<ReplicatedCommand>> {
+        if let Some(cmd) = dec.decode(&mut self.buf).map_err(|e| anyhow!(e))? {
+            return Ok(Some(cmd));
+        }
+        match tokio::time::timeout(wait, self.next_command(dec)).await {
+            Ok(result) => result.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+}

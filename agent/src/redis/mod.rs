@@ -1,0 +1,18 @@
+//! Redis and Valkey: the agent attaches to a master as a replica, stores the RDB snapshot
+//! it sends and then every write command, so any moment can be restored.
+//!
+//! - [`source`] parses the `--source` URL.
+//! - [`link`] is the replica connection and handshake (the ACL it needs is documented there).
+//! - [`snapshot`] stores one validated snapshot generation.
+//! - [`manifest`] reads and writes `generation.json`.
+//! - [`chunk`] encodes command-stream chunk objects with their time index.
+//! - [`stream`] runs `redis stream`, resumable from the repository alone.
+//! - [`cli`] defines `syncbridge-agent redis …`.
+
+pub mod chunk;
+pub mod cli;
+pub mod link;
+pub mod manifest;
+pub mod snapshot;
+pub mod source;
+pub mod stream;

@@ -1,0 +1,333 @@
+//! `redis stream`: a snapshot generation, then the command stream as chunk objects, resumed
+//! with `PSYNC` from the last stored chunk after any restart.
+//!
+//! The durable point is the end of the last chunk stored with every earlier chunk stored
+//! too (uploads run concurrently but complete in order). On start the agent finds that
+//! point in the repository itself (newest generation, longest gap-free run of chunks from its
+//! snapshot offset; chunks past a gap are orphans of a crash and are deleted), so there is no
+//! local state to lose. `+CONTINUE <new id>` is adopted for later chunks; `+FULLRESYNC`
+//! starts a new generation.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::BytesMut;
+use futures::future::LocalBoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
+use storage::{layout, ContentKind, PutMode, Repository};
+use wire::redis::command::{CommandDecoder, CommandKind};
+use wire::redis::handshake::PsyncReply;
+use wire::redis::ReplicationOffset;
+
+use super::chunk::{self, ChunkHeader};
+use super::link::MasterLink;
+use super::manifest::GenerationManifest;
+use super::snapshot;
+use super::source::RedisSource;
+
+/// Knobs of `redis stream`.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// A chunk is stored at least this often while traffic flows.
+    pub max_lag: Duration,
+    /// A chunk is also cut at this size (at a command boundary outside MULTI/EXEC).
+    pub max_chunk_bytes: usize,
+    /// Chunk uploads in flight before reading waits for the oldest.
+    pub uploads_in_flight: usize,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        Self {
+            max_lag: Duration::from_secs(1),
+            max_chunk_bytes: 16 << 20,
+            uploads_in_flight: 4,
+        }
+    }
+}
+
+/// Where the repository says streaming continues.
+#[derive(Debug, Clone)]
+pub struct ResumePoint {
+    /// The generation being extended.
+    pub generation: layout::GenerationId,
+    /// Replication ID for `PSYNC`.
+    pub replid: String,
+    /// Durable offset.
+    pub offset: ReplicationOffset,
+    /// Database selected at that offset.
+    pub db: u32,
+}
+
+/// Chunks of a generation forming a gap-free run from its snapshot, in order.
+pub async fn chunk_chain(
+    repo: &Repository,
+    manifest: &GenerationManifest,
+) -> Result<(Vec<(u64, u64)>, Vec<layout::RepoKey>)> {
+    let id = layout::GenerationId::parse(&manifest.generation)?;
+    let mut ranges: Vec<(u64, u64, layout::RepoKey)> = repo
+        .list(&layout::redis_chunks_prefix(&id))
+        .await
+        .with_context(|| format!("listing chunks of generation {id}"))?
+        .into_iter()
+        .filter_map(|m| match layout::parse_redis_key(&m.key)? {
+            layout::RedisObject::Chunk { start, end, .. } => Some((start, end, m.key)),
+            _ => None,
+        })
+        .collect();
+    ranges.sort_by_key(|(s, e, _)| (*s, *e));
+    let mut chain = Vec::new();
+    let mut orphans = Vec::new();
+    let mut at = manifest.snapshot_offset;
+    for (s, e, key) in ranges {
+        if s == at && e > s {
+            chain.push((s, e));
+            at = e;
+        } else {
+            orphans.push(key);
+        }
+    }
+    Ok((chain, orphans))
+}
+
+/// Finds where to resume, deleting orphan chunks past a gap.
+pub async fn resume_point(repo: &Repository) -> Result<Option<ResumePoint>> {
+    let Some(manifest) = GenerationManifest::list(repo).await?.pop() else {
+        return Ok(None);
+    };
+    let id = layout::GenerationId::parse(&manifest.generation)?;
+    let (chain, orphans) = chunk_chain(repo, &manifest).await?;
+    for key in orphans {
+        tracing::warn!(%key, "deleting a chunk left behind a gap by an interrupted run");
+        repo.delete(&key)
+            .await
+            .with_context(|| format!("deleting orphan chunk {key}"))?;
+    }
+    let Some(&(start, end)) = chain.last() else {
+        return Ok(Some(ResumePoint {
+            generation: id,
+            replid: manifest.replid.clone(),
+            offset: ReplicationOffset(manifest.snapshot_offset),
+            db: manifest.db_at_snapshot,
+        }));
+    };
+    let key = layout::redis_chunk(&id, start, end);
+    let data = repo
+        .get(&key)
+        .await
+        .with_context(|| format!("reading {key}"))?;
+    let (header, _) = chunk::decode(key.as_str(), data)?;
+    Ok(Some(ResumePoint {
+        generation: id,
+        replid: header.replid,
+        offset: ReplicationOffset(end),
+        db: header.db_at_end,
+    }))
+}
+
+struct ChunkBuilder {
+    start: u64,
+    db_at_start: u32,
+    body: BytesMut,
+    commands: u64,
+    index: Vec<(u64, i64)>,
+    opened: Instant,
+}
+
+impl ChunkBuilder {
+    fn new(start: u64, db: u32) -> Self {
+        Self {
+            start,
+            db_at_start: db,
+            body: BytesMut::new(),
+            commands: 0,
+            index: Vec::new(),
+            opened: Instant::now(),
+        }
+    }
+}
+
+/// Streams until `stop` resolves (then stores what was read) or an error occurs.
+pub async fn run(
+    repo: &Repository,
+    source: &RedisSource,
+    opts: &StreamOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mut link = MasterLink::connect(source).await?;
+    let resume = resume_point(repo).await?;
+    let reply = link
+        .psync(
+            resume
+                .as_ref()
+                .map(|r| (r.replid.as_str(), r.offset.psync_start())),
+        )
+        .await?;
+    let (generation, replid, mut offset, mut db) = match (reply, resume) {
+        (PsyncReply::Continue { replid: new_id }, Some(r)) => {
+            let replid = new_id.unwrap_or(r.replid);
+            tracing::info!(generation = %r.generation, offset = %r.offset, %replid, "resumed with PSYNC, no new snapshot");
+            (r.generation, replid, r.offset, r.db)
+        }
+        (PsyncReply::Continue { .. }, None) => {
+            anyhow::bail!("the master answered PSYNC ? -1 with +CONTINUE")
+        }
+        (PsyncReply::FullResync { replid, offset }, resume) => {
+            if let Some(r) = resume {
+                tracing::info!(previous = %r.generation, "the master cannot continue from offset {}: new generation", r.offset);
+            }
+            snapshot::ensure_redis_repo(repo, &replid).await?;
+            let captured = snapshot::capture(repo, &mut link, &replid, offset).await?;
+            let id = layout::GenerationId::parse(&captured.manifest.generation)?;
+            tracing::info!(generation = %id, bytes = captured.object.original_len, "snapshot stored");
+            if captured.manifest.snapshot.diskless {
+                // After a diskless payload the master waits for an ACK before streaming.
+                link.ack_sender().ack(offset).await?;
+            }
+            (id, replid, offset, captured.manifest.db_at_snapshot)
+        }
+    };
+
+    let received = Arc::new(AtomicU64::new(offset.get()));
+    let acker = {
+        let ack = link.ack_sender();
+        let received = received.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Err(e) = ack
+                    .ack(ReplicationOffset(received.load(Ordering::Relaxed)))
+                    .await
+                {
+                    tracing::debug!("REPLCONF ACK failed: {e:#}");
+                    return;
+                }
+            }
+        })
+    };
+
+    let mut decoder = CommandDecoder::new();
+    let mut chunk = ChunkBuilder::new(offset.get(), db);
+    let mut in_multi = false;
+    let mut uploads: Uploads<'_> = FuturesOrdered::new();
+    let mut durable = offset;
+    tokio::pin!(stop);
+    let outcome: Result<()> = loop {
+        let wait = opts
+            .max_lag
+            .saturating_sub(chunk.opened.elapsed())
+            .max(Duration::from_millis(1));
+        // Uploads complete in order; the durable offset follows them.
+        while uploads.len() > opts.uploads_in_flight {
+            match uploads.next().await {
+                Some(Ok(end)) => durable = ReplicationOffset(end),
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
+        let next = tokio::select! {
+            biased;
+            () = &mut stop => break Ok(()),
+            Some(done) = uploads.next(), if !uploads.is_empty() => {
+                match done {
+                    Ok(end) => durable = ReplicationOffset(end),
+                    Err(e) => break Err(e),
+                }
+                continue;
+            }
+            next = link.next_command_within(&mut decoder, wait) => next,
+        };
+        let cmd = match next {
+            Ok(c) => c,
+            Err(e) => break Err(e),
+        };
+        if let Some(cmd) = cmd {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            offset = offset.advance(cmd.wire_len());
+            received.store(offset.get(), Ordering::Relaxed);
+            match cmd.kind() {
+                CommandKind::Multi => in_multi = true,
+                CommandKind::Exec => in_multi = false,
+                CommandKind::Select(n) => db = n,
+                CommandKind::ReplconfGetAck => {
+                    if let Err(e) = link.ack_sender().ack(offset).await {
+                        break Err(e);
+                    }
+                }
+                CommandKind::Ping | CommandKind::Replconf | CommandKind::Other => {}
+            }
+            chunk.body.extend_from_slice(&cmd.raw);
+            chunk.commands += 1;
+            if !in_multi {
+                match chunk.index.last_mut() {
+                    Some(last) if last.1 == now_ms => last.0 = offset.get(),
+                    _ => chunk.index.push((offset.get(), now_ms)),
+                }
+            }
+        }
+        let due =
+            chunk.opened.elapsed() >= opts.max_lag || chunk.body.len() >= opts.max_chunk_bytes;
+        if !chunk.body.is_empty() && !in_multi && due {
+            let full = std::mem::replace(&mut chunk, ChunkBuilder::new(offset.get(), db));
+            match upload(repo, &generation, &replid, full, offset.get(), db) {
+                Ok(fut) => uploads.push_back(fut),
+                Err(e) => break Err(e),
+            }
+        } else if chunk.body.is_empty() && due {
+            chunk.opened = Instant::now();
+        }
+    };
+    // Store what was read, then wait for every upload, so a clean stop loses nothing.
+    let mut finished = Ok(());
+    if !chunk.body.is_empty() {
+        match upload(repo, &generation, &replid, chunk, offset.get(), db) {
+            Ok(fut) => uploads.push_back(fut),
+            Err(e) => finished = Err(e),
+        }
+    }
+    while let Some(done) = uploads.next().await {
+        match done {
+            Ok(end) => durable = ReplicationOffset(end),
+            Err(e) => {
+                finished = Err(e);
+                break;
+            }
+        }
+    }
+    acker.abort();
+    tracing::info!(generation = %generation, durable = %durable, "stream stopped");
+    outcome.and(finished)
+}
+
+type Uploads<'a> = FuturesOrdered<LocalBoxFuture<'a, Result<u64>>>;
+
+/// The store of one chunk, resolving to its end offset.
+fn upload<'a>(
+    repo: &'a Repository,
+    generation: &layout::GenerationId,
+    replid: &str,
+    chunk: ChunkBuilder,
+    end: u64,
+    db_at_end: u32,
+) -> Result<LocalBoxFuture<'a, Result<u64>>> {
+    let header = ChunkHeader {
+        replid: replid.to_owned(),
+        start: chunk.start,
+        end,
+        db_at_start: chunk.db_at_start,
+        db_at_end,
+        commands: chunk.commands,
+        time_index: chunk.index,
+    };
+    let data = chunk::encode(&header, &chunk.body)?;
+    let key = layout::redis_chunk(generation, chunk.start, end);
+    Ok(Box::pin(async move {
+        repo.put(&key, ContentKind::RedisCommands, data, PutMode::CreateNew)
+            .await
+            .with_context(|| format!("storing {key}"))?;
+        Ok(end)
+    }))
+}
