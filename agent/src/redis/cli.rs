@@ -34,6 +34,13 @@ enum RedisCommand {
     /// with PSYNC from the last stored chunk (no new snapshot while the master's backlog
     /// covers the gap). Stops cleanly, storing what it read, on SIGINT/SIGTERM.
     Stream(StreamArgs),
+    /// Rebuild a server's files for a moment: the newest generation whose snapshot is at
+    /// or before --to-time, plus its commands up to that time (never splitting MULTI/EXEC).
+    /// Writes a multi-part AOF directory that `redis-server --appendonly yes` loads, or
+    /// dump.rdb (--format rdb, when the time falls at a snapshot), or one appendonly.aof
+    /// with an RDB preamble (--format aof-single). Refuses a time before the first
+    /// snapshot, past the latest restorable time, or across a gap in the chunks.
+    Restore(RestoreArgs),
     /// Check an RDB file (`dump.rdb`, a `.base.rdb`): format, checksum, every value's
     /// encoding; prints keys per database and per type. Exit status 1 if it is damaged.
     VerifyRdb(VerifyRdbArgs),
@@ -102,6 +109,26 @@ fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
 }
 
 #[derive(Debug, Args)]
+struct RestoreArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Directory to write (created; must be empty).
+    #[arg(long)]
+    target: PathBuf,
+    /// The moment to restore: RFC 3339 (2026-11-27T16:20:00.250Z) or @<unix ms>.
+    /// Default: the latest restorable time.
+    #[arg(long)]
+    to_time: Option<String>,
+    /// Output layout.
+    #[arg(long, value_enum, default_value = "aof")]
+    format: super::restore::RestoreFormat,
+    /// Start this redis-server/valkey-server on the result (free port, 127.0.0.1), wait for
+    /// it to load and print keys per database. It keeps running; stop it with SHUTDOWN.
+    #[arg(long)]
+    start: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 struct VerifyRdbArgs {
     /// The RDB file.
     file: PathBuf,
@@ -117,6 +144,7 @@ pub fn run(args: RedisArgs) -> Result<ExitCode> {
         match args.command {
             RedisCommand::Snapshot(a) => snapshot_now(a).await,
             RedisCommand::Stream(a) => stream(a).await,
+            RedisCommand::Restore(a) => restore(a).await,
             RedisCommand::VerifyRdb(a) => verify_rdb(a).await,
         }
     })
@@ -195,6 +223,103 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
     };
     super::stream::run(&repo, &source, &opts, stop).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn restore(args: RestoreArgs) -> Result<ExitCode> {
+    use super::restore::{describe_time, parse_time, start_hint};
+    let repo = open_repo(&args.repo.repo)?;
+    let to_time = args
+        .to_time
+        .as_deref()
+        .map(parse_time)
+        .transpose()
+        .context("reading --to-time")?;
+    let done = super::restore::restore(&repo, &args.target, to_time, args.format).await?;
+    println!("generation:   {}", done.generation);
+    println!(
+        "restored to:  {} (replication offset {})",
+        describe_time(done.time_ms),
+        done.offset
+    );
+    println!(
+        "snapshot:     {} with {} keys; {} commands replayed after it",
+        done.snapshot.format,
+        done.snapshot.total_keys(),
+        done.commands
+    );
+    for f in &done.files {
+        println!("wrote:        {}", args.target.join(f).display());
+    }
+    match &args.start {
+        None => println!(
+            "start it with: {}",
+            start_hint("redis-server", &args.target, args.format)
+        ),
+        Some(server) => start_server(server, &args.target, args.format).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn start_server(
+    server: &std::path::Path,
+    target: &std::path::Path,
+    format: super::restore::RestoreFormat,
+) -> Result<()> {
+    use super::restore::RestoreFormat;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port")?
+        .port();
+    let dir =
+        std::fs::canonicalize(target).with_context(|| format!("resolving {}", target.display()))?;
+    let mut cmd = tokio::process::Command::new(server);
+    cmd.arg("--port")
+        .arg(port.to_string())
+        .arg("--bind")
+        .arg("127.0.0.1")
+        .arg("--dir")
+        .arg(&dir);
+    cmd.args(["--daemonize", "yes", "--save", ""])
+        .arg("--logfile")
+        .arg(dir.join("server.log"));
+    cmd.arg("--pidfile").arg(dir.join("server.pid"));
+    match format {
+        RestoreFormat::Aof | RestoreFormat::AofSingle => cmd.args(["--appendonly", "yes"]),
+        RestoreFormat::Rdb => cmd.args(["--appendonly", "no", "--dbfilename", "dump.rdb"]),
+    };
+    let status = cmd
+        .status()
+        .await
+        .with_context(|| format!("starting {}", server.display()))?;
+    if !status.success() {
+        bail!(
+            "{} exited with {status}; see {}",
+            server.display(),
+            dir.join("server.log").display()
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    let info = loop {
+        if std::time::Instant::now() > deadline {
+            bail!("the server on port {port} did not finish loading in 10 minutes");
+        }
+        match super::admin::info(port).await {
+            Ok(text) if text.contains("loading:0") => break text,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let _ = info;
+    let keyspace = super::admin::command(port, &[b"INFO", b"keyspace"]).await?;
+    println!(
+        "server:       {} running on 127.0.0.1:{port} (pid file {})",
+        server.display(),
+        dir.join("server.pid").display()
+    );
+    for line in keyspace.lines().filter(|l| l.starts_with("db")) {
+        println!("{line}");
+    }
+    println!("stop it with: redis-cli -p {port} shutdown nosave");
+    Ok(())
 }
 
 fn print_keys(report: &wire::redis::rdb::RdbReport) {

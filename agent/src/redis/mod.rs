@@ -7,12 +7,16 @@
 //! - [`manifest`] reads and writes `generation.json`.
 //! - [`chunk`] encodes command-stream chunk objects with their time index.
 //! - [`stream`] runs `redis stream`, resumable from the repository alone.
+//! - [`restore`] rebuilds server files for a moment in time.
+//! - [`admin`] is a one-shot client for `INFO` on a restored server.
 //! - [`cli`] defines `syncbridge-agent redis …`.
 
+pub mod admin;
 pub mod chunk;
 pub mod cli;
 pub mod link;
 pub mod manifest;
+pub mod restore;
 pub mod snapshot;
 pub mod source;
 pub mod stream;

@@ -1,0 +1,297 @@
+//! `redis restore`: rebuild a server's files for a moment in time.
+//!
+//! Picks the newest generation whose snapshot was taken at or before T, then replays its
+//! chunks up to the last time-index point at or before T (never inside MULTI/EXEC). The
+//! default output is a Redis 7 multi-part AOF directory (`appendonlydir/`, see the comment
+//! at the top of Redis `src/aof.c`): the snapshot byte for byte as the base RDB, the
+//! commands as the incremental AOF starting with the `SELECT` in force at its first chunk,
+//! and the manifest. `redis-server --appendonly yes --dir DIR` loads it natively. `PING` and
+//! `REPLCONF` from the stream are left out.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use bytes::{Bytes, BytesMut};
+use storage::{layout, Repository};
+use tokio::io::AsyncWriteExt;
+use wire::redis::command::CommandDecoder;
+use wire::redis::rdb::{RdbReport, RdbValidator};
+use wire::redis::resp::encode_command;
+
+use super::chunk::{self, ChunkHeader};
+use super::manifest::GenerationManifest;
+use super::stream::chunk_chain;
+
+/// Output layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RestoreFormat {
+    /// `appendonlydir/` with base RDB, incremental AOF and manifest (Redis 7+, Valkey).
+    Aof,
+    /// `dump.rdb` only; T must fall at a snapshot (nothing to replay).
+    Rdb,
+    /// One `appendonly.aof` with an RDB preamble, for servers without multi-part AOF.
+    AofSingle,
+}
+
+/// What a restore did.
+#[derive(Debug)]
+pub struct Restored {
+    /// The generation used.
+    pub generation: String,
+    /// Replication offset the data ends at.
+    pub offset: u64,
+    /// Arrival time (Unix ms) of the last replayed command, or the snapshot time.
+    pub time_ms: i64,
+    /// Commands written to the AOF (without PING/REPLCONF).
+    pub commands: u64,
+    /// The snapshot's validation report.
+    pub snapshot: RdbReport,
+    /// Files written, relative to the target.
+    pub files: Vec<PathBuf>,
+}
+
+fn fmt_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Parses `--to-time`: RFC 3339 (`2026-11-27T16:20:00.250Z`) or `@<unix ms>`.
+pub fn parse_time(text: &str) -> Result<i64> {
+    if let Some(ms) = text.strip_prefix('@') {
+        return ms
+            .parse()
+            .with_context(|| format!("{text:?}: expected @<unix milliseconds>"));
+    }
+    let t = chrono::DateTime::parse_from_rfc3339(text).with_context(|| {
+        format!("{text:?} is not an RFC 3339 time like 2026-11-27T16:20:00Z (or @<unix ms>)")
+    })?;
+    Ok(t.timestamp_millis())
+}
+
+/// Restores into `target` (created; must be empty if it exists).
+pub async fn restore(
+    repo: &Repository,
+    target: &Path,
+    to_time: Option<i64>,
+    format: RestoreFormat,
+) -> Result<Restored> {
+    let manifests = GenerationManifest::list(repo).await?;
+    let Some(oldest) = manifests.first() else {
+        bail!("the repository {} holds no Redis generation", repo.url());
+    };
+    let manifest = match to_time {
+        Some(t) => manifests
+            .iter()
+            .rev()
+            .find(|m| m.snapshot_unix_ms <= t)
+            .with_context(|| {
+                format!(
+                    "no generation starts at or before {}: the oldest snapshot was taken at {}",
+                    fmt_ms(t),
+                    fmt_ms(oldest.snapshot_unix_ms)
+                )
+            })?,
+        None => manifests.last().context("no generation")?,
+    };
+    let id = layout::GenerationId::parse(&manifest.generation)?;
+    let (chain, orphans) = chunk_chain(repo, manifest).await?;
+    let mut chunks: Vec<(ChunkHeader, Bytes)> = Vec::with_capacity(chain.len());
+    for (start, end) in &chain {
+        let key = layout::redis_chunk(&id, *start, *end);
+        let data = repo
+            .get(&key)
+            .await
+            .with_context(|| format!("reading {key}"))?;
+        chunks.push(chunk::decode(key.as_str(), data)?);
+    }
+    let latest_ms = chunks
+        .iter()
+        .flat_map(|(h, _)| h.time_index.last())
+        .map(|(_, ms)| *ms)
+        .next_back()
+        .unwrap_or(manifest.snapshot_unix_ms);
+    let end_offset = chain.last().map_or(manifest.snapshot_offset, |(_, e)| *e);
+    let (cut, cut_ms) = match to_time {
+        None => (end_offset, latest_ms),
+        Some(t) if t > latest_ms => {
+            let gap = if orphans.is_empty() {
+                String::new()
+            } else {
+                format!(" (the chunks have a gap after offset {end_offset})")
+            };
+            bail!(
+                "{} is past the end of the backup{gap}: the latest restorable time is {}",
+                fmt_ms(t),
+                fmt_ms(latest_ms)
+            );
+        }
+        Some(t) => chunks
+            .iter()
+            .flat_map(|(h, _)| h.time_index.iter())
+            .take_while(|(_, ms)| *ms <= t)
+            .last()
+            .map_or(
+                (manifest.snapshot_offset, manifest.snapshot_unix_ms),
+                |(off, ms)| (*off, *ms),
+            ),
+    };
+
+    // Commands to replay, without the replication-only ones.
+    let mut aof = BytesMut::new();
+    let mut commands = 0u64;
+    if let Some((first, _)) = chunks.first() {
+        encode_command(
+            &mut aof,
+            &[b"SELECT", first.db_at_start.to_string().as_bytes()],
+        );
+    }
+    'chunks: for (header, body) in &chunks {
+        let mut offset = header.start;
+        let mut buf = BytesMut::from(&body[..]);
+        let mut dec = CommandDecoder::new();
+        while offset < cut {
+            let Some(cmd) = dec
+                .decode(&mut buf)
+                .with_context(|| format!("chunk {}-{} of {id}", header.start, header.end))?
+            else {
+                continue 'chunks;
+            };
+            offset += cmd.wire_len();
+            if offset > cut {
+                break 'chunks;
+            }
+            if !cmd.is_replication_only() {
+                aof.extend_from_slice(&cmd.raw);
+                commands += 1;
+            }
+        }
+        if offset >= cut {
+            break;
+        }
+    }
+
+    if format == RestoreFormat::Rdb && commands > 0 {
+        bail!(
+            "--format rdb needs a time at a snapshot, but {commands} commands follow generation {id}'s snapshot ({}) up to the chosen time; use --format aof",
+            fmt_ms(manifest.snapshot_unix_ms)
+        );
+    }
+
+    prepare_target(target).await?;
+    let snapshot_key = layout::redis_snapshot(&id);
+    let (rdb_path, incr_path): (PathBuf, Option<PathBuf>) = match format {
+        RestoreFormat::Aof => (
+            PathBuf::from("appendonlydir/appendonly.aof.1.base.rdb"),
+            Some(PathBuf::from("appendonlydir/appendonly.aof.1.incr.aof")),
+        ),
+        RestoreFormat::Rdb => (PathBuf::from("dump.rdb"), None),
+        RestoreFormat::AofSingle => (
+            PathBuf::from("appendonly.aof"),
+            Some(PathBuf::from("appendonly.aof")),
+        ),
+    };
+    if format == RestoreFormat::Aof {
+        tokio::fs::create_dir_all(target.join("appendonlydir"))
+            .await
+            .context("creating appendonlydir")?;
+    }
+    let mut file = tokio::fs::File::create(target.join(&rdb_path))
+        .await
+        .with_context(|| format!("creating {}", target.join(&rdb_path).display()))?;
+    let mut reader = repo
+        .reader(&snapshot_key)
+        .await
+        .with_context(|| format!("reading {snapshot_key}"))?;
+    let mut validator = RdbValidator::new();
+    while let Some(piece) = reader
+        .next_chunk()
+        .await
+        .with_context(|| format!("reading {snapshot_key}"))?
+    {
+        validator
+            .feed(&piece)
+            .with_context(|| format!("{snapshot_key} is not a valid RDB"))?;
+        file.write_all(&piece)
+            .await
+            .context("writing the snapshot")?;
+    }
+    let snapshot = validator
+        .finish()
+        .with_context(|| format!("{snapshot_key} is not a valid RDB"))?;
+    if format == RestoreFormat::AofSingle {
+        file.write_all(&aof)
+            .await
+            .context("writing appendonly.aof")?;
+    }
+    file.sync_all().await.context("syncing the snapshot file")?;
+    drop(file);
+    let mut files = vec![rdb_path];
+    if format == RestoreFormat::Aof {
+        let incr = incr_path.context("incr path")?;
+        write_file(&target.join(&incr), &aof).await?;
+        let manifest_text =
+            "file appendonly.aof.1.base.rdb seq 1 type b\nfile appendonly.aof.1.incr.aof seq 1 type i\n";
+        let m = PathBuf::from("appendonlydir/appendonly.aof.manifest");
+        write_file(&target.join(&m), manifest_text.as_bytes()).await?;
+        files.push(incr);
+        files.push(m);
+    }
+    Ok(Restored {
+        generation: manifest.generation.clone(),
+        offset: cut,
+        time_ms: cut_ms,
+        commands,
+        snapshot,
+        files,
+    })
+}
+
+async fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    let mut f = tokio::fs::File::create(path)
+        .await
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(data)
+        .await
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()
+        .await
+        .with_context(|| format!("syncing {}", path.display()))?;
+    Ok(())
+}
+
+async fn prepare_target(target: &Path) -> Result<()> {
+    match tokio::fs::read_dir(target).await {
+        Ok(mut entries) => {
+            if entries.next_entry().await?.is_some() {
+                bail!(
+                    "the target {} is not empty; restore into a new or empty directory",
+                    target.display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => tokio::fs::create_dir_all(target)
+            .await
+            .with_context(|| format!("creating {}", target.display())),
+        Err(e) => Err(e).with_context(|| format!("reading {}", target.display())),
+    }
+}
+
+/// The command that starts a server on the restored files.
+pub fn start_hint(server: &str, target: &Path, format: RestoreFormat) -> String {
+    match format {
+        RestoreFormat::Aof | RestoreFormat::AofSingle => {
+            format!("{server} --dir {} --appendonly yes", target.display())
+        }
+        RestoreFormat::Rdb => format!(
+            "{server} --dir {} --dbfilename dump.rdb --appendonly no",
+            target.display()
+        ),
+    }
+}
+
+/// For messages.
+pub fn describe_time(ms: i64) -> String {
+    fmt_ms(ms)
+}
