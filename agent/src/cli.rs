@@ -21,6 +21,11 @@ enum Command {
     Postgres(crate::pg::cli::PostgresArgs),
     /// Redis/Valkey: snapshots as a replica, RDB checks.
     Redis(crate::redis::cli::RedisArgs),
+    /// Repository: init, list, cat (decrypt + decompress to stdout), check objects.
+    Repo(crate::repo_cmd::RepoCmdArgs),
+    /// Restore a backup from a repository: PostgreSQL to a point in time (--to-time,
+    /// --to-lsn, --to-xid, or the latest archived point).
+    Restore(crate::restore::RestoreArgs),
 }
 
 /// Runs the parsed command line.
@@ -32,5 +37,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Postgres(args) => crate::pg::cli::run(args),
         Command::Redis(args) => crate::redis::cli::run(args),
+        Command::Repo(args) => crate::repo_cmd::run(args),
+        Command::Restore(args) => crate::restore::run(args),
     }
 }

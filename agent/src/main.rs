@@ -8,6 +8,8 @@ use clap::Parser;
 mod cli;
 mod pg;
 mod redis;
+mod repo_cmd;
+mod restore;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

@@ -403,6 +403,10 @@ fn generic_is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
         text.push_str(&s.to_string());
         cur = s.source();
     }
+    // reqwest refusing to build the request (bad URL, http:// not allowed) is permanent.
+    if text.contains("builder error") || text.contains("scheme is not allowed") {
+        return false;
+    }
     for marker in ["status code: ", "status: "] {
         for (i, _) in text.match_indices(marker) {
             let code: String = text[i + marker.len()..]

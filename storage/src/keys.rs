@@ -57,6 +57,12 @@ pub fn generate_identity() -> Identity {
     Identity::generate()
 }
 
+/// The identity in the `AGE-SECRET-KEY-1…` form an identity file holds (secret!).
+pub fn identity_to_string(id: &Identity) -> String {
+    use age::secrecy::ExposeSecret;
+    id.to_string().expose_secret().to_string()
+}
+
 /// The short fingerprint of a recipient, as recorded in headers and the marker.
 pub fn recipient_fingerprint(r: &Recipient) -> String {
     crate::frame::short_fingerprint(&crate::frame::fingerprint(r))

@@ -405,7 +405,13 @@ fn open_backend(url_text: &str, opts: &RepoOptions) -> Result<Backend> {
         "s3" | "s3a" => s3_backend(url_text, &url, opts),
         "gs" => {
             let bucket = url.host_str().unwrap_or_default();
-            let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env();
+            let mut b = object_store::gcp::GoogleCloudStorageBuilder::new()
+                .with_client_options(client_options(url_text, &url, opts)?);
+            for (k, v) in env_with_prefix("GOOGLE_") {
+                if let Ok(key) = k.parse::<object_store::gcp::GoogleConfigKey>() {
+                    b = b.with_config(key, v);
+                }
+            }
             for (k, v) in &opts.store_config {
                 let key = <object_store::gcp::GoogleConfigKey as std::str::FromStr>::from_str(
                     &k.to_ascii_lowercase(),
@@ -415,7 +421,6 @@ fn open_backend(url_text: &str, opts: &RepoOptions) -> Result<Backend> {
             }
             let store = b
                 .with_bucket_name(bucket)
-                .with_client_options(client_options(url_text, &url, opts)?)
                 .with_retry(store_retry(&opts.retry))
                 .build()
                 .map_err(|e| config_err(url_text, e))?;
@@ -428,7 +433,13 @@ fn open_backend(url_text: &str, opts: &RepoOptions) -> Result<Backend> {
             )?)
         }
         "az" | "azure" | "abfs" | "abfss" => {
-            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env();
+            let mut b = object_store::azure::MicrosoftAzureBuilder::new()
+                .with_client_options(client_options(url_text, &url, opts)?);
+            for (k, v) in env_with_prefix("AZURE_") {
+                if let Ok(key) = k.parse::<object_store::azure::AzureConfigKey>() {
+                    b = b.with_config(key, v);
+                }
+            }
             for (k, v) in &opts.store_config {
                 let key = <object_store::azure::AzureConfigKey as std::str::FromStr>::from_str(
                     &k.to_ascii_lowercase(),
@@ -438,7 +449,6 @@ fn open_backend(url_text: &str, opts: &RepoOptions) -> Result<Backend> {
             }
             let store = b
                 .with_url(url_text.split('?').next().unwrap_or(url_text))
-                .with_client_options(client_options(url_text, &url, opts)?)
                 .with_retry(store_retry(&opts.retry))
                 .build()
                 .map_err(|e| config_err(url_text, e))?;
@@ -496,6 +506,16 @@ fn store_retry(p: &RetryPolicy) -> object_store::RetryConfig {
         max_retries: 3,
         retry_timeout: (p.max_elapsed / 2).max(Duration::from_secs(1)),
     }
+}
+
+/// `(lower-case name, value)` of environment variables starting with `prefix`, as
+/// object_store's `from_env` reads them.
+fn env_with_prefix(prefix: &str) -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect()
 }
 
 fn query(url: &url::Url, name: &str) -> Option<String> {
@@ -569,10 +589,17 @@ fn s3_backend(url_text: &str, url: &url::Url, opts: &RepoOptions) -> Result<Back
             ));
         }
     }
-    let mut b = AmazonS3Builder::from_env()
-        .with_bucket_name(bucket)
+    // Client options first: `with_client_options` replaces them wholesale, so the
+    // environment (e.g. AWS_ALLOW_HTTP) must be applied after it.
+    let mut b = AmazonS3Builder::new()
         .with_client_options(client_options(url_text, url, opts)?)
         .with_retry(store_retry(&opts.retry));
+    for (k, v) in env_with_prefix("AWS_") {
+        if let Ok(key) = AmazonS3ConfigKey::from_str(&k) {
+            b = b.with_config(key, v);
+        }
+    }
+    b = b.with_bucket_name(bucket);
     let mut configured_endpoint = false;
     for (k, v) in &opts.store_config {
         let key = AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase())

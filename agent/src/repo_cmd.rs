@@ -1,0 +1,277 @@
+//! `syncbridge-agent repo init|ls|cat|check`: look inside a repository without the
+//! servers. `cat` decrypts and decompresses one object to stdout; `check` verifies one
+//! object or every object under a prefix and prints one line per object.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use storage::{RepoKey, RepoKind, RepoMarker, RepoOptions, Repository};
+use tokio::io::AsyncWriteExt;
+
+/// How to reach a repository and its keys; shared by every command that opens one.
+#[derive(Debug, Clone, Args)]
+pub struct RepoArgs {
+    /// Repository URL: file:///dir, s3://bucket/prefix (AWS_* environment; options such as
+    /// ?endpoint=…&path_style=true&storage_class=…&ca_bundle=…), gs://, az://.
+    #[arg(long = "repo", env = "SYNCBRIDGE_REPO", value_name = "URL")]
+    pub url: String,
+    /// age identity file (AGE-SECRET-KEY-1… lines, as written by age-keygen) to read
+    /// encrypted objects.
+    #[arg(long, env = "SYNCBRIDGE_IDENTITY", value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// age recipient (age1…) to encrypt new objects to; repeat for several.
+    #[arg(
+        long = "recipient",
+        env = "SYNCBRIDGE_RECIPIENTS",
+        value_delimiter = ',',
+        value_name = "AGE1…"
+    )]
+    pub recipients: Vec<String>,
+    /// File with age recipients, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub recipients_file: Option<PathBuf>,
+    /// PEM bundle of extra CA certificates for an HTTPS object store.
+    #[arg(long, env = "AWS_CA_BUNDLE", value_name = "FILE")]
+    pub ca_bundle: Option<PathBuf>,
+}
+
+impl RepoArgs {
+    /// Opens the repository with the keys given on the command line.
+    pub fn open(&self) -> anyhow::Result<Repository> {
+        let mut opts = RepoOptions {
+            ca_bundle: self.ca_bundle.clone(),
+            ..RepoOptions::default()
+        };
+        for r in &self.recipients {
+            opts.recipients.push(storage::keys::parse_recipient(r)?);
+        }
+        if let Some(f) = &self.recipients_file {
+            opts.recipients
+                .extend(storage::keys::read_recipients_file(f)?);
+        }
+        if let Some(f) = &self.identity {
+            opts.identities = storage::keys::read_identity_file(f)?;
+        }
+        Repository::open(&self.url, opts)
+            .with_context(|| format!("opening repository {}", self.url))
+    }
+}
+
+/// `repo` arguments.
+#[derive(Debug, Args)]
+pub struct RepoCmdArgs {
+    #[command(subcommand)]
+    command: RepoCommand,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KindArg {
+    Postgres,
+    Redis,
+}
+
+#[derive(Debug, Subcommand)]
+enum RepoCommand {
+    /// Create the repository marker (kind, format, encryption); prints the existing one
+    /// if the repository is already initialised.
+    Init {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// What the repository will hold.
+        #[arg(long, value_enum)]
+        kind: KindArg,
+        /// PostgreSQL system identifier to record (normally recorded by `postgres stream`).
+        #[arg(long)]
+        system_identifier: Option<String>,
+        /// Redis replication id to record (normally recorded by `redis stream`).
+        #[arg(long)]
+        replication_id: Option<String>,
+    },
+    /// List objects (the whole repository, or under PREFIX).
+    Ls {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Key prefix, e.g. postgres/wal/00000001.
+        prefix: Option<String>,
+        /// Also read each object's header and trailer: kind, original size, SHA-256.
+        #[arg(short, long)]
+        long: bool,
+    },
+    /// Write one object's original bytes (decrypted, decompressed, verified) to stdout.
+    /// If the object is damaged, the bytes before the damage may already be written; the
+    /// command then fails naming the object and the check.
+    Cat {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// The object's key.
+        key: String,
+    },
+    /// Verify one object, or every object under a prefix (default: everything); prints
+    /// OK or FAILED per object and exits 1 if any failed.
+    Check {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Key or prefix.
+        target: Option<String>,
+    },
+}
+
+/// Runs `repo …`.
+pub fn run(args: RepoCmdArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        match args.command {
+            RepoCommand::Init {
+                repo,
+                kind,
+                system_identifier,
+                replication_id,
+            } => init(&repo.open()?, kind, system_identifier, replication_id).await,
+            RepoCommand::Ls { repo, prefix, long } => {
+                ls(&repo.open()?, prefix.as_deref(), long).await
+            }
+            RepoCommand::Cat { repo, key } => cat(&repo.open()?, &key).await,
+            RepoCommand::Check { repo, target } => check(&repo.open()?, target.as_deref()).await,
+        }
+    })
+}
+
+async fn init(
+    repo: &Repository,
+    kind: KindArg,
+    system_identifier: Option<String>,
+    replication_id: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let mut m = RepoMarker::new(match kind {
+        KindArg::Postgres => RepoKind::Postgres,
+        KindArg::Redis => RepoKind::Redis,
+    });
+    m.system_identifier = system_identifier;
+    m.replication_id = replication_id;
+    let res = repo
+        .init_marker(&m)
+        .await
+        .with_context(|| format!("initialising {}", repo.url()))?;
+    let (word, marker) = match &res {
+        storage::MarkerInit::Created(m) => ("initialised", m),
+        storage::MarkerInit::Existing(m) => ("already initialised", m),
+    };
+    println!("{} {word}:", repo.url());
+    println!("{}", serde_json::to_string_pretty(marker)?);
+    if let storage::MarkerInit::Existing(existing) = &res {
+        if existing.kind != m.kind {
+            bail!(
+                "the repository holds {:?} backups, not {:?}",
+                existing.kind,
+                m.kind
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_key(text: &str) -> anyhow::Result<RepoKey> {
+    Ok(RepoKey::parse(text)?)
+}
+
+async fn ls(repo: &Repository, prefix: Option<&str>, long: bool) -> anyhow::Result<ExitCode> {
+    let prefix = parse_key(prefix.unwrap_or(""))?;
+    let objects = repo
+        .list(&prefix)
+        .await
+        .with_context(|| format!("listing {prefix} in {}", repo.url()))?;
+    let mut out = std::io::stdout().lock();
+    for o in &objects {
+        let when = o.last_modified.format("%Y-%m-%dT%H:%M:%SZ");
+        if long {
+            match repo.info(&o.key).await {
+                Ok(i) => writeln!(
+                    out,
+                    "{when}  {:>12}  {:>12}  {:<20} {}{}  {}",
+                    o.size,
+                    i.original_len,
+                    i.kind.name(),
+                    if i.encrypted { "enc " } else { "" },
+                    i.sha256_hex(),
+                    o.key
+                )?,
+                Err(e) => writeln!(out, "{when}  {:>12}  ?  {}  ({e})", o.size, o.key)?,
+            }
+        } else {
+            writeln!(out, "{when}  {:>12}  {}", o.size, o.key)?;
+        }
+    }
+    if objects.is_empty() {
+        eprintln!("no objects under {prefix} in {}", repo.url());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cat(repo: &Repository, key: &str) -> anyhow::Result<ExitCode> {
+    let key = parse_key(key)?;
+    let mut r = repo.reader(&key).await?;
+    let mut out = tokio::io::stdout();
+    while let Some(chunk) = r.next_chunk().await? {
+        out.write_all(&chunk).await.context("writing to stdout")?;
+    }
+    out.flush().await.context("writing to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check(repo: &Repository, target: Option<&str>) -> anyhow::Result<ExitCode> {
+    let target = parse_key(target.unwrap_or(""))?;
+    let keys: Vec<RepoKey> = if !target.is_root() && repo.exists(&target).await? {
+        vec![target.clone()]
+    } else {
+        repo.list(&target)
+            .await
+            .with_context(|| format!("listing {target} in {}", repo.url()))?
+            .into_iter()
+            .map(|m| m.key)
+            .collect()
+    };
+    if keys.is_empty() {
+        bail!("no objects under {target} in {}", repo.url());
+    }
+    let (mut ok, mut failed, mut stored_only) = (0usize, 0usize, 0usize);
+    for key in &keys {
+        match repo.verify(key).await {
+            Ok(v) => {
+                ok += 1;
+                let note = if v.plaintext_verified {
+                    String::new()
+                } else {
+                    stored_only += 1;
+                    "  (encrypted: stored bytes verified; pass --identity to check the SHA-256)"
+                        .into()
+                };
+                println!(
+                    "OK      {key}  {} bytes  sha256 {}{note}",
+                    v.info.original_len,
+                    v.info.sha256_hex()
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                println!("FAILED  {key}  {e}");
+            }
+        }
+    }
+    eprintln!(
+        "{} object(s) checked: {ok} ok, {failed} failed{}",
+        keys.len(),
+        if stored_only > 0 {
+            format!(", {stored_only} checked without decryption")
+        } else {
+            String::new()
+        }
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

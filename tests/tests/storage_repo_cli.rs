@@ -1,0 +1,277 @@
+//! `syncbridge-agent repo init|ls|cat|check` on file:// and SeaweedFS repositories,
+//! including an encrypted repository and a damaged object.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use bytes::Bytes;
+use storage::keys::{generate_identity, identity_to_string};
+use storage::{layout, ContentKind, PutMode, RepoOptions, Repository};
+use syncbridge_tests::s3::{S3Server, TempRepo};
+
+fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("syncbridge-agent");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p syncbridge-agent` (the workspace test run does)",
+        bin.display()
+    );
+    bin
+}
+
+fn agent(args: &[&str], envs: &[(String, String)]) -> Output {
+    let mut cmd = Command::new(agent_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SYNCBRIDGE_") || k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(envs.iter().map(|(k, v)| (k, v)));
+    cmd.args(args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test]
+async fn repo_cli_on_encrypted_file_repository() {
+    let repo_dir = TempRepo::new();
+    let url = repo_dir.url();
+    let id = generate_identity();
+    let recipient = id.to_public().to_string();
+    let id_file = repo_dir.path().join(".identity");
+    std::fs::write(
+        &id_file,
+        format!("# test key\n{}\n", identity_to_string(&id)),
+    )
+    .unwrap();
+    let id_arg = id_file.to_str().unwrap();
+
+    let out = agent(
+        &[
+            "repo",
+            "init",
+            "--repo",
+            &url,
+            "--kind",
+            "postgres",
+            "--recipient",
+            &recipient,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("age-x25519"),
+        "{}",
+        text(&out)
+    );
+
+    // Objects written by the library with the same recipient.
+    let repo = Repository::open(
+        &url,
+        RepoOptions {
+            recipients: vec![id.to_public()],
+            ..RepoOptions::default()
+        },
+    )
+    .unwrap();
+    let seg = layout::WalSegmentName::parse("000000010000000000000002").unwrap();
+    let key = layout::wal_segment(&seg);
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 200) as u8).collect();
+    repo.put(
+        &key,
+        ContentKind::WalSegment,
+        Bytes::from(data.clone()),
+        PutMode::CreateNew,
+    )
+    .await
+    .unwrap();
+    let other =
+        layout::wal_segment(&layout::WalSegmentName::parse("000000010000000000000003").unwrap());
+    repo.put(
+        &other,
+        ContentKind::WalSegment,
+        Bytes::from_static(b"tiny"),
+        PutMode::CreateNew,
+    )
+    .await
+    .unwrap();
+
+    let out = agent(&["repo", "ls", "--repo", &url, "-l", "postgres/wal"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ls = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+    assert!(
+        ls.contains(key.as_str()) && ls.contains("wal-segment") && ls.contains("3000000"),
+        "{ls}"
+    );
+
+    // cat needs the identity, says so, and then yields the exact bytes.
+    let out = agent(&["repo", "cat", "--repo", &url, key.as_str()], &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--identity"),
+        "{}",
+        text(&out)
+    );
+    let out = agent(
+        &[
+            "repo",
+            "cat",
+            "--repo",
+            &url,
+            "--identity",
+            id_arg,
+            key.as_str(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.stdout == data, "cat output differs");
+
+    // check: all good, then damage one object.
+    let out = agent(
+        &["repo", "check", "--repo", &url, "--identity", id_arg],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).matches("OK ").count(),
+        3,
+        "{}",
+        text(&out)
+    );
+
+    let path = repo_dir.path().join(key.as_str());
+    let mut stored = std::fs::read(&path).unwrap();
+    let mid = stored.len() / 2;
+    stored[mid] ^= 0x20;
+    std::fs::write(&path, stored).unwrap();
+    let out = agent(
+        &[
+            "repo",
+            "check",
+            "--repo",
+            &url,
+            "--identity",
+            id_arg,
+            "postgres/wal",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let failed: Vec<_> = stdout.lines().filter(|l| l.starts_with("FAILED")).collect();
+    assert_eq!(failed.len(), 1, "{stdout}");
+    assert!(
+        failed[0].contains(key.as_str()) && failed[0].contains("crc32c"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("OK      {}", other.as_str())),
+        "{stdout}"
+    );
+    // Without identity the damage is still found (stored bytes are checked).
+    let out = agent(&["repo", "check", "--repo", &url, key.as_str()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = agent(
+        &[
+            "repo",
+            "cat",
+            "--repo",
+            &url,
+            "--identity",
+            id_arg,
+            key.as_str(),
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(key.as_str()),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test]
+async fn repo_cli_on_seaweedfs() {
+    let s3 = S3Server::start();
+    let url = s3.repo_url("clitest");
+    let env = s3.env();
+    let out = agent(
+        &[
+            "repo",
+            "init",
+            "--repo",
+            &url,
+            "--kind",
+            "redis",
+            "--replication-id",
+            "abc",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = agent(&["repo", "ls", "--repo", &url], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("syncbridge-repo"),
+        "{}",
+        text(&out)
+    );
+    let out = agent(&["repo", "cat", "--repo", &url, "syncbridge-repo"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let marker: serde_json_like::Marker = serde_json_like::parse(&out.stdout);
+    assert_eq!(marker.kind, "redis");
+    assert_eq!(marker.replication_id.as_deref(), Some("abc"));
+    let out = agent(&["repo", "check", "--repo", &url], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = agent(
+        &["repo", "cat", "--repo", &url, "redis/gen/none/snapshot.rdb"],
+        &env,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Just enough JSON reading for the marker (the tests crate has no serde_json).
+mod serde_json_like {
+    pub struct Marker {
+        pub kind: String,
+        pub replication_id: Option<String>,
+    }
+
+    fn field(text: &str, name: &str) -> Option<String> {
+        let at = text.find(&format!("\"{name}\""))?;
+        let rest = &text[at + name.len() + 2..];
+        let start = rest.find('"')? + 1;
+        let end = start + rest[start..].find('"')?;
+        Some(rest[start..end].to_string())
+    }
+
+    pub fn parse(bytes: &[u8]) -> Marker {
+        let text = String::from_utf8_lossy(bytes);
+        Marker {
+            kind: field(&text, "kind").unwrap(),
+            replication_id: field(&text, "replication_id"),
+        }
+    }
+}
