@@ -482,6 +482,15 @@ fn create_dirs(key: &RepoKey, root: &FsPath, dir: &FsPath) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
+    if dir == root {
+        // The repository directory itself is created on first write.
+        std::fs::create_dir_all(root)
+            .map_err(|e| StorageError::io(key, "create repository directory", root, e))?;
+        if let Some(parent) = root.parent() {
+            fsync_dir(key, parent)?;
+        }
+        return Ok(());
+    }
     if let Some(parent) = dir.parent() {
         if parent != dir && parent.starts_with(root) {
             create_dirs(key, root, parent)?;

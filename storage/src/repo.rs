@@ -127,7 +127,7 @@ fn config_err(what: impl Into<String>, reason: impl std::fmt::Display) -> Storag
 impl Repository {
     /// Opens a repository. No request is made; the first operation reaches the store.
     ///
-    /// * `file:///abs/dir` (or a bare absolute path): a local directory, created if missing.
+    /// * `file:///abs/dir` (or a bare absolute path): a local directory, created on first write.
     /// * `s3://bucket/prefix`: S3 or a compatible store, configured by the standard AWS
     ///   environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
     ///   `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, `AWS_WEB_IDENTITY_TOKEN_FILE` +
@@ -471,8 +471,13 @@ fn local_backend(url_text: &str, path: PathBuf) -> Result<Backend> {
     if !path.is_absolute() {
         return Err(config_err(url_text, "the path must be absolute"));
     }
-    std::fs::create_dir_all(&path)
-        .map_err(|e| config_err(url_text, format!("cannot create {}: {e}", path.display())))?;
+    // Created on first write, so a mistyped URL used for reading creates nothing.
+    if path.exists() && !path.is_dir() {
+        return Err(config_err(
+            url_text,
+            format!("{} is not a directory", path.display()),
+        ));
+    }
     Ok(Backend::Local(LocalBackend { root: path }))
 }
 

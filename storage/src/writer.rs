@@ -35,6 +35,30 @@ use crate::PutMode;
 const PART_GROWTH_EVERY: u32 = 900;
 const MAX_PART_SIZE: usize = 5 << 30;
 
+/// Part size for an object: with a known length one size for every part, large enough
+/// for 9 000 parts (stored bytes never exceed the original by more than 1/64 + 1 MiB);
+/// otherwise the configured size, grown by `next_part_size`.
+fn initial_part_size(expected_len: Option<u64>, configured: usize) -> usize {
+    match expected_len {
+        Some(len) => {
+            let need = (len + len / 64 + (1 << 20)).div_ceil(9_000) as usize;
+            need.next_multiple_of(1 << 20)
+                .clamp(configured, MAX_PART_SIZE)
+        }
+        None => configured,
+    }
+}
+
+/// Unknown length: double the part size every `PART_GROWTH_EVERY` parts. From 5 MiB this
+/// passes 5 TiB after ~9 700 parts, below S3's 10 000-part limit; from 8 MiB sooner.
+fn next_part_size(current: usize, parts_sent: u32) -> usize {
+    if parts_sent % PART_GROWTH_EVERY == 0 {
+        (current * 2).min(MAX_PART_SIZE)
+    } else {
+        current
+    }
+}
+
 enum State {
     Open,
     Failed(String),
@@ -90,15 +114,7 @@ impl ObjectWriter {
             recipients: repo.keys.recipient_fingerprints(),
         }
         .encode();
-        let part_size = match expected_len {
-            // Known length: one size for every part, large enough for 9 000 parts.
-            Some(len) => {
-                let need = (len + len / 64 + (1 << 20)).div_ceil(9_000) as usize;
-                need.next_multiple_of(1 << 20)
-                    .clamp(opts.part_size, MAX_PART_SIZE)
-            }
-            None => opts.part_size,
-        };
+        let part_size = initial_part_size(expected_len, opts.part_size);
         let mut part = BytesMut::with_capacity(part_size.min(header.len() + (64 << 10)));
         part.extend_from_slice(&header);
         Ok(ObjectWriter {
@@ -271,8 +287,8 @@ impl ObjectWriter {
             self.uploads.push(up.put_part(data));
         }
         self.parts_sent += 1;
-        if self.expected_len.is_none() && self.parts_sent % PART_GROWTH_EVERY == 0 {
-            self.part_size = (self.part_size * 2).min(MAX_PART_SIZE);
+        if self.expected_len.is_none() {
+            self.part_size = next_part_size(self.part_size, self.parts_sent);
         }
         if self.part.capacity() < self.part_size.min(64 << 20) {
             self.part.reserve(self.part_size.min(64 << 20));
@@ -456,6 +472,45 @@ impl Drop for ObjectWriter {
                     }
                 });
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parts needed to store `total` bytes of unknown length starting at `base`.
+    fn parts_for(total: u64, base: usize) -> (u32, usize) {
+        let (mut size, mut sent, mut done) = (base, 0u32, 0u64);
+        while done < total {
+            done += size as u64;
+            sent += 1;
+            size = next_part_size(size, sent);
+        }
+        (sent, size)
+    }
+
+    #[test]
+    fn unknown_length_reaches_5_tib_within_10000_parts() {
+        for base in [5usize << 20, 8 << 20, 16 << 20] {
+            let (n, _) = parts_for(5 << 40, base);
+            assert!(n <= 10_000, "base {base}: {n} parts");
+        }
+        // Memory stays modest for ordinary sizes: 100 GiB never needs parts above 64 MiB.
+        let (_, size) = parts_for(100 << 30, 8 << 20);
+        assert!(size <= 64 << 20, "{size}");
+    }
+
+    #[test]
+    fn known_length_fits_in_9000_equal_parts() {
+        for len in [0u64, 1 << 20, 100 << 30, 5 << 40] {
+            let p = initial_part_size(Some(len), 8 << 20) as u64;
+            assert!(p >= 8 << 20);
+            assert!(
+                (len + len / 64 + (1 << 20)).div_ceil(p) <= 9_000,
+                "{len}: {p}"
+            );
         }
     }
 }

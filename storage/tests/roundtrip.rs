@@ -222,3 +222,30 @@ async fn marker_create_then_existing() {
     assert_eq!(second, storage::MarkerInit::Existing(m.clone()));
     assert_eq!(repo.read_marker().await.unwrap(), Some(m));
 }
+
+#[tokio::test]
+async fn file_repo_directory_is_created_on_first_write_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("not/yet");
+    let repo = Repository::open(&format!("file://{}", root.display()), small_opts()).unwrap();
+    assert!(repo.list(&RepoKey::root()).await.unwrap().is_empty());
+    assert!(repo
+        .get(&RepoKey::parse("x").unwrap())
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(!root.exists(), "reading must not create the repository");
+    repo.put(
+        &RepoKey::parse("a/b").unwrap(),
+        ContentKind::Other,
+        Bytes::from_static(b"1"),
+        PutMode::CreateNew,
+    )
+    .await
+    .unwrap();
+    assert!(root.join("a/b").is_file());
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = Repository::open(&format!("file://{}", file.display()), small_opts()).unwrap_err();
+    assert!(err.to_string().contains("not a directory"), "{err}");
+}
