@@ -424,7 +424,12 @@ impl WalInventory {
                 .next()
                 .copied()
                 .into_iter()
-                .chain(t.partials.range(missing_first + 1..).next().map(|(s, _)| *s));
+                .chain(
+                    t.partials
+                        .range(missing_first + 1..)
+                        .next()
+                        .map(|(s, _)| *s),
+                );
             next_present = after.min();
         }
         let hole_end_seg = next_present.unwrap_or_else(|| size.segment_of(Lsn(to.0 - 1)) + 1);
@@ -469,8 +474,12 @@ mod tests {
         assert_eq!(g.to, Lsn(6 * seg));
         assert_eq!(g.first_segment, "000000010000000000000004");
         assert_eq!(g.last_segment, "000000010000000000000005");
-        assert!(inv.gap(tli, Lsn(6 * seg), Lsn(8 * seg + 0x1000), size).is_none());
+        assert!(inv
+            .gap(tli, Lsn(6 * seg), Lsn(8 * seg + 0x1000), size)
+            .is_none());
         assert_eq!(inv.newest_end(tli, size), Some(Lsn(8 * seg + 0x1000)));
-        assert!(inv.gap(tli, Lsn(6 * seg), Lsn(8 * seg + 0x1001), size).is_some());
+        assert!(inv
+            .gap(tli, Lsn(6 * seg), Lsn(8 * seg + 0x1001), size)
+            .is_some());
     }
 }

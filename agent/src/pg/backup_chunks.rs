@@ -226,11 +226,13 @@ impl Chunker {
         }
         let seq = open.seq;
         let writer = open.writer;
-        self.finishing.spawn(async move {
+        // The writer's finish future is not `Send`, so it runs on a blocking thread of its
+        // own; that lets the next object fill while this one's last part uploads.
+        let handle = tokio::runtime::Handle::current();
+        self.finishing.spawn_blocking(move || {
             let key = writer.key().clone();
-            let info = writer
-                .finish()
-                .await
+            let info = handle
+                .block_on(writer.finish())
                 .with_context(|| format!("finishing {key}"))?;
             Ok((seq, info))
         });
@@ -289,14 +291,21 @@ mod tests {
     use super::*;
     use wire::pg::tar::build::{padded, ustar_header};
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn large_files_are_split_and_small_ones_grouped() {
         let repo = Repository::open("memory://", storage::RepoOptions::default()).unwrap();
         let id = BackupId::parse("t1").unwrap();
         let mut tar = Vec::new();
         tar.extend_from_slice(&ustar_header("base", b'5', 0, 0o700, 1, ""));
         let big: Vec<u8> = (0..2500u32).map(|i| (i % 251) as u8).collect();
-        tar.extend_from_slice(&ustar_header("base/1", b'0', big.len() as u64, 0o600, 1, ""));
+        tar.extend_from_slice(&ustar_header(
+            "base/1",
+            b'0',
+            big.len() as u64,
+            0o600,
+            1,
+            "",
+        ));
         tar.extend_from_slice(&padded(&big));
         tar.extend_from_slice(&ustar_header("PG_VERSION", b'0', 3, 0o600, 1, ""));
         tar.extend_from_slice(&padded(b"17\n"));
@@ -316,14 +325,19 @@ mod tests {
         assert_eq!(
             chunks[2].pieces,
             vec![
-                Piece { entry: 1, offset: 2000, len: 500 },
-                Piece { entry: 2, offset: 0, len: 3 }
+                Piece {
+                    entry: 1,
+                    offset: 2000,
+                    len: 500
+                },
+                Piece {
+                    entry: 2,
+                    offset: 0,
+                    len: 3
+                }
             ]
         );
-        let last = repo
-            .get(&layout::base_backup_chunk(&id, 2))
-            .await
-            .unwrap();
+        let last = repo.get(&layout::base_backup_chunk(&id, 2)).await.unwrap();
         assert_eq!(&last[..500], &big[2000..]);
         assert_eq!(&last[500..], b"17\n");
     }

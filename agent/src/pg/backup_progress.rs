@@ -95,12 +95,7 @@ impl Progress {
                     human(rate as u64)
                 )
             }
-            None => format!(
-                "{}: {} at {}/s",
-                self.what,
-                human(done),
-                human(rate as u64)
-            ),
+            None => format!("{}: {} at {}/s", self.what, human(done), human(rate as u64)),
         }
     }
 }

@@ -30,6 +30,11 @@ enum PostgresCommand {
     /// reported to the server (and so the slot, and synchronous commits) only advances over
     /// WAL that is in the repository. Safe to kill at any moment and restart.
     Stream(StreamArgs),
+    /// Take a base backup through BASE_BACKUP on a replication connection, straight into
+    /// the repository (files split into objects of --chunk-mib, checked against the server's
+    /// backup_manifest). Complete once the WAL up to its stop LSN is in the repository
+    /// (written by `postgres stream`, which must be running).
+    Backup(super::backup::BackupArgs),
 }
 
 /// Where the repository is.
@@ -119,6 +124,7 @@ pub fn run(args: PostgresArgs) -> Result<ExitCode> {
         match args.command {
             PostgresCommand::Check(a) => check(a).await,
             PostgresCommand::Stream(a) => stream(a).await,
+            PostgresCommand::Backup(a) => super::backup::run(a).await,
         }
     })
 }

@@ -4,6 +4,10 @@
 #![allow(dead_code)]
 
 pub mod archive;
+pub mod backup;
+pub mod backup_catalog;
+pub mod backup_chunks;
+pub mod backup_progress;
 pub mod cli;
 pub mod conn;
 pub mod conninfo;

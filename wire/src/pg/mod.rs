@@ -22,6 +22,7 @@ pub mod segment;
 pub mod splitter;
 pub mod tar;
 pub mod timeline;
+pub mod xlog;
 
 pub use error::PgWireError;
 pub use lsn::Lsn;

@@ -1,0 +1,127 @@
+//! `syncbridge-agent restore`: open the repository, read its marker and restore what it
+//! holds — a PostgreSQL base backup plus WAL replay to a point in time, or (once the Redis
+//! restore lands) a Redis generation.
+
+pub mod pg;
+pub mod target;
+pub mod unpack;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use storage::{RepoKind, RepoOptions, Repository};
+
+use crate::pg::cli::RepoArgs;
+
+/// Arguments of `restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Directory to restore into; it must be empty or absent (see --force).
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Restore to this time: RFC 3339 (2026-11-27T16:07:00Z) or `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM]]`
+    /// (UTC when no zone is given). Transactions committed at or before it are kept.
+    #[arg(long, conflicts_with_all = ["to_lsn", "to_xid"])]
+    pub to_time: Option<String>,
+    /// Restore up to this WAL position (X/Y).
+    #[arg(long, conflicts_with_all = ["to_time", "to_xid"])]
+    pub to_lsn: Option<String>,
+    /// Restore up to and including this transaction id.
+    #[arg(long, conflicts_with_all = ["to_time", "to_lsn"])]
+    pub to_xid: Option<u64>,
+    /// Use this base backup (id as shown by `syncbridge-agent list`) instead of choosing.
+    #[arg(long)]
+    pub backup: Option<String>,
+    /// Empty a non-empty --target first (refused while a server runs in it).
+    #[arg(long)]
+    pub force: bool,
+    /// Objects downloaded, verified and written at once (default: number of cores).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Put a tablespace somewhere else: OLD_LOCATION=NEW_LOCATION (repeatable).
+    #[arg(long = "tablespace-map", value_name = "OLD=NEW")]
+    pub tablespace_map: Vec<String>,
+    /// recovery_target_timeline: `latest` (default), `current`, or a timeline number.
+    #[arg(long, default_value = "latest")]
+    pub timeline: String,
+    /// Start the restored server with the PostgreSQL binaries in this directory, wait until
+    /// recovery reaches the target and report where it stopped.
+    #[arg(long, value_name = "BIN_DIR")]
+    pub start: Option<PathBuf>,
+    /// Give the restored files to this user (and run --start as it); needed when restoring
+    /// as root, since PostgreSQL refuses to run as root.
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Extra options for the server started by --start (passed to `pg_ctl -o`), e.g. `-p 5433`.
+    #[arg(long, value_name = "OPTIONS")]
+    pub start_options: Option<String>,
+    /// How long --start waits for recovery to finish.
+    #[arg(long, default_value = "600s", value_parser = crate::pg::cli::parse_duration)]
+    pub start_timeout: std::time::Duration,
+}
+
+/// Runs `restore`.
+pub fn run(args: RestoreArgs) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let repo =
+            Repository::open(&args.repo.repo, RepoOptions::default()).with_context(|| {
+                format!(
+                    "opening the repository {}",
+                    args.repo.repo.split('?').next().unwrap_or_default()
+                )
+            })?;
+        let marker = repo
+            .read_marker()
+            .await
+            .context("reading the repository marker")?;
+        let Some(marker) = marker else {
+            bail!(
+                "{} is not a SyncBridge repository (no marker): check --repo",
+                repo.url()
+            );
+        };
+        match marker.kind {
+            RepoKind::Postgres => pg::run(&repo, &marker, &args).await,
+            RepoKind::Redis => redis(&repo, &args).await,
+        }
+    })
+}
+
+/// Redis: the newest generation before the target, replayed to it (`redis restore` does the
+/// same with more options, e.g. `--format`).
+async fn redis(repo: &Repository, args: &RestoreArgs) -> Result<ExitCode> {
+    use crate::redis::restore::{describe_time, parse_time, restore, start_hint, RestoreFormat};
+    if args.to_lsn.is_some()
+        || args.to_xid.is_some()
+        || args.backup.is_some()
+        || args.start.is_some()
+    {
+        bail!("the repository holds Redis backups: --to-lsn, --to-xid, --backup and --start are PostgreSQL options (see `syncbridge-agent redis restore --help`)");
+    }
+    let to_time = args
+        .to_time
+        .as_deref()
+        .map(parse_time)
+        .transpose()
+        .context("reading --to-time")?;
+    let done = restore(repo, &args.target, to_time, RestoreFormat::Aof).await?;
+    println!("generation:   {}", done.generation);
+    println!(
+        "restored to:  {} (replication offset {})",
+        describe_time(done.time_ms),
+        done.offset
+    );
+    println!(
+        "start it with: {}",
+        start_hint("redis-server", &args.target, RestoreFormat::Aof)
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,322 @@
+//! Lays a base backup down on disk: directories and empty files first, then every data
+//! object downloaded, verified (by the storage reader: frame CRC32C, object SHA-256) and
+//! written at its files' offsets by up to `jobs` tasks at once, then each file's CRC32C —
+//! combined from the pieces written in parallel — compared with what the backup recorded
+//! and with the server's `backup_manifest`.
+//!
+//! `global/pg_control` is written under a temporary name and only renamed by the caller
+//! once everything checked out, so a half-restored directory never starts as if it were
+//! whole (PostgreSQL cannot start without `pg_control`).
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use storage::layout::{self, BackupId};
+use storage::Repository;
+use tokio::task::JoinSet;
+
+use crate::pg::backup::{crc_matches, manifest_path, ServerManifestFile};
+use crate::pg::backup_catalog::{BackupManifest, DataChunk, EntryKind};
+use crate::pg::backup_progress::Progress;
+
+/// Where `pg_control` goes until the restore is complete.
+pub const PG_CONTROL_TEMP: &str = "global/pg_control.syncbridge-restore";
+
+/// Written pieces: (entry, offset, len, crc32c).
+type Written = Vec<(u32, u64, u64, u32)>;
+
+/// The path of an entry on disk: the archive's root joined with the entry's path (already
+/// normalised by the tar reader: relative, no `..`).
+pub fn dest_path(m: &BackupManifest, roots: &[PathBuf], entry: u32) -> Result<PathBuf> {
+    let e = m
+        .entries
+        .get(entry as usize)
+        .with_context(|| format!("entry {entry} missing"))?;
+    let root = roots
+        .get(e.archive as usize)
+        .with_context(|| format!("archive {} missing", e.archive))?;
+    let is_base = m
+        .tablespaces
+        .get(e.archive as usize)
+        .is_some_and(|t| t.oid.is_none());
+    if e.path.starts_with('/') || e.path.split('/').any(|c| c == ".." || c.is_empty()) {
+        bail!("backup entry {:?} is not a safe relative path", e.path);
+    }
+    if is_base && e.path == "global/pg_control" {
+        return Ok(root.join(PG_CONTROL_TEMP));
+    }
+    Ok(root.join(&e.path))
+}
+
+/// Creates directories and (empty, sized) files. Symlinks are the caller's business.
+pub fn prepare(m: &BackupManifest, roots: &[PathBuf]) -> Result<()> {
+    for r in roots {
+        std::fs::create_dir_all(r).with_context(|| format!("creating {}", r.display()))?;
+    }
+    for (i, e) in m.entries.iter().enumerate() {
+        if e.kind == EntryKind::Dir {
+            let p = dest_path(m, roots, i as u32)?;
+            std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        }
+    }
+    for (i, e) in m.entries.iter().enumerate() {
+        if e.kind == EntryKind::File {
+            let p = dest_path(m, roots, i as u32)?;
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)
+                .with_context(|| format!("creating {}", p.display()))?;
+            f.set_len(e.size)
+                .with_context(|| format!("sizing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// What `write_all` did.
+#[derive(Debug, Clone, Copy)]
+pub struct UnpackStats {
+    /// File bytes written.
+    pub bytes: u64,
+    /// Objects read.
+    pub objects: usize,
+}
+
+/// Downloads every data object and writes its pieces, `jobs` objects at a time, then checks
+/// every file.
+pub async fn write_all(
+    repo: &Repository,
+    m: &Arc<BackupManifest>,
+    roots: &Arc<Vec<PathBuf>>,
+    jobs: usize,
+    server_files: &[ServerManifestFile],
+) -> Result<UnpackStats> {
+    let id = m.backup_id()?;
+    let done = Arc::new(AtomicU64::new(0));
+    let written: Arc<Mutex<Written>> = Arc::new(Mutex::new(Vec::new()));
+    let total: u64 = m.chunks.iter().map(|c| c.bytes).sum();
+    let mut progress = Progress::new("restore", Some(total));
+    let mut set = JoinSet::new();
+    let mut next = 0usize;
+    let jobs = jobs.max(1);
+    loop {
+        while set.len() < jobs && next < m.chunks.len() {
+            let (repo, m2, roots, done, written, id) = (
+                repo.clone(),
+                m.clone(),
+                roots.clone(),
+                done.clone(),
+                written.clone(),
+                id.clone(),
+            );
+            let idx = next;
+            set.spawn(async move {
+                let chunk = &m2.chunks[idx];
+                restore_chunk(&repo, &m2, &roots, &id, chunk, &done, &written)
+                    .await
+                    .map_err(|e| e.context(describe_chunk(&m2, &id, chunk)))
+            });
+            next += 1;
+        }
+        let tick = tokio::time::sleep(std::time::Duration::from_millis(250));
+        tokio::select! {
+            r = set.join_next() => match r {
+                None => break,
+                Some(r) => {
+                    if let Err(e) = r.context("a restore task failed")? {
+                        set.abort_all();
+                        return Err(e);
+                    }
+                }
+            },
+            _ = tick => {}
+        }
+        progress.update(done.load(Ordering::Relaxed));
+    }
+    progress.finish(done.load(Ordering::Relaxed));
+    let pieces = std::mem::take(&mut *written.lock().map_err(|_| anyhow!("lock poisoned"))?);
+    verify_files(m, roots, pieces, server_files)?;
+    Ok(UnpackStats {
+        bytes: done.load(Ordering::Relaxed),
+        objects: m.chunks.len(),
+    })
+}
+
+fn describe_chunk(m: &BackupManifest, id: &BackupId, c: &DataChunk) -> String {
+    let mut names: Vec<String> = c
+        .pieces
+        .iter()
+        .take(5)
+        .filter_map(|p| m.entries.get(p.entry as usize))
+        .map(|e| manifest_path(e, &m.tablespaces))
+        .collect();
+    if c.pieces.len() > 5 {
+        names.push(format!("and {} more", c.pieces.len() - 5));
+    }
+    format!(
+        "restoring object {} (files {})",
+        layout::base_backup_chunk(id, c.seq),
+        names.join(", ")
+    )
+}
+
+async fn restore_chunk(
+    repo: &Repository,
+    m: &BackupManifest,
+    roots: &[PathBuf],
+    id: &BackupId,
+    chunk: &DataChunk,
+    done: &AtomicU64,
+    written: &Mutex<Written>,
+) -> Result<()> {
+    let key = layout::base_backup_chunk(id, chunk.seq);
+    let mut reader = repo.reader(&key).await?;
+    let mut files: HashMap<u32, std::fs::File> = HashMap::new();
+    let mut results: Written = Vec::with_capacity(chunk.pieces.len());
+    let mut piece_idx = 0usize;
+    let mut piece_done = 0u64;
+    let mut crc = 0u32;
+    while let Some(mut data) = reader.next_chunk().await? {
+        while !data.is_empty() {
+            let Some(p) = chunk.pieces.get(piece_idx) else {
+                bail!("{key} holds more bytes than its pieces");
+            };
+            let take = (p.len - piece_done).min(data.len() as u64) as usize;
+            let part = data.split_to(take);
+            let f = match files.entry(p.entry) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let path = dest_path(m, roots, p.entry)?;
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .with_context(|| format!("opening {}", path.display()))?;
+                    v.insert(f)
+                }
+            };
+            let at = p.offset + piece_done;
+            tokio::task::block_in_place(|| f.write_all_at(&part, at)).with_context(|| {
+                format!(
+                    "writing {}",
+                    dest_path(m, roots, p.entry)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                )
+            })?;
+            crc = crc32c::crc32c_append(crc, &part);
+            piece_done += take as u64;
+            done.fetch_add(take as u64, Ordering::Relaxed);
+            if piece_done == p.len {
+                results.push((p.entry, p.offset, p.len, crc));
+                crc = 0;
+                piece_done = 0;
+                piece_idx += 1;
+            }
+        }
+    }
+    if piece_idx != chunk.pieces.len() {
+        bail!(
+            "{key} ended after {piece_idx} of {} pieces",
+            chunk.pieces.len()
+        );
+    }
+    for (_, f) in files {
+        tokio::task::block_in_place(|| f.sync_data()).context("syncing restored files")?;
+    }
+    written
+        .lock()
+        .map_err(|_| anyhow!("lock poisoned"))?
+        .extend(results);
+    Ok(())
+}
+
+/// Combines each file's piece CRCs in offset order and compares them with the backup's
+/// record and the server's manifest; sets permissions.
+fn verify_files(
+    m: &BackupManifest,
+    roots: &[PathBuf],
+    mut pieces: Written,
+    server_files: &[ServerManifestFile],
+) -> Result<()> {
+    pieces.sort_unstable_by_key(|p| (p.0, p.1));
+    let mut per_entry: HashMap<u32, (u64, u32)> = HashMap::new();
+    for (entry, offset, len, crc) in pieces {
+        let e = per_entry.entry(entry).or_insert((0, 0));
+        if e.0 != offset {
+            bail!(
+                "{}: bytes {}..{offset} were never written",
+                manifest_path(&m.entries[entry as usize], &m.tablespaces),
+                e.0
+            );
+        }
+        e.1 = if e.0 == 0 {
+            crc
+        } else {
+            crc32c::crc32c_combine(e.1, crc, len as usize)
+        };
+        e.0 += len;
+    }
+    let server: HashMap<&str, &ServerManifestFile> =
+        server_files.iter().map(|f| (f.path.as_str(), f)).collect();
+    for (i, e) in m.entries.iter().enumerate() {
+        let path = dest_path(m, roots, i as u32)?;
+        if e.kind == EntryKind::Symlink {
+            continue;
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(e.mode & 0o7777))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+        if e.kind != EntryKind::File {
+            continue;
+        }
+        let name = manifest_path(e, &m.tablespaces);
+        let (len, crc) = per_entry.get(&(i as u32)).copied().unwrap_or((0, 0));
+        if len != e.size {
+            bail!("{name}: restored {len} bytes, the backup has {}", e.size);
+        }
+        if crc != e.crc32c {
+            bail!(
+                "{name}: restored CRC32C {crc:08x} differs from the backup's {:08x}",
+                e.crc32c
+            );
+        }
+        if let Some(f) = server.get(name.as_str()) {
+            if f.size != len || (f.algorithm == "CRC32C" && !crc_matches(crc, &f.checksum)) {
+                bail!(
+                    "{name}: does not match the server's backup_manifest (size {}, checksum {})",
+                    f.size,
+                    f.checksum
+                );
+            }
+        }
+    }
+    for f in server_files {
+        let known = m
+            .entries
+            .iter()
+            .any(|e| e.kind == EntryKind::File && manifest_path(e, &m.tablespaces) == f.path);
+        if !known {
+            bail!(
+                "{}: listed in the server's backup_manifest but not in the backup",
+                f.path
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Syncs a directory entry (after renames).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
