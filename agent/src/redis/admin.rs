@@ -29,8 +29,3 @@ pub async fn command(port: u16, args: &[&[u8]]) -> Result<String> {
         }
     }
 }
-
-/// `INFO persistence`.
-pub async fn info(port: u16) -> Result<String> {
-    command(port, &[b"INFO", b"persistence"]).await
-}

@@ -265,50 +265,80 @@ async fn start_server(
     target: &std::path::Path,
     format: super::restore::RestoreFormat,
 ) -> Result<()> {
+    let dir =
+        std::fs::canonicalize(target).with_context(|| format!("resolving {}", target.display()))?;
+    // Another process may take the free port between our probe and the server's bind:
+    // then the server exits and we try another port.
+    let mut last_error = None;
+    for _ in 0..5 {
+        match start_once(server, &dir, format).await {
+            Ok(port) => return report_started(server, &dir, port).await,
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("the server did not start")))
+}
+
+/// Starts the server in the background (its own process group, so it outlives the agent)
+/// and waits until *this* process (by pid) has loaded the data. Returns its port.
+async fn start_once(
+    server: &std::path::Path,
+    dir: &std::path::Path,
+    format: super::restore::RestoreFormat,
+) -> Result<u16> {
     use super::restore::RestoreFormat;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .context("finding a free port")?
         .port();
-    let dir =
-        std::fs::canonicalize(target).with_context(|| format!("resolving {}", target.display()))?;
     let mut cmd = tokio::process::Command::new(server);
     cmd.arg("--port")
         .arg(port.to_string())
-        .arg("--bind")
-        .arg("127.0.0.1")
+        .args(["--bind", "127.0.0.1"])
         .arg("--dir")
-        .arg(&dir);
-    cmd.args(["--daemonize", "yes", "--save", ""])
+        .arg(dir);
+    cmd.args(["--daemonize", "no", "--save", ""])
         .arg("--logfile")
         .arg(dir.join("server.log"));
-    cmd.arg("--pidfile").arg(dir.join("server.pid"));
     match format {
         RestoreFormat::Aof | RestoreFormat::AofSingle => cmd.args(["--appendonly", "yes"]),
         RestoreFormat::Rdb => cmd.args(["--appendonly", "no", "--dbfilename", "dump.rdb"]),
     };
-    let status = cmd
-        .status()
-        .await
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
         .with_context(|| format!("starting {}", server.display()))?;
-    if !status.success() {
-        bail!(
-            "{} exited with {status}; see {}",
-            server.display(),
-            dir.join("server.log").display()
-        );
-    }
+    let pid = child.id().context("the server exited at once")?;
     let deadline = std::time::Instant::now() + Duration::from_secs(600);
-    let info = loop {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "{} exited with {status} before it finished loading; see {}",
+                server.display(),
+                dir.join("server.log").display()
+            );
+        }
         if std::time::Instant::now() > deadline {
             bail!("the server on port {port} did not finish loading in 10 minutes");
         }
-        match super::admin::info(port).await {
-            Ok(text) if text.contains("loading:0") => break text,
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        if let Ok(info) = super::admin::command(port, &[b"INFO", b"all"]).await {
+            let ours = info
+                .lines()
+                .any(|l| l.trim() == format!("process_id:{pid}"));
+            if ours && info.lines().any(|l| l.trim() == "loading:0") {
+                std::fs::write(dir.join("server.pid"), format!("{pid}\n"))
+                    .context("writing server.pid")?;
+                return Ok(port);
+            }
         }
-    };
-    let _ = info;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn report_started(server: &std::path::Path, dir: &std::path::Path, port: u16) -> Result<()> {
     let keyspace = super::admin::command(port, &[b"INFO", b"keyspace"]).await?;
     println!(
         "server:       {} running on 127.0.0.1:{port} (pid file {})",

@@ -137,6 +137,16 @@ struct ChunkBuilder {
 }
 
 impl ChunkBuilder {
+    /// Records that nothing else had arrived by now: a restore to a time between the last
+    /// command and the cut needs no later chunk.
+    fn seal(&mut self, end: u64) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        match self.index.last_mut() {
+            Some(last) if last.1 >= now_ms => last.0 = end,
+            _ => self.index.push((end, now_ms)),
+        }
+    }
+
     fn new(start: u64, db: u32) -> Self {
         Self {
             start,
@@ -271,7 +281,8 @@ pub async fn run(
         let due =
             chunk.opened.elapsed() >= opts.max_lag || chunk.body.len() >= opts.max_chunk_bytes;
         if !chunk.body.is_empty() && !in_multi && due {
-            let full = std::mem::replace(&mut chunk, ChunkBuilder::new(offset.get(), db));
+            let mut full = std::mem::replace(&mut chunk, ChunkBuilder::new(offset.get(), db));
+            full.seal(offset.get());
             match upload(repo, &generation, &replid, full, offset.get(), db) {
                 Ok(fut) => uploads.push_back(fut),
                 Err(e) => break Err(e),
@@ -283,6 +294,9 @@ pub async fn run(
     // Store what was read, then wait for every upload, so a clean stop loses nothing.
     let mut finished = Ok(());
     if !chunk.body.is_empty() {
+        if !in_multi {
+            chunk.seal(offset.get());
+        }
         match upload(repo, &generation, &replid, chunk, offset.get(), db) {
             Ok(fut) => uploads.push_back(fut),
             Err(e) => finished = Err(e),

@@ -1,0 +1,413 @@
+//! The agent against real Redis 7 and Valkey 9: `redis snapshot`, `redis stream` and
+//! `redis restore`, including the point-in-time proof, kill -9 and resume, and a master
+//! restarted with a new replication ID.
+#![allow(clippy::unwrap_used)]
+
+mod redis_support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use redis_support::*;
+use syncbridge_tests::redis::{RedisFlavor, RedisServer, RespConnection, RespValue};
+use syncbridge_tests::s3::S3Server;
+
+fn file_repo(dir: &Path) -> String {
+    format!("file://{}", dir.join("repo").display())
+}
+
+fn generations(repo_dir: &Path) -> usize {
+    let gen_dir = repo_dir.join("repo/redis/gen");
+    std::fs::read_dir(gen_dir).map(|d| d.count()).unwrap_or(0)
+}
+
+fn ok(c: &mut RespConnection, args: &[&str]) -> RespValue {
+    let r = c.cmd(args).unwrap();
+    assert!(!matches!(r, RespValue::Error(_)), "{args:?} -> {r}");
+    r
+}
+
+fn restore_and_start(
+    repo: &str,
+    target: &Path,
+    to: Option<i64>,
+    flavor: RedisFlavor,
+    env: &[(String, String)],
+) -> RestoredServer {
+    let target_s = target.display().to_string();
+    let bin = server_bin(flavor);
+    let to_arg = to.map(|t| format!("@{t}"));
+    let mut args = vec![
+        "redis", "restore", "--repo", repo, "--target", &target_s, "--start", &bin,
+    ];
+    if let Some(t) = &to_arg {
+        args.extend(["--to-time", t.as_str()]);
+    }
+    let out = run_agent(&args, env);
+    assert!(out.status.success(), "{}", text(&out));
+    RestoredServer::from_output(&out)
+}
+
+fn snapshot_round_trip(flavor: RedisFlavor) {
+    let server = RedisServer::start(flavor);
+    load_dataset(&server);
+    let before = dump(&server);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let out = run_agent(
+        &[
+            "redis",
+            "snapshot",
+            "--source",
+            &server.url(),
+            "--repo",
+            &repo,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for (db, (keys, expires)) in keyspace(&server) {
+        assert!(
+            stdout.contains(&format!("db{db}:          keys={keys} expires={expires}")),
+            "{flavor}: {stdout}"
+        );
+    }
+    assert!(stdout.contains("diskless"), "{stdout}");
+    // --format rdb is allowed: nothing follows the snapshot.
+    let target = tmp.path().join("restore");
+    let target_s = target.display().to_string();
+    let bin = server_bin(flavor);
+    let out = run_agent(
+        &[
+            "redis", "restore", "--repo", &repo, "--target", &target_s, "--format", "rdb",
+            "--start", &bin,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let restored = RestoredServer::from_output(&out);
+    assert_eq!(dump_port(restored.port, None), before, "{flavor}");
+    // verify-rdb on the restored file agrees.
+    let out = run_agent(
+        &[
+            "redis",
+            "verify-rdb",
+            &target.join("dump.rdb").display().to_string(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn redis7_snapshot_restores_every_type_identically() {
+    snapshot_round_trip(RedisFlavor::Redis7);
+}
+
+#[test]
+fn valkey9_snapshot_restores_every_type_identically() {
+    snapshot_round_trip(RedisFlavor::Valkey9);
+}
+
+#[test]
+fn snapshot_to_seaweedfs_with_the_documented_minimal_acl() {
+    let s3 = S3Server::start();
+    for &flavor in RedisFlavor::all() {
+        let server = RedisServer::builder(flavor).password("adminpw").start();
+        load_dataset(&server);
+        let mut admin = server.connect();
+        ok(
+            &mut admin,
+            &[
+                "ACL",
+                "SETUSER",
+                "backup",
+                "on",
+                ">backuppw",
+                "+psync",
+                "+replconf",
+                "+sync",
+                "+ping",
+            ],
+        );
+        let source = format!("redis://backup:backuppw@127.0.0.1:{}", server.port());
+        let repo = s3.repo_url(&format!("acl-{}", flavor.expected_major()));
+        let out = run_agent(
+            &["redis", "snapshot", "--source", &source, "--repo", &repo],
+            &s3.env(),
+        );
+        assert!(out.status.success(), "{flavor}: {}", text(&out));
+        // A wrong password is a clear error.
+        let bad = format!("redis://backup:nope@127.0.0.1:{}", server.port());
+        let out = run_agent(
+            &["redis", "snapshot", "--source", &bad, "--repo", &repo],
+            &s3.env(),
+        );
+        assert!(!out.status.success());
+        assert!(
+            text(&out).contains("authentication as backup failed"),
+            "{}",
+            text(&out)
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let restored = restore_and_start(&repo, &tmp.path().join("r"), None, flavor, &s3.env());
+        assert_eq!(dump_port(restored.port, None), dump(&server), "{flavor}");
+    }
+}
+
+/// One step of the PITR workload: markers, counters, every collection, MULTI/EXEC, TTLs,
+/// two databases.
+fn workload(c: &mut RespConnection, phase: usize) {
+    for i in 0..40 {
+        ok(c, &["SET", &format!("marker:{phase}:{i}"), &i.to_string()]);
+    }
+    for _ in 0..7 {
+        ok(c, &["INCR", "counter"]);
+    }
+    ok(c, &["SELECT", "1"]);
+    ok(c, &["INCRBY", "counter:db1", &(phase * 3 + 1).to_string()]);
+    ok(c, &["SELECT", "0"]);
+    ok(c, &["RPUSH", "list", &format!("p{phase}")]);
+    ok(
+        c,
+        &["HSET", "hash", &format!("f{phase}"), &format!("v{phase}")],
+    );
+    ok(c, &["SADD", "set", &format!("m{phase}")]);
+    ok(
+        c,
+        &["ZADD", "zset", &phase.to_string(), &format!("z{phase}")],
+    );
+    ok(c, &["XADD", "stream", "*", "phase", &phase.to_string()]);
+    ok(c, &["MULTI"]);
+    ok(c, &["SET", &format!("tx:{phase}"), "1"]);
+    ok(c, &["INCR", "counter"]);
+    ok(c, &["LPUSH", "list", &format!("tx{phase}")]);
+    ok(c, &["EXEC"]);
+    ok(c, &["SET", &format!("ttl:{phase}"), "v", "EX", "3600"]);
+    if phase == 2 {
+        ok(c, &["DEL", "hash"]);
+        ok(c, &["SREM", "set", "m0"]);
+    }
+}
+
+fn pitr(flavor: RedisFlavor) {
+    let server = RedisServer::start(flavor);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let mut c = server.connect();
+    ok(&mut c, &["SET", "before-agent", "1"]);
+    ok(&mut c, &["RPUSH", "list", "seed"]);
+    let mut agent = StreamingAgent::start(
+        &server.url(),
+        &repo,
+        "200ms",
+        &[],
+        tmp.path().join("agent.log"),
+    );
+    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    let first_snapshot = now_ms();
+    let mut targets: Vec<(i64, BTreeMap<String, String>)> = Vec::new();
+    for phase in 0..4 {
+        workload(&mut c, phase);
+        std::thread::sleep(Duration::from_millis(400));
+        targets.push((now_ms(), dump(&server)));
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    // Traffic after the last target: the stream must reach past it.
+    workload(&mut c, 4);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(agent.terminate(), "{}", agent.log_text());
+    let final_state = dump(&server);
+
+    for (i, (t, expected)) in targets.iter().enumerate() {
+        let restored = restore_and_start(
+            &repo,
+            &tmp.path().join(format!("at{i}")),
+            Some(*t),
+            flavor,
+            &[],
+        );
+        let got = dump_port(restored.port, None);
+        let markers = got.keys().filter(|k| k.contains("marker:")).count();
+        assert_eq!(markers, 40 * (i + 1), "{flavor}: markers at target {i}");
+        assert_eq!(&got, expected, "{flavor}: state at target {i}");
+    }
+    let restored = restore_and_start(&repo, &tmp.path().join("latest"), None, flavor, &[]);
+    assert_eq!(
+        dump_port(restored.port, None),
+        final_state,
+        "{flavor}: latest"
+    );
+
+    // Refusals name the times involved.
+    let target = tmp.path().join("refused").display().to_string();
+    let early = format!("@{}", first_snapshot - 60_000);
+    let out = run_agent(
+        &[
+            "redis",
+            "restore",
+            "--repo",
+            &repo,
+            "--target",
+            &target,
+            "--to-time",
+            &early,
+        ],
+        &[],
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("no generation starts at or before"),
+        "{}",
+        text(&out)
+    );
+    let late = format!("@{}", now_ms() + 3_600_000);
+    let out = run_agent(
+        &[
+            "redis",
+            "restore",
+            "--repo",
+            &repo,
+            "--target",
+            &target,
+            "--to-time",
+            &late,
+        ],
+        &[],
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("latest restorable time"),
+        "{}",
+        text(&out)
+    );
+    let mid = format!("@{}", targets[1].0);
+    let out = run_agent(
+        &[
+            "redis",
+            "restore",
+            "--repo",
+            &repo,
+            "--target",
+            &target,
+            "--to-time",
+            &mid,
+            "--format",
+            "rdb",
+        ],
+        &[],
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("--format aof"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn redis7_point_in_time_restore_matches_the_state_at_each_target() {
+    pitr(RedisFlavor::Redis7);
+}
+
+#[test]
+fn valkey9_point_in_time_restore_matches_the_state_at_each_target() {
+    pitr(RedisFlavor::Valkey9);
+}
+
+#[test]
+fn killed_agent_resumes_with_psync_and_loses_nothing() {
+    let server = RedisServer::start(RedisFlavor::Redis7);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let mut agent = StreamingAgent::start(
+        &server.url(),
+        &repo,
+        "100ms",
+        &[],
+        tmp.path().join("a1.log"),
+    );
+    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    let port = server.port();
+    let writer = std::thread::spawn(move || {
+        let mut c = RespConnection::connect(port).unwrap();
+        for i in 0..3000 {
+            ok(&mut c, &["SET", &format!("marker:{i}"), "x"]);
+            ok(&mut c, &["INCR", "counter"]);
+            if i % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    agent.kill9();
+    let mut agent = StreamingAgent::start(
+        &server.url(),
+        &repo,
+        "100ms",
+        &[],
+        tmp.path().join("a2.log"),
+    );
+    agent.wait_for_log("resumed with PSYNC", Duration::from_secs(60));
+    writer.join().unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(agent.terminate(), "{}", agent.log_text());
+    assert!(
+        !agent.log_text().contains("new generation"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(generations(tmp.path()), 1);
+    let restored = restore_and_start(&repo, &tmp.path().join("r"), None, RedisFlavor::Redis7, &[]);
+    let got = dump_port(restored.port, None);
+    assert_eq!(
+        got.get("0/counter").map(String::as_str),
+        Some("string \"3000\"")
+    );
+    assert_eq!(got, dump(&server));
+}
+
+#[test]
+fn master_restarted_with_a_new_replid_starts_a_new_generation() {
+    let mut server = RedisServer::start(RedisFlavor::Valkey9);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let mut agent = StreamingAgent::start(
+        &server.url(),
+        &repo,
+        "100ms",
+        &[],
+        tmp.path().join("a1.log"),
+    );
+    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    assert!(server.cmd(&["SET", "old", "1"]).is_ok());
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(agent.terminate());
+    // No persistence: the restarted master has an empty dataset and a new replication ID.
+    server.restart();
+    assert!(server.cmd(&["SET", "new", "2"]).is_ok());
+    let mut agent = StreamingAgent::start(
+        &server.url(),
+        &repo,
+        "100ms",
+        &[],
+        tmp.path().join("a2.log"),
+    );
+    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    assert!(
+        agent.log_text().contains("new generation"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(server.cmd(&["SET", "after", "3"]).is_ok());
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(agent.terminate());
+    assert_eq!(generations(tmp.path()), 2);
+    let restored = restore_and_start(
+        &repo,
+        &tmp.path().join("r"),
+        None,
+        RedisFlavor::Valkey9,
+        &[],
+    );
+    assert_eq!(dump_port(restored.port, None), dump(&server));
+}
