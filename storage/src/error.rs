@@ -86,7 +86,7 @@ pub enum StorageError {
 
     /// The object store failed. `retryable` says whether trying again later could succeed;
     /// the message names the operation, the attempts made and the last cause.
-    #[error("object {key}: {op} failed after {attempts} attempt(s) ({}): {source}", if *.retryable { "transient, retryable" } else { "permanent" })]
+    #[error("object {key}: {op} failed{} ({}): {source}", attempts_note(*.attempts), if *.retryable { "transient, retryable" } else { "permanent" })]
     Backend {
         /// The object or prefix.
         key: String,
@@ -219,6 +219,14 @@ impl StorageError {
             path: path.display().to_string(),
             source,
         }
+    }
+}
+
+fn attempts_note(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" after {attempts} attempts")
+    } else {
+        String::new()
     }
 }
 

@@ -659,3 +659,85 @@ fn s3_backend(url_text: &str, url: &url::Url, opts: &RepoOptions) -> Result<Back
     let store = b.build().map_err(|e| config_err(url_text, e))?;
     store_backend(url_text, url, Arc::new(store), conditional, attributes)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn err(url: &str, opts: RepoOptions) -> String {
+        Repository::open(url, opts).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn urls_are_validated() {
+        let o = RepoOptions::default;
+        assert!(err("ftp://x/y", o()).contains("unsupported scheme"));
+        assert!(err("s3:///prefix", o()).contains("missing bucket"));
+        assert!(err("s3://b/p?bogus=1", o()).contains("unknown option \"bogus\""));
+        assert!(err("s3://b/p?path_style=maybe", o()).contains("expected true or false"));
+        assert!(err("s3://b/p?conditional_put=x", o()).contains("etag or disabled"));
+        assert!(err("s3://b/bad%20prefix", o()).contains("prefix"));
+        assert!(err("file://host/x", o()).contains("absolute path"));
+        let bad_level = RepoOptions {
+            compression_level: Some(99),
+            ..o()
+        };
+        assert!(err("memory://", bad_level).contains("compression level"));
+        let s3 = Repository::open(
+            "s3://bucket/some/prefix?endpoint=http://127.0.0.1:1&allow_http=true&region=x&storage_class=STANDARD_IA",
+            o(),
+        )
+        .unwrap();
+        assert_eq!(
+            s3.url(),
+            "s3://bucket/some/prefix",
+            "query (may hold secrets) is not shown"
+        );
+        match &s3.inner.backend {
+            Backend::Store(s) => {
+                assert_eq!(s.prefix, "some/prefix");
+                assert!(s.conditional_create);
+                assert_eq!(s.attributes.len(), 1);
+            }
+            Backend::Local(_) => panic!("expected an object store"),
+        }
+    }
+
+    #[test]
+    fn custom_ca_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let o = |p: &std::path::Path| RepoOptions {
+            ca_bundle: Some(p.to_path_buf()),
+            ..RepoOptions::default()
+        };
+        let url = "s3://b/p?endpoint=https://127.0.0.1:1";
+        assert!(err(url, o(&missing)).contains("missing.pem"));
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        assert!(err(url, o(&empty)).contains("no PEM certificates"));
+        // A real self-signed CA certificate is accepted.
+        let cert = dir.path().join("ca.pem");
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=sb-test-ca",
+            ])
+            .arg("-keyout")
+            .arg(dir.path().join("ca.key"))
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{status:?}");
+        Repository::open(url, o(&cert)).unwrap();
+    }
+}

@@ -194,6 +194,7 @@ async fn s3_permanent_failure_is_a_clear_error_and_leaves_nothing() {
         .await
         .unwrap_err();
     let msg = err.to_string();
+    eprintln!("permanent PUT failure: {msg}");
     assert!(err.is_retryable(), "{msg}");
     assert!(msg.contains("never/small") && msg.contains("500"), "{msg}");
 
@@ -211,6 +212,7 @@ async fn s3_permanent_failure_is_a_clear_error_and_leaves_nothing() {
     }
     .await;
     let msg = res.unwrap_err().to_string();
+    eprintln!("permanent part failure: {msg}");
     assert!(msg.contains("never/big"), "{msg}");
 
     proxy.clear_rules();
