@@ -26,6 +26,9 @@ enum Command {
     /// Restore a backup from a repository: PostgreSQL to a point in time (--to-time,
     /// --to-lsn, --to-xid, or the latest archived point).
     Restore(crate::restore::RestoreArgs),
+    /// List what a PostgreSQL repository can restore: base backups (LSN and time ranges,
+    /// sizes), archived WAL per timeline with any holes.
+    List(crate::list::ListArgs),
 }
 
 /// Runs the parsed command line.
@@ -39,5 +42,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Redis(args) => crate::redis::cli::run(args),
         Command::Repo(args) => crate::repo_cmd::run(args),
         Command::Restore(args) => crate::restore::run(args),
+        Command::List(args) => crate::list::run(args),
     }
 }

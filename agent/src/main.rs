@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cli;
+mod list;
 mod pg;
 mod redis;
 mod repo_cmd;

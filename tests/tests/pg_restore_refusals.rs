@@ -109,6 +109,17 @@ fn refusals_name_the_missing_piece() {
     segs.sort();
     let victim = segs[segs.len() - 2].clone();
     std::fs::remove_file(wal_dir.join(&victim)).unwrap();
+    // `list` shows the backup and the hole.
+    let listing = pg_support::agent()
+        .args(["list", "--repo", &env.repo_url()])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listing.stdout).to_string();
+    assert!(listing.status.success(), "{}", text(&listing));
+    assert!(
+        listed.contains(&id) && listed.contains("HOLE") && listed.contains(&victim),
+        "{listed}"
+    );
     let out = env.restore(&dirs.data(), &[]);
     assert!(!out.status.success());
     assert!(
@@ -121,6 +132,7 @@ fn refusals_name_the_missing_piece() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains(&victim), "{}", text(&out));
     assert!(untouched(&dirs.data()));
+    eprintln!("refusal: {}", stderr(&out));
 }
 
 #[test]
