@@ -122,3 +122,65 @@ fn pg17_backup_and_restore_with_tablespace() {
 fn pg14_backup_and_restore_with_tablespace() {
     backup_and_restore(PgVersion::V14);
 }
+
+/// `restore --start`: the agent starts the restored cluster itself, waits for recovery to
+/// end and reports where it stopped and how long it took.
+#[test]
+fn pg16_restore_with_start_reports_the_restored_point() {
+    use syncbridge_tests::pg::{SUPERUSER, SUPERUSER_PASSWORD};
+    let version = PgVersion::V16;
+    let env = Env::simple(version);
+    env.pg
+        .sql_blocking("CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 1000)");
+    env.backup(&[]);
+    env.pg.sql_blocking("INSERT INTO t VALUES (1001)");
+    let lsn = env.pg.query_one_blocking("SELECT pg_current_wal_lsn()");
+    env.wait_archived(&lsn);
+    let dirs = RestoreDirs::new();
+    let port = syncbridge_tests::process::free_port();
+    let opts = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1",
+        dirs.parent.path().display()
+    );
+    let bin = env.pg.bin_dir().display().to_string();
+    let out = env.restore(&dirs.data(), &["--start", &bin, "--start-options", &opts]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    // Whatever happened, stop the server it may have started.
+    let mut stop = std::process::Command::new(env.pg.bin_dir().join("pg_ctl"));
+    stop.arg("-D")
+        .arg(dirs.data())
+        .args(["-m", "immediate", "stop"]);
+    syncbridge_tests::process::run_as_server_user(&mut stop);
+    let check = syncbridge_tests::pg::block_on(async {
+        let conn = format!(
+            "host=127.0.0.1 port={port} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres"
+        );
+        match tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                let row = client
+                    .query_one(
+                        "SELECT count(*)::text, pg_is_in_recovery()::text FROM t",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                Some((row.get::<_, String>(0), row.get::<_, String>(1)))
+            }
+            Err(_) => None,
+        }
+    });
+    let _ = stop.output();
+    assert!(
+        out.status.success(),
+        "restore --start failed:\n{}",
+        text(&out)
+    );
+    assert!(stdout.contains("redo done at"), "{stdout}");
+    assert!(stdout.contains("durations:"), "{stdout}");
+    assert_eq!(
+        check,
+        Some(("1001".to_string(), "false".to_string())),
+        "{stdout}"
+    );
+}

@@ -148,7 +148,10 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
             let user = args
                 .owner
                 .as_deref()
-                .map(|u| format!("sudo -u {u} "))
+                .map(|u| match u.split_once(':') {
+                    Some((uid, _)) => format!("sudo -u '#{uid}' "),
+                    None => format!("sudo -u {u} "),
+                })
                 .unwrap_or_default();
             println!(
                 "next:        {user}pg_ctl -D {} -l {}/recovery.log start",
