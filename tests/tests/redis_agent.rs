@@ -371,28 +371,16 @@ fn master_restarted_with_a_new_replid_starts_a_new_generation() {
     let mut server = RedisServer::start(RedisFlavor::Valkey9);
     let tmp = tempfile::tempdir().unwrap();
     let repo = file_repo(tmp.path());
-    let mut agent = StreamingAgent::start(
-        &server.url(),
-        &repo,
-        "100ms",
-        &[],
-        tmp.path().join("a1.log"),
-    );
+    // One agent process throughout: it reconnects on its own.
+    let mut agent =
+        StreamingAgent::start(&server.url(), &repo, "100ms", &[], tmp.path().join("a.log"));
     agent.wait_for_log("snapshot stored", Duration::from_secs(60));
     assert!(server.cmd(&["SET", "old", "1"]).is_ok());
     std::thread::sleep(Duration::from_millis(400));
-    assert!(agent.terminate());
     // No persistence: the restarted master has an empty dataset and a new replication ID.
     server.restart();
     assert!(server.cmd(&["SET", "new", "2"]).is_ok());
-    let mut agent = StreamingAgent::start(
-        &server.url(),
-        &repo,
-        "100ms",
-        &[],
-        tmp.path().join("a2.log"),
-    );
-    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    agent.wait_for_log_count("snapshot stored", 2, Duration::from_secs(90));
     assert!(
         agent.log_text().contains("new generation"),
         "{}",
@@ -410,4 +398,43 @@ fn master_restarted_with_a_new_replid_starts_a_new_generation() {
         &[],
     );
     assert_eq!(dump_port(restored.port, None), dump(&server));
+}
+
+#[test]
+fn snapshot_every_rotates_generations_and_every_moment_stays_restorable() {
+    let server = RedisServer::start(RedisFlavor::Redis7);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let mut c = server.connect();
+    let mut agent = StreamingAgent::start_with(
+        &server.url(),
+        &repo,
+        &["--max-lag", "200ms", "--snapshot-every", "1s"],
+        &[],
+        tmp.path().join("agent.log"),
+    );
+    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    let mut targets = Vec::new();
+    for phase in 0..6 {
+        workload(&mut c, phase);
+        std::thread::sleep(Duration::from_millis(300));
+        targets.push((now_ms(), dump(&server)));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    workload(&mut c, 6);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(agent.terminate(), "{}", agent.log_text());
+    let log = agent.log_text();
+    assert!(log.contains("switched to the new generation"), "{log}");
+    assert!(generations(tmp.path()) >= 3, "{log}");
+    for (i, (t, expected)) in targets.iter().enumerate() {
+        let restored = restore_and_start(
+            &repo,
+            &tmp.path().join(format!("at{i}")),
+            Some(*t),
+            RedisFlavor::Redis7,
+            &[],
+        );
+        assert_eq!(&dump_port(restored.port, None), expected, "target {i}");
+    }
 }

@@ -80,6 +80,19 @@ struct StreamArgs {
     /// Longest time read commands wait before they are stored (e.g. 1s, 500ms, 2m).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     max_lag: Duration,
+    /// Take a new snapshot generation this often (only if writes happened), on a second
+    /// connection while streaming continues, so a restore replays at most this much.
+    /// `off` keeps one generation.
+    #[arg(long, default_value = "15m", value_parser = parse_optional_duration)]
+    snapshot_every: Duration,
+}
+
+/// Like [`parse_duration`]; `off` is zero (disabled).
+fn parse_optional_duration(text: &str) -> std::result::Result<Duration, String> {
+    if text == "off" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
 }
 
 /// Parses `500ms`, `1s`, `2m`, `1h`.
@@ -207,22 +220,50 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
     let repo = open_repo(&args.repo.repo)?;
     let opts = super::stream::StreamOptions {
         max_lag: args.max_lag,
+        snapshot_every: (!args.snapshot_every.is_zero()).then_some(args.snapshot_every),
         ..Default::default()
     };
-    let stop = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
         tracing::info!("stopping: storing what was read");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
-    super::stream::run(&repo, &source, &opts, stop).await?;
-    Ok(ExitCode::SUCCESS)
+    // A lost master or store is retried with backoff; every attempt resumes from what the
+    // repository holds.
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = std::time::Instant::now();
+        let result = super::stream::run(&repo, &source, &opts, stopped(stop_rx.clone())).await;
+        if *stop_rx.borrow() {
+            result?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        let err = match result {
+            Ok(()) => anyhow::anyhow!("the stream ended"),
+            Err(e) => e,
+        };
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        tracing::error!("{err:#}; retrying in {}s", backoff.as_secs());
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = stopped(stop_rx.clone()) => return Ok(ExitCode::SUCCESS),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
 }
 
 async fn restore(args: RestoreArgs) -> Result<ExitCode> {
@@ -403,5 +444,73 @@ async fn verify_rdb(args: VerifyRdbArgs) -> Result<ExitCode> {
             eprintln!("{}: {e}", args.file.display());
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::{CommandFactory, Parser};
+
+    use crate::cli::Cli;
+
+    #[test]
+    fn redis_sub_commands_parse() {
+        Cli::command().debug_assert();
+        for args in [
+            &[
+                "x",
+                "redis",
+                "stream",
+                "--source",
+                "redis://h",
+                "--repo",
+                "file:///r",
+            ][..],
+            &[
+                "x",
+                "redis",
+                "stream",
+                "--repo",
+                "file:///r",
+                "--snapshot-every",
+                "off",
+                "--max-lag",
+                "250ms",
+            ],
+            &[
+                "x",
+                "redis",
+                "snapshot",
+                "--source",
+                "redis://h",
+                "--repo",
+                "file:///r",
+            ],
+            &[
+                "x",
+                "redis",
+                "restore",
+                "--repo",
+                "file:///r",
+                "--target",
+                "/t",
+                "--to-time",
+                "@5",
+                "--format",
+                "aof-single",
+            ],
+            &["x", "redis", "verify-rdb", "dump.rdb"],
+        ] {
+            Cli::try_parse_from(args).unwrap();
+        }
+        assert!(
+            Cli::try_parse_from(["x", "redis", "stream", "--repo", "r", "--max-lag", "0s"])
+                .is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["x", "redis", "stream", "--repo", "r", "--max-lag", "5y"])
+                .is_err()
+        );
     }
 }

@@ -112,9 +112,19 @@ pub async fn restore(
         .next_back()
         .unwrap_or(manifest.snapshot_unix_ms);
     let end_offset = chain.last().map_or(manifest.snapshot_offset, |(_, e)| *e);
+    // When the next generation's snapshot offset is inside this generation's stream, this
+    // stream provably ran until that snapshot was taken: nothing else happened up to then.
+    let end_replid = chunks
+        .last()
+        .map_or(manifest.replid.as_str(), |(h, _)| h.replid.as_str());
+    let covered_ms = manifests
+        .iter()
+        .find(|m| m.generation > manifest.generation)
+        .filter(|next| next.replid == end_replid && next.snapshot_offset <= end_offset)
+        .map_or(latest_ms, |next| latest_ms.max(next.snapshot_unix_ms));
     let (cut, cut_ms) = match to_time {
         None => (end_offset, latest_ms),
-        Some(t) if t > latest_ms => {
+        Some(t) if t > covered_ms => {
             let gap = if orphans.is_empty() {
                 String::new()
             } else {

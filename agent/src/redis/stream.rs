@@ -36,6 +36,9 @@ pub struct StreamOptions {
     pub max_chunk_bytes: usize,
     /// Chunk uploads in flight before reading waits for the oldest.
     pub uploads_in_flight: usize,
+    /// Take a new snapshot generation this often (if the offset moved), so a restore
+    /// never replays more than this much of the stream.
+    pub snapshot_every: Option<Duration>,
 }
 
 impl Default for StreamOptions {
@@ -44,6 +47,7 @@ impl Default for StreamOptions {
             max_lag: Duration::from_secs(1),
             max_chunk_bytes: 16 << 20,
             uploads_in_flight: 4,
+            snapshot_every: Some(Duration::from_secs(15 * 60)),
         }
     }
 }
@@ -159,6 +163,75 @@ impl ChunkBuilder {
     }
 }
 
+/// A new generation taken on a second connection while the first keeps streaming.
+struct NextGeneration {
+    link: MasterLink,
+    generation: layout::GenerationId,
+    replid: String,
+    offset: ReplicationOffset,
+    db: u32,
+}
+
+/// Opens a second replica connection, takes a full sync and stores it as a generation.
+async fn take_generation(repo: &Repository, source: &RedisSource) -> Result<NextGeneration> {
+    let mut link = MasterLink::connect(source).await?;
+    let PsyncReply::FullResync { replid, offset } = link.psync(None).await? else {
+        anyhow::bail!("the master answered PSYNC ? -1 with +CONTINUE");
+    };
+    full_sync(repo, link, replid, offset).await
+}
+
+async fn full_sync(
+    repo: &Repository,
+    mut link: MasterLink,
+    replid: String,
+    offset: ReplicationOffset,
+) -> Result<NextGeneration> {
+    snapshot::ensure_redis_repo(repo, &replid).await?;
+    let captured = snapshot::capture(repo, &mut link, &replid, offset).await?;
+    let generation = layout::GenerationId::parse(&captured.manifest.generation)?;
+    tracing::info!(generation = %generation, bytes = captured.object.original_len, "snapshot stored");
+    if captured.manifest.snapshot.diskless {
+        // After a diskless payload the master waits for an ACK before streaming.
+        link.ack_sender().ack(offset).await?;
+    }
+    Ok(NextGeneration {
+        link,
+        generation,
+        replid,
+        offset,
+        db: captured.manifest.db_at_snapshot,
+    })
+}
+
+/// Sends `REPLCONF ACK <received offset>` every second until dropped.
+struct Acker(tokio::task::JoinHandle<()>);
+
+impl Acker {
+    fn start(link: &MasterLink, received: Arc<AtomicU64>) -> Acker {
+        let ack = link.ack_sender();
+        Acker(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Err(e) = ack
+                    .ack(ReplicationOffset(received.load(Ordering::Relaxed)))
+                    .await
+                {
+                    tracing::debug!("REPLCONF ACK failed: {e:#}");
+                    return;
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Acker {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Streams until `stop` resolves (then stores what was read) or an error occurs.
 pub async fn run(
     repo: &Repository,
@@ -175,7 +248,7 @@ pub async fn run(
                 .map(|r| (r.replid.as_str(), r.offset.psync_start())),
         )
         .await?;
-    let (generation, replid, mut offset, mut db) = match (reply, resume) {
+    let (mut generation, mut replid, mut offset, mut db) = match (reply, resume) {
         (PsyncReply::Continue { replid: new_id }, Some(r)) => {
             let replid = new_id.unwrap_or(r.replid);
             tracing::info!(generation = %r.generation, offset = %r.offset, %replid, "resumed with PSYNC, no new snapshot");
@@ -188,48 +261,25 @@ pub async fn run(
             if let Some(r) = resume {
                 tracing::info!(previous = %r.generation, "the master cannot continue from offset {}: new generation", r.offset);
             }
-            snapshot::ensure_redis_repo(repo, &replid).await?;
-            let captured = snapshot::capture(repo, &mut link, &replid, offset).await?;
-            let id = layout::GenerationId::parse(&captured.manifest.generation)?;
-            tracing::info!(generation = %id, bytes = captured.object.original_len, "snapshot stored");
-            if captured.manifest.snapshot.diskless {
-                // After a diskless payload the master waits for an ACK before streaming.
-                link.ack_sender().ack(offset).await?;
-            }
-            (id, replid, offset, captured.manifest.db_at_snapshot)
+            let next = full_sync(repo, link, replid, offset).await?;
+            link = next.link;
+            (next.generation, next.replid, next.offset, next.db)
         }
     };
 
     let received = Arc::new(AtomicU64::new(offset.get()));
-    let acker = {
-        let ack = link.ack_sender();
-        let received = received.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                if let Err(e) = ack
-                    .ack(ReplicationOffset(received.load(Ordering::Relaxed)))
-                    .await
-                {
-                    tracing::debug!("REPLCONF ACK failed: {e:#}");
-                    return;
-                }
-            }
-        })
-    };
-
+    let mut acker = Acker::start(&link, received.clone());
     let mut decoder = CommandDecoder::new();
     let mut chunk = ChunkBuilder::new(offset.get(), db);
     let mut in_multi = false;
     let mut uploads: Uploads<'_> = FuturesOrdered::new();
     let mut durable = offset;
+    let mut generation_started = Instant::now();
+    let mut generation_offset = offset;
+    let mut next_gen: Option<LocalBoxFuture<'_, Result<NextGeneration>>> = None;
+    let mut switch_to: Option<NextGeneration> = None;
     tokio::pin!(stop);
     let outcome: Result<()> = loop {
-        let wait = opts
-            .max_lag
-            .saturating_sub(chunk.opened.elapsed())
-            .max(Duration::from_millis(1));
         // Uploads complete in order; the durable offset follows them.
         while uploads.len() > opts.uploads_in_flight {
             match uploads.next().await {
@@ -238,6 +288,20 @@ pub async fn run(
                 None => break,
             }
         }
+        if let Some(every) = opts.snapshot_every {
+            if next_gen.is_none() && switch_to.is_none() && generation_started.elapsed() >= every {
+                if offset > generation_offset {
+                    tracing::info!(previous = %generation, "taking a new snapshot generation (--snapshot-every)");
+                    next_gen = Some(Box::pin(take_generation(repo, source)));
+                } else {
+                    generation_started = Instant::now();
+                }
+            }
+        }
+        let wait = opts
+            .max_lag
+            .saturating_sub(chunk.opened.elapsed())
+            .max(Duration::from_millis(1));
         let next = tokio::select! {
             biased;
             () = &mut stop => break Ok(()),
@@ -245,6 +309,17 @@ pub async fn run(
                 match done {
                     Ok(end) => durable = ReplicationOffset(end),
                     Err(e) => break Err(e),
+                }
+                continue;
+            }
+            taken = async { next_gen.as_mut().expect("guarded").await }, if next_gen.is_some() => {
+                next_gen = None;
+                match taken {
+                    Ok(next) => switch_to = Some(next),
+                    Err(e) => {
+                        tracing::warn!("taking a new generation failed, keeping the current one: {e:#}");
+                        generation_started = Instant::now();
+                    }
                 }
                 continue;
             }
@@ -278,9 +353,14 @@ pub async fn run(
                 }
             }
         }
+        // The old generation must cover everything up to the new snapshot's offset; then
+        // the new connection takes over (a different history switches at once).
+        let switch_now = switch_to
+            .as_ref()
+            .is_some_and(|n| !in_multi && (n.replid != replid || offset >= n.offset));
         let due =
             chunk.opened.elapsed() >= opts.max_lag || chunk.body.len() >= opts.max_chunk_bytes;
-        if !chunk.body.is_empty() && !in_multi && due {
+        if !chunk.body.is_empty() && !in_multi && (due || switch_now) {
             let mut full = std::mem::replace(&mut chunk, ChunkBuilder::new(offset.get(), db));
             full.seal(offset.get());
             match upload(repo, &generation, &replid, full, offset.get(), db) {
@@ -289,6 +369,22 @@ pub async fn run(
             }
         } else if chunk.body.is_empty() && due {
             chunk.opened = Instant::now();
+        }
+        if switch_now {
+            if let Some(next) = switch_to.take() {
+                tracing::info!(from = %generation, to = %next.generation, "switched to the new generation");
+                link = next.link;
+                generation = next.generation;
+                replid = next.replid;
+                offset = next.offset;
+                db = next.db;
+                decoder = CommandDecoder::new();
+                chunk = ChunkBuilder::new(offset.get(), db);
+                received.store(offset.get(), Ordering::Relaxed);
+                acker = Acker::start(&link, received.clone());
+                generation_started = Instant::now();
+                generation_offset = offset;
+            }
         }
     };
     // Store what was read, then wait for every upload, so a clean stop loses nothing.
@@ -311,7 +407,7 @@ pub async fn run(
             }
         }
     }
-    acker.abort();
+    drop(acker);
     tracing::info!(generation = %generation, durable = %durable, "stream stopped");
     outcome.and(finished)
 }

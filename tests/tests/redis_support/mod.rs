@@ -262,22 +262,25 @@ impl StreamingAgent {
         env: &[(String, String)],
         log: PathBuf,
     ) -> StreamingAgent {
+        Self::start_with(source, repo, &["--max-lag", max_lag], env, log)
+    }
+
+    /// Starts `redis stream` with extra arguments.
+    pub fn start_with(
+        source: &str,
+        repo: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+        log: PathBuf,
+    ) -> StreamingAgent {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .unwrap();
         let child = agent()
-            .args([
-                "redis",
-                "stream",
-                "--source",
-                source,
-                "--repo",
-                repo,
-                "--max-lag",
-                max_lag,
-            ])
+            .args(["redis", "stream", "--source", source, "--repo", repo])
+            .args(extra)
             .envs(env.iter().cloned())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -317,8 +320,13 @@ impl StreamingAgent {
 
     /// Waits until the log contains `needle`.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
+        self.wait_for_log_count(needle, 1, timeout);
+    }
+
+    /// Waits until the log contains `needle` at least `n` times.
+    pub fn wait_for_log_count(&mut self, needle: &str, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while !self.log_text().contains(needle) {
+        while self.log_text().matches(needle).count() < n {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!(
                     "agent exited ({status}) before logging {needle:?}:\n{}",
