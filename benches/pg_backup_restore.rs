@@ -1,0 +1,244 @@
+//! Base backup and restore throughput (issue 5), side by side in one run on one database:
+//!
+//! * the agent: `postgres backup` to SeaweedFS (S3) with `postgres stream` running, then
+//!   `restore` from it;
+//! * pgBackRest (`compress-type=zst`, `process-max=2`): `backup --type=full` and `restore`,
+//!   to a local (posix) repository — pgBackRest speaks S3 only over HTTPS and the test
+//!   SeaweedFS serves plain HTTP, so its repository is on the local disk (which favours it);
+//! * `pg_basebackup -Ft -Z zstd` to a local directory (backup only).
+//!
+//! The database is `pgbench -i -s $SB_BENCH_SCALE` (default 150, about 2.2 GiB). Prints MB/s
+//! per tool and the agent's ratios to the peers. The issue's goals: backup ≥ pgBackRest's,
+//! restore ≥ 1.2× pgBackRest's.
+//!
+//! Run: `cargo bench -p syncbridge-tests --bench pg_backup_restore` (needs `make deps` and
+//! the agent built in the same profile, which `cargo bench --workspace` does).
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use syncbridge_tests::pg::{PgCluster, PgVersion};
+use syncbridge_tests::process::{chown_to_server_user, run_as_server_user, server_temp_dir};
+use syncbridge_tests::S3Server;
+
+fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join("syncbridge-agent");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it in this profile (cargo build --release -p syncbridge-agent)",
+        bin.display()
+    );
+    bin
+}
+
+fn run(cmd: &mut Command, what: &str) -> Duration {
+    let t = Instant::now();
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.elapsed()
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let m = e.path().symlink_metadata().unwrap();
+            n += if m.is_dir() {
+                dir_size(&e.path())
+            } else {
+                m.len()
+            };
+        }
+    }
+    n
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("pg_backup_restore: bench");
+        return;
+    }
+    let scale: u32 = std::env::var("SB_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(150);
+    let work = server_temp_dir("sb-bench-br-");
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let conf = work.path().join("pgbackrest.conf");
+    let pgbr_repo = work.path().join("pgbr-repo");
+    for d in ["pgbr-repo", "pgbr-lock", "pgbr-log", "pgbr-spool"] {
+        std::fs::create_dir_all(work.path().join(d)).unwrap();
+        chown_to_server_user(&work.path().join(d));
+    }
+    let pg = PgCluster::builder(PgVersion::V15)
+        .wal_keep_size_mb(4096)
+        .extra_conf("archive_mode = on")
+        .extra_conf(format!(
+            "archive_command = 'pgbackrest --config={} --stanza=bench archive-push %p'",
+            conf.display()
+        ))
+        .extra_conf("max_wal_size = 4GB")
+        .start();
+    std::fs::write(
+        &conf,
+        format!(
+            "[global]\nrepo1-path={}\ncompress-type=zst\nprocess-max=2\nstart-fast=y\nlock-path={}\nlog-path={}\nspool-path={}\nlog-level-console=warn\nlog-level-file=off\n\n[bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\npg1-user=postgres\n",
+            pgbr_repo.display(),
+            work.path().join("pgbr-lock").display(),
+            work.path().join("pgbr-log").display(),
+            work.path().join("pgbr-spool").display(),
+            pg.data_dir().display(),
+            pg.port(),
+            pg.socket_dir().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let pgbr = |args: &[&str]| {
+        let mut c = Command::new("pgbackrest");
+        c.arg(format!("--config={}", conf.display()))
+            .arg("--stanza=bench")
+            .args(args)
+            .current_dir(work.path());
+        run_as_server_user(&mut c);
+        c
+    };
+    run(&mut pgbr(&["stanza-create"]), "pgbackrest stanza-create");
+
+    eprintln!("pgbench -i -s {scale} ...");
+    let t = Instant::now();
+    pg.run("pgbench", &["-i", "-q", "-s", &scale.to_string()]);
+    pg.sql_blocking("CHECKPOINT");
+    let db_bytes: u64 = pg
+        .query_one_blocking("SELECT sum(pg_database_size(oid))::bigint FROM pg_database")
+        .parse()
+        .unwrap();
+    eprintln!(
+        "database: {:.0} MB (init {:.0}s)",
+        db_bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+
+    // The agent, to SeaweedFS.
+    let s3 = S3Server::start();
+    let repo = s3.repo_url("bench");
+    let agent = agent_bin();
+    let mut stream = Command::new(&agent);
+    stream
+        .args([
+            "postgres",
+            "stream",
+            "--source",
+            &pg.replication_url(),
+            "--repo",
+            &repo,
+        ])
+        .envs(s3.env())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(work.path().join("stream.log")).unwrap());
+    let mut stream = stream.spawn().unwrap();
+    let agent_backup = run(
+        Command::new(&agent)
+            .args([
+                "postgres",
+                "backup",
+                "--source",
+                &pg.replication_url(),
+                "--repo",
+                &repo,
+            ])
+            .envs(s3.env()),
+        "agent backup",
+    );
+
+    // pgBackRest, local repository.
+    let pgbr_backup = run(&mut pgbr(&["backup", "--type=full"]), "pgbackrest backup");
+
+    // pg_basebackup -Ft -Z zstd to a local directory.
+    let bb_dir = work.path().join("basebackup");
+    let bb = run(
+        Command::new(pg.client_binary("pg_basebackup"))
+            .arg("-d")
+            .arg(pg.replication_conninfo())
+            .arg("-D")
+            .arg(&bb_dir)
+            .args(["-Ft", "-Z", "zstd", "-X", "none", "-c", "fast"]),
+        "pg_basebackup",
+    );
+
+    // Restores.
+    let agent_target = work.path().join("restore-agent");
+    let agent_restore = run(
+        Command::new(&agent)
+            .args(["restore", "--repo", &repo, "--target"])
+            .arg(&agent_target)
+            .envs(s3.env()),
+        "agent restore",
+    );
+    let pgbr_target = work.path().join("restore-pgbr");
+    std::fs::create_dir_all(&pgbr_target).unwrap();
+    chown_to_server_user(&pgbr_target);
+    let pgbr_restore = run(
+        &mut pgbr(&[
+            "restore",
+            &format!("--pg1-path={}", pgbr_target.display()),
+            "--type=immediate",
+        ]),
+        "pgbackrest restore",
+    );
+    let _ = stream.kill();
+    let _ = stream.wait();
+
+    println!(
+        "database size                 {:>8.0} MB",
+        db_bytes as f64 / 1e6
+    );
+    println!(
+        "backup  agent -> SeaweedFS     {:>8.1} MB/s  ({:.1}s)",
+        mbps(db_bytes, agent_backup),
+        agent_backup.as_secs_f64()
+    );
+    println!(
+        "backup  pgBackRest -> local    {:>8.1} MB/s  ({:.1}s, repo {:.0} MB)",
+        mbps(db_bytes, pgbr_backup),
+        pgbr_backup.as_secs_f64(),
+        dir_size(&pgbr_repo) as f64 / 1e6
+    );
+    println!(
+        "backup  pg_basebackup -Z zstd  {:>8.1} MB/s  ({:.1}s, {:.0} MB)",
+        mbps(db_bytes, bb),
+        bb.as_secs_f64(),
+        dir_size(&bb_dir) as f64 / 1e6
+    );
+    println!(
+        "restore agent <- SeaweedFS     {:>8.1} MB/s  ({:.1}s)",
+        mbps(db_bytes, agent_restore),
+        agent_restore.as_secs_f64()
+    );
+    println!(
+        "restore pgBackRest <- local    {:>8.1} MB/s  ({:.1}s)",
+        mbps(db_bytes, pgbr_restore),
+        pgbr_restore.as_secs_f64()
+    );
+    println!(
+        "ratios: backup agent/pgBackRest {:.2} (goal >= 1), agent/pg_basebackup {:.2}; restore agent/pgBackRest {:.2} (goal >= 1.2)",
+        pgbr_backup.as_secs_f64() / agent_backup.as_secs_f64(),
+        bb.as_secs_f64() / agent_backup.as_secs_f64(),
+        pgbr_restore.as_secs_f64() / agent_restore.as_secs_f64()
+    );
+    println!("WAL replay through wal-fetch: not measured by this bench yet");
+}
