@@ -184,3 +184,92 @@ fn pg16_restore_with_start_reports_the_restored_point() {
         "{stdout}"
     );
 }
+
+/// The same through SeaweedFS (S3): backup with the stream on S3, restore from it, and
+/// `pg_verifybackup` accepts every file of the server's manifest.
+#[test]
+fn pg16_backup_and_restore_through_seaweedfs() {
+    use syncbridge_tests::S3Server;
+    let version = PgVersion::V16;
+    let pg = syncbridge_tests::PgCluster::builder(version)
+        .wal_keep_size_mb(1024)
+        .start();
+    let s3 = S3Server::start();
+    let repo = s3.repo_url("pg16");
+    let work = tempfile::tempdir().unwrap();
+    let mut stream = pg_support::agent();
+    stream
+        .args([
+            "postgres",
+            "stream",
+            "--source",
+            &pg.replication_url(),
+            "--repo",
+            &repo,
+            "--max-lag",
+            "200ms",
+        ])
+        .envs(s3.env())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(work.path().join("stream.log")).unwrap());
+    let mut stream = stream.spawn().unwrap();
+    pg.sql_blocking(
+        "CREATE TABLE big(id int, pad text); INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 50000) g",
+    );
+    let out = pg_support::agent()
+        .args([
+            "postgres",
+            "backup",
+            "--source",
+            &pg.replication_url(),
+            "--repo",
+            &repo,
+            "--chunk-mib",
+            "2",
+            "--wal-timeout-secs",
+            "120",
+        ])
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    let _ = stream.kill();
+    let _ = stream.wait();
+    assert!(
+        out.status.success(),
+        "backup to S3 failed:\n{}\nstream:\n{}",
+        text(&out),
+        std::fs::read_to_string(work.path().join("stream.log")).unwrap_or_default()
+    );
+    let target = work.path().join("data");
+    let out = pg_support::agent()
+        .args(["restore", "--repo", &repo, "--target"])
+        .arg(&target)
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "restore from S3 failed:\n{}",
+        text(&out)
+    );
+    let verify = std::process::Command::new(pg.client_binary("pg_verifybackup"))
+        .args(["-n", "-i", "postgresql.auto.conf", "-i", "recovery.signal"])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "pg_verifybackup rejects the restore from S3:\n{}",
+        text(&verify)
+    );
+    let auto = std::fs::read_to_string(target.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains(&format!("--repo {repo} %f %p"))
+            || auto.contains(&format!("--repo ''{repo}''")),
+        "{auto}"
+    );
+    assert!(
+        !auto.contains(s3.secret_key()),
+        "credentials leaked into {auto}"
+    );
+}
