@@ -95,10 +95,11 @@ async fn list(args: ListArgs) -> Result<ExitCode> {
             .min()
             .unwrap_or(0);
         let start = Lsn(first * size.bytes());
-        let end = inv.newest_end(tli, size).unwrap_or(start);
+        let path = tli.into();
+        let end = inv.newest_end(&path, size).unwrap_or(start);
         let mut from = start;
         let mut holes = Vec::new();
-        while let Some(g) = inv.gap(tli, from, end, size) {
+        while let Some(g) = inv.gap(&path, from, end, size) {
             holes.push(g.to_string());
             from = g.to;
             if g.to <= g.from {
@@ -127,7 +128,7 @@ async fn list(args: ListArgs) -> Result<ExitCode> {
         .max_by_key(|m| m.stop().unwrap_or_default())
     {
         let tli = newest.tli()?;
-        let end = inv.contiguous_end(tli, newest.start()?, size);
+        let end = inv.contiguous_end(&tli.into(), newest.start()?, size);
         println!(
             "restorable:  from {} (end of backup {}) to LSN {end} on timeline {tli}",
             newest.stop_time, newest.id

@@ -55,7 +55,7 @@ pub struct BackupArgs {
     spread_checkpoint: bool,
     /// Largest data object in MiB: files larger than this are split across objects, so a
     /// restore can write them in parallel.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
     chunk_mib: u64,
     /// How long to wait, after the server finished, for the WAL up to the backup's stop
     /// LSN to reach the repository (written by `postgres stream`). Without it the backup
@@ -604,13 +604,14 @@ async fn wait_for_wal(
     let mut last_log = Instant::now();
     loop {
         let inv = WalInventory::load(repo, size).await?;
-        let end = inv.contiguous_end(tli, start, size);
+        let path = tli.into();
+        let end = inv.contiguous_end(&path, start, size);
         if end >= stop {
             tracing::info!(backup = %id, "WAL {start}..{stop} is in the repository");
             return Ok(());
         }
         if began.elapsed() >= timeout {
-            let gap = inv.gap(tli, start, stop, size);
+            let gap = inv.gap(&path, start, stop, size);
             let what = match gap {
                 Some(g) => g.to_string(),
                 None => format!("WAL {end}..{stop}"),

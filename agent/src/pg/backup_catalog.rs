@@ -374,14 +374,21 @@ impl WalInventory {
         Ok(inv)
     }
 
-    /// How far WAL of `tli` is archived without a hole, starting at `from`: the first LSN
-    /// not in the repository. Equal to `from` if even its segment is missing.
-    pub fn contiguous_end(&self, tli: TimelineId, from: Lsn, size: WalSegmentSize) -> Lsn {
-        let Some(t) = self.timelines.get(&tli.get()) else {
-            return from;
-        };
+    fn has(&self, tli: TimelineId, segno: u64) -> bool {
+        self.timelines
+            .get(&tli.get())
+            .is_some_and(|t| t.segments.contains(&segno) || t.partials.contains_key(&segno))
+    }
+
+    /// How far WAL along `path` is archived without a hole, starting at `from`: the first
+    /// LSN not in the repository. Equal to `from` if even its segment is missing.
+    pub fn contiguous_end(&self, path: &WalPath, from: Lsn, size: WalSegmentSize) -> Lsn {
         let mut segno = size.segment_of(from);
         loop {
+            let tli = path.timeline_of(segno, size);
+            let Some(t) = self.timelines.get(&tli.get()) else {
+                return from.max(Lsn(segno * size.bytes()));
+            };
             if t.segments.contains(&segno) {
                 segno += 1;
                 continue;
@@ -395,47 +402,36 @@ impl WalInventory {
         }
     }
 
-    /// The end of the newest WAL of `tli` in the repository (which may lie past a gap).
-    pub fn newest_end(&self, tli: TimelineId, size: WalSegmentSize) -> Option<Lsn> {
-        let t = self.timelines.get(&tli.get())?;
-        let full = t.segments.last().map(|s| (s + 1) * size.bytes());
-        let part = t
-            .partials
-            .iter()
-            .next_back()
-            .map(|(s, off)| s * size.bytes() + u64::from(*off));
-        full.max(part).map(Lsn)
+    /// The end of the newest WAL of the path's last timeline in the repository (which may
+    /// lie past a gap); of an earlier one if the last has none yet.
+    pub fn newest_end(&self, path: &WalPath, size: WalSegmentSize) -> Option<Lsn> {
+        path.timelines().rev().find_map(|tli| {
+            let t = self.timelines.get(&tli.get())?;
+            let full = t.segments.last().map(|s| (s + 1) * size.bytes());
+            let part = t
+                .partials
+                .iter()
+                .next_back()
+                .map(|(s, off)| s * size.bytes() + u64::from(*off));
+            full.max(part).map(Lsn)
+        })
     }
 
-    /// The first hole in `tli`'s WAL between `from` and `to` (exclusive), if any.
-    pub fn gap(&self, tli: TimelineId, from: Lsn, to: Lsn, size: WalSegmentSize) -> Option<WalGap> {
-        let end = self.contiguous_end(tli, from, size);
+    /// The first hole in the WAL along `path` between `from` and `to` (exclusive), if any.
+    pub fn gap(&self, path: &WalPath, from: Lsn, to: Lsn, size: WalSegmentSize) -> Option<WalGap> {
+        let end = self.contiguous_end(path, from, size);
         if end >= to {
             return None;
         }
-        let t = self.timelines.get(&tli.get());
         let missing_first = size.segment_of(end);
+        let last_needed = size.segment_of(Lsn(to.0 - 1));
         // The hole ends where WAL is present again (or at `to`).
-        let mut next_present = None;
-        if let Some(t) = t {
-            let after = t
-                .segments
-                .range(missing_first + 1..)
-                .next()
-                .copied()
-                .into_iter()
-                .chain(
-                    t.partials
-                        .range(missing_first + 1..)
-                        .next()
-                        .map(|(s, _)| *s),
-                );
-            next_present = after.min();
-        }
-        let hole_end_seg = next_present.unwrap_or_else(|| size.segment_of(Lsn(to.0 - 1)) + 1);
+        let hole_end_seg = (missing_first + 1..=last_needed)
+            .find(|&s| self.has(path.timeline_of(s, size), s))
+            .unwrap_or(last_needed + 1);
         let hole_to = Lsn((hole_end_seg * size.bytes()).min(to.0).max(end.0));
         let name = |segno: u64| {
-            SegmentName::new(tli, segno, size)
+            SegmentName::new(path.timeline_of(segno, size), segno, size)
                 .map(|s| s.to_string())
                 .unwrap_or_else(|_| format!("segment {segno:X}"))
         };
@@ -445,6 +441,78 @@ impl WalInventory {
             first_segment: name(missing_first),
             last_segment: name(hole_end_seg.saturating_sub(1).max(missing_first)),
         })
+    }
+}
+
+/// The timelines recovery reads, in order: the backup's timeline, then each descendant from
+/// its switch point on, as the target timeline's history file says (PostgreSQL reads a
+/// segment from the newest timeline that had begun by that segment; `XLogFileReadAnyTLI`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalPath {
+    /// (timeline, LSN it begins at), oldest first.
+    steps: Vec<(TimelineId, Lsn)>,
+}
+
+impl From<TimelineId> for WalPath {
+    fn from(tli: TimelineId) -> WalPath {
+        WalPath {
+            steps: vec![(tli, Lsn(0))],
+        }
+    }
+}
+
+impl WalPath {
+    /// The path from `start_tli` (where a backup started, at `start`) to `target`, whose
+    /// history file is `history`.
+    pub fn from_history(
+        target: TimelineId,
+        history: &wire::pg::TimelineHistory,
+        start_tli: TimelineId,
+        start: Lsn,
+    ) -> Result<WalPath> {
+        if target == start_tli {
+            return Ok(start_tli.into());
+        }
+        let mut steps = Vec::new();
+        let mut begin = Lsn(0);
+        for e in &history.entries {
+            if e.timeline == start_tli && e.switch_lsn < start {
+                bail!(
+                    "timeline {target} branched off timeline {start_tli} at {}, before the backup started ({start})",
+                    e.switch_lsn
+                );
+            }
+            if e.timeline >= start_tli {
+                steps.push((e.timeline, begin));
+            }
+            begin = e.switch_lsn;
+        }
+        if steps.first().map(|s| s.0) != Some(start_tli) {
+            bail!("timeline {target} does not descend from timeline {start_tli} of the backup");
+        }
+        steps.push((target, begin));
+        Ok(WalPath { steps })
+    }
+
+    /// The timeline the recovery reads segment `segno` from.
+    pub fn timeline_of(&self, segno: u64, size: WalSegmentSize) -> TimelineId {
+        self.steps
+            .iter()
+            .rev()
+            .find(|(_, begin)| size.segment_of(*begin) <= segno)
+            .or(self.steps.first())
+            .map(|(t, _)| *t)
+            .unwrap_or(TimelineId::FIRST)
+    }
+
+    /// The timelines, oldest first.
+    pub fn timelines(&self) -> impl DoubleEndedIterator<Item = TimelineId> + '_ {
+        self.steps.iter().map(|(t, _)| *t)
+    }
+
+    /// The last timeline.
+    pub fn target(&self) -> TimelineId {
+        self.steps.last().map(|(t, _)| *t).unwrap_or(TimelineId::FIRST)
     }
 }
 
@@ -468,18 +536,39 @@ mod tests {
         }
         t.partials.insert(8, 0x1000);
         let seg = size.bytes();
-        assert_eq!(inv.contiguous_end(tli, Lsn(seg + 40), size), Lsn(4 * seg));
-        let g = inv.gap(tli, Lsn(seg + 40), Lsn(8 * seg), size).unwrap();
+        let tli = WalPath::from(tli);
+        assert_eq!(inv.contiguous_end(&tli, Lsn(seg + 40), size), Lsn(4 * seg));
+        let g = inv.gap(&tli, Lsn(seg + 40), Lsn(8 * seg), size).unwrap();
         assert_eq!(g.from, Lsn(4 * seg));
         assert_eq!(g.to, Lsn(6 * seg));
         assert_eq!(g.first_segment, "000000010000000000000004");
         assert_eq!(g.last_segment, "000000010000000000000005");
         assert!(inv
-            .gap(tli, Lsn(6 * seg), Lsn(8 * seg + 0x1000), size)
+            .gap(&tli, Lsn(6 * seg), Lsn(8 * seg + 0x1000), size)
             .is_none());
-        assert_eq!(inv.newest_end(tli, size), Some(Lsn(8 * seg + 0x1000)));
+        assert_eq!(inv.newest_end(&tli, size), Some(Lsn(8 * seg + 0x1000)));
         assert!(inv
-            .gap(tli, Lsn(6 * seg), Lsn(8 * seg + 0x1001), size)
+            .gap(&tli, Lsn(6 * seg), Lsn(8 * seg + 0x1001), size)
             .is_some());
+    }
+
+    #[test]
+    fn path_follows_the_history() {
+        let size = WalSegmentSize::DEFAULT;
+        let seg = size.bytes();
+        let one = TimelineId::new(1).unwrap();
+        let two = TimelineId::new(2).unwrap();
+        let hist = wire::pg::TimelineHistory::parse(b"1\t0/5000100\tno recovery target specified\n").unwrap();
+        let path = WalPath::from_history(two, &hist, one, Lsn(2 * seg)).unwrap();
+        assert_eq!(path.timeline_of(4, size), one);
+        assert_eq!(path.timeline_of(5, size), two);
+        let mut inv = WalInventory::default();
+        inv.timelines.entry(1).or_default().segments.extend([2u64, 3, 4, 5]);
+        inv.timelines.entry(2).or_default().segments.extend([5u64, 7]);
+        assert_eq!(inv.contiguous_end(&path, Lsn(2 * seg), size), Lsn(6 * seg));
+        let g = inv.gap(&path, Lsn(2 * seg), Lsn(8 * seg), size).unwrap();
+        assert_eq!(g.first_segment, "000000020000000000000006");
+        assert_eq!(inv.newest_end(&path, size), Some(Lsn(8 * seg)));
+        assert!(WalPath::from_history(two, &hist, one, Lsn(6 * seg)).is_err());
     }
 }

@@ -19,13 +19,13 @@ use chrono::{DateTime, Utc};
 use storage::layout::{self, BackupId};
 use storage::{RepoMarker, Repository};
 use wire::pg::xlog::{scan_segment, XactOutcome, XactRecord};
-use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
+use wire::pg::{Lsn, SegmentName, TimelineHistory, TimelineId, WalSegmentSize};
 
 use super::target::Target;
 use super::unpack::{self, PG_CONTROL_TEMP};
 use super::RestoreArgs;
 use crate::pg::backup::parse_server_manifest;
-use crate::pg::backup_catalog::{list_backups, BackupManifest, EntryKind, WalInventory};
+use crate::pg::backup_catalog::{list_backups, BackupManifest, EntryKind, WalInventory, WalPath};
 use crate::pg::backup_progress::human;
 
 /// File present in the target while a restore is writing it.
@@ -71,7 +71,8 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
     let id = chosen.backup_id()?;
     let size = chosen.segment_size()?;
     let inv = WalInventory::load(repo, size).await?;
-    let recovery = plan_recovery(repo, &inv, &chosen, target).await?;
+    let path = wal_path(repo, &inv, &chosen, &timeline_setting).await?;
+    let recovery = plan_recovery(repo, &inv, &chosen, target, &path).await?;
     let roots = archive_roots(&chosen, &target_dir, &ts_map)?;
     check_empty(&target_dir, args.force)?;
     for r in tablespace_roots(&chosen, &roots) {
@@ -286,16 +287,16 @@ async fn plan_recovery(
     inv: &WalInventory,
     m: &BackupManifest,
     target: Target,
+    path: &WalPath,
 ) -> Result<RecoveryPlan> {
     let size = m.segment_size()?;
-    let tli = m.tli()?;
     let start = m.start()?;
     let stop = m.stop()?;
-    let cont_end = inv.contiguous_end(tli, start, size);
-    let newest = inv.newest_end(tli, size).unwrap_or(cont_end);
+    let cont_end = inv.contiguous_end(path, start, size);
+    let newest = inv.newest_end(path, size).unwrap_or(cont_end);
     if cont_end < stop {
         let gap = inv
-            .gap(tli, start, stop, size)
+            .gap(path, start, stop, size)
             .map(|g| g.to_string())
             .unwrap_or_else(|| format!("WAL {cont_end}..{stop} is missing"));
         bail!(
@@ -304,7 +305,7 @@ async fn plan_recovery(
         );
     }
     let describe_gap = |to: Lsn| {
-        inv.gap(tli, start, to, size)
+        inv.gap(path, start, to, size)
             .map(|g| g.to_string())
             .unwrap_or_else(|| format!("WAL after {cont_end} is missing"))
     };
@@ -319,7 +320,8 @@ async fn plan_recovery(
             Ok(RecoveryPlan {
                 settings: Vec::new(),
                 describe: format!(
-                    "the end of the archived WAL ({cont_end} on timeline {tli}), using backup {}",
+                    "the end of the archived WAL ({cont_end} on timeline {}), using backup {}",
+                    path.target(),
                     m.id
                 ),
             })
@@ -354,7 +356,7 @@ async fn plan_recovery(
             })
         }
         Target::Time(t) => {
-            let last = last_xact(repo, inv, tli, size, start, cont_end).await?;
+            let last = last_xact(repo, inv, path, size, start, cont_end).await?;
             let last_time = last.map(|x| pg_time(x.time));
             match (last, last_time) {
                 (Some(_), Some(lt)) if t < lt => Ok(RecoveryPlan {
@@ -401,6 +403,54 @@ async fn plan_recovery(
     }
 }
 
+/// The timelines recovery will read, for `recovery_target_timeline` = `setting`.
+async fn wal_path(
+    repo: &Repository,
+    inv: &WalInventory,
+    m: &BackupManifest,
+    setting: &str,
+) -> Result<WalPath> {
+    let tli = m.tli()?;
+    let start = m.start()?;
+    let history = |n: u32| async move {
+        let key = layout::timeline_history(layout::TimelineId::new(n)?);
+        let data = repo
+            .get(&key)
+            .await
+            .with_context(|| format!("reading {key}"))?;
+        TimelineHistory::parse(&data).with_context(|| format!("parsing {key}"))
+    };
+    match setting {
+        "current" => Ok(tli.into()),
+        "latest" => {
+            let mut candidates: Vec<u32> = inv
+                .histories
+                .iter()
+                .copied()
+                .filter(|n| *n > tli.get())
+                .collect();
+            candidates.sort_unstable();
+            for n in candidates.into_iter().rev() {
+                let h = history(n).await?;
+                if let Ok(p) = WalPath::from_history(TimelineId::new(n)?, &h, tli, start) {
+                    return Ok(p);
+                }
+            }
+            Ok(tli.into())
+        }
+        n => {
+            let n: u32 = n.parse().context("--timeline")?;
+            if n == tli.get() {
+                return Ok(tli.into());
+            }
+            if !inv.histories.contains(&n) {
+                bail!("--timeline {n}: the repository has no history file for timeline {n}");
+            }
+            WalPath::from_history(TimelineId::new(n)?, &history(n).await?, tli, start)
+        }
+    }
+}
+
 fn pg_time(micros: i64) -> DateTime<Utc> {
     let secs = micros.div_euclid(1_000_000) + PG_EPOCH_OFFSET_SECS;
     let nanos = (micros.rem_euclid(1_000_000) * 1000) as u32;
@@ -411,7 +461,7 @@ fn pg_time(micros: i64) -> DateTime<Utc> {
 async fn last_xact(
     repo: &Repository,
     inv: &WalInventory,
-    tli: TimelineId,
+    path: &WalPath,
     size: WalSegmentSize,
     start: Lsn,
     end: Lsn,
@@ -421,10 +471,11 @@ async fn last_xact(
     }
     let first = size.segment_of(start);
     let mut segno = size.segment_of(Lsn(end.0 - 1));
-    let Some(t) = inv.timelines.get(&tli.get()) else {
-        return Ok(None);
-    };
     for _ in 0..MAX_SCAN_SEGMENTS {
+        let tli = path.timeline_of(segno, size);
+        let Some(t) = inv.timelines.get(&tli.get()) else {
+            break;
+        };
         let seg = SegmentName::new(tli, segno, size)?;
         let name = layout::WalSegmentName::parse(&seg.to_string())?;
         let key = if t.segments.contains(&segno) {
