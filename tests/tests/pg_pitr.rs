@@ -263,6 +263,11 @@ fn pg17_kill9_primary_latest_restore_has_every_acknowledged_commit() {
         text(&out),
         env.stream_log()
     );
+    // The copied configuration would make the restored server wait for a synchronous standby.
+    let conf = dirs.data().join("postgresql.conf");
+    let mut text_conf = std::fs::read_to_string(&conf).unwrap();
+    text_conf.push_str("\nsynchronous_standby_names = ''\n");
+    std::fs::write(&conf, text_conf).unwrap();
     let restored = start_restored(version, &dirs.data());
     let got = restored_ids(&restored);
     let missing: Vec<_> = acked.iter().filter(|id| !got.contains(id)).collect();
