@@ -136,11 +136,11 @@ pub(crate) enum Upload {
 
 impl Upload {
     /// Starts uploading the next part; parts are numbered in call order.
-    pub fn put_part(&mut self, data: Bytes) -> BoxFuture<'static, Result<()>> {
+    pub fn put_part(&mut self, data: Vec<Bytes>) -> BoxFuture<'static, Result<()>> {
         match self {
             Upload::Store { key, upload } => {
                 let key = key.clone();
-                let fut = upload.put_part(PutPayload::from(data));
+                let fut = upload.put_part(data.into_iter().collect::<PutPayload>());
                 async move { fut.await.map_err(|e| map_err(&key, "upload part", e)) }.boxed()
             }
             Upload::Local(l) => l.put_part(data),
@@ -199,7 +199,7 @@ impl StoreBackend {
 
 impl Backend {
     /// One-shot write of a whole (small) object.
-    pub async fn put(&self, key: &RepoKey, data: Bytes, mode: PutMode) -> Result<()> {
+    pub async fn put(&self, key: &RepoKey, data: Vec<Bytes>, mode: PutMode) -> Result<()> {
         match self {
             Backend::Store(s) => {
                 let create = mode == PutMode::CreateNew;
@@ -218,7 +218,7 @@ impl Backend {
                     ..Default::default()
                 };
                 s.store
-                    .put_opts(&s.path(key), PutPayload::from(data), opts)
+                    .put_opts(&s.path(key), data.into_iter().collect::<PutPayload>(), opts)
                     .await
                     .map(|_| ())
                     .map_err(|e| map_err(key, "put", e))
@@ -554,7 +554,7 @@ impl LocalBackend {
         }
     }
 
-    async fn put(&self, key: &RepoKey, data: Bytes, mode: PutMode) -> Result<()> {
+    async fn put(&self, key: &RepoKey, data: Vec<Bytes>, mode: PutMode) -> Result<()> {
         let (root, dest, k) = (self.root.clone(), self.path(key), key.clone());
         blocking(key, move || {
             let dir = dest.parent().unwrap_or(&root).to_path_buf();
@@ -565,7 +565,9 @@ impl LocalBackend {
             let tmp = tmp_name(&dest);
             let write = || -> std::io::Result<()> {
                 let mut f = File::create(&tmp)?;
-                f.write_all(&data)?;
+                for piece in &data {
+                    f.write_all(piece)?;
+                }
                 f.sync_all()
             };
             if let Err(e) = write() {
@@ -746,13 +748,18 @@ fn open_existing(key: &RepoKey, path: &FsPath) -> Result<File> {
 }
 
 impl LocalUpload {
-    fn put_part(&mut self, data: Bytes) -> BoxFuture<'static, Result<()>> {
+    fn put_part(&mut self, data: Vec<Bytes>) -> BoxFuture<'static, Result<()>> {
         let offset = self.next_offset;
-        self.next_offset += data.len() as u64;
+        self.next_offset += data.iter().map(|b| b.len() as u64).sum::<u64>();
         let (file, key, tmp) = (self.file.clone(), self.key.clone(), self.tmp.clone());
         blocking(&self.key.clone(), move || {
-            file.write_all_at(&data, offset)
-                .map_err(|e| StorageError::io(&key, "write", &tmp, e))
+            let mut at = offset;
+            for piece in &data {
+                file.write_all_at(piece, at)
+                    .map_err(|e| StorageError::io(&key, "write", &tmp, e))?;
+                at += piece.len() as u64;
+            }
+            Ok(())
         })
         .boxed()
     }

@@ -42,25 +42,39 @@ pub fn short_fingerprint(fp: &[u8; 32]) -> String {
 /// One encoded frame record, ready to be appended to the stored object.
 pub(crate) struct EncodedFrame {
     pub record: Bytes,
-    pub record_crc: u32,
 }
 
 thread_local! {
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    /// Reused per thread to join a frame written in pieces, so no fresh pages per frame.
+    static JOIN_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Reused per thread for zstd output before it is copied into an exact-size record.
+    static OUT_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-fn compress(level: i32, data: &[u8]) -> std::io::Result<Vec<u8>> {
+/// Compresses `data` into the thread's reusable buffer and passes the result to `then`.
+fn with_compressed<R>(
+    level: i32,
+    data: &[u8],
+    then: impl FnOnce(&[u8]) -> R,
+) -> std::io::Result<R> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         let reuse = matches!(&*slot, Some((l, _)) if *l == level);
         if !reuse {
             *slot = Some((level, zstd::bulk::Compressor::new(level)?));
         }
-        match slot.as_mut() {
-            Some((_, c)) => c.compress(data),
-            None => Err(std::io::Error::other("zstd compressor missing")),
-        }
+        let Some((_, c)) = slot.as_mut() else {
+            return Err(std::io::Error::other("zstd compressor missing"));
+        };
+        OUT_BUF.with(|out| {
+            let mut out = out.borrow_mut();
+            out.clear();
+            out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+            c.compress_to_buffer(data, &mut *out)?;
+            Ok(then(&out))
+        })
     })
 }
 
@@ -77,49 +91,85 @@ fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     })
 }
 
-/// Encodes one frame. `level` None stores it raw.
+fn frame_header(
+    flags: u8,
+    payload: &[u8],
+    original_len: usize,
+) -> Result<[u8; FRAME_HEADER_LEN], String> {
+    Ok(FrameHeader {
+        flags,
+        stored_len: u32::try_from(payload.len()).map_err(|_| "frame too large".to_string())?,
+        original_len: u32::try_from(original_len).map_err(|_| "frame too large".to_string())?,
+        payload_crc: crc32c::crc32c(payload),
+    }
+    .encode())
+}
+
+/// Encodes one frame given as one or more pieces. `level` None stores it raw.
 pub(crate) fn encode_frame(
+    pieces: &[Bytes],
+    level: Option<i32>,
+    recipients: &[age::x25519::Recipient],
+) -> Result<EncodedFrame, String> {
+    if pieces.len() == 1 {
+        return encode_contiguous(&pieces[0], level, recipients);
+    }
+    JOIN_BUF.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        buf.clear();
+        for p in pieces {
+            buf.extend_from_slice(p);
+        }
+        encode_contiguous(&buf, level, recipients)
+    })
+}
+
+fn encode_contiguous(
     data: &[u8],
     level: Option<i32>,
     recipients: &[age::x25519::Recipient],
 ) -> Result<EncodedFrame, String> {
+    let h = FRAME_HEADER_LEN;
+    // The record is allocated at its exact size, so only the pages it needs are touched.
+    let record_from = |payload: &[u8]| {
+        let mut r = Vec::with_capacity(h + payload.len());
+        r.resize(h, 0);
+        r.extend_from_slice(payload);
+        r
+    };
     let mut flags = 0u8;
-    let compressed;
-    let mut payload: &[u8] = data;
+    let mut record = None;
     if let Some(level) = level {
-        compressed = compress(level, data).map_err(|e| format!("zstd: {e}"))?;
-        if compressed.len() < data.len() {
-            payload = &compressed;
+        let compressed = with_compressed(level, data, |z| {
+            (z.len() < data.len()).then(|| record_from(z))
+        })
+        .map_err(|e| format!("zstd: {e}"))?;
+        if let Some(r) = compressed {
+            record = Some(r);
             flags |= FRAME_ZSTD;
         }
     }
-    let encrypted;
+    let mut record = match record {
+        Some(r) => r,
+        None => record_from(data),
+    };
     if !recipients.is_empty() {
         let enc =
             age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
                 .map_err(|e| format!("age: {e}"))?;
-        let mut out = Vec::with_capacity(payload.len() + 256 + payload.len() / 4096);
+        let plain = &record[h..];
+        let mut out = Vec::with_capacity(h + plain.len() + 256 + plain.len() / 4096 * 16);
+        out.resize(h, 0);
         let mut w = enc.wrap_output(&mut out).map_err(|e| format!("age: {e}"))?;
-        w.write_all(payload).map_err(|e| format!("age: {e}"))?;
+        w.write_all(plain).map_err(|e| format!("age: {e}"))?;
         w.finish().map_err(|e| format!("age: {e}"))?;
-        encrypted = out;
-        payload = &encrypted;
+        record = out;
         flags |= FRAME_AGE;
     }
-    let header = FrameHeader {
-        flags,
-        stored_len: u32::try_from(payload.len()).map_err(|_| "frame too large".to_string())?,
-        original_len: u32::try_from(data.len()).map_err(|_| "frame too large".to_string())?,
-        payload_crc: crc32c::crc32c(payload),
-    }
-    .encode();
-    let mut record = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
-    record.extend_from_slice(&header);
-    record.extend_from_slice(payload);
-    let record_crc = crc32c::crc32c(&record);
+    let header = frame_header(flags, &record[h..], data.len())?;
+    record[..h].copy_from_slice(&header);
     Ok(EncodedFrame {
         record: Bytes::from(record),
-        record_crc,
     })
 }
 
@@ -209,6 +259,11 @@ impl HashChain {
     /// Blocks until every frame before `index` has been hashed, then hashes `data`.
     /// Returns false when the chain was abandoned (the object is being dropped).
     pub fn update(&self, index: u64, data: &[u8]) -> bool {
+        self.update_pieces(index, std::slice::from_ref(&data))
+    }
+
+    /// `update` for a frame given in pieces.
+    pub fn update_pieces<T: AsRef<[u8]>>(&self, index: u64, pieces: &[T]) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while st.next != index && !st.abandoned {
             st = self.turn.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -216,7 +271,9 @@ impl HashChain {
         if st.abandoned {
             return false;
         }
-        st.hasher.update(data);
+        for p in pieces {
+            st.hasher.update(p.as_ref());
+        }
         st.next += 1;
         drop(st);
         self.turn.notify_all();

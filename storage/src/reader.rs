@@ -349,12 +349,7 @@ impl Job {
                             self.offset,
                         ));
                     }
-                    let rec_crc = crc32c::crc32c_combine(
-                        crc32c::crc32c(&record[..FRAME_HEADER_LEN]),
-                        crc,
-                        payload.len(),
-                    );
-                    self.stored_crc = crc32c::crc32c_combine(self.stored_crc, rec_crc, total);
+                    self.stored_crc = crc32c::crc32c_append(self.stored_crc, &record);
                     if self.decode {
                         while jobs.len() >= 2 * workers {
                             if let Some(j) = jobs.pop_front() {

@@ -59,6 +59,55 @@ fn next_part_size(current: usize, parts_sent: u32) -> usize {
     }
 }
 
+/// Writes smaller than this are copied into a shared buffer instead of kept as pieces.
+const SMALL_WRITE: usize = 16 << 10;
+/// Size of that buffer.
+const SMALL_BUF: usize = 256 << 10;
+
+/// A byte sequence kept as the `Bytes` it arrived in (no copying), split on demand.
+#[derive(Default)]
+struct Pieces {
+    pieces: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Pieces {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.len += b.len();
+            self.pieces.push_back(b);
+        }
+    }
+
+    fn take_all(&mut self) -> Vec<Bytes> {
+        self.len = 0;
+        self.pieces.drain(..).collect()
+    }
+
+    /// The first `n` bytes (or all, if fewer), splitting a piece if needed.
+    fn take_front(&mut self, n: usize) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        let mut want = n.min(self.len);
+        while want > 0 {
+            let Some(mut p) = self.pieces.pop_front() else {
+                break;
+            };
+            if p.len() > want {
+                let rest = p.split_off(want);
+                self.pieces.push_front(rest);
+            }
+            want -= p.len();
+            self.len -= p.len();
+            out.push(p);
+        }
+        out
+    }
+}
+
 enum State {
     Open,
     Failed(String),
@@ -75,13 +124,15 @@ pub struct ObjectWriter {
     encrypted: bool,
     expected_len: Option<u64>,
     chain: Arc<HashChain>,
-    /// Original bytes not yet cut into a frame.
-    pending: BytesMut,
+    /// Original bytes not yet cut into a frame (zero-copy pieces; small writes coalesced).
+    pending: Pieces,
+    /// Small writes are gathered here before becoming a piece.
+    small: BytesMut,
     frames: u64,
     original_len: u64,
     jobs: VecDeque<JoinHandle<std::result::Result<EncodedFrame, String>>>,
-    /// Stored bytes not yet handed to an upload.
-    part: BytesMut,
+    /// Stored bytes not yet handed to an upload (records, zero-copy).
+    part: Pieces,
     part_size: usize,
     stored_len: u64,
     stored_crc: u32,
@@ -115,8 +166,8 @@ impl ObjectWriter {
         }
         .encode();
         let part_size = initial_part_size(expected_len, opts.part_size);
-        let mut part = BytesMut::with_capacity(part_size.min(header.len() + (64 << 10)));
-        part.extend_from_slice(&header);
+        let mut part = Pieces::default();
+        part.push(Bytes::from(header.clone()));
         Ok(ObjectWriter {
             encrypted: !repo.keys.recipients.is_empty(),
             stored_crc: crc32c::crc32c(&header),
@@ -127,7 +178,8 @@ impl ObjectWriter {
             mode,
             expected_len,
             chain: Arc::new(HashChain::new()),
-            pending: BytesMut::new(),
+            pending: Pieces::default(),
+            small: BytesMut::new(),
             frames: 0,
             original_len: 0,
             jobs: VecDeque::new(),
@@ -188,25 +240,44 @@ impl ObjectWriter {
         }
         let fs = self.repo.opts.frame_size;
         while !data.is_empty() {
-            if self.pending.is_empty() && data.len() >= fs {
-                let frame = data.split_to(fs);
-                self.submit(frame).await?;
-                continue;
+            let room = fs - self.pending.len() - self.small.len();
+            let piece = data.split_to(room.min(data.len()));
+            if piece.len() < SMALL_WRITE {
+                if self.small.capacity() == 0 {
+                    self.small.reserve(SMALL_BUF);
+                }
+                self.small.extend_from_slice(&piece);
+                if self.small.len() >= SMALL_BUF {
+                    let s = self.small.split().freeze();
+                    self.pending.push(s);
+                }
+            } else {
+                if !self.small.is_empty() {
+                    let s = self.small.split().freeze();
+                    self.pending.push(s);
+                }
+                self.pending.push(piece);
             }
-            let take = (fs - self.pending.len()).min(data.len());
-            if self.pending.capacity() == 0 {
-                self.pending.reserve(fs);
-            }
-            self.pending.extend_from_slice(&data.split_to(take));
-            if self.pending.len() == fs {
-                let frame = self.pending.split().freeze();
-                self.submit(frame).await?;
+            if self.pending.len() + self.small.len() == fs {
+                self.submit_pending().await?;
             }
         }
         Ok(())
     }
 
-    async fn submit(&mut self, frame: Bytes) -> Result<()> {
+    async fn submit_pending(&mut self) -> Result<()> {
+        if !self.small.is_empty() {
+            let s = self.small.split().freeze();
+            self.pending.push(s);
+        }
+        let pieces = self.pending.take_all();
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        self.submit(pieces).await
+    }
+
+    async fn submit(&mut self, frame: Vec<Bytes>) -> Result<()> {
         while self.jobs.len() >= 2 * self.repo.opts.workers {
             self.collect_one().await?;
         }
@@ -227,7 +298,7 @@ impl ObjectWriter {
         let keys = self.repo.keys.clone();
         self.jobs.push_back(tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            if !chain.update(index, &frame) {
+            if !chain.update_pieces(index, &frame) {
                 return Err("write abandoned".to_string());
             }
             encode_frame(&frame, level, &keys.recipients)
@@ -247,20 +318,15 @@ impl ObjectWriter {
                 key: self.key.to_string(),
                 reason,
             })?;
-        self.stored_crc = crc32c::crc32c_combine(self.stored_crc, enc.record_crc, enc.record.len());
+        self.stored_crc = crc32c::crc32c_append(self.stored_crc, &enc.record);
         self.stored_len += enc.record.len() as u64;
-        self.append_stored(&enc.record).await
+        self.append_stored(enc.record).await
     }
 
-    async fn append_stored(&mut self, mut bytes: &[u8]) -> Result<()> {
-        while !bytes.is_empty() {
-            let room = self.part_size - self.part.len().min(self.part_size);
-            let take = room.min(bytes.len());
-            self.part.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
-            if self.part.len() >= self.part_size {
-                self.send_part().await?;
-            }
+    async fn append_stored(&mut self, bytes: Bytes) -> Result<()> {
+        self.part.push(bytes);
+        while self.part.len() >= self.part_size {
+            self.send_part().await?;
         }
         Ok(())
     }
@@ -281,17 +347,13 @@ impl ObjectWriter {
                 r?;
             }
         }
-        let n = self.part.len().min(self.part_size);
-        let data = self.part.split_to(n).freeze();
+        let data = self.part.take_front(self.part_size);
         if let Some(up) = self.upload.as_mut() {
             self.uploads.push(up.put_part(data));
         }
         self.parts_sent += 1;
         if self.expected_len.is_none() {
             self.part_size = next_part_size(self.part_size, self.parts_sent);
-        }
-        if self.part.capacity() < self.part_size.min(64 << 20) {
-            self.part.reserve(self.part_size.min(64 << 20));
         }
         Ok(())
     }
@@ -319,10 +381,7 @@ impl ObjectWriter {
     }
 
     async fn finish_inner(&mut self) -> Result<ObjectInfo> {
-        if !self.pending.is_empty() {
-            let frame = self.pending.split().freeze();
-            self.submit(frame).await?;
-        }
+        self.submit_pending().await?;
         while !self.jobs.is_empty() {
             self.collect_one().await?;
         }
@@ -360,17 +419,17 @@ impl ObjectWriter {
             frames: self.frames,
             encrypted: self.encrypted,
         };
-        let trailer = trailer.encode();
+        let trailer = Bytes::copy_from_slice(&trailer.encode());
         if self.upload.is_none() && self.part.len() + trailer.len() <= self.part_size {
-            self.part.extend_from_slice(&trailer);
-            let data = self.part.split().freeze();
+            self.part.push(trailer);
+            let data = self.part.take_all();
             self.put_single(data, &info).await?;
             return Ok(info);
         }
-        self.append_stored(&trailer).await?;
-        if !self.part.is_empty() {
+        self.append_stored(trailer).await?;
+        if self.part.len() > 0 {
             // The last part may be short; S3 allows that.
-            let data = self.part.split().freeze();
+            let data = self.part.take_all();
             if let Some(up) = self.upload.as_mut() {
                 self.uploads.push(up.put_part(data));
             }
@@ -394,7 +453,7 @@ impl ObjectWriter {
     /// One PUT, retried. A create-new PUT that hits "already exists" on a retry checks
     /// whether the existing object is the one it wrote itself (its first attempt may have
     /// succeeded with the reply lost) by comparing trailers.
-    async fn put_single(&self, data: Bytes, info: &ObjectInfo) -> Result<()> {
+    async fn put_single(&self, data: Vec<Bytes>, info: &ObjectInfo) -> Result<()> {
         let b = &self.repo.backend;
         let key = &self.key;
         let mode = self.mode;
