@@ -217,11 +217,31 @@ impl Backend {
                     attributes: s.attributes.clone(),
                     ..Default::default()
                 };
-                s.store
-                    .put_opts(&s.path(key), data.into_iter().collect::<PutPayload>(), opts)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| map_err(key, "put", e))
+                let payload: PutPayload = data.iter().cloned().collect();
+                match s.store.put_opts(&s.path(key), payload, opts).await {
+                    Ok(_) => Ok(()),
+                    // A store without conditional writes (501 Not Implemented): fall back
+                    // to check-then-put, which is what `conditional_put=disabled` does.
+                    Err(e) if create && s.conditional_create && not_implemented(&e) => {
+                        tracing::warn!(%key, "the object store does not support conditional create (If-None-Match); checking before writing instead; set ?conditional_put=disabled to skip this attempt");
+                        if self.head(key).await?.is_some() {
+                            return Err(StorageError::AlreadyExists {
+                                key: key.to_string(),
+                            });
+                        }
+                        let payload: PutPayload = data.into_iter().collect();
+                        let opts = PutOptions {
+                            attributes: s.attributes.clone(),
+                            ..Default::default()
+                        };
+                        s.store
+                            .put_opts(&s.path(key), payload, opts)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| map_err(key, "put", e))
+                    }
+                    Err(e) => Err(map_err(key, "put", e)),
+                }
             }
             Backend::Local(l) => l.put(key, data, mode).await,
         }
@@ -390,6 +410,13 @@ pub(crate) fn map_err(key: &RepoKey, op: &'static str, e: object_store::Error) -
             }
         }
     }
+}
+
+fn not_implemented(e: &object_store::Error) -> bool {
+    let text = format!("{e} {:?}", e);
+    matches!(e, object_store::Error::NotImplemented)
+        || text.contains("status code: 501")
+        || text.contains("NotImplemented")
 }
 
 /// object_store does not expose HTTP status codes; its messages carry them
