@@ -75,8 +75,15 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
     let recovery = plan_recovery(repo, &inv, &chosen, target, &path).await?;
     let roots = archive_roots(&chosen, &target_dir, &ts_map)?;
     check_empty(&target_dir, args.force)?;
+    // --force only ever empties the target: a tablespace location outside it may belong to
+    // a running cluster (the source, on the same host).
     for r in tablespace_roots(&chosen, &roots) {
-        check_empty(r, args.force)?;
+        check_empty(r, false).with_context(|| {
+            format!(
+                "tablespace location {}: restore it elsewhere with --tablespace-map OLD=NEW",
+                r.display()
+            )
+        })?;
     }
     let server_manifest = repo
         .get(&layout::base_backup_server_manifest(&id))
