@@ -312,9 +312,13 @@ impl PgCluster {
             &self.log_path(),
         );
         let pid_file = self.data_dir.join("postmaster.pid");
+        let pid = process.pid();
         let started = wait_ready(&mut process, self.start_timeout, || {
-            postmaster_status(&pid_file)
-                .is_some_and(|status| status == "ready" || status == "standby")
+            // After a kill -9 the old postmaster.pid (saying "ready") is still there until the
+            // new postmaster replaces it: only a file naming our pid counts.
+            postmaster_status(&pid_file).is_some_and(|(owner, status)| {
+                owner == pid && (status == "ready" || status == "standby")
+            })
         });
         match started {
             Ok(()) => {
@@ -437,9 +441,10 @@ impl PgCluster {
         match self.try_connect().await {
             Ok(client) => client,
             Err(e) => panic!(
-                "cannot connect to {} on port {}: {e}\nlog:\n{}",
+                "cannot connect to {} on port {}: {}\nlog:\n{}",
                 self.version,
                 self.port,
+                error_chain(&e),
                 self.log_tail()
             ),
         }
@@ -449,10 +454,13 @@ impl PgCluster {
     /// returns every row as text columns (`None` for NULL).
     pub async fn sql(&self, query: &str) -> Vec<Vec<Option<String>>> {
         let client = self.connect().await;
-        let messages = client
-            .simple_query(query)
-            .await
-            .unwrap_or_else(|e| panic!("{} query {query:?} failed: {e}", self.version));
+        let messages = client.simple_query(query).await.unwrap_or_else(|e| {
+            panic!(
+                "{} query {query:?} failed: {}",
+                self.version,
+                error_chain(&e)
+            )
+        });
         messages
             .into_iter()
             .filter_map(|m| match m {
@@ -642,6 +650,18 @@ where
     })
 }
 
+/// `error: cause: cause...`, because tokio-postgres' Display hides the cause.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn single_value(query: &str, rows: Vec<Vec<Option<String>>>) -> String {
     match rows.as_slice() {
         [row] => match row.first() {
@@ -659,11 +679,15 @@ fn is_bind_error(log: &str) -> bool {
         || log.contains("could not create any TCP/IP sockets")
 }
 
-/// The status word PostgreSQL writes on line 8 of `postmaster.pid` (`starting`, `ready`,
-/// `standby`, `stopping`; see `PM_STATUS_*` in `src/include/utils/pidfile.h`).
-fn postmaster_status(pid_file: &Path) -> Option<String> {
+/// The postmaster pid (line 1) and the status word (line 8: `starting`, `ready`, `standby`,
+/// `stopping`) from `postmaster.pid`; see `LOCK_FILE_LINE_*` and `PM_STATUS_*` in
+/// `src/include/utils/pidfile.h`.
+fn postmaster_status(pid_file: &Path) -> Option<(u32, String)> {
     let text = std::fs::read_to_string(pid_file).ok()?;
-    text.lines().nth(7).map(|s| s.trim().to_string())
+    let mut lines = text.lines();
+    let pid = lines.next()?.trim().parse().ok()?;
+    let status = lines.nth(6)?.trim().to_string();
+    Some((pid, status))
 }
 
 fn initdb(version: PgVersion, bin_dir: &Path, temp: &Path, data: &Path) {
@@ -796,7 +820,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("postmaster.pid");
         std::fs::write(&f, "123\n/d\n1\n5432\n/s\n127.0.0.1\n  1  2\nready   \n").unwrap();
-        assert_eq!(postmaster_status(&f).as_deref(), Some("ready"));
+        assert_eq!(postmaster_status(&f), Some((123, "ready".to_string())));
         std::fs::write(&f, "123\n/d\n").unwrap();
         assert_eq!(postmaster_status(&f), None);
     }

@@ -5,6 +5,12 @@
 //! PostgreSQL's children call `setsid()` (see `InitPostmasterChild` in
 //! `src/backend/utils/init/miscinit.c`), so they leave that group: the harness therefore also
 //! collects every descendant from `/proc` before killing, and kills those too.
+//!
+//! Drop handles panics. For a test process that dies without unwinding (SIGKILL, a nextest
+//! timeout, Ctrl-C) each server also gets a watchdog: a tiny `sh` loop in its own process group
+//! that polls the test process once a second and SIGKILLs the server's group when the test
+//! process is gone. (PostgreSQL backends then exit on their own: they watch for postmaster
+//! death.)
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -231,6 +237,7 @@ pub fn signal_pid(pid: u32, signal: Signal) {
 #[derive(Debug)]
 pub struct ServerProcess {
     child: Child,
+    watchdog: Option<Child>,
     name: String,
     log: PathBuf,
 }
@@ -253,8 +260,10 @@ impl ServerProcess {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        let watchdog = spawn_watchdog(child.id());
         ServerProcess {
             child,
+            watchdog,
             name: name.to_string(),
             log: log.to_path_buf(),
         }
@@ -311,12 +320,21 @@ impl ServerProcess {
             signal_pid(p, Signal::SIGKILL);
         }
         let _ = self.child.wait();
+        self.stop_watchdog();
         let left = wait_until_gone(&tree, Duration::from_secs(10));
         if !left.is_empty() {
             eprintln!(
                 "harness: {} descendants still alive after SIGKILL: {left:?}",
                 self.name
             );
+        }
+    }
+
+    fn stop_watchdog(&mut self) {
+        if let Some(mut dog) = self.watchdog.take() {
+            let _ = killpg(to_pid(dog.id()), Signal::SIGKILL);
+            let _ = dog.kill();
+            let _ = dog.wait();
         }
     }
 
@@ -337,6 +355,7 @@ impl ServerProcess {
                 signal_pid(p, Signal::SIGKILL);
             }
         }
+        self.stop_watchdog();
     }
 }
 
@@ -345,7 +364,28 @@ impl Drop for ServerProcess {
         if self.exited().is_none() {
             self.kill_tree();
         }
+        self.stop_watchdog();
     }
+}
+
+/// Starts the watchdog for `server_pid` (see the module docs); `None` if `sh` cannot start,
+/// which only loses the safety net for non-unwinding deaths.
+fn spawn_watchdog(server_pid: u32) -> Option<Child> {
+    Command::new("sh")
+        .args([
+            "-c",
+            "while kill -0 \"$1\" 2>/dev/null; do sleep 1; done; \
+             kill -s KILL -- \"-$2\" 2>/dev/null; kill -s KILL \"$2\" 2>/dev/null",
+            "sb-harness-watchdog",
+        ])
+        .arg(std::process::id().to_string())
+        .arg(server_pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .ok()
 }
 
 /// The last 4 KiB of a log file (lossy UTF-8), or a note that it cannot be read.

@@ -185,9 +185,19 @@ impl RedisServer {
         }
         cmd.args(&self.extra_args);
         let mut process = ServerProcess::spawn(&self.flavor.to_string(), cmd, &self.log_path());
+        let pid = process.pid().to_string();
         let ready = wait_ready(&mut process, Duration::from_secs(60), || {
-            self.try_cmd(&["PING"])
+            // PING answers -LOADING until the dataset is loaded; and our own process must
+            // answer, as another test's server may hold the port we chose.
+            let Ok(mut conn) = self.try_connect() else {
+                return false;
+            };
+            conn.cmd(&["PING"])
                 .is_ok_and(|r| r == RespValue::Simple("PONG".into()))
+                && conn.cmd(&["INFO", "server"]).is_ok_and(|r| {
+                    r.as_str()
+                        .is_some_and(|info| parse_info(info).get("process_id") == Some(&pid))
+                })
         });
         match ready {
             Ok(()) => {

@@ -24,10 +24,6 @@ use tempfile::TempDir;
 use crate::paths;
 use crate::process::{free_ports, log_tail, server_temp_dir, wait_ready, ServerProcess};
 
-/// Access key of the admin identity.
-pub const ACCESS_KEY: &str = "sbtestaccesskey";
-/// Secret key of the admin identity.
-pub const SECRET_KEY: &str = "sbtestsecretkey0123456789";
 /// Region the clients sign for (SeaweedFS accepts any).
 pub const REGION: &str = "us-east-1";
 
@@ -36,6 +32,8 @@ pub const REGION: &str = "us-east-1";
 pub struct S3Server {
     s3_port: u16,
     bucket: String,
+    access_key: String,
+    secret_key: String,
     process: Option<ServerProcess>,
     // Declared last: removed after the process is gone.
     dir: TempDir,
@@ -46,11 +44,16 @@ impl S3Server {
     pub fn start() -> S3Server {
         let weed = paths::weed();
         let dir = server_temp_dir("sb-s3-");
+        // Credentials unique to this server: a request that reaches another test's SeaweedFS
+        // (a port race) is refused instead of silently succeeding there.
+        let unique = unique_suffix();
+        let access_key = format!("sbak{}", unique.replace('-', "x"));
+        let secret_key = format!("sbsk{}x{}", unique.replace('-', "x"), std::process::id());
         let config = dir.path().join("s3.json");
         std::fs::write(
             &config,
             format!(
-                r#"{{"identities":[{{"name":"admin","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+                r#"{{"identities":[{{"name":"admin","credentials":[{{"accessKey":"{access_key}","secretKey":"{secret_key}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
             ),
         )
         .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
@@ -59,11 +62,19 @@ impl S3Server {
 
         let mut last = String::new();
         for _ in 0..4 {
-            match try_start(&weed, dir.path(), &config, &data) {
+            match try_start(
+                &weed,
+                dir.path(),
+                &config,
+                &data,
+                (&access_key, &secret_key),
+            ) {
                 Ok((process, s3_port)) => {
                     let server = S3Server {
                         s3_port,
-                        bucket: unique_bucket_name(),
+                        bucket: format!("sb-{unique}"),
+                        access_key,
+                        secret_key,
                         process: Some(process),
                         dir,
                     };
@@ -95,12 +106,12 @@ impl S3Server {
 
     /// The access key id.
     pub fn access_key(&self) -> &str {
-        ACCESS_KEY
+        &self.access_key
     }
 
     /// The secret access key.
     pub fn secret_key(&self) -> &str {
-        SECRET_KEY
+        &self.secret_key
     }
 
     /// The region clients should sign for.
@@ -129,8 +140,8 @@ impl S3Server {
     /// in front of this server.
     pub fn env_with_endpoint(&self, endpoint: &str) -> Vec<(String, String)> {
         [
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+            ("AWS_ACCESS_KEY_ID", self.access_key.as_str()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.as_str()),
             ("AWS_REGION", REGION),
             ("AWS_DEFAULT_REGION", REGION),
             ("AWS_ENDPOINT_URL", endpoint),
@@ -148,8 +159,8 @@ impl S3Server {
         AmazonS3Builder::new()
             .with_endpoint(self.endpoint())
             .with_bucket_name(&self.bucket)
-            .with_access_key_id(ACCESS_KEY)
-            .with_secret_access_key(SECRET_KEY)
+            .with_access_key_id(&self.access_key)
+            .with_secret_access_key(&self.secret_key)
             .with_region(REGION)
             .with_allow_http(true)
             .with_virtual_hosted_style_request(false)
@@ -217,25 +228,13 @@ impl S3Server {
         path: &str,
         body: &[u8],
     ) -> std::io::Result<(u16, Vec<u8>)> {
-        let host = format!("127.0.0.1:{}", self.s3_port);
-        let now = chrono::Utc::now();
-        let amz_date = now.format("%Y%m%dT%H%M%SZ").to_string();
-        let headers = sigv4_headers(method, &host, path, body, &amz_date);
-        let mut request = format!("{method} {path} HTTP/1.1\r\n");
-        for (name, value) in &headers {
-            request.push_str(&format!("{name}: {value}\r\n"));
-        }
-        request.push_str(&format!(
-            "content-length: {}\r\nconnection: close\r\n\r\n",
-            body.len()
-        ));
-        let mut stream = TcpStream::connect(&host)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        stream.write_all(request.as_bytes())?;
-        stream.write_all(body)?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response)?;
-        parse_response(&response)
+        signed_request(
+            self.s3_port,
+            (&self.access_key, &self.secret_key),
+            method,
+            path,
+            body,
+        )
     }
 
     /// The SeaweedFS process id while running.
@@ -280,6 +279,7 @@ fn try_start(
     dir: &Path,
     config: &Path,
     data: &Path,
+    keys: (&str, &str),
 ) -> Result<(ServerProcess, u16), String> {
     let ports = free_ports(8);
     let (s3, s3_grpc, master, master_grpc) = (ports[0], ports[1], ports[2], ports[3]);
@@ -316,8 +316,9 @@ fn try_start(
     let log = dir.join("weed.log");
     let mut process = ServerProcess::spawn("SeaweedFS", cmd, &log);
     let ready = wait_ready(&mut process, Duration::from_secs(60), || {
-        // Any HTTP answer (even AccessDenied) means the S3 gateway is up.
-        http_status(s3).is_some()
+        // A signed ListBuckets that succeeds proves the gateway is up *and* is ours: only it
+        // knows these credentials.
+        matches!(signed_request(s3, keys, "GET", "/", b""), Ok((200, _)))
     });
     match ready {
         Ok(()) => Ok((process, s3)),
@@ -328,16 +329,32 @@ fn try_start(
     }
 }
 
-/// The status code of an anonymous `GET /`, or `None` if nothing answers HTTP yet.
-fn http_status(port: u16) -> Option<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
-        .ok()?;
+/// Sends one SigV4-signed HTTP/1.1 request to 127.0.0.1:`port` and reads the whole response.
+fn signed_request(
+    port: u16,
+    keys: (&str, &str),
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let host = format!("127.0.0.1:{port}");
+    let amz_date = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let headers = sigv4_headers(keys, method, &host, path, body, &amz_date);
+    let mut request = format!("{method} {path} HTTP/1.1\r\n");
+    for (name, value) in &headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!(
+        "content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    ));
+    let mut stream = TcpStream::connect(&host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(request.as_bytes())?;
+    stream.write_all(body)?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).ok()?;
-    parse_response(&response).ok().map(|(status, _)| status)
+    stream.read_to_end(&mut response)?;
+    parse_response(&response)
 }
 
 /// Splits a `Connection: close` HTTP/1.1 response into status and body (chunked bodies are
@@ -359,6 +376,7 @@ fn parse_response(response: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
 
 /// The headers of a SigV4-signed request with an unsigned-query, signed-payload canonical form.
 fn sigv4_headers(
+    (access_key, secret_key): (&str, &str),
     method: &str,
     host: &str,
     path: &str,
@@ -375,7 +393,7 @@ fn sigv4_headers(
         "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
         hex::encode(Sha256::digest(canonical_request.as_bytes()))
     );
-    let mut key = hmac_sha256(format!("AWS4{SECRET_KEY}").as_bytes(), date.as_bytes());
+    let mut key = hmac_sha256(format!("AWS4{secret_key}").as_bytes(), date.as_bytes());
     for part in [REGION, "s3", "aws4_request"] {
         key = hmac_sha256(&key, part.as_bytes());
     }
@@ -387,7 +405,7 @@ fn sigv4_headers(
         (
             "authorization".into(),
             format!(
-                "AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={signature}"
+                "AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={signature}"
             ),
         ),
     ]
@@ -400,15 +418,16 @@ fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
-/// `sb-<pid>-<n>-<nanos>`: unique across parallel test processes, valid as a bucket name.
-fn unique_bucket_name() -> String {
+/// `<pid>-<n>-<nanos>`: unique across parallel test processes; `sb-` + this is a valid
+/// bucket name.
+fn unique_suffix() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     format!(
-        "sb-{}-{}-{nanos}",
+        "{}-{}-{nanos}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
@@ -460,8 +479,8 @@ mod tests {
 
     #[test]
     fn bucket_names_are_valid_and_unique() {
-        let a = unique_bucket_name();
-        let b = unique_bucket_name();
+        let a = format!("sb-{}", unique_suffix());
+        let b = format!("sb-{}", unique_suffix());
         assert_ne!(a, b);
         for n in [a, b] {
             assert!((3..=63).contains(&n.len()), "{n}");
