@@ -39,11 +39,24 @@
 //! # let _ = (info, all); Ok(()) }
 //! ```
 //!
-//! * [`Repository`]: `open(url, RepoOptions)`, `put`, `writer`/`writer_with_len`, `get`,
-//!   `reader`, `info`, `verify`, `list`, `exists`, `delete`, `read_marker`, `init_marker`.
-//! * [`layout`]: the only place keys are built ([`RepoKey`], WAL, base backups, Redis).
-//! * [`RepoMarker`]: what the repository holds; `init_marker` creates or returns it.
-//! * [`StorageError`]: names the key; `is_not_found()`, `is_retryable()`, `is_corrupt()`.
+//! * [`Repository`] (cheap `Clone`): `open(url, RepoOptions)`; `put(key, kind, Bytes,
+//!   PutMode) -> ObjectInfo`; `writer(key, kind, mode)` / `writer_with_len(.., Some(len))`
+//!   -> [`ObjectWriter`] (`write(Bytes)`, `finish() -> ObjectInfo`, `abort()`); `get(key)
+//!   -> Bytes`; `reader(key)` -> [`ObjectReader`] (`next_chunk()`, `Stream`,
+//!   `into_async_read()`); `info(key)` (header + trailer only: length, SHA-256);
+//!   `verify(key)`; `list(prefix) -> Vec<ObjectMeta>`; `exists`; `delete`; `read_marker`;
+//!   `init_marker(&RepoMarker) -> MarkerInit::{Created, Existing}`.
+//! * [`RepoOptions`]: compression level, frame/part sizes, workers, upload concurrency,
+//!   age `recipients` / `identities` (see [`keys`]), [`RetryPolicy`], CA bundle,
+//!   `store_config` (object_store keys such as `aws_access_key_id`).
+//! * [`layout`]: the only place keys are built ([`RepoKey`], `wal_segment`, `wal_partial`,
+//!   `timeline_history`, `base_backup_chunk`/`_manifest`, `redis_snapshot`, `redis_chunk`,
+//!   `redis_generation_manifest`) and parsed back (`parse_wal_key`, ...).
+//! * [`RepoMarker`]: what the repository holds; `init_marker` creates or returns it and
+//!   refuses to mix encrypted and plain objects.
+//! * [`StorageError`]: every variant names its key; `is_not_found()` (only a true absence),
+//!   `is_retryable()`, `is_corrupt()`; `Corrupt { key, check, expected, actual, offset }`.
+//! * [`mod@format`]: the container layout (specified in `storage/FORMAT.md`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
