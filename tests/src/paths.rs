@@ -150,6 +150,35 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "run make deps")]
+    fn a_missing_binary_says_run_make_deps() {
+        require_executable(Path::new("/nonexistent/sb/postgres"), "PostgreSQL 99");
+    }
+
+    #[test]
+    #[should_panic(expected = "run make deps")]
+    fn a_missing_key_says_run_make_deps() {
+        dep_value("SB_NO_SUCH_SERVER_BIN");
+    }
+
+    #[test]
+    fn every_server_the_tests_need_is_installed() {
+        for v in crate::pg::PgVersion::all() {
+            let dir = v.bin_dir();
+            assert!(dir.join("postgres").is_file());
+        }
+        for bin in [
+            redis_server(),
+            redis_cli(),
+            valkey_server(),
+            weed(),
+            pgbackrest(),
+        ] {
+            assert!(bin.is_file(), "{}", bin.display());
+        }
+    }
+
+    #[test]
     fn repo_root_holds_the_workspace_manifest() {
         assert!(repo_root().join("Cargo.toml").is_file());
         assert!(repo_root().join("tests").join("Cargo.toml").is_file());
