@@ -44,7 +44,11 @@ struct Source {
     size: u64,
     etag: Option<String>,
     resumes: u32,
+    resumed_at: u64,
 }
+
+/// Bytes a transfer must deliver between two breaks for the break count to restart.
+const RESUME_PROGRESS: u64 = 1 << 20;
 
 impl Source {
     async fn open(repo: Arc<RepoInner>, key: RepoKey) -> Result<Source> {
@@ -58,6 +62,7 @@ impl Source {
             size,
             etag,
             resumes: 0,
+            resumed_at: 0,
         })
     }
 
@@ -79,6 +84,12 @@ impl Source {
                 Some(Err(e)) => e,
             };
             let policy = &self.repo.opts.retry;
+            // A transfer that made real progress since the last break starts a new count,
+            // so a long download over a flaky link is not abandoned for old failures.
+            if self.pos >= self.resumed_at + RESUME_PROGRESS {
+                self.resumes = 0;
+            }
+            self.resumed_at = self.pos;
             if !err.is_retryable() || self.resumes + 1 >= policy.max_attempts {
                 return Err(err);
             }

@@ -155,6 +155,38 @@ impl Repository {
         })
     }
 
+    /// A repository on an `object_store` you built yourself (a store this crate does not
+    /// configure, or a wrapper that injects failures in tests). `prefix` is the key prefix
+    /// inside the store (may be empty). Conditional create is attempted and falls back to
+    /// check-then-put when the store answers "not implemented".
+    pub fn from_store(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        description: &str,
+        opts: RepoOptions,
+    ) -> Result<Repository> {
+        let opts = sanitize(opts)?;
+        let backend = Backend::Store(StoreBackend {
+            store,
+            prefix: clean_prefix(description, prefix)?,
+            conditional_create: true,
+            attributes: Attributes::new(),
+        });
+        let keys = Arc::new(Keys {
+            recipients: opts.recipients.clone(),
+            identities: opts.identities.clone(),
+        });
+        Ok(Repository {
+            inner: Arc::new(RepoInner {
+                backend,
+                url: description.to_owned(),
+                cpu: Arc::new(Semaphore::new(opts.workers)),
+                opts,
+                keys,
+            }),
+        })
+    }
+
     /// The URL this repository was opened with (query options removed).
     pub fn url(&self) -> &str {
         &self.inner.url
