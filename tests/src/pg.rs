@@ -495,6 +495,29 @@ impl PgCluster {
         self.sql_blocking(query);
     }
 
+    /// True while the server is in recovery (a standby, or replaying archived WAL).
+    pub fn is_in_recovery(&self) -> bool {
+        self.query_one_blocking("SELECT pg_is_in_recovery()") == "t"
+    }
+
+    /// Waits until recovery has ended and the server accepts writes (after a PITR restore
+    /// reaches its target and promotes, or after `pg_promote()`); panics with the log tail
+    /// after `timeout`.
+    pub fn wait_recovery_end(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.is_in_recovery() {
+            if std::time::Instant::now() >= deadline {
+                panic!(
+                    "{} on port {} still in recovery after {timeout:?}; log:\n{}",
+                    self.version,
+                    self.port,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Path of a client program (`psql`, `pgbench`, `pg_basebackup`, `pg_receivewal`, ...).
     ///
     /// The embedded 14/16/17/18 packages only carry the server, so this looks in the cluster's

@@ -72,9 +72,51 @@ fn a_base_backup_starts_as_a_new_cluster_from_its_data_dir() {
         restored.query_one_blocking("SELECT system_identifier FROM pg_control_system()"),
         pg.query_one_blocking("SELECT system_identifier FROM pg_control_system()")
     );
+    assert!(!restored.is_in_recovery());
     drop(restored);
     // The caller owns a data directory it handed in.
     assert!(target.join("PG_VERSION").is_file());
+}
+
+#[test]
+fn a_streaming_standby_is_ready_in_recovery_and_promotes() {
+    let primary = PgCluster::start(PgVersion::V15);
+    primary.sql_blocking("CREATE TABLE t(i int); INSERT INTO t VALUES (1);");
+    let backup_root = server_temp_dir("sb-standby-");
+    let target = backup_root.path().join("data");
+    // -R writes standby.signal and primary_conninfo.
+    primary.run(
+        "pg_basebackup",
+        &[
+            "-d",
+            &primary.replication_conninfo(),
+            "-D",
+            target.to_str().unwrap(),
+            "-X",
+            "stream",
+            "-R",
+            "--checkpoint=fast",
+            "--no-sync",
+        ],
+    );
+    let standby = PgCluster::builder(PgVersion::V15)
+        .existing_data_dir(&target)
+        .extra_conf("hot_standby = on")
+        .start();
+    assert!(standby.is_in_recovery());
+    primary.sql_blocking("INSERT INTO t VALUES (2)");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while standby.query_one_blocking("SELECT count(*) FROM t") != "2" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "standby did not replay"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    standby.query_one_blocking("SELECT pg_promote()");
+    standby.wait_recovery_end(std::time::Duration::from_secs(30));
+    standby.sql_blocking("INSERT INTO t VALUES (3)");
+    assert_eq!(standby.query_one_blocking("SELECT count(*) FROM t"), "3");
 }
 
 #[test]
