@@ -274,8 +274,8 @@ impl Repository {
     /// identity, an encrypted object is checked up to the stored bytes (CRC32C, structure);
     /// `VerifyReport::plaintext_verified` says whether the SHA-256 was checked too.
     pub async fn verify(&self, key: &RepoKey) -> Result<VerifyReport> {
-        let plaintext = self.inner.keys.identities.is_empty();
-        let mode = if plaintext {
+        let no_identity = self.inner.keys.identities.is_empty();
+        let mode = if no_identity {
             ReadMode::StoredOnlyIfEncrypted
         } else {
             ReadMode::Plaintext
@@ -287,7 +287,7 @@ impl Repository {
             reason: "reader ended without info".into(),
         })?;
         Ok(VerifyReport {
-            plaintext_verified: !(info.encrypted && plaintext),
+            plaintext_verified: !(info.encrypted && no_identity),
             info,
         })
     }

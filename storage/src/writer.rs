@@ -216,7 +216,8 @@ impl ObjectWriter {
         }
     }
 
-    /// Appends bytes. Waits when the pipeline is full (backpressure).
+    /// Appends bytes. Waits when the pipeline is full (backpressure). Not cancel-safe: if
+    /// this future is dropped before it completes, drop (or `abort`) the writer too.
     pub async fn write(&mut self, data: Bytes) -> Result<()> {
         self.check_open()?;
         match self.write_inner(data).await {

@@ -249,3 +249,13 @@ async fn file_repo_directory_is_created_on_first_write_only() {
     let err = Repository::open(&format!("file://{}", file.display()), small_opts()).unwrap_err();
     assert!(err.to_string().contains("not a directory"), "{err}");
 }
+
+#[test]
+fn handles_can_move_between_tasks() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Repository>();
+    send::<storage::ObjectWriter>();
+    send::<storage::ObjectReader>();
+    send_sync::<StorageError>();
+}
