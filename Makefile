@@ -23,6 +23,7 @@ demo: deps
 
 ## bench: side-by-side benchmarks against the peer tools (not part of `make test`)
 bench: deps
+	$(CARGO) build --release -p syncbridge-agent
 	$(CARGO) bench --workspace
 
 fmt:

@@ -138,6 +138,8 @@ struct ChunkBuilder {
     commands: u64,
     index: Vec<(u64, i64)>,
     opened: Instant,
+    /// Arrival of the first command, for the lag logged when the chunk is stored.
+    first_ms: Option<i64>,
 }
 
 impl ChunkBuilder {
@@ -159,6 +161,7 @@ impl ChunkBuilder {
             commands: 0,
             index: Vec::new(),
             opened: Instant::now(),
+            first_ms: None,
         }
     }
 }
@@ -346,6 +349,7 @@ pub async fn run(
             }
             chunk.body.extend_from_slice(&cmd.raw);
             chunk.commands += 1;
+            chunk.first_ms.get_or_insert(now_ms);
             if !in_multi {
                 match chunk.index.last_mut() {
                     Some(last) if last.1 == now_ms => last.0 = offset.get(),
@@ -434,10 +438,16 @@ fn upload<'a>(
     };
     let data = chunk::encode(&header, &chunk.body)?;
     let key = layout::redis_chunk(generation, chunk.start, end);
+    let first_ms = chunk.first_ms;
     Ok(Box::pin(async move {
         repo.put(&key, ContentKind::RedisCommands, data, PutMode::CreateNew)
             .await
             .with_context(|| format!("storing {key}"))?;
+        if let Some(first) = first_ms {
+            // The oldest command in the chunk waited this long to become durable.
+            let lag_ms = chrono::Utc::now().timestamp_millis() - first;
+            tracing::debug!(start = header.start, end, lag_ms, "chunk stored");
+        }
         Ok(end)
     }))
 }
