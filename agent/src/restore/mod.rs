@@ -57,7 +57,7 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub owner: Option<String>,
     /// Extra options for the server started by --start (passed to `pg_ctl -o`), e.g. `-p 5433`.
-    #[arg(long, value_name = "OPTIONS")]
+    #[arg(long, value_name = "OPTIONS", allow_hyphen_values = true)]
     pub start_options: Option<String>,
     /// How long --start waits for recovery to finish.
     #[arg(long, default_value = "600s", value_parser = crate::pg::cli::parse_duration)]
