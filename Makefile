@@ -15,6 +15,7 @@ lint:
 
 ## test: deps, lint, then the whole suite against real servers
 test: deps lint
+	$(CARGO) build -p syncbridge-agent --bin syncbridge-agent
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 ## demo: run the agent end to end against throwaway servers with a file:// repository
