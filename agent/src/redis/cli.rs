@@ -49,10 +49,36 @@ enum RedisCommand {
 /// Where to connect.
 #[derive(Debug, Args, Clone)]
 pub struct SourceArgs {
-    /// The master: redis://[user[:password]@]host[:port]. The password may instead come
-    /// from SYNCBRIDGE_REDIS_PASSWORD or REDISCLI_AUTH.
+    /// The master: redis://[user[:password]@]host[:port], or rediss:// for TLS. The
+    /// password may instead come from SYNCBRIDGE_REDIS_PASSWORD or REDISCLI_AUTH.
     #[arg(long, env = "SYNCBRIDGE_REDIS_SOURCE", default_value = "")]
     pub source: String,
+    /// rediss://: CA bundle (PEM) to check the server against (default: system store).
+    #[arg(long, env = "SYNCBRIDGE_REDIS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// rediss://: client certificate (PEM), for servers with tls-auth-clients yes.
+    #[arg(long, env = "SYNCBRIDGE_REDIS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// rediss://: client private key (PEM).
+    #[arg(long, env = "SYNCBRIDGE_REDIS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    /// The validated source.
+    pub fn parse(&self) -> Result<RedisSource> {
+        let mut source = RedisSource::parse(&self.source).context("reading --source")?;
+        let files = super::tls::TlsFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        };
+        if !source.tls && files != super::tls::TlsFiles::default() {
+            bail!("--tls-ca/--tls-cert/--tls-key need a rediss:// source");
+        }
+        source.tls_files = files;
+        Ok(source)
+    }
 }
 
 /// Where to store.
@@ -169,7 +195,7 @@ fn open_repo(url: &str) -> Result<Repository> {
 }
 
 async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
-    let source = RedisSource::parse(&args.source.source).context("reading --source")?;
+    let source = args.source.parse()?;
     let repo = open_repo(&args.repo.repo)?;
     let mut link = MasterLink::connect(&source).await?;
     let (replid, offset) = match link.psync(None).await? {
@@ -216,7 +242,7 @@ async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
 }
 
 async fn stream(args: StreamArgs) -> Result<ExitCode> {
-    let source = RedisSource::parse(&args.source.source).context("reading --source")?;
+    let source = args.source.parse()?;
     let repo = open_repo(&args.repo.repo)?;
     let opts = super::stream::StreamOptions {
         max_lag: args.max_lag,

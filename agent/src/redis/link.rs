@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use wire::redis::command::{CommandDecoder, ReplicatedCommand};
@@ -41,10 +40,13 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes asked of the socket per read.
 const READ_SIZE: usize = 256 << 10;
 
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
 /// The write half, shared with the task that sends `REPLCONF ACK`.
 #[derive(Clone)]
 pub struct AckSender {
-    writer: Arc<Mutex<OwnedWriteHalf>>,
+    writer: Arc<Mutex<WriteHalf>>,
 }
 
 impl AckSender {
@@ -65,7 +67,7 @@ impl AckSender {
 
 /// A replica connection to one master.
 pub struct MasterLink {
-    reader: OwnedReadHalf,
+    reader: ReadHalf,
     writer: AckSender,
     buf: BytesMut,
     endpoint: String,
@@ -76,9 +78,6 @@ pub struct MasterLink {
 impl MasterLink {
     /// Connects and runs the handshake up to (not including) `PSYNC`.
     pub async fn connect(source: &RedisSource) -> Result<MasterLink> {
-        if source.tls {
-            bail!("rediss:// (TLS) sources are not supported yet; use redis:// or a TLS tunnel (stunnel)");
-        }
         let endpoint = source.endpoint();
         let stream = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
@@ -88,7 +87,22 @@ impl MasterLink {
         .map_err(|_| anyhow!("connecting to Redis at {endpoint}: timed out"))?
         .with_context(|| format!("connecting to Redis at {endpoint}"))?;
         stream.set_nodelay(true).ok();
-        let (reader, writer) = stream.into_split();
+        let (reader, writer): (ReadHalf, WriteHalf) = if source.tls {
+            let config = super::tls::client_config(&source.tls_files)?;
+            let name = super::tls::server_name(&source.host)?;
+            let tls = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                tokio_rustls::TlsConnector::from(config).connect(name, stream),
+            )
+            .await
+            .map_err(|_| anyhow!("TLS handshake with {endpoint}: timed out"))?
+            .with_context(|| format!("TLS handshake with {endpoint}"))?;
+            let (r, w) = tokio::io::split(tls);
+            (Box::new(r), Box::new(w))
+        } else {
+            let (r, w) = stream.into_split();
+            (Box::new(r), Box::new(w))
+        };
         let mut link = MasterLink {
             reader,
             writer: AckSender {

@@ -1,7 +1,7 @@
 //! Redis and Valkey: the agent attaches to a master as a replica, stores the RDB snapshot
 //! it sends and then every write command, so any moment can be restored.
 //!
-//! - [`source`] parses the `--source` URL.
+//! - [`source`] parses the `--source` URL; [`tls`] sets up `rediss://`.
 //! - [`link`] is the replica connection and handshake (the ACL it needs is documented there).
 //! - [`snapshot`] stores one validated snapshot generation.
 //! - [`manifest`] reads and writes `generation.json`.
@@ -20,3 +20,4 @@ pub mod restore;
 pub mod snapshot;
 pub mod source;
 pub mod stream;
+pub mod tls;

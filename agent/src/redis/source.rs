@@ -18,6 +18,8 @@ pub struct RedisSource {
     pub password: Option<String>,
     /// `rediss://`.
     pub tls: bool,
+    /// Certificates for TLS.
+    pub tls_files: super::tls::TlsFiles,
 }
 
 impl std::fmt::Debug for RedisSource {
@@ -28,6 +30,7 @@ impl std::fmt::Debug for RedisSource {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls)
+            .field("tls_files", &self.tls_files)
             .finish()
     }
 }
@@ -81,6 +84,7 @@ impl RedisSource {
             username,
             password,
             tls,
+            tls_files: Default::default(),
         })
     }
 
