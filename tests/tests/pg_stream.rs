@@ -143,3 +143,176 @@ fn pg16_wal_byte_identical() {
 fn pg18_wal_byte_identical() {
     byte_identical(PgVersion::V18, 2, 60_000);
 }
+
+/// LSN of a WAL file name plus an offset (16 MiB segments).
+fn lsn_of(name: &str, offset: u64) -> u64 {
+    let hi = u64::from_str_radix(&name[8..16], 16).unwrap();
+    let lo = u64::from_str_radix(&name[16..24], 16).unwrap();
+    (hi << 32) + lo * 16 * 1024 * 1024 + offset
+}
+
+fn parse_lsn(text: &str) -> u64 {
+    let (hi, lo) = text.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) + u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// The end of WAL the repository holds (complete segments and partials).
+fn durable_end(url: &str) -> u64 {
+    let (segs, parts, _) = repo::listing(url);
+    let a = segs
+        .iter()
+        .map(|s| lsn_of(s, 16 * 1024 * 1024))
+        .max()
+        .unwrap_or(0);
+    let b = parts
+        .iter()
+        .map(|(s, off)| lsn_of(s, u64::from(*off)))
+        .max()
+        .unwrap_or(0);
+    a.max(b)
+}
+
+#[test]
+fn pg17_kill9_three_times_during_load_loses_nothing() {
+    let s = Setup::new(PgVersion::V17);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loader = {
+        let stop = stop.clone();
+        let url = s.pg.superuser_url();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(conn);
+                client.simple_query("CREATE TABLE IF NOT EXISTS load(id int, pad text)").await.unwrap();
+                let mut i = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    client
+                        .simple_query("INSERT INTO load SELECT g, repeat('y', 200) FROM generate_series(1, 20000) g")
+                        .await
+                        .unwrap();
+                    i += 1;
+                    if i % 5 == 0 {
+                        client.simple_query("SELECT pg_switch_wal()").await.unwrap();
+                    }
+                }
+            });
+        })
+    };
+    let mut agent = s.start_agent(&[]);
+    for pause_ms in [1500u64, 2300, 900] {
+        std::thread::sleep(Duration::from_millis(pause_ms));
+        assert!(
+            agent.exited().is_none(),
+            "agent exited:\n{}",
+            agent.log_text()
+        );
+        agent.kill9();
+        std::thread::sleep(Duration::from_millis(200));
+        agent = s.start_agent(&[]);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    loader.join().unwrap();
+    let last =
+        s.pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
+    s.wait_for_segment(&mut agent, &last);
+    let n = s.assert_identical_and_contiguous();
+    let restarts = agent.log_text().matches("starting replication").count();
+    assert!(
+        restarts >= 4,
+        "expected 4 starts in the log, saw {restarts}"
+    );
+    eprintln!("kill -9 x3: {n} segments, contiguous and byte-identical");
+}
+
+#[test]
+fn pg17_synchronous_commit_waits_for_the_repository() {
+    let s = Setup::new(PgVersion::V17);
+    let mut agent = s.start_agent(&["--synchronous"]);
+    // Set after start-up: the harness's own setup commits would wait for a standby.
+    s.pg.sql_blocking("ALTER SYSTEM SET synchronous_standby_names = 'syncbridge'");
+    s.pg.sql_blocking("SELECT pg_reload_conf()");
+    let ok = wait_until(Duration::from_secs(60), || {
+        s.pg.sql_blocking(
+            "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'syncbridge'",
+        )
+        .first()
+        .and_then(|r| r[0].clone())
+        .as_deref()
+            == Some("sync")
+    });
+    assert!(
+        ok,
+        "agent never became the synchronous standby:\n{}",
+        agent.log_text()
+    );
+
+    let url = s.pg.superuser_url();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let burst = rt.block_on(async move { tokio::time::timeout(Duration::from_secs(120), async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client.simple_query("CREATE TABLE marks(id int)").await.unwrap();
+        let started = std::time::Instant::now();
+        let mut last = String::new();
+        for i in 0..200 {
+            let msgs = client
+                .simple_query(&format!("BEGIN; INSERT INTO marks VALUES ({i}); SELECT pg_current_wal_insert_lsn()::text; COMMIT;"))
+                .await
+                .unwrap();
+            for m in msgs {
+                if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                    last = r.get(0).unwrap().to_string();
+                }
+            }
+        }
+        (last, started.elapsed())
+    }).await });
+    let Ok((last_before_commit, elapsed)) = burst else {
+        panic!("commits still waiting after 120 s:\n{}", agent.log_text());
+    };
+    // Stop the agent the moment the last commit returned: what it acknowledged must be stored.
+    agent.kill9();
+    let end = durable_end(&s.repo_url());
+    let before = parse_lsn(&last_before_commit);
+    assert!(
+        end > before,
+        "repository ends at {end:X}, but a commit after {before:X} was acknowledged"
+    );
+    eprintln!("synchronous: 200 commits in {elapsed:?} ({:?} per commit); repository end {end:X} > last commit start {before:X}", elapsed / 200);
+    // The stored partial matches the server's WAL byte for byte up to its end.
+    let (segs, parts, _) = repo::listing(&s.repo_url());
+    let newest = parts
+        .iter()
+        .max_by_key(|(seg, off)| lsn_of(seg, u64::from(*off)));
+    if let Some((seg, off)) = newest {
+        if !segs.contains(seg) {
+            let data = partial_content(&s.repo_url(), seg, *off);
+            let server = std::fs::read(s.pg.pg_wal_dir().join(seg)).unwrap();
+            let off = *off as usize;
+            assert!(
+                data[..off] == server[..off],
+                "partial {seg} up to {off:X} differs from pg_wal"
+            );
+        }
+    }
+}
+
+fn partial_content(url: &str, seg: &str, off: u32) -> bytes::Bytes {
+    use storage::layout;
+    let repo = storage::Repository::open(url, storage::RepoOptions::default()).unwrap();
+    let key = layout::wal_partial(&layout::WalSegmentName::parse(seg).unwrap(), off);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(repo.get(&key))
+        .unwrap()
+}

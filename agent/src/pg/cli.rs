@@ -35,6 +35,44 @@ enum PostgresCommand {
     /// backup_manifest). Complete once the WAL up to its stop LSN is in the repository
     /// (written by `postgres stream`, which must be running).
     Backup(super::backup::BackupArgs),
+    /// restore_command helper: `restore_command = 'syncbridge-agent postgres wal-fetch
+    /// --repo URL %f %p'`. Writes the WAL segment or history file atomically to %p. Exit 1
+    /// only when it is not in the repository (recovery ends there); storage errors are
+    /// retried, then, like a corrupt object, exit 200 (> 125) so PostgreSQL stops with FATAL
+    /// instead of ending recovery early. The newest partial of a timeline is served as its
+    /// last segment. The next --prefetch segments are downloaded in the background into
+    /// .syncbridge-prefetch/ beside %p.
+    WalFetch(WalFetchArgs),
+    /// Background half of wal-fetch's prefetching (started by wal-fetch itself).
+    #[command(hide = true)]
+    WalPrefetch(WalPrefetchArgs),
+}
+
+#[derive(Debug, Args)]
+struct WalFetchArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Segments to download ahead in the background (0 disables).
+    #[arg(long, default_value_t = 8)]
+    prefetch: usize,
+    /// %f: the file PostgreSQL asks for.
+    file_name: String,
+    /// %p: where to write it.
+    target: std::path::PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct WalPrefetchArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    #[arg(long)]
+    spool: std::path::PathBuf,
+    #[arg(long)]
+    after: String,
+    #[arg(long)]
+    segment_size: u64,
+    #[arg(long)]
+    count: usize,
 }
 
 /// Where the repository is.
@@ -125,6 +163,8 @@ pub fn run(args: PostgresArgs) -> Result<ExitCode> {
             PostgresCommand::Check(a) => check(a).await,
             PostgresCommand::Stream(a) => stream(a).await,
             PostgresCommand::Backup(a) => super::backup::run(a).await,
+            PostgresCommand::WalFetch(a) => wal_fetch(a).await,
+            PostgresCommand::WalPrefetch(a) => wal_prefetch(a).await,
         }
     })
 }
@@ -173,5 +213,31 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
         max_inflight: args.max_inflight.max(1),
     })
     .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wal_fetch(args: WalFetchArgs) -> Result<ExitCode> {
+    let repo = match storage::Repository::open(&args.repo.repo, storage::RepoOptions::default()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: opening repository {}: {e}", args.repo.repo);
+            return Ok(ExitCode::from(super::wal_fetch::EXIT_FATAL));
+        }
+    };
+    Ok(super::wal_fetch::run(
+        &repo,
+        &args.repo.repo,
+        &args.file_name,
+        &args.target,
+        args.prefetch,
+    )
+    .await)
+}
+
+async fn wal_prefetch(args: WalPrefetchArgs) -> Result<ExitCode> {
+    let repo = storage::Repository::open(&args.repo.repo, storage::RepoOptions::default())?;
+    let size = WalSegmentSize::new(args.segment_size)?;
+    let after = wire::pg::SegmentName::parse(&args.after, size)?;
+    super::wal_fetch::prefetch(&repo, &args.spool, after, args.count).await?;
     Ok(ExitCode::SUCCESS)
 }

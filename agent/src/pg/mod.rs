@@ -13,3 +13,4 @@ pub mod conn;
 pub mod conninfo;
 pub mod stream;
 pub mod tls;
+pub mod wal_fetch;
