@@ -216,8 +216,11 @@ impl ObjectWriter {
         }
     }
 
-    /// Appends bytes. Waits when the pipeline is full (backpressure). Not cancel-safe: if
-    /// this future is dropped before it completes, drop (or `abort`) the writer too.
+    /// Appends bytes. Waits when the pipeline is full (backpressure). Pieces of 16 KiB or
+    /// more are kept without copying until their frame is encoded, so a slice of a large
+    /// buffer keeps that buffer alive that long; smaller writes are copied and coalesced.
+    /// Not cancel-safe: if this future is dropped before it completes, drop (or `abort`)
+    /// the writer too.
     pub async fn write(&mut self, data: Bytes) -> Result<()> {
         self.check_open()?;
         match self.write_inner(data).await {
