@@ -372,6 +372,68 @@ impl Backend {
         Ok(out)
     }
 
+    /// The immediate "sub-directories" of `prefix` (keys one level deeper that have
+    /// objects under them), sorted, without listing those objects.
+    pub async fn list_dirs(&self, prefix: &RepoKey) -> Result<Vec<RepoKey>> {
+        let mut out = match self {
+            Backend::Store(s) => {
+                let base = s.path(&RepoKey::root());
+                let path = s.path(prefix);
+                let query = if path.as_ref().is_empty() {
+                    None
+                } else {
+                    Some(&path)
+                };
+                let res = s
+                    .store
+                    .list_with_delimiter(query)
+                    .await
+                    .map_err(|e| map_err(prefix, "list", e))?;
+                res.common_prefixes
+                    .into_iter()
+                    .filter_map(|p| {
+                        let rel = p
+                            .prefix_match(&base)?
+                            .map(|part| part.as_ref().to_owned())
+                            .collect::<Vec<_>>()
+                            .join("/");
+                        RepoKey::parse(&rel).ok().filter(|k| !k.is_root())
+                    })
+                    .collect::<Vec<_>>()
+            }
+            Backend::Local(l) => {
+                let (dir, k) = (l.path(prefix), prefix.clone());
+                blocking(prefix, move || {
+                    let rd = match std::fs::read_dir(&dir) {
+                        Ok(rd) => rd,
+                        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+                        Err(e) => return Err(StorageError::io(&k, "list", &dir, e)),
+                    };
+                    let mut out = Vec::new();
+                    for entry in rd {
+                        let entry = entry.map_err(|e| StorageError::io(&k, "list", &dir, e))?;
+                        let name = entry.file_name().to_string_lossy().into_owned();
+                        if name.starts_with('.') || !entry.path().is_dir() {
+                            continue;
+                        }
+                        let text = if k.is_root() {
+                            name
+                        } else {
+                            format!("{}/{name}", k.as_str())
+                        };
+                        if let Ok(key) = RepoKey::parse(&text) {
+                            out.push(key);
+                        }
+                    }
+                    Ok(out)
+                })
+                .await?
+            }
+        };
+        out.sort();
+        Ok(out)
+    }
+
     /// Removes an object; absent objects are not an error.
     pub async fn delete(&self, key: &RepoKey) -> Result<()> {
         match self {

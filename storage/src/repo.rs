@@ -347,6 +347,14 @@ impl Repository {
         self.inner.opts.retry.run(|_| b.list(prefix)).await
     }
 
+    /// The keys one level below `prefix` that have objects under them (e.g. the backup
+    /// ids under `layout::base_backups_prefix()`), sorted, without listing every object.
+    /// On a local directory an empty sub-directory may be listed too.
+    pub async fn list_dirs(&self, prefix: &RepoKey) -> Result<Vec<RepoKey>> {
+        let b = &self.inner.backend;
+        self.inner.opts.retry.run(|_| b.list_dirs(prefix)).await
+    }
+
     /// Whether an object exists (a store error is an error, not "no").
     pub async fn exists(&self, key: &RepoKey) -> Result<bool> {
         let b = &self.inner.backend;

@@ -206,6 +206,27 @@ async fn list_and_delete() {
         assert_eq!(chunks.len(), 2);
         assert!(chunks[0].key < chunks[1].key);
         assert_eq!(repo.list(&RepoKey::root()).await.unwrap().len(), 3);
+        assert_eq!(
+            repo.list_dirs(&layout::redis_generations_prefix())
+                .await
+                .unwrap(),
+            vec![layout::redis_generation_prefix(&g)]
+        );
+        assert_eq!(
+            repo.list_dirs(&RepoKey::root()).await.unwrap(),
+            vec![RepoKey::parse("redis").unwrap()]
+        );
+        assert_eq!(
+            repo.list_dirs(&layout::redis_generation_prefix(&g))
+                .await
+                .unwrap(),
+            vec![layout::redis_chunks_prefix(&g)]
+        );
+        assert!(repo
+            .list_dirs(&RepoKey::parse("nothing/here").unwrap())
+            .await
+            .unwrap()
+            .is_empty());
         repo.delete(&chunks[0].key).await.unwrap();
         assert_eq!(
             repo.list(&layout::redis_generation_prefix(&g))

@@ -88,6 +88,15 @@ async fn s3_round_trip_sizes_and_streams() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].key, key);
     assert_eq!(listed[0].size, info.stored_len);
+    assert_eq!(
+        repo.list_dirs(&RepoKey::root()).await.unwrap(),
+        vec![RepoKey::parse("t").unwrap()]
+    );
+    assert!(repo
+        .list_dirs(&RepoKey::parse("t").unwrap())
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
