@@ -84,17 +84,19 @@ enum Ended {
 /// Runs the stream until a fatal error or a signal, reconnecting with backoff otherwise.
 pub async fn run(opts: StreamOptions) -> Result<()> {
     let mut backoff = Duration::from_secs(1);
-    let mut first = true;
+    // Until replication has started once, errors are the operator's to fix (wrong
+    // password, no slot privilege, …): report them instead of retrying forever.
+    let mut started = false;
     loop {
         let attempt_started = Instant::now();
-        match stream_once(&opts).await {
+        match stream_once(&opts, &mut started).await {
             Ok(Ended::Shutdown) => return Ok(()),
             Ok(Ended::TimelineSwitch(e)) => {
                 tracing::info!(next_timeline = %e.next_tli, start = %e.next_tli_startpos, "timeline ended; continuing on the next");
                 backoff = Duration::from_secs(1);
                 continue;
             }
-            Err(e) if is_fatal(&e) || first => return Err(e),
+            Err(e) if is_fatal(&e) || !started => return Err(e),
             Err(e) => {
                 if attempt_started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_secs(1);
@@ -110,7 +112,6 @@ pub async fn run(opts: StreamOptions) -> Result<()> {
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
-        first = false;
     }
 }
 
@@ -207,7 +208,7 @@ async fn slot_status_sql(opts: &StreamOptions) -> Result<Option<(Option<Lsn>, Op
     Ok(Some((lsn, text(2))))
 }
 
-async fn stream_once(opts: &StreamOptions) -> Result<Ended> {
+async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> {
     let mut conn =
         PgConnection::connect(&opts.source, ConnectMode::Physical, &opts.application_name).await?;
     let major = conn.server_major()?;
@@ -321,6 +322,7 @@ async fn stream_once(opts: &StreamOptions) -> Result<Ended> {
     tracing::info!(server = %conn.endpoint(), system = ident.system_id, timeline = %tli, %start, segment_size = %size, slot = %opts.slot, "starting replication");
     conn.start_copy_both(&commands::start_replication(Some(&opts.slot), start, tli))
         .await?;
+    *started = true;
 
     let mut stale: BTreeMap<u64, Vec<RepoKey>> = BTreeMap::new();
     for ((t, n), v) in &repo_wal.partials {

@@ -1,0 +1,126 @@
+//! `postgres stream` faults: a slot already in use, `wal_level = minimal`, the server
+//! restarting under the agent, and a repository belonging to another cluster.
+#![allow(clippy::unwrap_used)]
+
+mod pg_support;
+
+use std::time::Duration;
+
+use pg_support::{repo, run_agent, text, wait_until, AgentProcess};
+use syncbridge_tests::pg::{PgCluster, PgVersion};
+
+fn stream_args<'a>(src: &'a str, url: &'a str) -> Vec<&'a str> {
+    vec![
+        "postgres",
+        "stream",
+        "--source",
+        src,
+        "--repo",
+        url,
+        "--max-lag",
+        "200ms",
+    ]
+}
+
+#[test]
+fn slot_in_use_and_foreign_repository_are_refused_clearly() {
+    let pg = PgCluster::start(PgVersion::V17);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let src = pg.replication_url();
+    let mut first = AgentProcess::spawn(&stream_args(&src, &url), dir.path().join("a.log"));
+    assert!(
+        wait_until(Duration::from_secs(30), || first
+            .log_text()
+            .contains("starting replication")),
+        "{}",
+        first.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let out = run_agent(&stream_args(&src, &url));
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        text(&out)
+    );
+    assert!(first.exited().is_none(), "{}", first.log_text());
+    first.kill9();
+
+    // The same repository pointed at another cluster.
+    let other = PgCluster::start(PgVersion::V17);
+    let other_src = other.replication_url();
+    let out = run_agent(&stream_args(&other_src, &url));
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to mix clusters"), "{}", text(&out));
+}
+
+#[test]
+fn wal_level_minimal_is_explained() {
+    let pg = PgCluster::builder(PgVersion::V16)
+        .extra_conf("wal_level = minimal")
+        .extra_conf("max_wal_senders = 0")
+        .extra_conf("wal_keep_size = 0")
+        .extra_conf("max_replication_slots = 0")
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let out = run_agent(&stream_args(&pg.replication_url(), &url));
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max_wal_senders") && err.contains("wal_level"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn server_restart_is_survived_without_gaps() {
+    let mut pg = PgCluster::builder(PgVersion::V17)
+        .wal_keep_size_mb(1024)
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let src = pg.replication_url();
+    let mut agent = AgentProcess::spawn(&stream_args(&src, &url), dir.path().join("a.log"));
+    pg.sql_blocking("CREATE TABLE t(id int, pad text)");
+    pg.sql_blocking("INSERT INTO t SELECT g, repeat('r', 200) FROM generate_series(1, 40000) g");
+    let before = pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(
+        wait_until(Duration::from_secs(60), || repo::listing(&url)
+            .0
+            .contains(&before)),
+        "{}",
+        agent.log_text()
+    );
+    pg.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    pg.start_again();
+    pg.sql_blocking("INSERT INTO t SELECT g, repeat('s', 200) FROM generate_series(1, 40000) g");
+    let after = pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(
+        wait_until(Duration::from_secs(120), || repo::listing(&url)
+            .0
+            .contains(&after)),
+        "after restart {after} never arrived:\n{}",
+        agent.log_text()
+    );
+    assert!(agent.exited().is_none());
+    let log = agent.log_text();
+    assert!(log.contains("reconnecting"), "{log}");
+    let segs = repo::segments(&url);
+    let names: Vec<&String> = segs.keys().collect();
+    for w in names.windows(2) {
+        let a = u64::from_str_radix(&w[0][16..], 16).unwrap();
+        let b = u64::from_str_radix(&w[1][16..], 16).unwrap();
+        assert_eq!(b, a + 1, "gap between {} and {}", w[0], w[1]);
+    }
+    for (name, data) in &segs {
+        assert!(
+            data[..] == std::fs::read(pg.pg_wal_dir().join(name)).unwrap()[..],
+            "{name} differs"
+        );
+    }
+}
