@@ -44,7 +44,8 @@
 //!   -> [`ObjectWriter`] (`write(Bytes)`, `finish() -> ObjectInfo`, `abort()`); `get(key)
 //!   -> Bytes`; `reader(key)` -> [`ObjectReader`] (`next_chunk()`, `Stream`,
 //!   `into_async_read()`); `info(key)` (header + trailer only: length, SHA-256);
-//!   `verify(key)`; `list(prefix) -> Vec<ObjectMeta>`; `exists`; `delete`; `read_marker`;
+//!   `verify(key)`; `list(prefix) -> Vec<ObjectMeta>`; `list_dirs(prefix)`; `exists`;
+//!   `delete`; `read_marker`; `from_store(Arc<dyn ObjectStore>, ..)` for custom stores;
 //!   `init_marker(&RepoMarker) -> MarkerInit::{Created, Existing}`.
 //! * [`RepoOptions`]: compression level, frame/part sizes, workers, upload concurrency,
 //!   age `recipients` / `identities` (see [`keys`]), [`RetryPolicy`], CA bundle,
