@@ -579,3 +579,81 @@ fn redis7_snapshot_over_tls_with_a_client_certificate() {
         text(&out)
     );
 }
+
+/// Largest output buffer (`omem`) the master holds for a replica right now.
+fn replica_omem(server: &RedisServer) -> u64 {
+    let list = server.cmd(&["CLIENT", "LIST", "TYPE", "replica"]);
+    list.as_str()
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|f| f.strip_prefix("omem=")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn slow_store_is_absorbed_by_the_spool_and_nothing_is_lost() {
+    use syncbridge_tests::proxy::{Fault, FaultProxy, FaultRule};
+    let s3 = S3Server::start();
+    let proxy = FaultProxy::start(s3.port());
+    let env = s3.env_with_endpoint(&proxy.url());
+    let server = RedisServer::start(RedisFlavor::Redis7);
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let repo = s3.repo_url("spool");
+    let spool_s = spool.display().to_string();
+    let mut agent = StreamingAgent::start_with(
+        &server.url(),
+        &repo,
+        &["--max-lag", "100ms", "--spool", &spool_s],
+        &env,
+        tmp.path().join("agent.log"),
+    );
+    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    // From now on every PUT to the store takes 1.5 s.
+    proxy.add_rule(FaultRule::method("PUT", Fault::Delay(Duration::from_millis(1500))).always());
+    let mut c = server.connect();
+    let value = "v".repeat(4000);
+    let mut max_spooled = 0;
+    let mut max_omem = 0;
+    // About 8 MB/s for 5 s, pipelined in small batches: a rate the agent easily reads,
+    // but 40 MB in all, far more than the socket buffers hold while the store stalls.
+    for batch in 0..100 {
+        for i in 0..100 {
+            c.send(&["SET", &format!("marker:{batch}:{i}"), &value])
+                .unwrap();
+        }
+        for _ in 0..100 {
+            assert!(c.read_reply().unwrap().is_ok());
+        }
+        max_omem = max_omem.max(replica_omem(&server));
+        max_spooled = max_spooled.max(std::fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    assert!(
+        max_spooled > 0,
+        "the spool was never used:\n{}",
+        agent.log_text()
+    );
+    // The agent kept reading: the master never buffered more than a few commands for it.
+    assert!(
+        max_omem < 1 << 20,
+        "master output buffer for the agent reached {max_omem} bytes"
+    );
+    proxy.clear_rules();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent.terminate(), "{}", agent.log_text());
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "spool not drained"
+    );
+    let restored = restore_and_start(
+        &repo,
+        &tmp.path().join("r"),
+        None,
+        RedisFlavor::Redis7,
+        &s3.env(),
+    );
+    assert_eq!(dump_port(restored.port, None), dump(&server));
+}

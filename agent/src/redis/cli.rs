@@ -111,6 +111,14 @@ struct StreamArgs {
     /// `off` keeps one generation.
     #[arg(long, default_value = "15m", value_parser = parse_optional_duration)]
     snapshot_every: Duration,
+    /// Local directory where cut chunks wait (fsynced) while the store is slower than the
+    /// master, so the agent keeps reading at line rate and the master never drops it for an
+    /// output-buffer overrun. Chunks left there by a crash are stored on the next start.
+    #[arg(long, env = "SYNCBRIDGE_REDIS_SPOOL")]
+    spool: Option<PathBuf>,
+    /// Most the spool may hold (MiB). When full, the agent says so and pauses reading.
+    #[arg(long, default_value_t = 1024)]
+    spool_limit_mib: u64,
 }
 
 /// Like [`parse_duration`]; `off` is zero (disabled).
@@ -247,6 +255,8 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
     let opts = super::stream::StreamOptions {
         max_lag: args.max_lag,
         snapshot_every: (!args.snapshot_every.is_zero()).then_some(args.snapshot_every),
+        spool: args.spool.clone(),
+        spool_limit: args.spool_limit_mib << 20,
         ..Default::default()
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

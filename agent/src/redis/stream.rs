@@ -8,12 +8,14 @@
 //! local state to lose. `+CONTINUE <new id>` is adopted for later chunks; `+FULLRESYNC`
 //! starts a new generation.
 
+use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use storage::{layout, ContentKind, PutMode, Repository};
@@ -39,6 +41,12 @@ pub struct StreamOptions {
     /// Take a new snapshot generation this often (if the offset moved), so a restore
     /// never replays more than this much of the stream.
     pub snapshot_every: Option<Duration>,
+    /// Local directory where cut chunks wait (fsynced) while the store is slower than the
+    /// master, so the socket keeps being read at line rate.
+    pub spool: Option<std::path::PathBuf>,
+    /// Most bytes the spool may hold; when full, reading pauses (and the master may drop
+    /// the connection, which is then resumed with PSYNC) rather than losing data.
+    pub spool_limit: u64,
 }
 
 impl Default for StreamOptions {
@@ -48,6 +56,8 @@ impl Default for StreamOptions {
             max_chunk_bytes: 16 << 20,
             uploads_in_flight: 4,
             snapshot_every: Some(Duration::from_secs(15 * 60)),
+            spool: None,
+            spool_limit: 1 << 30,
         }
     }
 }
@@ -242,6 +252,9 @@ pub async fn run(
     opts: &StreamOptions,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    if let Some(dir) = &opts.spool {
+        recover_spool(repo, dir).await?;
+    }
     let mut link = MasterLink::connect(source).await?;
     let resume = resume_point(repo).await?;
     let reply = link
@@ -270,12 +283,13 @@ pub async fn run(
         }
     };
 
+    // The master is told the durable offset: WAIT then means "stored in the repository".
     let received = Arc::new(AtomicU64::new(offset.get()));
     let mut acker = Acker::start(&link, received.clone());
     let mut decoder = CommandDecoder::new();
     let mut chunk = ChunkBuilder::new(offset.get(), db);
     let mut in_multi = false;
-    let mut uploads: Uploads<'_> = FuturesOrdered::new();
+    let mut uploads = ChunkQueue::new(repo, opts)?;
     let mut durable = offset;
     let mut generation_started = Instant::now();
     let mut generation_offset = offset;
@@ -284,9 +298,12 @@ pub async fn run(
     tokio::pin!(stop);
     let outcome: Result<()> = loop {
         // Uploads complete in order; the durable offset follows them.
-        while uploads.len() > opts.uploads_in_flight {
-            match uploads.next().await {
-                Some(Ok(end)) => durable = ReplicationOffset(end),
+        while uploads.is_full() {
+            match uploads.next_done().await {
+                Some(Ok(end)) => {
+                    durable = ReplicationOffset(end);
+                    received.fetch_max(end, Ordering::Relaxed);
+                }
                 Some(Err(e)) => return Err(e),
                 None => break,
             }
@@ -308,9 +325,12 @@ pub async fn run(
         let next = tokio::select! {
             biased;
             () = &mut stop => break Ok(()),
-            Some(done) = uploads.next(), if !uploads.is_empty() => {
+            Some(done) = uploads.next_done(), if uploads.is_busy() => {
                 match done {
-                    Ok(end) => durable = ReplicationOffset(end),
+                    Ok(end) => {
+                        durable = ReplicationOffset(end);
+                        received.fetch_max(end, Ordering::Relaxed);
+                    }
                     Err(e) => break Err(e),
                 }
                 continue;
@@ -335,13 +355,13 @@ pub async fn run(
         if let Some(cmd) = cmd {
             let now_ms = chrono::Utc::now().timestamp_millis();
             offset = offset.advance(cmd.wire_len());
-            received.store(offset.get(), Ordering::Relaxed);
             match cmd.kind() {
                 CommandKind::Multi => in_multi = true,
                 CommandKind::Exec => in_multi = false,
                 CommandKind::Select(n) => db = n,
                 CommandKind::ReplconfGetAck => {
-                    if let Err(e) = link.ack_sender().ack(offset).await {
+                    let acked = ReplicationOffset(received.load(Ordering::Relaxed));
+                    if let Err(e) = link.ack_sender().ack(acked).await {
                         break Err(e);
                     }
                 }
@@ -367,9 +387,8 @@ pub async fn run(
         if !chunk.body.is_empty() && !in_multi && (due || switch_now) {
             let mut full = std::mem::replace(&mut chunk, ChunkBuilder::new(offset.get(), db));
             full.seal(offset.get());
-            match upload(repo, &generation, &replid, full, offset.get(), db) {
-                Ok(fut) => uploads.push_back(fut),
-                Err(e) => break Err(e),
+            if let Err(e) = uploads.push(&generation, &replid, full, offset.get(), db) {
+                break Err(e);
             }
         } else if chunk.body.is_empty() && due {
             chunk.opened = Instant::now();
@@ -384,7 +403,7 @@ pub async fn run(
                 db = next.db;
                 decoder = CommandDecoder::new();
                 chunk = ChunkBuilder::new(offset.get(), db);
-                received.store(offset.get(), Ordering::Relaxed);
+                received.fetch_max(offset.get(), Ordering::Relaxed);
                 acker = Acker::start(&link, received.clone());
                 generation_started = Instant::now();
                 generation_offset = offset;
@@ -397,12 +416,11 @@ pub async fn run(
         if !in_multi {
             chunk.seal(offset.get());
         }
-        match upload(repo, &generation, &replid, chunk, offset.get(), db) {
-            Ok(fut) => uploads.push_back(fut),
-            Err(e) => finished = Err(e),
+        if let Err(e) = uploads.push(&generation, &replid, chunk, offset.get(), db) {
+            finished = Err(e);
         }
     }
-    while let Some(done) = uploads.next().await {
+    while let Some(done) = uploads.next_done().await {
         match done {
             Ok(end) => durable = ReplicationOffset(end),
             Err(e) => {
@@ -418,36 +436,220 @@ pub async fn run(
 
 type Uploads<'a> = FuturesOrdered<LocalBoxFuture<'a, Result<u64>>>;
 
-/// The store of one chunk, resolving to its end offset.
-fn upload<'a>(
-    repo: &'a Repository,
-    generation: &layout::GenerationId,
-    replid: &str,
-    chunk: ChunkBuilder,
+/// Where a cut chunk waits for its upload.
+enum Waiting {
+    Memory(Bytes),
+    Spooled(PathBuf, u64),
+}
+
+struct Pending {
+    key: layout::RepoKey,
     end: u64,
-    db_at_end: u32,
-) -> Result<LocalBoxFuture<'a, Result<u64>>> {
-    let header = ChunkHeader {
-        replid: replid.to_owned(),
-        start: chunk.start,
-        end,
-        db_at_start: chunk.db_at_start,
-        db_at_end,
-        commands: chunk.commands,
-        time_index: chunk.index,
-    };
-    let data = chunk::encode(&header, &chunk.body)?;
-    let key = layout::redis_chunk(generation, chunk.start, end);
-    let first_ms = chunk.first_ms;
-    Ok(Box::pin(async move {
-        repo.put(&key, ContentKind::RedisCommands, data, PutMode::CreateNew)
-            .await
-            .with_context(|| format!("storing {key}"))?;
-        if let Some(first) = first_ms {
-            // The oldest command in the chunk waited this long to become durable.
-            let lag_ms = chrono::Utc::now().timestamp_millis() - first;
-            tracing::debug!(start = header.start, end, lag_ms, "chunk stored");
+    first_ms: Option<i64>,
+    data: Waiting,
+}
+
+/// Cut chunks on their way to the repository, in offset order: a few uploads in flight,
+/// the rest waiting in the spool directory (or, without one, reading waits).
+struct ChunkQueue<'a> {
+    repo: &'a Repository,
+    uploads: Uploads<'a>,
+    waiting: VecDeque<Pending>,
+    in_flight: usize,
+    spool: Option<PathBuf>,
+    spool_limit: u64,
+    spooled: u64,
+    full_reported: bool,
+}
+
+impl<'a> ChunkQueue<'a> {
+    fn new(repo: &'a Repository, opts: &StreamOptions) -> Result<Self> {
+        if let Some(dir) = &opts.spool {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the spool {}", dir.display()))?;
         }
-        Ok(end)
-    }))
+        Ok(Self {
+            repo,
+            uploads: FuturesOrdered::new(),
+            waiting: VecDeque::new(),
+            in_flight: opts.uploads_in_flight.max(1),
+            spool: opts.spool.clone(),
+            spool_limit: opts.spool_limit,
+            spooled: 0,
+            full_reported: false,
+        })
+    }
+
+    /// Uploads running or chunks waiting.
+    fn is_busy(&self) -> bool {
+        !self.uploads.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// Whether reading must pause until an upload completes.
+    fn is_full(&mut self) -> bool {
+        let full = match &self.spool {
+            Some(dir) => {
+                let full = self.spooled >= self.spool_limit;
+                if full && !self.full_reported {
+                    tracing::error!(
+                        spool = %dir.display(),
+                        bytes = self.spooled,
+                        "the spool is full: not reading from the master until the store catches up; \
+                         if the master drops the connection the agent resumes with PSYNC from what is stored"
+                    );
+                }
+                full
+            }
+            None => !self.waiting.is_empty(),
+        };
+        self.full_reported = full;
+        full
+    }
+
+    fn push(
+        &mut self,
+        generation: &layout::GenerationId,
+        replid: &str,
+        chunk: ChunkBuilder,
+        end: u64,
+        db_at_end: u32,
+    ) -> Result<()> {
+        let header = ChunkHeader {
+            replid: replid.to_owned(),
+            start: chunk.start,
+            end,
+            db_at_start: chunk.db_at_start,
+            db_at_end,
+            commands: chunk.commands,
+            time_index: chunk.index,
+        };
+        let data = chunk::encode(&header, &chunk.body)?;
+        let key = layout::redis_chunk(generation, header.start, end);
+        let data = match &self.spool {
+            Some(dir) if self.uploads.len() >= self.in_flight || !self.waiting.is_empty() => {
+                let path = dir.join(format!(
+                    "{generation}__{:020}-{end:020}.chunk",
+                    header.start
+                ));
+                write_synced(&path, &data)?;
+                self.spooled += data.len() as u64;
+                Waiting::Spooled(path, data.len() as u64)
+            }
+            _ => Waiting::Memory(data),
+        };
+        self.waiting.push_back(Pending {
+            key,
+            end,
+            first_ms: chunk.first_ms,
+            data,
+        });
+        self.refill()
+    }
+
+    fn refill(&mut self) -> Result<()> {
+        while self.uploads.len() < self.in_flight {
+            let Some(p) = self.waiting.pop_front() else {
+                break;
+            };
+            let (data, spooled) = match p.data {
+                Waiting::Memory(b) => (b, None),
+                Waiting::Spooled(path, len) => {
+                    let b = std::fs::read(&path)
+                        .with_context(|| format!("reading spooled {}", path.display()))?;
+                    self.spooled -= len;
+                    (Bytes::from(b), Some(path))
+                }
+            };
+            let repo = self.repo;
+            let (key, end, first_ms) = (p.key, p.end, p.first_ms);
+            self.uploads.push_back(Box::pin(async move {
+                repo.put(&key, ContentKind::RedisCommands, data, PutMode::CreateNew)
+                    .await
+                    .with_context(|| format!("storing {key}"))?;
+                if let Some(path) = spooled {
+                    let _ = std::fs::remove_file(path);
+                }
+                if let Some(first) = first_ms {
+                    // The oldest command in the chunk waited this long to become durable.
+                    let lag_ms = chrono::Utc::now().timestamp_millis() - first;
+                    tracing::debug!(%key, end, lag_ms, "chunk stored");
+                }
+                Ok(end)
+            }));
+        }
+        Ok(())
+    }
+
+    /// The next completed upload (in offset order), refilling from the waiting chunks.
+    async fn next_done(&mut self) -> Option<Result<u64>> {
+        if self.uploads.is_empty() {
+            if let Err(e) = self.refill() {
+                return Some(Err(e));
+            }
+        }
+        let done = self.uploads.next().await?;
+        if let Err(e) = self.refill() {
+            return Some(Err(e));
+        }
+        Some(done)
+    }
+}
+
+fn write_synced(path: &std::path::Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    Ok(())
+}
+
+/// Uploads chunks a previous run left in the spool (they were cut and fsynced, maybe never
+/// stored), oldest first, so the repository's resume point includes them.
+pub async fn recover_spool(repo: &Repository, dir: &std::path::Path) -> Result<usize> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut files: Vec<(String, u64, u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let stem = name.strip_suffix(".chunk")?;
+            let (generation, range) = stem.split_once("__")?;
+            let (s, t) = range.split_once('-')?;
+            Some((
+                generation.to_owned(),
+                s.parse().ok()?,
+                t.parse().ok()?,
+                e.path(),
+            ))
+        })
+        .collect();
+    files.sort();
+    let count = files.len();
+    for (generation, start, end, path) in files {
+        let id = layout::GenerationId::parse(&generation)?;
+        let key = layout::redis_chunk(&id, start, end);
+        let data =
+            std::fs::read(&path).with_context(|| format!("reading spooled {}", path.display()))?;
+        chunk::decode(key.as_str(), Bytes::from(data.clone()))?;
+        match repo
+            .put(
+                &key,
+                ContentKind::RedisCommands,
+                Bytes::from(data),
+                PutMode::CreateNew,
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(storage::StorageError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e).with_context(|| format!("storing spooled {key}")),
+        }
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        tracing::info!(%key, "stored a chunk left in the spool by the previous run");
+    }
+    Ok(count)
 }
