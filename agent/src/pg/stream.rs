@@ -296,7 +296,9 @@ async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> 
     }
     let restart_lsn = restart_lsn.unwrap_or(ident.xlogpos);
     let start = size.segment_start(restart_lsn);
-    let tli = history.timeline_at(start, ident.timeline);
+    // The timeline is that of the slot's position itself: at or past a switch point the new
+    // timeline's segment (which starts with the old one's WAL) is streamed from its start.
+    let tli = history.timeline_at(restart_lsn, ident.timeline);
 
     // What the repository has, and whether anything is missing before where we start.
     let repo_wal = RepoWal::load(&opts.repo, size).await?;

@@ -159,6 +159,13 @@ pub mod repo {
         (segs, parts, hist)
     }
 
+    /// A history file's content.
+    pub fn history(url: &str, tli: u32) -> Bytes {
+        let repo = Repository::open(url, RepoOptions::default()).unwrap();
+        let key = layout::timeline_history(layout::TimelineId::new(tli).unwrap());
+        block_on(repo.get(&key)).unwrap()
+    }
+
     /// Every complete segment's content.
     pub fn segments(url: &str) -> BTreeMap<String, Bytes> {
         let repo = Repository::open(url, RepoOptions::default()).unwrap();
