@@ -62,7 +62,7 @@ fn promoted_standby_continues_on_the_new_timeline() {
             "fast",
         ],
     );
-    let mut standby = PgCluster::builder(version)
+    let standby = PgCluster::builder(version)
         .wal_keep_size_mb(1024)
         .existing_data_dir(&standby_dir)
         .start();
@@ -86,7 +86,7 @@ fn promoted_standby_continues_on_the_new_timeline() {
 
     // Point the agent at the new primary.
     let src2 = standby.replication_url();
-    let mut agent = AgentProcess::spawn(
+    let agent = AgentProcess::spawn(
         &[
             "postgres",
             "stream",
