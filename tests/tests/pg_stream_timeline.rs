@@ -177,3 +177,99 @@ fn promoted_standby_continues_on_the_new_timeline() {
         tli2.len()
     );
 }
+
+#[test]
+fn streaming_from_a_standby_follows_its_promotion() {
+    let version = PgVersion::V15;
+    let mut primary = PgCluster::builder(version).wal_keep_size_mb(1024).start();
+    primary.sql_blocking("CREATE TABLE t(id int, pad text)");
+    let standby_dir = primary.temp_dir().join("standby");
+    primary.run(
+        "pg_basebackup",
+        &[
+            "-D",
+            standby_dir.to_str().unwrap(),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        ],
+    );
+    let standby = PgCluster::builder(version)
+        .wal_keep_size_mb(1024)
+        .existing_data_dir(&standby_dir)
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let src = standby.replication_url();
+    let mut agent = AgentProcess::spawn(
+        &[
+            "postgres",
+            "stream",
+            "--source",
+            &src,
+            "--repo",
+            &url,
+            "--max-lag",
+            "200ms",
+        ],
+        dir.path().join("agent.log"),
+    );
+    primary
+        .sql_blocking("INSERT INTO t SELECT g, repeat('p', 200) FROM generate_series(1, 40000) g");
+    let seg = primary.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(
+        wait_until(Duration::from_secs(60), || repo::listing(&url)
+            .0
+            .contains(&seg)),
+        "{}",
+        agent.log_text()
+    );
+    primary.stop();
+    assert_eq!(standby.query_one_blocking("SELECT pg_promote()"), "t");
+    standby
+        .sql_blocking("INSERT INTO t SELECT g, repeat('n', 200) FROM generate_series(1, 40000) g");
+    let new_seg = standby.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(new_seg.starts_with("00000002"), "{new_seg}");
+    assert!(
+        wait_until(Duration::from_secs(120), || repo::listing(&url)
+            .0
+            .contains(&new_seg)),
+        "{new_seg} never arrived:\n{}",
+        agent.log_text()
+    );
+    assert!(agent.exited().is_none(), "{}", agent.log_text());
+    let log = agent.log_text();
+    assert!(log.contains("end of timeline"), "{log}");
+    let (segs, parts, hist) = repo::listing(&url);
+    assert!(hist.contains(&2), "{hist:?}");
+    let tli1: Vec<&String> = segs.iter().filter(|s| s.starts_with("00000001")).collect();
+    let tli2: Vec<&String> = segs.iter().filter(|s| s.starts_with("00000002")).collect();
+    assert_eq!(seq(tli1.last().unwrap()) + 1, seq(tli2[0]), "{segs:?}");
+    // The old timeline's last segment was finished as a partial up to the switch point.
+    let history = String::from_utf8(repo::history(&url, 2).to_vec()).unwrap();
+    let switch = history
+        .lines()
+        .next()
+        .unwrap()
+        .split('\t')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let (hi, lo) = switch.split_once('/').unwrap();
+    let switch_lsn =
+        (u64::from_str_radix(hi, 16).unwrap() << 32) + u64::from_str_radix(lo, 16).unwrap();
+    let off = (switch_lsn % (16 << 20)) as u32;
+    assert!(
+        parts
+            .iter()
+            .any(|(s, o)| s.starts_with("00000001") && seq(s) == seq(tli2[0]) && *o == off),
+        "no timeline-1 partial ending at the switch point {switch}: {parts:?}"
+    );
+    for (name, bytes) in &repo::segments(&url) {
+        let on_disk = std::fs::read(standby.pg_wal_dir().join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(bytes[..] == on_disk[..], "{name} differs from pg_wal");
+    }
+}
