@@ -75,6 +75,12 @@ fn snapshot_round_trip(flavor: RedisFlavor) {
         );
     }
     assert!(stdout.contains("diskless"), "{stdout}");
+    // Valkey 9 sends its own format only to replicas that announce `REPLCONF version`.
+    let expected_format = match flavor {
+        RedisFlavor::Redis7 => "REDIS0010",
+        RedisFlavor::Valkey9 => "VALKEY080",
+    };
+    assert!(stdout.contains(expected_format), "{stdout}");
     // --format rdb is allowed: nothing follows the snapshot.
     let target = tmp.path().join("restore");
     let target_s = target.display().to_string();
@@ -239,6 +245,44 @@ fn pitr(flavor: RedisFlavor) {
         dump_port(restored.port, None),
         final_state,
         "{flavor}: latest"
+    );
+    drop(restored);
+    // One appendonly.aof with an RDB preamble, for servers without multi-part AOF.
+    let single = tmp.path().join("single");
+    let (single_s, bin, at) = (
+        single.display().to_string(),
+        server_bin(flavor),
+        format!("@{}", targets[2].0),
+    );
+    let out = run_agent(
+        &[
+            "redis",
+            "restore",
+            "--repo",
+            &repo,
+            "--target",
+            &single_s,
+            "--to-time",
+            &at,
+            "--format",
+            "aof-single",
+            "--start",
+            &bin,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // The server upgrades the single file into its own appendonlydir when it starts.
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("single/appendonly.aof"),
+        "{}",
+        text(&out)
+    );
+    let restored = RestoredServer::from_output(&out);
+    assert_eq!(
+        dump_port(restored.port, None),
+        targets[2].1,
+        "{flavor}: aof-single"
     );
 
     // Refusals name the times involved.
