@@ -31,7 +31,7 @@ pub struct RepoArgs {
     )]
     pub recipients: Vec<String>,
     /// File with age recipients, one per line.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "SYNCBRIDGE_RECIPIENTS_FILE", value_name = "FILE")]
     pub recipients_file: Option<PathBuf>,
     /// PEM bundle of extra CA certificates for an HTTPS object store.
     #[arg(long, env = "AWS_CA_BUNDLE", value_name = "FILE")]

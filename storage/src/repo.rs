@@ -68,6 +68,29 @@ impl Default for RepoOptions {
     }
 }
 
+impl RepoOptions {
+    /// Defaults plus the repository settings of the agent's environment, so every command
+    /// encrypts and decrypts the same way: `SYNCBRIDGE_RECIPIENTS` (comma-separated
+    /// `age1…`), `SYNCBRIDGE_RECIPIENTS_FILE`, `SYNCBRIDGE_IDENTITY` (identity file) and
+    /// `AWS_CA_BUNDLE`. Unset variables change nothing.
+    pub fn from_env() -> Result<RepoOptions> {
+        let mut o = RepoOptions::default();
+        if let Ok(list) = std::env::var("SYNCBRIDGE_RECIPIENTS") {
+            for r in list.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+                o.recipients.push(crate::keys::parse_recipient(r)?);
+            }
+        }
+        if let Some(f) = std::env::var_os("SYNCBRIDGE_RECIPIENTS_FILE") {
+            o.recipients
+                .extend(crate::keys::read_recipients_file(std::path::Path::new(&f))?);
+        }
+        if let Some(f) = std::env::var_os("SYNCBRIDGE_IDENTITY") {
+            o.identities = crate::keys::read_identity_file(std::path::Path::new(&f))?;
+        }
+        Ok(o)
+    }
+}
+
 /// What is known about a stored object: enough to compare content without reading it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectInfo {
