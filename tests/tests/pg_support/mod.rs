@@ -55,6 +55,11 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts the agent with `args`, logging to `log`.
     pub fn spawn(args: &[&str], log: PathBuf) -> AgentProcess {
+        AgentProcess::spawn_env(args, log, &[])
+    }
+
+    /// [`AgentProcess::spawn`] with extra environment (e.g. the AWS variables of an S3 server).
+    pub fn spawn_env(args: &[&str], log: PathBuf, env: &[(String, String)]) -> AgentProcess {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -63,6 +68,7 @@ impl AgentProcess {
         let child = agent()
             .args(args)
             .env("SYNCBRIDGE_LOG", "info,syncbridge_agent=debug")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
