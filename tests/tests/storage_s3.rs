@@ -229,3 +229,41 @@ async fn s3_permanent_failure_is_a_clear_error_and_leaves_nothing() {
     assert!(!repo.exists(&key2).await.unwrap());
     assert!(repo.list(&RepoKey::root()).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn s3_small_objects_take_one_put_large_ones_multipart() {
+    let s3 = S3Server::start();
+    let proxy = FaultProxy::start(s3.port());
+    let repo = Repository::open(&s3.repo_url("count"), opts(&s3, &proxy.url())).unwrap();
+    let small = RepoKey::parse("small").unwrap();
+    repo.put(
+        &small,
+        ContentKind::Other,
+        Bytes::from(data(300_000, 1)),
+        PutMode::CreateNew,
+    )
+    .await
+    .unwrap();
+    assert_eq!(proxy.requests("PUT"), 1, "one PUT");
+    assert_eq!(proxy.requests("POST"), 0, "no multipart");
+    assert_eq!(
+        proxy.requests("HEAD"),
+        0,
+        "create-new is a conditional PUT, not HEAD + PUT"
+    );
+
+    proxy.clear_rules();
+    let big = RepoKey::parse("big").unwrap();
+    let d = data(14 << 20, 2);
+    let info = repo
+        .put(&big, ContentKind::Other, Bytes::from(d), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let parts = info.stored_len.div_ceil(5 << 20) as usize;
+    assert_eq!(
+        proxy.requests("POST"),
+        2,
+        "create + complete multipart upload"
+    );
+    assert_eq!(proxy.requests("PUT"), 1 + parts, "{parts} equal parts");
+}
