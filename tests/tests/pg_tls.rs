@@ -1,0 +1,234 @@
+//! The replication connection over TLS against a real server with a test CA: every sslmode,
+//! host-name checking, and client certificates.
+#![allow(clippy::unwrap_used)]
+
+mod pg_support;
+
+use std::path::Path;
+use std::process::Command;
+
+use pg_support::{run_agent, text};
+use syncbridge_tests::pg::{PgCluster, PgVersion, REPLICATION_PASSWORD};
+use syncbridge_tests::process::chown_to_server_user;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for `localhost`, and a client certificate for `replicator`.
+fn make_certs(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=syncbridge-test-ca",
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "basicConstraints=CA:FALSE\n").unwrap();
+    for (name, cn) in [("server", "localhost"), ("client", "replicator")] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.crt"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+    }
+}
+
+fn check(url: &str) -> std::process::Output {
+    run_agent(&["postgres", "check", "--source", url])
+}
+
+#[test]
+fn tls_sslmodes_hostname_and_client_certificates() {
+    let pg = PgCluster::start(PgVersion::V17);
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    for f in ["server.crt", "server.key", "ca.crt"] {
+        let dest = pg.data_dir().join(f);
+        std::fs::copy(certs.path().join(f), &dest).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o600)).unwrap();
+        chown_to_server_user(&dest);
+    }
+    pg.sql_blocking("ALTER SYSTEM SET ssl = on");
+    pg.sql_blocking("ALTER SYSTEM SET ssl_cert_file = 'server.crt'");
+    pg.sql_blocking("ALTER SYSTEM SET ssl_key_file = 'server.key'");
+    pg.sql_blocking("ALTER SYSTEM SET ssl_ca_file = 'ca.crt'");
+    // Replication connections without TLS are rejected, so every success below was TLS.
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("hostnossl replication replicator 127.0.0.1/32 reject\n{old}"),
+    )
+    .unwrap();
+    pg.sql_blocking("SELECT pg_reload_conf()");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let port = pg.port();
+    let ca = certs.path().join("ca.crt");
+    let ca = ca.display();
+    let base = |host: &str, extra: &str| {
+        format!("host={host} port={port} user=replicator password={REPLICATION_PASSWORD} dbname=postgres {extra}")
+    };
+
+    // require: encrypted, not authenticated.
+    let out = check(&base("127.0.0.1", "sslmode=require"));
+    assert!(out.status.success(), "{}", text(&out));
+
+    // verify-full: right name passes, wrong name fails, missing CA is explained.
+    let out = check(&base(
+        "localhost",
+        &format!("sslmode=verify-full sslrootcert={ca}"),
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = check(&base(
+        "127.0.0.1",
+        &format!("sslmode=verify-full sslrootcert={ca}"),
+    ));
+    assert!(
+        !out.status.success(),
+        "verify-full accepted a certificate for another name: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TLS handshake"),
+        "{}",
+        text(&out)
+    );
+    let out = check(&base("localhost", "sslmode=verify-full"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs a root certificate"),
+        "{}",
+        text(&out)
+    );
+
+    // verify-ca: the chain is checked, the name is not.
+    let out = check(&base(
+        "127.0.0.1",
+        &format!("sslmode=verify-ca sslrootcert={ca}"),
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    // ... and a CA that did not sign the server certificate is refused.
+    let other = tempfile::tempdir().unwrap();
+    openssl(
+        other.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other-ca",
+        ],
+    );
+    let out = check(&base(
+        "127.0.0.1",
+        &format!(
+            "sslmode=verify-ca sslrootcert={}",
+            other.path().join("ca.crt").display()
+        ),
+    ));
+    assert!(
+        !out.status.success(),
+        "verify-ca accepted an unknown CA: {}",
+        text(&out)
+    );
+
+    // Client certificates: the server demands one for replication connections.
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!(
+            "hostssl replication replicator 127.0.0.1/32 scram-sha-256 clientcert=verify-ca\n{old}"
+        ),
+    )
+    .unwrap();
+    pg.query_one_blocking("SELECT pg_reload_conf()");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = check(&base("127.0.0.1", "sslmode=disable"));
+    assert!(
+        !out.status.success(),
+        "plain connection accepted despite hostnossl reject: {}",
+        text(&out)
+    );
+    let out = check(&base("127.0.0.1", "sslmode=require"));
+    assert!(
+        !out.status.success(),
+        "connection without a client certificate accepted: {}",
+        text(&out)
+    );
+    let cert = certs.path().join("client.crt");
+    let key = certs.path().join("client.key");
+    let out = check(&base(
+        "127.0.0.1",
+        &format!(
+            "sslmode=require sslcert={} sslkey={}",
+            cert.display(),
+            key.display()
+        ),
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+}
