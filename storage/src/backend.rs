@@ -185,9 +185,38 @@ pub(crate) struct StoreBackend {
     pub conditional_create: bool,
     /// Attributes (e.g. storage class) set on every write.
     pub attributes: Attributes,
+    /// Set once the bucket is known to exist: until then a 404 without a body (HEAD) is
+    /// double-checked, because "no such bucket" must not read as "no such object".
+    pub bucket_seen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl StoreBackend {
+    fn saw_bucket(&self) {
+        self.bucket_seen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// After a 404, makes sure it meant "no such object": a listing of the key's parent
+    /// fails if the bucket (or container) itself is missing.
+    async fn check_bucket(&self, key: &RepoKey) -> Result<()> {
+        if self.bucket_seen.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let parent = match key.as_str().rsplit_once('/') {
+            Some((p, _)) => RepoKey::parse(p)?,
+            None => RepoKey::root(),
+        };
+        let path = self.path(&parent);
+        let query = (!path.as_ref().is_empty()).then_some(&path);
+        match self.store.list_with_delimiter(query).await {
+            Ok(_) => {
+                self.saw_bucket();
+                Ok(())
+            }
+            Err(e) => Err(missing_bucket(key, e)),
+        }
+    }
+
     fn path(&self, key: &RepoKey) -> StorePath {
         match (self.prefix.is_empty(), key.is_root()) {
             (true, _) => StorePath::from(key.as_str()),
@@ -273,12 +302,18 @@ impl Backend {
     pub async fn head(&self, key: &RepoKey) -> Result<Option<ObjectMeta>> {
         match self {
             Backend::Store(s) => match s.store.head(&s.path(key)).await {
-                Ok(m) => Ok(Some(ObjectMeta {
-                    key: key.clone(),
-                    size: m.size,
-                    last_modified: m.last_modified,
-                })),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Ok(m) => {
+                    s.saw_bucket();
+                    Ok(Some(ObjectMeta {
+                        key: key.clone(),
+                        size: m.size,
+                        last_modified: m.last_modified,
+                    }))
+                }
+                Err(object_store::Error::NotFound { .. }) => {
+                    s.check_bucket(key).await?;
+                    Ok(None)
+                }
                 Err(e) => Err(map_err(key, "head", e)),
             },
             Backend::Local(l) => l.head(key).await,
@@ -312,11 +347,19 @@ impl Backend {
                     if_match: etag,
                     ..Default::default()
                 };
-                let res = s
-                    .store
-                    .get_opts(&s.path(key), opts)
-                    .await
-                    .map_err(|e| map_err(key, "get", e))?;
+                let res = match s.store.get_opts(&s.path(key), opts).await {
+                    Ok(res) => {
+                        s.saw_bucket();
+                        res
+                    }
+                    Err(e) => {
+                        let err = map_err(key, "get", e);
+                        if err.is_not_found() {
+                            s.check_bucket(key).await?;
+                        }
+                        return Err(err);
+                    }
+                };
                 let size = res.meta.size;
                 let etag = res.meta.e_tag.clone();
                 let k = key.clone();
@@ -450,6 +493,7 @@ impl Backend {
 pub(crate) fn map_err(key: &RepoKey, op: &'static str, e: object_store::Error) -> StorageError {
     use object_store::Error as E;
     match e {
+        E::NotFound { .. } if names_missing_bucket(&e) => missing_bucket(key, e),
         E::NotFound { .. } => StorageError::NotFound {
             key: key.to_string(),
         },
@@ -471,6 +515,33 @@ pub(crate) fn map_err(key: &RepoKey, op: &'static str, e: object_store::Error) -
                 source: Box::new(e),
             }
         }
+    }
+}
+
+/// Whether a 404 is about the bucket/container rather than the object (S3 `NoSuchBucket`,
+/// Azure `ContainerNotFound`, GCS "bucket does not exist").
+fn names_missing_bucket(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if text.contains("NoSuchBucket")
+            || text.contains("ContainerNotFound")
+            || text.contains("bucket does not exist")
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn missing_bucket(key: &RepoKey, e: object_store::Error) -> StorageError {
+    StorageError::Backend {
+        key: key.to_string(),
+        op: "finding the bucket (missing or not accessible: check the repository URL)",
+        retryable: false,
+        attempts: 1,
+        source: Box::new(e),
     }
 }
 

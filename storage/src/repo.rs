@@ -194,6 +194,7 @@ impl Repository {
             prefix: clean_prefix(description, prefix)?,
             conditional_create: true,
             attributes: Attributes::new(),
+            bucket_seen: Default::default(),
         });
         let keys = Arc::new(Keys {
             recipients: opts.recipients.clone(),
@@ -464,6 +465,7 @@ fn open_backend(url_text: &str, opts: &RepoOptions) -> Result<Backend> {
             prefix: clean_prefix(url_text, url.path())?,
             conditional_create: true,
             attributes: Attributes::new(),
+            bucket_seen: Default::default(),
         })),
         "s3" | "s3a" => s3_backend(url_text, &url, opts),
         "gs" => {
@@ -561,6 +563,7 @@ fn store_backend(
         prefix: clean_prefix(url_text, url.path())?,
         conditional_create,
         attributes,
+        bucket_seen: Default::default(),
     }))
 }
 

@@ -267,3 +267,21 @@ async fn s3_small_objects_take_one_put_large_ones_multipart() {
     );
     assert_eq!(proxy.requests("PUT"), 1 + parts, "{parts} equal parts");
 }
+
+#[tokio::test]
+async fn s3_missing_bucket_is_not_a_missing_object() {
+    // wal-fetch exits 1 ("no such file", recovery ends) only on a true NotFound; a wrong
+    // bucket must be a hard error instead.
+    let s3 = S3Server::start();
+    let repo = Repository::open("s3://no-such-bucket-sb/x", opts(&s3, &s3.endpoint())).unwrap();
+    let key = RepoKey::parse("postgres/wal/00000001/000000010000000000000001").unwrap();
+    for e in [
+        repo.get(&key).await.unwrap_err(),
+        repo.info(&key).await.unwrap_err(),
+    ] {
+        eprintln!("{e}");
+        assert!(!e.is_not_found(), "{e}");
+        assert!(e.to_string().contains("bucket"), "{e}");
+    }
+    assert!(repo.exists(&key).await.is_err());
+}
