@@ -758,7 +758,7 @@ impl LocalBackend {
     }
 
     async fn head(&self, key: &RepoKey) -> Result<Option<ObjectMeta>> {
-        let (path, k) = (self.path(key), key.clone());
+        let (path, k, root) = (self.path(key), key.clone(), self.root.clone());
         blocking(key, move || match std::fs::metadata(&path) {
             Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
                 key: k,
@@ -766,16 +766,19 @@ impl LocalBackend {
                 last_modified: m.modified().map(DateTime::<Utc>::from).unwrap_or_default(),
             })),
             Ok(_) => Ok(None),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                check_root(&k, &root)?;
+                Ok(None)
+            }
             Err(e) => Err(StorageError::io(&k, "stat", &path, e)),
         })
         .await
     }
 
     async fn get_range(&self, key: &RepoKey, range: std::ops::Range<u64>) -> Result<Bytes> {
-        let (path, k) = (self.path(key), key.clone());
+        let (path, k, root) = (self.path(key), key.clone(), self.root.clone());
         blocking(key, move || {
-            let f = open_existing(&k, &path)?;
+            let f = open_existing(&k, &path, &root)?;
             let len = usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(0);
             let mut buf = vec![0u8; len];
             f.read_exact_at(&mut buf, range.start)
@@ -791,7 +794,8 @@ impl LocalBackend {
         offset: u64,
     ) -> Result<(ByteStream, u64, Option<String>)> {
         let (path, k) = (self.path(key), key.clone());
-        let f = blocking(key, move || open_existing(&k, &path)).await?;
+        let root = self.root.clone();
+        let f = blocking(key, move || open_existing(&k, &path, &root)).await?;
         let size = f
             .metadata()
             .map_err(|e| StorageError::io(key, "stat", &self.path(key), e))?
@@ -897,12 +901,28 @@ impl LocalBackend {
     }
 }
 
-fn open_existing(key: &RepoKey, path: &FsPath) -> Result<File> {
+/// A missing object in a missing repository directory is not "not found": the directory
+/// may be an unmounted volume or a typo, and `wal-fetch` must not end recovery on that.
+fn check_root(key: &RepoKey, root: &FsPath) -> Result<()> {
+    if root.is_dir() {
+        Ok(())
+    } else {
+        Err(StorageError::RepositoryMissing {
+            key: key.to_string(),
+            location: root.display().to_string(),
+        })
+    }
+}
+
+fn open_existing(key: &RepoKey, path: &FsPath, root: &FsPath) -> Result<File> {
     match File::open(path) {
         Ok(f) => Ok(f),
-        Err(e) if e.kind() == ErrorKind::NotFound => Err(StorageError::NotFound {
-            key: key.to_string(),
-        }),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            check_root(key, root)?;
+            Err(StorageError::NotFound {
+                key: key.to_string(),
+            })
+        }
         Err(e) => Err(StorageError::io(key, "open", path, e)),
     }
 }

@@ -16,6 +16,17 @@ pub enum StorageError {
         key: String,
     },
 
+    /// The repository itself (a local directory) does not exist, so nothing can be said
+    /// about the object: not the same as `NotFound`. A new repository is created by its
+    /// first write (`init_marker`).
+    #[error("object {key}: the repository directory {location} does not exist (not mounted, wrong URL, or not initialised yet)")]
+    RepositoryMissing {
+        /// The object looked up.
+        key: String,
+        /// The missing directory.
+        location: String,
+    },
+
     /// A create-new write found an object already at the key; it was not overwritten.
     #[error("object {key} already exists in the repository (not overwritten)")]
     AlreadyExists {
@@ -176,6 +187,7 @@ impl StorageError {
     pub fn key(&self) -> Option<&str> {
         match self {
             StorageError::NotFound { key }
+            | StorageError::RepositoryMissing { key, .. }
             | StorageError::AlreadyExists { key }
             | StorageError::Corrupt { key, .. }
             | StorageError::UnsupportedVersion { key, .. }

@@ -95,6 +95,8 @@ impl Repository {
         let data = match self.get_unencrypted(&key).await {
             Ok(d) => d,
             Err(e) if e.is_not_found() => return Ok(None),
+            // A local repository directory that does not exist yet: a new repository.
+            Err(StorageError::RepositoryMissing { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
         serde_json::from_slice(&data)

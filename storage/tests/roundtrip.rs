@@ -259,11 +259,16 @@ async fn file_repo_directory_is_created_on_first_write_only() {
     let root = dir.path().join("not/yet");
     let repo = Repository::open(&format!("file://{}", root.display()), small_opts()).unwrap();
     assert!(repo.list(&RepoKey::root()).await.unwrap().is_empty());
-    assert!(repo
-        .get(&RepoKey::parse("x").unwrap())
-        .await
-        .unwrap_err()
-        .is_not_found());
+    // A missing repository directory (unmounted volume, typo) is not "object not found".
+    let e = repo.get(&RepoKey::parse("x").unwrap()).await.unwrap_err();
+    assert!(
+        matches!(e, StorageError::RepositoryMissing { .. }) && !e.is_not_found(),
+        "{e}"
+    );
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    assert!(repo.exists(&RepoKey::parse("x").unwrap()).await.is_err());
+    // ...but a new repository has no marker yet, and its first write creates it.
+    assert!(repo.read_marker().await.unwrap().is_none());
     assert!(!root.exists(), "reading must not create the repository");
     repo.put(
         &RepoKey::parse("a/b").unwrap(),
