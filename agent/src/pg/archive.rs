@@ -45,10 +45,11 @@ pub async fn put_immutable(
     kind: ContentKind,
     data: Bytes,
 ) -> Result<()> {
-    let ours: [u8; 32] = Sha256::digest(&data).into();
     match repo.put(key, kind, data.clone(), PutMode::CreateNew).await {
         Ok(_) => Ok(()),
         Err(StorageError::AlreadyExists { .. }) => {
+            // Hashed only here: the storage pipeline already hashes every write once.
+            let ours: [u8; 32] = Sha256::digest(&data).into();
             let theirs = repo
                 .info(key)
                 .await

@@ -105,9 +105,13 @@ struct StreamArgs {
     /// application_name the server sees (what synchronous_standby_names lists).
     #[arg(long, default_value = "syncbridge")]
     application_name: String,
-    /// Uploads in flight before the agent stops reading from the server.
-    #[arg(long, default_value_t = 8)]
+    /// Uploads in flight before the agent stops reading from the server (each holds up to
+    /// one WAL segment in memory).
+    #[arg(long, default_value_t = 3)]
     max_inflight: usize,
+    /// zstd level for WAL objects (1 is fastest; WAL compresses well even at 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
+    compression_level: i32,
 }
 
 /// Parses `500ms`, `1s`, `2m`, `1h` or plain seconds.
@@ -199,7 +203,11 @@ async fn check(args: CheckArgs) -> Result<ExitCode> {
 
 async fn stream(args: StreamArgs) -> Result<ExitCode> {
     let source = ConnInfo::parse(&args.source.source).context("reading --source")?;
-    let repo = storage::Repository::open(&args.repo.repo, storage::RepoOptions::default())
+    let repo_opts = storage::RepoOptions {
+        compression_level: Some(args.compression_level),
+        ..storage::RepoOptions::default()
+    };
+    let repo = storage::Repository::open(&args.repo.repo, repo_opts)
         .with_context(|| format!("opening repository {}", args.repo.repo))?;
     let slot = wire::pg::commands::SlotName::new(&args.slot)?;
     super::stream::run(super::stream::StreamOptions {

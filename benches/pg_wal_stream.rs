@@ -1,0 +1,296 @@
+//! WAL streaming benchmark (issue 4), everything in the same run on the same WAL: one
+//! PostgreSQL 15 cluster, four receivers on four slots at once:
+//!
+//! * `syncbridge-agent postgres stream` to a local repository (`file://`),
+//! * `syncbridge-agent postgres stream` to SeaweedFS (S3),
+//! * `pg_receivewal` to a local directory, uncompressed (status every second, `-s 1`, so its
+//!   reported position is as fresh as the agent's),
+//! * `pg_receivewal --compress=lz4` (PG 15 offers gzip and lz4) to a local directory.
+//!
+//! A write load (`INSERT … generate_series`, `SB_BENCH_PG_WAL_MB` MiB of WAL, default 512)
+//! runs while `pg_stat_replication.flush_lag` of every receiver is sampled every 200 ms.
+//! Reported per receiver: WAL MiB/s sustained (load start until its flush position reached
+//! the end of WAL), lag at the end (seconds after the load until caught up), flush-lag
+//! p50/p99 during the load, CPU seconds per GiB of WAL (utime+stime from /proc), peak RSS
+//! (VmHWM); and the agent-to-pg_receivewal ratios. Goals: keeps up; lag p99 < 1 s in the
+//! default mode; CPU/GiB ≤ `pg_receivewal --compress`; RSS < 100 MiB.
+//!
+//! Run: `cargo build --release -p syncbridge-agent && cargo bench -p syncbridge-tests --bench
+//! pg_wal_stream` (or `make bench`).
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use syncbridge_tests::pg::{PgCluster, PgVersion, REPLICATION_PASSWORD};
+use syncbridge_tests::process::run_as_server_user;
+use syncbridge_tests::s3::S3Server;
+
+fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
+    let bin = dir.join("syncbridge-agent");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --release -p syncbridge-agent` first",
+        bin.display()
+    );
+    bin
+}
+
+fn proc_field(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// utime + stime in seconds (of the process itself; neither receiver forks workers).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+fn parse_lsn(text: &str) -> u64 {
+    let (hi, lo) = text.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) + u64::from_str_radix(lo, 16).unwrap()
+}
+
+struct Receiver {
+    name: &'static str,
+    app: &'static str,
+    child: Child,
+    lags_ms: Vec<f64>,
+    caught_up: Option<Duration>,
+    cpu: f64,
+    rss_kib: u64,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let idx = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[idx]
+}
+
+fn main() {
+    let wal_mb: u64 = std::env::var("SB_BENCH_PG_WAL_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let pg = PgCluster::builder(PgVersion::V15)
+        .wal_keep_size_mb(256)
+        .extra_conf("max_wal_senders = 10")
+        .extra_conf("max_replication_slots = 10")
+        .start();
+    let s3 = S3Server::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = pg.replication_url();
+    let mut receivers = Vec::new();
+
+    for (name, app, repo) in [
+        (
+            "agent -> file://",
+            "sb_file",
+            format!("file://{}", work.path().join("repo").display()),
+        ),
+        ("agent -> SeaweedFS", "sb_s3", s3.repo_url("bench")),
+    ] {
+        let child = Command::new(agent_bin())
+            .args([
+                "postgres",
+                "stream",
+                "--source",
+                &src,
+                "--repo",
+                &repo,
+                "--slot",
+                app,
+                "--application-name",
+                app,
+            ])
+            .envs(s3.env())
+            .env("SYNCBRIDGE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.path().join(format!("{app}.log"))).unwrap())
+            .spawn()
+            .unwrap();
+        receivers.push(Receiver {
+            name,
+            app,
+            child,
+            lags_ms: Vec::new(),
+            caught_up: None,
+            cpu: 0.0,
+            rss_kib: 0,
+        });
+    }
+    for (name, app, compress) in [
+        ("pg_receivewal", "rw_plain", None),
+        ("pg_receivewal --compress=lz4", "rw_lz4", Some("lz4")),
+    ] {
+        let dir = pg.temp_dir().join(app);
+        std::fs::create_dir_all(&dir).unwrap();
+        syncbridge_tests::process::chown_to_server_user(&dir);
+        pg.sql_blocking(&format!(
+            "SELECT pg_create_physical_replication_slot('{app}', true)"
+        ));
+        let mut cmd = Command::new(pg.client_binary("pg_receivewal"));
+        cmd.args(["-D", dir.to_str().unwrap(), "-S", app, "--no-loop", "-s", "1", "-d"])
+            .arg(format!("host=127.0.0.1 port={} user=replicator password={REPLICATION_PASSWORD} application_name={app}", pg.port()));
+        if let Some(c) = compress {
+            cmd.arg(format!("--compress={c}"));
+        }
+        run_as_server_user(&mut cmd);
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        receivers.push(Receiver {
+            name,
+            app,
+            child,
+            lags_ms: Vec::new(),
+            caught_up: None,
+            cpu: 0.0,
+            rss_kib: 0,
+        });
+    }
+    // Everyone connected?
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: usize = pg
+            .query_one_blocking("SELECT count(*) FROM pg_stat_replication")
+            .parse()
+            .unwrap();
+        if n >= receivers.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {n} receivers connected");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    pg.sql_blocking("CREATE TABLE load(id int, pad text)");
+    let start_lsn = parse_lsn(&pg.query_one_blocking("SELECT pg_current_wal_lsn()::text"));
+    let target = start_lsn + wal_mb * 1024 * 1024;
+    let load_started = Instant::now();
+    let loader = {
+        let url = pg.superuser_url();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(conn);
+                loop {
+                    client.simple_query("INSERT INTO load SELECT g, repeat('b', 300) FROM generate_series(1, 20000) g").await.unwrap();
+                    let rows = client.simple_query("SELECT pg_current_wal_lsn()::text").await.unwrap();
+                    let lsn = rows.iter().find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(parse_lsn),
+                        _ => None,
+                    });
+                    if lsn.unwrap_or(0) >= target {
+                        break;
+                    }
+                }
+                client.simple_query("SELECT pg_switch_wal()").await.unwrap();
+            });
+        })
+    };
+    let sample = |receivers: &mut Vec<Receiver>| -> BTreeMap<String, (u64, Option<f64>)> {
+        let rows = pg.sql_blocking("SELECT application_name, flush_lsn::text, extract(epoch FROM flush_lag) * 1000 FROM pg_stat_replication");
+        let mut out = BTreeMap::new();
+        for r in rows {
+            let app = r[0].clone().unwrap_or_default();
+            let flush = r[1].as_deref().map(parse_lsn).unwrap_or(0);
+            let lag = r[2].as_deref().and_then(|v| v.parse::<f64>().ok());
+            out.insert(app, (flush, lag));
+        }
+        for rc in receivers.iter_mut() {
+            if let Some(kb) = proc_field(rc.child.id(), "VmHWM:") {
+                rc.rss_kib = rc.rss_kib.max(kb);
+            }
+        }
+        out
+    };
+    while !loader.is_finished() {
+        let s = sample(&mut receivers);
+        for rc in receivers.iter_mut() {
+            if let Some((_, Some(lag))) = s.get(rc.app) {
+                rc.lags_ms.push(*lag);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    loader.join().unwrap();
+    let load_time = load_started.elapsed();
+    let end_lsn = parse_lsn(&pg.query_one_blocking("SELECT pg_current_wal_lsn()::text"));
+    let wal_bytes = end_lsn - start_lsn;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while receivers.iter().any(|r| r.caught_up.is_none()) && Instant::now() < deadline {
+        let s = sample(&mut receivers);
+        for rc in receivers.iter_mut() {
+            if rc.caught_up.is_none() && s.get(rc.app).is_some_and(|(f, _)| *f >= end_lsn) {
+                rc.caught_up = Some(load_started.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for rc in receivers.iter_mut() {
+        rc.cpu = cpu_seconds(rc.child.id());
+        let _ = rc.child.kill();
+        let _ = rc.child.wait();
+    }
+
+    let gib = wal_bytes as f64 / (1u64 << 30) as f64;
+    println!(
+        "\nWAL streaming, PostgreSQL 15, {:.0} MiB of WAL generated in {:.1} s ({:.1} MiB/s)",
+        wal_bytes as f64 / 1048576.0,
+        load_time.as_secs_f64(),
+        wal_bytes as f64 / 1048576.0 / load_time.as_secs_f64()
+    );
+    println!(
+        "{:<30} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9}",
+        "receiver", "MiB/s", "end lag s", "p50 ms", "p99 ms", "CPU s/GiB", "RSS MiB"
+    );
+    let mut results = BTreeMap::new();
+    for rc in receivers.iter_mut() {
+        let total = rc.caught_up.map(|d| d.as_secs_f64());
+        let rate = total
+            .map(|t| wal_bytes as f64 / 1048576.0 / t)
+            .unwrap_or(f64::NAN);
+        let end_lag = total
+            .map(|t| (t - load_time.as_secs_f64()).max(0.0))
+            .unwrap_or(f64::NAN);
+        let p50 = percentile(&mut rc.lags_ms, 0.5);
+        let p99 = percentile(&mut rc.lags_ms, 0.99);
+        let cpu = rc.cpu / gib;
+        println!(
+            "{:<30} {:>9.1} {:>10.2} {:>10.0} {:>10.0} {:>10.2} {:>9.1}",
+            rc.name,
+            rate,
+            end_lag,
+            p50,
+            p99,
+            cpu,
+            rc.rss_kib as f64 / 1024.0
+        );
+        results.insert(rc.app, (rate, cpu, p99));
+    }
+    let (rw_rate, _, _) = results["rw_plain"];
+    let (_, rw_lz4_cpu, _) = results["rw_lz4"];
+    for app in ["sb_file", "sb_s3"] {
+        let (rate, cpu, _) = results[app];
+        println!("{app}: throughput ratio vs pg_receivewal {:.2}, CPU ratio vs pg_receivewal --compress {:.2}", rate / rw_rate, cpu / rw_lz4_cpu);
+    }
+}
