@@ -210,11 +210,9 @@ fn pg18_pitr_proof() {
 #[test]
 fn pg17_kill9_primary_latest_restore_has_every_acknowledged_commit() {
     let version = PgVersion::V17;
-    let mut env = Env::new(
-        PgCluster::builder(version)
-            .wal_keep_size_mb(1024)
-            .extra_conf("synchronous_standby_names = 'syncbridge'"),
-    );
+    // synchronous_standby_names is set once the synchronous stream runs (the harness's own
+    // set-up commits would otherwise wait for it).
+    let mut env = Env::new(PgCluster::builder(version).wal_keep_size_mb(1024));
     // Restart the stream in synchronous mode.
     drop(env.stream.take());
     let url = env.pg.replication_url();
@@ -231,6 +229,19 @@ fn pg17_kill9_primary_latest_restore_has_every_acknowledged_commit() {
         ],
         env.dir.path().join("stream-sync.log"),
     ));
+    env.pg
+        .sql_blocking("ALTER SYSTEM SET synchronous_standby_names = 'syncbridge'");
+    env.pg.sql_blocking("SELECT pg_reload_conf()");
+    let sync = pg_support::wait_until(Duration::from_secs(60), || {
+        env.pg.query_one_blocking(
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'syncbridge' AND sync_state = 'sync'",
+        ) == "1"
+    });
+    assert!(
+        sync,
+        "the stream never became a synchronous standby:\n{}",
+        env.stream_log()
+    );
     env.pg
         .sql_blocking("CREATE TABLE marker(id int primary key, pad text default repeat('k', 100))");
     env.backup(&[]);
@@ -264,7 +275,7 @@ fn pg17_kill9_primary_latest_restore_has_every_acknowledged_commit() {
         env.stream_log()
     );
     // The copied configuration would make the restored server wait for a synchronous standby.
-    let conf = dirs.data().join("postgresql.conf");
+    let conf = dirs.data().join("postgresql.auto.conf");
     let mut text_conf = std::fs::read_to_string(&conf).unwrap();
     text_conf.push_str("\nsynchronous_standby_names = ''\n");
     std::fs::write(&conf, text_conf).unwrap();
