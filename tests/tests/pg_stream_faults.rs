@@ -124,3 +124,48 @@ fn server_restart_is_survived_without_gaps() {
         );
     }
 }
+
+#[test]
+fn invalidated_slot_is_reported_not_papered_over() {
+    let pg = PgCluster::builder(PgVersion::V17)
+        .wal_keep_size_mb(0)
+        .extra_conf("max_slot_wal_keep_size = 32MB")
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let src = pg.replication_url();
+    let mut agent = AgentProcess::spawn(&stream_args(&src, &url), dir.path().join("a.log"));
+    pg.sql_blocking("CREATE TABLE t(id int, pad text)");
+    let seg = pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(
+        wait_until(Duration::from_secs(60), || repo::listing(&url)
+            .0
+            .iter()
+            .any(|s| *s >= seg)),
+        "{}",
+        agent.log_text()
+    );
+    agent.kill9();
+    // While the agent is away, far more WAL than the slot may keep.
+    for _ in 0..6 {
+        pg.sql_blocking(
+            "INSERT INTO t SELECT g, repeat('l', 200) FROM generate_series(1, 40000) g",
+        );
+        pg.query_one_blocking("SELECT pg_switch_wal()");
+    }
+    pg.sql_blocking("CHECKPOINT");
+    assert!(
+        wait_until(Duration::from_secs(30), || pg.query_one_blocking(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'syncbridge'"
+        ) == "lost"),
+        "slot was not invalidated"
+    );
+    let out = run_agent(&stream_args(&src, &url));
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalidated") && err.contains("new base backup"),
+        "{}",
+        text(&out)
+    );
+}
