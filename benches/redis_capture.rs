@@ -14,7 +14,7 @@
 //!
 //! Run: `cargo build --release -p syncbridge-agent && cargo bench -p syncbridge-tests --bench
 //! redis_capture` (or `make bench`). `SB_BENCH_REDIS_KEYS` (default 1100000, 1000-byte values)
-//! sets the dataset size.
+//! sets the dataset size; `SB_BENCH_REDIS_LAG_ONLY=1` runs only the stream part.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::PathBuf;
@@ -299,6 +299,8 @@ fn main() {
     }
     let s3 = S3Server::start();
     let tmp = tempfile::tempdir().unwrap();
-    snapshot_bench(&s3, tmp.path());
+    if std::env::var_os("SB_BENCH_REDIS_LAG_ONLY").is_none() {
+        snapshot_bench(&s3, tmp.path());
+    }
     lag_bench(&s3, tmp.path());
 }

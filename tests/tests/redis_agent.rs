@@ -701,3 +701,54 @@ fn slow_store_is_absorbed_by_the_spool_and_nothing_is_lost() {
     );
     assert_eq!(dump_port(restored.port, None), dump(&server));
 }
+
+#[test]
+fn full_spool_is_reported_reading_pauses_and_nothing_is_lost() {
+    use syncbridge_tests::proxy::{Fault, FaultProxy, FaultRule};
+    let s3 = S3Server::start();
+    let proxy = FaultProxy::start(s3.port());
+    let env = s3.env_with_endpoint(&proxy.url());
+    let server = RedisServer::start(RedisFlavor::Redis7);
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool").display().to_string();
+    let repo = s3.repo_url("fullspool");
+    let mut agent = StreamingAgent::start_with(
+        &server.url(),
+        &repo,
+        &[
+            "--max-lag",
+            "100ms",
+            "--spool",
+            &spool,
+            "--spool-limit-mib",
+            "1",
+        ],
+        &env,
+        tmp.path().join("agent.log"),
+    );
+    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    proxy.add_rule(FaultRule::method("PUT", Fault::Delay(Duration::from_millis(1000))).always());
+    let mut c = server.connect();
+    let value = "w".repeat(4000);
+    for batch in 0..40 {
+        for i in 0..100 {
+            c.send(&["SET", &format!("k:{batch}:{i}"), &value]).unwrap();
+        }
+        for _ in 0..100 {
+            assert!(c.read_reply().unwrap().is_ok());
+        }
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    agent.wait_for_log("the spool is full", Duration::from_secs(30));
+    proxy.clear_rules();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(agent.terminate(), "{}", agent.log_text());
+    let restored = restore_and_start(
+        &repo,
+        &tmp.path().join("r"),
+        None,
+        RedisFlavor::Redis7,
+        &s3.env(),
+    );
+    assert_eq!(dump_port(restored.port, None), dump(&server));
+}

@@ -318,8 +318,13 @@ pub async fn run(
                 }
             }
         }
-        let wait = opts
+        // Cut early enough that the oldest command is durable within --max-lag, given how
+        // long recent uploads took.
+        let budget = opts
             .max_lag
+            .saturating_sub(uploads.upload_estimate())
+            .max(opts.max_lag / 4);
+        let wait = budget
             .saturating_sub(chunk.opened.elapsed())
             .max(Duration::from_millis(1));
         let next = tokio::select! {
@@ -382,8 +387,7 @@ pub async fn run(
         let switch_now = switch_to
             .as_ref()
             .is_some_and(|n| !in_multi && (n.replid != replid || offset >= n.offset));
-        let due =
-            chunk.opened.elapsed() >= opts.max_lag || chunk.body.len() >= opts.max_chunk_bytes;
+        let due = chunk.opened.elapsed() >= budget || chunk.body.len() >= opts.max_chunk_bytes;
         if !chunk.body.is_empty() && !in_multi && (due || switch_now) {
             let mut full = std::mem::replace(&mut chunk, ChunkBuilder::new(offset.get(), db));
             full.seal(offset.get());
@@ -446,6 +450,7 @@ struct Pending {
     key: layout::RepoKey,
     end: u64,
     first_ms: Option<i64>,
+    cut: Instant,
     data: Waiting,
 }
 
@@ -460,6 +465,8 @@ struct ChunkQueue<'a> {
     spool_limit: u64,
     spooled: u64,
     full_reported: bool,
+    /// Smoothed time from cut to stored, updated by each finished upload.
+    estimate: std::rc::Rc<std::cell::Cell<Duration>>,
 }
 
 impl<'a> ChunkQueue<'a> {
@@ -477,7 +484,13 @@ impl<'a> ChunkQueue<'a> {
             spool_limit: opts.spool_limit,
             spooled: 0,
             full_reported: false,
+            estimate: Default::default(),
         })
+    }
+
+    /// How long a chunk currently takes from cut to stored.
+    fn upload_estimate(&self) -> Duration {
+        self.estimate.get()
     }
 
     /// Uploads running or chunks waiting.
@@ -541,6 +554,7 @@ impl<'a> ChunkQueue<'a> {
             key,
             end,
             first_ms: chunk.first_ms,
+            cut: Instant::now(),
             data,
         });
         self.refill()
@@ -561,7 +575,8 @@ impl<'a> ChunkQueue<'a> {
                 }
             };
             let repo = self.repo;
-            let (key, end, first_ms) = (p.key, p.end, p.first_ms);
+            let (key, end, first_ms, cut) = (p.key, p.end, p.first_ms, p.cut);
+            let estimate = self.estimate.clone();
             self.uploads.push_back(Box::pin(async move {
                 repo.put(&key, ContentKind::RedisCommands, data, PutMode::CreateNew)
                     .await
@@ -569,6 +584,8 @@ impl<'a> ChunkQueue<'a> {
                 if let Some(path) = spooled {
                     let _ = std::fs::remove_file(path);
                 }
+                let took = cut.elapsed();
+                estimate.set((estimate.get() * 3 + took) / 4);
                 if let Some(first) = first_ms {
                     // The oldest command in the chunk waited this long to become durable.
                     let lag_ms = chrono::Utc::now().timestamp_millis() - first;
