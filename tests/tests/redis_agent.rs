@@ -752,3 +752,73 @@ fn full_spool_is_reported_reading_pauses_and_nothing_is_lost() {
     );
     assert_eq!(dump_port(restored.port, None), dump(&server));
 }
+
+#[test]
+fn verify_proves_generations_and_names_a_missing_chunk() {
+    let server = RedisServer::start(RedisFlavor::Redis7);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let mut agent = StreamingAgent::start(
+        &server.url(),
+        &repo,
+        "100ms",
+        &[],
+        tmp.path().join("agent.log"),
+    );
+    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    let mut c = server.connect();
+    for phase in 0..4 {
+        workload(&mut c, phase);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(agent.terminate(), "{}", agent.log_text());
+    let out = run_agent(&["redis", "verify", "--repo", &repo], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(" OK: "),
+        "{}",
+        text(&out)
+    );
+
+    // Lose a chunk in the middle: verify names the gap, restore past it refuses.
+    let gen_dir = std::fs::read_dir(tmp.path().join("repo/redis/gen"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut chunks: Vec<_> = std::fs::read_dir(gen_dir.join("chunks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    chunks.sort();
+    assert!(chunks.len() >= 3, "{chunks:?}");
+    std::fs::remove_file(&chunks[1]).unwrap();
+    let out = run_agent(&["redis", "verify", "--repo", &repo], &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("DAMAGED") && text(&out).contains("gap"),
+        "{}",
+        text(&out)
+    );
+    let target = tmp.path().join("r").display().to_string();
+    let late = format!("@{}", now_ms());
+    let out = run_agent(
+        &[
+            "redis",
+            "restore",
+            "--repo",
+            &repo,
+            "--target",
+            &target,
+            "--to-time",
+            &late,
+        ],
+        &[],
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("gap after offset"),
+        "{}",
+        text(&out)
+    );
+}

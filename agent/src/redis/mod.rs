@@ -8,6 +8,7 @@
 //! - [`chunk`] encodes command-stream chunk objects with their time index.
 //! - [`stream`] runs `redis stream`, resumable from the repository alone.
 //! - [`restore`] rebuilds server files for a moment in time.
+//! - [`verify`] proves every generation restorable (`redis verify`).
 //! - [`admin`] is a one-shot client for `INFO` on a restored server.
 //! - [`cli`] defines `syncbridge-agent redis …`.
 
@@ -21,3 +22,4 @@ pub mod snapshot;
 pub mod source;
 pub mod stream;
 pub mod tls;
+pub mod verify;
