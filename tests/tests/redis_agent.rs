@@ -822,3 +822,40 @@ fn verify_proves_generations_and_names_a_missing_chunk() {
         text(&out)
     );
 }
+
+#[test]
+fn wait_returns_once_the_agent_has_stored_the_write() {
+    let server = RedisServer::start(RedisFlavor::Valkey9);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let mut agent = StreamingAgent::start(
+        &server.url(),
+        &repo,
+        "200ms",
+        &[],
+        tmp.path().join("agent.log"),
+    );
+    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    let mut c = server.connect();
+    ok(&mut c, &["SET", "acked", "1"]);
+    // WAIT sends REPLCONF GETACK; the agent answers with the offset it has stored.
+    let started = std::time::Instant::now();
+    let n = ok(&mut c, &["WAIT", "1", "10000"]).as_int();
+    assert_eq!(n, Some(1), "{}", agent.log_text());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Stored means restorable: kill -9 now and the write is there.
+    agent.kill9();
+    let restored = restore_and_start(
+        &repo,
+        &tmp.path().join("r"),
+        None,
+        RedisFlavor::Valkey9,
+        &[],
+    );
+    assert_eq!(
+        dump_port(restored.port, None)
+            .get("0/acked")
+            .map(String::as_str),
+        Some("string \"1\"")
+    );
+}
