@@ -5,7 +5,9 @@
 //! * pgBackRest (`compress-type=zst`, `process-max=2`): `backup --type=full` and `restore`,
 //!   to a local (posix) repository — pgBackRest speaks S3 only over HTTPS and the test
 //!   SeaweedFS serves plain HTTP, so its repository is on the local disk (which favours it);
-//! * `pg_basebackup -Ft -Z zstd` to a local directory (backup only).
+//! * `pg_basebackup -Ft -Z zstd` to a local directory (backup only);
+//! * WAL replay: `$SB_BENCH_WAL_MB` (default 1024) of WAL written after the agent's backup,
+//!   restored with `--start`, replayed through `postgres wal-fetch` from SeaweedFS.
 //!
 //! The database is `pgbench -i -s $SB_BENCH_SCALE` (default 150, about 2.2 GiB). Prints MB/s
 //! per tool and the agent's ratios to the peers. The goals: backup ≥ pgBackRest's,
@@ -65,6 +67,11 @@ fn dir_size(p: &Path) -> u64 {
         }
     }
     n
+}
+
+fn lsn_to_u64(text: &str) -> u64 {
+    let (hi, lo) = text.trim().split_once('/').unwrap_or(("0", "0"));
+    (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
 }
 
 fn main() {
@@ -200,6 +207,83 @@ fn main() {
         ]),
         "pgbackrest restore",
     );
+
+    // WAL replay through wal-fetch: about $SB_BENCH_WAL_MB of WAL after the agent's backup,
+    // then a restore of the latest point started by the agent (`--start`), which reports
+    // how long replay took.
+    let wal_mb: u64 = std::env::var("SB_BENCH_WAL_MB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024);
+    let lsn_before = pg.query_one_blocking("SELECT pg_current_wal_lsn()");
+    let rows = wal_mb * 1_000_000 / 600;
+    pg.sql_blocking(&format!(
+        "CREATE TABLE filler(id bigint, pad text); INSERT INTO filler SELECT g, repeat('w', 500) FROM generate_series(1, {rows}) g"
+    ));
+    let lsn_after = pg.query_one_blocking("SELECT pg_current_wal_lsn()");
+    let wal_bytes = lsn_to_u64(&lsn_after) - lsn_to_u64(&lsn_before);
+    let t = Instant::now();
+    loop {
+        let out = Command::new(&agent)
+            .args(["list", "--repo", &repo])
+            .envs(s3.env())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let archived = text
+            .lines()
+            .find_map(|l| l.split("to LSN ").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .map(lsn_to_u64)
+            .unwrap_or(0);
+        if archived >= lsn_to_u64(&lsn_after) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "WAL never archived:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let replay_target = work.path().join("restore-replay");
+    let sock = work.path().join("replay-sock");
+    std::fs::create_dir_all(&sock).unwrap();
+    chown_to_server_user(&sock);
+    let port = syncbridge_tests::process::free_port();
+    let owner = syncbridge_tests::process::server_user()
+        .map(|(u, g)| format!("{}:{}", u.as_raw(), g.as_raw()));
+    let mut replay = Command::new(&agent);
+    replay
+        .args(["restore", "--repo", &repo, "--target"])
+        .arg(&replay_target)
+        .arg("--start")
+        .arg(pg.bin_dir())
+        .arg(format!(
+            "--start-options=-p {port} -k {} -c listen_addresses=127.0.0.1",
+            sock.display()
+        ))
+        .envs(s3.env());
+    if let Some(o) = &owner {
+        replay.args(["--owner", o]);
+    }
+    let out = replay.output().unwrap();
+    let mut stop = Command::new(pg.bin_dir().join("pg_ctl"));
+    stop.arg("-D")
+        .arg(&replay_target)
+        .args(["-m", "immediate", "stop"]);
+    run_as_server_user(&mut stop);
+    let _ = stop.output();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "restore with replay failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replay_secs: f64 = text
+        .lines()
+        .find_map(|l| l.split("replay ").nth(1))
+        .and_then(|r| r.trim_end_matches('s').parse().ok())
+        .unwrap_or(f64::NAN);
     let _ = stream.kill();
     let _ = stream.wait();
 
@@ -240,5 +324,9 @@ fn main() {
         bb.as_secs_f64() / agent_backup.as_secs_f64(),
         pgbr_restore.as_secs_f64() / agent_restore.as_secs_f64()
     );
-    println!("WAL replay through wal-fetch: not measured by this bench yet");
+    println!(
+        "replay  {:.0} MB of WAL through wal-fetch from SeaweedFS: {replay_secs:.1}s ({:.1} MB/s, start to promoted)",
+        wal_bytes as f64 / 1e6,
+        wal_bytes as f64 / 1e6 / replay_secs
+    );
 }
