@@ -512,7 +512,10 @@ impl WalPath {
 
     /// The last timeline.
     pub fn target(&self) -> TimelineId {
-        self.steps.last().map(|(t, _)| *t).unwrap_or(TimelineId::FIRST)
+        self.steps
+            .last()
+            .map(|(t, _)| *t)
+            .unwrap_or(TimelineId::FIRST)
     }
 }
 
@@ -558,13 +561,23 @@ mod tests {
         let seg = size.bytes();
         let one = TimelineId::new(1).unwrap();
         let two = TimelineId::new(2).unwrap();
-        let hist = wire::pg::TimelineHistory::parse(b"1\t0/5000100\tno recovery target specified\n").unwrap();
+        let hist =
+            wire::pg::TimelineHistory::parse(b"1\t0/5000100\tno recovery target specified\n")
+                .unwrap();
         let path = WalPath::from_history(two, &hist, one, Lsn(2 * seg)).unwrap();
         assert_eq!(path.timeline_of(4, size), one);
         assert_eq!(path.timeline_of(5, size), two);
         let mut inv = WalInventory::default();
-        inv.timelines.entry(1).or_default().segments.extend([2u64, 3, 4, 5]);
-        inv.timelines.entry(2).or_default().segments.extend([5u64, 7]);
+        inv.timelines
+            .entry(1)
+            .or_default()
+            .segments
+            .extend([2u64, 3, 4, 5]);
+        inv.timelines
+            .entry(2)
+            .or_default()
+            .segments
+            .extend([5u64, 7]);
         assert_eq!(inv.contiguous_end(&path, Lsn(2 * seg), size), Lsn(6 * seg));
         let g = inv.gap(&path, Lsn(2 * seg), Lsn(8 * seg), size).unwrap();
         assert_eq!(g.first_segment, "000000020000000000000006");
