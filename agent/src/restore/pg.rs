@@ -161,6 +161,12 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
                     None => format!("sudo -u {u} "),
                 })
                 .unwrap_or_default();
+            if owner.is_none() && is_root() {
+                println!(
+                    "note:        the files belong to root; give them to the server's user first (chown -R postgres: {}) or restore with --owner",
+                    target_dir.display()
+                );
+            }
             println!(
                 "next:        {user}pg_ctl -D {} -l {}/recovery.log start",
                 target_dir.display(),
