@@ -142,3 +142,29 @@ fn rdb_without_checksum_or_compression_validates() {
         assert_eq!(report.total_keys(), total, "{flavor}");
     }
 }
+
+#[test]
+fn rdb_with_lfu_and_lru_metadata_validates() {
+    // FREQ (LFU) and IDLE (LRU) opcodes precede every key under these policies.
+    for &flavor in RedisFlavor::all() {
+        for policy in ["allkeys-lfu", "allkeys-lru"] {
+            let server = RedisServer::builder(flavor)
+                .args(["--maxmemory-policy", policy, "--maxmemory", "1gb"])
+                .start();
+            load_dataset(&server);
+            let file = saved_rdb(&server);
+            let report = validate(&file).unwrap_or_else(|e| panic!("{flavor} {policy}: {e}"));
+            let total: u64 = keyspace(&server).values().map(|(k, _)| k).sum();
+            assert_eq!(report.total_keys(), total, "{flavor} {policy}");
+            let opcode = if policy.ends_with("lfu") {
+                249u8
+            } else {
+                248u8
+            };
+            assert!(
+                file.contains(&opcode),
+                "{flavor} {policy}: no opcode {opcode}"
+            );
+        }
+    }
+}

@@ -219,6 +219,10 @@ pub struct RdbReport {
     pub functions: u64,
     /// Module AUX sections.
     pub module_aux: u64,
+    /// Keys preceded by an LRU idle time (`IDLE`, maxmemory-policy *-lru).
+    pub lru_entries: u64,
+    /// Keys preceded by an LFU counter (`FREQ`, maxmemory-policy *-lfu).
+    pub lfu_entries: u64,
     /// The CRC64 trailer, `None` when the server wrote zero (checksums disabled).
     pub checksum: Option<u64>,
     /// Compact blobs larger than the cap, skipped by length instead of checked inside.
@@ -367,6 +371,8 @@ struct Tally {
     aux: BTreeMap<String, String>,
     functions: u64,
     module_aux: u64,
+    lru_entries: u64,
+    lfu_entries: u64,
     checksum: Option<u64>,
     unchecked_blobs: u64,
 }
@@ -478,6 +484,8 @@ impl RdbValidator {
             aux: t.aux,
             functions: t.functions,
             module_aux: t.module_aux,
+            lru_entries: t.lru_entries,
+            lfu_entries: t.lfu_entries,
             checksum: t.checksum,
             unchecked_blobs: t.unchecked_blobs,
             size: self.offset,
@@ -610,8 +618,14 @@ impl RdbValidator {
             }
             251 => self.begin(programs::TWO_LENS, Top::Other),
             250 => self.begin(programs::AUX, Top::Aux),
-            249 => self.begin(programs::ONE_BYTE, Top::Other),
-            248 => self.begin(programs::ONE_LEN, Top::Other),
+            249 => {
+                self.report.lfu_entries += 1;
+                self.begin(programs::ONE_BYTE, Top::Other)
+            }
+            248 => {
+                self.report.lru_entries += 1;
+                self.begin(programs::ONE_LEN, Top::Other)
+            }
             247 => {
                 self.report.module_aux += 1;
                 self.begin(programs::MODULE_AUX, Top::Other)

@@ -185,6 +185,7 @@ fn sample_reports_every_key() {
     assert_eq!(r.aux["redis-ver"], "7.0.15");
     assert_eq!(r.aux["redis-bits"], "64");
     assert_eq!((r.functions, r.module_aux, r.unchecked_blobs), (1, 1, 0));
+    assert_eq!((r.lru_entries, r.lfu_entries), (1, 1));
     assert_eq!(r.size, file.len() as u64);
     assert!(r.checksum.is_some());
     assert_eq!(r.total_keys(), 14);
