@@ -36,6 +36,23 @@ fn storage_segment(seg: SegmentName) -> Result<layout::WalSegmentName> {
     layout::WalSegmentName::parse(&seg.to_string()).with_context(|| format!("segment name {seg}"))
 }
 
+/// Writes `chunks` as one object without first concatenating them (WAL arrives in pieces of
+/// the receive buffer; copying a 16 MiB segment per upload would be wasted work).
+pub async fn put_chunks(
+    repo: &Repository,
+    key: &RepoKey,
+    kind: ContentKind,
+    chunks: &[Bytes],
+    mode: PutMode,
+) -> Result<(), StorageError> {
+    let len = chunks.iter().map(|c| c.len() as u64).sum();
+    let mut w = repo.writer_with_len(key, kind, mode, Some(len)).await?;
+    for c in chunks {
+        w.write(c.clone()).await?;
+    }
+    w.finish().await.map(|_| ())
+}
+
 /// Stores an object that must never change once written (a complete segment or a history
 /// file): writing identical bytes again is a no-op; different bytes are a [`Fatal`] error
 /// and the existing object is left alone.
@@ -43,33 +60,38 @@ pub async fn put_immutable(
     repo: &Repository,
     key: &RepoKey,
     kind: ContentKind,
-    data: Bytes,
+    chunks: &[Bytes],
 ) -> Result<()> {
-    match repo.put(key, kind, data.clone(), PutMode::CreateNew).await {
-        Ok(_) => Ok(()),
+    match put_chunks(repo, key, kind, chunks, PutMode::CreateNew).await {
+        Ok(()) => Ok(()),
         Err(StorageError::AlreadyExists { .. }) => {
             // Hashed only here: the storage pipeline already hashes every write once.
-            let ours: [u8; 32] = Sha256::digest(&data).into();
+            let mut hasher = Sha256::new();
+            let mut len = 0u64;
+            for c in chunks {
+                hasher.update(c);
+                len += c.len() as u64;
+            }
+            let ours: [u8; 32] = hasher.finalize().into();
             let theirs = repo
                 .info(key)
                 .await
                 .with_context(|| format!("reading the existing {key}"))?;
-            if theirs.sha256 == ours && theirs.original_len == data.len() as u64 {
+            if theirs.sha256 == ours && theirs.original_len == len {
                 tracing::debug!(%key, "already in the repository with identical content");
                 return Ok(());
             }
             let saved =
                 std::env::temp_dir().join(format!("syncbridge-conflict-{}", key.file_name()));
-            let kept = std::fs::write(&saved, &data)
+            let kept = std::fs::write(&saved, chunks.concat())
                 .map(|_| format!("; our version was saved to {}", saved.display()))
                 .unwrap_or_default();
             Err(Fatal(format!(
-                "{key} already exists in the repository with DIFFERENT content (stored sha256 {}, {} bytes; streamed sha256 {}, {} bytes). \
+                "{key} already exists in the repository with DIFFERENT content (stored sha256 {}, {} bytes; streamed sha256 {}, {len} bytes). \
                  The stored object was not overwritten{kept}. Is another cluster or agent writing to this repository?",
                 theirs.sha256_hex(),
                 theirs.original_len,
                 hex::encode(ours),
-                data.len()
             ))
             .into())
         }

@@ -29,7 +29,9 @@ use wire::pg::{
     TimelineHistory, TimelineId, WalSegmentSize,
 };
 
-use super::archive::{history_key, partial_key, put_immutable, segment_key, Fatal, RepoWal};
+use super::archive::{
+    history_key, partial_key, put_chunks, put_immutable, segment_key, Fatal, RepoWal,
+};
 use super::conn::{ConnectMode, CopyMessage, PgConnection, PgServerError};
 use super::conninfo::ConnInfo;
 
@@ -65,7 +67,10 @@ struct Uploaded {
 /// The segment being received.
 struct OpenSegment {
     name: SegmentName,
-    data: BytesMut,
+    /// The segment's bytes so far, as received (slices of the receive buffer, no copy).
+    chunks: Vec<Bytes>,
+    /// Total length of `chunks`.
+    len: usize,
     /// Bytes already shipped (as a partial).
     shipped: usize,
     /// Partials of this segment in the repository that become garbage once it is complete
@@ -265,7 +270,7 @@ async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> 
                     &opts.repo,
                     &history_key(tli)?,
                     ContentKind::TimelineHistory,
-                    file.content,
+                    std::slice::from_ref(&file.content),
                 )
                 .await?;
             }
@@ -466,7 +471,7 @@ impl<'a> Streamer<'a> {
                     self.append(
                         slice.segno,
                         slice.offset,
-                        &slice.data,
+                        slice.data,
                         slice.completes_segment,
                     )?;
                 }
@@ -485,7 +490,7 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    fn append(&mut self, segno: u64, offset: u64, data: &[u8], completes: bool) -> Result<()> {
+    fn append(&mut self, segno: u64, offset: u64, data: Bytes, completes: bool) -> Result<()> {
         let open = match &mut self.open {
             Some(o) if o.name.segno() == segno => o,
             _ => {
@@ -497,21 +502,23 @@ impl<'a> Streamer<'a> {
                 let name = SegmentName::new(self.tli, segno, self.size)?;
                 self.open = Some(OpenSegment {
                     name,
-                    data: BytesMut::with_capacity(self.size.bytes() as usize),
+                    chunks: Vec::new(),
+                    len: 0,
                     shipped: 0,
                     stale_partials: self.stale.remove(&segno).unwrap_or_default(),
                 });
                 self.open.as_mut().context("segment just opened")?
             }
         };
-        if open.data.len() as u64 != offset {
+        if open.len as u64 != offset {
             bail!(
                 "internal: segment {} has {} bytes, data arrived for offset {offset}",
                 open.name,
-                open.data.len()
+                open.len
             );
         }
-        open.data.extend_from_slice(data);
+        open.len += data.len();
+        open.chunks.push(data);
         if completes {
             if let Some(o) = self.open.take() {
                 self.queue_segment(o)?;
@@ -529,12 +536,12 @@ impl<'a> Streamer<'a> {
         let key = segment_key(seg.name)?;
         let end = seg.name.end_lsn();
         let repo = self.opts.repo.clone();
-        let data = seg.data.freeze();
+        let chunks = seg.chunks;
         let cleanup = seg.stale_partials;
         let (prev, done) = self.chain();
         self.uploads.push_back(Box::pin(async move {
             retrying(&key, || {
-                put_immutable(&repo, &key, ContentKind::WalSegment, data.clone())
+                put_immutable(&repo, &key, ContentKind::WalSegment, &chunks)
             })
             .await?;
             if let Some(p) = prev {
@@ -555,9 +562,9 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    /// Stores the open segment's bytes so far as a partial object (zero-padded to the full
-    /// segment size, like `pg_receivewal`'s `.partial` files), if anything new arrived and
-    /// no partial is already in flight.
+    /// Stores the open segment's bytes so far as a partial object (just the bytes received;
+    /// `wal-fetch` zero-pads it to the segment size like `pg_receivewal`'s `.partial`), if
+    /// anything new arrived and no partial is already in flight.
     fn ship_partial(&mut self) -> Result<()> {
         if self.partials_in_flight > 0 {
             return Ok(());
@@ -565,34 +572,31 @@ impl<'a> Streamer<'a> {
         let Some(open) = self.open.as_mut() else {
             return Ok(());
         };
-        if open.data.len() <= open.shipped {
+        if open.len <= open.shipped {
             return Ok(());
         }
-        let end_offset = open.data.len();
+        let end_offset = open.len;
         open.shipped = end_offset;
         let key = partial_key(
             open.name,
             u32::try_from(end_offset).context("segment offset beyond 4 GiB")?,
         )?;
         let end = Lsn(open.name.start_lsn().0 + end_offset as u64);
-        let mut padded = BytesMut::with_capacity(self.size.bytes() as usize);
-        padded.extend_from_slice(&open.data);
-        padded.resize(self.size.bytes() as usize, 0);
-        let data = padded.freeze();
+        let chunks = open.chunks.clone();
         let cleanup = std::mem::replace(&mut open.stale_partials, vec![key.clone()]);
         let repo = self.opts.repo.clone();
         let (prev, done) = self.chain();
         self.partials_in_flight += 1;
         self.uploads.push_back(Box::pin(async move {
             retrying(&key, || async {
-                repo.put(
+                put_chunks(
+                    &repo,
                     &key,
                     ContentKind::WalPartial,
-                    data.clone(),
+                    &chunks,
                     PutMode::Overwrite,
                 )
                 .await
-                .map(|_| ())
                 .map_err(anyhow::Error::new)
             })
             .await?;

@@ -125,16 +125,58 @@ pub async fn fetch(repo: &Repository, name: &str, target: &Path) -> Result<Fetch
         }
         Err(e) => return Err(anyhow::Error::new(e).context(format!("fetching {key}"))),
     };
-    let segment_size = match parsed {
+    let (data, segment_size) = match parsed {
         WalFileName::Segment(_) => {
-            Some(WalSegmentSize::new(data.len() as u64).with_context(|| {
-                format!("{key} has {} bytes, not a WAL segment size", data.len())
-            })?)
+            let size = segment_size_of(&data)
+                .with_context(|| format!("reading the WAL page header of {key}"))?;
+            (pad_to(data, size), Some(size))
         }
-        WalFileName::History(_) => None,
+        WalFileName::History(_) => (data, None),
     };
     write_atomically(target, &data)?;
     Ok(Fetched::Written { segment_size })
+}
+
+/// The segment size recorded in the long page header that starts every WAL segment
+/// (`XLogLongPageHeaderData.xlp_seg_size`, `src/include/access/xlog_internal.h`), so a
+/// partial can be padded without knowing the cluster's settings.
+fn segment_size_of(data: &[u8]) -> Result<WalSegmentSize> {
+    const XLP_LONG_HEADER: u16 = 0x0002;
+    let field = |at: usize, n: usize| {
+        data.get(at..at + n)
+            .context("shorter than a WAL page header")
+    };
+    let info = field(2, 2)?;
+    let size = field(32, 4)?;
+    for (info, size) in [
+        (
+            u16::from_le_bytes([info[0], info[1]]),
+            u32::from_le_bytes([size[0], size[1], size[2], size[3]]),
+        ),
+        (
+            u16::from_be_bytes([info[0], info[1]]),
+            u32::from_be_bytes([size[0], size[1], size[2], size[3]]),
+        ),
+    ] {
+        if info & XLP_LONG_HEADER != 0 {
+            if let Ok(s) = WalSegmentSize::new(u64::from(size)) {
+                return Ok(s);
+            }
+        }
+    }
+    anyhow::bail!("no long page header with a valid segment size: not a WAL segment")
+}
+
+/// Zero-pads a partial segment to the full size (a complete one is returned as is).
+fn pad_to(data: Bytes, size: WalSegmentSize) -> Bytes {
+    let full = size.bytes() as usize;
+    if data.len() >= full {
+        return data;
+    }
+    let mut v = Vec::with_capacity(full);
+    v.extend_from_slice(&data);
+    v.resize(full, 0);
+    Bytes::from(v)
 }
 
 /// Writes via a temp file in the same directory, fsyncs, renames.
