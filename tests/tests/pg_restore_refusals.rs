@@ -170,3 +170,37 @@ fn corrupt_backup_object_fails_before_start_naming_it() {
     assert!(!dirs.data().join("global/pg_control").exists());
     assert!(dirs.data().join("syncbridge-restore.in-progress").exists());
 }
+
+/// Without the stream the backup's WAL never arrives: the backup says so after the bounded
+/// wait, writes no backup.json, and restore never picks it.
+#[test]
+fn backup_without_wal_is_left_incomplete() {
+    let mut env = Env::simple(PgVersion::V15);
+    env.pg.sql_blocking("CREATE TABLE t(id int)");
+    env.pg.query_one_blocking("SELECT pg_switch_wal()");
+    let lsn = env.pg.query_one_blocking("SELECT pg_current_wal_lsn()");
+    env.wait_archived(&lsn);
+    drop(env.stream.take());
+    let out = env.try_backup(&["--wal-timeout-secs", "3"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("postgres stream") && err.contains("incomplete") && err.contains("missing"),
+        "{err}"
+    );
+    let listing = pg_support::agent()
+        .args(["list", "--repo", &env.repo_url()])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listing.stdout).to_string();
+    assert!(listed.contains("incomplete"), "{listed}");
+    let dirs = RestoreDirs::new();
+    let out = env.restore(&dirs.data(), &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no complete base backup"),
+        "{}",
+        text(&out)
+    );
+    eprintln!("refusal: {err}");
+}

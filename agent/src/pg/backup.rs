@@ -58,8 +58,9 @@ pub struct BackupArgs {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
     chunk_mib: u64,
     /// How long to wait, after the server finished, for the WAL up to the backup's stop
-    /// LSN to reach the repository (written by `postgres stream`). Without it the backup
-    /// is not restorable and is left incomplete.
+    /// LSN to reach the repository (written by `postgres stream`), counted from the last
+    /// time the archived WAL advanced. Without it the backup is not restorable and is left
+    /// incomplete.
     #[arg(long, default_value_t = 300)]
     wal_timeout_secs: u64,
 }
@@ -600,7 +601,10 @@ async fn wait_for_wal(
     timeout: Duration,
     id: &BackupId,
 ) -> Result<()> {
-    let began = Instant::now();
+    // The clock restarts whenever the archive advances: a stream catching up on a backlog is
+    // waited for; one that makes no progress for `timeout` is not.
+    let mut began = Instant::now();
+    let mut last_end = Lsn::INVALID;
     let mut last_log = Instant::now();
     loop {
         let inv = WalInventory::load(repo, size).await?;
@@ -610,6 +614,10 @@ async fn wait_for_wal(
             tracing::info!(backup = %id, "WAL {start}..{stop} is in the repository");
             return Ok(());
         }
+        if end > last_end {
+            last_end = end;
+            began = Instant::now();
+        }
         if began.elapsed() >= timeout {
             let gap = inv.gap(&path, start, stop, size);
             let what = match gap {
@@ -617,7 +625,7 @@ async fn wait_for_wal(
                 None => format!("WAL {end}..{stop}"),
             };
             bail!(
-                "{what}; waited {}s for it. Is `syncbridge-agent postgres stream` running for this cluster and repository? \
+                "{what}; the repository's WAL did not advance for {}s. Is `syncbridge-agent postgres stream` running for this cluster and repository? \
                  The data of backup {id} is stored but without its WAL it cannot be restored, so it is left incomplete (no backup.json) and restore will never use it",
                 timeout.as_secs()
             );

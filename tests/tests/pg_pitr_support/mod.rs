@@ -88,16 +88,10 @@ impl Env {
     pub fn try_backup(&self, extra: &[&str]) -> Output {
         let url = self.pg.replication_url();
         let repo = self.repo_url();
-        let mut args = vec![
-            "postgres",
-            "backup",
-            "--source",
-            &url,
-            "--repo",
-            &repo,
-            "--wal-timeout-secs",
-            "120",
-        ];
+        let mut args = vec!["postgres", "backup", "--source", &url, "--repo", &repo];
+        if !extra.contains(&"--wal-timeout-secs") {
+            args.extend_from_slice(&["--wal-timeout-secs", "120"]);
+        }
         args.extend_from_slice(extra);
         agent().args(&args).output().unwrap()
     }
