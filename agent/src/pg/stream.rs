@@ -396,7 +396,9 @@ impl<'a> Streamer<'a> {
     }
 
     async fn run(&mut self, conn: &mut PgConnection) -> Result<Ended> {
-        let mut ship_tick = tokio::time::interval(self.opts.max_lag);
+        // Half of --max-lag: WAL waits at most one tick plus one upload before it is durable.
+        let mut ship_tick =
+            tokio::time::interval((self.opts.max_lag / 2).max(Duration::from_millis(10)));
         ship_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut status_tick =
             tokio::time::interval(Duration::from_millis(500).min(self.opts.status_interval));
