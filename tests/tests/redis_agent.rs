@@ -859,3 +859,51 @@ fn wait_returns_once_the_agent_has_stored_the_write() {
         Some("string \"1\"")
     );
 }
+
+#[test]
+fn failover_continue_with_a_new_replid_is_adopted_without_a_new_snapshot() {
+    let master = RedisServer::start(RedisFlavor::Redis7);
+    let replica = RedisServer::builder(RedisFlavor::Redis7)
+        .args(["--replicaof", "127.0.0.1", &master.port().to_string()])
+        .start();
+    let synced = |s: &RedisServer| {
+        s.info("replication")
+            .get("master_link_status")
+            .map(String::as_str)
+            == Some("up")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !synced(&replica) {
+        assert!(std::time::Instant::now() < deadline, "replica never synced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    // The agent hangs off the replica, which is then promoted (a failover).
+    let mut agent = StreamingAgent::start(
+        &replica.url(),
+        &repo,
+        "100ms",
+        &[],
+        tmp.path().join("agent.log"),
+    );
+    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    assert!(master.cmd(&["SET", "before", "1"]).is_ok());
+    std::thread::sleep(Duration::from_millis(500));
+    let old_id = replica.info("replication")["master_replid"].clone();
+    assert!(replica.cmd(&["REPLICAOF", "NO", "ONE"]).is_ok());
+    let new_id = replica.info("replication")["master_replid"].clone();
+    assert_ne!(old_id, new_id);
+    assert!(replica.cmd(&["SET", "after", "2"]).is_ok());
+    agent.wait_for_log(&new_id, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent.terminate(), "{}", agent.log_text());
+    let log = agent.log_text();
+    assert!(
+        log.contains("resumed with PSYNC") && !log.contains("new generation"),
+        "{log}"
+    );
+    assert_eq!(generations(tmp.path()), 1);
+    let restored = restore_and_start(&repo, &tmp.path().join("r"), None, RedisFlavor::Redis7, &[]);
+    assert_eq!(dump_port(restored.port, None), dump(&replica));
+}
