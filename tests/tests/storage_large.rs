@@ -68,7 +68,12 @@ impl Source {
 #[ignore = "run by stream_1gib_* in a child process to measure its own peak RSS"]
 async fn child_stream_1gib() {
     let url = std::env::var("SB_LARGE_URL").unwrap();
-    let mut opts = RepoOptions::default();
+    // Default sizes and concurrency (what bounds memory); zstd level 1 to keep the test's
+    // CPU time down on shared machines.
+    let mut opts = RepoOptions {
+        compression_level: Some(1),
+        ..RepoOptions::default()
+    };
     if let Ok(cfg) = std::env::var("SB_LARGE_STORE_CONFIG") {
         for kv in cfg.split(',') {
             let (k, v) = kv.split_once('=').unwrap();
