@@ -169,3 +169,48 @@ fn invalidated_slot_is_reported_not_papered_over() {
         text(&out)
     );
 }
+
+#[test]
+fn lost_wal_range_is_named_when_the_slot_starts_past_the_repository() {
+    let pg = PgCluster::builder(PgVersion::V17)
+        .wal_keep_size_mb(1024)
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let src = pg.replication_url();
+    let mut agent = AgentProcess::spawn(&stream_args(&src, &url), dir.path().join("a.log"));
+    pg.sql_blocking("CREATE TABLE t(id int, pad text)");
+    let seg = pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(
+        wait_until(Duration::from_secs(60), || repo::listing(&url)
+            .0
+            .contains(&seg)),
+        "{}",
+        agent.log_text()
+    );
+    assert!(agent.terminate().success());
+    // The slot is dropped (as after a failover to a server without it) and WAL moves on.
+    pg.sql_blocking("SELECT pg_drop_replication_slot('syncbridge')");
+    for _ in 0..3 {
+        pg.sql_blocking(
+            "INSERT INTO t SELECT g, repeat('g', 200) FROM generate_series(1, 40000) g",
+        );
+        pg.query_one_blocking("SELECT pg_switch_wal()");
+    }
+    // A new slot reserves WAL from the last checkpoint's redo point: move it past the gap.
+    pg.sql_blocking("CHECKPOINT");
+    let mut agent = AgentProcess::spawn(&stream_args(&src, &url), dir.path().join("b.log"));
+    assert!(
+        wait_until(Duration::from_secs(60), || agent
+            .log_text()
+            .contains("is missing from the repository")),
+        "{}",
+        agent.log_text()
+    );
+    let log = agent.log_text();
+    assert!(log.contains("take a new base backup"), "{log}");
+    assert!(
+        agent.exited().is_none(),
+        "the stream goes on after reporting the gap:\n{log}"
+    );
+}
