@@ -41,13 +41,20 @@ fn agent_bin() -> PathBuf {
 fn run(cmd: &mut Command, what: &str) -> Duration {
     let t = Instant::now();
     let out = cmd.output().unwrap();
+    let elapsed = t.elapsed();
     assert!(
         out.status.success(),
         "{what} failed: {}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    t.elapsed()
+    // The agent's own breakdown (data transfer vs waiting for WAL, write vs total).
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.starts_with("duration:") || line.starts_with("restored:") {
+            eprintln!("{what}: {line}");
+        }
+    }
+    elapsed
 }
 
 fn mbps(bytes: u64, d: Duration) -> f64 {
