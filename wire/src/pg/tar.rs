@@ -33,7 +33,8 @@ pub enum TarEntryType {
 /// An entry header, with pax / GNU long names already applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TarEntry {
-    /// Relative, normalised path (no leading `./`, no trailing `/`, no `..`).
+    /// Relative, normalised path (no leading `./`, no trailing `/`, no `..`); the archive's
+    /// root directory entry (`./`) is `.`.
     pub path: String,
     /// Kind of entry.
     pub entry_type: TarEntryType,
@@ -380,8 +381,15 @@ impl TarReader {
                     .map_err(|r| self.err(format!("hard link target {target:?}: {r}")))?;
             }
         }
-        let path =
-            normalise(&name).map_err(|r| self.err(format!("entry {:?}: {r}", truncate(&name))))?;
+        // `tar -C dir .` starts with the root itself, `./`: a directory named ".".
+        let path = match normalise(&name) {
+            Err("empty path")
+                if entry_type == TarEntryType::Directory && !name.starts_with('/') =>
+            {
+                ".".to_string()
+            }
+            other => other.map_err(|r| self.err(format!("entry {:?}: {r}", truncate(&name))))?,
+        };
         if path.len() > self.limits.max_path {
             return Err(self.err("path too long"));
         }
@@ -751,6 +759,19 @@ mod tests {
         assert!(e.to_string().contains("checksum"), "{e}");
         let hl = ustar_header("a", b'1', 0, 0, 0, "../../etc/shadow");
         assert!(read_all(&[&hl]).is_err());
+    }
+
+    #[test]
+    fn root_directory_entry_is_dot() {
+        let mut v = ustar_header("./", b'5', 0, 0o755, 0, "").to_vec();
+        v.extend(file("./a", b"x"));
+        let (entries, _) = read_all(&[&v]).unwrap();
+        assert_eq!(entries[0].entry.path, ".");
+        assert_eq!(entries[1].entry.path, "a");
+        assert!(
+            read_all(&[&file("./", b"x")]).is_err(),
+            "a file cannot be the root"
+        );
     }
 
     #[test]
