@@ -275,9 +275,60 @@ fn pg17_synchronous_commit_waits_for_the_repository() {
         }
         (last, started.elapsed())
     }).await });
-    let Ok((last_before_commit, elapsed)) = burst else {
+    let Ok((last_sequential, elapsed)) = burst else {
         panic!("commits still waiting after 120 s:\n{}", agent.log_text());
     };
+    // Then 8 clients committing at once: commits waiting together share uploads.
+    let url = s.pg.superuser_url();
+    let concurrent = rt.block_on(async move {
+        tokio::time::timeout(Duration::from_secs(120), async move {
+            let started = std::time::Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..8 {
+                let url = url.clone();
+                tasks.push(tokio::spawn(async move {
+                    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+                    tokio::spawn(conn);
+                    let mut max = 0u64;
+                    for i in 0..25 {
+                        let id = 1000 + c * 100 + i;
+                        let msgs = client
+                            .simple_query(&format!("BEGIN; INSERT INTO marks VALUES ({id}); SELECT pg_current_wal_insert_lsn()::text; COMMIT;"))
+                            .await
+                            .unwrap();
+                        for m in msgs {
+                            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                                max = max.max(parse_lsn(r.get(0).unwrap()));
+                            }
+                        }
+                    }
+                    max
+                }));
+            }
+            let mut max = 0;
+            for t in tasks {
+                max = max.max(t.await.unwrap());
+            }
+            (max, started.elapsed())
+        })
+        .await
+    });
+    let Ok((last_concurrent, concurrent_elapsed)) = concurrent else {
+        panic!(
+            "concurrent commits still waiting after 120 s:\n{}",
+            agent.log_text()
+        );
+    };
+    eprintln!(
+        "synchronous, 8 clients x 25 commits: {concurrent_elapsed:?} ({:?} per commit, {:?} per round of 8)",
+        concurrent_elapsed / 200,
+        concurrent_elapsed / 25
+    );
+    let last_before_commit = format!(
+        "{:X}/{:X}",
+        last_concurrent.max(parse_lsn(&last_sequential)) >> 32,
+        last_concurrent.max(parse_lsn(&last_sequential)) & 0xFFFF_FFFF
+    );
     // Stop the agent the moment the last commit returned: what it acknowledged must be stored.
     agent.kill9();
     let end = durable_end(&s.repo_url());
