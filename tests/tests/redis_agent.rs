@@ -45,8 +45,10 @@ fn restore_and_start(
         args.extend(["--to-time", t.as_str()]);
     }
     let out = run_agent(&args, env);
+    // Own the server before asserting, so a failed assertion still shuts it down.
+    let server = RestoredServer::try_from_output(&out);
     assert!(out.status.success(), "{}", text(&out));
-    RestoredServer::from_output(&out)
+    server.unwrap_or_else(|| RestoredServer::from_output(&out))
 }
 
 fn snapshot_round_trip(flavor: RedisFlavor) {
@@ -92,8 +94,9 @@ fn snapshot_round_trip(flavor: RedisFlavor) {
         ],
         &[],
     );
+    let restored = RestoredServer::try_from_output(&out);
     assert!(out.status.success(), "{}", text(&out));
-    let restored = RestoredServer::from_output(&out);
+    let restored = restored.unwrap_or_else(|| RestoredServer::from_output(&out));
     assert_eq!(dump_port(restored.port, None), before, "{flavor}");
     // verify-rdb on the restored file agrees.
     let out = run_agent(
@@ -271,6 +274,7 @@ fn pitr(flavor: RedisFlavor) {
         ],
         &[],
     );
+    let restored = RestoredServer::try_from_output(&out);
     assert!(out.status.success(), "{}", text(&out));
     // The server upgrades the single file into its own appendonlydir when it starts.
     assert!(
@@ -278,7 +282,7 @@ fn pitr(flavor: RedisFlavor) {
         "{}",
         text(&out)
     );
-    let restored = RestoredServer::from_output(&out);
+    let restored = restored.unwrap_or_else(|| RestoredServer::from_output(&out));
     assert_eq!(
         dump_port(restored.port, None),
         targets[2].1,

@@ -356,16 +356,21 @@ pub struct RestoredServer {
 }
 
 impl RestoredServer {
-    /// Parses the port from the agent's `restore --start` output.
-    pub fn from_output(out: &Output) -> RestoredServer {
+    /// The server `restore --start` reports, if it started one.
+    pub fn try_from_output(out: &Output) -> Option<RestoredServer> {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let port = stdout
             .lines()
             .find_map(|l| l.split("running on 127.0.0.1:").nth(1))
             .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in restore output:\n{}", text(out)));
-        RestoredServer { port }
+            .and_then(|p| p.parse().ok())?;
+        Some(RestoredServer { port })
+    }
+
+    /// Parses the port from the agent's `restore --start` output.
+    pub fn from_output(out: &Output) -> RestoredServer {
+        Self::try_from_output(out)
+            .unwrap_or_else(|| panic!("no port in restore output:\n{}", text(out)))
     }
 }
 
