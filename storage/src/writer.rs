@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::task::JoinHandle;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use crate::backend::Upload;
 use crate::error::{Result, StorageError};
@@ -108,6 +108,32 @@ impl Pieces {
     }
 }
 
+type FrameResult = std::result::Result<EncodedFrame, String>;
+
+struct QueuedFrame {
+    index: u64,
+    frame: Vec<Bytes>,
+    result: oneshot::Sender<FrameResult>,
+}
+
+/// Frames of one object waiting for a worker loop, and how many loops are running.
+#[derive(Default)]
+struct FrameQueue {
+    state: std::sync::Mutex<QueueState>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    frames: VecDeque<QueuedFrame>,
+    workers: usize,
+}
+
+impl FrameQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 enum State {
     Open,
     Failed(String),
@@ -130,7 +156,10 @@ pub struct ObjectWriter {
     small: BytesMut,
     frames: u64,
     original_len: u64,
-    jobs: VecDeque<JoinHandle<std::result::Result<EncodedFrame, String>>>,
+    /// Frames waiting for a worker, shared with the worker loops.
+    queue: Arc<FrameQueue>,
+    /// Results in frame order.
+    jobs: VecDeque<oneshot::Receiver<FrameResult>>,
     /// Stored bytes not yet handed to an upload (records, zero-copy).
     part: Pieces,
     part_size: usize,
@@ -182,6 +211,7 @@ impl ObjectWriter {
             small: BytesMut::new(),
             frames: 0,
             original_len: 0,
+            queue: Arc::new(FrameQueue::default()),
             jobs: VecDeque::new(),
             part,
             part_size,
@@ -281,33 +311,86 @@ impl ObjectWriter {
         self.submit(pieces).await
     }
 
+    /// Queues a frame. Worker loops on the blocking pool take frames in order and keep
+    /// going while there are frames, so consecutive frames need no hand-off through this
+    /// task; a loop holds one of the repository's CPU permits while it runs.
     async fn submit(&mut self, frame: Vec<Bytes>) -> Result<()> {
         while self.jobs.len() >= 2 * self.repo.opts.workers {
             self.collect_one().await?;
         }
-        let permit =
-            self.repo
-                .cpu
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|e| StorageError::Encode {
-                    key: self.key.to_string(),
-                    reason: e.to_string(),
-                })?;
         let index = self.frames;
         self.frames += 1;
+        let (tx, rx) = oneshot::channel();
+        self.jobs.push_back(rx);
+        let need_worker = {
+            let mut q = self.queue.lock();
+            q.frames.push_back(QueuedFrame {
+                index,
+                frame,
+                result: tx,
+            });
+            if q.workers == 0 {
+                // Reserve the first loop now, so no frame is ever left without one.
+                q.workers += 1;
+                Some(true)
+            } else if q.workers < self.repo.opts.workers {
+                Some(false)
+            } else {
+                None
+            }
+        };
+        match need_worker {
+            Some(true) => {
+                let permit = self.repo.cpu.clone().acquire_owned().await;
+                match permit {
+                    Ok(p) => self.spawn_worker(p),
+                    Err(e) => {
+                        self.queue.lock().workers -= 1;
+                        return Err(StorageError::Encode {
+                            key: self.key.to_string(),
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+            Some(false) => {
+                // More parallelism only if a CPU slot is free right now.
+                if let Ok(p) = self.repo.cpu.clone().try_acquire_owned() {
+                    self.queue.lock().workers += 1;
+                    self.spawn_worker(p);
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn spawn_worker(&self, permit: OwnedSemaphorePermit) {
+        let queue = self.queue.clone();
         let chain = self.chain.clone();
         let level = self.repo.opts.compression_level;
         let keys = self.repo.keys.clone();
-        self.jobs.push_back(tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            if !chain.update_pieces(index, &frame) {
-                return Err("write abandoned".to_string());
+            loop {
+                let next = {
+                    let mut q = queue.lock();
+                    match q.frames.pop_front() {
+                        Some(f) => f,
+                        None => {
+                            q.workers -= 1;
+                            return;
+                        }
+                    }
+                };
+                let result = if chain.update_pieces(next.index, &next.frame) {
+                    encode_frame(&next.frame, level, &keys.recipients)
+                } else {
+                    Err("write abandoned".to_string())
+                };
+                let _ = next.result.send(result);
             }
-            encode_frame(&frame, level, &keys.recipients)
-        }));
-        Ok(())
+        });
     }
 
     async fn collect_one(&mut self) -> Result<()> {
@@ -316,7 +399,7 @@ impl ObjectWriter {
         };
         let enc = job
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|_| "frame worker ended without a result".to_string())
             .and_then(|r| r)
             .map_err(|reason| StorageError::Encode {
                 key: self.key.to_string(),
@@ -498,9 +581,8 @@ impl ObjectWriter {
     pub async fn abort(mut self) -> Result<()> {
         self.state = State::Done;
         self.chain.abandon();
-        for j in self.jobs.drain(..) {
-            j.abort();
-        }
+        self.queue.lock().frames.clear();
+        self.jobs.clear();
         self.uploads.clear();
         match self.upload.take() {
             Some(up) => up.abort().await,
@@ -511,9 +593,8 @@ impl ObjectWriter {
     async fn fail(&mut self, e: &StorageError) {
         self.state = State::Failed(e.to_string());
         self.chain.abandon();
-        for j in self.jobs.drain(..) {
-            j.abort();
-        }
+        self.queue.lock().frames.clear();
+        self.jobs.clear();
         self.uploads.clear();
         if let Some(up) = self.upload.take() {
             if let Err(err) = up.abort().await {
@@ -526,6 +607,7 @@ impl ObjectWriter {
 impl Drop for ObjectWriter {
     fn drop(&mut self) {
         self.chain.abandon();
+        self.queue.lock().frames.clear();
         if let Some(up) = self.upload.take() {
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 let key = self.key.clone();
