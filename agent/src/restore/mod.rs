@@ -39,7 +39,7 @@ pub struct RestoreArgs {
     /// Empty a non-empty --target first (refused while a server runs in it).
     #[arg(long)]
     pub force: bool,
-    /// Objects downloaded, verified and written at once (default: number of cores).
+    /// Objects downloaded, verified and written at once (default: twice the cores).
     #[arg(long)]
     pub jobs: Option<usize>,
     /// Put a tablespace somewhere else: OLD_LOCATION=NEW_LOCATION (repeatable).

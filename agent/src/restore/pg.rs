@@ -59,10 +59,13 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
     if args.start.is_some() && owner.is_none() && is_root() {
         bail!("--start as root needs --owner USER: PostgreSQL refuses to run as root");
     }
+    // Downloads wait on the network while decompression is capped by the repository's
+    // worker pool, so twice the cores keeps both busy.
     let jobs = args.jobs.unwrap_or_else(|| {
         std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
+            .map(|n| n.get() * 2)
+            .unwrap_or(4)
+            .clamp(2, 32)
     });
     let target_dir = absolute(&args.target)?;
 
