@@ -61,7 +61,10 @@ impl Setup {
                 "agent exited:\n{}",
                 agent.log_text()
             );
-            repo::listing(&url).0.iter().any(|s| s.as_str() >= name)
+            // Uploads run concurrently: a later segment may land before an earlier one, so
+            // wait until everything up to `name` is there.
+            let segs = repo::listing(&url).0;
+            segs.iter().any(|s| s.as_str() >= name) && contiguous(&segs)
         });
         assert!(
             ok,
@@ -90,6 +93,15 @@ impl Setup {
         }
         segs.len()
     }
+}
+
+/// Whether the (sorted, one-timeline, 16 MiB) segment names have no gap.
+fn contiguous(names: &[String]) -> bool {
+    let seq = |n: &str| {
+        u64::from_str_radix(&n[8..16], 16).unwrap() * 256
+            + u64::from_str_radix(&n[16..24], 16).unwrap()
+    };
+    names.windows(2).all(|w| seq(&w[1]) == seq(&w[0]) + 1)
 }
 
 fn byte_identical(version: PgVersion, batches: u32, rows: u32) {

@@ -101,9 +101,10 @@ fn server_restart_is_survived_without_gaps() {
     pg.sql_blocking("INSERT INTO t SELECT g, repeat('s', 200) FROM generate_series(1, 40000) g");
     let after = pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
     assert!(
-        wait_until(Duration::from_secs(120), || repo::listing(&url)
-            .0
-            .contains(&after)),
+        wait_until(Duration::from_secs(120), || {
+            let segs = repo::listing(&url).0;
+            segs.contains(&after) && pg_support::contiguous(&segs)
+        }),
         "after restart {after} never arrived:\n{}",
         agent.log_text()
     );

@@ -49,9 +49,10 @@ fn pg17_to_seaweedfs_byte_identical_through_an_outage() {
         last = pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
     }
     assert!(
-        wait_until(Duration::from_secs(120), || repo::listing(&url)
-            .0
-            .contains(&last)),
+        wait_until(Duration::from_secs(120), || {
+            let segs = repo::listing(&url).0;
+            segs.contains(&last) && pg_support::contiguous(&segs)
+        }),
         "{last} never reached S3:\n{}",
         agent.log_text()
     );
@@ -68,7 +69,10 @@ fn pg17_to_seaweedfs_byte_identical_through_an_outage() {
         agent.log_text()
     );
     assert!(agent.exited().is_none(), "{}", agent.log_text());
-    assert!(!repo::listing(&url).0.contains(&during));
+    assert!(!{
+        let segs = repo::listing(&url).0;
+        segs.contains(&during) && pg_support::contiguous(&segs)
+    });
     proxy.clear_rules();
     assert!(
         wait_until(Duration::from_secs(120), || repo::listing(&url)

@@ -75,7 +75,8 @@ struct OpenSegment {
     shipped: usize,
     /// Partials of this segment in the repository that become garbage once it is complete
     /// or a newer partial is stored.
-    stale_partials: Vec<RepoKey>,
+    /// (end offset, key): a partial may only be removed once one at least as long is stored.
+    stale_partials: Vec<(u32, RepoKey)>,
 }
 
 /// How one connection's stream ended.
@@ -331,10 +332,10 @@ async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> 
         .await?;
     *started = true;
 
-    let mut stale: BTreeMap<u64, Vec<RepoKey>> = BTreeMap::new();
+    let mut stale: BTreeMap<u64, Vec<(u32, RepoKey)>> = BTreeMap::new();
     for ((t, n), v) in &repo_wal.partials {
         if *t == tli.get() && *n >= size.segment_of(start) {
-            stale.insert(*n, v.iter().map(|(_, k)| k.clone()).collect());
+            stale.insert(*n, v.clone());
         }
     }
     let mut s = Streamer::new(opts, size, tli, start, stale);
@@ -351,7 +352,7 @@ struct Streamer<'a> {
     tli: TimelineId,
     splitter: SegmentSplitter,
     open: Option<OpenSegment>,
-    stale: BTreeMap<u64, Vec<RepoKey>>,
+    stale: BTreeMap<u64, Vec<(u32, RepoKey)>>,
     uploads: FuturesOrdered<UploadFuture>,
     partials_in_flight: usize,
     /// Completion of the most recently queued upload: the next one waits for it before
@@ -372,7 +373,7 @@ impl<'a> Streamer<'a> {
         size: WalSegmentSize,
         tli: TimelineId,
         start: Lsn,
-        stale: BTreeMap<u64, Vec<RepoKey>>,
+        stale: BTreeMap<u64, Vec<(u32, RepoKey)>>,
     ) -> Streamer<'a> {
         let now = Instant::now();
         Streamer {
@@ -539,7 +540,8 @@ impl<'a> Streamer<'a> {
         let end = seg.name.end_lsn();
         let repo = self.opts.repo.clone();
         let chunks = seg.chunks;
-        let cleanup = seg.stale_partials;
+        // The complete segment supersedes every partial of it.
+        let cleanup: Vec<RepoKey> = seg.stale_partials.into_iter().map(|(_, k)| k).collect();
         let (prev, done) = self.chain();
         self.uploads.push_back(Box::pin(async move {
             retrying(&key, || {
@@ -585,7 +587,16 @@ impl<'a> Streamer<'a> {
         )?;
         let end = Lsn(open.name.start_lsn().0 + end_offset as u64);
         let chunks = open.chunks.clone();
-        let cleanup = std::mem::replace(&mut open.stale_partials, vec![key.clone()]);
+        // Only partials no longer than this one become garbage: after a restart the stream
+        // re-sends the segment from its start, and a longer partial stored before the restart
+        // must stay until it is superseded (it holds acknowledged WAL).
+        let end_u32 = u32::try_from(end_offset).context("segment offset beyond 4 GiB")?;
+        let (cleanup, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut open.stale_partials)
+            .into_iter()
+            .partition(|(off, k)| *off <= end_u32 && *k != key);
+        open.stale_partials = keep;
+        open.stale_partials.push((end_u32, key.clone()));
+        let cleanup: Vec<RepoKey> = cleanup.into_iter().map(|(_, k)| k).collect();
         let repo = self.opts.repo.clone();
         let (prev, done) = self.chain();
         self.partials_in_flight += 1;

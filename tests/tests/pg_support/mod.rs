@@ -46,6 +46,16 @@ pub fn text(out: &Output) -> String {
     )
 }
 
+/// Whether sorted segment names of one timeline (16 MiB segments) have no gap: uploads run
+/// concurrently, so a later segment may be listed before an earlier one.
+pub fn contiguous(names: &[String]) -> bool {
+    let seq = |n: &str| {
+        u64::from_str_radix(&n[8..16], 16).unwrap() * 256
+            + u64::from_str_radix(&n[16..24], 16).unwrap()
+    };
+    names.windows(2).all(|w| seq(&w[1]) == seq(&w[0]) + 1)
+}
+
 /// A running agent process, SIGKILLed on drop.
 pub struct AgentProcess {
     child: std::process::Child,
