@@ -5,7 +5,10 @@ use libfuzzer_sys::fuzz_target;
 use wire::pg::tar::TarReader;
 
 fuzz_target!(|data: &[u8]| {
-    let cut = data.first().map(|&b| b as usize % (data.len() + 1)).unwrap_or(0);
+    let cut = data
+        .first()
+        .map(|&b| b as usize % (data.len() + 1))
+        .unwrap_or(0);
     let mut reader = TarReader::new();
     let mut buf = BytesMut::new();
     for part in [&data[..cut], &data[cut..]] {
