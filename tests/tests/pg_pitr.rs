@@ -177,6 +177,27 @@ fn pitr_proof(version: PgVersion, full: bool) {
         // Right after the switch: the first commit after it.
         let post = workload.iter().find(|(_, c)| *c > switch_after).unwrap().1;
         restore_to(&env, version, post, &times);
+        // --to-xid: one writer, so the markers up to that transaction's are exactly kept.
+        let (id, _) = workload[workload.len() * 3 / 4];
+        let xid = env
+            .pg
+            .query_one_blocking(&format!("SELECT xmin::text FROM marker WHERE id = {id}"));
+        let dirs = RestoreDirs::new();
+        let out = env.restore(&dirs.data(), &["--to-xid", &xid]);
+        assert!(
+            out.status.success(),
+            "restore to xid {xid}:\n{}",
+            text(&out)
+        );
+        let restored = start_restored(version, &dirs.data());
+        let got = restored_ids(&restored);
+        let want: BTreeSet<u32> = times
+            .iter()
+            .filter(|(i, _)| *i <= id)
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(got, want, "{version}: restore to xid {xid} (marker {id})");
+        eprintln!("{version}: restore to xid {xid}: exactly markers 1..={id}");
     }
 }
 
