@@ -70,6 +70,7 @@ pub mod layout;
 mod marker;
 mod reader;
 mod repo;
+mod workers;
 mod writer;
 
 pub use backend::{ObjectMeta, RetryPolicy};

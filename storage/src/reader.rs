@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::backend::ByteStream;
@@ -25,6 +26,7 @@ use crate::format::{
 use crate::frame::{decode_frame, fingerprint, short_fingerprint, DecodeError, HashChain};
 use crate::layout::RepoKey;
 use crate::repo::{ObjectInfo, RepoInner};
+use crate::workers::WorkQueue;
 
 /// What to verify.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +147,7 @@ impl ObjectReader {
         let (tx, rx) = mpsc::channel(2);
         let chain = Arc::new(HashChain::new());
         let info = Arc::new(Mutex::new(None));
+        let repo_for_queue = repo.clone();
         let job = Job {
             repo,
             key: key.clone(),
@@ -158,6 +161,7 @@ impl ObjectReader {
             tx,
             held: None,
             info: info.clone(),
+            queue: decode_queue(&repo_for_queue, &key),
         };
         let task = tokio::spawn(job.run());
         Ok(ObjectReader {
@@ -271,9 +275,67 @@ struct Job {
     tx: mpsc::Sender<Result<Bytes>>,
     held: Option<Bytes>,
     info: Arc<Mutex<Option<ObjectInfo>>>,
+    queue: Arc<WorkQueue<QueuedDecode>>,
 }
 
-type DecodeJob = JoinHandle<Result<Bytes>>;
+impl Drop for Job {
+    fn drop(&mut self) {
+        // The reader went away (or finished): frames not yet decoded are not needed.
+        self.queue.clear();
+    }
+}
+
+type DecodeJob = oneshot::Receiver<Result<Bytes>>;
+
+/// A frame waiting for a decode worker loop.
+struct QueuedDecode {
+    fh: FrameHeader,
+    payload: Bytes,
+    index: u64,
+    offset: u64,
+    chain: Arc<HashChain>,
+    result: oneshot::Sender<Result<Bytes>>,
+}
+
+/// The queue an object's frames wait in for decoding, and what a worker loop does with
+/// each: decrypt, decompress, check the length, then hash it in order.
+fn decode_queue(repo: &Arc<RepoInner>, key: &RepoKey) -> Arc<WorkQueue<QueuedDecode>> {
+    let keys = repo.keys.clone();
+    let key = key.clone();
+    WorkQueue::new(move |job: QueuedDecode| {
+        let result = match decode_frame(&job.fh, &job.payload, &keys.identities) {
+            Ok(bytes) => {
+                if job.chain.update(job.index, &bytes) {
+                    Ok(bytes)
+                } else {
+                    Err(StorageError::WriterClosed {
+                        key: key.to_string(),
+                        reason: "read abandoned".into(),
+                    })
+                }
+            }
+            Err(e) => {
+                // A failed frame ends the read: release frames waiting to be hashed.
+                job.chain.abandon();
+                Err(match e {
+                    DecodeError::Decrypt(reason) => StorageError::Decrypt {
+                        key: key.to_string(),
+                        offset: job.offset,
+                        reason,
+                    },
+                    DecodeError::Decompress { expected, actual } => StorageError::corrupt(
+                        &key,
+                        "frame decompression",
+                        format!("{expected} bytes"),
+                        actual,
+                        job.offset,
+                    ),
+                })
+            }
+        };
+        let _ = job.result.send(result);
+    })
+}
 
 impl Job {
     async fn run(mut self) {
@@ -492,59 +554,29 @@ impl Job {
         payload: Bytes,
         index: u64,
     ) -> Result<DecodeJob> {
-        let permit =
-            self.repo
-                .cpu
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|e| StorageError::Encode {
-                    key: self.key.to_string(),
-                    reason: e.to_string(),
-                })?;
-        let keys = self.repo.keys.clone();
-        let chain = self.chain.clone();
-        let key = self.key.clone();
-        let offset = self.offset;
-        Ok(tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let decoded = decode_frame(&fh, &payload, &keys.identities);
-            // Hash even on failure paths? No: a failed frame ends the read; abandon instead.
-            match decoded {
-                Ok(bytes) => {
-                    if !chain.update(index, &bytes) {
-                        return Err(StorageError::WriterClosed {
-                            key: key.to_string(),
-                            reason: "read abandoned".into(),
-                        });
-                    }
-                    Ok(bytes)
-                }
-                Err(e) => {
-                    chain.abandon();
-                    Err(match e {
-                        DecodeError::Decrypt(reason) => StorageError::Decrypt {
-                            key: key.to_string(),
-                            offset,
-                            reason,
-                        },
-                        DecodeError::Decompress { expected, actual } => StorageError::corrupt(
-                            &key,
-                            "frame decompression",
-                            format!("{expected} bytes"),
-                            actual,
-                            offset,
-                        ),
-                    })
-                }
-            }
-        }))
+        let (tx, rx) = oneshot::channel();
+        let job = QueuedDecode {
+            fh,
+            payload,
+            index,
+            offset: self.offset,
+            chain: self.chain.clone(),
+            result: tx,
+        };
+        self.queue
+            .push(job, &self.repo.cpu, self.repo.opts.workers)
+            .await
+            .map_err(|e| StorageError::Encode {
+                key: self.key.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(rx)
     }
 
     async fn join(&mut self, j: DecodeJob) -> Result<Bytes> {
-        j.await.map_err(|e| StorageError::Encode {
+        j.await.map_err(|_| StorageError::Encode {
             key: self.key.to_string(),
-            reason: format!("decode task failed: {e}"),
+            reason: "decode worker ended without a result".into(),
         })?
     }
 }

@@ -22,7 +22,9 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::oneshot;
+
+use crate::workers::WorkQueue;
 
 use crate::backend::Upload;
 use crate::error::{Result, StorageError};
@@ -116,22 +118,19 @@ struct QueuedFrame {
     result: oneshot::Sender<FrameResult>,
 }
 
-/// Frames of one object waiting for a worker loop, and how many loops are running.
-#[derive(Default)]
-struct FrameQueue {
-    state: std::sync::Mutex<QueueState>,
-}
-
-#[derive(Default)]
-struct QueueState {
-    frames: VecDeque<QueuedFrame>,
-    workers: usize,
-}
-
-impl FrameQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// The queue an object's frames wait in, and what a worker loop does with each: hash it
+/// in order (`HashChain`), then compress / encrypt / checksum it.
+fn frame_queue(repo: &Arc<RepoInner>) -> Arc<WorkQueue<(Arc<HashChain>, QueuedFrame)>> {
+    let level = repo.opts.compression_level;
+    let keys = repo.keys.clone();
+    WorkQueue::new(move |(chain, job): (Arc<HashChain>, QueuedFrame)| {
+        let result = if chain.update_pieces(job.index, &job.frame) {
+            encode_frame(&job.frame, level, &keys.recipients)
+        } else {
+            Err("write abandoned".to_string())
+        };
+        let _ = job.result.send(result);
+    })
 }
 
 enum State {
@@ -156,8 +155,8 @@ pub struct ObjectWriter {
     small: BytesMut,
     frames: u64,
     original_len: u64,
-    /// Frames waiting for a worker, shared with the worker loops.
-    queue: Arc<FrameQueue>,
+    /// Frames waiting for a worker loop.
+    queue: Arc<WorkQueue<(Arc<HashChain>, QueuedFrame)>>,
     /// Results in frame order.
     jobs: VecDeque<oneshot::Receiver<FrameResult>>,
     /// Stored bytes not yet handed to an upload (records, zero-copy).
@@ -195,6 +194,7 @@ impl ObjectWriter {
         }
         .encode();
         let part_size = initial_part_size(expected_len, opts.part_size);
+        let repo_for_queue = repo.clone();
         let mut part = Pieces::default();
         part.push(Bytes::from(header.clone()));
         Ok(ObjectWriter {
@@ -211,7 +211,7 @@ impl ObjectWriter {
             small: BytesMut::new(),
             frames: 0,
             original_len: 0,
-            queue: Arc::new(FrameQueue::default()),
+            queue: frame_queue(&repo_for_queue),
             jobs: VecDeque::new(),
             part,
             part_size,
@@ -322,75 +322,22 @@ impl ObjectWriter {
         self.frames += 1;
         let (tx, rx) = oneshot::channel();
         self.jobs.push_back(rx);
-        let need_worker = {
-            let mut q = self.queue.lock();
-            q.frames.push_back(QueuedFrame {
-                index,
-                frame,
-                result: tx,
-            });
-            if q.workers == 0 {
-                // Reserve the first loop now, so no frame is ever left without one.
-                q.workers += 1;
-                Some(true)
-            } else if q.workers < self.repo.opts.workers {
-                Some(false)
-            } else {
-                None
-            }
+        let job = QueuedFrame {
+            index,
+            frame,
+            result: tx,
         };
-        match need_worker {
-            Some(true) => {
-                let permit = self.repo.cpu.clone().acquire_owned().await;
-                match permit {
-                    Ok(p) => self.spawn_worker(p),
-                    Err(e) => {
-                        self.queue.lock().workers -= 1;
-                        return Err(StorageError::Encode {
-                            key: self.key.to_string(),
-                            reason: e.to_string(),
-                        });
-                    }
-                }
-            }
-            Some(false) => {
-                // More parallelism only if a CPU slot is free right now.
-                if let Ok(p) = self.repo.cpu.clone().try_acquire_owned() {
-                    self.queue.lock().workers += 1;
-                    self.spawn_worker(p);
-                }
-            }
-            None => {}
-        }
-        Ok(())
-    }
-
-    fn spawn_worker(&self, permit: OwnedSemaphorePermit) {
-        let queue = self.queue.clone();
-        let chain = self.chain.clone();
-        let level = self.repo.opts.compression_level;
-        let keys = self.repo.keys.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            loop {
-                let next = {
-                    let mut q = queue.lock();
-                    match q.frames.pop_front() {
-                        Some(f) => f,
-                        None => {
-                            q.workers -= 1;
-                            return;
-                        }
-                    }
-                };
-                let result = if chain.update_pieces(next.index, &next.frame) {
-                    encode_frame(&next.frame, level, &keys.recipients)
-                } else {
-                    Err("write abandoned".to_string())
-                };
-                let _ = next.result.send(result);
-            }
-        });
+        self.queue
+            .push(
+                (self.chain.clone(), job),
+                &self.repo.cpu,
+                self.repo.opts.workers,
+            )
+            .await
+            .map_err(|e| StorageError::Encode {
+                key: self.key.to_string(),
+                reason: e.to_string(),
+            })
     }
 
     async fn collect_one(&mut self) -> Result<()> {
@@ -581,7 +528,7 @@ impl ObjectWriter {
     pub async fn abort(mut self) -> Result<()> {
         self.state = State::Done;
         self.chain.abandon();
-        self.queue.lock().frames.clear();
+        self.queue.clear();
         self.jobs.clear();
         self.uploads.clear();
         match self.upload.take() {
@@ -593,7 +540,7 @@ impl ObjectWriter {
     async fn fail(&mut self, e: &StorageError) {
         self.state = State::Failed(e.to_string());
         self.chain.abandon();
-        self.queue.lock().frames.clear();
+        self.queue.clear();
         self.jobs.clear();
         self.uploads.clear();
         if let Some(up) = self.upload.take() {
@@ -607,7 +554,7 @@ impl ObjectWriter {
 impl Drop for ObjectWriter {
     fn drop(&mut self) {
         self.chain.abandon();
-        self.queue.lock().frames.clear();
+        self.queue.clear();
         if let Some(up) = self.upload.take() {
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 let key = self.key.clone();
