@@ -365,6 +365,8 @@ struct Streamer<'a> {
     last_status: Instant,
     last_progress: Instant,
     last_stall_warning: Instant,
+    last_report: Instant,
+    segments_stored: u64,
 }
 
 impl<'a> Streamer<'a> {
@@ -393,6 +395,8 @@ impl<'a> Streamer<'a> {
             last_status: now,
             last_progress: now,
             last_stall_warning: now,
+            last_report: now,
+            segments_stored: 0,
         }
     }
 
@@ -419,6 +423,8 @@ impl<'a> Streamer<'a> {
                     let done = done?;
                     if done.partial {
                         self.partials_in_flight -= 1;
+                    } else {
+                        self.segments_stored += 1;
                     }
                     if done.end > self.flushed {
                         self.flushed = done.end;
@@ -437,6 +443,7 @@ impl<'a> Streamer<'a> {
                         self.send_status(conn, false).await?;
                     }
                     self.warn_if_stalled();
+                    self.report_progress();
                 }
                 _ = &mut shutdown => {
                     tracing::info!("stopping: storing what was received");
@@ -446,6 +453,22 @@ impl<'a> Streamer<'a> {
                     return Ok(Ended::Shutdown);
                 }
             }
+        }
+    }
+
+    /// One line a minute so an operator can see the stream is alive and how far behind.
+    fn report_progress(&mut self) {
+        if self.last_report.elapsed() >= Duration::from_secs(60) {
+            self.last_report = Instant::now();
+            tracing::info!(
+                durable = %self.flushed,
+                received = %self.received,
+                server_end = %self.server_end,
+                behind_bytes = self.server_end.bytes_since(self.flushed).unwrap_or(0),
+                segments_stored = self.segments_stored,
+                timeline = %self.tli,
+                "streaming"
+            );
         }
     }
 
