@@ -9,6 +9,9 @@
 //! * WAL replay: `$SB_BENCH_WAL_MB` (default 1024) of WAL written after the agent's backup,
 //!   restored with `--start`, replayed through `postgres wal-fetch` from SeaweedFS.
 //!
+//! Extra `postgres backup` options for the agent: `$SB_BENCH_AGENT_BACKUP_ARGS` (e.g.
+//! `--compress-level 1`).
+//!
 //! The database is `pgbench -i -s $SB_BENCH_SCALE` (default 150, about 2.2 GiB). Prints MB/s
 //! per tool and the agent's ratios to the peers. The goals: backup ≥ pgBackRest's,
 //! restore ≥ 1.2× pgBackRest's.
@@ -175,6 +178,11 @@ fn main() {
                 "--repo",
                 &repo,
             ])
+            .args(
+                std::env::var("SB_BENCH_AGENT_BACKUP_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .envs(s3.env()),
         "agent backup",
     );

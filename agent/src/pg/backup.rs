@@ -63,12 +63,20 @@ pub struct BackupArgs {
     /// incomplete.
     #[arg(long, default_value_t = 300)]
     wal_timeout_secs: u64,
+    /// zstd level for the data objects: 1 is fastest, 3 (the repository default) a little
+    /// smaller, up to 19 for archives that are written once and kept long.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    compress_level: i32,
 }
 
 /// Runs `postgres backup`.
 pub async fn run(args: BackupArgs) -> Result<ExitCode> {
     let info = ConnInfo::parse(&args.source.source).context("reading --source")?;
-    let repo = Repository::open(&args.repo.repo, RepoOptions::default())
+    let opts = RepoOptions {
+        compression_level: Some(args.compress_level),
+        ..RepoOptions::default()
+    };
+    let repo = Repository::open(&args.repo.repo, opts)
         .with_context(|| format!("opening the repository {}", redact(&args.repo.repo)))?;
     let started = Instant::now();
     let start_time = chrono::Utc::now();
