@@ -79,6 +79,7 @@ struct WalPrefetchArgs {
 #[derive(Debug, Args, Clone)]
 pub struct RepoArgs {
     /// Repository URL: file:///dir, s3://bucket/prefix (AWS_* environment), gs://, az://.
+    /// Encryption comes from SYNCBRIDGE_RECIPIENTS[_FILE] and SYNCBRIDGE_IDENTITY.
     #[arg(long, env = "SYNCBRIDGE_REPO")]
     pub repo: String,
 }
@@ -205,7 +206,8 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
     let source = ConnInfo::parse(&args.source.source).context("reading --source")?;
     let repo_opts = storage::RepoOptions {
         compression_level: Some(args.compression_level),
-        ..storage::RepoOptions::default()
+        ..storage::RepoOptions::from_env()
+            .context("reading SYNCBRIDGE_RECIPIENTS / SYNCBRIDGE_IDENTITY")?
     };
     let repo = storage::Repository::open(&args.repo.repo, repo_opts)
         .with_context(|| format!("opening repository {}", args.repo.repo))?;
@@ -225,7 +227,9 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
 }
 
 async fn wal_fetch(args: WalFetchArgs) -> Result<ExitCode> {
-    let repo = match storage::Repository::open(&args.repo.repo, storage::RepoOptions::default()) {
+    let opened = storage::RepoOptions::from_env()
+        .and_then(|opts| storage::Repository::open(&args.repo.repo, opts));
+    let repo = match opened {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: opening repository {}: {e}", args.repo.repo);
@@ -243,7 +247,7 @@ async fn wal_fetch(args: WalFetchArgs) -> Result<ExitCode> {
 }
 
 async fn wal_prefetch(args: WalPrefetchArgs) -> Result<ExitCode> {
-    let repo = storage::Repository::open(&args.repo.repo, storage::RepoOptions::default())?;
+    let repo = storage::Repository::open(&args.repo.repo, storage::RepoOptions::from_env()?)?;
     let size = WalSegmentSize::new(args.segment_size)?;
     let after = wire::pg::SegmentName::parse(&args.after, size)?;
     super::wal_fetch::prefetch(&repo, &args.spool, after, args.count).await?;
