@@ -1,8 +1,9 @@
 //! `ObjectWriter`: the streaming write pipeline.
 //!
 //! ```text
-//! write(Bytes) ─► cut into frames ─► blocking pool (≤ workers at once, repository-wide):
-//!                                       SHA-256 in frame order (HashChain), zstd, age, CRC32C
+//! write(Bytes) ─► cut into frames ─► ordered queue ─► worker loops on the blocking pool
+//!                 (≤ workers, repository-wide): SHA-256 in frame order (HashChain), zstd,
+//!                 age, CRC32C (see `workers.rs`)
 //!             ◄── results in order ◄──┘
 //!   stored bytes ─► parts of part_size ─► ≤ upload_concurrency part uploads in flight
 //! finish(): last frame, trailer, single PUT (if it all fit in one part) or last part +
