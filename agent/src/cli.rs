@@ -3,7 +3,17 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+/// Where the repository is: one definition for every command that opens one.
+#[derive(Debug, Args, Clone)]
+pub struct RepoArgs {
+    /// Repository URL: file:///dir, s3://bucket/prefix (AWS_* environment), gs://, az://.
+    /// Encryption comes from SYNCBRIDGE_RECIPIENTS[_FILE] (to write) and
+    /// SYNCBRIDGE_IDENTITY (to read).
+    #[arg(long, env = "SYNCBRIDGE_REPO")]
+    pub repo: String,
+}
 
 /// Streaming backup agent for PostgreSQL and Redis/Valkey.
 #[derive(Debug, Parser)]

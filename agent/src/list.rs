@@ -30,7 +30,7 @@ pub fn run(args: ListArgs) -> Result<ExitCode> {
 }
 
 async fn list(args: ListArgs) -> Result<ExitCode> {
-    let repo = Repository::open(&args.repo.repo, RepoOptions::default())
+    let repo = Repository::open(&args.repo.repo, RepoOptions::from_env()?)
         .context("opening the repository")?;
     let Some(marker) = repo.read_marker().await? else {
         bail!("{} is not a SyncBridge repository (no marker)", repo.url());

@@ -74,7 +74,7 @@ pub async fn run(args: BackupArgs) -> Result<ExitCode> {
     let info = ConnInfo::parse(&args.source.source).context("reading --source")?;
     let opts = RepoOptions {
         compression_level: Some(args.compress_level),
-        ..RepoOptions::default()
+        ..RepoOptions::from_env().context("reading SYNCBRIDGE_RECIPIENTS / SYNCBRIDGE_IDENTITY")?
     };
     let repo = Repository::open(&args.repo.repo, opts)
         .with_context(|| format!("opening the repository {}", redact(&args.repo.repo)))?;

@@ -75,14 +75,7 @@ struct WalPrefetchArgs {
     count: usize,
 }
 
-/// Where the repository is.
-#[derive(Debug, Args, Clone)]
-pub struct RepoArgs {
-    /// Repository URL: file:///dir, s3://bucket/prefix (AWS_* environment), gs://, az://.
-    /// Encryption comes from SYNCBRIDGE_RECIPIENTS[_FILE] and SYNCBRIDGE_IDENTITY.
-    #[arg(long, env = "SYNCBRIDGE_REPO")]
-    pub repo: String,
-}
+pub use crate::cli::RepoArgs;
 
 #[derive(Debug, Args)]
 struct StreamArgs {

@@ -85,13 +85,7 @@ impl SourceArgs {
     }
 }
 
-/// Where to store.
-#[derive(Debug, Args, Clone)]
-pub struct RepoArgs {
-    /// The repository: file:///path, s3://bucket/prefix, ...
-    #[arg(long, env = "SYNCBRIDGE_REPO")]
-    pub repo: String,
-}
+pub use crate::cli::RepoArgs;
 
 #[derive(Debug, Args)]
 struct SnapshotArgs {
@@ -208,9 +202,12 @@ pub fn run(args: RedisArgs) -> Result<ExitCode> {
     })
 }
 
+/// Opens the repository with the agent's environment (`SYNCBRIDGE_RECIPIENTS[_FILE]` to
+/// encrypt, `SYNCBRIDGE_IDENTITY` to read an encrypted repository), like every command.
 fn open_repo(url: &str) -> Result<Repository> {
-    Repository::open(url, RepoOptions::default())
-        .with_context(|| format!("opening the repository {}", redact(url)))
+    let opts =
+        RepoOptions::from_env().context("reading SYNCBRIDGE_RECIPIENTS / SYNCBRIDGE_IDENTITY")?;
+    Repository::open(url, opts).with_context(|| format!("opening the repository {}", redact(url)))
 }
 
 async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {

@@ -72,7 +72,7 @@ pub fn run(args: RestoreArgs) -> Result<ExitCode> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         let repo =
-            Repository::open(&args.repo.repo, RepoOptions::default()).with_context(|| {
+            Repository::open(&args.repo.repo, RepoOptions::from_env()?).with_context(|| {
                 format!(
                     "opening the repository {}",
                     args.repo.repo.split('?').next().unwrap_or_default()
