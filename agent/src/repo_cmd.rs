@@ -75,6 +75,14 @@ enum KindArg {
 
 #[derive(Debug, Subcommand)]
 enum RepoCommand {
+    /// Generate an age X25519 identity for an encrypted repository: writes the identity
+    /// (secret: keep it away from the sidecar, give it to restores via SYNCBRIDGE_IDENTITY)
+    /// to FILE with mode 0600 and prints the recipient for SYNCBRIDGE_RECIPIENTS.
+    Keygen {
+        /// Where to write the identity; refused if it exists.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Create the repository marker (kind, format, encryption); prints the existing one
     /// if the repository is already initialised.
     Init {
@@ -124,6 +132,7 @@ pub fn run(args: RepoCmdArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         match args.command {
+            RepoCommand::Keygen { out } => keygen(&out),
             RepoCommand::Init {
                 repo,
                 kind,
@@ -274,4 +283,30 @@ async fn check(repo: &Repository, target: Option<&str>) -> anyhow::Result<ExitCo
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Writes a new identity to `out` (created exclusively, mode 0600) and prints its recipient.
+fn keygen(out: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let id = storage::keys::generate_identity();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("creating {} (it must not exist)", out.display()))?;
+    file.write_all(storage::keys::identity_to_string(&id).as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "identity:  {} (secret; restores read it via SYNCBRIDGE_IDENTITY)",
+        out.display()
+    );
+    println!("recipient: {}", id.to_public());
+    println!(
+        "encrypt with: export SYNCBRIDGE_RECIPIENTS={}",
+        id.to_public()
+    );
+    Ok(ExitCode::SUCCESS)
 }
