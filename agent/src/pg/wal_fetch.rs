@@ -350,3 +350,60 @@ pub async fn prefetch(
     futures::future::join_all(tasks).await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn long_header(seg_size: u32) -> Vec<u8> {
+        let mut v = vec![0u8; 40];
+        v[0..2].copy_from_slice(&0xD116u16.to_le_bytes()); // xlp_magic (PG 17)
+        v[2..4].copy_from_slice(&0x0002u16.to_le_bytes()); // XLP_LONG_HEADER
+        v[32..36].copy_from_slice(&seg_size.to_le_bytes());
+        v[36..40].copy_from_slice(&8192u32.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn segment_size_from_the_long_page_header() {
+        assert_eq!(
+            segment_size_of(&long_header(16 << 20)).unwrap().bytes(),
+            16 << 20
+        );
+        assert_eq!(
+            segment_size_of(&long_header(1 << 30)).unwrap().bytes(),
+            1 << 30
+        );
+        assert!(segment_size_of(&long_header(3 << 20)).is_err());
+        assert!(segment_size_of(&[0u8; 10]).is_err());
+        let mut short_header = long_header(16 << 20);
+        short_header[2] = 0;
+        assert!(segment_size_of(&short_header).is_err(), "not a long header");
+    }
+
+    #[test]
+    fn partials_are_zero_padded() {
+        let size = WalSegmentSize::new(1 << 20).unwrap();
+        let padded = pad_to(Bytes::from_static(b"abc"), size);
+        assert_eq!(padded.len(), 1 << 20);
+        assert_eq!(&padded[..3], b"abc");
+        assert!(padded[3..].iter().all(|&b| b == 0));
+        let full = Bytes::from(vec![1u8; 1 << 20]);
+        assert_eq!(pad_to(full.clone(), size), full);
+    }
+
+    #[test]
+    fn names_restore_command_asks_for() {
+        assert!(matches!(
+            parse_name("00000002.history").unwrap(),
+            WalFileName::History(_)
+        ));
+        assert!(matches!(
+            parse_name("000000010000000100000FFF").unwrap(),
+            WalFileName::Segment(_)
+        ));
+        assert!(parse_name("RECOVERYXLOG").is_err());
+        assert!(parse_name("../../etc/passwd").is_err());
+    }
+}
