@@ -146,6 +146,7 @@ pub async fn write_all(
     progress.finish(done.load(Ordering::Relaxed));
     let pieces = std::mem::take(&mut *written.lock().map_err(|_| anyhow!("lock poisoned"))?);
     verify_files(m, roots, pieces, server_files)?;
+    sync_files(m, roots, jobs).await?;
     Ok(UnpackStats {
         bytes: done.load(Ordering::Relaxed),
         objects: m.chunks.len(),
@@ -230,9 +231,7 @@ async fn restore_chunk(
             chunk.pieces.len()
         );
     }
-    for (_, f) in files {
-        tokio::task::block_in_place(|| f.sync_data()).context("syncing restored files")?;
-    }
+    drop(files);
     written
         .lock()
         .map_err(|_| anyhow!("lock poisoned"))?
@@ -310,6 +309,37 @@ fn verify_files(
                 f.path
             );
         }
+    }
+    Ok(())
+}
+
+/// Makes every restored file durable, `jobs` at a time, once all are written: the kernel
+/// has been writing back in the background meanwhile, so this costs far less than a sync
+/// per object.
+async fn sync_files(m: &BackupManifest, roots: &[PathBuf], jobs: usize) -> Result<()> {
+    let mut paths = Vec::new();
+    for (i, e) in m.entries.iter().enumerate() {
+        if e.kind == EntryKind::File {
+            paths.push(dest_path(m, roots, i as u32)?);
+        }
+    }
+    let per = paths.len().div_ceil(jobs.max(1)).max(1);
+    let mut set = JoinSet::new();
+    for group in paths.chunks(per) {
+        let group = group.to_vec();
+        set.spawn_blocking(move || -> Result<()> {
+            for p in group {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .and_then(|f| f.sync_data())
+                    .with_context(|| format!("syncing {}", p.display()))?;
+            }
+            Ok(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.context("a sync task failed")??;
     }
     Ok(())
 }
