@@ -215,3 +215,36 @@ fn lost_wal_range_is_named_when_the_slot_starts_past_the_repository() {
         "the stream goes on after reporting the gap:\n{log}"
     );
 }
+
+#[test]
+fn agent_started_before_the_server_waits_for_it() {
+    let mut pg = PgCluster::builder(PgVersion::V17)
+        .wal_keep_size_mb(512)
+        .start();
+    pg.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let src = pg.replication_url();
+    let mut agent = AgentProcess::spawn(&stream_args(&src, &url), dir.path().join("a.log"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        agent.exited().is_none(),
+        "gave up while the server was down:\n{}",
+        agent.log_text()
+    );
+    assert!(
+        agent.log_text().contains("reconnecting"),
+        "{}",
+        agent.log_text()
+    );
+    pg.start_again();
+    pg.sql_blocking("CREATE TABLE t(id int)");
+    let seg = pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(
+        wait_until(Duration::from_secs(90), || repo::listing(&url)
+            .0
+            .contains(&seg)),
+        "{}",
+        agent.log_text()
+    );
+}

@@ -102,7 +102,9 @@ pub async fn run(opts: StreamOptions) -> Result<()> {
                 backoff = Duration::from_secs(1);
                 continue;
             }
-            Err(e) if is_fatal(&e) || !started => return Err(e),
+            // Before the first start only "server not reachable" is worth waiting out (the
+            // agent may start before PostgreSQL); a wrong password or a TLS problem is not.
+            Err(e) if is_fatal(&e) || (!started && !is_unreachable(&e)) => return Err(e),
             Err(e) => {
                 if attempt_started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_secs(1);
@@ -119,6 +121,26 @@ pub async fn run(opts: StreamOptions) -> Result<()> {
             }
         }
     }
+}
+
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::*;
+    e.chain().any(|c| {
+        // 57P01..57P03: shutting down, starting up, cannot connect now.
+        c.downcast_ref::<PgServerError>()
+            .is_some_and(|s| s.code.starts_with("57P"))
+            || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    ConnectionRefused
+                        | ConnectionReset
+                        | ConnectionAborted
+                        | NotConnected
+                        | TimedOut
+                        | AddrNotAvailable
+                )
+            })
+    })
 }
 
 fn is_fatal(e: &anyhow::Error) -> bool {
