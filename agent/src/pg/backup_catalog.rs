@@ -174,11 +174,6 @@ impl BackupManifest {
         parse_time(&self.stop_time).with_context(|| format!("backup {}: stop_time", self.id))
     }
 
-    /// Start time.
-    pub fn start_at(&self) -> Result<chrono::DateTime<chrono::Utc>> {
-        parse_time(&self.start_time).with_context(|| format!("backup {}: start_time", self.id))
-    }
-
     /// Writes the manifest (create-new: a backup is completed once).
     pub async fn store(&self, repo: &Repository) -> Result<()> {
         let key = layout::base_backup_manifest(&self.backup_id()?);

@@ -36,11 +36,6 @@ impl Progress {
         }
     }
 
-    /// Sets or corrects the expected total.
-    pub fn set_total(&mut self, total: Option<u64>) {
-        self.total = total;
-    }
-
     /// Reports `done` bytes if it is time to.
     pub fn update(&mut self, done: u64) {
         if self.last.elapsed() < self.interval {
@@ -64,11 +59,6 @@ impl Progress {
             let line = self.line(done);
             let _ = writeln!(std::io::stderr().lock(), "\r\x1b[2K{line}");
         }
-    }
-
-    /// Seconds since the start.
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
     }
 
     fn line(&self, done: u64) -> String {

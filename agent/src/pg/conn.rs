@@ -33,8 +33,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub enum ConnectMode {
     /// `replication=true`: a physical walsender (IDENTIFY_SYSTEM, START_REPLICATION, BASE_BACKUP).
     Physical,
-    /// `replication=database`: walsender that also runs SQL.
-    Database,
     /// A normal backend for SQL.
     Sql,
 }
@@ -270,10 +268,6 @@ impl PgConnection {
         ];
         match mode {
             ConnectMode::Physical => params.push(("replication", "true")),
-            ConnectMode::Database => {
-                params.push(("replication", "database"));
-                params.push(("database", info.dbname.as_str()));
-            }
             ConnectMode::Sql => params.push(("database", info.dbname.as_str())),
         }
         frontend::startup_message(params.iter().copied(), &mut conn.wbuf)

@@ -1,7 +1,5 @@
 //! PostgreSQL: the replication connection, WAL streaming into the repository and
 //! `restore_command` support.
-// Parts of the connection API (CopyOut, SQL mode) serve BASE_BACKUP, which lands next.
-#![allow(dead_code)]
 
 pub mod archive;
 pub mod backup;
