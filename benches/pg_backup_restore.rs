@@ -30,15 +30,7 @@ use syncbridge_tests::process::{chown_to_server_user, run_as_server_user, server
 use syncbridge_tests::S3Server;
 
 fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("syncbridge-agent");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it in this profile (cargo build --release -p syncbridge-agent)",
-        bin.display()
-    );
-    bin
+    syncbridge_tests::agent::binary()
 }
 
 fn run(cmd: &mut Command, what: &str) -> Duration {

@@ -29,15 +29,7 @@ use syncbridge_tests::process::run_as_server_user;
 use syncbridge_tests::s3::S3Server;
 
 fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    let bin = dir.join("syncbridge-agent");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build --release -p syncbridge-agent` first",
-        bin.display()
-    );
-    bin
+    syncbridge_tests::agent::binary()
 }
 
 fn proc_field(pid: u32, key: &str) -> Option<u64> {

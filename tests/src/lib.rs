@@ -36,6 +36,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod paths;
 pub mod pg;
 pub mod process;

@@ -11,18 +11,7 @@ use storage::{layout, ContentKind, PutMode, RepoOptions, Repository};
 use syncbridge_tests::s3::{S3Server, TempRepo};
 
 fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("syncbridge-agent");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build -p syncbridge-agent` (the workspace test run does)",
-        bin.display()
-    );
-    bin
+    syncbridge_tests::agent::binary()
 }
 
 fn agent(args: &[&str], envs: &[(String, String)]) -> Output {

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -20,19 +20,6 @@ use syncbridge_tests::redis::{RedisFlavor, RedisServer, RespConnection};
 const BEFORE: u32 = 20;
 const UP_TO_T: u32 = 40;
 const AFTER_T: u32 = 60;
-
-fn agent_binary() -> PathBuf {
-    let root = syncbridge_tests::paths::repo_root();
-    let bin = std::env::var_os("SYNCBRIDGE_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/debug/syncbridge-agent"));
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p syncbridge-agent`",
-        bin.display()
-    );
-    bin
-}
 
 fn step(text: &str) {
     println!("\n==> {text}");
@@ -120,7 +107,7 @@ fn redis_markers(conn: &mut RespConnection) -> BTreeSet<u32> {
 }
 
 fn main() -> ExitCode {
-    let bin = agent_binary();
+    let bin = syncbridge_tests::agent::binary();
     let demo_dir = syncbridge_tests::paths::repo_root().join("demo-out");
     let _ = std::fs::remove_dir_all(&demo_dir);
     std::fs::create_dir_all(&demo_dir).unwrap();

@@ -8,27 +8,12 @@ use std::process::{Command, Output};
 /// --workspace` (or `cargo build -p syncbridge-agent`), next to the test executable's
 /// `deps/` directory.
 pub fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    let bin = dir.join("syncbridge-agent");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build -p syncbridge-agent` (the workspace test run does)",
-        bin.display()
-    );
-    bin
+    syncbridge_tests::agent::binary()
 }
 
 /// A command for the agent with a clean PostgreSQL environment (no PG* leaking in).
 pub fn agent() -> Command {
-    let mut cmd = Command::new(agent_bin());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PG") || k.starts_with("SYNCBRIDGE_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("SYNCBRIDGE_LOG", "info");
-    cmd
+    syncbridge_tests::agent::command(&["PG", "SYNCBRIDGE_"])
 }
 
 /// Runs the agent, returning its output.

@@ -205,27 +205,12 @@ pub fn dump(server: &RedisServer) -> BTreeMap<String, String> {
 /// The `syncbridge-agent` binary next to the test executable's `deps/` directory (built by
 /// the workspace test run or `cargo build -p syncbridge-agent`).
 pub fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    let bin = dir.join("syncbridge-agent");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build -p syncbridge-agent`",
-        bin.display()
-    );
-    bin
+    syncbridge_tests::agent::binary()
 }
 
-/// The agent with no SYNCBRIDGE_/REDISCLI_ variables leaking in.
+/// The agent with no SYNCBRIDGE_/REDISCLI_/AWS_ variables leaking in.
 pub fn agent() -> Command {
-    let mut cmd = Command::new(agent_bin());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SYNCBRIDGE_") || k.starts_with("REDISCLI_") || k.starts_with("AWS_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("SYNCBRIDGE_LOG", "info");
-    cmd
+    syncbridge_tests::agent::command(&["SYNCBRIDGE_", "REDISCLI_", "AWS_"])
 }
 
 /// Runs the agent to completion.
