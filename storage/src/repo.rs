@@ -31,7 +31,7 @@ pub struct RepoOptions {
     /// Frames compressed / decompressed at once, repository-wide.
     pub workers: usize,
     /// Parts in flight per object. Peak writer memory is about
-    /// `part_size * (upload_concurrency + 1) + frame_size * 2 * workers`.
+    /// `part_size * (upload_concurrency + 1) + frame_size * 4 * workers`.
     pub upload_concurrency: usize,
     /// age recipients every new object is encrypted to (empty: no encryption).
     pub recipients: Vec<age::x25519::Recipient>,
