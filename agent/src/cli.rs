@@ -41,6 +41,19 @@ enum Command {
     List(crate::list::ListArgs),
 }
 
+/// Runs one command's future on a fresh multi-threaded runtime: every sub-command that
+/// talks to a server or a repository starts here.
+pub fn block_on<T>(
+    future: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    use anyhow::Context;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(future)
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {

@@ -22,11 +22,7 @@ pub struct ListArgs {
 
 /// Runs `list`.
 pub fn run(args: ListArgs) -> Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(list(args))
+    crate::cli::block_on(list(args))
 }
 
 async fn list(args: ListArgs) -> Result<ExitCode> {

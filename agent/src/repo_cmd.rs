@@ -129,8 +129,7 @@ enum RepoCommand {
 
 /// Runs `repo …`.
 pub fn run(args: RepoCmdArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(async move {
+    crate::cli::block_on(async move {
         match args.command {
             RepoCommand::Keygen { out } => keygen(&out),
             RepoCommand::Init {

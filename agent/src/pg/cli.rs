@@ -152,11 +152,7 @@ struct CheckArgs {
 
 /// Runs a `postgres` sub-command.
 pub fn run(args: PostgresArgs) -> Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(async move {
+    crate::cli::block_on(async move {
         match args.command {
             PostgresCommand::Check(a) => check(a).await,
             PostgresCommand::Stream(a) => stream(a).await,

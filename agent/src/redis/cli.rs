@@ -187,11 +187,7 @@ struct VerifyRdbArgs {
 
 /// Runs a `redis` sub-command.
 pub fn run(args: RedisArgs) -> Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(async move {
+    crate::cli::block_on(async move {
         match args.command {
             RedisCommand::Snapshot(a) => snapshot_now(a).await,
             RedisCommand::Stream(a) => stream(a).await,
@@ -311,15 +307,33 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
 }
 
 async fn restore(args: RestoreArgs) -> Result<ExitCode> {
-    use super::restore::{describe_time, parse_time, start_hint};
     let repo = open_repo(&args.repo.repo)?;
-    let to_time = args
-        .to_time
-        .as_deref()
+    restore_and_report(
+        &repo,
+        &args.target,
+        args.to_time.as_deref(),
+        args.format,
+        args.start.as_deref(),
+    )
+    .await
+}
+
+/// Restores a Redis repository to `to_time` (RFC 3339 or `@<unix ms>`; latest when absent),
+/// prints what was restored and either how to start a server or, with `start`, starts one.
+/// Shared by `redis restore` and the top-level `restore`.
+pub async fn restore_and_report(
+    repo: &Repository,
+    target: &std::path::Path,
+    to_time: Option<&str>,
+    format: super::restore::RestoreFormat,
+    start: Option<&std::path::Path>,
+) -> Result<ExitCode> {
+    use super::restore::{describe_time, parse_time, start_hint};
+    let to_time = to_time
         .map(parse_time)
         .transpose()
         .context("reading --to-time")?;
-    let done = super::restore::restore(&repo, &args.target, to_time, args.format).await?;
+    let done = super::restore::restore(repo, target, to_time, format).await?;
     println!("generation:   {}", done.generation);
     println!(
         "restored to:  {} (replication offset {})",
@@ -333,14 +347,14 @@ async fn restore(args: RestoreArgs) -> Result<ExitCode> {
         done.commands
     );
     for f in &done.files {
-        println!("wrote:        {}", args.target.join(f).display());
+        println!("wrote:        {}", target.join(f).display());
     }
-    match &args.start {
+    match start {
         None => println!(
             "start it with: {}",
-            start_hint("redis-server", &args.target, args.format)
+            start_hint("redis-server", target, format)
         ),
-        Some(server) => start_server(server, &args.target, args.format).await?,
+        Some(server) => start_server(server, target, format).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -66,11 +66,7 @@ pub struct RestoreArgs {
 
 /// Runs `restore`.
 pub fn run(args: RestoreArgs) -> Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(async move {
+    crate::cli::block_on(async move {
         let repo =
             Repository::open(&args.repo.repo, RepoOptions::from_env()?).with_context(|| {
                 format!(
@@ -98,7 +94,6 @@ pub fn run(args: RestoreArgs) -> Result<ExitCode> {
 /// Redis: the newest generation before the target, replayed to it (`redis restore` does the
 /// same with more options, e.g. `--format`).
 async fn redis(repo: &Repository, args: &RestoreArgs) -> Result<ExitCode> {
-    use crate::redis::restore::{describe_time, parse_time, restore, start_hint, RestoreFormat};
     if args.to_lsn.is_some()
         || args.to_xid.is_some()
         || args.backup.is_some()
@@ -106,22 +101,12 @@ async fn redis(repo: &Repository, args: &RestoreArgs) -> Result<ExitCode> {
     {
         bail!("the repository holds Redis backups: --to-lsn, --to-xid, --backup and --start are PostgreSQL options (see `syncbridge-agent redis restore --help`)");
     }
-    let to_time = args
-        .to_time
-        .as_deref()
-        .map(parse_time)
-        .transpose()
-        .context("reading --to-time")?;
-    let done = restore(repo, &args.target, to_time, RestoreFormat::Aof).await?;
-    println!("generation:   {}", done.generation);
-    println!(
-        "restored to:  {} (replication offset {})",
-        describe_time(done.time_ms),
-        done.offset
-    );
-    println!(
-        "start it with: {}",
-        start_hint("redis-server", &args.target, RestoreFormat::Aof)
-    );
-    Ok(ExitCode::SUCCESS)
+    crate::redis::cli::restore_and_report(
+        repo,
+        &args.target,
+        args.to_time.as_deref(),
+        crate::redis::restore::RestoreFormat::Aof,
+        None,
+    )
+    .await
 }
