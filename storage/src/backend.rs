@@ -502,6 +502,14 @@ pub(crate) fn map_err(key: &RepoKey, op: &'static str, e: object_store::Error) -
                 key: key.to_string(),
             }
         }
+        e if names_untrusted_certificate(&e) => StorageError::Backend {
+            key: key.to_string(),
+            op: "connecting over TLS (the server's certificate is not trusted: give its CA \
+                 with --ca-bundle, AWS_CA_BUNDLE or ?ca_bundle=)",
+            retryable: false,
+            attempts: 1,
+            source: Box::new(e),
+        },
         e => {
             let retryable = match &e {
                 E::Generic { .. } | E::JoinError { .. } => generic_is_transient(&e),
@@ -528,6 +536,19 @@ fn names_missing_bucket(e: &(dyn std::error::Error + 'static)) -> bool {
             || text.contains("ContainerNotFound")
             || text.contains("bucket does not exist")
         {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Whether the TLS handshake failed on the server's certificate (rustls "invalid peer
+/// certificate: UnknownIssuer", a name or date mismatch): trying again cannot help.
+fn names_untrusted_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.to_string().contains("invalid peer certificate") {
             return true;
         }
         cur = err.source();

@@ -43,6 +43,7 @@ pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod s3;
+pub mod tls;
 
 pub use pg::{PgCluster, PgClusterBuilder, PgVersion};
 pub use proxy::{Fault, FaultProxy, FaultRule};

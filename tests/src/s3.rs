@@ -23,6 +23,7 @@ use tempfile::TempDir;
 
 use crate::paths;
 use crate::process::{free_ports, log_tail, server_temp_dir, wait_ready, ServerProcess};
+use crate::tls::{make_server_certs, TestCerts};
 
 /// Region the clients sign for (SeaweedFS accepts any).
 pub const REGION: &str = "us-east-1";
@@ -35,6 +36,9 @@ pub struct S3Server {
     access_key: String,
     secret_key: String,
     process: Option<ServerProcess>,
+    /// HTTPS port and the certificates it serves, when started with
+    /// [`start_with_https`](Self::start_with_https).
+    https: Option<(u16, TestCerts)>,
     // Declared last: removed after the process is gone.
     dir: TempDir,
 }
@@ -42,6 +46,17 @@ pub struct S3Server {
 impl S3Server {
     /// Starts SeaweedFS, waits until S3 accepts writes and creates a fresh bucket.
     pub fn start() -> S3Server {
+        Self::start_inner(false)
+    }
+
+    /// [`start`](Self::start), and the S3 gateway also serves HTTPS (certificate from a
+    /// throwaway CA, [`ca_cert`](Self::ca_cert)) on [`https_endpoint`](Self::https_endpoint):
+    /// for clients that only speak HTTPS (pgBackRest) and for live TLS tests.
+    pub fn start_with_https() -> S3Server {
+        Self::start_inner(true)
+    }
+
+    fn start_inner(with_https: bool) -> S3Server {
         let weed = paths::weed();
         let dir = server_temp_dir("sb-s3-");
         // Credentials unique to this server: a request that reaches another test's SeaweedFS
@@ -59,6 +74,11 @@ impl S3Server {
         .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap_or_else(|e| panic!("mkdir {}: {e}", data.display()));
+        let certs = with_https.then(|| {
+            let d = dir.path().join("tls");
+            std::fs::create_dir(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+            make_server_certs(&d)
+        });
 
         let mut last = String::new();
         for _ in 0..4 {
@@ -68,10 +88,12 @@ impl S3Server {
                 &config,
                 &data,
                 (&access_key, &secret_key),
+                certs.as_ref(),
             ) {
-                Ok((process, s3_port)) => {
+                Ok((process, s3_port, https_port)) => {
                     let server = S3Server {
                         s3_port,
+                        https: https_port.zip(certs.clone()),
                         bucket: format!("sb-{unique}"),
                         access_key,
                         secret_key,
@@ -92,6 +114,33 @@ impl S3Server {
     /// `http://127.0.0.1:PORT`, the S3 endpoint (path-style addressing).
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    /// `https://127.0.0.1:PORT` when started with [`start_with_https`](Self::start_with_https).
+    pub fn https_endpoint(&self) -> Option<String> {
+        self.https
+            .as_ref()
+            .map(|(port, _)| format!("https://127.0.0.1:{port}"))
+    }
+
+    /// The CA certificate (PEM) that signed the HTTPS certificate, if any.
+    pub fn ca_cert(&self) -> Option<&Path> {
+        self.https.as_ref().map(|(_, c)| c.ca.as_path())
+    }
+
+    /// [`env`](Self::env) for the HTTPS endpoint, with `AWS_CA_BUNDLE` naming the CA and
+    /// plain HTTP not allowed; panics unless started with HTTPS.
+    pub fn https_env(&self) -> Vec<(String, String)> {
+        let (Some(endpoint), Some(ca)) = (self.https_endpoint(), self.ca_cert()) else {
+            panic!("S3Server::https_env: start the server with S3Server::start_with_https");
+        };
+        let mut env: Vec<(String, String)> = self
+            .env_with_endpoint(&endpoint)
+            .into_iter()
+            .filter(|(k, _)| k != "AWS_ALLOW_HTTP")
+            .collect();
+        env.push(("AWS_CA_BUNDLE".into(), ca.display().to_string()));
+        env
     }
 
     /// The S3 port on 127.0.0.1.
@@ -280,8 +329,9 @@ fn try_start(
     config: &Path,
     data: &Path,
     keys: (&str, &str),
-) -> Result<(ServerProcess, u16), String> {
-    let ports = free_ports(8);
+    certs: Option<&TestCerts>,
+) -> Result<(ServerProcess, u16, Option<u16>), String> {
+    let ports = free_ports(9);
     let (s3, s3_grpc, master, master_grpc) = (ports[0], ports[1], ports[2], ports[3]);
     let (volume, volume_grpc, filer, filer_grpc) = (ports[4], ports[5], ports[6], ports[7]);
     let mut cmd = Command::new(weed);
@@ -313,6 +363,12 @@ fn try_start(
         ))
         .arg(format!("-s3.localSocket={}", dir.join("s3.sock").display()))
         .current_dir(dir);
+    let https = certs.map(|c| {
+        cmd.arg(format!("-s3.port.https={}", ports[8]))
+            .arg(format!("-s3.cert.file={}", c.server_cert.display()))
+            .arg(format!("-s3.key.file={}", c.server_key.display()));
+        ports[8]
+    });
     let log = dir.join("weed.log");
     let mut process = ServerProcess::spawn("SeaweedFS", cmd, &log);
     let ready = wait_ready(&mut process, Duration::from_secs(60), || {
@@ -321,7 +377,7 @@ fn try_start(
         matches!(signed_request(s3, keys, "GET", "/", b""), Ok((200, _)))
     });
     match ready {
-        Ok(()) => Ok((process, s3)),
+        Ok(()) => Ok((process, s3, https)),
         Err(e) => {
             process.kill_tree();
             Err(e)

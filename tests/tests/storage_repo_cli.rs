@@ -241,6 +241,81 @@ async fn repo_cli_on_seaweedfs() {
     );
 }
 
+/// Live TLS: SeaweedFS serving HTTPS with a certificate from a private CA. With the CA in
+/// `AWS_CA_BUNDLE` (or `?ca_bundle=`) the repository works end to end; without it the
+/// certificate is refused and the error says so.
+#[tokio::test]
+async fn repo_cli_on_seaweedfs_over_https_with_private_ca() {
+    let s3 = S3Server::start_with_https();
+    let url = s3.repo_url("tlstest");
+    let env = s3.https_env();
+    assert!(
+        env.iter()
+            .any(|(k, v)| k == "AWS_ENDPOINT_URL" && v.starts_with("https://")),
+        "{env:?}"
+    );
+    let out = agent(
+        &[
+            "repo",
+            "init",
+            "--repo",
+            &url,
+            "--kind",
+            "redis",
+            "--replication-id",
+            "tls",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = agent(&["repo", "check", "--repo", &url], &env);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The same CA given as a URL option instead of the environment.
+    let ca = s3.ca_cert().unwrap().display().to_string();
+    let no_bundle: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k != "AWS_CA_BUNDLE")
+        .cloned()
+        .collect();
+    let with_query = format!("{url}?ca_bundle={ca}");
+    let out = agent(
+        &["repo", "cat", "--repo", &with_query, "syncbridge-repo"],
+        &no_bundle,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        serde_json_like::parse(&out.stdout)
+            .replication_id
+            .as_deref(),
+        Some("tls")
+    );
+
+    // Without the private CA the server's certificate is not trusted.
+    let mut untrusted = no_bundle.clone();
+    untrusted.push((
+        "AWS_CA_BUNDLE".into(),
+        "/etc/ssl/certs/ca-certificates.crt".into(),
+    ));
+    let out = agent(
+        &["repo", "cat", "--repo", &url, "syncbridge-repo"],
+        &untrusted,
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("certificate is not trusted") && err.contains("AWS_CA_BUNDLE"),
+        "the error should say the TLS certificate was refused and how to fix it: {}",
+        text(&out)
+    );
+    // Permanent: not retried for minutes as if the network were down.
+    assert!(
+        err.contains("permanent") && !err.contains("after 5 attempts"),
+        "{}",
+        text(&out)
+    );
+}
+
 /// Just enough JSON reading for the marker (the tests crate has no serde_json).
 mod serde_json_like {
     pub struct Marker {
