@@ -3,8 +3,11 @@
 //! * the agent: `postgres backup` to SeaweedFS (S3) with `postgres stream` running, then
 //!   `restore` from it;
 //! * pgBackRest (`compress-type=zst`, `process-max=2`): `backup --type=full` and `restore`,
-//!   to a local (posix) repository — pgBackRest speaks S3 only over HTTPS and the test
-//!   SeaweedFS serves plain HTTP, so its repository is on the local disk (which favours it);
+//!   with its repository on the same SeaweedFS;
+//!
+//! pgBackRest speaks S3 only over HTTPS, so SeaweedFS serves HTTPS (a throwaway CA, which
+//! both clients are given) and both tools use that endpoint: same server, same TLS cost.
+//! pgBackRest 2.45 matches only DNS names in certificates, so it is pointed at `localhost`.
 //! * `pg_basebackup -Ft -Z zstd` to a local directory (backup only);
 //! * WAL replay: `$SB_BENCH_WAL_MB` (default 1024) of WAL written after the agent's backup,
 //!   restored with `--start`, replayed through `postgres wal-fetch` from SeaweedFS.
@@ -88,8 +91,17 @@ fn main() {
     let work = server_temp_dir("sb-bench-br-");
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let conf = work.path().join("pgbackrest.conf");
-    let pgbr_repo = work.path().join("pgbr-repo");
-    for d in ["pgbr-repo", "pgbr-lock", "pgbr-log", "pgbr-spool"] {
+    let s3 = S3Server::start_with_https();
+    let s3_env = s3.https_env();
+    let s3_port: u16 = s3
+        .https_endpoint()
+        .and_then(|e| e.rsplit(':').next().and_then(|p| p.parse().ok()))
+        .unwrap();
+    // The CA must be readable by the server user that runs pgBackRest.
+    let ca = work.path().join("s3-ca.crt");
+    std::fs::copy(s3.ca_cert().unwrap(), &ca).unwrap();
+    std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for d in ["pgbr-lock", "pgbr-log", "pgbr-spool"] {
         std::fs::create_dir_all(work.path().join(d)).unwrap();
         chown_to_server_user(&work.path().join(d));
     }
@@ -105,8 +117,12 @@ fn main() {
     std::fs::write(
         &conf,
         format!(
-            "[global]\nrepo1-path={}\ncompress-type=zst\nprocess-max=2\nstart-fast=y\nlock-path={}\nlog-path={}\nspool-path={}\nlog-level-console=warn\nlog-level-file=off\n\n[bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\npg1-user=postgres\n",
-            pgbr_repo.display(),
+            "[global]\nrepo1-type=s3\nrepo1-path=/pgbackrest\nrepo1-s3-bucket={}\nrepo1-s3-endpoint=localhost\nrepo1-storage-port={s3_port}\nrepo1-s3-region={}\nrepo1-s3-key={}\nrepo1-s3-key-secret={}\nrepo1-s3-uri-style=path\nrepo1-storage-ca-file={}\ncompress-type=zst\nprocess-max=2\nstart-fast=y\nlock-path={}\nlog-path={}\nspool-path={}\nlog-level-console=warn\nlog-level-file=off\n\n[bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\npg1-user=postgres\n",
+            s3.bucket(),
+            s3.region(),
+            s3.access_key(),
+            s3.secret_key(),
+            ca.display(),
             work.path().join("pgbr-lock").display(),
             work.path().join("pgbr-log").display(),
             work.path().join("pgbr-spool").display(),
@@ -116,7 +132,9 @@ fn main() {
         ),
     )
     .unwrap();
-    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Holds the S3 secret: readable by the server user only.
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o600)).unwrap();
+    chown_to_server_user(&conf);
     let pgbr = |args: &[&str]| {
         let mut c = Command::new("pgbackrest");
         c.arg(format!("--config={}", conf.display()))
@@ -143,7 +161,6 @@ fn main() {
     );
 
     // The agent, to SeaweedFS.
-    let s3 = S3Server::start();
     let repo = s3.repo_url("bench");
     let agent = agent_bin();
     let mut stream = Command::new(&agent);
@@ -156,7 +173,7 @@ fn main() {
             "--repo",
             &repo,
         ])
-        .envs(s3.env())
+        .envs(s3_env.clone())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(work.path().join("stream.log")).unwrap());
     let mut stream = stream.spawn().unwrap();
@@ -175,11 +192,11 @@ fn main() {
                     .unwrap_or_default()
                     .split_whitespace(),
             )
-            .envs(s3.env()),
+            .envs(s3_env.clone()),
         "agent backup",
     );
 
-    // pgBackRest, local repository.
+    // pgBackRest, to the same SeaweedFS.
     let pgbr_backup = run(&mut pgbr(&["backup", "--type=full"]), "pgbackrest backup");
 
     // pg_basebackup -Ft -Z zstd to a local directory.
@@ -200,7 +217,7 @@ fn main() {
         Command::new(&agent)
             .args(["restore", "--repo", &repo, "--target"])
             .arg(&agent_target)
-            .envs(s3.env()),
+            .envs(s3_env.clone()),
         "agent restore",
     );
     let pgbr_target = work.path().join("restore-pgbr");
@@ -233,7 +250,7 @@ fn main() {
     loop {
         let out = Command::new(&agent)
             .args(["list", "--repo", &repo])
-            .envs(s3.env())
+            .envs(s3_env.clone())
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -269,7 +286,7 @@ fn main() {
             "--start-options=-p {port} -k {} -c listen_addresses=127.0.0.1",
             sock.display()
         ))
-        .envs(s3.env());
+        .envs(s3_env.clone());
     if let Some(o) = &owner {
         replay.args(["--owner", o]);
     }
@@ -299,15 +316,14 @@ fn main() {
         db_bytes as f64 / 1e6
     );
     println!(
-        "backup  agent -> SeaweedFS     {:>8.1} MB/s  ({:.1}s)",
+        "backup  agent -> SeaweedFS      {:>8.1} MB/s  ({:.1}s)",
         mbps(db_bytes, agent_backup),
         agent_backup.as_secs_f64()
     );
     println!(
-        "backup  pgBackRest -> local    {:>8.1} MB/s  ({:.1}s, repo {:.0} MB)",
+        "backup  pgBackRest -> SeaweedFS {:>7.1} MB/s  ({:.1}s)",
         mbps(db_bytes, pgbr_backup),
         pgbr_backup.as_secs_f64(),
-        dir_size(&pgbr_repo) as f64 / 1e6
     );
     println!(
         "backup  pg_basebackup -Z zstd  {:>8.1} MB/s  ({:.1}s, {:.0} MB)",
@@ -316,12 +332,12 @@ fn main() {
         dir_size(&bb_dir) as f64 / 1e6
     );
     println!(
-        "restore agent <- SeaweedFS     {:>8.1} MB/s  ({:.1}s)",
+        "restore agent <- SeaweedFS      {:>8.1} MB/s  ({:.1}s)",
         mbps(db_bytes, agent_restore),
         agent_restore.as_secs_f64()
     );
     println!(
-        "restore pgBackRest <- local    {:>8.1} MB/s  ({:.1}s)",
+        "restore pgBackRest <- SeaweedFS {:>8.1} MB/s  ({:.1}s)",
         mbps(db_bytes, pgbr_restore),
         pgbr_restore.as_secs_f64()
     );

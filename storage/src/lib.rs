@@ -80,7 +80,7 @@ pub use layout::RepoKey;
 pub use marker::{EncryptionInfo, MarkerInit, RepoKind, RepoMarker};
 pub use reader::ObjectReader;
 pub use repo::{ObjectInfo, RepoOptions, Repository, VerifyReport};
-pub use writer::ObjectWriter;
+pub use writer::{EncodedPrefix, ObjectWriter};
 
 /// Whether a write may replace an existing object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,12 +2,13 @@
 //! rule for segments and history files, and what the repository already holds.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use storage::layout::{self, WalObject};
-use storage::{ContentKind, PutMode, RepoKey, Repository, StorageError};
+use storage::{ContentKind, EncodedPrefix, PutMode, RepoKey, Repository, StorageError};
 use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
 /// An error that reconnecting cannot fix: the stream must stop and a human must look.
@@ -36,21 +37,65 @@ fn storage_segment(seg: SegmentName) -> Result<layout::WalSegmentName> {
     layout::WalSegmentName::parse(&seg.to_string()).with_context(|| format!("segment name {seg}"))
 }
 
+/// The encoded frames at the start of the segment being received, shared by its partial
+/// uploads and the final one: each of those objects starts with the same bytes, so only
+/// the bytes after the longest stored prefix are compressed and hashed again.
+#[derive(Clone, Default)]
+pub struct SegmentFrames(Arc<Mutex<Option<EncodedPrefix>>>);
+
+impl SegmentFrames {
+    /// The longest prefix known that is no longer than `len`.
+    fn get(&self, len: u64) -> Option<EncodedPrefix> {
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().filter(|p| p.len() <= len).cloned()
+    }
+
+    /// Keeps `p` if it is longer than what is kept.
+    fn offer(&self, p: EncodedPrefix) {
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.as_ref().is_none_or(|old| old.len() < p.len()) {
+            *guard = Some(p);
+        }
+    }
+}
+
 /// Writes `chunks` as one object without first concatenating them (WAL arrives in pieces of
-/// the receive buffer; copying a 16 MiB segment per upload would be wasted work).
+/// the receive buffer; copying a 16 MiB segment per upload would be wasted work). With
+/// `frames`, the object starts with the frames already encoded for this segment, and
+/// leaves its own for the next upload.
 pub async fn put_chunks(
     repo: &Repository,
     key: &RepoKey,
     kind: ContentKind,
     chunks: &[Bytes],
     mode: PutMode,
+    frames: Option<&SegmentFrames>,
 ) -> Result<(), StorageError> {
     let len = chunks.iter().map(|c| c.len() as u64).sum();
     let mut w = repo.writer_with_len(key, kind, mode, Some(len)).await?;
-    for c in chunks {
-        w.write(c.clone()).await?;
+    let mut skip = 0u64;
+    if let Some(f) = frames {
+        let prefix = f.get(len);
+        w.reuse_prefix(prefix.as_ref()).await?;
+        skip = prefix.map_or(0, |p| p.len());
     }
-    w.finish().await.map(|_| ())
+    for c in chunks {
+        let n = c.len() as u64;
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        w.write(c.slice(skip as usize..)).await?;
+        skip = 0;
+    }
+    match frames {
+        Some(f) => {
+            let (_, prefix) = w.finish_with_prefix().await?;
+            f.offer(prefix);
+            Ok(())
+        }
+        None => w.finish().await.map(|_| ()),
+    }
 }
 
 /// Stores an object that must never change once written (a complete segment or a history
@@ -61,8 +106,9 @@ pub async fn put_immutable(
     key: &RepoKey,
     kind: ContentKind,
     chunks: &[Bytes],
+    frames: Option<&SegmentFrames>,
 ) -> Result<()> {
-    match put_chunks(repo, key, kind, chunks, PutMode::CreateNew).await {
+    match put_chunks(repo, key, kind, chunks, PutMode::CreateNew, frames).await {
         Ok(()) => Ok(()),
         Err(StorageError::AlreadyExists { .. }) => {
             // Hashed only here: the storage pipeline already hashes every write once.

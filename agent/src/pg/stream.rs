@@ -30,7 +30,7 @@ use wire::pg::{
 };
 
 use super::archive::{
-    history_key, partial_key, put_chunks, put_immutable, segment_key, Fatal, RepoWal,
+    history_key, partial_key, put_chunks, put_immutable, segment_key, Fatal, RepoWal, SegmentFrames,
 };
 use super::conn::{ConnectMode, CopyMessage, PgConnection, PgServerError};
 use super::conninfo::ConnInfo;
@@ -77,6 +77,8 @@ struct OpenSegment {
     /// or a newer partial is stored.
     /// (end offset, key): a partial may only be removed once one at least as long is stored.
     stale_partials: Vec<(u32, RepoKey)>,
+    /// Frames already encoded for this segment's beginning (by its partial uploads).
+    frames: SegmentFrames,
 }
 
 /// How one connection's stream ended.
@@ -294,6 +296,7 @@ async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> 
                     &history_key(tli)?,
                     ContentKind::TimelineHistory,
                     std::slice::from_ref(&file.content),
+                    None,
                 )
                 .await?;
             }
@@ -554,6 +557,7 @@ impl<'a> Streamer<'a> {
                     len: 0,
                     shipped: 0,
                     stale_partials: self.stale.remove(&segno).unwrap_or_default(),
+                    frames: SegmentFrames::default(),
                 });
                 self.open.as_mut().context("segment just opened")?
             }
@@ -585,12 +589,13 @@ impl<'a> Streamer<'a> {
         let end = seg.name.end_lsn();
         let repo = self.opts.repo.clone();
         let chunks = seg.chunks;
+        let frames = seg.frames;
         // The complete segment supersedes every partial of it.
         let cleanup: Vec<RepoKey> = seg.stale_partials.into_iter().map(|(_, k)| k).collect();
         let (prev, done) = self.chain();
         self.uploads.push_back(Box::pin(async move {
             retrying(&key, || {
-                put_immutable(&repo, &key, ContentKind::WalSegment, &chunks)
+                put_immutable(&repo, &key, ContentKind::WalSegment, &chunks, Some(&frames))
             })
             .await?;
             if let Some(p) = prev {
@@ -632,6 +637,7 @@ impl<'a> Streamer<'a> {
         )?;
         let end = Lsn(open.name.start_lsn().0 + end_offset as u64);
         let chunks = open.chunks.clone();
+        let frames = open.frames.clone();
         // Only partials no longer than this one become garbage: after a restart the stream
         // re-sends the segment from its start, and a longer partial stored before the restart
         // must stay until it is superseded (it holds acknowledged WAL).
@@ -653,6 +659,7 @@ impl<'a> Streamer<'a> {
                     ContentKind::WalPartial,
                     &chunks,
                     PutMode::Overwrite,
+                    Some(&frames),
                 )
                 .await
                 .map_err(anyhow::Error::new)
