@@ -5,14 +5,17 @@
 //! * `syncbridge-agent postgres stream` to SeaweedFS (S3),
 //! * `pg_receivewal` to a local directory, uncompressed (status every second, `-s 1`, so its
 //!   reported position is as fresh as the agent's),
-//! * `pg_receivewal --compress=lz4` (PG 15 offers gzip and lz4) to a local directory.
+//! * `pg_receivewal --compress=gzip` (the method a bare `--compress=N` gives, and the only
+//!   one before PostgreSQL 15) and `--compress=lz4` (new in 15, the cheapest) to local
+//!   directories.
 //!
 //! A write load (`INSERT … generate_series`, `SB_BENCH_PG_WAL_MB` MiB of WAL, default 512)
 //! runs while `pg_stat_replication.flush_lag` of every receiver is sampled every 200 ms.
 //! Reported per receiver: WAL MiB/s sustained (load start until its flush position reached
 //! the end of WAL), lag at the end (seconds after the load until caught up), flush-lag
 //! p50/p99 during the load, CPU seconds per GiB of WAL (utime+stime from /proc), peak RSS
-//! (VmHWM); and the agent-to-pg_receivewal ratios. Goals: keeps up; lag p99 < 1 s in the
+//! (VmHWM), bytes stored (file:// and local directories); and the agent-to-pg_receivewal
+//! ratios. Goals: keeps up; lag p99 < 1 s in the
 //! default mode; CPU/GiB ≤ `pg_receivewal --compress`; RSS < 100 MiB.
 //!
 //! Run: `cargo build --release -p syncbridge-agent && cargo bench -p syncbridge-tests --bench
@@ -61,6 +64,25 @@ struct Receiver {
     caught_up: Option<Duration>,
     cpu: f64,
     rss_kib: u64,
+    /// Where it stores WAL on the local disk, if it does.
+    dir: Option<PathBuf>,
+}
+
+fn dir_size(p: &std::path::Path) -> u64 {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            n += if m.is_dir() {
+                dir_size(&e.path())
+            } else {
+                m.len()
+            };
+        }
+    }
+    n
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -122,10 +144,14 @@ fn main() {
             caught_up: None,
             cpu: 0.0,
             rss_kib: 0,
+            dir: repo
+                .strip_prefix("file://")
+                .map(|p| PathBuf::from(p).join("postgres/wal")),
         });
     }
     for (name, app, compress) in [
         ("pg_receivewal", "rw_plain", None),
+        ("pg_receivewal --compress=gzip", "rw_gzip", Some("gzip")),
         ("pg_receivewal --compress=lz4", "rw_lz4", Some("lz4")),
     ] {
         let dir = pg.temp_dir().join(app);
@@ -154,6 +180,7 @@ fn main() {
             caught_up: None,
             cpu: 0.0,
             rss_kib: 0,
+            dir: Some(dir),
         });
     }
     // Everyone connected?
@@ -252,8 +279,8 @@ fn main() {
         wal_bytes as f64 / 1048576.0 / load_time.as_secs_f64()
     );
     println!(
-        "{:<30} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9}",
-        "receiver", "MiB/s", "end lag s", "p50 ms", "p99 ms", "CPU s/GiB", "RSS MiB"
+        "{:<30} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9} {:>11}",
+        "receiver", "MiB/s", "end lag s", "p50 ms", "p99 ms", "CPU s/GiB", "RSS MiB", "stored MiB"
     );
     let mut results = BTreeMap::new();
     for rc in receivers.iter_mut() {
@@ -268,21 +295,26 @@ fn main() {
         let p99 = percentile(&mut rc.lags_ms, 0.99);
         let cpu = rc.cpu / gib;
         println!(
-            "{:<30} {:>9.1} {:>10.2} {:>10.0} {:>10.0} {:>10.2} {:>9.1}",
+            "{:<30} {:>9.1} {:>10.2} {:>10.0} {:>10.0} {:>10.2} {:>9.1} {:>11}",
             rc.name,
             rate,
             end_lag,
             p50,
             p99,
             cpu,
-            rc.rss_kib as f64 / 1024.0
+            rc.rss_kib as f64 / 1024.0,
+            rc.dir
+                .as_deref()
+                .map(|d| format!("{:.1}", dir_size(d) as f64 / 1048576.0))
+                .unwrap_or_else(|| "-".into())
         );
         results.insert(rc.app, (rate, cpu, p99));
     }
     let (rw_rate, _, _) = results["rw_plain"];
     let (_, rw_lz4_cpu, _) = results["rw_lz4"];
+    let (_, rw_gzip_cpu, _) = results["rw_gzip"];
     for app in ["sb_file", "sb_s3"] {
         let (rate, cpu, _) = results[app];
-        println!("{app}: throughput ratio vs pg_receivewal {:.2}, CPU ratio vs pg_receivewal --compress {:.2}", rate / rw_rate, cpu / rw_lz4_cpu);
+        println!("{app}: throughput ratio vs pg_receivewal {:.2}; CPU ratio vs pg_receivewal --compress=gzip {:.2}, vs --compress=lz4 {:.2}", rate / rw_rate, cpu / rw_gzip_cpu, cpu / rw_lz4_cpu);
     }
 }
