@@ -15,6 +15,9 @@
 //! Extra `postgres backup` options for the agent: `$SB_BENCH_AGENT_BACKUP_ARGS` (e.g.
 //! `--compress-level 1`).
 //!
+//! Backups and restores run `$SB_BENCH_RUNS` times (default 3), the tools alternating, and
+//! the median counts; `sync` runs before each so no tool pays for another's writeback.
+//!
 //! The database is `pgbench -i -s $SB_BENCH_SCALE` (default 150, about 2.2 GiB). Prints MB/s
 //! per tool and the agent's ratios to the peers. The goals: backup ≥ pgBackRest's,
 //! restore ≥ 1.2× pgBackRest's.
@@ -177,30 +180,49 @@ fn main() {
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(work.path().join("stream.log")).unwrap());
     let mut stream = stream.spawn().unwrap();
-    let agent_backup = run(
-        Command::new(&agent)
-            .args([
-                "postgres",
-                "backup",
-                "--source",
-                &pg.replication_url(),
-                "--repo",
-                &repo,
-            ])
-            .args(
-                std::env::var("SB_BENCH_AGENT_BACKUP_ARGS")
-                    .unwrap_or_default()
-                    .split_whitespace(),
-            )
-            .envs(s3_env.clone()),
-        "agent backup",
-    );
-
-    // pgBackRest, to the same SeaweedFS.
-    let pgbr_backup = run(&mut pgbr(&["backup", "--type=full"]), "pgbackrest backup");
+    let runs: usize = std::env::var("SB_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    // Each tool runs `runs` times, alternating, and the median counts: this machine's
+    // speed swings between minutes. Dirty pages are flushed before every timed step so
+    // no tool pays for the previous one's writeback.
+    let flush = || {
+        let _ = Command::new("sync").status();
+    };
+    let (mut agent_backups, mut pgbr_backups) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        flush();
+        agent_backups.push(run(
+            Command::new(&agent)
+                .args([
+                    "postgres",
+                    "backup",
+                    "--source",
+                    &pg.replication_url(),
+                    "--repo",
+                    &repo,
+                ])
+                .args(
+                    std::env::var("SB_BENCH_AGENT_BACKUP_ARGS")
+                        .unwrap_or_default()
+                        .split_whitespace(),
+                )
+                .envs(s3_env.clone()),
+            "agent backup",
+        ));
+        // pgBackRest, to the same SeaweedFS.
+        flush();
+        pgbr_backups.push(run(
+            &mut pgbr(&["backup", "--type=full"]),
+            "pgbackrest backup",
+        ));
+    }
 
     // pg_basebackup -Ft -Z zstd to a local directory.
     let bb_dir = work.path().join("basebackup");
+    flush();
     let bb = run(
         Command::new(pg.client_binary("pg_basebackup"))
             .arg("-d")
@@ -211,26 +233,53 @@ fn main() {
         "pg_basebackup",
     );
 
-    // Restores.
-    let agent_target = work.path().join("restore-agent");
-    let agent_restore = run(
-        Command::new(&agent)
-            .args(["restore", "--repo", &repo, "--target"])
-            .arg(&agent_target)
-            .envs(s3_env.clone()),
-        "agent restore",
+    // Restores (of the newest backup each), into fresh directories removed afterwards.
+    let (mut agent_restores, mut pgbr_restores) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let agent_target = work.path().join(format!("restore-agent-{i}"));
+        flush();
+        agent_restores.push(run(
+            Command::new(&agent)
+                .args(["restore", "--repo", &repo, "--target"])
+                .arg(&agent_target)
+                .envs(s3_env.clone()),
+            "agent restore",
+        ));
+        let _ = std::fs::remove_dir_all(&agent_target);
+        let pgbr_target = work.path().join(format!("restore-pgbr-{i}"));
+        std::fs::create_dir_all(&pgbr_target).unwrap();
+        chown_to_server_user(&pgbr_target);
+        flush();
+        pgbr_restores.push(run(
+            &mut pgbr(&[
+                "restore",
+                &format!("--pg1-path={}", pgbr_target.display()),
+                "--type=immediate",
+            ]),
+            "pgbackrest restore",
+        ));
+        let _ = std::fs::remove_dir_all(&pgbr_target);
+    }
+    let median = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let all = |v: &[Duration]| {
+        v.iter()
+            .map(|d| format!("{:.1}", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!(
+        "runs (s): agent backup [{}], pgBackRest backup [{}], agent restore [{}], pgBackRest restore [{}]",
+        all(&agent_backups),
+        all(&pgbr_backups),
+        all(&agent_restores),
+        all(&pgbr_restores)
     );
-    let pgbr_target = work.path().join("restore-pgbr");
-    std::fs::create_dir_all(&pgbr_target).unwrap();
-    chown_to_server_user(&pgbr_target);
-    let pgbr_restore = run(
-        &mut pgbr(&[
-            "restore",
-            &format!("--pg1-path={}", pgbr_target.display()),
-            "--type=immediate",
-        ]),
-        "pgbackrest restore",
-    );
+    let (agent_backup, pgbr_backup) = (median(&agent_backups), median(&pgbr_backups));
+    let (agent_restore, pgbr_restore) = (median(&agent_restores), median(&pgbr_restores));
 
     // WAL replay through wal-fetch: about $SB_BENCH_WAL_MB of WAL after the agent's backup,
     // then a restore of the latest point started by the agent (`--start`), which reports
@@ -312,7 +361,7 @@ fn main() {
     let _ = stream.wait();
 
     println!(
-        "database size                 {:>8.0} MB",
+        "database size                 {:>8.0} MB  (median of {runs} alternating runs per tool)",
         db_bytes as f64 / 1e6
     );
     println!(

@@ -642,13 +642,39 @@ fn blocking<T: Send + 'static>(
     }
 }
 
+/// What marks a temporary file in its name (`.<name>.sbtmp-<random>`).
+const TMP_MARK: &str = ".sbtmp-";
+
+/// A temporary file not written to for this long was left by a writer that was killed
+/// (a live writer appends every part as it goes, and fsyncs and renames at the end).
+pub(crate) const ABANDONED_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// Removes a temporary file a killed writer left behind, once it is clearly abandoned,
+/// so kill -9 leaves no garbage that grows forever. Listing calls this as it passes.
+fn remove_if_abandoned(path: &FsPath) {
+    let age = std::fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok());
+    if age.is_some_and(|a| a >= ABANDONED_TEMP_AGE) {
+        match std::fs::remove_file(path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed a temporary file left by an interrupted write")
+            }
+            Err(e) => {
+                tracing::debug!(path = %path.display(), "could not remove an abandoned temporary file: {e}")
+            }
+        }
+    }
+}
+
 fn tmp_name(dest: &FsPath) -> PathBuf {
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let r: u64 = rand::thread_rng().gen();
-    dest.with_file_name(format!(".{name}.sbtmp-{r:016x}"))
+    dest.with_file_name(format!(".{name}{TMP_MARK}{r:016x}"))
 }
 
 fn fsync_dir(key: &RepoKey, dir: &FsPath) -> Result<()> {
@@ -877,7 +903,12 @@ impl LocalBackend {
                     for entry in rd {
                         let entry = entry.map_err(|e| StorageError::io(&k, "list", &p, e))?;
                         // Temporary files (and anything else hidden) are not objects.
-                        if entry.file_name().to_string_lossy().starts_with('.') {
+                        let name = entry.file_name();
+                        let name = name.to_string_lossy();
+                        if name.starts_with('.') {
+                            if name.contains(TMP_MARK) {
+                                remove_if_abandoned(&entry.path());
+                            }
                             continue;
                         }
                         stack.push(entry.path());

@@ -365,7 +365,10 @@ impl Repository {
         })
     }
 
-    /// Every object under `prefix` (use `RepoKey::root()` for all), sorted by key.
+    /// Every object under `prefix` (use `RepoKey::root()` for all), sorted by key. On a
+    /// local directory this also removes temporary files of writes killed mid-way (not
+    /// written to for 6 hours); on S3 an interrupted multipart upload is invisible and is
+    /// cleaned by the bucket's `AbortIncompleteMultipartUpload` lifecycle rule.
     pub async fn list(&self, prefix: &RepoKey) -> Result<Vec<ObjectMeta>> {
         let b = &self.inner.backend;
         self.inner.opts.retry.run(|_| b.list(prefix)).await
