@@ -89,18 +89,12 @@ fn make_certs(dir: &Path) {
     }
 }
 
-fn check(url: &str) -> std::process::Output {
-    run_agent(&["postgres", "check", "--source", url])
-}
-
-#[test]
-fn tls_sslmodes_hostname_and_client_certificates() {
-    let pg = PgCluster::start(PgVersion::V17);
-    let certs = tempfile::tempdir().unwrap();
-    make_certs(certs.path());
+/// Makes a CA, server and client certificates in `certs` and turns TLS on in `pg`.
+fn enable_ssl(pg: &PgCluster, certs: &Path) {
+    make_certs(certs);
     for f in ["server.crt", "server.key", "ca.crt"] {
         let dest = pg.data_dir().join(f);
-        std::fs::copy(certs.path().join(f), &dest).unwrap();
+        std::fs::copy(certs.join(f), &dest).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o600)).unwrap();
         chown_to_server_user(&dest);
@@ -109,6 +103,17 @@ fn tls_sslmodes_hostname_and_client_certificates() {
     pg.sql_blocking("ALTER SYSTEM SET ssl_cert_file = 'server.crt'");
     pg.sql_blocking("ALTER SYSTEM SET ssl_key_file = 'server.key'");
     pg.sql_blocking("ALTER SYSTEM SET ssl_ca_file = 'ca.crt'");
+}
+
+fn check(url: &str) -> std::process::Output {
+    run_agent(&["postgres", "check", "--source", url])
+}
+
+#[test]
+fn tls_sslmodes_hostname_and_client_certificates() {
+    let pg = PgCluster::start(PgVersion::V17);
+    let certs = tempfile::tempdir().unwrap();
+    enable_ssl(&pg, certs.path());
     // Replication connections without TLS are rejected, so every success below was TLS.
     let hba = pg.data_dir().join("pg_hba.conf");
     let old = std::fs::read_to_string(&hba).unwrap();
@@ -231,4 +236,72 @@ fn tls_sslmodes_hostname_and_client_certificates() {
         ),
     ));
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// SCRAM channel binding (`tls-server-end-point`): used by default over TLS, demanded by
+/// `channel_binding=require` (the server checks our hash of its certificate, so a success
+/// proves the hash is right), turned off by `disable`; `require` refuses a connection
+/// without TLS and a login that skips SCRAM.
+#[test]
+fn scram_channel_binding() {
+    let pg = PgCluster::start(PgVersion::V17);
+    let certs = tempfile::tempdir().unwrap();
+    enable_ssl(&pg, certs.path());
+    pg.sql_blocking("SELECT pg_reload_conf()");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let port = pg.port();
+    let base = |extra: &str| {
+        format!("host=127.0.0.1 port={port} user=replicator password={REPLICATION_PASSWORD} dbname=postgres {extra}")
+    };
+    let stdout = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).to_string();
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).to_string();
+
+    for extra in ["sslmode=require", "sslmode=require channel_binding=require"] {
+        let out = check(&base(extra));
+        assert!(out.status.success(), "{extra}: {}", text(&out));
+        assert!(
+            stdout(&out).contains("SCRAM channel binding (tls-server-end-point)"),
+            "{extra}: {}",
+            text(&out)
+        );
+    }
+    let out = check(&base("sslmode=require channel_binding=disable"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stdout(&out).contains("login not channel-bound"),
+        "{}",
+        text(&out)
+    );
+
+    let out = check(&base("sslmode=disable channel_binding=require"));
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("channel_binding=require") && stderr(&out).contains("not TLS"),
+        "{}",
+        text(&out)
+    );
+
+    // A server that lets the role in without SCRAM cannot prove it holds the certificate.
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("hostssl replication replicator 127.0.0.1/32 trust\n{old}"),
+    )
+    .unwrap();
+    pg.sql_blocking("SELECT pg_reload_conf()");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = check(&base("sslmode=require channel_binding=require"));
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("without SCRAM channel binding"),
+        "{}",
+        text(&out)
+    );
+    let out = check(&base("sslmode=require"));
+    assert!(
+        out.status.success(),
+        "prefer still connects: {}",
+        text(&out)
+    );
 }

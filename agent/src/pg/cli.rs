@@ -138,8 +138,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Where to connect.
 #[derive(Debug, Args, Clone)]
 pub struct SourceArgs {
-    /// libpq connection URL or keyword string; PGHOST, PGPORT, PGUSER, PGPASSWORD,
-    /// PGPASSFILE, PGSSLMODE, PGAPPNAME… fill what it leaves out.
+    /// libpq connection URL or keyword string (sslmode, sslrootcert, sslcert, sslkey,
+    /// channel_binding, passfile, connect_timeout as in libpq); PGHOST, PGPORT, PGUSER,
+    /// PGPASSWORD, PGPASSFILE, PGSSLMODE, PGCHANNELBINDING, PGAPPNAME… fill what it leaves
+    /// out.
     #[arg(long, env = "SYNCBRIDGE_PG_SOURCE", default_value = "")]
     pub source: String,
 }
@@ -179,6 +181,7 @@ async fn check(args: CheckArgs) -> Result<ExitCode> {
         .single_text()?;
     let seg_size = WalSegmentSize::from_setting(&seg_text)?;
     println!("server:            {}", conn.endpoint());
+    println!("security:          {}", conn.security());
     println!(
         "server_version:    {}",
         conn.parameter("server_version").unwrap_or("?")

@@ -14,13 +14,16 @@ use std::fmt;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::backend::{ErrorFields, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixStream};
 
-use super::conninfo::{ConnInfo, Host, SslMode};
+use super::channel_binding;
+use super::conninfo::{ChannelBinding as ChannelBindingPolicy, ConnInfo, Host, SslMode};
 use super::tls;
 use wire::pg::frame::{next_frame, DEFAULT_MAX_FRAME_BODY};
 
@@ -172,6 +175,12 @@ pub struct PgConnection {
     params: HashMap<String, String>,
     user: String,
     endpoint: String,
+    /// Whether the connection is TLS.
+    tls: bool,
+    /// `tls-server-end-point` data of the server's certificate (TLS only, when computable).
+    end_point: Option<Vec<u8>>,
+    /// Whether the login was bound to this TLS connection (SCRAM-SHA-256-PLUS).
+    bound: bool,
 }
 
 impl fmt::Debug for PgConnection {
@@ -206,6 +215,8 @@ impl PgConnection {
         default_app_name: &str,
     ) -> Result<PgConnection> {
         let endpoint = info.describe();
+        let mut tls_on = false;
+        let mut end_point = None;
         let stream: Box<dyn Io> = match &info.host {
             Host::Socket(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{}", info.port));
@@ -238,6 +249,13 @@ impl PgConnection {
                                     .connect(tls::server_name(host)?, tcp)
                                     .await
                                     .with_context(|| format!("TLS handshake with {endpoint} (sslmode={:?})", info.sslmode))?;
+                                tls_on = true;
+                                end_point = tls
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .and_then(|c| channel_binding::tls_server_end_point(c));
                                 Box::new(tls)
                             }
                             b'N' if info.sslmode == SslMode::Prefer => Box::new(tcp),
@@ -257,6 +275,9 @@ impl PgConnection {
             params: HashMap::new(),
             user: info.user.clone(),
             endpoint,
+            tls: tls_on,
+            end_point,
+            bound: false,
         };
         let app = info
             .application_name
@@ -283,10 +304,28 @@ impl PgConnection {
                 format!("{} asks for a password for role {:?} and none was given: set it in the connection string, PGPASSWORD or ~/.pgpass", info.describe(), info.user)
             })
         };
+        let require_binding = info.channel_binding == ChannelBindingPolicy::Require;
+        let unbound = |what: &str| {
+            anyhow!(
+                "{}: channel_binding=require, but the server {what}: connect over TLS (sslmode=require or stricter) to a role that logs in with scram-sha-256, or relax channel_binding",
+                info.describe()
+            )
+        };
         let mut scram: Option<ScramSha256> = None;
         loop {
             match self.recv().await? {
-                Backend::Other(Message::AuthenticationOk) => break,
+                Backend::Other(Message::AuthenticationOk) => {
+                    if require_binding && !self.bound {
+                        return Err(unbound("accepted the login without SCRAM channel binding"));
+                    }
+                    break;
+                }
+                Backend::Other(Message::AuthenticationCleartextPassword) if require_binding => {
+                    return Err(unbound("asks for a plain password"));
+                }
+                Backend::Other(Message::AuthenticationMd5Password(_)) if require_binding => {
+                    return Err(unbound("asks for an MD5 password"));
+                }
                 Backend::Other(Message::AuthenticationCleartextPassword) => {
                     let pw = need_password()?;
                     frontend::password_message(pw.as_bytes(), &mut self.wbuf)?;
@@ -304,19 +343,48 @@ impl PgConnection {
                 }
                 Backend::Other(Message::AuthenticationSasl(body)) => {
                     let mut mechanisms = body.mechanisms();
-                    let mut has_scram = false;
+                    let (mut has_scram, mut has_plus) = (false, false);
                     while let Some(m) = mechanisms.next()? {
                         has_scram |= m == SCRAM_SHA_256;
+                        has_plus |= m == SCRAM_SHA_256_PLUS;
                     }
-                    if !has_scram {
+                    let want_binding = info.channel_binding != ChannelBindingPolicy::Disable;
+                    let binding = match (&self.end_point, want_binding && has_plus) {
+                        (Some(hash), true) => Some(hash.clone()),
+                        _ => None,
+                    };
+                    if require_binding && binding.is_none() {
+                        return Err(unbound(if !self.tls {
+                            "connection is not TLS"
+                        } else if !has_plus {
+                            "does not offer SCRAM-SHA-256-PLUS"
+                        } else {
+                            "certificate's signature algorithm names no hash for tls-server-end-point"
+                        }));
+                    }
+                    if binding.is_none() && !has_scram {
                         bail!(
                             "{} offers no SASL mechanism we support (need SCRAM-SHA-256)",
                             self.endpoint
                         );
                     }
                     let pw = need_password()?;
-                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
+                    // RFC 5802 gs2 flag: "p" binds; "y" says we could have bound but the
+                    // server did not offer it (a server that did offer it then detects a
+                    // downgrade); "n" says we cannot.
+                    let (mechanism, cb) = match binding {
+                        Some(hash) => (
+                            SCRAM_SHA_256_PLUS,
+                            ChannelBinding::tls_server_end_point(hash),
+                        ),
+                        None if want_binding && self.end_point.is_some() && !has_plus => {
+                            (SCRAM_SHA_256, ChannelBinding::unrequested())
+                        }
+                        None => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                    };
+                    self.bound = mechanism == SCRAM_SHA_256_PLUS;
+                    let s = ScramSha256::new(pw.as_bytes(), cb);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.wbuf)?;
                     self.flush().await?;
                     scram = Some(s);
                 }
@@ -388,6 +456,16 @@ impl PgConnection {
             .next()
             .and_then(|m| m.parse().ok())
             .with_context(|| format!("cannot read server_version {v:?}"))
+    }
+
+    /// How the connection is protected, for `postgres check`: TLS or not, and whether the
+    /// login was bound to the TLS connection.
+    pub fn security(&self) -> &'static str {
+        match (self.tls, self.bound) {
+            (false, _) => "no TLS",
+            (true, false) => "TLS, login not channel-bound",
+            (true, true) => "TLS, SCRAM channel binding (tls-server-end-point)",
+        }
     }
 
     /// `host:port` of the server, for messages.

@@ -39,6 +39,32 @@ impl SslMode {
     }
 }
 
+/// libpq's `channel_binding`: whether SCRAM must bind the login to the TLS connection
+/// (SCRAM-SHA-256-PLUS, `tls-server-end-point`), which stops a man in the middle that
+/// terminates TLS with a certificate the client was not set up to verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// Never bind.
+    Disable,
+    /// Bind when the connection is TLS and the server offers it (libpq's default).
+    Prefer,
+    /// Bind or refuse to connect (also refuses logins without SCRAM).
+    Require,
+}
+
+impl ChannelBinding {
+    fn parse(v: &str) -> Result<ChannelBinding> {
+        Ok(match v {
+            "disable" => ChannelBinding::Disable,
+            "prefer" => ChannelBinding::Prefer,
+            "require" => ChannelBinding::Require,
+            other => {
+                bail!("invalid channel_binding {other:?}: expected disable, prefer or require")
+            }
+        })
+    }
+}
+
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Host {
@@ -73,6 +99,8 @@ pub struct ConnInfo {
     pub sslkey: Option<PathBuf>,
     /// Connect timeout.
     pub connect_timeout: Option<Duration>,
+    /// SCRAM channel binding policy.
+    pub channel_binding: ChannelBinding,
 }
 
 /// Keys libpq knows that change nothing for us; accepted so existing strings keep working.
@@ -85,7 +113,6 @@ const IGNORED_KEYS: &[&str] = &[
     "keepalives_count",
     "tcp_user_timeout",
     "target_session_attrs",
-    "channel_binding",
     "gssencmode",
     "sslcompression",
     "sslsni",
@@ -136,6 +163,7 @@ impl ConnInfo {
                     | "sslkey"
                     | "passfile"
                     | "connect_timeout"
+                    | "channel_binding"
             );
             if !known && !IGNORED_KEYS.contains(&key.as_str()) {
                 bail!("invalid connection option {key:?}");
@@ -176,6 +204,9 @@ impl ConnInfo {
         let dbname = get("dbname", "PGDATABASE").unwrap_or_else(|| user.clone());
         let sslmode =
             SslMode::parse(&get("sslmode", "PGSSLMODE").unwrap_or_else(|| "prefer".into()))?;
+        let channel_binding = ChannelBinding::parse(
+            &get("channel_binding", "PGCHANNELBINDING").unwrap_or_else(|| "prefer".into()),
+        )?;
         let connect_timeout = get("connect_timeout", "PGCONNECT_TIMEOUT")
             .map(|v| {
                 v.parse::<u64>()
@@ -224,6 +255,7 @@ impl ConnInfo {
             sslcert,
             sslkey,
             connect_timeout,
+            channel_binding,
         })
     }
 
@@ -527,6 +559,14 @@ mod tests {
             .to_string()
             .contains("bogus"));
         assert!(ConnInfo::parse_with_env("host=x sslmode=maybe user=u", &no_env).is_err());
+        assert_eq!(c.channel_binding, ChannelBinding::Prefer);
+        let cb = |v: &str| {
+            let env = move |k: &str| (k == "PGCHANNELBINDING").then(|| v.to_string());
+            ConnInfo::parse_with_env("host=x user=u", &env).map(|c| c.channel_binding)
+        };
+        assert_eq!(cb("require").unwrap(), ChannelBinding::Require);
+        assert_eq!(cb("disable").unwrap(), ChannelBinding::Disable);
+        assert!(cb("always").unwrap_err().to_string().contains("channel_binding"));
         assert!(ConnInfo::parse_with_env("host=a,b user=u", &no_env).is_err());
     }
 

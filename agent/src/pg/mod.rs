@@ -6,6 +6,7 @@ pub mod backup;
 pub mod backup_catalog;
 pub mod backup_chunks;
 pub mod backup_progress;
+pub mod channel_binding;
 pub mod cli;
 pub mod conn;
 pub mod conninfo;
