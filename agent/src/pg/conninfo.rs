@@ -566,7 +566,10 @@ mod tests {
         };
         assert_eq!(cb("require").unwrap(), ChannelBinding::Require);
         assert_eq!(cb("disable").unwrap(), ChannelBinding::Disable);
-        assert!(cb("always").unwrap_err().to_string().contains("channel_binding"));
+        assert!(cb("always")
+            .unwrap_err()
+            .to_string()
+            .contains("channel_binding"));
         assert!(ConnInfo::parse_with_env("host=a,b user=u", &no_env).is_err());
     }
 

@@ -30,7 +30,9 @@ pub struct RestoreArgs {
     /// Restore up to this WAL position (X/Y).
     #[arg(long, conflicts_with_all = ["to_time", "to_xid"])]
     pub to_lsn: Option<String>,
-    /// Restore up to and including this transaction id.
+    /// Restore up to and including this transaction id. Where it commits is only known by
+    /// replaying WAL, so it cannot be checked up front: PostgreSQL stops with a FATAL error
+    /// if recovery reaches the end of the archived WAL without seeing it.
     #[arg(long, conflicts_with_all = ["to_time", "to_lsn"])]
     pub to_xid: Option<u64>,
     /// Use this base backup (id as shown by `syncbridge-agent list`) instead of choosing.
