@@ -357,6 +357,115 @@ fn main() {
         .find_map(|l| l.split("replay ").nth(1))
         .and_then(|r| r.trim_end_matches('s').parse().ok())
         .unwrap_or(f64::NAN);
+
+    // The same replay with every segment already in pg_wal and restore_command turned off:
+    // how long PostgreSQL takes when nothing has to be fetched. If wal-fetch (with its
+    // prefetch) keeps replay fed, the two times are close.
+    let local_target = work.path().join("restore-replay-local");
+    let mut r = Command::new(&agent);
+    r.args(["restore", "--repo", &repo, "--target"])
+        .arg(&local_target)
+        .envs(s3_env.clone());
+    if let Some(o) = &owner {
+        r.args(["--owner", o]);
+    }
+    run(&mut r, "agent restore (for the local replay)");
+    let listed = Command::new(&agent)
+        .args(["repo", "ls", "--repo", &repo, "postgres/wal/"])
+        .envs(s3_env.clone())
+        .output()
+        .unwrap();
+    let mut names: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .filter_map(|k| k.rsplit('/').next())
+        .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_string)
+        .collect();
+    // The newest WAL may only exist as a partial: wal-fetch serves it under the next name.
+    if let Some(last) = names.last() {
+        let next = u64::from_str_radix(&last[16..], 16).unwrap() + 1;
+        names.push(format!("{}{next:08X}", &last[..16]));
+    }
+    let pg_wal = local_target.join("pg_wal");
+    for name in &names {
+        let dest = pg_wal.join(name);
+        let ok = Command::new(&agent)
+            .args([
+                "postgres",
+                "wal-fetch",
+                "--repo",
+                &repo,
+                "--prefetch",
+                "0",
+                name,
+            ])
+            .arg(&dest)
+            .envs(s3_env.clone())
+            .status()
+            .unwrap()
+            .success();
+        if ok {
+            chown_to_server_user(&dest);
+        }
+    }
+    let auto_conf = local_target.join("postgresql.auto.conf");
+    let mut conf = std::fs::read_to_string(&auto_conf).unwrap();
+    conf.push_str("restore_command = 'false'\n");
+    std::fs::write(&auto_conf, conf).unwrap();
+    let local_port = syncbridge_tests::process::free_port();
+    let t = Instant::now();
+    let mut start = Command::new(pg.bin_dir().join("pg_ctl"));
+    start
+        .arg("-D")
+        .arg(&local_target)
+        .arg("-o")
+        .arg(format!(
+            "-p {local_port} -k {} -c listen_addresses=127.0.0.1",
+            sock.display()
+        ))
+        .arg("-l")
+        .arg(local_target.join("replay.log"))
+        .arg("start");
+    run_as_server_user(&mut start);
+    assert!(
+        start.status().unwrap().success(),
+        "pg_ctl start (local replay)"
+    );
+    loop {
+        let out = Command::new(pg.client_binary("psql"))
+            .args(["-XAtq", "-h"])
+            .arg(&sock)
+            .args([
+                "-p",
+                &local_port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args(["-c", "SELECT pg_is_in_recovery()"])
+            .env("PGPASSWORD", syncbridge_tests::pg::SUPERUSER_PASSWORD)
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).trim() == "f" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "local replay did not finish: {}",
+            std::fs::read_to_string(local_target.join("replay.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let local_replay_secs = t.elapsed().as_secs_f64();
+    let mut stop = Command::new(pg.bin_dir().join("pg_ctl"));
+    stop.arg("-D")
+        .arg(&local_target)
+        .args(["-m", "immediate", "stop"]);
+    run_as_server_user(&mut stop);
+    let _ = stop.output();
+
     let _ = stream.kill();
     let _ = stream.wait();
 
@@ -397,8 +506,9 @@ fn main() {
         pgbr_restore.as_secs_f64() / agent_restore.as_secs_f64()
     );
     println!(
-        "replay  {:.0} MB of WAL through wal-fetch from SeaweedFS: {replay_secs:.1}s ({:.1} MB/s, start to promoted)",
+        "replay  {:.0} MB of WAL through wal-fetch from SeaweedFS: {replay_secs:.1}s ({:.1} MB/s, start to promoted); the same WAL already in pg_wal: {local_replay_secs:.1}s (fetching adds {:+.0}%)",
         wal_bytes as f64 / 1e6,
-        wal_bytes as f64 / 1e6 / replay_secs
+        wal_bytes as f64 / 1e6 / replay_secs,
+        100.0 * (replay_secs / local_replay_secs - 1.0)
     );
 }

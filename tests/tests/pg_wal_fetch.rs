@@ -149,7 +149,13 @@ fn wal_fetch_exit_codes_partials_and_prefetch() {
         "partial is not zero-padded"
     );
 
-    // Prefetch: the next segments land in the spool beside %p, and are served from there.
+    // Prefetch: the next segments land in the spool beside %p (one directory per boot, as
+    // spooled files are not fsynced), and are served from there. A spool left by an
+    // earlier boot may hold torn files: it is removed, never served.
+    let spool_root = out_dir.path().join(".syncbridge-prefetch");
+    let old_boot = spool_root.join("00000000-0000-0000-0000-000000000000");
+    std::fs::create_dir_all(&old_boot).unwrap();
+    std::fs::write(old_boot.join(&completed[1]), b"torn").unwrap();
     let out = run_agent(&[
         "postgres",
         "wal-fetch",
@@ -161,7 +167,8 @@ fn wal_fetch_exit_codes_partials_and_prefetch() {
         target_s,
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    let spool = out_dir.path().join(".syncbridge-prefetch");
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let spool = spool_root.join(boot_id.trim());
     let next: Vec<String> = completed[1..].to_vec();
     assert!(
         wait_until(Duration::from_secs(30), || next
@@ -169,6 +176,7 @@ fn wal_fetch_exit_codes_partials_and_prefetch() {
             .all(|n| spool.join(n).is_file())),
         "prefetch did not bring {next:?}"
     );
+    assert!(!old_boot.exists(), "an earlier boot's spool is removed");
     let out = run_agent(&[
         "postgres",
         "wal-fetch",

@@ -18,7 +18,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
 use storage::layout::{self, WalObject};
 use storage::{RepoKey, Repository, StorageError};
 use wire::pg::{SegmentName, WalFileName, WalSegmentSize};
@@ -99,16 +98,95 @@ async fn last_partial(
     Ok(newest.map(|(_, k)| k))
 }
 
+/// Why a download did not complete: the repository (retry if retryable) or the local disk.
+enum Failure {
+    Storage(StorageError),
+    Local(anyhow::Error),
+}
+
+/// The verified object, streamed into `tmp` frame by frame (never held whole in memory:
+/// a short-lived process pays a page fault for every fresh page it touches).
+struct Downloaded {
+    len: u64,
+    /// The first bytes, for the WAL page header.
+    head: Vec<u8>,
+}
+
+async fn download_once(
+    repo: &Repository,
+    key: &RepoKey,
+    tmp: &Path,
+) -> Result<Downloaded, Failure> {
+    let local = |e: std::io::Error, what: &str| {
+        Failure::Local(anyhow::Error::new(e).context(format!("{what} {}", tmp.display())))
+    };
+    let mut reader = repo.reader(key).await.map_err(Failure::Storage)?;
+    let mut f = std::fs::File::create(tmp).map_err(|e| local(e, "creating"))?;
+    let mut out = Downloaded {
+        len: 0,
+        head: Vec::new(),
+    };
+    while let Some(chunk) = reader.next_chunk().await.map_err(Failure::Storage)? {
+        if out.head.len() < 64 {
+            let n = (64 - out.head.len()).min(chunk.len());
+            out.head.extend_from_slice(&chunk[..n]);
+        }
+        f.write_all(&chunk).map_err(|e| local(e, "writing"))?;
+        out.len += chunk.len() as u64;
+    }
+    Ok(out)
+}
+
+/// `download_once`, retrying retryable storage errors a few times.
+async fn download(repo: &Repository, key: &RepoKey, tmp: &Path) -> Result<Downloaded, Failure> {
+    let mut delay = Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        match download_once(repo, key, tmp).await {
+            Err(Failure::Storage(e)) if e.is_retryable() && attempt < 4 => {
+                tracing::warn!("fetching {key}: {e}; retrying (attempt {attempt})");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The temporary name `target` is written under before the rename.
+fn temp_beside(target: &Path) -> Result<PathBuf> {
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = target
+        .file_name()
+        .context("target path has no file name")?
+        .to_string_lossy()
+        .into_owned();
+    Ok(dir.join(format!(".{file_name}.syncbridge-tmp")))
+}
+
 /// Fetches `name` into `target` atomically.
 pub async fn fetch(repo: &Repository, name: &str, target: &Path) -> Result<Fetched> {
+    let tmp = temp_beside(target)?;
+    let result = fetch_into(repo, name, &tmp, target).await;
+    if !matches!(result, Ok(Fetched::Written { .. })) {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+async fn fetch_into(repo: &Repository, name: &str, tmp: &Path, target: &Path) -> Result<Fetched> {
     let parsed = parse_name(name)?;
     let key = match parsed {
         WalFileName::History(t) => layout::timeline_history(layout::TimelineId::new(t.get())?),
         WalFileName::Segment(s) => layout::wal_segment(&storage_name(s)?),
     };
-    let data = match with_retries(&format!("fetching {key}"), || repo.get(&key)).await {
-        Ok(d) => d,
-        Err(e) if e.is_not_found() => {
+    let (got, served) = match download(repo, &key, tmp).await {
+        Ok(d) => (d, key),
+        Err(Failure::Storage(e)) if e.is_not_found() => {
             let WalFileName::Segment(s) = parsed else {
                 return Ok(Fetched::NotFound);
             };
@@ -119,22 +197,62 @@ pub async fn fetch(repo: &Repository, name: &str, target: &Path) -> Result<Fetch
                 return Ok(Fetched::NotFound);
             };
             tracing::info!(%partial, "serving the newest partial as {name}: it is the last WAL of its timeline");
-            with_retries(&format!("fetching {partial}"), || repo.get(&partial))
-                .await
-                .with_context(|| format!("fetching {partial}"))?
+            match download(repo, &partial, tmp).await {
+                Ok(d) => (d, partial),
+                Err(Failure::Storage(e)) => {
+                    return Err(anyhow::Error::new(e).context(format!("fetching {partial}")))
+                }
+                Err(Failure::Local(e)) => return Err(e),
+            }
         }
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("fetching {key}"))),
+        Err(Failure::Storage(e)) => {
+            return Err(anyhow::Error::new(e).context(format!("fetching {key}")))
+        }
+        Err(Failure::Local(e)) => return Err(e),
     };
-    let (data, segment_size) = match parsed {
+    let segment_size = match parsed {
         WalFileName::Segment(_) => {
-            let size = segment_size_of(&data)
-                .with_context(|| format!("reading the WAL page header of {key}"))?;
-            (pad_to(data, size), Some(size))
+            let size = segment_size_of(&got.head)
+                .with_context(|| format!("reading the WAL page header of {served}"))?;
+            pad_file(tmp, got.len, size)?;
+            Some(size)
         }
-        WalFileName::History(_) => (data, None),
+        WalFileName::History(_) => None,
     };
-    write_atomically(target, &data)?;
+    publish(tmp, target, true)?;
     Ok(Fetched::Written { segment_size })
+}
+
+/// Zero-pads a partial segment's file to the full segment size, as `pg_receivewal` pads
+/// its `.partial` files (a complete one is left as is).
+fn pad_file(path: &Path, len: u64, size: WalSegmentSize) -> Result<()> {
+    if len >= size.bytes() {
+        return Ok(());
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = size.bytes() - len;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n])
+            .with_context(|| format!("padding {}", path.display()))?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Makes `tmp` durable (when asked) and renames it to `target`.
+fn publish(tmp: &Path, target: &Path, durable: bool) -> Result<()> {
+    if durable {
+        std::fs::File::open(tmp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+    }
+    std::fs::rename(tmp, target)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))
 }
 
 /// The segment size recorded in the long page header that starts every WAL segment
@@ -167,48 +285,51 @@ fn segment_size_of(data: &[u8]) -> Result<WalSegmentSize> {
     anyhow::bail!("no long page header with a valid segment size: not a WAL segment")
 }
 
-/// Zero-pads a partial segment to the full size (a complete one is returned as is).
-fn pad_to(data: Bytes, size: WalSegmentSize) -> Bytes {
-    let full = size.bytes() as usize;
-    if data.len() >= full {
-        return data;
-    }
-    let mut v = Vec::with_capacity(full);
-    v.extend_from_slice(&data);
-    v.resize(full, 0);
-    Bytes::from(v)
-}
-
-/// Writes via a temp file in the same directory, fsyncs, renames.
-pub fn write_atomically(target: &Path, data: &Bytes) -> Result<()> {
-    let dir = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = target
-        .file_name()
-        .context("target path has no file name")?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = dir.join(format!(".{file_name}.syncbridge-tmp"));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(data)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all()
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, target)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;
-    Ok(())
-}
-
+/// The prefetch spool beside `%p`, one directory per boot of the machine.
+///
+/// Why per boot: spooled segments are written without fsync (a 16 MiB fsync per segment
+/// competed with replay for the disk and doubled replay time). A process killed at any
+/// moment loses nothing the kernel already has, so within one boot a renamed spool file
+/// is whole; after an OS crash it might not be, and a torn segment served to PostgreSQL
+/// could end recovery early. An OS crash means a new boot id, so those files are never
+/// served and the prefetcher removes them.
 fn spool_dir(target: &Path) -> PathBuf {
     target
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .join(SPOOL_DIR)
+        .join(boot_id().unwrap_or_else(|| "durable".to_string()))
+}
+
+/// The kernel's id of this boot (Linux), if it can be read.
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+        .then(|| id.to_string())
+}
+
+/// Whether files in `spool` may skip fsync: only in a spool tied to the current boot.
+fn spool_is_per_boot(spool: &Path) -> bool {
+    spool
+        .file_name()
+        .is_some_and(|n| boot_id().is_some_and(|b| n.to_string_lossy() == b))
+}
+
+/// Removes spools of earlier boots (their files may be torn).
+fn remove_other_boot_spools(spool: &Path) {
+    let Some(parent) = spool.parent() else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.path() != spool && e.path().is_dir() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Runs `wal-fetch` and maps the outcome to PostgreSQL's exit-status contract.
@@ -219,11 +340,16 @@ pub async fn run(
     target: &Path,
     prefetch: usize,
 ) -> ExitCode {
+    let started = std::time::Instant::now();
     let spool = spool_dir(target);
     // Served from the prefetch spool if a background fetch already has it.
     let spooled = spool.join(name);
     if spooled.is_file() && std::fs::rename(&spooled, target).is_ok() {
-        tracing::debug!(name, "served from the prefetch spool");
+        tracing::debug!(
+            name,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "served from the prefetch spool"
+        );
         let size = std::fs::metadata(target)
             .ok()
             .and_then(|m| WalSegmentSize::new(m.len()).ok());
@@ -234,6 +360,11 @@ pub async fn run(
     }
     match fetch(repo, name, target).await {
         Ok(Fetched::Written { segment_size }) => {
+            tracing::debug!(
+                name,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "fetched from the repository"
+            );
             if let (Some(size), Ok(WalFileName::Segment(_))) = (segment_size, parse_name(name)) {
                 if let Ok(WalFileName::Segment(s)) = WalFileName::parse(name, size) {
                     start_prefetch(repo_url, s, prefetch, &spool);
@@ -291,6 +422,8 @@ pub async fn prefetch(
     count: usize,
 ) -> Result<()> {
     std::fs::create_dir_all(spool).with_context(|| format!("creating {}", spool.display()))?;
+    remove_other_boot_spools(spool);
+    let durable = !spool_is_per_boot(spool);
     // Spooled segments at or before `after` will never be asked for again.
     if let Ok(entries) = std::fs::read_dir(spool) {
         for e in entries.flatten() {
@@ -341,8 +474,14 @@ pub async fn prefetch(
             let Ok(key) = storage_name(seg).map(|s| layout::wal_segment(&s)) else {
                 return;
             };
-            if let Ok(data) = repo.get(&key).await {
-                let _ = write_atomically(&dest, &data);
+            if let Ok(tmp) = temp_beside(&dest) {
+                let stored = match download(&repo, &key, &tmp).await {
+                    Ok(_) => publish(&tmp, &dest, durable).is_ok(),
+                    Err(_) => false,
+                };
+                if !stored {
+                    let _ = std::fs::remove_file(&tmp);
+                }
             }
             let _ = std::fs::remove_file(&lock);
         }
@@ -385,12 +524,18 @@ mod tests {
     #[test]
     fn partials_are_zero_padded() {
         let size = WalSegmentSize::new(1 << 20).unwrap();
-        let padded = pad_to(Bytes::from_static(b"abc"), size);
+        let dir = tempfile::tempdir().unwrap();
+        let partial = dir.path().join("partial");
+        std::fs::write(&partial, b"abc").unwrap();
+        pad_file(&partial, 3, size).unwrap();
+        let padded = std::fs::read(&partial).unwrap();
         assert_eq!(padded.len(), 1 << 20);
         assert_eq!(&padded[..3], b"abc");
         assert!(padded[3..].iter().all(|&b| b == 0));
-        let full = Bytes::from(vec![1u8; 1 << 20]);
-        assert_eq!(pad_to(full.clone(), size), full);
+        let full = dir.path().join("full");
+        std::fs::write(&full, vec![1u8; 1 << 20]).unwrap();
+        pad_file(&full, 1 << 20, size).unwrap();
+        assert_eq!(std::fs::read(&full).unwrap(), vec![1u8; 1 << 20]);
     }
 
     #[test]
