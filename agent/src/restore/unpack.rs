@@ -107,6 +107,10 @@ pub async fn write_all(
     let total: u64 = m.chunks.iter().map(|c| c.bytes).sum();
     let mut progress = Progress::new("restore", Some(total));
     let mut set = JoinSet::new();
+    // Each finished object's files are synced in the background, so the disk writes back
+    // while later objects download instead of all at the end (kernel writeback alone would
+    // not start before gigabytes are dirty).
+    let mut syncs: JoinSet<Result<()>> = JoinSet::new();
     let mut next = 0usize;
     let jobs = jobs.max(1);
     loop {
@@ -132,16 +136,33 @@ pub async fn write_all(
         tokio::select! {
             r = set.join_next() => match r {
                 None => break,
-                Some(r) => {
-                    if let Err(e) = r.context("a restore task failed")? {
+                Some(r) => match r.context("a restore task failed")? {
+                    Err(e) => {
                         set.abort_all();
                         return Err(e);
                     }
-                }
+                    Ok(files) => {
+                        while syncs.len() >= jobs {
+                            if let Some(r) = syncs.join_next().await {
+                                r.context("a sync task failed")??;
+                            }
+                        }
+                        syncs.spawn_blocking(move || {
+                            for (path, f) in files {
+                                f.sync_data()
+                                    .with_context(|| format!("syncing {}", path.display()))?;
+                            }
+                            Ok(())
+                        });
+                    }
+                },
             },
             _ = tick => {}
         }
         progress.update(done.load(Ordering::Relaxed));
+    }
+    while let Some(r) = syncs.join_next().await {
+        r.context("a sync task failed")??;
     }
     progress.finish(done.load(Ordering::Relaxed));
     let pieces = std::mem::take(&mut *written.lock().map_err(|_| anyhow!("lock poisoned"))?);
@@ -179,7 +200,7 @@ async fn restore_chunk(
     chunk: &DataChunk,
     done: &AtomicU64,
     written: &Mutex<Written>,
-) -> Result<()> {
+) -> Result<Vec<(PathBuf, std::fs::File)>> {
     let key = layout::base_backup_chunk(id, chunk.seq);
     let mut reader = repo.reader(&key).await?;
     let mut files: HashMap<u32, std::fs::File> = HashMap::new();
@@ -231,12 +252,16 @@ async fn restore_chunk(
             chunk.pieces.len()
         );
     }
-    drop(files);
     written
         .lock()
         .map_err(|_| anyhow!("lock poisoned"))?
         .extend(results);
-    Ok(())
+    // Handed back so the caller can start their writeback.
+    let mut out = Vec::with_capacity(files.len());
+    for (entry, f) in files {
+        out.push((dest_path(m, roots, entry)?, f));
+    }
+    Ok(out)
 }
 
 /// Combines each file's piece CRCs in offset order and compares them with the backup's
