@@ -229,6 +229,10 @@ fn pg17_kill9_three_times_during_load_loses_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     loader.join().unwrap();
+    // Write something first: if the loader's own last switch left the insert position at
+    // the start of a segment, pg_switch_wal would be a no-op returning a position in a
+    // segment that never completes.
+    s.pg.sql_blocking("INSERT INTO load VALUES (0, 'end')");
     let last =
         s.pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
     s.wait_for_segment(&mut agent, &last);
