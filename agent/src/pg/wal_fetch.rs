@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use nix::fcntl::{Flock, FlockArg};
 use storage::layout::{self, WalObject};
 use storage::{RepoKey, Repository, StorageError};
 use wire::pg::{SegmentName, WalFileName, WalSegmentSize};
@@ -344,19 +345,27 @@ pub async fn run(
     let spool = spool_dir(target);
     // Served from the prefetch spool if a background fetch already has it.
     let spooled = spool.join(name);
-    if spooled.is_file() && std::fs::rename(&spooled, target).is_ok() {
-        tracing::debug!(
-            name,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "served from the prefetch spool"
-        );
-        let size = std::fs::metadata(target)
-            .ok()
-            .and_then(|m| WalSegmentSize::new(m.len()).ok());
-        if let Some(Ok(WalFileName::Segment(s))) = size.map(|size| WalFileName::parse(name, size)) {
-            start_prefetch(repo_url, s, prefetch, &spool);
+    let spooled_segment = std::fs::metadata(&spooled)
+        .ok()
+        .filter(|m| m.is_file())
+        .and_then(|m| WalSegmentSize::new(m.len()).ok())
+        .and_then(|size| match WalFileName::parse(name, size) {
+            Ok(WalFileName::Segment(s)) => Some(s),
+            _ => None,
+        });
+    if let Some(seg) = spooled_segment {
+        // The position first: the prefetcher then neither fetches this segment again
+        // nor removes it (it only removes segments before the position).
+        record_position(seg, prefetch, &spool);
+        if std::fs::rename(&spooled, target).is_ok() {
+            tracing::debug!(
+                name,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "served from the prefetch spool"
+            );
+            start_prefetch(repo_url, seg, prefetch, &spool);
+            return ExitCode::SUCCESS;
         }
-        return ExitCode::SUCCESS;
     }
     match fetch(repo, name, target).await {
         Ok(Fetched::Written { segment_size }) => {
@@ -367,6 +376,7 @@ pub async fn run(
             );
             if let (Some(size), Ok(WalFileName::Segment(_))) = (segment_size, parse_name(name)) {
                 if let Ok(WalFileName::Segment(s)) = WalFileName::parse(name, size) {
+                    record_position(s, prefetch, &spool);
                     start_prefetch(repo_url, s, prefetch, &spool);
                 }
             }
@@ -384,15 +394,49 @@ pub async fn run(
     }
 }
 
-/// Starts a detached `postgres wal-prefetch` for the segments after `seg`.
+/// Where wal-fetch tells the prefetcher which segment PostgreSQL asked for last.
+const POSITION_FILE: &str = "position";
+/// Held (flock) by the running prefetcher, so there is at most one per spool.
+const LOCK_FILE: &str = "prefetcher.lock";
+/// A prefetcher with no new request for this long exits (recovery ended or stalled; the
+/// next request starts a new one).
+const PREFETCH_IDLE_EXIT: Duration = Duration::from_secs(10);
+
+/// Tells the prefetcher that PostgreSQL asked for `seg` (written atomically).
+fn record_position(seg: SegmentName, count: usize, spool: &Path) {
+    if count == 0 || std::fs::create_dir_all(spool).is_err() {
+        return;
+    }
+    let tmp = spool.join(format!("{POSITION_FILE}.tmp"));
+    if std::fs::write(&tmp, seg.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, spool.join(POSITION_FILE));
+    }
+}
+
+/// Makes sure a prefetcher is running for the spool. One long-lived prefetcher per spool keeps `count` segments ahead over one
+/// connection pool, instead of a process (start-up, TLS handshake) per segment competing
+/// with replay for the CPU.
 fn start_prefetch(repo_url: &str, seg: SegmentName, count: usize, spool: &Path) {
     if count == 0 {
         return;
     }
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(spool.join(LOCK_FILE))
+    else {
+        return;
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        // Free: nobody is prefetching. Release it for the prefetcher about to start.
+        Ok(lock) => release(lock),
+        // Held: a prefetcher is running and will see the new position.
+        Err(_) => return,
+    }
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
-    let _ = std::fs::create_dir_all(spool);
     let spawned = std::process::Command::new(exe)
         .args(["postgres", "wal-prefetch", "--repo", repo_url, "--spool"])
         .arg(spool)
@@ -413,8 +457,16 @@ fn start_prefetch(repo_url: &str, seg: SegmentName, count: usize, spool: &Path) 
     }
 }
 
-/// The background half: fetches up to `count` segments after `after` into `spool`, in
-/// parallel, skipping ones already there or being fetched; stops at the first missing one.
+/// The newest segment wal-fetch was asked for, from the position file.
+fn read_position(spool: &Path, size: WalSegmentSize) -> Option<SegmentName> {
+    let text = std::fs::read_to_string(spool.join(POSITION_FILE)).ok()?;
+    SegmentName::parse(text.trim(), size).ok()
+}
+
+/// The background half, one per spool (it holds the lock file): keeps the `count`
+/// segments after the newest request downloaded into `spool`, several at a time, removes
+/// spooled segments PostgreSQL has moved past, and exits when requests stop coming, the
+/// spool disappears, or another prefetcher holds the lock.
 pub async fn prefetch(
     repo: &Repository,
     spool: &Path,
@@ -422,59 +474,70 @@ pub async fn prefetch(
     count: usize,
 ) -> Result<()> {
     std::fs::create_dir_all(spool).with_context(|| format!("creating {}", spool.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(spool.join(LOCK_FILE))
+        .with_context(|| format!("opening the prefetch lock in {}", spool.display()))?;
+    let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+        // Another prefetcher serves this spool.
+        return Ok(());
+    };
     remove_other_boot_spools(spool);
     let durable = !spool_is_per_boot(spool);
-    // Spooled segments at or before `after` will never be asked for again.
-    if let Ok(entries) = std::fs::read_dir(spool) {
-        for e in entries.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if let Ok(s) = SegmentName::parse(n.trim_end_matches(".lock"), after.size()) {
-                if s.timeline() == after.timeline() && s.segno() <= after.segno() {
-                    let _ = std::fs::remove_file(e.path());
+    let size = after.size();
+    let mut position = after;
+    let mut last_change = std::time::Instant::now();
+    let mut missing: std::collections::HashMap<String, std::time::Instant> = Default::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut in_flight: std::collections::HashSet<String> = Default::default();
+    loop {
+        if !spool.is_dir() {
+            break;
+        }
+        if let Some(p) = read_position(spool, size) {
+            if p != position {
+                position = p;
+                last_change = std::time::Instant::now();
+            }
+        }
+        if last_change.elapsed() > PREFETCH_IDLE_EXIT && tasks.is_empty() {
+            break;
+        }
+        // Segments before the newest request will not be asked for again (the newest one
+        // itself is being moved out by wal-fetch).
+        if let Ok(entries) = std::fs::read_dir(spool) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if let Ok(s) = SegmentName::parse(&n, size) {
+                    if s.timeline() == position.timeline() && s.segno() < position.segno() {
+                        let _ = std::fs::remove_file(e.path());
+                    }
                 }
             }
         }
-    }
-    let mut names = Vec::new();
-    let mut cur = after;
-    for _ in 0..count {
-        let Some(next) = cur.next() else { break };
-        names.push(next);
-        cur = next;
-    }
-    let tasks = names.into_iter().map(|seg| {
-        let repo = repo.clone();
-        let spool = spool.to_path_buf();
-        async move {
-            let name = seg.to_string();
+        let mut cur = position;
+        for _ in 0..count {
+            let Some(next) = cur.next() else { break };
+            cur = next;
+            let name = next.to_string();
             let dest = spool.join(&name);
-            let lock = spool.join(format!("{name}.lock"));
-            if dest.exists() {
-                return;
+            let recently_missing = missing
+                .get(&name)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+            if dest.exists() || in_flight.contains(&name) || recently_missing {
+                continue;
             }
-            if let Ok(meta) = std::fs::metadata(&lock) {
-                let stale = meta
-                    .modified()
-                    .ok()
-                    .and_then(|m| m.elapsed().ok())
-                    .is_some_and(|age| age > Duration::from_secs(300));
-                if !stale {
-                    return;
-                }
-                let _ = std::fs::remove_file(&lock);
-            }
-            if std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&lock)
-                .is_err()
-            {
-                return;
-            }
-            let Ok(key) = storage_name(seg).map(|s| layout::wal_segment(&s)) else {
-                return;
+            let Ok(key) = storage_name(next).map(|s| layout::wal_segment(&s)) else {
+                continue;
             };
-            if let Ok(tmp) = temp_beside(&dest) {
+            in_flight.insert(name.clone());
+            let repo = repo.clone();
+            tasks.spawn(async move {
+                let Ok(tmp) = temp_beside(&dest) else {
+                    return (name, false);
+                };
                 let stored = match download(&repo, &key, &tmp).await {
                     Ok(_) => publish(&tmp, &dest, durable).is_ok(),
                     Err(_) => false,
@@ -482,12 +545,34 @@ pub async fn prefetch(
                 if !stored {
                     let _ = std::fs::remove_file(&tmp);
                 }
-            }
-            let _ = std::fs::remove_file(&lock);
+                (name, stored)
+            });
         }
-    });
-    futures::future::join_all(tasks).await;
+        // Wait for a download to finish or for the next look at the position file.
+        let tick = tokio::time::sleep(Duration::from_millis(20));
+        tokio::select! {
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok((name, stored)) = done {
+                    in_flight.remove(&name);
+                    if !stored {
+                        missing.insert(name, std::time::Instant::now());
+                    }
+                }
+            }
+            _ = tick => {}
+        }
+    }
+    tasks.abort_all();
+    release(lock);
     Ok(())
+}
+
+/// Unlocks; should that ever fail, the lock goes with the process instead (never a
+/// panic from the lock guard's drop).
+fn release(lock: Flock<std::fs::File>) {
+    if let Err((lock, _)) = lock.unlock() {
+        std::mem::forget(lock);
+    }
 }
 
 #[cfg(test)]
