@@ -154,6 +154,11 @@ struct CheckArgs {
 
 /// Runs a `postgres` sub-command.
 pub fn run(args: PostgresArgs) -> Result<ExitCode> {
+    if let PostgresCommand::WalFetch(a) = &args.command {
+        if super::wal_fetch::serve_from_spool(&a.repo.repo, &a.file_name, &a.target, a.prefetch) {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     crate::cli::block_on(async move {
         match args.command {
             PostgresCommand::Check(a) => check(a).await,

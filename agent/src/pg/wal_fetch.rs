@@ -333,6 +333,39 @@ fn remove_other_boot_spools(spool: &Path) {
     }
 }
 
+/// Serves `name` from the prefetch spool if a background fetch already has it: a rename,
+/// no runtime, no repository client. PostgreSQL waits for every `restore_command`, so
+/// this path is kept to the bare process start.
+pub fn serve_from_spool(repo_url: &str, name: &str, target: &Path, prefetch: usize) -> bool {
+    let started = std::time::Instant::now();
+    let spool = spool_dir(target);
+    let spooled = spool.join(name);
+    let Some(seg) = std::fs::metadata(&spooled)
+        .ok()
+        .filter(|m| m.is_file())
+        .and_then(|m| WalSegmentSize::new(m.len()).ok())
+        .and_then(|size| match WalFileName::parse(name, size) {
+            Ok(WalFileName::Segment(s)) => Some(s),
+            _ => None,
+        })
+    else {
+        return false;
+    };
+    // The position first: the prefetcher then neither fetches this segment again nor
+    // removes it (it only removes segments before the position).
+    record_position(seg, prefetch, &spool);
+    if std::fs::rename(&spooled, target).is_err() {
+        return false;
+    }
+    tracing::debug!(
+        name,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "served from the prefetch spool"
+    );
+    start_prefetch(repo_url, seg, prefetch, &spool);
+    true
+}
+
 /// Runs `wal-fetch` and maps the outcome to PostgreSQL's exit-status contract.
 pub async fn run(
     repo: &Repository,
@@ -343,29 +376,8 @@ pub async fn run(
 ) -> ExitCode {
     let started = std::time::Instant::now();
     let spool = spool_dir(target);
-    // Served from the prefetch spool if a background fetch already has it.
-    let spooled = spool.join(name);
-    let spooled_segment = std::fs::metadata(&spooled)
-        .ok()
-        .filter(|m| m.is_file())
-        .and_then(|m| WalSegmentSize::new(m.len()).ok())
-        .and_then(|size| match WalFileName::parse(name, size) {
-            Ok(WalFileName::Segment(s)) => Some(s),
-            _ => None,
-        });
-    if let Some(seg) = spooled_segment {
-        // The position first: the prefetcher then neither fetches this segment again
-        // nor removes it (it only removes segments before the position).
-        record_position(seg, prefetch, &spool);
-        if std::fs::rename(&spooled, target).is_ok() {
-            tracing::debug!(
-                name,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "served from the prefetch spool"
-            );
-            start_prefetch(repo_url, seg, prefetch, &spool);
-            return ExitCode::SUCCESS;
-        }
+    if serve_from_spool(repo_url, name, target, prefetch) {
+        return ExitCode::SUCCESS;
     }
     match fetch(repo, name, target).await {
         Ok(Fetched::Written { segment_size }) => {
