@@ -27,7 +27,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -60,21 +60,6 @@ fn run(cmd: &mut Command, what: &str) -> Duration {
 
 fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
-}
-
-fn dir_size(p: &Path) -> u64 {
-    let mut n = 0;
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            let m = e.path().symlink_metadata().unwrap();
-            n += if m.is_dir() {
-                dir_size(&e.path())
-            } else {
-                m.len()
-            };
-        }
-    }
-    n
 }
 
 fn lsn_to_u64(text: &str) -> u64 {
@@ -487,7 +472,7 @@ fn main() {
         "backup  pg_basebackup -Z zstd  {:>8.1} MB/s  ({:.1}s, {:.0} MB)",
         mbps(db_bytes, bb),
         bb.as_secs_f64(),
-        dir_size(&bb_dir) as f64 / 1e6
+        syncbridge_tests::process::dir_size(&bb_dir) as f64 / 1e6
     );
     println!(
         "restore agent <- SeaweedFS      {:>8.1} MB/s  ({:.1}s)",

@@ -68,23 +68,6 @@ struct Receiver {
     dir: Option<PathBuf>,
 }
 
-fn dir_size(p: &std::path::Path) -> u64 {
-    let mut n = 0;
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            let Ok(m) = e.path().symlink_metadata() else {
-                continue;
-            };
-            n += if m.is_dir() {
-                dir_size(&e.path())
-            } else {
-                m.len()
-            };
-        }
-    }
-    n
-}
-
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -305,7 +288,10 @@ fn main() {
             rc.rss_kib as f64 / 1024.0,
             rc.dir
                 .as_deref()
-                .map(|d| format!("{:.1}", dir_size(d) as f64 / 1048576.0))
+                .map(|d| format!(
+                    "{:.1}",
+                    syncbridge_tests::process::dir_size(d) as f64 / 1048576.0
+                ))
                 .unwrap_or_else(|| "-".into())
         );
         results.insert(rc.app, (rate, cpu, p99));

@@ -432,6 +432,18 @@ pub fn wait_ready(
     }
 }
 
+/// Bytes in the regular files under `dir` (symlinks not followed; unreadable entries
+/// skipped): what a tool stored there, for benchmarks.
+pub fn dir_size(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter_map(|e| Some((e.path(), e.path().symlink_metadata().ok()?)))
+        .map(|(p, m)| if m.is_dir() { dir_size(&p) } else { m.len() })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -23,7 +23,7 @@ use tempfile::TempDir;
 
 use crate::paths;
 use crate::process::{free_ports, log_tail, server_temp_dir, wait_ready, ServerProcess};
-use crate::tls::{make_server_certs, TestCerts};
+use crate::tls::{make_test_certs, TestCerts};
 
 /// Region the clients sign for (SeaweedFS accepts any).
 pub const REGION: &str = "us-east-1";
@@ -77,7 +77,7 @@ impl S3Server {
         let certs = with_https.then(|| {
             let d = dir.path().join("tls");
             std::fs::create_dir(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
-            make_server_certs(&d)
+            make_test_certs(&d)
         });
 
         let mut last = String::new();

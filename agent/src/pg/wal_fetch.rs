@@ -113,45 +113,44 @@ struct Downloaded {
     head: Vec<u8>,
 }
 
+/// One attempt. The outer error is the repository's (retried by `with_retries` when
+/// retryable), the inner one the local disk's (never retried).
 async fn download_once(
     repo: &Repository,
     key: &RepoKey,
     tmp: &Path,
-) -> Result<Downloaded, Failure> {
+) -> Result<Result<Downloaded>, StorageError> {
     let local = |e: std::io::Error, what: &str| {
-        Failure::Local(anyhow::Error::new(e).context(format!("{what} {}", tmp.display())))
+        anyhow::Error::new(e).context(format!("{what} {}", tmp.display()))
     };
-    let mut reader = repo.reader(key).await.map_err(Failure::Storage)?;
-    let mut f = std::fs::File::create(tmp).map_err(|e| local(e, "creating"))?;
+    let mut reader = repo.reader(key).await?;
+    let mut f = match std::fs::File::create(tmp) {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(local(e, "creating"))),
+    };
     let mut out = Downloaded {
         len: 0,
         head: Vec::new(),
     };
-    while let Some(chunk) = reader.next_chunk().await.map_err(Failure::Storage)? {
+    while let Some(chunk) = reader.next_chunk().await? {
         if out.head.len() < 64 {
             let n = (64 - out.head.len()).min(chunk.len());
             out.head.extend_from_slice(&chunk[..n]);
         }
-        f.write_all(&chunk).map_err(|e| local(e, "writing"))?;
+        if let Err(e) = f.write_all(&chunk) {
+            return Ok(Err(local(e, "writing")));
+        }
         out.len += chunk.len() as u64;
     }
-    Ok(out)
+    Ok(Ok(out))
 }
 
 /// `download_once`, retrying retryable storage errors a few times.
 async fn download(repo: &Repository, key: &RepoKey, tmp: &Path) -> Result<Downloaded, Failure> {
-    let mut delay = Duration::from_millis(500);
-    let mut attempt = 1;
-    loop {
-        match download_once(repo, key, tmp).await {
-            Err(Failure::Storage(e)) if e.is_retryable() && attempt < 4 => {
-                tracing::warn!("fetching {key}: {e}; retrying (attempt {attempt})");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-                attempt += 1;
-            }
-            other => return other,
-        }
+    match with_retries(&format!("fetching {key}"), || download_once(repo, key, tmp)).await {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(local)) => Err(Failure::Local(local)),
+        Err(e) => Err(Failure::Storage(e)),
     }
 }
 
@@ -500,6 +499,7 @@ pub async fn prefetch(
     let durable = !spool_is_per_boot(spool);
     let size = after.size();
     let mut position = after;
+    let mut stale = true;
     let mut last_change = std::time::Instant::now();
     let mut missing: std::collections::HashMap<String, std::time::Instant> = Default::default();
     let mut tasks = tokio::task::JoinSet::new();
@@ -512,24 +512,20 @@ pub async fn prefetch(
             if p != position {
                 position = p;
                 last_change = std::time::Instant::now();
+                stale = true;
             }
         }
         if last_change.elapsed() > PREFETCH_IDLE_EXIT && tasks.is_empty() {
             break;
         }
         // Segments before the newest request will not be asked for again (the newest one
-        // itself is being moved out by wal-fetch).
-        if let Ok(entries) = std::fs::read_dir(spool) {
-            for e in entries.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if let Ok(s) = SegmentName::parse(&n, size) {
-                    if s.timeline() == position.timeline() && s.segno() < position.segno() {
-                        let _ = std::fs::remove_file(e.path());
-                    }
-                }
-            }
+        // itself is being moved out by wal-fetch). Looked for only when the position moved
+        // or a download landed, not on every tick.
+        if std::mem::take(&mut stale) {
+            remove_passed(spool, position);
         }
         let mut cur = position;
+
         for _ in 0..count {
             let Some(next) = cur.next() else { break };
             cur = next;
@@ -564,6 +560,7 @@ pub async fn prefetch(
         let tick = tokio::time::sleep(Duration::from_millis(20));
         tokio::select! {
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                stale = true;
                 if let Ok((name, stored)) = done {
                     in_flight.remove(&name);
                     if !stored {
@@ -577,6 +574,21 @@ pub async fn prefetch(
     tasks.abort_all();
     release(lock);
     Ok(())
+}
+
+/// Removes spooled segments before `position` on its timeline.
+fn remove_passed(spool: &Path, position: SegmentName) {
+    let Ok(entries) = std::fs::read_dir(spool) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if let Ok(s) = SegmentName::parse(&n, position.size()) {
+            if s.timeline() == position.timeline() && s.segno() < position.segno() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Unlocks; should that ever fail, the lock goes with the process instead (never a
