@@ -10,7 +10,9 @@
 //! pgBackRest 2.45 matches only DNS names in certificates, so it is pointed at `localhost`.
 //! * `pg_basebackup -Ft -Z zstd` to a local directory (backup only);
 //! * WAL replay: `$SB_BENCH_WAL_MB` (default 1024) of WAL written after the agent's backup,
-//!   restored with `--start`, replayed through `postgres wal-fetch` from SeaweedFS.
+//!   restored and replayed through `postgres wal-fetch` from SeaweedFS, against the same WAL
+//!   already in `pg_wal` (`$SB_BENCH_REPLAY_RUNS`, default `$SB_BENCH_RUNS`, times each,
+//!   alternating).
 //!
 //! Extra `postgres backup` options for the agent: `$SB_BENCH_AGENT_BACKUP_ARGS` (e.g.
 //! `--compress-level 1`).
@@ -303,58 +305,69 @@ fn main() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let replay_target = work.path().join("restore-replay");
     let sock = work.path().join("replay-sock");
     std::fs::create_dir_all(&sock).unwrap();
     chown_to_server_user(&sock);
-    let port = syncbridge_tests::process::free_port();
     let owner = syncbridge_tests::process::server_user()
         .map(|(u, g)| format!("{}:{}", u.as_raw(), g.as_raw()));
-    let mut replay = Command::new(&agent);
-    replay
-        .args(["restore", "--repo", &repo, "--target"])
-        .arg(&replay_target)
-        .arg("--start")
-        .arg(pg.bin_dir())
-        .arg(format!(
-            "--start-options=-p {port} -k {} -c listen_addresses=127.0.0.1",
-            sock.display()
-        ))
-        .envs(s3_env.clone());
-    if let Some(o) = &owner {
-        replay.args(["--owner", o]);
-    }
-    let out = replay.output().unwrap();
-    let mut stop = Command::new(pg.bin_dir().join("pg_ctl"));
-    stop.arg("-D")
-        .arg(&replay_target)
-        .args(["-m", "immediate", "stop"]);
-    run_as_server_user(&mut stop);
-    let _ = stop.output();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "restore with replay failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let replay_secs: f64 = text
-        .lines()
-        .find_map(|l| l.split("replay ").nth(1))
-        .and_then(|r| r.trim_end_matches('s').parse().ok())
-        .unwrap_or(f64::NAN);
-
-    // The same replay with every segment already in pg_wal and restore_command turned off:
-    // how long PostgreSQL takes when nothing has to be fetched. If wal-fetch (with its
-    // prefetch) keeps replay fed, the two times are close.
-    let local_target = work.path().join("restore-replay-local");
-    let mut r = Command::new(&agent);
-    r.args(["restore", "--repo", &repo, "--target"])
-        .arg(&local_target)
-        .envs(s3_env.clone());
-    if let Some(o) = &owner {
-        r.args(["--owner", o]);
-    }
-    run(&mut r, "agent restore (for the local replay)");
+    // A fresh restore of the latest point: recovery settings call wal-fetch.
+    let restore_latest = |target: &std::path::Path| {
+        let mut r = Command::new(&agent);
+        r.args(["restore", "--repo", &repo, "--target"])
+            .arg(target)
+            .envs(s3_env.clone());
+        if let Some(o) = &owner {
+            r.args(["--owner", o]);
+        }
+        run(&mut r, "agent restore (for replay)");
+    };
+    // Starts a restored cluster and times it from `pg_ctl start` until it has promoted:
+    // the same clock for both ways of feeding WAL.
+    let timed_replay = |target: &std::path::Path| -> f64 {
+        let port = syncbridge_tests::process::free_port();
+        let t = Instant::now();
+        let mut start = Command::new(pg.bin_dir().join("pg_ctl"));
+        start
+            .arg("-D")
+            .arg(target)
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1",
+                sock.display()
+            ))
+            .arg("-l")
+            .arg(target.join("replay.log"))
+            .args(["-W", "start"])
+            // restore_command (wal-fetch) takes the repository credentials from here.
+            .envs(s3_env.clone());
+        run_as_server_user(&mut start);
+        assert!(start.status().unwrap().success(), "pg_ctl start (replay)");
+        loop {
+            let out = Command::new(pg.client_binary("psql"))
+                .args(["-XAtq", "-h"])
+                .arg(&sock)
+                .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+                .args(["-c", "SELECT pg_is_in_recovery()"])
+                .env("PGPASSWORD", syncbridge_tests::pg::SUPERUSER_PASSWORD)
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).trim() == "f" {
+                break;
+            }
+            let log = std::fs::read_to_string(target.join("replay.log")).unwrap_or_default();
+            assert!(
+                !log.contains("startup process failure") && t.elapsed() < Duration::from_secs(600),
+                "replay did not finish: {log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let mut stop = Command::new(pg.bin_dir().join("pg_ctl"));
+        stop.arg("-D").arg(target).args(["-m", "immediate", "stop"]);
+        run_as_server_user(&mut stop);
+        let _ = stop.output();
+        secs
+    };
     let listed = Command::new(&agent)
         .args(["repo", "ls", "--repo", &repo, "postgres/wal/"])
         .envs(s3_env.clone())
@@ -372,84 +385,60 @@ fn main() {
         let next = u64::from_str_radix(&last[16..], 16).unwrap() + 1;
         names.push(format!("{}{next:08X}", &last[..16]));
     }
-    let pg_wal = local_target.join("pg_wal");
-    for name in &names {
-        let dest = pg_wal.join(name);
-        let ok = Command::new(&agent)
-            .args([
-                "postgres",
-                "wal-fetch",
-                "--repo",
-                &repo,
-                "--prefetch",
-                "0",
-                name,
-            ])
-            .arg(&dest)
-            .envs(s3_env.clone())
-            .status()
-            .unwrap()
-            .success();
-        if ok {
-            chown_to_server_user(&dest);
+    // Replay through wal-fetch (prefetching from SeaweedFS) and the same replay with every
+    // segment already in pg_wal and restore_command turned off, which is how long
+    // PostgreSQL takes when nothing has to be fetched. If wal-fetch keeps replay fed the
+    // two are close. They alternate which goes first, and before each the source's
+    // checkpoint and all dirty pages are flushed, so neither pays for earlier writeback.
+    let replay_runs: usize = std::env::var("SB_BENCH_REPLAY_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(runs)
+        .max(1);
+    let (mut fetch_replays, mut local_replays) = (Vec::new(), Vec::new());
+    for i in 0..replay_runs {
+        for local in [i % 2 == 1, i % 2 == 0] {
+            let target = work.path().join(format!("restore-replay-{i}-{local}"));
+            restore_latest(&target);
+            if local {
+                let pg_wal = target.join("pg_wal");
+                for name in &names {
+                    let dest = pg_wal.join(name);
+                    let ok = Command::new(&agent)
+                        .args(["postgres", "wal-fetch", "--repo", &repo, "--prefetch", "0"])
+                        .arg(name)
+                        .arg(&dest)
+                        .envs(s3_env.clone())
+                        .status()
+                        .unwrap()
+                        .success();
+                    if ok {
+                        chown_to_server_user(&dest);
+                    }
+                }
+                let auto_conf = target.join("postgresql.auto.conf");
+                let mut conf = std::fs::read_to_string(&auto_conf).unwrap();
+                conf.push_str("restore_command = 'false'\n");
+                std::fs::write(&auto_conf, conf).unwrap();
+            }
+            pg.sql_blocking("CHECKPOINT");
+            flush();
+            let secs = timed_replay(&target);
+            if local {
+                local_replays.push(secs);
+            } else {
+                fetch_replays.push(secs);
+            }
+            let _ = std::fs::remove_dir_all(&target);
         }
     }
-    let auto_conf = local_target.join("postgresql.auto.conf");
-    let mut conf = std::fs::read_to_string(&auto_conf).unwrap();
-    conf.push_str("restore_command = 'false'\n");
-    std::fs::write(&auto_conf, conf).unwrap();
-    let local_port = syncbridge_tests::process::free_port();
-    let t = Instant::now();
-    let mut start = Command::new(pg.bin_dir().join("pg_ctl"));
-    start
-        .arg("-D")
-        .arg(&local_target)
-        .arg("-o")
-        .arg(format!(
-            "-p {local_port} -k {} -c listen_addresses=127.0.0.1",
-            sock.display()
-        ))
-        .arg("-l")
-        .arg(local_target.join("replay.log"))
-        .arg("start");
-    run_as_server_user(&mut start);
-    assert!(
-        start.status().unwrap().success(),
-        "pg_ctl start (local replay)"
-    );
-    loop {
-        let out = Command::new(pg.client_binary("psql"))
-            .args(["-XAtq", "-h"])
-            .arg(&sock)
-            .args([
-                "-p",
-                &local_port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
-            .args(["-c", "SELECT pg_is_in_recovery()"])
-            .env("PGPASSWORD", syncbridge_tests::pg::SUPERUSER_PASSWORD)
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&out.stdout).trim() == "f" {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(600),
-            "local replay did not finish: {}",
-            std::fs::read_to_string(local_target.join("replay.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let local_replay_secs = t.elapsed().as_secs_f64();
-    let mut stop = Command::new(pg.bin_dir().join("pg_ctl"));
-    stop.arg("-D")
-        .arg(&local_target)
-        .args(["-m", "immediate", "stop"]);
-    run_as_server_user(&mut stop);
-    let _ = stop.output();
+    eprintln!("replay runs (s): wal-fetch {fetch_replays:.1?}, local pg_wal {local_replays:.1?}");
+    let median_f = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (replay_secs, local_replay_secs) = (median_f(&fetch_replays), median_f(&local_replays));
 
     let _ = stream.kill();
     let _ = stream.wait();

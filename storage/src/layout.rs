@@ -7,6 +7,8 @@
 //! postgres/wal/<tli 8 hex>/<segment 24 hex>         a complete WAL segment, as named in pg_wal
 //! postgres/wal/<tli>/<segment>.partial.<end 8 hex>  the segment's first <end> bytes (low RPO)
 //! postgres/wal/<tli>/<tli>.history                  timeline history file
+//! postgres/conflicts/<file>.<unix ms>               a streamed segment or history file that
+//!                                                   differed from the stored one (kept, never used)
 //! postgres/base/<backup-id>/data/<seq 10 digits>    base backup data chunks, in stream order
 //! postgres/base/<backup-id>/backup_manifest         the server's backup_manifest
 //! postgres/base/<backup-id>/backup.json             agent's backup manifest, written LAST
@@ -243,6 +245,22 @@ pub fn wal_partial(segment: &WalSegmentName, end_offset: u32) -> RepoKey {
 /// A timeline history file `0000000N.history` (PostgreSQL's `TLHistoryFileName`).
 pub fn timeline_history(tli: TimelineId) -> RepoKey {
     RepoKey(format!("postgres/wal/{tli}/{tli}.history"))
+}
+
+/// Where the agent keeps its own version of a WAL segment or history file that differs
+/// from the one already stored: outside `postgres/wal/` so nothing ever restores from it,
+/// inside the repository so it outlives the agent's container and can be compared.
+/// `unix_ms` keeps repeated conflicts of one file apart.
+pub fn wal_conflict(original: &WalObject, unix_ms: u64) -> RepoKey {
+    let name = match original {
+        WalObject::Segment(s) => s.to_string(),
+        WalObject::Partial {
+            segment,
+            end_offset,
+        } => format!("{segment}.partial.{end_offset:08X}"),
+        WalObject::History(t) => format!("{t}.history"),
+    };
+    RepoKey(format!("postgres/conflicts/{name}.{unix_ms}"))
 }
 
 /// What a key under `postgres/wal/` is.
@@ -532,6 +550,13 @@ mod tests {
         let h = timeline_history(tli);
         assert_eq!(h.as_str(), "postgres/wal/00000003/00000003.history");
         assert_eq!(parse_wal_key(&h), Some(WalObject::History(tli)));
+        let c = wal_conflict(&WalObject::History(tli), 1_795_000_000_123);
+        assert_eq!(
+            c.as_str(),
+            "postgres/conflicts/00000003.history.1795000000123"
+        );
+        assert!(parse_wal_key(&c).is_none() && !c.starts_with(&wal_prefix()));
+        assert!(RepoKey::parse(c.as_str()).is_ok());
         assert!(WalSegmentName::parse("000000010000000000000003x").is_err());
         assert!(WalSegmentName::parse("00000001000000000000000a").is_err());
         assert!(WalSegmentName::parse("000000000000000000000003").is_err());

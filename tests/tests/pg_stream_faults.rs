@@ -6,21 +6,8 @@ mod pg_support;
 
 use std::time::Duration;
 
-use pg_support::{repo, run_agent, text, wait_until, AgentProcess};
+use pg_support::{repo, run_agent, stream_args, text, wait_until, AgentProcess};
 use syncbridge_tests::pg::{PgCluster, PgVersion};
-
-fn stream_args<'a>(src: &'a str, url: &'a str) -> Vec<&'a str> {
-    vec![
-        "postgres",
-        "stream",
-        "--source",
-        src,
-        "--repo",
-        url,
-        "--max-lag",
-        "200ms",
-    ]
-}
 
 #[test]
 fn slot_in_use_and_foreign_repository_are_refused_clearly() {

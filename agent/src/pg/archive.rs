@@ -127,14 +127,10 @@ pub async fn put_immutable(
                 tracing::debug!(%key, "already in the repository with identical content");
                 return Ok(());
             }
-            let saved =
-                std::env::temp_dir().join(format!("syncbridge-conflict-{}", key.file_name()));
-            let kept = std::fs::write(&saved, chunks.concat())
-                .map(|_| format!("; our version was saved to {}", saved.display()))
-                .unwrap_or_default();
+            let kept = keep_conflicting_copy(repo, key, kind, chunks).await;
             Err(Fatal(format!(
                 "{key} already exists in the repository with DIFFERENT content (stored sha256 {}, {} bytes; streamed sha256 {}, {len} bytes). \
-                 The stored object was not overwritten{kept}. Is another cluster or agent writing to this repository?",
+                 The stored object was not overwritten; {kept}. Is another cluster or agent writing to this repository?",
                 theirs.sha256_hex(),
                 theirs.original_len,
                 hex::encode(ours),
@@ -142,6 +138,39 @@ pub async fn put_immutable(
             .into())
         }
         Err(e) => Err(anyhow::Error::new(e).context(format!("storing {key}"))),
+    }
+}
+
+/// Saves our differing version of `key` where nothing restores from it: in the repository
+/// under `postgres/conflicts/` (it survives the agent's container), or in $TMPDIR when the
+/// repository will not take it. Says where it went, for the error message.
+async fn keep_conflicting_copy(
+    repo: &Repository,
+    key: &RepoKey,
+    kind: ContentKind,
+    chunks: &[Bytes],
+) -> String {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let repo_err = match layout::parse_wal_key(key) {
+        Some(object) => {
+            let conflict = layout::wal_conflict(&object, stamp);
+            match put_chunks(repo, &conflict, kind, chunks, PutMode::CreateNew, None).await {
+                Ok(()) => return format!("our version was saved as {conflict}"),
+                Err(e) => format!("saving it as {conflict} failed: {e}"),
+            }
+        }
+        None => format!("{key} is not a WAL key"),
+    };
+    let saved =
+        std::env::temp_dir().join(format!("syncbridge-conflict-{}.{stamp}", key.file_name()));
+    match std::fs::write(&saved, chunks.concat()) {
+        Ok(()) => format!("our version was saved to {} ({repo_err})", saved.display()),
+        Err(e) => format!(
+            "our version could not be saved ({repo_err}; {}: {e})",
+            saved.display()
+        ),
     }
 }
 
@@ -226,5 +255,61 @@ impl RepoWal {
             missing.extend(w[0] + 1..w[1]);
         }
         missing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn chunks(text: &[u8]) -> Vec<Bytes> {
+        text.chunks(3).map(Bytes::copy_from_slice).collect()
+    }
+
+    #[tokio::test]
+    async fn immutable_objects_keep_both_versions_on_conflict() {
+        let repo = Repository::open("memory:///", storage::RepoOptions::default()).unwrap();
+        let seg = SegmentName::parse(
+            "000000010000000000000003",
+            WalSegmentSize::new(16 << 20).unwrap(),
+        )
+        .unwrap();
+        let key = segment_key(seg).unwrap();
+        let kind = ContentKind::WalSegment;
+        put_immutable(&repo, &key, kind, &chunks(b"original wal"), None)
+            .await
+            .unwrap();
+        // The same bytes again (a restart re-sending a segment): a no-op.
+        put_immutable(&repo, &key, kind, &chunks(b"original wal"), None)
+            .await
+            .unwrap();
+
+        let err = put_immutable(&repo, &key, kind, &chunks(b"diverged wal"), None)
+            .await
+            .unwrap_err();
+        assert!(err.downcast_ref::<Fatal>().is_some(), "{err:#}");
+        let text = err.to_string();
+        assert!(
+            text.contains("DIFFERENT") && text.contains(key.as_str()),
+            "{text}"
+        );
+        // The stored object is untouched; ours is in the repository, outside postgres/wal/.
+        assert_eq!(repo.get(&key).await.unwrap(), &b"original wal"[..]);
+        let saved = repo
+            .list(&RepoKey::parse("postgres/conflicts").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(saved.len(), 1, "{saved:?}");
+        assert!(text.contains(saved[0].key.as_str()), "{text}");
+        assert!(saved[0]
+            .key
+            .file_name()
+            .starts_with("000000010000000000000003."));
+        assert_eq!(repo.get(&saved[0].key).await.unwrap(), &b"diverged wal"[..]);
+        let wal = RepoWal::load(&repo, WalSegmentSize::new(16 << 20).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(wal.segments.len(), 1);
     }
 }

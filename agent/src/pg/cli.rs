@@ -139,9 +139,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[derive(Debug, Args, Clone)]
 pub struct SourceArgs {
     /// libpq connection URL or keyword string (sslmode, sslrootcert, sslcert, sslkey,
-    /// channel_binding, passfile, connect_timeout as in libpq); PGHOST, PGPORT, PGUSER,
-    /// PGPASSWORD, PGPASSFILE, PGSSLMODE, PGCHANNELBINDING, PGAPPNAME… fill what it leaves
-    /// out.
+    /// channel_binding, passfile, connect_timeout, target_session_attrs as in libpq);
+    /// PGHOST, PGPORT, PGUSER, PGPASSWORD, PGPASSFILE, PGSSLMODE, PGCHANNELBINDING,
+    /// PGAPPNAME… fill what it leaves out. Several hosts (`host=db1,db2` or
+    /// `postgres://db1,db2/postgres`) are tried in order; with
+    /// `target_session_attrs=read-write` the stream follows a failover.
     #[arg(long, env = "SYNCBRIDGE_PG_SOURCE", default_value = "")]
     pub source: String,
 }

@@ -23,7 +23,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::net::{TcpStream, UnixStream};
 
 use super::channel_binding;
-use super::conninfo::{ChannelBinding as ChannelBindingPolicy, ConnInfo, Host, SslMode};
+use super::conninfo::{
+    ChannelBinding as ChannelBindingPolicy, ConnInfo, Host, SslMode, TargetSessionAttrs,
+};
 use super::tls;
 use wire::pg::frame::{next_frame, DEFAULT_MAX_FRAME_BODY};
 
@@ -175,6 +177,8 @@ pub struct PgConnection {
     params: HashMap<String, String>,
     user: String,
     endpoint: String,
+    /// The server of the source this connection reached (single-server).
+    server: ConnInfo,
     /// Whether the connection is TLS.
     tls: bool,
     /// `tls-server-end-point` data of the server's certificate (TLS only, when computable).
@@ -193,8 +197,86 @@ impl fmt::Debug for PgConnection {
 }
 
 impl PgConnection {
-    /// Connects, negotiates TLS per `sslmode`, starts up and authenticates.
+    /// Connects, negotiates TLS per `sslmode`, starts up and authenticates. A multi-host
+    /// source is tried server by server, like libpq, until one accepts the connection and
+    /// is of the kind `target_session_attrs` asks for.
     pub async fn connect(
+        info: &ConnInfo,
+        mode: ConnectMode,
+        default_app_name: &str,
+    ) -> Result<PgConnection> {
+        let servers = info.servers();
+        let attrs = info.target_session_attrs;
+        if servers.len() == 1 && attrs == TargetSessionAttrs::Any {
+            return PgConnection::connect_one(info, mode, default_app_name).await;
+        }
+        // prefer-standby: a first pass for standbys only, then anything.
+        let passes: &[TargetSessionAttrs] = match attrs {
+            TargetSessionAttrs::PreferStandby => {
+                &[TargetSessionAttrs::Standby, TargetSessionAttrs::Any]
+            }
+            other => &[other][..],
+        };
+        let mut refused = Vec::new();
+        let mut last_error = None;
+        for &want in passes {
+            for server in &servers {
+                match PgConnection::connect_one(server, mode, default_app_name).await {
+                    Ok(conn) => match conn.unsuitable_for(want) {
+                        None => return Ok(conn),
+                        Some(why) => {
+                            refused.push(format!("{}: {why}", server.describe()));
+                            conn.close().await;
+                        }
+                    },
+                    Err(e) => {
+                        refused.push(format!("{}: {e:#}", server.describe()));
+                        last_error = Some(e);
+                    }
+                }
+            }
+        }
+        let summary = format!(
+            "no server of the source was usable (target_session_attrs={}): {}",
+            attrs.as_str(),
+            refused.join("; ")
+        );
+        // Keep the last connection error's type (retry vs fatal decisions depend on it).
+        Err(match last_error {
+            Some(e) => e.context(summary),
+            None => anyhow!(summary),
+        })
+    }
+
+    /// Why this server is not what `want` asks for, or `None` when it is.
+    fn unsuitable_for(&self, want: TargetSessionAttrs) -> Option<String> {
+        let on = |name: &str| self.parameter(name).map(|v| v == "on");
+        let (Some(standby), Some(read_only)) =
+            (on("in_hot_standby"), on("default_transaction_read_only"))
+        else {
+            return (want != TargetSessionAttrs::Any).then(|| {
+                "did not report in_hot_standby/default_transaction_read_only (PostgreSQL 14 or later is needed for target_session_attrs)".to_string()
+            });
+        };
+        let ok = match want {
+            TargetSessionAttrs::Any | TargetSessionAttrs::PreferStandby => true,
+            TargetSessionAttrs::ReadWrite => !standby && !read_only,
+            TargetSessionAttrs::ReadOnly => standby || read_only,
+            TargetSessionAttrs::Primary => !standby,
+            TargetSessionAttrs::Standby => standby,
+        };
+        (!ok).then(|| {
+            format!(
+                "is {} (in_hot_standby={}, default_transaction_read_only={}), not {}",
+                if standby { "a standby" } else { "a primary" },
+                if standby { "on" } else { "off" },
+                if read_only { "on" } else { "off" },
+                want.as_str()
+            )
+        })
+    }
+
+    async fn connect_one(
         info: &ConnInfo,
         mode: ConnectMode,
         default_app_name: &str,
@@ -275,6 +357,7 @@ impl PgConnection {
             params: HashMap::new(),
             user: info.user.clone(),
             endpoint,
+            server: info.clone(),
             tls: tls_on,
             end_point,
             bound: false,
@@ -466,6 +549,12 @@ impl PgConnection {
             (true, false) => "TLS, login not channel-bound",
             (true, true) => "TLS, SCRAM channel binding (tls-server-end-point)",
         }
+    }
+
+    /// The server this connection reached, as a single-server source: a second connection
+    /// to the same server (of a multi-host source) uses it.
+    pub fn server(&self) -> &ConnInfo {
+        &self.server
     }
 
     /// `host:port` of the server, for messages.

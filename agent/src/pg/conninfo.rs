@@ -74,13 +74,75 @@ pub enum Host {
     Socket(PathBuf),
 }
 
-/// A validated connection source.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
+/// One more server of a multi-host source (`host=a,b,c`), tried in order after the first
+/// like libpq does, so a source listing every node of a cluster finds the one to use after
+/// a failover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherServer {
     /// Server location.
     pub host: Host,
     /// Port (TCP) or socket suffix.
     pub port: u16,
+    /// Password for this server (the password file is looked up per host).
+    pub password: Option<String>,
+}
+
+/// libpq's `target_session_attrs`: which kind of server of a multi-host source is
+/// acceptable. Read from the `in_hot_standby` and `default_transaction_read_only` values
+/// the server reports at startup (PostgreSQL 14+).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetSessionAttrs {
+    /// The first server that accepts the connection.
+    Any,
+    /// Not in recovery and not read-only by default.
+    ReadWrite,
+    /// In recovery or read-only by default.
+    ReadOnly,
+    /// Not in recovery.
+    Primary,
+    /// In recovery.
+    Standby,
+    /// A standby if any is reachable, else any server.
+    PreferStandby,
+}
+
+impl TargetSessionAttrs {
+    fn parse(v: &str) -> Result<TargetSessionAttrs> {
+        Ok(match v {
+            "any" => TargetSessionAttrs::Any,
+            "read-write" => TargetSessionAttrs::ReadWrite,
+            "read-only" => TargetSessionAttrs::ReadOnly,
+            "primary" => TargetSessionAttrs::Primary,
+            "standby" => TargetSessionAttrs::Standby,
+            "prefer-standby" => TargetSessionAttrs::PreferStandby,
+            other => bail!("invalid target_session_attrs {other:?}: expected any, read-write, read-only, primary, standby or prefer-standby"),
+        })
+    }
+
+    /// The libpq spelling, for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::ReadWrite => "read-write",
+            TargetSessionAttrs::ReadOnly => "read-only",
+            TargetSessionAttrs::Primary => "primary",
+            TargetSessionAttrs::Standby => "standby",
+            TargetSessionAttrs::PreferStandby => "prefer-standby",
+        }
+    }
+}
+
+/// A validated connection source.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Server location (the first server of a multi-host source).
+    pub host: Host,
+    /// Port (TCP) or socket suffix.
+    pub port: u16,
+    /// Further servers of a multi-host source, tried in order after the first.
+    pub other_servers: Vec<OtherServer>,
+    /// Which kind of server is acceptable.
+    pub target_session_attrs: TargetSessionAttrs,
     /// Role to log in as.
     pub user: String,
     /// Password (from the string, `PGPASSWORD` or the password file).
@@ -112,7 +174,6 @@ const IGNORED_KEYS: &[&str] = &[
     "keepalives_interval",
     "keepalives_count",
     "tcp_user_timeout",
-    "target_session_attrs",
     "gssencmode",
     "sslcompression",
     "sslsni",
@@ -164,6 +225,7 @@ impl ConnInfo {
                     | "passfile"
                     | "connect_timeout"
                     | "channel_binding"
+                    | "target_session_attrs"
             );
             if !known && !IGNORED_KEYS.contains(&key.as_str()) {
                 bail!("invalid connection option {key:?}");
@@ -182,26 +244,44 @@ impl ConnInfo {
             .filter(|v| !v.is_empty())
             .or_else(|| get("host", "PGHOST"))
             .unwrap_or_else(default_host);
-        if host_text.contains(',') {
-            bail!(
-                "several hosts ({host_text}) are not supported: give the one server to stream from"
-            );
-        }
-        let host = if host_text.starts_with('/') {
-            Host::Socket(PathBuf::from(&host_text))
-        } else {
-            Host::Tcp(host_text.clone())
-        };
-        let port = match get("port", "PGPORT") {
-            Some(p) => p
+        let hosts: Vec<Host> = host_text
+            .split(',')
+            .map(|h| match h.trim() {
+                "" => bail!("empty host name in {host_text:?}"),
+                h if h.starts_with('/') => Ok(Host::Socket(PathBuf::from(h))),
+                h => Ok(Host::Tcp(h.to_string())),
+            })
+            .collect::<Result<_>>()?;
+        let parse_port = |p: &str| match p.trim() {
+            "" => Ok(5432),
+            p => p
                 .parse::<u16>()
-                .with_context(|| format!("invalid port {p:?}"))?,
-            None => 5432,
+                .with_context(|| format!("invalid port {p:?}")),
+        };
+        let ports: Vec<u16> = match get("port", "PGPORT") {
+            None => vec![5432; hosts.len()],
+            Some(text) => {
+                let list = text
+                    .split(',')
+                    .map(parse_port)
+                    .collect::<Result<Vec<_>>>()?;
+                match list.len() {
+                    1 => vec![list[0]; hosts.len()],
+                    n if n == hosts.len() => list,
+                    n => bail!(
+                        "{n} ports ({text}) for {} hosts ({host_text}): give one port for all or one per host",
+                        hosts.len()
+                    ),
+                }
+            }
         };
         let user = get("user", "PGUSER")
             .or_else(|| env("USER"))
             .context("no user given: set user= in the connection string or PGUSER")?;
         let dbname = get("dbname", "PGDATABASE").unwrap_or_else(|| user.clone());
+        let target_session_attrs = TargetSessionAttrs::parse(
+            &get("target_session_attrs", "PGTARGETSESSIONATTRS").unwrap_or_else(|| "any".into()),
+        )?;
         let sslmode =
             SslMode::parse(&get("sslmode", "PGSSLMODE").unwrap_or_else(|| "prefer".into()))?;
         let channel_binding = ChannelBinding::parse(
@@ -230,24 +310,40 @@ impl ConnInfo {
         let sslkey = get("sslkey", "PGSSLKEY")
             .map(PathBuf::from)
             .or_else(|| pg_home_file("postgresql.key"));
-        let mut password = get("password", "PGPASSWORD");
-        if password.is_none() {
-            let passfile = get("passfile", "PGPASSFILE")
-                .map(PathBuf::from)
-                .or_else(|| home.as_ref().map(|h| h.join(".pgpass")));
-            if let Some(file) = passfile {
-                let host_key = match &host {
-                    Host::Tcp(h) => h.clone(),
-                    Host::Socket(_) => "localhost".to_string(),
-                };
-                password = lookup_passfile(&file, &host_key, port, &dbname, &user)?;
+        let given_password = get("password", "PGPASSWORD");
+        let passfile = get("passfile", "PGPASSFILE")
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(".pgpass")));
+        let password_for = |host: &Host, port: u16| -> Result<Option<String>> {
+            if given_password.is_some() {
+                return Ok(given_password.clone());
             }
+            let Some(file) = &passfile else {
+                return Ok(None);
+            };
+            let host_key = match host {
+                Host::Tcp(h) => h.clone(),
+                Host::Socket(_) => "localhost".to_string(),
+            };
+            lookup_passfile(file, &host_key, port, &dbname, &user)
+        };
+        let mut servers = Vec::with_capacity(hosts.len());
+        for (host, port) in hosts.into_iter().zip(ports) {
+            let password = password_for(&host, port)?;
+            servers.push(OtherServer {
+                host,
+                port,
+                password,
+            });
         }
+        let first = servers.remove(0);
         Ok(ConnInfo {
-            host,
-            port,
+            host: first.host,
+            port: first.port,
+            other_servers: servers,
+            target_session_attrs,
             user,
-            password,
+            password: first.password,
             dbname,
             application_name: get("application_name", "PGAPPNAME"),
             sslmode,
@@ -259,7 +355,27 @@ impl ConnInfo {
         })
     }
 
-    /// `host:port` or the socket path, for messages.
+    /// Every server of the source in the order to try them, each as a single-server
+    /// source.
+    pub fn servers(&self) -> Vec<ConnInfo> {
+        let first = ConnInfo {
+            other_servers: Vec::new(),
+            ..self.clone()
+        };
+        let mut out = vec![first.clone()];
+        for o in &self.other_servers {
+            out.push(ConnInfo {
+                host: o.host.clone(),
+                port: o.port,
+                password: o.password.clone(),
+                ..first.clone()
+            });
+        }
+        out
+    }
+
+    /// `host:port` or the socket path, for messages (the first server of a multi-host
+    /// source).
     pub fn describe(&self) -> String {
         match &self.host {
             Host::Tcp(h) if h.contains(':') => format!("[{h}]:{}", self.port),
@@ -472,22 +588,28 @@ fn parse_url(s: &str) -> Result<BTreeMap<String, String>> {
         None => authority,
     };
     if !hostport.is_empty() {
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (h, after) = v6
-                .split_once(']')
-                .context("unterminated [IPv6] host in connection URL")?;
-            (h.to_string(), after.strip_prefix(':').map(str::to_string))
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p.to_string())),
-                None => (hostport.to_string(), None),
-            }
-        };
-        if !host.is_empty() {
-            out.insert("host".into(), percent_decode(&host)?);
+        // `host1:port1,host2,[::1]:port3`: one host list and one port list, as libpq.
+        let (mut hosts, mut ports) = (Vec::new(), Vec::new());
+        for entry in hostport.split(',') {
+            let (host, port) = if let Some(v6) = entry.strip_prefix('[') {
+                let (h, after) = v6
+                    .split_once(']')
+                    .context("unterminated [IPv6] host in connection URL")?;
+                (h.to_string(), after.strip_prefix(':').unwrap_or_default())
+            } else {
+                match entry.rsplit_once(':') {
+                    Some((h, p)) => (h.to_string(), p),
+                    None => (entry.to_string(), ""),
+                }
+            };
+            hosts.push(percent_decode(&host)?);
+            ports.push(port.to_string());
         }
-        if let Some(p) = port.filter(|p| !p.is_empty()) {
-            out.insert("port".into(), p);
+        if hosts.iter().any(|h| !h.is_empty()) {
+            out.insert("host".into(), hosts.join(","));
+        }
+        if ports.iter().any(|p| !p.is_empty()) {
+            out.insert("port".into(), ports.join(","));
         }
     }
     if let Some(db) = path.filter(|p| !p.is_empty()) {
@@ -570,7 +692,44 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("channel_binding"));
-        assert!(ConnInfo::parse_with_env("host=a,b user=u", &no_env).is_err());
+    }
+
+    #[test]
+    fn several_hosts() {
+        let c = ConnInfo::parse_with_env(
+            "postgresql://u:pw@db1:5433,db2,[::1]:6000/app?target_session_attrs=read-write",
+            &no_env,
+        )
+        .unwrap();
+        let all: Vec<String> = c.servers().iter().map(ConnInfo::describe).collect();
+        assert_eq!(all, ["db1:5433", "db2:5432", "[::1]:6000"]);
+        assert!(c
+            .servers()
+            .iter()
+            .all(|s| s.password.as_deref() == Some("pw")
+                && s.other_servers.is_empty()
+                && s.dbname == "app"));
+        assert_eq!(c.target_session_attrs, TargetSessionAttrs::ReadWrite);
+
+        let c = ConnInfo::parse_with_env("host=a,/run/pg port=1,2 user=u", &no_env).unwrap();
+        assert_eq!(c.servers()[1].host, Host::Socket("/run/pg".into()));
+        assert_eq!(c.servers()[1].port, 2);
+        assert_eq!(c.target_session_attrs, TargetSessionAttrs::Any);
+        let c = ConnInfo::parse_with_env("host=a,b port=7 user=u", &no_env).unwrap();
+        assert_eq!(c.servers()[1].port, 7);
+        for (bad, why) in [
+            ("host=a,b port=1,2,3 user=u", "3 ports"),
+            ("host=a,,b user=u", "empty host"),
+            (
+                "host=a target_session_attrs=leader user=u",
+                "target_session_attrs",
+            ),
+        ] {
+            let err = ConnInfo::parse_with_env(bad, &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 
     #[test]

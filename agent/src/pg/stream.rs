@@ -203,19 +203,22 @@ async fn read_slot(
             }
         }
         // wal_status is only in the view; ask for it separately so a lost slot is reported.
-        let status = slot_status_sql(opts)
+        let status = slot_status_sql(conn.server(), opts)
             .await
             .ok()
             .flatten()
             .and_then(|(_, s)| s);
         return Ok(pos.map(|p| (p.restart_lsn, status)));
     }
-    slot_status_sql(opts).await
+    slot_status_sql(conn.server(), opts).await
 }
 
-async fn slot_status_sql(opts: &StreamOptions) -> Result<Option<(Option<Lsn>, Option<String>)>> {
-    let mut sql =
-        PgConnection::connect(&opts.source, ConnectMode::Sql, &opts.application_name).await?;
+/// Asks `server` (the one the replication connection reached) over a plain SQL connection.
+async fn slot_status_sql(
+    server: &ConnInfo,
+    opts: &StreamOptions,
+) -> Result<Option<(Option<Lsn>, Option<String>)>> {
+    let mut sql = PgConnection::connect(server, ConnectMode::Sql, &opts.application_name).await?;
     let q = format!("SELECT slot_type, restart_lsn::text, wal_status FROM pg_replication_slots WHERE slot_name = '{}'", opts.slot);
     let results = sql.simple_query(&q).await?;
     sql.close().await;

@@ -180,3 +180,18 @@ pub mod repo {
             .collect()
     }
 }
+
+/// `postgres stream` arguments from `src` into `url`, with a short `--max-lag` so tests
+/// see partials quickly.
+pub fn stream_args<'a>(src: &'a str, url: &'a str) -> Vec<&'a str> {
+    vec![
+        "postgres",
+        "stream",
+        "--source",
+        src,
+        "--repo",
+        url,
+        "--max-lag",
+        "200ms",
+    ]
+}
