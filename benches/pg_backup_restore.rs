@@ -11,8 +11,8 @@
 //! * `pg_basebackup -Ft -Z zstd` to a local directory (backup only);
 //! * WAL replay: `$SB_BENCH_WAL_MB` (default 1024) of WAL written after the agent's backup,
 //!   restored and replayed through `postgres wal-fetch` from SeaweedFS, against the same WAL
-//!   already in `pg_wal` (`$SB_BENCH_REPLAY_RUNS`, default `$SB_BENCH_RUNS`, times each,
-//!   alternating).
+//!   through `restore_command = 'cp …'` from a local directory and already in `pg_wal`
+//!   (`$SB_BENCH_REPLAY_RUNS`, default `$SB_BENCH_RUNS`, times each, order rotating).
 //!
 //! Extra `postgres backup` options for the agent: `$SB_BENCH_AGENT_BACKUP_ARGS` (e.g.
 //! `--compress-level 1`).
@@ -385,60 +385,90 @@ fn main() {
         let next = u64::from_str_radix(&last[16..], 16).unwrap() + 1;
         names.push(format!("{}{next:08X}", &last[..16]));
     }
-    // Replay through wal-fetch (prefetching from SeaweedFS) and the same replay with every
-    // segment already in pg_wal and restore_command turned off, which is how long
-    // PostgreSQL takes when nothing has to be fetched. If wal-fetch keeps replay fed the
-    // two are close. They alternate which goes first, and before each the source's
-    // checkpoint and all dirty pages are flushed, so neither pays for earlier writeback.
+    // The same WAL on local disk, fetched once: for the two controls below.
+    let archive = work.path().join("wal-archive");
+    std::fs::create_dir_all(&archive).unwrap();
+    for name in &names {
+        let dest = archive.join(name);
+        let ok = Command::new(&agent)
+            .args(["postgres", "wal-fetch", "--repo", &repo, "--prefetch", "0"])
+            .arg(name)
+            .arg(&dest)
+            .envs(s3_env.clone())
+            .status()
+            .unwrap()
+            .success();
+        if ok {
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    chown_to_server_user(&archive);
+    // Three ways to feed the same replay, each started the same way and timed on one clock:
+    // * wal-fetch: the restore as written, `restore_command` = wal-fetch from SeaweedFS;
+    // * cp: `restore_command = 'cp <local archive>/%f %p'`, the cheapest restore_command
+    //   there is: what PostgreSQL's one-file-at-a-time restore_command protocol costs;
+    // * pg_wal: every segment already in pg_wal and restore_command turned off: replay
+    //   alone, nothing fetched.
+    // If wal-fetch keeps replay fed, it is close to cp. The order rotates per run, and
+    // before each the source's checkpoint and all dirty pages are flushed.
     let replay_runs: usize = std::env::var("SB_BENCH_REPLAY_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(runs)
         .max(1);
-    let (mut fetch_replays, mut local_replays) = (Vec::new(), Vec::new());
+    // `SB_BENCH_REPLAY_NOFSYNC=1` adds wal-fetch and cp with the restored server's
+    // `fsync = off`, to show what PostgreSQL's own fsync of every segment restored through
+    // restore_command (durable_rename in KeepFileRestoredFromArchive) costs.
+    let mut ways = vec!["wal-fetch", "cp", "pg_wal"];
+    if std::env::var("SB_BENCH_REPLAY_NOFSYNC").is_ok_and(|v| v == "1") {
+        ways.extend(["wal-fetch fsync=off", "cp fsync=off"]);
+    }
+    let mut replays: Vec<Vec<f64>> = vec![Vec::new(); ways.len()];
     for i in 0..replay_runs {
-        for local in [i % 2 == 1, i % 2 == 0] {
-            let target = work.path().join(format!("restore-replay-{i}-{local}"));
+        for k in 0..ways.len() {
+            let way = (i + k) % ways.len();
+            let target = work.path().join(format!("restore-replay-{i}-{way}"));
             restore_latest(&target);
-            if local {
-                let pg_wal = target.join("pg_wal");
+            let auto_conf = target.join("postgresql.auto.conf");
+            let mut conf = std::fs::read_to_string(&auto_conf).unwrap();
+            if ways[way].starts_with("cp") {
+                conf.push_str(&format!(
+                    "restore_command = 'cp {}/%f %p'\n",
+                    archive.display()
+                ));
+            }
+            if ways[way] == "pg_wal" {
                 for name in &names {
-                    let dest = pg_wal.join(name);
-                    let ok = Command::new(&agent)
-                        .args(["postgres", "wal-fetch", "--repo", &repo, "--prefetch", "0"])
-                        .arg(name)
-                        .arg(&dest)
-                        .envs(s3_env.clone())
-                        .status()
-                        .unwrap()
-                        .success();
-                    if ok {
+                    let dest = target.join("pg_wal").join(name);
+                    if std::fs::copy(archive.join(name), &dest).is_ok() {
                         chown_to_server_user(&dest);
                     }
                 }
-                let auto_conf = target.join("postgresql.auto.conf");
-                let mut conf = std::fs::read_to_string(&auto_conf).unwrap();
                 conf.push_str("restore_command = 'false'\n");
-                std::fs::write(&auto_conf, conf).unwrap();
             }
+            if ways[way].ends_with("fsync=off") {
+                conf.push_str("fsync = off\n");
+            }
+            std::fs::write(&auto_conf, conf).unwrap();
             pg.sql_blocking("CHECKPOINT");
             flush();
-            let secs = timed_replay(&target);
-            if local {
-                local_replays.push(secs);
-            } else {
-                fetch_replays.push(secs);
-            }
+            replays[way].push(timed_replay(&target));
             let _ = std::fs::remove_dir_all(&target);
         }
     }
-    eprintln!("replay runs (s): wal-fetch {fetch_replays:.1?}, local pg_wal {local_replays:.1?}");
+    for (way, runs) in ways.iter().zip(&replays) {
+        eprintln!("replay runs (s): {way} {runs:.1?}");
+    }
     let median_f = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (replay_secs, local_replay_secs) = (median_f(&fetch_replays), median_f(&local_replays));
+    let (replay_secs, cp_replay_secs, local_replay_secs) = (
+        median_f(&replays[0]),
+        median_f(&replays[1]),
+        median_f(&replays[2]),
+    );
 
     let _ = stream.kill();
     let _ = stream.wait();
@@ -480,9 +510,13 @@ fn main() {
         pgbr_restore.as_secs_f64() / agent_restore.as_secs_f64()
     );
     println!(
-        "replay  {:.0} MB of WAL through wal-fetch from SeaweedFS: {replay_secs:.1}s ({:.1} MB/s, start to promoted); the same WAL already in pg_wal: {local_replay_secs:.1}s (fetching adds {:+.0}%)",
+        "replay  {:.0} MB of WAL, start to promoted: through wal-fetch from SeaweedFS {replay_secs:.1}s ({:.1} MB/s); restore_command cp from a local directory {cp_replay_secs:.1}s; already in pg_wal {local_replay_secs:.1}s. wal-fetch/cp {:.2}, wal-fetch/pg_wal {:.2}",
         wal_bytes as f64 / 1e6,
         wal_bytes as f64 / 1e6 / replay_secs,
-        100.0 * (replay_secs / local_replay_secs - 1.0)
+        replay_secs / cp_replay_secs,
+        replay_secs / local_replay_secs,
     );
+    for (way, runs) in ways.iter().zip(&replays).skip(3) {
+        println!("replay  {way}: {:.1}s", median_f(runs));
+    }
 }

@@ -6,34 +6,13 @@ mod pg_support;
 
 use std::time::Duration;
 
-use pg_support::{repo, stream_args, wait_until, AgentProcess};
+use pg_support::{repo, standby_of, stream_args, wait_until, AgentProcess};
 use syncbridge_tests::pg::{PgCluster, PgVersion};
 
 fn seq(name: &str) -> u64 {
     let hi = u64::from_str_radix(&name[8..16], 16).unwrap();
     let lo = u64::from_str_radix(&name[16..24], 16).unwrap();
     hi * 256 + lo
-}
-
-/// A standby of `primary` made with pg_basebackup, streaming from it.
-fn standby_of(primary: &PgCluster, version: PgVersion) -> PgCluster {
-    let standby_dir = primary.temp_dir().join("standby");
-    primary.run(
-        "pg_basebackup",
-        &[
-            "-D",
-            standby_dir.to_str().unwrap(),
-            "-R",
-            "-X",
-            "stream",
-            "-c",
-            "fast",
-        ],
-    );
-    PgCluster::builder(version)
-        .wal_keep_size_mb(1024)
-        .existing_data_dir(&standby_dir)
-        .start()
 }
 
 /// `postgres stream` from `src` into `url`.

@@ -168,6 +168,12 @@ enum Backend {
 /// Caps the bytes a simple query may buffer (replication command results are tiny).
 const MAX_RESULT_BYTES: usize = 256 * 1024 * 1024;
 
+/// Every server of a multi-host source answered, none of the kind `target_session_attrs`
+/// asks for: during a failover, until the standby is promoted, so worth waiting out.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NoSuitableServer(pub String);
+
 /// An open, authenticated connection.
 pub struct PgConnection {
     reader: ReadHalf<Box<dyn Io>>,
@@ -244,7 +250,7 @@ impl PgConnection {
         // Keep the last connection error's type (retry vs fatal decisions depend on it).
         Err(match last_error {
             Some(e) => e.context(summary),
-            None => anyhow!(summary),
+            None => NoSuitableServer(summary).into(),
         })
     }
 
@@ -612,13 +618,15 @@ impl PgConnection {
                 .await
                 .with_context(|| format!("reading from {}", self.endpoint))?;
             if n == 0 {
-                if self.rbuf.is_empty() {
-                    bail!("{} closed the connection", self.endpoint);
-                }
-                bail!(
-                    "{} closed the connection in the middle of a message",
-                    self.endpoint
-                );
+                // An I/O error underneath, so callers see a dropped connection (a server
+                // shutting down or restarting) as the transient failure it is.
+                let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                let what = if self.rbuf.is_empty() {
+                    "closed the connection"
+                } else {
+                    "closed the connection in the middle of a message"
+                };
+                return Err(anyhow::Error::new(eof).context(format!("{} {what}", self.endpoint)));
             }
         }
     }

@@ -32,7 +32,7 @@ use wire::pg::{
 use super::archive::{
     history_key, partial_key, put_chunks, put_immutable, segment_key, Fatal, RepoWal, SegmentFrames,
 };
-use super::conn::{ConnectMode, CopyMessage, PgConnection, PgServerError};
+use super::conn::{ConnectMode, CopyMessage, NoSuitableServer, PgConnection, PgServerError};
 use super::conninfo::ConnInfo;
 
 /// Validated settings of `postgres stream`.
@@ -131,6 +131,7 @@ fn is_unreachable(e: &anyhow::Error) -> bool {
         // 57P01..57P03: shutting down, starting up, cannot connect now.
         c.downcast_ref::<PgServerError>()
             .is_some_and(|s| s.code.starts_with("57P"))
+            || c.downcast_ref::<NoSuitableServer>().is_some()
             || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
                 matches!(
                     io.kind(),
@@ -140,6 +141,7 @@ fn is_unreachable(e: &anyhow::Error) -> bool {
                         | NotConnected
                         | TimedOut
                         | AddrNotAvailable
+                        | UnexpectedEof
                 )
             })
     })

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+use syncbridge_tests::pg::{PgCluster, PgVersion};
+
 /// The `syncbridge-agent` binary built by `cargo test --workspace` / `cargo nextest run
 /// --workspace` (or `cargo build -p syncbridge-agent`), next to the test executable's
 /// `deps/` directory.
@@ -194,4 +196,25 @@ pub fn stream_args<'a>(src: &'a str, url: &'a str) -> Vec<&'a str> {
         "--max-lag",
         "200ms",
     ]
+}
+
+/// A standby of `primary` made with pg_basebackup, streaming from it.
+pub fn standby_of(primary: &PgCluster, version: PgVersion) -> PgCluster {
+    let standby_dir = primary.temp_dir().join("standby");
+    primary.run(
+        "pg_basebackup",
+        &[
+            "-D",
+            standby_dir.to_str().unwrap(),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        ],
+    );
+    PgCluster::builder(version)
+        .wal_keep_size_mb(1024)
+        .existing_data_dir(&standby_dir)
+        .start()
 }
