@@ -166,3 +166,34 @@ fn sslmode_require_fails_clearly_without_server_tls() {
     let out = run_agent(&["postgres", "check", "--source", &url]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// A multi-host source whose first host accepts TCP but never answers (a hung or
+/// half-dead node): each host gets 10 s by default, then the next one is used.
+#[test]
+fn multi_host_source_moves_past_a_silent_host() {
+    let pg = PgCluster::start(PgVersion::V17);
+    // Bound and listening, never accepting: connects succeed, nothing is ever answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let src = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=replicator password={REPLICATION_PASSWORD} dbname=postgres",
+        silent.local_addr().unwrap().port(),
+        pg.port()
+    );
+    let started = std::time::Instant::now();
+    let out = run_agent(&["postgres", "check", "--source", &src]);
+    let waited = started.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("server:            127.0.0.1:{}", pg.port())),
+        "{}",
+        text(&out)
+    );
+    // It did wait for the silent host (so the timeout is what moved it on), and not for
+    // the kernel's TCP timeout.
+    assert!(
+        waited >= std::time::Duration::from_secs(9) && waited < std::time::Duration::from_secs(60),
+        "took {waited:?}"
+    );
+    drop(silent);
+}

@@ -142,8 +142,9 @@ pub struct SourceArgs {
     /// channel_binding, passfile, connect_timeout, target_session_attrs as in libpq);
     /// PGHOST, PGPORT, PGUSER, PGPASSWORD, PGPASSFILE, PGSSLMODE, PGCHANNELBINDING,
     /// PGAPPNAME… fill what it leaves out. Several hosts (`host=db1,db2` or
-    /// `postgres://db1,db2/postgres`) are tried in order; with
-    /// `target_session_attrs=read-write` the stream follows a failover.
+    /// `postgres://db1,db2/postgres`) are tried in order, each for at most connect_timeout
+    /// (10 s when not set); with `target_session_attrs=read-write` the stream follows a
+    /// failover.
     #[arg(long, env = "SYNCBRIDGE_PG_SOURCE", default_value = "")]
     pub source: String,
 }

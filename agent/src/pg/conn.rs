@@ -168,6 +168,9 @@ enum Backend {
 /// Caps the bytes a simple query may buffer (replication command results are tiny).
 const MAX_RESULT_BYTES: usize = 256 * 1024 * 1024;
 
+/// Per-server connect timeout for a multi-host source without `connect_timeout`.
+const MULTI_HOST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Every server of a multi-host source answered, none of the kind `target_session_attrs`
 /// asks for: during a failover, until the standby is promoted, so worth waiting out.
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +230,13 @@ impl PgConnection {
         let mut last_error = None;
         for &want in passes {
             for server in &servers {
+                // A host that vanished without a trace (no RST) must not hold up the next
+                // one for the kernel's two-minute TCP timeout.
+                let mut server = server.clone();
+                if servers.len() > 1 && server.connect_timeout.is_none() {
+                    server.connect_timeout = Some(MULTI_HOST_CONNECT_TIMEOUT);
+                }
+                let server = &server;
                 match PgConnection::connect_one(server, mode, default_app_name).await {
                     Ok(conn) => match conn.unsuitable_for(want) {
                         None => return Ok(conn),
