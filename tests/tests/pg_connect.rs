@@ -197,3 +197,59 @@ fn multi_host_source_moves_past_a_silent_host() {
     );
     drop(silent);
 }
+
+/// `postgres check` on a multi-host source lists every server with its role and cluster,
+/// and fails when the list mixes clusters (a failover between them could never continue
+/// the same repository).
+#[test]
+fn check_lists_each_server_and_refuses_mixed_clusters() {
+    let a = PgCluster::start(PgVersion::V17);
+    let b = PgCluster::start(PgVersion::V17);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead); // nothing listens there now: connection refused
+    let src = |ports: &str| {
+        format!(
+            "host=127.0.0.1,127.0.0.1 port={ports} user=replicator password={REPLICATION_PASSWORD} dbname=postgres"
+        )
+    };
+
+    let out = run_agent(&[
+        "postgres",
+        "check",
+        "--source",
+        &src(&format!("{dead_port},{}", a.port())),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("127.0.0.1:{dead_port}: not reachable")),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "127.0.0.1:{}: primary, system_identifier {}",
+            a.port(),
+            sysid(&a)
+        )),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stdout.contains(&format!("server:            127.0.0.1:{}", a.port())),
+        "{}",
+        text(&out)
+    );
+
+    let out = run_agent(&[
+        "postgres",
+        "check",
+        "--source",
+        &src(&format!("{},{}", a.port(), b.port())),
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("2 different clusters"), "{}", text(&out));
+    assert!(stdout.contains(&sysid(&b)), "{}", text(&out));
+}

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use super::conn::{ConnectMode, PgConnection};
-use super::conninfo::ConnInfo;
+use super::conn::{ConnectMode, PgConnection, MULTI_HOST_CONNECT_TIMEOUT};
+use super::conninfo::{ConnInfo, TargetSessionAttrs};
 use wire::pg::commands::IdentifySystem;
 use wire::pg::WalSegmentSize;
 
@@ -22,7 +22,9 @@ pub struct PostgresArgs {
 #[derive(Debug, Subcommand)]
 enum PostgresCommand {
     /// Connect over the replication protocol and print what the agent would stream from:
-    /// system identifier, timeline, WAL position, segment size, server version.
+    /// system identifier, timeline, WAL position, segment size, server version. With
+    /// several hosts, first each server's role and cluster; fails if they are not one
+    /// cluster.
     Check(CheckArgs),
     /// Stream WAL continuously into the repository over a physical replication slot, like
     /// pg_receivewal: every segment becomes one object named as in pg_wal; the segment in
@@ -155,6 +157,63 @@ struct CheckArgs {
     source: SourceArgs,
 }
 
+/// Prints every server of a multi-host source: its role and cluster, or why it cannot be
+/// reached. False when the reachable ones belong to different clusters (a failover to
+/// any of them would then be refused by the repository).
+async fn check_each_server(info: &ConnInfo) -> bool {
+    println!(
+        "servers (target_session_attrs={}):",
+        info.target_session_attrs.as_str()
+    );
+    let mut clusters = std::collections::BTreeSet::new();
+    for mut server in info.servers() {
+        server.target_session_attrs = TargetSessionAttrs::Any;
+        server.connect_timeout = server.connect_timeout.or(Some(MULTI_HOST_CONNECT_TIMEOUT));
+        let described = server.describe();
+        let conn = PgConnection::connect(&server, ConnectMode::Physical, "syncbridge").await;
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                println!("  {described}: not reachable: {e:#}");
+                continue;
+            }
+        };
+        let role = match conn.parameter("in_hot_standby") {
+            Some("on") => "standby",
+            Some(_) => "primary",
+            None => "unknown role",
+        };
+        let ident = conn
+            .simple_query("IDENTIFY_SYSTEM")
+            .await
+            .ok()
+            .and_then(|r| {
+                r.first()
+                    .and_then(|r| r.row(0))
+                    .and_then(|row| IdentifySystem::from_row(&row).ok())
+            });
+        match ident {
+            Some(id) => {
+                println!(
+                    "  {described}: {role}, system_identifier {}, timeline {}",
+                    id.system_id, id.timeline
+                );
+                clusters.insert(id.system_id);
+            }
+            None => println!("  {described}: {role}, IDENTIFY_SYSTEM failed"),
+        }
+        conn.close().await;
+    }
+    if clusters.len() > 1 {
+        println!(
+            "error: the servers belong to {} different clusters; list only the nodes of one cluster (a primary and its standbys)",
+            clusters.len()
+        );
+        return false;
+    }
+    true
+}
+
 /// Runs a `postgres` sub-command.
 pub fn run(args: PostgresArgs) -> Result<ExitCode> {
     if let PostgresCommand::WalFetch(a) = &args.command {
@@ -175,6 +234,9 @@ pub fn run(args: PostgresArgs) -> Result<ExitCode> {
 
 async fn check(args: CheckArgs) -> Result<ExitCode> {
     let info = ConnInfo::parse(&args.source.source).context("reading --source")?;
+    if !info.other_servers.is_empty() && !check_each_server(&info).await {
+        return Ok(ExitCode::FAILURE);
+    }
     let mut conn = PgConnection::connect(&info, ConnectMode::Physical, "syncbridge").await?;
     let ident = conn.simple_query("IDENTIFY_SYSTEM").await?;
     let row = ident

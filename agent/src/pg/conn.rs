@@ -169,7 +169,7 @@ enum Backend {
 const MAX_RESULT_BYTES: usize = 256 * 1024 * 1024;
 
 /// Per-server connect timeout for a multi-host source without `connect_timeout`.
-const MULTI_HOST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const MULTI_HOST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Every server of a multi-host source answered, none of the kind `target_session_attrs`
 /// asks for: during a failover, until the standby is promoted, so worth waiting out.
