@@ -24,7 +24,7 @@ use clap::Args;
 use storage::layout::{self, BackupId};
 use storage::{ContentKind, PutMode, RepoKind, RepoMarker, RepoOptions, Repository};
 use wire::pg::basebackup::BackupCopyMessage;
-use wire::pg::commands::{BackupPosition, IdentifySystem, TablespaceRow};
+use wire::pg::commands::{BackupPosition, TablespaceRow};
 use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
 use super::backup_catalog::{
@@ -82,18 +82,8 @@ pub async fn run(args: BackupArgs) -> Result<ExitCode> {
     let start_time = chrono::Utc::now();
 
     let mut conn = PgConnection::connect(&info, ConnectMode::Physical, "syncbridge_backup").await?;
-    let ident = first_row(
-        &conn.simple_query("IDENTIFY_SYSTEM").await?,
-        "IDENTIFY_SYSTEM",
-    )
-    .and_then(|r| Ok(IdentifySystem::from_row(&r.row(0).context("no row")?)?))?;
-    let seg_text = conn
-        .simple_query("SHOW wal_segment_size")
-        .await?
-        .first()
-        .context("SHOW wal_segment_size returned nothing")?
-        .single_text()?;
-    let seg_size = WalSegmentSize::from_setting(&seg_text)?;
+    let ident = conn.identify_system().await?;
+    let seg_size = conn.wal_segment_size().await?;
     let major = conn.server_major()?;
     let server_version = conn.parameter("server_version").unwrap_or("?").to_string();
     check_marker(&repo, ident.system_id).await?;
@@ -293,13 +283,6 @@ pub fn base_backup_command(major: u32, label: &str, spread: bool) -> String {
             if spread { "" } else { "FAST " }
         )
     }
-}
-
-fn first_row<'a>(results: &'a [QueryResult], what: &str) -> Result<&'a QueryResult> {
-    results
-        .first()
-        .filter(|r| !r.rows.is_empty())
-        .with_context(|| format!("{what} returned no row"))
 }
 
 fn redact(url: &str) -> &str {

@@ -7,9 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use super::conn::{ConnectMode, PgConnection, MULTI_HOST_CONNECT_TIMEOUT};
+use super::conn::{ConnectMode, PgConnection};
 use super::conninfo::{ConnInfo, TargetSessionAttrs};
-use wire::pg::commands::IdentifySystem;
 use wire::pg::WalSegmentSize;
 
 /// PostgreSQL: WAL streaming, `restore_command` support, connection checks.
@@ -168,7 +167,6 @@ async fn check_each_server(info: &ConnInfo) -> bool {
     let mut clusters = std::collections::BTreeSet::new();
     for mut server in info.servers() {
         server.target_session_attrs = TargetSessionAttrs::Any;
-        server.connect_timeout = server.connect_timeout.or(Some(MULTI_HOST_CONNECT_TIMEOUT));
         let described = server.describe();
         let conn = PgConnection::connect(&server, ConnectMode::Physical, "syncbridge").await;
         let mut conn = match conn {
@@ -183,15 +181,7 @@ async fn check_each_server(info: &ConnInfo) -> bool {
             Some(_) => "primary",
             None => "unknown role",
         };
-        let ident = conn
-            .simple_query("IDENTIFY_SYSTEM")
-            .await
-            .ok()
-            .and_then(|r| {
-                r.first()
-                    .and_then(|r| r.row(0))
-                    .and_then(|row| IdentifySystem::from_row(&row).ok())
-            });
+        let ident = conn.identify_system().await.ok();
         match ident {
             Some(id) => {
                 println!(
@@ -238,18 +228,8 @@ async fn check(args: CheckArgs) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let mut conn = PgConnection::connect(&info, ConnectMode::Physical, "syncbridge").await?;
-    let ident = conn.simple_query("IDENTIFY_SYSTEM").await?;
-    let row = ident
-        .first()
-        .and_then(|r| r.row(0))
-        .context("IDENTIFY_SYSTEM returned no row")?;
-    let id = IdentifySystem::from_row(&row)?;
-    let seg = conn.simple_query("SHOW wal_segment_size").await?;
-    let seg_text = seg
-        .first()
-        .context("SHOW wal_segment_size returned nothing")?
-        .single_text()?;
-    let seg_size = WalSegmentSize::from_setting(&seg_text)?;
+    let id = conn.identify_system().await?;
+    let seg_size = conn.wal_segment_size().await?;
     println!("server:            {}", conn.endpoint());
     println!("security:          {}", conn.security());
     println!(

@@ -168,9 +168,6 @@ enum Backend {
 /// Caps the bytes a simple query may buffer (replication command results are tiny).
 const MAX_RESULT_BYTES: usize = 256 * 1024 * 1024;
 
-/// Per-server connect timeout for a multi-host source without `connect_timeout`.
-pub const MULTI_HOST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Every server of a multi-host source answered, none of the kind `target_session_attrs`
 /// asks for: during a failover, until the standby is promoted, so worth waiting out.
 #[derive(Debug, thiserror::Error)]
@@ -230,13 +227,6 @@ impl PgConnection {
         let mut last_error = None;
         for &want in passes {
             for server in &servers {
-                // A host that vanished without a trace (no RST) must not hold up the next
-                // one for the kernel's two-minute TCP timeout.
-                let mut server = server.clone();
-                if servers.len() > 1 && server.connect_timeout.is_none() {
-                    server.connect_timeout = Some(MULTI_HOST_CONNECT_TIMEOUT);
-                }
-                let server = &server;
                 match PgConnection::connect_one(server, mode, default_app_name).await {
                     Ok(conn) => match conn.unsuitable_for(want) {
                         None => return Ok(conn),
@@ -639,6 +629,27 @@ impl PgConnection {
                 return Err(anyhow::Error::new(eof).context(format!("{} {what}", self.endpoint)));
             }
         }
+    }
+
+    /// IDENTIFY_SYSTEM: which cluster, timeline and WAL position the server is at.
+    pub async fn identify_system(&mut self) -> Result<wire::pg::commands::IdentifySystem> {
+        let results = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = results
+            .first()
+            .and_then(|r| r.row(0))
+            .context("IDENTIFY_SYSTEM returned no row")?;
+        Ok(wire::pg::commands::IdentifySystem::from_row(&row)?)
+    }
+
+    /// `SHOW wal_segment_size`: never assumed to be 16 MiB.
+    pub async fn wal_segment_size(&mut self) -> Result<wire::pg::WalSegmentSize> {
+        let text = self
+            .simple_query("SHOW wal_segment_size")
+            .await?
+            .first()
+            .context("SHOW wal_segment_size returned nothing")?
+            .single_text()?;
+        Ok(wire::pg::WalSegmentSize::from_setting(&text)?)
     }
 
     /// Runs a simple query and returns every result set; a server error becomes an error

@@ -74,6 +74,9 @@ pub enum Host {
     Socket(PathBuf),
 }
 
+/// Per-server connect timeout for a multi-host source without `connect_timeout`.
+pub const MULTI_HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One more server of a multi-host source (`host=a,b,c`), tried in order after the first
 /// like libpq does, so a source listing every node of a cluster finds the one to use after
 /// a failover.
@@ -356,10 +359,17 @@ impl ConnInfo {
     }
 
     /// Every server of the source in the order to try them, each as a single-server
-    /// source.
+    /// source. With several, each gets a connect timeout ([`MULTI_HOST_CONNECT_TIMEOUT`]
+    /// unless `connect_timeout` is set): a host that vanished without a trace (no RST)
+    /// must not hold up the next one for the kernel's two-minute TCP timeout.
     pub fn servers(&self) -> Vec<ConnInfo> {
+        let connect_timeout = match self.other_servers.is_empty() {
+            true => self.connect_timeout,
+            false => self.connect_timeout.or(Some(MULTI_HOST_CONNECT_TIMEOUT)),
+        };
         let first = ConnInfo {
             other_servers: Vec::new(),
+            connect_timeout,
             ..self.clone()
         };
         let mut out = vec![first.clone()];
@@ -710,6 +720,20 @@ mod tests {
                 && s.other_servers.is_empty()
                 && s.dbname == "app"));
         assert_eq!(c.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        assert!(c
+            .servers()
+            .iter()
+            .all(|s| s.connect_timeout == Some(MULTI_HOST_CONNECT_TIMEOUT)));
+        let timeouts = |src: &str| {
+            let c = ConnInfo::parse_with_env(src, &no_env).unwrap();
+            c.servers()
+                .iter()
+                .map(|s| s.connect_timeout)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(timeouts("host=a user=u"), [None]);
+        let five = Some(Duration::from_secs(5));
+        assert_eq!(timeouts("host=a,b connect_timeout=5 user=u"), [five, five]);
 
         let c = ConnInfo::parse_with_env("host=a,/run/pg port=1,2 user=u", &no_env).unwrap();
         assert_eq!(c.servers()[1].host, Host::Socket("/run/pg".into()));

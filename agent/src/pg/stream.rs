@@ -21,8 +21,7 @@ use futures::{Future, StreamExt};
 use storage::{ContentKind, PutMode, RepoKey, RepoKind, RepoMarker, Repository};
 use tokio::sync::oneshot;
 use wire::pg::commands::{
-    self, CreatedSlot, EndOfTimeline, IdentifySystem, ReplicationSlotPosition, SlotName,
-    TimelineHistoryFile,
+    self, CreatedSlot, EndOfTimeline, ReplicationSlotPosition, SlotName, TimelineHistoryFile,
 };
 use wire::pg::{
     Lsn, PgTimestamp, ReplicationMessage, SegmentName, SegmentSplitter, StandbyStatusUpdate,
@@ -247,8 +246,7 @@ async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> 
     let mut conn =
         PgConnection::connect(&opts.source, ConnectMode::Physical, &opts.application_name).await?;
     let major = conn.server_major()?;
-    let row = query_row(&mut conn, "IDENTIFY_SYSTEM").await?;
-    let ident = IdentifySystem::from_row(&refs(&row))?;
+    let ident = conn.identify_system().await?;
 
     let mut marker = RepoMarker::new(RepoKind::Postgres);
     marker.system_identifier = Some(ident.system_id.to_string());
@@ -278,13 +276,7 @@ async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> 
         }
     }
 
-    let seg_text = conn
-        .simple_query("SHOW wal_segment_size")
-        .await?
-        .first()
-        .context("SHOW wal_segment_size returned nothing")?
-        .single_text()?;
-    let size = WalSegmentSize::from_setting(&seg_text)?;
+    let size = conn.wal_segment_size().await?;
 
     // Timeline history: archive every history file the server has, and know our lineage.
     let mut history = TimelineHistory::default();

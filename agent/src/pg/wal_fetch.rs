@@ -373,11 +373,9 @@ pub async fn run(
     target: &Path,
     prefetch: usize,
 ) -> ExitCode {
+    // The spool was already tried (`serve_from_spool`) before the runtime was built.
     let started = std::time::Instant::now();
     let spool = spool_dir(target);
-    if serve_from_spool(repo_url, name, target, prefetch) {
-        return ExitCode::SUCCESS;
-    }
     match fetch(repo, name, target).await {
         Ok(Fetched::Written { segment_size }) => {
             tracing::debug!(
@@ -385,11 +383,12 @@ pub async fn run(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "fetched from the repository"
             );
-            if let (Some(size), Ok(WalFileName::Segment(_))) = (segment_size, parse_name(name)) {
-                if let Ok(WalFileName::Segment(s)) = WalFileName::parse(name, size) {
-                    record_position(s, prefetch, &spool);
-                    start_prefetch(repo_url, s, prefetch, &spool);
-                }
+            // Only segments have a size; history files start no prefetch.
+            if let Some(Ok(WalFileName::Segment(s))) =
+                segment_size.map(|size| WalFileName::parse(name, size))
+            {
+                record_position(s, prefetch, &spool);
+                start_prefetch(repo_url, s, prefetch, &spool);
             }
             ExitCode::SUCCESS
         }
@@ -424,19 +423,23 @@ fn record_position(seg: SegmentName, count: usize, spool: &Path) {
     }
 }
 
-/// Makes sure a prefetcher is running for the spool. One long-lived prefetcher per spool keeps `count` segments ahead over one
-/// connection pool, instead of a process (start-up, TLS handshake) per segment competing
-/// with replay for the CPU.
-fn start_prefetch(repo_url: &str, seg: SegmentName, count: usize, spool: &Path) {
-    if count == 0 {
-        return;
-    }
-    let Ok(file) = std::fs::OpenOptions::new()
+/// The prefetcher's lock file (created if missing), to flock.
+fn open_lock(spool: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(spool.join(LOCK_FILE))
-    else {
+}
+
+/// Makes sure a prefetcher is running for the spool. One long-lived prefetcher per spool
+/// keeps `count` segments ahead over one connection pool, instead of a process (start-up,
+/// TLS handshake) per segment competing with replay for the CPU.
+fn start_prefetch(repo_url: &str, seg: SegmentName, count: usize, spool: &Path) {
+    if count == 0 {
+        return;
+    }
+    let Ok(file) = open_lock(spool) else {
         return;
     };
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -485,11 +488,7 @@ pub async fn prefetch(
     count: usize,
 ) -> Result<()> {
     std::fs::create_dir_all(spool).with_context(|| format!("creating {}", spool.display()))?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(spool.join(LOCK_FILE))
+    let file = open_lock(spool)
         .with_context(|| format!("opening the prefetch lock in {}", spool.display()))?;
     let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
         // Another prefetcher serves this spool.
