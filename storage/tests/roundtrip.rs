@@ -246,6 +246,10 @@ async fn marker_create_then_existing() {
     m.system_identifier = Some("7300000000000000001".into());
     let first = repo.init_marker(&m).await.unwrap();
     assert!(matches!(first, storage::MarkerInit::Created(_)));
+    // A new repository gets a random id, recorded in the marker.
+    let id = first.marker().repository_id.clone().unwrap();
+    assert_eq!(id, repo.repository_id().await.unwrap().to_hex());
+    m.repository_id = Some(id);
     let mut other = m.clone();
     other.system_identifier = Some("42".into());
     let second = repo.init_marker(&other).await.unwrap();
