@@ -15,7 +15,8 @@
 //!   or 0640/0750 when the backup had group access. PostgreSQL creates every file and
 //!   directory with `pg_file_create_mode`/`pg_dir_create_mode`, derived from the data
 //!   directory's mode (`src/common/file_perm.c`); `base.tar` carries no entry for the data
-//!   directory itself, so group access is read from its `global` directory.
+//!   directory itself, so group access is read from its `global` directory: 0750
+//!   (`PG_DIR_MODE_GROUP`, the only group mode PostgreSQL uses) means group access.
 //! * A destination is never `/`, never contains the `file://` repository and never lies
 //!   inside it (compared after resolving symlinks).
 
@@ -322,7 +323,7 @@ pub fn plan(
         e.archive as usize == base
             && e.kind == EntryKind::Dir
             && e.path == "global"
-            && e.mode & 0o050 == 0o050
+            && e.mode & 0o777 == 0o750
     });
     Ok(Placement {
         target: target.to_path_buf(),
@@ -540,6 +541,8 @@ mod tests {
         let mut m = manifest(None);
         m.entries[0].mode = 0o750;
         assert!(plan(&m, t, &[], false).unwrap().modes.group_access);
+        m.entries[0].mode = 0o1777;
+        assert!(!plan(&m, t, &[], false).unwrap().modes.group_access);
     }
 
     #[test]
