@@ -18,13 +18,8 @@ use syncbridge_tests::redis::{RedisFlavor, RedisServer};
 fn repository_with_chunks(dir: &Path) -> String {
     let server = RedisServer::start(RedisFlavor::Redis7);
     let repo = format!("file://{}", dir.join("repo").display());
-    let mut agent = StreamingAgent::start(
-        &server.url(),
-        &repo,
-        "100ms",
-        &[],
-        dir.join("agent.log"),
-    );
+    let mut agent =
+        StreamingAgent::start(&server.url(), &repo, "100ms", &[], dir.join("agent.log"));
     agent.wait_for_log("snapshot stored", Duration::from_secs(60));
     let mut c = server.connect();
     for phase in 0..5 {
@@ -82,7 +77,11 @@ fn copy_repo(from: &Path, to: &Path) -> String {
 fn assert_refused(repo: &str, target: &Path, names: &[String], what: &str) {
     let out = restore(repo, target);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "{what}: restore succeeded\n{}", text(&out));
+    assert!(
+        !out.status.success(),
+        "{what}: restore succeeded\n{}",
+        text(&out)
+    );
     for n in names {
         assert!(err.contains(n.as_str()), "{what}: {n} not named:\n{err}");
     }
@@ -147,9 +146,10 @@ fn swapped_missing_and_forked_chunks_are_refused_before_writing() {
     std::fs::create_dir(&fork).unwrap();
     let fork_repo = copy_repo(&good, &fork);
     let c = chunks(&fork);
-    let (start, end) = name(&c[1]).split_once('-').map(|(s, e)| {
-        (s.parse::<u64>().unwrap(), e.parse::<u64>().unwrap())
-    }).unwrap();
+    let (start, end) = name(&c[1])
+        .split_once('-')
+        .map(|(s, e)| (s.parse::<u64>().unwrap(), e.parse::<u64>().unwrap()))
+        .unwrap();
     let forked = c[1].with_file_name(format!("{start:020}-{:020}", end + 7));
     std::fs::copy(&c[1], &forked).unwrap();
     assert_refused(

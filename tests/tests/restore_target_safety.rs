@@ -253,7 +253,12 @@ fn force_never_touches_the_repository_and_one_restore_at_a_time() {
         PathBuf::from("/"),
     ] {
         let out = env.restore(&target, &["--force"]);
-        assert!(!out.status.success(), "{}: {}", target.display(), text(&out));
+        assert!(
+            !out.status.success(),
+            "{}: {}",
+            target.display(),
+            text(&out)
+        );
         let err = stderr(&out);
         assert!(
             err.contains("repository") || err.contains("root directory"),

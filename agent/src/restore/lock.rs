@@ -25,7 +25,8 @@ impl DirLock {
     /// Locks the existing directory `dir`, failing at once (naming the holder when it can)
     /// if another process holds it.
     pub fn acquire(dir: &Path) -> Result<DirLock> {
-        let file = File::open(dir).with_context(|| format!("opening {} to lock it", dir.display()))?;
+        let file =
+            File::open(dir).with_context(|| format!("opening {} to lock it", dir.display()))?;
         let meta = file
             .metadata()
             .with_context(|| format!("reading {}", dir.display()))?;
@@ -35,9 +36,7 @@ impl DirLock {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Ok(DirLock { _lock: lock }),
             Err((_, Errno::EWOULDBLOCK)) => {
-                let who = holder(&meta)
-                    .map(|h| format!(" ({h})"))
-                    .unwrap_or_default();
+                let who = holder(&meta).map(|h| format!(" ({h})")).unwrap_or_default();
                 bail!(
                     "another restore is writing into {}{who}: wait for it to finish, or choose another target",
                     dir.display()
@@ -76,7 +75,7 @@ pub fn create_and_lock(dir: &Path, mode: u32) -> Result<DirLock> {
     DirLock::acquire(dir)
 }
 
-/// "pid N (command line)" of the process holding a flock on the file `meta` describes, from
+/// "held by pid N: program subcommand" of the process holding a flock on the file `meta` describes, from
 /// `/proc/locks` (lines like `1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF`).
 fn holder(meta: &std::fs::Metadata) -> Option<String> {
     let dev = meta.dev();
@@ -90,12 +89,22 @@ fn holder(meta: &std::fs::Metadata) -> Option<String> {
             .then(|| f.get(4).map(|p| p.to_string()))
             .flatten()
     })?;
+    // The program's name and first argument only: the rest may hold URLs or options not
+    // meant for the output.
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
         .ok()
         .map(|c| {
             c.split(|b| *b == 0)
                 .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .take(2)
+                .enumerate()
+                .map(|(i, a)| {
+                    let a = String::from_utf8_lossy(a).into_owned();
+                    match (i, a.rsplit_once('/')) {
+                        (0, Some((_, name))) => name.to_string(),
+                        _ => a,
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(" ")
         })

@@ -84,8 +84,7 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
     let inv = WalInventory::load(repo, size).await?;
     let path = wal_path(repo, &inv, &chosen, &timeline_setting).await?;
     let recovery = plan_recovery(repo, &inv, &chosen, target, &path).await?;
-    let mut placement =
-        place::plan(&chosen, &target_dir, &ts_map, args.tablespaces_in_place)?;
+    let mut placement = place::plan(&chosen, &target_dir, &ts_map, args.tablespaces_in_place)?;
     place::resolve_tablespaces(&mut placement, &target_dir, repo_dir.as_deref())?;
     let ts_roots: Vec<PathBuf> = placement
         .tablespaces
@@ -629,7 +628,7 @@ fn clear_dir(dir: &Path, modes: place::Modes) -> Result<()> {
         dir,
         std::os::unix::fs::PermissionsExt::from_mode(modes.dir_cap()),
     )
-        .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    .with_context(|| format!("setting the mode of {}", dir.display()))?;
     Ok(())
 }
 

@@ -144,7 +144,9 @@ fn has_dot_dot(p: &Path) -> bool {
 fn safe_relative(path: &str) -> bool {
     !path.is_empty()
         && !path.starts_with('/')
-        && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 /// Checks the whole manifest and decides where everything goes. Pure: reads nothing, writes
@@ -269,10 +271,7 @@ pub fn plan(
                 );
             }
             // Nothing may be written through a tablespace link.
-            if linked
-                .iter()
-                .any(|l| e.path.starts_with(&format!("{l}/")))
-            {
+            if linked.iter().any(|l| e.path.starts_with(&format!("{l}/"))) {
                 bail!(
                     "backup entry {:?} lies inside a tablespace link of the data directory",
                     e.path
@@ -421,7 +420,10 @@ pub fn local_repository(url: &str) -> Option<PathBuf> {
 /// or lies inside it. `what` names it in the message.
 pub fn check_destination(dest: &Path, repository: Option<&Path>, what: &str) -> Result<()> {
     if dest.parent().is_none() {
-        bail!("{what} is {}: refusing to restore into the root directory", dest.display());
+        bail!(
+            "{what} is {}: refusing to restore into the root directory",
+            dest.display()
+        );
     }
     if let Some(repo) = repository {
         let repo = resolve(repo)?;
@@ -537,7 +539,12 @@ mod tests {
     #[test]
     fn group_access_comes_from_global() {
         let t = Path::new("/restore/data");
-        assert!(!plan(&manifest(None), t, &[], false).unwrap().modes.group_access);
+        assert!(
+            !plan(&manifest(None), t, &[], false)
+                .unwrap()
+                .modes
+                .group_access
+        );
         let mut m = manifest(None);
         m.entries[0].mode = 0o750;
         assert!(plan(&m, t, &[], false).unwrap().modes.group_access);
@@ -574,7 +581,10 @@ mod tests {
         let t = Path::new("/restore/data");
         for loc in ["some/where", "../up", "/srv/../etc"] {
             let m = manifest(Some(loc));
-            assert!(err(plan(&m, t, &[], true)).contains("not an absolute path"), "{loc}");
+            assert!(
+                err(plan(&m, t, &[], true)).contains("not an absolute path"),
+                "{loc}"
+            );
         }
     }
 
@@ -585,12 +595,18 @@ mod tests {
             (entry(0, "../x", EntryKind::File, 0o600), "safe relative"),
             (entry(0, "/etc/x", EntryKind::File, 0o600), "safe relative"),
             (entry(0, "a//b", EntryKind::File, 0o600), "safe relative"),
-            (entry(0, "evil", EntryKind::Symlink, 0o777), "unexpected symlink"),
+            (
+                entry(0, "evil", EntryKind::Symlink, 0o777),
+                "unexpected symlink",
+            ),
             (
                 entry(0, "pg_tblspc/16385/x", EntryKind::File, 0o600),
                 "inside a tablespace link",
             ),
-            (entry(1, "l", EntryKind::Symlink, 0o777), "unexpected symlink"),
+            (
+                entry(1, "l", EntryKind::Symlink, 0o777),
+                "unexpected symlink",
+            ),
             (
                 entry(0, "syncbridge-restore.in-progress", EntryKind::File, 0o600),
                 "reserves",

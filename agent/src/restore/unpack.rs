@@ -309,7 +309,7 @@ fn verify_files(
             &path,
             std::fs::Permissions::from_mode(modes.for_entry(e.kind, e.mode)),
         )
-            .with_context(|| format!("setting the mode of {}", path.display()))?;
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
         if e.kind != EntryKind::File {
             continue;
         }
