@@ -340,3 +340,39 @@ fn force_never_touches_the_repository_and_one_restore_at_a_time() {
     assert!(!marker.exists());
     eprintln!("second restore: {}", stderr(&second));
 }
+
+/// A data directory with group access (PostgreSQL's `data_directory_mode` 0750, as `initdb
+/// -g` makes it) is restored with 0640 files and 0750 directories (a mode `checkDataDir`
+/// in PostgreSQL's miscinit.c accepts; the harness's start would reset it to 0700, so the
+/// restored cluster is not started here).
+#[test]
+fn group_access_is_restored_as_0640_and_0750() {
+    let env = Env::simple(PgVersion::V15);
+    env.pg
+        .sql_blocking("CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 10)");
+    let chmod = std::process::Command::new("chmod")
+        .args(["-R", "g+rX"])
+        .arg(env.pg.data_dir())
+        .output()
+        .unwrap();
+    assert!(chmod.status.success(), "{}", text(&chmod));
+    env.backup(&[]);
+    let dirs = RestoreDirs::new();
+    let out = env.restore(&dirs.data(), &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let root = std::fs::metadata(dirs.data()).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(root, 0o750);
+    let all = modes(&dirs.data());
+    for (p, mode, is_dir) in &all {
+        let cap = if *is_dir { 0o750 } else { 0o640 };
+        assert_eq!(mode & !cap, 0, "{} has mode {mode:o}", p.display());
+    }
+    let mode_of = |rel: &str| {
+        all.iter()
+            .find(|(p, _, _)| p == &dirs.data().join(rel))
+            .unwrap()
+            .1
+    };
+    assert_eq!(mode_of("global"), 0o750);
+    assert_eq!(mode_of("PG_VERSION"), 0o640);
+}

@@ -553,7 +553,9 @@ fn make_tablespace_links(base: &Path, placement: &place::Placement) -> Result<()
         return Ok(());
     }
     let dir = base.join("pg_tblspc");
-    std::fs::create_dir_all(&dir).context("creating pg_tblspc")?;
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&dir)
+        .context("creating pg_tblspc")?;
     for t in &placement.tablespaces {
         let link = dir.join(t.oid.to_string());
         let _ = std::fs::remove_file(&link);
