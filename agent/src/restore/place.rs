@@ -183,6 +183,9 @@ pub fn plan(
         let Some(loc) = loc else {
             bail!("tablespace {oid} has no location in the backup");
         };
+        if places.iter().any(|p: &TablespacePlace| p.oid == oid) {
+            bail!("tablespace {oid} appears twice in the backup");
+        }
         if !loc.starts_with('/') || has_dot_dot(Path::new(loc)) {
             bail!(
                 "tablespace {oid} has the location {loc:?} in the backup, which is not an absolute path: refusing to restore it (PostgreSQL only creates tablespaces at absolute paths, so the backup is damaged or was tampered with)"
