@@ -69,6 +69,16 @@ async fn list(args: ListArgs) -> Result<ExitCode> {
             human(m.stored_bytes),
             m.server_version
         );
+        for t in &m.tablespaces {
+            if let (Some(oid), Some(loc)) = (t.oid, &t.location) {
+                let note = if loc.starts_with('/') {
+                    ""
+                } else {
+                    " (not absolute: restore refuses it)"
+                };
+                println!("    tablespace {oid} at {loc}{note}");
+            }
+        }
     }
     for id in &list.incomplete {
         println!(

@@ -2,7 +2,9 @@
 //! holds — a PostgreSQL base backup plus WAL replay to a point in time, or (once the Redis
 //! restore lands) a Redis generation.
 
+pub mod lock;
 pub mod pg;
+pub mod place;
 pub mod target;
 pub mod unpack;
 
@@ -38,15 +40,24 @@ pub struct RestoreArgs {
     /// Use this base backup (id as shown by `syncbridge-agent list`) instead of choosing.
     #[arg(long)]
     pub backup: Option<String>,
-    /// Empty a non-empty --target first (refused while a server runs in it).
+    /// Empty a non-empty --target first (refused while a server runs in it, for `/`, and
+    /// for a directory that contains the file:// repository or lies inside it).
     #[arg(long)]
     pub force: bool,
     /// Objects downloaded, verified and written at once (default: twice the cores).
     #[arg(long)]
     pub jobs: Option<usize>,
-    /// Put a tablespace somewhere else: OLD_LOCATION=NEW_LOCATION (repeatable).
+    /// Restore the tablespace recorded at OLD_LOCATION to NEW_LOCATION instead (both
+    /// absolute; repeatable). A backup with tablespaces needs one for each, or
+    /// --tablespaces-in-place.
     #[arg(long = "tablespace-map", value_name = "OLD=NEW")]
     pub tablespace_map: Vec<String>,
+    /// Restore the tablespaces not given a --tablespace-map to the locations recorded in the
+    /// backup (the source's paths, outside --target; they must be empty or absent). Without
+    /// it a backup with tablespaces is refused, so that nothing is written outside --target
+    /// unless asked for. The locations are shown by `list` and by the restore's plan.
+    #[arg(long)]
+    pub tablespaces_in_place: bool,
     /// recovery_target_timeline: `latest` (default), `current`, or a timeline number.
     #[arg(long, default_value = "latest")]
     pub timeline: String,

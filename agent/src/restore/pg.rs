@@ -21,11 +21,13 @@ use storage::{RepoMarker, Repository};
 use wire::pg::xlog::{scan_segment, XactOutcome, XactRecord};
 use wire::pg::{Lsn, SegmentName, TimelineHistory, TimelineId, WalSegmentSize};
 
+use super::lock::{self, DirLock};
+use super::place;
 use super::target::Target;
 use super::unpack::{self, PG_CONTROL_TEMP};
 use super::RestoreArgs;
 use crate::pg::backup::parse_server_manifest;
-use crate::pg::backup_catalog::{list_backups, BackupManifest, EntryKind, WalInventory, WalPath};
+use crate::pg::backup_catalog::{list_backups, BackupManifest, WalInventory, WalPath};
 use crate::pg::backup_progress::human;
 
 /// File present in the target while a restore is writing it.
@@ -51,7 +53,7 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
             v.to_string()
         }
     };
-    let ts_map = parse_tablespace_map(&args.tablespace_map)?;
+    let ts_map = place::parse_tablespace_map(&args.tablespace_map)?;
     let owner = match &args.owner {
         Some(name) => Some(lookup_user(name)?),
         None => None,
@@ -67,7 +69,13 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
             .unwrap_or(4)
             .clamp(2, 32)
     });
-    let target_dir = absolute(&args.target)?;
+    let target_dir = place::resolve(&args.target)?;
+    let repo_dir = place::local_repository(&args.repo.repo);
+    place::check_destination(&target_dir, repo_dir.as_deref(), "--target")?;
+    // A restore already writing there fails this one at once (locking creates nothing).
+    let mut locks: Vec<DirLock> = DirLock::acquire_if_exists(&target_dir)?
+        .into_iter()
+        .collect();
 
     // ---- Plan: read-only checks ----
     let chosen = choose_backup(repo, marker, target, args.backup.as_deref()).await?;
@@ -76,18 +84,15 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
     let inv = WalInventory::load(repo, size).await?;
     let path = wal_path(repo, &inv, &chosen, &timeline_setting).await?;
     let recovery = plan_recovery(repo, &inv, &chosen, target, &path).await?;
-    let roots = archive_roots(&chosen, &target_dir, &ts_map)?;
+    let mut placement = place::plan(&chosen, &target_dir, &ts_map, args.tablespaces_in_place)?;
+    place::resolve_tablespaces(&mut placement, &target_dir, repo_dir.as_deref())?;
+    let ts_roots: Vec<PathBuf> = placement
+        .tablespaces
+        .iter()
+        .map(|t| t.dest.clone())
+        .collect();
     check_empty(&target_dir, args.force)?;
-    // --force only ever empties the target: a tablespace location outside it may belong to
-    // a running cluster (the source, on the same host).
-    for r in tablespace_roots(&chosen, &roots) {
-        check_empty(r, false).with_context(|| {
-            format!(
-                "tablespace location {}: restore it elsewhere with --tablespace-map OLD=NEW",
-                r.display()
-            )
-        })?;
-    }
+    check_tablespaces_empty(&ts_roots)?;
     let server_manifest = repo
         .get(&layout::base_backup_server_manifest(&id))
         .await
@@ -101,36 +106,59 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
         chosen.chunks.len(),
         target_dir.display()
     );
+    for t in &placement.tablespaces {
+        println!(
+            "tablespace:  {} recorded at {} -> {}{}",
+            t.oid,
+            t.recorded,
+            t.dest.display(),
+            if t.mapped {
+                " (--tablespace-map)"
+            } else {
+                " (--tablespaces-in-place)"
+            }
+        );
+    }
     println!("target:      {}", recovery.describe);
 
     // ---- Write ----
-    clear_dir(&target_dir)?;
-    std::fs::write(
-        target_dir.join(IN_PROGRESS),
+    let modes = placement.modes;
+    if locks.is_empty() {
+        locks.push(lock::create_and_lock(&target_dir, modes.dir_cap())?);
+    }
+    for r in &ts_roots {
+        locks.push(lock::create_and_lock(r, modes.dir_cap())?);
+    }
+    // Again under the locks: another restore may have finished in between.
+    check_empty(&target_dir, args.force)?;
+    check_tablespaces_empty(&ts_roots)?;
+    clear_dir(&target_dir, modes)?;
+    unpack::write_private(
+        &target_dir.join(IN_PROGRESS),
         format!(
-            "syncbridge-agent is restoring backup {id} here (started {}); do not start PostgreSQL in this directory until this file is gone\n",
+            "syncbridge-agent (pid {}) is restoring backup {id} here (started {}); do not start PostgreSQL in this directory until this file is gone\n",
+            std::process::id(),
             Utc::now().to_rfc3339()
-        ),
-    )
-    .with_context(|| format!("writing {}", target_dir.join(IN_PROGRESS).display()))?;
-    for r in tablespace_roots(&chosen, &roots) {
-        clear_dir(r)?;
+        )
+        .as_bytes(),
+    )?;
+    for r in &ts_roots {
+        clear_dir(r, modes)?;
     }
     let m = Arc::new(chosen);
-    let roots = Arc::new(roots);
+    let roots = Arc::new(placement.roots());
     unpack::prepare(&m, &roots)?;
-    make_tablespace_links(&m, &roots)?;
+    make_tablespace_links(&target_dir, &placement)?;
     let write_started = Instant::now();
-    let stats = unpack::write_all(repo, &m, &roots, jobs, &server_files).await?;
+    let stats = unpack::write_all(repo, &m, &roots, jobs, &server_files, modes).await?;
     let write_secs = write_started.elapsed().as_secs_f64();
 
-    std::fs::write(target_dir.join("backup_manifest"), &server_manifest)
-        .context("writing backup_manifest")?;
+    unpack::write_private(&target_dir.join("backup_manifest"), &server_manifest)?;
     for stale in ["standby.signal", "recovery.signal"] {
         let _ = std::fs::remove_file(target_dir.join(stale));
     }
     write_recovery_conf(&target_dir, repo, args, &id, &recovery, &timeline_setting)?;
-    std::fs::write(target_dir.join("recovery.signal"), b"").context("writing recovery.signal")?;
+    unpack::write_private(&target_dir.join("recovery.signal"), b"")?;
     if let Some((uid, gid, _)) = &owner {
         for r in roots.iter() {
             chown_tree(r, *uid, *gid)?;
@@ -518,125 +546,37 @@ async fn last_xact(
     Ok(None)
 }
 
-fn parse_tablespace_map(items: &[String]) -> Result<Vec<(String, PathBuf)>> {
-    items
-        .iter()
-        .map(|i| {
-            let (old, new) = i
-                .split_once('=')
-                .with_context(|| format!("--tablespace-map {i:?}: expected OLD=NEW"))?;
-            let new = PathBuf::from(new);
-            if !new.is_absolute() {
-                bail!("--tablespace-map {i:?}: the new location must be absolute");
-            }
-            Ok((old.trim_end_matches('/').to_string(), new))
-        })
-        .collect()
-}
-
-/// Where each archive goes: the target for the data directory, the (mapped) original
-/// location for tablespaces.
-fn archive_roots(
-    m: &BackupManifest,
-    target: &Path,
-    map: &[(String, PathBuf)],
-) -> Result<Vec<PathBuf>> {
-    let mut roots = Vec::new();
-    let mut used: Vec<String> = Vec::new();
-    for t in &m.tablespaces {
-        match (&t.oid, &t.location) {
-            (None, _) => roots.push(target.to_path_buf()),
-            (Some(oid), Some(loc)) => {
-                let key = loc.trim_end_matches('/');
-                let dest = match map.iter().find(|(o, _)| o == key) {
-                    Some((o, n)) => {
-                        used.push(o.clone());
-                        n.clone()
-                    }
-                    None => PathBuf::from(loc),
-                };
-                if dest.starts_with(target) {
-                    bail!(
-                        "tablespace {oid} would be restored to {} inside the target; map it elsewhere with --tablespace-map {loc}=NEW",
-                        dest.display()
-                    );
-                }
-                roots.push(dest);
-            }
-            (Some(oid), None) => bail!("tablespace {oid} has no location in the backup"),
-        }
-    }
-    if m.tablespaces.iter().filter(|t| t.oid.is_none()).count() != 1 {
-        bail!(
-            "backup {} does not have exactly one data directory archive",
-            m.id
-        );
-    }
-    for (o, _) in map {
-        if !used.contains(o) {
-            let known: Vec<&str> = m
-                .tablespaces
-                .iter()
-                .filter_map(|t| t.location.as_deref())
-                .collect();
-            bail!(
-                "--tablespace-map {o}=…: the backup has no tablespace there (it has: {})",
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            );
-        }
-    }
-    Ok(roots)
-}
-
-/// The destinations of the tablespace archives (not the data directory).
-fn tablespace_roots<'a>(m: &BackupManifest, roots: &'a [PathBuf]) -> Vec<&'a PathBuf> {
-    m.tablespaces
-        .iter()
-        .zip(roots)
-        .filter(|(t, _)| t.oid.is_some())
-        .map(|(_, r)| r)
-        .collect()
-}
-
-fn make_tablespace_links(m: &BackupManifest, roots: &[PathBuf]) -> Result<()> {
-    let Some(base) = m
-        .tablespaces
-        .iter()
-        .position(|t| t.oid.is_none())
-        .and_then(|i| roots.get(i))
-    else {
+/// The links `pg_tblspc/<oid>` of the data directory, to where each tablespace goes (the
+/// manifest's own links were checked by [`place::plan`] and are not used).
+fn make_tablespace_links(base: &Path, placement: &place::Placement) -> Result<()> {
+    if placement.tablespaces.is_empty() {
         return Ok(());
-    };
-    for (i, t) in m.tablespaces.iter().enumerate() {
-        let Some(oid) = t.oid else { continue };
-        let link = base.join("pg_tblspc").join(oid.to_string());
-        let _ = std::fs::remove_file(&link);
-        std::fs::create_dir_all(base.join("pg_tblspc")).context("creating pg_tblspc")?;
-        std::os::unix::fs::symlink(&roots[i], &link)
-            .with_context(|| format!("linking {} to {}", link.display(), roots[i].display()))?;
     }
-    // Symlinks recorded in the base archive are the tablespace links above.
-    for e in &m.entries {
-        if e.kind == EntryKind::Symlink && !e.path.starts_with("pg_tblspc/") {
-            bail!("unexpected symlink {} in the backup", e.path);
-        }
+    let dir = base.join("pg_tblspc");
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&dir)
+        .context("creating pg_tblspc")?;
+    for t in &placement.tablespaces {
+        let link = dir.join(t.oid.to_string());
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&t.dest, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), t.dest.display()))?;
     }
     Ok(())
 }
 
-fn absolute(p: &Path) -> Result<PathBuf> {
-    let abs = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .context("reading the current directory")?
-            .join(p)
-    };
-    Ok(abs)
+/// --force only ever empties the target: a tablespace location outside it may belong to a
+/// running cluster (the source, on the same host).
+fn check_tablespaces_empty(roots: &[PathBuf]) -> Result<()> {
+    for r in roots {
+        check_empty(r, false).with_context(|| {
+            format!(
+                "tablespace location {}: restore it elsewhere with --tablespace-map OLD=NEW",
+                r.display()
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn check_empty(dir: &Path, force: bool) -> Result<()> {
@@ -672,8 +612,9 @@ fn check_empty(dir: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-fn clear_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// Empties a locked directory (whose emptiness or `--force` was checked) and gives it the
+/// restore's directory mode.
+fn clear_dir(dir: &Path, modes: place::Modes) -> Result<()> {
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let e = e?;
         let p = e.path();
@@ -685,8 +626,11 @@ fn clear_dir(dir: &Path) -> Result<()> {
         }
         .with_context(|| format!("removing {}", p.display()))?;
     }
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    std::fs::set_permissions(
+        dir,
+        std::os::unix::fs::PermissionsExt::from_mode(modes.dir_cap()),
+    )
+    .with_context(|| format!("setting the mode of {}", dir.display()))?;
     Ok(())
 }
 
