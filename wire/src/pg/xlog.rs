@@ -55,6 +55,10 @@ pub struct SegmentScan {
     pub xacts: Vec<XactRecord>,
     /// End of the last complete, valid record.
     pub valid_end: Option<Lsn>,
+    /// Start of the last complete, valid record: the `recovery_target_lsn` that makes
+    /// PostgreSQL (with `recovery_target_inclusive`) replay exactly up to the end of this
+    /// WAL, and fail if it cannot get there.
+    pub last_record: Option<Lsn>,
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -70,7 +74,9 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 }
 
 /// Scans the bytes of one WAL segment (or the first bytes of one) that begins at
-/// `segment_start`. Records continuing into the next segment are not reported.
+/// `segment_start`. Records continuing into the next segment are not reported. Several
+/// consecutive segments may be passed as one slice (each starts with its long page
+/// header): records crossing from one into the next are then found too.
 pub fn scan_segment(data: &[u8], segment_start: Lsn) -> SegmentScan {
     let mut out = SegmentScan::default();
     // Page size from the long header of the first page (XLOG_BLCKSZ, 8 KiB by default).
@@ -146,6 +152,7 @@ pub fn scan_segment(data: &[u8], segment_start: Lsn) -> SegmentScan {
             }
         }
         out.valid_end = Some(lsn_of(pos + tot_len - 1)).map(|l| Lsn(l.0 + 1));
+        out.last_record = Some(lsn_of(pos));
         pos += align8(tot_len);
     }
     out
@@ -243,6 +250,8 @@ mod tests {
             (4242, 1_000_000, XactOutcome::Commit)
         );
         assert_eq!(x.lsn, Lsn(start + 40 + commit_at as u64));
+        assert_eq!(scan.last_record, Some(x.lsn));
+        assert!(scan.valid_end.unwrap() > x.lsn);
         // corrupt one byte of the commit: the scan ends before it
         let mut bad = seg.clone();
         let last = bad.len() - 3;
