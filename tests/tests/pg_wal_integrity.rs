@@ -149,8 +149,9 @@ fn assert_refused(env: &Env, name: &str, field: Option<&str>) -> String {
     err
 }
 
-/// `restore --start` fails; the server it may have started is stopped.
-fn assert_restore_start_fails(env: &Env, victim: &str) {
+/// `restore --start` fails naming the segment and the field; the server it may have
+/// started is stopped.
+fn assert_restore_start_fails(env: &Env, victim: &str, field: &str) {
     let dirs = RestoreDirs::new();
     let port = free_port();
     let opts = format!(
@@ -177,8 +178,8 @@ fn assert_restore_start_fails(env: &Env, victim: &str) {
     );
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
-        err.contains(victim),
-        "restore --start does not name {victim}:\n{}",
+        err.contains(victim) && err.contains(field),
+        "restore --start does not name {victim} and {field}:\n{}",
         text(&out)
     );
     eprintln!(
@@ -205,18 +206,27 @@ fn server_running(env: &Env, data: &Path) -> bool {
 /// the damaged segment and the server never promotes (so it never serves fewer rows as
 /// if it were the whole cluster).
 fn assert_hand_start_never_promotes(fx: &Fixture, victim: &str) {
-    let env = &fx.env;
     let dirs = RestoreDirs::new();
-    let out = env.restore(&dirs.data(), &[]);
+    let out = fx.env.restore(&dirs.data(), &[]);
     assert!(out.status.success(), "{}", text(&out));
-    let data = dirs.data();
+    start_by_hand_expecting_fatal(
+        fx,
+        &dirs.data(),
+        &format!("could not restore file \"{victim}\""),
+    );
+}
+
+/// Starts a restored directory with `pg_ctl` and checks that the server stops by itself
+/// with `fatal` in its log, without ever promoting.
+fn start_by_hand_expecting_fatal(fx: &Fixture, data: &Path, fatal: &str) {
+    let env = &fx.env;
     let log = data.join("hand-start.log");
     let sockets = server_temp_dir("sb-sock-");
     let port = free_port();
     let mut start = Command::new(env.pg.bin_dir().join("pg_ctl"));
     start
         .arg("-D")
-        .arg(&data)
+        .arg(data)
         .arg("-l")
         .arg(&log)
         .arg("-o")
@@ -229,14 +239,14 @@ fn assert_hand_start_never_promotes(fx: &Fixture, victim: &str) {
     let started = start.output().unwrap();
     // pg_ctl reports failure when the postmaster exits during recovery; either way, wait
     // for the server to be gone.
-    let gone = wait_until(Duration::from_secs(120), || !server_running(env, &data));
+    let gone = wait_until(Duration::from_secs(120), || !server_running(env, data));
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     if !gone {
-        stop_server(env, &data);
+        stop_server(env, data);
     }
     assert!(
         gone,
-        "the server is still running after the damaged segment:\n{log_text}"
+        "the server is still running after the damaged WAL:\n{log_text}"
     );
     assert!(
         !log_text.contains("selected new timeline ID")
@@ -249,8 +259,8 @@ fn assert_hand_start_never_promotes(fx: &Fixture, victim: &str) {
         "a new timeline was created:\n{log_text}"
     );
     assert!(
-        log_text.contains(&format!("could not restore file \"{victim}\"")),
-        "recovery did not stop at {victim}:\n{log_text}\npg_ctl: {}",
+        log_text.contains(fatal),
+        "recovery did not stop with {fatal:?}:\n{log_text}\npg_ctl: {}",
         text(&started)
     );
     eprintln!(
@@ -259,6 +269,28 @@ fn assert_hand_start_never_promotes(fx: &Fixture, victim: &str) {
             .lines()
             .find(|l| l.contains("FATAL"))
             .unwrap_or_default()
+    );
+}
+
+/// Deliver 3 on its own: restore plans the latest point, then a segment it planned with
+/// disappears (wal-fetch answers "not archived", exit 1, as for any missing file).
+/// PostgreSQL was given the planned end as its target, so it fails instead of promoting
+/// at the hole.
+#[test]
+fn pg15_wal_lost_after_planning_never_promotes() {
+    let fx = fixture();
+    let dirs = RestoreDirs::new();
+    let out = fx.env.restore(&dirs.data(), &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let victim = &fx.after_backup[2];
+    std::fs::remove_file(segment_path(&fx.env, victim)).unwrap();
+    let (out, written) = wal_fetch(&fx.env, victim, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(written, None);
+    start_by_hand_expecting_fatal(
+        &fx,
+        &dirs.data(),
+        "recovery ended before configured recovery target was reached",
     );
 }
 
@@ -287,7 +319,7 @@ fn pg15_swapped_segments_are_refused() {
     put_segment(env, b, da);
     assert_refused(env, a, Some("xlp_pageaddr"));
     assert_refused(env, b, Some("xlp_pageaddr"));
-    assert_restore_start_fails(env, a);
+    assert_restore_start_fails(env, a, "xlp_pageaddr");
     assert_hand_start_never_promotes(&fx, a);
 }
 
@@ -324,7 +356,7 @@ fn pg15_segment_of_another_cluster_is_refused() {
     put_segment(env, &victim, Bytes::from(foreign));
     let err = assert_refused(env, &victim, Some("xlp_sysid"));
     assert!(err.contains(&theirs) && err.contains(&ours), "{err}");
-    assert_restore_start_fails(env, &victim);
+    assert_restore_start_fails(env, &victim, "xlp_sysid");
     assert_hand_start_never_promotes(&fx, &victim);
 }
 
@@ -339,7 +371,7 @@ fn pg15_short_object_under_a_complete_segment_is_refused() {
     assert_eq!(whole.len(), SEG);
     put_segment(env, &victim, whole.slice(..8192));
     assert_refused(env, &victim, Some("length"));
-    assert_restore_start_fails(env, &victim);
+    assert_restore_start_fails(env, &victim, "field length");
     assert_hand_start_never_promotes(&fx, &victim);
 }
 

@@ -1012,7 +1012,18 @@ fn start_and_wait(
             .lines()
             .find(|l| l.contains("FATAL:") || l.contains("PANIC:"))
         {
-            bail!("recovery failed: {line}\n(full log: {})", log.display());
+            // wal-fetch's own reason (its stderr goes to the server log) says more than
+            // PostgreSQL's "child process exited with exit code 200".
+            let why: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("error: wal-fetch"))
+                .collect();
+            bail!(
+                "recovery failed: {line}{}{}\n(full log: {})",
+                if why.is_empty() { "" } else { "\n" },
+                why.join("\n"),
+                log.display()
+            );
         }
         if Instant::now() > deadline {
             bail!(
