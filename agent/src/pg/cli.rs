@@ -40,9 +40,12 @@ enum PostgresCommand {
     /// --repo URL %f %p'`. Writes the WAL segment or history file atomically to %p. Exit 1
     /// only when it is not in the repository (recovery ends there); storage errors are
     /// retried, then, like a corrupt object, exit 200 (> 125) so PostgreSQL stops with FATAL
-    /// instead of ending recovery early. The newest partial of a timeline is served as its
-    /// last segment. The next --prefetch segments are downloaded in the background into
-    /// .syncbridge-prefetch/ beside %p.
+    /// instead of ending recovery early. So does WAL that is not what its name says: a
+    /// segment of the wrong length or whose first page header belongs to another position,
+    /// cluster, PostgreSQL version, segment size or a later timeline, or a history file of
+    /// another timeline (the message names the segment and the field). The newest partial
+    /// of a timeline is served as its last segment. The next --prefetch segments are
+    /// downloaded (and checked) in the background into .syncbridge-prefetch/ beside %p.
     WalFetch(WalFetchArgs),
     /// Background half of wal-fetch's prefetching (started by wal-fetch itself).
     #[command(hide = true)]
