@@ -390,6 +390,51 @@ fn pg15_intact_wal_restores_to_the_planned_end() {
             assert_eq!(written, Some(SEG as u64));
         }
     }
+    // With prefetching, the fetched file and the spool are the server user's alone (0600
+    // files, 0700 directories), whatever the umask.
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("RECOVERYXLOG");
+        let out = agent()
+            .args([
+                "postgres",
+                "wal-fetch",
+                "--repo",
+                &env.repo_url(),
+                "--prefetch",
+                "2",
+            ])
+            .arg(&fx.after_backup[0])
+            .arg(&target)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let spool_root = dir.path().join(".syncbridge-prefetch");
+        let next = &fx.after_backup[1];
+        let spooled = || {
+            std::fs::read_dir(&spool_root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path().join(next))
+                .find(|p| p.exists())
+        };
+        assert!(
+            wait_until(Duration::from_secs(60), || spooled().is_some()),
+            "{next} was never prefetched"
+        );
+        let file = spooled().unwrap();
+        let mode = |p: &Path| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+        };
+        assert_eq!(mode(&target), 0o600);
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(file.parent().unwrap()), 0o700);
+        assert_eq!(mode(&spool_root), 0o700);
+        // Stop the prefetcher: it exits once its spool is gone.
+        std::fs::remove_dir_all(&spool_root).unwrap();
+    }
     // WAL of the right cluster but the wrong version or segment size is refused by name.
     let first = &fx.after_backup[0];
     for (extra, field) in [
