@@ -496,4 +496,29 @@ fn pg15_intact_wal_restores_to_the_planned_end() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+
+    // History files: timeline 3's history stored as timeline 2's is refused, naming it;
+    // a history that ends at the parent is served.
+    let history_key = layout::timeline_history(layout::TimelineId::new(2).unwrap());
+    let put = |content: &'static [u8]| {
+        run(repo(env).put(
+            &history_key,
+            ContentKind::TimelineHistory,
+            Bytes::from_static(content),
+            PutMode::Overwrite,
+        ))
+        .unwrap();
+    };
+    put(b"1\t0/5000100\tno recovery target specified\n2\t0/6000000\tx\n");
+    let (out, written) = wal_fetch(env, "00000002.history", &[]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(200), "{}", text(&out));
+    assert!(
+        written.is_none() && err.contains("00000002.history") && err.contains("history"),
+        "{err}"
+    );
+    put(b"1\t0/5000100\tno recovery target specified\n");
+    let (out, written) = wal_fetch(env, "00000002.history", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(written.is_some());
 }
