@@ -273,9 +273,14 @@ async fn download(repo: &Repository, key: &RepoKey, tmp: &Path) -> Result<Downlo
     }
 }
 
-/// Creates (or truncates) a file readable by its owner only, as PostgreSQL keeps `pg_wal`.
+/// Creates a file readable by its owner only, as PostgreSQL keeps `pg_wal` (a leftover of
+/// an earlier attempt is replaced, so it cannot keep a wider mode).
 fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
