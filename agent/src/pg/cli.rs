@@ -40,9 +40,12 @@ enum PostgresCommand {
     /// --repo URL %f %p'`. Writes the WAL segment or history file atomically to %p. Exit 1
     /// only when it is not in the repository (recovery ends there); storage errors are
     /// retried, then, like a corrupt object, exit 200 (> 125) so PostgreSQL stops with FATAL
-    /// instead of ending recovery early. The newest partial of a timeline is served as its
-    /// last segment. The next --prefetch segments are downloaded in the background into
-    /// .syncbridge-prefetch/ beside %p.
+    /// instead of ending recovery early. So does WAL that is not what its name says: a
+    /// segment of the wrong length or whose first page header belongs to another position,
+    /// cluster, PostgreSQL version, segment size or a later timeline, or a history file of
+    /// another timeline (the message names the segment and the field). The newest partial
+    /// of a timeline is served as its last segment. The next --prefetch segments are
+    /// downloaded (and checked) in the background into .syncbridge-prefetch/ beside %p.
     WalFetch(WalFetchArgs),
     /// Background half of wal-fetch's prefetching (started by wal-fetch itself).
     #[command(hide = true)]
@@ -56,6 +59,14 @@ struct WalFetchArgs {
     /// Segments to download ahead in the background (0 disables).
     #[arg(long, default_value_t = 8)]
     prefetch: usize,
+    /// The cluster's wal_segment_size in bytes: a segment whose header says otherwise is
+    /// refused (without it, the segment's own header gives the size). `restore` sets it.
+    #[arg(long, value_name = "BYTES")]
+    segment_size: Option<u64>,
+    /// The cluster's PostgreSQL major version: WAL of another version is refused (without
+    /// it, WAL of any supported version, 14 to 18, is accepted). `restore` sets it.
+    #[arg(long, value_name = "MAJOR")]
+    pg_version: Option<u32>,
     /// %f: the file PostgreSQL asks for.
     file_name: String,
     /// %p: where to write it.
@@ -74,6 +85,8 @@ struct WalPrefetchArgs {
     segment_size: u64,
     #[arg(long)]
     count: usize,
+    #[arg(long)]
+    pg_version: Option<u32>,
 }
 
 pub use crate::cli::RepoArgs;
@@ -207,7 +220,13 @@ async fn check_each_server(info: &ConnInfo) -> bool {
 /// Runs a `postgres` sub-command.
 pub fn run(args: PostgresArgs) -> Result<ExitCode> {
     if let PostgresCommand::WalFetch(a) = &args.command {
-        if super::wal_fetch::serve_from_spool(&a.repo.repo, &a.file_name, &a.target, a.prefetch) {
+        if super::wal_fetch::serve_from_spool(
+            &a.repo.repo,
+            &a.file_name,
+            &a.target,
+            a.prefetch,
+            a.pg_version,
+        ) {
             return Ok(ExitCode::SUCCESS);
         }
     }
@@ -278,12 +297,23 @@ async fn wal_fetch(args: WalFetchArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(super::wal_fetch::EXIT_FATAL));
         }
     };
+    let segment_size = match args.segment_size.map(WalSegmentSize::new).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: wal-fetch --segment-size: {e}");
+            return Ok(ExitCode::from(super::wal_fetch::EXIT_FATAL));
+        }
+    };
     Ok(super::wal_fetch::run(
         &repo,
         &args.repo.repo,
         &args.file_name,
         &args.target,
         args.prefetch,
+        super::wal_fetch::Hints {
+            segment_size,
+            pg_major: args.pg_version,
+        },
     )
     .await)
 }
@@ -292,6 +322,6 @@ async fn wal_prefetch(args: WalPrefetchArgs) -> Result<ExitCode> {
     let repo = storage::Repository::open(&args.repo.repo, storage::RepoOptions::from_env()?)?;
     let size = WalSegmentSize::new(args.segment_size)?;
     let after = wire::pg::SegmentName::parse(&args.after, size)?;
-    super::wal_fetch::prefetch(&repo, &args.spool, after, args.count).await?;
+    super::wal_fetch::prefetch(&repo, &args.spool, after, args.count, args.pg_version).await?;
     Ok(ExitCode::SUCCESS)
 }
