@@ -74,10 +74,9 @@ pub async fn run(args: BackupArgs) -> Result<ExitCode> {
     let info = ConnInfo::parse(&args.source.source).context("reading --source")?;
     let opts = RepoOptions {
         compression_level: Some(args.compress_level),
-        ..RepoOptions::from_env().context("reading SYNCBRIDGE_RECIPIENTS / SYNCBRIDGE_IDENTITY")?
+        ..args.repo.options()?
     };
-    let repo = Repository::open(&args.repo.repo, opts)
-        .with_context(|| format!("opening the repository {}", redact(&args.repo.repo)))?;
+    let repo = args.repo.open_with(opts)?;
     let started = Instant::now();
     let start_time = chrono::Utc::now();
 
@@ -283,10 +282,6 @@ pub fn base_backup_command(major: u32, label: &str, spread: bool) -> String {
             if spread { "" } else { "FAST " }
         )
     }
-}
-
-fn redact(url: &str) -> &str {
-    url.split('?').next().unwrap_or(url)
 }
 
 /// Refuses a repository of another cluster; creates the marker for a new one.

@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 
 use super::conn::{ConnectMode, PgConnection};
 use super::conninfo::{ConnInfo, TargetSessionAttrs};
+use crate::util::duration::parse_duration;
 use wire::pg::WalSegmentSize;
 
 /// PostgreSQL: WAL streaming, `restore_command` support, connection checks.
@@ -87,7 +88,8 @@ struct StreamArgs {
     /// Physical replication slot; created (with RESERVE_WAL) if missing.
     #[arg(long, default_value = "syncbridge")]
     slot: String,
-    /// Longest time received WAL may wait before it is in the repository (e.g. 1s, 500ms).
+    /// Longest time received WAL may wait before it is in the repository (e.g. 1.5s,
+    /// 500ms).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     max_lag: Duration,
     /// Longest time between status updates to the server.
@@ -107,33 +109,6 @@ struct StreamArgs {
     /// zstd level for WAL objects (1 is fastest; WAL compresses well even at 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
     compression_level: i32,
-}
-
-/// Parses `500ms`, `1s`, `2m`, `1h` or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 1s, 2m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {text:?}: use ms, s, m or h"
-            ))
-        }
-    };
-    if !(secs > 0.0 && secs < 1e9) {
-        return Err(format!("duration {text:?} must be positive"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Where to connect.
@@ -207,7 +182,13 @@ async fn check_each_server(info: &ConnInfo) -> bool {
 /// Runs a `postgres` sub-command.
 pub fn run(args: PostgresArgs) -> Result<ExitCode> {
     if let PostgresCommand::WalFetch(a) = &args.command {
-        if super::wal_fetch::serve_from_spool(&a.repo.repo, &a.file_name, &a.target, a.prefetch) {
+        if let Err(e) = a.repo.validate() {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(super::wal_fetch::EXIT_FATAL));
+        }
+        // The prefetcher it starts reads the keys from the environment.
+        a.repo.export_to_env();
+        if super::wal_fetch::serve_from_spool(&a.repo.url, &a.file_name, &a.target, a.prefetch) {
             return Ok(ExitCode::SUCCESS);
         }
     }
@@ -248,11 +229,9 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
     let source = ConnInfo::parse(&args.source.source).context("reading --source")?;
     let repo_opts = storage::RepoOptions {
         compression_level: Some(args.compression_level),
-        ..storage::RepoOptions::from_env()
-            .context("reading SYNCBRIDGE_RECIPIENTS / SYNCBRIDGE_IDENTITY")?
+        ..args.repo.options()?
     };
-    let repo = storage::Repository::open(&args.repo.repo, repo_opts)
-        .with_context(|| format!("opening repository {}", args.repo.repo))?;
+    let repo = args.repo.open_with(repo_opts)?;
     let slot = wire::pg::commands::SlotName::new(&args.slot)?;
     super::stream::run(super::stream::StreamOptions {
         source,
@@ -269,18 +248,16 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
 }
 
 async fn wal_fetch(args: WalFetchArgs) -> Result<ExitCode> {
-    let opened = storage::RepoOptions::from_env()
-        .and_then(|opts| storage::Repository::open(&args.repo.repo, opts));
-    let repo = match opened {
+    let repo = match args.repo.open() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: opening repository {}: {e}", args.repo.repo);
+            eprintln!("error: {e:#}");
             return Ok(ExitCode::from(super::wal_fetch::EXIT_FATAL));
         }
     };
     Ok(super::wal_fetch::run(
         &repo,
-        &args.repo.repo,
+        &args.repo.url,
         &args.file_name,
         &args.target,
         args.prefetch,
@@ -289,7 +266,7 @@ async fn wal_fetch(args: WalFetchArgs) -> Result<ExitCode> {
 }
 
 async fn wal_prefetch(args: WalPrefetchArgs) -> Result<ExitCode> {
-    let repo = storage::Repository::open(&args.repo.repo, storage::RepoOptions::from_env()?)?;
+    let repo = args.repo.open()?;
     let size = WalSegmentSize::new(args.segment_size)?;
     let after = wire::pg::SegmentName::parse(&args.after, size)?;
     super::wal_fetch::prefetch(&repo, &args.spool, after, args.count).await?;
