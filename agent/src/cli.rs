@@ -116,7 +116,11 @@ impl RepoArgs {
             bail!("no repository given: pass --repo URL or set SYNCBRIDGE_REPO");
         }
         let parsed = url::Url::parse(url).ok();
-        let scheme = parsed.as_ref().map(|u| u.scheme().to_owned());
+        // From the text when it does not parse, so the hint still fits the store.
+        let scheme = parsed
+            .as_ref()
+            .map(|u| u.scheme().to_owned())
+            .or_else(|| url.split_once("://").map(|(s, _)| s.to_ascii_lowercase()));
         if has_userinfo(url) {
             let shown = parsed
                 .map(|mut u| {
