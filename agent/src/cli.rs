@@ -386,7 +386,8 @@ mod tests {
                 "--status-interval",
                 "8w",
             ],
-            &["postgres", "backup"],
+            &["postgres", "backup", "--wal-timeout", "1.5m"],
+            &["postgres", "backup", "--wal-timeout-secs", "3"],
             &[
                 "redis",
                 "restore",

@@ -61,8 +61,9 @@ pub struct BackupArgs {
     /// LSN to reach the repository (written by `postgres stream`), counted from the last
     /// time the archived WAL advanced. Without it the backup is not restorable and is left
     /// incomplete.
-    #[arg(long, default_value_t = 300)]
-    wal_timeout_secs: u64,
+    /// (`--wal-timeout-secs N` is the same in seconds.)
+    #[arg(long, alias = "wal-timeout-secs", default_value = "5m", value_parser = crate::util::duration::parse_duration)]
+    wal_timeout: Duration,
     /// zstd level for the data objects: 1 is fastest, 3 (the repository default) a little
     /// smaller, up to 19 for archives that are written once and kept long.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
@@ -207,7 +208,7 @@ pub async fn run(args: BackupArgs) -> Result<ExitCode> {
         start.lsn,
         stop.lsn,
         seg_size,
-        Duration::from_secs(args.wal_timeout_secs),
+        args.wal_timeout,
         &id,
     )
     .await?;
