@@ -6,6 +6,7 @@
 //! one Redis 7 and SeaweedFS.
 #![allow(clippy::unwrap_used)]
 
+mod pg_pitr_support;
 mod pg_support;
 mod redis_support;
 
@@ -688,4 +689,64 @@ fn redis_password_file_stream_and_space_separated_to_time() {
     let contains = |needle: &str| aof.windows(needle.len()).any(|w| w == needle.as_bytes());
     assert!(contains("wanted"), "the command before {when} is missing");
     assert!(!contains("too-late"), "a command after {when} was replayed");
+}
+
+/// Case 12 end to end: an encrypted repository restored with `--identity FILE` given as a
+/// flag only (no SYNCBRIDGE_IDENTITY anywhere): restore reads the base backup with it and
+/// writes it into `restore_command`, so the restored server's wal-fetch decrypts the WAL
+/// too, and the row committed after the backup is there.
+#[test]
+fn restore_with_identity_flag_on_encrypted_repository() {
+    use std::os::unix::fs::PermissionsExt;
+    let pg = PgCluster::builder(PgVersion::V15)
+        .wal_keep_size_mb(1024)
+        .start();
+    let dir = syncbridge_tests::process::server_temp_dir("sb-cli-id-");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let id = generate_identity();
+    let id_file = dir.path().join("identity.txt");
+    std::fs::write(&id_file, identity_to_string(&id)).unwrap();
+    // restore_command runs as the server's user (the tests may run as root).
+    std::fs::set_permissions(&id_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let recipient = id.to_public().to_string();
+    let enc = [("SYNCBRIDGE_RECIPIENTS".to_owned(), recipient.clone())];
+    let source = pg.replication_url();
+    let repo = format!("file://{}", dir.path().join("repo").display());
+    let stream = pg_support::AgentProcess::spawn_env(
+        &pg_support::stream_args(&source, &repo),
+        dir.path().join("stream.log"),
+        &enc,
+    );
+    let mut env = pg_pitr_support::Env {
+        pg,
+        dir,
+        stream: Some(stream),
+    };
+    env.pg
+        .sql_blocking("CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 500)");
+    let out = pg_support::agent()
+        .args(["postgres", "backup", "--source", &source, "--repo", &repo])
+        .args(["--wal-timeout", "2m"])
+        .envs(enc.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), env.stream_log());
+    env.pg.sql_blocking("INSERT INTO t VALUES (501)");
+    let lsn = env.pg.query_one_blocking("SELECT pg_current_wal_lsn()");
+    env.wait_archived(&lsn);
+    let _ = env.stream.take();
+
+    let dirs = pg_pitr_support::RestoreDirs::new();
+    // Without the identity the restore is refused, naming the flag.
+    let out = env.restore(&dirs.data(), &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("--identity"), "{}", text(&out));
+    let _ = std::fs::remove_dir_all(dirs.data());
+    let id_arg = id_file.to_str().unwrap();
+    let out = env.restore(&dirs.data(), &["--identity", id_arg]);
+    assert!(out.status.success(), "{}", text(&out));
+    let auto = std::fs::read_to_string(dirs.data().join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains(&format!("--identity {id_arg}")), "{auto}");
+    let restored = pg_pitr_support::start_restored(PgVersion::V15, &dirs.data());
+    assert_eq!(restored.query_one_blocking("SELECT count(*) FROM t"), "501");
 }
