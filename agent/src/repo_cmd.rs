@@ -28,8 +28,9 @@ enum KindArg {
 #[derive(Debug, Subcommand)]
 enum RepoCommand {
     /// Generate an age X25519 identity for an encrypted repository: writes the identity
-    /// (secret: keep it away from the sidecar, give it to restores via SYNCBRIDGE_IDENTITY)
-    /// to FILE with mode 0600 and prints the recipient for SYNCBRIDGE_RECIPIENTS.
+    /// (secret: keep it away from the sidecar; restores take it as --identity FILE or
+    /// SYNCBRIDGE_IDENTITY) to FILE with mode 0600 and prints the recipient for
+    /// SYNCBRIDGE_RECIPIENTS.
     Keygen {
         /// Where to write the identity; refused if it exists.
         #[arg(long)]
@@ -251,7 +252,7 @@ fn keygen(out: &std::path::Path) -> anyhow::Result<ExitCode> {
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", out.display()))?;
     println!(
-        "identity:  {} (secret; restores read it via SYNCBRIDGE_IDENTITY)",
+        "identity:  {} (secret; readers take it as --identity FILE or SYNCBRIDGE_IDENTITY)",
         out.display()
     );
     println!("recipient: {}", id.to_public());
