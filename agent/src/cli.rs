@@ -20,7 +20,12 @@ pub struct RepoArgs {
     /// environment, never in the URL; options such as
     /// ?endpoint=…&path_style=true&storage_class=…&ca_bundle=…), gs://bucket/prefix,
     /// az://container/prefix.
-    #[arg(long = "repo", env = "SYNCBRIDGE_REPO", value_name = "URL")]
+    #[arg(
+        long = "repo",
+        env = "SYNCBRIDGE_REPO",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub url: String,
     /// age identity file (AGE-SECRET-KEY-1… lines, as written by `repo keygen` or
     /// age-keygen) to read an encrypted repository; repeat for several.

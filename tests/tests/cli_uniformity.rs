@@ -750,3 +750,33 @@ fn restore_with_identity_flag_on_encrypted_repository() {
     let restored = pg_pitr_support::start_restored(PgVersion::V15, &dirs.data());
     assert_eq!(restored.query_one_blocking("SELECT count(*) FROM t"), "501");
 }
+
+/// `--help` prints the values of environment variables behind flags; for the sources and
+/// the repository (which may carry a password) it must not.
+#[test]
+fn help_never_shows_secrets_from_the_environment() {
+    let secret = "hunter2-in-env";
+    let redis = format!("redis://:{secret}@cache:6379");
+    let pg = format!("host=db user=replicator password={secret}");
+    let repo = format!("s3://AKIA:{secret}@bucket/p");
+    for cmd in [
+        vec!["redis", "stream", "--help"],
+        vec!["redis", "snapshot", "--help"],
+        vec!["postgres", "stream", "--help"],
+        vec!["postgres", "backup", "--help"],
+        vec!["postgres", "check", "--help"],
+        vec!["restore", "--help"],
+        vec!["repo", "ls", "--help"],
+    ] {
+        let out = agent(
+            &cmd,
+            &[
+                ("SYNCBRIDGE_REDIS_SOURCE", &redis),
+                ("SYNCBRIDGE_PG_SOURCE", &pg),
+                ("SYNCBRIDGE_REPO", &repo),
+            ],
+        );
+        assert!(out.status.success(), "{cmd:?}: {}", text(&out));
+        assert!(!text(&out).contains(secret), "{cmd:?}: {}", text(&out));
+    }
+}

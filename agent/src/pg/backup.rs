@@ -62,7 +62,7 @@ pub struct BackupArgs {
     /// time the archived WAL advanced. Without it the backup is not restorable and is left
     /// incomplete.
     /// (`--wal-timeout-secs N` is the same in seconds.)
-    #[arg(long, alias = "wal-timeout-secs", default_value = "5m", value_parser = crate::util::duration::parse_duration)]
+    #[arg(long, alias = "wal-timeout-secs", default_value = "5m", value_parser = crate::util::duration::parse_duration, value_name = "DURATION")]
     wal_timeout: Duration,
     /// zstd level for the data objects: 1 is fastest, 3 (the repository default) a little
     /// smaller, up to 19 for archives that are written once and kept long.

@@ -90,10 +90,10 @@ struct StreamArgs {
     slot: String,
     /// Longest time received WAL may wait before it is in the repository (e.g. 1.5s,
     /// 500ms).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     max_lag: Duration,
     /// Longest time between status updates to the server.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     status_interval: Duration,
     /// Store WAL as soon as it arrives and report it at once, so that with this agent in
     /// synchronous_standby_names every commit waits until its WAL is in the repository.
@@ -121,7 +121,12 @@ pub struct SourceArgs {
     /// `postgres://db1,db2/postgres`) are tried in order, each for at most connect_timeout
     /// (10 s when not set); with `target_session_attrs=read-write` the stream follows a
     /// failover.
-    #[arg(long, env = "SYNCBRIDGE_PG_SOURCE", default_value = "")]
+    #[arg(
+        long,
+        env = "SYNCBRIDGE_PG_SOURCE",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub source: String,
 }
 

@@ -57,7 +57,12 @@ pub struct SourceArgs {
     /// The master: redis://[user@]host[:port], or rediss:// for TLS. The password comes
     /// from --password-file (best: `ps` shows no password), the URL, or
     /// SYNCBRIDGE_REDIS_PASSWORD / REDISCLI_AUTH.
-    #[arg(long, env = "SYNCBRIDGE_REDIS_SOURCE", default_value = "")]
+    #[arg(
+        long,
+        env = "SYNCBRIDGE_REDIS_SOURCE",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub source: String,
     /// File holding the password (one line), for AUTH.
     #[arg(long, env = "SYNCBRIDGE_REDIS_PASSWORD_FILE", value_name = "FILE")]
@@ -112,13 +117,13 @@ struct StreamArgs {
     source: SourceArgs,
     #[command(flatten)]
     repo: RepoArgs,
-    /// Longest time read commands wait before they are stored (e.g. 1s, 500ms, 2m).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// Longest time read commands wait before they are stored (e.g. 1.5s, 500ms, 2m).
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     max_lag: Duration,
     /// Take a new snapshot generation this often (only if writes happened), on a second
     /// connection while streaming continues, so a restore replays at most this much.
     /// `off` keeps one generation.
-    #[arg(long, default_value = "15m", value_parser = parse_duration_or_off)]
+    #[arg(long, default_value = "15m", value_parser = parse_duration_or_off, value_name = "DURATION|off")]
     snapshot_every: Duration,
     /// Local directory where cut chunks wait (fsynced) while the store is slower than the
     /// master, so the agent keeps reading at line rate and the master never drops it for an

@@ -64,7 +64,7 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "OPTIONS", allow_hyphen_values = true)]
     pub start_options: Option<String>,
     /// How long --start waits for recovery to finish.
-    #[arg(long, default_value = "600s", value_parser = crate::util::duration::parse_duration)]
+    #[arg(long, default_value = "600s", value_parser = crate::util::duration::parse_duration, value_name = "DURATION")]
     pub start_timeout: std::time::Duration,
 }
 
