@@ -106,8 +106,9 @@ fn memory_repo_refused_by_every_command() {
 
 /// Case 9 (second part): `postgres stream --repo memory://` against a real server stops at
 /// once and creates no slot, so the server never advances a slot over WAL kept nowhere.
+/// Then the same stream into a `file://` repository with `--max-lag 1.5s` runs.
 #[test]
-fn case9_postgres_stream_memory_repo_refused_no_slot() {
+fn case9_postgres_stream_memory_repo_refused_no_slot_and_fractional_max_lag_streams() {
     let pg = PgCluster::start(PgVersion::V15);
     let started = std::time::Instant::now();
     let out = agent(
@@ -130,6 +131,50 @@ fn case9_postgres_stream_memory_repo_refused_no_slot() {
         pg.query_one_blocking("SELECT count(*) FROM pg_replication_slots"),
         "0"
     );
+
+    // The same command into a real repository, with a fractional --max-lag (case 12),
+    // streams: WAL reaches the repository.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", dir.path().join("repo").display());
+    let source = pg.replication_url();
+    let mut stream = pg_support::AgentProcess::spawn(
+        &[
+            "postgres",
+            "stream",
+            "--source",
+            &source,
+            "--repo",
+            &repo,
+            "--max-lag",
+            "1.5s",
+            "--status-interval",
+            "2.5s",
+        ],
+        dir.path().join("stream.log"),
+    );
+    pg.sql_blocking("CREATE TABLE t(id int); INSERT INTO t VALUES (1); SELECT pg_switch_wal()");
+    let wal = dir.path().join("repo/postgres/wal");
+    let stored = pg_support::wait_until(Duration::from_secs(60), || walkdir_files(&wal) > 0);
+    assert!(stored, "no WAL stored:\n{}", stream.log_text());
+    assert!(stream.terminate().success(), "{}", stream.log_text());
+}
+
+/// Files under `dir`, recursively (0 if it does not exist).
+fn walkdir_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                walkdir_files(&p)
+            } else {
+                1
+            }
+        })
+        .sum()
 }
 
 /// Case 12: credentials in a repository URL are refused by every command, the message
