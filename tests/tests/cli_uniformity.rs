@@ -825,3 +825,40 @@ fn help_never_shows_secrets_from_the_environment() {
         assert!(!text(&out).contains(secret), "{cmd:?}: {}", text(&out));
     }
 }
+
+/// Deliver 9: a password on the command line (where `ps` shows it) draws a warning naming
+/// the file-based alternative; the same source from the environment does not.
+#[test]
+fn password_on_the_command_line_is_warned_about() {
+    let warning = "the password in --source is visible to every local user";
+    let cases = [
+        (
+            "redis",
+            "redis://:pw@127.0.0.1:1",
+            "--password-file",
+            "SYNCBRIDGE_REDIS_SOURCE",
+        ),
+        (
+            "postgres",
+            "postgres://replicator:pw@127.0.0.1:1/postgres",
+            "PGPASSFILE",
+            "SYNCBRIDGE_PG_SOURCE",
+        ),
+    ];
+    for (cmd, source, instead, env) in cases {
+        let out = agent(
+            &[cmd, "stream", "--source", source, "--repo", "memory://"],
+            &[],
+        );
+        assert!(text(&out).contains(warning), "{}", text(&out));
+        assert!(text(&out).contains(instead), "{}", text(&out));
+        let out = agent(&[cmd, "stream", "--repo", "memory://"], &[(env, source)]);
+        assert!(!text(&out).contains(warning), "{}", text(&out));
+        let quiet = source.replace(":pw@", "@");
+        let out = agent(
+            &[cmd, "stream", "--source", &quiet, "--repo", "memory://"],
+            &[],
+        );
+        assert!(!text(&out).contains(warning), "{}", text(&out));
+    }
+}

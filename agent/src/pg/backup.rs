@@ -34,7 +34,6 @@ use super::backup_chunks::Chunker;
 use super::backup_progress::{human, Progress};
 use super::cli::{RepoArgs, SourceArgs};
 use super::conn::{ConnectMode, CopyMessage, PgConnection, QueryResult};
-use super::conninfo::ConnInfo;
 
 /// Largest server `backup_manifest` we buffer (about 200 bytes per file).
 const MAX_SERVER_MANIFEST: usize = 1 << 30;
@@ -72,7 +71,7 @@ pub struct BackupArgs {
 
 /// Runs `postgres backup`.
 pub async fn run(args: BackupArgs) -> Result<ExitCode> {
-    let info = ConnInfo::parse(&args.source.source).context("reading --source")?;
+    let info = args.source.conninfo()?;
     let opts = RepoOptions {
         compression_level: Some(args.compress_level),
         ..args.repo.options()?

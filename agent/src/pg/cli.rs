@@ -130,6 +130,18 @@ pub struct SourceArgs {
     pub source: String,
 }
 
+impl SourceArgs {
+    /// The parsed source; warns when its password is on the command line.
+    pub fn conninfo(&self) -> Result<ConnInfo> {
+        crate::util::redact::warn_password_on_command_line(
+            &self.source,
+            "SYNCBRIDGE_PG_SOURCE",
+            "a password file (PGPASSFILE or passfile=)",
+        );
+        ConnInfo::parse(&self.source).context("reading --source")
+    }
+}
+
 #[derive(Debug, Args)]
 struct CheckArgs {
     #[command(flatten)]
@@ -209,7 +221,7 @@ pub fn run(args: PostgresArgs) -> Result<ExitCode> {
 }
 
 async fn check(args: CheckArgs) -> Result<ExitCode> {
-    let info = ConnInfo::parse(&args.source.source).context("reading --source")?;
+    let info = args.source.conninfo()?;
     if !info.other_servers.is_empty() && !check_each_server(&info).await {
         return Ok(ExitCode::FAILURE);
     }
@@ -231,7 +243,7 @@ async fn check(args: CheckArgs) -> Result<ExitCode> {
 }
 
 async fn stream(args: StreamArgs) -> Result<ExitCode> {
-    let source = ConnInfo::parse(&args.source.source).context("reading --source")?;
+    let source = args.source.conninfo()?;
     let repo_opts = storage::RepoOptions {
         compression_level: Some(args.compression_level),
         ..args.repo.options()?

@@ -81,6 +81,11 @@ pub struct SourceArgs {
 impl SourceArgs {
     /// The validated source.
     pub fn parse(&self) -> Result<RedisSource> {
+        crate::util::redact::warn_password_on_command_line(
+            &self.source,
+            "SYNCBRIDGE_REDIS_SOURCE",
+            "--password-file",
+        );
         let password = self
             .password_file
             .as_deref()

@@ -29,6 +29,31 @@ pub fn redact_url(text: &str) -> String {
     }
 }
 
+/// Whether a connection string holds a password: a URL's userinfo
+/// (`postgres://u:pw@h`, `redis://:pw@h`) or a libpq keyword (`password=…`).
+pub fn has_password(text: &str) -> bool {
+    if let Some(u) = url::Url::parse(text).ok().filter(|u| !u.cannot_be_a_base()) {
+        return u.password().is_some();
+    }
+    let lower = text.to_ascii_lowercase();
+    lower.match_indices("password").any(|(at, _)| {
+        let before = lower[..at].chars().next_back();
+        let after = lower[at + "password".len()..].trim_start();
+        before.is_none_or(|c| c.is_whitespace()) && after.starts_with('=')
+    })
+}
+
+/// Warns when a password was given in `--source` on the command line (rather than in
+/// `env_var`, a file or the server's own mechanisms): every local user sees it in `ps`.
+pub fn warn_password_on_command_line(source: &str, env_var: &str, instead: &str) {
+    let from_env = std::env::var(env_var).is_ok_and(|v| v == source);
+    if !from_env && has_password(source) {
+        tracing::warn!(
+            "the password in --source is visible to every local user in the process list; use {instead} instead"
+        );
+    }
+}
+
 /// Whether `text` is a URL with a user name or password in it.
 pub fn has_userinfo(text: &str) -> bool {
     match url::Url::parse(text).ok().filter(|u| !u.cannot_be_a_base()) {
@@ -67,6 +92,27 @@ mod tests {
         let r = redact_url("s3://KEY:SE CRET@buck et/p");
         assert!(!r.contains("SE CRET") && !r.contains("KEY"), "{r}");
         assert!(!redact_url("KEY:SECRET@bucket").contains("SECRET"));
+    }
+
+    #[test]
+    fn password_detection() {
+        for yes in [
+            "postgres://u:pw@h/db",
+            "redis://:pw@h:6379",
+            "host=h password=pw",
+            "password = pw host=h",
+        ] {
+            assert!(has_password(yes), "{yes}");
+        }
+        for no in [
+            "postgres://u@h/db",
+            "redis://h",
+            "host=h user=u passfile=/x",
+            "host=h application_name=mypassword",
+            "",
+        ] {
+            assert!(!has_password(no), "{no}");
+        }
     }
 
     #[test]
