@@ -1,9 +1,8 @@
 //! The command line. Sub-commands are added as capabilities land; each validates its
 //! arguments into a config before anything touches a server or a repository.
 
-use std::process::ExitCode;
-
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -233,8 +232,10 @@ impl RepoArgs {
         Ok(args)
     }
 
-    /// Puts the keys given as flags into the environment, for a child process of this
-    /// binary (wal-fetch's prefetcher) that reads them through the same variables.
+    /// Puts the identity and CA bundle given as flags into the environment, for a child
+    /// process of this binary (wal-fetch's prefetcher) that reads them through the same
+    /// variables. Only the first identity is passed: the prefetcher is an optimisation, and
+    /// what it cannot read wal-fetch fetches itself with every identity.
     pub fn export_to_env(&self) {
         if let Some(first) = self.identities.first() {
             std::env::set_var("SYNCBRIDGE_IDENTITY", first);
