@@ -25,7 +25,7 @@ pub struct RepoArgs {
         value_name = "URL",
         hide_env_values = true
     )]
-    pub url: String,
+    pub repo: String,
     /// age identity file (AGE-SECRET-KEY-1… lines, as written by `repo keygen` or
     /// age-keygen) to read an encrypted repository; repeat for several.
     #[arg(long = "identity", env = "SYNCBRIDGE_IDENTITY", value_name = "FILE")]
@@ -50,7 +50,7 @@ pub struct RepoArgs {
 impl std::fmt::Debug for RepoArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RepoArgs")
-            .field("url", &redact_url(&self.url))
+            .field("repo", &redact_url(&self.repo))
             .field("identities", &self.identities)
             .field("recipients", &self.recipients)
             .field("recipients_file", &self.recipients_file)
@@ -107,7 +107,7 @@ fn credential_hint(family: Option<&str>) -> &'static str {
 impl RepoArgs {
     /// The URL as it may be shown: without password or query.
     pub fn display_url(&self) -> String {
-        redact_url(&self.url)
+        redact_url(&self.repo)
     }
 
     /// Refuses what no command may open: credentials in the URL (they would show in `ps`
@@ -115,7 +115,7 @@ impl RepoArgs {
     /// objects in this process only (a stream would advance its slot over WAL kept
     /// nowhere). Library code and tests still open `memory://` through `storage`.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let url = self.url.trim();
+        let url = self.repo.trim();
         if url.is_empty() {
             bail!("no repository given: pass --repo URL or set SYNCBRIDGE_REPO");
         }
@@ -184,7 +184,7 @@ impl RepoArgs {
             opts.identities
                 .extend(storage::keys::read_identity_file(f)?);
         }
-        let family = url::Url::parse(self.url.trim())
+        let family = url::Url::parse(self.repo.trim())
             .ok()
             .and_then(|u| store_family(u.scheme()));
         for (_, vars) in SECRET_FILE_VARS.iter().filter(|(f, _)| Some(*f) == family) {
@@ -205,7 +205,7 @@ impl RepoArgs {
     /// Opens the repository with `opts` (from [`options`](Self::options), adjusted).
     pub fn open_with(&self, opts: RepoOptions) -> anyhow::Result<Repository> {
         self.validate()?;
-        Repository::open(self.url.trim(), opts)
+        Repository::open(self.repo.trim(), opts)
             .with_context(|| format!("opening the repository {}", self.display_url()))
     }
 
@@ -220,7 +220,7 @@ impl RepoArgs {
                 .into_string()
                 .map_err(|p| anyhow::anyhow!("{} is not valid UTF-8", p.to_string_lossy()))
         };
-        let mut args = vec!["--repo".to_owned(), self.url.trim().to_owned()];
+        let mut args = vec!["--repo".to_owned(), self.repo.trim().to_owned()];
         for f in &self.identities {
             args.push("--identity".into());
             args.push(absolute(f)?);
@@ -308,7 +308,7 @@ mod tests {
 
     fn repo(url: &str) -> RepoArgs {
         RepoArgs {
-            url: url.into(),
+            repo: url.into(),
             identities: Vec::new(),
             recipients: Vec::new(),
             recipients_file: None,

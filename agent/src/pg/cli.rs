@@ -205,7 +205,7 @@ pub fn run(args: PostgresArgs) -> Result<ExitCode> {
         }
         // The prefetcher it starts reads the keys from the environment.
         a.repo.export_to_env();
-        if super::wal_fetch::serve_from_spool(&a.repo.url, &a.file_name, &a.target, a.prefetch) {
+        if super::wal_fetch::serve_from_spool(&a.repo.repo, &a.file_name, &a.target, a.prefetch) {
             return Ok(ExitCode::SUCCESS);
         }
     }
@@ -274,7 +274,7 @@ async fn wal_fetch(args: WalFetchArgs) -> Result<ExitCode> {
     };
     Ok(super::wal_fetch::run(
         &repo,
-        &args.repo.url,
+        &args.repo.repo,
         &args.file_name,
         &args.target,
         args.prefetch,
