@@ -150,13 +150,17 @@ fn plaintext_object_in_encrypted_repository_is_refused_everywhere() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let wal_key =
         storage::layout::wal_segment(&storage::layout::WalSegmentName::parse(&seg).unwrap());
+    let wal = std::fs::read(pg.pg_wal_dir().join(&seg)).unwrap();
+    let inject = |key: &storage::RepoKey, kind: storage::ContentKind| {
+        rt.block_on(intruder.put(key, kind, wal.clone().into(), storage::PutMode::Overwrite))
+            .unwrap();
+    };
     let chunk_key = rt.block_on(async {
         let keys = intruder
             .list(&storage::layout::base_backups_prefix())
             .await
             .unwrap();
-        let chunk = keys
-            .iter()
+        keys.iter()
             .map(|m| m.key.clone())
             .find(|k| {
                 matches!(
@@ -164,51 +168,12 @@ fn plaintext_object_in_encrypted_repository_is_refused_everywhere() {
                     Some(storage::layout::BaseBackupObject::Chunk { .. })
                 )
             })
-            .expect("the backup has a data chunk");
-        let wal = std::fs::read(pg.pg_wal_dir().join(&seg)).unwrap();
-        for (key, kind, bytes) in [
-            (&wal_key, storage::ContentKind::WalSegment, wal.clone()),
-            (&chunk, storage::ContentKind::BaseBackupData, wal),
-        ] {
-            intruder
-                .put(key, kind, bytes.into(), storage::PutMode::Overwrite)
-                .await
-                .unwrap();
-        }
-        chunk
+            .expect("the backup has a data chunk")
     });
     let id_arg = id_file.to_str().unwrap();
 
-    let out = agent()
-        .args(["repo", "check", "--repo", &url, "--identity", id_arg])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    for key in [&wal_key, &chunk_key] {
-        assert!(
-            stdout.lines().any(|l| l.starts_with("FAILED")
-                && l.contains(key.as_str())
-                && l.contains("not encrypted")),
-            "{key}: {stdout}"
-        );
-    }
-
-    let out = agent()
-        .args(["postgres", "wal-fetch", "--repo", &url, "--prefetch", "0", &seg])
-        .arg(dir.path().join("fetched"))
-        .env("SYNCBRIDGE_IDENTITY", &id_file)
-        .output()
-        .unwrap();
-    assert!(out.status.code().unwrap() > 125, "{}", text(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains(&seg) && stderr.contains("not encrypted"),
-        "{}",
-        text(&out)
-    );
-    assert!(!dir.path().join("fetched").exists());
-
+    // A base backup chunk replaced: restore refuses it, naming it.
+    inject(&chunk_key, storage::ContentKind::BaseBackupData);
     let target = dir.path().join("restored");
     let out = agent()
         .args(["restore", "--repo", &url, "--target"])
@@ -222,4 +187,46 @@ fn plaintext_object_in_encrypted_repository_is_refused_everywhere() {
         all.contains(chunk_key.as_str()) && all.contains("not encrypted"),
         "{all}"
     );
+
+    // A WAL segment replaced: wal-fetch refuses it, naming it, and writes nothing.
+    inject(&wal_key, storage::ContentKind::WalSegment);
+    let out = agent()
+        .args([
+            "postgres",
+            "wal-fetch",
+            "--repo",
+            &url,
+            "--prefetch",
+            "0",
+            &seg,
+        ])
+        .arg(dir.path().join("fetched"))
+        .env("SYNCBRIDGE_IDENTITY", &id_file)
+        .output()
+        .unwrap();
+    assert!(out.status.code().unwrap() > 125, "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&seg) && stderr.contains("not encrypted"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.path().join("fetched").exists());
+
+    // repo check names both, with or without the identity.
+    for extra in [vec![], vec!["--identity", id_arg]] {
+        let mut args = vec!["repo", "check", "--repo", url.as_str()];
+        args.extend_from_slice(&extra);
+        let out = agent().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        for key in [&wal_key, &chunk_key] {
+            assert!(
+                stdout.lines().any(|l| l.starts_with("FAILED")
+                    && l.contains(key.as_str())
+                    && l.contains("not encrypted")),
+                "{key}: {stdout}"
+            );
+        }
+    }
 }

@@ -67,17 +67,10 @@ fn fmt_ms(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-/// Parses `--to-time`: RFC 3339 (`2026-11-27T16:20:00.250Z`) or `@<unix ms>`.
+/// Parses `--to-time` into Unix milliseconds, in the one syntax of every `--to-time`
+/// ([`crate::util::time`]: RFC 3339, `YYYY-MM-DD HH:MM:SS` in UTC, `@<unix ms>`).
 pub fn parse_time(text: &str) -> Result<i64> {
-    if let Some(ms) = text.strip_prefix('@') {
-        return ms
-            .parse()
-            .with_context(|| format!("{text:?}: expected @<unix milliseconds>"));
-    }
-    let t = chrono::DateTime::parse_from_rfc3339(text).with_context(|| {
-        format!("{text:?} is not an RFC 3339 time like 2026-11-27T16:20:00Z (or @<unix ms>)")
-    })?;
-    Ok(t.timestamp_millis())
+    Ok(crate::util::time::parse_time(text)?.timestamp_millis())
 }
 
 /// Restores into `target` (created; must be empty if it exists).

@@ -13,9 +13,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use storage::{RepoKind, RepoOptions, Repository};
+use storage::{RepoKind, Repository};
 
-use crate::pg::cli::RepoArgs;
+use crate::cli::RepoArgs;
 
 /// Arguments of `restore`.
 #[derive(Debug, Args)]
@@ -25,8 +25,10 @@ pub struct RestoreArgs {
     /// Directory to restore into; it must be empty or absent (see --force).
     #[arg(long)]
     pub target: PathBuf,
-    /// Restore to this time: RFC 3339 (2026-11-27T16:07:00Z) or `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM]]`
-    /// (UTC when no zone is given). Transactions committed at or before it are kept.
+    /// Restore to this time: RFC 3339 (2026-11-27T16:07:00Z),
+    /// `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM]]` (UTC when no zone is given) or
+    /// `@<unix ms>`; the same forms for PostgreSQL and Redis. Transactions committed at or
+    /// before it are kept.
     #[arg(long, conflicts_with_all = ["to_lsn", "to_xid"])]
     pub to_time: Option<String>,
     /// Restore up to this WAL position (X/Y).
@@ -73,20 +75,14 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "OPTIONS", allow_hyphen_values = true)]
     pub start_options: Option<String>,
     /// How long --start waits for recovery to finish.
-    #[arg(long, default_value = "600s", value_parser = crate::pg::cli::parse_duration)]
+    #[arg(long, default_value = "600s", value_parser = crate::util::duration::parse_duration, value_name = "DURATION")]
     pub start_timeout: std::time::Duration,
 }
 
 /// Runs `restore`.
 pub fn run(args: RestoreArgs) -> Result<ExitCode> {
     crate::cli::block_on(async move {
-        let repo =
-            Repository::open(&args.repo.repo, RepoOptions::from_env()?).with_context(|| {
-                format!(
-                    "opening the repository {}",
-                    args.repo.repo.split('?').next().unwrap_or_default()
-                )
-            })?;
+        let repo = args.repo.open()?;
         let marker = repo
             .read_marker()
             .await

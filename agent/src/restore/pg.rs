@@ -809,10 +809,16 @@ fn write_recovery_conf(
     wal_hints: &str,
 ) -> Result<()> {
     let exe = std::env::current_exe().context("finding this program's path")?;
+    let repo_args: Vec<String> = args
+        .repo
+        .reader_args()?
+        .iter()
+        .map(|a| shell_quote(a))
+        .collect();
     let command = format!(
-        "{} postgres wal-fetch --repo {} {wal_hints} %f %p",
+        "{} postgres wal-fetch {} {wal_hints} %f %p",
         shell_quote(&exe.display().to_string()),
-        shell_quote(&args.repo.repo)
+        repo_args.join(" ")
     );
     let mut text = format!(
         "\n# Added by syncbridge-agent restore of backup {id} at {}.\n",
