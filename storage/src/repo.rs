@@ -244,6 +244,11 @@ impl Repository {
         !self.inner.keys.recipients.is_empty()
     }
 
+    /// Whether an age identity was given, so encrypted objects can be decoded.
+    pub fn can_decrypt(&self) -> bool {
+        !self.inner.keys.identities.is_empty()
+    }
+
     /// Writes a small object in one call (still framed, so it may be of any size).
     pub async fn put(
         &self,

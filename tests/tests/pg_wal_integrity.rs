@@ -149,6 +149,23 @@ fn assert_refused(env: &Env, name: &str, field: Option<&str>) -> String {
     err
 }
 
+/// `repo check` fails, naming the segment's object and `what` (the binding or the field).
+fn assert_repo_check_fails(env: &Env, name: &str, what: &str) {
+    let url = env.repo_url();
+    let out = agent()
+        .args(["repo", "check", "--repo", &url, "postgres/wal"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAILED") && l.contains(name) && l.contains(what)),
+        "repo check does not name {name} and {what}:\n{stdout}"
+    );
+}
+
 /// `restore --start` fails naming the segment and the field; the server it may have
 /// started is stopped.
 fn assert_restore_start_fails(env: &Env, victim: &str, field: &str) {
@@ -310,6 +327,7 @@ fn pg15_swapped_segments_are_refused() {
     std::fs::rename(&tmp, &pb).unwrap();
     assert_refused(env, a, None);
     assert_refused(env, b, None);
+    assert_repo_check_fails(env, a, "written for");
     // Put back, then swap through the storage crate: valid objects under the wrong keys.
     std::fs::rename(&pa, &tmp).unwrap();
     std::fs::rename(&pb, &pa).unwrap();
@@ -319,6 +337,7 @@ fn pg15_swapped_segments_are_refused() {
     put_segment(env, b, da);
     assert_refused(env, a, Some("xlp_pageaddr"));
     assert_refused(env, b, Some("xlp_pageaddr"));
+    assert_repo_check_fails(env, a, "xlp_pageaddr");
     assert_restore_start_fails(env, a, "xlp_pageaddr");
     assert_hand_start_never_promotes(&fx, a);
 }
@@ -356,6 +375,7 @@ fn pg15_segment_of_another_cluster_is_refused() {
     put_segment(env, &victim, Bytes::from(foreign));
     let err = assert_refused(env, &victim, Some("xlp_sysid"));
     assert!(err.contains(&theirs) && err.contains(&ours), "{err}");
+    assert_repo_check_fails(env, &victim, "xlp_sysid");
     assert_restore_start_fails(env, &victim, "xlp_sysid");
     assert_hand_start_never_promotes(&fx, &victim);
 }
@@ -371,6 +391,7 @@ fn pg15_short_object_under_a_complete_segment_is_refused() {
     assert_eq!(whole.len(), SEG);
     put_segment(env, &victim, whole.slice(..8192));
     assert_refused(env, &victim, Some("length"));
+    assert_repo_check_fails(env, &victim, "length");
     assert_restore_start_fails(env, &victim, "field length");
     assert_hand_start_never_promotes(&fx, &victim);
 }

@@ -34,6 +34,9 @@ fn text(o: &Output) -> String {
     )
 }
 
+// These tests are about the container, not WAL: their repositories are of kind `redis`, so
+// `repo check` does not also check the made-up bytes under WAL keys as WAL (it does in a
+// PostgreSQL repository; `pg_wal_integrity` covers that).
 #[tokio::test]
 async fn repo_cli_on_encrypted_file_repository() {
     let repo_dir = TempRepo::new();
@@ -55,7 +58,7 @@ async fn repo_cli_on_encrypted_file_repository() {
             "--repo",
             &url,
             "--kind",
-            "postgres",
+            "redis",
             "--recipient",
             &recipient,
         ],
@@ -370,7 +373,7 @@ async fn repo_check_refuses_swapped_foreign_and_plaintext_objects() {
     // Swapped: each object is intact, but under the other's key.
     let dir = TempRepo::new();
     let url = dir.url();
-    let out = agent(&["repo", "init", "--repo", &url, "--kind", "postgres"], &[]);
+    let out = agent(&["repo", "init", "--repo", &url, "--kind", "redis"], &[]);
     assert!(out.status.success(), "{}", text(&out));
     let repo = Repository::open(&url, RepoOptions::default()).unwrap();
     put(repo.clone(), a.clone(), 6).await;
@@ -407,7 +410,7 @@ async fn repo_check_refuses_swapped_foreign_and_plaintext_objects() {
     let other_dir = TempRepo::new();
     let other_url = other_dir.url();
     let out = agent(
-        &["repo", "init", "--repo", &other_url, "--kind", "postgres"],
+        &["repo", "init", "--repo", &other_url, "--kind", "redis"],
         &[],
     );
     assert!(out.status.success(), "{}", text(&out));
@@ -438,7 +441,7 @@ async fn repo_check_refuses_swapped_foreign_and_plaintext_objects() {
             "--repo",
             &enc_url,
             "--kind",
-            "postgres",
+            "redis",
             "--recipient",
             &recipient,
         ],
