@@ -138,6 +138,52 @@ pub fn marker() -> RepoKey {
 }
 
 // ---------------------------------------------------------------------------------------
+// Writer leases
+// ---------------------------------------------------------------------------------------
+
+/// Which single writer a lease guards (see `crate::lease`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LeaseScope {
+    /// `postgres stream` on one timeline.
+    PostgresStream(TimelineId),
+    /// `redis stream` (one per repository prefix).
+    RedisStream,
+}
+
+impl fmt::Display for LeaseScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LeaseScope::PostgresStream(tli) => write!(f, "postgres stream on timeline {tli}"),
+            LeaseScope::RedisStream => f.write_str("redis stream"),
+        }
+    }
+}
+
+/// Every lease generation of `scope`.
+pub fn lease_prefix(scope: LeaseScope) -> RepoKey {
+    match scope {
+        LeaseScope::PostgresStream(tli) => RepoKey(format!("leases/postgres-stream/{tli}")),
+        LeaseScope::RedisStream => RepoKey::join(&["leases", "redis-stream"]),
+    }
+}
+
+/// Generation `generation` of `scope`'s lease (16 hex digits, so names sort by generation).
+pub fn lease(scope: LeaseScope, generation: u64) -> RepoKey {
+    RepoKey(format!("{}/{generation:016X}", lease_prefix(scope)))
+}
+
+/// The generation of a key built by [`lease`] for `scope`.
+pub fn parse_lease(scope: LeaseScope, key: &RepoKey) -> Option<u64> {
+    let rest = key
+        .as_str()
+        .strip_prefix(lease_prefix(scope).as_str())?
+        .strip_prefix('/')?;
+    (rest.len() == 16 && is_upper_hex(rest))
+        .then(|| u64::from_str_radix(rest, 16).ok())
+        .flatten()
+}
+
+// ---------------------------------------------------------------------------------------
 // PostgreSQL WAL
 // ---------------------------------------------------------------------------------------
 

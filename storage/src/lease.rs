@@ -1,0 +1,674 @@
+//! Writer leases: one `postgres stream` per (repository, timeline) and one `redis stream`
+//! per repository, so a second sidecar waits instead of forking the chain.
+//!
+//! # Objects
+//!
+//! A lease is a small JSON object at `layout::lease(scope, generation)`
+//! (`leases/postgres-stream/<TLI>/<generation>`, `leases/redis-stream/<generation>`)
+//! naming the holder (host, pid, start time, what it does), a random token, a renewal
+//! counter and the lease duration. Like the repository marker it is never encrypted: a
+//! waiting writer holds only recipients, yet must read who holds the lease; it carries no
+//! backup data.
+//!
+//! # Rules
+//!
+//! * **The current lease is the highest generation.** Lower ones are stale and are
+//!   deleted by the holder.
+//! * **Taking a lease is a create-new write** (`PutMode::CreateNew`: `If-None-Match: *` on
+//!   S3, a hard link on a local directory) of the next generation. Of several writers
+//!   taking over at once exactly one create succeeds; the others see `AlreadyExists` and
+//!   go back to waiting. Generations are never reused, so a holder that was taken over
+//!   cannot mistake a later lease for its own.
+//! * **Renewal** overwrites the holder's own generation with the counter incremented,
+//!   every `renew_every`, after checking that no higher generation exists (if one does, the
+//!   lease was taken over: the holder stops).
+//! * **Expiry is judged by the waiter's own clock, never by timestamps**: a waiter that
+//!   sees the same (generation, token, counter) unchanged for the holder's `duration`
+//!   takes over. Clock skew between hosts or the store does not matter.
+//! * **A holder stops writing before any waiter can take over**: it considers the lease
+//!   valid only until `duration - renew_every` after the start of its last successful
+//!   renewal (or creation). A waiter first saw that renewal after it started, so it waits
+//!   at least `duration` from a later instant; the margin is `renew_every`.
+//! * **Release** (clean shutdown) overwrites the lease with `released: true`; a waiter
+//!   then takes the next generation at once.
+//!
+//! `Lease::check` is what writers call before each write; `Lease::lost` resolves when the
+//! lease is gone, to interrupt a writer blocked on its source.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::error::StorageError;
+use crate::format::ContentKind;
+use crate::layout::{self, LeaseScope, RepoKey};
+use crate::repo::{RepoInner, Repository};
+use crate::PutMode;
+
+/// Why a lease could not be taken or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// The store failed.
+    #[error("lease {key}: {source}")]
+    Storage {
+        /// The lease object.
+        key: String,
+        /// What went wrong.
+        #[source]
+        source: StorageError,
+    },
+    /// The lease is no longer ours: taken over, or not renewed in time. Stop writing.
+    #[error("lost the {scope} lease ({key}): {reason}; stopped writing so the chain cannot fork")]
+    Lost {
+        /// What the lease guards, as text.
+        scope: String,
+        /// The lease object.
+        key: String,
+        /// Taken over by whom, or how long it went unrenewed.
+        reason: String,
+    },
+}
+
+/// Lease timing. `Default` is 30 s, renewed every 10 s; tests shorten it with
+/// `SYNCBRIDGE_STREAM_LEASE_SECS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseOptions {
+    /// How long a lease lives without renewal (what a waiter waits after the last change).
+    pub duration: Duration,
+    /// How often the holder renews; also the waiter's polling interval.
+    pub renew_every: Duration,
+}
+
+impl Default for LeaseOptions {
+    fn default() -> Self {
+        LeaseOptions::with_duration(Duration::from_secs(30))
+    }
+}
+
+impl LeaseOptions {
+    /// A lease of `duration`, renewed every third of it.
+    pub fn with_duration(duration: Duration) -> Self {
+        let duration = duration.max(Duration::from_millis(300));
+        LeaseOptions {
+            duration,
+            renew_every: duration / 3,
+        }
+    }
+
+    /// Defaults, or `SYNCBRIDGE_STREAM_LEASE_SECS` (seconds, fractions allowed) when set:
+    /// a testing knob, not meant for production.
+    pub fn from_env() -> Self {
+        std::env::var("SYNCBRIDGE_STREAM_LEASE_SECS")
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(|s| LeaseOptions::with_duration(Duration::from_secs_f64(s)))
+            .unwrap_or_default()
+    }
+
+    /// How long after the start of its last successful renewal the holder may still write.
+    fn valid_for(&self) -> Duration {
+        self.duration.saturating_sub(self.renew_every)
+    }
+}
+
+/// Who holds a lease: what the lease object says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// Host name of the holder.
+    pub host: String,
+    /// Process id of the holder.
+    pub pid: u32,
+    /// When the holder started (RFC 3339).
+    pub started: String,
+    /// What the holder does (e.g. "postgres stream, slot sb_a").
+    pub purpose: String,
+    /// Random, per acquisition: tells two holders on one host apart.
+    pub token: String,
+    /// Incremented by every renewal.
+    pub renewal: u64,
+    /// The holder's lease duration in milliseconds (a waiter waits at least this long).
+    pub duration_ms: u64,
+    /// Set by a clean shutdown: the lease may be taken at once.
+    #[serde(default)]
+    pub released: bool,
+}
+
+impl std::fmt::Display for LeaseRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (host {}, pid {}, started {})",
+            self.purpose, self.host, self.pid, self.started
+        )
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+struct State {
+    /// Start of the last successful creation or renewal.
+    renewed_at: Instant,
+    lost: Option<String>,
+}
+
+/// A held lease. Renewed by a background task until `release` or drop (a dropped lease is
+/// not released: it expires, as after a crash).
+pub struct Lease {
+    scope: LeaseScope,
+    key: RepoKey,
+    opts: LeaseOptions,
+    state: Arc<Mutex<State>>,
+    lost_rx: watch::Receiver<bool>,
+    record: Arc<Mutex<LeaseRecord>>,
+    store: Repository,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lease({})", self.key)
+    }
+}
+
+/// A cheap handle for writers running elsewhere (upload futures): `check` before writing.
+#[derive(Clone)]
+pub struct LeaseGuard {
+    scope: LeaseScope,
+    key: RepoKey,
+    opts: LeaseOptions,
+    state: Arc<Mutex<State>>,
+    lost_rx: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for LeaseGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LeaseGuard({})", self.key)
+    }
+}
+
+fn check_state(
+    scope: LeaseScope,
+    key: &RepoKey,
+    opts: &LeaseOptions,
+    state: &Mutex<State>,
+) -> Result<(), LeaseError> {
+    let s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let reason = match &s.lost {
+        Some(r) => r.clone(),
+        None if s.renewed_at.elapsed() >= opts.valid_for() => format!(
+            "not renewed for {:.1}s (the store did not answer in time)",
+            s.renewed_at.elapsed().as_secs_f64()
+        ),
+        None => return Ok(()),
+    };
+    Err(LeaseError::Lost {
+        scope: scope.to_string(),
+        key: key.to_string(),
+        reason,
+    })
+}
+
+impl LeaseGuard {
+    /// `Ok` while the lease is certainly ours; an error means: stop writing now.
+    pub fn check(&self) -> Result<(), LeaseError> {
+        check_state(self.scope, &self.key, &self.opts, &self.state)
+    }
+
+    /// Resolves once the lease is lost (taken over or not renewed in time).
+    pub async fn lost(&self) {
+        let mut rx = self.lost_rx.clone();
+        // A closed channel (renewal task gone) is not a loss by itself: expiry decides.
+        let signalled = async {
+            if rx.wait_for(|l| *l).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let expiry = async {
+            loop {
+                if self.check().is_err() {
+                    return;
+                }
+                tokio::time::sleep(self.opts.renew_every / 4).await;
+            }
+        };
+        tokio::select! {
+            () = signalled => {}
+            () = expiry => {}
+        }
+    }
+}
+
+/// The lease repository handle: plaintext, like the marker (see the module doc).
+fn plain(repo: &Repository) -> Repository {
+    Repository {
+        inner: Arc::new(RepoInner {
+            backend: repo.inner.backend.clone(),
+            url: repo.inner.url.clone(),
+            opts: repo.inner.opts.clone(),
+            keys: Arc::new(Default::default()),
+            cpu: repo.inner.cpu.clone(),
+        }),
+    }
+}
+
+fn storage_err(key: &RepoKey) -> impl FnOnce(StorageError) -> LeaseError + '_ {
+    move |source| LeaseError::Storage {
+        key: key.to_string(),
+        source,
+    }
+}
+
+/// The generations of `scope` present, ascending.
+async fn generations(store: &Repository, scope: LeaseScope) -> Result<Vec<u64>, LeaseError> {
+    let prefix = layout::lease_prefix(scope);
+    let mut gens: Vec<u64> = match store.list(&prefix).await {
+        Ok(list) => list
+            .iter()
+            .filter_map(|m| layout::parse_lease(scope, &m.key))
+            .collect(),
+        // A local repository directory that does not exist yet has no leases.
+        Err(StorageError::RepositoryMissing { .. }) => Vec::new(),
+        Err(e) => return Err(storage_err(&prefix)(e)),
+    };
+    gens.sort_unstable();
+    Ok(gens)
+}
+
+async fn read_record(store: &Repository, key: &RepoKey) -> Result<Option<LeaseRecord>, LeaseError> {
+    match store.get(key).await {
+        Ok(data) => Ok(Some(serde_json::from_slice(&data).map_err(|e| {
+            LeaseError::Storage {
+                key: key.to_string(),
+                source: StorageError::corrupt(key, "lease JSON", "a lease record", e, 0),
+            }
+        })?)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(storage_err(key)(e)),
+    }
+}
+
+async fn write_record(
+    store: &Repository,
+    key: &RepoKey,
+    record: &LeaseRecord,
+    mode: PutMode,
+) -> Result<(), StorageError> {
+    let json = serde_json::to_vec_pretty(record).map_err(|e| StorageError::Encode {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })?;
+    store
+        .put(key, ContentKind::Other, Bytes::from(json), mode)
+        .await
+        .map(|_| ())
+}
+
+impl Lease {
+    /// Takes the lease of `scope`, waiting (and logging who holds it) while another writer
+    /// holds a live one. Returns only once the lease is ours; cancel by dropping the future.
+    pub async fn acquire(
+        repo: &Repository,
+        scope: LeaseScope,
+        purpose: &str,
+        opts: LeaseOptions,
+    ) -> Result<Lease, LeaseError> {
+        let store = plain(repo);
+        let mut me = LeaseRecord {
+            host: host_name(),
+            pid: std::process::id(),
+            started: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            purpose: purpose.to_owned(),
+            token: hex::encode(rand::random::<[u8; 8]>()),
+            renewal: 0,
+            duration_ms: u64::try_from(opts.duration.as_millis()).unwrap_or(u64::MAX),
+            released: false,
+        };
+        // What we saw of the current holder: (generation, token, renewal) and since when.
+        let mut watching: Option<((u64, String, u64), Instant)> = None;
+        loop {
+            let gens = generations(&store, scope).await?;
+            let next = match gens.last() {
+                None => Some(1),
+                Some(&g) => {
+                    let key = layout::lease(scope, g);
+                    match read_record(&store, &key).await? {
+                        // Deleted between listing and reading: look again.
+                        None => None,
+                        Some(rec) if rec.released => Some(g + 1),
+                        Some(rec) => {
+                            let seen = (g, rec.token.clone(), rec.renewal);
+                            let wait = Duration::from_millis(rec.duration_ms).max(opts.duration);
+                            match &watching {
+                                Some((s, since)) if *s == seen => {
+                                    if since.elapsed() >= wait {
+                                        tracing::warn!(lease = %key, holder = %rec, "the {scope} lease was not renewed for {:.1}s: taking over", since.elapsed().as_secs_f64());
+                                        Some(g + 1)
+                                    } else {
+                                        None
+                                    }
+                                }
+                                _ => {
+                                    if watching.as_ref().is_none_or(|(s, _)| s.1 != seen.1) {
+                                        tracing::warn!(lease = %key, holder = %rec, "another writer holds the {scope} lease: waiting until it stops (taken over once it is not renewed for {:.0}s)", wait.as_secs_f64());
+                                    }
+                                    watching = Some((seen, Instant::now()));
+                                    None
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            if let Some(generation) = next {
+                let key = layout::lease(scope, generation);
+                let attempt = Instant::now();
+                match write_record(&store, &key, &me, PutMode::CreateNew).await {
+                    Ok(()) => {
+                        tracing::info!(lease = %key, "holding the {scope} lease");
+                        for old in gens.iter().filter(|&&g| g < generation) {
+                            let _ = store.delete(&layout::lease(scope, *old)).await;
+                        }
+                        me.renewal = 0;
+                        return Ok(Lease::start(store, scope, key, generation, me, opts, attempt));
+                    }
+                    // Another writer took this generation first: watch it.
+                    Err(StorageError::AlreadyExists { .. }) => continue,
+                    Err(e) => return Err(storage_err(&key)(e)),
+                }
+            }
+            tokio::time::sleep(opts.renew_every).await;
+        }
+    }
+
+    fn start(
+        store: Repository,
+        scope: LeaseScope,
+        key: RepoKey,
+        generation: u64,
+        record: LeaseRecord,
+        opts: LeaseOptions,
+        renewed_at: Instant,
+    ) -> Lease {
+        let state = Arc::new(Mutex::new(State {
+            renewed_at,
+            lost: None,
+        }));
+        let (lost_tx, lost_rx) = watch::channel(false);
+        let record = Arc::new(Mutex::new(record));
+        let task = tokio::spawn(renew_loop(
+            store.clone(),
+            scope,
+            key.clone(),
+            generation,
+            record.clone(),
+            opts,
+            state.clone(),
+            lost_tx,
+        ));
+        Lease {
+            scope,
+            key,
+            opts,
+            state,
+            lost_rx,
+            record,
+            store,
+            task,
+        }
+    }
+
+    /// The lease object.
+    pub fn key(&self) -> &RepoKey {
+        &self.key
+    }
+
+    /// What the lease guards.
+    pub fn scope(&self) -> LeaseScope {
+        self.scope
+    }
+
+    /// A handle for upload tasks.
+    pub fn guard(&self) -> LeaseGuard {
+        LeaseGuard {
+            scope: self.scope,
+            key: self.key.clone(),
+            opts: self.opts,
+            state: self.state.clone(),
+            lost_rx: self.lost_rx.clone(),
+        }
+    }
+
+    /// `Ok` while the lease is certainly ours; an error means: stop writing now.
+    pub fn check(&self) -> Result<(), LeaseError> {
+        check_state(self.scope, &self.key, &self.opts, &self.state)
+    }
+
+    /// Gives the lease up (clean shutdown): a waiting writer takes over at once.
+    pub async fn release(self) -> Result<(), LeaseError> {
+        self.task.abort();
+        if self.check().is_err() {
+            return Ok(());
+        }
+        let mut record = self
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        record.released = true;
+        record.renewal += 1;
+        write_record(&self.store, &self.key, &record, PutMode::Overwrite)
+            .await
+            .map_err(storage_err(&self.key))?;
+        tracing::info!(lease = %self.key, "released the {} lease", self.scope);
+        Ok(())
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn renew_loop(
+    store: Repository,
+    scope: LeaseScope,
+    key: RepoKey,
+    generation: u64,
+    record: Arc<Mutex<LeaseRecord>>,
+    opts: LeaseOptions,
+    state: Arc<Mutex<State>>,
+    lost_tx: watch::Sender<bool>,
+) {
+    let mut delay = opts.renew_every;
+    loop {
+        tokio::time::sleep(delay).await;
+        let started = Instant::now();
+        let lose = |reason: String| {
+            tracing::error!(lease = %key, "lost the {scope} lease: {reason}");
+            state.lock().unwrap_or_else(|p| p.into_inner()).lost = Some(reason);
+            let _ = lost_tx.send(true);
+        };
+        if check_state(scope, &key, &opts, &state).is_err() {
+            lose(format!(
+                "not renewed within {:.1}s",
+                opts.valid_for().as_secs_f64()
+            ));
+            return;
+        }
+        // Storage writes are not `Send`: each renewal runs on a blocking thread that
+        // drives it on this runtime, so this task (and the lease) can live anywhere.
+        let renewed = {
+            let (store, key, record) = (store.clone(), key.clone(), record.clone());
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                handle.block_on(renew_once(&store, scope, &key, generation, &record))
+            })
+            .await
+            .unwrap_or_else(|e| Ok(Err(format!("the renewal task failed: {e}"))))
+        };
+        match renewed {
+            Ok(Ok(())) => {
+                state.lock().unwrap_or_else(|p| p.into_inner()).renewed_at = started;
+                delay = opts.renew_every;
+            }
+            Ok(Err(reason)) => {
+                lose(reason);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(lease = %key, "renewing the {scope} lease failed, retrying: {e}");
+                delay = opts.renew_every / 4;
+            }
+        }
+    }
+}
+
+/// One renewal: `Ok(Err(reason))` when the lease was taken over.
+async fn renew_once(
+    store: &Repository,
+    scope: LeaseScope,
+    key: &RepoKey,
+    generation: u64,
+    record: &Mutex<LeaseRecord>,
+) -> Result<Result<(), String>, LeaseError> {
+    let gens = generations(store, scope).await?;
+    if let Some(&newer) = gens.iter().find(|&&g| g > generation) {
+        let k = layout::lease(scope, newer);
+        let by = read_record(store, &k)
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "another writer".into());
+        return Ok(Err(format!("taken over by {by} ({k})")));
+    }
+    let mut rec = record.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    rec.renewal += 1;
+    write_record(store, key, &rec, PutMode::Overwrite)
+        .await
+        .map_err(storage_err(key))?;
+    *record.lock().unwrap_or_else(|p| p.into_inner()) = rec;
+    for old in gens.iter().filter(|&&g| g < generation) {
+        let _ = store.delete(&layout::lease(scope, *old)).await;
+    }
+    Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::RepoOptions;
+
+    fn fast() -> LeaseOptions {
+        LeaseOptions::with_duration(Duration::from_millis(900))
+    }
+
+    fn scope() -> LeaseScope {
+        LeaseScope::RedisStream
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn second_writer_waits_and_takes_over_after_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().join("repo").display());
+        let repo = Repository::open(&url, RepoOptions::default()).unwrap();
+        let first = Lease::acquire(&repo, scope(), "first", fast()).await.unwrap();
+        assert_eq!(first.key(), &layout::lease(scope(), 1));
+        // Held and renewed: a second writer keeps waiting well past the duration.
+        let waiting = Lease::acquire(&repo, scope(), "second", fast());
+        tokio::pin!(waiting);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(2500), &mut waiting)
+                .await
+                .is_err(),
+            "took a lease that is being renewed"
+        );
+        first.check().unwrap();
+        // The holder dies without releasing (renewal stops): taken over after expiry.
+        drop(first);
+        let t = Instant::now();
+        let second = tokio::time::timeout(Duration::from_secs(5), &mut waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(600), "{:?}", t.elapsed());
+        assert_eq!(second.key(), &layout::lease(scope(), 2));
+        // The stale generation is gone.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!repo.exists(&layout::lease(scope(), 1)).await.unwrap());
+        second.release().await.unwrap();
+        // Released: the next writer does not wait.
+        let t = Instant::now();
+        let third = Lease::acquire(&repo, scope(), "third", fast()).await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(500));
+        assert_eq!(third.key(), &layout::lease(scope(), 3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_holder_taken_over_notices_and_stops() {
+        let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
+        let first = Lease::acquire(&repo, scope(), "first", fast()).await.unwrap();
+        let guard = first.guard();
+        // Someone took generation 2 (as a waiter does after expiry).
+        let store = plain(&repo);
+        let mut rec: LeaseRecord = read_record(&store, first.key()).await.unwrap().unwrap();
+        rec.token = "other".into();
+        rec.purpose = "intruder".into();
+        write_record(&store, &layout::lease(scope(), 2), &rec, PutMode::CreateNew)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(3), guard.lost())
+            .await
+            .unwrap();
+        let err = guard.check().unwrap_err().to_string();
+        assert!(err.contains("taken over by intruder"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_one_of_many_racing_writers_wins() {
+        let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
+        let tries = (0..6).map(|i| {
+            let repo = repo.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_millis(300),
+                    Lease::acquire(&repo, scope(), &format!("w{i}"), fast()),
+                )
+                .await
+            }
+        });
+        let mut winners = Vec::new();
+        for l in futures::future::join_all(tries).await.into_iter().flatten() {
+            winners.push(l.unwrap());
+        }
+        assert_eq!(winners.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unrenewed_holder_stops_before_a_waiter_may_take_over() {
+        let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
+        let lease = Lease::acquire(&repo, scope(), "first", fast()).await.unwrap();
+        let guard = lease.guard();
+        lease.task.abort(); // renewal stalls, as with a hung store
+        let t = Instant::now();
+        tokio::time::timeout(Duration::from_secs(2), guard.lost())
+            .await
+            .unwrap();
+        assert!(t.elapsed() < fast().duration, "{:?}", t.elapsed());
+        assert!(guard.check().is_err());
+    }
+}
