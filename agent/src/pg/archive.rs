@@ -16,6 +16,25 @@ use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 #[error("{0}")]
 pub struct Fatal(pub String);
 
+/// Checks that the repository marker is still there, before the server is told that WAL
+/// is safe in the repository: a repository deleted or replaced under the stream (its
+/// marker gone) stops the stream with an error, so the slot keeps the WAL.
+pub async fn ensure_marker(repo: &Repository) -> Result<()> {
+    let gone = |why: String| {
+        Fatal(format!(
+            "the repository {} is gone ({why}): it was deleted, unmounted or replaced while the stream was running; \
+             stopping without confirming more WAL, so the replication slot keeps everything since the last confirmed position",
+            repo.url()
+        ))
+    };
+    match repo.exists(&layout::marker()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(gone(format!("its marker {} is missing", layout::marker())).into()),
+        Err(e @ StorageError::RepositoryMissing { .. }) => Err(gone(e.to_string()).into()),
+        Err(e) => Err(e).context("checking the repository marker"),
+    }
+}
+
 /// The repository key of a segment.
 pub fn segment_key(seg: SegmentName) -> Result<RepoKey> {
     Ok(layout::wal_segment(&storage_segment(seg)?))
