@@ -103,8 +103,9 @@ pub fn is_fatal(err: &anyhow::Error, first_attempt: bool) -> bool {
     })
 }
 
-/// Holds the repository's `redis stream` lease (kept in `lease` across retries; waiting,
-/// and logging who holds it, while another writer has it), then streams like [`run`].
+/// Connects, holds the repository's `redis stream` lease (kept in `lease` across retries;
+/// waiting, and logging who holds it, while another writer has it), then streams until
+/// `stop` resolves (then stores what was read) or an error occurs.
 pub async fn run_leased(
     repo: &Repository,
     source: &RedisSource,
@@ -113,6 +114,8 @@ pub async fn run_leased(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     tokio::pin!(stop);
+    // Connect first: a wrong source fails before anything is written, even a lease.
+    let link = MasterLink::connect(source).await?;
     if lease.as_ref().is_none_or(|l| l.check().is_err()) {
         *lease = None;
         let purpose = format!("redis stream (source {})", source.endpoint());
@@ -127,7 +130,7 @@ pub async fn run_leased(
         .as_ref()
         .map(Lease::guard)
         .context("the lease was just taken")?;
-    run(repo, source, opts, &guard, stop).await
+    run(repo, source, link, opts, &guard, stop).await
 }
 
 /// Where the repository says streaming continues.
@@ -319,11 +322,12 @@ impl Drop for Acker {
     }
 }
 
-/// Streams until `stop` resolves (then stores what was read) or an error occurs, writing
-/// only while `lease` holds.
-pub async fn run(
+/// Streams from `link` (connected, before `PSYNC`) until `stop` resolves (then stores what
+/// was read) or an error occurs, writing only while `lease` holds.
+async fn run(
     repo: &Repository,
     source: &RedisSource,
+    mut link: MasterLink,
     opts: &StreamOptions,
     lease: &LeaseGuard,
     stop: impl std::future::Future<Output = ()>,
@@ -332,7 +336,6 @@ pub async fn run(
         lease.check()?;
         recover_spool(repo, dir).await?;
     }
-    let mut link = MasterLink::connect(source).await?;
     let resume = resume_point(repo).await?;
     let reply = link
         .psync(
