@@ -20,18 +20,37 @@ pub struct Fatal(pub String);
 /// is safe in the repository: a repository deleted or replaced under the stream (its
 /// marker gone) stops the stream with an error, so the slot keeps the WAL.
 pub async fn ensure_marker(repo: &Repository) -> Result<()> {
-    let gone = |why: String| {
-        Fatal(format!(
-            "the repository {} is gone ({why}): it was deleted, unmounted or replaced while the stream was running; \
-             stopping without confirming more WAL, so the replication slot keeps everything since the last confirmed position",
-            repo.url()
-        ))
-    };
+    let gone = |why: String| Fatal(gone_message(repo, &why));
     match repo.exists(&layout::marker()).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(gone(format!("its marker {} is missing", layout::marker())).into()),
         Err(e @ StorageError::RepositoryMissing { .. }) => Err(gone(e.to_string()).into()),
         Err(e) => Err(e).context("checking the repository marker"),
+    }
+}
+
+fn gone_message(repo: &Repository, why: &str) -> String {
+    format!(
+        "the repository {} is gone ({why}): it was deleted, unmounted or replaced while the stream was running; \
+         stopping without confirming more WAL, so the replication slot keeps everything since the last confirmed position",
+        repo.url()
+    )
+}
+
+/// Explains a write that failed because the repository directory vanished (the local
+/// store never recreates it), like [`ensure_marker`] does for a missing marker.
+pub fn explain_missing_repository(repo: &Repository, e: anyhow::Error) -> anyhow::Error {
+    let missing = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<StorageError>(),
+            Some(StorageError::RepositoryMissing { .. })
+        )
+    });
+    if missing {
+        let why = "its directory no longer exists";
+        e.context(gone_message(repo, why))
+    } else {
+        e
     }
 }
 

@@ -38,7 +38,7 @@ use wire::pg::{
 };
 
 use super::archive::{
-    ensure_marker, history_key, partial_key, put_chunks, put_immutable, segment_key, Fatal,
+    ensure_marker, explain_missing_repository, history_key, partial_key, put_chunks, put_immutable, segment_key, Fatal,
     RepoWal, SegmentFrames,
 };
 use super::conn::{ConnectMode, CopyMessage, NoSuitableServer, PgConnection, PgServerError};
@@ -563,7 +563,7 @@ impl<'a> Streamer<'a> {
                     }
                 }
                 Some(done) = self.uploads.next(), if !self.uploads.is_empty() => {
-                    let done = done?;
+                    let done = done.map_err(|e| explain_missing_repository(&self.opts.repo, e))?;
                     if done.partial {
                         self.partials_in_flight -= 1;
                     } else {
