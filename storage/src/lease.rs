@@ -29,6 +29,10 @@
 //!   valid only until `duration - renew_every` after the start of its last successful
 //!   renewal (or creation). A waiter first saw that renewal after it started, so it waits
 //!   at least `duration` from a later instant; the margin is `renew_every`.
+//! * **A holder that certainly died is not waited for**: when the lease names a process of
+//!   this kernel boot and PID namespace (`boot_id` and `/proc/self/ns/pid` match) and
+//!   `/proc/<pid>` does not exist, the waiter takes over at once (a restart after a crash
+//!   costs nothing). A zombie or a reused pid looks alive, and then the lease expires.
 //! * **Release** (clean shutdown) overwrites the lease with `released: true`; a waiter
 //!   then takes the next generation at once.
 //!
@@ -135,6 +139,35 @@ pub struct LeaseRecord {
     /// Set by a clean shutdown: the lease may be taken at once.
     #[serde(default)]
     pub released: bool,
+    /// The holder's kernel boot (`/proc/sys/kernel/random/boot_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// The holder's PID namespace (`/proc/self/ns/pid`), in which `pid` means something.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_ns: Option<String>,
+}
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+fn pid_namespace() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+/// Whether the holder certainly no longer runs (see the module doc).
+fn holder_is_dead(rec: &LeaseRecord) -> bool {
+    rec.boot_id.is_some()
+        && rec.boot_id == boot_id()
+        && rec.pid_ns.is_some()
+        && rec.pid_ns == pid_namespace()
+        && rec.pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{}", rec.pid)).exists()
 }
 
 impl std::fmt::Display for LeaseRecord {
@@ -333,6 +366,8 @@ impl Lease {
             renewal: 0,
             duration_ms: u64::try_from(opts.duration.as_millis()).unwrap_or(u64::MAX),
             released: false,
+            boot_id: boot_id(),
+            pid_ns: pid_namespace(),
         };
         // What we saw of the current holder: (generation, token, renewal) and since when.
         let mut watching: Option<((u64, String, u64), Instant)> = None;
@@ -346,6 +381,10 @@ impl Lease {
                         // Deleted between listing and reading: look again.
                         None => None,
                         Some(rec) if rec.released => Some(g + 1),
+                        Some(rec) if holder_is_dead(&rec) => {
+                            tracing::warn!(lease = %key, holder = %rec, "the holder of the {scope} lease is no longer running: taking over");
+                            Some(g + 1)
+                        }
                         Some(rec) => {
                             let seen = (g, rec.token.clone(), rec.renewal);
                             let wait = Duration::from_millis(rec.duration_ms).max(opts.duration);
@@ -656,6 +695,51 @@ mod tests {
             winners.push(l.unwrap());
         }
         assert_eq!(winners.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_holder_on_this_machine_is_not_waited_for() {
+        let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
+        let store = plain(&repo);
+        // A child that has exited (and been reaped): its pid no longer exists.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let rec = LeaseRecord {
+            host: host_name(),
+            pid: dead,
+            started: "then".into(),
+            purpose: "crashed".into(),
+            token: "t".into(),
+            renewal: 0,
+            duration_ms: 3_600_000,
+            released: false,
+            boot_id: boot_id(),
+            pid_ns: pid_namespace(),
+        };
+        assert!(holder_is_dead(&rec));
+        write_record(&store, &layout::lease(scope(), 1), &rec, PutMode::CreateNew)
+            .await
+            .unwrap();
+        let l = tokio::time::timeout(
+            Duration::from_secs(2),
+            Lease::acquire(&repo, scope(), "next", fast()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(l.key(), &layout::lease(scope(), 2));
+        // Another PID namespace, or a live pid: waited for.
+        let elsewhere = LeaseRecord {
+            pid_ns: Some("pid:[1]".into()),
+            ..rec.clone()
+        };
+        assert!(!holder_is_dead(&elsewhere));
+        let alive = LeaseRecord {
+            pid: std::process::id(),
+            ..rec
+        };
+        assert!(!holder_is_dead(&alive));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
