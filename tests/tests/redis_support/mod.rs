@@ -274,6 +274,11 @@ impl StreamingAgent {
         StreamingAgent { child, log }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// kill -9.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
