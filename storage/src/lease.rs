@@ -28,7 +28,10 @@
 //! * **A holder stops writing before any waiter can take over**: it considers the lease
 //!   valid only until `duration - renew_every` after the start of its last successful
 //!   renewal (or creation). A waiter first saw that renewal after it started, so it waits
-//!   at least `duration` from a later instant; the margin is `renew_every`.
+//!   at least `duration` from a later instant; the margin is `renew_every`. Past that the
+//!   lease is *unconfirmed*: writers wait, and the holder's next successful renewal
+//!   re-takes it with a create-new write of the next generation (racing a waiter fairly:
+//!   one create wins). So a store outage stalls the stream but does not hand it over.
 //! * **A holder that certainly died is not waited for**: when the lease names a process of
 //!   this kernel boot and PID namespace (`boot_id` and `/proc/self/ns/pid` match) and
 //!   `/proc/<pid>` does not exist, the waiter takes over at once (a restart after a crash
@@ -36,8 +39,9 @@
 //! * **Release** (clean shutdown) overwrites the lease with `released: true`; a waiter
 //!   then takes the next generation at once.
 //!
-//! `Lease::check` is what writers call before each write; `Lease::lost` resolves when the
-//! lease is gone, to interrupt a writer blocked on its source.
+//! `LeaseGuard::check` / `writable` is what writers call before each write;
+//! `LeaseGuard::lost` resolves when the lease is gone for good, to interrupt a writer
+//! blocked on its source.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -64,16 +68,36 @@ pub enum LeaseError {
         #[source]
         source: StorageError,
     },
-    /// The lease is no longer ours: taken over, or not renewed in time. Stop writing.
+    /// The lease is no longer ours: another writer took it (or it was given up). Stop
+    /// writing for good.
     #[error("lost the {scope} lease ({key}): {reason}; stopped writing so the chain cannot fork")]
     Lost {
         /// What the lease guards, as text.
         scope: String,
         /// The lease object.
         key: String,
-        /// Taken over by whom, or how long it went unrenewed.
+        /// Taken over by whom.
         reason: String,
     },
+    /// The lease was not renewed in time (the store did not answer): a waiter may be about
+    /// to take it over, so nothing may be written until a renewal re-takes it.
+    #[error("the {scope} lease ({key}) has not been renewed for {secs:.1}s (the repository did not answer in time): not writing until it is renewed")]
+    Unconfirmed {
+        /// What the lease guards, as text.
+        scope: String,
+        /// The lease object.
+        key: String,
+        /// Time since the last successful renewal started.
+        secs: f64,
+    },
+}
+
+impl LeaseError {
+    /// Whether the lease is gone for good (as opposed to a failed renewal, which may
+    /// recover once the store answers again).
+    pub fn is_lost(&self) -> bool {
+        matches!(self, LeaseError::Lost { .. })
+    }
 }
 
 /// Lease timing. `Default` is 30 s, renewed every 10 s; tests shorten it with
@@ -190,35 +214,41 @@ fn host_name() -> String {
 }
 
 struct State {
+    /// The generation held (a renewal after an outage takes the next one).
+    generation: u64,
     /// Start of the last successful creation or renewal.
     renewed_at: Instant,
+    /// Set once the lease is gone for good.
     lost: Option<String>,
 }
 
 /// A held lease. Renewed by a background task until `release` or drop (a dropped lease is
-/// not released: it expires, as after a crash).
+/// not released: it expires, as after a crash; its guards fail from then on).
+///
+/// When renewals fail for longer than `duration - renew_every` the lease is
+/// *unconfirmed*: `check` fails with [`LeaseError::Unconfirmed`] and writers wait
+/// ([`LeaseGuard::writable`]). The renewal task keeps trying; once the store answers it
+/// re-takes the lease with a create-new write of the next generation (unless another
+/// writer took it meanwhile: then the lease is lost).
 pub struct Lease {
-    scope: LeaseScope,
-    key: RepoKey,
-    opts: LeaseOptions,
-    state: Arc<Mutex<State>>,
-    lost_rx: watch::Receiver<bool>,
+    guard: LeaseGuard,
     record: Arc<Mutex<LeaseRecord>>,
     store: Repository,
     task: tokio::task::JoinHandle<()>,
+    lost_tx: Arc<watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Lease({})", self.key)
+        write!(f, "Lease({})", self.guard.key())
     }
 }
 
-/// A cheap handle for writers running elsewhere (upload futures): `check` before writing.
+/// A cheap handle for writers running elsewhere (upload futures): `check` (or
+/// `writable`) before writing.
 #[derive(Clone)]
 pub struct LeaseGuard {
     scope: LeaseScope,
-    key: RepoKey,
     opts: LeaseOptions,
     state: Arc<Mutex<State>>,
     lost_rx: watch::Receiver<bool>,
@@ -226,59 +256,75 @@ pub struct LeaseGuard {
 
 impl std::fmt::Debug for LeaseGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LeaseGuard({})", self.key)
+        write!(f, "LeaseGuard({})", self.key())
     }
 }
 
-fn check_state(
-    scope: LeaseScope,
-    key: &RepoKey,
-    opts: &LeaseOptions,
-    state: &Mutex<State>,
-) -> Result<(), LeaseError> {
-    let s = state.lock().unwrap_or_else(|p| p.into_inner());
-    let reason = match &s.lost {
-        Some(r) => r.clone(),
-        None if s.renewed_at.elapsed() >= opts.valid_for() => format!(
-            "not renewed for {:.1}s (the store did not answer in time)",
-            s.renewed_at.elapsed().as_secs_f64()
-        ),
-        None => return Ok(()),
-    };
-    Err(LeaseError::Lost {
-        scope: scope.to_string(),
-        key: key.to_string(),
-        reason,
-    })
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl LeaseGuard {
-    /// `Ok` while the lease is certainly ours; an error means: stop writing now.
-    pub fn check(&self) -> Result<(), LeaseError> {
-        check_state(self.scope, &self.key, &self.opts, &self.state)
+    /// The lease object currently held.
+    pub fn key(&self) -> RepoKey {
+        layout::lease(self.scope, lock(&self.state).generation)
     }
 
-    /// Resolves once the lease is lost (taken over or not renewed in time).
+    /// `Ok` while the lease is certainly ours; an error means: do not write now
+    /// ([`LeaseError::is_lost`]: never again).
+    pub fn check(&self) -> Result<(), LeaseError> {
+        let s = lock(&self.state);
+        let key = layout::lease(self.scope, s.generation).to_string();
+        if let Some(reason) = &s.lost {
+            return Err(LeaseError::Lost {
+                scope: self.scope.to_string(),
+                key,
+                reason: reason.clone(),
+            });
+        }
+        let age = s.renewed_at.elapsed();
+        if age >= self.opts.valid_for() {
+            return Err(LeaseError::Unconfirmed {
+                scope: self.scope.to_string(),
+                key,
+                secs: age.as_secs_f64(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the lease is gone for good.
+    pub fn is_lost(&self) -> bool {
+        lock(&self.state).lost.is_some()
+    }
+
+    /// Waits while the lease is unconfirmed (logging once); `Err` once it is lost.
+    pub async fn writable(&self) -> Result<(), LeaseError> {
+        let mut warned = false;
+        loop {
+            match self.check() {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_lost() => return Err(e),
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!("{e}");
+                        warned = true;
+                    }
+                    let mut rx = self.lost_rx.clone();
+                    tokio::select! {
+                        () = tokio::time::sleep(self.opts.renew_every / 4) => {}
+                        _ = rx.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Resolves once the lease is lost for good (taken over or given up).
     pub async fn lost(&self) {
         let mut rx = self.lost_rx.clone();
-        // A closed channel (renewal task gone) is not a loss by itself: expiry decides.
-        let signalled = async {
-            if rx.wait_for(|l| *l).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
-        let expiry = async {
-            loop {
-                if self.check().is_err() {
-                    return;
-                }
-                tokio::time::sleep(self.opts.renew_every / 4).await;
-            }
-        };
-        tokio::select! {
-            () = signalled => {}
-            () = expiry => {}
-        }
+        // A closed channel means the lease was dropped, which also marks it lost.
+        let _ = rx.wait_for(|l| *l).await;
     }
 }
 
@@ -357,7 +403,7 @@ impl Lease {
         opts: LeaseOptions,
     ) -> Result<Lease, LeaseError> {
         let store = plain(repo);
-        let mut me = LeaseRecord {
+        let me = LeaseRecord {
             host: host_name(),
             pid: std::process::id(),
             started: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -418,8 +464,7 @@ impl Lease {
                         for old in gens.iter().filter(|&&g| g < generation) {
                             let _ = store.delete(&layout::lease(scope, *old)).await;
                         }
-                        me.renewal = 0;
-                        return Ok(Lease::start(store, scope, key, generation, me, opts, attempt));
+                        return Ok(Lease::start(store, scope, generation, me, opts, attempt));
                     }
                     // Another writer took this generation first: watch it.
                     Err(StorageError::AlreadyExists { .. }) => continue,
@@ -433,64 +478,63 @@ impl Lease {
     fn start(
         store: Repository,
         scope: LeaseScope,
-        key: RepoKey,
         generation: u64,
         record: LeaseRecord,
         opts: LeaseOptions,
         renewed_at: Instant,
     ) -> Lease {
         let state = Arc::new(Mutex::new(State {
+            generation,
             renewed_at,
             lost: None,
         }));
         let (lost_tx, lost_rx) = watch::channel(false);
+        let lost_tx = Arc::new(lost_tx);
         let record = Arc::new(Mutex::new(record));
-        let task = tokio::spawn(renew_loop(
-            store.clone(),
+        let guard = LeaseGuard {
             scope,
-            key.clone(),
-            generation,
-            record.clone(),
-            opts,
-            state.clone(),
-            lost_tx,
-        ));
-        Lease {
-            scope,
-            key,
             opts,
             state,
             lost_rx,
+        };
+        let task = tokio::spawn(renew_loop(
+            store.clone(),
+            guard.clone(),
+            record.clone(),
+            lost_tx.clone(),
+        ));
+        Lease {
+            guard,
             record,
             store,
             task,
+            lost_tx,
         }
     }
 
-    /// The lease object.
-    pub fn key(&self) -> &RepoKey {
-        &self.key
+    /// The lease object currently held.
+    pub fn key(&self) -> RepoKey {
+        self.guard.key()
     }
 
     /// What the lease guards.
     pub fn scope(&self) -> LeaseScope {
-        self.scope
+        self.guard.scope
     }
 
     /// A handle for upload tasks.
     pub fn guard(&self) -> LeaseGuard {
-        LeaseGuard {
-            scope: self.scope,
-            key: self.key.clone(),
-            opts: self.opts,
-            state: self.state.clone(),
-            lost_rx: self.lost_rx.clone(),
-        }
+        self.guard.clone()
     }
 
-    /// `Ok` while the lease is certainly ours; an error means: stop writing now.
+    /// `Ok` while the lease is certainly ours (see [`LeaseGuard::check`]).
     pub fn check(&self) -> Result<(), LeaseError> {
-        check_state(self.scope, &self.key, &self.opts, &self.state)
+        self.guard.check()
+    }
+
+    /// Whether the lease is gone for good (then take a new one with `acquire`).
+    pub fn is_lost(&self) -> bool {
+        self.guard.is_lost()
     }
 
     /// Gives the lease up (clean shutdown): a waiting writer takes over at once.
@@ -499,6 +543,7 @@ impl Lease {
         if self.check().is_err() {
             return Ok(());
         }
+        let key = self.key();
         let mut record = self
             .record
             .lock()
@@ -506,10 +551,10 @@ impl Lease {
             .clone();
         record.released = true;
         record.renewal += 1;
-        write_record(&self.store, &self.key, &record, PutMode::Overwrite)
+        write_record(&self.store, &key, &record, PutMode::Overwrite)
             .await
-            .map_err(storage_err(&self.key))?;
-        tracing::info!(lease = %self.key, "released the {} lease", self.scope);
+            .map_err(storage_err(&key))?;
+        tracing::info!(lease = %key, "released the {} lease", self.guard.scope);
         Ok(())
     }
 }
@@ -517,72 +562,93 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.task.abort();
+        let mut s = lock(&self.guard.state);
+        if s.lost.is_none() {
+            s.lost = Some("the lease was given up by this process".into());
+        }
+        drop(s);
+        let _ = self.lost_tx.send(true);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What one renewal found.
+enum Renewal {
+    /// Our generation, renewed in place.
+    Renewed,
+    /// After renewals had failed for too long: the next generation, created anew.
+    Retaken(u64),
+    /// Someone else holds a newer generation.
+    TakenOver(String),
+}
+
 async fn renew_loop(
     store: Repository,
-    scope: LeaseScope,
-    key: RepoKey,
-    generation: u64,
+    guard: LeaseGuard,
     record: Arc<Mutex<LeaseRecord>>,
-    opts: LeaseOptions,
-    state: Arc<Mutex<State>>,
-    lost_tx: watch::Sender<bool>,
+    lost_tx: Arc<watch::Sender<bool>>,
 ) {
+    let (scope, opts) = (guard.scope, guard.opts);
     let mut delay = opts.renew_every;
     loop {
         tokio::time::sleep(delay).await;
         let started = Instant::now();
-        let lose = |reason: String| {
-            tracing::error!(lease = %key, "lost the {scope} lease: {reason}");
-            state.lock().unwrap_or_else(|p| p.into_inner()).lost = Some(reason);
-            let _ = lost_tx.send(true);
-        };
-        if check_state(scope, &key, &opts, &state).is_err() {
-            lose(format!(
-                "not renewed within {:.1}s",
-                opts.valid_for().as_secs_f64()
-            ));
-            return;
-        }
+        let generation = lock(&guard.state).generation;
+        let unconfirmed = guard.check().is_err();
         // Storage writes are not `Send`: each renewal runs on a blocking thread that
         // drives it on this runtime, so this task (and the lease) can live anywhere.
         let renewed = {
-            let (store, key, record) = (store.clone(), key.clone(), record.clone());
+            let (store, record) = (store.clone(), record.clone());
             let handle = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || {
-                handle.block_on(renew_once(&store, scope, &key, generation, &record))
+                handle.block_on(renew_once(&store, scope, generation, &record, unconfirmed))
             })
             .await
-            .unwrap_or_else(|e| Ok(Err(format!("the renewal task failed: {e}"))))
+            .unwrap_or_else(|e| {
+                Err(LeaseError::Lost {
+                    scope: scope.to_string(),
+                    key: layout::lease(scope, generation).to_string(),
+                    reason: format!("the renewal task failed: {e}"),
+                })
+            })
         };
         match renewed {
-            Ok(Ok(())) => {
-                state.lock().unwrap_or_else(|p| p.into_inner()).renewed_at = started;
+            Ok(Renewal::Renewed) => {
+                lock(&guard.state).renewed_at = started;
                 delay = opts.renew_every;
             }
-            Ok(Err(reason)) => {
-                lose(reason);
+            Ok(Renewal::Retaken(g)) => {
+                {
+                    let mut s = lock(&guard.state);
+                    s.generation = g;
+                    s.renewed_at = started;
+                }
+                let _ = store.delete(&layout::lease(scope, generation)).await;
+                tracing::info!(lease = %layout::lease(scope, g), "the repository answers again: holding the {scope} lease again");
+                delay = opts.renew_every;
+            }
+            Ok(Renewal::TakenOver(reason)) => {
+                tracing::error!(lease = %layout::lease(scope, generation), "lost the {scope} lease: {reason}");
+                lock(&guard.state).lost = Some(reason);
+                let _ = lost_tx.send(true);
                 return;
             }
             Err(e) => {
-                tracing::warn!(lease = %key, "renewing the {scope} lease failed, retrying: {e}");
+                tracing::warn!(lease = %layout::lease(scope, generation), "renewing the {scope} lease failed, retrying: {e}");
                 delay = opts.renew_every / 4;
             }
         }
     }
 }
 
-/// One renewal: `Ok(Err(reason))` when the lease was taken over.
+/// One renewal of `generation`; `unconfirmed` (renewals failed for too long, so a waiter
+/// may be taking over right now) re-takes the lease with a create-new write instead.
 async fn renew_once(
     store: &Repository,
     scope: LeaseScope,
-    key: &RepoKey,
     generation: u64,
     record: &Mutex<LeaseRecord>,
-) -> Result<Result<(), String>, LeaseError> {
+    unconfirmed: bool,
+) -> Result<Renewal, LeaseError> {
     let gens = generations(store, scope).await?;
     if let Some(&newer) = gens.iter().find(|&&g| g > generation) {
         let k = layout::lease(scope, newer);
@@ -592,18 +658,34 @@ async fn renew_once(
             .flatten()
             .map(|r| r.to_string())
             .unwrap_or_else(|| "another writer".into());
-        return Ok(Err(format!("taken over by {by} ({k})")));
+        return Ok(Renewal::TakenOver(format!("taken over by {by} ({k})")));
     }
     let mut rec = record.lock().unwrap_or_else(|p| p.into_inner()).clone();
     rec.renewal += 1;
-    write_record(store, key, &rec, PutMode::Overwrite)
-        .await
-        .map_err(storage_err(key))?;
+    let outcome = if unconfirmed {
+        let next = generation + 1;
+        let key = layout::lease(scope, next);
+        match write_record(store, &key, &rec, PutMode::CreateNew).await {
+            Ok(()) => Renewal::Retaken(next),
+            Err(StorageError::AlreadyExists { .. }) => {
+                return Ok(Renewal::TakenOver(format!(
+                    "taken over by another writer ({key})"
+                )))
+            }
+            Err(e) => return Err(storage_err(&key)(e)),
+        }
+    } else {
+        let key = layout::lease(scope, generation);
+        write_record(store, &key, &rec, PutMode::Overwrite)
+            .await
+            .map_err(storage_err(&key))?;
+        Renewal::Renewed
+    };
     *record.lock().unwrap_or_else(|p| p.into_inner()) = rec;
     for old in gens.iter().filter(|&&g| g < generation) {
         let _ = store.delete(&layout::lease(scope, *old)).await;
     }
-    Ok(Ok(()))
+    Ok(outcome)
 }
 
 #[cfg(test)]
@@ -626,7 +708,7 @@ mod tests {
         let url = format!("file://{}", dir.path().join("repo").display());
         let repo = Repository::open(&url, RepoOptions::default()).unwrap();
         let first = Lease::acquire(&repo, scope(), "first", fast()).await.unwrap();
-        assert_eq!(first.key(), &layout::lease(scope(), 1));
+        assert_eq!(first.key(), layout::lease(scope(), 1));
         // Held and renewed: a second writer keeps waiting well past the duration.
         let waiting = Lease::acquire(&repo, scope(), "second", fast());
         tokio::pin!(waiting);
@@ -645,7 +727,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(t.elapsed() >= Duration::from_millis(600), "{:?}", t.elapsed());
-        assert_eq!(second.key(), &layout::lease(scope(), 2));
+        assert_eq!(second.key(), layout::lease(scope(), 2));
         // The stale generation is gone.
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(!repo.exists(&layout::lease(scope(), 1)).await.unwrap());
@@ -654,7 +736,7 @@ mod tests {
         let t = Instant::now();
         let third = Lease::acquire(&repo, scope(), "third", fast()).await.unwrap();
         assert!(t.elapsed() < Duration::from_millis(500));
-        assert_eq!(third.key(), &layout::lease(scope(), 3));
+        assert_eq!(third.key(), layout::lease(scope(), 3));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -664,7 +746,7 @@ mod tests {
         let guard = first.guard();
         // Someone took generation 2 (as a waiter does after expiry).
         let store = plain(&repo);
-        let mut rec: LeaseRecord = read_record(&store, first.key()).await.unwrap().unwrap();
+        let mut rec: LeaseRecord = read_record(&store, &first.key()).await.unwrap().unwrap();
         rec.token = "other".into();
         rec.purpose = "intruder".into();
         write_record(&store, &layout::lease(scope(), 2), &rec, PutMode::CreateNew)
@@ -728,7 +810,7 @@ mod tests {
         .await
         .unwrap()
         .unwrap();
-        assert_eq!(l.key(), &layout::lease(scope(), 2));
+        assert_eq!(l.key(), layout::lease(scope(), 2));
         // Another PID namespace, or a live pid: waited for.
         let elsewhere = LeaseRecord {
             pid_ns: Some("pid:[1]".into()),
@@ -749,10 +831,38 @@ mod tests {
         let guard = lease.guard();
         lease.task.abort(); // renewal stalls, as with a hung store
         let t = Instant::now();
-        tokio::time::timeout(Duration::from_secs(2), guard.lost())
-            .await
-            .unwrap();
+        while guard.check().is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Unconfirmed (not lost) well before a waiter could take over.
         assert!(t.elapsed() < fast().duration, "{:?}", t.elapsed());
+        let err = guard.check().unwrap_err();
+        assert!(!err.is_lost(), "{err}");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), guard.writable())
+                .await
+                .is_err(),
+            "writable while unconfirmed"
+        );
+        drop(lease);
+        assert!(guard.check().unwrap_err().is_lost());
+        guard.lost().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unconfirmed_holder_retakes_the_next_generation() {
+        let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
+        let lease = Lease::acquire(&repo, scope(), "first", fast()).await.unwrap();
+        let guard = lease.guard();
+        // As if the store had not answered for a while.
+        lock(&guard.state).renewed_at = Instant::now() - fast().duration;
         assert!(guard.check().is_err());
+        tokio::time::timeout(Duration::from_secs(3), guard.writable())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(lease.key(), layout::lease(scope(), 2));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!repo.exists(&layout::lease(scope(), 1)).await.unwrap());
     }
 }

@@ -308,7 +308,7 @@ async fn hold_lease(
 ) -> Result<Option<LeaseGuard>> {
     let scope = LeaseScope::PostgresStream(storage::layout::TimelineId::new(tli.get())?);
     if let Some(l) = lease.as_ref() {
-        if l.scope() == scope && l.check().is_ok() {
+        if l.scope() == scope && !l.is_lost() {
             return Ok(Some(l.guard()));
         }
     }
@@ -432,7 +432,7 @@ async fn stream_once(
         return Ok(Ended::Shutdown);
     };
     for (t, content) in &history_files {
-        guard.check()?;
+        guard.writable().await?;
         put_immutable(
             &opts.repo,
             &history_key(*t)?,
@@ -589,7 +589,7 @@ impl<'a> Streamer<'a> {
                     self.report_progress();
                 }
                 () = &mut lost => {
-                    // Another writer may be storing this timeline now: stop writing at once
+                    // Another writer is storing this timeline now: stop writing at once
                     // (uploads in flight refuse to write too) and wait for the lease again.
                     self.lease.check()?;
                     bail!("lost the lease of timeline {}", self.tli);
@@ -729,7 +729,7 @@ impl<'a> Streamer<'a> {
         let lease = self.lease.clone();
         self.push_upload(Box::pin(async move {
             retrying(&key, || async {
-                lease.check()?;
+                lease.writable().await?;
                 put_immutable(&repo, &key, ContentKind::WalSegment, &chunks, Some(&frames)).await
             })
             .await?;
@@ -790,7 +790,7 @@ impl<'a> Streamer<'a> {
         let lease = self.lease.clone();
         self.push_upload(Box::pin(async move {
             retrying(&key, || async {
-                lease.check()?;
+                lease.writable().await?;
                 put_chunks(
                     &repo,
                     &key,

@@ -116,7 +116,7 @@ pub async fn run_leased(
     tokio::pin!(stop);
     // Connect first: a wrong source fails before anything is written, even a lease.
     let link = MasterLink::connect(source).await?;
-    if lease.as_ref().is_none_or(|l| l.check().is_err()) {
+    if lease.as_ref().is_none_or(|l| l.is_lost()) {
         *lease = None;
         let purpose = format!("redis stream (source {})", source.endpoint());
         tokio::select! {
@@ -276,7 +276,7 @@ async fn full_sync(
     offset: ReplicationOffset,
     lease: &LeaseGuard,
 ) -> Result<NextGeneration> {
-    lease.check()?;
+    lease.writable().await?;
     snapshot::ensure_redis_repo(repo, &replid).await?;
     let captured = snapshot::capture(repo, &mut link, &replid, offset).await?;
     let generation = layout::GenerationId::parse(&captured.manifest.generation)?;
@@ -333,7 +333,7 @@ async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     if let Some(dir) = &opts.spool {
-        lease.check()?;
+        lease.writable().await?;
         recover_spool(repo, dir).await?;
     }
     let resume = resume_point(repo).await?;
@@ -668,7 +668,7 @@ impl<'a> ChunkQueue<'a> {
             let estimate = self.estimate.clone();
             let lease = self.lease.clone();
             self.uploads.push_back(Box::pin(async move {
-                lease.check()?;
+                lease.writable().await?;
                 repo.put(&key, ContentKind::RedisCommands, data, PutMode::CreateNew)
                     .await
                     .with_context(|| format!("storing {key}"))?;
