@@ -321,3 +321,69 @@ fn two_postgres_streams_one_writer_handover_keeps_pitr() {
     let want: BTreeSet<u32> = all.iter().copied().filter(|&id| id <= 3205).collect();
     assert_eq!(ids(&restored), want);
 }
+
+// ------------------------------------------------------------------------------------
+// The lease itself on SeaweedFS (S3 conditional PUT) and on a local directory
+// ------------------------------------------------------------------------------------
+
+/// Several writers race for a lease: exactly one wins; when the winner stops renewing,
+/// several waiters race for the takeover and again exactly one wins.
+async fn one_winner_then_one_takeover(repo: &storage::Repository) {
+    use storage::{Lease, LeaseOptions, LeaseScope};
+    let opts = LeaseOptions::with_duration(Duration::from_millis(1500));
+    let scope = LeaseScope::RedisStream;
+    let race = |tag: &'static str, within: Duration| {
+        let tries = (0..5).map(move |i| {
+            let repo = repo.clone();
+            async move {
+                tokio::time::timeout(
+                    within,
+                    Lease::acquire(&repo, scope, &format!("{tag}{i}"), opts),
+                )
+                .await
+                .ok()
+                .map(|l| l.unwrap())
+            }
+        });
+        futures::future::join_all(tries)
+    };
+    let mut first: Vec<_> = race("a", Duration::from_millis(800))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(first.len(), 1, "one writer holds the lease");
+    let holder = first.pop().unwrap();
+    assert_eq!(holder.key(), storage::layout::lease(scope, 1));
+    // The holder stops renewing (as if killed): one of the waiters takes over.
+    let waiters = race("b", Duration::from_secs(6));
+    drop(holder);
+    let second: Vec<_> = waiters.await.into_iter().flatten().collect();
+    assert_eq!(second.len(), 1, "one waiter took over");
+    assert_eq!(second[0].key(), storage::layout::lease(scope, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_races_on_seaweedfs_have_one_winner() {
+    let s3 = syncbridge_tests::s3::S3Server::start();
+    let opts = storage::RepoOptions {
+        store_config: vec![
+            ("aws_access_key_id".into(), s3.access_key().into()),
+            ("aws_secret_access_key".into(), s3.secret_key().into()),
+            ("aws_region".into(), s3.region().into()),
+            ("aws_endpoint".into(), s3.endpoint()),
+            ("aws_allow_http".into(), "true".into()),
+        ],
+        ..storage::RepoOptions::default()
+    };
+    let repo = storage::Repository::open(&s3.repo_url("leases"), opts).unwrap();
+    one_winner_then_one_takeover(&repo).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_races_on_a_local_directory_have_one_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let repo = storage::Repository::open(&url, storage::RepoOptions::default()).unwrap();
+    one_winner_then_one_takeover(&repo).await;
+}
