@@ -707,7 +707,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}", dir.path().join("repo").display());
         let repo = Repository::open(&url, RepoOptions::default()).unwrap();
-        let first = Lease::acquire(&repo, scope(), "first", fast()).await.unwrap();
+        let first = Lease::acquire(&repo, scope(), "first", fast())
+            .await
+            .unwrap();
         assert_eq!(first.key(), layout::lease(scope(), 1));
         // Held and renewed: a second writer keeps waiting well past the duration.
         let waiting = Lease::acquire(&repo, scope(), "second", fast());
@@ -726,7 +728,11 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(t.elapsed() >= Duration::from_millis(600), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(600),
+            "{:?}",
+            t.elapsed()
+        );
         assert_eq!(second.key(), layout::lease(scope(), 2));
         // The stale generation is gone.
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -734,7 +740,9 @@ mod tests {
         second.release().await.unwrap();
         // Released: the next writer does not wait.
         let t = Instant::now();
-        let third = Lease::acquire(&repo, scope(), "third", fast()).await.unwrap();
+        let third = Lease::acquire(&repo, scope(), "third", fast())
+            .await
+            .unwrap();
         assert!(t.elapsed() < Duration::from_millis(500));
         assert_eq!(third.key(), layout::lease(scope(), 3));
     }
@@ -742,7 +750,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_holder_taken_over_notices_and_stops() {
         let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
-        let first = Lease::acquire(&repo, scope(), "first", fast()).await.unwrap();
+        let first = Lease::acquire(&repo, scope(), "first", fast())
+            .await
+            .unwrap();
         let guard = first.guard();
         // Someone took generation 2 (as a waiter does after expiry).
         let store = plain(&repo);
@@ -827,7 +837,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unrenewed_holder_stops_before_a_waiter_may_take_over() {
         let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
-        let lease = Lease::acquire(&repo, scope(), "first", fast()).await.unwrap();
+        let lease = Lease::acquire(&repo, scope(), "first", fast())
+            .await
+            .unwrap();
         let guard = lease.guard();
         lease.task.abort(); // renewal stalls, as with a hung store
         let t = Instant::now();
@@ -852,7 +864,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unconfirmed_holder_retakes_the_next_generation() {
         let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
-        let lease = Lease::acquire(&repo, scope(), "first", fast()).await.unwrap();
+        let lease = Lease::acquire(&repo, scope(), "first", fast())
+            .await
+            .unwrap();
         let guard = lease.guard();
         // As if the store had not answered for a while.
         lock(&guard.state).renewed_at = Instant::now() - fast().duration;

@@ -112,7 +112,11 @@ fn two_redis_streams_one_writer_handover_keeps_the_chain_and_pitr() {
         Duration::from_secs(30),
     );
     let a_pid = a.pid();
-    assert!(b.log_text().contains(&format!("pid {a_pid}")), "{}", b.log_text());
+    assert!(
+        b.log_text().contains(&format!("pid {a_pid}")),
+        "{}",
+        b.log_text()
+    );
 
     let mut targets: Vec<(i64, BTreeMap<String, String>)> = Vec::new();
     let target = |targets: &mut Vec<_>| {
@@ -122,7 +126,11 @@ fn two_redis_streams_one_writer_handover_keeps_the_chain_and_pitr() {
     };
     redis_phase(&mut c, 0);
     target(&mut targets);
-    assert!(!b.log_text().contains("resumed with PSYNC"), "{}", b.log_text());
+    assert!(
+        !b.log_text().contains("resumed with PSYNC"),
+        "{}",
+        b.log_text()
+    );
 
     // A frozen (after a quiet second, so no upload is in flight): B takes over once the
     // lease expires.
@@ -258,7 +266,10 @@ fn two_postgres_streams_one_writer_handover_keeps_pitr() {
     let mut a = pg_stream(&env, "sb_a", "a.log");
     wait_log(&mut a, "starting replication");
     let mut b = pg_stream(&env, "sb_b", "b.log");
-    wait_log(&mut b, "another writer holds the postgres stream on timeline 00000001 lease");
+    wait_log(
+        &mut b,
+        "another writer holds the postgres stream on timeline 00000001 lease",
+    );
     assert!(b.log_text().contains("slot sb_a"), "{}", b.log_text());
 
     env.pg

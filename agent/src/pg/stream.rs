@@ -38,8 +38,8 @@ use wire::pg::{
 };
 
 use super::archive::{
-    ensure_marker, explain_missing_repository, history_key, partial_key, put_chunks, put_immutable, segment_key, Fatal,
-    RepoWal, SegmentFrames,
+    ensure_marker, explain_missing_repository, history_key, partial_key, put_chunks, put_immutable,
+    segment_key, Fatal, RepoWal, SegmentFrames,
 };
 use super::conn::{ConnectMode, CopyMessage, NoSuitableServer, PgConnection, PgServerError};
 use super::conninfo::ConnInfo;

@@ -288,14 +288,9 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
     loop {
         attempt += 1;
         let started = std::time::Instant::now();
-        let result = super::stream::run_leased(
-            &repo,
-            &source,
-            &opts,
-            &mut lease,
-            stopped(stop_rx.clone()),
-        )
-        .await;
+        let result =
+            super::stream::run_leased(&repo, &source, &opts, &mut lease, stopped(stop_rx.clone()))
+                .await;
         if *stop_rx.borrow() {
             if let Some(l) = lease.take() {
                 if let Err(e) = l.release().await {
