@@ -669,9 +669,21 @@ impl<'a> ChunkQueue<'a> {
             let lease = self.lease.clone();
             self.uploads.push_back(Box::pin(async move {
                 lease.writable().await?;
-                repo.put(&key, ContentKind::RedisCommands, data, PutMode::CreateNew)
+                match repo
+                    .put(&key, ContentKind::RedisCommands, data, PutMode::CreateNew)
                     .await
-                    .with_context(|| format!("storing {key}"))?;
+                {
+                    Ok(_) => {}
+                    // The local store never recreates a vanished repository directory.
+                    Err(e @ StorageError::RepositoryMissing { .. }) => {
+                        return Err(RepositoryGone {
+                            url: repo.url().to_owned(),
+                            why: e.to_string(),
+                        }
+                        .into())
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("storing {key}")),
+                }
                 ensure_marker(repo).await?;
                 if let Some(path) = spooled {
                     let _ = std::fs::remove_file(path);

@@ -279,6 +279,11 @@ impl StreamingAgent {
         self.child.id()
     }
 
+    /// Its exit status, once it has exited.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// kill -9.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
