@@ -271,6 +271,12 @@ fn two_postgres_streams_one_writer_handover_keeps_pitr() {
         "another writer holds the postgres stream on timeline 00000001 lease",
     );
     assert!(b.log_text().contains("slot sb_a"), "{}", b.log_text());
+    let slot_b = || {
+        env.pg.query_one_blocking(
+            "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'sb_b'",
+        )
+    };
+    let b_created_at = slot_b();
 
     env.pg
         .sql_blocking("CREATE TABLE marker(id int primary key, pad text default repeat('m', 100))");
@@ -278,6 +284,14 @@ fn two_postgres_streams_one_writer_handover_keeps_pitr() {
     env.backup(&["--chunk-mib", "4"]);
     insert_phase(&env.pg, 1);
     archive_now(&env);
+    // While waiting, B's slot follows what the repository holds (the server need not keep
+    // WAL for it that A has stored).
+    wait_log(&mut b, "advanced the slot");
+    assert!(
+        pg_pitr_support::parse_lsn(&slot_b()) > pg_pitr_support::parse_lsn(&b_created_at),
+        "{}",
+        b.log_text()
+    );
 
     // A frozen after a quiet second: B takes over once the lease expires.
     std::thread::sleep(Duration::from_secs(1));

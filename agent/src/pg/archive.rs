@@ -279,6 +279,22 @@ impl RepoWal {
         seg_end.max(part_end)
     }
 
+    /// The end of the WAL on `tli` stored without a gap from `from`'s segment on: complete
+    /// segments in a row, then the longest partial of the next one. Never before `from`.
+    pub fn contiguous_end(&self, tli: TimelineId, from: Lsn, size: WalSegmentSize) -> Lsn {
+        let t = tli.get();
+        let mut n = size.segment_of(from);
+        while self.segments.contains_key(&(t, n)) {
+            n += 1;
+        }
+        let part = self
+            .partials
+            .get(&(t, n))
+            .and_then(|v| v.iter().map(|(off, _)| *off).max())
+            .unwrap_or(0);
+        Lsn(n * size.bytes() + u64::from(part)).max(from)
+    }
+
     /// Segments missing between the oldest and the newest complete segment of `tli`.
     pub fn gaps(&self, tli: TimelineId) -> Vec<u64> {
         let t = tli.get();

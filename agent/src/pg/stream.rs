@@ -123,6 +123,8 @@ enum Ended {
     TimelineSwitch(EndOfTimeline),
     /// SIGINT/SIGTERM: everything received is stored.
     Shutdown,
+    /// The lease was taken after the slot moved: start again from its position.
+    Restart,
 }
 
 /// Runs the stream until a fatal error or a signal, reconnecting with backoff otherwise.
@@ -143,6 +145,7 @@ pub async fn run(opts: StreamOptions) -> Result<()> {
                 }
                 return Ok(());
             }
+            Ok(Ended::Restart) => continue,
             Ok(Ended::TimelineSwitch(e)) => {
                 tracing::info!(next_timeline = %e.next_tli, start = %e.next_tli_startpos, "timeline ended; continuing on the next");
                 backoff = Duration::from_secs(1);
@@ -299,17 +302,57 @@ async fn slot_status_sql(server: &ConnInfo, opts: &StreamOptions) -> Result<Opti
     }))
 }
 
+/// What [`hold_lease`] came back with.
+enum Held {
+    /// The lease is ours; the slot is where it was read.
+    Yes(LeaseGuard),
+    /// The lease is ours, but the slot was advanced while waiting: read it again.
+    SlotMoved,
+    /// A signal arrived while waiting.
+    Shutdown,
+}
+
+/// Moves our (inactive) slot up to what the repository holds without a gap from its
+/// position, so a waiting agent does not make the server keep WAL the active one has
+/// already stored. Returns the new position when it moved.
+async fn advance_slot_to_repository(
+    opts: &StreamOptions,
+    server: &ConnInfo,
+    size: WalSegmentSize,
+    tli: TimelineId,
+    restart: Lsn,
+) -> Result<Option<Lsn>> {
+    let wal = RepoWal::load(&opts.repo, size).await?;
+    let end = wal.contiguous_end(tli, restart, size);
+    if end <= restart {
+        return Ok(None);
+    }
+    let mut sql = PgConnection::connect(server, ConnectMode::Sql, &opts.application_name).await?;
+    let q = format!(
+        "SELECT pg_replication_slot_advance(slot_name, '{end}') FROM pg_replication_slots WHERE slot_name = '{}' AND NOT active AND restart_lsn < '{end}'",
+        opts.slot
+    );
+    let res = sql.simple_query(&q).await;
+    sql.close().await;
+    res.with_context(|| format!("advancing slot {} to {end}", opts.slot))?;
+    Ok(Some(end))
+}
+
 /// Holds the lease of `tli` (keeping one already held), waiting while another writer has
-/// it. `None`: a signal arrived while waiting.
+/// it; meanwhile the slot follows what the repository holds (see
+/// [`advance_slot_to_repository`]).
 async fn hold_lease(
     opts: &StreamOptions,
     lease: &mut Option<Lease>,
     tli: TimelineId,
-) -> Result<Option<LeaseGuard>> {
+    server: &ConnInfo,
+    size: WalSegmentSize,
+    restart: Lsn,
+) -> Result<Held> {
     let scope = LeaseScope::PostgresStream(storage::layout::TimelineId::new(tli.get())?);
     if let Some(l) = lease.as_ref() {
         if l.scope() == scope && !l.is_lost() {
-            return Ok(Some(l.guard()));
+            return Ok(Held::Yes(l.guard()));
         }
     }
     if let Some(old) = lease.take() {
@@ -322,14 +365,32 @@ async fn hold_lease(
         "postgres stream (slot {}, application_name {})",
         opts.slot, opts.application_name
     );
+    let lease_opts = LeaseOptions::from_env();
+    let moved = std::cell::Cell::new(false);
+    let follow = async {
+        let mut at = restart;
+        loop {
+            tokio::time::sleep(lease_opts.duration).await;
+            match advance_slot_to_repository(opts, server, size, tli, at).await {
+                Ok(Some(end)) => {
+                    tracing::info!(slot = %opts.slot, to = %end, "waiting for the lease: advanced the slot over WAL the repository already holds");
+                    at = end;
+                    moved.set(true);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!("could not advance the waiting slot: {e:#}"),
+            }
+        }
+    };
     tokio::select! {
-        l = Lease::acquire(&opts.repo, scope, &purpose, LeaseOptions::from_env()) => {
+        l = Lease::acquire(&opts.repo, scope, &purpose, lease_opts) => {
             let l = l.context("taking the stream's lease in the repository")?;
             let guard = l.guard();
             *lease = Some(l);
-            Ok(Some(guard))
+            Ok(if moved.get() { Held::SlotMoved } else { Held::Yes(guard) })
         }
-        _ = shutdown_signal() => Ok(None),
+        () = follow => unreachable!("follows until the lease is taken"),
+        _ = shutdown_signal() => Ok(Held::Shutdown),
     }
 }
 
@@ -428,8 +489,11 @@ async fn stream_once(
     let tli = history.timeline_at(restart_lsn, ident.timeline);
 
     // One writer per (repository, timeline): nothing is written before the lease is ours.
-    let Some(guard) = hold_lease(opts, lease, tli).await? else {
-        return Ok(Ended::Shutdown);
+    let server = conn.server().clone();
+    let guard = match hold_lease(opts, lease, tli, &server, size, restart_lsn).await? {
+        Held::Yes(guard) => guard,
+        Held::SlotMoved => return Ok(Ended::Restart),
+        Held::Shutdown => return Ok(Ended::Shutdown),
     };
     for (t, content) in &history_files {
         guard.writable().await?;
