@@ -16,6 +16,9 @@
 //! redis/gen/<generation-id>/chunks/<start 20 digits>-<end 20 digits>
 //!                                                   replication stream bytes [start, end)
 //! redis/gen/<generation-id>/generation.json         generation manifest
+//! leases/postgres-stream/<tli>/<generation 16 hex>  writer lease of `postgres stream` on a
+//!                                                   timeline (JSON, never encrypted; lease.rs)
+//! leases/redis-stream/<generation 16 hex>           writer lease of `redis stream`
 //! ```
 //!
 //! WAL file naming follows PostgreSQL's `XLogFileName` (src/include/access/xlog_internal.h);
@@ -651,5 +654,24 @@ mod tests {
             parse_redis_key(&redis_generation_manifest(&g)),
             Some(RedisObject::Manifest(g))
         );
+    }
+
+    #[test]
+    fn lease_keys_round_trip() {
+        let pg = LeaseScope::PostgresStream(TimelineId::new(3).unwrap());
+        let k = lease(pg, 0x2a);
+        assert_eq!(
+            k.as_str(),
+            "leases/postgres-stream/00000003/000000000000002A"
+        );
+        assert_eq!(parse_lease(pg, &k), Some(0x2a));
+        let other_tli = LeaseScope::PostgresStream(TimelineId::new(4).unwrap());
+        assert_eq!(parse_lease(other_tli, &k), None);
+        assert_eq!(parse_lease(LeaseScope::RedisStream, &k), None);
+        let r = lease(LeaseScope::RedisStream, 1);
+        assert_eq!(r.as_str(), "leases/redis-stream/0000000000000001");
+        assert_eq!(parse_lease(LeaseScope::RedisStream, &r), Some(1));
+        let bad = RepoKey::parse("leases/redis-stream/1").unwrap();
+        assert_eq!(parse_lease(LeaseScope::RedisStream, &bad), None);
     }
 }
