@@ -683,19 +683,43 @@ fn fsync_dir(key: &RepoKey, dir: &FsPath) -> Result<()> {
         .map_err(|e| StorageError::io(key, "fsync directory", dir, e))
 }
 
+/// Repository directories this process has seen exist. One that disappears afterwards is
+/// never created again by a write: it was deleted or unmounted under a running stream, and
+/// recreating it would store objects (and let a slot advance) in a tree without a marker
+/// that no command can read.
+static SEEN_ROOTS: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+fn root_seen(root: &FsPath, mark: bool) -> bool {
+    let mut seen = SEEN_ROOTS.lock().unwrap_or_else(|p| p.into_inner());
+    if mark {
+        seen.insert(root.to_path_buf())
+    } else {
+        seen.contains(root)
+    }
+}
+
 /// Creates missing directories between `root` and `dir`, fsyncing each parent so the new
-/// entries survive a crash.
+/// entries survive a crash. The root itself only if this process never saw it.
 fn create_dirs(key: &RepoKey, root: &FsPath, dir: &FsPath) -> Result<()> {
     if dir.is_dir() {
+        root_seen(root, true);
         return Ok(());
     }
     if dir == root {
+        if root_seen(root, false) {
+            return Err(StorageError::RepositoryMissing {
+                key: key.to_string(),
+                location: root.display().to_string(),
+            });
+        }
         // The repository directory itself is created on first write.
         std::fs::create_dir_all(root)
             .map_err(|e| StorageError::io(key, "create repository directory", root, e))?;
         if let Some(parent) = root.parent() {
             fsync_dir(key, parent)?;
         }
+        root_seen(root, true);
         return Ok(());
     }
     if let Some(parent) = dir.parent() {
@@ -1026,7 +1050,30 @@ impl LocalUpload {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[tokio::test]
+    async fn a_deleted_repository_directory_is_not_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let b = LocalBackend { root: root.clone() };
+        let key = RepoKey::parse("postgres/wal/00000001/x").unwrap();
+        b.put(&key, vec![Bytes::from_static(b"a")], PutMode::Overwrite)
+            .await
+            .unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        let err = b
+            .put(&key, vec![Bytes::from_static(b"b")], PutMode::Overwrite)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StorageError::RepositoryMissing { .. }),
+            "{err}"
+        );
+        assert!(b.start_upload(&key).await.is_err());
+        assert!(!root.exists());
+    }
 
     #[test]
     fn classifies_http_status_in_messages() {

@@ -99,9 +99,12 @@ pub(crate) fn check_key(key: &RepoKey, header: &Header) -> Result<()> {
     }
 }
 
-/// Whether `key` is the repository marker (read before any context exists).
-pub(crate) fn is_marker(key: &RepoKey) -> bool {
-    *key == layout::marker()
+/// Whether `key` is an object that is plaintext and outside the repository's id by design,
+/// and so is checked for its key only: the marker (it defines the id and is read before
+/// any context exists) and writer leases (read by agents that hold only recipients, and
+/// possibly written before the marker exists). Neither is ever restored from.
+pub(crate) fn is_self_describing(key: &RepoKey) -> bool {
+    *key == layout::marker() || layout::is_lease_key(key)
 }
 
 fn wrong(key: &RepoKey, reason: String) -> StorageError {

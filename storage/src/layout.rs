@@ -16,6 +16,9 @@
 //! redis/gen/<generation-id>/chunks/<start 20 digits>-<end 20 digits>
 //!                                                   replication stream bytes [start, end)
 //! redis/gen/<generation-id>/generation.json         generation manifest
+//! leases/postgres-stream/<tli>/<generation 16 hex>  writer lease of `postgres stream` on a
+//!                                                   timeline (JSON, never encrypted; lease.rs)
+//! leases/redis-stream/<generation 16 hex>           writer lease of `redis stream`
 //! ```
 //!
 //! WAL file naming follows PostgreSQL's `XLogFileName` (src/include/access/xlog_internal.h);
@@ -135,6 +138,57 @@ fn is_upper_hex(s: &str) -> bool {
 /// The repository marker's key.
 pub fn marker() -> RepoKey {
     RepoKey::join(&["syncbridge-repo"])
+}
+
+// ---------------------------------------------------------------------------------------
+// Writer leases
+// ---------------------------------------------------------------------------------------
+
+/// Which single writer a lease guards (see `crate::lease`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LeaseScope {
+    /// `postgres stream` on one timeline.
+    PostgresStream(TimelineId),
+    /// `redis stream` (one per repository prefix).
+    RedisStream,
+}
+
+impl fmt::Display for LeaseScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LeaseScope::PostgresStream(tli) => write!(f, "postgres stream on timeline {tli}"),
+            LeaseScope::RedisStream => f.write_str("redis stream"),
+        }
+    }
+}
+
+/// Every lease generation of `scope`.
+pub fn lease_prefix(scope: LeaseScope) -> RepoKey {
+    match scope {
+        LeaseScope::PostgresStream(tli) => RepoKey(format!("leases/postgres-stream/{tli}")),
+        LeaseScope::RedisStream => RepoKey::join(&["leases", "redis-stream"]),
+    }
+}
+
+/// Generation `generation` of `scope`'s lease (16 hex digits, so names sort by generation).
+pub fn lease(scope: LeaseScope, generation: u64) -> RepoKey {
+    RepoKey(format!("{}/{generation:016X}", lease_prefix(scope)))
+}
+
+/// Whether `key` is a writer lease of any scope (plaintext by design, never restored).
+pub fn is_lease_key(key: &RepoKey) -> bool {
+    key.as_str().starts_with("leases/")
+}
+
+/// The generation of a lease key of `scope`, if `key` is one.
+pub fn parse_lease(scope: LeaseScope, key: &RepoKey) -> Option<u64> {
+    let rest = key
+        .as_str()
+        .strip_prefix(lease_prefix(scope).as_str())?
+        .strip_prefix('/')?;
+    (rest.len() == 16 && is_upper_hex(rest))
+        .then(|| u64::from_str_radix(rest, 16).ok())
+        .flatten()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -605,5 +659,24 @@ mod tests {
             parse_redis_key(&redis_generation_manifest(&g)),
             Some(RedisObject::Manifest(g))
         );
+    }
+
+    #[test]
+    fn lease_keys_round_trip() {
+        let pg = LeaseScope::PostgresStream(TimelineId::new(3).unwrap());
+        let k = lease(pg, 0x2a);
+        assert_eq!(
+            k.as_str(),
+            "leases/postgres-stream/00000003/000000000000002A"
+        );
+        assert_eq!(parse_lease(pg, &k), Some(0x2a));
+        let other_tli = LeaseScope::PostgresStream(TimelineId::new(4).unwrap());
+        assert_eq!(parse_lease(other_tli, &k), None);
+        assert_eq!(parse_lease(LeaseScope::RedisStream, &k), None);
+        let r = lease(LeaseScope::RedisStream, 1);
+        assert_eq!(r.as_str(), "leases/redis-stream/0000000000000001");
+        assert_eq!(parse_lease(LeaseScope::RedisStream, &r), Some(1));
+        let bad = RepoKey::parse("leases/redis-stream/1").unwrap();
+        assert_eq!(parse_lease(LeaseScope::RedisStream, &bad), None);
     }
 }

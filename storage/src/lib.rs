@@ -53,6 +53,8 @@
 //! * [`layout`]: the only place keys are built ([`RepoKey`], `wal_segment`, `wal_partial`,
 //!   `timeline_history`, `base_backup_chunk`/`_manifest`, `redis_snapshot`, `redis_chunk`,
 //!   `redis_generation_manifest`) and parsed back (`parse_wal_key`, ...).
+//! * [`Lease`]: one writer per stream (`acquire` waits for a live holder, takes over an
+//!   expired lease with a create-new write; `check` before every write).
 //! * [`RepoMarker`]: what the repository holds; `init_marker` creates or returns it and
 //!   refuses to mix encrypted and plain objects.
 //! * [`StorageError`]: every variant names its key; `is_not_found()` (only a true absence),
@@ -68,6 +70,7 @@ pub mod format;
 mod frame;
 pub mod keys;
 pub mod layout;
+pub mod lease;
 mod marker;
 mod reader;
 mod repo;
@@ -77,7 +80,8 @@ mod writer;
 pub use backend::{ObjectMeta, RetryPolicy};
 pub use error::{Result, StorageError};
 pub use format::{Binding, ContentKind, RepoId};
-pub use layout::RepoKey;
+pub use layout::{LeaseScope, RepoKey};
+pub use lease::{Lease, LeaseError, LeaseGuard, LeaseOptions};
 pub use marker::{EncryptionInfo, MarkerInit, RepoKind, RepoMarker};
 pub use reader::ObjectReader;
 pub use repo::{ObjectInfo, RepoOptions, Repository, VerifyReport};

@@ -261,7 +261,7 @@ impl Repository {
         }
     }
 
-    fn without_encryption(&self) -> Repository {
+    pub(crate) fn without_encryption(&self) -> Repository {
         let mut inner = crate::repo::RepoInner::new(
             self.inner.backend.clone(),
             self.inner.url.clone(),

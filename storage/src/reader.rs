@@ -122,7 +122,7 @@ pub struct ObjectReader {
 impl ObjectReader {
     pub(crate) async fn open(repo: Arc<RepoInner>, key: RepoKey, mode: ReadMode) -> Result<Self> {
         // The marker defines the context; every other object is checked against it.
-        let context = if binding::is_marker(&key) {
+        let context = if binding::is_self_describing(&key) {
             None
         } else {
             let r = crate::repo::Repository {

@@ -383,7 +383,7 @@ impl Repository {
         let t_off = size - TRAILER_LEN as u64;
         let tail = policy.run(|_| b.get_range(key, t_off..size)).await?;
         let trailer = Trailer::parse(k, &tail, t_off)?;
-        if binding::is_marker(key) {
+        if binding::is_self_describing(key) {
             binding::check_key(key, &header)?;
         } else {
             self.context().await?.check(key, &header)?;

@@ -261,3 +261,35 @@ async fn an_unbound_object_in_a_bound_repository_is_refused() {
     assert_refused(&repo, &key, "format version 1").await;
     assert_eq!(FORMAT_VERSION, 2);
 }
+
+#[tokio::test]
+async fn leases_stay_readable_plaintext_and_from_before_the_marker() {
+    // A lease may be written before the marker exists and is plaintext by design (waiting
+    // agents hold only recipients); it is checked for its key only.
+    let dir = tempfile::tempdir().unwrap();
+    let key = layout::lease(storage::LeaseScope::RedisStream, 1);
+    let early = open(dir.path(), |_| {});
+    early
+        .put(
+            &key,
+            ContentKind::Other,
+            Bytes::from_static(b"{}"),
+            PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
+    let id = generate_identity();
+    marked(dir.path(), |o| o.recipients = vec![id.to_public()]).await;
+    let reader = open(dir.path(), |o| o.identities = vec![id.clone()]);
+    assert_eq!(reader.get(&key).await.unwrap(), Bytes::from_static(b"{}"));
+    reader.verify(&key).await.unwrap();
+    // Still bound to its key: a lease object under another lease key is refused.
+    let other = layout::lease(storage::LeaseScope::RedisStream, 2);
+    std::fs::copy(
+        dir.path().join(key.as_str()),
+        dir.path().join(other.as_str()),
+    )
+    .unwrap();
+    let e = reader.get(&other).await.unwrap_err();
+    assert!(matches!(e, StorageError::WrongObject { .. }), "{e}");
+}

@@ -235,3 +235,81 @@ fn agent_started_before_the_server_waits_for_it() {
         agent.log_text()
     );
 }
+
+/// Case 9: the `file://` repository is deleted while `postgres stream` runs. The stream
+/// stops with an error naming the repository, does not recreate the directory, and the
+/// slot stays where it was (no WAL is confirmed into a repository no command can read).
+#[test]
+fn deleted_repository_stops_the_stream_and_the_slot_stays() {
+    stream_loses_its_repository(|repo| std::fs::remove_dir_all(repo).unwrap(), false);
+}
+
+/// Like case 9 with only the marker removed (what an emptied S3 prefix looks like): the
+/// stream stops before confirming more WAL.
+#[test]
+fn deleted_marker_stops_the_stream_and_the_slot_stays() {
+    stream_loses_its_repository(
+        |repo| std::fs::remove_file(repo.join("syncbridge-repo")).unwrap(),
+        true,
+    );
+}
+
+fn stream_loses_its_repository(delete: impl Fn(&std::path::Path), dir_stays: bool) {
+    let pg = PgCluster::builder(PgVersion::V15)
+        .wal_keep_size_mb(0)
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("repo");
+    let url = format!("file://{}", repo_dir.display());
+    let src = pg.replication_url();
+    let mut agent = AgentProcess::spawn(&stream_args(&src, &url), dir.path().join("a.log"));
+    pg.sql_blocking("CREATE TABLE t(id int, pad text)");
+    pg.sql_blocking("INSERT INTO t SELECT g, repeat('d', 200) FROM generate_series(1, 20000) g");
+    let seg = pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(
+        wait_until(Duration::from_secs(60), || repo::listing(&url)
+            .0
+            .contains(&seg)),
+        "{}",
+        agent.log_text()
+    );
+    // Let the slot catch up with everything written so far.
+    let slot_lsn = || {
+        pg.query_one_blocking(
+            "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'syncbridge'",
+        )
+    };
+    let current = pg.query_one_blocking("SELECT pg_current_wal_lsn()::text");
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let confirmed = slot_lsn();
+            pg.query_one_blocking(&format!(
+                "SELECT '{confirmed}'::pg_lsn >= '{current}'::pg_lsn"
+            )) == "t"
+        }),
+        "slot never caught up: {}",
+        agent.log_text()
+    );
+
+    delete(&repo_dir);
+    let before = slot_lsn();
+    // More WAL, in a segment of its own, that must not be confirmed.
+    pg.sql_blocking("INSERT INTO t SELECT g, repeat('e', 200) FROM generate_series(1, 20000) g");
+    pg.query_one_blocking("SELECT pg_switch_wal()");
+    assert!(
+        wait_until(Duration::from_secs(30), || agent.exited().is_some()),
+        "the stream kept running without its repository:\n{}",
+        agent.log_text()
+    );
+    let status = agent.exited().unwrap();
+    let log = agent.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("is gone") && log.contains("slot"), "{log}");
+    assert_eq!(
+        repo_dir.exists(),
+        dir_stays,
+        "the repository directory was recreated:\n{log}"
+    );
+    assert!(!repo_dir.join("syncbridge-repo").exists(), "{log}");
+    assert_eq!(slot_lsn(), before, "the slot advanced:\n{log}");
+}

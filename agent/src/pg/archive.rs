@@ -16,6 +16,44 @@ use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 #[error("{0}")]
 pub struct Fatal(pub String);
 
+/// Checks that the repository marker is still there, before the server is told that WAL
+/// is safe in the repository: a repository deleted or replaced under the stream (its
+/// marker gone) stops the stream with an error, so the slot keeps the WAL.
+pub async fn ensure_marker(repo: &Repository) -> Result<()> {
+    let gone = |why: String| Fatal(gone_message(repo, &why));
+    match repo.exists(&layout::marker()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(gone(format!("its marker {} is missing", layout::marker())).into()),
+        Err(e @ StorageError::RepositoryMissing { .. }) => Err(gone(e.to_string()).into()),
+        Err(e) => Err(e).context("checking the repository marker"),
+    }
+}
+
+fn gone_message(repo: &Repository, why: &str) -> String {
+    format!(
+        "the repository {} is gone ({why}): it was deleted, unmounted or replaced while the stream was running; \
+         stopping without confirming more WAL, so the replication slot keeps everything since the last confirmed position",
+        repo.url()
+    )
+}
+
+/// Explains a write that failed because the repository directory vanished (the local
+/// store never recreates it), like [`ensure_marker`] does for a missing marker.
+pub fn explain_missing_repository(repo: &Repository, e: anyhow::Error) -> anyhow::Error {
+    let missing = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<StorageError>(),
+            Some(StorageError::RepositoryMissing { .. })
+        )
+    });
+    if missing {
+        let why = "its directory no longer exists";
+        e.context(gone_message(repo, why))
+    } else {
+        e
+    }
+}
+
 /// The repository key of a segment.
 pub fn segment_key(seg: SegmentName) -> Result<RepoKey> {
     Ok(layout::wal_segment(&storage_segment(seg)?))
@@ -239,6 +277,22 @@ impl RepoWal {
             })
             .max();
         seg_end.max(part_end)
+    }
+
+    /// The end of the WAL on `tli` stored without a gap from `from`'s segment on: complete
+    /// segments in a row, then the longest partial of the next one. Never before `from`.
+    pub fn contiguous_end(&self, tli: TimelineId, from: Lsn, size: WalSegmentSize) -> Lsn {
+        let t = tli.get();
+        let mut n = size.segment_of(from);
+        while self.segments.contains_key(&(t, n)) {
+            n += 1;
+        }
+        let part = self
+            .partials
+            .get(&(t, n))
+            .and_then(|v| v.iter().map(|(off, _)| *off).max())
+            .unwrap_or(0);
+        Lsn(n * size.bytes() + u64::from(part)).max(from)
     }
 
     /// Segments missing between the oldest and the newest complete segment of `tli`.

@@ -74,8 +74,11 @@ pub enum Host {
     Socket(PathBuf),
 }
 
-/// Per-server connect timeout for a multi-host source without `connect_timeout`.
-pub const MULTI_HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per-server connect timeout (TCP, TLS, startup and authentication) when
+/// `connect_timeout` is unset or 0, for one host as for several: a server that accepts TCP
+/// and never answers must produce an error naming it, not a silent hang. (libpq waits
+/// forever by default; the agent never does.)
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One more server of a multi-host source (`host=a,b,c`), tried in order after the first
 /// like libpq does, so a source listing every node of a cluster finds the one to use after
@@ -297,7 +300,8 @@ impl ConnInfo {
             })
             .transpose()?
             .filter(|&s| s > 0)
-            .map(|s| Duration::from_secs(s.max(2)));
+            .map(|s| Duration::from_secs(s.max(2)))
+            .or(Some(DEFAULT_CONNECT_TIMEOUT));
         let home = env("HOME").map(PathBuf::from);
         let pg_home_file = |name: &str| {
             home.as_ref()
@@ -359,17 +363,13 @@ impl ConnInfo {
     }
 
     /// Every server of the source in the order to try them, each as a single-server
-    /// source. With several, each gets a connect timeout ([`MULTI_HOST_CONNECT_TIMEOUT`]
-    /// unless `connect_timeout` is set): a host that vanished without a trace (no RST)
-    /// must not hold up the next one for the kernel's two-minute TCP timeout.
+    /// source. Each has a connect timeout ([`DEFAULT_CONNECT_TIMEOUT`] unless
+    /// `connect_timeout` is set): a host that vanished without a trace (no RST) must not
+    /// hold up the next one for the kernel's two-minute TCP timeout.
     pub fn servers(&self) -> Vec<ConnInfo> {
-        let connect_timeout = match self.other_servers.is_empty() {
-            true => self.connect_timeout,
-            false => self.connect_timeout.or(Some(MULTI_HOST_CONNECT_TIMEOUT)),
-        };
         let first = ConnInfo {
             other_servers: Vec::new(),
-            connect_timeout,
+            connect_timeout: self.connect_timeout.or(Some(DEFAULT_CONNECT_TIMEOUT)),
             ..self.clone()
         };
         let mut out = vec![first.clone()];
@@ -723,7 +723,7 @@ mod tests {
         assert!(c
             .servers()
             .iter()
-            .all(|s| s.connect_timeout == Some(MULTI_HOST_CONNECT_TIMEOUT)));
+            .all(|s| s.connect_timeout == Some(DEFAULT_CONNECT_TIMEOUT)));
         let timeouts = |src: &str| {
             let c = ConnInfo::parse_with_env(src, &no_env).unwrap();
             c.servers()
@@ -731,7 +731,16 @@ mod tests {
                 .map(|s| s.connect_timeout)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(timeouts("host=a user=u"), [None]);
+        // One host gets the same default as several; 0 (libpq's "forever") too.
+        let ten = Some(DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(timeouts("host=a user=u"), [ten]);
+        assert_eq!(timeouts("host=a connect_timeout=0 user=u"), [ten]);
+        assert_eq!(
+            ConnInfo::parse_with_env("host=a user=u", &no_env)
+                .unwrap()
+                .connect_timeout,
+            ten
+        );
         let five = Some(Duration::from_secs(5));
         assert_eq!(timeouts("host=a,b connect_timeout=5 user=u"), [five, five]);
 

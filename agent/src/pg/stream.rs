@@ -9,6 +9,12 @@
 //! Resuming needs no local state: the slot's `restart_lsn` is the last flush we reported,
 //! and everything before it is in the repository, so a restart streams again from the start
 //! of that segment; segments already stored are compared and skipped.
+//!
+//! One writer per (repository, timeline): the stream holds a lease (`storage::lease`)
+//! before it writes anything, so a second agent (another sidecar, another slot) waits and
+//! takes over only once the first has stopped renewing it. Every upload checks the lease
+//! before writing and the repository marker after, before its WAL is confirmed to the
+//! server: a repository deleted under the stream stops it with the slot where it was.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -18,7 +24,10 @@ use anyhow::{bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
 use futures::{Future, StreamExt};
-use storage::{ContentKind, PutMode, RepoKey, RepoKind, RepoMarker, Repository};
+use storage::{
+    ContentKind, Lease, LeaseGuard, LeaseOptions, LeaseScope, PutMode, RepoKey, RepoKind,
+    RepoMarker, Repository, StorageError,
+};
 use tokio::sync::oneshot;
 use wire::pg::commands::{
     self, CreatedSlot, EndOfTimeline, ReplicationSlotPosition, SlotName, TimelineHistoryFile,
@@ -29,7 +38,8 @@ use wire::pg::{
 };
 
 use super::archive::{
-    history_key, partial_key, put_chunks, put_immutable, segment_key, Fatal, RepoWal, SegmentFrames,
+    ensure_marker, explain_missing_repository, history_key, partial_key, put_chunks, put_immutable,
+    segment_key, Fatal, RepoWal, SegmentFrames,
 };
 use super::conn::{ConnectMode, CopyMessage, NoSuitableServer, PgConnection, PgServerError};
 use super::conninfo::ConnInfo;
@@ -63,6 +73,33 @@ struct Uploaded {
     partial: bool,
 }
 
+/// How long the repository has kept us waiting: counts only while an upload is
+/// outstanding, from when the oldest one was queued or the last one completed. Idle time
+/// (no WAL, nothing to upload) is not a stall.
+#[derive(Debug, Default)]
+struct StallClock {
+    waiting_since: Option<Instant>,
+}
+
+impl StallClock {
+    /// An upload was queued; `idle` when none was outstanding before.
+    fn queued(&mut self, idle: bool, now: Instant) {
+        if idle || self.waiting_since.is_none() {
+            self.waiting_since = Some(now);
+        }
+    }
+
+    /// An upload completed; `remaining` are still outstanding.
+    fn completed(&mut self, remaining: usize, now: Instant) {
+        self.waiting_since = (remaining > 0).then_some(now);
+    }
+
+    /// How long the oldest outstanding upload has gone without any completion.
+    fn stalled_for(&self, now: Instant) -> Option<Duration> {
+        self.waiting_since.map(|t| now.saturating_duration_since(t))
+    }
+}
+
 /// The segment being received.
 struct OpenSegment {
     name: SegmentName,
@@ -86,6 +123,8 @@ enum Ended {
     TimelineSwitch(EndOfTimeline),
     /// SIGINT/SIGTERM: everything received is stored.
     Shutdown,
+    /// The lease was taken after the slot moved: start again from its position.
+    Restart,
 }
 
 /// Runs the stream until a fatal error or a signal, reconnecting with backoff otherwise.
@@ -94,10 +133,19 @@ pub async fn run(opts: StreamOptions) -> Result<()> {
     // Until replication has started once, errors are the operator's to fix (wrong
     // password, no slot privilege, …): report them instead of retrying forever.
     let mut started = false;
+    let mut lease: Option<Lease> = None;
     loop {
         let attempt_started = Instant::now();
-        match stream_once(&opts, &mut started).await {
-            Ok(Ended::Shutdown) => return Ok(()),
+        match stream_once(&opts, &mut started, &mut lease).await {
+            Ok(Ended::Shutdown) => {
+                if let Some(l) = lease.take() {
+                    if let Err(e) = l.release().await {
+                        tracing::warn!("could not release the lease (it expires by itself): {e}");
+                    }
+                }
+                return Ok(());
+            }
+            Ok(Ended::Restart) => continue,
             Ok(Ended::TimelineSwitch(e)) => {
                 tracing::info!(next_timeline = %e.next_tli, start = %e.next_tli_startpos, "timeline ended; continuing on the next");
                 backoff = Duration::from_secs(1);
@@ -149,6 +197,8 @@ fn is_unreachable(e: &anyhow::Error) -> bool {
 fn is_fatal(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<Fatal>().is_some()
+            || c.downcast_ref::<StorageError>()
+                .is_some_and(|s| matches!(s, StorageError::RepositoryMissing { .. }))
             || c.downcast_ref::<PgServerError>()
                 .is_some_and(|s| matches!(s.code.as_str(), "28P01" | "28000" | "42501" | "55000"))
     })
@@ -185,12 +235,21 @@ fn refs(row: &[Option<Bytes>]) -> Vec<Option<&[u8]>> {
     row.iter().map(|v| v.as_deref()).collect()
 }
 
+/// What `pg_replication_slots` says of our slot.
+#[derive(Debug, Default)]
+struct SlotState {
+    restart_lsn: Option<Lsn>,
+    wal_status: Option<String>,
+    /// The walsender using the slot, if any.
+    active_pid: Option<String>,
+}
+
 /// The slot's position: READ_REPLICATION_SLOT on 15+, `pg_replication_slots` before.
 async fn read_slot(
     conn: &mut PgConnection,
     opts: &StreamOptions,
     major: u32,
-) -> Result<Option<(Option<Lsn>, Option<String>)>> {
+) -> Result<Option<SlotState>> {
     if major >= 15 {
         let row = query_row(conn, &format!("READ_REPLICATION_SLOT {}", opts.slot)).await?;
         let pos = ReplicationSlotPosition::from_row(&refs(&row))?;
@@ -204,23 +263,20 @@ async fn read_slot(
             }
         }
         // wal_status is only in the view; ask for it separately so a lost slot is reported.
-        let status = slot_status_sql(conn.server(), opts)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|(_, s)| s);
-        return Ok(pos.map(|p| (p.restart_lsn, status)));
+        let view = slot_status_sql(conn.server(), opts).await.ok().flatten();
+        return Ok(pos.map(|p| SlotState {
+            restart_lsn: p.restart_lsn,
+            wal_status: view.as_ref().and_then(|v| v.wal_status.clone()),
+            active_pid: view.and_then(|v| v.active_pid),
+        }));
     }
     slot_status_sql(conn.server(), opts).await
 }
 
 /// Asks `server` (the one the replication connection reached) over a plain SQL connection.
-async fn slot_status_sql(
-    server: &ConnInfo,
-    opts: &StreamOptions,
-) -> Result<Option<(Option<Lsn>, Option<String>)>> {
+async fn slot_status_sql(server: &ConnInfo, opts: &StreamOptions) -> Result<Option<SlotState>> {
     let mut sql = PgConnection::connect(server, ConnectMode::Sql, &opts.application_name).await?;
-    let q = format!("SELECT slot_type, restart_lsn::text, wal_status FROM pg_replication_slots WHERE slot_name = '{}'", opts.slot);
+    let q = format!("SELECT slot_type, restart_lsn::text, wal_status, active_pid::text FROM pg_replication_slots WHERE slot_name = '{}'", opts.slot);
     let results = sql.simple_query(&q).await?;
     sql.close().await;
     let Some(row) = results
@@ -239,10 +295,110 @@ async fn slot_status_sql(
         return Err(Fatal(format!("slot {} is not a physical slot", opts.slot)).into());
     }
     let lsn = text(1).map(|t| Lsn::parse(&t)).transpose()?;
-    Ok(Some((lsn, text(2))))
+    Ok(Some(SlotState {
+        restart_lsn: lsn,
+        wal_status: text(2),
+        active_pid: text(3),
+    }))
 }
 
-async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> {
+/// What [`hold_lease`] came back with.
+enum Held {
+    /// The lease is ours; the slot is where it was read.
+    Yes(LeaseGuard),
+    /// The lease is ours, but the slot was advanced while waiting: read it again.
+    SlotMoved,
+    /// A signal arrived while waiting.
+    Shutdown,
+}
+
+/// Moves our (inactive) slot up to what the repository holds without a gap from its
+/// position, so a waiting agent does not make the server keep WAL the active one has
+/// already stored. Returns the new position when it moved.
+async fn advance_slot_to_repository(
+    opts: &StreamOptions,
+    server: &ConnInfo,
+    size: WalSegmentSize,
+    tli: TimelineId,
+    restart: Lsn,
+) -> Result<Option<Lsn>> {
+    let wal = RepoWal::load(&opts.repo, size).await?;
+    let end = wal.contiguous_end(tli, restart, size);
+    if end <= restart {
+        return Ok(None);
+    }
+    let mut sql = PgConnection::connect(server, ConnectMode::Sql, &opts.application_name).await?;
+    let q = format!(
+        "SELECT pg_replication_slot_advance(slot_name, '{end}') FROM pg_replication_slots WHERE slot_name = '{}' AND NOT active AND restart_lsn < '{end}'",
+        opts.slot
+    );
+    let res = sql.simple_query(&q).await;
+    sql.close().await;
+    res.with_context(|| format!("advancing slot {} to {end}", opts.slot))?;
+    Ok(Some(end))
+}
+
+/// Holds the lease of `tli` (keeping one already held), waiting while another writer has
+/// it; meanwhile the slot follows what the repository holds (see
+/// [`advance_slot_to_repository`]).
+async fn hold_lease(
+    opts: &StreamOptions,
+    lease: &mut Option<Lease>,
+    tli: TimelineId,
+    server: &ConnInfo,
+    size: WalSegmentSize,
+    restart: Lsn,
+) -> Result<Held> {
+    let scope = LeaseScope::PostgresStream(storage::layout::TimelineId::new(tli.get())?);
+    if let Some(l) = lease.as_ref() {
+        if l.scope() == scope && !l.is_lost() {
+            return Ok(Held::Yes(l.guard()));
+        }
+    }
+    if let Some(old) = lease.take() {
+        // The stream moved to another timeline: the old one is free for others.
+        if old.check().is_ok() {
+            let _ = old.release().await;
+        }
+    }
+    let purpose = format!(
+        "postgres stream (slot {}, application_name {})",
+        opts.slot, opts.application_name
+    );
+    let lease_opts = LeaseOptions::from_env();
+    let moved = std::cell::Cell::new(false);
+    let follow = async {
+        let mut at = restart;
+        loop {
+            tokio::time::sleep(lease_opts.duration).await;
+            match advance_slot_to_repository(opts, server, size, tli, at).await {
+                Ok(Some(end)) => {
+                    tracing::info!(slot = %opts.slot, to = %end, "waiting for the lease: advanced the slot over WAL the repository already holds");
+                    at = end;
+                    moved.set(true);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!("could not advance the waiting slot: {e:#}"),
+            }
+        }
+    };
+    tokio::select! {
+        l = Lease::acquire(&opts.repo, scope, &purpose, lease_opts) => {
+            let l = l.context("taking the stream's lease in the repository")?;
+            let guard = l.guard();
+            *lease = Some(l);
+            Ok(if moved.get() { Held::SlotMoved } else { Held::Yes(guard) })
+        }
+        () = follow => unreachable!("follows until the lease is taken"),
+        _ = shutdown_signal() => Ok(Held::Shutdown),
+    }
+}
+
+async fn stream_once(
+    opts: &StreamOptions,
+    started: &mut bool,
+    lease: &mut Option<Lease>,
+) -> Result<Ended> {
     let mut conn =
         PgConnection::connect(&opts.source, ConnectMode::Physical, &opts.application_name).await?;
     let major = conn.server_major()?;
@@ -278,8 +434,10 @@ async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> 
 
     let size = conn.wal_segment_size().await?;
 
-    // Timeline history: archive every history file the server has, and know our lineage.
+    // Timeline history: every history file the server has (archived once the lease is
+    // ours), and our lineage.
     let mut history = TimelineHistory::default();
+    let mut history_files = Vec::new();
     for t in 2..=ident.timeline.get() {
         let tli = TimelineId::new(t)?;
         match query_row(&mut conn, &format!("TIMELINE_HISTORY {t}")).await {
@@ -288,14 +446,7 @@ async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> 
                 if tli == ident.timeline {
                     history = TimelineHistory::parse(&file.content)?;
                 }
-                put_immutable(
-                    &opts.repo,
-                    &history_key(tli)?,
-                    ContentKind::TimelineHistory,
-                    std::slice::from_ref(&file.content),
-                    None,
-                )
-                .await?;
+                history_files.push((tli, file.content));
             }
             Err(e) if t < ident.timeline.get() => {
                 tracing::debug!("history of timeline {t} not on the server: {e:#}")
@@ -312,8 +463,17 @@ async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> 
         tracing::info!(slot = %created.slot_name, at = ?created.consistent_point.map(|l| l.to_string()), "created physical replication slot");
         slot = read_slot(&mut conn, opts, major).await?;
     }
-    let (restart_lsn, wal_status) =
-        slot.with_context(|| format!("slot {} vanished right after creation", opts.slot))?;
+    let SlotState {
+        restart_lsn,
+        wal_status,
+        active_pid,
+    } = slot.with_context(|| format!("slot {} vanished right after creation", opts.slot))?;
+    if let Some(pid) = active_pid {
+        bail!(
+            "the replication slot {} is in use by another connection (walsender PID {pid}): is another agent or standby streaming from it? Stop it or use --slot with another name",
+            opts.slot
+        );
+    }
     if wal_status.as_deref() == Some("lost") {
         return Err(Fatal(format!(
             "replication slot {} was invalidated (wal_status = lost, max_slot_wal_keep_size exceeded): the server removed WAL the repository does not have. \
@@ -327,6 +487,25 @@ async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> 
     // The timeline is that of the slot's position itself: at or past a switch point the new
     // timeline's segment (which starts with the old one's WAL) is streamed from its start.
     let tli = history.timeline_at(restart_lsn, ident.timeline);
+
+    // One writer per (repository, timeline): nothing is written before the lease is ours.
+    let server = conn.server().clone();
+    let guard = match hold_lease(opts, lease, tli, &server, size, restart_lsn).await? {
+        Held::Yes(guard) => guard,
+        Held::SlotMoved => return Ok(Ended::Restart),
+        Held::Shutdown => return Ok(Ended::Shutdown),
+    };
+    for (t, content) in &history_files {
+        guard.writable().await?;
+        put_immutable(
+            &opts.repo,
+            &history_key(*t)?,
+            ContentKind::TimelineHistory,
+            std::slice::from_ref(content),
+            None,
+        )
+        .await?;
+    }
 
     // What the repository has, and whether anything is missing before where we start.
     let repo_wal = RepoWal::load(&opts.repo, size).await?;
@@ -360,7 +539,7 @@ async fn stream_once(opts: &StreamOptions, started: &mut bool) -> Result<Ended> 
             stale.insert(*n, v.clone());
         }
     }
-    let mut s = Streamer::new(opts, size, tli, start, stale);
+    let mut s = Streamer::new(opts, size, tli, start, stale, guard);
     let ended = s.run(&mut conn).await?;
     if let Ended::TimelineSwitch(_) = ended {
         conn.close().await;
@@ -385,10 +564,11 @@ struct Streamer<'a> {
     reported_flush: Lsn,
     server_end: Lsn,
     last_status: Instant,
-    last_progress: Instant,
+    stall: StallClock,
     last_stall_warning: Instant,
     last_report: Instant,
     segments_stored: u64,
+    lease: LeaseGuard,
 }
 
 impl<'a> Streamer<'a> {
@@ -398,6 +578,7 @@ impl<'a> Streamer<'a> {
         tli: TimelineId,
         start: Lsn,
         stale: BTreeMap<u64, Vec<(u32, RepoKey)>>,
+        lease: LeaseGuard,
     ) -> Streamer<'a> {
         let now = Instant::now();
         Streamer {
@@ -415,10 +596,11 @@ impl<'a> Streamer<'a> {
             reported_flush: Lsn::INVALID,
             server_end: start,
             last_status: now,
-            last_progress: now,
+            stall: StallClock::default(),
             last_stall_warning: now,
             last_report: now,
             segments_stored: 0,
+            lease,
         }
     }
 
@@ -432,6 +614,9 @@ impl<'a> Streamer<'a> {
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
+        let guard = self.lease.clone();
+        let lost = guard.lost();
+        tokio::pin!(lost);
         loop {
             let can_read = self.uploads.len() < self.opts.max_inflight;
             tokio::select! {
@@ -442,15 +627,15 @@ impl<'a> Streamer<'a> {
                     }
                 }
                 Some(done) = self.uploads.next(), if !self.uploads.is_empty() => {
-                    let done = done?;
+                    let done = done.map_err(|e| explain_missing_repository(&self.opts.repo, e))?;
                     if done.partial {
                         self.partials_in_flight -= 1;
                     } else {
                         self.segments_stored += 1;
                     }
+                    self.stall.completed(self.uploads.len(), Instant::now());
                     if done.end > self.flushed {
                         self.flushed = done.end;
-                        self.last_progress = Instant::now();
                     }
                     // Report durable progress at once: the slot may advance and synchronous
                     // commits waiting for this WAL are released.
@@ -466,6 +651,12 @@ impl<'a> Streamer<'a> {
                     }
                     self.warn_if_stalled();
                     self.report_progress();
+                }
+                () = &mut lost => {
+                    // Another writer is storing this timeline now: stop writing at once
+                    // (uploads in flight refuse to write too) and wait for the lease again.
+                    self.lease.check()?;
+                    bail!("lost the lease of timeline {}", self.tli);
                 }
                 _ = &mut shutdown => {
                     tracing::info!("stopping: storing what was received");
@@ -495,8 +686,10 @@ impl<'a> Streamer<'a> {
     }
 
     fn warn_if_stalled(&mut self) {
-        if !self.uploads.is_empty()
-            && self.last_progress.elapsed() >= Duration::from_secs(30)
+        let Some(stalled) = self.stall.stalled_for(Instant::now()) else {
+            return;
+        };
+        if stalled >= Duration::from_secs(30)
             && self.last_stall_warning.elapsed() >= Duration::from_secs(30)
         {
             self.last_stall_warning = Instant::now();
@@ -505,10 +698,17 @@ impl<'a> Streamer<'a> {
                 durable = %self.flushed,
                 server_end = %self.server_end,
                 retained_bytes = retained,
-                "the repository has not confirmed a write for {}s; the stream is stalled and the slot retains {retained} bytes of WAL on the server",
-                self.last_progress.elapsed().as_secs()
+                uploads = self.uploads.len(),
+                "the repository has not confirmed an upload for {}s; the stream is stalled and the slot retains {retained} bytes of WAL on the server",
+                stalled.as_secs()
             );
         }
+    }
+
+    /// Queues an upload (in order after the others).
+    fn push_upload(&mut self, upload: UploadFuture) {
+        self.stall.queued(self.uploads.is_empty(), Instant::now());
+        self.uploads.push_back(upload);
     }
 
     async fn on_message(&mut self, conn: &mut PgConnection, payload: Bytes) -> Result<()> {
@@ -590,14 +790,17 @@ impl<'a> Streamer<'a> {
         // The complete segment supersedes every partial of it.
         let cleanup: Vec<RepoKey> = seg.stale_partials.into_iter().map(|(_, k)| k).collect();
         let (prev, done) = self.chain();
-        self.uploads.push_back(Box::pin(async move {
-            retrying(&key, || {
-                put_immutable(&repo, &key, ContentKind::WalSegment, &chunks, Some(&frames))
+        let lease = self.lease.clone();
+        self.push_upload(Box::pin(async move {
+            retrying(&key, || async {
+                lease.writable().await?;
+                put_immutable(&repo, &key, ContentKind::WalSegment, &chunks, Some(&frames)).await
             })
             .await?;
             if let Some(p) = prev {
                 let _ = p.await;
             }
+            ensure_marker(&repo).await?;
             for k in cleanup {
                 if let Err(e) = repo.delete(&k).await {
                     tracing::warn!(key = %k, "could not remove superseded partial: {e}");
@@ -648,8 +851,10 @@ impl<'a> Streamer<'a> {
         let repo = self.opts.repo.clone();
         let (prev, done) = self.chain();
         self.partials_in_flight += 1;
-        self.uploads.push_back(Box::pin(async move {
+        let lease = self.lease.clone();
+        self.push_upload(Box::pin(async move {
             retrying(&key, || async {
+                lease.writable().await?;
                 put_chunks(
                     &repo,
                     &key,
@@ -665,6 +870,7 @@ impl<'a> Streamer<'a> {
             if let Some(p) = prev {
                 let _ = p.await;
             }
+            ensure_marker(&repo).await?;
             for k in cleanup.into_iter().filter(|k| *k != key) {
                 if let Err(e) = repo.delete(&k).await {
                     tracing::warn!(key = %k, "could not remove superseded partial: {e}");
@@ -750,5 +956,33 @@ where
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_time_is_not_a_stall() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut c = StallClock::default();
+        assert_eq!(c.stalled_for(at(0)), None);
+        // One upload, confirmed quickly; then 400 s without WAL.
+        c.queued(true, at(0));
+        c.completed(0, at(1));
+        assert_eq!(c.stalled_for(at(401)), None, "idle is not stalled");
+        // WAL arrives after the idle period: the clock starts now, not at the last write.
+        c.queued(true, at(401));
+        assert_eq!(c.stalled_for(at(402)), Some(Duration::from_secs(1)));
+        // A second upload queued behind it does not reset the clock.
+        c.queued(false, at(420));
+        assert_eq!(c.stalled_for(at(440)), Some(Duration::from_secs(39)));
+        // A completion with one still outstanding restarts it.
+        c.completed(1, at(441));
+        assert_eq!(c.stalled_for(at(445)), Some(Duration::from_secs(4)));
+        c.completed(0, at(446));
+        assert_eq!(c.stalled_for(at(900)), None);
     }
 }

@@ -263,10 +263,20 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
     // A lost master or store is retried with backoff; every attempt resumes from what the
     // repository holds.
     let mut backoff = Duration::from_secs(1);
+    let mut lease = None;
+    let mut attempt = 0u64;
     loop {
+        attempt += 1;
         let started = std::time::Instant::now();
-        let result = super::stream::run(&repo, &source, &opts, stopped(stop_rx.clone())).await;
+        let result =
+            super::stream::run_leased(&repo, &source, &opts, &mut lease, stopped(stop_rx.clone()))
+                .await;
         if *stop_rx.borrow() {
+            if let Some(l) = lease.take() {
+                if let Err(e) = l.release().await {
+                    tracing::warn!("could not release the lease (it expires by itself): {e}");
+                }
+            }
             result?;
             return Ok(ExitCode::SUCCESS);
         }
@@ -274,6 +284,9 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
             Ok(()) => anyhow::anyhow!("the stream ended"),
             Err(e) => e,
         };
+        if super::stream::is_fatal(&err, attempt == 1) {
+            return Err(err);
+        }
         if started.elapsed() > Duration::from_secs(60) {
             backoff = Duration::from_secs(1);
         }

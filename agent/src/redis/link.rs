@@ -30,8 +30,23 @@ use super::source::RedisSource;
 /// validator knows, so a newer master still sends something the agent can check.
 pub const ANNOUNCED_VALKEY_VERSION: &str = "9.0.0";
 
-/// How long to wait for the master to accept a connection or answer a handshake step.
+/// How long to wait for the master to answer a request after the handshake (`PSYNC`).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long connecting may take in all: TCP, TLS and the handshake up to `PSYNC`. The same
+/// 10 s as PostgreSQL's default `connect_timeout`: a port that accepts TCP and never
+/// answers is an error naming the host, not a hang.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connecting to the master did not finish within [`CONNECT_TIMEOUT`].
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to Redis at {endpoint}: no answer within {}s (TCP connect, TLS and handshake); is a Redis or Valkey server listening there?", .after.as_secs())]
+pub struct ConnectTimedOut {
+    /// `host:port`.
+    pub endpoint: String,
+    /// The limit that passed.
+    pub after: Duration,
+}
 
 /// Silence after which the master is considered gone. Masters PING replicas every
 /// `repl-ping-replica-period` (10 s) and send `\n` while preparing a snapshot.
@@ -76,8 +91,21 @@ pub struct MasterLink {
 }
 
 impl MasterLink {
-    /// Connects and runs the handshake up to (not including) `PSYNC`.
+    /// Connects and runs the handshake up to (not including) `PSYNC`, all within
+    /// [`CONNECT_TIMEOUT`].
     pub async fn connect(source: &RedisSource) -> Result<MasterLink> {
+        let endpoint = source.endpoint();
+        match tokio::time::timeout(CONNECT_TIMEOUT, MasterLink::connect_inner(source)).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectTimedOut {
+                endpoint,
+                after: CONNECT_TIMEOUT,
+            }
+            .into()),
+        }
+    }
+
+    async fn connect_inner(source: &RedisSource) -> Result<MasterLink> {
         let endpoint = source.endpoint();
         let stream = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,

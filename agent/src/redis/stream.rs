@@ -7,6 +7,11 @@
 //! snapshot offset; chunks past a gap are orphans of a crash and are deleted), so there is no
 //! local state to lose. `+CONTINUE <new id>` is adopted for later chunks; `+FULLRESYNC`
 //! starts a new generation.
+//!
+//! One writer per repository: the stream holds the `redis stream` lease
+//! (`storage::lease`), so a second agent waits and takes over only once the first stopped
+//! renewing it; every chunk upload checks the lease before writing and the repository
+//! marker after, so a repository deleted under the stream stops it with an error.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -18,13 +23,16 @@ use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
-use storage::{layout, ContentKind, PutMode, Repository};
+use storage::{
+    layout, ContentKind, Lease, LeaseGuard, LeaseOptions, LeaseScope, PutMode, Repository,
+    StorageError,
+};
 use wire::redis::command::{CommandDecoder, CommandKind};
 use wire::redis::handshake::PsyncReply;
 use wire::redis::ReplicationOffset;
 
 use super::chunk::{self, ChunkHeader};
-use super::link::MasterLink;
+use super::link::{ConnectTimedOut, MasterLink};
 use super::manifest::GenerationManifest;
 use super::snapshot;
 use super::source::RedisSource;
@@ -60,6 +68,69 @@ impl Default for StreamOptions {
             spool_limit: 1 << 30,
         }
     }
+}
+
+/// The repository vanished under the stream: reconnecting cannot fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("the repository {url} is gone ({why}): it was deleted, unmounted or replaced while the stream was running; stopping")]
+pub struct RepositoryGone {
+    url: String,
+    why: String,
+}
+
+/// Checks that the repository marker is still there after a chunk was stored.
+async fn ensure_marker(repo: &Repository) -> Result<()> {
+    let gone = |why: String| RepositoryGone {
+        url: repo.url().to_owned(),
+        why,
+    };
+    match repo.exists(&layout::marker()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(gone(format!("its marker {} is missing", layout::marker())).into()),
+        Err(e @ StorageError::RepositoryMissing { .. }) => Err(gone(e.to_string()).into()),
+        Err(e) => Err(e).context("checking the repository marker"),
+    }
+}
+
+/// Whether the CLI's retry loop must give up on `err`: the repository is gone, or the
+/// very first connection attempt timed out (a wrong host or port, not a blip).
+pub fn is_fatal(err: &anyhow::Error, first_attempt: bool) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<RepositoryGone>().is_some()
+            || c.downcast_ref::<StorageError>()
+                .is_some_and(|s| matches!(s, StorageError::RepositoryMissing { .. }))
+            || (first_attempt && c.downcast_ref::<ConnectTimedOut>().is_some())
+    })
+}
+
+/// Connects, holds the repository's `redis stream` lease (kept in `lease` across retries;
+/// waiting, and logging who holds it, while another writer has it), then streams until
+/// `stop` resolves (then stores what was read) or an error occurs.
+pub async fn run_leased(
+    repo: &Repository,
+    source: &RedisSource,
+    opts: &StreamOptions,
+    lease: &mut Option<Lease>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    tokio::pin!(stop);
+    // Connect first: a wrong source fails before anything is written, even a lease.
+    let link = MasterLink::connect(source).await?;
+    if lease.as_ref().is_none_or(|l| l.is_lost()) {
+        *lease = None;
+        let purpose = format!("redis stream (source {})", source.endpoint());
+        tokio::select! {
+            l = Lease::acquire(repo, LeaseScope::RedisStream, &purpose, LeaseOptions::from_env()) => {
+                *lease = Some(l.context("taking the stream's lease in the repository")?);
+            }
+            () = &mut stop => return Ok(()),
+        }
+    }
+    let guard = lease
+        .as_ref()
+        .map(Lease::guard)
+        .context("the lease was just taken")?;
+    run(repo, source, link, opts, &guard, stop).await
 }
 
 /// Where the repository says streaming continues.
@@ -186,12 +257,16 @@ struct NextGeneration {
 }
 
 /// Opens a second replica connection, takes a full sync and stores it as a generation.
-async fn take_generation(repo: &Repository, source: &RedisSource) -> Result<NextGeneration> {
+async fn take_generation(
+    repo: &Repository,
+    source: &RedisSource,
+    lease: &LeaseGuard,
+) -> Result<NextGeneration> {
     let mut link = MasterLink::connect(source).await?;
     let PsyncReply::FullResync { replid, offset } = link.psync(None).await? else {
         anyhow::bail!("the master answered PSYNC ? -1 with +CONTINUE");
     };
-    full_sync(repo, link, replid, offset).await
+    full_sync(repo, link, replid, offset, lease).await
 }
 
 async fn full_sync(
@@ -199,7 +274,9 @@ async fn full_sync(
     mut link: MasterLink,
     replid: String,
     offset: ReplicationOffset,
+    lease: &LeaseGuard,
 ) -> Result<NextGeneration> {
+    lease.writable().await?;
     snapshot::ensure_redis_repo(repo, &replid).await?;
     let captured = snapshot::capture(repo, &mut link, &replid, offset).await?;
     let generation = layout::GenerationId::parse(&captured.manifest.generation)?;
@@ -245,17 +322,20 @@ impl Drop for Acker {
     }
 }
 
-/// Streams until `stop` resolves (then stores what was read) or an error occurs.
-pub async fn run(
+/// Streams from `link` (connected, before `PSYNC`) until `stop` resolves (then stores what
+/// was read) or an error occurs, writing only while `lease` holds.
+async fn run(
     repo: &Repository,
     source: &RedisSource,
+    mut link: MasterLink,
     opts: &StreamOptions,
+    lease: &LeaseGuard,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     if let Some(dir) = &opts.spool {
+        lease.writable().await?;
         recover_spool(repo, dir).await?;
     }
-    let mut link = MasterLink::connect(source).await?;
     let resume = resume_point(repo).await?;
     let reply = link
         .psync(
@@ -277,7 +357,7 @@ pub async fn run(
             if let Some(r) = resume {
                 tracing::info!(previous = %r.generation, "the master cannot continue from offset {}: new generation", r.offset);
             }
-            let next = full_sync(repo, link, replid, offset).await?;
+            let next = full_sync(repo, link, replid, offset, lease).await?;
             link = next.link;
             (next.generation, next.replid, next.offset, next.db)
         }
@@ -289,13 +369,15 @@ pub async fn run(
     let mut decoder = CommandDecoder::new();
     let mut chunk = ChunkBuilder::new(offset.get(), db);
     let mut in_multi = false;
-    let mut uploads = ChunkQueue::new(repo, opts)?;
+    let mut uploads = ChunkQueue::new(repo, opts, lease.clone())?;
     let mut durable = offset;
     let mut generation_started = Instant::now();
     let mut generation_offset = offset;
     let mut next_gen: Option<LocalBoxFuture<'_, Result<NextGeneration>>> = None;
     let mut switch_to: Option<NextGeneration> = None;
     tokio::pin!(stop);
+    let lost = lease.lost();
+    tokio::pin!(lost);
     let outcome: Result<()> = loop {
         // Uploads complete in order; the durable offset follows them.
         while uploads.is_full() {
@@ -312,7 +394,7 @@ pub async fn run(
             if next_gen.is_none() && switch_to.is_none() && generation_started.elapsed() >= every {
                 if offset > generation_offset {
                     tracing::info!(previous = %generation, "taking a new snapshot generation (--snapshot-every)");
-                    next_gen = Some(Box::pin(take_generation(repo, source)));
+                    next_gen = Some(Box::pin(take_generation(repo, source, lease)));
                 } else {
                     generation_started = Instant::now();
                 }
@@ -330,6 +412,11 @@ pub async fn run(
         let next = tokio::select! {
             biased;
             () = &mut stop => break Ok(()),
+            // Another writer may own the chain now: stop writing (uploads refuse too).
+            () = &mut lost => break Err(match lease.check() {
+                Err(e) => e.into(),
+                Ok(()) => anyhow::anyhow!("lost the redis stream lease"),
+            }),
             Some(done) = uploads.next_done(), if uploads.is_busy() => {
                 match done {
                     Ok(end) => {
@@ -458,6 +545,7 @@ struct Pending {
 /// the rest waiting in the spool directory (or, without one, reading waits).
 struct ChunkQueue<'a> {
     repo: &'a Repository,
+    lease: LeaseGuard,
     uploads: Uploads<'a>,
     waiting: VecDeque<Pending>,
     in_flight: usize,
@@ -470,13 +558,14 @@ struct ChunkQueue<'a> {
 }
 
 impl<'a> ChunkQueue<'a> {
-    fn new(repo: &'a Repository, opts: &StreamOptions) -> Result<Self> {
+    fn new(repo: &'a Repository, opts: &StreamOptions, lease: LeaseGuard) -> Result<Self> {
         if let Some(dir) = &opts.spool {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the spool {}", dir.display()))?;
         }
         Ok(Self {
             repo,
+            lease,
             uploads: FuturesOrdered::new(),
             waiting: VecDeque::new(),
             in_flight: opts.uploads_in_flight.max(1),
@@ -577,10 +666,25 @@ impl<'a> ChunkQueue<'a> {
             let repo = self.repo;
             let (key, end, first_ms, cut) = (p.key, p.end, p.first_ms, p.cut);
             let estimate = self.estimate.clone();
+            let lease = self.lease.clone();
             self.uploads.push_back(Box::pin(async move {
-                repo.put(&key, ContentKind::RedisCommands, data, PutMode::CreateNew)
+                lease.writable().await?;
+                match repo
+                    .put(&key, ContentKind::RedisCommands, data, PutMode::CreateNew)
                     .await
-                    .with_context(|| format!("storing {key}"))?;
+                {
+                    Ok(_) => {}
+                    // The local store never recreates a vanished repository directory.
+                    Err(e @ StorageError::RepositoryMissing { .. }) => {
+                        return Err(RepositoryGone {
+                            url: repo.url().to_owned(),
+                            why: e.to_string(),
+                        }
+                        .into())
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("storing {key}")),
+                }
+                ensure_marker(repo).await?;
                 if let Some(path) = spooled {
                     let _ = std::fs::remove_file(path);
                 }
