@@ -130,10 +130,10 @@ pub struct SourceArgs {
     /// libpq connection URL or keyword string (sslmode, sslrootcert, sslcert, sslkey,
     /// channel_binding, passfile, connect_timeout, target_session_attrs as in libpq);
     /// PGHOST, PGPORT, PGUSER, PGPASSWORD, PGPASSFILE, PGSSLMODE, PGCHANNELBINDING,
-    /// PGAPPNAME… fill what it leaves out. Several hosts (`host=db1,db2` or
-    /// `postgres://db1,db2/postgres`) are tried in order, each for at most connect_timeout
-    /// (10 s when not set); with `target_session_attrs=read-write` the stream follows a
-    /// failover.
+    /// PGAPPNAME… fill what it leaves out. Every host is tried for at most connect_timeout
+    /// (10 s when unset or 0, unlike libpq's "forever"); several hosts (`host=db1,db2` or
+    /// `postgres://db1,db2/postgres`) are tried in order, and with
+    /// `target_session_attrs=read-write` the stream follows a failover.
     #[arg(
         long,
         env = "SYNCBRIDGE_PG_SOURCE",
