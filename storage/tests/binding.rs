@@ -186,9 +186,7 @@ async fn a_marker_rewritten_to_unencrypted_does_not_let_plaintext_in() {
 
     // 1. A marker with the same id but no encryption, then a plaintext object bound to it.
     let marker_path = dir.path().join(layout::marker().as_str());
-    let json = format!(
-        r#"{{"kind":"postgres","format_version":2,"repository_id":"{repo_id}"}}"#
-    );
+    let json = format!(r#"{{"kind":"postgres","format_version":2,"repository_id":"{repo_id}"}}"#);
     std::fs::remove_file(&marker_path).unwrap();
     let intruder = open(dir.path(), |_| {});
     // Write the forged marker through the library, as a version 2 build would.
@@ -212,7 +210,11 @@ async fn a_marker_rewritten_to_unencrypted_does_not_let_plaintext_in() {
         .put(&key, ContentKind::WalSegment, data(9), PutMode::Overwrite)
         .await
         .unwrap();
-    assert_eq!(intruder.get(&key).await.unwrap(), data(9), "the forgery is well-formed");
+    assert_eq!(
+        intruder.get(&key).await.unwrap(),
+        data(9),
+        "the forgery is well-formed"
+    );
     let reader = open(dir.path(), |o| o.identities = vec![id.clone()]);
     let e = reader.get(&key).await.unwrap_err();
     let msg = e.to_string();
@@ -228,11 +230,18 @@ async fn a_marker_rewritten_to_unencrypted_does_not_let_plaintext_in() {
         &layout::marker(),
         &v1_object(ContentKind::Marker, old),
     );
-    write_file(dir.path(), &key, &v1_object(ContentKind::WalSegment, &data(8)));
+    write_file(
+        dir.path(),
+        &key,
+        &v1_object(ContentKind::WalSegment, &data(8)),
+    );
     assert_eq!(open(dir.path(), |_| {}).get(&key).await.unwrap(), data(8));
     let reader = open(dir.path(), |o| o.identities = vec![id.clone()]);
     let e = reader.get(&key).await.unwrap_err();
-    assert!(e.is_corrupt() && e.to_string().contains("not encrypted"), "{e}");
+    assert!(
+        e.is_corrupt() && e.to_string().contains("not encrypted"),
+        "{e}"
+    );
 
     // 3. No marker at all.
     std::fs::remove_file(&marker_path).unwrap();

@@ -488,7 +488,8 @@ async fn a_marker_rewritten_to_unencrypted_is_refused_by_readers_with_the_identi
         &[],
     );
     assert!(out.status.success(), "{}", text(&out));
-    let key = layout::wal_segment(&layout::WalSegmentName::parse("000000010000000000000009").unwrap());
+    let key =
+        layout::wal_segment(&layout::WalSegmentName::parse("000000010000000000000009").unwrap());
 
     // The intruder's marker: that of a new unencrypted repository, copied over.
     let fake = TempRepo::new();
@@ -515,11 +516,22 @@ async fn a_marker_rewritten_to_unencrypted_is_refused_by_readers_with_the_identi
         .unwrap();
 
     let out = agent(
-        &["repo", "cat", "--repo", &url, "--identity", id_arg, key.as_str()],
+        &[
+            "repo",
+            "cat",
+            "--repo",
+            &url,
+            "--identity",
+            id_arg,
+            key.as_str(),
+        ],
         &[],
     );
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(out.stdout.is_empty(), "no byte of the injected object is served");
+    assert!(
+        out.stdout.is_empty(),
+        "no byte of the injected object is served"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         stderr.contains(marker.as_str()) && stderr.contains("not encrypted"),
