@@ -25,7 +25,8 @@ use crate::layout::{self, RepoKey};
 pub(crate) struct RepoContext {
     /// The repository id objects must be bound to.
     pub repo_id: RepoId,
-    /// The marker says the repository is encrypted: plaintext objects are refused.
+    /// The marker says the repository is encrypted (or there is no marker and the reader
+    /// holds an identity): plaintext objects are refused.
     pub encrypted: bool,
     /// The marker carries an id: every object must be bound (format version 2 or later).
     pub bound_only: bool,

@@ -146,6 +146,12 @@ impl Repository {
     /// What every object of this repository must be, read from the marker once per
     /// `Repository` (see `binding`).
     ///
+    /// The marker itself is not authenticated (it is never encrypted), so a reader holding
+    /// an identity does not let it turn encryption off: a marker without encryption is
+    /// refused, and without a marker plaintext objects are refused. Otherwise anyone who
+    /// can write to the bucket could replace the marker by an unencrypted one and then
+    /// inject plaintext objects bound to it.
+    ///
     /// Boxed: reading the marker goes through the object reader, which asks for the
     /// context of every other key.
     pub(crate) fn context(&self) -> futures::future::BoxFuture<'_, Result<Arc<RepoContext>>> {
@@ -154,8 +160,24 @@ impl Repository {
                 return Ok(ctx);
             }
             let ctx = match self.read_marker_bytes().await? {
+                Some((marker, _)) if marker.encryption.is_none() && self.can_decrypt() => {
+                    return Err(StorageError::WrongObject {
+                        key: layout::marker().to_string(),
+                        reason: "it says the repository is not encrypted, but an identity was given. \
+                                 The marker is not authenticated: someone who can write to the bucket \
+                                 could rewrite it to turn off the refusal of plaintext objects. If this \
+                                 repository really is not encrypted, do not pass --identity (or unset \
+                                 SYNCBRIDGE_IDENTITY)"
+                            .into(),
+                    });
+                }
                 Some((marker, json)) => Arc::new(context_of(&marker, &json)?),
-                None => Arc::new(RepoContext::unmarked()),
+                // No marker (a new repository, or one whose marker was deleted): a reader
+                // holding an identity still takes only encrypted objects.
+                None => Arc::new(RepoContext {
+                    encrypted: self.can_decrypt(),
+                    ..RepoContext::unmarked()
+                }),
             };
             self.set_context(ctx.clone());
             Ok(ctx)

@@ -170,9 +170,11 @@ impl std::fmt::Debug for Repository {
     }
 }
 
+/// A configuration error; `what` (often the URL as given) is shown through [`redact`]:
+/// a query may carry what someone took for an option (`?aws_secret_access_key=…`).
 fn config_err(what: impl Into<String>, reason: impl std::fmt::Display) -> StorageError {
     StorageError::Config {
-        what: what.into(),
+        what: redact(&what.into()),
         reason: reason.to_string(),
     }
 }
@@ -474,8 +476,19 @@ fn sanitize(mut o: RepoOptions) -> Result<RepoOptions> {
     Ok(o)
 }
 
+/// A URL as it may be shown: without query, fragment or userinfo (`KEY:SECRET@`).
 fn redact(url: &str) -> String {
-    url.split('?').next().unwrap_or(url).to_owned()
+    let url = url.split(['?', '#']).next().unwrap_or(url);
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    }
 }
 
 fn open_backend(url_text: &str, opts: &RepoOptions) -> Result<Backend> {
@@ -772,6 +785,26 @@ mod tests {
 
     fn err(url: &str, opts: RepoOptions) -> String {
         Repository::open(url, opts).unwrap_err().to_string()
+    }
+
+    /// Someone told that credentials do not go in the URL's userinfo tries the query: the
+    /// refusal names the option but never shows its value, nor a userinfo.
+    #[test]
+    fn configuration_errors_never_echo_secrets() {
+        let o = RepoOptions::default;
+        for url in [
+            "s3://b/p?aws_secret_access_key=TOPSECRET",
+            "s3://b/p?endpoint=http://h:1&secret=TOPSECRET",
+            "s3://KEY:TOPSECRET@/p",
+            "ftp://u:TOPSECRET@h/p",
+            "file://u:TOPSECRET@host/x",
+        ] {
+            let e = err(url, o());
+            assert!(!e.contains("TOPSECRET") && !e.contains("KEY"), "{url}: {e}");
+        }
+        assert_eq!(redact("s3://K:S@b/p?q=1#f"), "s3://b/p");
+        assert_eq!(redact("s3://b/p@x"), "s3://b/p@x");
+        assert_eq!(redact("/srv/repo"), "/srv/repo");
     }
 
     #[test]

@@ -460,3 +460,95 @@ async fn repo_check_refuses_swapped_foreign_and_plaintext_objects() {
         );
     }
 }
+
+/// The marker is not authenticated: someone who can write to the bucket replaces an
+/// encrypted repository's marker by an unencrypted one (here: the marker of a fresh
+/// repository) and puts a plaintext object bound to it. Readers given the identity refuse
+/// it: `repo cat` serves no byte and `repo check` fails, naming the marker.
+#[tokio::test]
+async fn a_marker_rewritten_to_unencrypted_is_refused_by_readers_with_the_identity() {
+    let dir = TempRepo::new();
+    let url = dir.url();
+    let id = generate_identity();
+    let id_file = dir.path().join(".identity");
+    std::fs::write(&id_file, identity_to_string(&id)).unwrap();
+    let id_arg = id_file.to_str().unwrap();
+    let recipient = id.to_public().to_string();
+    let out = agent(
+        &[
+            "repo",
+            "init",
+            "--repo",
+            &url,
+            "--kind",
+            "redis",
+            "--recipient",
+            &recipient,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let key =
+        layout::wal_segment(&layout::WalSegmentName::parse("000000010000000000000009").unwrap());
+
+    // The intruder's marker: that of a new unencrypted repository, copied over.
+    let fake = TempRepo::new();
+    let out = agent(
+        &["repo", "init", "--repo", &fake.url(), "--kind", "redis"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let marker = layout::marker();
+    std::fs::copy(
+        fake.path().join(marker.as_str()),
+        dir.path().join(marker.as_str()),
+    )
+    .unwrap();
+    let intruder = Repository::open(&url, RepoOptions::default()).unwrap();
+    intruder
+        .put(
+            &key,
+            ContentKind::WalSegment,
+            Bytes::from(vec![9u8; 70_000]),
+            PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
+
+    let out = agent(
+        &[
+            "repo",
+            "cat",
+            "--repo",
+            &url,
+            "--identity",
+            id_arg,
+            key.as_str(),
+        ],
+        &[],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        out.stdout.is_empty(),
+        "no byte of the injected object is served"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        stderr.contains(marker.as_str()) && stderr.contains("not encrypted"),
+        "{}",
+        text(&out)
+    );
+    let out = agent(
+        &["repo", "check", "--repo", &url, "--identity", id_arg],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.lines().any(|l| l.starts_with("FAILED")
+            && l.contains(key.as_str())
+            && l.contains("not encrypted")),
+        "{}",
+        text(&out)
+    );
+}

@@ -182,14 +182,52 @@ pub fn chunk_problems(
             buf.len()
         ));
     }
+    // Offsets never go back either: restore cuts at the last entry at or before T, so an
+    // entry with a later time but an earlier offset would drop commands made before T.
+    let mut last_off = header.start;
     for (off, ms) in &header.time_index {
-        if *off < header.start || *off > header.end || *ms < *last_ms {
+        if *off < last_off || *off > header.end || *ms < *last_ms {
             problems.push(format!(
                 "{key}: time index entry ({off}, {ms}) out of order or outside the chunk"
             ));
             break;
         }
         *last_ms = *ms;
+        last_off = *off;
     }
     (problems, commands)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A time index whose offsets go back (a later time at an earlier offset) is refused,
+    /// like one whose times go back; equal offsets (a chunk sealed with no new command) pass.
+    #[test]
+    fn time_index_offsets_must_not_go_back() {
+        let body = Bytes::from_static(b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n");
+        let header = |index: Vec<(u64, i64)>| ChunkHeader {
+            replid: "r".into(),
+            start: 100,
+            end: 128,
+            db_at_start: 0,
+            db_at_end: 0,
+            commands: 2,
+            time_index: index,
+        };
+        let key = layout::RepoKey::parse("redis/x").unwrap();
+        let run = |index| {
+            let mut last_ms = i64::MIN;
+            chunk_problems(&key, (100, 128), &header(index), &body, &mut last_ms).0
+        };
+        assert!(run(vec![(114, 1000), (128, 1001), (128, 1002)]).is_empty());
+        let p = run(vec![(128, 1000), (114, 1001)]);
+        assert!(p.len() == 1 && p[0].contains("out of order"), "{p:?}");
+        let p = run(vec![(114, 1001), (128, 1000)]);
+        assert!(p.len() == 1 && p[0].contains("out of order"), "{p:?}");
+        let p = run(vec![(99, 1000)]);
+        assert!(p.len() == 1 && p[0].contains("outside the chunk"), "{p:?}");
+    }
 }

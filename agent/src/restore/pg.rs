@@ -15,6 +15,7 @@
 //! half-restored directory cannot be started; both are settled as the very last step.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -835,9 +836,11 @@ fn write_recovery_conf(
     text.push_str("recovery_target_action = 'promote'\n");
     text.push_str(&format!("recovery_target_timeline = '{timeline}'\n"));
     let path = dir.join("postgresql.auto.conf");
+    // Created 0600 when the backup had none, like every file restore writes.
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     f.write_all(text.as_bytes())

@@ -321,6 +321,8 @@ pub fn plan(
         }
     }
 
+    check_coverage(m)?;
+
     let group_access = m.entries.iter().any(|e| {
         e.archive as usize == base
             && e.kind == EntryKind::Dir
@@ -333,6 +335,43 @@ pub fn plan(
         tablespaces: places,
         modes: Modes { group_access },
     })
+}
+
+/// Every file's bytes come from the data objects exactly once, from 0 to its size: a
+/// manifest that would leave a file short, or write a byte twice, is refused here rather
+/// than after `--force` emptied the target (the writer re-checks what it wrote anyway).
+fn check_coverage(m: &BackupManifest) -> Result<()> {
+    let mut pieces: Vec<(u32, u64, u64)> = m
+        .chunks
+        .iter()
+        .flat_map(|c| c.pieces.iter().map(|p| (p.entry, p.offset, p.len)))
+        .collect();
+    pieces.sort_unstable();
+    let mut next = pieces.iter().peekable();
+    for (i, e) in m.entries.iter().enumerate() {
+        if e.kind != EntryKind::File {
+            continue;
+        }
+        let mut at = 0u64;
+        while let Some((_, offset, len)) = next.next_if(|p| p.0 as usize == i) {
+            if *offset != at {
+                bail!(
+                    "backup entry {:?}: the data objects hold bytes from {offset} where {at} is next ({}): the backup's record is damaged",
+                    e.path,
+                    if *offset < at { "written twice" } else { "a hole" }
+                );
+            }
+            at += len;
+        }
+        if at != e.size {
+            bail!(
+                "backup entry {:?} has {} bytes, but the data objects hold {at} of them: the backup's record is damaged",
+                e.path,
+                e.size
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Resolves each tablespace destination's symlinks and checks it
@@ -628,6 +667,41 @@ mod tests {
         let mut m = manifest(None);
         m.chunks[0].pieces[0].entry = 0;
         assert!(err(plan(&m, t, &[], false)).contains("not a file"));
+    }
+
+    /// A file the data objects do not fill exactly (short, a hole, bytes twice, an absurd
+    /// size) is refused by the plan, before `--force` deletes anything.
+    #[test]
+    fn files_must_be_covered_exactly() {
+        let t = Path::new("/restore/data");
+        let piece = |offset, len| Piece {
+            entry: 1,
+            offset,
+            len,
+        };
+        let cases: Vec<(u64, Vec<Piece>, &str)> = vec![
+            (10, vec![piece(0, 5)], "hold 5 of them"),
+            (10, vec![piece(0, 4), piece(5, 5)], "a hole"),
+            (10, vec![piece(0, 6), piece(4, 6)], "written twice"),
+            (10, vec![piece(0, 10), piece(0, 10)], "written twice"),
+            (10, vec![], "hold 0 of them"),
+            (u64::MAX, vec![piece(0, 10)], "hold 10 of them"),
+        ];
+        for (size, pieces, want) in cases {
+            let mut m = manifest(None);
+            m.entries[1].size = size;
+            m.chunks[0].pieces = pieces.clone();
+            let got = err(plan(&m, t, &[], false));
+            assert!(got.contains(want), "{size} {pieces:?}: {got}");
+        }
+        // Pieces of one file spread over objects, in any order, are fine.
+        let mut m = manifest(None);
+        m.chunks[0].pieces = vec![piece(6, 4)];
+        let mut second = m.chunks[0].clone();
+        second.seq = 1;
+        second.pieces = vec![piece(0, 6)];
+        m.chunks.push(second);
+        plan(&m, t, &[], false).unwrap();
     }
 
     #[test]

@@ -65,6 +65,10 @@ fn split_zone(rest: &str) -> Result<(&str, i32)> {
     let (clock, zone) = rest.split_at(at);
     let sign = if zone.starts_with('-') { -1 } else { 1 };
     let body = &zone[1..];
+    // ASCII only, so the byte slices below cut at character boundaries (`+aé1` is 4 bytes).
+    if !body.is_ascii() {
+        bail!("time zone {zone:?}: expected ±HH, ±HHMM or ±HH:MM");
+    }
     let (h, m) = match (body.len(), body.as_bytes().get(2)) {
         (2, _) => (body, "00"),
         (4, _) => (&body[..2], &body[2..]),
@@ -147,6 +151,13 @@ mod tests {
             "@12x",
             "2026-02-12X10:00:00",
             "2026-02-12 10:00:00 CET",
+            // Non-ASCII where the offset's digits go: refused, never a panic.
+            "2026-02-12 10:00:00+aé1",
+            "2026-02-12 10:00:00+é:00",
+            "2026-02-12 10:00:00-1é",
+            "2026-02-12 10:00:00+01:é",
+            "2026-02-1é 10:00:00",
+            "2026-02-12é10:00:00",
         ] {
             assert!(parse_time(bad).is_err(), "{bad:?} accepted");
         }
