@@ -223,11 +223,22 @@ struct ChunkBuilder {
     first_ms: Option<i64>,
 }
 
+/// The wall clock in Unix milliseconds for the time index, never going back within this
+/// process: a wall clock stepped back (an NTP correction) would otherwise give a later
+/// command an earlier time, and `redis verify` / `redis restore` refuse an index whose times
+/// go back. Commands that arrive while the clock catches up share the last time.
+fn index_now_ms() -> i64 {
+    static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
+    let now = chrono::Utc::now().timestamp_millis();
+    let prev = LAST.fetch_max(now, Ordering::Relaxed);
+    prev.max(now)
+}
+
 impl ChunkBuilder {
     /// Records that nothing else had arrived by now: a restore to a time between the last
     /// command and the cut needs no later chunk.
     fn seal(&mut self, end: u64) {
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = index_now_ms();
         match self.index.last_mut() {
             Some(last) if last.1 >= now_ms => last.0 = end,
             _ => self.index.push((end, now_ms)),
@@ -445,7 +456,7 @@ async fn run(
             Err(e) => break Err(e),
         };
         if let Some(cmd) = cmd {
-            let now_ms = chrono::Utc::now().timestamp_millis();
+            let now_ms = index_now_ms();
             offset = offset.advance(cmd.wire_len());
             match cmd.kind() {
                 CommandKind::Multi => in_multi = true,
@@ -464,7 +475,7 @@ async fn run(
             chunk.first_ms.get_or_insert(now_ms);
             if !in_multi {
                 match chunk.index.last_mut() {
-                    Some(last) if last.1 == now_ms => last.0 = offset.get(),
+                    Some(last) if last.1 >= now_ms => last.0 = offset.get(),
                     _ => chunk.index.push((offset.get(), now_ms)),
                 }
             }
@@ -773,4 +784,19 @@ pub async fn recover_spool(repo: &Repository, dir: &std::path::Path) -> Result<u
         tracing::info!(%key, "stored a chunk left in the spool by the previous run");
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_time_never_goes_back() {
+        let mut prev = index_now_ms();
+        for _ in 0..1000 {
+            let now = index_now_ms();
+            assert!(now >= prev);
+            prev = now;
+        }
+    }
 }
