@@ -12,13 +12,16 @@
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::ObjectStore;
-use storage::{ContentKind, PutMode, RepoKey, RepoKind, RepoMarker, RepoOptions, Repository};
+use storage::{
+    ContentKind, PutMode, RepoKey, RepoKind, RepoMarker, RepoOptions, Repository, RetryPolicy,
+};
 
 struct World {
     rt: tokio::runtime::Runtime,
@@ -52,6 +55,13 @@ fn world() -> &'static World {
                 Vec::new()
             },
             identities: vec![id.clone()],
+            // Nothing here is transient: one attempt, no backoff sleeps.
+            retry: RetryPolicy {
+                max_attempts: 1,
+                initial_backoff: Duration::ZERO,
+                max_backoff: Duration::ZERO,
+                max_elapsed: Duration::from_secs(1),
+            },
             ..RepoOptions::default()
         };
         let open = |o| Repository::from_store(store.clone(), "", "fuzz", o).expect("repo");
