@@ -4,14 +4,14 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
-use storage::{RepoKind, RepoOptions, Repository};
+use storage::RepoKind;
 use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
+use crate::cli::RepoArgs;
 use crate::pg::backup_catalog::{list_backups, BackupManifest, WalInventory};
 use crate::pg::backup_progress::human;
-use crate::pg::cli::RepoArgs;
 
 /// Arguments of `list`.
 #[derive(Debug, Args)]
@@ -26,8 +26,7 @@ pub fn run(args: ListArgs) -> Result<ExitCode> {
 }
 
 async fn list(args: ListArgs) -> Result<ExitCode> {
-    let repo = Repository::open(&args.repo.repo, RepoOptions::from_env()?)
-        .context("opening the repository")?;
+    let repo = args.repo.open()?;
     let Some(marker) = repo.read_marker().await? else {
         bail!("{} is not a SyncBridge repository (no marker)", repo.url());
     };
@@ -69,6 +68,16 @@ async fn list(args: ListArgs) -> Result<ExitCode> {
             human(m.stored_bytes),
             m.server_version
         );
+        for t in &m.tablespaces {
+            if let (Some(oid), Some(loc)) = (t.oid, &t.location) {
+                let note = if loc.starts_with('/') {
+                    ""
+                } else {
+                    " (not absolute: restore refuses it)"
+                };
+                println!("    tablespace {oid} at {loc}{note}");
+            }
+        }
     }
     for id in &list.incomplete {
         println!(

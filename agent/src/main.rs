@@ -11,6 +11,7 @@ mod pg;
 mod redis;
 mod repo_cmd;
 mod restore;
+mod util;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

@@ -3,62 +3,14 @@
 //! object or every object under a prefix and prints one line per object.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use storage::{RepoKey, RepoKind, RepoMarker, RepoOptions, Repository};
+use storage::{RepoKey, RepoKind, RepoMarker, Repository};
 use tokio::io::AsyncWriteExt;
 
-/// How to reach a repository and its keys; shared by every command that opens one.
-#[derive(Debug, Clone, Args)]
-pub struct RepoArgs {
-    /// Repository URL: file:///dir, s3://bucket/prefix (AWS_* environment; options such as
-    /// ?endpoint=…&path_style=true&storage_class=…&ca_bundle=…), gs://, az://.
-    #[arg(long = "repo", env = "SYNCBRIDGE_REPO", value_name = "URL")]
-    pub url: String,
-    /// age identity file (AGE-SECRET-KEY-1… lines, as written by age-keygen) to read
-    /// encrypted objects.
-    #[arg(long, env = "SYNCBRIDGE_IDENTITY", value_name = "FILE")]
-    pub identity: Option<PathBuf>,
-    /// age recipient (age1…) to encrypt new objects to; repeat for several.
-    #[arg(
-        long = "recipient",
-        env = "SYNCBRIDGE_RECIPIENTS",
-        value_delimiter = ',',
-        value_name = "AGE1…"
-    )]
-    pub recipients: Vec<String>,
-    /// File with age recipients, one per line.
-    #[arg(long, env = "SYNCBRIDGE_RECIPIENTS_FILE", value_name = "FILE")]
-    pub recipients_file: Option<PathBuf>,
-    /// PEM bundle of extra CA certificates for an HTTPS object store.
-    #[arg(long, env = "AWS_CA_BUNDLE", value_name = "FILE")]
-    pub ca_bundle: Option<PathBuf>,
-}
-
-impl RepoArgs {
-    /// Opens the repository with the keys given on the command line.
-    pub fn open(&self) -> anyhow::Result<Repository> {
-        let mut opts = RepoOptions {
-            ca_bundle: self.ca_bundle.clone(),
-            ..RepoOptions::default()
-        };
-        for r in &self.recipients {
-            opts.recipients.push(storage::keys::parse_recipient(r)?);
-        }
-        if let Some(f) = &self.recipients_file {
-            opts.recipients
-                .extend(storage::keys::read_recipients_file(f)?);
-        }
-        if let Some(f) = &self.identity {
-            opts.identities = storage::keys::read_identity_file(f)?;
-        }
-        Repository::open(&self.url, opts)
-            .with_context(|| format!("opening repository {}", self.url))
-    }
-}
+use crate::cli::RepoArgs;
 
 /// `repo` arguments.
 #[derive(Debug, Args)]
@@ -76,8 +28,9 @@ enum KindArg {
 #[derive(Debug, Subcommand)]
 enum RepoCommand {
     /// Generate an age X25519 identity for an encrypted repository: writes the identity
-    /// (secret: keep it away from the sidecar, give it to restores via SYNCBRIDGE_IDENTITY)
-    /// to FILE with mode 0600 and prints the recipient for SYNCBRIDGE_RECIPIENTS.
+    /// (secret: keep it away from the sidecar; restores take it as --identity FILE or
+    /// SYNCBRIDGE_IDENTITY) to FILE with mode 0600 and prints the recipient for
+    /// SYNCBRIDGE_RECIPIENTS.
     Keygen {
         /// Where to write the identity; refused if it exists.
         #[arg(long)]
@@ -299,7 +252,7 @@ fn keygen(out: &std::path::Path) -> anyhow::Result<ExitCode> {
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", out.display()))?;
     println!(
-        "identity:  {} (secret; restores read it via SYNCBRIDGE_IDENTITY)",
+        "identity:  {} (secret; readers take it as --identity FILE or SYNCBRIDGE_IDENTITY)",
         out.display()
     );
     println!("recipient: {}", id.to_public());

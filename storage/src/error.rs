@@ -51,6 +51,18 @@ pub enum StorageError {
         offset: u64,
     },
 
+    /// An intact object that is not the one its key names: written for another key, copied
+    /// from another repository, plaintext in an encrypted repository, or an unbound
+    /// (format version 1) object in a repository whose objects are all bound. Someone or
+    /// something put it there; it is never served.
+    #[error("object {key} is refused: {reason}")]
+    WrongObject {
+        /// The key that was read.
+        key: String,
+        /// What the object is instead, naming both sides.
+        reason: String,
+    },
+
     /// The object was written by a newer format version this build cannot read.
     #[error(
         "object {key} uses container format version {version}, this build reads up to {supported}"
@@ -180,7 +192,10 @@ impl StorageError {
 
     /// True for any failed verification of stored bytes.
     pub fn is_corrupt(&self) -> bool {
-        matches!(self, StorageError::Corrupt { .. })
+        matches!(
+            self,
+            StorageError::Corrupt { .. } | StorageError::WrongObject { .. }
+        )
     }
 
     /// The key the error is about, when it is about one.
@@ -190,6 +205,7 @@ impl StorageError {
             | StorageError::RepositoryMissing { key, .. }
             | StorageError::AlreadyExists { key }
             | StorageError::Corrupt { key, .. }
+            | StorageError::WrongObject { key, .. }
             | StorageError::UnsupportedVersion { key, .. }
             | StorageError::IdentityRequired { key, .. }
             | StorageError::Decrypt { key, .. }

@@ -1,9 +1,14 @@
-//! The object container, version 1 (specified in `storage/FORMAT.md`): a header, a body of
-//! independently decodable frames, and a fixed-size trailer. This module only lays bytes
-//! out and parses them back (no I/O), so it can be fuzzed and reused by other tools.
+//! The object container, version 2 (specified in `storage/FORMAT.md`; version 1 is still
+//! read): a header, a body of independently decodable frames, and a fixed-size trailer.
+//! This module only lays bytes out and parses them back (no I/O), so it can be fuzzed and
+//! reused by other tools.
 //!
 //! Every structure carries its own CRC32C, so a damaged byte is reported with the offset of
-//! the structure that holds it, and the trailer's SHA-256 proves the decoded whole.
+//! the structure that holds it, and the trailer's digest proves the decoded whole. From
+//! version 2 the header names the key the object was written for and the repository it
+//! belongs to ([`Binding`]), and the trailer's digest covers that binding
+//! ([`bound_digest`]), so an intact object stored under another key, or copied from
+//! another repository, is refused instead of being served as the wrong data.
 
 use crate::error::{Result, StorageError};
 
@@ -12,7 +17,17 @@ pub const MAGIC: [u8; 8] = [0x89, b'S', b'B', b'O', b'\r', b'\n', 0x1a, b'\n'];
 /// Last bytes of every complete object.
 pub const END_MAGIC: [u8; 8] = *b"SBOEND\r\n";
 /// The container version this build writes and the highest it reads.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest container version this build still reads (no binding to key or repository).
+pub const UNBOUND_FORMAT_VERSION: u16 = 1;
+/// Longest key a version 2 header records (keys built by `layout` are far shorter).
+pub const MAX_KEY_LEN: usize = 1024;
+/// Bytes of a repository id.
+pub const REPO_ID_LEN: usize = 16;
+/// Bytes the binding adds to a version 2 header before the key: repository id, key length.
+pub const BINDING_FIXED_LEN: usize = REPO_ID_LEN + 2;
+/// Domain separation for [`bound_digest`].
+const BINDING_DOMAIN: &[u8; 16] = b"SBO2 key binding";
 /// Fixed part of the header, before recipient fingerprints and the CRC.
 pub const HEADER_FIXED_LEN: usize = 32;
 /// Bytes of one recipient fingerprint (SHA-256 of the recipient string).
@@ -137,6 +152,63 @@ impl Codec {
     }
 }
 
+/// A repository's identity (random, from the marker), recorded in every version 2 object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RepoId(pub [u8; REPO_ID_LEN]);
+
+impl RepoId {
+    /// A new random id, for a new repository.
+    pub fn random() -> Self {
+        RepoId(rand::random())
+    }
+
+    /// Parses the 32 hex digits the marker stores.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let bytes = hex::decode(text).ok()?;
+        Some(RepoId(bytes.try_into().ok()?))
+    }
+
+    /// Lower-case hex, as the marker stores it and messages show it.
+    pub fn to_hex(self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl std::fmt::Display for RepoId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// What a version 2 object is: the key it was written for, in the repository of this id.
+/// Readers compare it with the key they asked for and the repository they opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// The repository the object was written into.
+    pub repo_id: RepoId,
+    /// The key the object was written under.
+    pub key: String,
+}
+
+/// The digest a version 2 trailer records: SHA-256 over a domain tag, the binding and the
+/// SHA-256 of the original bytes.
+///
+/// Why nested: the content hash is never stored in the clear, so someone who can write to
+/// the bucket but cannot decrypt an object cannot compute the digest the same content
+/// would have under another key or repository (the outer hash needs the inner one, which
+/// needs the plaintext). A plain `SHA-256(content || binding)` would not do: a trailer's
+/// hash could be length-extended over an appended frame.
+pub fn bound_digest(content_sha256: &[u8; 32], binding: &Binding) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(BINDING_DOMAIN);
+    h.update(binding.repo_id.0);
+    h.update((binding.key.len() as u16).to_le_bytes());
+    h.update(binding.key.as_bytes());
+    h.update(content_sha256);
+    h.finalize().into()
+}
+
 /// The decoded object header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -154,12 +226,18 @@ pub struct Header {
     pub frame_size: u32,
     /// SHA-256 fingerprints of the age recipients' public keys.
     pub recipients: Vec<[u8; FINGERPRINT_LEN]>,
+    /// Version 2: the key and repository the object was written for; `None` in version 1.
+    pub binding: Option<Binding>,
 }
 
 impl Header {
     /// Encoded length of this header.
     pub fn encoded_len(&self) -> usize {
-        HEADER_FIXED_LEN + FINGERPRINT_LEN * self.recipients.len() + 4
+        let binding = self
+            .binding
+            .as_ref()
+            .map_or(0, |b| BINDING_FIXED_LEN + b.key.len());
+        HEADER_FIXED_LEN + FINGERPRINT_LEN * self.recipients.len() + binding + 4
     }
 
     /// Serialises the header.
@@ -178,6 +256,11 @@ impl Header {
         out.extend_from_slice(&(self.recipients.len() as u16).to_le_bytes());
         for r in &self.recipients {
             out.extend_from_slice(r);
+        }
+        if let Some(b) = &self.binding {
+            out.extend_from_slice(&b.repo_id.0);
+            out.extend_from_slice(&(b.key.len() as u16).to_le_bytes());
+            out.extend_from_slice(b.key.as_bytes());
         }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
@@ -199,7 +282,7 @@ impl Header {
             return Err(magic_err(key, &buf[..8]));
         }
         let version = u16_at(buf, 8);
-        if version == 0 || version > FORMAT_VERSION {
+        if !(UNBOUND_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(StorageError::UnsupportedVersion {
                 key: key.to_owned(),
                 version,
@@ -207,12 +290,19 @@ impl Header {
             });
         }
         let len = u32_at(buf, 10) as usize;
-        let max = HEADER_FIXED_LEN + FINGERPRINT_LEN * MAX_RECIPIENTS + 4;
-        if !(HEADER_FIXED_LEN + 4..=max).contains(&len) {
+        let bound = version >= 2;
+        let (min, max) = if bound {
+            let min = HEADER_FIXED_LEN + BINDING_FIXED_LEN + 4;
+            (min, min + FINGERPRINT_LEN * MAX_RECIPIENTS + MAX_KEY_LEN)
+        } else {
+            let min = HEADER_FIXED_LEN + 4;
+            (min, min + FINGERPRINT_LEN * MAX_RECIPIENTS)
+        };
+        if !(min..=max).contains(&len) {
             return Err(StorageError::corrupt(
                 key,
                 "header length",
-                format!("{}..={max}", HEADER_FIXED_LEN + 4),
+                format!("{min}..={max}"),
                 len,
                 10,
             ));
@@ -232,15 +322,56 @@ impl Header {
             ));
         }
         let count = u16_at(buf, 30) as usize;
-        if len != HEADER_FIXED_LEN + FINGERPRINT_LEN * count + 4 {
-            return Err(StorageError::corrupt(
-                key,
-                "header recipient count",
-                (len - HEADER_FIXED_LEN - 4) / FINGERPRINT_LEN,
-                count,
-                30,
-            ));
-        }
+        let binding_at = HEADER_FIXED_LEN + FINGERPRINT_LEN * count;
+        let binding = if bound {
+            // Version 2: the recipients are followed by the repository id and the key.
+            if count > MAX_RECIPIENTS || binding_at + BINDING_FIXED_LEN + 4 > len {
+                return Err(StorageError::corrupt(
+                    key,
+                    "header recipient count",
+                    format!("at most {MAX_RECIPIENTS} fitting the header length {len}"),
+                    count,
+                    30,
+                ));
+            }
+            let mut id = [0u8; REPO_ID_LEN];
+            id.copy_from_slice(&buf[binding_at..binding_at + REPO_ID_LEN]);
+            let key_len = u16_at(buf, binding_at + REPO_ID_LEN) as usize;
+            let key_at = binding_at + BINDING_FIXED_LEN;
+            if key_len > MAX_KEY_LEN || key_at + key_len + 4 != len {
+                return Err(StorageError::corrupt(
+                    key,
+                    "header key length",
+                    len.saturating_sub(key_at + 4),
+                    key_len,
+                    (binding_at + REPO_ID_LEN) as u64,
+                ));
+            }
+            let bound_key = std::str::from_utf8(&buf[key_at..key_at + key_len]).map_err(|_| {
+                StorageError::corrupt(
+                    key,
+                    "header key",
+                    "UTF-8 text",
+                    "other bytes",
+                    key_at as u64,
+                )
+            })?;
+            Some(Binding {
+                repo_id: RepoId(id),
+                key: bound_key.to_owned(),
+            })
+        } else {
+            if len != binding_at + 4 {
+                return Err(StorageError::corrupt(
+                    key,
+                    "header recipient count",
+                    (len - HEADER_FIXED_LEN - 4) / FINGERPRINT_LEN,
+                    count,
+                    30,
+                ));
+            }
+            None
+        };
         let codec = match buf[15] {
             0 => Codec::None,
             1 => Codec::Zstd,
@@ -284,6 +415,7 @@ impl Header {
                 original_len,
                 frame_size,
                 recipients,
+                binding,
             },
             len,
         )))
@@ -478,7 +610,65 @@ mod tests {
             original_len: Some(16 << 20),
             frame_size: 1 << 20,
             recipients: vec![[7u8; 32], [9u8; 32]],
+            binding: None,
         };
+        round_trip(&h);
+        let h2 = Header {
+            version: 2,
+            binding: Some(Binding {
+                repo_id: RepoId([3; 16]),
+                key: "postgres/wal/00000001/000000010000000000000003".into(),
+            }),
+            ..h.clone()
+        };
+        round_trip(&h2);
+        let h3 = Header {
+            recipients: vec![],
+            ..h2.clone()
+        };
+        round_trip(&h3);
+    }
+
+    #[test]
+    fn bound_digest_depends_on_key_repository_and_content() {
+        let b = |id: u8, key: &str| Binding {
+            repo_id: RepoId([id; 16]),
+            key: key.into(),
+        };
+        let d = bound_digest(&[1; 32], &b(1, "a"));
+        assert_ne!(d, bound_digest(&[1; 32], &b(1, "b")));
+        assert_ne!(d, bound_digest(&[1; 32], &b(2, "a")));
+        assert_ne!(d, bound_digest(&[2; 32], &b(1, "a")));
+        assert_eq!(d, bound_digest(&[1; 32], &b(1, "a")));
+    }
+
+    #[test]
+    fn v2_header_refuses_bad_key_length() {
+        let h = Header {
+            version: 2,
+            kind: ContentKind::Other,
+            codec: Codec::None,
+            encrypted: false,
+            original_len: None,
+            frame_size: 1 << 20,
+            recipients: vec![],
+            binding: Some(Binding {
+                repo_id: RepoId([0; 16]),
+                key: "abc".into(),
+            }),
+        };
+        let mut bytes = h.encode();
+        // Claim a longer key than the header holds, then fix the CRC.
+        let at = HEADER_FIXED_LEN + REPO_ID_LEN;
+        bytes[at] = 9;
+        let n = bytes.len();
+        let crc = crc32c::crc32c(&bytes[..n - 4]);
+        bytes[n - 4..].copy_from_slice(&crc.to_le_bytes());
+        let err = Header::parse("k", &bytes).unwrap_err().to_string();
+        assert!(err.contains("header key length"), "{err}");
+    }
+
+    fn round_trip(h: &Header) {
         let bytes = h.encode();
         assert_eq!(bytes.len(), h.encoded_len());
         for cut in 0..bytes.len() {
@@ -488,7 +678,7 @@ mod tests {
             );
         }
         let (parsed, len) = Header::parse("k", &bytes).unwrap().unwrap();
-        assert_eq!(parsed, h);
+        assert_eq!(&parsed, h);
         assert_eq!(len, bytes.len());
         let mut bad = bytes.clone();
         bad[20] ^= 1;

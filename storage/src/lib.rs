@@ -62,6 +62,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod binding;
 pub mod error;
 pub mod format;
 mod frame;
@@ -75,7 +76,7 @@ mod writer;
 
 pub use backend::{ObjectMeta, RetryPolicy};
 pub use error::{Result, StorageError};
-pub use format::ContentKind;
+pub use format::{Binding, ContentKind, RepoId};
 pub use layout::RepoKey;
 pub use marker::{EncryptionInfo, MarkerInit, RepoKind, RepoMarker};
 pub use reader::ObjectReader;

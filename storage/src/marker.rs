@@ -7,10 +7,16 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::binding::RepoContext;
 use crate::error::{Result, StorageError};
-use crate::format::{ContentKind, FORMAT_VERSION};
+use crate::format::{Binding, ContentKind, RepoId, FORMAT_VERSION};
 use crate::layout;
 use crate::repo::Repository;
+use crate::writer::ObjectWriter;
 use crate::PutMode;
 
 /// What kind of server the repository backs up.
@@ -39,6 +45,11 @@ pub struct RepoMarker {
     pub kind: RepoKind,
     /// Container format version of the repository.
     pub format_version: u16,
+    /// The repository's id (32 hex digits), bound into every object's header so an object
+    /// copied from another repository is refused. Absent in repositories created by
+    /// format version 1 builds (see `binding` for how those are read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_id: Option<String>,
     /// PostgreSQL `system_identifier` (IDENTIFY_SYSTEM), as decimal text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_identifier: Option<String>,
@@ -56,6 +67,7 @@ impl RepoMarker {
         RepoMarker {
             kind,
             format_version: FORMAT_VERSION,
+            repository_id: None,
             system_identifier: None,
             replication_id: None,
             encryption: None,
@@ -91,22 +103,85 @@ impl Repository {
 
     /// Reads the marker; `Ok(None)` if the repository has none yet.
     pub async fn read_marker(&self) -> Result<Option<RepoMarker>> {
+        Ok(self.read_marker_bytes().await?.map(|(m, _)| m))
+    }
+
+    /// The marker and its stored JSON (from which an old repository's id is derived).
+    async fn read_marker_bytes(&self) -> Result<Option<(RepoMarker, Bytes)>> {
         let key = layout::marker();
-        let data = match self.get_unencrypted(&key).await {
-            Ok(d) => d,
+        let plain = self.without_encryption();
+        let mut reader = match plain.reader(&key).await {
+            Ok(r) => r,
             Err(e) if e.is_not_found() => return Ok(None),
             // A local repository directory that does not exist yet: a new repository.
             Err(StorageError::RepositoryMissing { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        serde_json::from_slice(&data)
-            .map(Some)
-            .map_err(|e| StorageError::corrupt(&key, "marker JSON", "a repository marker", e, 0))
+        let header = reader.header().clone();
+        let mut data = Vec::new();
+        while let Some(chunk) = reader.next_chunk().await? {
+            data.extend_from_slice(&chunk);
+        }
+        let marker: RepoMarker = serde_json::from_slice(&data)
+            .map_err(|e| StorageError::corrupt(&key, "marker JSON", "a repository marker", e, 0))?;
+        if let Some(id) = &marker.repository_id {
+            let id = RepoId::from_hex(id).ok_or_else(|| {
+                StorageError::corrupt(&key, "marker repository_id", "32 hex digits", id, 0)
+            })?;
+            if let Some(b) = &header.binding {
+                if b.repo_id != id {
+                    return Err(StorageError::corrupt(
+                        &key,
+                        "marker header repository id",
+                        id,
+                        b.repo_id,
+                        0,
+                    ));
+                }
+            }
+        }
+        Ok(Some((marker, Bytes::from(data))))
     }
 
-    async fn get_unencrypted(&self, key: &layout::RepoKey) -> Result<Bytes> {
-        // The marker is written without encryption even in encrypted repositories.
-        self.without_encryption().get(key).await
+    /// What every object of this repository must be, read from the marker once per
+    /// `Repository` (see `binding`).
+    ///
+    /// Boxed: reading the marker goes through the object reader, which asks for the
+    /// context of every other key.
+    pub(crate) fn context(&self) -> futures::future::BoxFuture<'_, Result<Arc<RepoContext>>> {
+        Box::pin(async move {
+            if let Some(ctx) = self.cached_context() {
+                return Ok(ctx);
+            }
+            let ctx = match self.read_marker_bytes().await? {
+                Some((marker, json)) => Arc::new(context_of(&marker, &json)?),
+                None => Arc::new(RepoContext::unmarked()),
+            };
+            self.set_context(ctx.clone());
+            Ok(ctx)
+        })
+    }
+
+    fn cached_context(&self) -> Option<Arc<RepoContext>> {
+        self.inner
+            .context
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_context(&self, ctx: Arc<RepoContext>) {
+        *self
+            .inner
+            .context
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(ctx);
+    }
+
+    /// The repository's id: from the marker, derived from an old marker's bytes, or the
+    /// all-zero id while there is no marker.
+    pub async fn repository_id(&self) -> Result<RepoId> {
+        Ok(self.context().await?.repo_id)
     }
 
     /// Writes the marker if there is none (create-new, never overwriting) and returns what
@@ -117,7 +192,11 @@ impl Repository {
     pub async fn init_marker(&self, marker: &RepoMarker) -> Result<MarkerInit> {
         let mut marker = marker.clone();
         marker.encryption = self.encryption_info();
-        if let Some(existing) = self.read_marker().await? {
+        let id = RepoId::random();
+        marker.repository_id = Some(id.to_hex());
+        marker.format_version = FORMAT_VERSION;
+        if let Some((existing, json)) = self.read_marker_bytes().await? {
+            self.set_context(Arc::new(context_of(&existing, &json)?));
             return self.check_encryption(existing).map(MarkerInit::Existing);
         }
         let json = serde_json::to_vec_pretty(&marker).map_err(|e| StorageError::Encode {
@@ -125,23 +204,41 @@ impl Repository {
             reason: e.to_string(),
         })?;
         let plain = self.without_encryption();
-        match plain
-            .put(
-                &layout::marker(),
+        let key = layout::marker();
+        let written = async {
+            let binding = Binding {
+                repo_id: id,
+                key: key.as_str().to_owned(),
+            };
+            let len = Some(json.len() as u64);
+            let mut w = ObjectWriter::new(
+                plain.inner.clone(),
+                key.clone(),
                 ContentKind::Marker,
-                Bytes::from(json),
                 PutMode::CreateNew,
-            )
-            .await
-        {
-            Ok(_) => Ok(MarkerInit::Created(marker)),
+                len,
+                binding,
+            )?;
+            w.write(Bytes::from(json)).await?;
+            w.finish().await
+        };
+        match written.await {
+            Ok(_) => {
+                self.set_context(Arc::new(RepoContext {
+                    repo_id: id,
+                    encrypted: marker.encryption.is_some(),
+                    bound_only: true,
+                }));
+                Ok(MarkerInit::Created(marker))
+            }
             Err(StorageError::AlreadyExists { .. }) => {
-                let existing = self
-                    .read_marker()
-                    .await?
-                    .ok_or_else(|| StorageError::NotFound {
-                        key: layout::marker().to_string(),
-                    })?;
+                let (existing, json) =
+                    self.read_marker_bytes()
+                        .await?
+                        .ok_or_else(|| StorageError::NotFound {
+                            key: key.to_string(),
+                        })?;
+                self.set_context(Arc::new(context_of(&existing, &json)?));
                 self.check_encryption(existing).map(MarkerInit::Existing)
             }
             Err(e) => Err(e),
@@ -165,14 +262,50 @@ impl Repository {
     }
 
     fn without_encryption(&self) -> Repository {
+        let mut inner = crate::repo::RepoInner::new(
+            self.inner.backend.clone(),
+            self.inner.url.clone(),
+            self.inner.opts.clone(),
+            Arc::new(Default::default()),
+        );
+        inner.cpu = self.inner.cpu.clone();
         Repository {
-            inner: std::sync::Arc::new(crate::repo::RepoInner {
-                backend: self.inner.backend.clone(),
-                url: self.inner.url.clone(),
-                opts: self.inner.opts.clone(),
-                keys: std::sync::Arc::new(Default::default()),
-                cpu: self.inner.cpu.clone(),
-            }),
+            inner: Arc::new(inner),
+        }
+    }
+}
+
+/// The context a marker defines. A marker without an id (written by a format version 1
+/// build) gets one derived from its stored bytes, and its repository keeps accepting
+/// unbound objects.
+fn context_of(marker: &RepoMarker, json: &[u8]) -> Result<RepoContext> {
+    let encrypted = marker.encryption.is_some();
+    match &marker.repository_id {
+        Some(text) => {
+            let repo_id = RepoId::from_hex(text).ok_or_else(|| {
+                StorageError::corrupt(
+                    layout::marker(),
+                    "marker repository_id",
+                    "32 hex digits",
+                    text,
+                    0,
+                )
+            })?;
+            Ok(RepoContext {
+                repo_id,
+                encrypted,
+                bound_only: true,
+            })
+        }
+        None => {
+            let digest = Sha256::digest(json);
+            let mut id = [0u8; 16];
+            id.copy_from_slice(&digest[..16]);
+            Ok(RepoContext {
+                repo_id: RepoId(id),
+                encrypted,
+                bound_only: false,
+            })
         }
     }
 }

@@ -19,9 +19,11 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::backend::ByteStream;
+use crate::binding;
 use crate::error::{Result, StorageError};
 use crate::format::{
-    FrameHeader, Header, Trailer, FRAME_AGE, FRAME_HEADER_LEN, FRAME_TAG, TRAILER_LEN, TRAILER_TAG,
+    bound_digest, FrameHeader, Header, Trailer, FRAME_AGE, FRAME_HEADER_LEN, FRAME_TAG,
+    TRAILER_LEN, TRAILER_TAG,
 };
 use crate::frame::{decode_frame, fingerprint, short_fingerprint, DecodeError, HashChain};
 use crate::layout::RepoKey;
@@ -119,6 +121,15 @@ pub struct ObjectReader {
 
 impl ObjectReader {
     pub(crate) async fn open(repo: Arc<RepoInner>, key: RepoKey, mode: ReadMode) -> Result<Self> {
+        // The marker defines the context; every other object is checked against it.
+        let context = if binding::is_marker(&key) {
+            None
+        } else {
+            let r = crate::repo::Repository {
+                inner: repo.clone(),
+            };
+            Some(r.context().await?)
+        };
         let mut src = Source::open(repo.clone(), key.clone()).await?;
         let mut buf = BytesMut::new();
         let (header, hlen) = loop {
@@ -138,6 +149,10 @@ impl ObjectReader {
                 }
             }
         };
+        match &context {
+            Some(ctx) => ctx.check(&key, &header)?,
+            None => binding::check_key(&key, &header)?,
+        }
         let decode = mode == ReadMode::Plaintext || !header.encrypted;
         if header.encrypted && decode {
             check_identity(&repo, &key, &header)?;
@@ -471,6 +486,7 @@ impl Job {
                         stored_crc32c: t.stored_crc,
                         frames,
                         encrypted: self.header.encrypted,
+                        binding: self.header.binding.clone(),
                     });
                     if let Some(last) = self.held.take() {
                         let _ = self.tx.send(Ok(last)).await;
@@ -535,10 +551,17 @@ impl Job {
             let sha = self.chain.finish(frames).ok_or_else(|| {
                 StorageError::corrupt(k, "sha256", "all frames hashed", "incomplete", at)
             })?;
+            let (sha, check) = match &self.header.binding {
+                Some(b) => (
+                    bound_digest(&sha, b),
+                    "sha256 of key, repository and content",
+                ),
+                None => (sha, "sha256 of original bytes"),
+            };
             if sha != t.sha256 {
                 return Err(StorageError::corrupt(
                     k,
-                    "sha256 of original bytes",
+                    check,
                     hex::encode(t.sha256),
                     hex::encode(sha),
                     at,

@@ -9,8 +9,9 @@ use object_store::{Attribute, Attributes, ClientOptions, ObjectStore};
 use tokio::sync::Semaphore;
 
 use crate::backend::{Backend, LocalBackend, ObjectMeta, RetryPolicy, StoreBackend};
+use crate::binding::{self, RepoContext};
 use crate::error::{Result, StorageError};
-use crate::format::{ContentKind, Header, Trailer, TRAILER_LEN};
+use crate::format::{bound_digest, Binding, ContentKind, Header, Trailer, TRAILER_LEN};
 use crate::frame::{short_fingerprint, Keys};
 use crate::layout::RepoKey;
 use crate::reader::{ObjectReader, ReadMode};
@@ -102,7 +103,10 @@ pub struct ObjectInfo {
     pub original_len: u64,
     /// Bytes in the store.
     pub stored_len: u64,
-    /// SHA-256 of the original bytes, as recorded in the trailer.
+    /// The digest recorded in the trailer: in format version 2 the SHA-256 over the
+    /// binding and the SHA-256 of the original bytes (`format::bound_digest`); in version 1
+    /// the SHA-256 of the original bytes. Use [`ObjectInfo::matches_content`] to compare
+    /// with bytes about to be written.
     pub sha256: [u8; 32],
     /// CRC32C of the stored bytes before the trailer.
     pub stored_crc32c: u32,
@@ -110,9 +114,20 @@ pub struct ObjectInfo {
     pub frames: u64,
     /// Whether the frames are age-encrypted.
     pub encrypted: bool,
+    /// The key and repository the object was written for (format version 2).
+    pub binding: Option<Binding>,
 }
 
 impl ObjectInfo {
+    /// Whether this object holds exactly the bytes whose SHA-256 is `content_sha256`.
+    pub fn matches_content(&self, content_sha256: &[u8; 32], original_len: u64) -> bool {
+        let digest = match &self.binding {
+            Some(b) => bound_digest(content_sha256, b),
+            None => *content_sha256,
+        };
+        digest == self.sha256 && original_len == self.original_len
+    }
+
     /// The SHA-256 as lower-case hex.
     pub fn sha256_hex(&self) -> String {
         hex::encode(self.sha256)
@@ -126,6 +141,21 @@ pub(crate) struct RepoInner {
     pub keys: Arc<Keys>,
     /// Repository-wide cap on CPU-bound frame jobs.
     pub cpu: Arc<Semaphore>,
+    /// What every object must be (from the marker), learnt on first use.
+    pub context: std::sync::RwLock<Option<Arc<RepoContext>>>,
+}
+
+impl RepoInner {
+    pub(crate) fn new(backend: Backend, url: String, opts: RepoOptions, keys: Arc<Keys>) -> Self {
+        RepoInner {
+            backend,
+            url,
+            cpu: Arc::new(Semaphore::new(opts.workers)),
+            opts,
+            keys,
+            context: Default::default(),
+        }
+    }
 }
 
 /// A repository: cheap to clone, safe to share between tasks.
@@ -168,13 +198,7 @@ impl Repository {
             identities: opts.identities.clone(),
         });
         Ok(Repository {
-            inner: Arc::new(RepoInner {
-                backend,
-                url: redact(url),
-                cpu: Arc::new(Semaphore::new(opts.workers)),
-                opts,
-                keys,
-            }),
+            inner: Arc::new(RepoInner::new(backend, redact(url), opts, keys)),
         })
     }
 
@@ -201,13 +225,7 @@ impl Repository {
             identities: opts.identities.clone(),
         });
         Ok(Repository {
-            inner: Arc::new(RepoInner {
-                backend,
-                url: description.to_owned(),
-                cpu: Arc::new(Semaphore::new(opts.workers)),
-                opts,
-                keys,
-            }),
+            inner: Arc::new(RepoInner::new(backend, description.to_owned(), opts, keys)),
         })
     }
 
@@ -267,7 +285,14 @@ impl Repository {
                 reason: "the repository root is not an object".into(),
             });
         }
-        ObjectWriter::new(self.inner.clone(), key.clone(), kind, mode, len)
+        if key.as_str().len() > crate::format::MAX_KEY_LEN {
+            return Err(StorageError::InvalidKey {
+                key: key.to_string(),
+                reason: format!("longer than {} bytes", crate::format::MAX_KEY_LEN),
+            });
+        }
+        let binding = self.context().await?.binding_for(key);
+        ObjectWriter::new(self.inner.clone(), key.clone(), kind, mode, len, binding)
     }
 
     /// Reads and fully verifies a whole object into memory. For large objects use `reader`.
@@ -353,6 +378,11 @@ impl Repository {
         let t_off = size - TRAILER_LEN as u64;
         let tail = policy.run(|_| b.get_range(key, t_off..size)).await?;
         let trailer = Trailer::parse(k, &tail, t_off)?;
+        if binding::is_marker(key) {
+            binding::check_key(key, &header)?;
+        } else {
+            self.context().await?.check(key, &header)?;
+        }
         Ok(ObjectInfo {
             key: key.clone(),
             kind: header.kind,
@@ -362,6 +392,7 @@ impl Repository {
             stored_crc32c: trailer.stored_crc,
             frames: trailer.frame_count,
             encrypted: header.encrypted,
+            binding: header.binding,
         })
     }
 

@@ -30,7 +30,7 @@ use crate::workers::WorkQueue;
 
 use crate::backend::Upload;
 use crate::error::{Result, StorageError};
-use crate::format::{Codec, ContentKind, Header, Trailer, FORMAT_VERSION};
+use crate::format::{bound_digest, Binding, Codec, ContentKind, Header, Trailer, FORMAT_VERSION};
 use crate::frame::{encode_frame, EncodedFrame, HashChain};
 use crate::layout::RepoKey;
 use crate::repo::{ObjectInfo, RepoInner};
@@ -210,6 +210,8 @@ pub struct ObjectWriter {
     parts_sent: u32,
     /// Records of every frame so far, when the caller wants an `EncodedPrefix` back.
     kept: Option<Vec<Bytes>>,
+    /// The key and repository the object is bound to (header and trailer digest).
+    binding: Binding,
     state: State,
 }
 
@@ -220,6 +222,7 @@ impl ObjectWriter {
         kind: ContentKind,
         mode: PutMode,
         expected_len: Option<u64>,
+        binding: Binding,
     ) -> Result<Self> {
         let opts = &repo.opts;
         let header = Header {
@@ -234,6 +237,7 @@ impl ObjectWriter {
             original_len: expected_len,
             frame_size: opts.frame_size as u32,
             recipients: repo.keys.recipient_fingerprints(),
+            binding: Some(binding.clone()),
         }
         .encode();
         let part_size = initial_part_size(expected_len, opts.part_size);
@@ -262,6 +266,7 @@ impl ObjectWriter {
             uploads: FuturesUnordered::new(),
             parts_sent: 0,
             kept: None,
+            binding,
             state: State::Open,
         })
     }
@@ -572,13 +577,14 @@ impl ObjectWriter {
                 });
             }
         }
-        let sha256 = self
-            .chain
-            .finish(self.frames)
-            .ok_or_else(|| StorageError::Encode {
-                key: self.key.to_string(),
-                reason: "frame hashing did not complete".into(),
-            })?;
+        let content_sha256 =
+            self.chain
+                .finish(self.frames)
+                .ok_or_else(|| StorageError::Encode {
+                    key: self.key.to_string(),
+                    reason: "frame hashing did not complete".into(),
+                })?;
+        let sha256 = bound_digest(&content_sha256, &self.binding);
         let trailer = Trailer {
             frame_count: self.frames,
             original_len: self.original_len,
@@ -594,6 +600,7 @@ impl ObjectWriter {
             stored_crc32c: self.stored_crc,
             frames: self.frames,
             encrypted: self.encrypted,
+            binding: Some(self.binding.clone()),
         };
         let trailer = Bytes::copy_from_slice(&trailer.encode());
         if self.upload.is_none() && self.part.len() + trailer.len() <= self.part_size {

@@ -51,6 +51,11 @@ async fn fixture() -> Fixture {
     }
 }
 
+/// The stored header length (offset 10), which depends on the recipients and the key.
+fn header_len(object: &[u8]) -> usize {
+    u32::from_le_bytes([object[10], object[11], object[12], object[13]]) as usize
+}
+
 /// Reads the object through the stream reader; returns the error and the bytes released.
 async fn read_err(f: &Fixture) -> (StorageError, usize) {
     let mut released = 0;
@@ -110,7 +115,7 @@ async fn flipped_header_byte() {
 #[tokio::test]
 async fn flipped_body_byte_is_located() {
     let f = fixture().await;
-    let header_len = 36;
+    let header_len = header_len(&f.pristine);
     // Inside the first frame's header, then inside its payload, then in a later frame.
     for (at, check) in [
         (header_len + 5, "frame header crc32c"),
@@ -191,7 +196,7 @@ async fn reordered_frames_are_detected() {
     let rec = |at: usize| -> usize {
         20 + u32::from_le_bytes([b[at + 4], b[at + 5], b[at + 6], b[at + 7]]) as usize
     };
-    let first = 36;
+    let first = header_len(&b);
     let l1 = rec(first);
     let second = first + l1;
     let l2 = rec(second);

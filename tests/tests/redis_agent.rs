@@ -749,7 +749,7 @@ fn verify_proves_generations_and_names_a_missing_chunk() {
         &[],
     );
     assert!(
-        !out.status.success() && text(&out).contains("gap after offset"),
+        !out.status.success() && text(&out).contains("gap before it"),
         "{}",
         text(&out)
     );

@@ -253,6 +253,10 @@ async fn marker_create_then_existing(repo: &Repository) {
     m.system_identifier = Some("7300000000000000001".into());
     let first = repo.init_marker(&m).await.unwrap();
     assert!(matches!(first, MarkerInit::Created(_)), "{first:?}");
+    // A new repository gets a random id, recorded in the marker (format v2 binds every
+    // object to it).
+    let id = first.marker().repository_id.clone().unwrap();
+    assert_eq!(id, repo.repository_id().await.unwrap().to_hex());
     let mut other = m.clone();
     other.system_identifier = Some("42".into());
     let second = repo.init_marker(&other).await.unwrap();

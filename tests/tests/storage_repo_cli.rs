@@ -339,3 +339,121 @@ mod serde_json_like {
         }
     }
 }
+
+/// Issue 11, cases 1, 2 and 5 at the repository level: `repo check` fails on two swapped
+/// objects, on an object copied from another repository, and (encrypted repository) on a
+/// plaintext object put there by someone without the key; `repo cat` refuses each, naming
+/// the object and what it is instead.
+#[tokio::test]
+async fn repo_check_refuses_swapped_foreign_and_plaintext_objects() {
+    let seg = |n: &str| layout::wal_segment(&layout::WalSegmentName::parse(n).unwrap());
+    let (a, b) = (
+        seg("000000010000000000000006"),
+        seg("000000010000000000000007"),
+    );
+    let put = |repo: Repository, key: storage::RepoKey, fill: u8| async move {
+        repo.put(
+            &key,
+            ContentKind::WalSegment,
+            Bytes::from(vec![fill; 70_000]),
+            PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
+    };
+    let check = |url: &str, extra: &[&str]| {
+        let mut args = vec!["repo", "check", "--repo", url];
+        args.extend_from_slice(extra);
+        agent(&args, &[])
+    };
+
+    // Swapped: each object is intact, but under the other's key.
+    let dir = TempRepo::new();
+    let url = dir.url();
+    let out = agent(&["repo", "init", "--repo", &url, "--kind", "postgres"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let repo = Repository::open(&url, RepoOptions::default()).unwrap();
+    put(repo.clone(), a.clone(), 6).await;
+    put(repo.clone(), b.clone(), 7).await;
+    assert!(check(&url, &[]).status.success());
+    let (pa, pb) = (dir.path().join(a.as_str()), dir.path().join(b.as_str()));
+    let (ba, bb) = (std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
+    std::fs::write(&pa, &bb).unwrap();
+    std::fs::write(&pb, &ba).unwrap();
+    let out = check(&url, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let failed: Vec<_> = stdout.lines().filter(|l| l.starts_with("FAILED")).collect();
+    assert_eq!(failed.len(), 2, "{stdout}");
+    assert!(
+        failed
+            .iter()
+            .any(|l| l.contains(a.as_str()) && l.contains(&format!("written for {b}"))),
+        "{stdout}"
+    );
+    let out = agent(&["repo", "cat", "--repo", &url, a.as_str()], &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        out.stdout.is_empty(),
+        "no byte of the wrong object is served"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("written for {b}")),
+        "{}",
+        text(&out)
+    );
+
+    // Foreign: a valid object of another repository under this repository's key.
+    let other_dir = TempRepo::new();
+    let other_url = other_dir.url();
+    let out = agent(
+        &["repo", "init", "--repo", &other_url, "--kind", "postgres"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let other = Repository::open(&other_url, RepoOptions::default()).unwrap();
+    let c = seg("000000010000000000000008");
+    put(other.clone(), c.clone(), 8).await;
+    let pc = dir.path().join(c.as_str());
+    std::fs::copy(other_dir.path().join(c.as_str()), &pc).unwrap();
+    let out = check(&url, &[c.as_str()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.contains("FAILED") && stdout.contains("copied from another repository"),
+        "{stdout}"
+    );
+
+    // Plaintext in an encrypted repository: refused with or without the identity.
+    let enc_dir = TempRepo::new();
+    let enc_url = enc_dir.url();
+    let id = generate_identity();
+    let id_file = enc_dir.path().join(".identity");
+    std::fs::write(&id_file, identity_to_string(&id)).unwrap();
+    let recipient = id.to_public().to_string();
+    let out = agent(
+        &[
+            "repo",
+            "init",
+            "--repo",
+            &enc_url,
+            "--kind",
+            "postgres",
+            "--recipient",
+            &recipient,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let intruder = Repository::open(&enc_url, RepoOptions::default()).unwrap();
+    put(intruder, a.clone(), 66).await;
+    for extra in [vec![], vec!["--identity", id_file.to_str().unwrap()]] {
+        let out = check(&enc_url, &extra);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            stdout.contains(a.as_str()) && stdout.contains("not encrypted, but the repository is"),
+            "{stdout}"
+        );
+    }
+}

@@ -123,7 +123,7 @@ pub async fn put_immutable(
                 .info(key)
                 .await
                 .with_context(|| format!("reading the existing {key}"))?;
-            if theirs.sha256 == ours && theirs.original_len == len {
+            if theirs.matches_content(&ours, len) {
                 tracing::debug!(%key, "already in the repository with identical content");
                 return Ok(());
             }

@@ -34,7 +34,6 @@ use super::backup_chunks::Chunker;
 use super::backup_progress::{human, Progress};
 use super::cli::{RepoArgs, SourceArgs};
 use super::conn::{ConnectMode, CopyMessage, PgConnection, QueryResult};
-use super::conninfo::ConnInfo;
 
 /// Largest server `backup_manifest` we buffer (about 200 bytes per file).
 const MAX_SERVER_MANIFEST: usize = 1 << 30;
@@ -61,8 +60,9 @@ pub struct BackupArgs {
     /// LSN to reach the repository (written by `postgres stream`), counted from the last
     /// time the archived WAL advanced. Without it the backup is not restorable and is left
     /// incomplete.
-    #[arg(long, default_value_t = 300)]
-    wal_timeout_secs: u64,
+    /// (`--wal-timeout-secs N` is the same in seconds.)
+    #[arg(long, alias = "wal-timeout-secs", default_value = "5m", value_parser = crate::util::duration::parse_duration, value_name = "DURATION")]
+    wal_timeout: Duration,
     /// zstd level for the data objects: 1 is fastest, 3 (the repository default) a little
     /// smaller, up to 19 for archives that are written once and kept long.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
@@ -71,13 +71,12 @@ pub struct BackupArgs {
 
 /// Runs `postgres backup`.
 pub async fn run(args: BackupArgs) -> Result<ExitCode> {
-    let info = ConnInfo::parse(&args.source.source).context("reading --source")?;
+    let info = args.source.conninfo()?;
     let opts = RepoOptions {
         compression_level: Some(args.compress_level),
-        ..RepoOptions::from_env().context("reading SYNCBRIDGE_RECIPIENTS / SYNCBRIDGE_IDENTITY")?
+        ..args.repo.options()?
     };
-    let repo = Repository::open(&args.repo.repo, opts)
-        .with_context(|| format!("opening the repository {}", redact(&args.repo.repo)))?;
+    let repo = args.repo.open_with(opts)?;
     let started = Instant::now();
     let start_time = chrono::Utc::now();
 
@@ -208,7 +207,7 @@ pub async fn run(args: BackupArgs) -> Result<ExitCode> {
         start.lsn,
         stop.lsn,
         seg_size,
-        Duration::from_secs(args.wal_timeout_secs),
+        args.wal_timeout,
         &id,
     )
     .await?;
@@ -283,10 +282,6 @@ pub fn base_backup_command(major: u32, label: &str, spread: bool) -> String {
             if spread { "" } else { "FAST " }
         )
     }
-}
-
-fn redact(url: &str) -> &str {
-    url.split('?').next().unwrap_or(url)
 }
 
 /// Refuses a repository of another cluster; creates the marker for a new one.

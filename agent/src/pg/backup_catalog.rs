@@ -229,12 +229,8 @@ impl BackupManifest {
     }
 }
 
-/// Parses an RFC 3339 time into UTC.
-pub fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>> {
-    Ok(chrono::DateTime::parse_from_rfc3339(text)
-        .with_context(|| format!("{text:?} is not an RFC 3339 time"))?
-        .with_timezone(&chrono::Utc))
-}
+/// Parses a time (the one syntax of [`crate::util::time`]) into UTC.
+pub use crate::util::time::parse_time;
 
 /// Formats a time the way manifests store it (microseconds, UTC).
 pub fn format_time(t: chrono::DateTime<chrono::Utc>) -> String {

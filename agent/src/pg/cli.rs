@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 
 use super::conn::{ConnectMode, PgConnection};
 use super::conninfo::{ConnInfo, TargetSessionAttrs};
+use crate::util::duration::parse_duration;
 use wire::pg::WalSegmentSize;
 
 /// PostgreSQL: WAL streaming, `restore_command` support, connection checks.
@@ -40,9 +41,12 @@ enum PostgresCommand {
     /// --repo URL %f %p'`. Writes the WAL segment or history file atomically to %p. Exit 1
     /// only when it is not in the repository (recovery ends there); storage errors are
     /// retried, then, like a corrupt object, exit 200 (> 125) so PostgreSQL stops with FATAL
-    /// instead of ending recovery early. The newest partial of a timeline is served as its
-    /// last segment. The next --prefetch segments are downloaded in the background into
-    /// .syncbridge-prefetch/ beside %p.
+    /// instead of ending recovery early. So does WAL that is not what its name says: a
+    /// segment of the wrong length or whose first page header belongs to another position,
+    /// cluster, PostgreSQL version, segment size or a later timeline, or a history file of
+    /// another timeline (the message names the segment and the field). The newest partial
+    /// of a timeline is served as its last segment. The next --prefetch segments are
+    /// downloaded (and checked) in the background into .syncbridge-prefetch/ beside %p.
     WalFetch(WalFetchArgs),
     /// Background half of wal-fetch's prefetching (started by wal-fetch itself).
     #[command(hide = true)]
@@ -56,6 +60,14 @@ struct WalFetchArgs {
     /// Segments to download ahead in the background (0 disables).
     #[arg(long, default_value_t = 8)]
     prefetch: usize,
+    /// The cluster's wal_segment_size in bytes: a segment whose header says otherwise is
+    /// refused (without it, the segment's own header gives the size). `restore` sets it.
+    #[arg(long, value_name = "BYTES")]
+    segment_size: Option<u64>,
+    /// The cluster's PostgreSQL major version: WAL of another version is refused (without
+    /// it, WAL of any supported version, 14 to 18, is accepted). `restore` sets it.
+    #[arg(long, value_name = "MAJOR")]
+    pg_version: Option<u32>,
     /// %f: the file PostgreSQL asks for.
     file_name: String,
     /// %p: where to write it.
@@ -74,6 +86,8 @@ struct WalPrefetchArgs {
     segment_size: u64,
     #[arg(long)]
     count: usize,
+    #[arg(long)]
+    pg_version: Option<u32>,
 }
 
 pub use crate::cli::RepoArgs;
@@ -87,11 +101,12 @@ struct StreamArgs {
     /// Physical replication slot; created (with RESERVE_WAL) if missing.
     #[arg(long, default_value = "syncbridge")]
     slot: String,
-    /// Longest time received WAL may wait before it is in the repository (e.g. 1s, 500ms).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// Longest time received WAL may wait before it is in the repository (e.g. 1.5s,
+    /// 500ms).
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     max_lag: Duration,
     /// Longest time between status updates to the server.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     status_interval: Duration,
     /// Store WAL as soon as it arrives and report it at once, so that with this agent in
     /// synchronous_standby_names every commit waits until its WAL is in the repository.
@@ -109,33 +124,6 @@ struct StreamArgs {
     compression_level: i32,
 }
 
-/// Parses `500ms`, `1s`, `2m`, `1h` or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 1s, 2m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {text:?}: use ms, s, m or h"
-            ))
-        }
-    };
-    if !(secs > 0.0 && secs < 1e9) {
-        return Err(format!("duration {text:?} must be positive"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 /// Where to connect.
 #[derive(Debug, Args, Clone)]
 pub struct SourceArgs {
@@ -146,8 +134,25 @@ pub struct SourceArgs {
     /// `postgres://db1,db2/postgres`) are tried in order, each for at most connect_timeout
     /// (10 s when not set); with `target_session_attrs=read-write` the stream follows a
     /// failover.
-    #[arg(long, env = "SYNCBRIDGE_PG_SOURCE", default_value = "")]
+    #[arg(
+        long,
+        env = "SYNCBRIDGE_PG_SOURCE",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub source: String,
+}
+
+impl SourceArgs {
+    /// The parsed source; warns when its password is on the command line.
+    pub fn conninfo(&self) -> Result<ConnInfo> {
+        crate::util::redact::warn_password_on_command_line(
+            &self.source,
+            "SYNCBRIDGE_PG_SOURCE",
+            "a password file (PGPASSFILE or passfile=)",
+        );
+        ConnInfo::parse(&self.source).context("reading --source")
+    }
 }
 
 #[derive(Debug, Args)]
@@ -207,7 +212,19 @@ async fn check_each_server(info: &ConnInfo) -> bool {
 /// Runs a `postgres` sub-command.
 pub fn run(args: PostgresArgs) -> Result<ExitCode> {
     if let PostgresCommand::WalFetch(a) = &args.command {
-        if super::wal_fetch::serve_from_spool(&a.repo.repo, &a.file_name, &a.target, a.prefetch) {
+        if let Err(e) = a.repo.validate() {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(super::wal_fetch::EXIT_FATAL));
+        }
+        // The prefetcher it starts reads the keys from the environment.
+        a.repo.export_to_env();
+        if super::wal_fetch::serve_from_spool(
+            &a.repo.repo,
+            &a.file_name,
+            &a.target,
+            a.prefetch,
+            a.pg_version,
+        ) {
             return Ok(ExitCode::SUCCESS);
         }
     }
@@ -223,7 +240,7 @@ pub fn run(args: PostgresArgs) -> Result<ExitCode> {
 }
 
 async fn check(args: CheckArgs) -> Result<ExitCode> {
-    let info = ConnInfo::parse(&args.source.source).context("reading --source")?;
+    let info = args.source.conninfo()?;
     if !info.other_servers.is_empty() && !check_each_server(&info).await {
         return Ok(ExitCode::FAILURE);
     }
@@ -245,14 +262,12 @@ async fn check(args: CheckArgs) -> Result<ExitCode> {
 }
 
 async fn stream(args: StreamArgs) -> Result<ExitCode> {
-    let source = ConnInfo::parse(&args.source.source).context("reading --source")?;
+    let source = args.source.conninfo()?;
     let repo_opts = storage::RepoOptions {
         compression_level: Some(args.compression_level),
-        ..storage::RepoOptions::from_env()
-            .context("reading SYNCBRIDGE_RECIPIENTS / SYNCBRIDGE_IDENTITY")?
+        ..args.repo.options()?
     };
-    let repo = storage::Repository::open(&args.repo.repo, repo_opts)
-        .with_context(|| format!("opening repository {}", args.repo.repo))?;
+    let repo = args.repo.open_with(repo_opts)?;
     let slot = wire::pg::commands::SlotName::new(&args.slot)?;
     super::stream::run(super::stream::StreamOptions {
         source,
@@ -269,12 +284,17 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
 }
 
 async fn wal_fetch(args: WalFetchArgs) -> Result<ExitCode> {
-    let opened = storage::RepoOptions::from_env()
-        .and_then(|opts| storage::Repository::open(&args.repo.repo, opts));
-    let repo = match opened {
+    let repo = match args.repo.open() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: opening repository {}: {e}", args.repo.repo);
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(super::wal_fetch::EXIT_FATAL));
+        }
+    };
+    let segment_size = match args.segment_size.map(WalSegmentSize::new).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: wal-fetch --segment-size: {e}");
             return Ok(ExitCode::from(super::wal_fetch::EXIT_FATAL));
         }
     };
@@ -284,14 +304,18 @@ async fn wal_fetch(args: WalFetchArgs) -> Result<ExitCode> {
         &args.file_name,
         &args.target,
         args.prefetch,
+        super::wal_fetch::Hints {
+            segment_size,
+            pg_major: args.pg_version,
+        },
     )
     .await)
 }
 
 async fn wal_prefetch(args: WalPrefetchArgs) -> Result<ExitCode> {
-    let repo = storage::Repository::open(&args.repo.repo, storage::RepoOptions::from_env()?)?;
+    let repo = args.repo.open()?;
     let size = WalSegmentSize::new(args.segment_size)?;
     let after = wire::pg::SegmentName::parse(&args.after, size)?;
-    super::wal_fetch::prefetch(&repo, &args.spool, after, args.count).await?;
+    super::wal_fetch::prefetch(&repo, &args.spool, after, args.count, args.pg_version).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -10,7 +10,16 @@
 //! The newest partial of a timeline is served as its segment when no later WAL exists on
 //! that timeline (it is zero-padded to the segment size, like `pg_receivewal`'s `.partial`).
 //! After serving a segment the next `--prefetch` segments are downloaded in the background
-//! into a spool directory beside `%p`, so replay is not bound by one download at a time.
+//! into a spool directory beside `%p` (0700, its files 0600), so replay is not bound by one
+//! download at a time.
+//!
+//! Nothing reaches PostgreSQL unchecked ([`wire::pg::page`]): a segment must have exactly
+//! the stored length (a complete one `wal_segment_size`; only a partial is padded) and a
+//! first page header of this repository's cluster (`xlp_sysid` from the marker), of this
+//! segment (`xlp_pageaddr`), segment size, PostgreSQL version and timeline; a history file
+//! must parse and be the history of the timeline in its name. PostgreSQL itself would take
+//! a wrong segment for the end of WAL and promote early, so a failed check is exit 200,
+//! naming the segment and the field.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,8 +29,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use storage::layout::{self, WalObject};
-use storage::{RepoKey, Repository, StorageError};
-use wire::pg::{SegmentName, WalFileName, WalSegmentSize};
+use storage::{RepoKey, RepoMarker, Repository, StorageError};
+use wire::pg::page::{self, Extent, MagicRule, SegmentExpectation};
+use wire::pg::{SegmentName, TimelineId, WalFileName, WalSegmentSize};
 
 /// Exit status for "cannot tell / must not continue": above 125, so recovery stops FATAL.
 pub const EXIT_FATAL: u8 = 200;
@@ -39,6 +49,115 @@ pub enum Fetched {
     },
     /// Truly absent.
     NotFound,
+}
+
+/// What the WAL of this repository must look like, beyond what each name says.
+#[derive(Debug, Clone, Copy)]
+pub struct WalExpect {
+    /// The cluster's `system_identifier` (from the repository marker).
+    pub system_identifier: Option<u64>,
+    /// The cluster's `wal_segment_size`, when known (`--segment-size`, written into
+    /// `restore_command` by `restore`); otherwise the segment's own header gives it, and the
+    /// length and position checks hold it to that.
+    pub segment_size: Option<WalSegmentSize>,
+    /// Acceptable `xlp_magic` (`--pg-version`, written by `restore`; any supported version
+    /// otherwise).
+    pub magic: MagicRule,
+}
+
+impl WalExpect {
+    /// From the marker and what the caller knows.
+    pub fn new(
+        marker: &RepoMarker,
+        segment_size: Option<WalSegmentSize>,
+        pg_major: Option<u32>,
+    ) -> Result<WalExpect> {
+        let system_identifier = marker
+            .system_identifier
+            .as_deref()
+            .map(|s| {
+                s.parse::<u64>().with_context(|| {
+                    format!("the repository marker's system_identifier {s:?} is not a number")
+                })
+            })
+            .transpose()?;
+        Ok(WalExpect {
+            system_identifier,
+            segment_size,
+            magic: pg_major.map_or(MagicRule::AnyKnown, MagicRule::Major),
+        })
+    }
+
+    /// Reads the repository marker (a repository without one holds no WAL to trust).
+    pub async fn load(
+        repo: &Repository,
+        segment_size: Option<WalSegmentSize>,
+        pg_major: Option<u32>,
+    ) -> Result<WalExpect> {
+        let marker = repo
+            .read_marker()
+            .await
+            .context("reading the repository marker")?
+            .with_context(|| {
+                format!("{} is not a SyncBridge repository (no marker)", repo.url())
+            })?;
+        WalExpect::new(&marker, segment_size, pg_major)
+    }
+}
+
+/// Checks a segment object stored under `name`'s key before anyone replays it: its length
+/// (`len`, `extent`) and the long page header in `head`. Returns the segment with the size
+/// it was checked against. The error names the segment and the field.
+pub fn check_segment(
+    name: &str,
+    len: u64,
+    head: &[u8],
+    extent: Extent,
+    expect: &WalExpect,
+) -> Result<SegmentName> {
+    let fail = |e: page::WalCheckError| {
+        anyhow::anyhow!(
+            "segment {name} is not the WAL its name says: {e} (field {}); the object under its key holds other data, refusing to hand it to PostgreSQL",
+            e.field().name()
+        )
+    };
+    let size = match expect.segment_size {
+        Some(s) => s,
+        None => {
+            let h = page::LongPageHeader::parse(head).map_err(fail)?;
+            WalSegmentSize::new(u64::from(h.seg_size)).map_err(|_| {
+                anyhow::anyhow!(
+                    "segment {name} is not the WAL its name says: xlp_seg_size: {}, not a valid wal_segment_size (field xlp_seg_size); refusing to hand it to PostgreSQL",
+                    h.seg_size
+                )
+            })?
+        }
+    };
+    let seg = SegmentName::parse(name, size)
+        .with_context(|| format!("{name:?} is not a segment name for {size} segments"))?;
+    page::check_segment_header(
+        head,
+        &SegmentExpectation {
+            segment: seg,
+            system_identifier: expect.system_identifier,
+            magic: expect.magic,
+        },
+    )
+    .map_err(fail)?;
+    page::check_segment_length(len, extent, size).map_err(fail)?;
+    Ok(seg)
+}
+
+/// Checks a history file stored as `timeline`'s.
+pub fn check_history_file(content: &[u8], timeline: TimelineId) -> Result<()> {
+    page::check_history(content, timeline).map_err(|e| {
+        anyhow::anyhow!(
+            "history file {} is not the history of timeline {timeline}: {e} (field {})",
+            timeline.history_file_name(),
+            e.field().name()
+        )
+    })?;
+    Ok(())
 }
 
 /// Parses `%f`: a segment or a history file (any valid segment size accepts the name; the
@@ -124,7 +243,7 @@ async fn download_once(
         anyhow::Error::new(e).context(format!("{what} {}", tmp.display()))
     };
     let mut reader = repo.reader(key).await?;
-    let mut f = match std::fs::File::create(tmp) {
+    let mut f = match create_private(tmp) {
         Ok(f) => f,
         Err(e) => return Ok(Err(local(e, "creating"))),
     };
@@ -154,6 +273,37 @@ async fn download(repo: &Repository, key: &RepoKey, tmp: &Path) -> Result<Downlo
     }
 }
 
+/// Creates a file readable by its owner only, as PostgreSQL keeps `pg_wal` (a leftover of
+/// an earlier attempt is replaced, so it cannot keep a wider mode).
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Creates `dir` and its missing parents with mode 0700, and tightens `dir` itself to 0700
+/// if it already existed (a spool made by an older version was 0755).
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// The temporary name `target` is written under before the rename.
 fn temp_beside(target: &Path) -> Result<PathBuf> {
     let dir = target
@@ -168,17 +318,28 @@ fn temp_beside(target: &Path) -> Result<PathBuf> {
     Ok(dir.join(format!(".{file_name}.syncbridge-tmp")))
 }
 
-/// Fetches `name` into `target` atomically.
-pub async fn fetch(repo: &Repository, name: &str, target: &Path) -> Result<Fetched> {
+/// Fetches `name` into `target` atomically, once it passed the checks.
+pub async fn fetch(
+    repo: &Repository,
+    name: &str,
+    target: &Path,
+    expect: &WalExpect,
+) -> Result<Fetched> {
     let tmp = temp_beside(target)?;
-    let result = fetch_into(repo, name, &tmp, target).await;
+    let result = fetch_into(repo, name, &tmp, target, expect).await;
     if !matches!(result, Ok(Fetched::Written { .. })) {
         let _ = std::fs::remove_file(&tmp);
     }
     result
 }
 
-async fn fetch_into(repo: &Repository, name: &str, tmp: &Path, target: &Path) -> Result<Fetched> {
+async fn fetch_into(
+    repo: &Repository,
+    name: &str,
+    tmp: &Path,
+    target: &Path,
+    expect: &WalExpect,
+) -> Result<Fetched> {
     let parsed = parse_name(name)?;
     let key = match parsed {
         WalFileName::History(t) => layout::timeline_history(layout::TimelineId::new(t.get())?),
@@ -212,12 +373,23 @@ async fn fetch_into(repo: &Repository, name: &str, tmp: &Path, target: &Path) ->
     };
     let segment_size = match parsed {
         WalFileName::Segment(_) => {
-            let size = segment_size_of(&got.head)
-                .with_context(|| format!("reading the WAL page header of {served}"))?;
-            pad_file(tmp, got.len, size)?;
-            Some(size)
+            let extent = match layout::parse_wal_key(&served) {
+                Some(WalObject::Partial { end_offset, .. }) => {
+                    Extent::Partial(u64::from(end_offset))
+                }
+                _ => Extent::Complete,
+            };
+            let seg = check_segment(name, got.len, &got.head, extent, expect)
+                .with_context(|| format!("checking {served}"))?;
+            pad_file(tmp, got.len, seg.size())?;
+            Some(seg.size())
         }
-        WalFileName::History(_) => None,
+        WalFileName::History(t) => {
+            let content =
+                std::fs::read(tmp).with_context(|| format!("reading back {}", tmp.display()))?;
+            check_history_file(&content, t).with_context(|| format!("checking {served}"))?;
+            None
+        }
     };
     publish(tmp, target, true)?;
     Ok(Fetched::Written { segment_size })
@@ -253,36 +425,6 @@ fn publish(tmp: &Path, target: &Path, durable: bool) -> Result<()> {
     }
     std::fs::rename(tmp, target)
         .with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))
-}
-
-/// The segment size recorded in the long page header that starts every WAL segment
-/// (`XLogLongPageHeaderData.xlp_seg_size`, `src/include/access/xlog_internal.h`), so a
-/// partial can be padded without knowing the cluster's settings.
-fn segment_size_of(data: &[u8]) -> Result<WalSegmentSize> {
-    const XLP_LONG_HEADER: u16 = 0x0002;
-    let field = |at: usize, n: usize| {
-        data.get(at..at + n)
-            .context("shorter than a WAL page header")
-    };
-    let info = field(2, 2)?;
-    let size = field(32, 4)?;
-    for (info, size) in [
-        (
-            u16::from_le_bytes([info[0], info[1]]),
-            u32::from_le_bytes([size[0], size[1], size[2], size[3]]),
-        ),
-        (
-            u16::from_be_bytes([info[0], info[1]]),
-            u32::from_be_bytes([size[0], size[1], size[2], size[3]]),
-        ),
-    ] {
-        if info & XLP_LONG_HEADER != 0 {
-            if let Ok(s) = WalSegmentSize::new(u64::from(size)) {
-                return Ok(s);
-            }
-        }
-    }
-    anyhow::bail!("no long page header with a valid segment size: not a WAL segment")
 }
 
 /// The prefetch spool beside `%p`, one directory per boot of the machine.
@@ -335,7 +477,13 @@ fn remove_other_boot_spools(spool: &Path) {
 /// Serves `name` from the prefetch spool if a background fetch already has it: a rename,
 /// no runtime, no repository client. PostgreSQL waits for every `restore_command`, so
 /// this path is kept to the bare process start.
-pub fn serve_from_spool(repo_url: &str, name: &str, target: &Path, prefetch: usize) -> bool {
+pub fn serve_from_spool(
+    repo_url: &str,
+    name: &str,
+    target: &Path,
+    prefetch: usize,
+    pg_major: Option<u32>,
+) -> bool {
     let started = std::time::Instant::now();
     let spool = spool_dir(target);
     let spooled = spool.join(name);
@@ -361,8 +509,17 @@ pub fn serve_from_spool(repo_url: &str, name: &str, target: &Path, prefetch: usi
         elapsed_ms = started.elapsed().as_millis() as u64,
         "served from the prefetch spool"
     );
-    start_prefetch(repo_url, seg, prefetch, &spool);
+    start_prefetch(repo_url, seg, prefetch, &spool, pg_major);
     true
+}
+
+/// What `wal-fetch` was told about the cluster (both optional; `restore` passes both).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hints {
+    /// `--segment-size`.
+    pub segment_size: Option<WalSegmentSize>,
+    /// `--pg-version`.
+    pub pg_major: Option<u32>,
 }
 
 /// Runs `wal-fetch` and maps the outcome to PostgreSQL's exit-status contract.
@@ -372,11 +529,21 @@ pub async fn run(
     name: &str,
     target: &Path,
     prefetch: usize,
+    hints: Hints,
 ) -> ExitCode {
     // The spool was already tried (`serve_from_spool`) before the runtime was built.
     let started = std::time::Instant::now();
     let spool = spool_dir(target);
-    match fetch(repo, name, target).await {
+    let fatal = |e: anyhow::Error| {
+        eprintln!("error: wal-fetch {name}: {e:#}");
+        eprintln!("(exiting with {EXIT_FATAL} so that PostgreSQL stops instead of ending recovery at the wrong point)");
+        ExitCode::from(EXIT_FATAL)
+    };
+    let expect = match WalExpect::load(repo, hints.segment_size, hints.pg_major).await {
+        Ok(e) => e,
+        Err(e) => return fatal(e),
+    };
+    match fetch(repo, name, target, &expect).await {
         Ok(Fetched::Written { segment_size }) => {
             tracing::debug!(
                 name,
@@ -388,7 +555,7 @@ pub async fn run(
                 segment_size.map(|size| WalFileName::parse(name, size))
             {
                 record_position(s, prefetch, &spool);
-                start_prefetch(repo_url, s, prefetch, &spool);
+                start_prefetch(repo_url, s, prefetch, &spool, hints.pg_major);
             }
             ExitCode::SUCCESS
         }
@@ -396,11 +563,7 @@ pub async fn run(
             tracing::info!(name, "not in the repository");
             ExitCode::from(EXIT_NOT_FOUND)
         }
-        Err(e) => {
-            eprintln!("error: wal-fetch {name}: {e:#}");
-            eprintln!("(exiting with {EXIT_FATAL} so that PostgreSQL stops instead of ending recovery at the wrong point)");
-            ExitCode::from(EXIT_FATAL)
-        }
+        Err(e) => fatal(e),
     }
 }
 
@@ -414,28 +577,50 @@ const PREFETCH_IDLE_EXIT: Duration = Duration::from_secs(10);
 
 /// Tells the prefetcher that PostgreSQL asked for `seg` (written atomically).
 fn record_position(seg: SegmentName, count: usize, spool: &Path) {
-    if count == 0 || std::fs::create_dir_all(spool).is_err() {
+    if count == 0 || create_spool(spool).is_err() {
         return;
     }
     let tmp = spool.join(format!("{POSITION_FILE}.tmp"));
-    if std::fs::write(&tmp, seg.to_string()).is_ok() {
+    let written = create_private(&tmp).and_then(|mut f| f.write_all(seg.to_string().as_bytes()));
+    if written.is_ok() {
         let _ = std::fs::rename(&tmp, spool.join(POSITION_FILE));
     }
 }
 
 /// The prefetcher's lock file (created if missing), to flock.
 fn open_lock(spool: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(spool.join(LOCK_FILE))
+}
+
+/// Creates the spool (0700, and its `.syncbridge-prefetch` parent too: spooled WAL holds
+/// the cluster's data, readable by the server's user only, like `pg_wal`).
+fn create_spool(spool: &Path) -> std::io::Result<()> {
+    create_private_dir(spool)?;
+    if let Some(parent) = spool
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == SPOOL_DIR))
+    {
+        create_private_dir(parent)?;
+    }
+    Ok(())
 }
 
 /// Makes sure a prefetcher is running for the spool. One long-lived prefetcher per spool
 /// keeps `count` segments ahead over one connection pool, instead of a process (start-up,
 /// TLS handshake) per segment competing with replay for the CPU.
-fn start_prefetch(repo_url: &str, seg: SegmentName, count: usize, spool: &Path) {
+fn start_prefetch(
+    repo_url: &str,
+    seg: SegmentName,
+    count: usize,
+    spool: &Path,
+    pg_major: Option<u32>,
+) {
     if count == 0 {
         return;
     }
@@ -451,8 +636,8 @@ fn start_prefetch(repo_url: &str, seg: SegmentName, count: usize, spool: &Path) 
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
-    let spawned = std::process::Command::new(exe)
-        .args(["postgres", "wal-prefetch", "--repo", repo_url, "--spool"])
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["postgres", "wal-prefetch", "--repo", repo_url, "--spool"])
         .arg(spool)
         .args([
             "--after",
@@ -461,7 +646,11 @@ fn start_prefetch(repo_url: &str, seg: SegmentName, count: usize, spool: &Path) 
             &seg.size().bytes().to_string(),
             "--count",
             &count.to_string(),
-        ])
+        ]);
+    if let Some(m) = pg_major {
+        cmd.args(["--pg-version", &m.to_string()]);
+    }
+    let spawned = cmd
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -486,8 +675,10 @@ pub async fn prefetch(
     spool: &Path,
     after: SegmentName,
     count: usize,
+    pg_major: Option<u32>,
 ) -> Result<()> {
-    std::fs::create_dir_all(spool).with_context(|| format!("creating {}", spool.display()))?;
+    create_spool(spool).with_context(|| format!("creating {}", spool.display()))?;
+    let expect = WalExpect::load(repo, Some(after.size()), pg_major).await?;
     let file = open_lock(spool)
         .with_context(|| format!("opening the prefetch lock in {}", spool.display()))?;
     let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
@@ -545,8 +736,18 @@ pub async fn prefetch(
                 let Ok(tmp) = temp_beside(&dest) else {
                     return (name, false);
                 };
+                // Only checked WAL enters the spool (it is served from there unread); a
+                // segment that fails is left for wal-fetch, which fails loudly on it.
                 let stored = match download(&repo, &key, &tmp).await {
-                    Ok(_) => publish(&tmp, &dest, durable).is_ok(),
+                    Ok(d) => {
+                        match check_segment(&name, d.len, &d.head, Extent::Complete, &expect) {
+                            Ok(_) => publish(&tmp, &dest, durable).is_ok(),
+                            Err(e) => {
+                                tracing::warn!("not prefetching {name}: {e:#}");
+                                false
+                            }
+                        }
+                    }
                     Err(_) => false,
                 };
                 if !stored {
@@ -612,21 +813,92 @@ mod tests {
         v
     }
 
+    fn expect(sysid: Option<u64>, size: Option<u64>) -> WalExpect {
+        WalExpect {
+            system_identifier: sysid,
+            segment_size: size.map(|s| WalSegmentSize::new(s).unwrap()),
+            magic: MagicRule::AnyKnown,
+        }
+    }
+
     #[test]
-    fn segment_size_from_the_long_page_header() {
-        assert_eq!(
-            segment_size_of(&long_header(16 << 20)).unwrap().bytes(),
-            16 << 20
+    fn segments_are_checked_against_name_and_repository() {
+        let name = "000000010000000000000006";
+        let seg = 16u64 << 20;
+        let mut h = long_header(16 << 20);
+        h[4..8].copy_from_slice(&1u32.to_le_bytes());
+        h[8..16].copy_from_slice(&(6 * seg).to_le_bytes());
+        h[24..32].copy_from_slice(&77u64.to_le_bytes());
+        let ok = check_segment(name, seg, &h, Extent::Complete, &expect(Some(77), None)).unwrap();
+        assert_eq!(ok.size().bytes(), seg);
+        check_segment(
+            name,
+            100,
+            &h,
+            Extent::Partial(100),
+            &expect(Some(77), Some(seg)),
+        )
+        .unwrap();
+        let err = |len, extent, e: WalExpect| {
+            format!(
+                "{:#}",
+                check_segment(name, len, &h, extent, &e).unwrap_err()
+            )
+        };
+        let m = err(8192, Extent::Complete, expect(Some(77), None));
+        assert!(m.contains(name) && m.contains("field length"), "{m}");
+        let m = err(seg, Extent::Complete, expect(Some(78), None));
+        assert!(m.contains(name) && m.contains("field xlp_sysid"), "{m}");
+        let m = err(seg, Extent::Complete, expect(Some(77), Some(1 << 20)));
+        assert!(m.contains("field xlp_seg_size"), "{m}");
+        let m = format!(
+            "{:#}",
+            check_segment(
+                "000000010000000000000007",
+                seg,
+                &h,
+                Extent::Complete,
+                &expect(None, None)
+            )
+            .unwrap_err()
         );
-        assert_eq!(
-            segment_size_of(&long_header(1 << 30)).unwrap().bytes(),
-            1 << 30
+        assert!(
+            m.contains("000000010000000000000007") && m.contains("field xlp_pageaddr"),
+            "{m}"
         );
-        assert!(segment_size_of(&long_header(3 << 20)).is_err());
-        assert!(segment_size_of(&[0u8; 10]).is_err());
-        let mut short_header = long_header(16 << 20);
-        short_header[2] = 0;
-        assert!(segment_size_of(&short_header).is_err(), "not a long header");
+        let mut bad = h.clone();
+        bad[32..36].copy_from_slice(&(3u32 << 20).to_le_bytes());
+        let m = format!(
+            "{:#}",
+            check_segment(name, seg, &bad, Extent::Complete, &expect(None, None)).unwrap_err()
+        );
+        assert!(m.contains("xlp_seg_size"), "{m}");
+    }
+
+    #[test]
+    fn spool_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join(SPOOL_DIR).join("boot");
+        std::fs::create_dir_all(&spool).unwrap();
+        std::fs::set_permissions(
+            dir.path().join(SPOOL_DIR),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let size = WalSegmentSize::DEFAULT;
+        let seg = SegmentName::parse("000000010000000000000006", size).unwrap();
+        record_position(seg, 4, &spool);
+        drop(open_lock(&spool).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&spool), 0o700);
+        assert_eq!(mode(&dir.path().join(SPOOL_DIR)), 0o700);
+        assert_eq!(mode(&spool.join(POSITION_FILE)), 0o600);
+        assert_eq!(mode(&spool.join(LOCK_FILE)), 0o600);
+        let f = dir.path().join("f");
+        create_private(&f).unwrap();
+        assert_eq!(mode(&f), 0o600);
+        assert_eq!(read_position(&spool, size), Some(seg));
     }
 
     #[test]

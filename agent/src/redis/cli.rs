@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use storage::{RepoOptions, Repository};
+use storage::Repository;
 use tokio::io::AsyncReadExt;
 use wire::redis::handshake::PsyncReply;
 use wire::redis::rdb::RdbValidator;
 
 use super::link::MasterLink;
 use super::snapshot;
-use super::source::{redact, RedisSource};
+use super::source::RedisSource;
+use crate::util::duration::{parse_duration, parse_duration_or_off};
 
 /// Redis/Valkey: snapshots and command streams captured as a replica.
 #[derive(Debug, Args)]
@@ -53,10 +54,19 @@ enum RedisCommand {
 /// Where to connect.
 #[derive(Debug, Args, Clone)]
 pub struct SourceArgs {
-    /// The master: redis://[user[:password]@]host[:port], or rediss:// for TLS. The
-    /// password may instead come from SYNCBRIDGE_REDIS_PASSWORD or REDISCLI_AUTH.
-    #[arg(long, env = "SYNCBRIDGE_REDIS_SOURCE", default_value = "")]
+    /// The master: redis://[user@]host[:port], or rediss:// for TLS. The password comes
+    /// from --password-file (best: `ps` shows no password), the URL, or
+    /// SYNCBRIDGE_REDIS_PASSWORD / REDISCLI_AUTH.
+    #[arg(
+        long,
+        env = "SYNCBRIDGE_REDIS_SOURCE",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub source: String,
+    /// File holding the password (one line), for AUTH.
+    #[arg(long, env = "SYNCBRIDGE_REDIS_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
     /// rediss://: CA bundle (PEM) to check the server against (default: system store).
     #[arg(long, env = "SYNCBRIDGE_REDIS_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
@@ -71,7 +81,18 @@ pub struct SourceArgs {
 impl SourceArgs {
     /// The validated source.
     pub fn parse(&self) -> Result<RedisSource> {
-        let mut source = RedisSource::parse(&self.source).context("reading --source")?;
+        crate::util::redact::warn_password_on_command_line(
+            &self.source,
+            "SYNCBRIDGE_REDIS_SOURCE",
+            "--password-file",
+        );
+        let password = self
+            .password_file
+            .as_deref()
+            .map(|f| crate::util::secret_file::read_secret_file(f, "Redis password"))
+            .transpose()?;
+        let mut source =
+            RedisSource::parse_with_password(&self.source, password).context("reading --source")?;
         let files = super::tls::TlsFiles {
             ca: self.tls_ca.clone(),
             cert: self.tls_cert.clone(),
@@ -101,13 +122,13 @@ struct StreamArgs {
     source: SourceArgs,
     #[command(flatten)]
     repo: RepoArgs,
-    /// Longest time read commands wait before they are stored (e.g. 1s, 500ms, 2m).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// Longest time read commands wait before they are stored (e.g. 1.5s, 500ms, 2m).
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     max_lag: Duration,
     /// Take a new snapshot generation this often (only if writes happened), on a second
     /// connection while streaming continues, so a restore replays at most this much.
     /// `off` keeps one generation.
-    #[arg(long, default_value = "15m", value_parser = parse_optional_duration)]
+    #[arg(long, default_value = "15m", value_parser = parse_duration_or_off, value_name = "DURATION|off")]
     snapshot_every: Duration,
     /// Local directory where cut chunks wait (fsynced) while the store is slower than the
     /// master, so the agent keeps reading at line rate and the master never drops it for an
@@ -119,40 +140,6 @@ struct StreamArgs {
     spool_limit_mib: u64,
 }
 
-/// Like [`parse_duration`]; `off` is zero (disabled).
-fn parse_optional_duration(text: &str) -> std::result::Result<Duration, String> {
-    if text == "off" {
-        return Ok(Duration::ZERO);
-    }
-    parse_duration(text)
-}
-
-/// Parses `500ms`, `1s`, `2m`, `1h`.
-fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (num, unit) = text.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 1s, 2m or 1h"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ))
-        }
-    };
-    if d.is_zero() {
-        return Err("the duration must be positive".into());
-    }
-    Ok(d)
-}
-
 #[derive(Debug, Args)]
 struct RestoreArgs {
     #[command(flatten)]
@@ -160,8 +147,9 @@ struct RestoreArgs {
     /// Directory to write (created; must be empty).
     #[arg(long)]
     target: PathBuf,
-    /// The moment to restore: RFC 3339 (2026-11-27T16:20:00.250Z) or @<unix ms>.
-    /// Default: the latest restorable time.
+    /// The moment to restore: RFC 3339 (2026-11-27T16:20:00.250Z),
+    /// `YYYY-MM-DD HH:MM:SS[.fff][±HH[:MM]]` (UTC when no zone is given) or @<unix ms>, as
+    /// for PostgreSQL. Default: the latest restorable time.
     #[arg(long)]
     to_time: Option<String>,
     /// Output layout.
@@ -198,17 +186,9 @@ pub fn run(args: RedisArgs) -> Result<ExitCode> {
     })
 }
 
-/// Opens the repository with the agent's environment (`SYNCBRIDGE_RECIPIENTS[_FILE]` to
-/// encrypt, `SYNCBRIDGE_IDENTITY` to read an encrypted repository), like every command.
-fn open_repo(url: &str) -> Result<Repository> {
-    let opts =
-        RepoOptions::from_env().context("reading SYNCBRIDGE_RECIPIENTS / SYNCBRIDGE_IDENTITY")?;
-    Repository::open(url, opts).with_context(|| format!("opening the repository {}", redact(url)))
-}
-
 async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
     let source = args.source.parse()?;
-    let repo = open_repo(&args.repo.repo)?;
+    let repo = args.repo.open()?;
     let mut link = MasterLink::connect(&source).await?;
     let (replid, offset) = match link.psync(None).await? {
         PsyncReply::FullResync { replid, offset } => (replid, offset),
@@ -255,7 +235,7 @@ async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
 
 async fn stream(args: StreamArgs) -> Result<ExitCode> {
     let source = args.source.parse()?;
-    let repo = open_repo(&args.repo.repo)?;
+    let repo = args.repo.open()?;
     let opts = super::stream::StreamOptions {
         max_lag: args.max_lag,
         snapshot_every: (!args.snapshot_every.is_zero()).then_some(args.snapshot_every),
@@ -307,7 +287,7 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
 }
 
 async fn restore(args: RestoreArgs) -> Result<ExitCode> {
-    let repo = open_repo(&args.repo.repo)?;
+    let repo = args.repo.open()?;
     restore_and_report(
         &repo,
         &args.target,
@@ -466,7 +446,7 @@ fn print_keys(report: &wire::redis::rdb::RdbReport) {
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode> {
     use super::restore::describe_time;
-    let repo = open_repo(&args.repo.repo)?;
+    let repo = args.repo.open()?;
     let checks = super::verify::check_all(&repo).await?;
     if checks.is_empty() {
         bail!("the repository {} holds no Redis generation", repo.url());
@@ -614,7 +594,7 @@ mod tests {
                 .is_err()
         );
         assert!(
-            Cli::try_parse_from(["x", "redis", "stream", "--repo", "r", "--max-lag", "5y"])
+            Cli::try_parse_from(["x", "redis", "stream", "--repo", "r", "--max-lag", "5q"])
                 .is_err()
         );
     }

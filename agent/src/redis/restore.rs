@@ -7,7 +7,15 @@
 //! commands as the incremental AOF starting with the `SELECT` in force at its first chunk,
 //! and the manifest. `redis-server --appendonly yes --dir DIR` loads it natively. `PING` and
 //! `REPLCONF` from the stream are left out.
+//!
+//! Nothing is written before the generation's chunks are proven to chain exactly from the
+//! snapshot's offset, with the checks `redis verify` makes ([`super::verify`]): a gap, an
+//! overlap or a chunk object holding another chunk's offsets (two swapped) is refused,
+//! naming the chunks. The target is locked (`flock` on the directory, see
+//! [`crate::restore::lock`]) for the whole restore; the files are created 0600 and the
+//! directories 0700.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -21,6 +29,9 @@ use wire::redis::resp::encode_command;
 use super::chunk::{self, ChunkHeader};
 use super::manifest::GenerationManifest;
 use super::stream::chunk_chain;
+use super::verify::{chunk_problems, orphan_problems};
+use crate::restore::lock::{self, DirLock};
+use crate::restore::place;
 
 /// Output layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -56,17 +67,10 @@ fn fmt_ms(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-/// Parses `--to-time`: RFC 3339 (`2026-11-27T16:20:00.250Z`) or `@<unix ms>`.
+/// Parses `--to-time` into Unix milliseconds, in the one syntax of every `--to-time`
+/// ([`crate::util::time`]: RFC 3339, `YYYY-MM-DD HH:MM:SS` in UTC, `@<unix ms>`).
 pub fn parse_time(text: &str) -> Result<i64> {
-    if let Some(ms) = text.strip_prefix('@') {
-        return ms
-            .parse()
-            .with_context(|| format!("{text:?}: expected @<unix milliseconds>"));
-    }
-    let t = chrono::DateTime::parse_from_rfc3339(text).with_context(|| {
-        format!("{text:?} is not an RFC 3339 time like 2026-11-27T16:20:00Z (or @<unix ms>)")
-    })?;
-    Ok(t.timestamp_millis())
+    Ok(crate::util::time::parse_time(text)?.timestamp_millis())
 }
 
 /// Restores into `target` (created; must be empty if it exists).
@@ -76,6 +80,12 @@ pub async fn restore(
     to_time: Option<i64>,
     format: RestoreFormat,
 ) -> Result<Restored> {
+    let target = &place::resolve(target)?;
+    let repo_dir = place::local_repository(repo.url());
+    place::check_destination(target, repo_dir.as_deref(), "the target")?;
+    // A restore already writing there fails this one at once (locking creates nothing).
+    let early_lock = DirLock::acquire_if_exists(target)?;
+    check_target_empty(target).await?;
     let manifests = GenerationManifest::list(repo).await?;
     let Some(oldest) = manifests.first() else {
         bail!("the repository {} holds no Redis generation", repo.url());
@@ -96,14 +106,25 @@ pub async fn restore(
     };
     let id = layout::GenerationId::parse(&manifest.generation)?;
     let (chain, orphans) = chunk_chain(repo, manifest).await?;
+    let mut problems = orphan_problems(manifest, &chain, &orphans);
     let mut chunks: Vec<(ChunkHeader, Bytes)> = Vec::with_capacity(chain.len());
+    let mut last_ms = i64::MIN;
     for (start, end) in &chain {
         let key = layout::redis_chunk(&id, *start, *end);
         let data = repo
             .get(&key)
             .await
             .with_context(|| format!("reading {key}"))?;
-        chunks.push(chunk::decode(key.as_str(), data)?);
+        let (header, body) = chunk::decode(key.as_str(), data)?;
+        problems.extend(chunk_problems(&key, (*start, *end), &header, &body, &mut last_ms).0);
+        chunks.push((header, body));
+    }
+    if !problems.is_empty() {
+        bail!(
+            "generation {id}: the chunks do not chain exactly from the snapshot's offset {} (`redis verify` reports the same); nothing was written:\n  {}",
+            manifest.snapshot_offset,
+            problems.join("\n  ")
+        );
     }
     let latest_ms = chunks
         .iter()
@@ -125,13 +146,8 @@ pub async fn restore(
     let (cut, cut_ms) = match to_time {
         None => (end_offset, latest_ms),
         Some(t) if t > covered_ms => {
-            let gap = if orphans.is_empty() {
-                String::new()
-            } else {
-                format!(" (the chunks have a gap after offset {end_offset})")
-            };
             bail!(
-                "{} is past the end of the backup{gap}: the latest restorable time is {}",
+                "{} is past the end of the backup: the latest restorable time is {}",
                 fmt_ms(t),
                 fmt_ms(latest_ms)
             );
@@ -188,7 +204,14 @@ pub async fn restore(
         );
     }
 
-    prepare_target(target).await?;
+    let _lock = match early_lock {
+        Some(l) => l,
+        None => lock::create_and_lock(target, 0o700)?,
+    };
+    // Again under the lock: another restore may have finished in between.
+    check_target_empty(target).await?;
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", target.display()))?;
     let snapshot_key = layout::redis_snapshot(&id);
     let (rdb_path, incr_path): (PathBuf, Option<PathBuf>) = match format {
         RestoreFormat::Aof => (
@@ -202,11 +225,12 @@ pub async fn restore(
         ),
     };
     if format == RestoreFormat::Aof {
-        tokio::fs::create_dir_all(target.join("appendonlydir"))
-            .await
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(target.join("appendonlydir"))
             .context("creating appendonlydir")?;
     }
-    let mut file = tokio::fs::File::create(target.join(&rdb_path))
+    let mut file = create_private(&target.join(&rdb_path))
         .await
         .with_context(|| format!("creating {}", target.join(&rdb_path).display()))?;
     let mut reader = repo
@@ -257,8 +281,19 @@ pub async fn restore(
     })
 }
 
+/// Creates (or truncates) a file readable by its owner only.
+async fn create_private(path: &Path) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .await
+}
+
 async fn write_file(path: &Path, data: &[u8]) -> Result<()> {
-    let mut f = tokio::fs::File::create(path)
+    let mut f = create_private(path)
         .await
         .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(data)
@@ -270,7 +305,8 @@ async fn write_file(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-async fn prepare_target(target: &Path) -> Result<()> {
+/// Refuses a target that exists and is not empty (an absent one is fine).
+async fn check_target_empty(target: &Path) -> Result<()> {
     match tokio::fs::read_dir(target).await {
         Ok(mut entries) => {
             if entries.next_entry().await?.is_some() {
@@ -281,9 +317,7 @@ async fn prepare_target(target: &Path) -> Result<()> {
             }
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => tokio::fs::create_dir_all(target)
-            .await
-            .with_context(|| format!("creating {}", target.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("reading {}", target.display())),
     }
 }

@@ -1,9 +1,11 @@
 //! Where the master is: `redis://[user[:password]@]host[:port]` or `rediss://…` (TLS).
 //!
-//! The password may also come from `SYNCBRIDGE_REDIS_PASSWORD` (or `REDISCLI_AUTH`, as
-//! `redis-cli` reads it) so it stays out of process listings.
+//! The password may also come from a file (`--password-file`), `SYNCBRIDGE_REDIS_PASSWORD`
+//! or `REDISCLI_AUTH` (as `redis-cli` reads it), so it stays out of process listings.
 
 use anyhow::{bail, Context, Result};
+
+use crate::util::redact::redact_url;
 
 /// A parsed `--source`.
 #[derive(Clone, PartialEq, Eq)]
@@ -36,15 +38,16 @@ impl std::fmt::Debug for RedisSource {
 }
 
 impl RedisSource {
-    /// Parses a URL; the password falls back to the environment.
-    pub fn parse(text: &str) -> Result<RedisSource> {
+    /// Parses a URL, with the password read from a file if there is one: a password given
+    /// twice (file and URL) is refused; without either, the environment's is used.
+    pub fn parse_with_password(text: &str, from_file: Option<String>) -> Result<RedisSource> {
         if text.is_empty() {
             bail!(
                 "no source given: pass --source redis://host:port (or set SYNCBRIDGE_REDIS_SOURCE)"
             );
         }
         let url = url::Url::parse(text)
-            .with_context(|| format!("invalid Redis URL {:?}", redact(text)))?;
+            .with_context(|| format!("invalid Redis URL {:?}", redact_url(text)))?;
         let tls = match url.scheme() {
             "redis" => false,
             "rediss" => true,
@@ -66,6 +69,12 @@ impl RedisSource {
             .then(|| decode(url.username()))
             .transpose()?;
         let mut password = url.password().map(decode).transpose()?;
+        if from_file.is_some() {
+            if password.is_some() {
+                bail!("the Redis password is given twice (--password-file and the URL): keep the file");
+            }
+            password = from_file;
+        }
         if password.is_none() {
             password = std::env::var("SYNCBRIDGE_REDIS_PASSWORD")
                 .or_else(|_| std::env::var("REDISCLI_AUTH"))
@@ -73,7 +82,7 @@ impl RedisSource {
                 .filter(|p| !p.is_empty());
         }
         if username.is_some() && password.is_none() {
-            bail!("the Redis URL names a user but no password (put it in the URL or SYNCBRIDGE_REDIS_PASSWORD)");
+            bail!("the Redis URL names a user but no password (give it with --password-file or SYNCBRIDGE_REDIS_PASSWORD)");
         }
         if !matches!(url.path(), "" | "/") {
             bail!("the Redis URL has a path {:?}; a replica receives every database, so leave the database out", url.path());
@@ -111,38 +120,44 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// The URL with any password replaced, for error messages.
-pub fn redact(text: &str) -> String {
-    match url::Url::parse(text) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("REDACTED"));
-            u.to_string()
-        }
-        _ => text.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn parse(text: &str) -> Result<RedisSource> {
+        RedisSource::parse_with_password(text, None)
+    }
+
     #[test]
     fn parses_users_passwords_and_defaults() {
-        let s = RedisSource::parse("redis://backup:p%40ss@db.example:6380").unwrap();
+        let s = parse("redis://backup:p%40ss@db.example:6380").unwrap();
         assert_eq!(s.endpoint(), "db.example:6380");
         assert_eq!(s.username.as_deref(), Some("backup"));
         assert_eq!(s.password.as_deref(), Some("p@ss"));
         assert!(!s.tls);
-        let s = RedisSource::parse("rediss://:secret@10.0.0.1").unwrap();
+        let s = parse("rediss://:secret@10.0.0.1").unwrap();
         assert_eq!(
             (s.port, s.username, s.password.as_deref(), s.tls),
             (6379, None, Some("secret"), true)
         );
-        assert!(RedisSource::parse("http://x").is_err());
-        assert!(RedisSource::parse("redis://x/2").is_err());
-        assert!(RedisSource::parse("").is_err());
-        assert!(!format!("{:?}", RedisSource::parse("redis://:pw@h").unwrap()).contains("pw"));
-        assert_eq!(redact("redis://u:pw@h:1"), "redis://u:REDACTED@h:1");
+        assert!(parse("http://x").is_err());
+        assert!(parse("redis://x/2").is_err());
+        assert!(parse("").is_err());
+        assert!(!format!("{:?}", parse("redis://:pw@h").unwrap()).contains("pw"));
+        assert_eq!(redact_url("redis://u:pw@h:1"), "redis://u:REDACTED@h:1");
+    }
+
+    #[test]
+    fn password_from_a_file() {
+        let s = RedisSource::parse_with_password("redis://backup@h", Some("f".into())).unwrap();
+        assert_eq!(
+            (s.username.as_deref(), s.password.as_deref()),
+            (Some("backup"), Some("f"))
+        );
+        let e =
+            RedisSource::parse_with_password("redis://:hunter2@h", Some("f".into())).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 }

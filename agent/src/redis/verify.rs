@@ -2,15 +2,16 @@
 //! the RDB validator (checksums of the container are verified by the reader), the chunks as
 //! a gap-free chain from the snapshot's offset whose bodies parse into whole commands of
 //! exactly the recorded length, and time indexes that stay inside their chunks and only
-//! move forward.
+//! move forward. `redis restore` runs the same chain and chunk checks (
+//! [`orphan_problems`], [`chunk_problems`]) before it writes anything.
 
 use anyhow::{Context, Result};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use storage::{layout, Repository};
 use wire::redis::command::CommandDecoder;
 use wire::redis::rdb::{RdbReport, RdbValidator};
 
-use super::chunk;
+use super::chunk::{self, ChunkHeader};
 use super::manifest::GenerationManifest;
 use super::stream::chunk_chain;
 
@@ -59,10 +60,7 @@ pub async fn check_generation(
     }
     .await;
     let (chain, orphans) = chunk_chain(repo, &manifest).await?;
-    let mut problems: Vec<String> = orphans
-        .iter()
-        .map(|k| format!("{k} does not continue the chain (gap before it)"))
-        .collect();
+    let mut problems = orphan_problems(&manifest, &chain, &orphans);
     let mut commands = 0u64;
     let mut last_ms = i64::MIN;
     for (start, end) in &chain {
@@ -81,43 +79,9 @@ pub async fn check_generation(
                 continue;
             }
         };
-        if (header.start, header.end) != (*start, *end) {
-            problems.push(format!(
-                "{key}: header says {}..{}",
-                header.start, header.end
-            ));
-        }
-        let mut buf = BytesMut::from(&body[..]);
-        let mut dec = CommandDecoder::new();
-        let mut offset = header.start;
-        loop {
-            match dec.decode(&mut buf) {
-                Ok(Some(cmd)) => {
-                    offset += cmd.wire_len();
-                    commands += 1;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    problems.push(format!("{key}: at offset {offset}: {e}"));
-                    break;
-                }
-            }
-        }
-        if offset != header.end || !buf.is_empty() {
-            problems.push(format!(
-                "{key}: commands end at offset {offset} with {} bytes left over",
-                buf.len()
-            ));
-        }
-        for (off, ms) in &header.time_index {
-            if *off < header.start || *off > header.end || *ms < last_ms {
-                problems.push(format!(
-                    "{key}: time index entry ({off}, {ms}) out of order or outside the chunk"
-                ));
-                break;
-            }
-            last_ms = *ms;
-        }
+        let (found, n) = chunk_problems(&key, (*start, *end), &header, &body, &mut last_ms);
+        problems.extend(found);
+        commands += n;
     }
     let end_offset = chain.last().map_or(manifest.snapshot_offset, |(_, e)| *e);
     Ok(GenerationCheck {
@@ -140,4 +104,92 @@ pub async fn check_all(repo: &Repository) -> Result<Vec<GenerationCheck>> {
         out.push(check_generation(repo, manifest).await?);
     }
     Ok(out)
+}
+
+/// Why each chunk left out of the chain (see `chunk_chain`) breaks it: it overlaps a chunk of
+/// the chain, starts before the snapshot, or follows a gap.
+pub fn orphan_problems(
+    manifest: &GenerationManifest,
+    chain: &[(u64, u64)],
+    orphans: &[layout::RepoKey],
+) -> Vec<String> {
+    let end = chain.last().map_or(manifest.snapshot_offset, |(_, e)| *e);
+    orphans
+        .iter()
+        .map(|k| {
+            let Some(layout::RedisObject::Chunk { id, start, end: e }) = layout::parse_redis_key(k)
+            else {
+                return format!("{k} is not a chunk key");
+            };
+            if let Some((cs, ce)) = chain.iter().find(|(cs, ce)| start < *ce && *cs < e) {
+                format!(
+                    "{k} overlaps {} (offsets {start}..{e} and {cs}..{ce})",
+                    layout::redis_chunk(&id, *cs, *ce)
+                )
+            } else if start < manifest.snapshot_offset {
+                format!(
+                    "{k} starts before the snapshot's offset {}",
+                    manifest.snapshot_offset
+                )
+            } else if e <= start {
+                format!("{k} is empty")
+            } else {
+                format!("{k} does not continue the chain (gap before it: the chain ends at offset {end})")
+            }
+        })
+        .collect()
+}
+
+/// What is wrong with one chunk of the chain, read from `key` and expected to hold the
+/// offsets `expected`: a header naming other offsets (the object is another chunk's, e.g.
+/// two swapped), a body that does not parse into whole commands ending exactly at its end,
+/// a time index outside the chunk or going backwards (`last_ms` carries the previous
+/// chunk's last time). Returns the problems and the commands counted.
+pub fn chunk_problems(
+    key: &layout::RepoKey,
+    expected: (u64, u64),
+    header: &ChunkHeader,
+    body: &Bytes,
+    last_ms: &mut i64,
+) -> (Vec<String>, u64) {
+    let mut problems = Vec::new();
+    if (header.start, header.end) != expected {
+        problems.push(format!(
+            "{key}: holds offsets {}..{}, not {}..{} (the object of another chunk)",
+            header.start, header.end, expected.0, expected.1
+        ));
+    }
+    let mut buf = BytesMut::from(&body[..]);
+    let mut dec = CommandDecoder::new();
+    let mut offset = header.start;
+    let mut commands = 0u64;
+    loop {
+        match dec.decode(&mut buf) {
+            Ok(Some(cmd)) => {
+                offset += cmd.wire_len();
+                commands += 1;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                problems.push(format!("{key}: at offset {offset}: {e}"));
+                break;
+            }
+        }
+    }
+    if offset != header.end || !buf.is_empty() {
+        problems.push(format!(
+            "{key}: commands end at offset {offset} with {} bytes left over",
+            buf.len()
+        ));
+    }
+    for (off, ms) in &header.time_index {
+        if *off < header.start || *off > header.end || *ms < *last_ms {
+            problems.push(format!(
+                "{key}: time index entry ({off}, {ms}) out of order or outside the chunk"
+            ));
+            break;
+        }
+        *last_ms = *ms;
+    }
+    (problems, commands)
 }

@@ -2,7 +2,9 @@
 //! holds — a PostgreSQL base backup plus WAL replay to a point in time, or (once the Redis
 //! restore lands) a Redis generation.
 
+pub mod lock;
 pub mod pg;
+pub mod place;
 pub mod target;
 pub mod unpack;
 
@@ -11,9 +13,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use storage::{RepoKind, RepoOptions, Repository};
+use storage::{RepoKind, Repository};
 
-use crate::pg::cli::RepoArgs;
+use crate::cli::RepoArgs;
 
 /// Arguments of `restore`.
 #[derive(Debug, Args)]
@@ -23,8 +25,10 @@ pub struct RestoreArgs {
     /// Directory to restore into; it must be empty or absent (see --force).
     #[arg(long)]
     pub target: PathBuf,
-    /// Restore to this time: RFC 3339 (2026-11-27T16:07:00Z) or `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM]]`
-    /// (UTC when no zone is given). Transactions committed at or before it are kept.
+    /// Restore to this time: RFC 3339 (2026-11-27T16:07:00Z),
+    /// `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM]]` (UTC when no zone is given) or
+    /// `@<unix ms>`; the same forms for PostgreSQL and Redis. Transactions committed at or
+    /// before it are kept.
     #[arg(long, conflicts_with_all = ["to_lsn", "to_xid"])]
     pub to_time: Option<String>,
     /// Restore up to this WAL position (X/Y).
@@ -38,15 +42,24 @@ pub struct RestoreArgs {
     /// Use this base backup (id as shown by `syncbridge-agent list`) instead of choosing.
     #[arg(long)]
     pub backup: Option<String>,
-    /// Empty a non-empty --target first (refused while a server runs in it).
+    /// Empty a non-empty --target first (refused while a server runs in it, for `/`, and
+    /// for a directory that contains the file:// repository or lies inside it).
     #[arg(long)]
     pub force: bool,
     /// Objects downloaded, verified and written at once (default: twice the cores).
     #[arg(long)]
     pub jobs: Option<usize>,
-    /// Put a tablespace somewhere else: OLD_LOCATION=NEW_LOCATION (repeatable).
+    /// Restore the tablespace recorded at OLD_LOCATION to NEW_LOCATION instead (both
+    /// absolute; repeatable). A backup with tablespaces needs one for each, or
+    /// --tablespaces-in-place.
     #[arg(long = "tablespace-map", value_name = "OLD=NEW")]
     pub tablespace_map: Vec<String>,
+    /// Restore the tablespaces not given a --tablespace-map to the locations recorded in the
+    /// backup (the source's paths, outside --target; they must be empty or absent). Without
+    /// it a backup with tablespaces is refused, so that nothing is written outside --target
+    /// unless asked for. The locations are shown by `list` and by the restore's plan.
+    #[arg(long)]
+    pub tablespaces_in_place: bool,
     /// recovery_target_timeline: `latest` (default), `current`, or a timeline number.
     #[arg(long, default_value = "latest")]
     pub timeline: String,
@@ -62,20 +75,14 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "OPTIONS", allow_hyphen_values = true)]
     pub start_options: Option<String>,
     /// How long --start waits for recovery to finish.
-    #[arg(long, default_value = "600s", value_parser = crate::pg::cli::parse_duration)]
+    #[arg(long, default_value = "600s", value_parser = crate::util::duration::parse_duration, value_name = "DURATION")]
     pub start_timeout: std::time::Duration,
 }
 
 /// Runs `restore`.
 pub fn run(args: RestoreArgs) -> Result<ExitCode> {
     crate::cli::block_on(async move {
-        let repo =
-            Repository::open(&args.repo.repo, RepoOptions::from_env()?).with_context(|| {
-                format!(
-                    "opening the repository {}",
-                    args.repo.repo.split('?').next().unwrap_or_default()
-                )
-            })?;
+        let repo = args.repo.open()?;
         let marker = repo
             .read_marker()
             .await

@@ -3,6 +3,13 @@
 //! recovery (`recovery.signal` + `restore_command` calling `postgres wal-fetch`; PostgreSQL
 //! docs, "Continuous Archiving and Point-in-Time Recovery", "Recovery Target").
 //!
+//! Recovery always gets an explicit target it must reach (for the latest point: the last
+//! complete record of the archived WAL the plan was made with), so that WAL which stops
+//! short makes PostgreSQL fail with "recovery ended before configured recovery target was
+//! reached" instead of promoting early; `--start` then reads where recovery stopped and
+//! fails if that is before the plan. WAL read while planning passes the same checks as
+//! `postgres wal-fetch` ([`crate::pg::wal_fetch::check_segment`]).
+//!
 //! Nothing is written before every check has passed. While files are being written the
 //! target holds `syncbridge-restore.in-progress` and no `global/pg_control`, so a
 //! half-restored directory cannot be started; both are settled as the very last step.
@@ -18,15 +25,19 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use storage::layout::{self, BackupId};
 use storage::{RepoMarker, Repository};
+use wire::pg::page::Extent;
 use wire::pg::xlog::{scan_segment, XactOutcome, XactRecord};
 use wire::pg::{Lsn, SegmentName, TimelineHistory, TimelineId, WalSegmentSize};
 
+use super::lock::{self, DirLock};
+use super::place;
 use super::target::Target;
 use super::unpack::{self, PG_CONTROL_TEMP};
 use super::RestoreArgs;
 use crate::pg::backup::parse_server_manifest;
-use crate::pg::backup_catalog::{list_backups, BackupManifest, EntryKind, WalInventory, WalPath};
+use crate::pg::backup_catalog::{list_backups, BackupManifest, WalInventory, WalPath};
 use crate::pg::backup_progress::human;
+use crate::pg::wal_fetch::{check_history_file, check_segment, WalExpect};
 
 /// File present in the target while a restore is writing it.
 pub const IN_PROGRESS: &str = "syncbridge-restore.in-progress";
@@ -36,6 +47,14 @@ const PG_EPOCH_OFFSET_SECS: i64 = 946_684_800;
 
 /// Segments read backwards from the end of the archived WAL to find the last commit time.
 const MAX_SCAN_SEGMENTS: u64 = 64;
+
+/// Segments read backwards for the last commit time when restoring the latest point (only
+/// for the report; the target is the last record, found in the last segment or two).
+const LATEST_SCAN_SEGMENTS: u64 = 4;
+
+/// Most WAL held at once while looking for the last complete record (a record may span
+/// segments; the search reads backwards until one starts).
+const MAX_TAIL_BYTES: usize = 256 << 20;
 
 /// Runs a PostgreSQL restore.
 pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> Result<ExitCode> {
@@ -51,7 +70,7 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
             v.to_string()
         }
     };
-    let ts_map = parse_tablespace_map(&args.tablespace_map)?;
+    let ts_map = place::parse_tablespace_map(&args.tablespace_map)?;
     let owner = match &args.owner {
         Some(name) => Some(lookup_user(name)?),
         None => None,
@@ -67,7 +86,13 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
             .unwrap_or(4)
             .clamp(2, 32)
     });
-    let target_dir = absolute(&args.target)?;
+    let target_dir = place::resolve(&args.target)?;
+    let repo_dir = place::local_repository(&args.repo.repo);
+    place::check_destination(&target_dir, repo_dir.as_deref(), "--target")?;
+    // A restore already writing there fails this one at once (locking creates nothing).
+    let mut locks: Vec<DirLock> = DirLock::acquire_if_exists(&target_dir)?
+        .into_iter()
+        .collect();
 
     // ---- Plan: read-only checks ----
     let chosen = choose_backup(repo, marker, target, args.backup.as_deref()).await?;
@@ -75,19 +100,17 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
     let size = chosen.segment_size()?;
     let inv = WalInventory::load(repo, size).await?;
     let path = wal_path(repo, &inv, &chosen, &timeline_setting).await?;
-    let recovery = plan_recovery(repo, &inv, &chosen, target, &path).await?;
-    let roots = archive_roots(&chosen, &target_dir, &ts_map)?;
+    let expect = WalExpect::new(marker, Some(size), Some(chosen.server_major))?;
+    let recovery = plan_recovery(repo, &inv, &chosen, target, &path, &expect).await?;
+    let mut placement = place::plan(&chosen, &target_dir, &ts_map, args.tablespaces_in_place)?;
+    place::resolve_tablespaces(&mut placement, &target_dir, repo_dir.as_deref())?;
+    let ts_roots: Vec<PathBuf> = placement
+        .tablespaces
+        .iter()
+        .map(|t| t.dest.clone())
+        .collect();
     check_empty(&target_dir, args.force)?;
-    // --force only ever empties the target: a tablespace location outside it may belong to
-    // a running cluster (the source, on the same host).
-    for r in tablespace_roots(&chosen, &roots) {
-        check_empty(r, false).with_context(|| {
-            format!(
-                "tablespace location {}: restore it elsewhere with --tablespace-map OLD=NEW",
-                r.display()
-            )
-        })?;
-    }
+    check_tablespaces_empty(&ts_roots)?;
     let server_manifest = repo
         .get(&layout::base_backup_server_manifest(&id))
         .await
@@ -101,36 +124,66 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
         chosen.chunks.len(),
         target_dir.display()
     );
+    for t in &placement.tablespaces {
+        println!(
+            "tablespace:  {} recorded at {} -> {}{}",
+            t.oid,
+            t.recorded,
+            t.dest.display(),
+            if t.mapped {
+                " (--tablespace-map)"
+            } else {
+                " (--tablespaces-in-place)"
+            }
+        );
+    }
     println!("target:      {}", recovery.describe);
 
     // ---- Write ----
-    clear_dir(&target_dir)?;
-    std::fs::write(
-        target_dir.join(IN_PROGRESS),
+    let modes = placement.modes;
+    if locks.is_empty() {
+        locks.push(lock::create_and_lock(&target_dir, modes.dir_cap())?);
+    }
+    for r in &ts_roots {
+        locks.push(lock::create_and_lock(r, modes.dir_cap())?);
+    }
+    // Again under the locks: another restore may have finished in between.
+    check_empty(&target_dir, args.force)?;
+    check_tablespaces_empty(&ts_roots)?;
+    clear_dir(&target_dir, modes)?;
+    unpack::write_private(
+        &target_dir.join(IN_PROGRESS),
         format!(
-            "syncbridge-agent is restoring backup {id} here (started {}); do not start PostgreSQL in this directory until this file is gone\n",
+            "syncbridge-agent (pid {}) is restoring backup {id} here (started {}); do not start PostgreSQL in this directory until this file is gone\n",
+            std::process::id(),
             Utc::now().to_rfc3339()
-        ),
-    )
-    .with_context(|| format!("writing {}", target_dir.join(IN_PROGRESS).display()))?;
-    for r in tablespace_roots(&chosen, &roots) {
-        clear_dir(r)?;
+        )
+        .as_bytes(),
+    )?;
+    for r in &ts_roots {
+        clear_dir(r, modes)?;
     }
     let m = Arc::new(chosen);
-    let roots = Arc::new(roots);
+    let roots = Arc::new(placement.roots());
     unpack::prepare(&m, &roots)?;
-    make_tablespace_links(&m, &roots)?;
+    make_tablespace_links(&target_dir, &placement)?;
     let write_started = Instant::now();
-    let stats = unpack::write_all(repo, &m, &roots, jobs, &server_files).await?;
+    let stats = unpack::write_all(repo, &m, &roots, jobs, &server_files, modes).await?;
     let write_secs = write_started.elapsed().as_secs_f64();
 
-    std::fs::write(target_dir.join("backup_manifest"), &server_manifest)
-        .context("writing backup_manifest")?;
+    unpack::write_private(&target_dir.join("backup_manifest"), &server_manifest)?;
     for stale in ["standby.signal", "recovery.signal"] {
         let _ = std::fs::remove_file(target_dir.join(stale));
     }
-    write_recovery_conf(&target_dir, repo, args, &id, &recovery, &timeline_setting)?;
-    std::fs::write(target_dir.join("recovery.signal"), b"").context("writing recovery.signal")?;
+    write_recovery_conf(
+        &target_dir,
+        args,
+        &id,
+        &recovery,
+        &timeline_setting,
+        &chosen_wal_hints(size, m.server_major),
+    )?;
+    unpack::write_private(&target_dir.join("recovery.signal"), b"")?;
     if let Some((uid, gid, _)) = &owner {
         for r in roots.iter() {
             chown_tree(r, *uid, *gid)?;
@@ -175,10 +228,18 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
                 target_dir.display(),
                 target_dir.display()
             );
-            println!("             PostgreSQL replays WAL through `postgres wal-fetch` and promotes at the target.");
+            println!("             PostgreSQL replays WAL through `postgres wal-fetch` and promotes at the target;");
+            println!("             if the WAL it gets stops short of the target, it stops with FATAL instead of promoting.");
         }
         Some(bin) => {
-            start_and_wait(bin, &target_dir, args, owner.as_ref(), restore_secs)?;
+            start_and_wait(
+                bin,
+                &target_dir,
+                args,
+                owner.as_ref(),
+                restore_secs,
+                &recovery,
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -187,10 +248,18 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
 /// What recovery will be told, and what the user is told.
 #[derive(Debug, Clone)]
 pub struct RecoveryPlan {
-    /// `recovery_target_*` lines.
+    /// `recovery_target_*` lines; never empty: recovery always has a target to reach.
     pub settings: Vec<String>,
     /// For the summary.
     pub describe: String,
+    /// Recovery must have replayed the record at this LSN (latest point, `--to-lsn`);
+    /// `--start` fails if the server reports stopping before it.
+    pub must_reach: Option<Lsn>,
+}
+
+/// `--segment-size` and `--pg-version` for the `wal-fetch` in `restore_command`.
+fn chosen_wal_hints(size: WalSegmentSize, major: u32) -> String {
+    format!("--segment-size {} --pg-version {major}", size.bytes())
 }
 
 async fn choose_backup(
@@ -304,6 +373,7 @@ async fn plan_recovery(
     m: &BackupManifest,
     target: Target,
     path: &WalPath,
+    expect: &WalExpect,
 ) -> Result<RecoveryPlan> {
     let size = m.segment_size()?;
     let start = m.start()?;
@@ -325,39 +395,88 @@ async fn plan_recovery(
             .map(|g| g.to_string())
             .unwrap_or_else(|| format!("WAL after {cont_end} is missing"))
     };
+    let tail = |xact_segments: u64| {
+        let wal = TailWal {
+            repo,
+            inv,
+            path,
+            size,
+            expect,
+        };
+        async move { wal.scan(start, cont_end, xact_segments).await }
+    };
     match target {
         Target::Latest => {
+            let t = tail(LATEST_SCAN_SEGMENTS).await?;
+            let last = t.last_record.with_context(|| {
+                format!("no complete WAL record found in the archived WAL {start}..{cont_end}")
+            })?;
             if newest > cont_end {
                 bail!(
-                    "{}; restoring the latest point needs it. Restore up to the hole with --to-lsn {cont_end}",
+                    "{}; restoring the latest point needs it. Restore up to the hole with --to-lsn {last} (the last complete record before it)",
                     describe_gap(newest)
                 );
             }
+            let commit = match t.last_xact {
+                Some(x) => format!(
+                    "last transaction {} {} at {}",
+                    x.xid,
+                    match x.outcome {
+                        XactOutcome::Commit => "committed",
+                        XactOutcome::Abort => "aborted",
+                    },
+                    pg_time(x.time).format("%Y-%m-%d %H:%M:%S%.6f UTC")
+                ),
+                None => format!(
+                    "no transaction ends in the last {LATEST_SCAN_SEGMENTS} segments; backup ended at {}",
+                    m.stop_time
+                ),
+            };
+            // The backup's own end record may be the last: stop once consistent.
+            if last < stop {
+                return Ok(RecoveryPlan {
+                    settings: vec!["recovery_target = 'immediate'".into()],
+                    describe: format!(
+                        "the end of the archived WAL, which is the end of backup {} ({stop} on timeline {}; {commit})",
+                        m.id,
+                        path.target()
+                    ),
+                    must_reach: None,
+                });
+            }
             Ok(RecoveryPlan {
-                settings: Vec::new(),
+                settings: Target::Lsn(last).settings(),
                 describe: format!(
-                    "the end of the archived WAL ({cont_end} on timeline {}), using backup {}",
+                    "the end of the archived WAL: the last complete record, at {last} on timeline {} (archived up to {cont_end}; {commit}), using backup {}",
                     path.target(),
                     m.id
                 ),
+                must_reach: Some(last),
             })
         }
         Target::Lsn(l) => {
-            if l > cont_end {
-                if newest > cont_end {
-                    bail!(
-                        "{}; the target {l} lies beyond it",
-                        describe_gap(l.max(newest))
-                    );
-                }
+            if l > cont_end && newest > cont_end {
                 bail!(
-                    "the target LSN {l} is beyond the last archived WAL: the latest restorable LSN is {cont_end}"
+                    "{}; the target {l} lies beyond it",
+                    describe_gap(l.max(newest))
                 );
             }
-            Ok(RecoveryPlan {
-                settings: target.settings(),
-                describe: format!("LSN {l}, using backup {}", m.id),
-            })
+            // PostgreSQL stops after the first record starting at or after the target, so
+            // one must start there within the archived WAL.
+            let last = tail(0).await?.last_record;
+            match last {
+                Some(last) if l <= last => Ok(RecoveryPlan {
+                    settings: target.settings(),
+                    describe: format!("LSN {l}, using backup {}", m.id),
+                    must_reach: Some(l),
+                }),
+                Some(last) => bail!(
+                    "the target LSN {l} is beyond the last archived WAL: the latest restorable LSN is {last} (the start of the last complete record archived up to {cont_end})"
+                ),
+                None => bail!(
+                    "the target LSN {l} is beyond the last archived WAL: no complete record in {start}..{cont_end}"
+                ),
+            }
         }
         Target::Xid(x) => {
             if newest > cont_end {
@@ -369,15 +488,17 @@ async fn plan_recovery(
             Ok(RecoveryPlan {
                 settings: target.settings(),
                 describe: format!("transaction {x}, using backup {}", m.id),
+                must_reach: None,
             })
         }
         Target::Time(t) => {
-            let last = last_xact(repo, inv, path, size, start, cont_end).await?;
+            let last = tail(MAX_SCAN_SEGMENTS).await?.last_xact;
             let last_time = last.map(|x| pg_time(x.time));
             match (last, last_time) {
                 (Some(_), Some(lt)) if t < lt => Ok(RecoveryPlan {
                     settings: target.settings(),
                     describe: format!("{}, using backup {}", target.describe(), m.id),
+                    must_reach: None,
                 }),
                 (Some(x), Some(lt)) if t == lt && x.outcome == XactOutcome::Commit => {
                     // Nothing later is archived to stop at; stop after this very commit.
@@ -389,6 +510,7 @@ async fn plan_recovery(
                             x.xid,
                             m.id
                         ),
+                        must_reach: Some(x.lsn),
                     })
                 }
                 _ => {
@@ -434,6 +556,8 @@ async fn wal_path(
             .get(&key)
             .await
             .with_context(|| format!("reading {key}"))?;
+        check_history_file(&data, TimelineId::new(n)?)
+            .with_context(|| format!("checking {key}"))?;
         TimelineHistory::parse(&data).with_context(|| format!("parsing {key}"))
     };
     match setting {
@@ -473,170 +597,140 @@ fn pg_time(micros: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(secs, nanos).unwrap_or_default()
 }
 
-/// The last commit/abort record before `end`, reading segments backwards from there.
-async fn last_xact(
-    repo: &Repository,
-    inv: &WalInventory,
-    path: &WalPath,
+/// What the end of the archived WAL holds.
+#[derive(Debug, Default)]
+struct Tail {
+    /// Start of the last complete record before the end.
+    last_record: Option<Lsn>,
+    /// The last commit/abort record before the end, if found within the segments read.
+    last_xact: Option<XactRecord>,
+}
+
+/// The archived WAL along a path, read through the same checks as `wal-fetch`.
+struct TailWal<'a> {
+    repo: &'a Repository,
+    inv: &'a WalInventory,
+    path: &'a WalPath,
     size: WalSegmentSize,
-    start: Lsn,
-    end: Lsn,
-) -> Result<Option<XactRecord>> {
-    if end <= start {
-        return Ok(None);
-    }
-    let first = size.segment_of(start);
-    let mut segno = size.segment_of(Lsn(end.0 - 1));
-    for _ in 0..MAX_SCAN_SEGMENTS {
-        let tli = path.timeline_of(segno, size);
-        let Some(t) = inv.timelines.get(&tli.get()) else {
-            break;
+    expect: &'a WalExpect,
+}
+
+impl TailWal<'_> {
+    /// Segment `segno` as recovery would get it (complete, or the newest partial), checked.
+    async fn read(&self, segno: u64) -> Result<Option<(SegmentName, bytes::Bytes)>> {
+        let tli = self.path.timeline_of(segno, self.size);
+        let Some(t) = self.inv.timelines.get(&tli.get()) else {
+            return Ok(None);
         };
-        let seg = SegmentName::new(tli, segno, size)?;
+        let seg = SegmentName::new(tli, segno, self.size)?;
         let name = layout::WalSegmentName::parse(&seg.to_string())?;
-        let key = if t.segments.contains(&segno) {
-            layout::wal_segment(&name)
+        let (key, extent) = if t.segments.contains(&segno) {
+            (layout::wal_segment(&name), Extent::Complete)
         } else {
             match t.partials.get(&segno) {
-                Some(off) => layout::wal_partial(&name, *off),
-                None => break,
+                Some(off) => (
+                    layout::wal_partial(&name, *off),
+                    Extent::Partial(u64::from(*off)),
+                ),
+                None => return Ok(None),
             }
         };
-        let data = repo
+        let data = self
+            .repo
             .get(&key)
             .await
-            .with_context(|| format!("reading {key} to find the last archived commit"))?;
-        let scan = scan_segment(&data, seg.start_lsn());
-        if let Some(x) = scan.xacts.iter().rev().find(|x| x.lsn < end) {
-            return Ok(Some(*x));
-        }
-        if segno <= first {
-            break;
-        }
-        segno -= 1;
+            .with_context(|| format!("reading {key} to find the end of the archived WAL"))?;
+        check_segment(
+            &seg.to_string(),
+            data.len() as u64,
+            &data,
+            extent,
+            self.expect,
+        )
+        .with_context(|| format!("checking {key}"))?;
+        Ok(Some((seg, data)))
     }
-    Ok(None)
-}
 
-fn parse_tablespace_map(items: &[String]) -> Result<Vec<(String, PathBuf)>> {
-    items
-        .iter()
-        .map(|i| {
-            let (old, new) = i
-                .split_once('=')
-                .with_context(|| format!("--tablespace-map {i:?}: expected OLD=NEW"))?;
-            let new = PathBuf::from(new);
-            if !new.is_absolute() {
-                bail!("--tablespace-map {i:?}: the new location must be absolute");
-            }
-            Ok((old.trim_end_matches('/').to_string(), new))
-        })
-        .collect()
-}
-
-/// Where each archive goes: the target for the data directory, the (mapped) original
-/// location for tablespaces.
-fn archive_roots(
-    m: &BackupManifest,
-    target: &Path,
-    map: &[(String, PathBuf)],
-) -> Result<Vec<PathBuf>> {
-    let mut roots = Vec::new();
-    let mut used: Vec<String> = Vec::new();
-    for t in &m.tablespaces {
-        match (&t.oid, &t.location) {
-            (None, _) => roots.push(target.to_path_buf()),
-            (Some(oid), Some(loc)) => {
-                let key = loc.trim_end_matches('/');
-                let dest = match map.iter().find(|(o, _)| o == key) {
-                    Some((o, n)) => {
-                        used.push(o.clone());
-                        n.clone()
-                    }
-                    None => PathBuf::from(loc),
-                };
-                if dest.starts_with(target) {
+    /// Reads backwards from `end`: until the last complete record is found (a record may
+    /// span segments, so segments are joined until one starts inside them), and for the last
+    /// transaction through at most `xact_segments` segments.
+    async fn scan(&self, start: Lsn, end: Lsn, xact_segments: u64) -> Result<Tail> {
+        let mut tail = Tail::default();
+        if end <= start {
+            return Ok(tail);
+        }
+        let first = self.size.segment_of(start);
+        let mut segno = self.size.segment_of(Lsn(end.0 - 1));
+        // Segments from `segno` to the end, joined, while no record was found in them.
+        let mut joined: Vec<u8> = Vec::new();
+        let mut read = 0u64;
+        loop {
+            let Some((seg, data)) = self.read(segno).await? else {
+                break;
+            };
+            read += 1;
+            let scan = if tail.last_record.is_none() {
+                let mut bytes = data.to_vec();
+                bytes.extend_from_slice(&joined);
+                joined = bytes;
+                let scan = scan_segment(&joined, seg.start_lsn());
+                if let Some(r) = scan.last_record.filter(|r| *r < end) {
+                    tail.last_record = Some(r);
+                    joined = Vec::new();
+                } else if joined.len() > MAX_TAIL_BYTES {
                     bail!(
-                        "tablespace {oid} would be restored to {} inside the target; map it elsewhere with --tablespace-map {loc}=NEW",
-                        dest.display()
+                        "no complete WAL record starts in the last {} MiB of the archived WAL (before {end})",
+                        joined.len() >> 20
                     );
                 }
-                roots.push(dest);
+                scan
+            } else {
+                scan_segment(&data, seg.start_lsn())
+            };
+            if tail.last_xact.is_none() {
+                tail.last_xact = scan.xacts.iter().rev().find(|x| x.lsn < end).copied();
             }
-            (Some(oid), None) => bail!("tablespace {oid} has no location in the backup"),
+            let xact_done = tail.last_xact.is_some() || read >= xact_segments;
+            if (tail.last_record.is_some() && xact_done) || segno <= first {
+                break;
+            }
+            segno -= 1;
         }
+        Ok(tail)
     }
-    if m.tablespaces.iter().filter(|t| t.oid.is_none()).count() != 1 {
-        bail!(
-            "backup {} does not have exactly one data directory archive",
-            m.id
-        );
-    }
-    for (o, _) in map {
-        if !used.contains(o) {
-            let known: Vec<&str> = m
-                .tablespaces
-                .iter()
-                .filter_map(|t| t.location.as_deref())
-                .collect();
-            bail!(
-                "--tablespace-map {o}=…: the backup has no tablespace there (it has: {})",
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            );
-        }
-    }
-    Ok(roots)
 }
 
-/// The destinations of the tablespace archives (not the data directory).
-fn tablespace_roots<'a>(m: &BackupManifest, roots: &'a [PathBuf]) -> Vec<&'a PathBuf> {
-    m.tablespaces
-        .iter()
-        .zip(roots)
-        .filter(|(t, _)| t.oid.is_some())
-        .map(|(_, r)| r)
-        .collect()
-}
-
-fn make_tablespace_links(m: &BackupManifest, roots: &[PathBuf]) -> Result<()> {
-    let Some(base) = m
-        .tablespaces
-        .iter()
-        .position(|t| t.oid.is_none())
-        .and_then(|i| roots.get(i))
-    else {
+/// The links `pg_tblspc/<oid>` of the data directory, to where each tablespace goes (the
+/// manifest's own links were checked by [`place::plan`] and are not used).
+fn make_tablespace_links(base: &Path, placement: &place::Placement) -> Result<()> {
+    if placement.tablespaces.is_empty() {
         return Ok(());
-    };
-    for (i, t) in m.tablespaces.iter().enumerate() {
-        let Some(oid) = t.oid else { continue };
-        let link = base.join("pg_tblspc").join(oid.to_string());
-        let _ = std::fs::remove_file(&link);
-        std::fs::create_dir_all(base.join("pg_tblspc")).context("creating pg_tblspc")?;
-        std::os::unix::fs::symlink(&roots[i], &link)
-            .with_context(|| format!("linking {} to {}", link.display(), roots[i].display()))?;
     }
-    // Symlinks recorded in the base archive are the tablespace links above.
-    for e in &m.entries {
-        if e.kind == EntryKind::Symlink && !e.path.starts_with("pg_tblspc/") {
-            bail!("unexpected symlink {} in the backup", e.path);
-        }
+    let dir = base.join("pg_tblspc");
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&dir)
+        .context("creating pg_tblspc")?;
+    for t in &placement.tablespaces {
+        let link = dir.join(t.oid.to_string());
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&t.dest, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), t.dest.display()))?;
     }
     Ok(())
 }
 
-fn absolute(p: &Path) -> Result<PathBuf> {
-    let abs = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .context("reading the current directory")?
-            .join(p)
-    };
-    Ok(abs)
+/// --force only ever empties the target: a tablespace location outside it may belong to a
+/// running cluster (the source, on the same host).
+fn check_tablespaces_empty(roots: &[PathBuf]) -> Result<()> {
+    for r in roots {
+        check_empty(r, false).with_context(|| {
+            format!(
+                "tablespace location {}: restore it elsewhere with --tablespace-map OLD=NEW",
+                r.display()
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn check_empty(dir: &Path, force: bool) -> Result<()> {
@@ -672,8 +766,9 @@ fn check_empty(dir: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-fn clear_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// Empties a locked directory (whose emptiness or `--force` was checked) and gives it the
+/// restore's directory mode.
+fn clear_dir(dir: &Path, modes: place::Modes) -> Result<()> {
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let e = e?;
         let p = e.path();
@@ -685,8 +780,11 @@ fn clear_dir(dir: &Path) -> Result<()> {
         }
         .with_context(|| format!("removing {}", p.display()))?;
     }
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    std::fs::set_permissions(
+        dir,
+        std::os::unix::fs::PermissionsExt::from_mode(modes.dir_cap()),
+    )
+    .with_context(|| format!("setting the mode of {}", dir.display()))?;
     Ok(())
 }
 
@@ -704,18 +802,23 @@ fn shell_quote(s: &str) -> String {
 
 fn write_recovery_conf(
     dir: &Path,
-    repo: &Repository,
     args: &RestoreArgs,
     id: &BackupId,
     plan: &RecoveryPlan,
     timeline: &str,
+    wal_hints: &str,
 ) -> Result<()> {
     let exe = std::env::current_exe().context("finding this program's path")?;
-    let _ = repo;
+    let repo_args: Vec<String> = args
+        .repo
+        .reader_args()?
+        .iter()
+        .map(|a| shell_quote(a))
+        .collect();
     let command = format!(
-        "{} postgres wal-fetch --repo {} %f %p",
+        "{} postgres wal-fetch {} {wal_hints} %f %p",
         shell_quote(&exe.display().to_string()),
-        shell_quote(&args.repo.repo)
+        repo_args.join(" ")
     );
     let mut text = format!(
         "\n# Added by syncbridge-agent restore of backup {id} at {}.\n",
@@ -786,16 +889,17 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<()> {
 }
 
 /// Starts the restored cluster with `pg_ctl`, waits for recovery to end and reports where
-/// it stopped (from the server log).
+/// it stopped (from the server log); fails if that is before the plan.
 fn start_and_wait(
     bin: &Path,
     dir: &Path,
     args: &RestoreArgs,
     owner: Option<&(u32, u32, String)>,
     restore_secs: f64,
+    plan: &RecoveryPlan,
 ) -> Result<()> {
     let log = dir.join("syncbridge-recovery.log");
-    std::fs::write(&log, b"").context("creating the recovery log")?;
+    unpack::write_private(&log, b"").context("creating the recovery log")?;
     if let Some((uid, gid, _)) = owner {
         std::os::unix::fs::lchown(&log, Some(*uid), Some(*gid))?;
     }
@@ -829,6 +933,23 @@ fn start_and_wait(
         if text.contains("database system is ready to accept connections") {
             let replay_secs = replay_started.elapsed().as_secs_f64();
             report_recovery(&text);
+            if let Err(e) = check_reached(&text, plan) {
+                let mut stop = std::process::Command::new(bin.join("pg_ctl"));
+                stop.arg("-D").arg(dir).args(["-m", "fast", "stop"]);
+                if let Some((uid, gid, _)) = owner {
+                    stop.uid(*uid).gid(*gid);
+                }
+                let stopped = stop.output().map(|o| o.status.success()).unwrap_or(false);
+                bail!(
+                    "{e:#}\nThe restored cluster does not hold everything planned; {} (log: {})",
+                    if stopped {
+                        "the server was stopped"
+                    } else {
+                        "the server could not be stopped: stop it before using it"
+                    },
+                    log.display()
+                );
+            }
             println!("durations:   restore {restore_secs:.1}s, replay {replay_secs:.1}s");
             println!(
                 "server:      running from {} (log {})",
@@ -841,7 +962,18 @@ fn start_and_wait(
             .lines()
             .find(|l| l.contains("FATAL:") || l.contains("PANIC:"))
         {
-            bail!("recovery failed: {line}\n(full log: {})", log.display());
+            // wal-fetch's own reason (its stderr goes to the server log) says more than
+            // PostgreSQL's "child process exited with exit code 200".
+            let why: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("error: wal-fetch"))
+                .collect();
+            bail!(
+                "recovery failed: {line}{}{}\n(full log: {})",
+                if why.is_empty() { "" } else { "\n" },
+                why.join("\n"),
+                log.display()
+            );
         }
         if Instant::now() > deadline {
             bail!(
@@ -852,6 +984,37 @@ fn start_and_wait(
         }
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// Where recovery stopped, from the server log: `redo done at X` (X is the start of the
+/// last record replayed, `xlogrecovery.c`), and whether a `recovery stopping` line says
+/// the target was reached.
+fn check_reached(log: &str, plan: &RecoveryPlan) -> Result<()> {
+    let redo_done = log.lines().rev().find_map(|l| {
+        let rest = &l[l.find("redo done at ")? + "redo done at ".len()..];
+        Lsn::parse(rest.split_whitespace().next()?).ok()
+    });
+    let stopping = log.lines().any(|l| l.contains("recovery stopping"));
+    if let Some(want) = plan.must_reach {
+        match redo_done {
+            Some(at) if at >= want => {
+                println!("reached:     WAL position {at} (planned: {want})");
+            }
+            Some(at) => bail!(
+                "recovery stopped at {at}, before the planned {want}: WAL is missing or damaged"
+            ),
+            None => bail!(
+                "the server log does not say where recovery stopped (no \"redo done at\"); the plan was to reach {want}"
+            ),
+        }
+    }
+    if !stopping {
+        bail!(
+            "the server log has no \"recovery stopping\" line: recovery did not reach its target ({})",
+            plan.describe
+        );
+    }
+    Ok(())
 }
 
 fn report_recovery(log: &str) {
@@ -883,6 +1046,41 @@ mod tests {
             "'s3://b/p?endpoint=http://h:1&allow_http=true'"
         );
         assert_eq!(shell_quote("a'b"), "'a'\\''b'");
+    }
+
+    #[test]
+    fn where_recovery_stopped() {
+        let plan = RecoveryPlan {
+            settings: Target::Lsn(Lsn(0x500_0060)).settings(),
+            describe: "x".into(),
+            must_reach: Some(Lsn(0x500_0060)),
+        };
+        let good = "LOG:  recovery stopping after WAL location (LSN) \"0/5000060\"\nLOG:  redo done at 0/5000060 system usage: CPU: user: 0.00 s\n";
+        check_reached(good, &plan).unwrap();
+        let early = "LOG:  redo done at 0/50000D0 system usage: x\n";
+        let e = check_reached(
+            early,
+            &RecoveryPlan {
+                must_reach: Some(Lsn(0x700_0000)),
+                ..plan.clone()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("before the planned 0/7000000"), "{e}");
+        let e = check_reached("LOG:  redo done at 0/5000060 x\n", &plan)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("recovery stopping"), "{e}");
+        let time_plan = RecoveryPlan {
+            must_reach: None,
+            ..plan
+        };
+        check_reached(
+            "LOG:  recovery stopping before commit of transaction 750, time 2026-01-01\n",
+            &time_plan,
+        )
+        .unwrap();
     }
 
     #[test]

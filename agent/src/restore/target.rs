@@ -1,8 +1,8 @@
 //! Recovery targets: parsing what the user asked for and turning it into PostgreSQL's
 //! `recovery_target_*` settings (PostgreSQL docs, "Recovery Target").
 
-use anyhow::{bail, Context, Result};
-use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
 use wire::pg::Lsn;
 
 /// Where recovery should stop.
@@ -64,56 +64,16 @@ impl Target {
     }
 }
 
-/// Parses RFC 3339 or `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM]]`, UTC when no zone is given.
+/// Parses `--to-time` in the one syntax of every `--to-time` ([`crate::util::time`]).
 pub fn parse_target_time(text: &str) -> Result<DateTime<Utc>> {
-    let t = text.trim();
-    if let Ok(d) = DateTime::parse_from_rfc3339(t) {
-        return Ok(d.with_timezone(&Utc));
-    }
-    let t = if t.as_bytes().get(10) == Some(&b'T') {
-        format!("{} {}", &t[..10], &t[11..])
-    } else {
-        t.to_string()
-    };
-    let t = t.strip_suffix(" UTC").unwrap_or(&t).to_string();
-    let t = t.strip_suffix('Z').unwrap_or(&t).to_string();
-    // Split off a trailing zone: +HH, +HHMM or +HH:MM (also -).
-    let (stamp, offset_secs) = split_zone(&t)?;
-    let naive = NaiveDateTime::parse_from_str(stamp, "%Y-%m-%d %H:%M:%S%.f")
-        .or_else(|_| NaiveDateTime::parse_from_str(stamp, "%Y-%m-%d %H:%M"))
-        .with_context(|| {
-            format!("{text:?} is not a time: use RFC 3339 or YYYY-MM-DD HH:MM:SS[±TZ]")
-        })?;
-    let utc = Utc.from_utc_datetime(&naive) - chrono::Duration::seconds(offset_secs);
-    Ok(utc)
-}
-
-fn split_zone(t: &str) -> Result<(&str, i64)> {
-    // The date part has '-' too, so only look after the time's first ':'.
-    let Some(colon) = t.find(':') else {
-        return Ok((t, 0));
-    };
-    let Some(rel) = t[colon..].find(['+', '-']) else {
-        return Ok((t, 0));
-    };
-    let at = colon + rel;
-    let (stamp, zone) = t.split_at(at);
-    let sign = if zone.starts_with('-') { -1 } else { 1 };
-    let digits: String = zone[1..].chars().filter(|c| *c != ':').collect();
-    let (h, m) = match digits.len() {
-        2 => (&digits[..2], "0"),
-        4 => (&digits[..2], &digits[2..]),
-        _ => bail!("time zone {zone:?} in {t:?}: expected ±HH, ±HHMM or ±HH:MM"),
-    };
-    let h: i64 = h.parse().with_context(|| format!("time zone {zone:?}"))?;
-    let m: i64 = m.parse().with_context(|| format!("time zone {zone:?}"))?;
-    Ok((stamp.trim_end(), sign * (h * 3600 + m * 60)))
+    crate::util::time::parse_time(text)
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use chrono::TimeZone;
 
     #[test]
     fn time_formats() {

@@ -9,7 +9,7 @@
 //! whole (PostgreSQL cannot start without `pg_control`).
 
 use std::collections::HashMap;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +22,8 @@ use tokio::task::JoinSet;
 use crate::pg::backup::{crc_matches, manifest_path, ServerManifestFile};
 use crate::pg::backup_catalog::{BackupManifest, DataChunk, EntryKind};
 use crate::pg::backup_progress::Progress;
+
+use super::place::Modes;
 
 /// Where `pg_control` goes until the restore is complete.
 pub const PG_CONTROL_TEMP: &str = "global/pg_control.syncbridge-restore";
@@ -52,28 +54,31 @@ pub fn dest_path(m: &BackupManifest, roots: &[PathBuf], entry: u32) -> Result<Pa
     Ok(root.join(&e.path))
 }
 
-/// Creates directories and (empty, sized) files. Symlinks are the caller's business.
+/// Creates directories (0700) and empty, sized files (0600) inside the roots, which exist
+/// (the caller created and locked them); their final modes are set once they are verified.
+/// Symlinks are the caller's business.
 pub fn prepare(m: &BackupManifest, roots: &[PathBuf]) -> Result<()> {
-    for r in roots {
-        std::fs::create_dir_all(r).with_context(|| format!("creating {}", r.display()))?;
-    }
+    let mut dirs = std::fs::DirBuilder::new();
+    dirs.recursive(true).mode(0o700);
     for (i, e) in m.entries.iter().enumerate() {
         if e.kind == EntryKind::Dir {
             let p = dest_path(m, roots, i as u32)?;
-            std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+            dirs.create(&p)
+                .with_context(|| format!("creating {}", p.display()))?;
         }
     }
     for (i, e) in m.entries.iter().enumerate() {
         if e.kind == EntryKind::File {
             let p = dest_path(m, roots, i as u32)?;
             if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent)
+                dirs.create(parent)
                     .with_context(|| format!("creating {}", parent.display()))?;
             }
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(0o600)
                 .open(&p)
                 .with_context(|| format!("creating {}", p.display()))?;
             f.set_len(e.size)
@@ -100,6 +105,7 @@ pub async fn write_all(
     roots: &Arc<Vec<PathBuf>>,
     jobs: usize,
     server_files: &[ServerManifestFile],
+    modes: Modes,
 ) -> Result<UnpackStats> {
     let id = m.backup_id()?;
     let done = Arc::new(AtomicU64::new(0));
@@ -166,7 +172,7 @@ pub async fn write_all(
     }
     progress.finish(done.load(Ordering::Relaxed));
     let pieces = std::mem::take(&mut *written.lock().map_err(|_| anyhow!("lock poisoned"))?);
-    verify_files(m, roots, pieces, server_files)?;
+    verify_files(m, roots, pieces, server_files, modes)?;
     sync_files(m, roots, jobs).await?;
     Ok(UnpackStats {
         bytes: done.load(Ordering::Relaxed),
@@ -265,12 +271,14 @@ async fn restore_chunk(
 }
 
 /// Combines each file's piece CRCs in offset order and compares them with the backup's
-/// record and the server's manifest; sets permissions.
+/// record and the server's manifest; sets permissions (capped by `modes`: never setuid,
+/// setgid or sticky).
 fn verify_files(
     m: &BackupManifest,
     roots: &[PathBuf],
     mut pieces: Written,
     server_files: &[ServerManifestFile],
+    modes: Modes,
 ) -> Result<()> {
     pieces.sort_unstable_by_key(|p| (p.0, p.1));
     let mut per_entry: HashMap<u32, (u64, u32)> = HashMap::new();
@@ -297,8 +305,11 @@ fn verify_files(
         if e.kind == EntryKind::Symlink {
             continue;
         }
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(e.mode & 0o7777))
-            .with_context(|| format!("setting the mode of {}", path.display()))?;
+        std::fs::set_permissions(
+            &path,
+            std::fs::Permissions::from_mode(modes.for_entry(e.kind, e.mode)),
+        )
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
         if e.kind != EntryKind::File {
             continue;
         }
@@ -374,4 +385,19 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// Writes a small file restore adds itself (created 0600, synced).
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
 }

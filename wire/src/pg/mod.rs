@@ -6,7 +6,8 @@
 //! replication (`src/backend/replication/walsender.c`, protocol docs "Streaming Replication
 //! Protocol"), the result rows of replication commands, the typed copy messages of
 //! `BASE_BACKUP` (PostgreSQL 15+, `src/backend/backup/basebackup_copy.c`) and the tar stream
-//! a base backup is made of (`src/port/tar.c`).
+//! a base backup is made of (`src/port/tar.c`), and the checks that a WAL object is the WAL
+//! its name says ([`page`]).
 //!
 //! Parsers that read a byte stream ([`frame::BackendFrame`], [`tar::TarReader`]) return
 //! `Ok(None)` while the buffer holds too little, and never reserve more than a fixed cap
@@ -17,6 +18,7 @@ pub mod commands;
 mod error;
 pub mod frame;
 pub mod lsn;
+pub mod page;
 pub mod replication;
 pub mod results;
 pub mod segment;

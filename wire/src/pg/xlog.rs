@@ -55,6 +55,10 @@ pub struct SegmentScan {
     pub xacts: Vec<XactRecord>,
     /// End of the last complete, valid record.
     pub valid_end: Option<Lsn>,
+    /// Start of the last complete, valid record: the `recovery_target_lsn` that makes
+    /// PostgreSQL (with `recovery_target_inclusive`) replay exactly up to the end of this
+    /// WAL, and fail if it cannot get there.
+    pub last_record: Option<Lsn>,
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -70,7 +74,9 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 }
 
 /// Scans the bytes of one WAL segment (or the first bytes of one) that begins at
-/// `segment_start`. Records continuing into the next segment are not reported.
+/// `segment_start`. Records continuing into the next segment are not reported. Several
+/// consecutive segments may be passed as one slice (each starts with its long page
+/// header): records crossing from one into the next are then found too.
 pub fn scan_segment(data: &[u8], segment_start: Lsn) -> SegmentScan {
     let mut out = SegmentScan::default();
     // Page size from the long header of the first page (XLOG_BLCKSZ, 8 KiB by default).
@@ -146,6 +152,7 @@ pub fn scan_segment(data: &[u8], segment_start: Lsn) -> SegmentScan {
             }
         }
         out.valid_end = Some(lsn_of(pos + tot_len - 1)).map(|l| Lsn(l.0 + 1));
+        out.last_record = Some(lsn_of(pos));
         pos += align8(tot_len);
     }
     out
@@ -243,6 +250,8 @@ mod tests {
             (4242, 1_000_000, XactOutcome::Commit)
         );
         assert_eq!(x.lsn, Lsn(start + 40 + commit_at as u64));
+        assert_eq!(scan.last_record, Some(x.lsn));
+        assert!(scan.valid_end.unwrap() > x.lsn);
         // corrupt one byte of the commit: the scan ends before it
         let mut bad = seg.clone();
         let last = bad.len() - 3;
@@ -252,5 +261,103 @@ mod tests {
         for cut in (0..seg.len()).step_by(97) {
             let _ = scan_segment(&seg[..cut], Lsn(start));
         }
+    }
+
+    /// Lays a record stream out in 8 KiB pages of `seg`-byte segments starting at `start`:
+    /// long headers at segment starts, `xlp_rem_len` from `records` (logical start, length).
+    fn paginate(stream: &[u8], start: u64, seg: usize, records: &[(usize, usize)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos < stream.len() {
+            let addr = start + out.len() as u64;
+            let long = out.len() % seg == 0;
+            let rem = records
+                .iter()
+                .find(|(r, l)| *r < pos && r + l > pos)
+                .map_or(0, |(r, l)| (r + l - pos) as u32);
+            let mut h = page_header(long, addr, rem);
+            if rem > 0 {
+                h[2] |= 1; // XLP_FIRST_IS_CONTRECORD
+            }
+            let n = (8192 - h.len()).min(stream.len() - pos);
+            out.extend_from_slice(&h);
+            out.extend_from_slice(&stream[pos..pos + n]);
+            pos += n;
+            if pos < stream.len() || out.len() % 8192 != 0 {
+                out.resize(out.len().div_ceil(8192) * 8192, 0);
+            }
+        }
+        out
+    }
+
+    /// A record with `len` bytes of long main data (crosses pages when large).
+    fn long_record(len: usize) -> Vec<u8> {
+        let tot = RECORD_HEADER + 5 + len;
+        let mut r = Vec::new();
+        r.extend_from_slice(&(tot as u32).to_le_bytes());
+        r.extend_from_slice(&0u32.to_le_bytes());
+        r.extend_from_slice(&0u64.to_le_bytes());
+        r.extend_from_slice(&[0, 2, 0, 0, 0, 0, 0, 0]);
+        r.push(XLR_BLOCK_ID_DATA_LONG);
+        r.extend_from_slice(&(len as u32).to_le_bytes());
+        r.extend_from_slice(&vec![3u8; len]);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&r[RECORD_HEADER..]), &r[..20]);
+        r[20..24].copy_from_slice(&crc.to_le_bytes());
+        r
+    }
+
+    /// LSN of logical offset `at` in a stream paginated from `start` (segment size `seg`).
+    fn lsn_at(start: u64, seg: usize, mut at: usize) -> u64 {
+        let mut lsn = start;
+        let mut page = 0usize;
+        loop {
+            let h = if page % (seg / 8192) == 0 { 40 } else { 24 };
+            if at < 8192 - h {
+                return lsn + (h + at) as u64;
+            }
+            at -= 8192 - h;
+            lsn += 8192;
+            page += 1;
+        }
+    }
+
+    #[test]
+    fn a_record_crossing_into_the_last_segment_is_found_by_joining() {
+        const SEG: usize = 1 << 20;
+        let start = 5 * SEG as u64;
+        let mut stream = Vec::new();
+        let mut records = Vec::new();
+        let mut push = |stream: &mut Vec<u8>, r: &[u8]| {
+            records.push((stream.len(), r.len()));
+            stream.extend_from_slice(r);
+            while stream.len() % 8 != 0 {
+                stream.push(0);
+            }
+        };
+        let filler = record(2, 0, 0, &[7u8; 200]);
+        let payload_first_seg = SEG - (SEG / 8192) * 24 - 16;
+        while stream.len() + filler.len() < payload_first_seg - 1000 {
+            push(&mut stream, &filler);
+        }
+        // A 20 KB record crossing into the second segment, then a torn one: the archive
+        // ends mid-record, and no record starts and ends in the second segment.
+        let long_at = stream.len();
+        push(&mut stream, &long_record(20_000));
+        let torn = record(2, 0, 0, &[1u8; 100]);
+        records.push((stream.len(), torn.len()));
+        stream.extend_from_slice(&torn[..torn.len() / 2]);
+        let wal = paginate(&stream, start, SEG, &records);
+        assert!(wal.len() > SEG);
+        let long_lsn = lsn_at(start, SEG, long_at);
+        assert!(long_lsn < start + SEG as u64);
+        let (first, second) = wal.split_at(SEG);
+        let alone = scan_segment(second, Lsn(start + SEG as u64));
+        assert_eq!(alone.last_record, None, "{alone:?}");
+        let first_scan = scan_segment(first, Lsn(start));
+        assert!(first_scan.last_record.unwrap().0 < long_lsn);
+        // Joined, the crossing record is the last complete one, at its true LSN.
+        let joined = scan_segment(&wal, Lsn(start));
+        assert_eq!(joined.last_record, Some(Lsn(long_lsn)), "{joined:?}");
+        assert!(joined.valid_end.unwrap().0 > start + SEG as u64);
     }
 }

@@ -1,0 +1,263 @@
+//! Every object is what its key says (format version 2): an intact object stored under
+//! another key, copied from another repository, plaintext in an encrypted repository, or
+//! in the old unbound format in a repository that binds everything, is refused by every
+//! reader, naming the object. Old (version 1) repositories stay readable.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use bytes::Bytes;
+use storage::format::{FrameHeader, Header, Trailer, FORMAT_VERSION};
+use storage::keys::generate_identity;
+use storage::{
+    layout, ContentKind, PutMode, RepoKey, RepoKind, RepoMarker, RepoOptions, Repository,
+    StorageError,
+};
+
+fn open(dir: &Path, f: impl FnOnce(&mut RepoOptions)) -> Repository {
+    let mut o = RepoOptions {
+        frame_size: 32 << 10,
+        ..RepoOptions::default()
+    };
+    f(&mut o);
+    Repository::open(&format!("file://{}", dir.display()), o).unwrap()
+}
+
+async fn marked(dir: &Path, f: impl FnOnce(&mut RepoOptions)) -> Repository {
+    let repo = open(dir, f);
+    repo.init_marker(&RepoMarker::new(RepoKind::Postgres))
+        .await
+        .unwrap();
+    repo
+}
+
+fn seg(n: u32) -> RepoKey {
+    let name = layout::WalSegmentName::parse(&format!("0000000100000000{n:08X}")).unwrap();
+    layout::wal_segment(&name)
+}
+
+fn data(seed: u8) -> Bytes {
+    Bytes::from(
+        (0..100_000u32)
+            .map(|i| (i % 251) as u8 ^ seed)
+            .collect::<Vec<_>>(),
+    )
+}
+
+async fn put(repo: &Repository, key: &RepoKey, seed: u8) {
+    repo.put(key, ContentKind::WalSegment, data(seed), PutMode::CreateNew)
+        .await
+        .unwrap();
+}
+
+/// Every way of reading `key` refuses it with `WrongObject`, and the message names the key
+/// and contains `why`.
+async fn assert_refused(repo: &Repository, key: &RepoKey, why: &str) {
+    let errors: Vec<StorageError> = vec![
+        repo.get(key).await.unwrap_err(),
+        repo.info(key).await.unwrap_err(),
+        repo.verify(key).await.unwrap_err(),
+        match repo.reader(key).await {
+            Ok(_) => panic!("reader opened {key}"),
+            Err(e) => e,
+        },
+    ];
+    for e in errors {
+        let msg = e.to_string();
+        assert!(matches!(e, StorageError::WrongObject { .. }), "{msg}");
+        assert!(e.is_corrupt(), "{msg}");
+        assert!(msg.contains(key.as_str()) && msg.contains(why), "{msg}");
+    }
+}
+
+#[tokio::test]
+async fn swapped_objects_are_refused_naming_both_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = marked(dir.path(), |_| {}).await;
+    let (a, b) = (seg(6), seg(7));
+    put(&repo, &a, 6).await;
+    put(&repo, &b, 7).await;
+    let (pa, pb) = (dir.path().join(a.as_str()), dir.path().join(b.as_str()));
+    let (ba, bb) = (std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
+    std::fs::write(&pa, &bb).unwrap();
+    std::fs::write(&pb, &ba).unwrap();
+    assert_refused(&repo, &a, &format!("written for {b}")).await;
+    assert_refused(&repo, &b, &format!("written for {a}")).await;
+    // A fresh handle (no cached context) says the same.
+    let fresh = open(dir.path(), |_| {});
+    assert_refused(&fresh, &a, "written for").await;
+}
+
+#[tokio::test]
+async fn a_header_rewritten_to_claim_the_key_fails_the_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = marked(dir.path(), |_| {}).await;
+    let (a, b) = (seg(1), seg(2));
+    put(&repo, &a, 1).await;
+    // Copy a's object to b's key, rewriting the header's key (and its CRC) to say b.
+    let bytes = std::fs::read(dir.path().join(a.as_str())).unwrap();
+    let (mut h, hlen) = Header::parse("a", &bytes).unwrap().unwrap();
+    h.binding.as_mut().unwrap().key = b.to_string();
+    let mut forged = h.encode();
+    assert_eq!(forged.len(), hlen, "same-length keys keep the layout");
+    forged.extend_from_slice(&bytes[hlen..]);
+    // The trailer's stored CRC covers the header: recompute it as an attacker would.
+    let n = forged.len();
+    let (tr_at, body) = (n - 68, &forged[..n - 68]);
+    let mut t = Trailer::parse("a", &forged[tr_at..], 0).unwrap();
+    t.stored_crc = crc32c::crc32c(body);
+    forged[tr_at..].copy_from_slice(&t.encode());
+    let path = dir.path().join(b.as_str());
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, &forged).unwrap();
+    let e = repo.get(&b).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, StorageError::Corrupt { .. })
+            && msg.contains("sha256 of key, repository and content"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn an_object_from_another_repository_is_refused_and_a_whole_copy_is_not() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let r1 = marked(one.path(), |_| {}).await;
+    let r2 = marked(two.path(), |_| {}).await;
+    let id1 = r1.repository_id().await.unwrap();
+    let id2 = r2.repository_id().await.unwrap();
+    assert_ne!(id1, id2);
+    let key = seg(3);
+    put(&r1, &key, 3).await;
+    let p2 = two.path().join(key.as_str());
+    std::fs::create_dir_all(p2.parent().unwrap()).unwrap();
+    std::fs::copy(one.path().join(key.as_str()), &p2).unwrap();
+    assert_refused(&r2, &key, &format!("belongs to repository {id1}")).await;
+
+    // A verbatim copy of the whole repository (a second region) keeps its id.
+    let copy = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", one.path().display()))
+        .arg(copy.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let r3 = open(copy.path(), |_| {});
+    assert_eq!(r3.repository_id().await.unwrap(), id1);
+    assert_eq!(r3.get(&key).await.unwrap(), data(3));
+}
+
+#[tokio::test]
+async fn plaintext_in_an_encrypted_repository_is_refused_by_every_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = generate_identity();
+    let writer = marked(dir.path(), |o| o.recipients = vec![id.to_public()]).await;
+    let key = seg(4);
+    put(&writer, &key, 4).await;
+    // Someone without the key replaces the object with a plaintext one of their own.
+    let intruder = open(dir.path(), |_| {});
+    intruder
+        .put(&key, ContentKind::WalSegment, data(9), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let reader = open(dir.path(), |o| o.identities = vec![id.clone()]);
+    assert_refused(&reader, &key, "not encrypted, but the repository is").await;
+    // Without an identity (`repo check` on a sidecar) it is refused as well.
+    let no_identity = open(dir.path(), |_| {});
+    let e = no_identity.verify(&key).await.unwrap_err();
+    assert!(matches!(e, StorageError::WrongObject { .. }), "{e}");
+}
+
+/// A format version 1 object, laid out by hand as a version 1 build wrote it: one raw
+/// frame, the trailer's SHA-256 of the plain content.
+fn v1_object(kind: ContentKind, content: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut out = Header {
+        version: 1,
+        kind,
+        codec: storage::format::Codec::None,
+        encrypted: false,
+        original_len: Some(content.len() as u64),
+        frame_size: 1 << 20,
+        recipients: vec![],
+        binding: None,
+    }
+    .encode();
+    if !content.is_empty() {
+        let fh = FrameHeader {
+            flags: 0,
+            stored_len: content.len() as u32,
+            original_len: content.len() as u32,
+            payload_crc: crc32c::crc32c(content),
+        };
+        out.extend_from_slice(&fh.encode());
+        out.extend_from_slice(content);
+    }
+    let t = Trailer {
+        frame_count: u64::from(!content.is_empty()),
+        original_len: content.len() as u64,
+        sha256: Sha256::digest(content).into(),
+        stored_crc: crc32c::crc32c(&out),
+    };
+    out.extend_from_slice(&t.encode());
+    out
+}
+
+fn write_file(dir: &Path, key: &RepoKey, bytes: &[u8]) {
+    let path = dir.join(key.as_str());
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn a_version_1_repository_stays_readable_and_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = br#"{"kind":"postgres","format_version":1,"system_identifier":"7"}"#;
+    write_file(
+        dir.path(),
+        &layout::marker(),
+        &v1_object(ContentKind::Marker, marker),
+    );
+    let old = seg(1);
+    write_file(
+        dir.path(),
+        &old,
+        &v1_object(ContentKind::WalSegment, &data(1)),
+    );
+    let repo = open(dir.path(), |_| {});
+    assert_eq!(repo.get(&old).await.unwrap(), data(1));
+    let info = repo.info(&old).await.unwrap();
+    assert!(info.binding.is_none());
+    {
+        use sha2::{Digest, Sha256};
+        let sha: [u8; 32] = Sha256::digest(data(1)).into();
+        assert!(info.matches_content(&sha, data(1).len() as u64));
+    }
+    // New objects in an old repository are bound (to an id derived from its marker).
+    let new = seg(2);
+    put(&repo, &new, 2).await;
+    let info = repo.info(&new).await.unwrap();
+    assert_eq!(
+        info.binding.unwrap().repo_id,
+        repo.repository_id().await.unwrap()
+    );
+    assert_eq!(open(dir.path(), |_| {}).get(&new).await.unwrap(), data(2));
+    // The marker keeps its old form: nothing rewrote it.
+    let m = repo.read_marker().await.unwrap().unwrap();
+    assert!(m.repository_id.is_none());
+}
+
+#[tokio::test]
+async fn an_unbound_object_in_a_bound_repository_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = marked(dir.path(), |_| {}).await;
+    let key = seg(5);
+    write_file(
+        dir.path(),
+        &key,
+        &v1_object(ContentKind::WalSegment, &data(5)),
+    );
+    assert_refused(&repo, &key, "format version 1").await;
+    assert_eq!(FORMAT_VERSION, 2);
+}
