@@ -7,8 +7,9 @@
 //! Structured mode writes a valid object (plain or age-encrypted, compressed or not,
 //! many small frames) from the rest, then applies up to 8 byte edits and an optional
 //! truncation taken from the input, so the decoder is reached past its checksums.
-//! Anything is allowed except a panic, a hang or unbounded allocation; an object that
-//! reads back must be exactly what was written unless it was edited.
+//! Anything is allowed except a panic, a hang or unbounded allocation; what reads back is
+//! exactly what was written (an edit is either refused or harmless), and the same bytes
+//! copied under another key are always refused (format v2 binds the key).
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -25,16 +26,18 @@ use storage::{
 
 struct World {
     rt: tokio::runtime::Runtime,
-    store: Arc<InMemory>,
-    /// Writes plain objects; reads with the identity.
+    /// A plain repository (its marker says so): `plain` writes with zstd, `raw` without.
+    plain_store: Arc<InMemory>,
     plain: Repository,
-    /// Writes encrypted objects; reads with the identity.
-    encrypted: Repository,
-    /// Plain, zstd off.
     raw: Repository,
+    /// An encrypted repository; reads with the identity.
+    enc_store: Arc<InMemory>,
+    encrypted: Repository,
 }
 
 const KEY: &str = "postgres/wal/00000001/000000010000000000000001";
+/// Another key of the same repository, to check that a copy is refused (format v2).
+const OTHER_KEY: &str = "postgres/wal/00000001/000000010000000000000002";
 
 fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
@@ -43,7 +46,6 @@ fn world() -> &'static World {
             .enable_all()
             .build()
             .expect("runtime");
-        let store = Arc::new(InMemory::new());
         let id = storage::keys::generate_identity();
         let opts = |recipients: bool, zstd: bool| RepoOptions {
             frame_size: 64,
@@ -64,21 +66,29 @@ fn world() -> &'static World {
             },
             ..RepoOptions::default()
         };
-        let open = |o| Repository::from_store(store.clone(), "", "fuzz", o).expect("repo");
-        let (plain, encrypted, raw) = (
-            open(opts(false, true)),
-            open(opts(true, true)),
-            open(opts(false, false)),
+        let open = |store: &Arc<InMemory>, o| {
+            Repository::from_store(store.clone(), "", "fuzz", o).expect("repo")
+        };
+        let plain_store = Arc::new(InMemory::new());
+        let enc_store = Arc::new(InMemory::new());
+        let (plain, raw) = (
+            open(&plain_store, opts(false, true)),
+            open(&plain_store, opts(false, false)),
         );
-        // A marker, as in a real repository (readers may compare objects with it).
-        rt.block_on(plain.init_marker(&RepoMarker::new(RepoKind::Postgres)))
-            .expect("marker");
+        let encrypted = open(&enc_store, opts(true, true));
+        // Markers, as in a real repository: readers check objects against them (the
+        // repository id every v2 object is bound to, whether objects must be encrypted).
+        for r in [&plain, &encrypted] {
+            rt.block_on(r.init_marker(&RepoMarker::new(RepoKind::Postgres)))
+                .expect("marker");
+        }
         World {
             rt,
-            store,
+            plain_store,
             plain,
-            encrypted,
             raw,
+            enc_store,
+            encrypted,
         }
     })
 }
@@ -113,13 +123,13 @@ fuzz_target!(|data: &[u8]| {
     let key = RepoKey::parse(KEY).expect("key");
     let path = Path::from(KEY);
     w.rt.block_on(async {
-        let reader = match (mode >> 2) % 3 {
-            0 => &w.plain,
-            1 => &w.encrypted,
-            _ => &w.raw,
+        let (reader, store) = match (mode >> 2) % 3 {
+            0 => (&w.plain, &w.plain_store),
+            1 => (&w.encrypted, &w.enc_store),
+            _ => (&w.raw, &w.plain_store),
         };
         if mode & 1 == 0 {
-            w.store
+            store
                 .put(&path, Bytes::copy_from_slice(rest).into())
                 .await
                 .expect("put");
@@ -137,7 +147,11 @@ fuzz_target!(|data: &[u8]| {
         let (edits, rest) = rest.split_at(n * 3);
         let (cut, payload) = rest.split_at(2);
         let cut = u16::from_le_bytes([cut[0], cut[1]]) as usize;
-        let writer = if mode & 2 != 0 { &w.encrypted } else { &w.plain };
+        let (writer, store) = if mode & 2 != 0 {
+            (&w.encrypted, &w.enc_store)
+        } else {
+            (&w.plain, &w.plain_store)
+        };
         writer
             .put(
                 &key,
@@ -147,8 +161,7 @@ fuzz_target!(|data: &[u8]| {
             )
             .await
             .expect("a valid object is written");
-        let mut stored = w
-            .store
+        let mut stored = store
             .get(&path)
             .await
             .expect("get")
@@ -169,11 +182,25 @@ fuzz_target!(|data: &[u8]| {
             stored.truncate(cut);
             changed = true;
         }
-        w.store
+        let how = mode >> 4;
+        if mode & 0x80 != 0 {
+            // The same bytes under another key: a swap, refused whatever else was edited.
+            let other = RepoKey::parse(OTHER_KEY).expect("key");
+            store
+                .put(&Path::from(OTHER_KEY), Bytes::from(stored).into())
+                .await
+                .expect("put");
+            let got = read_all(writer, &other, how).await;
+            assert!(got.is_none(), "an object copied under another key was read");
+            if how % 4 == 2 || how % 4 == 3 {
+                assert!(writer.verify(&other).await.is_err(), "verify accepted a copy");
+            }
+            return;
+        }
+        store
             .put(&path, Bytes::from(stored).into())
             .await
             .expect("put");
-        let how = mode >> 4;
         let got = read_all(writer, &key, how).await;
         if !changed && how % 4 < 2 {
             assert_eq!(got.as_deref(), Some(payload), "an intact object reads back");
