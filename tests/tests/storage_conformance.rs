@@ -308,7 +308,7 @@ async fn encrypted_round_trip(repo: &Repository, reopen: impl Fn(RepoOptions) ->
 enum Store {
     Memory(std::sync::Arc<object_store::memory::InMemory>),
     File(tempfile::TempDir),
-    S3(S3Server),
+    S3(Box<S3Server>),
 }
 
 impl Store {
@@ -321,7 +321,7 @@ impl Store {
     }
 
     fn s3() -> Store {
-        Store::S3(S3Server::start())
+        Store::S3(Box::new(S3Server::start()))
     }
 
     /// A repository in this location; every call sees the same objects.

@@ -6,9 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use storage::{
-    layout, ContentKind, PutMode, RepoKey, RepoOptions, Repository, RetryPolicy, StorageError,
-};
+use storage::{ContentKind, PutMode, RepoKey, RepoOptions, Repository, RetryPolicy};
 use syncbridge_tests::proxy::{Fault, FaultProxy, FaultRule};
 use syncbridge_tests::s3::S3Server;
 
