@@ -18,9 +18,8 @@
 //!    cut mid-body resumes at its offset here (`reader.rs`), it is not restarted.
 //! 3. **Callers do not retry storage errors.** A `StorageError` that comes out of the
 //!    repository has had its retries (its `attempts` says how many); a caller that loops
-//!    on `is_retryable()` again multiplies layer 2. (`postgres wal-fetch`'s own
-//!    `with_retries` predates this and is redundant with layer 2; it is kept at 4
-//!    attempts until wal-fetch is next reworked.)
+//!    on `is_retryable()` again multiplies layer 2 (`postgres wal-fetch` had such a loop,
+//!    4 attempts around whole downloads: removed).
 //! 4. **The stream's loop** (`postgres stream`, `redis stream`) is not a storage retry:
 //!    it reconnects to the *server* and re-sends what was not confirmed stored, after
 //!    layers 1 and 2 gave up on an upload, so nothing acknowledged is ever lost.
