@@ -748,6 +748,8 @@ fn restore_with_identity_flag_on_encrypted_repository() {
         .start();
     let dir = syncbridge_tests::process::server_temp_dir("sb-cli-id-");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The repository is private unless shared with the server's group (what Env::new does).
+    pg_pitr_support::share_repo_with_server_group(&dir.path().join("repo"));
     let id = generate_identity();
     let id_file = dir.path().join("identity.txt");
     std::fs::write(&id_file, identity_to_string(&id)).unwrap();

@@ -28,6 +28,7 @@ use super::conninfo::{
 };
 use super::tls;
 use wire::pg::frame::{next_frame, DEFAULT_MAX_FRAME_BODY};
+use wire::pg::ResultCollector;
 
 /// Anything we can speak the protocol over.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -117,36 +118,7 @@ impl PgServerError {
     }
 }
 
-/// One result set of a simple query, values in text format.
-#[derive(Debug, Clone, Default)]
-pub struct QueryResult {
-    /// Column names.
-    pub columns: Vec<String>,
-    /// Rows; `None` is SQL NULL.
-    pub rows: Vec<Vec<Option<Bytes>>>,
-    /// The CommandComplete tag.
-    pub tag: String,
-}
-
-impl QueryResult {
-    /// A row as the borrowed slice the `wire::pg::commands` decoders take.
-    pub fn row(&self, idx: usize) -> Option<Vec<Option<&[u8]>>> {
-        self.rows
-            .get(idx)
-            .map(|r| r.iter().map(|v| v.as_deref()).collect())
-    }
-
-    /// The single text value of a one-row, one-column result (e.g. `SHOW`).
-    pub fn single_text(&self) -> Result<String> {
-        let v = self
-            .rows
-            .first()
-            .and_then(|r| r.first())
-            .and_then(|v| v.as_ref())
-            .context("expected one value, got none")?;
-        Ok(String::from_utf8_lossy(v).into_owned())
-    }
-}
+pub use wire::pg::results::QueryResult;
 
 /// A message while in copy mode.
 #[derive(Debug)]
@@ -159,14 +131,16 @@ pub enum CopyMessage {
 
 enum Backend {
     CopyData(Bytes),
+    /// A message of a result set (see `ResultCollector::takes`): type byte and body.
+    Result(u8, Bytes),
     CopyDone,
     CopyBothResponse,
     CopyOutResponse,
     Other(Message),
 }
 
-/// Caps the bytes a simple query may buffer (replication command results are tiny).
-const MAX_RESULT_BYTES: usize = 256 * 1024 * 1024;
+/// Caps the bytes a query's results may buffer (replication command results are tiny).
+const MAX_RESULT_BYTES: usize = wire::pg::results::DEFAULT_MAX_RESULT_BYTES;
 
 /// Every server of a multi-host source answered, none of the kind `target_session_attrs`
 /// asks for: during a failover, until the standby is promoted, so worth waiting out.
@@ -592,6 +566,9 @@ impl PgConnection {
                     b'c' => return Ok(Backend::CopyDone),
                     b'W' => return Ok(Backend::CopyBothResponse),
                     b'H' => return Ok(Backend::CopyOutResponse),
+                    tag if ResultCollector::takes(tag) => {
+                        return Ok(Backend::Result(tag, frame.split_off(5).freeze()))
+                    }
                     _ => {}
                 }
                 let msg = Message::parse(&mut frame)
@@ -662,57 +639,35 @@ impl PgConnection {
 
     /// Reads result sets until ReadyForQuery.
     pub async fn collect_results(&mut self) -> Result<Vec<QueryResult>> {
-        let mut results = Vec::new();
-        let mut current: Option<QueryResult> = None;
+        Ok(self.collect(false).await?.0)
+    }
+
+    /// The one result collector: result sets until ReadyForQuery (`false`) or, when
+    /// `stop_at_copy_out`, until a CopyOutResponse (`true`). `MAX_RESULT_BYTES` bounds
+    /// what it buffers either way (`wire::pg::ResultCollector`). A server error is returned
+    /// once the server is ready again, so the connection stays usable.
+    async fn collect(&mut self, stop_at_copy_out: bool) -> Result<(Vec<QueryResult>, bool)> {
+        let mut collector = ResultCollector::new(MAX_RESULT_BYTES);
         let mut error: Option<PgServerError> = None;
-        let mut bytes = 0usize;
         loop {
             match self.recv().await? {
-                Backend::Other(Message::RowDescription(body)) => {
-                    let mut fields = body.fields();
-                    let mut columns = Vec::new();
-                    while let Some(f) = fields.next()? {
-                        columns.push(f.name().to_string());
-                    }
-                    current = Some(QueryResult {
-                        columns,
-                        ..QueryResult::default()
-                    });
+                Backend::Result(tag, body) => collector
+                    .feed(tag, body)
+                    .with_context(|| format!("query result from {}", self.endpoint))?,
+                Backend::CopyOutResponse if stop_at_copy_out && error.is_none() => {
+                    return Ok((collector.finish(), true))
                 }
-                Backend::Other(Message::DataRow(body)) => {
-                    let r = current.as_mut().context("DataRow without RowDescription")?;
-                    let buf = body.buffer_bytes().clone();
-                    bytes += buf.len();
-                    if bytes > MAX_RESULT_BYTES {
-                        bail!(
-                            "result of more than {MAX_RESULT_BYTES} bytes from {}",
-                            self.endpoint
-                        );
-                    }
-                    let mut ranges = body.ranges();
-                    let mut row = Vec::new();
-                    while let Some(range) = ranges.next()? {
-                        row.push(range.map(|r| buf.slice(r)));
-                    }
-                    r.rows.push(row);
-                }
-                Backend::Other(Message::CommandComplete(body)) => {
-                    let mut r = current.take().unwrap_or_default();
-                    r.tag = body.tag().unwrap_or_default().to_string();
-                    results.push(r);
-                }
-                Backend::Other(Message::EmptyQueryResponse) => {}
                 Backend::Other(Message::ErrorResponse(body)) => {
                     error = Some(PgServerError::from_fields(body.fields()))
                 }
                 Backend::Other(Message::ReadyForQuery(_)) => {
                     return match error {
                         Some(e) => Err(self.server_error(e)),
-                        None => Ok(results),
+                        None => Ok((collector.finish(), false)),
                     };
                 }
                 Backend::CopyBothResponse | Backend::CopyOutResponse => {
-                    bail!("{}: unexpected COPY in a simple query", self.endpoint)
+                    bail!("{}: unexpected COPY in a query result", self.endpoint)
                 }
                 _ => bail!("{}: unexpected message in a query result", self.endpoint),
             }
@@ -737,9 +692,7 @@ impl PgConnection {
                     }
                     return Err(self.server_error(e));
                 }
-                Backend::Other(
-                    Message::RowDescription(_) | Message::DataRow(_) | Message::CommandComplete(_),
-                ) => {}
+                Backend::Result(..) => {}
                 _ => bail!(
                     "{}: unexpected message waiting for CopyBothResponse",
                     self.endpoint
@@ -758,62 +711,14 @@ impl PgConnection {
 
     /// Reads result sets until a CopyOutResponse (`true`) or ReadyForQuery (`false`).
     pub async fn results_until_copy_out(&mut self) -> Result<(Vec<QueryResult>, bool)> {
-        let mut results = Vec::new();
-        let mut current: Option<QueryResult> = None;
-        loop {
-            match self.recv().await? {
-                Backend::CopyOutResponse => return Ok((results, true)),
-                Backend::Other(Message::RowDescription(body)) => {
-                    let mut fields = body.fields();
-                    let mut columns = Vec::new();
-                    while let Some(f) = fields.next()? {
-                        columns.push(f.name().to_string());
-                    }
-                    current = Some(QueryResult {
-                        columns,
-                        ..QueryResult::default()
-                    });
-                }
-                Backend::Other(Message::DataRow(body)) => {
-                    let r = current.as_mut().context("DataRow without RowDescription")?;
-                    let buf = body.buffer_bytes().clone();
-                    let mut ranges = body.ranges();
-                    let mut row = Vec::new();
-                    while let Some(range) = ranges.next()? {
-                        row.push(range.map(|r| buf.slice(r)));
-                    }
-                    r.rows.push(row);
-                }
-                Backend::Other(Message::CommandComplete(body)) => {
-                    let mut r = current.take().unwrap_or_default();
-                    r.tag = body.tag().unwrap_or_default().to_string();
-                    results.push(r);
-                }
-                Backend::Other(Message::ErrorResponse(body)) => {
-                    let e = PgServerError::from_fields(body.fields());
-                    loop {
-                        if let Backend::Other(Message::ReadyForQuery(_)) = self.recv().await? {
-                            break;
-                        }
-                    }
-                    return Err(self.server_error(e));
-                }
-                Backend::Other(Message::ReadyForQuery(_)) => return Ok((results, false)),
-                _ => bail!(
-                    "{}: unexpected message in BASE_BACKUP results",
-                    self.endpoint
-                ),
-            }
-        }
+        self.collect(true).await
     }
 
     /// Next message while copying; cancel-safe.
     pub async fn recv_copy(&mut self) -> Result<CopyMessage> {
         match self.recv().await? {
             Backend::CopyData(d) => Ok(CopyMessage::Data(d)),
-            Backend::CopyDone | Backend::Other(Message::CommandComplete(_)) => {
-                Ok(CopyMessage::Done)
-            }
+            Backend::CopyDone | Backend::Result(b'C', _) => Ok(CopyMessage::Done),
             Backend::Other(Message::ErrorResponse(body)) => {
                 Err(self.server_error(PgServerError::from_fields(body.fields())))
             }

@@ -173,34 +173,13 @@ fn storage_name(seg: SegmentName) -> Result<layout::WalSegmentName> {
     Ok(layout::WalSegmentName::parse(&seg.to_string())?)
 }
 
-/// Retries retryable storage errors a few times; the last error is returned.
-async fn with_retries<T, F, Fut>(what: &str, mut f: F) -> Result<T, StorageError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StorageError>>,
-{
-    let mut delay = Duration::from_millis(500);
-    let mut attempt = 1;
-    loop {
-        match f().await {
-            Err(e) if e.is_retryable() && attempt < 4 => {
-                tracing::warn!("{what}: {e}; retrying (attempt {attempt})");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
-}
-
 /// Looks for the newest partial of `seg`, if `seg` is the last WAL on its timeline.
 async fn last_partial(
     repo: &Repository,
     seg: &layout::WalSegmentName,
 ) -> Result<Option<RepoKey>, StorageError> {
     let prefix = layout::wal_timeline_prefix(seg.timeline());
-    let listed = with_retries("listing WAL", || repo.list(&prefix)).await?;
+    let listed = repo.list(&prefix).await?;
     let mut newest: Option<(u32, RepoKey)> = None;
     for meta in listed {
         match layout::parse_wal_key(&meta.key) {
@@ -232,8 +211,8 @@ struct Downloaded {
     head: Vec<u8>,
 }
 
-/// One attempt. The outer error is the repository's (retried by `with_retries` when
-/// retryable), the inner one the local disk's (never retried).
+/// The outer error is the repository's (already retried by the repository: storage's
+/// `backend/retry.rs` says which layer retries what), the inner one the local disk's.
 async fn download_once(
     repo: &Repository,
     key: &RepoKey,
@@ -264,9 +243,9 @@ async fn download_once(
     Ok(Ok(out))
 }
 
-/// `download_once`, retrying retryable storage errors a few times.
+/// `download_once`, its two kinds of failure told apart.
 async fn download(repo: &Repository, key: &RepoKey, tmp: &Path) -> Result<Downloaded, Failure> {
-    match with_retries(&format!("fetching {key}"), || download_once(repo, key, tmp)).await {
+    match download_once(repo, key, tmp).await {
         Ok(Ok(d)) => Ok(d),
         Ok(Err(local)) => Err(Failure::Local(local)),
         Err(e) => Err(Failure::Storage(e)),

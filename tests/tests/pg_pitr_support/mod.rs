@@ -15,6 +15,18 @@ use syncbridge_tests::process::{server_temp_dir, server_user};
 
 use crate::pg_support::{agent, text, wait_until, AgentProcess};
 
+/// A `file://` repository directory the server user can read, the documented way
+/// (storage/src/backend/local.rs): owned by us, group the server's, mode 2750, so what
+/// the agent writes is 0640/2750 and readable by `restore_command` (wal-fetch runs as the
+/// server user), never by others. A repository the agent creates itself is 0600/0700.
+pub fn share_repo_with_server_group(repo: &Path) {
+    std::fs::create_dir(repo).unwrap();
+    if let Some((_, gid)) = server_user() {
+        std::os::unix::fs::chown(repo, None, Some(gid.as_raw())).unwrap();
+    }
+    std::fs::set_permissions(repo, std::fs::Permissions::from_mode(0o2750)).unwrap();
+}
+
 /// A source cluster with the stream running into a `file://` repository.
 pub struct Env {
     pub pg: PgCluster,
@@ -27,6 +39,7 @@ impl Env {
         let pg = builder.start();
         let dir = server_temp_dir("sb-pitr-");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        share_repo_with_server_group(&dir.path().join("repo"));
         let mut env = Env {
             pg,
             dir,

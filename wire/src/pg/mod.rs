@@ -20,6 +20,7 @@ pub mod frame;
 pub mod lsn;
 pub mod page;
 pub mod replication;
+pub mod results;
 pub mod segment;
 pub mod splitter;
 pub mod tar;
@@ -31,6 +32,7 @@ pub use lsn::Lsn;
 pub use replication::{
     PgTimestamp, PrimaryKeepalive, ReplicationMessage, StandbyStatusUpdate, XLogData,
 };
+pub use results::{QueryResult, ResultCollector};
 pub use segment::{SegmentName, WalFileName, WalSegmentSize};
 pub use splitter::{SegmentSlice, SegmentSplitter};
 pub use timeline::{HistoryEntry, TimelineHistory, TimelineId};
