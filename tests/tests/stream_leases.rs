@@ -258,6 +258,8 @@ fn two_postgres_streams_one_writer_handover_keeps_pitr() {
         .start();
     let dir = server_temp_dir("sb-lease-");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Restores run wal-fetch as the server user: share the repository with its group.
+    pg_pitr_support::share_repo_with_server_group(&dir.path().join("repo"));
     let env = Env {
         pg,
         dir,
