@@ -182,7 +182,9 @@ fn config_err(what: impl Into<String>, reason: impl std::fmt::Display) -> Storag
 impl Repository {
     /// Opens a repository. No request is made; the first operation reaches the store.
     ///
-    /// * `file:///abs/dir` (or a bare absolute path): a local directory, created on first write.
+    /// * `file:///abs/dir` (or a bare absolute path): a local directory, created on first write;
+    ///   private (files 0600, directories 0700) unless the operator created it group-readable
+    ///   (then 0640/0750 with setgid kept; see `backend/local.rs`).
     /// * `s3://bucket/prefix`: S3 or a compatible store, configured by the standard AWS
     ///   environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
     ///   `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, `AWS_WEB_IDENTITY_TOKEN_FILE` +
