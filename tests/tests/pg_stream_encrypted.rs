@@ -10,33 +10,62 @@ use std::time::Duration;
 use pg_support::{agent, repo, text, wait_until, AgentProcess};
 use syncbridge_tests::pg::{PgCluster, PgVersion};
 
+/// A cluster streaming into a `file://` repository encrypted to a new identity.
+struct EncryptedStream {
+    pg: PgCluster,
+    dir: tempfile::TempDir,
+    id_file: std::path::PathBuf,
+    recipient: String,
+    url: String,
+    streamer: AgentProcess,
+}
+
+impl EncryptedStream {
+    fn start(version: PgVersion) -> EncryptedStream {
+        let pg = PgCluster::builder(version).wal_keep_size_mb(512).start();
+        let dir = tempfile::tempdir().unwrap();
+        let id = storage::keys::generate_identity();
+        let id_file = dir.path().join("identity.txt");
+        std::fs::write(&id_file, storage::keys::identity_to_string(&id)).unwrap();
+        let recipient = id.to_public().to_string();
+        let url = format!("file://{}", dir.path().join("repo").display());
+        let src = pg.replication_url();
+        let env = vec![("SYNCBRIDGE_RECIPIENTS".to_string(), recipient.clone())];
+        let streamer = AgentProcess::spawn_env(
+            &[
+                "postgres",
+                "stream",
+                "--source",
+                &src,
+                "--repo",
+                &url,
+                "--max-lag",
+                "200ms",
+            ],
+            dir.path().join("agent.log"),
+            &env,
+        );
+        EncryptedStream {
+            pg,
+            dir,
+            id_file,
+            recipient,
+            url,
+            streamer,
+        }
+    }
+}
+
 #[test]
 fn encrypted_stream_and_wal_fetch() {
-    let pg = PgCluster::builder(PgVersion::V17)
-        .wal_keep_size_mb(512)
-        .start();
-    let dir = tempfile::tempdir().unwrap();
-    let id = storage::keys::generate_identity();
-    let id_file = dir.path().join("identity.txt");
-    std::fs::write(&id_file, storage::keys::identity_to_string(&id)).unwrap();
-    let recipient = id.to_public().to_string();
-    let url = format!("file://{}", dir.path().join("repo").display());
-    let src = pg.replication_url();
-    let env = vec![("SYNCBRIDGE_RECIPIENTS".to_string(), recipient.clone())];
-    let mut streamer = AgentProcess::spawn_env(
-        &[
-            "postgres",
-            "stream",
-            "--source",
-            &src,
-            "--repo",
-            &url,
-            "--max-lag",
-            "200ms",
-        ],
-        dir.path().join("agent.log"),
-        &env,
-    );
+    let EncryptedStream {
+        pg,
+        dir,
+        id_file,
+        url,
+        mut streamer,
+        ..
+    } = EncryptedStream::start(PgVersion::V17);
     pg.sql_blocking("CREATE TABLE t(id int, pad text)");
     pg.sql_blocking("INSERT INTO t SELECT g, repeat('e', 200) FROM generate_series(1, 40000) g");
     let seg = pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
@@ -93,31 +122,15 @@ fn encrypted_stream_and_wal_fetch() {
 /// `wal-fetch` and `restore`, each naming the object.
 #[test]
 fn plaintext_object_in_encrypted_repository_is_refused_everywhere() {
-    let pg = PgCluster::builder(PgVersion::V15)
-        .wal_keep_size_mb(512)
-        .start();
-    let dir = tempfile::tempdir().unwrap();
-    let id = storage::keys::generate_identity();
-    let id_file = dir.path().join("identity.txt");
-    std::fs::write(&id_file, storage::keys::identity_to_string(&id)).unwrap();
-    let recipient = id.to_public().to_string();
-    let url = format!("file://{}", dir.path().join("repo").display());
+    let EncryptedStream {
+        pg,
+        dir,
+        id_file,
+        recipient,
+        url,
+        mut streamer,
+    } = EncryptedStream::start(PgVersion::V15);
     let src = pg.replication_url();
-    let env = vec![("SYNCBRIDGE_RECIPIENTS".to_string(), recipient.clone())];
-    let mut streamer = AgentProcess::spawn_env(
-        &[
-            "postgres",
-            "stream",
-            "--source",
-            &src,
-            "--repo",
-            &url,
-            "--max-lag",
-            "200ms",
-        ],
-        dir.path().join("agent.log"),
-        &env,
-    );
     pg.sql_blocking("CREATE TABLE t(id int, pad text)");
     pg.sql_blocking("INSERT INTO t SELECT g, repeat('e', 200) FROM generate_series(1, 20000) g");
     let out = agent()
