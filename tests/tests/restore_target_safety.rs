@@ -270,6 +270,32 @@ fn force_never_touches_the_repository_and_one_restore_at_a_time() {
         eprintln!("{}: {err}", target.display());
     }
 
+    // A repository inside the target that path comparison cannot see (here a copy; a bind
+    // mount looks the same from inside): `--force` finds its marker and deletes nothing.
+    let hidden = RestoreDirs::new();
+    let holder = hidden.data();
+    std::fs::create_dir_all(holder.join("keep")).unwrap();
+    std::fs::write(holder.join("keep/file"), b"precious").unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(env.repo_path())
+        .arg(holder.join("keep/repo-copy"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = env.restore(&holder, &["--force"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("holds a SyncBridge repository"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read(holder.join("keep/file")).unwrap(),
+        b"precious"
+    );
+    assert!(holder.join("keep/repo-copy/syncbridge-repo").exists());
+
     // Two restores into one target: the second fails at once naming the first; the first
     // completes. The first is paused (SIGSTOP) once it holds the target, so the two surely
     // overlap.

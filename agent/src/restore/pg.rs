@@ -749,6 +749,7 @@ fn check_empty(dir: &Path, force: bool) -> Result<()> {
             dir.display()
         );
     }
+    refuse_to_clear_foreign_trees(dir)?;
     let pid_file = dir.join("postmaster.pid");
     if let Ok(text) = std::fs::read_to_string(&pid_file) {
         if let Some(pid) = text
@@ -769,6 +770,44 @@ fn check_empty(dir: &Path, force: bool) -> Result<()> {
 
 /// Empties a locked directory (whose emptiness or `--force` was checked) and gives it the
 /// restore's directory mode.
+/// Walks what `--force` would delete (symlinks are removed, never followed) and refuses,
+/// before anything is deleted, when it holds a SyncBridge repository (a `syncbridge-repo`
+/// marker: a repository bind-mounted or copied into the target, which path comparison
+/// cannot see) or another filesystem's mount point (whose contents would be deleted too).
+fn refuse_to_clear_foreign_trees(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let marker = storage::layout::marker();
+    let dev = std::fs::metadata(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .dev();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let e = e.with_context(|| format!("reading {}", d.display()))?;
+            let path = e.path();
+            if e.file_name() == std::ffi::OsStr::new(marker.as_str()) {
+                bail!(
+                    "--force would delete {}, which holds a SyncBridge repository (its marker {} is there): refusing; choose another target or move the repository out",
+                    d.display(),
+                    path.display()
+                );
+            }
+            let meta = std::fs::symlink_metadata(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if meta.is_dir() {
+                if meta.dev() != dev {
+                    bail!(
+                        "--force would delete {}, a mount point of another filesystem inside the target: refusing; unmount it or choose another target",
+                        path.display()
+                    );
+                }
+                pending.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn clear_dir(dir: &Path, modes: place::Modes) -> Result<()> {
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let e = e?;
