@@ -204,6 +204,9 @@ pub async fn resume_point(repo: &Repository) -> Result<Option<ResumePoint>> {
         .await
         .with_context(|| format!("reading {key}"))?;
     let (header, _) = chunk::decode(key.as_str(), data)?;
+    if let Some(&(_, ms)) = header.time_index.last() {
+        raise_index_clock(ms);
+    }
     Ok(Some(ResumePoint {
         generation: id,
         replid: header.replid,
@@ -228,10 +231,17 @@ struct ChunkBuilder {
 /// command an earlier time, and `redis verify` / `redis restore` refuse an index whose times
 /// go back. Commands that arrive while the clock catches up share the last time.
 fn index_now_ms() -> i64 {
-    static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
     let now = chrono::Utc::now().timestamp_millis();
-    let prev = LAST.fetch_max(now, Ordering::Relaxed);
+    let prev = INDEX_CLOCK.fetch_max(now, Ordering::Relaxed);
     prev.max(now)
+}
+
+/// The newest time the index has used; raised at resume from the last stored chunk, so a
+/// clock stepped back across an agent restart does not go back either.
+static INDEX_CLOCK: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
+
+fn raise_index_clock(ms: i64) {
+    INDEX_CLOCK.fetch_max(ms, Ordering::Relaxed);
 }
 
 impl ChunkBuilder {
@@ -792,6 +802,10 @@ mod tests {
 
     #[test]
     fn index_time_never_goes_back() {
+        // A resumed chain whose last time is ahead of the wall clock (stepped back).
+        let ahead = chrono::Utc::now().timestamp_millis() + 60_000;
+        raise_index_clock(ahead);
+        assert!(index_now_ms() >= ahead);
         let mut prev = index_now_ms();
         for _ in 0..1000 {
             let now = index_now_ms();
