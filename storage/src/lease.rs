@@ -588,11 +588,26 @@ async fn renew_loop(
         let unconfirmed = guard.check().is_err();
         // Storage writes are not `Send`: each renewal runs on a blocking thread that
         // drives it on this runtime, so this task (and the lease) can live anywhere.
+        //
+        // `alive` is dropped with this task when the runtime shuts down (tasks are dropped
+        // before the blocking pool is waited for), which ends a renewal in flight instead of
+        // leaving its thread blocked on drivers that no longer run: the runtime, and so the
+        // process, would otherwise never finish shutting down.
+        let (alive, shutdown) = tokio::sync::oneshot::channel::<()>();
         let renewed = {
             let (store, record) = (store.clone(), record.clone());
             let handle = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || {
-                handle.block_on(renew_once(&store, scope, generation, &record, unconfirmed))
+                handle.block_on(async move {
+                    tokio::select! {
+                        r = renew_once(&store, scope, generation, &record, unconfirmed) => r,
+                        _ = shutdown => Err(LeaseError::Lost {
+                            scope: scope.to_string(),
+                            key: layout::lease(scope, generation).to_string(),
+                            reason: "the agent is shutting down".into(),
+                        }),
+                    }
+                })
             })
             .await
             .unwrap_or_else(|e| {
@@ -603,6 +618,7 @@ async fn renew_loop(
                 })
             })
         };
+        drop(alive);
         match renewed {
             Ok(Renewal::Renewed) => {
                 lock(&guard.state).renewed_at = started;
