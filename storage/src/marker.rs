@@ -102,8 +102,17 @@ impl Repository {
     }
 
     /// Reads the marker; `Ok(None)` if the repository has none yet.
+    /// Also learns the repository's context from it when none is known yet, so a command
+    /// that reads the marker and then objects (wal-fetch, restore) reads it once.
     pub async fn read_marker(&self) -> Result<Option<RepoMarker>> {
-        Ok(self.read_marker_bytes().await?.map(|(m, _)| m))
+        let found = self.read_marker_bytes().await?;
+        if self.cached_context().is_none() {
+            // A marker this handle must refuse is refused when an object is read.
+            if let Ok(ctx) = self.context_from(found.as_ref()) {
+                self.set_context(ctx);
+            }
+        }
+        Ok(found.map(|(m, _)| m))
     }
 
     /// The marker and its stored JSON (from which an old repository's id is derived).
@@ -159,9 +168,18 @@ impl Repository {
             if let Some(ctx) = self.cached_context() {
                 return Ok(ctx);
             }
-            let ctx = match self.read_marker_bytes().await? {
-                Some((marker, _)) if marker.encryption.is_none() && self.can_decrypt() => {
-                    return Err(StorageError::WrongObject {
+            let found = self.read_marker_bytes().await?;
+            let ctx = self.context_from(found.as_ref())?;
+            self.set_context(ctx.clone());
+            Ok(ctx)
+        })
+    }
+
+    /// The context a marker (or its absence) gives this handle.
+    fn context_from(&self, found: Option<&(RepoMarker, Bytes)>) -> Result<Arc<RepoContext>> {
+        Ok(match found {
+            Some((marker, _)) if marker.encryption.is_none() && self.can_decrypt() => {
+                return Err(StorageError::WrongObject {
                         key: layout::marker().to_string(),
                         reason: "it says the repository is not encrypted, but an identity was given. \
                                  The marker is not authenticated: someone who can write to the bucket \
@@ -170,17 +188,14 @@ impl Repository {
                                  SYNCBRIDGE_IDENTITY)"
                             .into(),
                     });
-                }
-                Some((marker, json)) => Arc::new(context_of(&marker, &json)?),
-                // No marker (a new repository, or one whose marker was deleted): a reader
-                // holding an identity still takes only encrypted objects.
-                None => Arc::new(RepoContext {
-                    encrypted: self.can_decrypt(),
-                    ..RepoContext::unmarked()
-                }),
-            };
-            self.set_context(ctx.clone());
-            Ok(ctx)
+            }
+            Some((marker, json)) => Arc::new(context_of(marker, json)?),
+            // No marker (a new repository, or one whose marker was deleted): a reader
+            // holding an identity still takes only encrypted objects.
+            None => Arc::new(RepoContext {
+                encrypted: self.can_decrypt(),
+                ..RepoContext::unmarked()
+            }),
         })
     }
 

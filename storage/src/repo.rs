@@ -248,6 +248,15 @@ impl Repository {
         !self.inner.keys.recipients.is_empty()
     }
 
+    /// The directory of a `file://` repository (`None` for object stores), so a restore can
+    /// refuse to write into or over it.
+    pub fn local_path(&self) -> Option<&std::path::Path> {
+        match &self.inner.backend {
+            Backend::Local(l) => Some(&l.root),
+            Backend::Store(_) => None,
+        }
+    }
+
     /// Whether an age identity was given, so encrypted objects can be decoded.
     pub fn can_decrypt(&self) -> bool {
         !self.inner.keys.identities.is_empty()

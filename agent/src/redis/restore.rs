@@ -81,8 +81,7 @@ pub async fn restore(
     format: RestoreFormat,
 ) -> Result<Restored> {
     let target = &place::resolve(target)?;
-    let repo_dir = place::local_repository(repo.url());
-    place::check_destination(target, repo_dir.as_deref(), "the target")?;
+    place::check_destination(target, repo.local_path(), "the target")?;
     // A restore already writing there fails this one at once (locking creates nothing).
     let early_lock = DirLock::acquire_if_exists(target)?;
     check_target_empty(target).await?;

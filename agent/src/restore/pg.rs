@@ -88,8 +88,8 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
             .clamp(2, 32)
     });
     let target_dir = place::resolve(&args.target)?;
-    let repo_dir = place::local_repository(&args.repo.repo);
-    place::check_destination(&target_dir, repo_dir.as_deref(), "--target")?;
+    let repo_dir = repo.local_path();
+    place::check_destination(&target_dir, repo_dir, "--target")?;
     // A restore already writing there fails this one at once (locking creates nothing).
     let mut locks: Vec<DirLock> = DirLock::acquire_if_exists(&target_dir)?
         .into_iter()
@@ -104,7 +104,7 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
     let expect = WalExpect::new(marker, Some(size), Some(chosen.server_major))?;
     let recovery = plan_recovery(repo, &inv, &chosen, target, &path, &expect).await?;
     let mut placement = place::plan(&chosen, &target_dir, &ts_map, args.tablespaces_in_place)?;
-    place::resolve_tablespaces(&mut placement, &target_dir, repo_dir.as_deref())?;
+    place::resolve_tablespaces(&mut placement, &target_dir, repo_dir)?;
     let ts_roots: Vec<PathBuf> = placement
         .tablespaces
         .iter()

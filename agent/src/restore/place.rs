@@ -446,18 +446,6 @@ pub fn resolve(p: &Path) -> Result<PathBuf> {
     }
 }
 
-/// The local directory of a `file://` repository URL (or bare absolute path), if it is one.
-pub fn local_repository(url: &str) -> Option<PathBuf> {
-    if url.starts_with('/') {
-        return Some(PathBuf::from(url.split('?').next().unwrap_or(url)));
-    }
-    let u = url::Url::parse(url).ok()?;
-    if u.scheme() != "file" {
-        return None;
-    }
-    u.to_file_path().ok()
-}
-
 /// Refuses a destination (resolved, see [`resolve`]) that is `/`, contains the repository
 /// or lies inside it. `what` names it in the message.
 pub fn check_destination(dest: &Path, repository: Option<&Path>, what: &str) -> Result<()> {
@@ -726,10 +714,5 @@ mod tests {
         let via = resolve(&link.join("new")).unwrap();
         assert!(check_destination(&via, Some(&repo), "--target").is_err());
         assert!(check_destination(&d.join("other"), Some(&repo), "--target").is_ok());
-        assert_eq!(
-            local_repository(&format!("file://{}", repo.display())).unwrap(),
-            repo
-        );
-        assert_eq!(local_repository("s3://b/p"), None);
     }
 }
