@@ -453,8 +453,14 @@ fn pg15_intact_wal_restores_to_the_planned_end() {
         assert_eq!(mode(&file), 0o600);
         assert_eq!(mode(file.parent().unwrap()), 0o700);
         assert_eq!(mode(&spool_root), 0o700);
-        // Stop the prefetcher: it exits once its spool is gone.
-        std::fs::remove_dir_all(&spool_root).unwrap();
+        // Stop the prefetcher: it exits once its spool is gone. It may be writing the
+        // next segment while we delete, so removal is retried until the tree stays gone.
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                std::fs::remove_dir_all(&spool_root).is_ok() || !spool_root.exists()
+            }),
+            "the prefetch spool could not be removed"
+        );
     }
     // WAL of the right cluster but the wrong version or segment size is refused by name.
     let first = &fx.after_backup[0];
