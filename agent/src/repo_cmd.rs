@@ -304,6 +304,26 @@ async fn check_wal_object(
                 expect,
             )?;
         }
+        WalObject::Delta { start, end, .. } => {
+            // A delta's bytes are checked as WAL when its segment is assembled (wal-fetch,
+            // restore); here its length must match its name, and the first delta starts
+            // with the segment's long page header.
+            let want = u64::from(end - start);
+            if len != want {
+                anyhow::bail!("{key} holds {len} bytes, but its name says {want}");
+            }
+            if *start == 0 {
+                if let Some(segment) = wal.segment() {
+                    crate::pg::wal_fetch::check_segment(
+                        segment.as_str(),
+                        len,
+                        &head,
+                        wire::pg::page::Extent::Partial(len),
+                        expect,
+                    )?;
+                }
+            }
+        }
         WalObject::History(tli) => {
             crate::pg::wal_fetch::check_history_file(&head, wire::pg::TimelineId::new(tli.get())?)?;
         }

@@ -66,6 +66,8 @@ pub enum ContentKind {
     WalPartial,
     /// A timeline history file.
     TimelineHistory,
+    /// One delta of a WAL segment in progress (bytes `[start, end)`, named by its key).
+    WalDelta,
     /// Base backup data.
     BaseBackupData,
     /// A base backup manifest (server's or agent's).
@@ -94,6 +96,7 @@ impl ContentKind {
             ContentKind::RedisSnapshot => 7,
             ContentKind::RedisCommands => 8,
             ContentKind::RedisManifest => 9,
+            ContentKind::WalDelta => 10,
             ContentKind::Unknown(c) => c,
         }
     }
@@ -111,6 +114,7 @@ impl ContentKind {
             7 => ContentKind::RedisSnapshot,
             8 => ContentKind::RedisCommands,
             9 => ContentKind::RedisManifest,
+            10 => ContentKind::WalDelta,
             c => ContentKind::Unknown(c),
         }
     }
@@ -128,6 +132,7 @@ impl ContentKind {
             ContentKind::RedisSnapshot => "redis-snapshot".into(),
             ContentKind::RedisCommands => "redis-commands".into(),
             ContentKind::RedisManifest => "redis-manifest".into(),
+            ContentKind::WalDelta => "wal-delta".into(),
             ContentKind::Unknown(c) => format!("unknown-{c}"),
         }
     }

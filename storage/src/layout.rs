@@ -5,7 +5,11 @@
 //! ```text
 //! syncbridge-repo                                   repository marker (RepoMarker, JSON)
 //! postgres/wal/<tli 8 hex>/<segment 24 hex>         a complete WAL segment, as named in pg_wal
-//! postgres/wal/<tli>/<segment>.partial.<end 8 hex>  the segment's first <end> bytes (low RPO)
+//! postgres/wal/<tli>/<segment>.delta.<start 8 hex>-<end 8 hex>
+//!                                                   bytes [start, end) of the segment in
+//!                                                   progress (low RPO; a chain from 0)
+//! postgres/wal/<tli>/<segment>.partial.<end 8 hex>  the segment's first <end> bytes (older
+//!                                                   builds; still read)
 //! postgres/wal/<tli>/<tli>.history                  timeline history file
 //! postgres/conflicts/<file>.<unix ms>               a streamed segment or history file that
 //!                                                   differed from the stored one (kept, never used)
@@ -296,6 +300,20 @@ pub fn wal_partial(segment: &WalSegmentName, end_offset: u32) -> RepoKey {
     ))
 }
 
+/// Bytes `[start, end)` of a segment still being written: one link of the segment's delta
+/// chain. The chain starts at 0 and each delta starts where the previous one ended, so the
+/// segment's first `end` bytes cost one write of what is new, not of the whole prefix.
+/// Fixed-width hex keeps a listing in chain order (by start, then end).
+pub fn wal_delta(segment: &WalSegmentName, start: u32, end: u32) -> RepoKey {
+    RepoKey(format!(
+        "postgres/wal/{}/{}.delta.{:08X}-{:08X}",
+        segment.timeline(),
+        segment,
+        start,
+        end
+    ))
+}
+
 /// A timeline history file `0000000N.history` (PostgreSQL's `TLHistoryFileName`).
 pub fn timeline_history(tli: TimelineId) -> RepoKey {
     RepoKey(format!("postgres/wal/{tli}/{tli}.history"))
@@ -312,6 +330,11 @@ pub fn wal_conflict(original: &WalObject, unix_ms: u64) -> RepoKey {
             segment,
             end_offset,
         } => format!("{segment}.partial.{end_offset:08X}"),
+        WalObject::Delta {
+            segment,
+            start,
+            end,
+        } => format!("{segment}.delta.{start:08X}-{end:08X}"),
         WalObject::History(t) => format!("{t}.history"),
     };
     RepoKey(format!("postgres/conflicts/{name}.{unix_ms}"))
@@ -329,8 +352,29 @@ pub enum WalObject {
         /// Bytes of the segment the object holds.
         end_offset: u32,
     },
+    /// Bytes `[start, end)` of a segment in progress (`start < end`).
+    Delta {
+        /// The segment.
+        segment: WalSegmentName,
+        /// First byte of the segment the object holds.
+        start: u32,
+        /// Byte after the last one it holds.
+        end: u32,
+    },
     /// A timeline history file.
     History(TimelineId),
+}
+
+impl WalObject {
+    /// The segment a segment, partial or delta belongs to (`None` for a history file).
+    pub fn segment(&self) -> Option<&WalSegmentName> {
+        match self {
+            WalObject::Segment(s)
+            | WalObject::Partial { segment: s, .. }
+            | WalObject::Delta { segment: s, .. } => Some(s),
+            WalObject::History(_) => None,
+        }
+    }
 }
 
 /// Parses a key produced by the WAL functions above; `None` for anything else.
@@ -351,6 +395,20 @@ pub fn parse_wal_key(key: &RepoKey) -> Option<WalObject> {
         return Some(WalObject::Partial {
             segment,
             end_offset,
+        });
+    }
+    if let Some((seg, range)) = name.split_once(".delta.") {
+        let segment = WalSegmentName::parse(seg).ok()?;
+        let (a, b) = range.split_once('-')?;
+        if a.len() != 8 || b.len() != 8 || !is_upper_hex(a) || !is_upper_hex(b) {
+            return None;
+        }
+        let start = u32::from_str_radix(a, 16).ok()?;
+        let end = u32::from_str_radix(b, 16).ok()?;
+        return (segment.timeline() == tli && start < end).then_some(WalObject::Delta {
+            segment,
+            start,
+            end,
         });
     }
     let segment = WalSegmentName::parse(name).ok()?;
@@ -596,10 +654,50 @@ mod tests {
         assert_eq!(
             parse_wal_key(&p),
             Some(WalObject::Partial {
-                segment: seg,
+                segment: seg.clone(),
                 end_offset: 0x1234
             })
         );
+        let d = wal_delta(&seg, 0x2000, 0x2A10);
+        assert_eq!(
+            d.as_str(),
+            "postgres/wal/00000002/000000020000000A000000FF.delta.00002000-00002A10"
+        );
+        assert_eq!(
+            parse_wal_key(&d),
+            Some(WalObject::Delta {
+                segment: seg.clone(),
+                start: 0x2000,
+                end: 0x2A10
+            })
+        );
+        // Deltas list in chain order, after their segment and before the next one.
+        let next = WalSegmentName::parse("000000020000000B00000000").unwrap();
+        let mut keys = vec![
+            wal_segment(&next),
+            wal_delta(&seg, 0x10000, 0x20000),
+            wal_delta(&seg, 0, 0x10000),
+            wal_segment(&seg),
+        ];
+        keys.sort();
+        assert_eq!(keys[0], wal_segment(&seg));
+        assert_eq!(keys[1], wal_delta(&seg, 0, 0x10000));
+        assert_eq!(keys[3], wal_segment(&next));
+        let c = wal_conflict(&parse_wal_key(&d).unwrap(), 7);
+        assert_eq!(
+            c.as_str(),
+            "postgres/conflicts/000000020000000A000000FF.delta.00002000-00002A10.7"
+        );
+        for bad in [
+            "000000020000000A000000FF.delta.00002000-00002000",
+            "000000020000000A000000FF.delta.00003000-00002000",
+            "000000020000000A000000FF.delta.2000-00003000",
+            "000000020000000A000000FF.delta.00002000-0000300a",
+            "000000030000000A000000FF.delta.00002000-00003000",
+        ] {
+            let k = RepoKey::parse(&format!("postgres/wal/00000002/{bad}")).unwrap();
+            assert!(parse_wal_key(&k).is_none(), "{bad}");
+        }
         let tli = TimelineId::new(3).unwrap();
         let h = timeline_history(tli);
         assert_eq!(h.as_str(), "postgres/wal/00000003/00000003.history");

@@ -361,7 +361,7 @@ fn pg17_synchronous_commit_waits_for_the_repository() {
         .max_by_key(|(seg, off)| lsn_of(seg, u64::from(*off)));
     if let Some((seg, off)) = newest {
         if !segs.contains(seg) {
-            let data = partial_content(&s.repo_url(), seg, *off);
+            let data = repo::partial_content(&s.repo_url(), seg, *off);
             let server = std::fs::read(s.pg.pg_wal_dir().join(seg)).unwrap();
             let off = *off as usize;
             assert!(
@@ -370,16 +370,4 @@ fn pg17_synchronous_commit_waits_for_the_repository() {
             );
         }
     }
-}
-
-fn partial_content(url: &str, seg: &str, off: u32) -> bytes::Bytes {
-    use storage::layout;
-    let repo = storage::Repository::open(url, storage::RepoOptions::default()).unwrap();
-    let key = layout::wal_partial(&layout::WalSegmentName::parse(seg).unwrap(), off);
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(repo.get(&key))
-        .unwrap()
 }

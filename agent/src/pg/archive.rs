@@ -2,13 +2,14 @@
 //! rule for segments and history files, and what the repository already holds.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use storage::layout::{self, WalObject};
-use storage::{ContentKind, EncodedPrefix, PutMode, RepoKey, Repository, StorageError};
+use storage::{ContentKind, PutMode, RepoKey, Repository, StorageError};
+
+use super::partial::SegmentPartials;
 use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
 /// An error that reconnecting cannot fix: the stream must stop and a human must look.
@@ -59,9 +60,9 @@ pub fn segment_key(seg: SegmentName) -> Result<RepoKey> {
     Ok(layout::wal_segment(&storage_segment(seg)?))
 }
 
-/// The repository key of a partial segment ending at `end_offset`.
-pub fn partial_key(seg: SegmentName, end_offset: u32) -> Result<RepoKey> {
-    Ok(layout::wal_partial(&storage_segment(seg)?, end_offset))
+/// The repository key of bytes `[start, end)` of a segment in progress.
+pub fn delta_key(seg: SegmentName, start: u32, end: u32) -> Result<RepoKey> {
+    Ok(layout::wal_delta(&storage_segment(seg)?, start, end))
 }
 
 /// The repository key of a history file.
@@ -75,65 +76,21 @@ fn storage_segment(seg: SegmentName) -> Result<layout::WalSegmentName> {
     layout::WalSegmentName::parse(&seg.to_string()).with_context(|| format!("segment name {seg}"))
 }
 
-/// The encoded frames at the start of the segment being received, shared by its partial
-/// uploads and the final one: each of those objects starts with the same bytes, so only
-/// the bytes after the longest stored prefix are compressed and hashed again.
-#[derive(Clone, Default)]
-pub struct SegmentFrames(Arc<Mutex<Option<EncodedPrefix>>>);
-
-impl SegmentFrames {
-    /// The longest prefix known that is no longer than `len`.
-    fn get(&self, len: u64) -> Option<EncodedPrefix> {
-        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().filter(|p| p.len() <= len).cloned()
-    }
-
-    /// Keeps `p` if it is longer than what is kept.
-    fn offer(&self, p: EncodedPrefix) {
-        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.as_ref().is_none_or(|old| old.len() < p.len()) {
-            *guard = Some(p);
-        }
-    }
-}
-
 /// Writes `chunks` as one object without first concatenating them (WAL arrives in pieces of
-/// the receive buffer; copying a 16 MiB segment per upload would be wasted work). With
-/// `frames`, the object starts with the frames already encoded for this segment, and
-/// leaves its own for the next upload.
+/// the receive buffer; copying a 16 MiB segment per upload would be wasted work).
 pub async fn put_chunks(
     repo: &Repository,
     key: &RepoKey,
     kind: ContentKind,
     chunks: &[Bytes],
     mode: PutMode,
-    frames: Option<&SegmentFrames>,
 ) -> Result<(), StorageError> {
     let len = chunks.iter().map(|c| c.len() as u64).sum();
     let mut w = repo.writer_with_len(key, kind, mode, Some(len)).await?;
-    let mut skip = 0u64;
-    if let Some(f) = frames {
-        let prefix = f.get(len);
-        w.reuse_prefix(prefix.as_ref()).await?;
-        skip = prefix.map_or(0, |p| p.len());
-    }
     for c in chunks {
-        let n = c.len() as u64;
-        if skip >= n {
-            skip -= n;
-            continue;
-        }
-        w.write(c.slice(skip as usize..)).await?;
-        skip = 0;
+        w.write(c.clone()).await?;
     }
-    match frames {
-        Some(f) => {
-            let (_, prefix) = w.finish_with_prefix().await?;
-            f.offer(prefix);
-            Ok(())
-        }
-        None => w.finish().await.map(|_| ()),
-    }
+    w.finish().await.map(|_| ())
 }
 
 /// Stores an object that must never change once written (a complete segment or a history
@@ -144,9 +101,8 @@ pub async fn put_immutable(
     key: &RepoKey,
     kind: ContentKind,
     chunks: &[Bytes],
-    frames: Option<&SegmentFrames>,
 ) -> Result<()> {
-    match put_chunks(repo, key, kind, chunks, PutMode::CreateNew, frames).await {
+    match put_chunks(repo, key, kind, chunks, PutMode::CreateNew).await {
         Ok(()) => Ok(()),
         Err(StorageError::AlreadyExists { .. }) => {
             // Hashed only here: the storage pipeline already hashes every write once.
@@ -194,7 +150,7 @@ async fn keep_conflicting_copy(
     let repo_err = match layout::parse_wal_key(key) {
         Some(object) => {
             let conflict = layout::wal_conflict(&object, stamp);
-            match put_chunks(repo, &conflict, kind, chunks, PutMode::CreateNew, None).await {
+            match put_chunks(repo, &conflict, kind, chunks, PutMode::CreateNew).await {
                 Ok(()) => return format!("our version was saved as {conflict}"),
                 Err(e) => format!("saving it as {conflict} failed: {e}"),
             }
@@ -217,8 +173,8 @@ async fn keep_conflicting_copy(
 pub struct RepoWal {
     /// Complete segments: (timeline, segno).
     pub segments: BTreeMap<(u32, u64), RepoKey>,
-    /// Partials: (timeline, segno) → [(end offset, key)].
-    pub partials: BTreeMap<(u32, u64), Vec<(u32, RepoKey)>>,
+    /// Deltas and older whole partials of segments in progress: (timeline, segno) → objects.
+    pub partials: BTreeMap<(u32, u64), SegmentPartials>,
     /// Timelines with a history file.
     pub histories: Vec<u32>,
 }
@@ -238,15 +194,15 @@ impl RepoWal {
                     out.segments
                         .insert((seg.timeline().get(), seg.segno()), meta.key);
                 }
-                Some(WalObject::Partial {
-                    segment,
-                    end_offset,
-                }) => {
+                Some(object @ (WalObject::Partial { .. } | WalObject::Delta { .. })) => {
+                    let Some(segment) = object.segment() else {
+                        continue;
+                    };
                     let seg = SegmentName::parse(segment.as_str(), size)?;
                     out.partials
                         .entry((seg.timeline().get(), seg.segno()))
                         .or_default()
-                        .push((end_offset, meta.key));
+                        .add(&object, meta.key);
                 }
                 Some(WalObject::History(t)) => out.histories.push(t.get()),
                 None => {}
@@ -255,6 +211,7 @@ impl RepoWal {
         for v in out.partials.values_mut() {
             v.sort();
         }
+        out.partials.retain(|_, v| !v.is_empty());
         Ok(out)
     }
 
@@ -271,10 +228,7 @@ impl RepoWal {
             .partials
             .iter()
             .filter(|((st, _), _)| *st == t)
-            .filter_map(|((_, n), v)| {
-                v.last()
-                    .map(|(off, _)| Lsn(n * size.bytes() + u64::from(*off)))
-            })
+            .map(|((_, n), v)| Lsn(n * size.bytes() + u64::from(v.durable_end())))
             .max();
         seg_end.max(part_end)
     }
@@ -290,8 +244,7 @@ impl RepoWal {
         let part = self
             .partials
             .get(&(t, n))
-            .and_then(|v| v.iter().map(|(off, _)| *off).max())
-            .unwrap_or(0);
+            .map_or(0, SegmentPartials::durable_end);
         Lsn(n * size.bytes() + u64::from(part)).max(from)
     }
 
@@ -331,15 +284,15 @@ mod tests {
         .unwrap();
         let key = segment_key(seg).unwrap();
         let kind = ContentKind::WalSegment;
-        put_immutable(&repo, &key, kind, &chunks(b"original wal"), None)
+        put_immutable(&repo, &key, kind, &chunks(b"original wal"))
             .await
             .unwrap();
         // The same bytes again (a restart re-sending a segment): a no-op.
-        put_immutable(&repo, &key, kind, &chunks(b"original wal"), None)
+        put_immutable(&repo, &key, kind, &chunks(b"original wal"))
             .await
             .unwrap();
 
-        let err = put_immutable(&repo, &key, kind, &chunks(b"diverged wal"), None)
+        let err = put_immutable(&repo, &key, kind, &chunks(b"diverged wal"))
             .await
             .unwrap_err();
         assert!(err.downcast_ref::<Fatal>().is_some(), "{err:#}");

@@ -19,6 +19,8 @@ use storage::layout::{self, BackupId, BaseBackupObject, WalObject};
 use storage::{ContentKind, PutMode, Repository};
 use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
+use super::partial::SegmentPartials;
+
 /// Version of the `backup.json` layout this build writes and reads.
 pub const MANIFEST_VERSION: u32 = 1;
 
@@ -278,8 +280,8 @@ pub async fn list_backups(repo: &Repository) -> Result<BackupList> {
 pub struct TimelineWal {
     /// Complete segments by segment number.
     pub segments: BTreeSet<u64>,
-    /// Largest partial end offset by segment number.
-    pub partials: BTreeMap<u64, u32>,
+    /// Deltas and older whole partials of segments not complete, by segment number.
+    pub partials: BTreeMap<u64, SegmentPartials>,
 }
 
 /// Every WAL object of the repository, by timeline.
@@ -341,19 +343,18 @@ impl WalInventory {
                             .insert(segno);
                     }
                 }
-                Some(WalObject::Partial {
-                    segment,
-                    end_offset,
-                }) => {
+                Some(object @ (WalObject::Partial { .. } | WalObject::Delta { .. })) => {
+                    let Some(segment) = object.segment() else {
+                        continue;
+                    };
                     if let Some(segno) = segno_of(segment.as_str(), size) {
-                        let e = inv
-                            .timelines
+                        inv.timelines
                             .entry(segment.timeline().get())
                             .or_default()
                             .partials
                             .entry(segno)
-                            .or_default();
-                        *e = (*e).max(end_offset);
+                            .or_default()
+                            .add(&object, o.key);
                     }
                 }
                 Some(WalObject::History(tli)) => {
@@ -386,7 +387,7 @@ impl WalInventory {
             }
             let start = segno * size.bytes();
             let end = match t.partials.get(&segno) {
-                Some(&off) => Lsn(start + u64::from(off)),
+                Some(p) => Lsn(start + u64::from(p.durable_end())),
                 None => Lsn(start),
             };
             return end.max(from);
@@ -403,7 +404,7 @@ impl WalInventory {
                 .partials
                 .iter()
                 .next_back()
-                .map(|(s, off)| s * size.bytes() + u64::from(*off));
+                .map(|(s, p)| s * size.bytes() + u64::from(p.durable_end()));
             full.max(part).map(Lsn)
         })
     }
@@ -528,7 +529,12 @@ mod tests {
         for s in [1u64, 2, 3, 6, 7] {
             t.segments.insert(s);
         }
-        t.partials.insert(8, 0x1000);
+        let seg8 = layout::WalSegmentName::parse("000000010000000000000008").unwrap();
+        let delta = layout::wal_delta(&seg8, 0, 0x1000);
+        t.partials
+            .entry(8)
+            .or_default()
+            .add(&layout::parse_wal_key(&delta).unwrap(), delta);
         let seg = size.bytes();
         let tli = WalPath::from(tli);
         assert_eq!(inv.contiguous_end(&tli, Lsn(seg + 40), size), Lsn(4 * seg));

@@ -10,6 +10,7 @@ pub mod channel_binding;
 pub mod cli;
 pub mod conn;
 pub mod conninfo;
+pub mod partial;
 pub mod stream;
 pub mod tls;
 pub mod wal_fetch;

@@ -38,11 +38,12 @@ use wire::pg::{
 };
 
 use super::archive::{
-    ensure_marker, explain_missing_repository, history_key, partial_key, put_chunks, put_immutable,
-    segment_key, Fatal, RepoWal, SegmentFrames,
+    delta_key, ensure_marker, explain_missing_repository, history_key, put_chunks, put_immutable,
+    segment_key, Fatal, RepoWal,
 };
 use super::conn::{ConnectMode, CopyMessage, NoSuitableServer, PgConnection, PgServerError};
 use super::conninfo::ConnInfo;
+use super::partial::Resume;
 
 /// Validated settings of `postgres stream`.
 #[derive(Debug, Clone)]
@@ -53,7 +54,7 @@ pub struct StreamOptions {
     pub repo: Repository,
     /// Physical slot.
     pub slot: SlotName,
-    /// Longest time new WAL may wait before it is in the repository (as a partial).
+    /// Longest time new WAL may wait before it is in the repository (as a delta).
     pub max_lag: Duration,
     /// Longest time between status updates.
     pub status_interval: Duration,
@@ -70,7 +71,8 @@ type UploadFuture = Pin<Box<dyn Future<Output = Result<Uploaded>>>>;
 
 struct Uploaded {
     end: Lsn,
-    partial: bool,
+    /// A delta (or durable bytes re-sent after a restart), not a complete segment.
+    delta: bool,
 }
 
 /// How long the repository has kept us waiting: counts only while an upload is
@@ -107,14 +109,49 @@ struct OpenSegment {
     chunks: Vec<Bytes>,
     /// Total length of `chunks`.
     len: usize,
-    /// Bytes already shipped (as a partial).
-    shipped: usize,
-    /// Partials of this segment in the repository that become garbage once it is complete
-    /// or a newer partial is stored.
-    /// (end offset, key): a partial may only be removed once one at least as long is stored.
-    stale_partials: Vec<(u32, RepoKey)>,
-    /// Frames already encoded for this segment's beginning (by its partial uploads).
-    frames: SegmentFrames,
+    /// Where the next delta starts: the end of the stored chain plus the deltas queued.
+    next_start: usize,
+    /// Bytes stored or queued (at least `next_start`; more after a restart when an older
+    /// build's whole partial holds more than the chain).
+    covered: usize,
+    /// Bytes whose durability was reported (or queued to be).
+    acked: usize,
+    /// The chain's deltas, in order, stored before this connection or queued by it.
+    chain: Vec<RepoKey>,
+    /// Objects to delete once the stored chain reaches their end: (end, key).
+    stale: Vec<(u32, RepoKey)>,
+    /// When the oldest byte not yet in a queued delta arrived.
+    pending_since: Option<Instant>,
+}
+
+impl OpenSegment {
+    fn new(name: SegmentName, resume: Resume) -> OpenSegment {
+        OpenSegment {
+            name,
+            chunks: Vec::new(),
+            len: 0,
+            next_start: resume.chain_end as usize,
+            covered: resume.durable as usize,
+            acked: 0,
+            chain: resume.chain,
+            stale: resume.stale,
+            pending_since: None,
+        }
+    }
+
+    /// The received bytes from `from` on, as slices of the receive buffers (no copy).
+    fn bytes_from(&self, from: usize) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        for c in &self.chunks {
+            let end = at + c.len();
+            if end > from {
+                out.push(c.slice(from.saturating_sub(at)..));
+            }
+            at = end;
+        }
+        out
+    }
 }
 
 /// How one connection's stream ended.
@@ -502,7 +539,6 @@ async fn stream_once(
             &history_key(*t)?,
             ContentKind::TimelineHistory,
             std::slice::from_ref(content),
-            None,
         )
         .await?;
     }
@@ -533,13 +569,15 @@ async fn stream_once(
         .await?;
     *started = true;
 
-    let mut stale: BTreeMap<u64, Vec<(u32, RepoKey)>> = BTreeMap::new();
+    // Chains of segments from the start on are continued (or retired) as the segments are
+    // received again.
+    let mut stored: BTreeMap<u64, Resume> = BTreeMap::new();
     for ((t, n), v) in &repo_wal.partials {
         if *t == tli.get() && *n >= size.segment_of(start) {
-            stale.insert(*n, v.clone());
+            stored.insert(*n, v.resume());
         }
     }
-    let mut s = Streamer::new(opts, size, tli, start, stale, guard);
+    let mut s = Streamer::new(opts, size, tli, start, stored, guard);
     let ended = s.run(&mut conn).await?;
     if let Ended::TimelineSwitch(_) = ended {
         conn.close().await;
@@ -553,9 +591,12 @@ struct Streamer<'a> {
     tli: TimelineId,
     splitter: SegmentSplitter,
     open: Option<OpenSegment>,
-    stale: BTreeMap<u64, Vec<(u32, RepoKey)>>,
+    /// What the repository held of segments in progress when the stream started.
+    stored: BTreeMap<u64, Resume>,
     uploads: FuturesOrdered<UploadFuture>,
-    partials_in_flight: usize,
+    /// Deltas queued and not completed: at most one, so WAL arriving meanwhile goes out
+    /// as the next single delta (group commit in synchronous mode).
+    deltas_in_flight: usize,
     /// Completion of the most recently queued upload: the next one waits for it before
     /// deleting anything, so a delete never races a put of the same key.
     last_done: Option<oneshot::Receiver<()>>,
@@ -577,7 +618,7 @@ impl<'a> Streamer<'a> {
         size: WalSegmentSize,
         tli: TimelineId,
         start: Lsn,
-        stale: BTreeMap<u64, Vec<(u32, RepoKey)>>,
+        stored: BTreeMap<u64, Resume>,
         lease: LeaseGuard,
     ) -> Streamer<'a> {
         let now = Instant::now();
@@ -587,9 +628,9 @@ impl<'a> Streamer<'a> {
             tli,
             splitter: SegmentSplitter::starting_at(size, start),
             open: None,
-            stale,
+            stored,
             uploads: FuturesOrdered::new(),
-            partials_in_flight: 0,
+            deltas_in_flight: 0,
             last_done: None,
             received: start,
             flushed: start,
@@ -605,10 +646,12 @@ impl<'a> Streamer<'a> {
     }
 
     async fn run(&mut self, conn: &mut PgConnection) -> Result<Ended> {
-        // Half of --max-lag: WAL waits at most one tick plus one upload before it is durable.
-        let mut ship_tick =
-            tokio::time::interval((self.opts.max_lag / 2).max(Duration::from_millis(10)));
-        ship_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A delta goes out once its oldest byte has waited half of --max-lag (so WAL waits at
+        // most that plus one upload or two, and a stream writes at most two deltas per
+        // --max-lag), or at once in synchronous mode.
+        let ship_timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(ship_timer);
+        let mut armed: Option<Instant> = None;
         let mut status_tick =
             tokio::time::interval(Duration::from_millis(500).min(self.opts.status_interval));
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -618,6 +661,13 @@ impl<'a> Streamer<'a> {
         let lost = guard.lost();
         tokio::pin!(lost);
         loop {
+            let due = self.ship_deadline();
+            if due != armed {
+                if let Some(at) = due {
+                    ship_timer.as_mut().reset(at.into());
+                }
+                armed = due;
+            }
             let can_read = self.uploads.len() < self.opts.max_inflight;
             tokio::select! {
                 msg = conn.recv_copy(), if can_read => {
@@ -628,23 +678,18 @@ impl<'a> Streamer<'a> {
                 }
                 Some(done) = self.uploads.next(), if !self.uploads.is_empty() => {
                     let done = done.map_err(|e| explain_missing_repository(&self.opts.repo, e))?;
-                    if done.partial {
-                        self.partials_in_flight -= 1;
-                    } else {
-                        self.segments_stored += 1;
-                    }
-                    self.stall.completed(self.uploads.len(), Instant::now());
-                    if done.end > self.flushed {
-                        self.flushed = done.end;
-                    }
+                    self.uploaded(done);
                     // Report durable progress at once: the slot may advance and synchronous
                     // commits waiting for this WAL are released.
                     self.send_status(conn, false).await?;
                     if self.opts.synchronous {
-                        self.ship_partial()?;
+                        self.ship_delta()?;
                     }
                 }
-                _ = ship_tick.tick() => self.ship_partial()?,
+                () = &mut ship_timer, if armed.is_some() => {
+                    armed = None;
+                    self.ship_delta()?;
+                }
                 _ = status_tick.tick() => {
                     if self.last_status.elapsed() >= self.opts.status_interval {
                         self.send_status(conn, false).await?;
@@ -660,7 +705,6 @@ impl<'a> Streamer<'a> {
                 }
                 _ = &mut shutdown => {
                     tracing::info!("stopping: storing what was received");
-                    self.ship_partial()?;
                     self.drain(conn).await?;
                     let _ = conn.send_copy_done().await;
                     return Ok(Ended::Shutdown);
@@ -725,7 +769,7 @@ impl<'a> Streamer<'a> {
                 }
                 self.received = self.splitter.next_lsn().unwrap_or(self.received);
                 if self.opts.synchronous {
-                    self.ship_partial()?;
+                    self.ship_delta()?;
                 }
             }
             ReplicationMessage::PrimaryKeepalive(k) => {
@@ -748,14 +792,8 @@ impl<'a> Streamer<'a> {
                     );
                 }
                 let name = SegmentName::new(self.tli, segno, self.size)?;
-                self.open = Some(OpenSegment {
-                    name,
-                    chunks: Vec::new(),
-                    len: 0,
-                    shipped: 0,
-                    stale_partials: self.stale.remove(&segno).unwrap_or_default(),
-                    frames: SegmentFrames::default(),
-                });
+                let resume = self.stored.remove(&segno).unwrap_or_default();
+                self.open = Some(OpenSegment::new(name, resume));
                 self.open.as_mut().context("segment just opened")?
             }
         };
@@ -768,6 +806,9 @@ impl<'a> Streamer<'a> {
         }
         open.len += data.len();
         open.chunks.push(data);
+        if open.pending_since.is_none() {
+            open.pending_since = Some(Instant::now());
+        }
         if completes {
             if let Some(o) = self.open.take() {
                 self.queue_segment(o)?;
@@ -786,71 +827,93 @@ impl<'a> Streamer<'a> {
         let end = seg.name.end_lsn();
         let repo = self.opts.repo.clone();
         let chunks = seg.chunks;
-        let frames = seg.frames;
-        // The complete segment supersedes every partial of it.
-        let cleanup: Vec<RepoKey> = seg.stale_partials.into_iter().map(|(_, k)| k).collect();
+        // The complete segment supersedes its deltas (removed last to first, so a cleanup
+        // cut short leaves a chain that still starts at 0) and every stale object.
+        let mut cleanup: Vec<RepoKey> = seg.chain.into_iter().rev().collect();
+        cleanup.extend(seg.stale.into_iter().map(|(_, k)| k));
         let (prev, done) = self.chain();
         let lease = self.lease.clone();
         self.push_upload(Box::pin(async move {
             retrying(&key, || async {
                 lease.writable().await?;
-                put_immutable(&repo, &key, ContentKind::WalSegment, &chunks, Some(&frames)).await
+                put_immutable(&repo, &key, ContentKind::WalSegment, &chunks).await
             })
             .await?;
             if let Some(p) = prev {
                 let _ = p.await;
             }
             ensure_marker(&repo).await?;
-            for k in cleanup {
-                if let Err(e) = repo.delete(&k).await {
-                    tracing::warn!(key = %k, "could not remove superseded partial: {e}");
-                }
-            }
+            remove_superseded(&repo, cleanup).await;
             let _ = done.send(());
             tracing::debug!(%key, "segment stored");
-            Ok(Uploaded {
-                end,
-                partial: false,
-            })
+            Ok(Uploaded { end, delta: false })
         }));
         Ok(())
     }
 
-    /// Stores the open segment's bytes so far as a partial object (just the bytes received;
-    /// `wal-fetch` zero-pads it to the segment size like `pg_receivewal`'s `.partial`), if
-    /// anything new arrived and no partial is already in flight.
-    fn ship_partial(&mut self) -> Result<()> {
-        if self.partials_in_flight > 0 {
+    /// When the open segment's pending bytes must go out as a delta (none while a delta is
+    /// in flight: its completion brings the next one).
+    fn ship_deadline(&self) -> Option<Instant> {
+        if self.deltas_in_flight > 0 {
+            return None;
+        }
+        let since = self.open.as_ref()?.pending_since?;
+        Some(since + self.opts.max_lag / 2)
+    }
+
+    fn uploaded(&mut self, done: Uploaded) {
+        if done.delta {
+            self.deltas_in_flight -= 1;
+        } else {
+            self.segments_stored += 1;
+        }
+        self.stall.completed(self.uploads.len(), Instant::now());
+        if done.end > self.flushed {
+            self.flushed = done.end;
+        }
+    }
+
+    /// Stores the open segment's bytes since the end of its chain as the chain's next
+    /// delta, unless a delta is already in flight (then these bytes wait and go out as the
+    /// next single delta). Bytes a restart re-sent that are already stored are reported
+    /// durable without a write.
+    fn ship_delta(&mut self) -> Result<()> {
+        if self.deltas_in_flight > 0 {
             return Ok(());
         }
         let Some(open) = self.open.as_mut() else {
             return Ok(());
         };
-        if open.len <= open.shipped {
+        open.pending_since = None;
+        let seg_start = open.name.start_lsn().0;
+        if open.len <= open.covered {
+            if open.len > open.acked {
+                open.acked = open.len;
+                let end = Lsn(seg_start + open.len as u64);
+                self.deltas_in_flight += 1;
+                self.push_upload(Box::pin(async move { Ok(Uploaded { end, delta: true }) }));
+            }
             return Ok(());
         }
-        let end_offset = open.len;
-        open.shipped = end_offset;
-        let key = partial_key(
-            open.name,
-            u32::try_from(end_offset).context("segment offset beyond 4 GiB")?,
-        )?;
-        let end = Lsn(open.name.start_lsn().0 + end_offset as u64);
-        let chunks = open.chunks.clone();
-        let frames = open.frames.clone();
-        // Only partials no longer than this one become garbage: after a restart the stream
-        // re-sends the segment from its start, and a longer partial stored before the restart
-        // must stay until it is superseded (it holds acknowledged WAL).
-        let end_u32 = u32::try_from(end_offset).context("segment offset beyond 4 GiB")?;
-        let (cleanup, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut open.stale_partials)
+        let offset = |n: usize| u32::try_from(n).context("segment offset beyond 4 GiB");
+        let (start, stop) = (open.next_start, open.len);
+        let key = delta_key(open.name, offset(start)?, offset(stop)?)?;
+        let chunks = open.bytes_from(start);
+        open.next_start = stop;
+        open.covered = stop;
+        open.acked = stop;
+        open.chain.push(key.clone());
+        // Stale objects this delta covers become garbage once it is stored.
+        let stop32 = offset(stop)?;
+        let (cleanup, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut open.stale)
             .into_iter()
-            .partition(|(off, k)| *off <= end_u32 && *k != key);
-        open.stale_partials = keep;
-        open.stale_partials.push((end_u32, key.clone()));
+            .partition(|(e, k)| *e <= stop32 && *k != key);
+        open.stale = keep;
         let cleanup: Vec<RepoKey> = cleanup.into_iter().map(|(_, k)| k).collect();
+        let end = Lsn(seg_start + stop as u64);
         let repo = self.opts.repo.clone();
         let (prev, done) = self.chain();
-        self.partials_in_flight += 1;
+        self.deltas_in_flight += 1;
         let lease = self.lease.clone();
         self.push_upload(Box::pin(async move {
             retrying(&key, || async {
@@ -858,10 +921,9 @@ impl<'a> Streamer<'a> {
                 put_chunks(
                     &repo,
                     &key,
-                    ContentKind::WalPartial,
+                    ContentKind::WalDelta,
                     &chunks,
                     PutMode::Overwrite,
-                    Some(&frames),
                 )
                 .await
                 .map_err(anyhow::Error::new)
@@ -871,13 +933,9 @@ impl<'a> Streamer<'a> {
                 let _ = p.await;
             }
             ensure_marker(&repo).await?;
-            for k in cleanup.into_iter().filter(|k| *k != key) {
-                if let Err(e) = repo.delete(&k).await {
-                    tracing::warn!(key = %k, "could not remove superseded partial: {e}");
-                }
-            }
+            remove_superseded(&repo, cleanup).await;
             let _ = done.send(());
-            Ok(Uploaded { end, partial: true })
+            Ok(Uploaded { end, delta: true })
         }));
         Ok(())
     }
@@ -901,20 +959,20 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    /// Waits for every queued upload, reporting progress.
+    /// Stores everything received (a delta in flight is followed by one more for the bytes
+    /// that waited for it) and waits for every upload, then reports the durable position.
     async fn drain(&mut self, conn: &mut PgConnection) -> Result<()> {
-        while let Some(done) = self.uploads.next().await {
-            let done = done?;
-            if done.partial {
-                self.partials_in_flight -= 1;
-            }
-            self.flushed = self.flushed.max(done.end);
+        loop {
+            self.ship_delta()?;
+            let Some(done) = self.uploads.next().await else {
+                break;
+            };
+            self.uploaded(done?);
         }
         self.send_status(conn, false).await
     }
 
     async fn end_of_timeline(&mut self, conn: &mut PgConnection) -> Result<Ended> {
-        self.ship_partial()?;
         self.drain(conn).await?;
         conn.send_copy_done().await?;
         let results = conn.collect_results().await?;
@@ -926,6 +984,16 @@ impl<'a> Streamer<'a> {
         let end = EndOfTimeline::from_row(&row)?;
         tracing::info!(old = %self.tli, new = %end.next_tli, at = %end.next_tli_startpos, "end of timeline");
         Ok(Ended::TimelineSwitch(end))
+    }
+}
+
+/// Deletes objects a stored segment or delta superseded, in the order given. A failure only
+/// leaves garbage (readers prefer the complete segment and refuse nothing it supersedes).
+async fn remove_superseded(repo: &Repository, keys: Vec<RepoKey>) {
+    for k in keys {
+        if let Err(e) = repo.delete(&k).await {
+            tracing::warn!(key = %k, "could not remove a superseded WAL object: {e}");
+        }
     }
 }
 

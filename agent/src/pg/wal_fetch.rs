@@ -8,7 +8,9 @@
 //! fsync, rename) so a crash never leaves a half-written segment at `%p`.
 //!
 //! The newest partial of a timeline is served as its segment when no later WAL exists on
-//! that timeline (it is zero-padded to the segment size, like `pg_receivewal`'s `.partial`).
+//! that timeline: assembled from its chain of deltas (refused, naming the delta, when the
+//! chain has a gap or an overlap) or an older build's whole partial, and zero-padded to the
+//! segment size like `pg_receivewal`'s `.partial`.
 //! After serving a segment the next `--prefetch` segments are downloaded in the background
 //! into a spool directory beside `%p` (0700, its files 0600), so replay is not bound by one
 //! download at a time.
@@ -28,8 +30,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use nix::fcntl::{Flock, FlockArg};
-use storage::layout::{self, WalObject};
+use storage::layout;
 use storage::{RepoKey, RepoMarker, Repository, StorageError};
+
+use super::partial::{assemble, PartialSource, SegmentPartials};
 use wire::pg::page::{self, Extent, MagicRule, SegmentExpectation};
 use wire::pg::{SegmentName, TimelineId, WalFileName, WalSegmentSize};
 
@@ -173,28 +177,44 @@ fn storage_name(seg: SegmentName) -> Result<layout::WalSegmentName> {
     Ok(layout::WalSegmentName::parse(&seg.to_string())?)
 }
 
-/// Looks for the newest partial of `seg`, if `seg` is the last WAL on its timeline.
+/// What is stored of `seg` in progress (deltas, older whole partials), if `seg` is the last
+/// WAL on its timeline; `None` if later WAL exists or nothing is stored.
 async fn last_partial(
     repo: &Repository,
     seg: &layout::WalSegmentName,
-) -> Result<Option<RepoKey>, StorageError> {
+) -> Result<Option<PartialSource>> {
     let prefix = layout::wal_timeline_prefix(seg.timeline());
-    let listed = repo.list(&prefix).await?;
-    let mut newest: Option<(u32, RepoKey)> = None;
+    let listed = repo
+        .list(&prefix)
+        .await
+        .context("looking for a partial segment")?;
+    let mut stored = SegmentPartials::default();
     for meta in listed {
-        match layout::parse_wal_key(&meta.key) {
-            Some(WalObject::Segment(s)) if s > *seg => return Ok(None),
-            Some(WalObject::Partial { segment, .. }) if segment > *seg => return Ok(None),
-            Some(WalObject::Partial {
-                segment,
-                end_offset,
-            }) if segment == *seg && newest.as_ref().is_none_or(|(o, _)| end_offset > *o) => {
-                newest = Some((end_offset, meta.key));
-            }
+        let Some(object) = layout::parse_wal_key(&meta.key) else {
+            continue;
+        };
+        match object.segment() {
+            Some(s) if s > seg => return Ok(None),
+            Some(s) if s == seg => stored.add(&object, meta.key),
             _ => {}
         }
     }
-    Ok(newest.map(|(_, k)| k))
+    stored.newest(seg.as_str())
+}
+
+/// What a fetch served: one object, or a partial segment assembled from its deltas.
+enum Served {
+    Whole(RepoKey),
+    Partial { end: u32, what: String },
+}
+
+impl std::fmt::Display for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Served::Whole(k) => write!(f, "{k}"),
+            Served::Partial { what, .. } => f.write_str(what),
+        }
+    }
 }
 
 /// Why a download did not complete: the repository (retry if retryable) or the local disk.
@@ -325,25 +345,24 @@ async fn fetch_into(
         WalFileName::Segment(s) => layout::wal_segment(&storage_name(s)?),
     };
     let (got, served) = match download(repo, &key, tmp).await {
-        Ok(d) => (d, key),
+        Ok(d) => (d, Served::Whole(key)),
         Err(Failure::Storage(e)) if e.is_not_found() => {
             let WalFileName::Segment(s) = parsed else {
                 return Ok(Fetched::NotFound);
             };
-            let Some(partial) = last_partial(repo, &storage_name(s)?)
-                .await
-                .context("looking for a partial segment")?
-            else {
+            let Some(partial) = last_partial(repo, &storage_name(s)?).await? else {
                 return Ok(Fetched::NotFound);
             };
-            tracing::info!(%partial, "serving the newest partial as {name}: it is the last WAL of its timeline");
-            match download(repo, &partial, tmp).await {
-                Ok(d) => (d, partial),
-                Err(Failure::Storage(e)) => {
-                    return Err(anyhow::Error::new(e).context(format!("fetching {partial}")))
-                }
-                Err(Failure::Local(e)) => return Err(e),
-            }
+            let what = partial.describe();
+            tracing::info!(partial = %what, "serving the newest partial as {name}: it is the last WAL of its timeline");
+            let mut f =
+                create_private(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let (len, head) = assemble(repo, &partial, &mut f, 64).await?;
+            let served = Served::Partial {
+                end: partial.end(),
+                what,
+            };
+            (Downloaded { len, head }, served)
         }
         Err(Failure::Storage(e)) => {
             return Err(anyhow::Error::new(e).context(format!("fetching {key}")))
@@ -352,11 +371,9 @@ async fn fetch_into(
     };
     let segment_size = match parsed {
         WalFileName::Segment(_) => {
-            let extent = match layout::parse_wal_key(&served) {
-                Some(WalObject::Partial { end_offset, .. }) => {
-                    Extent::Partial(u64::from(end_offset))
-                }
-                _ => Extent::Complete,
+            let extent = match &served {
+                Served::Partial { end, .. } => Extent::Partial(u64::from(*end)),
+                Served::Whole(_) => Extent::Complete,
             };
             let seg = check_segment(name, got.len, &got.head, extent, expect)
                 .with_context(|| format!("checking {served}"))?;

@@ -625,22 +625,37 @@ impl TailWal<'_> {
         };
         let seg = SegmentName::new(tli, segno, self.size)?;
         let name = layout::WalSegmentName::parse(&seg.to_string())?;
-        let (key, extent) = if t.segments.contains(&segno) {
-            (layout::wal_segment(&name), Extent::Complete)
+        let (key, extent, data) = if t.segments.contains(&segno) {
+            let key = layout::wal_segment(&name);
+            let data =
+                self.repo.get(&key).await.with_context(|| {
+                    format!("reading {key} to find the end of the archived WAL")
+                })?;
+            (key.to_string(), Extent::Complete, data)
         } else {
-            match t.partials.get(&segno) {
-                Some(off) => (
-                    layout::wal_partial(&name, *off),
-                    Extent::Partial(u64::from(*off)),
-                ),
-                None => return Ok(None),
-            }
+            let Some(source) = t
+                .partials
+                .get(&segno)
+                .map(|p| p.newest(name.as_str()))
+                .transpose()?
+                .flatten()
+            else {
+                return Ok(None);
+            };
+            let data = crate::pg::partial::read_all(self.repo, &source)
+                .await
+                .with_context(|| {
+                    format!(
+                        "reading {} to find the end of the archived WAL",
+                        source.describe()
+                    )
+                })?;
+            (
+                source.describe(),
+                Extent::Partial(u64::from(source.end())),
+                data,
+            )
         };
-        let data = self
-            .repo
-            .get(&key)
-            .await
-            .with_context(|| format!("reading {key} to find the end of the archived WAL"))?;
         check_segment(
             &seg.to_string(),
             data.len() as u64,

@@ -147,7 +147,8 @@ pub mod repo {
             .block_on(f)
     }
 
-    /// Complete segment names, partial (segment, end offset) pairs and history timelines.
+    /// Complete segment names, partial (segment, end offset) pairs (a whole partial's end,
+    /// or each delta's end) and history timelines.
     pub fn listing(url: &str) -> (Vec<String>, Vec<(String, u32)>, Vec<u32>) {
         let repo = Repository::open(url, RepoOptions::default()).unwrap();
         let metas = block_on(repo.list(&layout::wal_prefix())).unwrap();
@@ -159,12 +160,54 @@ pub mod repo {
                     segment,
                     end_offset,
                 }) => parts.push((segment.to_string(), end_offset)),
+                // A delta holds the segment up to its end (with the deltas before it).
+                Some(WalObject::Delta { segment, end, .. }) => {
+                    parts.push((segment.to_string(), end))
+                }
                 Some(WalObject::History(t)) => hist.push(t.get()),
                 None => {}
             }
         }
         segs.sort();
         (segs, parts, hist)
+    }
+
+    /// The first `end` bytes of a segment in progress, as stored: an older build's whole
+    /// partial, or the delta chain from 0 assembled up to `end` (each delta read and
+    /// checked, and the chain checked to link exactly).
+    pub fn partial_content(url: &str, seg: &str, end: u32) -> Bytes {
+        let repo = Repository::open(url, RepoOptions::default()).unwrap();
+        let name = layout::WalSegmentName::parse(seg).unwrap();
+        let whole = layout::wal_partial(&name, end);
+        if block_on(repo.exists(&whole)).unwrap() {
+            return block_on(repo.get(&whole)).unwrap();
+        }
+        let metas = block_on(repo.list(&layout::wal_timeline_prefix(name.timeline()))).unwrap();
+        let mut deltas: Vec<(u32, u32, storage::RepoKey)> = metas
+            .into_iter()
+            .filter_map(|m| match layout::parse_wal_key(&m.key) {
+                Some(WalObject::Delta {
+                    segment,
+                    start,
+                    end,
+                }) if segment == name => Some((start, end, m.key)),
+                _ => None,
+            })
+            .collect();
+        deltas.sort();
+        let mut out = Vec::new();
+        for (start, stop, key) in deltas.into_iter().filter(|d| d.1 <= end) {
+            assert_eq!(
+                start as usize,
+                out.len(),
+                "delta chain of {seg} does not link at {key}"
+            );
+            let data = block_on(repo.get(&key)).unwrap();
+            assert_eq!(data.len() as u32, stop - start, "{key}");
+            out.extend_from_slice(&data);
+        }
+        assert_eq!(out.len() as u32, end, "no chain of {seg} ends at {end:#X}");
+        out.into()
     }
 
     /// A history file's content.
