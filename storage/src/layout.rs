@@ -673,7 +673,7 @@ mod tests {
         );
         // Deltas list in chain order, after their segment and before the next one.
         let next = WalSegmentName::parse("000000020000000B00000000").unwrap();
-        let mut keys = vec![
+        let mut keys = [
             wal_segment(&next),
             wal_delta(&seg, 0x10000, 0x20000),
             wal_delta(&seg, 0, 0x10000),

@@ -175,6 +175,11 @@ pub fn archived_end(url: &str) -> u64 {
                 let e = parts.entry(num(segment.as_str())).or_insert(0u32);
                 *e = (*e).max(end_offset);
             }
+            // The chain is checked when it is read; its newest end is what is stored.
+            Some(WalObject::Delta { segment, end, .. }) if segment.timeline().get() == 1 => {
+                let e = parts.entry(num(segment.as_str())).or_insert(0u32);
+                *e = (*e).max(end);
+            }
             _ => {}
         }
     }
