@@ -452,6 +452,27 @@ fn pg15_kill9_during_a_synchronous_trickle_keeps_every_acknowledged_commit() {
     );
     assert!(!target2.exists());
 
+    // An older build's whole partial with the same bytes (the deltas gone) is still read.
+    for (a, b) in &chain {
+        let key = layout::wal_delta(&name, *a, *b);
+        let _ = std::fs::remove_file(copy.join(key.to_string()));
+    }
+    let old = Repository::open(&copy_url, RepoOptions::default()).unwrap();
+    block_on(old.put(
+        &layout::wal_partial(&name, chain_end as u32),
+        storage::ContentKind::WalPartial,
+        bytes::Bytes::copy_from_slice(&got[..chain_end]),
+        storage::PutMode::CreateNew,
+    ))
+    .unwrap();
+    let target3 = fetched.path().join("old-partial");
+    let out = agent_cmd_wal_fetch(&copy_url, &tail, &target3);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        std::fs::read(&target3).unwrap() == got,
+        "old partial served differently"
+    );
+
     // restore of the latest point (through the deltas) has every acknowledged commit.
     let dirs = RestoreDirs::new();
     let out = env.restore(&dirs.data(), &[]);

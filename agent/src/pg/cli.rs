@@ -28,7 +28,8 @@ enum PostgresCommand {
     Check(CheckArgs),
     /// Stream WAL continuously into the repository over a physical replication slot, like
     /// pg_receivewal: every segment becomes one object named as in pg_wal; the segment in
-    /// progress is stored as partial objects at least every --max-lag; the flush position
+    /// progress is stored as a chain of delta objects, each holding only the WAL that is new
+    /// (at most two a --max-lag, one at a time), removed once the segment is whole; the flush position
     /// reported to the server (and so the slot, and synchronous commits) only advances over
     /// WAL that is in the repository. Safe to kill at any moment and restart.
     Stream(StreamArgs),
@@ -45,7 +46,8 @@ enum PostgresCommand {
     /// segment of the wrong length or whose first page header belongs to another position,
     /// cluster, PostgreSQL version, segment size or a later timeline, or a history file of
     /// another timeline (the message names the segment and the field). The newest partial
-    /// of a timeline is served as its last segment. The next --prefetch segments are
+    /// segment of a timeline (its chain of deltas, which must link without a gap or an
+    /// overlap, or an older build's partial object) is served as its last segment, zero-padded. The next --prefetch segments are
     /// downloaded (and checked) in the background into .syncbridge-prefetch/ beside %p.
     WalFetch(WalFetchArgs),
     /// Background half of wal-fetch's prefetching (started by wal-fetch itself).
@@ -110,6 +112,8 @@ struct StreamArgs {
     status_interval: Duration,
     /// Store WAL as soon as it arrives and report it at once, so that with this agent in
     /// synchronous_standby_names every commit waits until its WAL is in the repository.
+    /// Commits are grouped: WAL that arrives while a delta is being written goes out as the
+    /// next single delta, so a commit waits for about one object write at any commit rate.
     #[arg(long)]
     synchronous: bool,
     /// application_name the server sees (what synchronous_standby_names lists).
