@@ -520,6 +520,27 @@ fn pg15_kill9_during_a_synchronous_trickle_keeps_every_acknowledged_commit() {
     let server = std::fs::read(env.pg.pg_wal_dir().join(&tail)).unwrap();
     assert!(stored[..] == server[..], "{tail} differs from pg_wal");
     assert!(agent.terminate().success(), "{}", agent.log_text());
+
+    // A delta left behind by a cleanup cut short (the segment is whole) is removed by the
+    // next start.
+    let leftover = layout::wal_delta(&name, 0, 4096);
+    let store = Repository::open(&url, RepoOptions::default()).unwrap();
+    block_on(store.put(
+        &leftover,
+        storage::ContentKind::WalDelta,
+        stored.slice(..4096),
+        storage::PutMode::CreateNew,
+    ))
+    .unwrap();
+    let agent = stream(&env.pg, &url, slot, &["--max-lag", "200ms"], &log, true);
+    assert!(
+        wait_until(Duration::from_secs(60), || !block_on(
+            store.exists(&leftover)
+        )
+        .unwrap()),
+        "{leftover} was not removed:\n{}",
+        agent.log_text()
+    );
 }
 
 fn agent_cmd_wal_fetch(url: &str, name: &str, target: &Path) -> std::process::Output {

@@ -572,10 +572,26 @@ async fn stream_once(
     // Chains of segments from the start on are continued (or retired) as the segments are
     // received again.
     let mut stored: BTreeMap<u64, Resume> = BTreeMap::new();
+    let mut leftovers: Vec<RepoKey> = Vec::new();
     for ((t, n), v) in &repo_wal.partials {
-        if *t == tli.get() && *n >= size.segment_of(start) {
-            stored.insert(*n, v.resume());
+        if *t != tli.get() {
+            continue;
         }
+        if *n >= size.segment_of(start) {
+            stored.insert(*n, v.resume());
+        } else if repo_wal.segments.contains_key(&(*t, *n)) {
+            // A cleanup cut short by a kill: the complete segment is stored, its deltas
+            // (last to first) and older partials are garbage.
+            leftovers.extend(v.deltas.iter().rev().map(|d| d.key.clone()));
+            leftovers.extend(v.whole.iter().map(|(_, k)| k.clone()));
+        }
+    }
+    if !leftovers.is_empty() {
+        tracing::info!(
+            objects = leftovers.len(),
+            "removing deltas of segments already stored whole"
+        );
+        remove_superseded(&opts.repo, leftovers).await;
     }
     let mut s = Streamer::new(opts, size, tli, start, stored, guard);
     let ended = s.run(&mut conn).await?;
