@@ -9,8 +9,9 @@ use clap::Args;
 use storage::RepoKind;
 use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
+use crate::catalog::pg::WalInventory;
 use crate::cli::RepoArgs;
-use crate::pg::backup_catalog::{list_backups, BackupManifest, WalInventory};
+use crate::pg::backup_catalog::{list_backups, BackupManifest};
 use crate::pg::backup_progress::human;
 
 /// Arguments of `list`.

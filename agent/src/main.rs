@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod catalog;
 mod cli;
 mod list;
 mod pg;

@@ -1,16 +1,13 @@
 //! Writing WAL into the repository: keys, the "identical is a no-op, different is an error"
 //! rule for segments and history files, and what the repository already holds.
 
-use std::collections::BTreeMap;
-
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use storage::layout::{self, WalObject};
+use storage::layout;
 use storage::{ContentKind, PutMode, RepoKey, Repository, StorageError};
 
-use super::partial::SegmentPartials;
-use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
+use wire::pg::{SegmentName, TimelineId};
 
 /// An error that reconnecting cannot fix: the stream must stop and a human must look.
 #[derive(Debug, thiserror::Error)]
@@ -168,107 +165,11 @@ async fn keep_conflicting_copy(
     }
 }
 
-/// What the repository holds for WAL, per timeline.
-#[derive(Debug, Default)]
-pub struct RepoWal {
-    /// Complete segments: (timeline, segno).
-    pub segments: BTreeMap<(u32, u64), RepoKey>,
-    /// Deltas and older whole partials of segments in progress: (timeline, segno) → objects.
-    pub partials: BTreeMap<(u32, u64), SegmentPartials>,
-    /// Timelines with a history file.
-    pub histories: Vec<u32>,
-}
-
-impl RepoWal {
-    /// Lists `postgres/wal/`.
-    pub async fn load(repo: &Repository, size: WalSegmentSize) -> Result<RepoWal> {
-        let mut out = RepoWal::default();
-        let listed = repo
-            .list(&layout::wal_prefix())
-            .await
-            .context("listing WAL in the repository")?;
-        for meta in listed {
-            match layout::parse_wal_key(&meta.key) {
-                Some(WalObject::Segment(name)) => {
-                    let seg = SegmentName::parse(name.as_str(), size)?;
-                    out.segments
-                        .insert((seg.timeline().get(), seg.segno()), meta.key);
-                }
-                Some(object @ (WalObject::Partial { .. } | WalObject::Delta { .. })) => {
-                    let Some(segment) = object.segment() else {
-                        continue;
-                    };
-                    let seg = SegmentName::parse(segment.as_str(), size)?;
-                    out.partials
-                        .entry((seg.timeline().get(), seg.segno()))
-                        .or_default()
-                        .add(&object, meta.key);
-                }
-                Some(WalObject::History(t)) => out.histories.push(t.get()),
-                None => {}
-            }
-        }
-        for v in out.partials.values_mut() {
-            v.sort();
-        }
-        out.partials.retain(|_, v| !v.is_empty());
-        Ok(out)
-    }
-
-    /// The end of durable WAL on `tli`: after the newest complete segment or partial.
-    pub fn durable_end(&self, tli: TimelineId, size: WalSegmentSize) -> Option<Lsn> {
-        let t = tli.get();
-        let seg_end = self
-            .segments
-            .keys()
-            .filter(|(st, _)| *st == t)
-            .map(|(_, n)| Lsn((n + 1) * size.bytes()))
-            .max();
-        let part_end = self
-            .partials
-            .iter()
-            .filter(|((st, _), _)| *st == t)
-            .map(|((_, n), v)| Lsn(n * size.bytes() + u64::from(v.durable_end())))
-            .max();
-        seg_end.max(part_end)
-    }
-
-    /// The end of the WAL on `tli` stored without a gap from `from`'s segment on: complete
-    /// segments in a row, then the longest partial of the next one. Never before `from`.
-    pub fn contiguous_end(&self, tli: TimelineId, from: Lsn, size: WalSegmentSize) -> Lsn {
-        let t = tli.get();
-        let mut n = size.segment_of(from);
-        while self.segments.contains_key(&(t, n)) {
-            n += 1;
-        }
-        let part = self
-            .partials
-            .get(&(t, n))
-            .map_or(0, SegmentPartials::durable_end);
-        Lsn(n * size.bytes() + u64::from(part)).max(from)
-    }
-
-    /// Segments missing between the oldest and the newest complete segment of `tli`.
-    pub fn gaps(&self, tli: TimelineId) -> Vec<u64> {
-        let t = tli.get();
-        let nums: Vec<u64> = self
-            .segments
-            .keys()
-            .filter(|(st, _)| *st == t)
-            .map(|(_, n)| *n)
-            .collect();
-        let mut missing = Vec::new();
-        for w in nums.windows(2) {
-            missing.extend(w[0] + 1..w[1]);
-        }
-        missing
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use wire::pg::WalSegmentSize;
 
     fn chunks(text: &[u8]) -> Vec<Bytes> {
         text.chunks(3).map(Bytes::copy_from_slice).collect()
@@ -314,9 +215,10 @@ mod tests {
             .file_name()
             .starts_with("000000010000000000000003."));
         assert_eq!(repo.get(&saved[0].key).await.unwrap(), &b"diverged wal"[..]);
-        let wal = RepoWal::load(&repo, WalSegmentSize::new(16 << 20).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(wal.segments.len(), 1);
+        let wal =
+            crate::catalog::pg::WalInventory::load(&repo, WalSegmentSize::new(16 << 20).unwrap())
+                .await
+                .unwrap();
+        assert_eq!(wal.timelines[&1].segments.len(), 1);
     }
 }

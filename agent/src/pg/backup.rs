@@ -28,12 +28,13 @@ use wire::pg::commands::{BackupPosition, TablespaceRow};
 use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
 use super::backup_catalog::{
-    format_time, BackupEntry, BackupManifest, EntryKind, Tablespace, WalInventory, MANIFEST_VERSION,
+    format_time, BackupEntry, BackupManifest, EntryKind, Tablespace, MANIFEST_VERSION,
 };
 use super::backup_chunks::Chunker;
 use super::backup_progress::{human, Progress};
 use super::cli::{RepoArgs, SourceArgs};
 use super::conn::{ConnectMode, CopyMessage, PgConnection, QueryResult};
+use crate::catalog::pg::WalInventory;
 
 /// Largest server `backup_manifest` we buffer (about 200 bytes per file).
 const MAX_SERVER_MANIFEST: usize = 1 << 30;

@@ -39,11 +39,12 @@ use wire::pg::{
 
 use super::archive::{
     delta_key, ensure_marker, explain_missing_repository, history_key, put_chunks, put_immutable,
-    segment_key, Fatal, RepoWal,
+    segment_key, Fatal,
 };
 use super::conn::{ConnectMode, CopyMessage, NoSuitableServer, PgConnection, PgServerError};
 use super::conninfo::ConnInfo;
 use super::partial::Resume;
+use crate::catalog::pg::WalInventory;
 
 /// Validated settings of `postgres stream`.
 #[derive(Debug, Clone)]
@@ -359,8 +360,8 @@ async fn advance_slot_to_repository(
     tli: TimelineId,
     restart: Lsn,
 ) -> Result<Option<Lsn>> {
-    let wal = RepoWal::load(&opts.repo, size).await?;
-    let end = wal.contiguous_end(tli, restart, size);
+    let wal = WalInventory::load(&opts.repo, size).await?;
+    let end = wal.contiguous_end(&tli.into(), restart, size);
     if end <= restart {
         return Ok(None);
     }
@@ -544,8 +545,8 @@ async fn stream_once(
     }
 
     // What the repository has, and whether anything is missing before where we start.
-    let repo_wal = RepoWal::load(&opts.repo, size).await?;
-    if let Some(end) = repo_wal.durable_end(tli, size) {
+    let repo_wal = WalInventory::load(&opts.repo, size).await?;
+    if let Some(end) = repo_wal.newest_end(&tli.into(), size) {
         if end < start {
             tracing::error!(
                 "WAL from {end} to {start} is missing from the repository and no longer reserved by slot {}: \
@@ -554,7 +555,7 @@ async fn stream_once(
             );
         }
     }
-    let gaps = repo_wal.gaps(tli);
+    let gaps = repo_wal.missing_segments(tli);
     if !gaps.is_empty() {
         let first = SegmentName::new(tli, gaps[0], size)?;
         let last = SegmentName::new(tli, gaps[gaps.len() - 1], size)?;
@@ -573,13 +574,11 @@ async fn stream_once(
     // received again.
     let mut stored: BTreeMap<u64, Resume> = BTreeMap::new();
     let mut leftovers: Vec<RepoKey> = Vec::new();
-    for ((t, n), v) in &repo_wal.partials {
-        if *t != tli.get() {
-            continue;
-        }
+    let ours = repo_wal.timelines.get(&tli.get());
+    for (n, v) in ours.iter().flat_map(|t| t.partials.iter()) {
         if *n >= size.segment_of(start) {
             stored.insert(*n, v.resume());
-        } else if repo_wal.segments.contains_key(&(*t, *n)) {
+        } else if ours.is_some_and(|t| t.segments.contains(n)) {
             // A cleanup cut short by a kill: the complete segment is stored, its deltas
             // (last to first) and older partials are garbage.
             leftovers.extend(v.deltas.iter().rev().map(|d| d.key.clone()));

@@ -35,8 +35,9 @@ use super::place;
 use super::target::Target;
 use super::unpack::{self, PG_CONTROL_TEMP};
 use super::RestoreArgs;
+use crate::catalog::pg::{WalInventory, WalPath};
 use crate::pg::backup::parse_server_manifest;
-use crate::pg::backup_catalog::{list_backups, BackupManifest, WalInventory, WalPath};
+use crate::pg::backup_catalog::{list_backups, BackupManifest};
 use crate::pg::backup_progress::human;
 use crate::pg::wal_fetch::{check_history_file, check_segment, WalExpect};
 

@@ -1,0 +1,6 @@
+//! The catalog: one typed view of what a repository holds, read with one listing per part,
+//! so every command that asks "what is in this repository" gets the same answer.
+//!
+//! * [`pg`]: PostgreSQL WAL per timeline (segments, deltas, partials, history files).
+
+pub mod pg;
