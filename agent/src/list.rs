@@ -1,24 +1,47 @@
-//! `syncbridge-agent list --repo URL`: what a PostgreSQL repository can restore — each
-//! base backup with its WAL range and times, the archived WAL per timeline with any holes,
-//! and the latest restorable point.
+//! `syncbridge-agent list --repo URL [--output text|json]`: what a repository can restore.
+//! For PostgreSQL each base backup with its WAL range and times, the archived WAL per
+//! timeline with any holes, and the restorable range; for Redis each generation with its
+//! snapshot, command stream and times. Read through the catalog ([`crate::catalog`]).
+//!
+//! The JSON (`--output json`) is a versioned schema for scripts and monitoring, documented
+//! in `docs/list-json.md`; `schema` names its version and only grows compatibly within it.
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
-use clap::Args;
-use storage::RepoKind;
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use storage::{RepoKind, Repository};
 use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
 use crate::catalog::pg::WalInventory;
+use crate::catalog::redis::RedisCatalog;
 use crate::cli::RepoArgs;
-use crate::pg::backup_catalog::{list_backups, BackupManifest};
+use crate::pg::backup_catalog::{format_time, list_backups, BackupManifest};
 use crate::pg::backup_progress::human;
+
+/// The version of the JSON `list` prints.
+pub const LIST_SCHEMA: &str = "syncbridge.list/1";
+
+/// How `list` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// For scripts: one JSON document (schema in docs/list-json.md).
+    Json,
+}
 
 /// Arguments of `list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
     #[command(flatten)]
     repo: RepoArgs,
+    /// text for people, json for scripts and monitoring (a versioned schema,
+    /// docs/list-json.md).
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
 }
 
 /// Runs `list`.
@@ -26,70 +49,239 @@ pub fn run(args: ListArgs) -> Result<ExitCode> {
     crate::cli::block_on(list(args))
 }
 
+/// Everything `list` reports.
+#[derive(Debug, Serialize)]
+pub struct ListReport {
+    /// [`LIST_SCHEMA`].
+    pub schema: &'static str,
+    /// The repository.
+    pub repository: RepoFacts,
+    /// The first and last moment a restore can reach (`null` when nothing is restorable).
+    pub restorable: Option<Restorable>,
+    /// PostgreSQL contents (`null` in a Redis repository).
+    pub postgres: Option<PgReport>,
+    /// Redis contents (`null` in a PostgreSQL repository).
+    pub redis: Option<RedisReport>,
+}
+
+/// What the marker says.
+#[derive(Debug, Serialize)]
+pub struct RepoFacts {
+    /// The URL (no credentials are ever part of it).
+    pub url: String,
+    /// `postgres` or `redis`.
+    pub kind: &'static str,
+    /// The marker's random id (absent in repositories made before it existed).
+    pub repository_id: Option<String>,
+    /// Whether objects are encrypted.
+    pub encrypted: bool,
+    /// PostgreSQL's `system_identifier`.
+    pub system_identifier: Option<String>,
+}
+
+/// The restorable range.
+#[derive(Debug, Serialize)]
+pub struct Restorable {
+    /// Earliest moment: the end of the oldest complete backup (PostgreSQL) or the oldest
+    /// snapshot (Redis).
+    pub first_time: DateTime<Utc>,
+    /// Latest moment known without reading WAL or chunks: when the newest WAL or chunk
+    /// object was stored.
+    pub last_time: Option<DateTime<Utc>>,
+    /// PostgreSQL: the first restorable LSN (end of the oldest backup).
+    pub first_lsn: Option<String>,
+    /// PostgreSQL: where the WAL stored without a hole after the newest backup ends.
+    pub last_lsn: Option<String>,
+    /// PostgreSQL: the timeline `last_lsn` is on.
+    pub timeline: Option<u32>,
+}
+
+/// PostgreSQL contents.
+#[derive(Debug, Serialize)]
+pub struct PgReport {
+    /// Complete base backups, oldest first.
+    pub backups: Vec<PgBackup>,
+    /// Backup ids with data but no `backup.json` (in progress, failed, or waiting for WAL).
+    pub incomplete_backups: Vec<String>,
+    /// Archived WAL per timeline.
+    pub wal: Vec<PgTimeline>,
+}
+
+/// One complete base backup.
+#[derive(Debug, Serialize)]
+pub struct PgBackup {
+    /// Its id.
+    pub id: String,
+    /// Start and stop (server time).
+    pub start_time: DateTime<Utc>,
+    /// When the backup ended: the earliest moment it restores to.
+    pub stop_time: DateTime<Utc>,
+    /// WAL range.
+    pub start_lsn: String,
+    /// End of the WAL the backup needs.
+    pub stop_lsn: String,
+    /// Timeline at start.
+    pub timeline: u32,
+    /// Bytes of the files.
+    pub size_bytes: u64,
+    /// Bytes stored (compressed).
+    pub stored_bytes: u64,
+    /// `server_version`.
+    pub server_version: String,
+    /// Tablespaces: oid and recorded location.
+    pub tablespaces: Vec<PgTablespace>,
+}
+
+/// A tablespace of a backup.
+#[derive(Debug, Serialize)]
+pub struct PgTablespace {
+    /// Its oid.
+    pub oid: Option<u32>,
+    /// Where it was on the source.
+    pub location: Option<String>,
+}
+
+/// The archived WAL of one timeline.
+#[derive(Debug, Serialize)]
+pub struct PgTimeline {
+    /// Timeline id.
+    pub timeline: u32,
+    /// First and last segment names.
+    pub first_segment: String,
+    /// Segment holding the newest WAL.
+    pub last_segment: String,
+    /// First stored LSN.
+    pub start_lsn: String,
+    /// End of the newest stored WAL.
+    pub end_lsn: String,
+    /// Complete segments.
+    pub segments: usize,
+    /// Whether a segment in progress (deltas) is stored.
+    pub in_progress: bool,
+    /// Missing stretches.
+    pub holes: Vec<PgHole>,
+}
+
+/// A hole in the WAL.
+#[derive(Debug, Serialize)]
+pub struct PgHole {
+    /// First missing byte.
+    pub from_lsn: String,
+    /// First byte present again.
+    pub to_lsn: String,
+    /// Missing segments.
+    pub first_segment: String,
+    /// Last missing segment.
+    pub last_segment: String,
+}
+
+/// Redis contents.
+#[derive(Debug, Serialize)]
+pub struct RedisReport {
+    /// Generations with a manifest, oldest first.
+    pub generations: Vec<RedisGeneration>,
+    /// Generation ids without a manifest (in progress, or failed).
+    pub incomplete_generations: Vec<String>,
+}
+
+/// One Redis generation.
+#[derive(Debug, Serialize)]
+pub struct RedisGeneration {
+    /// Its id.
+    pub id: String,
+    /// The master (`host:port`).
+    pub source: String,
+    /// Replication id of the full sync.
+    pub replication_id: String,
+    /// Offset of the snapshot.
+    pub snapshot_offset: u64,
+    /// When the master took the snapshot.
+    pub snapshot_time: DateTime<Utc>,
+    /// Offset the stored command stream reaches.
+    pub end_offset: u64,
+    /// Chained command chunks.
+    pub chunks: usize,
+    /// Chunks off the chain (a gap or an overlap: `redis verify` names them).
+    pub orphan_chunks: usize,
+    /// RDB size.
+    pub snapshot_bytes: u64,
+    /// Bytes stored for the generation.
+    pub stored_bytes: u64,
+    /// Keys in the snapshot.
+    pub keys: u64,
+    /// When its newest object was stored.
+    pub last_write: Option<DateTime<Utc>>,
+}
+
 async fn list(args: ListArgs) -> Result<ExitCode> {
     let repo = args.repo.open()?;
     let Some(marker) = repo.read_marker().await? else {
         bail!("{} is not a SyncBridge repository (no marker)", repo.url());
     };
-    if marker.kind != RepoKind::Postgres {
-        println!(
-            "{} holds Redis backups: see `syncbridge-agent repo ls`",
-            repo.url()
-        );
-        return Ok(ExitCode::SUCCESS);
+    let facts = RepoFacts {
+        url: repo.url().to_string(),
+        kind: match marker.kind {
+            RepoKind::Postgres => "postgres",
+            RepoKind::Redis => "redis",
+        },
+        repository_id: marker.repository_id.clone(),
+        encrypted: marker.encryption.is_some(),
+        system_identifier: marker.system_identifier.clone(),
+    };
+    let report = match marker.kind {
+        RepoKind::Postgres => pg_report(&repo, facts).await?,
+        RepoKind::Redis => redis_report(&repo, facts).await?,
+    };
+    match args.output {
+        Output::Json => {
+            let text = serde_json::to_string_pretty(&report).context("encoding the list")?;
+            println!("{text}");
+        }
+        Output::Text => print_text(&report),
     }
-    println!(
-        "repository:  {} (PostgreSQL, system identifier {})",
-        repo.url(),
-        marker.system_identifier.as_deref().unwrap_or("?")
-    );
-    let list = list_backups(&repo).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_time(text: &str, what: &str) -> Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .with_context(|| format!("{what} {text:?} is not an RFC 3339 time"))
+}
+
+async fn pg_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
+    let list = list_backups(repo).await?;
     let mut manifests = Vec::new();
     for id in &list.complete {
-        manifests.push(BackupManifest::load(&repo, id).await?);
+        manifests.push(BackupManifest::load(repo, id).await?);
     }
     let size = manifests
         .first()
         .and_then(|m| m.segment_size().ok())
         .unwrap_or(WalSegmentSize::DEFAULT);
-    println!("base backups:");
-    if manifests.is_empty() {
-        println!("  (none complete)");
-    }
+    let mut backups = Vec::new();
     for m in &manifests {
-        println!(
-            "  {}  {} .. {}  LSN {} .. {}  timeline {}  {} ({} stored)  PostgreSQL {}",
-            m.id,
-            m.start_time,
-            m.stop_time,
-            m.start_lsn,
-            m.stop_lsn,
-            m.timeline,
-            human(m.total_bytes),
-            human(m.stored_bytes),
-            m.server_version
-        );
-        for t in &m.tablespaces {
-            if let (Some(oid), Some(loc)) = (t.oid, &t.location) {
-                let note = if loc.starts_with('/') {
-                    ""
-                } else {
-                    " (not absolute: restore refuses it)"
-                };
-                println!("    tablespace {oid} at {loc}{note}");
-            }
-        }
+        backups.push(PgBackup {
+            id: m.id.clone(),
+            start_time: parse_time(&m.start_time, "start_time")?,
+            stop_time: parse_time(&m.stop_time, "stop_time")?,
+            start_lsn: m.start_lsn.clone(),
+            stop_lsn: m.stop_lsn.clone(),
+            timeline: m.timeline,
+            size_bytes: m.total_bytes,
+            stored_bytes: m.stored_bytes,
+            server_version: m.server_version.clone(),
+            tablespaces: m
+                .tablespaces
+                .iter()
+                .map(|t| PgTablespace {
+                    oid: t.oid,
+                    location: t.location.clone(),
+                })
+                .collect(),
+        });
     }
-    for id in &list.incomplete {
-        println!(
-            "  {id}  incomplete (no backup.json: in progress, failed, or its WAL never arrived)"
-        );
-    }
-    let inv = WalInventory::load(&repo, size).await?;
-    println!("WAL:");
-    if inv.timelines.is_empty() {
-        println!("  (none)");
-    }
+    let (inv, newest_write) = WalInventory::load_with_times(repo, size).await?;
+    let mut wal = Vec::new();
     for (tli, t) in &inv.timelines {
         let tli = TimelineId::new(*tli)?;
         let first = t
@@ -106,39 +298,226 @@ async fn list(args: ListArgs) -> Result<ExitCode> {
         let mut from = start;
         let mut holes = Vec::new();
         while let Some(g) = inv.gap(&path, from, end, size) {
-            holes.push(g.to_string());
-            from = g.to;
+            holes.push(PgHole {
+                from_lsn: g.from.to_string(),
+                to_lsn: g.to.to_string(),
+                first_segment: g.first_segment.clone(),
+                last_segment: g.last_segment.clone(),
+            });
             if g.to <= g.from {
                 break;
             }
+            from = g.to;
         }
-        println!(
-            "  timeline {tli}: {} .. {} ({} .. {}), {} segments{}",
-            start,
-            end,
-            SegmentName::new(tli, first, size)?,
-            SegmentName::from_lsn(tli, Lsn(end.0.saturating_sub(1)), size),
-            t.segments.len(),
-            if t.partials.is_empty() {
-                String::new()
-            } else {
-                " + the segment in progress".into()
+        wal.push(PgTimeline {
+            timeline: tli.get(),
+            first_segment: SegmentName::new(tli, first, size)?.to_string(),
+            last_segment: SegmentName::from_lsn(tli, Lsn(end.0.saturating_sub(1)), size)
+                .to_string(),
+            start_lsn: start.to_string(),
+            end_lsn: end.to_string(),
+            segments: t.segments.len(),
+            in_progress: !t.partials.is_empty(),
+            holes,
+        });
+    }
+    let restorable = match (
+        manifests.first(),
+        manifests
+            .iter()
+            .max_by_key(|m| m.stop().unwrap_or_default()),
+    ) {
+        (Some(oldest), Some(newest)) => {
+            let tli = newest.tli()?;
+            let end = inv.contiguous_end(&tli.into(), newest.start()?, size);
+            Some(Restorable {
+                first_time: parse_time(&oldest.stop_time, "stop_time")?,
+                last_time: newest_write,
+                first_lsn: Some(oldest.stop_lsn.clone()),
+                last_lsn: Some(end.to_string()),
+                timeline: Some(tli.get()),
+            })
+        }
+        _ => None,
+    };
+    Ok(ListReport {
+        schema: LIST_SCHEMA,
+        repository: facts,
+        restorable,
+        postgres: Some(PgReport {
+            backups,
+            incomplete_backups: list
+                .incomplete
+                .iter()
+                .map(|i| i.as_str().to_string())
+                .collect(),
+            wal,
+        }),
+        redis: None,
+    })
+}
+
+async fn redis_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
+    let cat = RedisCatalog::load(repo).await?;
+    let mut generations = Vec::new();
+    for g in &cat.generations {
+        let m = &g.manifest;
+        generations.push(RedisGeneration {
+            id: g.id.as_str().to_string(),
+            source: m.source.clone(),
+            replication_id: m.replid.clone(),
+            snapshot_offset: m.snapshot_offset,
+            snapshot_time: DateTime::from_timestamp_millis(m.snapshot_unix_ms)
+                .context("snapshot time out of range")?,
+            end_offset: g.end_offset(),
+            chunks: g.chain.len(),
+            orphan_chunks: g.orphans.len(),
+            snapshot_bytes: m.snapshot.size,
+            stored_bytes: g.stored_bytes,
+            keys: m.snapshot.keys_per_db.values().sum(),
+            last_write: g.last_write,
+        });
+    }
+    let restorable = cat.generations.first().and_then(|oldest| {
+        Some(Restorable {
+            first_time: DateTime::from_timestamp_millis(oldest.manifest.snapshot_unix_ms)?,
+            last_time: cat.latest().and_then(|g| g.last_write),
+            first_lsn: None,
+            last_lsn: None,
+            timeline: None,
+        })
+    });
+    Ok(ListReport {
+        schema: LIST_SCHEMA,
+        repository: facts,
+        restorable,
+        postgres: None,
+        redis: Some(RedisReport {
+            generations,
+            incomplete_generations: cat
+                .incomplete
+                .iter()
+                .map(|i| i.as_str().to_string())
+                .collect(),
+        }),
+    })
+}
+
+fn print_text(r: &ListReport) {
+    let f = &r.repository;
+    match (&r.postgres, &r.redis) {
+        (Some(pg), _) => {
+            println!(
+                "repository:  {} (PostgreSQL, system identifier {})",
+                f.url,
+                f.system_identifier.as_deref().unwrap_or("?")
+            );
+            println!("base backups:");
+            if pg.backups.is_empty() {
+                println!("  (none complete)");
             }
-        );
-        for h in holes {
-            println!("    HOLE: {h}");
+            for b in &pg.backups {
+                println!(
+                    "  {}  {} .. {}  LSN {} .. {}  timeline {}  {} ({} stored)  PostgreSQL {}",
+                    b.id,
+                    format_time(b.start_time),
+                    format_time(b.stop_time),
+                    b.start_lsn,
+                    b.stop_lsn,
+                    b.timeline,
+                    human(b.size_bytes),
+                    human(b.stored_bytes),
+                    b.server_version
+                );
+                for t in &b.tablespaces {
+                    if let (Some(oid), Some(loc)) = (t.oid, &t.location) {
+                        let note = if loc.starts_with('/') {
+                            ""
+                        } else {
+                            " (not absolute: restore refuses it)"
+                        };
+                        println!("    tablespace {oid} at {loc}{note}");
+                    }
+                }
+            }
+            for id in &pg.incomplete_backups {
+                println!(
+                    "  {id}  incomplete (no backup.json: in progress, failed, or its WAL never arrived)"
+                );
+            }
+            println!("WAL:");
+            if pg.wal.is_empty() {
+                println!("  (none)");
+            }
+            for t in &pg.wal {
+                println!(
+                    "  timeline {}: {} .. {} ({} .. {}), {} segments{}",
+                    t.timeline,
+                    t.start_lsn,
+                    t.end_lsn,
+                    t.first_segment,
+                    t.last_segment,
+                    t.segments,
+                    if t.in_progress {
+                        " + the segment in progress"
+                    } else {
+                        ""
+                    }
+                );
+                for h in &t.holes {
+                    println!(
+                        "    HOLE: WAL {}..{} (segments {} to {}) is missing from the repository",
+                        h.from_lsn, h.to_lsn, h.first_segment, h.last_segment
+                    );
+                }
+            }
+            if let (Some(rest), Some(newest)) = (&r.restorable, pg.backups.last()) {
+                println!(
+                    "restorable:  from {} (end of backup {}) to LSN {} on timeline {}",
+                    format_time(rest.first_time),
+                    newest.id,
+                    rest.last_lsn.as_deref().unwrap_or("?"),
+                    rest.timeline.unwrap_or(1)
+                );
+            }
         }
+        (None, Some(redis)) => {
+            println!("repository:  {} (Redis)", f.url);
+            println!("generations:");
+            if redis.generations.is_empty() {
+                println!("  (none)");
+            }
+            for g in &redis.generations {
+                println!(
+                    "  {}  snapshot {} at offset {} ({} keys, {})  stream to offset {} in {} chunks{}",
+                    g.id,
+                    format_time(g.snapshot_time),
+                    g.snapshot_offset,
+                    g.keys,
+                    human(g.snapshot_bytes),
+                    g.end_offset,
+                    g.chunks,
+                    if g.orphan_chunks > 0 {
+                        format!(
+                            "  ({} chunks off the chain: run `redis verify`)",
+                            g.orphan_chunks
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            for id in &redis.incomplete_generations {
+                println!("  {id}  incomplete (no generation.json: in progress, or failed)");
+            }
+            if let Some(rest) = &r.restorable {
+                println!(
+                    "restorable:  from {} to the newest chunk (stored {})",
+                    format_time(rest.first_time),
+                    rest.last_time.map_or_else(|| "?".to_string(), format_time)
+                );
+            }
+        }
+        (None, None) => println!("repository:  {} (empty)", f.url),
     }
-    if let Some(newest) = manifests
-        .iter()
-        .max_by_key(|m| m.stop().unwrap_or_default())
-    {
-        let tli = newest.tli()?;
-        let end = inv.contiguous_end(&tli.into(), newest.start()?, size);
-        println!(
-            "restorable:  from {} (end of backup {}) to LSN {end} on timeline {tli}",
-            newest.stop_time, newest.id
-        );
-    }
-    Ok(ExitCode::SUCCESS)
 }

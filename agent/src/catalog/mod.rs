@@ -2,5 +2,7 @@
 //! so every command that asks "what is in this repository" gets the same answer.
 //!
 //! * [`pg`]: PostgreSQL WAL per timeline (segments, deltas, partials, history files).
+//! * [`redis`]: Redis generations and their chunk chains.
 
 pub mod pg;
+pub mod redis;

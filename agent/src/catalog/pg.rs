@@ -66,10 +66,19 @@ impl std::fmt::Display for WalGap {
 impl WalInventory {
     /// Lists `postgres/wal/`; segment numbers are computed with the cluster's segment size.
     pub async fn load(repo: &Repository, size: WalSegmentSize) -> Result<WalInventory> {
+        Ok(Self::load_with_times(repo, size).await?.0)
+    }
+
+    /// [`load`](Self::load), and when the newest WAL object was stored (the store's time).
+    pub async fn load_with_times(
+        repo: &Repository,
+        size: WalSegmentSize,
+    ) -> Result<(WalInventory, Option<chrono::DateTime<chrono::Utc>>)> {
         let objects = repo
             .list(&layout::wal_prefix())
             .await
             .context("listing archived WAL")?;
+        let newest = objects.iter().map(|o| o.last_modified).max();
         let mut inv = WalInventory::default();
         for o in objects {
             match layout::parse_wal_key(&o.key) {
@@ -108,7 +117,7 @@ impl WalInventory {
             }
             t.partials.retain(|_, p| !p.is_empty());
         }
-        Ok(inv)
+        Ok((inv, newest))
     }
 
     fn has(&self, tli: TimelineId, segno: u64) -> bool {

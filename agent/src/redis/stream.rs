@@ -146,13 +146,14 @@ pub struct ResumePoint {
     pub db: u32,
 }
 
-/// Chunks of a generation forming a gap-free run from its snapshot, in order.
+/// Chunks of a generation forming a gap-free run from its snapshot, in order, and the
+/// chunks left out (the catalog's chain rule, [`crate::catalog::redis::chain_from`]).
 pub async fn chunk_chain(
     repo: &Repository,
     manifest: &GenerationManifest,
 ) -> Result<(Vec<(u64, u64)>, Vec<layout::RepoKey>)> {
     let id = layout::GenerationId::parse(&manifest.generation)?;
-    let mut ranges: Vec<(u64, u64, layout::RepoKey)> = repo
+    let ranges: Vec<(u64, u64, layout::RepoKey)> = repo
         .list(&layout::redis_chunks_prefix(&id))
         .await
         .with_context(|| format!("listing chunks of generation {id}"))?
@@ -162,19 +163,10 @@ pub async fn chunk_chain(
             _ => None,
         })
         .collect();
-    ranges.sort_by_key(|(s, e, _)| (*s, *e));
-    let mut chain = Vec::new();
-    let mut orphans = Vec::new();
-    let mut at = manifest.snapshot_offset;
-    for (s, e, key) in ranges {
-        if s == at && e > s {
-            chain.push((s, e));
-            at = e;
-        } else {
-            orphans.push(key);
-        }
-    }
-    Ok((chain, orphans))
+    Ok(crate::catalog::redis::chain_from(
+        manifest.snapshot_offset,
+        ranges,
+    ))
 }
 
 /// Finds where to resume, deleting orphan chunks past a gap.

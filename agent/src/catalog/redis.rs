@@ -1,0 +1,165 @@
+//! The Redis part of the repository catalog: one listing of `redis/gen/` read into
+//! generations (a snapshot at a replication offset, then command chunks keyed by offset
+//! range) with their chunk chains. A generation is listed once its `generation.json` exists
+//! (written after its snapshot is stored and validated); directories without one are in
+//! progress or failed.
+//!
+//! The chain rule is shared by every reader (`redis stream` resume, `redis verify`, `redis
+//! restore`, `list`): from the snapshot's offset, each chunk starts where the previous one
+//! ended; chunks that do not fit (past a gap, overlapping) are orphans.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use storage::layout::{self, GenerationId, RedisObject, RepoKey};
+use storage::Repository;
+
+use crate::redis::manifest::GenerationManifest;
+
+/// One generation with a manifest.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Its id (sorts by start time).
+    pub id: GenerationId,
+    /// Its `generation.json`.
+    pub manifest: GenerationManifest,
+    /// Chunks chained from the snapshot's offset: (start, end), in order.
+    pub chain: Vec<(u64, u64)>,
+    /// Chunks not on the chain (left behind a gap, or overlapping).
+    pub orphans: Vec<RepoKey>,
+    /// Stored bytes of the generation's objects (container overhead included).
+    pub stored_bytes: u64,
+    /// When its newest object was written (the store's time).
+    pub last_write: Option<DateTime<Utc>>,
+}
+
+impl Generation {
+    /// The replication offset the generation's stored stream reaches.
+    pub fn end_offset(&self) -> u64 {
+        self.chain
+            .last()
+            .map_or(self.manifest.snapshot_offset, |c| c.1)
+    }
+}
+
+/// Every generation of a Redis repository.
+#[derive(Debug, Clone, Default)]
+pub struct RedisCatalog {
+    /// Generations with a manifest, oldest first.
+    pub generations: Vec<Generation>,
+    /// Generation directories without a manifest (in progress, or failed).
+    pub incomplete: Vec<GenerationId>,
+}
+
+impl RedisCatalog {
+    /// One listing of `redis/gen/`, then each manifest.
+    pub async fn load(repo: &Repository) -> Result<RedisCatalog> {
+        let listed = repo
+            .list(&layout::redis_generations_prefix())
+            .await
+            .context("listing Redis generations")?;
+        struct Seen {
+            manifest: bool,
+            chunks: Vec<(u64, u64, RepoKey)>,
+            bytes: u64,
+            last: Option<DateTime<Utc>>,
+        }
+        let mut by_id: BTreeMap<GenerationId, Seen> = BTreeMap::new();
+        for meta in listed {
+            let Some(object) = layout::parse_redis_key(&meta.key) else {
+                continue;
+            };
+            let id = match &object {
+                RedisObject::Snapshot(id) | RedisObject::Manifest(id) => id.clone(),
+                RedisObject::Chunk { id, .. } => id.clone(),
+            };
+            let seen = by_id.entry(id).or_insert(Seen {
+                manifest: false,
+                chunks: Vec::new(),
+                bytes: 0,
+                last: None,
+            });
+            seen.bytes += meta.size;
+            seen.last = seen.last.max(Some(meta.last_modified));
+            match object {
+                RedisObject::Manifest(_) => seen.manifest = true,
+                RedisObject::Chunk { start, end, .. } => seen.chunks.push((start, end, meta.key)),
+                RedisObject::Snapshot(_) => {}
+            }
+        }
+        let mut out = RedisCatalog::default();
+        for (id, seen) in by_id {
+            if !seen.manifest {
+                out.incomplete.push(id);
+                continue;
+            }
+            let manifest = GenerationManifest::load(repo, &id).await?;
+            let (chain, orphans) = chain_from(manifest.snapshot_offset, seen.chunks);
+            out.generations.push(Generation {
+                id,
+                manifest,
+                chain,
+                orphans,
+                stored_bytes: seen.bytes,
+                last_write: seen.last,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The newest generation.
+    pub fn latest(&self) -> Option<&Generation> {
+        self.generations.last()
+    }
+}
+
+/// Chunks chained from `start`: each begins where the previous ended; the rest are orphans.
+pub fn chain_from(
+    start: u64,
+    mut chunks: Vec<(u64, u64, RepoKey)>,
+) -> (Vec<(u64, u64)>, Vec<RepoKey>) {
+    chunks.sort_by_key(|(s, e, _)| (*s, *e));
+    let mut chain = Vec::new();
+    let mut orphans = Vec::new();
+    let mut at = start;
+    for (s, e, key) in chunks {
+        if s == at && e > s {
+            chain.push((s, e));
+            at = e;
+        } else {
+            orphans.push(key);
+        }
+    }
+    (chain, orphans)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn chunks_chain_from_the_snapshot_and_the_rest_are_orphans() {
+        let id = GenerationId::parse("20261201T000000Z-0001").unwrap();
+        let c = |s, e| (s, e, layout::redis_chunk(&id, s, e));
+        let (chain, orphans) = chain_from(
+            100,
+            vec![
+                c(300, 400),
+                c(100, 200),
+                c(200, 300),
+                c(500, 600),
+                c(150, 250),
+            ],
+        );
+        assert_eq!(chain, vec![(100, 200), (200, 300), (300, 400)]);
+        assert_eq!(
+            orphans,
+            vec![
+                layout::redis_chunk(&id, 150, 250),
+                layout::redis_chunk(&id, 500, 600)
+            ]
+        );
+    }
+}
