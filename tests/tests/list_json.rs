@@ -90,7 +90,7 @@ fn redis_list_json_matches_the_schema_and_the_repository() {
     let server = RedisServer::start(RedisFlavor::Redis7);
     let mut c = server.connect();
     for i in 0..50 {
-        c.cmd(&[format!("SET"), format!("k{i}"), "v".to_string()])
+        c.cmd(&["SET".to_string(), format!("k{i}"), "v".to_string()])
             .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
