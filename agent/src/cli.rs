@@ -267,9 +267,14 @@ enum Command {
     /// Restore a backup from a repository: PostgreSQL to a point in time (--to-time,
     /// --to-lsn, --to-xid, or the latest archived point).
     Restore(crate::restore::RestoreArgs),
-    /// List what a PostgreSQL repository can restore: base backups (LSN and time ranges,
-    /// sizes), archived WAL per timeline with any holes.
+    /// List what a repository can restore: PostgreSQL base backups (LSN and time ranges,
+    /// sizes) and archived WAL per timeline with any holes; Redis generations. --output
+    /// json for scripts (docs/list-json.md).
     List(crate::list::ListArgs),
+    /// Retention: delete base backups (and the WAL before the oldest kept one) or Redis
+    /// generations a policy no longer needs. Every moment within the policy stays
+    /// restorable; --dry-run prints the plan.
+    Expire(crate::expire::ExpireArgs),
 }
 
 /// Runs one command's future on a fresh multi-threaded runtime: every sub-command that
@@ -297,6 +302,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Repo(args) => crate::repo_cmd::run(args),
         Command::Restore(args) => crate::restore::run(args),
         Command::List(args) => crate::list::run(args),
+        Command::Expire(args) => crate::expire::run(args),
     }
 }
 

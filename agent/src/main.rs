@@ -7,6 +7,7 @@ use clap::Parser;
 
 mod catalog;
 mod cli;
+mod expire;
 mod list;
 mod pg;
 mod redis;

@@ -3,6 +3,8 @@
 //!
 //! * [`pg`]: PostgreSQL WAL per timeline (segments, deltas, partials, history files).
 //! * [`redis`]: Redis generations and their chunk chains.
+//! * [`retention`]: what a retention policy keeps (a pure function of the catalog).
 
 pub mod pg;
 pub mod redis;
+pub mod retention;

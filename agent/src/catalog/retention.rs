@@ -1,0 +1,210 @@
+//! Retention: which backups (PostgreSQL base backups, Redis generations) a policy keeps,
+//! as a pure function of what the catalog lists, the policy and "now", so it can be tested
+//! without a repository. `expire` executes the plan.
+//!
+//! The promise (property-tested below): every moment that is restorable before expire and
+//! lies within the policy stays restorable after it. A backup restores every moment from
+//! its end on (with the WAL or command stream after it), so keeping a backup keeps the
+//! moments from its end up to the next kept one; the policy's window therefore needs the
+//! newest backup that ended *before* the window starts (pgBackRest's and WAL-G's
+//! `retain`/`--retain-after` keep it too). The newest backup is always kept; pinned
+//! backups are never expired.
+
+use chrono::{DateTime, Utc};
+
+/// What to keep. At least one of the two must be set (`expire` refuses an empty policy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Keep the newest N backups.
+    pub keep_full: Option<usize>,
+    /// Keep every moment of this window before now restorable.
+    pub keep_within: Option<std::time::Duration>,
+}
+
+/// One backup as retention sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its id (ids sort by start time).
+    pub id: String,
+    /// The earliest moment it restores to (a base backup's stop time, a snapshot's time).
+    pub restorable_from: DateTime<Utc>,
+    /// Pinned by an operator: never expired.
+    pub pinned: bool,
+}
+
+/// The plan: indexes into the candidates, by id order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Ids kept, oldest first.
+    pub keep: Vec<String>,
+    /// Ids expired, oldest first.
+    pub expire: Vec<String>,
+    /// Why each kept one is kept (same order as `keep`).
+    pub reasons: Vec<&'static str>,
+}
+
+impl Policy {
+    /// True when nothing would be kept by choice (only the newest): refused by `expire`.
+    pub fn is_empty(&self) -> bool {
+        self.keep_full.is_none() && self.keep_within.is_none()
+    }
+}
+
+/// Decides what `policy` keeps of `candidates` at `now`.
+pub fn plan(candidates: &[Candidate], policy: &Policy, now: DateTime<Utc>) -> Plan {
+    let mut sorted: Vec<&Candidate> = candidates.iter().collect();
+    sorted.sort_by(|a, b| (a.restorable_from, &a.id).cmp(&(b.restorable_from, &b.id)));
+    let n = sorted.len();
+    let mut reason: Vec<Option<&'static str>> = vec![None; n];
+    let mark = |i: usize, why: &'static str, reason: &mut Vec<Option<&'static str>>| {
+        if reason[i].is_none() {
+            reason[i] = Some(why);
+        }
+    };
+    if n > 0 {
+        mark(n - 1, "newest", &mut reason);
+    }
+    for (i, c) in sorted.iter().enumerate() {
+        if c.pinned {
+            mark(i, "pinned", &mut reason);
+        }
+    }
+    if let Some(k) = policy.keep_full {
+        for i in n.saturating_sub(k)..n {
+            mark(i, "--keep-full", &mut reason);
+        }
+    }
+    if let Some(w) = policy.keep_within {
+        let start = chrono::Duration::from_std(w)
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let mut newest_before: Option<usize> = None;
+        for (i, c) in sorted.iter().enumerate() {
+            if c.restorable_from >= start {
+                mark(i, "--keep-within", &mut reason);
+            } else {
+                newest_before = Some(i);
+            }
+        }
+        if let Some(i) = newest_before {
+            mark(i, "restores the start of --keep-within", &mut reason);
+        }
+    }
+    let mut out = Plan {
+        keep: Vec::new(),
+        expire: Vec::new(),
+        reasons: Vec::new(),
+    };
+    for (c, r) in sorted.iter().zip(reason) {
+        match r {
+            Some(why) => {
+                out.keep.push(c.id.clone());
+                out.reasons.push(why);
+            }
+            None => out.expire.push(c.id.clone()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    fn c(id: &str, s: i64) -> Candidate {
+        Candidate {
+            id: id.into(),
+            restorable_from: at(s),
+            pinned: false,
+        }
+    }
+
+    #[test]
+    fn keep_full_keeps_the_newest_n_and_pins() {
+        let mut cs = vec![c("a", 0), c("b", 10), c("c", 20), c("d", 30)];
+        cs[0].pinned = true;
+        let p = plan(
+            &cs,
+            &Policy {
+                keep_full: Some(2),
+                keep_within: None,
+            },
+            at(100),
+        );
+        assert_eq!(p.keep, ["a", "c", "d"]);
+        assert_eq!(p.expire, ["b"]);
+        assert_eq!(p.reasons[0], "pinned");
+    }
+
+    #[test]
+    fn keep_within_keeps_the_backup_that_restores_the_window_start() {
+        let cs = vec![c("a", 0), c("b", 10), c("c", 20), c("d", 30)];
+        let p = plan(
+            &cs,
+            &Policy {
+                keep_full: None,
+                keep_within: Some(std::time::Duration::from_secs(15)),
+            },
+            at(40),
+        );
+        // The window starts at 25: "c" (ended at 20) restores 25; "d" is inside.
+        assert_eq!(p.keep, ["c", "d"]);
+        assert_eq!(p.expire, ["a", "b"]);
+        // With nothing at all, nothing happens.
+        assert!(plan(&[], &Policy::default(), at(0)).keep.is_empty());
+    }
+
+    proptest! {
+        /// Every moment the repository could restore before, inside the policy's window or
+        /// from the newest `keep_full` backups on, is still covered by a kept backup: the
+        /// newest kept backup that ended at or before that moment is the same one that
+        /// covered it before, or a newer one.
+        #[test]
+        fn every_moment_within_the_policy_stays_restorable(
+            times in proptest::collection::vec(0i64..1000, 0..12),
+            pins in proptest::collection::vec(any::<bool>(), 12),
+            keep_full in proptest::option::of(1usize..5),
+            window in proptest::option::of(0u64..1000),
+            now in 0i64..1200,
+            probe in 0i64..1200,
+        ) {
+            let cs: Vec<Candidate> = times
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Candidate { id: format!("b{i:02}"), restorable_from: at(*t), pinned: pins[i] })
+                .collect();
+            let policy = Policy { keep_full, keep_within: window.map(std::time::Duration::from_secs) };
+            let p = plan(&cs, &policy, at(now));
+            // Partition.
+            prop_assert_eq!(p.keep.len() + p.expire.len(), cs.len());
+            // The newest and every pinned one stay.
+            if let Some(newest) = cs.iter().max_by(|a, b| (a.restorable_from, &a.id).cmp(&(b.restorable_from, &b.id))) {
+                prop_assert!(p.keep.contains(&newest.id));
+            }
+            for x in cs.iter().filter(|x| x.pinned) {
+                prop_assert!(p.keep.contains(&x.id));
+            }
+            // A moment `probe` restorable before (some backup ended at or before it) and
+            // within the policy stays restorable.
+            let restorable = |ids: &[&Candidate]| ids.iter().any(|x| x.restorable_from <= at(probe));
+            let all: Vec<&Candidate> = cs.iter().collect();
+            let kept: Vec<&Candidate> = cs.iter().filter(|x| p.keep.contains(&x.id)).collect();
+            let in_window = window.is_some_and(|w| at(probe) >= at(now) - chrono::Duration::seconds(w as i64));
+            let mut sorted: Vec<&Candidate> = all.clone();
+            sorted.sort_by(|a, b| (a.restorable_from, &a.id).cmp(&(b.restorable_from, &b.id)));
+            let in_keep_full = keep_full.is_some_and(|k| {
+                sorted.len() >= k && sorted.len() > 0 && at(probe) >= sorted[sorted.len().saturating_sub(k)].restorable_from
+            });
+            if restorable(&all) && (in_window || in_keep_full) && probe <= now {
+                prop_assert!(restorable(&kept), "{probe} lost: {:?}", p);
+            }
+        }
+    }
+}
