@@ -200,7 +200,7 @@ mod tests {
             let mut sorted: Vec<&Candidate> = all.clone();
             sorted.sort_by(|a, b| (a.restorable_from, &a.id).cmp(&(b.restorable_from, &b.id)));
             let in_keep_full = keep_full.is_some_and(|k| {
-                sorted.len() >= k && sorted.len() > 0 && at(probe) >= sorted[sorted.len().saturating_sub(k)].restorable_from
+                sorted.len() >= k && !sorted.is_empty() && at(probe) >= sorted[sorted.len().saturating_sub(k)].restorable_from
             });
             if restorable(&all) && (in_window || in_keep_full) && probe <= now {
                 prop_assert!(restorable(&kept), "{probe} lost: {:?}", p);
