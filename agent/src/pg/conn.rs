@@ -756,9 +756,12 @@ impl PgConnection {
 /// off them without copying and live on as slices until their WAL is stored.
 const READ_BLOCK: usize = 1 << 20;
 
-/// Receive blocks kept for reuse: enough for the WAL a stream holds (the open segment and
-/// `--max-inflight` uploads of 16 MiB segments) in 1 MiB blocks.
-const MAX_RETIRED_BLOCKS: usize = 96;
+/// Receive blocks kept for reuse: more than the WAL a stream holds with 16 MiB segments
+/// (the open segment, its partial upload and `--max-inflight` segment uploads, each
+/// possibly retrying) in 1 MiB blocks. Keeping a handle costs nothing while the block is
+/// in use, and a free block is always reused before a new one is allocated, so this never
+/// holds more memory than was in use at once.
+const MAX_RETIRED_BLOCKS: usize = 192;
 
 /// Receive blocks the connection has moved on from. Their bytes live on as slices (WAL
 /// waiting to be stored); once every slice of a block is gone, the block is read into
@@ -768,6 +771,8 @@ const MAX_RETIRED_BLOCKS: usize = 96;
 #[derive(Default)]
 struct RecvBlocks {
     retired: VecDeque<BytesMut>,
+    /// Size of the block in use, when it came from `take`.
+    current: usize,
 }
 
 impl RecvBlocks {
@@ -775,14 +780,20 @@ impl RecvBlocks {
     /// a new one.
     fn take(&mut self, cap: usize) -> BytesMut {
         let free = self.retired.iter_mut().position(|b| b.try_reclaim(cap));
-        match free.and_then(|i| self.retired.remove(i)) {
+        let b = match free.and_then(|i| self.retired.remove(i)) {
             Some(b) => b,
             None => BytesMut::with_capacity(cap),
-        }
+        };
+        self.current = b.capacity();
+        b
     }
 
-    /// Keeps `block` (emptied; its slices keep their bytes) for reuse.
-    fn retire(&mut self, mut block: BytesMut) {
+    /// Keeps `block` (emptied; its slices keep their bytes), of `size` bytes, for reuse;
+    /// not one made for an unusually large message, nor the first, small buffer.
+    fn retire(&mut self, mut block: BytesMut, size: usize) {
+        if !(READ_BLOCK..=2 * READ_BLOCK).contains(&size) {
+            return;
+        }
         block.clear();
         self.retired.push_back(block);
         if self.retired.len() > MAX_RETIRED_BLOCKS {
@@ -813,10 +824,11 @@ fn reserve_for_next_read(buf: &mut BytesMut, blocks: &mut RecvBlocks) {
     if buf.try_reclaim(additional) {
         return;
     }
+    let old_size = blocks.current;
     let mut next = blocks.take(buf.len() + additional);
     next.extend_from_slice(buf);
     let old = std::mem::replace(buf, next);
-    blocks.retire(old);
+    blocks.retire(old, old_size);
 }
 
 #[cfg(test)]
