@@ -137,9 +137,21 @@ fn main() {
     }
     for (name, app, extra) in [
         ("pg_receivewal", "rw_plain", None),
-        ("pg_receivewal --compress=gzip", "rw_gzip", Some("--compress=gzip")),
-        ("pg_receivewal --compress=lz4", "rw_lz4", Some("--compress=lz4")),
-        ("pg_receivewal --synchronous", "rw_sync", Some("--synchronous")),
+        (
+            "pg_receivewal --compress=gzip",
+            "rw_gzip",
+            Some("--compress=gzip"),
+        ),
+        (
+            "pg_receivewal --compress=lz4",
+            "rw_lz4",
+            Some("--compress=lz4"),
+        ),
+        (
+            "pg_receivewal --synchronous",
+            "rw_sync",
+            Some("--synchronous"),
+        ),
     ] {
         let dir = pg.temp_dir().join(app);
         std::fs::create_dir_all(&dir).unwrap();

@@ -40,13 +40,19 @@ fn main() {
     for _ in 0..rounds {
         std::hint::black_box(Sha256::digest(&data));
     }
-    println!("sha256                 {:.3} CPU s/GiB", per_gib(total, cpu() - t));
+    println!(
+        "sha256                 {:.3} CPU s/GiB",
+        per_gib(total, cpu() - t)
+    );
 
     let t = cpu();
     for _ in 0..rounds {
         std::hint::black_box(crc32c::crc32c(&data));
     }
-    println!("crc32c                 {:.3} CPU s/GiB", per_gib(total, cpu() - t));
+    println!(
+        "crc32c                 {:.3} CPU s/GiB",
+        per_gib(total, cpu() - t)
+    );
 
     println!(
         "{:<22} {:>14} {:>7} {:>16}",

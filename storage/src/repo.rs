@@ -844,7 +844,10 @@ mod tests {
                 compression_level: Some(level),
                 ..o()
             };
-            assert!(err("memory://", bad).contains("compression level"), "{level}");
+            assert!(
+                err("memory://", bad).contains("compression level"),
+                "{level}"
+            );
         }
         let s3 = Repository::open(
             "s3://bucket/some/prefix?endpoint=http://127.0.0.1:1&allow_http=true&region=x&storage_class=STANDARD_IA",
@@ -923,10 +926,18 @@ mod level_tests {
             };
             let repo = Repository::open("memory://", opts).unwrap();
             let info = repo
-                .put(&key, ContentKind::WalSegment, data.clone(), crate::PutMode::Overwrite)
+                .put(
+                    &key,
+                    ContentKind::WalSegment,
+                    data.clone(),
+                    crate::PutMode::Overwrite,
+                )
                 .await
                 .unwrap();
-            assert!(info.stored_len < data.len() as u64 / 4, "{level}: compressed");
+            assert!(
+                info.stored_len < data.len() as u64 / 4,
+                "{level}: compressed"
+            );
             assert_eq!(repo.get(&key).await.unwrap(), data, "{level}");
             repo.verify(&key).await.unwrap();
         }

@@ -363,7 +363,10 @@ mod level_tests {
                 level,
             ])
         };
-        assert!(stream("-3").is_ok(), "a negative level is a value, not a flag");
+        assert!(
+            stream("-3").is_ok(),
+            "a negative level is a value, not a flag"
+        );
         assert!(stream("0").is_err());
     }
 }

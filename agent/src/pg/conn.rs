@@ -862,7 +862,10 @@ mod tests {
         assert_eq!(buf.as_ptr(), first);
         assert_eq!(&buf[..], &[b'd', 0, 0, 0, 104]);
         assert!(buf.capacity() - buf.len() >= 100);
-        assert!(second[5..].iter().all(|b| *b == 7), "slices keep their bytes");
+        assert!(
+            second[5..].iter().all(|b| *b == 7),
+            "slices keep their bytes"
+        );
     }
 
     #[test]
