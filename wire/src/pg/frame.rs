@@ -16,8 +16,10 @@ pub const DEFAULT_MAX_FRAME_BODY: usize = 64 * 1024 * 1024;
 
 /// Cuts the next complete frame (header included) off the front of `buf`.
 ///
-/// Returns `Ok(None)` while `buf` holds less than one frame; then reserves at most what the
-/// frame still needs, and only after the length passed the cap.
+/// Returns `Ok(None)` while `buf` holds less than one frame (after checking the length
+/// against the cap). Making room for the rest is the caller's: it knows how its buffers
+/// are reused (reserving here would, on a buffer whose earlier frames are still alive,
+/// allocate and copy a new one per frame).
 pub fn next_frame(buf: &mut BytesMut, max_body: usize) -> Result<Option<BytesMut>, PgWireError> {
     if buf.len() < 5 {
         return Ok(None);
@@ -40,7 +42,6 @@ pub fn next_frame(buf: &mut BytesMut, max_body: usize) -> Result<Option<BytesMut
     }
     let total = 1 + len;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
         return Ok(None);
     }
     Ok(Some(buf.split_to(total)))
