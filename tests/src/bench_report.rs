@@ -86,7 +86,13 @@ pub fn render(results: &Path, out: &Path) -> Result<Rendered> {
         }
     }
     let mut order: Vec<String> = KNOWN_BENCHES.iter().map(|(b, _)| b.to_string()).collect();
-    order.extend(found.keys().filter(|k| !order.contains(k)).cloned().collect::<Vec<_>>());
+    order.extend(
+        found
+            .keys()
+            .filter(|k| !order.contains(k))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
 
     let mut md = String::new();
     let mut images = Vec::new();
@@ -105,7 +111,10 @@ pub fn render(results: &Path, out: &Path) -> Result<Rendered> {
     )?;
     if !missing.is_empty() {
         writeln!(md, "**Not in this report** (no result file):\n")?;
-        for (b, cmd) in KNOWN_BENCHES.iter().filter(|(b, _)| missing.iter().any(|m| m == b)) {
+        for (b, cmd) in KNOWN_BENCHES
+            .iter()
+            .filter(|(b, _)| missing.iter().any(|m| m == b))
+        {
             writeln!(md, "- `{b}`: run `{cmd}`")?;
         }
         writeln!(md)?;
@@ -183,7 +192,13 @@ fn anchor(title: &str) -> String {
 
 fn sanitize(id: &str) -> String {
     id.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -267,14 +282,19 @@ struct Labels<'a> {
 /// Axis ranges covering every finite point (positive ones only on a log axis), padded.
 fn bounds(series: &[Series], log_x: bool, log_y: bool) -> (f64, f64, f64, f64) {
     let pts = || {
-        series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| {
-            x.is_finite() && y.is_finite() && (!log_x || *x > 0.0) && (!log_y || *y > 0.0)
-        })
+        series
+            .iter()
+            .flat_map(|s| s.points.iter())
+            .filter(|(x, y)| {
+                x.is_finite() && y.is_finite() && (!log_x || *x > 0.0) && (!log_y || *y > 0.0)
+            })
     };
     let fold = |f: fn(&(f64, f64)) -> f64| {
-        pts().map(f).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-            (lo.min(v), hi.max(v))
-        })
+        pts()
+            .map(f)
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            })
     };
     let (mut x0, mut x1) = fold(|p| p.0);
     let (mut y0, mut y1) = fold(|p| p.1);
@@ -517,7 +537,11 @@ mod tests {
             "Per receiver",
             &["receiver", "CPU s/GiB", "vs pg_receivewal --compress=lz4"],
             vec![
-                vec![Cell::text("agent"), Cell::num(3.0, 2), Cell::ratio(3.0, 1.4)],
+                vec![
+                    Cell::text("agent"),
+                    Cell::num(3.0, 2),
+                    Cell::ratio(3.0, 1.4),
+                ],
                 vec![
                     Cell::text("pg_receivewal --compress=lz4"),
                     Cell::num(1.4, 2),
@@ -534,7 +558,9 @@ mod tests {
             series: vec![
                 Series {
                     name: "agent".into(),
-                    points: (0..50).map(|i| (i as f64 * 0.2, 100.0 + i as f64)).collect(),
+                    points: (0..50)
+                        .map(|i| (i as f64 * 0.2, 100.0 + i as f64))
+                        .collect(),
                 },
                 Series {
                     name: "pg_receivewal".into(),
@@ -603,7 +629,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| agent | 3.00 | 2.14× |"), "{md}");
-        assert!(md.contains("![flush lag under load](pg_wal_stream-lag.png)"), "{md}");
+        assert!(
+            md.contains("![flush lag under load](pg_wal_stream-lag.png)"),
+            "{md}"
+        );
         assert!(md.contains("`pg_wal_trickle`: run `cargo bench"), "{md}");
         assert_eq!(done.images.len(), 3);
         assert!(done.missing.contains(&"pg_backup_restore".to_string()));

@@ -269,9 +269,7 @@ fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> 
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
-fn points_nan_if_null<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Vec<(f64, f64)>, D::Error> {
+fn points_nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(f64, f64)>, D::Error> {
     Ok(Vec::<(Option<f64>, Option<f64>)>::deserialize(d)?
         .into_iter()
         .map(|(x, y)| (x.unwrap_or(f64::NAN), y.unwrap_or(f64::NAN)))
