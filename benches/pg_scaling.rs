@@ -316,12 +316,11 @@ fn rates(out: &mut BenchResults) {
             "receiver",
             "p50, ms",
             "p99, ms",
-            "p99 vs pg_receivewal (same mode)",
+            "p99 ÷ pg_receivewal's (same mode; below 1 is better)",
         ],
         rows,
         Some("pg_receivewal without `--synchronous` reports a flush only when it closes a 16 MiB segment, so its lag is the time to fill one; the agent's default mode stores what it has every `--max-lag` (1 s)."),
     );
-    out.save_merged();
 }
 
 fn segment_name(segno: u64) -> String {
@@ -411,7 +410,9 @@ fn plan(out: &mut BenchResults) {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.len() == 24)
         .collect();
+    // ext4 allows 65,000 links to one inode: a fresh copy of the object every 60,000.
     let model = wal_dir.join(real.iter().min().unwrap());
+    let mut copies = Vec::new();
     let timed_list = || run_timed(agent().args(["list", "--repo", &repo]), "list");
     let mut n = 0usize;
     let timed_plan = |n: usize| {
@@ -448,7 +449,16 @@ fn plan(out: &mut BenchResults) {
         let want = (want as usize).min(FIRST_REAL as usize - 1);
         while n < want {
             n += 1;
-            std::fs::hard_link(&model, wal_dir.join(segment_name(FIRST_REAL - n as u64))).unwrap();
+            if n % 60_000 == 1 {
+                let copy = work.path().join(format!("model-{}", copies.len()));
+                std::fs::copy(&model, &copy).unwrap();
+                copies.push(copy);
+            }
+            std::fs::hard_link(
+                copies.last().unwrap(),
+                wal_dir.join(segment_name(FIRST_REAL - n as u64)),
+            )
+            .unwrap();
         }
         // Warm the directory cache the same way for both commands.
         let _ = timed_list();
@@ -479,21 +489,35 @@ fn plan(out: &mut BenchResults) {
     });
     out.table(
         "Planning time by WAL objects",
-        &["WAL objects", "list, s", "restore planning, s", "µs per object (restore)"],
+        &[
+            "WAL objects",
+            "list, s",
+            "restore planning, s",
+            "list: ms per 10,000 more",
+            "restore: ms per 10,000 more",
+        ],
         points
             .iter()
             .map(|(o, l, r)| {
+                let (o0, l0, r0) = points[0];
+                let per = |v: f64, v0: f64| {
+                    if *o > o0 {
+                        Cell::num((v - v0) / (o - o0) * 1e4 * 1e3, 0)
+                    } else {
+                        Cell::text("")
+                    }
+                };
                 vec![
                     Cell::num(*o, 0),
                     Cell::num(*l, 2),
                     Cell::num(*r, 2),
-                    Cell::num(*r / *o * 1e6, 1),
+                    per(*l, l0),
+                    per(*r, r0),
                 ]
             })
             .collect(),
-        Some("No peer tool plans a restore from a listing like this, so no ratio. Growth should be linear in the objects (constant µs per object) and small next to the restore itself."),
+        Some("No peer tool plans a restore from a listing like this, so no ratio. Growth should be linear in the objects (the same ms per 10,000 at both counts) and small next to the restore itself."),
     );
-    out.save_merged();
 }
 
 /// Backup and restore time by database size.
@@ -577,6 +601,17 @@ fn sizes(out: &mut BenchResults) {
             .parse()
             .unwrap();
         let db_gib = db as f64 / (1u64 << 30) as f64;
+        // Neither tool's backup may wait for the WAL of the load: both have it first.
+        let switched = pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
+        let now = pg.query_one_blocking("SELECT pg_current_wal_lsn()::text");
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while pg.query_one_blocking(&format!(
+            "SELECT (SELECT count(*) FROM pg_stat_replication WHERE flush_lsn >= '{now}') = 1 AND coalesce((SELECT last_archived_wal >= '{switched}' FROM pg_stat_archiver), false)"
+        )) != "t"
+        {
+            assert!(Instant::now() < deadline, "WAL of the load never archived by both tools");
+            std::thread::sleep(Duration::from_millis(200));
+        }
         let agent_first = i % 2 == 0;
         let mut t = [f64::NAN; 4];
         for agent_turn in [agent_first, !agent_first] {
@@ -682,7 +717,6 @@ fn sizes(out: &mut BenchResults) {
             .collect(),
         Some("Speed ratio = pgBackRest's time / the agent's: above 1.00× the agent is faster. Time should grow linearly with the size; a ratio that falls with size means the agent scales worse."),
     );
-    out.save_merged();
 }
 
 fn main() {
@@ -691,17 +725,22 @@ fn main() {
         return;
     }
     let parts = std::env::var("SB_BENCH_SCALING").unwrap_or_else(|_| "rates,plan,sizes".into());
-    let mut out = BenchResults::new("pg_scaling", "How cost grows with the work");
+    // One result file per part, so that a part run alone replaces only its own section.
     for part in parts.split(',').map(str::trim) {
         let t = Instant::now();
-        match part {
-            "rates" => rates(&mut out),
-            "plan" => plan(&mut out),
-            "sizes" => sizes(&mut out),
+        let (f, title): (fn(&mut BenchResults), &str) = match part {
+            "rates" => (rates, "Cost growth: lag by WAL rate"),
+            "plan" => (plan, "Cost growth: planning time by WAL objects"),
+            "sizes" => (
+                sizes,
+                "Cost growth: backup and restore time by database size",
+            ),
             other => panic!("SB_BENCH_SCALING: unknown part {other:?} (rates, plan, sizes)"),
-        }
-        // save_merged moved this part's tables into the file; start the next part empty.
-        out = BenchResults::new("pg_scaling", "How cost grows with the work");
+        };
+        let mut out = BenchResults::new(&format!("pg_scaling_{part}"), title);
+        f(&mut out);
+        out.wall_secs = t.elapsed().as_secs_f64();
+        out.save();
         eprintln!("part {part}: {:.0} s", t.elapsed().as_secs_f64());
     }
 }

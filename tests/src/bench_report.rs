@@ -35,8 +35,16 @@ pub const KNOWN_BENCHES: &[(&str, &str)] = &[
         "cargo bench -p syncbridge-tests --bench pg_backup_restore",
     ),
     (
-        "pg_scaling",
-        "cargo bench -p syncbridge-tests --bench pg_scaling",
+        "pg_scaling_rates",
+        "SB_BENCH_SCALING=rates cargo bench -p syncbridge-tests --bench pg_scaling",
+    ),
+    (
+        "pg_scaling_plan",
+        "SB_BENCH_SCALING=plan cargo bench -p syncbridge-tests --bench pg_scaling",
+    ),
+    (
+        "pg_scaling_sizes",
+        "SB_BENCH_SCALING=sizes cargo bench -p syncbridge-tests --bench pg_scaling",
     ),
     (
         "redis_capture",

@@ -21,7 +21,8 @@ pub struct BenchResults {
     pub title: String,
     /// When the run finished (RFC 3339, UTC).
     pub finished: String,
-    /// Wall time of the whole bench process, seconds (for benches/README.md's timings).
+    /// Wall time of the bench, seconds (for benches/README.md's timings): the process's
+    /// age when saved, unless the bench set it (a part of a bench).
     pub wall_secs: f64,
     /// Markdown paragraphs shown before the tables: workload, sizes, caveats.
     pub notes: Vec<String>,
@@ -212,12 +213,14 @@ impl BenchResults {
         self
     }
 
-    /// Writes `<dir>/<bench>.json` (see [`results_dir`]), stamping the finish time and the
-    /// process's wall time so far; returns the path. A bench that cannot write its results
+    /// Writes `<dir>/<bench>.json` (see [`results_dir`]), stamping the finish time and,
+    /// unless already set, the process's wall time so far; returns the path. A bench that cannot write its results
     /// says so on stderr and carries on: the printed tables are still there.
     pub fn save(&mut self) -> Option<PathBuf> {
         self.finished = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        self.wall_secs = process_age_secs().unwrap_or(0.0);
+        if self.wall_secs <= 0.0 {
+            self.wall_secs = process_age_secs().unwrap_or(0.0);
+        }
         let dir = results_dir();
         let path = dir.join(format!("{}.json", self.bench));
         let written = std::fs::create_dir_all(&dir)
