@@ -343,11 +343,14 @@ fn save_results(
         title: "flush lag during the load (pg_stat_replication.flush_lag)".into(),
         x_label: "seconds since the load started".into(),
         y_label: "flush lag, ms".into(),
-        series: lag_series
-            .into_iter()
-            .map(|(name, points)| Series {
-                name: name.into(),
-                points,
+        // In the receivers' order, so each has the same colour as in the CPU plot.
+        series: rows
+            .iter()
+            .filter_map(|(name, _, _)| {
+                Some(Series {
+                    name: name.to_string(),
+                    points: lag_series.get(name)?.clone(),
+                })
             })
             .collect(),
         log_x: false,

@@ -405,6 +405,9 @@ fn short(v: f64) -> String {
     } else if a >= 1.0 {
         let s = format!("{v:.2}");
         s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else if a >= 0.01 {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
     } else {
         let s = format!("{v:.4}");
         s.trim_end_matches('0').trim_end_matches('.').to_string()
@@ -448,7 +451,8 @@ where
         .map(|b| b.value)
         .filter(|v| v.is_finite())
         .fold(0.0f64, f64::max);
-    let ymax = if ymax > 0.0 { ymax * 1.18 } else { 1.0 };
+    // Headroom for the values above the bars and for the legend.
+    let ymax = if ymax > 0.0 { ymax * 1.45 } else { 1.0 };
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 24))
         .margin(18)
@@ -535,6 +539,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::bench_results::{Bar, Cell};
 
