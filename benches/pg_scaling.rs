@@ -19,8 +19,8 @@
 //! * **sizes**: backup and restore time of `pgbench` databases of `SB_BENCH_SIZES_GIB`
 //!   (default 0.5, 1, 2, and 4 when the disk has 30 GiB free) for the agent (`file://`,
 //!   `postgres stream` running) and pgBackRest (`posix` repository, `compress-type=zst`,
-//!   `process-max` = the agent's default restore jobs, twice the cores), one run each, the
-//!   tools alternating first, `sync` before each step.
+//!   `process-max` = the agent's default restore jobs, twice the cores), `SB_BENCH_SIZE_RUNS`
+//!   (1) runs each and the median, the tools alternating first, `sync` before each step.
 //!
 //! Run: `cargo build --release -p syncbridge-agent && cargo bench -p syncbridge-tests --bench
 //! pg_scaling` (or `make bench`).
@@ -536,6 +536,9 @@ fn sizes(out: &mut BenchResults) {
         Err(_) if free_gib >= 30.0 => vec![0.5, 1.0, 2.0, 4.0],
         Err(_) => vec![0.5, 1.0, 2.0],
     };
+    let size_runs = env_list("SB_BENCH_SIZE_RUNS", "1")
+        .first()
+        .map_or(1, |v| (*v as usize).max(1));
     let conf = work.path().join("pgbackrest.conf");
     for d in ["pgbr-repo", "pgbr-lock", "pgbr-log", "pgbr-spool"] {
         std::fs::create_dir_all(work.path().join(d)).unwrap();
@@ -612,52 +615,60 @@ fn sizes(out: &mut BenchResults) {
             assert!(Instant::now() < deadline, "WAL of the load never archived by both tools");
             std::thread::sleep(Duration::from_millis(200));
         }
-        let agent_first = i % 2 == 0;
-        let mut t = [f64::NAN; 4];
-        for agent_turn in [agent_first, !agent_first] {
-            sync();
-            if agent_turn {
-                t[0] = run_timed(
-                    agent().args([
-                        "postgres",
-                        "backup",
-                        "--source",
-                        &pg.replication_url(),
-                        "--repo",
-                        &repo,
-                    ]),
-                    "agent backup",
-                );
-            } else {
-                t[1] = run_timed(&mut pgbr(&["backup", "--type=full"]), "pgbackrest backup");
+        // `SB_BENCH_SIZE_RUNS` rounds (default 1), the tools taking turns going first; the
+        // median of each step counts.
+        let mut all: [Vec<f64>; 4] = Default::default();
+        for round in 0..size_runs {
+            let agent_first = (i + round) % 2 == 0;
+            for agent_turn in [agent_first, !agent_first] {
+                sync();
+                if agent_turn {
+                    all[0].push(run_timed(
+                        agent().args([
+                            "postgres",
+                            "backup",
+                            "--source",
+                            &pg.replication_url(),
+                            "--repo",
+                            &repo,
+                        ]),
+                        "agent backup",
+                    ));
+                } else {
+                    all[1].push(run_timed(
+                        &mut pgbr(&["backup", "--type=full"]),
+                        "pgbackrest backup",
+                    ));
+                }
+            }
+            for agent_turn in [agent_first, !agent_first] {
+                sync();
+                if agent_turn {
+                    let target = work.path().join(format!("restore-agent-{i}"));
+                    all[2].push(run_timed(
+                        agent()
+                            .args(["restore", "--repo", &repo, "--target"])
+                            .arg(&target),
+                        "agent restore",
+                    ));
+                    let _ = std::fs::remove_dir_all(&target);
+                } else {
+                    let target = work.path().join(format!("restore-pgbr-{i}"));
+                    std::fs::create_dir_all(&target).unwrap();
+                    chown_to_server_user(&target);
+                    all[3].push(run_timed(
+                        &mut pgbr(&[
+                            "restore",
+                            &format!("--pg1-path={}", target.display()),
+                            "--type=immediate",
+                        ]),
+                        "pgbackrest restore",
+                    ));
+                    let _ = std::fs::remove_dir_all(&target);
+                }
             }
         }
-        for agent_turn in [agent_first, !agent_first] {
-            sync();
-            if agent_turn {
-                let target = work.path().join(format!("restore-agent-{i}"));
-                t[2] = run_timed(
-                    agent()
-                        .args(["restore", "--repo", &repo, "--target"])
-                        .arg(&target),
-                    "agent restore",
-                );
-                let _ = std::fs::remove_dir_all(&target);
-            } else {
-                let target = work.path().join(format!("restore-pgbr-{i}"));
-                std::fs::create_dir_all(&target).unwrap();
-                chown_to_server_user(&target);
-                t[3] = run_timed(
-                    &mut pgbr(&[
-                        "restore",
-                        &format!("--pg1-path={}", target.display()),
-                        "--type=immediate",
-                    ]),
-                    "pgbackrest restore",
-                );
-                let _ = std::fs::remove_dir_all(&target);
-            }
-        }
+        let t: [f64; 4] = std::array::from_fn(|k| percentile(&mut all[k], 0.5));
         println!(
             "{db_gib:.2} GiB: backup agent {:.1}s, pgBackRest {:.1}s ({:.2}×); restore agent {:.1}s, pgBackRest {:.1}s ({:.2}×)",
             t[0], t[1], t[1] / t[0], t[2], t[3], t[3] / t[2]
@@ -667,7 +678,7 @@ fn sizes(out: &mut BenchResults) {
     let _ = stream.kill();
     let _ = stream.wait();
     out.note(format!(
-        "**Backup and restore by database size**: `pgbench -i` databases, the agent to `file://` with `postgres stream` running, pgBackRest to a `posix` repository (`compress-type=zst`, `process-max={jobs}`, the agent's default restore jobs); one run per size, the tools alternating first, `sync` before each step. {free_gib:.0} GiB were free at the start (4 GiB is included from 30 GiB free; `SB_BENCH_SIZES_GIB` sets the list)."
+        "**Backup and restore by database size**: `pgbench -i` databases, the agent to `file://` with `postgres stream` running, pgBackRest to a `posix` repository (`compress-type=zst`, `process-max={jobs}`, the agent's default restore jobs); {size_runs} run(s) per size (`SB_BENCH_SIZE_RUNS`, median), the tools alternating first, `sync` before each step. {free_gib:.0} GiB were free at the start (4 GiB is included from 30 GiB free; `SB_BENCH_SIZES_GIB` sets the list)."
     ));
     let names = [
         "agent backup",
@@ -717,6 +728,18 @@ fn sizes(out: &mut BenchResults) {
             .collect(),
         Some("Speed ratio = pgBackRest's time / the agent's: above 1.00× the agent is faster. Time should grow linearly with the size; a ratio that falls with size means the agent scales worse."),
     );
+    if let Some((g, t)) = rows.last() {
+        out.goal_at_least(
+            &format!("backup speed at {g:.1} GiB, agent ÷ pgBackRest (file:// vs posix)"),
+            t[1] / t[0],
+            1.0,
+        );
+        out.goal_at_least(
+            &format!("restore speed at {g:.1} GiB, agent ÷ pgBackRest (file:// vs posix)"),
+            t[3] / t[2],
+            1.2,
+        );
+    }
 }
 
 fn main() {

@@ -409,5 +409,14 @@ fn save_results(
             .collect(),
         Some("Throughput ratio: higher is better; CPU ratio: the goal is at most 1.00× `pg_receivewal --compress=lz4`. Stored is n/a for S3."),
     );
+    for (name, app, v) in rows {
+        if app.starts_with("sb_") {
+            out.goal_at_most(
+                &format!("CPU s/GiB, {name} ÷ pg_receivewal --compress=lz4"),
+                v[4] / peer("rw_lz4", 4),
+                1.0,
+            );
+        }
+    }
     out.save();
 }

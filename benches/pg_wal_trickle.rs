@@ -396,5 +396,11 @@ fn main() {
         ]],
         Some("Every commit waits for the synchronous agent: about one object write each."),
     );
+    for (app, what) in [
+        ("sb_default", "bytes written ÷ WAL, agent default mode"),
+        ("sb_sync", "bytes written ÷ WAL, agent --synchronous"),
+    ] {
+        out.goal_at_most(what, rows[app].1 / wal, 3.0);
+    }
     out.save();
 }

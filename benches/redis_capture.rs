@@ -222,6 +222,13 @@ fn snapshot_bench(s3: &S3Server, tmp: &std::path::Path) {
                 .collect(),
             Some("Goal: at least 1.00× `redis-cli --rdb` (speed ratio: higher is better)."),
         );
+        for (name, d, _) in report_rows.iter().skip(1) {
+            out.goal_at_least(
+                &format!("snapshot speed, {name} ÷ redis-cli --rdb"),
+                secs(cli_time) / secs(*d),
+                1.0,
+            );
+        }
         out.save_merged();
     }
 }

@@ -127,6 +127,35 @@ pub fn render(results: &Path, out: &Path) -> Result<Rendered> {
         }
         writeln!(md)?;
     }
+    let goals: Vec<(&BenchResults, &crate::bench_results::Goal)> = order
+        .iter()
+        .filter_map(|b| found.get(b))
+        .flat_map(|r| r.goals.iter().map(move |g| (r, g)))
+        .collect();
+    if !goals.is_empty() {
+        writeln!(md, "## Goals at a glance\n")?;
+        writeln!(
+            md,
+            "| section | goal | measured | bound | |\n|---|---|---:|---:|---|"
+        )?;
+        for (r, g) in goals {
+            writeln!(
+                md,
+                "| [{}](#{}) | {} | {} | {} | {} |",
+                r.title,
+                anchor(&r.title),
+                g.what,
+                g.value.map_or("n/a".into(), |v| format!("{v:.2}×")),
+                g.target,
+                match g.met {
+                    Some(true) => "met",
+                    Some(false) => "**not met**",
+                    None => "not measured",
+                }
+            )?;
+        }
+        writeln!(md)?;
+    }
     writeln!(md, "Contents:\n")?;
     for b in order.iter().filter(|b| found.contains_key(*b)) {
         let r = &found[b];
@@ -563,6 +592,12 @@ mod tests {
             ],
             Some("Goal: at most 1.00×."),
         );
+        r.goal_at_most(
+            "CPU s/GiB, agent ÷ pg_receivewal --compress=lz4",
+            3.0 / 1.4,
+            1.0,
+        );
+        r.goal_at_least("not measured here", f64::NAN, 1.0);
         r.chart(Chart::Lines {
             id: "lag".into(),
             title: "flush lag under load".into(),
@@ -647,6 +682,14 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("`pg_wal_trickle`: run `cargo bench"), "{md}");
+        assert!(
+            md.contains("| CPU s/GiB, agent ÷ pg_receivewal --compress=lz4 | 2.14× | ≤ 1.00× | **not met** |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| not measured here | n/a | ≥ 1.00× | not measured |"),
+            "{md}"
+        );
         assert_eq!(done.images.len(), 3);
         assert!(done.missing.contains(&"pg_backup_restore".to_string()));
         for img in &done.images {

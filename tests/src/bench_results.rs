@@ -30,6 +30,23 @@ pub struct BenchResults {
     pub tables: Vec<Table>,
     /// Charts, in order; each becomes `<bench>-<id>.png`.
     pub charts: Vec<Chart>,
+    /// The goals this run checked, gathered at the top of the report.
+    #[serde(default)]
+    pub goals: Vec<Goal>,
+}
+
+/// A goal checked by a run: a measured figure (usually a ratio to a peer in the same run)
+/// against its bound.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Goal {
+    /// What is measured, e.g. "restore speed, agent ÷ pgBackRest (S3)".
+    pub what: String,
+    /// The figure; `None` when it could not be measured.
+    pub value: Option<f64>,
+    /// The bound as text, e.g. "≥ 1.20×".
+    pub target: String,
+    /// Whether the figure meets the bound; `None` when not measured.
+    pub met: Option<bool>,
 }
 
 /// A table of typed cells.
@@ -181,7 +198,32 @@ impl BenchResults {
             notes: Vec::new(),
             tables: Vec::new(),
             charts: Vec::new(),
+            goals: Vec::new(),
         }
+    }
+
+    /// Records a goal `value ≥ min` (a ratio, shown as `1.23×`).
+    pub fn goal_at_least(&mut self, what: &str, value: f64, min: f64) -> &mut Self {
+        let value = value.is_finite().then_some(value);
+        self.goals.push(Goal {
+            what: what.into(),
+            value,
+            target: format!("≥ {min:.2}×"),
+            met: value.map(|v| v >= min),
+        });
+        self
+    }
+
+    /// Records a goal `value ≤ max` (a ratio, shown as `1.23×`).
+    pub fn goal_at_most(&mut self, what: &str, value: f64, max: f64) -> &mut Self {
+        let value = value.is_finite().then_some(value);
+        self.goals.push(Goal {
+            what: what.into(),
+            value,
+            target: format!("≤ {max:.2}×"),
+            met: value.map(|v| v <= max),
+        });
+        self
     }
 
     /// Adds a paragraph.
@@ -253,6 +295,7 @@ impl BenchResults {
             merged.notes.append(&mut self.notes);
             merged.tables.append(&mut self.tables);
             merged.charts.append(&mut self.charts);
+            merged.goals.append(&mut self.goals);
             *self = merged;
         }
         let out = self.save();
