@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: deps test lint unit demo bench fmt clean-demo
+.PHONY: deps test lint unit demo bench bench-report fmt clean-demo
 
 ## deps: install every real server the tests use into .deps/ (idempotent, cached in ~/.cache)
 deps:
@@ -22,10 +22,17 @@ test: deps lint
 demo: deps
 	@bash scripts/demo.sh
 
-## bench: side-by-side benchmarks against the peer tools (not part of `make test`)
+## bench: side-by-side benchmarks against the peer tools (not part of `make test`), then
+## bench-report/REPORT.md with its plots (rendered even when a bench failed; the exit
+## status is the benches')
 bench: deps
 	$(CARGO) build --release -p syncbridge-agent
-	$(CARGO) bench --workspace
+	@status=0; $(CARGO) bench --workspace --no-fail-fast || status=$$?; \
+	$(CARGO) run --release -q -p syncbridge-tests --bin bench-report; exit $$status
+
+## bench-report: render bench-report/REPORT.md again from the last results (target/bench-results)
+bench-report:
+	$(CARGO) run --release -q -p syncbridge-tests --bin bench-report
 
 fmt:
 	$(CARGO) fmt --all

@@ -274,6 +274,78 @@ fn main() {
     );
     let (agent_backup, pgbr_backup) = (median(&agent_backups), median(&pgbr_backups));
     let (agent_restore, pgbr_restore) = (median(&agent_restores), median(&pgbr_restores));
+    // The report's copy (bench-report): MB/s per tool, ratios to the peers; saved now so
+    // a failure in the replay part below keeps them.
+    {
+        use syncbridge_tests::bench_results::{Bar, BenchResults, Cell, Chart};
+        let rate = |d: Duration| mbps(db_bytes, d);
+        let mut out =
+            BenchResults::new("pg_backup_restore", "Base backup and restore vs pgBackRest");
+        out.note(format!(
+            "`pgbench -i -s {scale}`: {:.0} MB. Backups and restores {runs}× each, tools alternating, `sync` before each, medians; both repositories on the same SeaweedFS over HTTPS; pgBackRest `compress-type=zst`, `process-max=2`. Saved before the WAL replay part, so a failure there keeps these.",
+            db_bytes as f64 / 1e6,
+        ));
+        let bar = |group: &str, label: &str, d: Duration, peer: Option<Duration>| Bar {
+            group: group.into(),
+            label: label.into(),
+            value: rate(d),
+            note: peer.map(|p| format!("{:.2}×", p.as_secs_f64() / d.as_secs_f64())),
+        };
+        out.chart(Chart::Bars {
+            id: "throughput".into(),
+            title: "backup and restore, MB/s of database (higher is better)".into(),
+            y_label: "MB/s".into(),
+            bars: vec![
+                bar("backup", "agent (S3)", agent_backup, Some(pgbr_backup)),
+                bar("backup", "pgBackRest (S3)", pgbr_backup, None),
+                bar("backup", "pg_basebackup -Z zstd (local)", bb, None),
+                bar("restore", "agent (S3)", agent_restore, Some(pgbr_restore)),
+                bar("restore", "pgBackRest (S3)", pgbr_restore, None),
+            ],
+        });
+        let row = |what: &str, tool: &str, d: Duration, peer: Option<Duration>| {
+            vec![
+                Cell::text(what),
+                Cell::text(tool),
+                Cell::num(d.as_secs_f64(), 1),
+                Cell::num(rate(d), 1),
+                peer.map_or(Cell::text(""), |p| Cell::ratio(rate(d), rate(p))),
+            ]
+        };
+        out.table(
+            "Backup and restore (medians)",
+            &["step", "tool", "seconds", "MB/s", "agent vs pgBackRest"],
+            vec![
+                row(
+                    "backup",
+                    "agent -> SeaweedFS",
+                    agent_backup,
+                    Some(pgbr_backup),
+                ),
+                row("backup", "pgBackRest -> SeaweedFS", pgbr_backup, None),
+                row("backup", "pg_basebackup -Ft -Z zstd -> local", bb, None),
+                row(
+                    "restore",
+                    "agent <- SeaweedFS",
+                    agent_restore,
+                    Some(pgbr_restore),
+                ),
+                row("restore", "pgBackRest <- SeaweedFS", pgbr_restore, None),
+            ],
+            Some("Goals: backup at least 1.00×, restore at least 1.20× pgBackRest."),
+        );
+        out.goal_at_least(
+            "backup speed, agent ÷ pgBackRest (S3)",
+            pgbr_backup.as_secs_f64() / agent_backup.as_secs_f64(),
+            1.0,
+        );
+        out.goal_at_least(
+            "restore speed, agent ÷ pgBackRest (S3)",
+            pgbr_restore.as_secs_f64() / agent_restore.as_secs_f64(),
+            1.2,
+        );
+        out.save_merged();
+    }
 
     // WAL replay through wal-fetch: about $SB_BENCH_WAL_MB of WAL after the agent's backup,
     // then a restore of the latest point started by the agent (`--start`), which reports
@@ -525,5 +597,34 @@ fn main() {
     );
     for (way, runs) in ways.iter().zip(&replays).skip(3) {
         println!("replay  {way}: {:.1}s", median_f(runs));
+    }
+
+    // The report's copy of the replay figures (bench-report).
+    {
+        use syncbridge_tests::bench_results::{BenchResults, Cell};
+        let mut out =
+            BenchResults::new("pg_backup_restore", "Base backup and restore vs pgBackRest");
+        out.note(format!(
+            "Replay: {:.0} MB of WAL written after the agent's backup, from `pg_ctl start` to promoted, {replay_runs} run(s) per way, order rotating.",
+            wal_bytes as f64 / 1e6
+        ));
+        out.table(
+            "WAL replay, start to promoted (medians)",
+            &["WAL fed by", "seconds", "MB/s of WAL", "vs restore_command cp"],
+            ways.iter()
+                .zip(&replays)
+                .map(|(way, r)| {
+                    let secs = median_f(r);
+                    vec![
+                        Cell::text(*way),
+                        Cell::num(secs, 1),
+                        Cell::num(wal_bytes as f64 / 1e6 / secs, 1),
+                        Cell::ratio(cp_replay_secs, secs),
+                    ]
+                })
+                .collect(),
+            Some("Ratio above 1.00×: faster than the cheapest restore_command; `pg_wal` is replay with nothing to fetch."),
+        );
+        out.save_merged();
     }
 }

@@ -138,6 +138,7 @@ fn snapshot_bench(s3: &S3Server, tmp: &std::path::Path) {
         mib(size)
     );
 
+    let mut report_rows = vec![("redis-cli --rdb (local file)", cli_time, cli_rss)];
     for (name, repo, env) in [
         (
             "agent snapshot -> SeaweedFS (S3)",
@@ -170,8 +171,66 @@ fn snapshot_bench(s3: &S3Server, tmp: &std::path::Path) {
             rss as f64 / 1024.0,
             time.as_secs_f64() / cli_time.as_secs_f64()
         );
+        report_rows.push((name, time, rss));
     }
     let _ = std::fs::remove_dir_all(tmp.join("repo"));
+    // The report's copy (bench-report).
+    {
+        use syncbridge_tests::bench_results::{Bar, BenchResults, Cell, Chart};
+        let mut out = BenchResults::new("redis_capture", "Redis snapshot and stream");
+        out.note(format!(
+            "Redis 7, {keys} keys × 1000 bytes (`DEBUG POPULATE`, `rdbcompression no`), {:.0} MiB of RDB. `SB_BENCH_REDIS_KEYS` sets the size.",
+            mib(size)
+        ));
+        let secs = |d: Duration| d.as_secs_f64();
+        out.chart(Chart::Bars {
+            id: "snapshot".into(),
+            title: "snapshot, MiB/s of RDB (higher is better)".into(),
+            y_label: "MiB/s".into(),
+            bars: report_rows
+                .iter()
+                .map(|(name, d, _)| Bar {
+                    group: "snapshot".into(),
+                    label: name.to_string(),
+                    value: mib(size) / secs(*d),
+                    note: name
+                        .starts_with("agent")
+                        .then(|| format!("{:.2}×", secs(cli_time) / secs(*d))),
+                })
+                .collect(),
+        });
+        out.table(
+            "Snapshot",
+            &[
+                "tool",
+                "seconds",
+                "MiB/s",
+                "speed vs redis-cli --rdb",
+                "peak RSS, MiB",
+            ],
+            report_rows
+                .iter()
+                .map(|(name, d, rss)| {
+                    vec![
+                        Cell::text(*name),
+                        Cell::num(secs(*d), 2),
+                        Cell::num(mib(size) / secs(*d), 1),
+                        Cell::ratio(secs(cli_time), secs(*d)),
+                        Cell::num(*rss as f64 / 1024.0, 1),
+                    ]
+                })
+                .collect(),
+            Some("Goal: at least 1.00× `redis-cli --rdb` (speed ratio: higher is better)."),
+        );
+        for (name, d, _) in report_rows.iter().skip(1) {
+            out.goal_at_least(
+                &format!("snapshot speed, {name} ÷ redis-cli --rdb"),
+                secs(cli_time) / secs(*d),
+                1.0,
+            );
+        }
+        out.save_merged();
+    }
 }
 
 fn lag_bench(s3: &S3Server, tmp: &std::path::Path) {
@@ -281,6 +340,27 @@ fn lag_bench(s3: &S3Server, tmp: &std::path::Path) {
         master_offset,
         if durable >= master_offset { "caught up" } else { "BEHIND" }
     );
+    // The report's copy (bench-report); no peer tool streams Redis, so no ratio.
+    {
+        use syncbridge_tests::bench_results::{BenchResults, Cell};
+        let mut out = BenchResults::new("redis_capture", "Redis snapshot and stream");
+        out.table(
+            "Stream under redis-benchmark (`--max-lag 1s`, to SeaweedFS)",
+            &["load, s", "commands, MiB", "chunks", "lag p50, ms", "lag p99, ms", "lag max, ms", "peak RSS, MiB", "caught up"],
+            vec![vec![
+                Cell::num(load.as_secs_f64(), 1),
+                Cell::num(mib(master_offset), 0),
+                Cell::num(lags.len() as f64, 0),
+                Cell::num(percentile(&lags, 0.5) as f64, 0),
+                Cell::num(percentile(&lags, 0.99) as f64, 0),
+                Cell::num(lags.last().copied().unwrap_or(0) as f64, 0),
+                Cell::num(rss as f64 / 1024.0, 1),
+                Cell::text(if durable >= master_offset { "yes" } else { "NO" }),
+            ]],
+            Some("Lag: how long the oldest command of each stored chunk waited to become durable. Goal: p99 under 2 s with `--max-lag 1s`."),
+        );
+        out.save_merged();
+    }
 }
 
 fn main() {

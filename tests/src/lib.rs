@@ -37,6 +37,8 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod bench_report;
+pub mod bench_results;
 pub mod paths;
 pub mod pg;
 pub mod process;
