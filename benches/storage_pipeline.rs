@@ -125,10 +125,14 @@ impl ObjectStore for Discard {
 
     async fn get_opts(
         &self,
-        _location: &Path,
+        location: &Path,
         _options: GetOptions,
     ) -> object_store::Result<GetResult> {
-        Err(unsupported())
+        // Nothing is ever stored: the repository marker is absent too (a new repository).
+        Err(object_store::Error::NotFound {
+            path: location.to_string(),
+            source: "discarded".into(),
+        })
     }
 
     async fn delete(&self, _location: &Path) -> object_store::Result<()> {
@@ -143,7 +147,11 @@ impl ObjectStore for Discard {
         &self,
         _prefix: Option<&Path>,
     ) -> object_store::Result<ListResult> {
-        Err(unsupported())
+        // An existing, empty bucket.
+        Ok(ListResult {
+            common_prefixes: Vec::new(),
+            objects: Vec::new(),
+        })
     }
 
     async fn copy(&self, _from: &Path, _to: &Path) -> object_store::Result<()> {
