@@ -76,6 +76,40 @@ fn looks_incompressible(data: &[u8]) -> bool {
         return false;
     }
     let stride = data.len() / SAMPLE_SLICES;
+    sample_incompressible(|i| &data[i * stride..(i * stride + SAMPLE_SLICE).min(data.len())])
+}
+
+/// [`looks_incompressible`] for a frame given in pieces: only the slices are gathered.
+fn pieces_look_incompressible(pieces: &[Bytes]) -> bool {
+    let len: usize = pieces.iter().map(Bytes::len).sum();
+    if len < SAMPLE_MIN_FRAME {
+        return false;
+    }
+    let stride = len / SAMPLE_SLICES;
+    let mut slices: Vec<Vec<u8>> = Vec::with_capacity(SAMPLE_SLICES);
+    for i in 0..SAMPLE_SLICES {
+        let (start, end) = (i * stride, (i * stride + SAMPLE_SLICE).min(len));
+        let mut slice = Vec::with_capacity(end - start);
+        let mut at = 0usize;
+        for p in pieces {
+            let (p_start, p_end) = (at, at + p.len());
+            at = p_end;
+            if p_end <= start {
+                continue;
+            }
+            if p_start >= end {
+                break;
+            }
+            slice.extend_from_slice(&p[start.max(p_start) - p_start..end.min(p_end) - p_start]);
+        }
+        slices.push(slice);
+    }
+    sample_incompressible(|i| &slices[i])
+}
+
+/// Compresses the [`SAMPLE_SLICES`] slices `slice(i)` gives at level 1 and says whether
+/// they shrank by less than 1/32.
+fn sample_incompressible<'a>(slice: impl Fn(usize) -> &'a [u8]) -> bool {
     let result = SAMPLER.with(|cell| -> std::io::Result<bool> {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -86,7 +120,7 @@ fn looks_incompressible(data: &[u8]) -> bool {
         };
         let (mut sampled, mut stored) = (0usize, 0usize);
         for i in 0..SAMPLE_SLICES {
-            let slice = &data[i * stride..(i * stride + SAMPLE_SLICE).min(data.len())];
+            let slice = slice(i);
             out.clear();
             out.reserve(zstd::zstd_safe::compress_bound(slice.len()));
             stored += c.compress_to_buffer(slice, &mut *out)?;
@@ -157,7 +191,27 @@ pub(crate) fn encode_frame(
     recipients: &[age::x25519::Recipient],
 ) -> Result<EncodedFrame, String> {
     if pieces.len() == 1 {
+        let level = level.filter(|_| !looks_incompressible(&pieces[0]));
         return encode_contiguous(&pieces[0], level, recipients);
+    }
+    let mut level = level;
+    if level.is_some() && pieces_look_incompressible(pieces) {
+        if recipients.is_empty() {
+            // Stored raw: the pieces go straight into the record, one copy instead of
+            // joining them first.
+            let len: usize = pieces.iter().map(Bytes::len).sum();
+            let mut record = Vec::with_capacity(FRAME_HEADER_LEN + len);
+            record.resize(FRAME_HEADER_LEN, 0);
+            for p in pieces {
+                record.extend_from_slice(p);
+            }
+            let header = frame_header(0, &record[FRAME_HEADER_LEN..], len)?;
+            record[..FRAME_HEADER_LEN].copy_from_slice(&header);
+            return Ok(EncodedFrame {
+                record: Bytes::from(record),
+            });
+        }
+        level = None;
     }
     JOIN_BUF.with(|cell| {
         let mut buf = cell.borrow_mut();
@@ -169,6 +223,8 @@ pub(crate) fn encode_frame(
     })
 }
 
+/// Encodes a contiguous frame; `level` is `None` when it is to be stored raw (the caller
+/// has sampled it already).
 fn encode_contiguous(
     data: &[u8],
     level: Option<i32>,
@@ -184,7 +240,7 @@ fn encode_contiguous(
     };
     let mut flags = 0u8;
     let mut record = None;
-    if let Some(level) = level.filter(|_| !looks_incompressible(data)) {
+    if let Some(level) = level {
         let compressed = with_compressed(level, data, |z| {
             (z.len() < data.len()).then(|| record_from(z))
         })
@@ -414,6 +470,27 @@ mod tests {
         half.extend(random(1 << 19, 9));
         assert!(!looks_incompressible(&half));
         assert_ne!(flags_of(&half) & FRAME_ZSTD, 0);
+    }
+
+    #[test]
+    fn frames_in_pieces_are_judged_like_whole_ones() {
+        let random_frame = random(1 << 20, 11);
+        let pieces: Vec<Bytes> = random_frame
+            .chunks(20_000)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        assert!(pieces_look_incompressible(&pieces));
+        let f = encode_frame(&pieces, Some(3), &[]).unwrap();
+        let h = FrameHeader::parse("k", &f.record[..FRAME_HEADER_LEN], 0, 1 << 20).unwrap();
+        assert_eq!(h.flags & FRAME_ZSTD, 0);
+        assert_eq!(&f.record[FRAME_HEADER_LEN..], &random_frame[..]);
+        let mut half = vec![7u8; 1 << 19];
+        half.extend(random(1 << 19, 5));
+        let pieces: Vec<Bytes> = half.chunks(30_000).map(Bytes::copy_from_slice).collect();
+        assert!(!pieces_look_incompressible(&pieces));
+        let f = encode_frame(&pieces, Some(3), &[]).unwrap();
+        let h = FrameHeader::parse("k", &f.record[..FRAME_HEADER_LEN], 0, 1 << 20).unwrap();
+        assert_ne!(h.flags & FRAME_ZSTD, 0);
     }
 
     #[test]
