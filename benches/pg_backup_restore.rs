@@ -71,6 +71,17 @@ fn run(cmd: &mut Command, what: &str) -> Duration {
     elapsed
 }
 
+/// CPU seconds (user + system) of this process's waited-for children so far: fields
+/// `cutime` and `cstime` of `/proc/self/stat`, which include the children's own waited-for
+/// children (pgBackRest's worker processes).
+fn children_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (tick(13) + tick(14)) as f64 / 100.0
+}
+
 fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
 }
@@ -286,11 +297,13 @@ fn main() {
     // (writeback and page reclaim from the backups), so the order rotates every round.
     let restore_cases = ["agent s3", "pgbr s3", "agent file", "pgbr posix"];
     let mut restores: Vec<Vec<Duration>> = vec![Vec::new(); restore_cases.len()];
+    let mut restore_cpu: Vec<Vec<f64>> = vec![Vec::new(); restore_cases.len()];
     for i in 0..runs {
         for k in 0..restore_cases.len() {
             let case = (i + k) % restore_cases.len();
             let target = work.path().join(format!("restore-{i}-{case}"));
             flush();
+            let cpu_before = children_cpu();
             let took = match restore_cases[case] {
                 "agent s3" | "agent file" => run(
                     Command::new(&agent)
@@ -315,7 +328,14 @@ fn main() {
                     )
                 }
             };
+            let cpu = children_cpu() - cpu_before;
+            eprintln!(
+                "round {i}: {} {:.1}s, CPU {cpu:.1}s",
+                restore_cases[case],
+                took.as_secs_f64()
+            );
             restores[case].push(took);
+            restore_cpu[case].push(cpu);
             let _ = std::fs::remove_dir_all(&target);
         }
     }
@@ -362,6 +382,18 @@ fn main() {
         round_ratios(&restores[0], &restores[1]),
         round_ratios(&restores[2], &restores[3])
     );
+    let median_cpu = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "restore CPU s (median): agent <- SeaweedFS {:.1}, pgBackRest <- SeaweedFS {:.1}, agent <- file:// {:.1}, pgBackRest <- posix {:.1} (SeaweedFS's own not counted)",
+        median_cpu(&restore_cpu[0]),
+        median_cpu(&restore_cpu[1]),
+        median_cpu(&restore_cpu[2]),
+        median_cpu(&restore_cpu[3])
+    );
     let (agent_backup, pgbr_backup) = (median(&agent_backups), median(&pgbr_backups));
     let (agent_restore, pgbr_restore) = (median(&agent_restores), median(&pgbr_restores));
 
@@ -378,6 +410,10 @@ fn main() {
         "CREATE TABLE filler(id bigint, pad text); INSERT INTO filler SELECT g, repeat('w', 500) FROM generate_series(1, {rows}) g"
     ));
     let lsn_after = pg.query_one_blocking("SELECT pg_current_wal_lsn()");
+    // A record after it, so that `lsn_after` lies inside complete, archived WAL (the
+    // restores below stop there).
+    pg.sql_blocking("CHECKPOINT");
+    let lsn_archived = pg.query_one_blocking("SELECT pg_current_wal_lsn()");
     let wal_bytes = lsn_to_u64(&lsn_after) - lsn_to_u64(&lsn_before);
     let t = Instant::now();
     loop {
@@ -393,7 +429,7 @@ fn main() {
             .and_then(|r| r.split_whitespace().next())
             .map(lsn_to_u64)
             .unwrap_or(0);
-        if archived >= lsn_to_u64(&lsn_after) {
+        if archived >= lsn_to_u64(&lsn_archived) {
             break;
         }
         assert!(

@@ -266,8 +266,17 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
                 ])
                 .envs(env);
                 cmd.env("SYNCBRIDGE_LOG", "warn");
+                // SeaweedFS runs on the same cores: its CPU for the upload is shown too.
+                let weed = || s3.pid().and_then(cpu_ticks).unwrap_or(0);
+                let weed_before = weed();
                 let (time, rss, cpu, out) = run_measured(cmd);
                 check(&out, name);
+                if tool == 1 {
+                    println!(
+                        "round {round}: SeaweedFS CPU during the upload {:.1}s",
+                        weed().saturating_sub(weed_before) as f64 / 100.0
+                    );
+                }
                 let _ = std::fs::remove_dir_all(tmp.join("repo"));
                 (time, rss, cpu, name)
             };

@@ -38,6 +38,13 @@ use crate::pg::backup_progress::Progress;
 
 use super::place::Modes;
 
+/// Bytes of a piece written before its write-out is started early.
+const WRITEBACK_MIN: u64 = 1 << 20;
+
+/// Threads syncing files at the end: concurrent fsyncs share the file system's journal
+/// commits, so more than `jobs` pays for a data directory of many small files.
+const SYNC_THREADS: usize = 16;
+
 /// Where `pg_control` goes until the restore is complete.
 pub const PG_CONTROL_TEMP: &str = "global/pg_control.syncbridge-restore";
 
@@ -261,8 +268,13 @@ async fn restore_chunk(
             tokio::task::block_in_place(|| {
                 f.write_all_at(&part, at)?;
                 // The piece so far: starts the new bytes' write-out and lets go of the
-                // pages of earlier ones already on disk.
-                start_writeback(f, p.offset, at - p.offset + part.len() as u64);
+                // pages of earlier ones already on disk. Small files are left to the
+                // final fsync: a write-out each would be an I/O of its own in the task
+                // that is laying down hundreds of them.
+                let so_far = at - p.offset + part.len() as u64;
+                if so_far >= WRITEBACK_MIN {
+                    start_writeback(f, p.offset, so_far);
+                }
                 std::io::Result::Ok(())
             })
             .with_context(|| {
@@ -381,8 +393,9 @@ fn verify_files(
 }
 
 /// Makes every restored file durable, then every directory (their entries: the files'
-/// names), `jobs` at a time, once all are written: the writeback started as each range
-/// was written has mostly finished by then, so this waits for the rest.
+/// names), [`SYNC_THREADS`] (or `jobs`, if more) at a time, once all are written: the
+/// writeback started as each range was written has mostly finished by then, so this waits
+/// for the rest.
 async fn sync_files(m: &BackupManifest, roots: &[PathBuf], jobs: usize) -> Result<()> {
     let (mut files, mut dirs) = (Vec::new(), roots.to_vec());
     for (i, e) in m.entries.iter().enumerate() {
@@ -401,7 +414,7 @@ async fn sync_files(m: &BackupManifest, roots: &[PathBuf], jobs: usize) -> Resul
     dirs.sort();
     dirs.dedup();
     for (paths, dir) in [(files, false), (dirs, true)] {
-        let per = paths.len().div_ceil(jobs.max(1)).max(1);
+        let per = paths.len().div_ceil(jobs.max(SYNC_THREADS)).max(1);
         let mut set = JoinSet::new();
         for group in paths.chunks(per) {
             let group = group.to_vec();

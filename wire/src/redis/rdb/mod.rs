@@ -496,7 +496,6 @@ impl RdbValidator {
         })
     }
 
-
     fn corrupt(&self, reason: impl Into<String>, offset: u64) -> RdbError {
         RdbError::Corrupt {
             reason: reason.into(),
