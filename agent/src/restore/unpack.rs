@@ -107,6 +107,8 @@ fn open_for_write(path: &Path) -> Result<std::fs::File> {
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
+        // Other tasks write other pieces of the same file.
+        .truncate(false)
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))
@@ -191,13 +193,12 @@ pub async fn write_all(
         tokio::select! {
             r = set.join_next() => match r {
                 None => break,
-                Some(r) => match r.context("a restore task failed")? {
-                    Err(e) => {
+                Some(r) => {
+                    if let Err(e) = r.context("a restore task failed")? {
                         set.abort_all();
                         return Err(e);
                     }
-                    Ok(()) => {}
-                },
+                }
             },
             _ = tick => {}
         }
