@@ -48,6 +48,23 @@ use syncbridge_tests::pg::{PgCluster, PgVersion};
 use syncbridge_tests::process::{chown_to_server_user, run_as_server_user, server_temp_dir};
 use syncbridge_tests::S3Server;
 
+/// A background `postgres stream`, killed when the bench ends or panics (a failed
+/// assertion left the streams running before).
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 fn agent_bin() -> PathBuf {
     syncbridge_tests::agent::binary()
 }
@@ -202,11 +219,11 @@ fn main() {
         .envs(s3_env.clone())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(work.path().join("stream.log")).unwrap());
-    let mut stream = stream.spawn().unwrap();
+    let mut stream = KillOnDrop(stream.spawn().unwrap());
     // The agent, to a file:// repository on the same disk, with its own stream and slot.
     let file_repo_dir = work.path().join("agent-repo");
     let file_repo = format!("file://{}", file_repo_dir.display());
-    let mut file_stream = Command::new(&agent)
+    let file_stream = Command::new(&agent)
         .args([
             "postgres",
             "stream",
@@ -221,6 +238,7 @@ fn main() {
         .stderr(std::fs::File::create(work.path().join("stream-file.log")).unwrap())
         .spawn()
         .unwrap();
+    let mut file_stream = KillOnDrop(file_stream);
     let runs: usize = std::env::var("SB_BENCH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -612,10 +630,8 @@ fn main() {
         median_f(&replays[2]),
     );
 
-    let _ = stream.kill();
-    let _ = stream.wait();
-    let _ = file_stream.kill();
-    let _ = file_stream.wait();
+    stream.stop();
+    file_stream.stop();
 
     println!(
         "database size                 {:>8.0} MB  (median of {runs} alternating runs per tool)",
