@@ -2,8 +2,12 @@
 //!
 //! * the agent: `postgres backup` to SeaweedFS (S3) with `postgres stream` running, then
 //!   `restore` from it;
-//! * pgBackRest (`compress-type=zst`, `process-max=2`): `backup --type=full` and `restore`,
-//!   with its repository on the same SeaweedFS;
+//! * pgBackRest (`compress-type=zst`, `process-max` = the agent's `--jobs`): `backup
+//!   --type=full` and `restore`, with its repository on the same SeaweedFS;
+//! * the same two on local disk: the agent with a `file://` repository (its own `postgres
+//!   stream`, slot `syncbridge_file`) against pgBackRest's `posix` repository (`repo2`), the
+//!   setup where pgBackRest is at its best (no network, no TLS, no object store sharing the
+//!   cores);
 //!
 //! pgBackRest speaks S3 only over HTTPS, so SeaweedFS serves HTTPS (a throwaway CA, which
 //! both clients are given) and both tools use that endpoint: same server, same TLS cost.
@@ -19,6 +23,13 @@
 //!
 //! Backups and restores run `$SB_BENCH_RUNS` times (default 3), the tools alternating, and
 //! the median counts; `sync` runs before each so no tool pays for another's writeback.
+//! `$SB_BENCH_DROP_CACHES=1` (root only) also drops the page cache before each step, so
+//! every restore reads its repository from disk (by default the repositories written
+//! just before are mostly still cached, for both tools alike). Both tools use
+//! `$SB_BENCH_JOBS` workers (default: the agent's default, twice the cores): `restore
+//! --jobs` and pgBackRest's `process-max`. Both fsync every restored file before they
+//! report success (pgBackRest: `storageNewWriteP` without `noSyncFile` in
+//! `src/command/restore/file.c`, then each directory).
 //!
 //! The database is `pgbench -i -s $SB_BENCH_SCALE` (default 150, about 2.2 GiB). Prints MB/s
 //! per tool and the agent's ratios to the peers. The goals: backup ≥ pgBackRest's,
@@ -36,6 +47,23 @@ use std::time::{Duration, Instant};
 use syncbridge_tests::pg::{PgCluster, PgVersion};
 use syncbridge_tests::process::{chown_to_server_user, run_as_server_user, server_temp_dir};
 use syncbridge_tests::S3Server;
+
+/// A background `postgres stream`, killed when the bench ends or panics (a failed
+/// assertion left the streams running before).
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
 
 fn agent_bin() -> PathBuf {
     syncbridge_tests::agent::binary()
@@ -58,6 +86,17 @@ fn run(cmd: &mut Command, what: &str) -> Duration {
         }
     }
     elapsed
+}
+
+/// CPU seconds (user + system) of this process's waited-for children so far: fields
+/// `cutime` and `cstime` of `/proc/self/stat`, which include the children's own waited-for
+/// children (pgBackRest's worker processes).
+fn children_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (tick(13) + tick(14)) as f64 / 100.0
 }
 
 fn mbps(bytes: u64, d: Duration) -> f64 {
@@ -95,6 +134,19 @@ fn main() {
         std::fs::create_dir_all(work.path().join(d)).unwrap();
         chown_to_server_user(&work.path().join(d));
     }
+    // Workers for both tools' restores (and pgBackRest's backups): the agent's default.
+    let jobs: usize = std::env::var("SB_BENCH_JOBS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() * 2)
+                .unwrap_or(4)
+                .clamp(2, 32)
+        });
+    let pgbr_posix = work.path().join("pgbr-posix");
+    std::fs::create_dir_all(&pgbr_posix).unwrap();
+    chown_to_server_user(&pgbr_posix);
     let pg = PgCluster::builder(PgVersion::V15)
         .wal_keep_size_mb(4096)
         .extra_conf("archive_mode = on")
@@ -107,12 +159,13 @@ fn main() {
     std::fs::write(
         &conf,
         format!(
-            "[global]\nrepo1-type=s3\nrepo1-path=/pgbackrest\nrepo1-s3-bucket={}\nrepo1-s3-endpoint=localhost\nrepo1-storage-port={s3_port}\nrepo1-s3-region={}\nrepo1-s3-key={}\nrepo1-s3-key-secret={}\nrepo1-s3-uri-style=path\nrepo1-storage-ca-file={}\ncompress-type=zst\nprocess-max=2\nstart-fast=y\nlock-path={}\nlog-path={}\nspool-path={}\nlog-level-console=warn\nlog-level-file=off\n\n[bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\npg1-user=postgres\n",
+            "[global]\nrepo1-type=s3\nrepo1-path=/pgbackrest\nrepo1-s3-bucket={}\nrepo1-s3-endpoint=localhost\nrepo1-storage-port={s3_port}\nrepo1-s3-region={}\nrepo1-s3-key={}\nrepo1-s3-key-secret={}\nrepo1-s3-uri-style=path\nrepo1-storage-ca-file={}\nrepo1-retention-full=9\nrepo2-type=posix\nrepo2-path={}\nrepo2-retention-full=9\ncompress-type=zst\nprocess-max={jobs}\nstart-fast=y\nlock-path={}\nlog-path={}\nspool-path={}\nlog-level-console=warn\nlog-level-file=off\n\n[bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\npg1-user=postgres\n",
             s3.bucket(),
             s3.region(),
             s3.access_key(),
             s3.secret_key(),
             ca.display(),
+            pgbr_posix.display(),
             work.path().join("pgbr-lock").display(),
             work.path().join("pgbr-log").display(),
             work.path().join("pgbr-spool").display(),
@@ -166,7 +219,26 @@ fn main() {
         .envs(s3_env.clone())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(work.path().join("stream.log")).unwrap());
-    let mut stream = stream.spawn().unwrap();
+    let mut stream = KillOnDrop(stream.spawn().unwrap());
+    // The agent, to a file:// repository on the same disk, with its own stream and slot.
+    let file_repo_dir = work.path().join("agent-repo");
+    let file_repo = format!("file://{}", file_repo_dir.display());
+    let file_stream = Command::new(&agent)
+        .args([
+            "postgres",
+            "stream",
+            "--source",
+            &pg.replication_url(),
+            "--repo",
+            &file_repo,
+            "--slot",
+            "syncbridge_file",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(work.path().join("stream-file.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut file_stream = KillOnDrop(file_stream);
     let runs: usize = std::env::var("SB_BENCH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -175,35 +247,52 @@ fn main() {
     // Each tool runs `runs` times, alternating, and the median counts: this machine's
     // speed swings between minutes. Dirty pages are flushed before every timed step so
     // no tool pays for the previous one's writeback.
+    let drop_caches = std::env::var("SB_BENCH_DROP_CACHES").is_ok_and(|v| v == "1");
     let flush = || {
         let _ = Command::new("sync").status();
+        if drop_caches {
+            std::fs::write("/proc/sys/vm/drop_caches", "3")
+                .expect("SB_BENCH_DROP_CACHES=1 needs root");
+        }
+    };
+    let agent_backup_cmd = |repo: &str| {
+        let mut c = Command::new(&agent);
+        c.args([
+            "postgres",
+            "backup",
+            "--source",
+            &pg.replication_url(),
+            "--repo",
+            repo,
+        ])
+        .args(
+            std::env::var("SB_BENCH_AGENT_BACKUP_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
+        .envs(s3_env.clone());
+        c
     };
     let (mut agent_backups, mut pgbr_backups) = (Vec::new(), Vec::new());
+    let (mut agent_file_backups, mut pgbr_posix_backups) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         flush();
-        agent_backups.push(run(
-            Command::new(&agent)
-                .args([
-                    "postgres",
-                    "backup",
-                    "--source",
-                    &pg.replication_url(),
-                    "--repo",
-                    &repo,
-                ])
-                .args(
-                    std::env::var("SB_BENCH_AGENT_BACKUP_ARGS")
-                        .unwrap_or_default()
-                        .split_whitespace(),
-                )
-                .envs(s3_env.clone()),
-            "agent backup",
-        ));
+        agent_backups.push(run(&mut agent_backup_cmd(&repo), "agent backup"));
         // pgBackRest, to the same SeaweedFS.
         flush();
         pgbr_backups.push(run(
-            &mut pgbr(&["backup", "--type=full"]),
+            &mut pgbr(&["backup", "--type=full", "--repo=1"]),
             "pgbackrest backup",
+        ));
+        flush();
+        agent_file_backups.push(run(
+            &mut agent_backup_cmd(&file_repo),
+            "agent backup (file://)",
+        ));
+        flush();
+        pgbr_posix_backups.push(run(
+            &mut pgbr(&["backup", "--type=full", "--repo=2"]),
+            "pgbackrest backup (posix)",
         ));
     }
 
@@ -220,40 +309,55 @@ fn main() {
         "pg_basebackup",
     );
 
-    // Restores (of the newest backup each), into fresh directories removed afterwards.
-    let (mut agent_restores, mut pgbr_restores) = (Vec::new(), Vec::new());
+    // Restores (of the newest backup each), into fresh directories removed afterwards:
+    // agent and pgBackRest from SeaweedFS, agent from file:// and pgBackRest from posix.
     // The first restore after the backups is often the slowest, whichever tool runs it
-    // (writeback and page reclaim from the backups), so the tools take turns going first,
-    // pgBackRest in the first round.
+    // (writeback and page reclaim from the backups), so the order rotates every round.
+    let restore_cases = ["agent s3", "pgbr s3", "agent file", "pgbr posix"];
+    let mut restores: Vec<Vec<Duration>> = vec![Vec::new(); restore_cases.len()];
+    let mut restore_cpu: Vec<Vec<f64>> = vec![Vec::new(); restore_cases.len()];
     for i in 0..runs {
-        for agent_turn in [i % 2 == 1, i % 2 == 0] {
+        for k in 0..restore_cases.len() {
+            let case = (i + k) % restore_cases.len();
+            let target = work.path().join(format!("restore-{i}-{case}"));
             flush();
-            if agent_turn {
-                let agent_target = work.path().join(format!("restore-agent-{i}"));
-                agent_restores.push(run(
+            let cpu_before = children_cpu();
+            let took = match restore_cases[case] {
+                "agent s3" | "agent file" => run(
                     Command::new(&agent)
-                        .args(["restore", "--repo", &repo, "--target"])
-                        .arg(&agent_target)
+                        .args(["restore", "--jobs", &jobs.to_string(), "--repo"])
+                        .arg(if case == 0 { &repo } else { &file_repo })
+                        .arg("--target")
+                        .arg(&target)
                         .envs(s3_env.clone()),
-                    "agent restore",
-                ));
-                let _ = std::fs::remove_dir_all(&agent_target);
-            } else {
-                let pgbr_target = work.path().join(format!("restore-pgbr-{i}"));
-                std::fs::create_dir_all(&pgbr_target).unwrap();
-                chown_to_server_user(&pgbr_target);
-                pgbr_restores.push(run(
-                    &mut pgbr(&[
-                        "restore",
-                        &format!("--pg1-path={}", pgbr_target.display()),
-                        "--type=immediate",
-                    ]),
-                    "pgbackrest restore",
-                ));
-                let _ = std::fs::remove_dir_all(&pgbr_target);
-            }
+                    restore_cases[case],
+                ),
+                _ => {
+                    std::fs::create_dir_all(&target).unwrap();
+                    chown_to_server_user(&target);
+                    run(
+                        &mut pgbr(&[
+                            "restore",
+                            if case == 1 { "--repo=1" } else { "--repo=2" },
+                            &format!("--pg1-path={}", target.display()),
+                            "--type=immediate",
+                        ]),
+                        restore_cases[case],
+                    )
+                }
+            };
+            let cpu = children_cpu() - cpu_before;
+            eprintln!(
+                "round {i}: {} {:.1}s, CPU {cpu:.1}s",
+                restore_cases[case],
+                took.as_secs_f64()
+            );
+            restores[case].push(took);
+            restore_cpu[case].push(cpu);
+            let _ = std::fs::remove_dir_all(&target);
         }
     }
+    let (agent_restores, pgbr_restores) = (restores[0].clone(), restores[1].clone());
     let median = |v: &[Duration]| {
         let mut v = v.to_vec();
         v.sort();
@@ -271,6 +375,42 @@ fn main() {
         all(&pgbr_backups),
         all(&agent_restores),
         all(&pgbr_restores)
+    );
+    eprintln!(
+        "runs (s): agent backup file:// [{}], pgBackRest backup posix [{}], agent restore file:// [{}], pgBackRest restore posix [{}]",
+        all(&agent_file_backups),
+        all(&pgbr_posix_backups),
+        all(&restores[2]),
+        all(&restores[3])
+    );
+    let (agent_file_backup, pgbr_posix_backup) =
+        (median(&agent_file_backups), median(&pgbr_posix_backups));
+    let (agent_file_restore, pgbr_posix_restore) = (median(&restores[2]), median(&restores[3]));
+    // Per-round ratios: the two tools of a round ran minutes apart at most.
+    let round_ratios = |agent: &[Duration], peer: &[Duration]| {
+        agent
+            .iter()
+            .zip(peer)
+            .map(|(a, p)| format!("{:.2}", p.as_secs_f64() / a.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!(
+        "restore ratio per round: S3 [{}], file:// vs posix [{}]",
+        round_ratios(&restores[0], &restores[1]),
+        round_ratios(&restores[2], &restores[3])
+    );
+    let median_cpu = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "restore CPU s (median): agent <- SeaweedFS {:.1}, pgBackRest <- SeaweedFS {:.1}, agent <- file:// {:.1}, pgBackRest <- posix {:.1} (SeaweedFS's own not counted)",
+        median_cpu(&restore_cpu[0]),
+        median_cpu(&restore_cpu[1]),
+        median_cpu(&restore_cpu[2]),
+        median_cpu(&restore_cpu[3])
     );
     let (agent_backup, pgbr_backup) = (median(&agent_backups), median(&pgbr_backups));
     let (agent_restore, pgbr_restore) = (median(&agent_restores), median(&pgbr_restores));
@@ -360,6 +500,10 @@ fn main() {
         "CREATE TABLE filler(id bigint, pad text); INSERT INTO filler SELECT g, repeat('w', 500) FROM generate_series(1, {rows}) g"
     ));
     let lsn_after = pg.query_one_blocking("SELECT pg_current_wal_lsn()");
+    // A record after it, so that `lsn_after` lies inside complete, archived WAL (the
+    // restores below stop there).
+    pg.sql_blocking("CHECKPOINT");
+    let lsn_archived = pg.query_one_blocking("SELECT pg_current_wal_lsn()");
     let wal_bytes = lsn_to_u64(&lsn_after) - lsn_to_u64(&lsn_before);
     let t = Instant::now();
     loop {
@@ -375,7 +519,7 @@ fn main() {
             .and_then(|r| r.split_whitespace().next())
             .map(lsn_to_u64)
             .unwrap_or(0);
-        if archived >= lsn_to_u64(&lsn_after) {
+        if archived >= lsn_to_u64(&lsn_archived) {
             break;
         }
         assert!(
@@ -389,12 +533,21 @@ fn main() {
     chown_to_server_user(&sock);
     let owner = syncbridge_tests::process::server_user()
         .map(|(u, g)| format!("{}:{}", u.as_raw(), g.as_raw()));
-    // A fresh restore of the latest point: recovery settings call wal-fetch.
+    // A fresh restore to the end of the written WAL: recovery settings call wal-fetch.
+    // An explicit --to-lsn, not the latest point: the CHECKPOINT before each replay adds
+    // WAL after the local copy below was made, which `cp` could not deliver.
     let restore_latest = |target: &std::path::Path| {
         let mut r = Command::new(&agent);
-        r.args(["restore", "--repo", &repo, "--target"])
-            .arg(target)
-            .envs(s3_env.clone());
+        r.args([
+            "restore",
+            "--repo",
+            &repo,
+            "--to-lsn",
+            lsn_after.trim(),
+            "--target",
+        ])
+        .arg(target)
+        .envs(s3_env.clone());
         if let Some(o) = &owner {
             r.args(["--owner", o]);
         }
@@ -549,8 +702,8 @@ fn main() {
         median_f(&replays[2]),
     );
 
-    let _ = stream.kill();
-    let _ = stream.wait();
+    stream.stop();
+    file_stream.stop();
 
     println!(
         "database size                 {:>8.0} MB  (median of {runs} alternating runs per tool)",
@@ -581,6 +734,32 @@ fn main() {
         "restore pgBackRest <- SeaweedFS {:>8.1} MB/s  ({:.1}s)",
         mbps(db_bytes, pgbr_restore),
         pgbr_restore.as_secs_f64()
+    );
+    println!(
+        "backup  agent -> file://        {:>8.1} MB/s  ({:.1}s)",
+        mbps(db_bytes, agent_file_backup),
+        agent_file_backup.as_secs_f64()
+    );
+    println!(
+        "backup  pgBackRest -> posix     {:>8.1} MB/s  ({:.1}s)",
+        mbps(db_bytes, pgbr_posix_backup),
+        pgbr_posix_backup.as_secs_f64()
+    );
+    println!(
+        "restore agent <- file://        {:>8.1} MB/s  ({:.1}s, --jobs {jobs})",
+        mbps(db_bytes, agent_file_restore),
+        agent_file_restore.as_secs_f64()
+    );
+    println!(
+        "restore pgBackRest <- posix     {:>8.1} MB/s  ({:.1}s, process-max {jobs})",
+        mbps(db_bytes, pgbr_posix_restore),
+        pgbr_posix_restore.as_secs_f64()
+    );
+    println!(
+        "ratios: file:// vs posix: backup agent/pgBackRest {:.2}, restore agent/pgBackRest {:.2} (goal >= 1.2){}",
+        pgbr_posix_backup.as_secs_f64() / agent_file_backup.as_secs_f64(),
+        pgbr_posix_restore.as_secs_f64() / agent_file_restore.as_secs_f64(),
+        if drop_caches { "; page cache dropped before each step" } else { "" }
     );
     println!(
         "ratios: backup agent/pgBackRest {:.2} (goal >= 1), agent/pg_basebackup {:.2}; restore agent/pgBackRest {:.2} (goal >= 1.2)",

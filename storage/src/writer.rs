@@ -539,7 +539,9 @@ impl ObjectWriter {
         Ok(())
     }
 
-    async fn exists(&self) -> Result<bool> {
+    // `&mut self` here and in `put_single`: a future holding `&ObjectWriter` would need
+    // the writer to be `Sync` (its upload is not), so a capture could not be spawned.
+    async fn exists(&mut self) -> Result<bool> {
         let b = &self.repo.backend;
         let key = &self.key;
         Ok(self.repo.opts.retry.run(|_| b.head(key)).await?.is_some())
@@ -636,7 +638,7 @@ impl ObjectWriter {
     /// One PUT, retried. A create-new PUT that hits "already exists" on a retry checks
     /// whether the existing object is the one it wrote itself (its first attempt may have
     /// succeeded with the reply lost) by comparing trailers.
-    async fn put_single(&self, data: Vec<Bytes>, info: &ObjectInfo) -> Result<()> {
+    async fn put_single(&mut self, data: Vec<Bytes>, info: &ObjectInfo) -> Result<()> {
         let b = &self.repo.backend;
         let key = &self.key;
         let mode = self.mode;

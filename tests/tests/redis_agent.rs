@@ -120,6 +120,85 @@ fn valkey9_snapshot_restores_every_type_identically() {
     snapshot_round_trip(RedisFlavor::Valkey9);
 }
 
+/// Random values (issue 12): the snapshot's frames are judged incompressible and stored raw
+/// (about the snapshot's own size, no zstd pass), and restore gives every value back byte
+/// for byte.
+#[test]
+fn incompressible_snapshot_is_stored_raw_and_restores_identically() {
+    let server = RedisServer::start(RedisFlavor::Redis7);
+    let mut conn = server.connect();
+    let mut state = 0x1234_5678_9abc_def1u64;
+    let mut values = Vec::new();
+    for i in 0..48 {
+        let mut v = Vec::with_capacity(64 << 10);
+        while v.len() < 64 << 10 {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            v.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        }
+        let key = format!("blob:{i}");
+        let r = conn
+            .cmd(&[b"SET".as_slice(), key.as_bytes(), v.as_slice()])
+            .unwrap();
+        assert!(r.is_ok(), "SET {key}: {r}");
+        values.push((key, v));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let out = run_agent(
+        &[
+            "redis",
+            "snapshot",
+            "--source",
+            &server.url(),
+            "--repo",
+            &repo,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // `snapshot:     <key> (REDIS0010, <size> bytes, <stored> stored, sha256 …)`
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("snapshot:"))
+        .unwrap_or_else(|| panic!("no snapshot line: {stdout}"));
+    let numbers: Vec<u64> = line
+        .split(['(', ','])
+        .filter_map(|part| part.split_whitespace().next()?.parse().ok())
+        .collect();
+    let [size, stored] = numbers[..] else {
+        panic!("cannot read sizes from {line:?}");
+    };
+    assert!(size > 3 << 20, "{line}");
+    assert!(
+        stored >= size && stored < size + size / 100,
+        "random values are stored raw: {line}"
+    );
+    let target = tmp.path().join("restore");
+    let target_s = target.display().to_string();
+    let bin = server_bin(RedisFlavor::Redis7);
+    let out = run_agent(
+        &[
+            "redis", "restore", "--repo", &repo, "--target", &target_s, "--format", "rdb",
+            "--start", &bin,
+        ],
+        &[],
+    );
+    let restored = RestoredServer::try_from_output(&out);
+    assert!(out.status.success(), "{}", text(&out));
+    let restored = restored.unwrap_or_else(|| RestoredServer::from_output(&out));
+    let mut check = RespConnection::connect(restored.port).unwrap();
+    for (key, v) in &values {
+        assert_eq!(
+            check.cmd(&["GET", key.as_str()]).unwrap(),
+            RespValue::Bulk(v.clone()),
+            "{key}"
+        );
+    }
+}
+
 #[test]
 fn snapshot_to_seaweedfs_with_the_documented_minimal_acl() {
     let s3 = S3Server::start();

@@ -154,7 +154,7 @@ impl MasterLink {
         self.writer.clone()
     }
 
-    async fn send(&self, args: &[&[u8]]) -> Result<()> {
+    async fn send(&mut self, args: &[&[u8]]) -> Result<()> {
         let mut buf = BytesMut::new();
         encode_command(&mut buf, args);
         let mut w = self.writer.writer.lock().await;

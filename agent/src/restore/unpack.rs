@@ -1,8 +1,21 @@
-//! Lays a base backup down on disk: directories and empty files first, then every data
-//! object downloaded, verified (by the storage reader: frame CRC32C, object SHA-256) and
-//! written at its files' offsets by up to `jobs` tasks at once, then each file's CRC32C —
-//! combined from the pieces written in parallel — compared with what the backup recorded
-//! and with the server's `backup_manifest`.
+//! Lays a base backup down on disk: directories first, then every data object downloaded,
+//! verified (by the storage reader: frame CRC32C, object SHA-256) and written at its files'
+//! offsets by up to `jobs` tasks at once, then each file's CRC32C — combined from the
+//! pieces written in parallel — compared with what the backup recorded and with the
+//! server's `backup_manifest`.
+//!
+//! Files are created by the task that first writes to them (empty files by a task of
+//! their own), not up front: creating a thousand inodes is file-system work that would
+//! otherwise run alone before the first byte is written. Each written range is handed to
+//! the kernel for writeback at once (`posix_fadvise(DONTNEED)`, which starts the
+//! write-out of dirty pages like `sync_file_range(SYNC_FILE_RANGE_WRITE)`; PostgreSQL's
+//! `pg_flush_data` uses the same call where `sync_file_range` is missing), so the disk
+//! is busy from the start instead of the kernel waiting for gigabytes to be dirty; the
+//! same call on the piece written so far lets go of the pages already on disk, so the
+//! restore recycles a bounded set of page-cache pages instead of filling memory with
+//! pages it will not read (allocating fresh ones is most of the cost of a buffered write
+//! on a VM). At the end every file and every directory is fsynced before the restore
+//! reports success.
 //!
 //! `global/pg_control` is written under a temporary name and only renamed by the caller
 //! once everything checked out, so a half-restored directory never starts as if it were
@@ -24,6 +37,13 @@ use crate::pg::backup_catalog::{BackupManifest, DataChunk, EntryKind};
 use crate::pg::backup_progress::Progress;
 
 use super::place::Modes;
+
+/// Bytes of a piece written before its write-out is started early.
+const WRITEBACK_MIN: u64 = 1 << 20;
+
+/// Threads syncing files at the end: concurrent fsyncs share the file system's journal
+/// commits, so more than `jobs` pays for a data directory of many small files.
+const SYNC_THREADS: usize = 16;
 
 /// Where `pg_control` goes until the restore is complete.
 pub const PG_CONTROL_TEMP: &str = "global/pg_control.syncbridge-restore";
@@ -54,38 +74,60 @@ pub fn dest_path(m: &BackupManifest, roots: &[PathBuf], entry: u32) -> Result<Pa
     Ok(root.join(&e.path))
 }
 
-/// Creates directories (0700) and empty, sized files (0600) inside the roots, which exist
-/// (the caller created and locked them); their final modes are set once they are verified.
-/// Symlinks are the caller's business.
+/// Creates the directories (0700) inside the roots, which exist (the caller created and
+/// locked them), including every file's parent; their final modes are set once the files
+/// are verified. Files are created while the data is written ([`write_all`]); symlinks
+/// are the caller's business.
 pub fn prepare(m: &BackupManifest, roots: &[PathBuf]) -> Result<()> {
     let mut dirs = std::fs::DirBuilder::new();
     dirs.recursive(true).mode(0o700);
+    let mut made = std::collections::HashSet::new();
     for (i, e) in m.entries.iter().enumerate() {
-        if e.kind == EntryKind::Dir {
-            let p = dest_path(m, roots, i as u32)?;
-            dirs.create(&p)
-                .with_context(|| format!("creating {}", p.display()))?;
-        }
-    }
-    for (i, e) in m.entries.iter().enumerate() {
-        if e.kind == EntryKind::File {
-            let p = dest_path(m, roots, i as u32)?;
-            if let Some(parent) = p.parent() {
-                dirs.create(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
-            }
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&p)
-                .with_context(|| format!("creating {}", p.display()))?;
-            f.set_len(e.size)
-                .with_context(|| format!("sizing {}", p.display()))?;
+        let p = dest_path(m, roots, i as u32)?;
+        let dir = match e.kind {
+            EntryKind::Dir => p,
+            EntryKind::File => match p.parent() {
+                Some(parent) => parent.to_path_buf(),
+                None => continue,
+            },
+            _ => continue,
+        };
+        if made.insert(dir.clone()) {
+            dirs.create(&dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
         }
     }
     Ok(())
+}
+
+/// Opens a file of the backup for writing, creating it (0600) if no other task has yet.
+/// The target was checked empty and is locked, so nothing is there but what this restore
+/// made.
+fn open_for_write(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        // Other tasks write other pieces of the same file.
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))
+}
+
+/// Starts the write-out of the dirty pages of a range, without waiting for it, and drops
+/// its pages that are already clean (see the module docs). Only a hint: the final fsync
+/// is what makes the data durable, so an error is ignored.
+fn start_writeback(f: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    let _ = nix::fcntl::posix_fadvise(
+        f.as_raw_fd(),
+        offset,
+        len,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
 }
 
 /// What `write_all` did.
@@ -113,10 +155,19 @@ pub async fn write_all(
     let total: u64 = m.chunks.iter().map(|c| c.bytes).sum();
     let mut progress = Progress::new("restore", Some(total));
     let mut set = JoinSet::new();
-    // Each finished object's files are synced in the background, so the disk writes back
-    // while later objects download instead of all at the end (kernel writeback alone would
-    // not start before gigabytes are dirty).
-    let mut syncs: JoinSet<Result<()>> = JoinSet::new();
+    // Files no object writes to (empty ones) are created meanwhile.
+    let mut empty: Vec<PathBuf> = Vec::new();
+    for (i, e) in m.entries.iter().enumerate() {
+        if e.kind == EntryKind::File && e.size == 0 {
+            empty.push(dest_path(m, roots, i as u32)?);
+        }
+    }
+    let create_empty = tokio::task::spawn_blocking(move || -> Result<()> {
+        for p in empty {
+            open_for_write(&p)?;
+        }
+        Ok(())
+    });
     let mut next = 0usize;
     let jobs = jobs.max(1);
     loop {
@@ -142,34 +193,20 @@ pub async fn write_all(
         tokio::select! {
             r = set.join_next() => match r {
                 None => break,
-                Some(r) => match r.context("a restore task failed")? {
-                    Err(e) => {
+                Some(r) => {
+                    if let Err(e) = r.context("a restore task failed")? {
                         set.abort_all();
                         return Err(e);
                     }
-                    Ok(files) => {
-                        while syncs.len() >= jobs {
-                            if let Some(r) = syncs.join_next().await {
-                                r.context("a sync task failed")??;
-                            }
-                        }
-                        syncs.spawn_blocking(move || {
-                            for (path, f) in files {
-                                f.sync_data()
-                                    .with_context(|| format!("syncing {}", path.display()))?;
-                            }
-                            Ok(())
-                        });
-                    }
-                },
+                }
             },
             _ = tick => {}
         }
         progress.update(done.load(Ordering::Relaxed));
     }
-    while let Some(r) = syncs.join_next().await {
-        r.context("a sync task failed")??;
-    }
+    create_empty
+        .await
+        .context("the task creating empty files failed")??;
     progress.finish(done.load(Ordering::Relaxed));
     let pieces = std::mem::take(&mut *written.lock().map_err(|_| anyhow!("lock poisoned"))?);
     verify_files(m, roots, pieces, server_files, modes)?;
@@ -206,7 +243,7 @@ async fn restore_chunk(
     chunk: &DataChunk,
     done: &AtomicU64,
     written: &Mutex<Written>,
-) -> Result<Vec<(PathBuf, std::fs::File)>> {
+) -> Result<()> {
     let key = layout::base_backup_chunk(id, chunk.seq);
     let mut reader = repo.reader(&key).await?;
     let mut files: HashMap<u32, std::fs::File> = HashMap::new();
@@ -225,15 +262,23 @@ async fn restore_chunk(
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
                     let path = dest_path(m, roots, p.entry)?;
-                    let f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .with_context(|| format!("opening {}", path.display()))?;
-                    v.insert(f)
+                    v.insert(tokio::task::block_in_place(|| open_for_write(&path))?)
                 }
             };
             let at = p.offset + piece_done;
-            tokio::task::block_in_place(|| f.write_all_at(&part, at)).with_context(|| {
+            tokio::task::block_in_place(|| {
+                f.write_all_at(&part, at)?;
+                // The piece so far: starts the new bytes' write-out and lets go of the
+                // pages of earlier ones already on disk. Small files are left to the
+                // final fsync: a write-out each would be an I/O of its own in the task
+                // that is laying down hundreds of them.
+                let so_far = at - p.offset + part.len() as u64;
+                if so_far >= WRITEBACK_MIN {
+                    start_writeback(f, p.offset, so_far);
+                }
+                std::io::Result::Ok(())
+            })
+            .with_context(|| {
                 format!(
                     "writing {}",
                     dest_path(m, roots, p.entry)
@@ -262,12 +307,7 @@ async fn restore_chunk(
         .lock()
         .map_err(|_| anyhow!("lock poisoned"))?
         .extend(results);
-    // Handed back so the caller can start their writeback.
-    let mut out = Vec::with_capacity(files.len());
-    for (entry, f) in files {
-        out.push((dest_path(m, roots, entry)?, f));
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// Combines each file's piece CRCs in offset order and compares them with the backup's
@@ -305,12 +345,15 @@ fn verify_files(
         if e.kind == EntryKind::Symlink {
             continue;
         }
-        std::fs::set_permissions(
-            &path,
-            std::fs::Permissions::from_mode(modes.for_entry(e.kind, e.mode)),
-        )
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
+        let set_mode = || {
+            std::fs::set_permissions(
+                &path,
+                std::fs::Permissions::from_mode(modes.for_entry(e.kind, e.mode)),
+            )
+            .with_context(|| format!("setting the mode of {}", path.display()))
+        };
         if e.kind != EntryKind::File {
+            set_mode()?;
             continue;
         }
         let name = manifest_path(e, &m.tablespaces);
@@ -333,6 +376,7 @@ fn verify_files(
                 );
             }
         }
+        set_mode()?;
     }
     for f in server_files {
         let known = m
@@ -349,33 +393,48 @@ fn verify_files(
     Ok(())
 }
 
-/// Makes every restored file durable, `jobs` at a time, once all are written: the kernel
-/// has been writing back in the background meanwhile, so this costs far less than a sync
-/// per object.
+/// Makes every restored file durable, then every directory (their entries: the files'
+/// names), [`SYNC_THREADS`] (or `jobs`, if more) at a time, once all are written: the
+/// writeback started as each range was written has mostly finished by then, so this waits
+/// for the rest.
 async fn sync_files(m: &BackupManifest, roots: &[PathBuf], jobs: usize) -> Result<()> {
-    let mut paths = Vec::new();
+    let (mut files, mut dirs) = (Vec::new(), roots.to_vec());
     for (i, e) in m.entries.iter().enumerate() {
-        if e.kind == EntryKind::File {
-            paths.push(dest_path(m, roots, i as u32)?);
+        match e.kind {
+            EntryKind::File => files.push(dest_path(m, roots, i as u32)?),
+            EntryKind::Dir => dirs.push(dest_path(m, roots, i as u32)?),
+            _ => {}
         }
     }
-    let per = paths.len().div_ceil(jobs.max(1)).max(1);
-    let mut set = JoinSet::new();
-    for group in paths.chunks(per) {
-        let group = group.to_vec();
-        set.spawn_blocking(move || -> Result<()> {
-            for p in group {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&p)
-                    .and_then(|f| f.sync_data())
-                    .with_context(|| format!("syncing {}", p.display()))?;
-            }
-            Ok(())
-        });
-    }
-    while let Some(r) = set.join_next().await {
-        r.context("a sync task failed")??;
+    // Parents of files, in case the backup has no entry for them (`prepare` made them).
+    dirs.extend(
+        files
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_path_buf)),
+    );
+    dirs.sort();
+    dirs.dedup();
+    for (paths, dir) in [(files, false), (dirs, true)] {
+        let per = paths.len().div_ceil(jobs.max(SYNC_THREADS)).max(1);
+        let mut set = JoinSet::new();
+        for group in paths.chunks(per) {
+            let group = group.to_vec();
+            set.spawn_blocking(move || -> Result<()> {
+                for p in group {
+                    let f = if dir {
+                        std::fs::File::open(&p)
+                    } else {
+                        std::fs::OpenOptions::new().write(true).open(&p)
+                    };
+                    f.and_then(|f| if dir { f.sync_all() } else { f.sync_data() })
+                        .with_context(|| format!("syncing {}", p.display()))?;
+                }
+                Ok(())
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.context("a sync task failed")??;
+        }
     }
     Ok(())
 }

@@ -23,12 +23,14 @@ mod programs;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crc::{Crc, Digest, Table, CRC_64_REDIS};
+#[cfg(test)]
+use crc::{Crc, Table, CRC_64_REDIS};
 
 use encodings::Shape;
 pub use programs::ValueKind;
 use programs::{Blob, Op, TypeInfo};
 
+#[cfg(test)]
 static CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_REDIS);
 
 /// Largest compact blob (listpack, ziplist, intset) buffered to check its structure; larger
@@ -348,7 +350,9 @@ fn read_str_header(d: &[u8]) -> Result<Option<StrHeader>, &'static str> {
 pub struct RdbValidator {
     buf: Vec<u8>,
     offset: u64,
-    crc: Digest<'static, u64, Table<16>>,
+    /// CRC-64/REDIS of the bytes so far (SIMD: at 1 GiB/s of snapshot the table-driven
+    /// version was a seventh of the capture's CPU).
+    crc: crc_fast::Digest,
     state: State,
     stack: Vec<Frame>,
     top: Top,
@@ -411,7 +415,7 @@ impl RdbValidator {
         Self {
             buf: Vec::new(),
             offset: 0,
-            crc: CRC64.digest(),
+            crc: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Redis),
             state: State::Magic,
             stack: Vec::new(),
             top: Top::Other,
@@ -492,11 +496,6 @@ impl RdbValidator {
         })
     }
 
-    fn consume(&mut self, bytes: &[u8]) {
-        self.crc.update(bytes);
-        self.offset += bytes.len() as u64;
-    }
-
     fn corrupt(&self, reason: impl Into<String>, offset: u64) -> RdbError {
         RdbError::Corrupt {
             reason: reason.into(),
@@ -506,6 +505,18 @@ impl RdbValidator {
 
     /// Runs the state machine over `data`; returns how many bytes were consumed.
     fn run(&mut self, data: &[u8]) -> Result<usize, RdbError> {
+        // The CRC takes the consumed bytes in one call at the end (and before the trailer
+        // is compared): per step (an opcode, a length, a 20-byte value) the SIMD CRC's
+        // setup would cost more than the bytes themselves.
+        let mut crc_from = 0usize;
+        let result = self.run_steps(data, &mut crc_from);
+        if let Ok(pos) = result {
+            self.crc.update(&data[crc_from..pos]);
+        }
+        result
+    }
+
+    fn run_steps(&mut self, data: &[u8], crc_from: &mut usize) -> Result<usize, RdbError> {
         let mut pos = 0usize;
         loop {
             let rest = &data[pos..];
@@ -565,7 +576,10 @@ impl RdbValidator {
                         let mut b = [0u8; 8];
                         b.copy_from_slice(trailer);
                         let stored = u64::from_le_bytes(b);
-                        let computed = self.crc.clone().finalize();
+                        self.crc.update(&data[*crc_from..pos]);
+                        // The trailer itself is not part of the checksum.
+                        *crc_from = pos + 8;
+                        let computed = self.crc.finalize();
                         if stored != 0 && stored != computed {
                             return Err(RdbError::ChecksumMismatch {
                                 stored,
@@ -582,7 +596,7 @@ impl RdbValidator {
             match step {
                 Step::NeedMore => return Ok(pos),
                 Step::Advanced(n) => {
-                    self.consume(&data[pos..pos + n]);
+                    self.offset += n as u64;
                     pos += n;
                 }
             }
