@@ -857,7 +857,9 @@ impl<'a> Streamer<'a> {
             if let Some(p) = prev {
                 let _ = p.await;
             }
-            ensure_marker(&repo).await?;
+            // A store that stops answering here stalls the stream (retried, warned), like a
+            // failed put; only a marker that is really gone stops it.
+            retrying(&storage::layout::marker(), || ensure_marker(&repo)).await?;
             remove_superseded(&repo, cleanup).await;
             let _ = done.send(());
             tracing::debug!(%key, "segment stored");
@@ -947,7 +949,9 @@ impl<'a> Streamer<'a> {
             if let Some(p) = prev {
                 let _ = p.await;
             }
-            ensure_marker(&repo).await?;
+            // A store that stops answering here stalls the stream (retried, warned), like a
+            // failed put; only a marker that is really gone stops it.
+            retrying(&storage::layout::marker(), || ensure_marker(&repo)).await?;
             remove_superseded(&repo, cleanup).await;
             let _ = done.send(());
             Ok(Uploaded { end, delta: true })
