@@ -696,7 +696,17 @@ fn slow_store_is_absorbed_by_the_spool_and_nothing_is_lost() {
         "master output buffer for the agent reached {max_omem} bytes"
     );
     proxy.clear_rules();
-    std::thread::sleep(Duration::from_millis(500));
+    // Every write is acknowledged by the agent once it is stored (WAIT counts it): only
+    // then is stopping it a test of "nothing is lost" rather than of how far behind a
+    // loaded machine let it fall (SIGTERM stores what was received, not what the master
+    // still had to send).
+    let waited = c.cmd(&["WAIT", "1", "60000"]).unwrap();
+    assert_eq!(
+        waited.as_int(),
+        Some(1),
+        "the agent never stored everything:\n{}",
+        agent.log_text()
+    );
     assert!(agent.terminate(), "{}", agent.log_text());
     assert_eq!(
         std::fs::read_dir(&spool).unwrap().count(),
