@@ -67,12 +67,6 @@ async fn expire(args: ExpireArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn parse_time(text: &str) -> Result<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc))
-        .with_context(|| format!("{text:?} is not an RFC 3339 time"))
-}
-
 fn print_plan(p: &Plan, what: &str, stored: impl Fn(&str) -> u64) {
     for (id, why) in p.keep.iter().zip(&p.reasons) {
         println!("keep    {what} {id} ({why})");
@@ -104,7 +98,7 @@ async fn expire_pg(
     for m in &manifests {
         candidates.push(Candidate {
             id: m.id.clone(),
-            restorable_from: parse_time(&m.stop_time)?,
+            restorable_from: m.stop_at()?,
             pinned: false,
         });
     }

@@ -242,12 +242,6 @@ async fn list(args: ListArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn parse_time(text: &str, what: &str) -> Result<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc))
-        .with_context(|| format!("{what} {text:?} is not an RFC 3339 time"))
-}
-
 async fn pg_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
     let list = list_backups(repo).await?;
     let mut manifests = Vec::new();
@@ -262,8 +256,9 @@ async fn pg_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
     for m in &manifests {
         backups.push(PgBackup {
             id: m.id.clone(),
-            start_time: parse_time(&m.start_time, "start_time")?,
-            stop_time: parse_time(&m.stop_time, "stop_time")?,
+            start_time: crate::util::time::parse_time(&m.start_time)
+                .with_context(|| format!("backup {}: start_time", m.id))?,
+            stop_time: m.stop_at()?,
             start_lsn: m.start_lsn.clone(),
             stop_lsn: m.stop_lsn.clone(),
             timeline: m.timeline,
@@ -331,7 +326,7 @@ async fn pg_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
             let tli = newest.tli()?;
             let end = inv.contiguous_end(&tli.into(), newest.start()?, size);
             Some(Restorable {
-                first_time: parse_time(&oldest.stop_time, "stop_time")?,
+                first_time: oldest.stop_at()?,
                 last_time: newest_write,
                 first_lsn: Some(oldest.stop_lsn.clone()),
                 last_lsn: Some(end.to_string()),
