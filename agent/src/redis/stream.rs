@@ -33,7 +33,6 @@ use wire::redis::ReplicationOffset;
 
 use super::chunk::{self, ChunkHeader};
 use super::link::{ConnectTimedOut, MasterLink};
-use super::manifest::GenerationManifest;
 use super::snapshot;
 use super::source::RedisSource;
 
@@ -146,51 +145,29 @@ pub struct ResumePoint {
     pub db: u32,
 }
 
-/// Chunks of a generation forming a gap-free run from its snapshot, in order, and the
-/// chunks left out (the catalog's chain rule, [`crate::catalog::redis::chain_from`]).
-pub async fn chunk_chain(
-    repo: &Repository,
-    manifest: &GenerationManifest,
-) -> Result<(Vec<(u64, u64)>, Vec<layout::RepoKey>)> {
-    let id = layout::GenerationId::parse(&manifest.generation)?;
-    let ranges: Vec<(u64, u64, layout::RepoKey)> = repo
-        .list(&layout::redis_chunks_prefix(&id))
-        .await
-        .with_context(|| format!("listing chunks of generation {id}"))?
-        .into_iter()
-        .filter_map(|m| match layout::parse_redis_key(&m.key)? {
-            layout::RedisObject::Chunk { start, end, .. } => Some((start, end, m.key)),
-            _ => None,
-        })
-        .collect();
-    Ok(crate::catalog::redis::chain_from(
-        manifest.snapshot_offset,
-        ranges,
-    ))
-}
-
-/// Finds where to resume, deleting orphan chunks past a gap.
+/// Finds where to resume in the newest generation of the catalog. Chunks left off its chain
+/// (past a gap a killed run left behind) are deleted first: the stream is about to write
+/// the chain's continuation over that range, and two chunks for one range would fork it.
 pub async fn resume_point(repo: &Repository) -> Result<Option<ResumePoint>> {
-    let Some(manifest) = GenerationManifest::list(repo).await?.pop() else {
+    let catalog = crate::catalog::redis::RedisCatalog::load(repo).await?;
+    let Some(g) = catalog.latest() else {
         return Ok(None);
     };
-    let id = layout::GenerationId::parse(&manifest.generation)?;
-    let (chain, orphans) = chunk_chain(repo, &manifest).await?;
-    for key in orphans {
+    for key in &g.orphans {
         tracing::warn!(%key, "deleting a chunk left behind a gap by an interrupted run");
-        repo.delete(&key)
+        repo.delete(key)
             .await
             .with_context(|| format!("deleting orphan chunk {key}"))?;
     }
-    let Some(&(start, end)) = chain.last() else {
+    let Some(&(start, end)) = g.chain.last() else {
         return Ok(Some(ResumePoint {
-            generation: id,
-            replid: manifest.replid.clone(),
-            offset: ReplicationOffset(manifest.snapshot_offset),
-            db: manifest.db_at_snapshot,
+            generation: g.id.clone(),
+            replid: g.manifest.replid.clone(),
+            offset: ReplicationOffset(g.manifest.snapshot_offset),
+            db: g.manifest.db_at_snapshot,
         }));
     };
-    let key = layout::redis_chunk(&id, start, end);
+    let key = layout::redis_chunk(&g.id, start, end);
     let data = repo
         .get(&key)
         .await
@@ -200,7 +177,7 @@ pub async fn resume_point(repo: &Repository) -> Result<Option<ResumePoint>> {
         raise_index_clock(ms);
     }
     Ok(Some(ResumePoint {
-        generation: id,
+        generation: g.id.clone(),
         replid: header.replid,
         offset: ReplicationOffset(end),
         db: header.db_at_end,

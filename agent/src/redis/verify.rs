@@ -5,7 +5,7 @@
 //! move forward. `redis restore` runs the same chain and chunk checks (
 //! [`orphan_problems`], [`chunk_problems`]) before it writes anything.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bytes::{Bytes, BytesMut};
 use storage::{layout, Repository};
 use wire::redis::command::CommandDecoder;
@@ -13,7 +13,7 @@ use wire::redis::rdb::{RdbReport, RdbValidator};
 
 use super::chunk::{self, ChunkHeader};
 use super::manifest::GenerationManifest;
-use super::stream::chunk_chain;
+use crate::catalog::redis::{Generation, RedisCatalog};
 
 /// What one generation looks like on inspection.
 #[derive(Debug)]
@@ -42,9 +42,15 @@ impl GenerationCheck {
 /// Checks one generation.
 pub async fn check_generation(
     repo: &Repository,
-    manifest: GenerationManifest,
+    generation: Generation,
 ) -> Result<GenerationCheck> {
-    let id = layout::GenerationId::parse(&manifest.generation)?;
+    let Generation {
+        id,
+        manifest,
+        chain,
+        orphans,
+        ..
+    } = generation;
     let key = layout::redis_snapshot(&id);
     let snapshot = async {
         let mut reader = repo.reader(&key).await.map_err(|e| format!("{key}: {e}"))?;
@@ -59,7 +65,6 @@ pub async fn check_generation(
         validator.finish().map_err(|e| format!("{key}: {e}"))
     }
     .await;
-    let (chain, orphans) = chunk_chain(repo, &manifest).await?;
     let mut problems = orphan_problems(&manifest, &chain, &orphans);
     let mut commands = 0u64;
     let mut last_ms = i64::MIN;
@@ -97,16 +102,13 @@ pub async fn check_generation(
 /// Checks every generation, oldest first.
 pub async fn check_all(repo: &Repository) -> Result<Vec<GenerationCheck>> {
     let mut out = Vec::new();
-    for manifest in GenerationManifest::list(repo)
-        .await
-        .context("listing generations")?
-    {
-        out.push(check_generation(repo, manifest).await?);
+    for generation in RedisCatalog::load(repo).await?.generations {
+        out.push(check_generation(repo, generation).await?);
     }
     Ok(out)
 }
 
-/// Why each chunk left out of the chain (see `chunk_chain`) breaks it: it overlaps a chunk of
+/// Why each chunk left out of the chain (the catalog's [`crate::catalog::redis::chain_from`]) breaks it: it overlaps a chunk of
 /// the chain, starts before the snapshot, or follows a gap.
 pub fn orphan_problems(
     manifest: &GenerationManifest,

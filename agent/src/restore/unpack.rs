@@ -33,7 +33,7 @@ use storage::Repository;
 use tokio::task::JoinSet;
 
 use crate::pg::backup::{crc_matches, manifest_path, ServerManifestFile};
-use crate::pg::backup_catalog::{BackupManifest, DataChunk, EntryKind};
+use crate::pg::backup_manifest::{BackupManifest, DataChunk, EntryKind};
 use crate::pg::backup_progress::Progress;
 
 use super::place::Modes;
