@@ -105,6 +105,9 @@ pub struct PgReport {
     pub incomplete_backups: Vec<String>,
     /// Archived WAL per timeline.
     pub wal: Vec<PgTimeline>,
+    /// Keys under `postgres/conflicts/`: WAL the stream received that differs from what
+    /// was stored (kept for comparison, never restored from). Empty in a healthy repository.
+    pub wal_conflicts: Vec<String>,
 }
 
 /// One complete base backup.
@@ -331,6 +334,7 @@ async fn pg_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
                 .map(|i| i.as_str().to_string())
                 .collect(),
             wal,
+            wal_conflicts: cat.conflicts.iter().map(|k| k.to_string()).collect(),
         }),
         redis: None,
     })
@@ -450,11 +454,14 @@ fn print_text(r: &ListReport) {
                     );
                 }
             }
-            if let (Some(rest), Some(newest)) = (&r.restorable, pg.backups.last()) {
+            for k in &pg.wal_conflicts {
+                println!("  CONFLICT: {k} (WAL the stream received that differs from the stored file; compare them)");
+            }
+            if let (Some(rest), Some(oldest)) = (&r.restorable, pg.backups.first()) {
                 println!(
                     "restorable:  from {} (end of backup {}) to LSN {} on timeline {}",
                     format_time(rest.first_time),
-                    newest.id,
+                    oldest.id,
                     rest.last_lsn.as_deref().unwrap_or("?"),
                     rest.timeline.unwrap_or(1)
                 );

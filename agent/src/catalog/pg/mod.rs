@@ -11,9 +11,9 @@ pub use backups::{Backup, BackupCatalog};
 
 pub use wal::{segment_in_progress, WalInventory, WalPath};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
-use storage::Repository;
+use storage::{layout, RepoKey, Repository};
 use wire::pg::{Lsn, TimelineId, WalSegmentSize};
 
 /// Everything a PostgreSQL repository holds: its backups and its WAL.
@@ -28,6 +28,9 @@ pub struct PgCatalog {
     pub segment_size: WalSegmentSize,
     /// When the newest WAL object was stored (the store's clock).
     pub newest_wal_write: Option<DateTime<Utc>>,
+    /// Versions of WAL files the stream received that differ from the stored ones, kept
+    /// under `postgres/conflicts/` for an operator to compare (never restored from).
+    pub conflicts: Vec<RepoKey>,
 }
 
 /// The span of time and WAL a repository can restore to on one timeline: from the end of
@@ -52,11 +55,19 @@ impl PgCatalog {
         let backups = BackupCatalog::load(repo).await?;
         let segment_size = backups.segment_size();
         let (wal, newest_wal_write) = WalInventory::load_with_times(repo, segment_size).await?;
+        let conflicts = repo
+            .list(&layout::wal_conflicts_prefix())
+            .await
+            .context("listing WAL conflicts")?
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
         Ok(PgCatalog {
             backups,
             wal,
             segment_size,
             newest_wal_write,
+            conflicts,
         })
     }
 
