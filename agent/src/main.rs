@@ -8,6 +8,7 @@ use clap::Parser;
 mod catalog;
 mod cli;
 mod expire;
+mod job;
 mod list;
 mod pg;
 mod redis;
