@@ -209,8 +209,23 @@ const WAITING_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Runs `attempt` until it stops, fails fatally, or `token` is cancelled between attempts.
 /// An error returned after cancellation is returned as is: what was received could not be
 /// stored, which the caller must report.
+/// Every log line of the job carries its name (the `job` span: `job{job="postgres
+/// stream"}:` in text, `"span":{"job":…}` in JSON).
 pub async fn supervise(
     name: &str,
+    token: &CancellationToken,
+    status: &JobStatus,
+    backoff: Backoff,
+    attempt: impl AsyncFnMut(u64) -> Result<Outcome, JobError>,
+) -> anyhow::Result<()> {
+    use tracing::Instrument;
+    let span = tracing::info_span!("job", job = name);
+    supervise_in_span(token, status, backoff, attempt)
+        .instrument(span)
+        .await
+}
+
+async fn supervise_in_span(
     token: &CancellationToken,
     status: &JobStatus,
     backoff: Backoff,
@@ -254,9 +269,9 @@ pub async fn supervise(
             s.retries += 1;
         });
         if !waiting {
-            tracing::warn!(job = name, "{text}; retrying in {}s", delay.as_secs_f32());
+            tracing::warn!("{text}; retrying in {}s", delay.as_secs_f32());
         } else if last_waiting_log.is_none_or(|t| t.elapsed() >= WAITING_LOG_EVERY) {
-            tracing::info!(job = name, "waiting for a usable server: {text}");
+            tracing::info!("waiting for a usable server: {text}");
             last_waiting_log = Some(Instant::now());
         }
         tokio::select! {
