@@ -10,7 +10,6 @@ mod pg_pitr_support;
 mod pg_support;
 mod redis_support;
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,7 @@ use pg_support::{agent, text, wait_until, AgentProcess};
 use redis_support::{dump, dump_port, RestoredServer};
 use syncbridge_tests::pg::{PgCluster, PgVersion, REPLICATION_PASSWORD, REPLICATION_USER};
 use syncbridge_tests::process::server_temp_dir;
+use syncbridge_tests::prometheus::{http_get, promtool_check_metrics, PrometheusServer};
 use syncbridge_tests::redis::{RedisFlavor, RedisServer};
 
 fn free_port() -> u16 {
@@ -27,22 +27,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// GET `path` on 127.0.0.1:`port`: (status, body), or None when nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
 }
 
 /// The value of the sample of `metric` whose labels contain `label`.
@@ -178,7 +162,26 @@ log_format = "json"
         metrics.contains(&format!("repository=\"{}\"", env.repo_url())),
         "{metrics}"
     );
-    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
+    promtool_check_metrics(&metrics)
+        .unwrap_or_else(|e| panic!("promtool check metrics: {e}\n{metrics}"));
+
+    // A real Prometheus scrapes it; PromQL through its HTTP API returns the agent's lag.
+    let prometheus = PrometheusServer::scraping(&format!("127.0.0.1:{http_port}"));
+    let mut answer = serde_json::Value::Null;
+    let scraped = wait_until(Duration::from_secs(60), || {
+        answer = prometheus.query("syncbridge_wal_lag_seconds");
+        answer["status"] == "success"
+            && answer["data"]["result"].as_array().is_some_and(|r| {
+                r.iter().any(|s| {
+                    s["metric"]["job"] == "syncbridge"
+                        && s["metric"]["exported_job"] == "postgres_stream"
+                })
+            })
+    });
+    assert!(scraped, "Prometheus has no lag from the agent: {answer}");
+    let up = prometheus.query("up");
+    assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
+    drop(prometheus);
 
     // PostgreSQL down: not ready, alive; back up: ready again.
     env.pg.stop();
