@@ -8,6 +8,13 @@
 //! older than the oldest kept one) are removed by the next run. Nothing newer than the
 //! newest backup is touched, so a running stream's segment in progress, its deltas and the
 //! open Redis generation are never candidates.
+//!
+//! Pinned backups and generations (`backup pin`) are kept whatever the policy; the pin is
+//! read again just before a backup is made invisible, so a pin set during a run holds.
+//!
+//! Test hook: `SYNCBRIDGE_TEST_DELETE_DELAY_MS=N` makes every deletion of a backup's or a
+//! generation's objects wait N ms first, so the tests can kill -9 `expire` in the middle of
+//! removing one (`tests/tests/expire_hard.rs`). Read only here; not for production use.
 
 use std::process::ExitCode;
 
@@ -99,7 +106,7 @@ async fn expire_pg(
         candidates.push(Candidate {
             id: m.id.clone(),
             restorable_from: m.stop_at()?,
-            pinned: false,
+            pinned: list.pinned.contains(&m.backup_id()?),
         });
     }
     let p = plan(&candidates, policy, now);
@@ -173,9 +180,15 @@ async fn expire_pg(
     if dry {
         return Ok(());
     }
+    let mut expired = 0;
     for id in &p.expire {
         let id = BackupId::parse(id)?;
+        if pinned_now(repo, &layout::base_backup_pin(&id)).await? {
+            println!("keep    backup {id} (pinned while expire ran)");
+            continue;
+        }
         remove_backup(repo, &id).await?;
+        expired += 1;
     }
     for id in orphans {
         remove_prefix(repo, &layout::base_backup_prefix(id)).await?;
@@ -185,11 +198,7 @@ async fn expire_pg(
             .await
             .with_context(|| format!("deleting {k}"))?;
     }
-    println!(
-        "expired {} backups and {} WAL objects",
-        p.expire.len(),
-        wal.len()
-    );
+    println!("expired {expired} backups and {} WAL objects", wal.len());
     Ok(())
 }
 
@@ -202,12 +211,32 @@ async fn remove_backup(repo: &Repository, id: &BackupId) -> Result<()> {
     remove_prefix(repo, &layout::base_backup_prefix(id)).await
 }
 
+/// Whether `pin` exists now (a pin set after the plan was made still keeps the backup).
+async fn pinned_now(repo: &Repository, pin: &RepoKey) -> Result<bool> {
+    repo.exists(pin)
+        .await
+        .with_context(|| format!("reading {pin}"))
+}
+
+/// The test hook's delay before each data deletion (see the module docs).
+fn test_delete_delay() -> Option<std::time::Duration> {
+    std::env::var("SYNCBRIDGE_TEST_DELETE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
+}
+
 async fn remove_prefix(repo: &Repository, prefix: &RepoKey) -> Result<()> {
     let objects = repo
         .list(prefix)
         .await
         .with_context(|| format!("listing {prefix}"))?;
+    let delay = test_delete_delay();
     for o in objects {
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         repo.delete(&o.key)
             .await
             .with_context(|| format!("deleting {}", o.key))?;
@@ -232,7 +261,7 @@ async fn expire_redis(
             id: g.id.as_str().to_string(),
             restorable_from: DateTime::from_timestamp_millis(g.manifest.snapshot_unix_ms)
                 .context("snapshot time out of range")?,
-            pinned: false,
+            pinned: g.pinned,
         });
     }
     let p = plan(&candidates, policy, now);
@@ -263,8 +292,14 @@ async fn expire_redis(
     if dry {
         return Ok(());
     }
+    let mut expired = 0;
     for id in &p.expire {
         let id = GenerationId::parse(id)?;
+        if pinned_now(repo, &layout::redis_generation_pin(&id)).await? {
+            println!("keep    generation {id} (pinned while expire ran)");
+            continue;
+        }
+        expired += 1;
         let manifest = layout::redis_generation_manifest(&id);
         repo.delete(&manifest)
             .await
@@ -274,6 +309,6 @@ async fn expire_redis(
     for id in orphans {
         remove_prefix(repo, &layout::redis_generation_prefix(id)).await?;
     }
-    println!("expired {} generations", p.expire.len());
+    println!("expired {expired} generations");
     Ok(())
 }

@@ -130,6 +130,8 @@ pub struct PgBackup {
     pub server_version: String,
     /// Tablespaces: oid and recorded location.
     pub tablespaces: Vec<PgTablespace>,
+    /// Pinned (`backup pin`): `expire` never removes it.
+    pub pinned: bool,
 }
 
 /// A tablespace of a backup.
@@ -211,6 +213,8 @@ pub struct RedisGeneration {
     pub keys: u64,
     /// When its newest object was stored.
     pub last_write: Option<DateTime<Utc>>,
+    /// Pinned (`backup pin`): `expire` never removes it.
+    pub pinned: bool,
 }
 
 async fn list(args: ListArgs) -> Result<ExitCode> {
@@ -273,6 +277,7 @@ async fn pg_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
                     location: t.location.clone(),
                 })
                 .collect(),
+            pinned: list.pinned.contains(&m.backup_id()?),
         });
     }
     let (inv, newest_write) = WalInventory::load_with_times(repo, size).await?;
@@ -371,6 +376,7 @@ async fn redis_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport>
             stored_bytes: g.stored_bytes,
             keys: m.snapshot.keys_per_db.values().sum(),
             last_write: g.last_write,
+            pinned: g.pinned,
         });
     }
     let restorable = cat.generations.first().and_then(|oldest| {
@@ -413,7 +419,7 @@ fn print_text(r: &ListReport) {
             }
             for b in &pg.backups {
                 println!(
-                    "  {}  {} .. {}  LSN {} .. {}  timeline {}  {} ({} stored)  PostgreSQL {}",
+                    "  {}  {} .. {}  LSN {} .. {}  timeline {}  {} ({} stored)  PostgreSQL {}{}",
                     b.id,
                     format_time(b.start_time),
                     format_time(b.stop_time),
@@ -422,7 +428,8 @@ fn print_text(r: &ListReport) {
                     b.timeline,
                     human(b.size_bytes),
                     human(b.stored_bytes),
-                    b.server_version
+                    b.server_version,
+                    if b.pinned { "  PINNED" } else { "" }
                 );
                 for t in &b.tablespaces {
                     if let (Some(oid), Some(loc)) = (t.oid, &t.location) {
@@ -484,7 +491,7 @@ fn print_text(r: &ListReport) {
             }
             for g in &redis.generations {
                 println!(
-                    "  {}  snapshot {} at offset {} ({} keys, {})  stream to offset {} in {} chunks{}",
+                    "  {}  snapshot {} at offset {} ({} keys, {})  stream to offset {} in {} chunks{}{}",
                     g.id,
                     format_time(g.snapshot_time),
                     g.snapshot_offset,
@@ -499,7 +506,8 @@ fn print_text(r: &ListReport) {
                         )
                     } else {
                         String::new()
-                    }
+                    },
+                    if g.pinned { "  PINNED" } else { "" }
                 );
             }
             for id in &redis.incomplete_generations {

@@ -10,6 +10,7 @@ mod cli;
 mod expire;
 mod list;
 mod pg;
+mod pin;
 mod redis;
 mod repo_cmd;
 mod restore;

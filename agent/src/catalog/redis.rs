@@ -32,6 +32,8 @@ pub struct Generation {
     pub stored_bytes: u64,
     /// When its newest object was written (the store's time).
     pub last_write: Option<DateTime<Utc>>,
+    /// Pinned (`backup pin`): never expired.
+    pub pinned: bool,
 }
 
 impl Generation {
@@ -64,9 +66,15 @@ impl RedisCatalog {
             chunks: Vec<(u64, u64, RepoKey)>,
             bytes: u64,
             last: Option<DateTime<Utc>>,
+            pinned: bool,
         }
         let mut by_id: BTreeMap<GenerationId, Seen> = BTreeMap::new();
+        let mut pinned = std::collections::BTreeSet::new();
         for meta in listed {
+            if let Some(id) = layout::parse_redis_generation_pin(&meta.key) {
+                pinned.insert(id);
+                continue;
+            }
             let Some(object) = layout::parse_redis_key(&meta.key) else {
                 continue;
             };
@@ -79,6 +87,7 @@ impl RedisCatalog {
                 chunks: Vec::new(),
                 bytes: 0,
                 last: None,
+                pinned: false,
             });
             seen.bytes += meta.size;
             seen.last = seen.last.max(Some(meta.last_modified));
@@ -86,6 +95,11 @@ impl RedisCatalog {
                 RedisObject::Manifest(_) => seen.manifest = true,
                 RedisObject::Chunk { start, end, .. } => seen.chunks.push((start, end, meta.key)),
                 RedisObject::Snapshot(_) => {}
+            }
+        }
+        for id in pinned {
+            if let Some(seen) = by_id.get_mut(&id) {
+                seen.pinned = true;
             }
         }
         let mut out = RedisCatalog::default();
@@ -103,6 +117,7 @@ impl RedisCatalog {
                 orphans,
                 stored_bytes: seen.bytes,
                 last_write: seen.last,
+                pinned: seen.pinned,
             });
         }
         Ok(out)

@@ -245,6 +245,8 @@ pub struct BackupList {
     pub complete: Vec<BackupId>,
     /// Ids without one.
     pub incomplete: Vec<BackupId>,
+    /// Ids with a pin object (`backup pin`): never expired.
+    pub pinned: BTreeSet<BackupId>,
 }
 
 /// Lists base backups by their keys.
@@ -255,7 +257,12 @@ pub async fn list_backups(repo: &Repository) -> Result<BackupList> {
         .context("listing base backups")?;
     let mut all = BTreeSet::new();
     let mut done = BTreeSet::new();
+    let mut pinned = BTreeSet::new();
     for o in objects {
+        if let Some(id) = layout::parse_base_backup_pin(&o.key) {
+            pinned.insert(id);
+            continue;
+        }
         match layout::parse_base_backup_key(&o.key) {
             Some(BaseBackupObject::Manifest(id)) => {
                 done.insert(id.clone());
@@ -270,5 +277,6 @@ pub async fn list_backups(repo: &Repository) -> Result<BackupList> {
     Ok(BackupList {
         incomplete: all.difference(&done).cloned().collect(),
         complete: done.into_iter().collect(),
+        pinned,
     })
 }
