@@ -96,7 +96,7 @@ pub async fn restore(
             .find(|m| m.snapshot_unix_ms <= t)
             .with_context(|| {
                 format!(
-                    "no generation starts at or before {}: the oldest snapshot was taken at {}",
+                    "no generation starts at or before {}: the earliest restorable time is {}, when the oldest stored snapshot was taken (older generations were expired or never taken)",
                     fmt_ms(t),
                     fmt_ms(oldest.snapshot_unix_ms)
                 )

@@ -342,12 +342,13 @@ async fn choose_backup(
                 .iter()
                 .min_by_key(|m| m.stop().unwrap_or(Lsn(u64::MAX)))
                 .context("no backups")?;
-            let (what, when) = match target {
-                Target::Time(_) => ("ended at", oldest.stop_time.clone()),
-                _ => ("ends at LSN", oldest.stop_lsn.clone()),
+            // After `expire`, the oldest kept backup's end is the earliest restorable moment.
+            let (what, when, ended) = match target {
+                Target::Time(_) => ("time", oldest.stop_time.clone(), "ended at"),
+                _ => ("LSN", oldest.stop_lsn.clone(), "ends at LSN"),
             };
             bail!(
-                "no complete base backup ends before the target {}: it is earlier than the oldest backup, {} (which {what} {when})",
+                "no complete base backup ends before the target {}: it is earlier than the oldest backup, {} (which {ended} {when}); the earliest restorable {what} is {when}",
                 target.describe(),
                 oldest.id
             )
