@@ -111,7 +111,7 @@ fn pg_restore_markers(env: &Env, version: PgVersion, to: &str) -> BTreeSet<u32> 
 
 /// Three base backups with marker rows between them: marker `i` before backup `i`, marker
 /// `10 + i` after it, then a quiet moment `times[i]` (every marker up to it committed,
-/// none after it). Returns the backup ids and the moments.
+/// none after it); marker 99 last. Returns the backup ids and the moments.
 fn three_backups(env: &Env, extra: &[&str], pin_first: bool) -> (Vec<String>, Vec<String>) {
     env.pg.sql_blocking("CREATE TABLE marker(id int)");
     let mut backups = Vec::new();
@@ -140,6 +140,8 @@ fn three_backups(env: &Env, extra: &[&str], pin_first: bool) -> (Vec<String>, Ve
         std::thread::sleep(Duration::from_millis(400));
         env.pg.query_one_blocking("SELECT pg_switch_wal()");
     }
+    // A commit after the last moment, so recovery can stop at it.
+    env.pg.sql_blocking("INSERT INTO marker VALUES (99)");
     let lsn = env.pg.query_one_blocking("SELECT pg_current_wal_lsn()");
     env.wait_archived(&lsn);
     (backups, times)
