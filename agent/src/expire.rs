@@ -1,28 +1,36 @@
 //! `syncbridge-agent expire --repo URL [--keep-full N] [--keep-within DUR] [--dry-run]`:
 //! retention for PostgreSQL (base backups and the WAL before the oldest kept one) and Redis
 //! (generations). The plan is [`crate::catalog::retention::plan`] over the catalog; this
-//! module only carries it out, in an order a kill at any moment cannot turn into a lie:
-//! a backup's `backup.json` (a generation's `generation.json`) goes first, so a half-deleted
-//! backup is never listed as complete; its data objects follow; WAL last, oldest first.
-//! Leftovers of an interrupted run (backup or generation directories without a manifest,
-//! older than the oldest kept one) are removed by the next run. Nothing newer than the
-//! newest backup is touched, so a running stream's segment in progress, its deltas and the
-//! open Redis generation are never candidates.
+//! module only carries it out, in an order a kill at any moment cannot turn into a lie.
+//! For each expired backup (generation): an `expiring` tombstone
+//! (`layout::base_backup_expiring`), then its `backup.json` (`generation.json`), so it is
+//! never again listed as complete, then its data objects, the tombstone last; WAL after
+//! every backup, oldest first.
+//!
+//! The next run finishes what a killed one left: a directory with a tombstone and no
+//! manifest is removed whatever its age. A directory with neither (a failed backup or
+//! snapshot) is removed only when it is older than every kept one and nothing was written
+//! to it for a day, since a backup waiting for its WAL or overlapping another one looks the
+//! same while it runs. Nothing newer than the newest backup is touched, so a running
+//! stream's segment in progress, its deltas and the open Redis generation are never
+//! candidates.
 //!
 //! Pinned backups and generations (`backup pin`) are kept whatever the policy; the pin is
 //! read again just before a backup is made invisible, so a pin set during a run holds.
 //!
 //! Test hook: `SYNCBRIDGE_TEST_DELETE_DELAY_MS=N` makes every deletion of a backup's or a
-//! generation's objects wait N ms first, so the tests can kill -9 `expire` in the middle of
-//! removing one (`tests/tests/expire_hard.rs`). Read only here; not for production use.
+//! generation's data objects wait N ms first, so the tests can kill -9 `expire` in the
+//! middle of removing one (`tests/tests/expire_safety.rs`). Read only here; not for
+//! production use.
 
+use std::collections::BTreeSet;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use clap::Args;
 use storage::layout::{self, BackupId, GenerationId, RepoKey};
-use storage::{RepoKind, Repository};
+use storage::{ContentKind, PutMode, RepoKind, Repository};
 use wire::pg::{SegmentName, TimelineId, WalSegmentSize};
 
 use crate::catalog::pg::WalInventory;
@@ -134,16 +142,14 @@ async fn expire_pg(
         }
     }
     let oldest_kept_id = kept.iter().map(|m| m.id.clone()).min();
-    // Leftovers of an interrupted expire: directories without backup.json, older than
-    // every kept backup (a backup in progress is newer than the newest complete one).
-    let orphans: Vec<&BackupId> = list
-        .incomplete
-        .iter()
-        .filter(|id| oldest_kept_id.as_deref().is_some_and(|k| id.as_str() < k))
-        .collect();
-    for id in &orphans {
-        println!("remove  {id} (left by an interrupted expire: no backup.json)");
-    }
+    let complete: BTreeSet<String> = list.complete.iter().map(|i| i.to_string()).collect();
+    let found = Found {
+        complete: &complete,
+        incomplete: list.incomplete.iter().map(|i| i.to_string()).collect(),
+        expiring: list.expiring.iter().map(|i| i.to_string()).collect(),
+    };
+    let orphans = leftovers(repo, Engine::Postgres, &found, &p, oldest_kept_id.as_deref(), now)
+        .await?;
     let inv = WalInventory::load(repo, size).await?;
     let mut wal: Vec<RepoKey> = Vec::new();
     if let Some((cut, _)) = &cutoff {
@@ -180,19 +186,8 @@ async fn expire_pg(
     if dry {
         return Ok(());
     }
-    let mut expired = 0;
-    for id in &p.expire {
-        let id = BackupId::parse(id)?;
-        if pinned_now(repo, &layout::base_backup_pin(&id)).await? {
-            println!("keep    backup {id} (pinned while expire ran)");
-            continue;
-        }
-        remove_backup(repo, &id).await?;
-        expired += 1;
-    }
-    for id in orphans {
-        remove_prefix(repo, &layout::base_backup_prefix(id)).await?;
-    }
+    let expired = remove_expired(repo, Engine::Postgres, &p).await?;
+    finish_leftovers(repo, Engine::Postgres, &orphans).await?;
     for k in &wal {
         repo.delete(k)
             .await
@@ -200,15 +195,6 @@ async fn expire_pg(
     }
     println!("expired {expired} backups and {} WAL objects", wal.len());
     Ok(())
-}
-
-/// Makes the backup invisible (its backup.json first), then deletes its data.
-async fn remove_backup(repo: &Repository, id: &BackupId) -> Result<()> {
-    let manifest = layout::base_backup_manifest(id);
-    repo.delete(&manifest)
-        .await
-        .with_context(|| format!("deleting {manifest}"))?;
-    remove_prefix(repo, &layout::base_backup_prefix(id)).await
 }
 
 /// Whether `pin` exists now (a pin set after the plan was made still keeps the backup).
@@ -227,13 +213,14 @@ fn test_delete_delay() -> Option<std::time::Duration> {
         .map(std::time::Duration::from_millis)
 }
 
-async fn remove_prefix(repo: &Repository, prefix: &RepoKey) -> Result<()> {
+/// Deletes every object under `prefix`, `last` (the tombstone) after all the others.
+async fn remove_prefix(repo: &Repository, prefix: &RepoKey, last: &RepoKey) -> Result<()> {
     let objects = repo
         .list(prefix)
         .await
         .with_context(|| format!("listing {prefix}"))?;
     let delay = test_delete_delay();
-    for o in objects {
+    for o in objects.iter().filter(|o| &o.key != last) {
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
         }
@@ -241,7 +228,9 @@ async fn remove_prefix(repo: &Repository, prefix: &RepoKey) -> Result<()> {
             .await
             .with_context(|| format!("deleting {}", o.key))?;
     }
-    Ok(())
+    repo.delete(last)
+        .await
+        .with_context(|| format!("deleting {last}"))
 }
 
 async fn expire_redis(
@@ -273,14 +262,17 @@ async fn expire_redis(
     };
     print_plan(&p, "generation", stored);
     let oldest_kept = p.keep.iter().min().cloned();
-    let orphans: Vec<&GenerationId> = cat
-        .incomplete
+    let complete: BTreeSet<String> = cat
+        .generations
         .iter()
-        .filter(|id| oldest_kept.as_deref().is_some_and(|k| id.as_str() < k))
+        .map(|g| g.id.to_string())
         .collect();
-    for id in &orphans {
-        println!("remove  {id} (no generation.json, older than every kept generation)");
-    }
+    let found = Found {
+        complete: &complete,
+        incomplete: cat.incomplete.iter().map(|i| i.to_string()).collect(),
+        expiring: cat.expiring.iter().map(|i| i.to_string()).collect(),
+    };
+    let orphans = leftovers(repo, Engine::Redis, &found, &p, oldest_kept.as_deref(), now).await?;
     let freed: u64 = p.expire.iter().map(|id| stored(id)).sum();
     println!(
         "{}: {} generations kept, {} expired ({})",
@@ -292,23 +284,183 @@ async fn expire_redis(
     if dry {
         return Ok(());
     }
-    let mut expired = 0;
-    for id in &p.expire {
-        let id = GenerationId::parse(id)?;
-        if pinned_now(repo, &layout::redis_generation_pin(&id)).await? {
-            println!("keep    generation {id} (pinned while expire ran)");
+    let expired = remove_expired(repo, Engine::Redis, &p).await?;
+    finish_leftovers(repo, Engine::Redis, &orphans).await?;
+    println!("expired {expired} generations");
+    Ok(())
+}
+
+/// How long an incomplete backup or generation directory without a tombstone must have been
+/// left unwritten before `expire` calls it failed and removes it: a backup waiting for its
+/// WAL (`--wal-timeout`) or one overlapping another is still being written.
+const STALE_INCOMPLETE: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
+/// Which kind of repository: the keys of one backup (PostgreSQL) or generation (Redis).
+#[derive(Clone, Copy)]
+enum Engine {
+    Postgres,
+    Redis,
+}
+
+impl Engine {
+    fn what(self) -> &'static str {
+        match self {
+            Engine::Postgres => "backup",
+            Engine::Redis => "generation",
+        }
+    }
+
+    /// (prefix, manifest, tombstone, pin) of `id`.
+    fn keys(self, id: &str) -> Result<(RepoKey, RepoKey, RepoKey, RepoKey)> {
+        Ok(match self {
+            Engine::Postgres => {
+                let id = BackupId::parse(id)?;
+                (
+                    layout::base_backup_prefix(&id),
+                    layout::base_backup_manifest(&id),
+                    layout::base_backup_expiring(&id),
+                    layout::base_backup_pin(&id),
+                )
+            }
+            Engine::Redis => {
+                let id = GenerationId::parse(id)?;
+                (
+                    layout::redis_generation_prefix(&id),
+                    layout::redis_generation_manifest(&id),
+                    layout::redis_generation_expiring(&id),
+                    layout::redis_generation_pin(&id),
+                )
+            }
+        })
+    }
+
+    fn content(self) -> ContentKind {
+        match self {
+            Engine::Postgres => ContentKind::BaseBackupManifest,
+            Engine::Redis => ContentKind::RedisManifest,
+        }
+    }
+}
+
+/// What the catalog listed, by id.
+struct Found<'a> {
+    complete: &'a BTreeSet<String>,
+    incomplete: BTreeSet<String>,
+    expiring: BTreeSet<String>,
+}
+
+/// A directory to finish removing.
+struct Leftover {
+    id: String,
+    /// Its tombstone to delete last, or a stale tombstone beside a kept manifest.
+    only_tombstone: bool,
+}
+
+/// What the next steps remove besides the plan: directories an interrupted expire left
+/// (a tombstone, no manifest: whatever the age), failed backups or snapshots (no manifest,
+/// no tombstone, older than every kept one and unwritten for [`STALE_INCOMPLETE`]), and
+/// stale tombstones beside a manifest the plan keeps (the run that wrote them was killed
+/// before it removed anything).
+async fn leftovers(
+    repo: &Repository,
+    engine: Engine,
+    found: &Found<'_>,
+    p: &Plan,
+    oldest_kept: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Leftover>> {
+    let what = engine.what();
+    let mut out = Vec::new();
+    for id in &found.expiring {
+        if !found.complete.contains(id) {
+            println!("remove  {id} (left by an interrupted expire: no manifest, a tombstone)");
+            out.push(Leftover {
+                id: id.clone(),
+                only_tombstone: false,
+            });
+        } else if p.keep.contains(id) {
+            println!("keep    {what} {id} (an interrupted expire had only marked it; unmarking)");
+            out.push(Leftover {
+                id: id.clone(),
+                only_tombstone: true,
+            });
+        }
+    }
+    for id in &found.incomplete {
+        if found.expiring.contains(id) || oldest_kept.is_none_or(|k| id.as_str() >= k) {
             continue;
         }
-        expired += 1;
-        let manifest = layout::redis_generation_manifest(&id);
+        let (prefix, ..) = engine.keys(id)?;
+        let newest = repo
+            .list(&prefix)
+            .await
+            .with_context(|| format!("listing {prefix}"))?
+            .iter()
+            .map(|o| o.last_modified)
+            .max();
+        match newest {
+            Some(t) if now - t >= STALE_INCOMPLETE => {
+                println!(
+                    "remove  {id} (incomplete and unwritten since {}: a failed {what})",
+                    crate::pg::backup_catalog::format_time(t)
+                );
+                out.push(Leftover {
+                    id: id.clone(),
+                    only_tombstone: false,
+                });
+            }
+            _ => println!(
+                "leave   {id} (incomplete, written to within {}h: may still be in progress)",
+                STALE_INCOMPLETE.num_hours()
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// Removes the plan's expired backups or generations, each in the order a kill cannot
+/// turn into a lie: the tombstone, the manifest (invisible from here on), the data, the
+/// tombstone last. A pin set since the plan was made keeps one.
+async fn remove_expired(repo: &Repository, engine: Engine, p: &Plan) -> Result<usize> {
+    let what = engine.what();
+    let mut expired = 0;
+    for id in &p.expire {
+        let (prefix, manifest, tombstone, pin) = engine.keys(id)?;
+        if pinned_now(repo, &pin).await? {
+            println!("keep    {what} {id} (pinned while expire ran)");
+            continue;
+        }
+        let record = serde_json::json!({
+            "expiring_since": crate::pg::backup_catalog::format_time(Utc::now()),
+        });
+        repo.put(
+            &tombstone,
+            engine.content(),
+            bytes::Bytes::from(record.to_string()),
+            PutMode::Overwrite,
+        )
+        .await
+        .with_context(|| format!("writing {tombstone}"))?;
         repo.delete(&manifest)
             .await
             .with_context(|| format!("deleting {manifest}"))?;
-        remove_prefix(repo, &layout::redis_generation_prefix(&id)).await?;
+        remove_prefix(repo, &prefix, &tombstone).await?;
+        expired += 1;
     }
-    for id in orphans {
-        remove_prefix(repo, &layout::redis_generation_prefix(id)).await?;
+    Ok(expired)
+}
+
+/// Finishes what [`leftovers`] found.
+async fn finish_leftovers(repo: &Repository, engine: Engine, left: &[Leftover]) -> Result<()> {
+    for l in left {
+        let (prefix, _, tombstone, _) = engine.keys(&l.id)?;
+        if l.only_tombstone {
+            repo.delete(&tombstone)
+                .await
+                .with_context(|| format!("deleting {tombstone}"))?;
+        } else {
+            remove_prefix(repo, &prefix, &tombstone).await?;
+        }
     }
-    println!("expired {expired} generations");
     Ok(())
 }

@@ -18,11 +18,14 @@
 //! postgres/base/<backup-id>/backup.json             agent's backup manifest, written LAST
 //! postgres/base/<backup-id>/pinned                  present while the backup is pinned:
 //!                                                   `expire` never removes it (JSON)
+//! postgres/base/<backup-id>/expiring                written by `expire` before it deletes
+//!                                                   backup.json, deleted last (JSON)
 //! redis/gen/<generation-id>/snapshot.rdb            the RDB snapshot of a generation
 //! redis/gen/<generation-id>/chunks/<start 20 digits>-<end 20 digits>
 //!                                                   replication stream bytes [start, end)
 //! redis/gen/<generation-id>/generation.json         generation manifest
 //! redis/gen/<generation-id>/pinned                  present while the generation is pinned
+//! redis/gen/<generation-id>/expiring                `expire` is removing it (as above)
 //! leases/postgres-stream/<tli>/<generation 16 hex>  writer lease of `postgres stream` on a
 //!                                                   timeline (JSON, never encrypted; lease.rs)
 //! leases/redis-stream/<generation 16 hex>           writer lease of `redis stream`
@@ -500,6 +503,20 @@ pub fn parse_base_backup_pin(key: &RepoKey) -> Option<BackupId> {
     BackupId::parse(id).ok()
 }
 
+/// The tombstone `expire` writes before it removes a backup's `backup.json` and deletes
+/// last: a directory with it is the leftover of an interrupted expire (safe to finish),
+/// one without it and without `backup.json` may be a backup still being written.
+pub fn base_backup_expiring(id: &BackupId) -> RepoKey {
+    RepoKey(format!("postgres/base/{id}/expiring"))
+}
+
+/// The backup a [`base_backup_expiring`] key belongs to; `None` for any other key.
+pub fn parse_base_backup_expiring(key: &RepoKey) -> Option<BackupId> {
+    let rest = key.as_str().strip_prefix("postgres/base/")?;
+    let id = rest.strip_suffix("/expiring")?;
+    BackupId::parse(id).ok()
+}
+
 /// What a key under `postgres/base/` is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BaseBackupObject {
@@ -604,6 +621,18 @@ pub fn redis_generation_pin(id: &GenerationId) -> RepoKey {
 pub fn parse_redis_generation_pin(key: &RepoKey) -> Option<GenerationId> {
     let rest = key.as_str().strip_prefix("redis/gen/")?;
     let id = rest.strip_suffix("/pinned")?;
+    GenerationId::parse(id).ok()
+}
+
+/// The tombstone of a generation being expired (see [`base_backup_expiring`]).
+pub fn redis_generation_expiring(id: &GenerationId) -> RepoKey {
+    RepoKey(format!("redis/gen/{id}/expiring"))
+}
+
+/// The generation a [`redis_generation_expiring`] key belongs to; `None` for any other key.
+pub fn parse_redis_generation_expiring(key: &RepoKey) -> Option<GenerationId> {
+    let rest = key.as_str().strip_prefix("redis/gen/")?;
+    let id = rest.strip_suffix("/expiring")?;
     GenerationId::parse(id).ok()
 }
 
@@ -822,5 +851,12 @@ mod tests {
         assert_eq!(parse_redis_generation_pin(&redis_snapshot(&g)), None);
         let nested = RepoKey::parse("postgres/base/a/data/pinned").unwrap();
         assert_eq!(parse_base_backup_pin(&nested), None);
+        let t = base_backup_expiring(&b);
+        assert_eq!(parse_base_backup_expiring(&t), Some(b.clone()));
+        assert_eq!(parse_base_backup_pin(&t), None);
+        assert_eq!(parse_base_backup_key(&t), None);
+        let t = redis_generation_expiring(&g);
+        assert_eq!(parse_redis_generation_expiring(&t), Some(g.clone()));
+        assert_eq!(parse_redis_key(&t), None);
     }
 }

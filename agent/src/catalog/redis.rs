@@ -52,6 +52,8 @@ pub struct RedisCatalog {
     pub generations: Vec<Generation>,
     /// Generation directories without a manifest (in progress, or failed).
     pub incomplete: Vec<GenerationId>,
+    /// Generations with an `expiring` tombstone: an `expire` began removing them.
+    pub expiring: std::collections::BTreeSet<GenerationId>,
 }
 
 impl RedisCatalog {
@@ -70,9 +72,14 @@ impl RedisCatalog {
         }
         let mut by_id: BTreeMap<GenerationId, Seen> = BTreeMap::new();
         let mut pinned = std::collections::BTreeSet::new();
+        let mut expiring = std::collections::BTreeSet::new();
         for meta in listed {
             if let Some(id) = layout::parse_redis_generation_pin(&meta.key) {
                 pinned.insert(id);
+                continue;
+            }
+            if let Some(id) = layout::parse_redis_generation_expiring(&meta.key) {
+                expiring.insert(id);
                 continue;
             }
             let Some(object) = layout::parse_redis_key(&meta.key) else {
@@ -102,7 +109,10 @@ impl RedisCatalog {
                 seen.pinned = true;
             }
         }
-        let mut out = RedisCatalog::default();
+        let mut out = RedisCatalog {
+            expiring,
+            ..RedisCatalog::default()
+        };
         for (id, seen) in by_id {
             if !seen.manifest {
                 out.incomplete.push(id);

@@ -247,6 +247,8 @@ pub struct BackupList {
     pub incomplete: Vec<BackupId>,
     /// Ids with a pin object (`backup pin`): never expired.
     pub pinned: BTreeSet<BackupId>,
+    /// Ids with an `expiring` tombstone: an `expire` began removing them.
+    pub expiring: BTreeSet<BackupId>,
 }
 
 /// Lists base backups by their keys.
@@ -258,9 +260,14 @@ pub async fn list_backups(repo: &Repository) -> Result<BackupList> {
     let mut all = BTreeSet::new();
     let mut done = BTreeSet::new();
     let mut pinned = BTreeSet::new();
+    let mut expiring = BTreeSet::new();
     for o in objects {
         if let Some(id) = layout::parse_base_backup_pin(&o.key) {
             pinned.insert(id);
+            continue;
+        }
+        if let Some(id) = layout::parse_base_backup_expiring(&o.key) {
+            expiring.insert(id);
             continue;
         }
         match layout::parse_base_backup_key(&o.key) {
@@ -278,5 +285,6 @@ pub async fn list_backups(repo: &Repository) -> Result<BackupList> {
         incomplete: all.difference(&done).cloned().collect(),
         complete: done.into_iter().collect(),
         pinned,
+        expiring,
     })
 }
