@@ -253,7 +253,29 @@ async fn expire_redis(
             pinned: g.pinned,
         });
     }
-    let p = plan(&candidates, policy, now);
+    let mut p = plan(&candidates, policy, now);
+    let facts: Vec<GenFacts> = cat
+        .generations
+        .iter()
+        .map(|g| GenFacts {
+            end_offset: g.end_offset(),
+            snapshot_offset: g.manifest.snapshot_offset,
+            snapshot_ms: g.manifest.snapshot_unix_ms,
+            last_write_ms: g.last_write.map(|t| t.timestamp_millis()),
+        })
+        .collect();
+    for i in still_written(&facts, now.timestamp_millis()) {
+        let id = cat.generations[i].id.as_str();
+        if let Some(at) = p.expire.iter().position(|x| x == id) {
+            p.expire.remove(at);
+            let at = p.keep.iter().position(|k| k.as_str() > id).unwrap_or(p.keep.len());
+            p.keep.insert(at, id.to_string());
+            p.reasons.insert(
+                at,
+                "still being written: the stream has not reached the next snapshot's offset",
+            );
+        }
+    }
     let stored = |id: &str| {
         cat.generations
             .iter()
@@ -294,6 +316,42 @@ async fn expire_redis(
 /// left unwritten before `expire` calls it failed and removes it: a backup waiting for its
 /// WAL (`--wal-timeout`) or one overlapping another is still being written.
 const STALE_INCOMPLETE: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
+/// What [`still_written`] needs of one generation.
+#[derive(Debug, Clone, Copy)]
+struct GenFacts {
+    /// Where its stored stream ends.
+    end_offset: u64,
+    /// Its snapshot's offset.
+    snapshot_offset: u64,
+    /// When its snapshot was taken (Unix ms).
+    snapshot_ms: i64,
+    /// When its newest object was stored (Unix ms).
+    last_write_ms: Option<i64>,
+}
+
+/// Generations (indexes, oldest first) that `redis stream` may still be writing although a
+/// newer one exists: after it stores the next snapshot the stream goes on appending to the
+/// old generation until that one's stream reaches the new snapshot's offset
+/// (`redis/stream.rs`, "switched to the new generation"). Such a generation's chain ends
+/// before the next snapshot's offset and it was written after that snapshot began; a
+/// one-shot `redis snapshot` generation never is (nothing writes it after its manifest),
+/// and one left like that by a killed stream stops counting once unwritten for
+/// [`STALE_INCOMPLETE`].
+fn still_written(gens: &[GenFacts], now_ms: i64) -> Vec<usize> {
+    let stale = STALE_INCOMPLETE.num_milliseconds();
+    gens.windows(2)
+        .enumerate()
+        .filter(|(_, w)| {
+            let (g, next) = (w[0], w[1]);
+            g.end_offset < next.snapshot_offset
+                && g
+                    .last_write_ms
+                    .is_some_and(|t| t >= next.snapshot_ms && now_ms - t < stale)
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
 
 /// Which kind of repository: the keys of one backup (PostgreSQL) or generation (Redis).
 #[derive(Clone, Copy)]
@@ -463,4 +521,37 @@ async fn finish_leftovers(repo: &Repository, engine: Engine, left: &[Leftover]) 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(end: u64, snap: u64, snap_ms: i64, last: i64) -> GenFacts {
+        GenFacts {
+            end_offset: end,
+            snapshot_offset: snap,
+            snapshot_ms: snap_ms,
+            last_write_ms: Some(last),
+        }
+    }
+
+    #[test]
+    fn a_generation_is_open_until_its_stream_reaches_the_next_snapshot() {
+        let now = 10_000_000;
+        // One-shot snapshots: no chunks, nothing written after the next one began.
+        let shots = [g(100, 100, 1_000, 1_050), g(300, 300, 2_000, 2_050)];
+        assert!(still_written(&shots, now).is_empty());
+        // A stream that switched: the old chain reaches the new snapshot's offset.
+        let switched = [g(500, 100, 1_000, 9_000), g(500, 500, 8_000, 9_500)];
+        assert!(still_written(&switched, now).is_empty());
+        // Switching: the old chain is short of it and was written after it began.
+        let switching = [g(450, 100, 1_000, 9_000), g(500, 500, 8_000, 9_500)];
+        assert_eq!(still_written(&switching, now), [0]);
+        // Left like that by a killed stream a day ago: no longer open.
+        let day = STALE_INCOMPLETE.num_milliseconds();
+        assert!(still_written(&switching, 9_000 + day).is_empty());
+        // The newest is never in the list (the plan always keeps it).
+        assert!(still_written(&switching[1..], now).is_empty());
+    }
 }

@@ -336,19 +336,26 @@ fn expire_during_running_pg_and_redis_streams_under_load_loses_nothing() {
 
     // Backups, rotations and expires while both streams store the load.
     let mut pg_expired = 0;
-    let mut redis_runs = 0;
+    let mut redis_expired = 0;
     for _ in 0..3 {
         env.backup(&[]);
         let out = run_ok(&["expire", "--repo", &pg_url, "--keep-full", "1"]);
         pg_expired += usize::from(out.contains("expire  backup"));
         for _ in 0..3 {
-            run_ok(&["expire", "--repo", &redis_repo, "--keep-full", "2"]);
-            redis_runs += 1;
+            let out = run_ok(&["expire", "--repo", &redis_repo, "--keep-full", "2"]);
+            let n: usize = out
+                .lines()
+                .find_map(|l| l.strip_prefix("expired "))
+                .and_then(|l| l.split_whitespace().next())
+                .unwrap()
+                .parse()
+                .unwrap();
+            redis_expired += n;
             std::thread::sleep(Duration::from_millis(300));
         }
     }
     assert!(pg_expired >= 2, "the PostgreSQL expires removed nothing");
-    assert_eq!(redis_runs, 9);
+    assert!(redis_expired >= 2, "the Redis expires removed nothing");
 
     // A quiet moment after the newest backup: what is committed by then, and no more, is
     // what a restore to it must give.
