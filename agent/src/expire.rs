@@ -148,8 +148,15 @@ async fn expire_pg(
         incomplete: list.incomplete.iter().map(|i| i.to_string()).collect(),
         expiring: list.expiring.iter().map(|i| i.to_string()).collect(),
     };
-    let orphans = leftovers(repo, Engine::Postgres, &found, &p, oldest_kept_id.as_deref(), now)
-        .await?;
+    let orphans = leftovers(
+        repo,
+        Engine::Postgres,
+        &found,
+        &p,
+        oldest_kept_id.as_deref(),
+        now,
+    )
+    .await?;
     let inv = WalInventory::load(repo, size).await?;
     let mut wal: Vec<RepoKey> = Vec::new();
     if let Some((cut, _)) = &cutoff {
@@ -268,7 +275,11 @@ async fn expire_redis(
         let id = cat.generations[i].id.as_str();
         if let Some(at) = p.expire.iter().position(|x| x == id) {
             p.expire.remove(at);
-            let at = p.keep.iter().position(|k| k.as_str() > id).unwrap_or(p.keep.len());
+            let at = p
+                .keep
+                .iter()
+                .position(|k| k.as_str() > id)
+                .unwrap_or(p.keep.len());
             p.keep.insert(at, id.to_string());
             p.reasons.insert(
                 at,
@@ -284,11 +295,7 @@ async fn expire_redis(
     };
     print_plan(&p, "generation", stored);
     let oldest_kept = p.keep.iter().min().cloned();
-    let complete: BTreeSet<String> = cat
-        .generations
-        .iter()
-        .map(|g| g.id.to_string())
-        .collect();
+    let complete: BTreeSet<String> = cat.generations.iter().map(|g| g.id.to_string()).collect();
     let found = Found {
         complete: &complete,
         incomplete: cat.incomplete.iter().map(|i| i.to_string()).collect(),
@@ -345,8 +352,7 @@ fn still_written(gens: &[GenFacts], now_ms: i64) -> Vec<usize> {
         .filter(|(_, w)| {
             let (g, next) = (w[0], w[1]);
             g.end_offset < next.snapshot_offset
-                && g
-                    .last_write_ms
+                && g.last_write_ms
                     .is_some_and(|t| t >= next.snapshot_ms && now_ms - t < stale)
         })
         .map(|(i, _)| i)

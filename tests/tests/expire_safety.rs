@@ -58,7 +58,11 @@ fn ids(v: &Value, part: &str, what: &str) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| b.as_str().map_or_else(|| b["id"].as_str().unwrap(), |s| s).to_string())
+        .map(|b| {
+            b.as_str()
+                .unwrap_or_else(|| b["id"].as_str().unwrap())
+                .to_string()
+        })
         .collect()
 }
 
@@ -166,10 +170,16 @@ fn pg15_pinned_backup_survives_expire_until_unpinned() {
 
     // --keep-full 1 keeps the newest and the pinned oldest; the one between goes.
     let out = run_ok(&["expire", "--repo", &url, "--keep-full", "1"]);
-    assert!(out.contains(&format!("keep    backup {} (pinned)", b[0])), "{out}");
+    assert!(
+        out.contains(&format!("keep    backup {} (pinned)", b[0])),
+        "{out}"
+    );
     assert!(out.contains(&format!("expire  backup {}", b[1])), "{out}");
     let after = list_json(&url);
-    assert_eq!(ids(&after, "postgres", "backups"), [b[0].clone(), b[2].clone()]);
+    assert_eq!(
+        ids(&after, "postgres", "backups"),
+        [b[0].clone(), b[2].clone()]
+    );
     assert!(after["postgres"]["wal"][0]["holes"]
         .as_array()
         .unwrap()
@@ -182,14 +192,18 @@ fn pg15_pinned_backup_survives_expire_until_unpinned() {
 
     // Unpin it, pin the newest instead: the next expire removes the old one.
     let out = run_ok(&["backup", "unpin", "--repo", &url, &b[0]]);
-    assert!(out.contains(&format!("unpinned base backup {}", b[0])), "{out}");
+    assert!(
+        out.contains(&format!("unpinned base backup {}", b[0])),
+        "{out}"
+    );
     let out = run_ok(&["backup", "unpin", "--repo", &url, &b[0]]);
     assert!(out.contains("was not pinned"), "{out}");
     run_ok(&["backup", "pin", "--repo", &url, &b[2]]);
     let out = run(&["backup", "pin", "--repo", &url, "20000101T000000Z"]);
     assert!(
         !out.status.success()
-            && String::from_utf8_lossy(&out.stderr).contains("no complete base backup 20000101T000000Z"),
+            && String::from_utf8_lossy(&out.stderr)
+                .contains("no complete base backup 20000101T000000Z"),
         "{}",
         text(&out)
     );
@@ -229,7 +243,10 @@ fn redis_pinned_generation_survives_expire_until_unpinned() {
     let g = ids(&list_json(&url), "redis", "generations");
     assert_eq!(g.len(), 3);
     let out = run_ok(&["backup", "pin", "--repo", &url, &g[0]]);
-    assert!(out.contains(&format!("pinned generation {}", g[0])), "{out}");
+    assert!(
+        out.contains(&format!("pinned generation {}", g[0])),
+        "{out}"
+    );
     let v = list_json(&url);
     assert!(pinned(&v, "redis", "generations", &g[0]));
     assert!(!pinned(&v, "redis", "generations", &g[2]));
@@ -238,10 +255,16 @@ fn redis_pinned_generation_survives_expire_until_unpinned() {
         out.contains(&format!("keep    generation {} (pinned)", g[0])),
         "{out}"
     );
-    assert_eq!(ids(&list_json(&url), "redis", "generations"), [g[0].clone(), g[2].clone()]);
+    assert_eq!(
+        ids(&list_json(&url), "redis", "generations"),
+        [g[0].clone(), g[2].clone()]
+    );
     run_ok(&["backup", "unpin", "--repo", &url, &g[0]]);
     run_ok(&["expire", "--repo", &url, "--keep-full", "1"]);
-    assert_eq!(ids(&list_json(&url), "redis", "generations"), [g[2].clone()]);
+    assert_eq!(
+        ids(&list_json(&url), "redis", "generations"),
+        [g[2].clone()]
+    );
     assert_eq!(
         files_under(&dir.path().join(format!("repo/redis/gen/{}", g[0]))),
         0
@@ -273,7 +296,11 @@ fn pg15_expire_killed_mid_delete_leaves_no_false_backup_and_the_next_run_finishe
     expire.kill9();
     assert!(mid, "expire never got going:\n{}", expire.log_text());
     let left = files_under(&dir0);
-    assert!(left > 0, "expire finished before the kill:\n{}", expire.log_text());
+    assert!(
+        left > 0,
+        "expire finished before the kill:\n{}",
+        expire.log_text()
+    );
     // The tombstone says an expire was removing it.
     assert!(dir0.join("expiring").exists());
 
@@ -298,15 +325,13 @@ fn pg15_expire_killed_mid_delete_leaves_no_false_backup_and_the_next_run_finishe
     // being written (one overlapping another): the next run leaves it alone.
     let busy = env.repo_path().join("postgres/base/20000101T000000Z/data");
     std::fs::create_dir_all(&busy).unwrap();
-    let some_chunk = std::fs::read_dir(
-        env.repo_path()
-            .join(format!("postgres/base/{}/data", b[2])),
-    )
-    .unwrap()
-    .next()
-    .unwrap()
-    .unwrap()
-    .path();
+    let some_chunk =
+        std::fs::read_dir(env.repo_path().join(format!("postgres/base/{}/data", b[2])))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
     std::fs::copy(&some_chunk, busy.join(some_chunk.file_name().unwrap())).unwrap();
 
     // The next run removes the leftovers and finishes the job.
@@ -320,7 +345,10 @@ fn pg15_expire_killed_mid_delete_leaves_no_false_backup_and_the_next_run_finishe
     assert!(out.contains(&format!("expire  backup {}", b[1])), "{out}");
     let v = list_json(&url);
     assert_eq!(ids(&v, "postgres", "backups"), [b[2].clone()]);
-    assert_eq!(ids(&v, "postgres", "incomplete_backups"), ["20000101T000000Z"]);
+    assert_eq!(
+        ids(&v, "postgres", "incomplete_backups"),
+        ["20000101T000000Z"]
+    );
     assert_eq!(files_under(&dir0), 0);
     std::fs::remove_dir_all(busy.parent().unwrap()).unwrap();
     let newest = &v["postgres"]["backups"][0];
@@ -412,7 +440,11 @@ fn redis_expire_killed_mid_delete_leaves_no_false_generation_and_the_next_run_fi
         "--target",
         target.to_str().unwrap(),
     ]);
-    let t1 = parse_time(before["redis"]["generations"][1]["snapshot_time"].as_str().unwrap());
+    let t1 = parse_time(
+        before["redis"]["generations"][1]["snapshot_time"]
+            .as_str()
+            .unwrap(),
+    );
     let out = run(&[
         "redis",
         "restore",
@@ -426,7 +458,11 @@ fn redis_expire_killed_mid_delete_leaves_no_false_generation_and_the_next_run_fi
     assert!(!out.status.success(), "{}", text(&out));
     assert_eq!(
         earliest_named(&String::from_utf8_lossy(&out.stderr)),
-        parse_time(v["redis"]["generations"][0]["snapshot_time"].as_str().unwrap()),
+        parse_time(
+            v["redis"]["generations"][0]["snapshot_time"]
+                .as_str()
+                .unwrap()
+        ),
         "{}",
         text(&out)
     );

@@ -172,7 +172,11 @@ fn five_generations_keep_two(flavor: RedisFlavor) {
         if gens.len() >= 5 && targets.iter().any(|(t, _)| *t > gens.last().unwrap().1) {
             break;
         }
-        assert!(phase < 400, "{flavor}: no fifth generation:\n{}", agent.log_text());
+        assert!(
+            phase < 400,
+            "{flavor}: no fifth generation:\n{}",
+            agent.log_text()
+        );
     }
     phase_writes(&mut c, phase);
     let waited = ok(&mut c, &["WAIT", "1", "60000"]);
@@ -184,7 +188,10 @@ fn five_generations_keep_two(flavor: RedisFlavor) {
     let n = before.len();
     assert!(n >= 5, "{before:?}");
     let out = run_ok(&["expire", "--repo", &repo, "--keep-full", "2"]);
-    assert!(out.contains(&format!("expired {} generations", n - 2)), "{out}");
+    assert!(
+        out.contains(&format!("expired {} generations", n - 2)),
+        "{out}"
+    );
     let after = generations(&list_json(&repo));
     assert_eq!(after, before[n - 2..], "{flavor}");
     for (id, _) in &before[..n - 2] {
@@ -199,11 +206,18 @@ fn five_generations_keep_two(flavor: RedisFlavor) {
         let target = tmp.path().join(format!("at{i}"));
         if generation >= n - 2 {
             let got = redis_restored_state(&repo, &target, Some(*t), flavor);
-            assert_eq!(&got, expected, "{flavor}: moment {i} in generation {generation}");
+            assert_eq!(
+                &got, expected,
+                "{flavor}: moment {i} in generation {generation}"
+            );
             restored_in.insert(generation);
         } else {
             let out = redis_restore(&repo, &target, Some(*t), flavor);
-            assert!(!out.status.success(), "{flavor}: moment {i}: {}", text(&out));
+            assert!(
+                !out.status.success(),
+                "{flavor}: moment {i}: {}",
+                text(&out)
+            );
             assert_eq!(
                 earliest_named(&String::from_utf8_lossy(&out.stderr)).timestamp_millis(),
                 before[n - 2].1,
@@ -213,7 +227,10 @@ fn five_generations_keep_two(flavor: RedisFlavor) {
             refused += 1;
         }
     }
-    assert!(refused > 0, "{flavor}: no moment fell in an expired generation");
+    assert!(
+        refused > 0,
+        "{flavor}: no moment fell in an expired generation"
+    );
     assert!(
         restored_in.contains(&(n - 2)),
         "{flavor}: no moment restored in generation {}",
@@ -390,7 +407,13 @@ fn expire_during_running_pg_and_redis_streams_under_load_loses_nothing() {
     // The repositories: one backup and WAL without a hole; generations chain whole.
     let v = list_json(&pg_url);
     assert_eq!(v["postgres"]["backups"].as_array().unwrap().len(), 1, "{v}");
-    assert!(v["postgres"]["wal"][0]["holes"].as_array().unwrap().is_empty(), "{v}");
+    assert!(
+        v["postgres"]["wal"][0]["holes"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{v}"
+    );
     let r = list_json(&redis_repo);
     let gens = r["redis"]["generations"].as_array().unwrap();
     assert!(gens.len() >= 2, "{r}");

@@ -241,8 +241,7 @@ pub async fn run(args: BackupArgs) -> Result<ExitCode> {
         server_manifest_sha256: server_manifest.sha256_hex(),
     };
     if args.pin {
-        crate::pin::write_pin(&repo, &layout::base_backup_pin(&id), RepoKind::Postgres)
-            .await?;
+        crate::pin::write_pin(&repo, &layout::base_backup_pin(&id), RepoKind::Postgres).await?;
     }
     m.store(&repo).await?;
     let secs = started.elapsed().as_secs_f64();
