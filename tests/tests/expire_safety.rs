@@ -1,7 +1,10 @@
 //! `expire` under stress (issue 13, Deliver 4): pinned backups and generations survive any
-//! policy until unpinned; a kill -9 in the middle of deleting leaves no backup that looks
-//! complete and is not, every kept backup still restores and the next run finishes the job;
-//! a refusal before the earliest kept moment names that moment. PostgreSQL 15, Redis 7.
+//! policy until unpinned (`postgres backup --pin`, `backup pin|unpin`), also when the pin is
+//! set while expire runs; a kill -9 in the middle of deleting (the test hook
+//! `SYNCBRIDGE_TEST_DELETE_DELAY_MS`) leaves no backup that looks complete and is not, every
+//! backup still listed restores, and the next run finishes the job but leaves alone an
+//! incomplete directory that may still be written; a refusal before the earliest kept
+//! moment names that moment. PostgreSQL 15, Redis 7.
 #![allow(clippy::unwrap_used)]
 
 mod pg_pitr_support;
@@ -268,6 +271,57 @@ fn redis_pinned_generation_survives_expire_until_unpinned() {
     assert_eq!(
         files_under(&dir.path().join(format!("repo/redis/gen/{}", g[0]))),
         0
+    );
+
+    // A pin set while expire runs still holds: the pin is read again before each removal.
+    for i in 3..6 {
+        c.cmd(&["SET".to_string(), format!("k{i}"), "v".to_string()])
+            .unwrap();
+        run_ok(&[
+            "redis",
+            "snapshot",
+            "--source",
+            &server.url(),
+            "--repo",
+            &url,
+        ]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let g = ids(&list_json(&url), "redis", "generations");
+    assert_eq!(g.len(), 4);
+    let mut expire = AgentProcess::spawn_env(
+        &["expire", "--repo", &url, "--keep-full", "1"],
+        dir.path().join("expire.log"),
+        &[(
+            "SYNCBRIDGE_TEST_DELETE_DELAY_MS".to_string(),
+            "2000".to_string(),
+        )],
+    );
+    let gen0 = dir.path().join(format!("repo/redis/gen/{}", g[0]));
+    assert!(
+        wait_until(Duration::from_secs(30), || !gen0
+            .join("generation.json")
+            .exists()),
+        "{}",
+        expire.log_text()
+    );
+    run_ok(&["backup", "pin", "--repo", &url, &g[1]]);
+    assert!(
+        wait_until(Duration::from_secs(60), || expire.exited().is_some()),
+        "{}",
+        expire.log_text()
+    );
+    let log = expire.log_text();
+    assert!(
+        log.contains(&format!(
+            "keep    generation {} (pinned while expire ran)",
+            g[1]
+        )),
+        "{log}"
+    );
+    assert_eq!(
+        ids(&list_json(&url), "redis", "generations"),
+        [g[1].clone(), g[3].clone()]
     );
 }
 
