@@ -162,7 +162,11 @@ fn five_generations_keep_two(flavor: RedisFlavor) {
     loop {
         phase_writes(&mut c, phase);
         phase += 1;
-        std::thread::sleep(Duration::from_millis(250));
+        // Once the agent has stored the writes (WAIT counts its acknowledgement) it has
+        // read them, so they are indexed before now, on a loaded machine too.
+        let waited = ok(&mut c, &["WAIT", "1", "60000"]);
+        assert_eq!(waited.as_int(), Some(1), "{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(50));
         targets.push((now_ms(), dump(&server)));
         std::thread::sleep(Duration::from_millis(250));
         let gens = generations(&list_json(&repo));
@@ -378,6 +382,9 @@ fn expire_during_running_pg_and_redis_streams_under_load_loses_nothing() {
     // what a restore to it must give.
     pg_load.pause();
     redis_load.pause();
+    let mut c = server.connect();
+    let waited = ok(&mut c, &["WAIT", "1", "60000"]);
+    assert_eq!(waited.as_int(), Some(1), "{}", redis_agent.log_text());
     std::thread::sleep(Duration::from_millis(400));
     let t_ms = now_ms();
     let t = DateTime::from_timestamp_millis(t_ms)
@@ -398,7 +405,6 @@ fn expire_during_running_pg_and_redis_streams_under_load_loses_nothing() {
 
     let lsn = env.pg.query_one_blocking("SELECT pg_current_wal_lsn()");
     env.wait_archived(&lsn);
-    let mut c = server.connect();
     let waited = ok(&mut c, &["WAIT", "1", "60000"]);
     assert_eq!(waited.as_int(), Some(1), "{}", redis_agent.log_text());
     let redis_final = dump(&server);
