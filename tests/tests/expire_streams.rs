@@ -163,9 +163,10 @@ fn five_generations_keep_two(flavor: RedisFlavor) {
         phase_writes(&mut c, phase);
         phase += 1;
         // Once the agent has stored the writes (WAIT counts its acknowledgement) it has
-        // read them, so they are indexed before now, on a loaded machine too.
+        // read them, so they are indexed before now, on a loaded machine too. (While it
+        // switches generations it is connected twice: WAIT may count 2.)
         let waited = ok(&mut c, &["WAIT", "1", "60000"]);
-        assert_eq!(waited.as_int(), Some(1), "{}", agent.log_text());
+        assert!(waited.as_int() >= Some(1), "{}", agent.log_text());
         std::thread::sleep(Duration::from_millis(50));
         targets.push((now_ms(), dump(&server)));
         std::thread::sleep(Duration::from_millis(250));
@@ -184,7 +185,7 @@ fn five_generations_keep_two(flavor: RedisFlavor) {
     }
     phase_writes(&mut c, phase);
     let waited = ok(&mut c, &["WAIT", "1", "60000"]);
-    assert_eq!(waited.as_int(), Some(1), "{}", agent.log_text());
+    assert!(waited.as_int() >= Some(1), "{}", agent.log_text());
     let final_state = dump(&server);
     assert!(agent.terminate(), "{}", agent.log_text());
 
@@ -384,7 +385,7 @@ fn expire_during_running_pg_and_redis_streams_under_load_loses_nothing() {
     redis_load.pause();
     let mut c = server.connect();
     let waited = ok(&mut c, &["WAIT", "1", "60000"]);
-    assert_eq!(waited.as_int(), Some(1), "{}", redis_agent.log_text());
+    assert!(waited.as_int() >= Some(1), "{}", redis_agent.log_text());
     std::thread::sleep(Duration::from_millis(400));
     let t_ms = now_ms();
     let t = DateTime::from_timestamp_millis(t_ms)
@@ -406,7 +407,7 @@ fn expire_during_running_pg_and_redis_streams_under_load_loses_nothing() {
     let lsn = env.pg.query_one_blocking("SELECT pg_current_wal_lsn()");
     env.wait_archived(&lsn);
     let waited = ok(&mut c, &["WAIT", "1", "60000"]);
-    assert_eq!(waited.as_int(), Some(1), "{}", redis_agent.log_text());
+    assert!(waited.as_int() >= Some(1), "{}", redis_agent.log_text());
     let redis_final = dump(&server);
     assert!(redis_agent.terminate(), "{}", redis_agent.log_text());
 
