@@ -309,6 +309,9 @@ enum Command {
     /// generations a policy no longer needs. Every moment within the policy stays
     /// restorable; --dry-run prints the plan.
     Expire(crate::expire::ExpireArgs),
+    /// Pin or unpin a PostgreSQL base backup or a Redis generation: a pinned one is never
+    /// expired (`backup pin --repo URL ID`, `backup unpin --repo URL ID`).
+    Backup(crate::pin::BackupArgs),
     /// The sidecar: run every job a configuration file describes (PostgreSQL and Redis
     /// streams), with /healthz, /readyz and /metrics; packaging/agent.toml is the
     /// commented example.
@@ -376,6 +379,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => crate::restore::run(args),
         Command::List(args) => crate::list::run(args),
         Command::Expire(args) => crate::expire::run(args),
+        Command::Backup(args) => crate::pin::run(args),
         Command::Run(_) => unreachable!("handled above"),
     }
 }

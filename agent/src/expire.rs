@@ -1,21 +1,36 @@
 //! `syncbridge-agent expire --repo URL [--keep-full N] [--keep-within DUR] [--dry-run]`:
 //! retention for PostgreSQL (base backups and the WAL before the oldest kept one) and Redis
 //! (generations). The plan is [`crate::catalog::retention::plan`] over the catalog; this
-//! module only carries it out, in an order a kill at any moment cannot turn into a lie:
-//! a backup's `backup.json` (a generation's `generation.json`) goes first, so a half-deleted
-//! backup is never listed as complete; its data objects follow; WAL last, oldest first.
-//! Leftovers of an interrupted run (backup or generation directories without a manifest,
-//! older than the oldest kept one) are removed by the next run. Nothing newer than the
-//! newest backup is touched, so a running stream's segment in progress, its deltas and the
-//! open Redis generation are never candidates.
+//! module only carries it out, in an order a kill at any moment cannot turn into a lie.
+//! For each expired backup (generation): an `expiring` tombstone
+//! (`layout::base_backup_expiring`), then its `backup.json` (`generation.json`), so it is
+//! never again listed as complete, then its data objects, the tombstone last; WAL after
+//! every backup, oldest first.
+//!
+//! The next run finishes what a killed one left: a directory with a tombstone and no
+//! manifest is removed whatever its age. A directory with neither (a failed backup or
+//! snapshot) is removed only when it is older than every kept one and nothing was written
+//! to it for a day, since a backup waiting for its WAL or overlapping another one looks the
+//! same while it runs. Nothing newer than the newest backup is touched, so a running
+//! stream's segment in progress, its deltas and the open Redis generation are never
+//! candidates.
+//!
+//! Pinned backups and generations (`backup pin`) are kept whatever the policy; the pin is
+//! read again just before a backup is made invisible, so a pin set during a run holds.
+//!
+//! Test hook: `SYNCBRIDGE_TEST_DELETE_DELAY_MS=N` makes every deletion of a backup's or a
+//! generation's data objects wait N ms first, so the tests can kill -9 `expire` in the
+//! middle of removing one (`tests/tests/expire_safety.rs`). Read only here; not for
+//! production use.
 
+use std::collections::BTreeSet;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use clap::Args;
 use storage::layout::{self, BackupId, GenerationId, RepoKey};
-use storage::{RepoKind, Repository};
+use storage::{ContentKind, PutMode, RepoKind, Repository};
 use wire::pg::{SegmentName, TimelineId};
 
 use crate::catalog::pg::{Backup, PgCatalog};
@@ -95,7 +110,7 @@ async fn expire_pg(
         .map(|b| Candidate {
             id: b.id.to_string(),
             restorable_from: b.stop_time,
-            pinned: false,
+            pinned: b.pinned,
         })
         .collect();
     let p = plan(&candidates, policy, now);
@@ -114,18 +129,27 @@ async fn expire_pg(
     // WAL before the oldest kept backup's start restores nothing that is kept.
     let cutoff: Option<(u64, &BackupId)> =
         kept.iter().map(|b| (size.segment_of(b.start), &b.id)).min();
-    let oldest_kept_id = kept.iter().map(|b| b.id.as_str()).min();
-    // Leftovers of an interrupted expire: directories without backup.json, older than
-    // every kept backup (a backup in progress is newer than the newest complete one).
-    let orphans: Vec<&BackupId> = cat
-        .backups
-        .incomplete
-        .iter()
-        .filter(|id| oldest_kept_id.is_some_and(|k| id.as_str() < k))
-        .collect();
-    for id in &orphans {
-        println!("remove  {id} (left by an interrupted expire: no backup.json)");
-    }
+    let oldest_kept_id = kept.iter().map(|b| b.id.to_string()).min();
+    let complete: BTreeSet<String> = backups.iter().map(|b| b.id.to_string()).collect();
+    let found = Found {
+        complete: &complete,
+        incomplete: cat
+            .backups
+            .incomplete
+            .iter()
+            .map(|i| i.to_string())
+            .collect(),
+        expiring: cat.backups.expiring.iter().map(|i| i.to_string()).collect(),
+    };
+    let orphans = leftovers(
+        repo,
+        Engine::Postgres,
+        &found,
+        &p,
+        oldest_kept_id.as_deref(),
+        now,
+    )
+    .await?;
     let inv = &cat.wal;
     let mut wal: Vec<RepoKey> = Vec::new();
     if let Some((cut, _)) = &cutoff {
@@ -162,46 +186,51 @@ async fn expire_pg(
     if dry {
         return Ok(());
     }
-    for id in &p.expire {
-        let id = BackupId::parse(id)?;
-        remove_backup(repo, &id).await?;
-    }
-    for id in orphans {
-        remove_prefix(repo, &layout::base_backup_prefix(id)).await?;
-    }
+    let expired = remove_expired(repo, Engine::Postgres, &p).await?;
+    finish_leftovers(repo, Engine::Postgres, &orphans).await?;
     for k in &wal {
         repo.delete(k)
             .await
             .with_context(|| format!("deleting {k}"))?;
     }
-    println!(
-        "expired {} backups and {} WAL objects",
-        p.expire.len(),
-        wal.len()
-    );
+    println!("expired {expired} backups and {} WAL objects", wal.len());
     Ok(())
 }
 
-/// Makes the backup invisible (its backup.json first), then deletes its data.
-async fn remove_backup(repo: &Repository, id: &BackupId) -> Result<()> {
-    let manifest = layout::base_backup_manifest(id);
-    repo.delete(&manifest)
+/// Whether `pin` exists now (a pin set after the plan was made still keeps the backup).
+async fn pinned_now(repo: &Repository, pin: &RepoKey) -> Result<bool> {
+    repo.exists(pin)
         .await
-        .with_context(|| format!("deleting {manifest}"))?;
-    remove_prefix(repo, &layout::base_backup_prefix(id)).await
+        .with_context(|| format!("reading {pin}"))
 }
 
-async fn remove_prefix(repo: &Repository, prefix: &RepoKey) -> Result<()> {
+/// The test hook's delay before each data deletion (see the module docs).
+fn test_delete_delay() -> Option<std::time::Duration> {
+    std::env::var("SYNCBRIDGE_TEST_DELETE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
+}
+
+/// Deletes every object under `prefix`, `last` (the tombstone) after all the others.
+async fn remove_prefix(repo: &Repository, prefix: &RepoKey, last: &RepoKey) -> Result<()> {
     let objects = repo
         .list(prefix)
         .await
         .with_context(|| format!("listing {prefix}"))?;
-    for o in objects {
+    let delay = test_delete_delay();
+    for o in objects.iter().filter(|o| &o.key != last) {
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         repo.delete(&o.key)
             .await
             .with_context(|| format!("deleting {}", o.key))?;
     }
-    Ok(())
+    repo.delete(last)
+        .await
+        .with_context(|| format!("deleting {last}"))
 }
 
 async fn expire_redis(
@@ -221,10 +250,36 @@ async fn expire_redis(
             id: g.id.as_str().to_string(),
             restorable_from: DateTime::from_timestamp_millis(g.manifest.snapshot_unix_ms)
                 .context("snapshot time out of range")?,
-            pinned: false,
+            pinned: g.pinned,
         });
     }
-    let p = plan(&candidates, policy, now);
+    let mut p = plan(&candidates, policy, now);
+    let facts: Vec<GenFacts> = cat
+        .generations
+        .iter()
+        .map(|g| GenFacts {
+            end_offset: g.end_offset(),
+            snapshot_offset: g.manifest.snapshot_offset,
+            snapshot_ms: g.manifest.snapshot_unix_ms,
+            last_write_ms: g.last_write.map(|t| t.timestamp_millis()),
+        })
+        .collect();
+    for i in still_written(&facts, now.timestamp_millis()) {
+        let id = cat.generations[i].id.as_str();
+        if let Some(at) = p.expire.iter().position(|x| x == id) {
+            p.expire.remove(at);
+            let at = p
+                .keep
+                .iter()
+                .position(|k| k.as_str() > id)
+                .unwrap_or(p.keep.len());
+            p.keep.insert(at, id.to_string());
+            p.reasons.insert(
+                at,
+                "still being written: the stream has not reached the next snapshot's offset",
+            );
+        }
+    }
     let stored = |id: &str| {
         cat.generations
             .iter()
@@ -233,14 +288,13 @@ async fn expire_redis(
     };
     print_plan(&p, "generation", stored);
     let oldest_kept = p.keep.iter().min().cloned();
-    let orphans: Vec<&GenerationId> = cat
-        .incomplete
-        .iter()
-        .filter(|id| oldest_kept.as_deref().is_some_and(|k| id.as_str() < k))
-        .collect();
-    for id in &orphans {
-        println!("remove  {id} (no generation.json, older than every kept generation)");
-    }
+    let complete: BTreeSet<String> = cat.generations.iter().map(|g| g.id.to_string()).collect();
+    let found = Found {
+        complete: &complete,
+        incomplete: cat.incomplete.iter().map(|i| i.to_string()).collect(),
+        expiring: cat.expiring.iter().map(|i| i.to_string()).collect(),
+    };
+    let orphans = leftovers(repo, Engine::Redis, &found, &p, oldest_kept.as_deref(), now).await?;
     let freed: u64 = p.expire.iter().map(|id| stored(id)).sum();
     println!(
         "{}: {} generations kept, {} expired ({})",
@@ -252,17 +306,251 @@ async fn expire_redis(
     if dry {
         return Ok(());
     }
+    let expired = remove_expired(repo, Engine::Redis, &p).await?;
+    finish_leftovers(repo, Engine::Redis, &orphans).await?;
+    println!("expired {expired} generations");
+    Ok(())
+}
+
+/// How long an incomplete backup or generation directory without a tombstone must have been
+/// left unwritten before `expire` calls it failed and removes it: a backup waiting for its
+/// WAL (`--wal-timeout`) or one overlapping another is still being written.
+const STALE_INCOMPLETE: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
+/// What [`still_written`] needs of one generation.
+#[derive(Debug, Clone, Copy)]
+struct GenFacts {
+    /// Where its stored stream ends.
+    end_offset: u64,
+    /// Its snapshot's offset.
+    snapshot_offset: u64,
+    /// When its snapshot was taken (Unix ms).
+    snapshot_ms: i64,
+    /// When its newest object was stored (Unix ms).
+    last_write_ms: Option<i64>,
+}
+
+/// Generations (indexes, oldest first) that `redis stream` may still be writing although a
+/// newer one exists: after it stores the next snapshot the stream goes on appending to the
+/// old generation until that one's stream reaches the new snapshot's offset
+/// (`redis/stream.rs`, "switched to the new generation"). Such a generation's chain ends
+/// before the next snapshot's offset and it was written after that snapshot began; a
+/// one-shot `redis snapshot` generation never is (nothing writes it after its manifest),
+/// and one left like that by a killed stream stops counting once unwritten for
+/// [`STALE_INCOMPLETE`].
+fn still_written(gens: &[GenFacts], now_ms: i64) -> Vec<usize> {
+    let stale = STALE_INCOMPLETE.num_milliseconds();
+    gens.windows(2)
+        .enumerate()
+        .filter(|(_, w)| {
+            let (g, next) = (w[0], w[1]);
+            g.end_offset < next.snapshot_offset
+                && g.last_write_ms
+                    .is_some_and(|t| t >= next.snapshot_ms && now_ms - t < stale)
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Which kind of repository: the keys of one backup (PostgreSQL) or generation (Redis).
+#[derive(Clone, Copy)]
+enum Engine {
+    Postgres,
+    Redis,
+}
+
+impl Engine {
+    fn what(self) -> &'static str {
+        match self {
+            Engine::Postgres => "backup",
+            Engine::Redis => "generation",
+        }
+    }
+
+    /// (prefix, manifest, tombstone, pin) of `id`.
+    fn keys(self, id: &str) -> Result<(RepoKey, RepoKey, RepoKey, RepoKey)> {
+        Ok(match self {
+            Engine::Postgres => {
+                let id = BackupId::parse(id)?;
+                (
+                    layout::base_backup_prefix(&id),
+                    layout::base_backup_manifest(&id),
+                    layout::base_backup_expiring(&id),
+                    layout::base_backup_pin(&id),
+                )
+            }
+            Engine::Redis => {
+                let id = GenerationId::parse(id)?;
+                (
+                    layout::redis_generation_prefix(&id),
+                    layout::redis_generation_manifest(&id),
+                    layout::redis_generation_expiring(&id),
+                    layout::redis_generation_pin(&id),
+                )
+            }
+        })
+    }
+
+    fn content(self) -> ContentKind {
+        match self {
+            Engine::Postgres => ContentKind::BaseBackupManifest,
+            Engine::Redis => ContentKind::RedisManifest,
+        }
+    }
+}
+
+/// What the catalog listed, by id.
+struct Found<'a> {
+    complete: &'a BTreeSet<String>,
+    incomplete: BTreeSet<String>,
+    expiring: BTreeSet<String>,
+}
+
+/// A directory to finish removing.
+struct Leftover {
+    id: String,
+    /// Its tombstone to delete last, or a stale tombstone beside a kept manifest.
+    only_tombstone: bool,
+}
+
+/// What the next steps remove besides the plan: directories an interrupted expire left
+/// (a tombstone, no manifest: whatever the age), failed backups or snapshots (no manifest,
+/// no tombstone, older than every kept one and unwritten for [`STALE_INCOMPLETE`]), and
+/// stale tombstones beside a manifest the plan keeps (the run that wrote them was killed
+/// before it removed anything).
+async fn leftovers(
+    repo: &Repository,
+    engine: Engine,
+    found: &Found<'_>,
+    p: &Plan,
+    oldest_kept: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Leftover>> {
+    let what = engine.what();
+    let mut out = Vec::new();
+    for id in &found.expiring {
+        if !found.complete.contains(id) {
+            println!("remove  {id} (left by an interrupted expire: no manifest, a tombstone)");
+            out.push(Leftover {
+                id: id.clone(),
+                only_tombstone: false,
+            });
+        } else if p.keep.contains(id) {
+            println!("keep    {what} {id} (an interrupted expire had only marked it; unmarking)");
+            out.push(Leftover {
+                id: id.clone(),
+                only_tombstone: true,
+            });
+        }
+    }
+    for id in &found.incomplete {
+        if found.expiring.contains(id) || oldest_kept.is_none_or(|k| id.as_str() >= k) {
+            continue;
+        }
+        let (prefix, ..) = engine.keys(id)?;
+        let newest = repo
+            .list(&prefix)
+            .await
+            .with_context(|| format!("listing {prefix}"))?
+            .iter()
+            .map(|o| o.last_modified)
+            .max();
+        match newest {
+            Some(t) if now - t >= STALE_INCOMPLETE => {
+                println!(
+                    "remove  {id} (incomplete and unwritten since {}: a failed {what})",
+                    crate::pg::backup_manifest::format_time(t)
+                );
+                out.push(Leftover {
+                    id: id.clone(),
+                    only_tombstone: false,
+                });
+            }
+            _ => println!(
+                "leave   {id} (incomplete, written to within {}h: may still be in progress)",
+                STALE_INCOMPLETE.num_hours()
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// Removes the plan's expired backups or generations, each in the order a kill cannot
+/// turn into a lie: the tombstone, the manifest (invisible from here on), the data, the
+/// tombstone last. A pin set since the plan was made keeps one.
+async fn remove_expired(repo: &Repository, engine: Engine, p: &Plan) -> Result<usize> {
+    let what = engine.what();
+    let mut expired = 0;
     for id in &p.expire {
-        let id = GenerationId::parse(id)?;
-        let manifest = layout::redis_generation_manifest(&id);
+        let (prefix, manifest, tombstone, pin) = engine.keys(id)?;
+        if pinned_now(repo, &pin).await? {
+            println!("keep    {what} {id} (pinned while expire ran)");
+            continue;
+        }
+        let record = serde_json::json!({
+            "expiring_since": crate::pg::backup_manifest::format_time(Utc::now()),
+        });
+        repo.put(
+            &tombstone,
+            engine.content(),
+            bytes::Bytes::from(record.to_string()),
+            PutMode::Overwrite,
+        )
+        .await
+        .with_context(|| format!("writing {tombstone}"))?;
         repo.delete(&manifest)
             .await
             .with_context(|| format!("deleting {manifest}"))?;
-        remove_prefix(repo, &layout::redis_generation_prefix(&id)).await?;
+        remove_prefix(repo, &prefix, &tombstone).await?;
+        expired += 1;
     }
-    for id in orphans {
-        remove_prefix(repo, &layout::redis_generation_prefix(id)).await?;
+    Ok(expired)
+}
+
+/// Finishes what [`leftovers`] found.
+async fn finish_leftovers(repo: &Repository, engine: Engine, left: &[Leftover]) -> Result<()> {
+    for l in left {
+        let (prefix, _, tombstone, _) = engine.keys(&l.id)?;
+        if l.only_tombstone {
+            repo.delete(&tombstone)
+                .await
+                .with_context(|| format!("deleting {tombstone}"))?;
+        } else {
+            remove_prefix(repo, &prefix, &tombstone).await?;
+        }
     }
-    println!("expired {} generations", p.expire.len());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(end: u64, snap: u64, snap_ms: i64, last: i64) -> GenFacts {
+        GenFacts {
+            end_offset: end,
+            snapshot_offset: snap,
+            snapshot_ms: snap_ms,
+            last_write_ms: Some(last),
+        }
+    }
+
+    #[test]
+    fn a_generation_is_open_until_its_stream_reaches_the_next_snapshot() {
+        let now = 10_000_000;
+        // One-shot snapshots: no chunks, nothing written after the next one began.
+        let shots = [g(100, 100, 1_000, 1_050), g(300, 300, 2_000, 2_050)];
+        assert!(still_written(&shots, now).is_empty());
+        // A stream that switched: the old chain reaches the new snapshot's offset.
+        let switched = [g(500, 100, 1_000, 9_000), g(500, 500, 8_000, 9_500)];
+        assert!(still_written(&switched, now).is_empty());
+        // Switching: the old chain is short of it and was written after it began.
+        let switching = [g(450, 100, 1_000, 9_000), g(500, 500, 8_000, 9_500)];
+        assert_eq!(still_written(&switching, now), [0]);
+        // Left like that by a killed stream a day ago: no longer open.
+        let day = STALE_INCOMPLETE.num_milliseconds();
+        assert!(still_written(&switching, 9_000 + day).is_empty());
+        // The newest is never in the list (the plan always keeps it).
+        assert!(still_written(&switching[1..], now).is_empty());
+    }
 }

@@ -133,6 +133,8 @@ pub struct PgBackup {
     pub server_version: String,
     /// Tablespaces: oid and recorded location.
     pub tablespaces: Vec<PgTablespace>,
+    /// Pinned (`backup pin`): `expire` never removes it.
+    pub pinned: bool,
 }
 
 /// A tablespace of a backup.
@@ -214,6 +216,8 @@ pub struct RedisGeneration {
     pub keys: u64,
     /// When its newest object was stored.
     pub last_write: Option<DateTime<Utc>>,
+    /// Pinned (`backup pin`): `expire` never removes it.
+    pub pinned: bool,
 }
 
 async fn list(args: ListArgs) -> Result<ExitCode> {
@@ -271,6 +275,7 @@ async fn pg_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
                     location: t.location.clone(),
                 })
                 .collect(),
+            pinned: b.pinned,
         })
         .collect();
     let inv = &cat.wal;
@@ -359,6 +364,7 @@ async fn redis_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport>
             stored_bytes: g.stored_bytes,
             keys: m.snapshot.keys_per_db.values().sum(),
             last_write: g.last_write,
+            pinned: g.pinned,
         });
     }
     let restorable = cat.generations.first().and_then(|oldest| {
@@ -401,7 +407,7 @@ fn print_text(r: &ListReport) {
             }
             for b in &pg.backups {
                 println!(
-                    "  {}  {} .. {}  LSN {} .. {}  timeline {}  {} ({} stored)  PostgreSQL {}",
+                    "  {}  {} .. {}  LSN {} .. {}  timeline {}  {} ({} stored)  PostgreSQL {}{}",
                     b.id,
                     format_time(b.start_time),
                     format_time(b.stop_time),
@@ -410,7 +416,8 @@ fn print_text(r: &ListReport) {
                     b.timeline,
                     human(b.size_bytes),
                     human(b.stored_bytes),
-                    b.server_version
+                    b.server_version,
+                    if b.pinned { "  PINNED" } else { "" }
                 );
                 for t in &b.tablespaces {
                     if let (Some(oid), Some(loc)) = (t.oid, &t.location) {
@@ -475,7 +482,7 @@ fn print_text(r: &ListReport) {
             }
             for g in &redis.generations {
                 println!(
-                    "  {}  snapshot {} at offset {} ({} keys, {})  stream to offset {} in {} chunks{}",
+                    "  {}  snapshot {} at offset {} ({} keys, {})  stream to offset {} in {} chunks{}{}",
                     g.id,
                     format_time(g.snapshot_time),
                     g.snapshot_offset,
@@ -490,7 +497,8 @@ fn print_text(r: &ListReport) {
                         )
                     } else {
                         String::new()
-                    }
+                    },
+                    if g.pinned { "  PINNED" } else { "" }
                 );
             }
             for id in &redis.incomplete_generations {

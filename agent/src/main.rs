@@ -13,6 +13,7 @@ mod http;
 mod job;
 mod list;
 mod pg;
+mod pin;
 mod redis;
 mod repo_cmd;
 mod restore;

@@ -16,10 +16,16 @@
 //! postgres/base/<backup-id>/data/<seq 10 digits>    base backup data chunks, in stream order
 //! postgres/base/<backup-id>/backup_manifest         the server's backup_manifest
 //! postgres/base/<backup-id>/backup.json             agent's backup manifest, written LAST
+//! postgres/base/<backup-id>/pinned                  present while the backup is pinned:
+//!                                                   `expire` never removes it (JSON)
+//! postgres/base/<backup-id>/expiring                written by `expire` before it deletes
+//!                                                   backup.json, deleted last (JSON)
 //! redis/gen/<generation-id>/snapshot.rdb            the RDB snapshot of a generation
 //! redis/gen/<generation-id>/chunks/<start 20 digits>-<end 20 digits>
 //!                                                   replication stream bytes [start, end)
 //! redis/gen/<generation-id>/generation.json         generation manifest
+//! redis/gen/<generation-id>/pinned                  present while the generation is pinned
+//! redis/gen/<generation-id>/expiring                `expire` is removing it (as above)
 //! leases/postgres-stream/<tli>/<generation 16 hex>  writer lease of `postgres stream` on a
 //!                                                   timeline (JSON, never encrypted; lease.rs)
 //! leases/redis-stream/<generation 16 hex>           writer lease of `redis stream`
@@ -489,6 +495,33 @@ pub fn base_backup_manifest(id: &BackupId) -> RepoKey {
     RepoKey(format!("postgres/base/{id}/backup.json"))
 }
 
+/// The pin of a base backup: while this object exists `expire` keeps the backup. One small
+/// object written or deleted whole, so a kill leaves the backup either pinned or not.
+pub fn base_backup_pin(id: &BackupId) -> RepoKey {
+    RepoKey(format!("postgres/base/{id}/pinned"))
+}
+
+/// The backup a [`base_backup_pin`] key pins; `None` for any other key.
+pub fn parse_base_backup_pin(key: &RepoKey) -> Option<BackupId> {
+    let rest = key.as_str().strip_prefix("postgres/base/")?;
+    let id = rest.strip_suffix("/pinned")?;
+    BackupId::parse(id).ok()
+}
+
+/// The tombstone `expire` writes before it removes a backup's `backup.json` and deletes
+/// last: a directory with it is the leftover of an interrupted expire (safe to finish),
+/// one without it and without `backup.json` may be a backup still being written.
+pub fn base_backup_expiring(id: &BackupId) -> RepoKey {
+    RepoKey(format!("postgres/base/{id}/expiring"))
+}
+
+/// The backup a [`base_backup_expiring`] key belongs to; `None` for any other key.
+pub fn parse_base_backup_expiring(key: &RepoKey) -> Option<BackupId> {
+    let rest = key.as_str().strip_prefix("postgres/base/")?;
+    let id = rest.strip_suffix("/expiring")?;
+    BackupId::parse(id).ok()
+}
+
 /// What a key under `postgres/base/` is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BaseBackupObject {
@@ -582,6 +615,30 @@ pub fn redis_chunk(id: &GenerationId, start: u64, end: u64) -> RepoKey {
 /// The generation manifest.
 pub fn redis_generation_manifest(id: &GenerationId) -> RepoKey {
     RepoKey(format!("redis/gen/{id}/generation.json"))
+}
+
+/// The pin of a Redis generation (see [`base_backup_pin`]).
+pub fn redis_generation_pin(id: &GenerationId) -> RepoKey {
+    RepoKey(format!("redis/gen/{id}/pinned"))
+}
+
+/// The generation a [`redis_generation_pin`] key pins; `None` for any other key.
+pub fn parse_redis_generation_pin(key: &RepoKey) -> Option<GenerationId> {
+    let rest = key.as_str().strip_prefix("redis/gen/")?;
+    let id = rest.strip_suffix("/pinned")?;
+    GenerationId::parse(id).ok()
+}
+
+/// The tombstone of a generation being expired (see [`base_backup_expiring`]).
+pub fn redis_generation_expiring(id: &GenerationId) -> RepoKey {
+    RepoKey(format!("redis/gen/{id}/expiring"))
+}
+
+/// The generation a [`redis_generation_expiring`] key belongs to; `None` for any other key.
+pub fn parse_redis_generation_expiring(key: &RepoKey) -> Option<GenerationId> {
+    let rest = key.as_str().strip_prefix("redis/gen/")?;
+    let id = rest.strip_suffix("/expiring")?;
+    GenerationId::parse(id).ok()
 }
 
 /// What a key under `redis/gen/` is.
@@ -781,5 +838,30 @@ mod tests {
         assert_eq!(parse_lease(LeaseScope::RedisStream, &r), Some(1));
         let bad = RepoKey::parse("leases/redis-stream/1").unwrap();
         assert_eq!(parse_lease(LeaseScope::RedisStream, &bad), None);
+    }
+
+    #[test]
+    fn pin_keys_round_trip_and_are_nothing_else() {
+        let b = BackupId::parse("20261201T100000Z").unwrap();
+        let k = base_backup_pin(&b);
+        assert_eq!(k.as_str(), "postgres/base/20261201T100000Z/pinned");
+        assert_eq!(parse_base_backup_pin(&k), Some(b.clone()));
+        assert_eq!(parse_base_backup_key(&k), None);
+        assert_eq!(parse_base_backup_pin(&base_backup_manifest(&b)), None);
+        let g = GenerationId::parse("20261201T100000Z-abc").unwrap();
+        let k = redis_generation_pin(&g);
+        assert_eq!(k.as_str(), "redis/gen/20261201T100000Z-abc/pinned");
+        assert_eq!(parse_redis_generation_pin(&k), Some(g.clone()));
+        assert_eq!(parse_redis_key(&k), None);
+        assert_eq!(parse_redis_generation_pin(&redis_snapshot(&g)), None);
+        let nested = RepoKey::parse("postgres/base/a/data/pinned").unwrap();
+        assert_eq!(parse_base_backup_pin(&nested), None);
+        let t = base_backup_expiring(&b);
+        assert_eq!(parse_base_backup_expiring(&t), Some(b.clone()));
+        assert_eq!(parse_base_backup_pin(&t), None);
+        assert_eq!(parse_base_backup_key(&t), None);
+        let t = redis_generation_expiring(&g);
+        assert_eq!(parse_redis_generation_expiring(&t), Some(g.clone()));
+        assert_eq!(parse_redis_key(&t), None);
     }
 }

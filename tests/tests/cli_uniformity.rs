@@ -64,6 +64,8 @@ fn every_repo_command() -> Vec<Vec<&'static str>> {
         vec!["repo", "check"],
         vec!["restore", "--target", "/nonexistent/t"],
         vec!["list"],
+        vec!["backup", "pin", "20261201T100000Z"],
+        vec!["backup", "unpin", "20261201T100000Z"],
     ]
 }
 

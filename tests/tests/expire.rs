@@ -33,6 +33,22 @@ fn files_under(dir: &std::path::Path) -> usize {
         .sum()
 }
 
+/// The time a refusal names as "the earliest restorable time is T".
+fn earliest_named(stderr: &str) -> chrono::DateTime<chrono::Utc> {
+    let rest = stderr
+        .split("the earliest restorable time is ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no earliest restorable time named: {stderr}"));
+    let word = rest.split_whitespace().next().unwrap();
+    parse_time(word.trim_end_matches([',', ';', '.', ')']))
+}
+
+fn parse_time(s: &str) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap_or_else(|e| panic!("{s:?}: {e}"))
+        .to_utc()
+}
+
 fn run(args: &[&str]) -> std::process::Output {
     agent().args(args).output().unwrap()
 }
@@ -154,6 +170,13 @@ fn pg16_expire_keep_full_two_keeps_every_moment_after_the_second_backup() {
     assert!(
         !out.status.success(),
         "restore before the oldest kept backup passed:\n{}",
+        text(&out)
+    );
+    // The refusal names the earliest restorable time: the end of the oldest kept backup.
+    assert_eq!(
+        earliest_named(&String::from_utf8_lossy(&out.stderr)),
+        parse_time(second["stop_time"].as_str().unwrap()),
+        "{}",
         text(&out)
     );
 

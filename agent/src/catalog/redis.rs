@@ -36,6 +36,8 @@ pub struct Generation {
     pub stored_bytes: u64,
     /// When its newest object was written (the store's time).
     pub last_write: Option<DateTime<Utc>>,
+    /// Pinned (`backup pin`): never expired.
+    pub pinned: bool,
 }
 
 impl Generation {
@@ -54,6 +56,8 @@ pub struct RedisCatalog {
     pub generations: Vec<Generation>,
     /// Generation directories without a manifest (in progress, or failed).
     pub incomplete: Vec<GenerationId>,
+    /// Generations with an `expiring` tombstone: an `expire` began removing them.
+    pub expiring: std::collections::BTreeSet<GenerationId>,
 }
 
 impl RedisCatalog {
@@ -68,9 +72,20 @@ impl RedisCatalog {
             chunks: Vec<(u64, u64, RepoKey)>,
             bytes: u64,
             last: Option<DateTime<Utc>>,
+            pinned: bool,
         }
         let mut by_id: BTreeMap<GenerationId, Seen> = BTreeMap::new();
+        let mut pinned = std::collections::BTreeSet::new();
+        let mut expiring = std::collections::BTreeSet::new();
         for meta in listed {
+            if let Some(id) = layout::parse_redis_generation_pin(&meta.key) {
+                pinned.insert(id);
+                continue;
+            }
+            if let Some(id) = layout::parse_redis_generation_expiring(&meta.key) {
+                expiring.insert(id);
+                continue;
+            }
             let Some(object) = layout::parse_redis_key(&meta.key) else {
                 continue;
             };
@@ -83,6 +98,7 @@ impl RedisCatalog {
                 chunks: Vec::new(),
                 bytes: 0,
                 last: None,
+                pinned: false,
             });
             seen.bytes += meta.size;
             seen.last = seen.last.max(Some(meta.last_modified));
@@ -92,7 +108,15 @@ impl RedisCatalog {
                 RedisObject::Snapshot(_) => {}
             }
         }
-        let mut out = RedisCatalog::default();
+        for id in pinned {
+            if let Some(seen) = by_id.get_mut(&id) {
+                seen.pinned = true;
+            }
+        }
+        let mut out = RedisCatalog {
+            expiring,
+            ..RedisCatalog::default()
+        };
         let mut complete = Vec::new();
         for (id, seen) in by_id {
             if seen.manifest {
@@ -119,6 +143,7 @@ impl RedisCatalog {
                     orphans,
                     stored_bytes: seen.bytes,
                     last_write: seen.last,
+                    pinned: seen.pinned,
                 })
             })
             .buffered(PARALLEL_READS)

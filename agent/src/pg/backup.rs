@@ -68,6 +68,10 @@ pub struct BackupArgs {
     /// smaller, up to 19 for archives that are written once and kept long.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     compress_level: i32,
+    /// Pin the backup: `expire` never removes it (`backup unpin ID` releases it). The pin is
+    /// written before the backup becomes complete, so no expire sees it unpinned.
+    #[arg(long)]
+    pin: bool,
 }
 
 /// Runs `postgres backup`.
@@ -236,9 +240,15 @@ pub async fn run(args: BackupArgs) -> Result<ExitCode> {
         chunks,
         server_manifest_sha256: server_manifest.sha256_hex(),
     };
+    if args.pin {
+        crate::pin::write_pin(&repo, &layout::base_backup_pin(&id), RepoKind::Postgres).await?;
+    }
     m.store(&repo).await?;
     let secs = started.elapsed().as_secs_f64();
-    println!("backup:      {id} (complete)");
+    println!(
+        "backup:      {id} (complete{})",
+        if args.pin { ", pinned" } else { "" }
+    );
     println!(
         "server:      {} (system identifier {})",
         m.server_version, m.system_identifier

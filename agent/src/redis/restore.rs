@@ -90,7 +90,7 @@ pub async fn restore(
     };
     let generation = catalog.for_time(to_time).with_context(|| {
         format!(
-            "no generation starts at or before {}: the oldest snapshot was taken at {}, the earliest restorable moment",
+            "no generation starts at or before {}: the earliest restorable time is {}, when the oldest stored snapshot was taken (older generations were expired or never taken)",
             fmt_ms(to_time.unwrap_or_default()),
             fmt_ms(oldest.manifest.snapshot_unix_ms)
         )

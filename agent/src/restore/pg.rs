@@ -323,12 +323,13 @@ fn choose_backup(
     match best {
         Some(b) => Ok(b.manifest.clone()),
         None => {
-            let (what, when) = match target {
-                Target::Time(_) => ("ended at", format_time(oldest.stop_time)),
-                _ => ("ends at LSN", oldest.stop.to_string()),
+            // After `expire`, the oldest kept backup's end is the earliest restorable moment.
+            let (what, when, ended) = match target {
+                Target::Time(_) => ("time", format_time(oldest.stop_time), "ended at"),
+                _ => ("LSN", oldest.stop.to_string(), "ends at LSN"),
             };
             bail!(
-                "no complete base backup ends before the target {}: it is earlier than the oldest backup, {} (which {what} {when}); the earliest restorable moment is {when}",
+                "no complete base backup ends before the target {}: it is earlier than the oldest backup, {} (which {ended} {when}); the earliest restorable {what} is {when}",
                 target.describe(),
                 oldest.id
             )

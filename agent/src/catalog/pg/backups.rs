@@ -1,13 +1,17 @@
-//! The base backups of a PostgreSQL repository: one delimiter listing of `postgres/base/`
-//! for the ids, then each `backup.json` (read in parallel), parsed once into typed fields.
-//! A backup whose `backup.json` is absent is incomplete (in progress, failed, waiting for
-//! its WAL, or half removed by an interrupted `expire`) and never restored.
+//! The base backups of a PostgreSQL repository: one listing of `postgres/base/` (the ids,
+//! and per id its `backup.json`, `pinned` and `expiring` objects and last write), then each
+//! `backup.json` (read in parallel), parsed once into typed fields. A backup whose
+//! `backup.json` is absent is incomplete (in progress, failed, waiting for its WAL, or half
+//! removed by an interrupted `expire`, which leaves its `expiring` tombstone) and never
+//! restored.
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt, TryStreamExt};
-use storage::layout::{self, BackupId};
-use storage::{Repository, StorageError};
+use storage::layout::{self, BackupId, BaseBackupObject};
+use storage::Repository;
 use wire::pg::{Lsn, TimelineId, WalSegmentSize};
 
 use crate::pg::backup_manifest::BackupManifest;
@@ -34,6 +38,8 @@ pub struct Backup {
     pub segment_size: WalSegmentSize,
     /// The whole manifest (files, data objects, tablespaces) for restore and verify.
     pub manifest: BackupManifest,
+    /// Pinned (`backup pin`): never expired.
+    pub pinned: bool,
 }
 
 impl Backup {
@@ -49,6 +55,7 @@ impl Backup {
             stop_time: manifest.stop_at()?,
             segment_size: manifest.segment_size()?,
             manifest,
+            pinned: false,
         })
     }
 }
@@ -60,49 +67,57 @@ pub struct BackupCatalog {
     pub complete: Vec<Backup>,
     /// Ids with objects but no `backup.json`, oldest first.
     pub incomplete: Vec<BackupId>,
+    /// Ids with an `expiring` tombstone: an `expire` began removing them.
+    pub expiring: BTreeSet<BackupId>,
+    /// When each id's newest object was written (the store's clock).
+    pub last_write: BTreeMap<BackupId, DateTime<Utc>>,
 }
 
 impl BackupCatalog {
-    /// Lists the backup ids (a delimiter listing), then reads each `backup.json`.
+    /// Lists `postgres/base/`, then reads each `backup.json`.
     pub async fn load(repo: &Repository) -> Result<BackupCatalog> {
-        let dirs = repo
-            .list_dirs(&layout::base_backups_prefix())
+        let objects = repo
+            .list(&layout::base_backups_prefix())
             .await
             .context("listing base backups")?;
-        let ids: Vec<BackupId> = dirs
-            .iter()
-            .filter_map(|d| {
-                let name = d.as_str().trim_end_matches('/').rsplit('/').next()?;
-                BackupId::parse(name).ok()
-            })
-            .collect();
-        let loaded: Vec<(BackupId, Option<BackupManifest>)> = stream::iter(ids)
+        let mut out = BackupCatalog::default();
+        let mut all = BTreeSet::new();
+        let mut done = BTreeSet::new();
+        let mut pinned = BTreeSet::new();
+        for o in objects {
+            let id = if let Some(id) = layout::parse_base_backup_pin(&o.key) {
+                pinned.insert(id.clone());
+                id
+            } else if let Some(id) = layout::parse_base_backup_expiring(&o.key) {
+                out.expiring.insert(id.clone());
+                id
+            } else {
+                match layout::parse_base_backup_key(&o.key) {
+                    Some(BaseBackupObject::Manifest(id)) => {
+                        done.insert(id.clone());
+                        id
+                    }
+                    Some(
+                        BaseBackupObject::Chunk { id, .. } | BaseBackupObject::ServerManifest(id),
+                    ) => id,
+                    None => continue,
+                }
+            };
+            let last = out.last_write.entry(id.clone()).or_insert(o.last_modified);
+            *last = (*last).max(o.last_modified);
+            all.insert(id);
+        }
+        out.incomplete = all.difference(&done).cloned().collect();
+        out.complete = stream::iter(done)
             .map(|id| async move {
-                let m = match BackupManifest::load(repo, &id).await {
-                    Ok(m) => Some(m),
-                    Err(e) if is_not_found(&e) => None,
-                    Err(e) => return Err(e),
-                };
-                Ok::<_, anyhow::Error>((id, m))
+                let m = BackupManifest::load(repo, &id).await?;
+                Backup::from_manifest(m)
             })
             .buffered(PARALLEL_READS)
             .try_collect()
             .await?;
-        let mut out = BackupCatalog::default();
-        for (id, m) in loaded {
-            match m {
-                Some(m) => out.complete.push(Backup::from_manifest(m)?),
-                // A directory left empty (a local store keeps directories) is no backup.
-                None => {
-                    let objects = repo
-                        .list(&layout::base_backup_prefix(&id))
-                        .await
-                        .with_context(|| format!("listing backup {id}"))?;
-                    if !objects.is_empty() {
-                        out.incomplete.push(id);
-                    }
-                }
-            }
+        for b in &mut out.complete {
+            b.pinned = pinned.contains(&b.id);
         }
         Ok(out)
     }
@@ -124,13 +139,4 @@ impl BackupCatalog {
         }
         bail!("there is no backup {id} in {repo_url}");
     }
-}
-
-fn is_not_found(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<StorageError>(),
-            Some(StorageError::NotFound { .. })
-        )
-    })
 }
