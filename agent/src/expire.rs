@@ -70,15 +70,21 @@ async fn expire(args: ExpireArgs) -> Result<ExitCode> {
         bail!("expire needs a policy: --keep-full N and/or --keep-within DURATION");
     }
     let repo = args.repo.open()?;
+    apply(&repo, &policy, args.dry_run).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Applies `policy` to `repo` now (what `expire` and `run`'s retention do): prints the plan,
+/// then, unless `dry_run`, carries it out.
+pub async fn apply(repo: &Repository, policy: &Policy, dry_run: bool) -> Result<()> {
     let Some(marker) = repo.read_marker().await? else {
         bail!("{} is not a SyncBridge repository (no marker)", repo.url());
     };
     let now = Utc::now();
     match marker.kind {
-        RepoKind::Postgres => expire_pg(&repo, &policy, now, args.dry_run).await?,
-        RepoKind::Redis => expire_redis(&repo, &policy, now, args.dry_run).await?,
+        RepoKind::Postgres => expire_pg(repo, policy, now, dry_run).await,
+        RepoKind::Redis => expire_redis(repo, policy, now, dry_run).await,
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn print_plan(p: &Plan, what: &str, stored: impl Fn(&str) -> u64) {

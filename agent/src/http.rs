@@ -37,6 +37,12 @@ pub enum JobKind {
     PostgresStream,
     /// `redis stream`.
     RedisStream,
+    /// Scheduled base backups (and the expire after each).
+    PostgresBackup,
+    /// Scheduled expire of a Redis repository.
+    RedisExpire,
+    /// Scheduled verify of a repository.
+    Verify,
 }
 
 impl JobKind {
@@ -45,6 +51,24 @@ impl JobKind {
         match self {
             JobKind::PostgresStream => "postgres_stream",
             JobKind::RedisStream => "redis_stream",
+            JobKind::PostgresBackup => "postgres_backup",
+            JobKind::RedisExpire => "redis_expire",
+            JobKind::Verify => "verify",
+        }
+    }
+
+    /// Streams must be streaming for the process to be ready; scheduled jobs need not.
+    pub fn is_stream(self) -> bool {
+        matches!(self, JobKind::PostgresStream | JobKind::RedisStream)
+    }
+
+    /// Whether a job in `state` counts as up: a stream streams; a scheduled job is running
+    /// or idle and its last run did not fail.
+    fn up(self, state: &JobState) -> bool {
+        if self.is_stream() {
+            state.phase == Phase::Running
+        } else {
+            matches!(state.phase, Phase::Running | Phase::Idle) && state.last_error.is_none()
         }
     }
 }
@@ -147,9 +171,49 @@ impl Collector for JobsCollector {
             e,
             &jobs,
             "syncbridge_job_up",
-            "1 when the job is doing its work (streaming), 0 when starting, waiting, retrying or stopped",
+            "1 when the job is doing its work: a stream streaming, a scheduled job whose last run succeeded",
             None,
-            |s, _| Some(if s.phase == Phase::Running { 1.0 } else { 0.0 }),
+            |s, k| Some(if k.up(s) { 1.0 } else { 0.0 }),
+        )?;
+        let backup = |k: JobKind| k == JobKind::PostgresBackup;
+        gauge(
+            e,
+            &jobs,
+            "syncbridge_backup_last_success_timestamp_seconds",
+            "When the last scheduled base backup completed (Unix time)",
+            None,
+            |s, k| backup(k).then_some(unix_seconds(s.last_success_at?)),
+        )?;
+        gauge(
+            e,
+            &jobs,
+            "syncbridge_backup_duration_seconds",
+            "How long the last successful base backup took, waiting for its WAL included",
+            None,
+            |s, k| backup(k).then_some(s.last_run_duration?.as_secs_f64()),
+        )?;
+        gauge(
+            e,
+            &jobs,
+            "syncbridge_first_recoverability_timestamp_seconds",
+            "The earliest moment the repository can restore to (the end of its oldest backup or the oldest snapshot), after the last backup and expire",
+            None,
+            |s, _| Some(unix_seconds(s.first_recoverable_at?)),
+        )?;
+        gauge(
+            e,
+            &jobs,
+            "syncbridge_verify_last_success_timestamp_seconds",
+            "When the last scheduled verify found the repository healthy (Unix time)",
+            None,
+            |s, k| (k == JobKind::Verify).then_some(unix_seconds(s.last_success_at?)),
+        )?;
+        counter(
+            e,
+            &jobs,
+            "syncbridge_job_failures",
+            "Runs of a scheduled job that failed",
+            |s, k| (!k.is_stream()).then_some(s.failures),
         )?;
         gauge(
             e,
@@ -228,7 +292,7 @@ impl Collector for JobsCollector {
 fn readiness(jobs: &[Watched], max_lag: Duration) -> (bool, String) {
     let mut ok = true;
     let mut text = String::new();
-    for w in jobs {
+    for w in jobs.iter().filter(|w| w.kind.is_stream()) {
         let s = w.state.borrow().clone();
         let lag = s.lag.unwrap_or_default();
         let why = match s.phase {

@@ -28,6 +28,8 @@ pub enum Phase {
     Running,
     /// Waiting for a usable server or for another writer to let go ([`JobState::waiting_for`]).
     Waiting,
+    /// A scheduled job between two runs.
+    Idle,
     /// Between attempts after a transient error.
     Retrying,
     /// Cancelled: storing what it has, then stopping.
@@ -59,6 +61,14 @@ pub struct JobState {
     pub retries: u64,
     /// Bytes of the source's stream made durable by this process (WAL, replication stream).
     pub durable_bytes_total: u64,
+    /// A scheduled job: when its last run succeeded.
+    pub last_success_at: Option<DateTime<Utc>>,
+    /// A scheduled job: how long its last successful run took.
+    pub last_run_duration: Option<Duration>,
+    /// A scheduled job: runs that failed.
+    pub failures: u64,
+    /// The earliest moment the repository can restore to, as the job last saw it.
+    pub first_recoverable_at: Option<DateTime<Utc>>,
 }
 
 /// The sending side of a job's state.
@@ -288,6 +298,85 @@ async fn supervise_in_span(
         }
         delay = (delay * 2).min(backoff.max);
     }
+}
+
+/// When a scheduled job retries a failed run: a minute, doubling, at most an hour (and never
+/// later than its next scheduled run).
+const SCHEDULED_RETRY: Backoff = Backoff {
+    initial: Duration::from_secs(60),
+    max: Duration::from_secs(3600),
+    reset_after: Duration::ZERO,
+};
+
+/// Runs `work` at the times of `schedule` until `ctl.token` is cancelled (a run in progress
+/// is abandoned: what it wrote stays incomplete, and is never taken for complete). Each
+/// run's outcome is published; a failed run is retried with backoff, but not later than the
+/// next scheduled run.
+pub async fn scheduled(
+    name: &str,
+    schedule: &crate::config::Schedule,
+    ctl: &Control,
+    mut work: impl AsyncFnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use tracing::Instrument;
+    let span = tracing::info_span!("job", job = name);
+    async {
+        let mut previous: Option<DateTime<Utc>> = None;
+        let mut retry: Option<Duration> = None;
+        loop {
+            let scheduled = schedule.next_delay(Utc::now(), previous);
+            let delay = retry.map_or(scheduled, |r| r.min(scheduled));
+            ctl.status.update(|s| s.phase = Phase::Idle);
+            if !delay.is_zero() {
+                tracing::debug!("next run in {}s", delay.as_secs());
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = ctl.token.cancelled() => break,
+            }
+            let began_at = Utc::now();
+            let began = Instant::now();
+            ctl.status.update(|s| s.phase = Phase::Running);
+            let outcome = tokio::select! {
+                r = work() => r,
+                () = ctl.token.cancelled() => {
+                    tracing::info!("stopping: the run in progress is abandoned");
+                    break;
+                }
+            };
+            match outcome {
+                Ok(()) => {
+                    previous = Some(began_at);
+                    retry = None;
+                    ctl.status.update(|s| {
+                        s.last_success_at = Some(Utc::now());
+                        s.last_run_duration = Some(began.elapsed());
+                        s.last_error = None;
+                    });
+                }
+                Err(e) => {
+                    let next = retry.map_or(SCHEDULED_RETRY.initial, |r| {
+                        (r * 2).min(SCHEDULED_RETRY.max)
+                    });
+                    tracing::error!(
+                        "run failed: {e:#}; trying again in {}s at the latest",
+                        next.as_secs()
+                    );
+                    // A failed run does not move the schedule: the retry comes first.
+                    previous = previous.or(Some(began_at));
+                    retry = Some(next);
+                    ctl.status.update(|s| {
+                        s.failures += 1;
+                        s.last_error = Some(format!("{e:#}"));
+                    });
+                }
+            }
+        }
+        ctl.status.update(|s| s.phase = Phase::Stopped);
+        Ok(())
+    }
+    .instrument(span)
+    .await
 }
 
 /// Cancels `token` on the first SIGINT or SIGTERM; a second one exits the process at once

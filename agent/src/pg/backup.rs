@@ -34,6 +34,7 @@ use super::backup_manifest::{
 use super::backup_progress::{human, Progress};
 use super::cli::{RepoArgs, SourceArgs};
 use super::conn::{ConnectMode, CopyMessage, PgConnection, QueryResult};
+use super::conninfo::ConnInfo;
 use crate::catalog::pg::WalInventory;
 
 /// Largest server `backup_manifest` we buffer (about 200 bytes per file).
@@ -74,14 +75,63 @@ pub struct BackupArgs {
     pin: bool,
 }
 
+/// Validated settings of one base backup (what `postgres backup` and `run`'s schedule take).
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// The server.
+    pub source: ConnInfo,
+    /// Where to write (opened with the data objects' compression level).
+    pub repo: Repository,
+    /// `BASE_BACKUP` label; `syncbridge <id>` when `None`.
+    pub label: Option<String>,
+    /// Spread the starting checkpoint instead of checkpointing at once.
+    pub spread_checkpoint: bool,
+    /// Largest data object.
+    pub chunk_bytes: u64,
+    /// How long to wait for the backup's WAL to reach the repository.
+    pub wal_timeout: Duration,
+    /// Pin the backup (never expired).
+    pub pin: bool,
+}
+
+impl BackupArgs {
+    /// The options these arguments say.
+    pub fn options(&self) -> Result<BackupOptions> {
+        let repo = self.repo.open_with(RepoOptions {
+            compression_level: Some(self.compress_level),
+            ..self.repo.options()?
+        })?;
+        Ok(BackupOptions {
+            source: self.source.conninfo()?,
+            repo,
+            label: self.label.clone(),
+            spread_checkpoint: self.spread_checkpoint,
+            chunk_bytes: self.chunk_mib << 20,
+            wal_timeout: self.wal_timeout,
+            pin: self.pin,
+        })
+    }
+}
+
+/// A completed backup.
+#[derive(Debug, Clone)]
+pub struct BackupDone {
+    /// Its id.
+    pub id: BackupId,
+    /// How long it took, WAL wait included.
+    pub duration: Duration,
+}
+
 /// Runs `postgres backup`.
 pub async fn run(args: BackupArgs) -> Result<ExitCode> {
-    let info = args.source.conninfo()?;
-    let opts = RepoOptions {
-        compression_level: Some(args.compress_level),
-        ..args.repo.options()?
-    };
-    let repo = args.repo.open_with(opts)?;
+    take(&args.options()?).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Takes one base backup, prints its summary, and returns it once `backup.json` is stored.
+pub async fn take(args: &BackupOptions) -> Result<BackupDone> {
+    let info = args.source.clone();
+    let repo = args.repo.clone();
     let started = Instant::now();
     let start_time = chrono::Utc::now();
 
@@ -141,7 +191,7 @@ pub async fn run(args: BackupArgs) -> Result<ExitCode> {
         tablespaces.len()
     );
 
-    let mut chunker = Chunker::new(repo.clone(), id.clone(), args.chunk_mib << 20);
+    let mut chunker = Chunker::new(repo.clone(), id.clone(), args.chunk_bytes);
     let mut progress = Progress::new("backup", Some(estimate));
     let mut manifest = Vec::new();
     let end_results = if major >= 15 {
@@ -277,7 +327,10 @@ pub async fn run(args: BackupArgs) -> Result<ExitCode> {
         data_secs,
         human((tar_bytes as f64 / data_secs.max(1e-3)) as u64)
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(BackupDone {
+        id,
+        duration: started.elapsed(),
+    })
 }
 
 /// The `BASE_BACKUP` command for the server's major version.
