@@ -288,6 +288,9 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
     ticker.stop();
     report.objects_verified = tally.0;
     report.bytes_verified = tally.1;
+    // By key, so a missing chunk comes before the chunks after it; stable, so one
+    // object's problems keep the order they were found in.
+    report.problems.sort_by(|a, b| a.key.cmp(&b.key));
     report.problems.dedup();
     report.objects_damaged = report
         .problems
@@ -528,24 +531,21 @@ async fn run_job(ctx: &Ctx, job: &Job) -> (Outcome, u64) {
             let key = layout::base_backup_chunk(id, c.seq);
             match read_pieces(repo, &key, c, |_, _, _| Ok(())).await {
                 Ok((pieces, info)) => {
-                    let recorded = hex::decode(&c.sha256)
-                        .ok()
-                        .and_then(|d| <[u8; 32]>::try_from(d).ok());
-                    match recorded {
-                        Some(sha) if !info.matches_content(&sha, c.bytes) => {
-                            out.problems.push(problem(
-                                &key,
-                                format!(
-                                    "holds {} bytes that are not the ones backup {id} recorded ({} bytes, SHA-256 {})",
-                                    info.original_len, c.bytes, c.sha256
-                                ),
-                            ));
-                        }
-                        None => out.problems.push(problem(
-                            layout::base_backup_manifest(id),
-                            format!("data object {} has no valid SHA-256 recorded", c.seq),
-                        )),
-                        Some(_) => out.pieces = Some((*backup, pieces)),
+                    // `backup.json` records the digest the object's trailer holds (bound to
+                    // its key in format version 2) and its original length.
+                    if info.sha256_hex() != c.sha256 || info.original_len != c.bytes {
+                        out.problems.push(problem(
+                            &key,
+                            format!(
+                                "is not the object backup {id} recorded: {} bytes with digest {}, backup.json has {} bytes with {}",
+                                info.original_len,
+                                info.sha256_hex(),
+                                c.bytes,
+                                c.sha256
+                            ),
+                        ));
+                    } else {
+                        out.pieces = Some((*backup, pieces));
                     }
                     return (out, info.stored_len);
                 }
