@@ -33,7 +33,7 @@
 //! itself (the repository cannot be listed) also exits 1. `--output json` prints the
 //! versioned document of `docs/verify-json.md` (`syncbridge.verify/1`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -629,7 +629,6 @@ async fn wal_problems(
             }
         }
     }
-    let mut histories: HashMap<u32, Option<TimelineHistory>> = HashMap::new();
     let mut named: HashSet<String> = HashSet::new();
     let targets: std::collections::BTreeSet<u32> = inv
         .timelines
@@ -643,12 +642,9 @@ async fn wal_problems(
         .collect();
     for target in targets {
         let tid = TimelineId::new(target)?;
+        // Only a timeline after a backup's is reached through its history file.
         let history = if backups.iter().any(|b| b.1.get() < target) {
-            if !histories.contains_key(&target) {
-                let h = load_history(repo, inv, tid, report).await;
-                histories.insert(target, h);
-            }
-            histories.get(&target).cloned().flatten()
+            load_history(repo, inv, tid, report).await
         } else {
             None
         };
@@ -711,9 +707,9 @@ async fn load_history(
         // Read (and any damage named) with every other object.
         Err(_) => return None,
     };
-    match check_history_file(&data, tli).and_then(|()| {
-        TimelineHistory::parse(&data).with_context(|| format!("parsing {key}"))
-    }) {
+    match check_history_file(&data, tli)
+        .and_then(|()| TimelineHistory::parse(&data).with_context(|| format!("parsing {key}")))
+    {
         Ok(h) => Some(h),
         Err(e) => {
             report.problems.push(problem(&key, format!("{e:#}")));

@@ -133,7 +133,11 @@ fn pg_verify_healthy_then_names_each_damage_and_stops_the_clock() {
     // Healthy: exit 0, text and JSON.
     let out = verify(&url, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(stdout(&out).contains("status:      healthy"), "{}", text(&out));
+    assert!(
+        stdout(&out).contains("status:      healthy"),
+        "{}",
+        text(&out)
+    );
     let out = verify(&url, &["--output", "json", "--jobs", "2"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let v = json(&out);
@@ -206,7 +210,10 @@ fn pg_verify_healthy_then_names_each_damage_and_stops_the_clock() {
 
     // Two data objects' contents exchanged: both named.
     let (u, r) = copy_repo(&repo, scratch.path(), "swapped-data");
-    let (a, b) = (r.join(key_of(&repo, &data[0])), r.join(key_of(&repo, &data[2])));
+    let (a, b) = (
+        r.join(key_of(&repo, &data[0])),
+        r.join(key_of(&repo, &data[2])),
+    );
     let tmp = r.join("swap.tmp");
     std::fs::rename(&a, &tmp).unwrap();
     std::fs::rename(&b, &a).unwrap();
@@ -289,12 +296,8 @@ fn redis_repo() -> RedisRepo {
     };
     for phase in 0..8 {
         for i in 0..20 {
-            c.cmd(&[
-                "SET".to_string(),
-                format!("k:{phase}:{i}"),
-                "v".repeat(50),
-            ])
-            .unwrap();
+            c.cmd(&["SET".to_string(), format!("k:{phase}:{i}"), "v".repeat(50)])
+                .unwrap();
         }
         std::thread::sleep(Duration::from_millis(250));
         if phase >= 3 && repo.chunks().len() >= 4 {
