@@ -412,12 +412,12 @@ async fn verify_postgres(
         }
     }
 
-    let ctx = Ctx {
+    let ctx = Arc::new(Ctx {
         repo: repo.clone(),
         manifests,
         wal_expect: Some(wal_expect),
-    };
-    let outcomes = run_jobs(&ctx, work, jobs, tally).await;
+    });
+    let outcomes = run_jobs(&ctx, work, jobs, tally).await?;
     let mut pieces: BTreeMap<usize, Written> = BTreeMap::new();
     let mut server: BTreeMap<usize, Vec<ServerManifestFile>> = BTreeMap::new();
     let mut broken_backups: HashSet<usize> = HashSet::new();
@@ -487,21 +487,34 @@ fn describe_files(m: &BackupManifest, c: &DataChunk) -> String {
     format!("files {}", names.join(", "))
 }
 
-/// Runs the jobs, `jobs` at a time, counting each object read in `tally`.
-async fn run_jobs(ctx: &Ctx, work: Vec<Job>, jobs: usize, tally: &Tally) -> Vec<Outcome> {
-    stream::iter(work)
-        .map(|job| async move {
-            let o = run_job(ctx, &job).await;
-            // A vanished object was not read; everything else was (a damaged one up to its
-            // damage).
-            if !o.0.vanished {
-                tally.add(o.1);
-            }
-            o.0
+/// Runs the jobs, `jobs` at a time, each on a task of its own (so checksums are computed
+/// on every core), counting each object read in `tally`.
+async fn run_jobs(
+    ctx: &Arc<Ctx>,
+    work: Vec<Job>,
+    jobs: usize,
+    tally: &Arc<Tally>,
+) -> Result<Vec<Outcome>> {
+    let results: Vec<_> = stream::iter(work)
+        .map(|job| {
+            let (ctx, tally) = (ctx.clone(), tally.clone());
+            tokio::spawn(async move {
+                let (o, stored) = run_job(&ctx, &job).await;
+                // A vanished object was not read; everything else was (a damaged one up
+                // to its damage).
+                if !o.vanished {
+                    tally.add(stored);
+                }
+                o
+            })
         })
         .buffer_unordered(jobs.max(1))
         .collect()
-        .await
+        .await;
+    results
+        .into_iter()
+        .map(|r| r.context("a verify task failed"))
+        .collect()
 }
 
 /// One job: its outcome and the stored bytes read.
@@ -795,12 +808,12 @@ async fn verify_redis(
         .filter(|m| !claimed.contains(&m.key) && !skipped(&m.key))
         .map(|m| Job::Plain(m.key))
         .collect();
-    let ctx = Ctx {
+    let ctx = Arc::new(Ctx {
         repo: repo.clone(),
         manifests: Vec::new(),
         wal_expect: None,
-    };
-    for o in run_jobs(&ctx, work, jobs, tally).await {
+    });
+    for o in run_jobs(&ctx, work, jobs, tally).await? {
         report.problems.extend(o.problems);
     }
     for g in &cat.generations {
@@ -952,5 +965,159 @@ fn print_text(r: &VerifyReport, max_age: Option<Duration>) {
             r.problems.len(),
             r.objects_damaged
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use bytes::Bytes;
+    use storage::{ContentKind, PutMode, RepoOptions};
+
+    fn manifest(id: &str, tli: u32, start: &str, stop: &str) -> BackupManifest {
+        BackupManifest {
+            version: 1,
+            id: id.into(),
+            label: String::new(),
+            system_identifier: "1".into(),
+            server_version: "15".into(),
+            server_major: 15,
+            timeline: tli,
+            start_lsn: start.into(),
+            stop_lsn: stop.into(),
+            stop_timeline: tli,
+            start_time: String::new(),
+            stop_time: String::new(),
+            wal_archived_time: String::new(),
+            wal_segment_size: 16 << 20,
+            total_bytes: 0,
+            stored_bytes: 0,
+            tablespaces: Vec::new(),
+            entries: Vec::new(),
+            chunks: Vec::new(),
+            server_manifest_sha256: String::new(),
+        }
+    }
+
+    fn empty_report() -> VerifyReport {
+        VerifyReport {
+            schema: VERIFY_SCHEMA,
+            url: String::new(),
+            kind: "postgres",
+            status: Status::Healthy,
+            started: Utc::now(),
+            elapsed_seconds: 0.0,
+            objects: 0,
+            objects_verified: 0,
+            objects_damaged: 0,
+            bytes_verified: 0,
+            backups: 0,
+            timelines: 0,
+            generations: 0,
+            problems: Vec::new(),
+            newest_time: None,
+            newest_kind: "wal",
+            age_seconds: None,
+            max_age_seconds: None,
+            stale: false,
+        }
+    }
+
+    /// The continuity check follows the history file from the backup's timeline to the
+    /// next, names a segment missing on the newer timeline (not the older one's copy that
+    /// recovery does not read), and names the history file a timeline with WAL lacks.
+    #[test]
+    fn wal_continuity_follows_the_history_chain_and_names_what_is_missing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
+            let two = layout::TimelineId::new(2).unwrap();
+            repo.put(
+                &layout::timeline_history(two),
+                ContentKind::TimelineHistory,
+                Bytes::from_static(b"1\t0/5000100\tno recovery target specified\n"),
+                PutMode::CreateNew,
+            )
+            .await
+            .unwrap();
+            let mut inv = WalInventory::default();
+            inv.timelines
+                .entry(1)
+                .or_default()
+                .segments
+                .extend([2u64, 3, 4, 5]);
+            // Segment 7 of timeline 2 is missing; timeline 1 never had it either.
+            inv.timelines
+                .entry(2)
+                .or_default()
+                .segments
+                .extend([5u64, 6, 8]);
+            inv.histories.insert(2);
+            // Timeline 3 has WAL but no history file.
+            inv.timelines.entry(3).or_default().segments.insert(9);
+            let id = BackupId::parse("20261201T000000Z").unwrap();
+            let manifests = vec![(
+                id,
+                manifest("20261201T000000Z", 1, "0/2000028", "0/2000100"),
+            )];
+            let mut report = empty_report();
+            wal_problems(
+                &repo,
+                &inv,
+                &manifests,
+                WalSegmentSize::DEFAULT,
+                &mut report,
+            )
+            .await
+            .unwrap();
+            let keys: Vec<&str> = report.problems.iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(
+                keys,
+                [
+                    "postgres/wal/00000002/000000020000000000000007",
+                    "postgres/wal/00000003/00000003.history"
+                ],
+                "{:#?}",
+                report.problems
+            );
+            assert!(report.problems[0].problem.contains("timeline 2"));
+            assert_eq!(report.timelines, 2);
+
+            // The backup's own WAL (start to stop) missing is named once.
+            let mut inv = WalInventory::default();
+            inv.timelines.entry(1).or_default().segments.extend([3u64]);
+            let mut report = empty_report();
+            wal_problems(
+                &repo,
+                &inv,
+                &manifests,
+                WalSegmentSize::DEFAULT,
+                &mut report,
+            )
+            .await
+            .unwrap();
+            let keys: Vec<&str> = report.problems.iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(keys, ["postgres/wal/00000001/000000010000000000000002"]);
+        });
+    }
+
+    #[test]
+    fn redis_problems_are_keyed_by_the_object_they_name() {
+        let fallback = RepoKey::parse("redis/gen/g").unwrap();
+        let p = redis_problem(
+            &fallback,
+            "redis/gen/g/chunks/1-2: at offset 5: bad command",
+        );
+        assert_eq!(p.key, "redis/gen/g/chunks/1-2");
+        assert_eq!(p.problem, "at offset 5: bad command");
+        let p = redis_problem(&fallback, "object redis/gen/g/snapshot.rdb is corrupt: x");
+        assert_eq!(p.key, "redis/gen/g/snapshot.rdb");
+        assert_eq!(p.problem, "is corrupt: x");
+        let p = redis_problem(&fallback, "something without a key");
+        assert_eq!(p.key, "redis/gen/g");
     }
 }
