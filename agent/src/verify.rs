@@ -374,7 +374,8 @@ async fn verify_postgres(
     for (b, (id, m)) in manifests.iter().enumerate() {
         for (c, chunk) in m.chunks.iter().enumerate() {
             let key = layout::base_backup_chunk(id, chunk.seq);
-            if present.contains(&key) {
+            // A backup that completed after the listing has objects the listing missed.
+            if present.contains(&key) || repo.exists(&key).await? {
                 work.push(Job::BackupChunk {
                     backup: b,
                     chunk: c,
@@ -392,7 +393,7 @@ async fn verify_postgres(
             claimed.insert(key);
         }
         let key = layout::base_backup_server_manifest(id);
-        if present.contains(&key) {
+        if present.contains(&key) || repo.exists(&key).await? {
             work.push(Job::ServerManifest { backup: b });
         } else {
             report.problems.push(problem(

@@ -123,11 +123,26 @@ fn pg_verify_healthy_then_names_each_damage_and_stops_the_clock() {
     env.pg.sql_blocking("INSERT INTO t VALUES (0, 'tail')");
     let lsn = env.pg.query_one_blocking("SELECT pg_current_wal_lsn()");
     env.wait_archived(&lsn);
+    // Verified while the stream writes (segments completing, their deltas removed): an
+    // object the stream removes meanwhile is no damage.
+    let url = env.repo_url();
+    let busy = agent()
+        .args(["verify", "--repo", &url, "--jobs", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for i in 0..3 {
+        env.pg
+            .sql_blocking(&format!("INSERT INTO t VALUES ({}, 'during')", 200_000 + i));
+        env.pg.query_one_blocking("SELECT pg_switch_wal()");
+    }
+    let out = busy.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     // The stream stops: the repository no longer changes (and its clock starts).
     env.stream = None;
     let stopped = Instant::now();
     let repo = env.repo_path();
-    let url = env.repo_url();
     let scratch = tempfile::tempdir().unwrap();
 
     // Healthy: exit 0, text and JSON.
