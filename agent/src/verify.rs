@@ -67,6 +67,10 @@ pub const VERIFY_SCHEMA: &str = "syncbridge.verify/1";
 /// Exit status of a stale but intact repository.
 const EXIT_STALE: u8 = 2;
 
+/// How long to wait before looking again at WAL or a chunk chain that looks broken (a
+/// stream's concurrent uploads land out of order).
+const RECHECK_AFTER: Duration = Duration::from_secs(2);
+
 /// Missing segments of one hole named one by one; the rest are counted.
 const MAX_NAMED_SEGMENTS: u64 = 16;
 
@@ -461,8 +465,18 @@ async fn verify_postgres(
     }
 
     let (inv, newest) = WalInventory::load_with_times(repo, size).await?;
+    let (mut found, mut timelines) = wal_problems(repo, &inv, &ctx.manifests, size).await?;
     report.newest_time = newest;
-    wal_problems(repo, &inv, &ctx.manifests, size, report).await?;
+    if !found.is_empty() {
+        // A running stream stores several objects at once, so a listing may show a later
+        // segment or delta before an earlier one: look again before calling a hole damage.
+        tokio::time::sleep(RECHECK_AFTER).await;
+        let (inv, newest) = WalInventory::load_with_times(repo, size).await?;
+        (found, timelines) = wal_problems(repo, &inv, &ctx.manifests, size).await?;
+        report.newest_time = newest;
+    }
+    report.problems.extend(found);
+    report.timelines = timelines;
     Ok(tally_totals(tally))
 }
 
@@ -627,8 +641,9 @@ async fn wal_problems(
     inv: &WalInventory,
     manifests: &[(BackupId, BackupManifest)],
     size: WalSegmentSize,
-    report: &mut VerifyReport,
-) -> Result<()> {
+) -> Result<(Vec<Problem>, u64)> {
+    let mut problems = Vec::new();
+    let mut timelines = 0u64;
     for (tli, t) in &inv.timelines {
         let tli = TimelineId::new(*tli)?;
         for (segno, partials) in &t.partials {
@@ -637,9 +652,7 @@ async fn wal_problems(
             }
             let name = SegmentName::new(tli, *segno, size)?.to_string();
             if let Err(e) = partials.newest(&name) {
-                report
-                    .problems
-                    .push(problem(segment_key(&name)?, format!("{e:#}")));
+                problems.push(problem(segment_key(&name)?, format!("{e:#}")));
             }
         }
     }
@@ -658,7 +671,7 @@ async fn wal_problems(
         let tid = TimelineId::new(target)?;
         // Only a timeline after a backup's is reached through its history file.
         let history = if backups.iter().any(|b| b.1.get() < target) {
-            load_history(repo, inv, tid, report).await
+            load_history(repo, inv, tid, &mut problems).await
         } else {
             None
         };
@@ -675,27 +688,45 @@ async fn wal_problems(
         let Some((id, path, from)) = start else {
             continue;
         };
-        report.timelines += 1;
+        timelines += 1;
         let Some(end) = inv.newest_end(&path, size) else {
             continue;
         };
-        holes(inv, &path, from, end, size, &mut named, report, |g| {
-            format!(
+        holes(
+            inv,
+            &path,
+            from,
+            end,
+            size,
+            &mut named,
+            &mut problems,
+            |g| {
+                format!(
                 "missing: WAL {}..{} on timeline {target} is not in the repository (a restore from backup {id} cannot replay past {})",
                 g.from, g.to, g.from
             )
-        })?;
+            },
+        )?;
     }
     for (id, tli, start, stop) in &backups {
         let path = WalPath::from(*tli);
-        holes(inv, &path, *start, *stop, size, &mut named, report, |g| {
-            format!(
+        holes(
+            inv,
+            &path,
+            *start,
+            *stop,
+            size,
+            &mut named,
+            &mut problems,
+            |g| {
+                format!(
                 "missing: WAL {}..{} that backup {id} needs to be consistent (it ends at {stop})",
                 g.from, g.to
             )
-        })?;
+            },
+        )?;
     }
-    Ok(())
+    Ok((problems, timelines))
 }
 
 /// A timeline's history file, read and checked; `None` (with a problem) if missing or bad.
@@ -703,12 +734,12 @@ async fn load_history(
     repo: &Repository,
     inv: &WalInventory,
     tli: TimelineId,
-    report: &mut VerifyReport,
+    problems: &mut Vec<Problem>,
 ) -> Option<TimelineHistory> {
     let lt = layout::TimelineId::new(tli.get()).ok()?;
     let key = layout::timeline_history(lt);
     if !inv.histories.contains(&tli.get()) {
-        report.problems.push(problem(
+        problems.push(problem(
             &key,
             format!(
                 "missing: timeline {tli} has WAL but no history file, so recovery cannot follow it"
@@ -726,7 +757,7 @@ async fn load_history(
     {
         Ok(h) => Some(h),
         Err(e) => {
-            report.problems.push(problem(&key, format!("{e:#}")));
+            problems.push(problem(&key, format!("{e:#}")));
             None
         }
     }
@@ -746,7 +777,7 @@ fn holes(
     to: Lsn,
     size: WalSegmentSize,
     named: &mut HashSet<String>,
-    report: &mut VerifyReport,
+    problems: &mut Vec<Problem>,
     text: impl Fn(&crate::catalog::pg::WalGap) -> String,
 ) -> Result<()> {
     while let Some(g) = inv.gap(path, from, to, size) {
@@ -755,13 +786,13 @@ fn holes(
         for segno in first..=last.min(first + MAX_NAMED_SEGMENTS - 1) {
             let name = SegmentName::new(path.timeline_of(segno, size), segno, size)?.to_string();
             if named.insert(name.clone()) {
-                report.problems.push(problem(segment_key(&name)?, text(&g)));
+                problems.push(problem(segment_key(&name)?, text(&g)));
             }
         }
         if last >= first + MAX_NAMED_SEGMENTS {
             let name = format!("{}..{}", g.first_segment, g.last_segment);
             if named.insert(name.clone()) {
-                report.problems.push(problem(
+                problems.push(problem(
                     segment_key(&g.last_segment)?,
                     format!(
                         "{} more segments up to this one are missing too ({})",
@@ -817,9 +848,21 @@ async fn verify_redis(
     for o in run_jobs(&ctx, work, jobs, tally).await? {
         report.problems.extend(o.problems);
     }
-    for g in &cat.generations {
-        let check =
+    for (n, g) in cat.generations.iter().enumerate() {
+        let mut check =
             crate::redis::verify::check_generation(repo, g.manifest.clone(), jobs, tally).await?;
+        if n + 1 == cat.generations.len() && !check.is_ok() {
+            // The newest generation may be being written: a stream stores chunks
+            // concurrently, so one may be listed before the one it follows. Look again.
+            tokio::time::sleep(RECHECK_AFTER).await;
+            check = crate::redis::verify::check_generation(
+                repo,
+                g.manifest.clone(),
+                jobs,
+                &Tally::default(),
+            )
+            .await?;
+        }
         let snapshot_key = layout::redis_snapshot(&g.id);
         if let Err(e) = &check.snapshot {
             report.problems.push(redis_problem(&snapshot_key, e));
@@ -830,20 +873,25 @@ async fn verify_redis(
                 .push(redis_problem(&layout::redis_generation_prefix(&g.id), p));
         }
         // A chunk missing from the middle: name the key it should have.
-        if let (Some(first_orphan), Some(storage::layout::RedisObject::Chunk { start, .. })) = (
-            g.orphans.first(),
-            g.orphans.first().and_then(layout::parse_redis_key),
-        ) {
-            let end = g.end_offset();
-            if start > end {
-                report.problems.push(problem(
-                    layout::redis_chunk(&g.id, end, start),
-                    format!(
-                        "missing: the chunk chain of generation {} breaks at offset {end}; the next stored chunk is {first_orphan} (restores past offset {end} are impossible)",
-                        g.id
-                    ),
-                ));
-            }
+        let end = check.end_offset;
+        let next = check
+            .orphans
+            .iter()
+            .filter_map(|k| match layout::parse_redis_key(k) {
+                Some(storage::layout::RedisObject::Chunk { start, .. }) if start > end => {
+                    Some((start, k))
+                }
+                _ => None,
+            })
+            .min();
+        if let Some((start, next_key)) = next {
+            report.problems.push(problem(
+                layout::redis_chunk(&g.id, end, start),
+                format!(
+                    "missing: the chunk chain of generation {} breaks at offset {end}; the next stored chunk is {next_key} (restores past offset {end} are impossible)",
+                    g.id
+                ),
+            ));
         }
     }
     Ok(tally_totals(tally))
@@ -1001,30 +1049,6 @@ mod tests {
         }
     }
 
-    fn empty_report() -> VerifyReport {
-        VerifyReport {
-            schema: VERIFY_SCHEMA,
-            url: String::new(),
-            kind: "postgres",
-            status: Status::Healthy,
-            started: Utc::now(),
-            elapsed_seconds: 0.0,
-            objects: 0,
-            objects_verified: 0,
-            objects_damaged: 0,
-            bytes_verified: 0,
-            backups: 0,
-            timelines: 0,
-            generations: 0,
-            problems: Vec::new(),
-            newest_time: None,
-            newest_kind: "wal",
-            age_seconds: None,
-            max_age_seconds: None,
-            stale: false,
-        }
-    }
-
     /// The continuity check follows the history file from the backup's timeline to the
     /// next, names a segment missing on the newer timeline (not the older one's copy that
     /// recovery does not read), and names the history file a timeline with WAL lacks.
@@ -1065,43 +1089,29 @@ mod tests {
                 id,
                 manifest("20261201T000000Z", 1, "0/2000028", "0/2000100"),
             )];
-            let mut report = empty_report();
-            wal_problems(
-                &repo,
-                &inv,
-                &manifests,
-                WalSegmentSize::DEFAULT,
-                &mut report,
-            )
-            .await
-            .unwrap();
-            let keys: Vec<&str> = report.problems.iter().map(|p| p.key.as_str()).collect();
+            let (problems, timelines) =
+                wal_problems(&repo, &inv, &manifests, WalSegmentSize::DEFAULT)
+                    .await
+                    .unwrap();
+            let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
             assert_eq!(
                 keys,
                 [
                     "postgres/wal/00000002/000000020000000000000007",
                     "postgres/wal/00000003/00000003.history"
                 ],
-                "{:#?}",
-                report.problems
+                "{problems:#?}"
             );
-            assert!(report.problems[0].problem.contains("timeline 2"));
-            assert_eq!(report.timelines, 2);
+            assert!(problems[0].problem.contains("timeline 2"));
+            assert_eq!(timelines, 2);
 
             // The backup's own WAL (start to stop) missing is named once.
             let mut inv = WalInventory::default();
             inv.timelines.entry(1).or_default().segments.extend([3u64]);
-            let mut report = empty_report();
-            wal_problems(
-                &repo,
-                &inv,
-                &manifests,
-                WalSegmentSize::DEFAULT,
-                &mut report,
-            )
-            .await
-            .unwrap();
-            let keys: Vec<&str> = report.problems.iter().map(|p| p.key.as_str()).collect();
+            let (problems, _) = wal_problems(&repo, &inv, &manifests, WalSegmentSize::DEFAULT)
+                .await
+                .unwrap();
+            let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
             assert_eq!(keys, ["postgres/wal/00000001/000000010000000000000002"]);
         });
     }

@@ -292,6 +292,12 @@ impl RedisRepo {
 }
 
 fn redis_repo() -> RedisRepo {
+    redis_repo_verified_while_streaming(false)
+}
+
+/// [`redis_repo`]; with `busy`, `verify` also runs while the stream stores chunks under
+/// traffic and must find nothing wrong.
+fn redis_repo_verified_while_streaming(busy: bool) -> RedisRepo {
     let server = RedisServer::start(RedisFlavor::Redis7);
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("repo").display());
@@ -319,6 +325,21 @@ fn redis_repo() -> RedisRepo {
             break;
         }
     }
+    if busy {
+        let v = pg_support::agent()
+            .args(["verify", "--repo", &url])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        for i in 0..20 {
+            c.cmd(&["SET".to_string(), format!("busy:{i}"), "v".repeat(50)])
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = v.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    }
     std::thread::sleep(Duration::from_millis(400));
     assert!(agent.terminate(), "{}", agent.log_text());
     repo.stopped = Instant::now();
@@ -328,7 +349,7 @@ fn redis_repo() -> RedisRepo {
 
 #[test]
 fn redis_verify_healthy_repository_exits_0_with_the_json_schema() {
-    let r = redis_repo();
+    let r = redis_repo_verified_while_streaming(true);
     let out = verify(&r.url(), &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let out = verify(&r.url(), &["--output", "json", "--max-age", "1h"]);
