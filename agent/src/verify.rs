@@ -365,11 +365,10 @@ async fn verify_postgres(
             "no complete base backup: nothing in the repository can be restored",
         ));
     }
-    let size = manifests
-        .first()
-        .and_then(|(_, m)| m.segment_size().ok())
-        .unwrap_or(WalSegmentSize::DEFAULT);
-    let wal_expect = WalExpect::new(marker, Some(size), None)?;
+    // The backups say the segment size; without one, each segment's header says it.
+    let known_size = manifests.first().and_then(|(_, m)| m.segment_size().ok());
+    let size = known_size.unwrap_or(WalSegmentSize::DEFAULT);
+    let wal_expect = WalExpect::new(marker, known_size, None)?;
 
     // What to read: the data objects and server manifests the backups list (those missing
     // are problems now), every other object as WAL or as a plain object.
@@ -429,7 +428,7 @@ async fn verify_postgres(
     let backup_of = |key: &str| {
         ctx.manifests
             .iter()
-            .position(|(id, _)| key.starts_with(layout::base_backup_prefix(id).as_str()))
+            .position(|(id, _)| key.starts_with(&format!("{}/", layout::base_backup_prefix(id))))
     };
     for o in outcomes {
         for p in &o.problems {
@@ -453,7 +452,7 @@ async fn verify_postgres(
     // Each intact backup's files against its records (a damaged object was named already;
     // its files would only repeat it).
     for (b, (id, m)) in ctx.manifests.iter().enumerate() {
-        if broken_backups.contains(&b) {
+        if broken_backups.contains(&b) || !still_listed(repo, id).await {
             continue;
         }
         let files = server.remove(&b).unwrap_or_default();
@@ -577,6 +576,10 @@ async fn run_job(ctx: &Ctx, job: &Job) -> (Outcome, u64) {
                     }
                     return (out, info.stored_len);
                 }
+                // An expire running meanwhile removes `backup.json` first, then the data.
+                Err(e) if is_not_found(&e) && !still_listed(repo, id).await => {
+                    out.vanished = true;
+                }
                 Err(e) if is_not_found(&e) => out.problems.push(problem(
                     &key,
                     format!(
@@ -607,6 +610,9 @@ async fn run_job(ctx: &Ctx, job: &Job) -> (Outcome, u64) {
                 anyhow::Ok((data, info))
             };
             match read.await {
+                Err(e) if is_not_found(&e) && !still_listed(repo, id).await => {
+                    out.vanished = true;
+                }
                 Ok((data, info)) => {
                     if !m.server_manifest_sha256.is_empty()
                         && info.sha256_hex() != m.server_manifest_sha256
@@ -631,6 +637,14 @@ async fn run_job(ctx: &Ctx, job: &Job) -> (Outcome, u64) {
         }
     }
     (out, 0)
+}
+
+/// Whether backup `id` is still complete (an expire removes its `backup.json` first); a
+/// store error counts as yes, so the missing object is reported.
+async fn still_listed(repo: &Repository, id: &BackupId) -> bool {
+    repo.exists(&layout::base_backup_manifest(id))
+        .await
+        .unwrap_or(true)
 }
 
 /// WAL continuity: each delta chain of a segment in progress links; from the oldest backup
