@@ -8,6 +8,7 @@ use clap::Parser;
 mod catalog;
 mod cli;
 mod expire;
+mod job;
 mod list;
 mod pg;
 mod redis;
@@ -18,13 +19,7 @@ mod verify;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SYNCBRIDGE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cli::init_logging(cli.log_format);
     match cli::run(cli) {
         Ok(code) => code,
         Err(err) => {

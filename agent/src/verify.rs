@@ -49,12 +49,13 @@ use storage::layout::{self, BackupId, WalObject};
 use storage::{RepoKey, RepoKind, RepoMarker, Repository, StorageError};
 use wire::pg::{Lsn, SegmentName, TimelineHistory, TimelineId, WalSegmentSize};
 
-use crate::catalog::pg::{WalInventory, WalPath};
+use crate::catalog::pg::wal::WalGap;
+use crate::catalog::pg::{Backup, BackupCatalog, WalInventory, WalPath};
 use crate::catalog::redis::RedisCatalog;
 use crate::cli::RepoArgs;
 use crate::list::Output;
 use crate::pg::backup::{manifest_path, parse_server_manifest, ServerManifestFile};
-use crate::pg::backup_catalog::{list_backups, BackupManifest, DataChunk};
+use crate::pg::backup_manifest::{BackupManifest, DataChunk};
 use crate::pg::backup_progress::human;
 use crate::pg::wal_fetch::{check_history_file, WalExpect};
 use crate::redis::verify::Tally;
@@ -347,19 +348,15 @@ async fn verify_postgres(
     report: &mut VerifyReport,
 ) -> Result<(u64, u64)> {
     let present: HashSet<RepoKey> = listed.iter().map(|m| m.key.clone()).collect();
-    let backups = list_backups(repo).await?;
-    let mut manifests = Vec::new();
-    for id in &backups.complete {
-        match BackupManifest::load(repo, id).await {
-            Ok(m) => manifests.push((id.clone(), m)),
-            Err(e) => report
-                .problems
-                .push(error_problem(&layout::base_backup_manifest(id), &e)),
-        }
-    }
+    let mut manifests: Vec<(BackupId, BackupManifest)> = match BackupCatalog::load(repo).await {
+        Ok(c) => c.complete.into_iter().map(|b| (b.id, b.manifest)).collect(),
+        // A `backup.json` that cannot be read stops the catalog: read them one by one to
+        // name each that is damaged and verify the rest.
+        Err(_) => backups_one_by_one(repo, report).await?,
+    };
     manifests.sort_by_key(|(_, m)| m.start().unwrap_or_default());
     report.backups = manifests.len() as u64;
-    if backups.complete.is_empty() {
+    if manifests.is_empty() && report.problems.is_empty() {
         report.problems.push(problem(
             layout::base_backups_prefix(),
             "no complete base backup: nothing in the repository can be restored",
@@ -477,6 +474,40 @@ async fn verify_postgres(
     report.problems.extend(found);
     report.timelines = timelines;
     Ok(tally_totals(tally))
+}
+
+/// Each backup's `backup.json` read on its own: those that cannot be read or do not check
+/// out are problems, absent ones are backups in progress.
+async fn backups_one_by_one(
+    repo: &Repository,
+    report: &mut VerifyReport,
+) -> Result<Vec<(BackupId, BackupManifest)>> {
+    let dirs = repo
+        .list_dirs(&layout::base_backups_prefix())
+        .await
+        .context("listing base backups")?;
+    let mut out = Vec::new();
+    for d in dirs {
+        let Some(id) = d
+            .as_str()
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .and_then(|n| BackupId::parse(n).ok())
+        else {
+            continue;
+        };
+        let key = layout::base_backup_manifest(&id);
+        match BackupManifest::load(repo, &id).await {
+            Ok(m) => match Backup::from_manifest(m) {
+                Ok(b) => out.push((b.id, b.manifest)),
+                Err(e) => report.problems.push(problem(&key, format!("{e:#}"))),
+            },
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => report.problems.push(error_problem(&key, &e)),
+        }
+    }
+    Ok(out)
 }
 
 fn tally_totals(t: &Tally) -> (u64, u64) {
@@ -792,7 +823,7 @@ fn holes(
     size: WalSegmentSize,
     named: &mut HashSet<String>,
     problems: &mut Vec<Problem>,
-    text: impl Fn(&crate::catalog::pg::WalGap) -> String,
+    text: impl Fn(&WalGap) -> String,
 ) -> Result<()> {
     while let Some(g) = inv.gap(path, from, to, size) {
         let first = size.segment_of(g.from);
@@ -864,18 +895,21 @@ async fn verify_redis(
     }
     for (n, g) in cat.generations.iter().enumerate() {
         let mut check =
-            crate::redis::verify::check_generation(repo, g.manifest.clone(), jobs, tally).await?;
+            crate::redis::verify::check_generation(repo, g.clone(), jobs, tally).await?;
         if n + 1 == cat.generations.len() && !check.is_ok() {
             // The newest generation may be being written: a stream stores chunks
             // concurrently, so one may be listed before the one it follows. Look again.
             tokio::time::sleep(RECHECK_AFTER).await;
-            check = crate::redis::verify::check_generation(
-                repo,
-                g.manifest.clone(),
-                jobs,
-                &Tally::default(),
-            )
-            .await?;
+            let again = RedisCatalog::load(repo)
+                .await?
+                .generations
+                .into_iter()
+                .find(|x| x.id == g.id);
+            if let Some(again) = again {
+                check =
+                    crate::redis::verify::check_generation(repo, again, jobs, &Tally::default())
+                        .await?;
+            }
         }
         let snapshot_key = layout::redis_snapshot(&g.id);
         if let Err(e) = &check.snapshot {
@@ -1003,7 +1037,7 @@ fn print_text(r: &VerifyReport, max_age: Option<Duration>) {
     let newest = match (r.newest_time, r.age_seconds) {
         (Some(t), Some(age)) => format!(
             "stored {} ({} ago)",
-            crate::pg::backup_catalog::format_time(t),
+            crate::pg::backup_manifest::format_time(t),
             humantime::format_duration(Duration::from_secs(age as u64))
         ),
         _ => "none".into(),

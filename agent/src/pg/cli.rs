@@ -290,7 +290,7 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
     };
     let repo = args.repo.open_with(repo_opts)?;
     let slot = wire::pg::commands::SlotName::new(&args.slot)?;
-    super::stream::run(super::stream::StreamOptions {
+    let opts = super::stream::StreamOptions {
         source,
         repo,
         slot,
@@ -299,8 +299,8 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
         synchronous: args.synchronous,
         application_name: args.application_name,
         max_inflight: args.max_inflight.max(1),
-    })
-    .await?;
+    };
+    super::stream::run(opts, crate::job::Control::standalone()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
