@@ -216,6 +216,17 @@ fn pg_verify_healthy_then_names_each_damage_and_stops_the_clock() {
     let out = verify(&u, &[]);
     assert_names(&out, 1, &key_of(&repo, &data[1]), "flipped byte in data");
 
+    // A damaged backup.json: named, and the rest still verified.
+    let (u, r) = copy_repo(&repo, scratch.path(), "flipped-manifest");
+    let manifest_key = key_of(&repo, &backup_dir.join("backup.json"));
+    let victim = r.join(&manifest_key);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&victim, bytes).unwrap();
+    let out = verify(&u, &[]);
+    assert_names(&out, 1, &manifest_key, "flipped byte in backup.json");
+
     // A missing backup data object.
     let (u, r) = copy_repo(&repo, scratch.path(), "missing-data");
     std::fs::remove_file(r.join(key_of(&repo, &data[1]))).unwrap();
