@@ -27,6 +27,8 @@
 //! * **Staleness** (`--max-age`): the newest WAL object (segment, partial or delta) or the
 //!   newest object of the newest Redis generation, by the store's last-modified time, must
 //!   be younger than the limit: a stream that stopped shows here before a restore needs it.
+//!   (An idle PostgreSQL cluster writes no WAL, so its newest WAL ages with a healthy
+//!   stream; a Redis master pings its replicas every 10 s, so chunks keep coming.)
 //!
 //! Exit status: 0 healthy; 1 damaged (one line per problem naming the object's key); 2
 //! stale but intact. Damage wins over staleness. An error that stops the verification
