@@ -716,11 +716,26 @@ async fn wal_problems(
         .collect();
     for target in targets {
         let tid = TimelineId::new(target)?;
-        // Only a timeline after a backup's is reached through its history file.
-        let history = if backups.iter().any(|b| b.1.get() < target) {
-            load_history(repo, inv, tid, &mut problems).await
-        } else {
-            None
+        // Only a timeline after a backup's is reached through its history file, and only
+        // WAL from that backup's start on needs it (older WAL, e.g. left by an interrupted
+        // expire, is no restore's business).
+        let first_needed = backups
+            .iter()
+            .filter(|b| b.1.get() < target)
+            .map(|b| size.segment_of(b.2))
+            .min();
+        let history = match first_needed {
+            Some(first) => {
+                let needed = inv.timelines.get(&target).is_some_and(|t| {
+                    t.segments
+                        .last()
+                        .into_iter()
+                        .chain(t.partials.keys().next_back())
+                        .any(|s| *s >= first)
+                });
+                load_history(repo, inv, tid, needed, &mut problems).await
+            }
+            None => None,
         };
         // The oldest backup recovery can go from to this timeline.
         let start = backups.iter().find_map(|(id, btli, start, _)| {
@@ -776,16 +791,21 @@ async fn wal_problems(
     Ok((problems, timelines))
 }
 
-/// A timeline's history file, read and checked; `None` (with a problem) if missing or bad.
+/// A timeline's history file, read and checked; `None` if missing or bad (a problem when
+/// the timeline holds WAL a restore `needed`s, or the file is damaged).
 async fn load_history(
     repo: &Repository,
     inv: &WalInventory,
     tli: TimelineId,
+    needed: bool,
     problems: &mut Vec<Problem>,
 ) -> Option<TimelineHistory> {
     let lt = layout::TimelineId::new(tli.get()).ok()?;
     let key = layout::timeline_history(lt);
     if !inv.histories.contains(&tli.get()) {
+        if !needed {
+            return None;
+        }
         problems.push(problem(
             &key,
             format!(
@@ -1134,6 +1154,8 @@ mod tests {
             inv.histories.insert(2);
             // Timeline 3 has WAL but no history file.
             inv.timelines.entry(3).or_default().segments.insert(9);
+            // Timeline 4's WAL ends before the backup starts: no restore needs its history.
+            inv.timelines.entry(4).or_default().segments.insert(1);
             let id = BackupId::parse("20261201T000000Z").unwrap();
             let manifests = vec![(
                 id,
