@@ -253,14 +253,8 @@ pub struct Cli {
     /// Log lines on stderr: `text` for people, `json` (one object per line: timestamp,
     /// level, target, message, the event's fields, and the job's span) for a log pipeline.
     /// No colour unless stderr is a terminal. The filter is SYNCBRIDGE_LOG (default info).
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "text",
-        env = "SYNCBRIDGE_LOG_FORMAT"
-    )]
-    pub log_format: LogFormat,
+    #[arg(long, global = true, value_enum, env = "SYNCBRIDGE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -321,6 +315,10 @@ enum Command {
     /// healthy, 1 damaged (each object named), 2 stale. --output json for scripts
     /// (docs/verify-json.md).
     Verify(crate::verify::VerifyArgs),
+    /// The sidecar: run every job a configuration file describes (PostgreSQL and Redis
+    /// streams), with /healthz, /readyz and /metrics; packaging/agent.toml is the
+    /// commented example.
+    Run(crate::run::RunArgs),
 }
 
 /// Runs one command's future on a fresh multi-threaded runtime: every sub-command that
@@ -358,6 +356,21 @@ fn version_text() -> String {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Run(args) = cli.command {
+        // The configuration may choose the log format, so it is read first.
+        let config = crate::run::load(&args);
+        let from_config = config
+            .as_ref()
+            .ok()
+            .and_then(|c| c.agent.log_format.as_deref())
+            .map(|f| match f {
+                "json" => LogFormat::Json,
+                _ => LogFormat::Text,
+            });
+        init_logging(cli.log_format.or(from_config).unwrap_or(LogFormat::Text));
+        return crate::run::run(args, config?);
+    }
+    init_logging(cli.log_format.unwrap_or(LogFormat::Text));
     match cli.command {
         Command::Version => {
             print!("{}", version_text());
@@ -370,6 +383,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => crate::list::run(args),
         Command::Expire(args) => crate::expire::run(args),
         Command::Verify(args) => crate::verify::run(args),
+        Command::Run(_) => unreachable!("handled above"),
     }
 }
 

@@ -7,19 +7,21 @@ use clap::Parser;
 
 mod catalog;
 mod cli;
+mod config;
 mod expire;
+mod http;
 mod job;
 mod list;
 mod pg;
 mod redis;
 mod repo_cmd;
 mod restore;
+mod run;
 mod util;
 mod verify;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    cli::init_logging(cli.log_format);
     match cli::run(cli) {
         Ok(code) => code,
         Err(err) => {

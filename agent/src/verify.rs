@@ -230,9 +230,34 @@ struct Ctx {
 }
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode> {
+    let repo = args.repo.open()?;
+    let report = check(&repo, args.max_age, usize::from(args.jobs), true).await?;
+    match args.output {
+        Output::Json => {
+            let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
+            println!("{text}");
+        }
+        Output::Text => print_text(&report, args.max_age),
+    }
+    Ok(match report.status {
+        Status::Healthy => ExitCode::SUCCESS,
+        Status::Damaged => ExitCode::FAILURE,
+        Status::Stale => ExitCode::from(EXIT_STALE),
+    })
+}
+
+/// Verifies `repo` (see the module docs), reading `jobs` objects at once; with `progress`,
+/// reports progress on stderr every few seconds. The report's `status` is the outcome;
+/// an error means the verification itself could not run (no marker, the store cannot be
+/// listed, an encrypted repository without its identity).
+pub async fn check(
+    repo: &Repository,
+    max_age: Option<Duration>,
+    jobs: usize,
+    progress: bool,
+) -> Result<VerifyReport> {
     let started = Utc::now();
     let clock = Instant::now();
-    let repo = args.repo.open()?;
     let Some(marker) = repo.read_marker().await? else {
         bail!("{} is not a SyncBridge repository (no marker)", repo.url());
     };
@@ -253,12 +278,12 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
         .collect();
     let total_objects = listed.len() as u64;
     let total_bytes: u64 = listed.iter().map(|m| m.size).sum();
-    let ticker = Ticker::start(total_objects, total_bytes);
+    let ticker = Ticker::start(total_objects, total_bytes, progress);
     // The marker was read and checked by `read_marker`.
     for m in listed.iter().filter(|m| m.key == layout::marker()) {
         ticker.tally.add(m.size);
     }
-    let jobs = usize::from(args.jobs);
+    let jobs = jobs.max(1);
     let mut report = VerifyReport {
         schema: VERIFY_SCHEMA,
         url: repo.url().to_string(),
@@ -280,19 +305,19 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
         newest_time: None,
         newest_kind: "wal",
         age_seconds: None,
-        max_age_seconds: args.max_age.map(|d| d.as_secs_f64()),
+        max_age_seconds: max_age.map(|d| d.as_secs_f64()),
         stale: false,
     };
     let tally = match marker.kind {
         RepoKind::Postgres => {
-            verify_postgres(&repo, &marker, listed, jobs, &ticker.tally, &mut report).await?
+            verify_postgres(repo, &marker, listed, jobs, &ticker.tally, &mut report).await?
         }
         RepoKind::Redis => {
             report.newest_kind = "chunk";
-            verify_redis(&repo, listed, jobs, &ticker.tally, &mut report).await?
+            verify_redis(repo, listed, jobs, &ticker.tally, &mut report).await?
         }
     };
-    ticker.stop();
+    ticker.stop(progress);
     report.objects_verified = tally.0;
     report.bytes_verified = tally.1;
     // By key, so a missing chunk comes before the chunks after it; stable, so one
@@ -308,7 +333,7 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
     report.age_seconds = report
         .newest_time
         .map(|t| (started - t).num_milliseconds().max(0) as f64 / 1000.0);
-    report.stale = match (args.max_age, report.age_seconds) {
+    report.stale = match (max_age, report.age_seconds) {
         (None, _) => false,
         (Some(_), None) => true,
         (Some(max), Some(age)) => age > max.as_secs_f64(),
@@ -321,18 +346,7 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
         Status::Healthy
     };
     report.elapsed_seconds = clock.elapsed().as_secs_f64();
-    match args.output {
-        Output::Json => {
-            let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
-            println!("{text}");
-        }
-        Output::Text => print_text(&report, args.max_age),
-    }
-    Ok(match report.status {
-        Status::Healthy => ExitCode::SUCCESS,
-        Status::Damaged => ExitCode::FAILURE,
-        Status::Stale => ExitCode::from(EXIT_STALE),
-    })
+    Ok(report)
 }
 
 /// Keys verified elsewhere than by reading them: the marker (read by `read_marker`, which
@@ -986,7 +1000,7 @@ struct Ticker {
 }
 
 impl Ticker {
-    fn start(total_objects: u64, total_bytes: u64) -> Ticker {
+    fn start(total_objects: u64, total_bytes: u64, report: bool) -> Ticker {
         let tally = Arc::new(Tally::default());
         let t = tally.clone();
         let tty = std::io::stderr().is_terminal();
@@ -996,6 +1010,9 @@ impl Ticker {
             Duration::from_secs(5)
         };
         let task = tokio::spawn(async move {
+            if !report {
+                return;
+            }
             let began = Instant::now();
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
@@ -1020,9 +1037,9 @@ impl Ticker {
         Ticker { tally, task }
     }
 
-    fn stop(&self) {
+    fn stop(&self, report: bool) {
         self.task.abort();
-        if std::io::stderr().is_terminal() {
+        if report && std::io::stderr().is_terminal() {
             let _ = write!(std::io::stderr().lock(), "\r\x1b[2K");
         }
     }

@@ -57,6 +57,8 @@ pub struct JobState {
     pub last_error: Option<String>,
     /// Attempts that ended in an error.
     pub retries: u64,
+    /// Bytes of the source's stream made durable by this process (WAL, replication stream).
+    pub durable_bytes_total: u64,
 }
 
 /// The sending side of a job's state.
@@ -91,6 +93,9 @@ impl JobStatus {
     /// Records a durable position.
     pub fn durable(&self, position: impl ToString, bytes: u64, lag: Option<Duration>) {
         self.update(|s| {
+            if let Some(prev) = s.durable_bytes {
+                s.durable_bytes_total += bytes.saturating_sub(prev);
+            }
             s.durable_position = Some(position.to_string());
             s.durable_bytes = Some(bytes);
             s.durable_at = Some(Utc::now());
