@@ -9,14 +9,15 @@
 //!   two objects swapped fail here, named by key. Memory is bounded by the readers' frame
 //!   buffers (a Redis command chunk is read whole: chunks are small).
 //! * **PostgreSQL base backups**: each data object listed in `backup.json` must exist, hold
-//!   the original bytes `backup.json` records (length and SHA-256) and split into exactly
+//!   the original bytes `backup.json` records (length and digest) and split into exactly
 //!   its pieces; each file's CRC32C combined from its pieces must match `backup.json` and
 //!   the server's `backup_manifest` (the checks restore makes,
 //!   [`crate::restore::unpack::file_problems`]). A missing data object is named with the
 //!   files it holds.
 //! * **PostgreSQL WAL**: every WAL object is also checked as WAL (`repo check`'s
 //!   [`crate::repo_cmd::check_wal_object`]: page header, segment, system identifier), delta
-//!   chains of segments in progress must link ([`SegmentPartials::newest`], what
+//!   chains of segments in progress must link
+//!   ([`crate::pg::partial::SegmentPartials::newest`], what
 //!   `wal-fetch` serves), and WAL must be stored without a hole on every timeline from the
 //!   oldest backup's start to the newest WAL, following each timeline's history file (the
 //!   path recovery reads, [`WalPath`]); each missing segment is named. A timeline with WAL
@@ -29,6 +30,11 @@
 //!   be younger than the limit: a stream that stopped shows here before a restore needs it.
 //!   (An idle PostgreSQL cluster writes no WAL, so its newest WAL ages with a healthy
 //!   stream; a Redis master pings its replicas every 10 s, so chunks keep coming.)
+//!
+//! A repository in use stays verifiable: an object a running stream or `expire` removes
+//! between the listing and its reading is not damage, and a hole in the WAL or a broken
+//! chain of the newest Redis generation is looked at again after [`RECHECK_AFTER`] (a
+//! stream's concurrent uploads may land out of order) before it is reported.
 //!
 //! Exit status: 0 healthy; 1 damaged (one line per problem naming the object's key); 2
 //! stale but intact. Damage wins over staleness. An error that stops the verification
