@@ -38,6 +38,7 @@ pub const KEYS: &[&str] = &[
     "postgres.status_interval",
     "postgres.max_inflight",
     "postgres.compression_level",
+    "postgres.on_standby",
     "postgres.backup_every",
     "postgres.retention.keep_full",
     "postgres.retention.keep_within",
@@ -140,6 +141,9 @@ pub struct PostgresConfig {
     /// zstd level of WAL objects.
     #[serde(default = "one_level")]
     pub compression_level: i32,
+    /// When the source is a standby: `wait` for its promotion, or `stream` from it.
+    #[serde(default)]
+    pub on_standby: crate::pg::stream::StandbyPolicy,
     /// Base backups on a schedule: a duration (`24h`) or a cron expression
     /// (`0 2 * * *`, UTC).
     #[serde(default, deserialize_with = "opt_schedule")]
@@ -557,6 +561,7 @@ mod tests {
                     "3"
                 }
                 k if k.ends_with("compression_level") => "1",
+                k if k.ends_with("on_standby") => "stream",
                 k if k.ends_with("synchronous") => "true",
                 "http.listen" => "127.0.0.1:9187",
                 "agent.log_format" => "json",

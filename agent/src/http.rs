@@ -4,9 +4,11 @@
 //! * `/readyz`: 200 when every stream job is streaming with its lag under
 //!   `http.ready_max_lag`; 503 otherwise, with one line per job saying why (a sidecar
 //!   waiting beside a standby is alive but not ready).
-//! * `/metrics`: the Prometheus exposition (OpenMetrics text) of every job's state, encoded
-//!   by `prometheus-client` from the jobs' `watch` channels at each scrape, so what is
-//!   scraped is what the jobs last published. Names and meanings: docs/metrics.md.
+//! * `/metrics`: the Prometheus exposition of every job's state, encoded by
+//!   `prometheus-client` from the jobs' `watch` channels at each scrape, so what is scraped
+//!   is what the jobs last published: OpenMetrics text when the client asks for it (as
+//!   Prometheus does), the classic text format otherwise. Names and meanings:
+//!   docs/metrics.md.
 //!
 //! hyper serves HTTP/1.1 on one task per connection; nothing here blocks a job.
 
@@ -310,6 +312,34 @@ pub async fn serve(
     }
 }
 
+/// The Prometheus text format 0.0.4 of an OpenMetrics exposition, for clients that do not
+/// ask for OpenMetrics (`curl`, `promtool check metrics`): a counter family's `# HELP` and
+/// `# TYPE` lines name its samples (`x_total`, where OpenMetrics says `x`), and the
+/// OpenMetrics-only `# UNIT` and `# EOF` lines go. prometheus-client writes only
+/// OpenMetrics, and these three rules are the whole difference for gauges and counters.
+fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 fn respond<B>(
     req: &Request<B>,
     registry: &Registry,
@@ -347,12 +377,27 @@ fn respond<B>(
                     format!("encoding metrics: {e}\n"),
                 );
             }
+            // Prometheus asks for OpenMetrics; anyone else gets the classic text format.
+            let openmetrics = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            let (body, content_type) = if openmetrics {
+                (
+                    body,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+            } else {
+                (
+                    classic_text(&body),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            };
             let mut r = text(StatusCode::OK, body);
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                hyper::header::HeaderValue::from_static(content_type),
             );
             r
         }
@@ -360,5 +405,19 @@ fn respond<B>(
             StatusCode::NOT_FOUND,
             "not found: /healthz, /readyz, /metrics\n".into(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counter_samples_and_drops_openmetrics_lines() {
+        let om = "# HELP a_bytes Bytes.\n# TYPE a_bytes counter\na_bytes_total{job=\"x\"} 3\n# HELP g A gauge.\n# TYPE g gauge\n# UNIT g seconds\ng 1.5\n# EOF\n";
+        assert_eq!(
+            classic_text(om),
+            "# HELP a_bytes_total Bytes.\n# TYPE a_bytes_total counter\na_bytes_total{job=\"x\"} 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1.5\n"
+        );
     }
 }

@@ -118,6 +118,7 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             synchronous: pg.synchronous,
             application_name: pg.application_name.clone(),
             max_inflight: pg.max_inflight,
+            on_standby: pg.on_standby,
         };
         let (status, state) = JobStatus::new();
         watched.push(Watched {

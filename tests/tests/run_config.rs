@@ -10,7 +10,6 @@ mod pg_pitr_support;
 mod pg_support;
 mod redis_support;
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,7 @@ use pg_support::{agent, text, wait_until, AgentProcess};
 use redis_support::{dump, dump_port, RestoredServer};
 use syncbridge_tests::pg::{PgCluster, PgVersion, REPLICATION_PASSWORD, REPLICATION_USER};
 use syncbridge_tests::process::server_temp_dir;
+use syncbridge_tests::prometheus::{http_get, promtool_check_metrics, PrometheusServer};
 use syncbridge_tests::redis::{RedisFlavor, RedisServer};
 
 fn free_port() -> u16 {
@@ -27,22 +27,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// GET `path` on 127.0.0.1:`port`: (status, body), or None when nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
 }
 
 /// The value of the sample of `metric` whose labels contain `label`.
@@ -178,7 +162,26 @@ log_format = "json"
         metrics.contains(&format!("repository=\"{}\"", env.repo_url())),
         "{metrics}"
     );
-    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
+    promtool_check_metrics(&metrics)
+        .unwrap_or_else(|e| panic!("promtool check metrics: {e}\n{metrics}"));
+
+    // A real Prometheus scrapes it; PromQL through its HTTP API returns the agent's lag.
+    let prometheus = PrometheusServer::scraping(&format!("127.0.0.1:{http_port}"));
+    let mut answer = serde_json::Value::Null;
+    let scraped = wait_until(Duration::from_secs(60), || {
+        answer = prometheus.query("syncbridge_wal_lag_seconds");
+        answer["status"] == "success"
+            && answer["data"]["result"].as_array().is_some_and(|r| {
+                r.iter().any(|s| {
+                    s["metric"]["job"] == "syncbridge"
+                        && s["metric"]["exported_job"] == "postgres_stream"
+                })
+            })
+    });
+    assert!(scraped, "Prometheus has no lag from the agent: {answer}");
+    let up = prometheus.query("up");
+    assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
+    drop(prometheus);
 
     // PostgreSQL down: not ready, alive; back up: ready again.
     env.pg.stop();
@@ -331,4 +334,142 @@ fn bad_configurations_are_refused_before_anything_starts() {
         .output()
         .unwrap();
     assert!(out.status.success(), "--set wins: {}", text(&out));
+}
+
+/// A `run` sidecar's configuration streaming `pg_port` into `repo` (file://), serving HTTP on
+/// `http_port`.
+fn sidecar_config(
+    dir: &Path,
+    name: &str,
+    repo: &str,
+    pg_port: u16,
+    pw: &Path,
+    http_port: u16,
+) -> String {
+    let body = format!(
+        r#"
+[repository]
+url = "{repo}"
+
+[postgres]
+source = "postgres://{REPLICATION_USER}@127.0.0.1:{pg_port}/postgres"
+password_file = "{pw}"
+max_lag = "200ms"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+"#,
+        pw = pw.display()
+    );
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, body).unwrap();
+    p.display().to_string()
+}
+
+/// Two sidecars, beside a primary and its streaming standby, on one repository: only the
+/// primary's streams (the other waits, not ready); after the standby is promoted and the old
+/// primary stopped, the standby's sidecar takes over on timeline 2 by itself, and a restore
+/// across the switch has every row.
+#[test]
+fn beside_a_standby_run_waits_and_takes_over_after_the_failover() {
+    // pg_basebackup (client programs ship with 15 only here) makes the standby.
+    let version = PgVersion::V15;
+    let pg = PgCluster::builder(version).wal_keep_size_mb(1024).start();
+    let dir = server_temp_dir("sb-run-failover-");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    share_repo_with_server_group(&dir.path().join("repo"));
+    let mut env = Env {
+        pg,
+        dir,
+        stream: None,
+    };
+    let insert = |pg: &PgCluster, from: u32, to: u32, tli: u32| {
+        pg.sql_blocking(&format!(
+            "INSERT INTO m SELECT g, {tli} FROM generate_series({from}, {to}) g"
+        ));
+    };
+    env.pg
+        .sql_blocking("CREATE TABLE m(id int primary key, tli int)");
+    insert(&env.pg, 1, 100, 1);
+    let standby = pg_support::standby_of(&env.pg, version);
+
+    let work = tempfile::tempdir().unwrap();
+    let pw = work.path().join("pg-password");
+    std::fs::write(&pw, REPLICATION_PASSWORD).unwrap();
+    let url = env.repo_url();
+    let (port_a, port_b) = (free_port(), free_port());
+    let conf_a = sidecar_config(work.path(), "a", &url, env.pg.port(), &pw, port_a);
+    let conf_b = sidecar_config(work.path(), "b", &url, standby.port(), &pw, port_b);
+    let mut a = AgentProcess::spawn(&["run", "--config", &conf_a], work.path().join("a.log"));
+    let mut b = AgentProcess::spawn(&["run", "--config", &conf_b], work.path().join("b.log"));
+    let ready = |port: u16| http_get(port, "/readyz").is_some_and(|(s, _)| s == 200);
+    assert!(
+        wait_until(Duration::from_secs(90), || ready(port_a)),
+        "{}",
+        a.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || http_get(port_b, "/readyz")
+            .is_some_and(|(s, body)| s == 503 && body.contains("standby"))),
+        "{:?}\n{}",
+        http_get(port_b, "/readyz"),
+        b.log_text()
+    );
+    env.backup(&[]);
+    insert(&env.pg, 101, 200, 1);
+    let end1 = env
+        .pg
+        .query_one_blocking("SELECT pg_current_wal_lsn()::text");
+    env.wait_archived(&end1);
+    assert!(
+        wait_until(Duration::from_secs(60), || standby.query_one_blocking(
+            &format!("SELECT pg_last_wal_replay_lsn() >= '{end1}'::pg_lsn")
+        ) == "t"),
+        "standby did not catch up"
+    );
+    assert!(
+        !b.log_text().contains("starting replication"),
+        "the standby's sidecar streamed:\n{}",
+        b.log_text()
+    );
+
+    // Failover: the old primary stops, the standby is promoted and takes writes.
+    env.pg.stop();
+    assert_eq!(standby.query_one_blocking("SELECT pg_promote()"), "t");
+    assert!(wait_until(Duration::from_secs(30), || standby
+        .query_one_blocking("SELECT pg_is_in_recovery()")
+        == "f"));
+    insert(&standby, 201, 300, 2);
+    let seg = standby.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(seg.starts_with("00000002"), "{seg}");
+    assert!(
+        wait_until(Duration::from_secs(120), || pg_support::repo::listing(&url)
+            .0
+            .contains(&seg)),
+        "{seg} never arrived:\nA:\n{}\nB:\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    assert!(ready(port_b), "{:?}", http_get(port_b, "/readyz"));
+    assert!(!ready(port_a), "the old primary's sidecar says ready");
+    assert!(a.exited().is_none() && b.exited().is_none());
+
+    let dirs = RestoreDirs::new();
+    let out = env.restore(&dirs.data(), &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let restored = start_restored(version, &dirs.data());
+    let row = restored
+        .sql_blocking("SELECT count(*), max(id), count(*) FILTER (WHERE tli = 2) FROM m")
+        .remove(0);
+    assert_eq!(
+        row,
+        vec![Some("300".into()), Some("300".into()), Some("100".into())]
+    );
+    drop(restored);
+    assert!(a.terminate().success(), "{}", a.log_text());
+    assert!(b.terminate().success(), "{}", b.log_text());
 }

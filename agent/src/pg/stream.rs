@@ -66,6 +66,27 @@ pub struct StreamOptions {
     pub application_name: String,
     /// Uploads in flight before we stop reading from the server.
     pub max_inflight: usize,
+    /// What to do when the source is a standby.
+    pub on_standby: StandbyPolicy,
+}
+
+/// What `postgres stream` does when its source is a standby (in recovery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StandbyPolicy {
+    /// Wait (not ready, a log line a minute) until the server is promoted, then stream: the
+    /// sidecar of every pod of a StatefulSet, where only the primary's writes.
+    #[default]
+    Wait,
+    /// Stream from the standby (cascading replication), to spare the primary.
+    Stream,
+}
+
+/// The source is a standby and the policy is to wait for its promotion.
+#[derive(Debug, thiserror::Error)]
+#[error("{server} is a standby (in recovery): waiting until it is promoted (on_standby = wait; --on-standby stream streams from a standby)")]
+pub struct SourceIsStandby {
+    server: String,
 }
 
 // Not `Send`: storage's write futures are not, and everything runs on the stream's task anyway.
@@ -186,7 +207,17 @@ pub async fn run(opts: StreamOptions, ctl: Control) -> Result<()> {
                 tracing::info!(next_timeline = %e.next_tli, start = %e.next_tli_startpos, "timeline ended; continuing on the next");
                 Ok(Outcome::Again)
             }
-            Err(e) => Err(classify(e, started)),
+            Err(e) => {
+                let waiting = is_not_usable_yet(&e) || is_unreachable(&e);
+                if waiting {
+                    // Not writing, and maybe not for long: let a stream that can write
+                    // (beside the new primary after a failover) take the lease.
+                    if let Some(l) = lease.take() {
+                        let _ = l.release().await;
+                    }
+                }
+                Err(classify(e, started))
+            }
         },
     )
     .await;
@@ -221,6 +252,7 @@ fn is_not_usable_yet(e: &anyhow::Error) -> bool {
         c.downcast_ref::<PgServerError>()
             .is_some_and(|s| s.code.starts_with("57P") || s.code == "55006")
             || c.downcast_ref::<NoSuitableServer>().is_some()
+            || c.downcast_ref::<SourceIsStandby>().is_some()
     })
 }
 
@@ -442,6 +474,11 @@ async fn stream_once(
 ) -> Result<Ended> {
     let mut conn =
         PgConnection::connect(&opts.source, ConnectMode::Physical, &opts.application_name).await?;
+    if opts.on_standby == StandbyPolicy::Wait && conn.parameter("in_hot_standby") == Some("on") {
+        let server = conn.endpoint().to_string();
+        conn.close().await;
+        return Err(SourceIsStandby { server }.into());
+    }
     let major = conn.server_major()?;
     let ident = conn.identify_system().await?;
 
