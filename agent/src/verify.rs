@@ -566,7 +566,7 @@ async fn run_jobs(
         .map(|job| {
             let (ctx, tally) = (ctx.clone(), tally.clone());
             tokio::spawn(async move {
-                let (o, stored) = run_job(&ctx, &job).await;
+                let (o, stored) = run_job(&ctx, &job, &tally).await;
                 // A vanished object was not read; everything else was (a damaged one up
                 // to its damage).
                 if !o.vanished {
@@ -585,22 +585,31 @@ async fn run_jobs(
 }
 
 /// One job: its outcome and the stored bytes read.
-async fn run_job(ctx: &Ctx, job: &Job) -> (Outcome, u64) {
+async fn run_job(ctx: &Ctx, job: &Job, tally: &Tally) -> (Outcome, u64) {
     let repo = &ctx.repo;
     let mut out = Outcome::default();
     match job {
-        Job::Plain(key) => match repo.verify(key).await {
-            Ok(v) => return (out, v.info.stored_len),
+        Job::Plain(key) => match read_to_end(repo, key, tally).await {
+            Ok(info) => return (out, info.stored_len),
             Err(e) if e.is_not_found() => out.vanished = true,
             Err(e) => out.problems.push(error_problem(key, &e.into())),
         },
         Job::Wal(key, w) => {
             let result = match &ctx.wal_expect {
-                Some(expect) => crate::repo_cmd::check_wal_object(repo, key, w, expect).await,
-                None => repo.verify(key).await.map_err(anyhow::Error::from),
+                Some(expect) => crate::repo_cmd::check_wal_object(repo, key, w, expect)
+                    .await
+                    .map(|v| v.info),
+                None => read_to_end(repo, key, tally)
+                    .await
+                    .map_err(anyhow::Error::from),
             };
             match result {
-                Ok(v) => return (out, v.info.stored_len),
+                Ok(info) => {
+                    if ctx.wal_expect.is_some() {
+                        tally.read(info.original_len as usize);
+                    }
+                    return (out, info.stored_len);
+                }
                 Err(e) if is_not_found(&e) => out.vanished = true,
                 Err(e) => out.problems.push(error_problem(key, &e)),
             }
@@ -609,7 +618,11 @@ async fn run_job(ctx: &Ctx, job: &Job) -> (Outcome, u64) {
             let (id, m) = &ctx.manifests[*backup];
             let c = &m.chunks[*chunk];
             let key = layout::base_backup_chunk(id, c.seq);
-            match read_pieces(repo, &key, c, |_, _, _| Ok(())).await {
+            let counted = |_: &_, _, part: &[u8]| {
+                tally.read(part.len());
+                Ok(())
+            };
+            match read_pieces(repo, &key, c, counted).await {
                 Ok((pieces, info)) => {
                     // `backup.json` records the digest the object's trailer holds (bound to
                     // its key in format version 2) and its original length.
@@ -655,6 +668,7 @@ async fn run_job(ctx: &Ctx, job: &Job) -> (Outcome, u64) {
                 let mut reader = repo.reader(&key).await?;
                 let mut data = Vec::new();
                 while let Some(piece) = reader.next_chunk().await? {
+                    tally.read(piece.len());
                     data.extend_from_slice(&piece);
                 }
                 let info = reader
@@ -690,6 +704,22 @@ async fn run_job(ctx: &Ctx, job: &Job) -> (Outcome, u64) {
         }
     }
     (out, 0)
+}
+
+/// Reads an object to its end (every check of the storage reader), counting the bytes.
+async fn read_to_end(
+    repo: &Repository,
+    key: &RepoKey,
+    tally: &Tally,
+) -> storage::Result<storage::ObjectInfo> {
+    let mut reader = repo.reader(key).await?;
+    while let Some(piece) = reader.next_chunk().await? {
+        tally.read(piece.len());
+    }
+    reader.info().ok_or_else(|| StorageError::WriterClosed {
+        key: key.to_string(),
+        reason: "the reader ended without verifying the trailer".into(),
+    })
 }
 
 /// Whether backup `id` is still complete (an expire removes its `backup.json` first); a
@@ -1024,9 +1054,10 @@ impl Ticker {
             loop {
                 tick.tick().await;
                 let (n, b) = tally_totals(&t);
-                let rate = b as f64 / began.elapsed().as_secs_f64().max(1e-3);
+                let read = t.read.load(Ordering::Relaxed);
+                let rate = read as f64 / began.elapsed().as_secs_f64().max(1e-3);
                 let line = format!(
-                    "verify: {n}/{total_objects} objects, {} of {} at {}/s",
+                    "verify: {n}/{total_objects} objects ({} of {} stored) verified, reading {}/s",
                     human(b),
                     human(total_bytes),
                     human(rate as u64)

@@ -48,6 +48,9 @@ pub struct Tally {
     pub objects: std::sync::atomic::AtomicU64,
     /// Their stored bytes.
     pub bytes: std::sync::atomic::AtomicU64,
+    /// Original bytes read so far, counted as they are read (for the rate of progress
+    /// within large objects).
+    pub read: std::sync::atomic::AtomicU64,
 }
 
 impl Tally {
@@ -57,16 +60,24 @@ impl Tally {
         self.objects.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(stored, Ordering::Relaxed);
     }
+
+    /// Records `n` original bytes read.
+    pub fn read(&self, n: usize) {
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Reads the snapshot through the RDB validator; the error names the object.
 async fn check_snapshot(
     repo: &Repository,
     key: &layout::RepoKey,
+    tally: &Tally,
 ) -> std::result::Result<(RdbReport, u64), String> {
     let mut reader = repo.reader(key).await.map_err(|e| format!("{e}"))?;
     let mut validator = RdbValidator::new();
     while let Some(piece) = reader.next_chunk().await.map_err(|e| format!("{e}"))? {
+        tally.read(piece.len());
         validator.feed(&piece).map_err(|e| format!("{key}: {e}"))?;
     }
     let stored = reader.info().map_or(0, |i| i.stored_len);
@@ -86,10 +97,15 @@ struct ChunkCheck {
 }
 
 /// Reads a whole object, verified, and its stored size.
-async fn read_counted(repo: &Repository, key: &layout::RepoKey) -> storage::Result<(Bytes, u64)> {
+async fn read_counted(
+    repo: &Repository,
+    key: &layout::RepoKey,
+    tally: &Tally,
+) -> storage::Result<(Bytes, u64)> {
     let mut reader = repo.reader(key).await?;
     let mut data = BytesMut::new();
     while let Some(piece) = reader.next_chunk().await? {
+        tally.read(piece.len());
         data.extend_from_slice(&piece);
     }
     let stored = reader.info().map_or(0, |i| i.stored_len);
@@ -102,7 +118,7 @@ async fn check_chunk(
     expected: (u64, u64),
     tally: &Tally,
 ) -> ChunkCheck {
-    let read = read_counted(repo, &key).await;
+    let read = read_counted(repo, &key, tally).await;
     tally.add(read.as_ref().map_or(0, |(_, stored)| *stored));
     let data = match read {
         Ok((d, _)) => d,
@@ -155,7 +171,7 @@ pub async fn check_generation(
     } = generation;
     let key = layout::redis_snapshot(&id);
     let snapshot = async {
-        let r = check_snapshot(repo, &key).await;
+        let r = check_snapshot(repo, &key, tally).await;
         tally.add(r.as_ref().map_or(0, |(_, stored)| *stored));
         r.map(|(report, _)| report)
     };
