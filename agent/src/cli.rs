@@ -312,6 +312,12 @@ enum Command {
     /// Pin or unpin a PostgreSQL base backup or a Redis generation: a pinned one is never
     /// expired (`backup pin --repo URL ID`, `backup unpin --repo URL ID`).
     Backup(crate::pin::BackupArgs),
+    /// Check that the repository is healthy and restorable now: every object's checksums,
+    /// every base backup's files, WAL continuity on every timeline, each Redis generation's
+    /// snapshot and chunk chain, and with --max-age that the stream is current. Exit 0
+    /// healthy, 1 damaged (each object named), 2 stale. --output json for scripts
+    /// (docs/verify-json.md).
+    Verify(crate::verify::VerifyArgs),
     /// The sidecar: run every job a configuration file describes (PostgreSQL and Redis
     /// streams), with /healthz, /readyz and /metrics; packaging/agent.toml is the
     /// commented example.
@@ -380,6 +386,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => crate::list::run(args),
         Command::Expire(args) => crate::expire::run(args),
         Command::Backup(args) => crate::pin::run(args),
+        Command::Verify(args) => crate::verify::run(args),
         Command::Run(_) => unreachable!("handled above"),
     }
 }
@@ -467,6 +474,7 @@ mod tests {
         let commands: &[&[&str]] = &[
             &["restore", "--target", "/t"],
             &["list"],
+            &["verify", "--max-age", "5m"],
             &["postgres", "wal-fetch", "f", "p"],
             &[
                 "postgres",
@@ -505,7 +513,7 @@ mod tests {
         for c in commands {
             let mut argv = vec!["x"];
             argv.extend_from_slice(&c[..c.len().min(2)]);
-            if c[0] == "list" || c[0] == "restore" {
+            if c[0] == "list" || c[0] == "restore" || c[0] == "verify" {
                 argv.truncate(2);
                 argv.extend_from_slice(&id);
                 argv.extend_from_slice(&c[1..]);

@@ -19,6 +19,7 @@ mod repo_cmd;
 mod restore;
 mod run;
 mod util;
+mod verify;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
