@@ -184,8 +184,6 @@ pub struct RedisConfig {
 }
 
 /// `[verify]`.
-// Read by the scheduled verify job; `run` refuses the section until it runs it.
-#[allow(dead_code)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyConfig {
@@ -230,8 +228,6 @@ impl Default for AgentConfig {
 }
 
 /// When a scheduled job runs.
-// Read by the scheduled jobs; `run` refuses schedules until it runs them.
-#[allow(dead_code)]
 #[derive(Debug, Clone)]
 pub enum Schedule {
     /// This long after the previous run began (the first run at start).
@@ -257,8 +253,6 @@ impl Schedule {
     }
 
     /// How long from `now` until the next run, given when the previous one began.
-    // Used by the scheduled jobs; `run` refuses schedules until it runs them.
-    #[allow(dead_code)]
     pub fn next_delay(
         &self,
         now: chrono::DateTime<chrono::Utc>,

@@ -89,10 +89,13 @@ pub async fn apply(repo: &Repository, policy: &Policy, dry_run: bool) -> Result<
 
 fn print_plan(p: &Plan, what: &str, stored: impl Fn(&str) -> u64) {
     for (id, why) in p.keep.iter().zip(&p.reasons) {
-        println!("keep    {what} {id} ({why})");
+        crate::util::output::say(format!("keep    {what} {id} ({why})"));
     }
     for id in &p.expire {
-        println!("expire  {what} {id} ({} stored)", human(stored(id)));
+        crate::util::output::say(format!(
+            "expire  {what} {id} ({} stored)",
+            human(stored(id))
+        ));
     }
 }
 
@@ -105,10 +108,10 @@ async fn expire_pg(
     let cat = PgCatalog::load(repo).await?;
     let backups = &cat.backups.complete;
     if backups.is_empty() {
-        println!(
+        crate::util::output::say(format!(
             "no complete base backup in {}: nothing to expire",
             repo.url()
-        );
+        ));
         return Ok(());
     }
     let candidates: Vec<Candidate> = backups
@@ -175,20 +178,20 @@ async fn expire_pg(
     }
     wal.sort();
     if let Some((cut, id)) = &cutoff {
-        println!(
+        crate::util::output::say(format!(
             "expire  {} WAL objects before segment number {cut:X} (the start of backup {id}); history files are kept",
             wal.len()
-        );
+        ));
     }
     let freed: u64 = p.expire.iter().map(|id| stored(id)).sum();
-    println!(
+    crate::util::output::say(format!(
         "{}: {} backups kept, {} expired ({} of backups), {} WAL objects",
         if dry { "dry run" } else { "plan" },
         p.keep.len(),
         p.expire.len(),
         human(freed),
         wal.len()
-    );
+    ));
     if dry {
         return Ok(());
     }
@@ -199,7 +202,10 @@ async fn expire_pg(
             .await
             .with_context(|| format!("deleting {k}"))?;
     }
-    println!("expired {expired} backups and {} WAL objects", wal.len());
+    crate::util::output::say(format!(
+        "expired {expired} backups and {} WAL objects",
+        wal.len()
+    ));
     Ok(())
 }
 
@@ -247,7 +253,10 @@ async fn expire_redis(
 ) -> Result<()> {
     let cat = RedisCatalog::load(repo).await?;
     if cat.generations.is_empty() {
-        println!("no generation in {}: nothing to expire", repo.url());
+        crate::util::output::say(format!(
+            "no generation in {}: nothing to expire",
+            repo.url()
+        ));
         return Ok(());
     }
     let mut candidates = Vec::new();
@@ -302,19 +311,19 @@ async fn expire_redis(
     };
     let orphans = leftovers(repo, Engine::Redis, &found, &p, oldest_kept.as_deref(), now).await?;
     let freed: u64 = p.expire.iter().map(|id| stored(id)).sum();
-    println!(
+    crate::util::output::say(format!(
         "{}: {} generations kept, {} expired ({})",
         if dry { "dry run" } else { "plan" },
         p.keep.len(),
         p.expire.len(),
         human(freed)
-    );
+    ));
     if dry {
         return Ok(());
     }
     let expired = remove_expired(repo, Engine::Redis, &p).await?;
     finish_leftovers(repo, Engine::Redis, &orphans).await?;
-    println!("expired {expired} generations");
+    crate::util::output::say(format!("expired {expired} generations"));
     Ok(())
 }
 
@@ -436,13 +445,17 @@ async fn leftovers(
     let mut out = Vec::new();
     for id in &found.expiring {
         if !found.complete.contains(id) {
-            println!("remove  {id} (left by an interrupted expire: no manifest, a tombstone)");
+            crate::util::output::say(format!(
+                "remove  {id} (left by an interrupted expire: no manifest, a tombstone)"
+            ));
             out.push(Leftover {
                 id: id.clone(),
                 only_tombstone: false,
             });
         } else if p.keep.contains(id) {
-            println!("keep    {what} {id} (an interrupted expire had only marked it; unmarking)");
+            crate::util::output::say(format!(
+                "keep    {what} {id} (an interrupted expire had only marked it; unmarking)"
+            ));
             out.push(Leftover {
                 id: id.clone(),
                 only_tombstone: true,
@@ -463,19 +476,19 @@ async fn leftovers(
             .max();
         match newest {
             Some(t) if now - t >= STALE_INCOMPLETE => {
-                println!(
+                crate::util::output::say(format!(
                     "remove  {id} (incomplete and unwritten since {}: a failed {what})",
                     crate::pg::backup_manifest::format_time(t)
-                );
+                ));
                 out.push(Leftover {
                     id: id.clone(),
                     only_tombstone: false,
                 });
             }
-            _ => println!(
+            _ => crate::util::output::say(format!(
                 "leave   {id} (incomplete, written to within {}h: may still be in progress)",
                 STALE_INCOMPLETE.num_hours()
-            ),
+            )),
         }
     }
     Ok(out)
@@ -490,7 +503,7 @@ async fn remove_expired(repo: &Repository, engine: Engine, p: &Plan) -> Result<u
     for id in &p.expire {
         let (prefix, manifest, tombstone, pin) = engine.keys(id)?;
         if pinned_now(repo, &pin).await? {
-            println!("keep    {what} {id} (pinned while expire ran)");
+            crate::util::output::say(format!("keep    {what} {id} (pinned while expire ran)"));
             continue;
         }
         let record = serde_json::json!({

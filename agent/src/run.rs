@@ -1,7 +1,9 @@
 //! `syncbridge-agent run --config FILE`: the sidecar. One process runs every job the file
 //! describes ([`crate::config`]), each under [`crate::job::supervise`] exactly as its own
 //! sub-command runs it (`postgres stream`, `redis stream`), plus `/healthz`, `/readyz` and
-//! `/metrics` ([`crate::http`]).
+//! `/metrics` ([`crate::http`]). Scheduled jobs run beside them: base backups
+//! (`postgres.backup_every`, then `expire` with `postgres.retention`), Redis retention (as
+//! often as snapshot generations are made), and `verify` of each repository (`[verify]`).
 //!
 //! Stopping: the first SIGTERM or SIGINT cancels every job; each stores what it holds
 //! (the WAL delta, the Redis chunk), reports its final position and releases its lease.
@@ -17,7 +19,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use futures::future::LocalBoxFuture;
 
-use crate::config::Config;
+use crate::catalog::retention::Policy;
+use crate::config::{Config, RetentionConfig};
 use crate::http::{JobKind, Watched};
 use crate::job::{Control, JobStatus};
 
@@ -59,35 +62,8 @@ pub fn run(args: RunArgs, config: Config) -> Result<ExitCode> {
     crate::cli::block_on(run_jobs(config))
 }
 
-/// Refuses keys this build reads but does not act on yet, so nothing a user configured is
-/// silently skipped.
-fn refuse_unsupported(config: &Config) -> Result<()> {
-    let mut unsupported = Vec::new();
-    if let Some(pg) = &config.postgres {
-        if pg.backup_every.is_some() {
-            unsupported.push("postgres.backup_every");
-        }
-        if pg.retention.is_some() {
-            unsupported.push("postgres.retention");
-        }
-    }
-    if config.redis.as_ref().is_some_and(|r| r.retention.is_some()) {
-        unsupported.push("redis.retention");
-    }
-    if config.verify.is_some() {
-        unsupported.push("[verify]");
-    }
-    if !unsupported.is_empty() {
-        bail!(
-            "this build does not run scheduled jobs yet; remove {} (run `postgres backup`, `expire` and `verify` from a CronJob meanwhile)",
-            unsupported.join(", ")
-        );
-    }
-    Ok(())
-}
-
 async fn run_jobs(config: Config) -> Result<ExitCode> {
-    refuse_unsupported(&config)?;
+    crate::util::output::report_as_log_lines();
     let root = tokio_util::sync::CancellationToken::new();
     crate::job::cancel_on_signals(root.clone());
     let mut watched = Vec::new();
@@ -136,6 +112,74 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
         ));
     }
 
+    if let Some((pg, schedule)) = config
+        .postgres
+        .as_ref()
+        .and_then(|pg| Some((pg, pg.backup_every.clone()?)))
+    {
+        let repo_args = config.repo_args(pg.repository.as_deref())?;
+        let mut source = crate::pg::cli::SourceArgs {
+            source: pg.source.clone(),
+        }
+        .conninfo()?;
+        if let Some(f) = &pg.password_file {
+            source.password = Some(crate::util::secret_file::read_secret_file(
+                f,
+                "PostgreSQL password",
+            )?);
+        }
+        // Opened for each run: a repository opened before its marker existed would keep
+        // an empty binding and refuse every object as foreign.
+        let open = move || {
+            repo_args.open_with(storage::RepoOptions {
+                compression_level: Some(3),
+                ..repo_args.options()?
+            })
+        };
+        let display = config.repo_args(pg.repository.as_deref())?.display_url();
+        let mut opts = crate::pg::backup::BackupOptions {
+            source,
+            repo: open()?,
+            label: None,
+            spread_checkpoint: false,
+            chunk_bytes: 32 << 20,
+            wal_timeout: std::time::Duration::from_secs(300),
+            pin: false,
+        };
+        let policy = pg.retention.map(policy_of);
+        let (status, state) = JobStatus::new();
+        watched.push(Watched {
+            kind: JobKind::PostgresBackup,
+            repository: display,
+            state,
+        });
+        let ctl = Control {
+            token: root.child_token(),
+            status,
+        };
+        jobs.push((
+            "postgres backup",
+            Box::pin(async move {
+                crate::job::scheduled("postgres backup", &schedule, &ctl, async || {
+                    opts.repo = open()?;
+                    let repo = &opts.repo;
+                    let done = crate::pg::backup::take(&opts).await?;
+                    tracing::info!(backup = %done.id, seconds = done.duration.as_secs_f64(), "base backup complete");
+                    if let Some(policy) = &policy {
+                        crate::expire::apply(repo, policy, false).await?;
+                    }
+                    let first = crate::catalog::pg::PgCatalog::load(repo)
+                        .await?
+                        .restorable()
+                        .map(|r| r.first_time);
+                    ctl.status.update(|s| s.first_recoverable_at = first);
+                    Ok(())
+                })
+                .await
+            }),
+        ));
+    }
+
     if let Some(r) = &config.redis {
         let repo_args = config.repo_args(r.repository.as_deref())?;
         let source = crate::redis::cli::SourceArgs {
@@ -168,6 +212,113 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             "redis stream",
             Box::pin(async move { crate::redis::stream::run(&repo, &source, &opts, ctl).await }),
         ));
+    }
+
+    if let Some((r, retention)) = config.redis.as_ref().and_then(|r| Some((r, r.retention?))) {
+        let repo_args = config.repo_args(r.repository.as_deref())?;
+        repo_args.options()?;
+        let policy = policy_of(retention);
+        // After each new generation, roughly: as often as generations are made.
+        let every = if r.snapshot_every.is_zero() {
+            std::time::Duration::from_secs(15 * 60)
+        } else {
+            r.snapshot_every
+        };
+        let schedule = crate::config::Schedule::Every(every);
+        let (status, state) = JobStatus::new();
+        watched.push(Watched {
+            kind: JobKind::RedisExpire,
+            repository: repo_args.display_url(),
+            state,
+        });
+        let ctl = Control {
+            token: root.child_token(),
+            status,
+        };
+        jobs.push((
+            "redis expire",
+            Box::pin(async move {
+                crate::job::scheduled("redis expire", &schedule, &ctl, async || {
+                    let repo = repo_args.open()?;
+                    // Nothing to expire before the stream stored its first generation.
+                    if repo.read_marker().await?.is_none() {
+                        return Ok(());
+                    }
+                    crate::expire::apply(&repo, &policy, false).await?;
+                    let first = crate::catalog::redis::RedisCatalog::load(&repo)
+                        .await?
+                        .generations
+                        .first()
+                        .and_then(|g| {
+                            chrono::DateTime::from_timestamp_millis(g.manifest.snapshot_unix_ms)
+                        });
+                    ctl.status.update(|s| s.first_recoverable_at = first);
+                    Ok(())
+                })
+                .await
+            }),
+        ));
+    }
+
+    if let Some(v) = &config.verify {
+        // Each repository a job writes, once.
+        let mut urls: Vec<Option<&str>> = Vec::new();
+        if let Some(pg) = &config.postgres {
+            urls.push(pg.repository.as_deref());
+        }
+        if let Some(r) = &config.redis {
+            urls.push(r.repository.as_deref());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for own in urls {
+            let repo_args = config.repo_args(own)?;
+            if !seen.insert(repo_args.repo.clone()) {
+                continue;
+            }
+            repo_args.options()?;
+            let schedule = v.every.clone();
+            let max_age = v.max_age;
+            let (status, state) = JobStatus::new();
+            watched.push(Watched {
+                kind: JobKind::Verify,
+                repository: repo_args.display_url(),
+                state,
+            });
+            let ctl = Control {
+                token: root.child_token(),
+                status,
+            };
+            jobs.push((
+                "verify",
+                Box::pin(async move {
+                    crate::job::scheduled("verify", &schedule, &ctl, async || {
+                        let repo = repo_args.open()?;
+                        let report = crate::verify::check(&repo, max_age, 4, false).await?;
+                        match report.status {
+                            crate::verify::Status::Healthy => {
+                                tracing::info!(
+                                    objects = report.objects,
+                                    seconds = report.elapsed_seconds,
+                                    "repository verified: healthy"
+                                );
+                                Ok(())
+                            }
+                            other => {
+                                for p in report.problems.iter().take(20) {
+                                    tracing::error!("{}: {}", p.key, p.problem);
+                                }
+                                bail!(
+                                    "verify of {}: {other:?} ({} problems)",
+                                    repo.url(),
+                                    report.problems.len()
+                                )
+                            }
+                        }
+                    })
+                    .await
+                }),
+            ));
+        }
     }
 
     let http_token = tokio_util::sync::CancellationToken::new();
@@ -212,4 +363,11 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn policy_of(r: RetentionConfig) -> Policy {
+    Policy {
+        keep_full: r.keep_full.map(|n| n as usize),
+        keep_within: r.keep_within,
+    }
 }

@@ -79,12 +79,18 @@ url = "{pg_repo}"
 source = "postgres://{REPLICATION_USER}@127.0.0.1:{pg_port}/postgres"
 password_file = "{pw}"
 max_lag = "200ms"
+backup_every = "6s"
+retention = {{ keep_full = 2 }}
 
 [redis]
 source = "redis://127.0.0.1:{redis_port}"
 repository = "{redis_repo}"
 max_lag = "200ms"
 snapshot_every = "off"
+
+[verify]
+every = "4s"
+max_age = "5m"
 
 [http]
 listen = "127.0.0.1:{http_port}"
@@ -116,8 +122,29 @@ log_format = "json"
     assert_eq!(http_get(http_port, "/healthz").unwrap().0, 200);
 
     env.pg.sql_blocking("CREATE TABLE marker(id int)");
-    // A base backup while `run` streams (it waits for its WAL in the repository).
-    env.backup(&[]);
+    // Base backups on the schedule, expire after each, verify on its own schedule.
+    let scheduled = wait_until(Duration::from_secs(120), || {
+        http_get(http_port, "/metrics").is_some_and(|(_, m)| {
+            sample(
+                &m,
+                "syncbridge_backup_last_success_timestamp_seconds",
+                "postgres_backup",
+            )
+            .is_some()
+                && sample(
+                    &m,
+                    "syncbridge_verify_last_success_timestamp_seconds",
+                    "verify",
+                )
+                .is_some()
+        })
+    });
+    assert!(
+        scheduled,
+        "{:?}\n{}",
+        http_get(http_port, "/metrics"),
+        run.log_text()
+    );
     for i in 0..20 {
         env.pg
             .sql_blocking(&format!("INSERT INTO marker VALUES ({i})"));
@@ -182,6 +209,35 @@ log_format = "json"
     let up = prometheus.query("up");
     assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
     drop(prometheus);
+
+    // More scheduled backups than the policy keeps: expire follows each one.
+    let list = |url: &str| -> serde_json::Value {
+        let out = agent()
+            .args(["list", "--repo", url, "--output", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let expired = wait_until(Duration::from_secs(120), || {
+        run.log_text().matches("base backup complete").count() >= 3
+    });
+    assert!(expired, "{}", run.log_text());
+    let backups = list(&env.repo_url())["postgres"]["backups"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert!(
+        (1..=2).contains(&backups),
+        "{backups} backups kept with keep_full = 2"
+    );
+    assert!(run.log_text().contains("expired"), "{}", run.log_text());
+    assert!(sample(
+        &http_get(http_port, "/metrics").unwrap().1,
+        "syncbridge_first_recoverability_timestamp_seconds",
+        "postgres_backup"
+    )
+    .is_some());
 
     // PostgreSQL down: not ready, alive; back up: ready again.
     env.pg.stop();

@@ -362,8 +362,8 @@ pub async fn scheduled(
                         "run failed: {e:#}; trying again in {}s at the latest",
                         next.as_secs()
                     );
-                    // A failed run does not move the schedule: the retry comes first.
-                    previous = previous.or(Some(began_at));
+                    // The schedule counts from this attempt; a retry may come sooner.
+                    previous = Some(began_at);
                     retry = Some(next);
                     ctl.status.update(|s| {
                         s.failures += 1;

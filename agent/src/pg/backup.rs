@@ -295,38 +295,43 @@ pub async fn take(args: &BackupOptions) -> Result<BackupDone> {
     }
     m.store(&repo).await?;
     let secs = started.elapsed().as_secs_f64();
-    println!(
-        "backup:      {id} (complete{})",
-        if args.pin { ", pinned" } else { "" }
-    );
-    println!(
-        "server:      {} (system identifier {})",
-        m.server_version, m.system_identifier
-    );
-    println!(
-        "wal:         {} .. {} on timeline {} ({} .. {})",
-        start.lsn,
-        stop.lsn,
-        start.timeline,
-        SegmentName::from_lsn(start.timeline, start.lsn, seg_size),
-        SegmentName::from_lsn(start.timeline, Lsn(stop.lsn.0.saturating_sub(1)), seg_size)
-    );
-    println!("time:        {} .. {}", m.start_time, m.stop_time);
-    println!(
-        "size:        {} in {} files, {} objects, {} stored",
-        human(total_bytes),
-        m.entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::File)
-            .count(),
-        m.chunks.len(),
-        human(stored_bytes)
-    );
-    println!(
-        "duration:    {secs:.1}s ({:.1}s data at {}/s)",
-        data_secs,
-        human((tar_bytes as f64 / data_secs.max(1e-3)) as u64)
-    );
+    let summary = [
+        format!(
+            "backup:      {id} (complete{})",
+            if args.pin { ", pinned" } else { "" }
+        ),
+        format!(
+            "server:      {} (system identifier {})",
+            m.server_version, m.system_identifier
+        ),
+        format!(
+            "wal:         {} .. {} on timeline {} ({} .. {})",
+            start.lsn,
+            stop.lsn,
+            start.timeline,
+            SegmentName::from_lsn(start.timeline, start.lsn, seg_size),
+            SegmentName::from_lsn(start.timeline, Lsn(stop.lsn.0.saturating_sub(1)), seg_size)
+        ),
+        format!("time:        {} .. {}", m.start_time, m.stop_time),
+        format!(
+            "size:        {} in {} files, {} objects, {} stored",
+            human(total_bytes),
+            m.entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::File)
+                .count(),
+            m.chunks.len(),
+            human(stored_bytes)
+        ),
+        format!(
+            "duration:    {secs:.1}s ({:.1}s data at {}/s)",
+            data_secs,
+            human((tar_bytes as f64 / data_secs.max(1e-3)) as u64)
+        ),
+    ];
+    for line in &summary {
+        crate::util::output::say(line);
+    }
     Ok(BackupDone {
         id,
         duration: started.elapsed(),

@@ -3,6 +3,7 @@
 //! everywhere.
 
 pub mod duration;
+pub mod output;
 pub mod redact;
 pub mod secret_file;
 pub mod time;
