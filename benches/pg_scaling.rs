@@ -516,9 +516,35 @@ fn plan(out: &mut BenchResults) {
                 ]
             })
             .collect(),
-        Some("No peer tool plans a restore from a listing like this, so no ratio. Growth should be linear in the objects (the same ms per 10,000 at both counts) and small next to the restore itself."),
+        Some("No peer tool plans a restore from a listing like this, so no ratio. Growth should be linear in the objects (the same ms per 10,000 at both counts) and small next to the restore itself. Goal (issue 13): catalog planning under 2 s at 100,000 WAL objects."),
     );
+    // Issue 13: the catalog's planning at 100,000 WAL objects stays under 2 s; checked at
+    // the largest count measured (the default's 100,000 fake plus the real ones).
+    if let Some((objects, list, restore)) = points.last().filter(|p| p.0 >= 100_000.0) {
+        out.goal_at_most_secs(
+            &format!("`list` at {objects:.0} WAL objects (`file://`)"),
+            *list,
+            PLAN_GOAL_SECS,
+        );
+        out.goal_at_most_secs(
+            &format!("`restore` planning at {objects:.0} WAL objects (`file://`)"),
+            *restore,
+            PLAN_GOAL_SECS,
+        );
+    }
+    for (objects, list, restore) in &points {
+        if *objects >= 100_000.0 {
+            println!(
+                "goal (issue 13) planning under {PLAN_GOAL_SECS:.0} s at {objects:.0} WAL objects: list {list:.2}s {}, restore planning {restore:.2}s {}",
+                if *list <= PLAN_GOAL_SECS { "met" } else { "NOT MET" },
+                if *restore <= PLAN_GOAL_SECS { "met" } else { "NOT MET" },
+            );
+        }
+    }
 }
+
+/// Issue 13: planning from the catalog at 100,000 WAL objects, at most this many seconds.
+const PLAN_GOAL_SECS: f64 = 2.0;
 
 /// Backup and restore time by database size.
 fn sizes(out: &mut BenchResults) {
