@@ -275,6 +275,12 @@ enum Command {
     /// generations a policy no longer needs. Every moment within the policy stays
     /// restorable; --dry-run prints the plan.
     Expire(crate::expire::ExpireArgs),
+    /// Check that the repository is healthy and restorable now: every object's checksums,
+    /// every base backup's files, WAL continuity on every timeline, each Redis generation's
+    /// snapshot and chunk chain, and with --max-age that the stream is current. Exit 0
+    /// healthy, 1 damaged (each object named), 2 stale. --output json for scripts
+    /// (docs/verify-json.md).
+    Verify(crate::verify::VerifyArgs),
 }
 
 /// Runs one command's future on a fresh multi-threaded runtime: every sub-command that
@@ -303,6 +309,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => crate::restore::run(args),
         Command::List(args) => crate::list::run(args),
         Command::Expire(args) => crate::expire::run(args),
+        Command::Verify(args) => crate::verify::run(args),
     }
 }
 
@@ -389,6 +396,7 @@ mod tests {
         let commands: &[&[&str]] = &[
             &["restore", "--target", "/t"],
             &["list"],
+            &["verify", "--max-age", "5m"],
             &["postgres", "wal-fetch", "f", "p"],
             &[
                 "postgres",
@@ -427,7 +435,7 @@ mod tests {
         for c in commands {
             let mut argv = vec!["x"];
             argv.extend_from_slice(&c[..c.len().min(2)]);
-            if c[0] == "list" || c[0] == "restore" {
+            if c[0] == "list" || c[0] == "restore" || c[0] == "verify" {
                 argv.truncate(2);
                 argv.extend_from_slice(&id);
                 argv.extend_from_slice(&c[1..]);

@@ -14,6 +14,7 @@ mod redis;
 mod repo_cmd;
 mod restore;
 mod util;
+mod verify;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

@@ -258,7 +258,7 @@ async fn check(repo: &Repository, target: Option<&str>) -> anyhow::Result<ExitCo
 /// Verifies a WAL object like any other and, when its content can be read (not encrypted,
 /// or an identity given), checks it as WAL: a segment's length and first page header, a
 /// history file's timeline.
-async fn check_wal_object(
+pub(crate) async fn check_wal_object(
     repo: &Repository,
     key: &RepoKey,
     wal: &storage::layout::WalObject,

@@ -465,7 +465,7 @@ fn print_keys(report: &wire::redis::rdb::RdbReport) {
 async fn verify(args: VerifyArgs) -> Result<ExitCode> {
     use super::restore::describe_time;
     let repo = args.repo.open()?;
-    let checks = super::verify::check_all(&repo).await?;
+    let checks = super::verify::check_all(&repo, 4).await?;
     if checks.is_empty() {
         bail!("the repository {} holds no Redis generation", repo.url());
     }

@@ -39,49 +39,141 @@ impl GenerationCheck {
     }
 }
 
-/// Checks one generation.
+/// Counts what a verification has read, for progress reports: objects and stored bytes.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Objects read to the end (or found damaged).
+    pub objects: std::sync::atomic::AtomicU64,
+    /// Their stored bytes.
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Tally {
+    /// Records one object of `stored` bytes.
+    pub fn add(&self, stored: u64) {
+        use std::sync::atomic::Ordering;
+        self.objects.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(stored, Ordering::Relaxed);
+    }
+}
+
+/// Reads the snapshot through the RDB validator; the error names the object.
+async fn check_snapshot(
+    repo: &Repository,
+    key: &layout::RepoKey,
+) -> std::result::Result<(RdbReport, u64), String> {
+    let mut reader = repo.reader(key).await.map_err(|e| format!("{e}"))?;
+    let mut validator = RdbValidator::new();
+    while let Some(piece) = reader.next_chunk().await.map_err(|e| format!("{e}"))? {
+        validator.feed(&piece).map_err(|e| format!("{key}: {e}"))?;
+    }
+    let stored = reader.info().map_or(0, |i| i.stored_len);
+    validator
+        .finish()
+        .map(|r| (r, stored))
+        .map_err(|e| format!("{key}: {e}"))
+}
+
+/// What one chunk of the chain holds, checked on its own (the time order across chunks is
+/// checked once all are read).
+struct ChunkCheck {
+    problems: Vec<String>,
+    commands: u64,
+    /// Its time index's first and last times, when it has one and it is in order.
+    times: Option<(i64, i64)>,
+}
+
+/// Reads a whole object, verified, and its stored size.
+async fn read_counted(repo: &Repository, key: &layout::RepoKey) -> storage::Result<(Bytes, u64)> {
+    let mut reader = repo.reader(key).await?;
+    let mut data = BytesMut::new();
+    while let Some(piece) = reader.next_chunk().await? {
+        data.extend_from_slice(&piece);
+    }
+    let stored = reader.info().map_or(0, |i| i.stored_len);
+    Ok((data.freeze(), stored))
+}
+
+async fn check_chunk(
+    repo: &Repository,
+    key: layout::RepoKey,
+    expected: (u64, u64),
+    tally: &Tally,
+) -> ChunkCheck {
+    let read = read_counted(repo, &key).await;
+    tally.add(read.as_ref().map_or(0, |(_, stored)| *stored));
+    let data = match read {
+        Ok((d, _)) => d,
+        Err(e) => {
+            return ChunkCheck {
+                problems: vec![format!("{e}")],
+                commands: 0,
+                times: None,
+            }
+        }
+    };
+    let (header, body) = match chunk::decode(key.as_str(), data) {
+        Ok(x) => x,
+        Err(e) => {
+            return ChunkCheck {
+                problems: vec![format!("{e:#}")],
+                commands: 0,
+                times: None,
+            }
+        }
+    };
+    let mut last_ms = i64::MIN;
+    let (problems, commands) = chunk_problems(&key, expected, &header, &body, &mut last_ms);
+    let times = match (header.time_index.first(), problems.is_empty()) {
+        (Some(&(_, first)), true) => Some((first, last_ms)),
+        _ => None,
+    };
+    ChunkCheck {
+        problems,
+        commands,
+        times,
+    }
+}
+
+/// Checks one generation, reading the snapshot and up to `jobs` chunks at once; each object
+/// read is counted in `tally`.
 pub async fn check_generation(
     repo: &Repository,
     manifest: GenerationManifest,
+    jobs: usize,
+    tally: &Tally,
 ) -> Result<GenerationCheck> {
+    use futures::stream::{self, StreamExt};
     let id = layout::GenerationId::parse(&manifest.generation)?;
     let key = layout::redis_snapshot(&id);
     let snapshot = async {
-        let mut reader = repo.reader(&key).await.map_err(|e| format!("{key}: {e}"))?;
-        let mut validator = RdbValidator::new();
-        while let Some(piece) = reader
-            .next_chunk()
-            .await
-            .map_err(|e| format!("{key}: {e}"))?
-        {
-            validator.feed(&piece).map_err(|e| format!("{key}: {e}"))?;
-        }
-        validator.finish().map_err(|e| format!("{key}: {e}"))
-    }
-    .await;
+        let r = check_snapshot(repo, &key).await;
+        tally.add(r.as_ref().map_or(0, |(_, stored)| *stored));
+        r.map(|(report, _)| report)
+    };
     let (chain, orphans) = chunk_chain(repo, &manifest).await?;
     let mut problems = orphan_problems(&manifest, &chain, &orphans);
+    let chunks = stream::iter(chain.iter().map(|&(start, end)| {
+        let key = layout::redis_chunk(&id, start, end);
+        check_chunk(repo, key, (start, end), tally)
+    }))
+    .buffered(jobs.max(1))
+    .collect::<Vec<ChunkCheck>>();
+    let (snapshot, checked) = tokio::join!(snapshot, chunks);
     let mut commands = 0u64;
     let mut last_ms = i64::MIN;
-    for (start, end) in &chain {
-        let key = layout::redis_chunk(&id, *start, *end);
-        let data = match repo.get(&key).await {
-            Ok(d) => d,
-            Err(e) => {
-                problems.push(format!("{key}: {e}"));
-                continue;
+    for ((start, end), c) in chain.iter().zip(checked) {
+        problems.extend(c.problems);
+        commands += c.commands;
+        if let Some((first, last)) = c.times {
+            if first < last_ms {
+                problems.push(format!(
+                    "{}: time index starts at {first} ms, before the previous chunk's last entry ({last_ms} ms)",
+                    layout::redis_chunk(&id, *start, *end)
+                ));
             }
-        };
-        let (header, body) = match chunk::decode(key.as_str(), data) {
-            Ok(x) => x,
-            Err(e) => {
-                problems.push(format!("{e:#}"));
-                continue;
-            }
-        };
-        let (found, n) = chunk_problems(&key, (*start, *end), &header, &body, &mut last_ms);
-        problems.extend(found);
-        commands += n;
+            last_ms = last_ms.max(last);
+        }
     }
     let end_offset = chain.last().map_or(manifest.snapshot_offset, |(_, e)| *e);
     Ok(GenerationCheck {
@@ -95,13 +187,14 @@ pub async fn check_generation(
 }
 
 /// Checks every generation, oldest first.
-pub async fn check_all(repo: &Repository) -> Result<Vec<GenerationCheck>> {
+pub async fn check_all(repo: &Repository, jobs: usize) -> Result<Vec<GenerationCheck>> {
+    let tally = Tally::default();
     let mut out = Vec::new();
     for manifest in GenerationManifest::list(repo)
         .await
         .context("listing generations")?
     {
-        out.push(check_generation(repo, manifest).await?);
+        out.push(check_generation(repo, manifest, jobs, &tally).await?);
     }
     Ok(out)
 }

@@ -49,7 +49,7 @@ const SYNC_THREADS: usize = 16;
 pub const PG_CONTROL_TEMP: &str = "global/pg_control.syncbridge-restore";
 
 /// Written pieces: (entry, offset, len, crc32c).
-type Written = Vec<(u32, u64, u64, u32)>;
+pub type Written = Vec<(u32, u64, u64, u32)>;
 
 /// The path of an entry on disk: the archive's root joined with the entry's path (already
 /// normalised by the tar reader: relative, no `..`).
@@ -245,8 +245,58 @@ async fn restore_chunk(
     written: &Mutex<Written>,
 ) -> Result<()> {
     let key = layout::base_backup_chunk(id, chunk.seq);
-    let mut reader = repo.reader(&key).await?;
     let mut files: HashMap<u32, std::fs::File> = HashMap::new();
+    let (results, _) = read_pieces(repo, &key, chunk, |p, at, part| {
+        let f = match files.entry(p.entry) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let path = dest_path(m, roots, p.entry)?;
+                v.insert(tokio::task::block_in_place(|| open_for_write(&path))?)
+            }
+        };
+        tokio::task::block_in_place(|| {
+            f.write_all_at(part, at)?;
+            // The piece so far: starts the new bytes' write-out and lets go of the
+            // pages of earlier ones already on disk. Small files are left to the
+            // final fsync: a write-out each would be an I/O of its own in the task
+            // that is laying down hundreds of them.
+            let so_far = at - p.offset + part.len() as u64;
+            if so_far >= WRITEBACK_MIN {
+                start_writeback(f, p.offset, so_far);
+            }
+            std::io::Result::Ok(())
+        })
+        .with_context(|| {
+            format!(
+                "writing {}",
+                dest_path(m, roots, p.entry)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            )
+        })?;
+        done.fetch_add(part.len() as u64, Ordering::Relaxed);
+        Ok(())
+    })
+    .await?;
+    written
+        .lock()
+        .map_err(|_| anyhow!("lock poisoned"))?
+        .extend(results);
+    Ok(())
+}
+
+/// Reads data object `key` (verified by the storage reader) and cuts its bytes into the
+/// pieces `chunk` records, handing each run of bytes to `sink` with the piece and the file
+/// offset it goes to; returns each piece's CRC32C (for [`file_problems`]) and the object's
+/// info. An object holding more or fewer bytes than its pieces is an error naming it.
+/// Restore writes the pieces to files; `verify` only checks them.
+pub async fn read_pieces(
+    repo: &Repository,
+    key: &layout::RepoKey,
+    chunk: &DataChunk,
+    mut sink: impl FnMut(&crate::pg::backup_catalog::Piece, u64, &[u8]) -> Result<()>,
+) -> Result<(Written, storage::ObjectInfo)> {
+    let mut reader = repo.reader(key).await?;
     let mut results: Written = Vec::with_capacity(chunk.pieces.len());
     let mut piece_idx = 0usize;
     let mut piece_done = 0u64;
@@ -258,37 +308,9 @@ async fn restore_chunk(
             };
             let take = (p.len - piece_done).min(data.len() as u64) as usize;
             let part = data.split_to(take);
-            let f = match files.entry(p.entry) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let path = dest_path(m, roots, p.entry)?;
-                    v.insert(tokio::task::block_in_place(|| open_for_write(&path))?)
-                }
-            };
-            let at = p.offset + piece_done;
-            tokio::task::block_in_place(|| {
-                f.write_all_at(&part, at)?;
-                // The piece so far: starts the new bytes' write-out and lets go of the
-                // pages of earlier ones already on disk. Small files are left to the
-                // final fsync: a write-out each would be an I/O of its own in the task
-                // that is laying down hundreds of them.
-                let so_far = at - p.offset + part.len() as u64;
-                if so_far >= WRITEBACK_MIN {
-                    start_writeback(f, p.offset, so_far);
-                }
-                std::io::Result::Ok(())
-            })
-            .with_context(|| {
-                format!(
-                    "writing {}",
-                    dest_path(m, roots, p.entry)
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default()
-                )
-            })?;
+            sink(p, p.offset + piece_done, &part)?;
             crc = crc32c::crc32c_append(crc, &part);
             piece_done += take as u64;
-            done.fetch_add(take as u64, Ordering::Relaxed);
             if piece_done == p.len {
                 results.push((p.entry, p.offset, p.len, crc));
                 crc = 0;
@@ -303,11 +325,10 @@ async fn restore_chunk(
             chunk.pieces.len()
         );
     }
-    written
-        .lock()
-        .map_err(|_| anyhow!("lock poisoned"))?
-        .extend(results);
-    Ok(())
+    let info = reader
+        .info()
+        .with_context(|| format!("{key}: the reader ended without verifying the trailer"))?;
+    Ok((results, info))
 }
 
 /// Combines each file's piece CRCs in offset order and compares them with the backup's
@@ -316,20 +337,57 @@ async fn restore_chunk(
 fn verify_files(
     m: &BackupManifest,
     roots: &[PathBuf],
-    mut pieces: Written,
+    pieces: Written,
     server_files: &[ServerManifestFile],
     modes: Modes,
 ) -> Result<()> {
+    if let Some(p) = file_problems(m, pieces, server_files).into_iter().next() {
+        bail!("{p}");
+    }
+    for (i, e) in m.entries.iter().enumerate() {
+        if e.kind == EntryKind::Symlink {
+            continue;
+        }
+        let path = dest_path(m, roots, i as u32)?;
+        std::fs::set_permissions(
+            &path,
+            std::fs::Permissions::from_mode(modes.for_entry(e.kind, e.mode)),
+        )
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// What is wrong with the backup's files given the pieces read from its data objects
+/// (entry, offset, length, CRC32C): each file's pieces must cover it without a hole, and
+/// their combined CRC32C and length must match `backup.json` and the server's
+/// `backup_manifest`, which must list no file the backup lacks. Restore stops at the first
+/// problem; `verify` reports them all.
+pub fn file_problems(
+    m: &BackupManifest,
+    mut pieces: Written,
+    server_files: &[ServerManifestFile],
+) -> Vec<String> {
+    let mut problems = Vec::new();
     pieces.sort_unstable_by_key(|p| (p.0, p.1));
     let mut per_entry: HashMap<u32, (u64, u32)> = HashMap::new();
+    let mut broken: std::collections::HashSet<u32> = std::collections::HashSet::new();
+    let name_of = |entry: u32| {
+        m.entries
+            .get(entry as usize)
+            .map_or_else(|| format!("entry {entry}"), |e| manifest_path(e, &m.tablespaces))
+    };
     for (entry, offset, len, crc) in pieces {
         let e = per_entry.entry(entry).or_insert((0, 0));
         if e.0 != offset {
-            bail!(
-                "{}: bytes {}..{offset} were never written",
-                manifest_path(&m.entries[entry as usize], &m.tablespaces),
-                e.0
-            );
+            if broken.insert(entry) {
+                problems.push(format!(
+                    "{}: bytes {}..{offset} are in no data object",
+                    name_of(entry),
+                    e.0
+                ));
+            }
+            continue;
         }
         e.1 = if e.0 == 0 {
             crc
@@ -341,56 +399,49 @@ fn verify_files(
     let server: HashMap<&str, &ServerManifestFile> =
         server_files.iter().map(|f| (f.path.as_str(), f)).collect();
     for (i, e) in m.entries.iter().enumerate() {
-        let path = dest_path(m, roots, i as u32)?;
-        if e.kind == EntryKind::Symlink {
-            continue;
-        }
-        let set_mode = || {
-            std::fs::set_permissions(
-                &path,
-                std::fs::Permissions::from_mode(modes.for_entry(e.kind, e.mode)),
-            )
-            .with_context(|| format!("setting the mode of {}", path.display()))
-        };
-        if e.kind != EntryKind::File {
-            set_mode()?;
+        if e.kind != EntryKind::File || broken.contains(&(i as u32)) {
             continue;
         }
         let name = manifest_path(e, &m.tablespaces);
         let (len, crc) = per_entry.get(&(i as u32)).copied().unwrap_or((0, 0));
         if len != e.size {
-            bail!("{name}: restored {len} bytes, the backup has {}", e.size);
+            problems.push(format!(
+                "{name}: its data objects hold {len} bytes, the backup has {}",
+                e.size
+            ));
+            continue;
         }
         if crc != e.crc32c {
-            bail!(
-                "{name}: restored CRC32C {crc:08x} differs from the backup's {:08x}",
+            problems.push(format!(
+                "{name}: CRC32C {crc:08x} of its bytes differs from the backup's {:08x}",
                 e.crc32c
-            );
+            ));
+            continue;
         }
         if let Some(f) = server.get(name.as_str()) {
             if f.size != len || (f.algorithm == "CRC32C" && !crc_matches(crc, &f.checksum)) {
-                bail!(
+                problems.push(format!(
                     "{name}: does not match the server's backup_manifest (size {}, checksum {})",
-                    f.size,
-                    f.checksum
-                );
+                    f.size, f.checksum
+                ));
             }
         }
-        set_mode()?;
     }
+    let ours: std::collections::HashSet<String> = m
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| manifest_path(e, &m.tablespaces))
+        .collect();
     for f in server_files {
-        let known = m
-            .entries
-            .iter()
-            .any(|e| e.kind == EntryKind::File && manifest_path(e, &m.tablespaces) == f.path);
-        if !known {
-            bail!(
+        if !ours.contains(&f.path) {
+            problems.push(format!(
                 "{}: listed in the server's backup_manifest but not in the backup",
                 f.path
-            );
+            ));
         }
     }
-    Ok(())
+    problems
 }
 
 /// Makes every restored file durable, then every directory (their entries: the files'

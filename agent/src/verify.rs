@@ -1,0 +1,960 @@
+//! `syncbridge-agent verify --repo URL [--max-age DUR] [--output text|json] [--jobs N]`:
+//! is this repository healthy and restorable right now? Modelled on pgBackRest's `verify`
+//! (every file of the repository read back and checked against what its backup or archive
+//! recorded, WAL continuity from each backup on), for both kinds of repository:
+//!
+//! * **Every object** is read to its end, `--jobs` at a time, through the storage reader,
+//!   which checks each frame's CRC32C, the trailer's SHA-256 and (format version 2) that
+//!   the object is bound to its key and repository: a flipped byte, a truncated object or
+//!   two objects swapped fail here, named by key. Memory is bounded by the readers' frame
+//!   buffers (a Redis command chunk is read whole: chunks are small).
+//! * **PostgreSQL base backups**: each data object listed in `backup.json` must exist, hold
+//!   the original bytes `backup.json` records (length and SHA-256) and split into exactly
+//!   its pieces; each file's CRC32C combined from its pieces must match `backup.json` and
+//!   the server's `backup_manifest` (the checks restore makes,
+//!   [`crate::restore::unpack::file_problems`]). A missing data object is named with the
+//!   files it holds.
+//! * **PostgreSQL WAL**: every WAL object is also checked as WAL (`repo check`'s
+//!   [`crate::repo_cmd::check_wal_object`]: page header, segment, system identifier), delta
+//!   chains of segments in progress must link ([`SegmentPartials::newest`], what
+//!   `wal-fetch` serves), and WAL must be stored without a hole on every timeline from the
+//!   oldest backup's start to the newest WAL, following each timeline's history file (the
+//!   path recovery reads, [`WalPath`]); each missing segment is named. A timeline with WAL
+//!   but no history file is damage too: recovery cannot follow it.
+//! * **Redis**: each generation's snapshot through the RDB validator and its chunk chain
+//!   gap-free from the snapshot's offset with whole commands (the checks of `redis verify`,
+//!   [`crate::redis::verify::check_generation`]).
+//! * **Staleness** (`--max-age`): the newest WAL object (segment, partial or delta) or the
+//!   newest object of the newest Redis generation, by the store's last-modified time, must
+//!   be younger than the limit: a stream that stopped shows here before a restore needs it.
+//!
+//! Exit status: 0 healthy; 1 damaged (one line per problem naming the object's key); 2
+//! stale but intact. Damage wins over staleness. An error that stops the verification
+//! itself (the repository cannot be listed) also exits 1. `--output json` prints the
+//! versioned document of `docs/verify-json.md` (`syncbridge.verify/1`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use clap::Args;
+use futures::stream::{self, StreamExt};
+use serde::Serialize;
+use storage::layout::{self, BackupId, WalObject};
+use storage::{RepoKey, RepoKind, RepoMarker, Repository, StorageError};
+use wire::pg::{Lsn, SegmentName, TimelineHistory, TimelineId, WalSegmentSize};
+
+use crate::catalog::pg::{WalInventory, WalPath};
+use crate::catalog::redis::RedisCatalog;
+use crate::cli::RepoArgs;
+use crate::list::Output;
+use crate::pg::backup::{manifest_path, parse_server_manifest, ServerManifestFile};
+use crate::pg::backup_catalog::{list_backups, BackupManifest, DataChunk};
+use crate::pg::backup_progress::human;
+use crate::pg::wal_fetch::{check_history_file, WalExpect};
+use crate::redis::verify::Tally;
+use crate::restore::unpack::{file_problems, read_pieces, Written};
+use crate::util::duration::parse_duration;
+
+/// The version of the JSON `verify` prints.
+pub const VERIFY_SCHEMA: &str = "syncbridge.verify/1";
+
+/// Exit status of a stale but intact repository.
+const EXIT_STALE: u8 = 2;
+
+/// Missing segments of one hole named one by one; the rest are counted.
+const MAX_NAMED_SEGMENTS: u64 = 16;
+
+/// Arguments of `verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Fail (exit 2 when otherwise intact) if the newest WAL or Redis chunk was stored
+    /// longer ago than this (e.g. 5m, 1h): the stream has stopped.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    max_age: Option<Duration>,
+    /// text for people, json for scripts and monitoring (a versioned schema,
+    /// docs/verify-json.md).
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+    /// Objects read at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    jobs: u16,
+}
+
+/// Runs `verify`.
+pub fn run(args: VerifyArgs) -> Result<ExitCode> {
+    crate::cli::block_on(verify(args))
+}
+
+/// The outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Everything checked out (and, with `--max-age`, the newest WAL or chunk is recent).
+    Healthy,
+    /// At least one problem: exit 1.
+    Damaged,
+    /// Intact, but the newest WAL or chunk is older than `--max-age`: exit 2.
+    Stale,
+}
+
+/// One thing wrong, on one object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// The object's key (for a missing object, the key it should have).
+    pub key: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// Everything `verify` reports (`docs/verify-json.md`).
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    /// [`VERIFY_SCHEMA`].
+    pub schema: &'static str,
+    /// The repository's URL.
+    pub url: String,
+    /// `postgres` or `redis`.
+    pub kind: &'static str,
+    /// The outcome.
+    pub status: Status,
+    /// When the verification started.
+    pub started: DateTime<Utc>,
+    /// Seconds it took.
+    pub elapsed_seconds: f64,
+    /// Objects listed in the repository.
+    pub objects: u64,
+    /// Objects read to the end and checked.
+    pub objects_verified: u64,
+    /// Distinct keys with a problem.
+    pub objects_damaged: u64,
+    /// Stored bytes read.
+    pub bytes_verified: u64,
+    /// PostgreSQL: complete base backups checked.
+    pub backups: u64,
+    /// PostgreSQL: timelines whose WAL continuity was checked.
+    pub timelines: u64,
+    /// Redis: generations checked.
+    pub generations: u64,
+    /// Every problem, one per object and fault.
+    pub problems: Vec<Problem>,
+    /// When the newest WAL object or Redis chunk was stored (the store's time); `null`
+    /// when there is none.
+    pub newest_time: Option<DateTime<Utc>>,
+    /// `wal` or `chunk`: what `newest_time` is of.
+    pub newest_kind: &'static str,
+    /// Seconds between `newest_time` and `started`.
+    pub age_seconds: Option<f64>,
+    /// `--max-age` in seconds, `null` without it.
+    pub max_age_seconds: Option<f64>,
+    /// Whether the newest WAL or chunk is older than `--max-age` (or there is none).
+    pub stale: bool,
+}
+
+/// What there is to read, and how it is checked.
+enum Job {
+    /// Read to the end (`Repository::verify`).
+    Plain(RepoKey),
+    /// Read and checked as WAL.
+    Wal(RepoKey, WalObject),
+    /// Data object `chunk` of backup `backup` (indexes into the loaded manifests).
+    BackupChunk { backup: usize, chunk: usize },
+    /// The server's `backup_manifest` of backup `backup`.
+    ServerManifest { backup: usize },
+}
+
+/// What one job found.
+#[derive(Default)]
+struct Outcome {
+    problems: Vec<Problem>,
+    /// The pieces of a backup data object read whole: (backup, pieces).
+    pieces: Option<(usize, Written)>,
+    /// A backup's server manifest read whole: (backup, files).
+    server_files: Option<(usize, Vec<ServerManifestFile>)>,
+    /// Listed but gone when read (a stream or expire removed it meanwhile).
+    vanished: bool,
+}
+
+fn problem(key: impl ToString, text: impl Into<String>) -> Problem {
+    Problem {
+        key: key.to_string(),
+        problem: text.into(),
+    }
+}
+
+/// A problem from an error: the key the error names (storage errors always name one),
+/// else `key`; the text without a repeated "object KEY".
+fn error_problem(key: &RepoKey, err: &anyhow::Error) -> Problem {
+    let named = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<StorageError>())
+        .and_then(|e| e.key().map(str::to_owned))
+        .unwrap_or_else(|| key.to_string());
+    let text = format!("{err:#}");
+    let text = text
+        .strip_prefix(&format!("object {named} "))
+        .map(str::to_owned)
+        .unwrap_or(text);
+    Problem {
+        key: named,
+        problem: text,
+    }
+}
+
+/// Whether the error is "this object does not exist".
+fn is_not_found(err: &anyhow::Error) -> bool {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<StorageError>())
+        .is_some_and(StorageError::is_not_found)
+}
+
+/// Shared state of the jobs.
+struct Ctx {
+    repo: Repository,
+    manifests: Vec<(BackupId, BackupManifest)>,
+    wal_expect: Option<WalExpect>,
+}
+
+async fn verify(args: VerifyArgs) -> Result<ExitCode> {
+    let started = Utc::now();
+    let clock = Instant::now();
+    let repo = args.repo.open()?;
+    let Some(marker) = repo.read_marker().await? else {
+        bail!("{} is not a SyncBridge repository (no marker)", repo.url());
+    };
+    if marker.encryption.is_some() && !repo.can_decrypt() {
+        bail!(
+            "{} is encrypted: pass --identity FILE (or SYNCBRIDGE_IDENTITY) to verify its contents",
+            repo.url()
+        );
+    }
+    let listed = repo
+        .list(&RepoKey::root())
+        .await
+        .with_context(|| format!("listing {}", repo.url()))?;
+    // Leases are plaintext records of who writes, not data: neither listed nor read.
+    let listed: Vec<storage::ObjectMeta> = listed
+        .into_iter()
+        .filter(|m| !layout::is_lease_key(&m.key))
+        .collect();
+    let total_objects = listed.len() as u64;
+    let total_bytes: u64 = listed.iter().map(|m| m.size).sum();
+    let ticker = Ticker::start(total_objects, total_bytes);
+    // The marker was read and checked by `read_marker`.
+    for m in listed.iter().filter(|m| m.key == layout::marker()) {
+        ticker.tally.add(m.size);
+    }
+    let jobs = usize::from(args.jobs);
+    let mut report = VerifyReport {
+        schema: VERIFY_SCHEMA,
+        url: repo.url().to_string(),
+        kind: match marker.kind {
+            RepoKind::Postgres => "postgres",
+            RepoKind::Redis => "redis",
+        },
+        status: Status::Healthy,
+        started,
+        elapsed_seconds: 0.0,
+        objects: total_objects,
+        objects_verified: 0,
+        objects_damaged: 0,
+        bytes_verified: 0,
+        backups: 0,
+        timelines: 0,
+        generations: 0,
+        problems: Vec::new(),
+        newest_time: None,
+        newest_kind: "wal",
+        age_seconds: None,
+        max_age_seconds: args.max_age.map(|d| d.as_secs_f64()),
+        stale: false,
+    };
+    let tally = match marker.kind {
+        RepoKind::Postgres => {
+            verify_postgres(&repo, &marker, listed, jobs, &ticker.tally, &mut report).await?
+        }
+        RepoKind::Redis => {
+            report.newest_kind = "chunk";
+            verify_redis(&repo, listed, jobs, &ticker.tally, &mut report).await?
+        }
+    };
+    ticker.stop();
+    report.objects_verified = tally.0;
+    report.bytes_verified = tally.1;
+    report.problems.dedup();
+    report.objects_damaged = report
+        .problems
+        .iter()
+        .map(|p| p.key.as_str())
+        .collect::<HashSet<_>>()
+        .len() as u64;
+    report.age_seconds = report
+        .newest_time
+        .map(|t| (started - t).num_milliseconds().max(0) as f64 / 1000.0);
+    report.stale = match (args.max_age, report.age_seconds) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(max), Some(age)) => age > max.as_secs_f64(),
+    };
+    report.status = if !report.problems.is_empty() {
+        Status::Damaged
+    } else if report.stale {
+        Status::Stale
+    } else {
+        Status::Healthy
+    };
+    report.elapsed_seconds = clock.elapsed().as_secs_f64();
+    match args.output {
+        Output::Json => {
+            let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
+            println!("{text}");
+        }
+        Output::Text => print_text(&report, args.max_age),
+    }
+    Ok(match report.status {
+        Status::Healthy => ExitCode::SUCCESS,
+        Status::Damaged => ExitCode::FAILURE,
+        Status::Stale => ExitCode::from(EXIT_STALE),
+    })
+}
+
+/// Keys verified elsewhere than by reading them: the marker (read by `read_marker`, which
+/// checks it) and writer leases (plaintext records, not containers).
+fn skipped(key: &RepoKey) -> bool {
+    *key == layout::marker() || layout::is_lease_key(key)
+}
+
+async fn verify_postgres(
+    repo: &Repository,
+    marker: &RepoMarker,
+    listed: Vec<storage::ObjectMeta>,
+    jobs: usize,
+    tally: &Arc<Tally>,
+    report: &mut VerifyReport,
+) -> Result<(u64, u64)> {
+    let present: HashSet<RepoKey> = listed.iter().map(|m| m.key.clone()).collect();
+    let backups = list_backups(repo).await?;
+    let mut manifests = Vec::new();
+    for id in &backups.complete {
+        match BackupManifest::load(repo, id).await {
+            Ok(m) => manifests.push((id.clone(), m)),
+            Err(e) => report
+                .problems
+                .push(error_problem(&layout::base_backup_manifest(id), &e)),
+        }
+    }
+    manifests.sort_by_key(|(_, m)| m.start().unwrap_or_default());
+    report.backups = manifests.len() as u64;
+    if backups.complete.is_empty() {
+        report.problems.push(problem(
+            layout::base_backups_prefix(),
+            "no complete base backup: nothing in the repository can be restored",
+        ));
+    }
+    let size = manifests
+        .first()
+        .and_then(|(_, m)| m.segment_size().ok())
+        .unwrap_or(WalSegmentSize::DEFAULT);
+    let wal_expect = WalExpect::new(marker, Some(size), None)?;
+
+    // What to read: the data objects and server manifests the backups list (those missing
+    // are problems now), every other object as WAL or as a plain object.
+    let mut work = Vec::new();
+    let mut claimed: HashSet<RepoKey> = HashSet::new();
+    for (b, (id, m)) in manifests.iter().enumerate() {
+        for (c, chunk) in m.chunks.iter().enumerate() {
+            let key = layout::base_backup_chunk(id, chunk.seq);
+            if present.contains(&key) {
+                work.push(Job::BackupChunk {
+                    backup: b,
+                    chunk: c,
+                });
+            } else {
+                report.problems.push(problem(
+                    &key,
+                    format!(
+                        "missing: data object {} of backup {id} ({})",
+                        chunk.seq,
+                        describe_files(m, chunk)
+                    ),
+                ));
+            }
+            claimed.insert(key);
+        }
+        let key = layout::base_backup_server_manifest(id);
+        if present.contains(&key) {
+            work.push(Job::ServerManifest { backup: b });
+        } else {
+            report.problems.push(problem(
+                &key,
+                format!("missing: the server's backup_manifest of backup {id}"),
+            ));
+        }
+        claimed.insert(key);
+    }
+    for meta in &listed {
+        if claimed.contains(&meta.key) || skipped(&meta.key) {
+            continue;
+        }
+        match layout::parse_wal_key(&meta.key) {
+            Some(w) => work.push(Job::Wal(meta.key.clone(), w)),
+            None => work.push(Job::Plain(meta.key.clone())),
+        }
+    }
+
+    let ctx = Ctx {
+        repo: repo.clone(),
+        manifests,
+        wal_expect: Some(wal_expect),
+    };
+    let outcomes = run_jobs(&ctx, work, jobs, tally).await;
+    let mut pieces: BTreeMap<usize, Written> = BTreeMap::new();
+    let mut server: BTreeMap<usize, Vec<ServerManifestFile>> = BTreeMap::new();
+    let mut broken_backups: HashSet<usize> = HashSet::new();
+    let backup_of = |key: &str| {
+        ctx.manifests
+            .iter()
+            .position(|(id, _)| key.starts_with(layout::base_backup_prefix(id).as_str()))
+    };
+    for o in outcomes {
+        for p in &o.problems {
+            if let Some(b) = backup_of(&p.key) {
+                broken_backups.insert(b);
+            }
+        }
+        report.problems.extend(o.problems);
+        if let Some((b, p)) = o.pieces {
+            pieces.entry(b).or_default().extend(p);
+        }
+        if let Some((b, f)) = o.server_files {
+            server.insert(b, f);
+        }
+    }
+    for p in &report.problems {
+        if let Some(b) = backup_of(&p.key) {
+            broken_backups.insert(b);
+        }
+    }
+    // Each intact backup's files against its records (a damaged object was named already;
+    // its files would only repeat it).
+    for (b, (id, m)) in ctx.manifests.iter().enumerate() {
+        if broken_backups.contains(&b) {
+            continue;
+        }
+        let files = server.remove(&b).unwrap_or_default();
+        for p in file_problems(m, pieces.remove(&b).unwrap_or_default(), &files) {
+            report
+                .problems
+                .push(problem(layout::base_backup_manifest(id), p));
+        }
+    }
+
+    let (inv, newest) = WalInventory::load_with_times(repo, size).await?;
+    report.newest_time = newest;
+    wal_problems(repo, &inv, &ctx.manifests, size, report).await?;
+    Ok(tally_totals(tally))
+}
+
+fn tally_totals(t: &Tally) -> (u64, u64) {
+    (
+        t.objects.load(Ordering::Relaxed),
+        t.bytes.load(Ordering::Relaxed),
+    )
+}
+
+/// The files a data object holds, for messages.
+fn describe_files(m: &BackupManifest, c: &DataChunk) -> String {
+    let mut names: Vec<String> = c
+        .pieces
+        .iter()
+        .take(3)
+        .filter_map(|p| m.entries.get(p.entry as usize))
+        .map(|e| manifest_path(e, &m.tablespaces))
+        .collect();
+    if c.pieces.len() > 3 {
+        names.push(format!("and {} more", c.pieces.len() - 3));
+    }
+    format!("files {}", names.join(", "))
+}
+
+/// Runs the jobs, `jobs` at a time, counting each object read in `tally`.
+async fn run_jobs(ctx: &Ctx, work: Vec<Job>, jobs: usize, tally: &Tally) -> Vec<Outcome> {
+    stream::iter(work)
+        .map(|job| async move {
+            let o = run_job(ctx, &job).await;
+            // A vanished object was not read; everything else was (a damaged one up to its
+            // damage).
+            if !o.0.vanished {
+                tally.add(o.1);
+            }
+            o.0
+        })
+        .buffer_unordered(jobs.max(1))
+        .collect()
+        .await
+}
+
+/// One job: its outcome and the stored bytes read.
+async fn run_job(ctx: &Ctx, job: &Job) -> (Outcome, u64) {
+    let repo = &ctx.repo;
+    let mut out = Outcome::default();
+    match job {
+        Job::Plain(key) => match repo.verify(key).await {
+            Ok(v) => return (out, v.info.stored_len),
+            Err(e) if e.is_not_found() => out.vanished = true,
+            Err(e) => out.problems.push(error_problem(key, &e.into())),
+        },
+        Job::Wal(key, w) => {
+            let result = match &ctx.wal_expect {
+                Some(expect) => crate::repo_cmd::check_wal_object(repo, key, w, expect).await,
+                None => repo.verify(key).await.map_err(anyhow::Error::from),
+            };
+            match result {
+                Ok(v) => return (out, v.info.stored_len),
+                Err(e) if is_not_found(&e) => out.vanished = true,
+                Err(e) => out.problems.push(error_problem(key, &e)),
+            }
+        }
+        Job::BackupChunk { backup, chunk } => {
+            let (id, m) = &ctx.manifests[*backup];
+            let c = &m.chunks[*chunk];
+            let key = layout::base_backup_chunk(id, c.seq);
+            match read_pieces(repo, &key, c, |_, _, _| Ok(())).await {
+                Ok((pieces, info)) => {
+                    let recorded = hex::decode(&c.sha256)
+                        .ok()
+                        .and_then(|d| <[u8; 32]>::try_from(d).ok());
+                    match recorded {
+                        Some(sha) if !info.matches_content(&sha, c.bytes) => {
+                            out.problems.push(problem(
+                                &key,
+                                format!(
+                                    "holds {} bytes that are not the ones backup {id} recorded ({} bytes, SHA-256 {})",
+                                    info.original_len, c.bytes, c.sha256
+                                ),
+                            ));
+                        }
+                        None => out.problems.push(problem(
+                            layout::base_backup_manifest(id),
+                            format!("data object {} has no valid SHA-256 recorded", c.seq),
+                        )),
+                        Some(_) => out.pieces = Some((*backup, pieces)),
+                    }
+                    return (out, info.stored_len);
+                }
+                Err(e) if is_not_found(&e) => out.problems.push(problem(
+                    &key,
+                    format!(
+                        "missing: data object {} of backup {id} ({})",
+                        c.seq,
+                        describe_files(m, c)
+                    ),
+                )),
+                Err(e) => {
+                    let mut p = error_problem(&key, &e);
+                    p.problem = format!("{} (backup {id}, {})", p.problem, describe_files(m, c));
+                    out.problems.push(p);
+                }
+            }
+        }
+        Job::ServerManifest { backup } => {
+            let (id, m) = &ctx.manifests[*backup];
+            let key = layout::base_backup_server_manifest(id);
+            let read = async {
+                let mut reader = repo.reader(&key).await?;
+                let mut data = Vec::new();
+                while let Some(piece) = reader.next_chunk().await? {
+                    data.extend_from_slice(&piece);
+                }
+                let info = reader
+                    .info()
+                    .with_context(|| format!("{key}: the reader ended without its trailer"))?;
+                anyhow::Ok((data, info))
+            };
+            match read.await {
+                Ok((data, info)) => {
+                    if !m.server_manifest_sha256.is_empty()
+                        && info.sha256_hex() != m.server_manifest_sha256
+                    {
+                        out.problems.push(problem(
+                            &key,
+                            format!(
+                                "is not the backup_manifest backup {id} recorded (SHA-256 {})",
+                                m.server_manifest_sha256
+                            ),
+                        ));
+                    } else {
+                        match parse_server_manifest(&data) {
+                            Ok(f) => out.server_files = Some((*backup, f)),
+                            Err(e) => out.problems.push(problem(&key, format!("{e:#}"))),
+                        }
+                    }
+                    return (out, info.stored_len);
+                }
+                Err(e) => out.problems.push(error_problem(&key, &e)),
+            }
+        }
+    }
+    (out, 0)
+}
+
+/// WAL continuity: each delta chain of a segment in progress links; from the oldest backup
+/// that leads to each timeline, WAL is stored without a hole to the newest WAL on the path
+/// recovery reads; each backup's own WAL (start to stop) is there.
+async fn wal_problems(
+    repo: &Repository,
+    inv: &WalInventory,
+    manifests: &[(BackupId, BackupManifest)],
+    size: WalSegmentSize,
+    report: &mut VerifyReport,
+) -> Result<()> {
+    for (tli, t) in &inv.timelines {
+        let tli = TimelineId::new(*tli)?;
+        for (segno, partials) in &t.partials {
+            if t.segments.contains(segno) {
+                continue;
+            }
+            let name = SegmentName::new(tli, *segno, size)?.to_string();
+            if let Err(e) = partials.newest(&name) {
+                report
+                    .problems
+                    .push(problem(segment_key(&name)?, format!("{e:#}")));
+            }
+        }
+    }
+    let mut histories: HashMap<u32, Option<TimelineHistory>> = HashMap::new();
+    let mut named: HashSet<String> = HashSet::new();
+    let targets: std::collections::BTreeSet<u32> = inv
+        .timelines
+        .keys()
+        .chain(inv.histories.iter())
+        .copied()
+        .collect();
+    let backups: Vec<(&BackupId, TimelineId, Lsn, Lsn)> = manifests
+        .iter()
+        .filter_map(|(id, m)| Some((id, m.tli().ok()?, m.start().ok()?, m.stop().ok()?)))
+        .collect();
+    for target in targets {
+        let tid = TimelineId::new(target)?;
+        let history = if backups.iter().any(|b| b.1.get() < target) {
+            if !histories.contains_key(&target) {
+                let h = load_history(repo, inv, tid, report).await;
+                histories.insert(target, h);
+            }
+            histories.get(&target).cloned().flatten()
+        } else {
+            None
+        };
+        // The oldest backup recovery can go from to this timeline.
+        let start = backups.iter().find_map(|(id, btli, start, _)| {
+            if *btli == tid {
+                return Some((*id, WalPath::from(tid), *start));
+            }
+            let h = history.as_ref()?;
+            WalPath::from_history(tid, h, *btli, *start)
+                .ok()
+                .map(|p| (*id, p, *start))
+        });
+        let Some((id, path, from)) = start else {
+            continue;
+        };
+        report.timelines += 1;
+        let Some(end) = inv.newest_end(&path, size) else {
+            continue;
+        };
+        holes(inv, &path, from, end, size, &mut named, report, |g| {
+            format!(
+                "missing: WAL {}..{} on timeline {target} is not in the repository (a restore from backup {id} cannot replay past {})",
+                g.from, g.to, g.from
+            )
+        })?;
+    }
+    for (id, tli, start, stop) in &backups {
+        let path = WalPath::from(*tli);
+        holes(inv, &path, *start, *stop, size, &mut named, report, |g| {
+            format!(
+                "missing: WAL {}..{} that backup {id} needs to be consistent (it ends at {stop})",
+                g.from, g.to
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// A timeline's history file, read and checked; `None` (with a problem) if missing or bad.
+async fn load_history(
+    repo: &Repository,
+    inv: &WalInventory,
+    tli: TimelineId,
+    report: &mut VerifyReport,
+) -> Option<TimelineHistory> {
+    let lt = layout::TimelineId::new(tli.get()).ok()?;
+    let key = layout::timeline_history(lt);
+    if !inv.histories.contains(&tli.get()) {
+        report.problems.push(problem(
+            &key,
+            format!(
+                "missing: timeline {tli} has WAL but no history file, so recovery cannot follow it"
+            ),
+        ));
+        return None;
+    }
+    let data = match repo.get(&key).await {
+        Ok(d) => d,
+        // Read (and any damage named) with every other object.
+        Err(_) => return None,
+    };
+    match check_history_file(&data, tli).and_then(|()| {
+        TimelineHistory::parse(&data).with_context(|| format!("parsing {key}"))
+    }) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            report.problems.push(problem(&key, format!("{e:#}")));
+            None
+        }
+    }
+}
+
+fn segment_key(name: &str) -> Result<RepoKey> {
+    Ok(layout::wal_segment(&layout::WalSegmentName::parse(name)?))
+}
+
+/// Reports every hole of `path` between `from` and `to`, one problem per missing segment
+/// (up to [`MAX_NAMED_SEGMENTS`] a hole), each segment once per verification.
+#[allow(clippy::too_many_arguments)]
+fn holes(
+    inv: &WalInventory,
+    path: &WalPath,
+    mut from: Lsn,
+    to: Lsn,
+    size: WalSegmentSize,
+    named: &mut HashSet<String>,
+    report: &mut VerifyReport,
+    text: impl Fn(&crate::catalog::pg::WalGap) -> String,
+) -> Result<()> {
+    while let Some(g) = inv.gap(path, from, to, size) {
+        let first = size.segment_of(g.from);
+        let last = size.segment_of(Lsn(g.to.0.max(g.from.0 + 1) - 1));
+        for segno in first..=last.min(first + MAX_NAMED_SEGMENTS - 1) {
+            let name = SegmentName::new(path.timeline_of(segno, size), segno, size)?.to_string();
+            if named.insert(name.clone()) {
+                report.problems.push(problem(segment_key(&name)?, text(&g)));
+            }
+        }
+        if last >= first + MAX_NAMED_SEGMENTS {
+            let name = format!("{}..{}", g.first_segment, g.last_segment);
+            if named.insert(name.clone()) {
+                report.problems.push(problem(
+                    segment_key(&g.last_segment)?,
+                    format!(
+                        "{} more segments up to this one are missing too ({})",
+                        last + 1 - first - MAX_NAMED_SEGMENTS,
+                        text(&g)
+                    ),
+                ));
+            }
+        }
+        if g.to <= g.from {
+            break;
+        }
+        from = g.to;
+    }
+    Ok(())
+}
+
+async fn verify_redis(
+    repo: &Repository,
+    listed: Vec<storage::ObjectMeta>,
+    jobs: usize,
+    tally: &Arc<Tally>,
+    report: &mut VerifyReport,
+) -> Result<(u64, u64)> {
+    let cat = RedisCatalog::load(repo).await?;
+    report.generations = cat.generations.len() as u64;
+    report.newest_time = cat.latest().and_then(|g| g.last_write);
+    if cat.generations.is_empty() {
+        report.problems.push(problem(
+            layout::redis_generations_prefix(),
+            "no complete generation: nothing in the repository can be restored",
+        ));
+    }
+    // The snapshot and chained chunks of each generation are read by its check; the rest
+    // (manifests, chunks off the chain, generations in progress) are read as objects.
+    let mut claimed: HashSet<RepoKey> = HashSet::new();
+    for g in &cat.generations {
+        claimed.insert(layout::redis_snapshot(&g.id));
+        for (s, e) in &g.chain {
+            claimed.insert(layout::redis_chunk(&g.id, *s, *e));
+        }
+    }
+    let work: Vec<Job> = listed
+        .into_iter()
+        .filter(|m| !claimed.contains(&m.key) && !skipped(&m.key))
+        .map(|m| Job::Plain(m.key))
+        .collect();
+    let ctx = Ctx {
+        repo: repo.clone(),
+        manifests: Vec::new(),
+        wal_expect: None,
+    };
+    for o in run_jobs(&ctx, work, jobs, tally).await {
+        report.problems.extend(o.problems);
+    }
+    for g in &cat.generations {
+        let check =
+            crate::redis::verify::check_generation(repo, g.manifest.clone(), jobs, tally).await?;
+        let snapshot_key = layout::redis_snapshot(&g.id);
+        if let Err(e) = &check.snapshot {
+            report.problems.push(redis_problem(&snapshot_key, e));
+        }
+        for p in &check.problems {
+            report
+                .problems
+                .push(redis_problem(&layout::redis_generation_prefix(&g.id), p));
+        }
+        // A chunk missing from the middle: name the key it should have.
+        if let (Some(first_orphan), Some(storage::layout::RedisObject::Chunk { start, .. })) = (
+            g.orphans.first(),
+            g.orphans.first().and_then(layout::parse_redis_key),
+        ) {
+            let end = g.end_offset();
+            if start > end {
+                report.problems.push(problem(
+                    layout::redis_chunk(&g.id, end, start),
+                    format!(
+                        "missing: the chunk chain of generation {} breaks at offset {end}; the next stored chunk is {first_orphan} (restores past offset {end} are impossible)",
+                        g.id
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(tally_totals(tally))
+}
+
+/// A problem text of `redis verify` (which starts with the key it concerns) as a problem.
+fn redis_problem(fallback: &RepoKey, text: &str) -> Problem {
+    let text = text.strip_prefix("object ").unwrap_or(text);
+    let end = text.find([':', ' ']).unwrap_or(text.len());
+    let (first, rest) = text.split_at(end);
+    if first.starts_with("redis/") {
+        let rest = rest.trim_start_matches(':').trim_start();
+        return problem(first, rest);
+    }
+    problem(fallback, text)
+}
+
+/// Reports progress every few seconds on stderr (a line redrawn on a terminal).
+struct Ticker {
+    tally: Arc<Tally>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Ticker {
+    fn start(total_objects: u64, total_bytes: u64) -> Ticker {
+        let tally = Arc::new(Tally::default());
+        let t = tally.clone();
+        let tty = std::io::stderr().is_terminal();
+        let every = if tty {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(5)
+        };
+        let task = tokio::spawn(async move {
+            let began = Instant::now();
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                let (n, b) = tally_totals(&t);
+                let rate = b as f64 / began.elapsed().as_secs_f64().max(1e-3);
+                let line = format!(
+                    "verify: {n}/{total_objects} objects, {} of {} at {}/s",
+                    human(b),
+                    human(total_bytes),
+                    human(rate as u64)
+                );
+                if tty {
+                    let mut err = std::io::stderr().lock();
+                    let _ = write!(err, "\r\x1b[2K{line}");
+                    let _ = err.flush();
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        });
+        Ticker { tally, task }
+    }
+
+    fn stop(&self) {
+        self.task.abort();
+        if std::io::stderr().is_terminal() {
+            let _ = write!(std::io::stderr().lock(), "\r\x1b[2K");
+        }
+    }
+}
+
+fn print_text(r: &VerifyReport, max_age: Option<Duration>) {
+    println!(
+        "repository:  {} ({})",
+        r.url,
+        if r.kind == "postgres" {
+            "PostgreSQL"
+        } else {
+            "Redis"
+        }
+    );
+    for p in &r.problems {
+        println!("DAMAGED  {}: {}", p.key, p.problem);
+    }
+    let what = if r.kind == "postgres" {
+        format!(
+            "{} base backups, WAL of {} timelines",
+            r.backups, r.timelines
+        )
+    } else {
+        format!("{} generations", r.generations)
+    };
+    println!(
+        "checked:     {} of {} objects ({}) in {:.1}s; {what}",
+        r.objects_verified,
+        r.objects,
+        human(r.bytes_verified),
+        r.elapsed_seconds
+    );
+    let newest = match (r.newest_time, r.age_seconds) {
+        (Some(t), Some(age)) => format!(
+            "stored {} ({} ago)",
+            crate::pg::backup_catalog::format_time(t),
+            humantime::format_duration(Duration::from_secs(age as u64))
+        ),
+        _ => "none".into(),
+    };
+    let limit = match max_age {
+        Some(m) if r.stale => format!(
+            ", older than --max-age {}: STALE",
+            humantime::format_duration(m)
+        ),
+        Some(m) => format!(", within --max-age {}", humantime::format_duration(m)),
+        None => String::new(),
+    };
+    println!(
+        "newest {}:  {newest}{limit}",
+        if r.kind == "postgres" { "WAL" } else { "chunk" }
+    );
+    match r.status {
+        Status::Healthy => println!("status:      healthy"),
+        Status::Stale => println!("status:      stale (intact, but the stream has stopped)"),
+        Status::Damaged => println!(
+            "status:      damaged ({} problems in {} objects)",
+            r.problems.len(),
+            r.objects_damaged
+        ),
+    }
+}
