@@ -124,7 +124,11 @@ fn agent_repo_bytes(agent: &std::path::Path, repo: &str, env: &[(String, String)
         .envs(env.iter().cloned())
         .output()
         .unwrap();
-    assert!(out.status.success(), "repo ls {repo}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "repo ls {repo}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
@@ -134,7 +138,11 @@ fn agent_repo_bytes(agent: &std::path::Path, repo: &str, env: &[(String, String)
 /// Bytes of every file in a pgBackRest repository (`repo-ls --recurse --output=json`).
 fn pgbr_repo_bytes(cmd: &mut Command) -> u64 {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "pgbackrest repo-ls: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pgbackrest repo-ls: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     listing
         .as_object()
@@ -608,8 +616,18 @@ fn main() {
         .map(|case| match *case {
             "agent s3" => agent_repo_bytes(&agent, &repo, &s3_env),
             "agent file" => agent_repo_bytes(&agent, &file_repo, &s3_env),
-            "pgbr s3" => pgbr_repo_bytes(&mut pgbr(&["repo-ls", "--recurse", "--output=json", "--repo=1"])),
-            _ => pgbr_repo_bytes(&mut pgbr(&["repo-ls", "--recurse", "--output=json", "--repo=2"])),
+            "pgbr s3" => pgbr_repo_bytes(&mut pgbr(&[
+                "repo-ls",
+                "--recurse",
+                "--output=json",
+                "--repo=1",
+            ])),
+            _ => pgbr_repo_bytes(&mut pgbr(&[
+                "repo-ls",
+                "--recurse",
+                "--output=json",
+                "--repo=2",
+            ])),
         })
         .collect();
     eprintln!(
@@ -744,7 +762,12 @@ fn main() {
             y_label: "MiB/s".into(),
             bars: (0..4)
                 .map(|case| Bar {
-                    group: if case < 2 { "SeaweedFS (S3)" } else { "local disk (file://, posix)" }.into(),
+                    group: if case < 2 {
+                        "SeaweedFS (S3)"
+                    } else {
+                        "local disk (file://, posix)"
+                    }
+                    .into(),
                     label: names[case].0.into(),
                     value: mibps(verify_bytes[case], verify_med[case]),
                     note: peer(case).map(|p| {

@@ -426,11 +426,17 @@ mod tests {
             .goal_at_most_secs("not measured", f64::NAN, 2.0);
         assert_eq!(r.goals[0].render_value(), "1.23×");
         assert_eq!(
-            (r.goals[1].render_value().as_str(), r.goals[1].target.as_str()),
+            (
+                r.goals[1].render_value().as_str(),
+                r.goals[1].target.as_str()
+            ),
             ("0.37 s", "≤ 2.00 s")
         );
         assert_eq!(r.goals[1].met, Some(true));
-        assert_eq!((r.goals[2].render_value().as_str(), r.goals[2].met), ("n/a", None));
+        assert_eq!(
+            (r.goals[2].render_value().as_str(), r.goals[2].met),
+            ("n/a", None)
+        );
         let old = r#"{"what":"w","value":1.5,"target":"≥ 1.00×","met":true}"#;
         let g: Goal = serde_json::from_str(old).unwrap();
         assert_eq!(g.render_value(), "1.50×");
