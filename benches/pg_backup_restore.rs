@@ -692,6 +692,44 @@ fn main() {
             verify_cpu[case].push(cpu);
         }
     }
+    // `SB_BENCH_VERIFY_PROFILE=DIR`, after the timed rounds: `perf record -g` of the agent's
+    // verify of its `file://` repository into DIR, and `perf stat` (task-clock of every
+    // process of the tool) of it and of pgBackRest's verify of `posix`, a cross-check of
+    // the CPU seconds above.
+    if let Some(dir) = std::env::var_os("SB_BENCH_VERIFY_PROFILE") {
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let agent_verify = |wrap: &[&str]| {
+            let mut c = Command::new("perf");
+            c.args(wrap)
+                .arg(&agent)
+                .args(["verify", "--jobs", &jobs.to_string(), "--repo", &file_repo])
+                .stdout(std::process::Stdio::null());
+            let out = c.output().unwrap();
+            String::from_utf8_lossy(&out.stderr).to_string()
+        };
+        let rec = dir.join("agent-verify.perf.data");
+        agent_verify(&["record", "-F", "999", "-g", "-o", rec.to_str().unwrap(), "--"]);
+        let stat = agent_verify(&["stat", "-e", "task-clock", "--"]);
+        let pgbr_stat = pgbr(&["verify", "--repo=2", "--output=text"]);
+        let pgbr_prog = pgbr_stat.get_program().to_owned();
+        let pgbr_args: Vec<_> = pgbr_stat.get_args().map(|a| a.to_owned()).collect();
+        let mut wrapped = Command::new("perf");
+        wrapped
+            .args(["stat", "-e", "task-clock", "--"])
+            .arg(pgbr_prog)
+            .args(pgbr_args)
+            .current_dir(work.path())
+            .stdout(std::process::Stdio::null());
+        run_as_server_user(&mut wrapped);
+        let pgbr_out = wrapped.output().unwrap();
+        let text = format!(
+            "agent verify file://:\n{stat}\npgbackrest verify posix:\n{}",
+            String::from_utf8_lossy(&pgbr_out.stderr)
+        );
+        std::fs::write(dir.join("perf-stat.txt"), &text).unwrap();
+        eprintln!("{text}\nprofile: perf report -i {}", rec.display());
+    }
     let mibps = |bytes: u64, d: Duration| bytes as f64 / MIB / d.as_secs_f64().max(1e-9);
     // Per round, speed agent ÷ pgBackRest (each over its own repository's bytes).
     let verify_ratio = |a: usize, p: usize, round: usize| {
