@@ -33,7 +33,7 @@
 //! itself (the repository cannot be listed) also exits 1. `--output json` prints the
 //! versioned document of `docs/verify-json.md` (`syncbridge.verify/1`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -66,6 +66,10 @@ pub const VERIFY_SCHEMA: &str = "syncbridge.verify/1";
 
 /// Exit status of a stale but intact repository.
 const EXIT_STALE: u8 = 2;
+
+/// How long to wait before looking again at WAL or a chunk chain that looks broken (a
+/// stream's concurrent uploads land out of order).
+const RECHECK_AFTER: Duration = Duration::from_secs(2);
 
 /// Missing segments of one hole named one by one; the rest are counted.
 const MAX_NAMED_SEGMENTS: u64 = 16;
@@ -288,6 +292,9 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
     ticker.stop();
     report.objects_verified = tally.0;
     report.bytes_verified = tally.1;
+    // By key, so a missing chunk comes before the chunks after it; stable, so one
+    // object's problems keep the order they were found in.
+    report.problems.sort_by(|a, b| a.key.cmp(&b.key));
     report.problems.dedup();
     report.objects_damaged = report
         .problems
@@ -358,11 +365,10 @@ async fn verify_postgres(
             "no complete base backup: nothing in the repository can be restored",
         ));
     }
-    let size = manifests
-        .first()
-        .and_then(|(_, m)| m.segment_size().ok())
-        .unwrap_or(WalSegmentSize::DEFAULT);
-    let wal_expect = WalExpect::new(marker, Some(size), None)?;
+    // The backups say the segment size; without one, each segment's header says it.
+    let known_size = manifests.first().and_then(|(_, m)| m.segment_size().ok());
+    let size = known_size.unwrap_or(WalSegmentSize::DEFAULT);
+    let wal_expect = WalExpect::new(marker, known_size, None)?;
 
     // What to read: the data objects and server manifests the backups list (those missing
     // are problems now), every other object as WAL or as a plain object.
@@ -371,7 +377,8 @@ async fn verify_postgres(
     for (b, (id, m)) in manifests.iter().enumerate() {
         for (c, chunk) in m.chunks.iter().enumerate() {
             let key = layout::base_backup_chunk(id, chunk.seq);
-            if present.contains(&key) {
+            // A backup that completed after the listing has objects the listing missed.
+            if present.contains(&key) || repo.exists(&key).await? {
                 work.push(Job::BackupChunk {
                     backup: b,
                     chunk: c,
@@ -389,7 +396,7 @@ async fn verify_postgres(
             claimed.insert(key);
         }
         let key = layout::base_backup_server_manifest(id);
-        if present.contains(&key) {
+        if present.contains(&key) || repo.exists(&key).await? {
             work.push(Job::ServerManifest { backup: b });
         } else {
             report.problems.push(problem(
@@ -409,19 +416,19 @@ async fn verify_postgres(
         }
     }
 
-    let ctx = Ctx {
+    let ctx = Arc::new(Ctx {
         repo: repo.clone(),
         manifests,
         wal_expect: Some(wal_expect),
-    };
-    let outcomes = run_jobs(&ctx, work, jobs, tally).await;
+    });
+    let outcomes = run_jobs(&ctx, work, jobs, tally).await?;
     let mut pieces: BTreeMap<usize, Written> = BTreeMap::new();
     let mut server: BTreeMap<usize, Vec<ServerManifestFile>> = BTreeMap::new();
     let mut broken_backups: HashSet<usize> = HashSet::new();
     let backup_of = |key: &str| {
         ctx.manifests
             .iter()
-            .position(|(id, _)| key.starts_with(layout::base_backup_prefix(id).as_str()))
+            .position(|(id, _)| key.starts_with(&format!("{}/", layout::base_backup_prefix(id))))
     };
     for o in outcomes {
         for p in &o.problems {
@@ -445,7 +452,7 @@ async fn verify_postgres(
     // Each intact backup's files against its records (a damaged object was named already;
     // its files would only repeat it).
     for (b, (id, m)) in ctx.manifests.iter().enumerate() {
-        if broken_backups.contains(&b) {
+        if broken_backups.contains(&b) || !still_listed(repo, id).await {
             continue;
         }
         let files = server.remove(&b).unwrap_or_default();
@@ -457,8 +464,18 @@ async fn verify_postgres(
     }
 
     let (inv, newest) = WalInventory::load_with_times(repo, size).await?;
+    let (mut found, mut timelines) = wal_problems(repo, &inv, &ctx.manifests, size).await?;
     report.newest_time = newest;
-    wal_problems(repo, &inv, &ctx.manifests, size, report).await?;
+    if !found.is_empty() {
+        // A running stream stores several objects at once, so a listing may show a later
+        // segment or delta before an earlier one: look again before calling a hole damage.
+        tokio::time::sleep(RECHECK_AFTER).await;
+        let (inv, newest) = WalInventory::load_with_times(repo, size).await?;
+        (found, timelines) = wal_problems(repo, &inv, &ctx.manifests, size).await?;
+        report.newest_time = newest;
+    }
+    report.problems.extend(found);
+    report.timelines = timelines;
     Ok(tally_totals(tally))
 }
 
@@ -484,21 +501,34 @@ fn describe_files(m: &BackupManifest, c: &DataChunk) -> String {
     format!("files {}", names.join(", "))
 }
 
-/// Runs the jobs, `jobs` at a time, counting each object read in `tally`.
-async fn run_jobs(ctx: &Ctx, work: Vec<Job>, jobs: usize, tally: &Tally) -> Vec<Outcome> {
-    stream::iter(work)
-        .map(|job| async move {
-            let o = run_job(ctx, &job).await;
-            // A vanished object was not read; everything else was (a damaged one up to its
-            // damage).
-            if !o.0.vanished {
-                tally.add(o.1);
-            }
-            o.0
+/// Runs the jobs, `jobs` at a time, each on a task of its own (so checksums are computed
+/// on every core), counting each object read in `tally`.
+async fn run_jobs(
+    ctx: &Arc<Ctx>,
+    work: Vec<Job>,
+    jobs: usize,
+    tally: &Arc<Tally>,
+) -> Result<Vec<Outcome>> {
+    let results: Vec<_> = stream::iter(work)
+        .map(|job| {
+            let (ctx, tally) = (ctx.clone(), tally.clone());
+            tokio::spawn(async move {
+                let (o, stored) = run_job(&ctx, &job).await;
+                // A vanished object was not read; everything else was (a damaged one up
+                // to its damage).
+                if !o.vanished {
+                    tally.add(stored);
+                }
+                o
+            })
         })
         .buffer_unordered(jobs.max(1))
         .collect()
-        .await
+        .await;
+    results
+        .into_iter()
+        .map(|r| r.context("a verify task failed"))
+        .collect()
 }
 
 /// One job: its outcome and the stored bytes read.
@@ -528,26 +558,27 @@ async fn run_job(ctx: &Ctx, job: &Job) -> (Outcome, u64) {
             let key = layout::base_backup_chunk(id, c.seq);
             match read_pieces(repo, &key, c, |_, _, _| Ok(())).await {
                 Ok((pieces, info)) => {
-                    let recorded = hex::decode(&c.sha256)
-                        .ok()
-                        .and_then(|d| <[u8; 32]>::try_from(d).ok());
-                    match recorded {
-                        Some(sha) if !info.matches_content(&sha, c.bytes) => {
-                            out.problems.push(problem(
-                                &key,
-                                format!(
-                                    "holds {} bytes that are not the ones backup {id} recorded ({} bytes, SHA-256 {})",
-                                    info.original_len, c.bytes, c.sha256
-                                ),
-                            ));
-                        }
-                        None => out.problems.push(problem(
-                            layout::base_backup_manifest(id),
-                            format!("data object {} has no valid SHA-256 recorded", c.seq),
-                        )),
-                        Some(_) => out.pieces = Some((*backup, pieces)),
+                    // `backup.json` records the digest the object's trailer holds (bound to
+                    // its key in format version 2) and its original length.
+                    if info.sha256_hex() != c.sha256 || info.original_len != c.bytes {
+                        out.problems.push(problem(
+                            &key,
+                            format!(
+                                "is not the object backup {id} recorded: {} bytes with digest {}, backup.json has {} bytes with {}",
+                                info.original_len,
+                                info.sha256_hex(),
+                                c.bytes,
+                                c.sha256
+                            ),
+                        ));
+                    } else {
+                        out.pieces = Some((*backup, pieces));
                     }
                     return (out, info.stored_len);
+                }
+                // An expire running meanwhile removes `backup.json` first, then the data.
+                Err(e) if is_not_found(&e) && !still_listed(repo, id).await => {
+                    out.vanished = true;
                 }
                 Err(e) if is_not_found(&e) => out.problems.push(problem(
                     &key,
@@ -579,6 +610,9 @@ async fn run_job(ctx: &Ctx, job: &Job) -> (Outcome, u64) {
                 anyhow::Ok((data, info))
             };
             match read.await {
+                Err(e) if is_not_found(&e) && !still_listed(repo, id).await => {
+                    out.vanished = true;
+                }
                 Ok((data, info)) => {
                     if !m.server_manifest_sha256.is_empty()
                         && info.sha256_hex() != m.server_manifest_sha256
@@ -605,6 +639,14 @@ async fn run_job(ctx: &Ctx, job: &Job) -> (Outcome, u64) {
     (out, 0)
 }
 
+/// Whether backup `id` is still complete (an expire removes its `backup.json` first); a
+/// store error counts as yes, so the missing object is reported.
+async fn still_listed(repo: &Repository, id: &BackupId) -> bool {
+    repo.exists(&layout::base_backup_manifest(id))
+        .await
+        .unwrap_or(true)
+}
+
 /// WAL continuity: each delta chain of a segment in progress links; from the oldest backup
 /// that leads to each timeline, WAL is stored without a hole to the newest WAL on the path
 /// recovery reads; each backup's own WAL (start to stop) is there.
@@ -613,8 +655,9 @@ async fn wal_problems(
     inv: &WalInventory,
     manifests: &[(BackupId, BackupManifest)],
     size: WalSegmentSize,
-    report: &mut VerifyReport,
-) -> Result<()> {
+) -> Result<(Vec<Problem>, u64)> {
+    let mut problems = Vec::new();
+    let mut timelines = 0u64;
     for (tli, t) in &inv.timelines {
         let tli = TimelineId::new(*tli)?;
         for (segno, partials) in &t.partials {
@@ -623,13 +666,10 @@ async fn wal_problems(
             }
             let name = SegmentName::new(tli, *segno, size)?.to_string();
             if let Err(e) = partials.newest(&name) {
-                report
-                    .problems
-                    .push(problem(segment_key(&name)?, format!("{e:#}")));
+                problems.push(problem(segment_key(&name)?, format!("{e:#}")));
             }
         }
     }
-    let mut histories: HashMap<u32, Option<TimelineHistory>> = HashMap::new();
     let mut named: HashSet<String> = HashSet::new();
     let targets: std::collections::BTreeSet<u32> = inv
         .timelines
@@ -643,12 +683,9 @@ async fn wal_problems(
         .collect();
     for target in targets {
         let tid = TimelineId::new(target)?;
+        // Only a timeline after a backup's is reached through its history file.
         let history = if backups.iter().any(|b| b.1.get() < target) {
-            if !histories.contains_key(&target) {
-                let h = load_history(repo, inv, tid, report).await;
-                histories.insert(target, h);
-            }
-            histories.get(&target).cloned().flatten()
+            load_history(repo, inv, tid, &mut problems).await
         } else {
             None
         };
@@ -665,27 +702,45 @@ async fn wal_problems(
         let Some((id, path, from)) = start else {
             continue;
         };
-        report.timelines += 1;
+        timelines += 1;
         let Some(end) = inv.newest_end(&path, size) else {
             continue;
         };
-        holes(inv, &path, from, end, size, &mut named, report, |g| {
-            format!(
+        holes(
+            inv,
+            &path,
+            from,
+            end,
+            size,
+            &mut named,
+            &mut problems,
+            |g| {
+                format!(
                 "missing: WAL {}..{} on timeline {target} is not in the repository (a restore from backup {id} cannot replay past {})",
                 g.from, g.to, g.from
             )
-        })?;
+            },
+        )?;
     }
     for (id, tli, start, stop) in &backups {
         let path = WalPath::from(*tli);
-        holes(inv, &path, *start, *stop, size, &mut named, report, |g| {
-            format!(
+        holes(
+            inv,
+            &path,
+            *start,
+            *stop,
+            size,
+            &mut named,
+            &mut problems,
+            |g| {
+                format!(
                 "missing: WAL {}..{} that backup {id} needs to be consistent (it ends at {stop})",
                 g.from, g.to
             )
-        })?;
+            },
+        )?;
     }
-    Ok(())
+    Ok((problems, timelines))
 }
 
 /// A timeline's history file, read and checked; `None` (with a problem) if missing or bad.
@@ -693,12 +748,12 @@ async fn load_history(
     repo: &Repository,
     inv: &WalInventory,
     tli: TimelineId,
-    report: &mut VerifyReport,
+    problems: &mut Vec<Problem>,
 ) -> Option<TimelineHistory> {
     let lt = layout::TimelineId::new(tli.get()).ok()?;
     let key = layout::timeline_history(lt);
     if !inv.histories.contains(&tli.get()) {
-        report.problems.push(problem(
+        problems.push(problem(
             &key,
             format!(
                 "missing: timeline {tli} has WAL but no history file, so recovery cannot follow it"
@@ -711,12 +766,12 @@ async fn load_history(
         // Read (and any damage named) with every other object.
         Err(_) => return None,
     };
-    match check_history_file(&data, tli).and_then(|()| {
-        TimelineHistory::parse(&data).with_context(|| format!("parsing {key}"))
-    }) {
+    match check_history_file(&data, tli)
+        .and_then(|()| TimelineHistory::parse(&data).with_context(|| format!("parsing {key}")))
+    {
         Ok(h) => Some(h),
         Err(e) => {
-            report.problems.push(problem(&key, format!("{e:#}")));
+            problems.push(problem(&key, format!("{e:#}")));
             None
         }
     }
@@ -736,7 +791,7 @@ fn holes(
     to: Lsn,
     size: WalSegmentSize,
     named: &mut HashSet<String>,
-    report: &mut VerifyReport,
+    problems: &mut Vec<Problem>,
     text: impl Fn(&crate::catalog::pg::WalGap) -> String,
 ) -> Result<()> {
     while let Some(g) = inv.gap(path, from, to, size) {
@@ -745,13 +800,13 @@ fn holes(
         for segno in first..=last.min(first + MAX_NAMED_SEGMENTS - 1) {
             let name = SegmentName::new(path.timeline_of(segno, size), segno, size)?.to_string();
             if named.insert(name.clone()) {
-                report.problems.push(problem(segment_key(&name)?, text(&g)));
+                problems.push(problem(segment_key(&name)?, text(&g)));
             }
         }
         if last >= first + MAX_NAMED_SEGMENTS {
             let name = format!("{}..{}", g.first_segment, g.last_segment);
             if named.insert(name.clone()) {
-                report.problems.push(problem(
+                problems.push(problem(
                     segment_key(&g.last_segment)?,
                     format!(
                         "{} more segments up to this one are missing too ({})",
@@ -799,17 +854,29 @@ async fn verify_redis(
         .filter(|m| !claimed.contains(&m.key) && !skipped(&m.key))
         .map(|m| Job::Plain(m.key))
         .collect();
-    let ctx = Ctx {
+    let ctx = Arc::new(Ctx {
         repo: repo.clone(),
         manifests: Vec::new(),
         wal_expect: None,
-    };
-    for o in run_jobs(&ctx, work, jobs, tally).await {
+    });
+    for o in run_jobs(&ctx, work, jobs, tally).await? {
         report.problems.extend(o.problems);
     }
-    for g in &cat.generations {
-        let check =
+    for (n, g) in cat.generations.iter().enumerate() {
+        let mut check =
             crate::redis::verify::check_generation(repo, g.manifest.clone(), jobs, tally).await?;
+        if n + 1 == cat.generations.len() && !check.is_ok() {
+            // The newest generation may be being written: a stream stores chunks
+            // concurrently, so one may be listed before the one it follows. Look again.
+            tokio::time::sleep(RECHECK_AFTER).await;
+            check = crate::redis::verify::check_generation(
+                repo,
+                g.manifest.clone(),
+                jobs,
+                &Tally::default(),
+            )
+            .await?;
+        }
         let snapshot_key = layout::redis_snapshot(&g.id);
         if let Err(e) = &check.snapshot {
             report.problems.push(redis_problem(&snapshot_key, e));
@@ -820,20 +887,25 @@ async fn verify_redis(
                 .push(redis_problem(&layout::redis_generation_prefix(&g.id), p));
         }
         // A chunk missing from the middle: name the key it should have.
-        if let (Some(first_orphan), Some(storage::layout::RedisObject::Chunk { start, .. })) = (
-            g.orphans.first(),
-            g.orphans.first().and_then(layout::parse_redis_key),
-        ) {
-            let end = g.end_offset();
-            if start > end {
-                report.problems.push(problem(
-                    layout::redis_chunk(&g.id, end, start),
-                    format!(
-                        "missing: the chunk chain of generation {} breaks at offset {end}; the next stored chunk is {first_orphan} (restores past offset {end} are impossible)",
-                        g.id
-                    ),
-                ));
-            }
+        let end = check.end_offset;
+        let next = check
+            .orphans
+            .iter()
+            .filter_map(|k| match layout::parse_redis_key(k) {
+                Some(storage::layout::RedisObject::Chunk { start, .. }) if start > end => {
+                    Some((start, k))
+                }
+                _ => None,
+            })
+            .min();
+        if let Some((start, next_key)) = next {
+            report.problems.push(problem(
+                layout::redis_chunk(&g.id, end, start),
+                format!(
+                    "missing: the chunk chain of generation {} breaks at offset {end}; the next stored chunk is {next_key} (restores past offset {end} are impossible)",
+                    g.id
+                ),
+            ));
         }
     }
     Ok(tally_totals(tally))
@@ -956,5 +1028,121 @@ fn print_text(r: &VerifyReport, max_age: Option<Duration>) {
             r.problems.len(),
             r.objects_damaged
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use bytes::Bytes;
+    use storage::{ContentKind, PutMode, RepoOptions};
+
+    fn manifest(id: &str, tli: u32, start: &str, stop: &str) -> BackupManifest {
+        BackupManifest {
+            version: 1,
+            id: id.into(),
+            label: String::new(),
+            system_identifier: "1".into(),
+            server_version: "15".into(),
+            server_major: 15,
+            timeline: tli,
+            start_lsn: start.into(),
+            stop_lsn: stop.into(),
+            stop_timeline: tli,
+            start_time: String::new(),
+            stop_time: String::new(),
+            wal_archived_time: String::new(),
+            wal_segment_size: 16 << 20,
+            total_bytes: 0,
+            stored_bytes: 0,
+            tablespaces: Vec::new(),
+            entries: Vec::new(),
+            chunks: Vec::new(),
+            server_manifest_sha256: String::new(),
+        }
+    }
+
+    /// The continuity check follows the history file from the backup's timeline to the
+    /// next, names a segment missing on the newer timeline (not the older one's copy that
+    /// recovery does not read), and names the history file a timeline with WAL lacks.
+    #[test]
+    fn wal_continuity_follows_the_history_chain_and_names_what_is_missing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
+            let two = layout::TimelineId::new(2).unwrap();
+            repo.put(
+                &layout::timeline_history(two),
+                ContentKind::TimelineHistory,
+                Bytes::from_static(b"1\t0/5000100\tno recovery target specified\n"),
+                PutMode::CreateNew,
+            )
+            .await
+            .unwrap();
+            let mut inv = WalInventory::default();
+            inv.timelines
+                .entry(1)
+                .or_default()
+                .segments
+                .extend([2u64, 3, 4, 5]);
+            // Segment 7 of timeline 2 is missing; timeline 1 never had it either.
+            inv.timelines
+                .entry(2)
+                .or_default()
+                .segments
+                .extend([5u64, 6, 8]);
+            inv.histories.insert(2);
+            // Timeline 3 has WAL but no history file.
+            inv.timelines.entry(3).or_default().segments.insert(9);
+            let id = BackupId::parse("20261201T000000Z").unwrap();
+            let manifests = vec![(
+                id,
+                manifest("20261201T000000Z", 1, "0/2000028", "0/2000100"),
+            )];
+            let (problems, timelines) =
+                wal_problems(&repo, &inv, &manifests, WalSegmentSize::DEFAULT)
+                    .await
+                    .unwrap();
+            let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(
+                keys,
+                [
+                    "postgres/wal/00000002/000000020000000000000007",
+                    "postgres/wal/00000003/00000003.history"
+                ],
+                "{problems:#?}"
+            );
+            assert!(problems[0].problem.contains("timeline 2"));
+            assert_eq!(timelines, 2);
+
+            // The backup's own WAL (start to stop) missing is named once.
+            let mut inv = WalInventory::default();
+            inv.timelines.entry(1).or_default().segments.extend([3u64]);
+            let (problems, _) = wal_problems(&repo, &inv, &manifests, WalSegmentSize::DEFAULT)
+                .await
+                .unwrap();
+            let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(keys, ["postgres/wal/00000001/000000010000000000000002"]);
+        });
+    }
+
+    #[test]
+    fn redis_problems_are_keyed_by_the_object_they_name() {
+        let fallback = RepoKey::parse("redis/gen/g").unwrap();
+        let p = redis_problem(
+            &fallback,
+            "redis/gen/g/chunks/1-2: at offset 5: bad command",
+        );
+        assert_eq!(p.key, "redis/gen/g/chunks/1-2");
+        assert_eq!(p.problem, "at offset 5: bad command");
+        let p = redis_problem(&fallback, "object redis/gen/g/snapshot.rdb is corrupt: x");
+        assert_eq!(p.key, "redis/gen/g/snapshot.rdb");
+        assert_eq!(p.problem, "is corrupt: x");
+        let p = redis_problem(&fallback, "something without a key");
+        assert_eq!(p.key, "redis/gen/g");
     }
 }

@@ -30,6 +30,8 @@ pub struct GenerationCheck {
     pub end_offset: u64,
     /// Problems found in the chunks (gaps, unparsable bodies, bad indexes).
     pub problems: Vec<String>,
+    /// Chunks off the chain (after a gap, or overlapping), in key order.
+    pub orphans: Vec<layout::RepoKey>,
 }
 
 impl GenerationCheck {
@@ -183,6 +185,7 @@ pub async fn check_generation(
         commands,
         end_offset,
         problems,
+        orphans,
     })
 }
 

@@ -373,9 +373,10 @@ pub fn file_problems(
     let mut per_entry: HashMap<u32, (u64, u32)> = HashMap::new();
     let mut broken: std::collections::HashSet<u32> = std::collections::HashSet::new();
     let name_of = |entry: u32| {
-        m.entries
-            .get(entry as usize)
-            .map_or_else(|| format!("entry {entry}"), |e| manifest_path(e, &m.tablespaces))
+        m.entries.get(entry as usize).map_or_else(
+            || format!("entry {entry}"),
+            |e| manifest_path(e, &m.tablespaces),
+        )
     };
     for (entry, offset, len, crc) in pieces {
         let e = per_entry.entry(entry).or_insert((0, 0));
