@@ -470,7 +470,7 @@ fn main() {
         let mut out =
             BenchResults::new("pg_backup_restore", "Base backup and restore vs pgBackRest");
         out.note(format!(
-            "`pgbench -i -s {scale}`: {:.0} MB. Backups and restores {runs}× each, tools alternating, `sync` before each, medians; both repositories on the same SeaweedFS over HTTPS; pgBackRest `compress-type=zst`, `process-max=2`. Saved before the WAL replay part, so a failure there keeps these.",
+            "`pgbench -i -s {scale}`: {:.0} MB. Backups and restores {runs}× each, tools alternating, `sync` before each, medians; both repositories on the same SeaweedFS over HTTPS; pgBackRest `compress-type=zst`, `process-max={jobs}`. Saved before the WAL replay part, so a failure there keeps these.",
             db_bytes as f64 / 1e6,
         ));
         let bar = |group: &str, label: &str, d: Duration, peer: Option<Duration>| Bar {
