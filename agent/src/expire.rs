@@ -16,13 +16,12 @@ use chrono::{DateTime, Utc};
 use clap::Args;
 use storage::layout::{self, BackupId, GenerationId, RepoKey};
 use storage::{RepoKind, Repository};
-use wire::pg::{SegmentName, TimelineId, WalSegmentSize};
+use wire::pg::{SegmentName, TimelineId};
 
-use crate::catalog::pg::WalInventory;
+use crate::catalog::pg::{Backup, PgCatalog};
 use crate::catalog::redis::RedisCatalog;
 use crate::catalog::retention::{plan, Candidate, Plan, Policy};
 use crate::cli::RepoArgs;
-use crate::pg::backup_catalog::{list_backups, BackupManifest};
 use crate::pg::backup_progress::human;
 
 /// Arguments of `expire`.
@@ -82,62 +81,52 @@ async fn expire_pg(
     now: DateTime<Utc>,
     dry: bool,
 ) -> Result<()> {
-    let list = list_backups(repo).await?;
-    let mut manifests = Vec::new();
-    for id in &list.complete {
-        manifests.push(BackupManifest::load(repo, id).await?);
-    }
-    if manifests.is_empty() {
+    let cat = PgCatalog::load(repo).await?;
+    let backups = &cat.backups.complete;
+    if backups.is_empty() {
         println!(
             "no complete base backup in {}: nothing to expire",
             repo.url()
         );
         return Ok(());
     }
-    let mut candidates = Vec::new();
-    for m in &manifests {
-        candidates.push(Candidate {
-            id: m.id.clone(),
-            restorable_from: m.stop_at()?,
+    let candidates: Vec<Candidate> = backups
+        .iter()
+        .map(|b| Candidate {
+            id: b.id.to_string(),
+            restorable_from: b.stop_time,
             pinned: false,
-        });
-    }
+        })
+        .collect();
     let p = plan(&candidates, policy, now);
     let stored = |id: &str| {
-        manifests
+        backups
             .iter()
-            .find(|m| m.id == id)
-            .map_or(0, |m| m.stored_bytes)
+            .find(|b| b.id.as_str() == id)
+            .map_or(0, |b| b.manifest.stored_bytes)
     };
     print_plan(&p, "backup", stored);
-    let kept: Vec<&BackupManifest> = manifests
+    let kept: Vec<&Backup> = backups
         .iter()
-        .filter(|m| p.keep.contains(&m.id))
+        .filter(|b| p.keep.iter().any(|k| k == b.id.as_str()))
         .collect();
-    let size = kept
-        .first()
-        .and_then(|m| m.segment_size().ok())
-        .unwrap_or(WalSegmentSize::DEFAULT);
+    let size = cat.segment_size;
     // WAL before the oldest kept backup's start restores nothing that is kept.
-    let mut cutoff: Option<(u64, String)> = None;
-    for m in &kept {
-        let segno = size.segment_of(m.start()?);
-        if cutoff.as_ref().is_none_or(|(c, _)| segno < *c) {
-            cutoff = Some((segno, m.id.clone()));
-        }
-    }
-    let oldest_kept_id = kept.iter().map(|m| m.id.clone()).min();
+    let cutoff: Option<(u64, &BackupId)> =
+        kept.iter().map(|b| (size.segment_of(b.start), &b.id)).min();
+    let oldest_kept_id = kept.iter().map(|b| b.id.as_str()).min();
     // Leftovers of an interrupted expire: directories without backup.json, older than
     // every kept backup (a backup in progress is newer than the newest complete one).
-    let orphans: Vec<&BackupId> = list
+    let orphans: Vec<&BackupId> = cat
+        .backups
         .incomplete
         .iter()
-        .filter(|id| oldest_kept_id.as_deref().is_some_and(|k| id.as_str() < k))
+        .filter(|id| oldest_kept_id.is_some_and(|k| id.as_str() < k))
         .collect();
     for id in &orphans {
         println!("remove  {id} (left by an interrupted expire: no backup.json)");
     }
-    let inv = WalInventory::load(repo, size).await?;
+    let inv = &cat.wal;
     let mut wal: Vec<RepoKey> = Vec::new();
     if let Some((cut, _)) = &cutoff {
         for (tli, t) in &inv.timelines {

@@ -13,12 +13,12 @@ use chrono::{DateTime, Utc};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use storage::{RepoKind, Repository};
-use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
+use wire::pg::{Lsn, SegmentName, TimelineId};
 
-use crate::catalog::pg::WalInventory;
+use crate::catalog::pg::PgCatalog;
 use crate::catalog::redis::RedisCatalog;
 use crate::cli::RepoArgs;
-use crate::pg::backup_catalog::{format_time, list_backups, BackupManifest};
+use crate::pg::backup_manifest::format_time;
 use crate::pg::backup_progress::human;
 
 /// The version of the JSON `list` prints.
@@ -105,6 +105,9 @@ pub struct PgReport {
     pub incomplete_backups: Vec<String>,
     /// Archived WAL per timeline.
     pub wal: Vec<PgTimeline>,
+    /// Keys under `postgres/conflicts/`: WAL the stream received that differs from what
+    /// was stored (kept for comparison, never restored from). Empty in a healthy repository.
+    pub wal_conflicts: Vec<String>,
 }
 
 /// One complete base backup.
@@ -243,29 +246,24 @@ async fn list(args: ListArgs) -> Result<ExitCode> {
 }
 
 async fn pg_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
-    let list = list_backups(repo).await?;
-    let mut manifests = Vec::new();
-    for id in &list.complete {
-        manifests.push(BackupManifest::load(repo, id).await?);
-    }
-    let size = manifests
-        .first()
-        .and_then(|m| m.segment_size().ok())
-        .unwrap_or(WalSegmentSize::DEFAULT);
-    let mut backups = Vec::new();
-    for m in &manifests {
-        backups.push(PgBackup {
-            id: m.id.clone(),
-            start_time: crate::util::time::parse_time(&m.start_time)
-                .with_context(|| format!("backup {}: start_time", m.id))?,
-            stop_time: m.stop_at()?,
-            start_lsn: m.start_lsn.clone(),
-            stop_lsn: m.stop_lsn.clone(),
-            timeline: m.timeline,
-            size_bytes: m.total_bytes,
-            stored_bytes: m.stored_bytes,
-            server_version: m.server_version.clone(),
-            tablespaces: m
+    let cat = PgCatalog::load(repo).await?;
+    let size = cat.segment_size;
+    let backups = cat
+        .backups
+        .complete
+        .iter()
+        .map(|b| PgBackup {
+            id: b.id.to_string(),
+            start_time: b.start_time,
+            stop_time: b.stop_time,
+            start_lsn: b.start.to_string(),
+            stop_lsn: b.stop.to_string(),
+            timeline: b.timeline.get(),
+            size_bytes: b.manifest.total_bytes,
+            stored_bytes: b.manifest.stored_bytes,
+            server_version: b.manifest.server_version.clone(),
+            tablespaces: b
+                .manifest
                 .tablespaces
                 .iter()
                 .map(|t| PgTablespace {
@@ -273,9 +271,9 @@ async fn pg_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
                     location: t.location.clone(),
                 })
                 .collect(),
-        });
-    }
-    let (inv, newest_write) = WalInventory::load_with_times(repo, size).await?;
+        })
+        .collect();
+    let inv = &cat.wal;
     let mut wal = Vec::new();
     for (tli, t) in &inv.timelines {
         let tli = TimelineId::new(*tli)?;
@@ -316,37 +314,27 @@ async fn pg_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
             holes,
         });
     }
-    let restorable = match (
-        manifests.first(),
-        manifests
-            .iter()
-            .max_by_key(|m| m.stop().unwrap_or_default()),
-    ) {
-        (Some(oldest), Some(newest)) => {
-            let tli = newest.tli()?;
-            let end = inv.contiguous_end(&tli.into(), newest.start()?, size);
-            Some(Restorable {
-                first_time: oldest.stop_at()?,
-                last_time: newest_write,
-                first_lsn: Some(oldest.stop_lsn.clone()),
-                last_lsn: Some(end.to_string()),
-                timeline: Some(tli.get()),
-            })
-        }
-        _ => None,
-    };
+    let restorable = cat.restorable().map(|r| Restorable {
+        first_time: r.first_time,
+        last_time: r.last_time,
+        first_lsn: Some(r.first_lsn.to_string()),
+        last_lsn: Some(r.last_lsn.to_string()),
+        timeline: Some(r.timeline.get()),
+    });
     Ok(ListReport {
         schema: LIST_SCHEMA,
         repository: facts,
         restorable,
         postgres: Some(PgReport {
             backups,
-            incomplete_backups: list
+            incomplete_backups: cat
+                .backups
                 .incomplete
                 .iter()
                 .map(|i| i.as_str().to_string())
                 .collect(),
             wal,
+            wal_conflicts: cat.conflicts.iter().map(|k| k.to_string()).collect(),
         }),
         redis: None,
     })
@@ -466,11 +454,14 @@ fn print_text(r: &ListReport) {
                     );
                 }
             }
-            if let (Some(rest), Some(newest)) = (&r.restorable, pg.backups.last()) {
+            for k in &pg.wal_conflicts {
+                println!("  CONFLICT: {k} (WAL the stream received that differs from the stored file; compare them)");
+            }
+            if let (Some(rest), Some(oldest)) = (&r.restorable, pg.backups.first()) {
                 println!(
                     "restorable:  from {} (end of backup {}) to LSN {} on timeline {}",
                     format_time(rest.first_time),
-                    newest.id,
+                    oldest.id,
                     rest.last_lsn.as_deref().unwrap_or("?"),
                     rest.timeline.unwrap_or(1)
                 );

@@ -9,14 +9,15 @@
 //!   two objects swapped fail here, named by key. Memory is bounded by the readers' frame
 //!   buffers (a Redis command chunk is read whole: chunks are small).
 //! * **PostgreSQL base backups**: each data object listed in `backup.json` must exist, hold
-//!   the original bytes `backup.json` records (length and SHA-256) and split into exactly
+//!   the original bytes `backup.json` records (length and digest) and split into exactly
 //!   its pieces; each file's CRC32C combined from its pieces must match `backup.json` and
 //!   the server's `backup_manifest` (the checks restore makes,
 //!   [`crate::restore::unpack::file_problems`]). A missing data object is named with the
 //!   files it holds.
 //! * **PostgreSQL WAL**: every WAL object is also checked as WAL (`repo check`'s
 //!   [`crate::repo_cmd::check_wal_object`]: page header, segment, system identifier), delta
-//!   chains of segments in progress must link ([`SegmentPartials::newest`], what
+//!   chains of segments in progress must link
+//!   ([`crate::pg::partial::SegmentPartials::newest`], what
 //!   `wal-fetch` serves), and WAL must be stored without a hole on every timeline from the
 //!   oldest backup's start to the newest WAL, following each timeline's history file (the
 //!   path recovery reads, [`WalPath`]); each missing segment is named. A timeline with WAL
@@ -27,6 +28,13 @@
 //! * **Staleness** (`--max-age`): the newest WAL object (segment, partial or delta) or the
 //!   newest object of the newest Redis generation, by the store's last-modified time, must
 //!   be younger than the limit: a stream that stopped shows here before a restore needs it.
+//!   (An idle PostgreSQL cluster writes no WAL, so its newest WAL ages with a healthy
+//!   stream; a Redis master pings its replicas every 10 s, so chunks keep coming.)
+//!
+//! A repository in use stays verifiable: an object a running stream or `expire` removes
+//! between the listing and its reading is not damage, and a hole in the WAL or a broken
+//! chain of the newest Redis generation is looked at again after [`RECHECK_AFTER`] (a
+//! stream's concurrent uploads may land out of order) before it is reported.
 //!
 //! Exit status: 0 healthy; 1 damaged (one line per problem naming the object's key); 2
 //! stale but intact. Damage wins over staleness. An error that stops the verification
@@ -49,12 +57,13 @@ use storage::layout::{self, BackupId, WalObject};
 use storage::{RepoKey, RepoKind, RepoMarker, Repository, StorageError};
 use wire::pg::{Lsn, SegmentName, TimelineHistory, TimelineId, WalSegmentSize};
 
-use crate::catalog::pg::{WalInventory, WalPath};
+use crate::catalog::pg::wal::WalGap;
+use crate::catalog::pg::{Backup, BackupCatalog, WalInventory, WalPath};
 use crate::catalog::redis::RedisCatalog;
 use crate::cli::RepoArgs;
 use crate::list::Output;
 use crate::pg::backup::{manifest_path, parse_server_manifest, ServerManifestFile};
-use crate::pg::backup_catalog::{list_backups, BackupManifest, DataChunk};
+use crate::pg::backup_manifest::{BackupManifest, DataChunk};
 use crate::pg::backup_progress::human;
 use crate::pg::wal_fetch::{check_history_file, WalExpect};
 use crate::redis::verify::Tally;
@@ -227,9 +236,34 @@ struct Ctx {
 }
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode> {
+    let repo = args.repo.open()?;
+    let report = check(&repo, args.max_age, usize::from(args.jobs), true).await?;
+    match args.output {
+        Output::Json => {
+            let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
+            println!("{text}");
+        }
+        Output::Text => print_text(&report, args.max_age),
+    }
+    Ok(match report.status {
+        Status::Healthy => ExitCode::SUCCESS,
+        Status::Damaged => ExitCode::FAILURE,
+        Status::Stale => ExitCode::from(EXIT_STALE),
+    })
+}
+
+/// Verifies `repo` (see the module docs), reading `jobs` objects at once; with `progress`,
+/// reports progress on stderr every few seconds. The report's `status` is the outcome;
+/// an error means the verification itself could not run (no marker, the store cannot be
+/// listed, an encrypted repository without its identity).
+pub async fn check(
+    repo: &Repository,
+    max_age: Option<Duration>,
+    jobs: usize,
+    progress: bool,
+) -> Result<VerifyReport> {
     let started = Utc::now();
     let clock = Instant::now();
-    let repo = args.repo.open()?;
     let Some(marker) = repo.read_marker().await? else {
         bail!("{} is not a SyncBridge repository (no marker)", repo.url());
     };
@@ -250,12 +284,12 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
         .collect();
     let total_objects = listed.len() as u64;
     let total_bytes: u64 = listed.iter().map(|m| m.size).sum();
-    let ticker = Ticker::start(total_objects, total_bytes);
+    let ticker = Ticker::start(total_objects, total_bytes, progress);
     // The marker was read and checked by `read_marker`.
     for m in listed.iter().filter(|m| m.key == layout::marker()) {
         ticker.tally.add(m.size);
     }
-    let jobs = usize::from(args.jobs);
+    let jobs = jobs.max(1);
     let mut report = VerifyReport {
         schema: VERIFY_SCHEMA,
         url: repo.url().to_string(),
@@ -277,19 +311,19 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
         newest_time: None,
         newest_kind: "wal",
         age_seconds: None,
-        max_age_seconds: args.max_age.map(|d| d.as_secs_f64()),
+        max_age_seconds: max_age.map(|d| d.as_secs_f64()),
         stale: false,
     };
     let tally = match marker.kind {
         RepoKind::Postgres => {
-            verify_postgres(&repo, &marker, listed, jobs, &ticker.tally, &mut report).await?
+            verify_postgres(repo, &marker, listed, jobs, &ticker.tally, &mut report).await?
         }
         RepoKind::Redis => {
             report.newest_kind = "chunk";
-            verify_redis(&repo, listed, jobs, &ticker.tally, &mut report).await?
+            verify_redis(repo, listed, jobs, &ticker.tally, &mut report).await?
         }
     };
-    ticker.stop();
+    ticker.stop(progress);
     report.objects_verified = tally.0;
     report.bytes_verified = tally.1;
     // By key, so a missing chunk comes before the chunks after it; stable, so one
@@ -305,7 +339,7 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
     report.age_seconds = report
         .newest_time
         .map(|t| (started - t).num_milliseconds().max(0) as f64 / 1000.0);
-    report.stale = match (args.max_age, report.age_seconds) {
+    report.stale = match (max_age, report.age_seconds) {
         (None, _) => false,
         (Some(_), None) => true,
         (Some(max), Some(age)) => age > max.as_secs_f64(),
@@ -318,18 +352,7 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
         Status::Healthy
     };
     report.elapsed_seconds = clock.elapsed().as_secs_f64();
-    match args.output {
-        Output::Json => {
-            let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
-            println!("{text}");
-        }
-        Output::Text => print_text(&report, args.max_age),
-    }
-    Ok(match report.status {
-        Status::Healthy => ExitCode::SUCCESS,
-        Status::Damaged => ExitCode::FAILURE,
-        Status::Stale => ExitCode::from(EXIT_STALE),
-    })
+    Ok(report)
 }
 
 /// Keys verified elsewhere than by reading them: the marker (read by `read_marker`, which
@@ -347,19 +370,15 @@ async fn verify_postgres(
     report: &mut VerifyReport,
 ) -> Result<(u64, u64)> {
     let present: HashSet<RepoKey> = listed.iter().map(|m| m.key.clone()).collect();
-    let backups = list_backups(repo).await?;
-    let mut manifests = Vec::new();
-    for id in &backups.complete {
-        match BackupManifest::load(repo, id).await {
-            Ok(m) => manifests.push((id.clone(), m)),
-            Err(e) => report
-                .problems
-                .push(error_problem(&layout::base_backup_manifest(id), &e)),
-        }
-    }
+    let mut manifests: Vec<(BackupId, BackupManifest)> = match BackupCatalog::load(repo).await {
+        Ok(c) => c.complete.into_iter().map(|b| (b.id, b.manifest)).collect(),
+        // A `backup.json` that cannot be read stops the catalog: read them one by one to
+        // name each that is damaged and verify the rest.
+        Err(_) => backups_one_by_one(repo, report).await?,
+    };
     manifests.sort_by_key(|(_, m)| m.start().unwrap_or_default());
     report.backups = manifests.len() as u64;
-    if backups.complete.is_empty() {
+    if manifests.is_empty() && report.problems.is_empty() {
         report.problems.push(problem(
             layout::base_backups_prefix(),
             "no complete base backup: nothing in the repository can be restored",
@@ -477,6 +496,40 @@ async fn verify_postgres(
     report.problems.extend(found);
     report.timelines = timelines;
     Ok(tally_totals(tally))
+}
+
+/// Each backup's `backup.json` read on its own: those that cannot be read or do not check
+/// out are problems, absent ones are backups in progress.
+async fn backups_one_by_one(
+    repo: &Repository,
+    report: &mut VerifyReport,
+) -> Result<Vec<(BackupId, BackupManifest)>> {
+    let dirs = repo
+        .list_dirs(&layout::base_backups_prefix())
+        .await
+        .context("listing base backups")?;
+    let mut out = Vec::new();
+    for d in dirs {
+        let Some(id) = d
+            .as_str()
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .and_then(|n| BackupId::parse(n).ok())
+        else {
+            continue;
+        };
+        let key = layout::base_backup_manifest(&id);
+        match BackupManifest::load(repo, &id).await {
+            Ok(m) => match Backup::from_manifest(m) {
+                Ok(b) => out.push((b.id, b.manifest)),
+                Err(e) => report.problems.push(problem(&key, format!("{e:#}"))),
+            },
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => report.problems.push(error_problem(&key, &e)),
+        }
+    }
+    Ok(out)
 }
 
 fn tally_totals(t: &Tally) -> (u64, u64) {
@@ -683,11 +736,26 @@ async fn wal_problems(
         .collect();
     for target in targets {
         let tid = TimelineId::new(target)?;
-        // Only a timeline after a backup's is reached through its history file.
-        let history = if backups.iter().any(|b| b.1.get() < target) {
-            load_history(repo, inv, tid, &mut problems).await
-        } else {
-            None
+        // Only a timeline after a backup's is reached through its history file, and only
+        // WAL from that backup's start on needs it (older WAL, e.g. left by an interrupted
+        // expire, is no restore's business).
+        let first_needed = backups
+            .iter()
+            .filter(|b| b.1.get() < target)
+            .map(|b| size.segment_of(b.2))
+            .min();
+        let history = match first_needed {
+            Some(first) => {
+                let needed = inv.timelines.get(&target).is_some_and(|t| {
+                    t.segments
+                        .last()
+                        .into_iter()
+                        .chain(t.partials.keys().next_back())
+                        .any(|s| *s >= first)
+                });
+                load_history(repo, inv, tid, needed, &mut problems).await
+            }
+            None => None,
         };
         // The oldest backup recovery can go from to this timeline.
         let start = backups.iter().find_map(|(id, btli, start, _)| {
@@ -743,16 +811,21 @@ async fn wal_problems(
     Ok((problems, timelines))
 }
 
-/// A timeline's history file, read and checked; `None` (with a problem) if missing or bad.
+/// A timeline's history file, read and checked; `None` if missing or bad (a problem when
+/// the timeline holds WAL a restore `needed`s, or the file is damaged).
 async fn load_history(
     repo: &Repository,
     inv: &WalInventory,
     tli: TimelineId,
+    needed: bool,
     problems: &mut Vec<Problem>,
 ) -> Option<TimelineHistory> {
     let lt = layout::TimelineId::new(tli.get()).ok()?;
     let key = layout::timeline_history(lt);
     if !inv.histories.contains(&tli.get()) {
+        if !needed {
+            return None;
+        }
         problems.push(problem(
             &key,
             format!(
@@ -792,7 +865,7 @@ fn holes(
     size: WalSegmentSize,
     named: &mut HashSet<String>,
     problems: &mut Vec<Problem>,
-    text: impl Fn(&crate::catalog::pg::WalGap) -> String,
+    text: impl Fn(&WalGap) -> String,
 ) -> Result<()> {
     while let Some(g) = inv.gap(path, from, to, size) {
         let first = size.segment_of(g.from);
@@ -864,18 +937,21 @@ async fn verify_redis(
     }
     for (n, g) in cat.generations.iter().enumerate() {
         let mut check =
-            crate::redis::verify::check_generation(repo, g.manifest.clone(), jobs, tally).await?;
+            crate::redis::verify::check_generation(repo, g.clone(), jobs, tally).await?;
         if n + 1 == cat.generations.len() && !check.is_ok() {
             // The newest generation may be being written: a stream stores chunks
             // concurrently, so one may be listed before the one it follows. Look again.
             tokio::time::sleep(RECHECK_AFTER).await;
-            check = crate::redis::verify::check_generation(
-                repo,
-                g.manifest.clone(),
-                jobs,
-                &Tally::default(),
-            )
-            .await?;
+            let again = RedisCatalog::load(repo)
+                .await?
+                .generations
+                .into_iter()
+                .find(|x| x.id == g.id);
+            if let Some(again) = again {
+                check =
+                    crate::redis::verify::check_generation(repo, again, jobs, &Tally::default())
+                        .await?;
+            }
         }
         let snapshot_key = layout::redis_snapshot(&g.id);
         if let Err(e) = &check.snapshot {
@@ -930,7 +1006,7 @@ struct Ticker {
 }
 
 impl Ticker {
-    fn start(total_objects: u64, total_bytes: u64) -> Ticker {
+    fn start(total_objects: u64, total_bytes: u64, report: bool) -> Ticker {
         let tally = Arc::new(Tally::default());
         let t = tally.clone();
         let tty = std::io::stderr().is_terminal();
@@ -940,6 +1016,9 @@ impl Ticker {
             Duration::from_secs(5)
         };
         let task = tokio::spawn(async move {
+            if !report {
+                return;
+            }
             let began = Instant::now();
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
@@ -964,9 +1043,9 @@ impl Ticker {
         Ticker { tally, task }
     }
 
-    fn stop(&self) {
+    fn stop(&self, report: bool) {
         self.task.abort();
-        if std::io::stderr().is_terminal() {
+        if report && std::io::stderr().is_terminal() {
             let _ = write!(std::io::stderr().lock(), "\r\x1b[2K");
         }
     }
@@ -1003,7 +1082,7 @@ fn print_text(r: &VerifyReport, max_age: Option<Duration>) {
     let newest = match (r.newest_time, r.age_seconds) {
         (Some(t), Some(age)) => format!(
             "stored {} ({} ago)",
-            crate::pg::backup_catalog::format_time(t),
+            crate::pg::backup_manifest::format_time(t),
             humantime::format_duration(Duration::from_secs(age as u64))
         ),
         _ => "none".into(),
@@ -1098,6 +1177,8 @@ mod tests {
             inv.histories.insert(2);
             // Timeline 3 has WAL but no history file.
             inv.timelines.entry(3).or_default().segments.insert(9);
+            // Timeline 4's WAL ends before the backup starts: no restore needs its history.
+            inv.timelines.entry(4).or_default().segments.insert(1);
             let id = BackupId::parse("20261201T000000Z").unwrap();
             let manifests = vec![(
                 id,

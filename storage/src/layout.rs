@@ -319,6 +319,11 @@ pub fn timeline_history(tli: TimelineId) -> RepoKey {
     RepoKey(format!("postgres/wal/{tli}/{tli}.history"))
 }
 
+/// Everything [`wal_conflict`] wrote.
+pub fn wal_conflicts_prefix() -> RepoKey {
+    RepoKey::join(&["postgres", "conflicts"])
+}
+
 /// Where the agent keeps its own version of a WAL segment or history file that differs
 /// from the one already stored: outside `postgres/wal/` so nothing ever restores from it,
 /// inside the repository so it outlives the agent's container and can be compared.

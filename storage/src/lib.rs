@@ -84,7 +84,9 @@ pub use layout::{LeaseScope, RepoKey};
 pub use lease::{Lease, LeaseError, LeaseGuard, LeaseOptions};
 pub use marker::{EncryptionInfo, MarkerInit, RepoKind, RepoMarker};
 pub use reader::ObjectReader;
-pub use repo::{ObjectInfo, RepoOptions, Repository, VerifyReport, MIN_COMPRESSION_LEVEL};
+pub use repo::{
+    ObjectInfo, RepoOptions, Repository, VerifyReport, BACKENDS, MIN_COMPRESSION_LEVEL,
+};
 pub use writer::{EncodedPrefix, ObjectWriter};
 
 /// Whether a write may replace an existing object.

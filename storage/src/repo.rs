@@ -22,6 +22,11 @@ use crate::PutMode;
 /// more CPU on WAL while the objects keep growing (`storage/examples/codec_costs.rs`).
 pub const MIN_COMPRESSION_LEVEL: i32 = -10;
 
+/// The URL schemes this build opens (`syncbridge-agent version` lists them): a local
+/// directory, memory (tests), and through `object_store` S3 and S3-compatible stores,
+/// Google Cloud Storage and Azure Blob Storage.
+pub const BACKENDS: &[&str] = &["file", "memory", "s3", "gs", "az"];
+
 /// How a repository is written and read. `Default` is right for production use; tests
 /// shrink sizes and retry times.
 #[derive(Clone)]

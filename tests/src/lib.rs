@@ -42,6 +42,7 @@ pub mod bench_results;
 pub mod paths;
 pub mod pg;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod redis;
 pub mod s3;

@@ -135,6 +135,16 @@ pub fn pgbackrest() -> PathBuf {
     dep_binary("SB_PGBACKREST")
 }
 
+/// Prometheus (Debian's `prometheus`), to scrape `run`'s /metrics.
+pub fn prometheus() -> PathBuf {
+    dep_binary("SB_PROMETHEUS")
+}
+
+/// `promtool` (from the same package), to check an exposition.
+pub fn promtool() -> PathBuf {
+    dep_binary("SB_PROMTOOL")
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -173,6 +183,8 @@ mod tests {
             valkey_server(),
             weed(),
             pgbackrest(),
+            prometheus(),
+            promtool(),
         ] {
             assert!(bin.is_file(), "{}", bin.display());
         }

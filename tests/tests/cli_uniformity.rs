@@ -864,3 +864,118 @@ fn password_on_the_command_line_is_warned_about() {
         assert!(!text(&out).contains(warning), "{}", text(&out));
     }
 }
+
+/// `version` prints the build facts a bug report needs (issue 14, Deliver 7).
+#[test]
+fn version_prints_the_build_facts() {
+    let out = agent(&["version"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {name} line in:\n{stdout}"))
+            .to_string()
+    };
+    assert!(
+        stdout.starts_with(&format!("syncbridge-agent {}", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
+    let commit = field("commit:");
+    // The commit the binary was built from: this checkout's, unless built outside git.
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match head {
+        Some(head) => assert!(
+            commit.len() >= 7 && head.starts_with(&commit),
+            "commit {commit} is not this checkout's HEAD {head} (rebuild the agent)"
+        ),
+        None => assert_eq!(commit, "unknown", "{stdout}"),
+    }
+    assert!(field("built:").ends_with('Z'), "{stdout}");
+    assert!(field("compiler:").starts_with("rustc 1."), "{stdout}");
+    let backends = field("repositories:");
+    for scheme in ["file://", "s3://"] {
+        assert!(backends.contains(scheme), "{stdout}");
+    }
+    assert!(field("object format:").starts_with("v2"), "{stdout}");
+}
+
+/// Runs `postgres stream` against a port nothing listens on for a moment (it keeps
+/// retrying) and returns what it logged on stderr, piped.
+fn retrying_stream_log(extra: &[&str], env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", dir.path().join("repo").display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let source = format!("postgres://replicator@127.0.0.1:{port}/postgres");
+    let mut args = vec!["postgres", "stream", "--source", &source, "--repo", &repo];
+    args.extend_from_slice(extra);
+    let child = syncbridge_tests::agent::command(&["SYNCBRIDGE_", "AWS_", "PG"])
+        .args(&args)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `--log-format json` (or SYNCBRIDGE_LOG_FORMAT=json): every line is one JSON object with
+/// timestamp, level, message and the job; piped text has no escape codes (issue 14,
+/// Deliver 5).
+#[test]
+fn json_logs_parse_and_piped_text_has_no_colour() {
+    for log in [
+        retrying_stream_log(&["--log-format", "json"], &[]),
+        retrying_stream_log(&[], &[("SYNCBRIDGE_LOG_FORMAT", "json")]),
+    ] {
+        let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() >= 2, "expected retries and a stop:\n{log}");
+        for line in &lines {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {line}\n{log}"));
+            assert!(
+                v["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+                "{line}"
+            );
+            assert!(v["level"].is_string(), "{line}");
+            assert!(v["message"].is_string(), "{line}");
+        }
+        assert!(
+            lines.iter().any(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["span"]["job"] == "postgres stream"
+                    && v["message"].as_str().unwrap().contains("retrying in")
+            }),
+            "no retry line naming the job:\n{log}"
+        );
+        assert!(!log.contains('\u{1b}'), "{log}");
+    }
+    let text_log = retrying_stream_log(&[], &[]);
+    assert!(text_log.contains("retrying in"), "{text_log}");
+    assert!(
+        !text_log.contains('\u{1b}'),
+        "escape codes in piped text:\n{text_log}"
+    );
+    assert!(
+        serde_json::from_str::<serde_json::Value>(text_log.lines().next().unwrap()).is_err(),
+        "text is the default:\n{text_log}"
+    );
+}

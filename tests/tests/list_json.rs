@@ -73,6 +73,7 @@ fn postgres_list_json_matches_the_schema_and_the_repository() {
     assert_eq!(wal[0]["timeline"], 1);
     assert!(wal[0]["holes"].as_array().unwrap().is_empty(), "{v:#}");
     assert!(wal[0]["segments"].as_u64().unwrap() >= 1);
+    assert_eq!(pg["wal_conflicts"], serde_json::json!([]), "{v:#}");
     let r = &v["restorable"];
     assert_eq!(time(&r["first_time"]), time(&b["stop_time"]));
     assert_eq!(r["first_lsn"], b["stop_lsn"]);

@@ -97,7 +97,7 @@ fn server_restart_is_survived_without_gaps() {
     );
     assert!(agent.exited().is_none());
     let log = agent.log_text();
-    assert!(log.contains("reconnecting"), "{log}");
+    assert!(log.contains("retrying in"), "{log}");
     let segs = repo::segments(&url);
     let names: Vec<&String> = segs.keys().collect();
     for w in names.windows(2) {
@@ -220,7 +220,7 @@ fn agent_started_before_the_server_waits_for_it() {
         agent.log_text()
     );
     assert!(
-        agent.log_text().contains("reconnecting"),
+        agent.log_text().contains("retrying in"),
         "{}",
         agent.log_text()
     );

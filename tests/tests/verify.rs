@@ -216,6 +216,17 @@ fn pg_verify_healthy_then_names_each_damage_and_stops_the_clock() {
     let out = verify(&u, &[]);
     assert_names(&out, 1, &key_of(&repo, &data[1]), "flipped byte in data");
 
+    // A damaged backup.json: named, and the rest still verified.
+    let (u, r) = copy_repo(&repo, scratch.path(), "flipped-manifest");
+    let manifest_key = key_of(&repo, &backup_dir.join("backup.json"));
+    let victim = r.join(&manifest_key);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&victim, bytes).unwrap();
+    let out = verify(&u, &[]);
+    assert_names(&out, 1, &manifest_key, "flipped byte in backup.json");
+
     // A missing backup data object.
     let (u, r) = copy_repo(&repo, scratch.path(), "missing-data");
     std::fs::remove_file(r.join(key_of(&repo, &data[1]))).unwrap();
@@ -406,4 +417,79 @@ fn redis_verify_of_a_stopped_stream_is_stale_with_exit_2() {
     assert!(v["problems"].as_array().unwrap().is_empty(), "{v:#}");
     let out = verify(&r.url(), &["--max-age", "10m"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+/// Across a failover the check follows the history file: healthy with WAL on timelines 1
+/// and 2; the history file removed, or a timeline-2 segment missing in the middle, is named.
+#[test]
+fn pg_verify_follows_the_history_chain_after_a_failover() {
+    use pg_support::{repo, standby_of, stream_args, wait_until, AgentProcess};
+    let version = PgVersion::V15;
+    let mut env = Env::simple(version);
+    env.pg.sql_blocking("CREATE TABLE m(id int)");
+    env.backup(&[]);
+    let standby = standby_of(&env.pg, version);
+    assert!(env.stream.take().unwrap().terminate().success());
+    let src = env.pg.replication_url().replace(
+        &format!("127.0.0.1:{}", env.pg.port()),
+        &format!("127.0.0.1:{},127.0.0.1:{}", env.pg.port(), standby.port()),
+    ) + "?target_session_attrs=read-write";
+    let url = env.repo_url();
+    let mut agent = AgentProcess::spawn(&stream_args(&src, &url), env.dir.path().join("s2.log"));
+    env.pg.sql_blocking("INSERT INTO m VALUES (1)");
+    let end1 = env
+        .pg
+        .query_one_blocking("SELECT pg_current_wal_lsn()::text");
+    env.wait_archived(&end1);
+    assert!(
+        wait_until(Duration::from_secs(60), || standby.query_one_blocking(
+            &format!("SELECT pg_last_wal_replay_lsn() >= '{end1}'::pg_lsn")
+        ) == "t"),
+        "standby did not catch up"
+    );
+    env.pg.stop();
+    assert_eq!(standby.query_one_blocking("SELECT pg_promote()"), "t");
+    assert!(wait_until(Duration::from_secs(30), || standby
+        .query_one_blocking("SELECT pg_is_in_recovery()")
+        == "f"));
+    let mut on_two = Vec::new();
+    for i in 0..3 {
+        standby.sql_blocking(&format!("INSERT INTO m VALUES ({})", 10 + i));
+        on_two.push(standby.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())"));
+    }
+    let last = on_two.last().unwrap().clone();
+    assert!(last.starts_with("00000002"), "{last}");
+    assert!(
+        wait_until(Duration::from_secs(120), || repo::listing(&url)
+            .0
+            .contains(&last)),
+        "{last} never arrived:\n{}",
+        agent.log_text()
+    );
+    assert!(agent.terminate().success(), "{}", agent.log_text());
+
+    let v = json(&verify(&url, &["--output", "json"]));
+    assert_eq!(v["status"], "healthy", "{v:#}");
+    assert_eq!(v["timelines"], 2, "{v:#}");
+
+    let scratch = tempfile::tempdir().unwrap();
+    let (u, r) = copy_repo(&env.repo_path(), scratch.path(), "no-history");
+    std::fs::remove_file(r.join("postgres/wal/00000002/00000002.history")).unwrap();
+    let out = verify(&u, &[]);
+    assert_names(
+        &out,
+        1,
+        "postgres/wal/00000002/00000002.history",
+        "history file removed",
+    );
+
+    let (u, r) = copy_repo(&env.repo_path(), scratch.path(), "hole-on-two");
+    std::fs::remove_file(r.join("postgres/wal/00000002").join(&on_two[1])).unwrap();
+    let out = verify(&u, &[]);
+    assert_names(
+        &out,
+        1,
+        &format!("postgres/wal/00000002/{}", on_two[1]),
+        "segment missing on timeline 2",
+    );
 }

@@ -10,12 +10,16 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
+use futures::stream::{self, StreamExt, TryStreamExt};
 use storage::layout::{self, GenerationId, RedisObject, RepoKey};
 use storage::Repository;
 
 use crate::redis::manifest::GenerationManifest;
+
+/// Manifests read at once: enough to hide a store's latency, few enough to stay polite.
+const PARALLEL_READS: usize = 16;
 
 /// One generation with a manifest.
 #[derive(Debug, Clone)]
@@ -89,28 +93,56 @@ impl RedisCatalog {
             }
         }
         let mut out = RedisCatalog::default();
+        let mut complete = Vec::new();
         for (id, seen) in by_id {
-            if !seen.manifest {
+            if seen.manifest {
+                complete.push((id, seen));
+            } else {
                 out.incomplete.push(id);
-                continue;
             }
-            let manifest = GenerationManifest::load(repo, &id).await?;
-            let (chain, orphans) = chain_from(manifest.snapshot_offset, seen.chunks);
-            out.generations.push(Generation {
-                id,
-                manifest,
-                chain,
-                orphans,
-                stored_bytes: seen.bytes,
-                last_write: seen.last,
-            });
         }
+        out.generations = stream::iter(complete)
+            .map(|(id, seen)| async move {
+                let manifest = GenerationManifest::load(repo, &id).await?;
+                if manifest.generation != id.as_str() {
+                    bail!(
+                        "{} names generation {:?}, not {id}",
+                        layout::redis_generation_manifest(&id),
+                        manifest.generation
+                    );
+                }
+                let (chain, orphans) = chain_from(manifest.snapshot_offset, seen.chunks);
+                Ok(Generation {
+                    id,
+                    manifest,
+                    chain,
+                    orphans,
+                    stored_bytes: seen.bytes,
+                    last_write: seen.last,
+                })
+            })
+            .buffered(PARALLEL_READS)
+            .try_collect()
+            .await?;
         Ok(out)
     }
 
     /// The newest generation.
     pub fn latest(&self) -> Option<&Generation> {
         self.generations.last()
+    }
+
+    /// The generation a restore to `to_ms` (Unix milliseconds) starts from: the newest whose
+    /// snapshot is not after it; the newest of all without a time.
+    pub fn for_time(&self, to_ms: Option<i64>) -> Option<&Generation> {
+        match to_ms {
+            Some(t) => self
+                .generations
+                .iter()
+                .rev()
+                .find(|g| g.manifest.snapshot_unix_ms <= t),
+            None => self.latest(),
+        }
     }
 }
 

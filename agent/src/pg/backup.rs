@@ -27,10 +27,10 @@ use wire::pg::basebackup::BackupCopyMessage;
 use wire::pg::commands::{BackupPosition, TablespaceRow};
 use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
-use super::backup_catalog::{
+use super::backup_chunks::Chunker;
+use super::backup_manifest::{
     format_time, BackupEntry, BackupManifest, EntryKind, Tablespace, MANIFEST_VERSION,
 };
-use super::backup_chunks::Chunker;
 use super::backup_progress::{human, Progress};
 use super::cli::{RepoArgs, SourceArgs};
 use super::conn::{ConnectMode, CopyMessage, PgConnection, QueryResult};

@@ -14,7 +14,7 @@ use storage::{ContentKind, ObjectInfo, ObjectWriter, PutMode, Repository};
 use tokio::task::JoinSet;
 use wire::pg::tar::{TarEntryType, TarEvent, TarReader};
 
-use super::backup_catalog::{BackupEntry, DataChunk, EntryKind, Piece};
+use super::backup_manifest::{BackupEntry, DataChunk, EntryKind, Piece};
 
 /// Objects whose final upload may still be running while the next one fills.
 pub const MAX_FINISHING: usize = 2;

@@ -128,6 +128,10 @@ struct StreamArgs {
     /// compression CPU for objects 15% larger (benches/README.md has the table).
     #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = parse_wal_level, value_name = "LEVEL")]
     compression_level: i32,
+    /// When the source is a standby: `wait` until it is promoted (the sidecar beside every
+    /// pod; only the primary's streams), or `stream` from it (cascading replication).
+    #[arg(long, value_enum, default_value = "wait")]
+    on_standby: super::stream::StandbyPolicy,
 }
 
 /// Where to connect.
@@ -290,7 +294,7 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
     };
     let repo = args.repo.open_with(repo_opts)?;
     let slot = wire::pg::commands::SlotName::new(&args.slot)?;
-    super::stream::run(super::stream::StreamOptions {
+    let opts = super::stream::StreamOptions {
         source,
         repo,
         slot,
@@ -299,8 +303,9 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
         synchronous: args.synchronous,
         application_name: args.application_name,
         max_inflight: args.max_inflight.max(1),
-    })
-    .await?;
+        on_standby: args.on_standby,
+    };
+    super::stream::run(opts, crate::job::Control::standalone()).await?;
     Ok(ExitCode::SUCCESS)
 }
 

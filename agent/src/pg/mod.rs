@@ -3,8 +3,8 @@
 
 pub mod archive;
 pub mod backup;
-pub mod backup_catalog;
 pub mod backup_chunks;
+pub mod backup_manifest;
 pub mod backup_progress;
 pub mod channel_binding;
 pub mod cli;

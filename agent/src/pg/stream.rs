@@ -45,6 +45,7 @@ use super::conn::{ConnectMode, CopyMessage, NoSuitableServer, PgConnection, PgSe
 use super::conninfo::ConnInfo;
 use super::partial::Resume;
 use crate::catalog::pg::WalInventory;
+use crate::job::{self, Control, JobError, Outcome, Phase};
 
 /// Validated settings of `postgres stream`.
 #[derive(Debug, Clone)]
@@ -65,6 +66,27 @@ pub struct StreamOptions {
     pub application_name: String,
     /// Uploads in flight before we stop reading from the server.
     pub max_inflight: usize,
+    /// What to do when the source is a standby.
+    pub on_standby: StandbyPolicy,
+}
+
+/// What `postgres stream` does when its source is a standby (in recovery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StandbyPolicy {
+    /// Wait (not ready, a log line a minute) until the server is promoted, then stream: the
+    /// sidecar of every pod of a StatefulSet, where only the primary's writes.
+    #[default]
+    Wait,
+    /// Stream from the standby (cascading replication), to spare the primary.
+    Stream,
+}
+
+/// The source is a standby and the policy is to wait for its promotion.
+#[derive(Debug, thiserror::Error)]
+#[error("{server} is a standby (in recovery): waiting until it is promoted (on_standby = wait; --on-standby stream streams from a standby)")]
+pub struct SourceIsStandby {
+    server: String,
 }
 
 // Not `Send`: storage's write futures are not, and everything runs on the stream's task anyway.
@@ -165,70 +187,90 @@ enum Ended {
     Restart,
 }
 
-/// Runs the stream until a fatal error or a signal, reconnecting with backoff otherwise.
-pub async fn run(opts: StreamOptions) -> Result<()> {
-    let mut backoff = Duration::from_secs(1);
+/// Runs the stream until a fatal error or `token` is cancelled (then everything received
+/// is stored), reconnecting with backoff otherwise ([`job::supervise`]); its state is
+/// published on `status`.
+pub async fn run(opts: StreamOptions, ctl: Control) -> Result<()> {
     // Until replication has started once, errors are the operator's to fix (wrong
     // password, no slot privilege, …): report them instead of retrying forever.
     let mut started = false;
     let mut lease: Option<Lease> = None;
-    loop {
-        let attempt_started = Instant::now();
-        match stream_once(&opts, &mut started, &mut lease).await {
-            Ok(Ended::Shutdown) => {
-                if let Some(l) = lease.take() {
-                    if let Err(e) = l.release().await {
-                        tracing::warn!("could not release the lease (it expires by itself): {e}");
-                    }
-                }
-                return Ok(());
-            }
-            Ok(Ended::Restart) => continue,
+    let result = job::supervise(
+        "postgres stream",
+        &ctl.token,
+        &ctl.status,
+        job::Backoff::default(),
+        async |_| match stream_once(&opts, &ctl, &mut started, &mut lease).await {
+            Ok(Ended::Shutdown) => Ok(Outcome::Stopped),
+            Ok(Ended::Restart) => Ok(Outcome::Again),
             Ok(Ended::TimelineSwitch(e)) => {
                 tracing::info!(next_timeline = %e.next_tli, start = %e.next_tli_startpos, "timeline ended; continuing on the next");
-                backoff = Duration::from_secs(1);
-                continue;
+                Ok(Outcome::Again)
             }
-            // Before the first start only "server not reachable" is worth waiting out (the
-            // agent may start before PostgreSQL); a wrong password or a TLS problem is not.
-            Err(e) if is_fatal(&e) || (!started && !is_unreachable(&e)) => return Err(e),
             Err(e) => {
-                if attempt_started.elapsed() > Duration::from_secs(60) {
-                    backoff = Duration::from_secs(1);
+                let waiting = is_not_usable_yet(&e) || is_unreachable(&e);
+                if waiting {
+                    // Not writing, and maybe not for long: let a stream that can write
+                    // (beside the new primary after a failover) take the lease.
+                    if let Some(l) = lease.take() {
+                        let _ = l.release().await;
+                    }
                 }
-                tracing::warn!(
-                    "stream interrupted: {e:#}; reconnecting in {}s",
-                    backoff.as_secs()
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown_signal() => return Ok(()),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                Err(classify(e, started))
             }
+        },
+    )
+    .await;
+    if let Some(l) = lease.take() {
+        if let Err(e) = l.release().await {
+            tracing::warn!("could not release the lease (it expires by itself): {e}");
         }
     }
+    result
+}
+
+/// What a failed attempt means. Before the first start only "server not reachable" and "not
+/// usable yet" are worth waiting out (the agent may start before PostgreSQL); a wrong
+/// password or a TLS problem is not.
+fn classify(e: anyhow::Error, started: bool) -> JobError {
+    if is_fatal(&e) {
+        JobError::fatal(e)
+    } else if is_not_usable_yet(&e) {
+        JobError::waiting(e)
+    } else if started || is_unreachable(&e) {
+        JobError::transient(e)
+    } else {
+        JobError::fatal(e)
+    }
+}
+
+/// The server is there but cannot serve this stream now: starting up or shutting down
+/// (57P01..57P03), no host of the list is the primary, or the slot is in use by another
+/// process (55006, "replication slot … is active for PID").
+fn is_not_usable_yet(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<PgServerError>()
+            .is_some_and(|s| s.code.starts_with("57P") || s.code == "55006")
+            || c.downcast_ref::<NoSuitableServer>().is_some()
+            || c.downcast_ref::<SourceIsStandby>().is_some()
+    })
 }
 
 fn is_unreachable(e: &anyhow::Error) -> bool {
     use std::io::ErrorKind::*;
     e.chain().any(|c| {
-        // 57P01..57P03: shutting down, starting up, cannot connect now.
-        c.downcast_ref::<PgServerError>()
-            .is_some_and(|s| s.code.starts_with("57P"))
-            || c.downcast_ref::<NoSuitableServer>().is_some()
-            || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    ConnectionRefused
-                        | ConnectionReset
-                        | ConnectionAborted
-                        | NotConnected
-                        | TimedOut
-                        | AddrNotAvailable
-                        | UnexpectedEof
-                )
-            })
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | NotConnected
+                    | TimedOut
+                    | AddrNotAvailable
+                    | UnexpectedEof
+            )
+        })
     })
 }
 
@@ -240,21 +282,6 @@ fn is_fatal(e: &anyhow::Error) -> bool {
             || c.downcast_ref::<PgServerError>()
                 .is_some_and(|s| matches!(s.code.as_str(), "28P01" | "28000" | "42501" | "55000"))
     })
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
 }
 
 async fn query_row(conn: &mut PgConnection, sql: &str) -> Result<Vec<Option<Bytes>>> {
@@ -381,6 +408,7 @@ async fn advance_slot_to_repository(
 /// [`advance_slot_to_repository`]).
 async fn hold_lease(
     opts: &StreamOptions,
+    ctl: &Control,
     lease: &mut Option<Lease>,
     tli: TimelineId,
     server: &ConnInfo,
@@ -404,6 +432,12 @@ async fn hold_lease(
         opts.slot, opts.application_name
     );
     let lease_opts = LeaseOptions::from_env();
+    ctl.status.update(|s| {
+        s.phase = Phase::Waiting;
+        s.waiting_for = Some(format!(
+            "the lease of timeline {tli} (another writer may hold it)"
+        ));
+    });
     let moved = std::cell::Cell::new(false);
     let follow = async {
         let mut at = restart;
@@ -428,17 +462,23 @@ async fn hold_lease(
             Ok(if moved.get() { Held::SlotMoved } else { Held::Yes(guard) })
         }
         () = follow => unreachable!("follows until the lease is taken"),
-        _ = shutdown_signal() => Ok(Held::Shutdown),
+        () = ctl.token.cancelled() => Ok(Held::Shutdown),
     }
 }
 
 async fn stream_once(
     opts: &StreamOptions,
+    ctl: &Control,
     started: &mut bool,
     lease: &mut Option<Lease>,
 ) -> Result<Ended> {
     let mut conn =
         PgConnection::connect(&opts.source, ConnectMode::Physical, &opts.application_name).await?;
+    if opts.on_standby == StandbyPolicy::Wait && conn.parameter("in_hot_standby") == Some("on") {
+        let server = conn.endpoint().to_string();
+        conn.close().await;
+        return Err(SourceIsStandby { server }.into());
+    }
     let major = conn.server_major()?;
     let ident = conn.identify_system().await?;
 
@@ -528,7 +568,7 @@ async fn stream_once(
 
     // One writer per (repository, timeline): nothing is written before the lease is ours.
     let server = conn.server().clone();
-    let guard = match hold_lease(opts, lease, tli, &server, size, restart_lsn).await? {
+    let guard = match hold_lease(opts, ctl, lease, tli, &server, size, restart_lsn).await? {
         Held::Yes(guard) => guard,
         Held::SlotMoved => return Ok(Ended::Restart),
         Held::Shutdown => return Ok(Ended::Shutdown),
@@ -569,6 +609,7 @@ async fn stream_once(
     conn.start_copy_both(&commands::start_replication(Some(&opts.slot), start, tli))
         .await?;
     *started = true;
+    ctl.status.running();
 
     // Chains of segments from the start on are continued (or retired) as the segments are
     // received again.
@@ -592,7 +633,7 @@ async fn stream_once(
         );
         remove_superseded(&opts.repo, leftovers).await;
     }
-    let mut s = Streamer::new(opts, size, tli, start, stored, guard);
+    let mut s = Streamer::new(opts, ctl, size, tli, start, stored, guard);
     let ended = s.run(&mut conn).await?;
     if let Ended::TimelineSwitch(_) = ended {
         conn.close().await;
@@ -602,6 +643,7 @@ async fn stream_once(
 
 struct Streamer<'a> {
     opts: &'a StreamOptions,
+    ctl: &'a Control,
     size: WalSegmentSize,
     tli: TimelineId,
     splitter: SegmentSplitter,
@@ -630,6 +672,7 @@ struct Streamer<'a> {
 impl<'a> Streamer<'a> {
     fn new(
         opts: &'a StreamOptions,
+        ctl: &'a Control,
         size: WalSegmentSize,
         tli: TimelineId,
         start: Lsn,
@@ -639,6 +682,7 @@ impl<'a> Streamer<'a> {
         let now = Instant::now();
         Streamer {
             opts,
+            ctl,
             size,
             tli,
             splitter: SegmentSplitter::starting_at(size, start),
@@ -670,7 +714,7 @@ impl<'a> Streamer<'a> {
         let mut status_tick =
             tokio::time::interval(Duration::from_millis(500).min(self.opts.status_interval));
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let shutdown = shutdown_signal();
+        let shutdown = self.ctl.token.clone().cancelled_owned();
         tokio::pin!(shutdown);
         let guard = self.lease.clone();
         let lost = guard.lost();
@@ -718,7 +762,8 @@ impl<'a> Streamer<'a> {
                     self.lease.check()?;
                     bail!("lost the lease of timeline {}", self.tli);
                 }
-                _ = &mut shutdown => {
+                () = &mut shutdown => {
+                    self.ctl.status.update(|s| s.phase = Phase::Stopping);
                     tracing::info!("stopping: storing what was received");
                     self.drain(conn).await?;
                     let _ = conn.send_copy_done().await;
@@ -728,8 +773,21 @@ impl<'a> Streamer<'a> {
         }
     }
 
+    /// How long the oldest received byte not yet durable has waited (zero when everything
+    /// received is stored).
+    fn lag(&self) -> Duration {
+        match &self.open {
+            Some(o) if self.flushed < self.received => {
+                o.pending_since.map_or(Duration::ZERO, |t| t.elapsed())
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
     /// One line a minute so an operator can see the stream is alive and how far behind.
     fn report_progress(&mut self) {
+        let lag = self.lag();
+        self.ctl.status.update(|s| s.lag = Some(lag));
         if self.last_report.elapsed() >= Duration::from_secs(60) {
             self.last_report = Instant::now();
             tracing::info!(
@@ -887,6 +945,9 @@ impl<'a> Streamer<'a> {
         self.stall.completed(self.uploads.len(), Instant::now());
         if done.end > self.flushed {
             self.flushed = done.end;
+            self.ctl
+                .status
+                .durable(self.flushed, self.flushed.0, Some(self.lag()));
         }
     }
 

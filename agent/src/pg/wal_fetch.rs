@@ -33,7 +33,7 @@ use nix::fcntl::{Flock, FlockArg};
 use storage::layout;
 use storage::{RepoKey, RepoMarker, Repository, StorageError};
 
-use super::partial::{assemble, PartialSource, SegmentPartials};
+use super::partial::{assemble, PartialSource};
 use wire::pg::page::{self, Extent, MagicRule, SegmentExpectation};
 use wire::pg::{SegmentName, TimelineId, WalFileName, WalSegmentSize};
 
@@ -183,23 +183,13 @@ async fn last_partial(
     repo: &Repository,
     seg: &layout::WalSegmentName,
 ) -> Result<Option<PartialSource>> {
-    let prefix = layout::wal_timeline_prefix(seg.timeline());
-    let listed = repo
-        .list(&prefix)
+    match crate::catalog::pg::segment_in_progress(repo, seg)
         .await
-        .context("looking for a partial segment")?;
-    let mut stored = SegmentPartials::default();
-    for meta in listed {
-        let Some(object) = layout::parse_wal_key(&meta.key) else {
-            continue;
-        };
-        match object.segment() {
-            Some(s) if s > seg => return Ok(None),
-            Some(s) if s == seg => stored.add(&object, meta.key),
-            _ => {}
-        }
+        .context("looking for a partial segment")?
+    {
+        Some(stored) => stored.newest(seg.as_str()),
+        None => Ok(None),
     }
-    stored.newest(seg.as_str())
 }
 
 /// What a fetch served: one object, or a partial segment assembled from its deltas.

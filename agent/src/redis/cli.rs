@@ -248,60 +248,9 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
         spool_limit: args.spool_limit_mib << 20,
         ..Default::default()
     };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("stopping: storing what was read");
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    // A lost master or store is retried with backoff; every attempt resumes from what the
-    // repository holds.
-    let mut backoff = Duration::from_secs(1);
-    let mut lease = None;
-    let mut attempt = 0u64;
-    loop {
-        attempt += 1;
-        let started = std::time::Instant::now();
-        let result =
-            super::stream::run_leased(&repo, &source, &opts, &mut lease, stopped(stop_rx.clone()))
-                .await;
-        if *stop_rx.borrow() {
-            if let Some(l) = lease.take() {
-                if let Err(e) = l.release().await {
-                    tracing::warn!("could not release the lease (it expires by itself): {e}");
-                }
-            }
-            result?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        let err = match result {
-            Ok(()) => anyhow::anyhow!("the stream ended"),
-            Err(e) => e,
-        };
-        if super::stream::is_fatal(&err, attempt == 1) {
-            return Err(err);
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            backoff = Duration::from_secs(1);
-        }
-        tracing::error!("{err:#}; retrying in {}s", backoff.as_secs());
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = stopped(stop_rx.clone()) => return Ok(ExitCode::SUCCESS),
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
-    }
+    let ctl = crate::job::Control::standalone();
+    super::stream::run(&repo, &source, &opts, ctl).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn restore(args: RestoreArgs) -> Result<ExitCode> {

@@ -85,24 +85,4 @@ impl GenerationManifest {
             .with_context(|| format!("reading {key}"))?;
         serde_json::from_slice(&data).with_context(|| format!("{key} is not a generation manifest"))
     }
-
-    /// Every generation with a manifest, oldest first (ids sort by start time).
-    pub async fn list(repo: &Repository) -> Result<Vec<GenerationManifest>> {
-        let mut ids: Vec<layout::GenerationId> = repo
-            .list(&layout::redis_generations_prefix())
-            .await
-            .context("listing Redis generations")?
-            .into_iter()
-            .filter_map(|meta| match layout::parse_redis_key(&meta.key)? {
-                layout::RedisObject::Manifest(id) => Some(id),
-                _ => None,
-            })
-            .collect();
-        ids.sort();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            out.push(Self::load(repo, &id).await?);
-        }
-        Ok(out)
-    }
 }

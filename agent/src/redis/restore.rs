@@ -27,9 +27,8 @@ use wire::redis::rdb::{RdbReport, RdbValidator};
 use wire::redis::resp::encode_command;
 
 use super::chunk::{self, ChunkHeader};
-use super::manifest::GenerationManifest;
-use super::stream::chunk_chain;
 use super::verify::{chunk_problems, orphan_problems};
+use crate::catalog::redis::RedisCatalog;
 use crate::restore::lock::{self, DirLock};
 use crate::restore::place;
 
@@ -85,31 +84,25 @@ pub async fn restore(
     // A restore already writing there fails this one at once (locking creates nothing).
     let early_lock = DirLock::acquire_if_exists(target)?;
     check_target_empty(target).await?;
-    let manifests = GenerationManifest::list(repo).await?;
-    let Some(oldest) = manifests.first() else {
+    let catalog = RedisCatalog::load(repo).await?;
+    let Some(oldest) = catalog.generations.first() else {
         bail!("the repository {} holds no Redis generation", repo.url());
     };
-    let manifest = match to_time {
-        Some(t) => manifests
-            .iter()
-            .rev()
-            .find(|m| m.snapshot_unix_ms <= t)
-            .with_context(|| {
-                format!(
-                    "no generation starts at or before {}: the oldest snapshot was taken at {}",
-                    fmt_ms(t),
-                    fmt_ms(oldest.snapshot_unix_ms)
-                )
-            })?,
-        None => manifests.last().context("no generation")?,
-    };
-    let id = layout::GenerationId::parse(&manifest.generation)?;
-    let (chain, orphans) = chunk_chain(repo, manifest).await?;
-    let mut problems = orphan_problems(manifest, &chain, &orphans);
+    let generation = catalog.for_time(to_time).with_context(|| {
+        format!(
+            "no generation starts at or before {}: the oldest snapshot was taken at {}, the earliest restorable moment",
+            fmt_ms(to_time.unwrap_or_default()),
+            fmt_ms(oldest.manifest.snapshot_unix_ms)
+        )
+    })?;
+    let manifest = &generation.manifest;
+    let id = &generation.id;
+    let (chain, orphans) = (&generation.chain, &generation.orphans);
+    let mut problems = orphan_problems(manifest, chain, orphans);
     let mut chunks: Vec<(ChunkHeader, Bytes)> = Vec::with_capacity(chain.len());
     let mut last_ms = i64::MIN;
-    for (start, end) in &chain {
-        let key = layout::redis_chunk(&id, *start, *end);
+    for (start, end) in chain {
+        let key = layout::redis_chunk(id, *start, *end);
         let data = repo
             .get(&key)
             .await
@@ -137,8 +130,10 @@ pub async fn restore(
     let end_replid = chunks
         .last()
         .map_or(manifest.replid.as_str(), |(h, _)| h.replid.as_str());
-    let covered_ms = manifests
+    let covered_ms = catalog
+        .generations
         .iter()
+        .map(|g| &g.manifest)
         .find(|m| m.generation > manifest.generation)
         .filter(|next| next.replid == end_replid && next.snapshot_offset <= end_offset)
         .map_or(latest_ms, |next| latest_ms.max(next.snapshot_unix_ms));
@@ -211,7 +206,7 @@ pub async fn restore(
     check_target_empty(target).await?;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("setting the mode of {}", target.display()))?;
-    let snapshot_key = layout::redis_snapshot(&id);
+    let snapshot_key = layout::redis_snapshot(id);
     let (rdb_path, incr_path): (PathBuf, Option<PathBuf>) = match format {
         RestoreFormat::Aof => (
             PathBuf::from("appendonlydir/appendonly.aof.1.base.rdb"),

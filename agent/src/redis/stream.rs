@@ -33,9 +33,9 @@ use wire::redis::ReplicationOffset;
 
 use super::chunk::{self, ChunkHeader};
 use super::link::{ConnectTimedOut, MasterLink};
-use super::manifest::GenerationManifest;
 use super::snapshot;
 use super::source::RedisSource;
+use crate::job::{self, Control, JobError, JobStatus, Outcome, Phase};
 
 /// Knobs of `redis stream`.
 #[derive(Debug, Clone)]
@@ -92,26 +92,65 @@ async fn ensure_marker(repo: &Repository) -> Result<()> {
     }
 }
 
-/// Whether the CLI's retry loop must give up on `err`: the repository is gone, or the
-/// very first connection attempt timed out (a wrong host or port, not a blip).
-pub fn is_fatal(err: &anyhow::Error, first_attempt: bool) -> bool {
-    err.chain().any(|c| {
+/// Runs the stream until a fatal error or `token` is cancelled (then what was read is
+/// stored), reconnecting with backoff otherwise ([`job::supervise`]): every attempt
+/// resumes from what the repository holds. Its state is published on `status`.
+pub async fn run(
+    repo: &Repository,
+    source: &RedisSource,
+    opts: &StreamOptions,
+    ctl: Control,
+) -> Result<()> {
+    let mut lease: Option<Lease> = None;
+    let result = job::supervise(
+        "redis stream",
+        &ctl.token,
+        &ctl.status,
+        job::Backoff::default(),
+        async |attempt| {
+            let stop = ctl.token.clone().cancelled_owned();
+            match run_leased(repo, source, opts, &mut lease, stop, &ctl.status).await {
+                Ok(()) if ctl.token.is_cancelled() => Ok(Outcome::Stopped),
+                Ok(()) => Err(JobError::transient(anyhow::anyhow!("the stream ended"))),
+                Err(e) => Err(classify(e, attempt == 1)),
+            }
+        },
+    )
+    .await;
+    if let Some(l) = lease.take() {
+        if let Err(e) = l.release().await {
+            tracing::warn!("could not release the lease (it expires by itself): {e}");
+        }
+    }
+    result
+}
+
+/// What a failed attempt means: the repository is gone, or the very first connection
+/// attempt timed out (a wrong host or port, not a blip), is fatal; the rest is retried.
+fn classify(err: anyhow::Error, first_attempt: bool) -> JobError {
+    let fatal = err.chain().any(|c| {
         c.downcast_ref::<RepositoryGone>().is_some()
             || c.downcast_ref::<StorageError>()
                 .is_some_and(|s| matches!(s, StorageError::RepositoryMissing { .. }))
             || (first_attempt && c.downcast_ref::<ConnectTimedOut>().is_some())
-    })
+    });
+    if fatal {
+        JobError::fatal(err)
+    } else {
+        JobError::transient(err)
+    }
 }
 
 /// Connects, holds the repository's `redis stream` lease (kept in `lease` across retries;
 /// waiting, and logging who holds it, while another writer has it), then streams until
 /// `stop` resolves (then stores what was read) or an error occurs.
-pub async fn run_leased(
+async fn run_leased(
     repo: &Repository,
     source: &RedisSource,
     opts: &StreamOptions,
     lease: &mut Option<Lease>,
     stop: impl std::future::Future<Output = ()>,
+    status: &JobStatus,
 ) -> Result<()> {
     tokio::pin!(stop);
     // Connect first: a wrong source fails before anything is written, even a lease.
@@ -119,6 +158,10 @@ pub async fn run_leased(
     if lease.as_ref().is_none_or(|l| l.is_lost()) {
         *lease = None;
         let purpose = format!("redis stream (source {})", source.endpoint());
+        status.update(|s| {
+            s.phase = Phase::Waiting;
+            s.waiting_for = Some("the redis stream lease (another writer may hold it)".into());
+        });
         tokio::select! {
             l = Lease::acquire(repo, LeaseScope::RedisStream, &purpose, LeaseOptions::from_env()) => {
                 *lease = Some(l.context("taking the stream's lease in the repository")?);
@@ -130,7 +173,7 @@ pub async fn run_leased(
         .as_ref()
         .map(Lease::guard)
         .context("the lease was just taken")?;
-    run(repo, source, link, opts, &guard, stop).await
+    stream_connected(repo, source, link, opts, &guard, stop, status).await
 }
 
 /// Where the repository says streaming continues.
@@ -146,51 +189,29 @@ pub struct ResumePoint {
     pub db: u32,
 }
 
-/// Chunks of a generation forming a gap-free run from its snapshot, in order, and the
-/// chunks left out (the catalog's chain rule, [`crate::catalog::redis::chain_from`]).
-pub async fn chunk_chain(
-    repo: &Repository,
-    manifest: &GenerationManifest,
-) -> Result<(Vec<(u64, u64)>, Vec<layout::RepoKey>)> {
-    let id = layout::GenerationId::parse(&manifest.generation)?;
-    let ranges: Vec<(u64, u64, layout::RepoKey)> = repo
-        .list(&layout::redis_chunks_prefix(&id))
-        .await
-        .with_context(|| format!("listing chunks of generation {id}"))?
-        .into_iter()
-        .filter_map(|m| match layout::parse_redis_key(&m.key)? {
-            layout::RedisObject::Chunk { start, end, .. } => Some((start, end, m.key)),
-            _ => None,
-        })
-        .collect();
-    Ok(crate::catalog::redis::chain_from(
-        manifest.snapshot_offset,
-        ranges,
-    ))
-}
-
-/// Finds where to resume, deleting orphan chunks past a gap.
+/// Finds where to resume in the newest generation of the catalog. Chunks left off its chain
+/// (past a gap a killed run left behind) are deleted first: the stream is about to write
+/// the chain's continuation over that range, and two chunks for one range would fork it.
 pub async fn resume_point(repo: &Repository) -> Result<Option<ResumePoint>> {
-    let Some(manifest) = GenerationManifest::list(repo).await?.pop() else {
+    let catalog = crate::catalog::redis::RedisCatalog::load(repo).await?;
+    let Some(g) = catalog.latest() else {
         return Ok(None);
     };
-    let id = layout::GenerationId::parse(&manifest.generation)?;
-    let (chain, orphans) = chunk_chain(repo, &manifest).await?;
-    for key in orphans {
+    for key in &g.orphans {
         tracing::warn!(%key, "deleting a chunk left behind a gap by an interrupted run");
-        repo.delete(&key)
+        repo.delete(key)
             .await
             .with_context(|| format!("deleting orphan chunk {key}"))?;
     }
-    let Some(&(start, end)) = chain.last() else {
+    let Some(&(start, end)) = g.chain.last() else {
         return Ok(Some(ResumePoint {
-            generation: id,
-            replid: manifest.replid.clone(),
-            offset: ReplicationOffset(manifest.snapshot_offset),
-            db: manifest.db_at_snapshot,
+            generation: g.id.clone(),
+            replid: g.manifest.replid.clone(),
+            offset: ReplicationOffset(g.manifest.snapshot_offset),
+            db: g.manifest.db_at_snapshot,
         }));
     };
-    let key = layout::redis_chunk(&id, start, end);
+    let key = layout::redis_chunk(&g.id, start, end);
     let data = repo
         .get(&key)
         .await
@@ -200,7 +221,7 @@ pub async fn resume_point(repo: &Repository) -> Result<Option<ResumePoint>> {
         raise_index_clock(ms);
     }
     Ok(Some(ResumePoint {
-        generation: id,
+        generation: g.id.clone(),
         replid: header.replid,
         offset: ReplicationOffset(end),
         db: header.db_at_end,
@@ -337,13 +358,14 @@ impl Drop for Acker {
 
 /// Streams from `link` (connected, before `PSYNC`) until `stop` resolves (then stores what
 /// was read) or an error occurs, writing only while `lease` holds.
-async fn run(
+async fn stream_connected(
     repo: &Repository,
     source: &RedisSource,
     mut link: MasterLink,
     opts: &StreamOptions,
     lease: &LeaseGuard,
     stop: impl std::future::Future<Output = ()>,
+    status: &JobStatus,
 ) -> Result<()> {
     if let Some(dir) = &opts.spool {
         lease.writable().await?;
@@ -376,6 +398,8 @@ async fn run(
         }
     };
 
+    status.running();
+    status.durable(offset, offset.get(), None);
     // The master is told the durable offset: WAIT then means "stored in the repository".
     let received = Arc::new(AtomicU64::new(offset.get()));
     let mut acker = Acker::start(&link, received.clone());
@@ -397,6 +421,7 @@ async fn run(
             match uploads.next_done().await {
                 Some(Ok(end)) => {
                     durable = ReplicationOffset(end);
+                    status.durable(durable, end, Some(uploads.last_lag()));
                     received.fetch_max(end, Ordering::Relaxed);
                 }
                 Some(Err(e)) => return Err(e),
@@ -434,6 +459,7 @@ async fn run(
                 match done {
                     Ok(end) => {
                         durable = ReplicationOffset(end);
+                        status.durable(durable, end, Some(uploads.last_lag()));
                         received.fetch_max(end, Ordering::Relaxed);
                     }
                     Err(e) => break Err(e),
@@ -515,6 +541,9 @@ async fn run(
         }
     };
     // Store what was read, then wait for every upload, so a clean stop loses nothing.
+    if outcome.is_ok() {
+        status.update(|s| s.phase = Phase::Stopping);
+    }
     let mut finished = Ok(());
     if !chunk.body.is_empty() {
         if !in_multi {
@@ -526,7 +555,10 @@ async fn run(
     }
     while let Some(done) = uploads.next_done().await {
         match done {
-            Ok(end) => durable = ReplicationOffset(end),
+            Ok(end) => {
+                durable = ReplicationOffset(end);
+                status.durable(durable, end, Some(uploads.last_lag()));
+            }
             Err(e) => {
                 finished = Err(e);
                 break;
@@ -568,6 +600,8 @@ struct ChunkQueue<'a> {
     full_reported: bool,
     /// Smoothed time from cut to stored, updated by each finished upload.
     estimate: std::rc::Rc<std::cell::Cell<Duration>>,
+    /// How long the oldest command of the last stored chunk waited to become durable.
+    last_lag: std::rc::Rc<std::cell::Cell<Duration>>,
 }
 
 impl<'a> ChunkQueue<'a> {
@@ -587,10 +621,15 @@ impl<'a> ChunkQueue<'a> {
             spooled: 0,
             full_reported: false,
             estimate: Default::default(),
+            last_lag: Default::default(),
         })
     }
 
     /// How long a chunk currently takes from cut to stored.
+    fn last_lag(&self) -> Duration {
+        self.last_lag.get()
+    }
+
     fn upload_estimate(&self) -> Duration {
         self.estimate.get()
     }
@@ -679,6 +718,7 @@ impl<'a> ChunkQueue<'a> {
             let repo = self.repo;
             let (key, end, first_ms, cut) = (p.key, p.end, p.first_ms, p.cut);
             let estimate = self.estimate.clone();
+            let last_lag = self.last_lag.clone();
             let lease = self.lease.clone();
             self.uploads.push_back(Box::pin(async move {
                 lease.writable().await?;
@@ -706,6 +746,7 @@ impl<'a> ChunkQueue<'a> {
                 if let Some(first) = first_ms {
                     // The oldest command in the chunk waited this long to become durable.
                     let lag_ms = chrono::Utc::now().timestamp_millis() - first;
+                    last_lag.set(Duration::from_millis(lag_ms.max(0) as u64));
                     tracing::debug!(%key, end, lag_ms, "chunk stored");
                 }
                 Ok(end)

@@ -5,7 +5,7 @@
 //! move forward. `redis restore` runs the same chain and chunk checks (
 //! [`orphan_problems`], [`chunk_problems`]) before it writes anything.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bytes::{Bytes, BytesMut};
 use storage::{layout, Repository};
 use wire::redis::command::CommandDecoder;
@@ -13,7 +13,7 @@ use wire::redis::rdb::{RdbReport, RdbValidator};
 
 use super::chunk::{self, ChunkHeader};
 use super::manifest::GenerationManifest;
-use super::stream::chunk_chain;
+use crate::catalog::redis::{Generation, RedisCatalog};
 
 /// What one generation looks like on inspection.
 #[derive(Debug)]
@@ -141,19 +141,24 @@ async fn check_chunk(
 /// read is counted in `tally`.
 pub async fn check_generation(
     repo: &Repository,
-    manifest: GenerationManifest,
+    generation: Generation,
     jobs: usize,
     tally: &Tally,
 ) -> Result<GenerationCheck> {
     use futures::stream::{self, StreamExt};
-    let id = layout::GenerationId::parse(&manifest.generation)?;
+    let Generation {
+        id,
+        manifest,
+        chain,
+        orphans,
+        ..
+    } = generation;
     let key = layout::redis_snapshot(&id);
     let snapshot = async {
         let r = check_snapshot(repo, &key).await;
         tally.add(r.as_ref().map_or(0, |(_, stored)| *stored));
         r.map(|(report, _)| report)
     };
-    let (chain, orphans) = chunk_chain(repo, &manifest).await?;
     let mut problems = orphan_problems(&manifest, &chain, &orphans);
     let chunks = stream::iter(chain.iter().map(|&(start, end)| {
         let key = layout::redis_chunk(&id, start, end);
@@ -193,16 +198,13 @@ pub async fn check_generation(
 pub async fn check_all(repo: &Repository, jobs: usize) -> Result<Vec<GenerationCheck>> {
     let tally = Tally::default();
     let mut out = Vec::new();
-    for manifest in GenerationManifest::list(repo)
-        .await
-        .context("listing generations")?
-    {
-        out.push(check_generation(repo, manifest, jobs, &tally).await?);
+    for generation in RedisCatalog::load(repo).await?.generations {
+        out.push(check_generation(repo, generation, jobs, &tally).await?);
     }
     Ok(out)
 }
 
-/// Why each chunk left out of the chain (see `chunk_chain`) breaks it: it overlaps a chunk of
+/// Why each chunk left out of the chain (the catalog's [`crate::catalog::redis::chain_from`]) breaks it: it overlaps a chunk of
 /// the chain, starts before the snapshot, or follows a gap.
 pub fn orphan_problems(
     manifest: &GenerationManifest,

@@ -35,9 +35,9 @@ use super::place;
 use super::target::Target;
 use super::unpack::{self, PG_CONTROL_TEMP};
 use super::RestoreArgs;
-use crate::catalog::pg::{WalInventory, WalPath};
+use crate::catalog::pg::{BackupCatalog, WalInventory, WalPath};
 use crate::pg::backup::parse_server_manifest;
-use crate::pg::backup_catalog::{list_backups, BackupManifest};
+use crate::pg::backup_manifest::{format_time, BackupManifest};
 use crate::pg::backup_progress::human;
 use crate::pg::wal_fetch::{check_history_file, check_segment, WalExpect};
 
@@ -97,7 +97,8 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
         .collect();
 
     // ---- Plan: read-only checks ----
-    let chosen = choose_backup(repo, marker, target, args.backup.as_deref()).await?;
+    let backups = BackupCatalog::load(repo).await?;
+    let chosen = choose_backup(repo, &backups, marker, target, args.backup.as_deref())?;
     let id = chosen.backup_id()?;
     let size = chosen.segment_size()?;
     let inv = WalInventory::load(repo, size).await?;
@@ -264,45 +265,41 @@ fn chosen_wal_hints(size: WalSegmentSize, major: u32) -> String {
     format!("--segment-size {} --pg-version {major}", size.bytes())
 }
 
-async fn choose_backup(
+fn choose_backup(
     repo: &Repository,
+    cat: &BackupCatalog,
     marker: &RepoMarker,
     target: Target,
     forced: Option<&str>,
 ) -> Result<BackupManifest> {
-    let list = list_backups(repo).await?;
+    for b in &cat.complete {
+        check_system(marker, &b.manifest)?;
+    }
     if let Some(f) = forced {
         let id = BackupId::parse(f).with_context(|| format!("--backup {f:?}"))?;
-        if !list.complete.contains(&id) {
-            if list.incomplete.contains(&id) {
-                bail!("backup {id} is incomplete (no backup.json: it failed or its WAL never reached the repository)");
-            }
-            bail!("there is no backup {id} in {}", repo.url());
-        }
-        let m = BackupManifest::load(repo, &id).await?;
-        check_system(marker, &m)?;
+        let b = cat.get(&id, repo.url())?;
         match target {
-            Target::Time(t) if m.stop_at()? > t => bail!(
+            Target::Time(t) if b.stop_time > t => bail!(
                 "backup {id} ended at {}, after the target {}: choose an older backup",
-                m.stop_time,
+                format_time(b.stop_time),
                 target.describe()
             ),
-            Target::Lsn(l) if m.stop()? > l => bail!(
+            Target::Lsn(l) if b.stop > l => bail!(
                 "backup {id} ends at LSN {}, after the target {l}: choose an older backup",
-                m.stop_lsn
+                b.stop
             ),
             _ => {}
         }
-        return Ok(m);
+        return Ok(b.manifest.clone());
     }
-    if list.complete.is_empty() {
-        let extra = if list.incomplete.is_empty() {
+    let Some(oldest) = cat.complete.iter().min_by_key(|b| b.stop) else {
+        let extra = if cat.incomplete.is_empty() {
             String::new()
         } else {
             format!(
                 " ({} incomplete: {})",
-                list.incomplete.len(),
-                list.incomplete
+                cat.incomplete.len(),
+                cat.incomplete
                     .iter()
                     .map(|i| i.to_string())
                     .collect::<Vec<_>>()
@@ -313,41 +310,25 @@ async fn choose_backup(
             "no complete base backup in {}{extra}: take one with `syncbridge-agent postgres backup`",
             repo.url()
         );
-    }
-    let mut all = Vec::new();
-    for id in &list.complete {
-        let m = BackupManifest::load(repo, id).await?;
-        check_system(marker, &m)?;
-        all.push(m);
-    }
-    let mut best: Option<BackupManifest> = None;
-    for m in all.iter() {
-        let fits = match target {
-            Target::Time(t) => m.stop_at()? <= t,
-            Target::Lsn(l) => m.stop()? <= l,
+    };
+    let best = cat
+        .complete
+        .iter()
+        .filter(|b| match target {
+            Target::Time(t) => b.stop_time <= t,
+            Target::Lsn(l) => b.stop <= l,
             Target::Latest | Target::Xid(_) => true,
-        };
-        if fits
-            && best.as_ref().map_or(Ok::<bool, anyhow::Error>(true), |b| {
-                Ok(m.stop()? > b.stop()?)
-            })?
-        {
-            best = Some(m.clone());
-        }
-    }
+        })
+        .max_by_key(|b| b.stop);
     match best {
-        Some(b) => Ok(b),
+        Some(b) => Ok(b.manifest.clone()),
         None => {
-            let oldest = all
-                .iter()
-                .min_by_key(|m| m.stop().unwrap_or(Lsn(u64::MAX)))
-                .context("no backups")?;
             let (what, when) = match target {
-                Target::Time(_) => ("ended at", oldest.stop_time.clone()),
-                _ => ("ends at LSN", oldest.stop_lsn.clone()),
+                Target::Time(_) => ("ended at", format_time(oldest.stop_time)),
+                _ => ("ends at LSN", oldest.stop.to_string()),
             };
             bail!(
-                "no complete base backup ends before the target {}: it is earlier than the oldest backup, {} (which {what} {when})",
+                "no complete base backup ends before the target {}: it is earlier than the oldest backup, {} (which {what} {when}); the earliest restorable moment is {when}",
                 target.describe(),
                 oldest.id
             )

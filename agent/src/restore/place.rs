@@ -24,7 +24,7 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::pg::backup_catalog::{BackupManifest, EntryKind};
+use crate::pg::backup_manifest::{BackupManifest, EntryKind};
 
 /// Files restore itself puts in the data directory; no backup entry may take their names.
 const RESERVED: [&str; 2] = [super::pg::IN_PROGRESS, super::unpack::PG_CONTROL_TEMP];
@@ -479,7 +479,7 @@ pub fn check_destination(dest: &Path, repository: Option<&Path>, what: &str) -> 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::pg::backup_catalog::{BackupEntry, DataChunk, Piece, Tablespace};
+    use crate::pg::backup_manifest::{BackupEntry, DataChunk, Piece, Tablespace};
 
     fn entry(archive: u32, path: &str, kind: EntryKind, mode: u32) -> BackupEntry {
         BackupEntry {

@@ -33,7 +33,7 @@ use storage::Repository;
 use tokio::task::JoinSet;
 
 use crate::pg::backup::{crc_matches, manifest_path, ServerManifestFile};
-use crate::pg::backup_catalog::{BackupManifest, DataChunk, EntryKind};
+use crate::pg::backup_manifest::{BackupManifest, DataChunk, EntryKind};
 use crate::pg::backup_progress::Progress;
 
 use super::place::Modes;
@@ -294,7 +294,7 @@ pub async fn read_pieces(
     repo: &Repository,
     key: &layout::RepoKey,
     chunk: &DataChunk,
-    mut sink: impl FnMut(&crate::pg::backup_catalog::Piece, u64, &[u8]) -> Result<()>,
+    mut sink: impl FnMut(&crate::pg::backup_manifest::Piece, u64, &[u8]) -> Result<()>,
 ) -> Result<(Written, storage::ObjectInfo)> {
     let mut reader = repo.reader(key).await?;
     let mut results: Written = Vec::with_capacity(chunk.pieces.len());

@@ -1,8 +1,6 @@
-//! What the repository knows about PostgreSQL base backups and archived WAL: the agent's
-//! backup manifest (`backup.json`, written last, so its presence means "complete"), and an
-//! inventory of the WAL objects the stream wrote, with the continuity questions backup and
-//! restore ask of it ("is WAL from the backup's start to its stop LSN archived?", "where is
-//! the first gap?").
+//! The agent's manifest of a PostgreSQL base backup (`backup.json`, written last, so its
+//! presence means "complete"). Which backups a repository holds is the catalog's question
+//! ([`crate::catalog::pg::BackupCatalog`]); this module is the file format.
 //!
 //! The backup data itself is the server's tar stream with the tar headers lifted into the
 //! manifest: each data object (`postgres/base/<id>/data/<seq>`) holds raw file bytes, and the
@@ -10,12 +8,10 @@
 //! every object independently (in parallel, large files split across objects) and check
 //! each file against the server's `backup_manifest` (`src/backend/backup/backup_manifest.c`).
 
-use std::collections::BTreeSet;
-
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use storage::layout::{self, BackupId, BaseBackupObject};
+use storage::layout::{self, BackupId};
 use storage::{ContentKind, PutMode, Repository};
 use wire::pg::{Lsn, TimelineId, WalSegmentSize};
 
@@ -235,40 +231,4 @@ pub use crate::util::time::parse_time;
 /// Formats a time the way manifests store it (microseconds, UTC).
 pub fn format_time(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
-
-/// Backups found in the repository: complete ones (with a manifest) and ids that have data
-/// but no manifest (in progress, failed, or waiting for WAL).
-#[derive(Debug, Default)]
-pub struct BackupList {
-    /// Ids with a `backup.json`, in id (= start time) order.
-    pub complete: Vec<BackupId>,
-    /// Ids without one.
-    pub incomplete: Vec<BackupId>,
-}
-
-/// Lists base backups by their keys.
-pub async fn list_backups(repo: &Repository) -> Result<BackupList> {
-    let objects = repo
-        .list(&layout::base_backups_prefix())
-        .await
-        .context("listing base backups")?;
-    let mut all = BTreeSet::new();
-    let mut done = BTreeSet::new();
-    for o in objects {
-        match layout::parse_base_backup_key(&o.key) {
-            Some(BaseBackupObject::Manifest(id)) => {
-                done.insert(id.clone());
-                all.insert(id);
-            }
-            Some(BaseBackupObject::Chunk { id, .. } | BaseBackupObject::ServerManifest(id)) => {
-                all.insert(id);
-            }
-            None => {}
-        }
-    }
-    Ok(BackupList {
-        incomplete: all.difference(&done).cloned().collect(),
-        complete: done.into_iter().collect(),
-    })
 }

@@ -1,4 +1,4 @@
-//! The PostgreSQL WAL part of the repository catalog: one listing of `postgres/wal/` read
+//! The WAL part of the PostgreSQL catalog: one listing of `postgres/wal/` read
 //! into typed values (segments, segments in progress as delta chains or older partials,
 //! history files per timeline) and the questions every command asks of it: how far WAL is
 //! stored without a hole from a point, where the newest WAL ends, which segments are
@@ -276,6 +276,33 @@ impl WalPath {
             .map(|(t, _)| *t)
             .unwrap_or(TimelineId::FIRST)
     }
+}
+
+/// What is stored of segment `seg` in progress (its deltas, older whole partials) when it
+/// is the newest WAL of its timeline; `None` when later WAL exists there. `wal-fetch` asks
+/// this at the end of recovery, when the segment is not stored complete.
+pub async fn segment_in_progress(
+    repo: &Repository,
+    seg: &layout::WalSegmentName,
+) -> Result<Option<SegmentPartials>> {
+    let prefix = layout::wal_timeline_prefix(seg.timeline());
+    let listed = repo
+        .list(&prefix)
+        .await
+        .with_context(|| format!("listing {prefix} for the segment in progress"))?;
+    let mut stored = SegmentPartials::default();
+    for meta in listed {
+        let Some(object) = layout::parse_wal_key(&meta.key) else {
+            continue;
+        };
+        match object.segment() {
+            Some(s) if s > seg => return Ok(None),
+            Some(s) if s == seg => stored.add(&object, meta.key),
+            _ => {}
+        }
+    }
+    stored.sort();
+    Ok(Some(stored))
 }
 
 fn segno_of(name: &str, size: WalSegmentSize) -> Option<u64> {

@@ -1,0 +1,215 @@
+//! `syncbridge-agent run --config FILE`: the sidecar. One process runs every job the file
+//! describes ([`crate::config`]), each under [`crate::job::supervise`] exactly as its own
+//! sub-command runs it (`postgres stream`, `redis stream`), plus `/healthz`, `/readyz` and
+//! `/metrics` ([`crate::http`]).
+//!
+//! Stopping: the first SIGTERM or SIGINT cancels every job; each stores what it holds
+//! (the WAL delta, the Redis chunk), reports its final position and releases its lease.
+//! `agent.stop_timeout` bounds that; a second signal exits at once. A job that fails
+//! fatally (a wrong password, a repository that vanished) stays failed, logged, not ready
+//! and `syncbridge_job_up 0`, while the others go on; `run` exits 1 when every job has
+//! ended and one of them failed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use futures::future::LocalBoxFuture;
+
+use crate::config::Config;
+use crate::http::{JobKind, Watched};
+use crate::job::{Control, JobStatus};
+
+/// Arguments of `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The configuration file (TOML; packaging/agent.toml is the commented example).
+    #[arg(long, env = "SYNCBRIDGE_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
+    /// Override one key (`--set postgres.max_lag=2s`); wins over the file and the
+    /// SYNCBRIDGE_<SECTION>_<KEY> environment. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Check the configuration (keys, values, secret files, repository options) and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Loads the configuration (before logging is set up: its `agent.log_format` chooses it).
+pub fn load(args: &RunArgs) -> Result<Config> {
+    crate::config::load(&args.config, std::env::vars(), &args.sets)
+}
+
+/// Runs `run` with a loaded configuration.
+pub fn run(args: RunArgs, config: Config) -> Result<ExitCode> {
+    if args.check {
+        println!("{}: configuration is valid", args.config.display());
+        for (name, present) in [
+            ("postgres stream", config.postgres.is_some()),
+            ("redis stream", config.redis.is_some()),
+            ("http", config.http.is_some()),
+        ] {
+            if present {
+                println!("  {name}");
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    crate::cli::block_on(run_jobs(config))
+}
+
+/// Refuses keys this build reads but does not act on yet, so nothing a user configured is
+/// silently skipped.
+fn refuse_unsupported(config: &Config) -> Result<()> {
+    let mut unsupported = Vec::new();
+    if let Some(pg) = &config.postgres {
+        if pg.backup_every.is_some() {
+            unsupported.push("postgres.backup_every");
+        }
+        if pg.retention.is_some() {
+            unsupported.push("postgres.retention");
+        }
+    }
+    if config.redis.as_ref().is_some_and(|r| r.retention.is_some()) {
+        unsupported.push("redis.retention");
+    }
+    if config.verify.is_some() {
+        unsupported.push("[verify]");
+    }
+    if !unsupported.is_empty() {
+        bail!(
+            "this build does not run scheduled jobs yet; remove {} (run `postgres backup`, `expire` and `verify` from a CronJob meanwhile)",
+            unsupported.join(", ")
+        );
+    }
+    Ok(())
+}
+
+async fn run_jobs(config: Config) -> Result<ExitCode> {
+    refuse_unsupported(&config)?;
+    let root = tokio_util::sync::CancellationToken::new();
+    crate::job::cancel_on_signals(root.clone());
+    let mut watched = Vec::new();
+    let mut jobs: Vec<(&'static str, LocalBoxFuture<'_, Result<()>>)> = Vec::new();
+
+    if let Some(pg) = &config.postgres {
+        let repo_args = config.repo_args(pg.repository.as_deref())?;
+        let mut source = crate::pg::cli::SourceArgs {
+            source: pg.source.clone(),
+        }
+        .conninfo()?;
+        if let Some(f) = &pg.password_file {
+            source.password = Some(crate::util::secret_file::read_secret_file(
+                f,
+                "PostgreSQL password",
+            )?);
+        }
+        let repo = repo_args.open_with(storage::RepoOptions {
+            compression_level: Some(pg.compression_level),
+            ..repo_args.options()?
+        })?;
+        let opts = crate::pg::stream::StreamOptions {
+            source,
+            repo,
+            slot: wire::pg::commands::SlotName::new(&pg.slot).context("postgres.slot")?,
+            max_lag: pg.max_lag,
+            status_interval: pg.status_interval,
+            synchronous: pg.synchronous,
+            application_name: pg.application_name.clone(),
+            max_inflight: pg.max_inflight,
+            on_standby: pg.on_standby,
+        };
+        let (status, state) = JobStatus::new();
+        watched.push(Watched {
+            kind: JobKind::PostgresStream,
+            repository: repo_args.display_url(),
+            state,
+        });
+        let ctl = Control {
+            token: root.child_token(),
+            status,
+        };
+        jobs.push((
+            "postgres stream",
+            Box::pin(crate::pg::stream::run(opts, ctl)),
+        ));
+    }
+
+    if let Some(r) = &config.redis {
+        let repo_args = config.repo_args(r.repository.as_deref())?;
+        let source = crate::redis::cli::SourceArgs {
+            source: r.source.clone(),
+            password_file: r.password_file.clone(),
+            tls_ca: r.tls_ca.clone(),
+            tls_cert: r.tls_cert.clone(),
+            tls_key: r.tls_key.clone(),
+        }
+        .parse()?;
+        let repo = repo_args.open()?;
+        let opts = crate::redis::stream::StreamOptions {
+            max_lag: r.max_lag,
+            snapshot_every: (!r.snapshot_every.is_zero()).then_some(r.snapshot_every),
+            spool: r.spool.clone(),
+            spool_limit: r.spool_limit_mib << 20,
+            ..Default::default()
+        };
+        let (status, state) = JobStatus::new();
+        watched.push(Watched {
+            kind: JobKind::RedisStream,
+            repository: repo_args.display_url(),
+            state,
+        });
+        let ctl = Control {
+            token: root.child_token(),
+            status,
+        };
+        jobs.push((
+            "redis stream",
+            Box::pin(async move { crate::redis::stream::run(&repo, &source, &opts, ctl).await }),
+        ));
+    }
+
+    let http_token = tokio_util::sync::CancellationToken::new();
+    if let Some(h) = &config.http {
+        let listener = crate::http::bind(h.listen).await?;
+        tracing::info!(listen = %h.listen, "serving /healthz, /readyz and /metrics");
+        tokio::spawn(crate::http::serve(
+            listener,
+            watched,
+            h.ready_max_lag,
+            http_token.clone(),
+        ));
+    }
+
+    let names: Vec<&'static str> = jobs.iter().map(|(n, _)| *n).collect();
+    let all = futures::future::join_all(jobs.into_iter().map(|(name, job)| async move {
+        let r = job.await;
+        match &r {
+            Ok(()) => tracing::info!(job = name, "stopped"),
+            Err(e) => tracing::error!(job = name, "failed: {e:#}"),
+        }
+        r
+    }));
+    let stop_timeout = config.agent.stop_timeout;
+    let deadline = async {
+        root.cancelled().await;
+        tokio::time::sleep(stop_timeout).await;
+    };
+    let results = tokio::select! {
+        r = all => r,
+        () = deadline => {
+            http_token.cancel();
+            bail!(
+                "the jobs ({}) did not stop within agent.stop_timeout ({}s) after the signal; what they held may not be stored",
+                names.join(", "),
+                stop_timeout.as_secs_f64()
+            );
+        }
+    };
+    http_token.cancel();
+    if results.iter().any(Result::is_err) {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
