@@ -709,7 +709,15 @@ fn main() {
             String::from_utf8_lossy(&out.stderr).to_string()
         };
         let rec = dir.join("agent-verify.perf.data");
-        agent_verify(&["record", "-F", "999", "-g", "-o", rec.to_str().unwrap(), "--"]);
+        agent_verify(&[
+            "record",
+            "-F",
+            "999",
+            "-g",
+            "-o",
+            rec.to_str().unwrap(),
+            "--",
+        ]);
         let stat = agent_verify(&["stat", "-e", "task-clock", "--"]);
         let pgbr_stat = pgbr(&["verify", "--repo=2", "--output=text"]);
         let pgbr_prog = pgbr_stat.get_program().to_owned();
