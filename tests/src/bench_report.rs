@@ -145,7 +145,7 @@ pub fn render(results: &Path, out: &Path) -> Result<Rendered> {
                 r.title,
                 anchor(&r.title),
                 g.what,
-                g.value.map_or("n/a".into(), |v| format!("{v:.2}×")),
+                g.render_value(),
                 g.target,
                 match g.met {
                     Some(true) => "met",

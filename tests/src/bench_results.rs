@@ -47,6 +47,22 @@ pub struct Goal {
     pub target: String,
     /// Whether the figure meets the bound; `None` when not measured.
     pub met: Option<bool>,
+    /// Written after the figure: `×` for a ratio (the default, and what files from before
+    /// this field hold), ` s` for seconds.
+    #[serde(default = "ratio_unit")]
+    pub unit: String,
+}
+
+fn ratio_unit() -> String {
+    "×".into()
+}
+
+impl Goal {
+    /// The measured figure as shown in the report, e.g. `1.23×` or `0.37 s`.
+    pub fn render_value(&self) -> String {
+        self.value
+            .map_or("n/a".into(), |v| format!("{v:.2}{}", self.unit))
+    }
 }
 
 /// A table of typed cells.
@@ -210,6 +226,7 @@ impl BenchResults {
             value,
             target: format!("≥ {min:.2}×"),
             met: value.map(|v| v >= min),
+            unit: ratio_unit(),
         });
         self
     }
@@ -222,6 +239,20 @@ impl BenchResults {
             value,
             target: format!("≤ {max:.2}×"),
             met: value.map(|v| v <= max),
+            unit: ratio_unit(),
+        });
+        self
+    }
+
+    /// Records a goal on a duration: `secs ≤ max_secs` (shown as `0.37 s`).
+    pub fn goal_at_most_secs(&mut self, what: &str, secs: f64, max_secs: f64) -> &mut Self {
+        let value = secs.is_finite().then_some(secs);
+        self.goals.push(Goal {
+            what: what.into(),
+            value,
+            target: format!("≤ {max_secs:.2} s"),
+            met: value.map(|v| v <= max_secs),
+            unit: " s".into(),
         });
         self
     }
@@ -385,6 +416,30 @@ mod tests {
         assert_eq!(Cell::ratio(3.0, 1.5).render(), "2.00×");
         assert_eq!(Cell::ratio(1.0, 0.0).render(), "n/a");
         assert_eq!(Cell::text("a|b").render(), "a\\|b");
+    }
+
+    #[test]
+    fn goals_render_ratios_and_seconds_and_old_files_read_as_ratios() {
+        let mut r = BenchResults::new("b", "B");
+        r.goal_at_least("speed", 1.234, 1.0)
+            .goal_at_most_secs("planning", 0.371, 2.0)
+            .goal_at_most_secs("not measured", f64::NAN, 2.0);
+        assert_eq!(r.goals[0].render_value(), "1.23×");
+        assert_eq!(
+            (
+                r.goals[1].render_value().as_str(),
+                r.goals[1].target.as_str()
+            ),
+            ("0.37 s", "≤ 2.00 s")
+        );
+        assert_eq!(r.goals[1].met, Some(true));
+        assert_eq!(
+            (r.goals[2].render_value().as_str(), r.goals[2].met),
+            ("n/a", None)
+        );
+        let old = r#"{"what":"w","value":1.5,"target":"≥ 1.00×","met":true}"#;
+        let g: Goal = serde_json::from_str(old).unwrap();
+        assert_eq!(g.render_value(), "1.50×");
     }
 
     #[test]
