@@ -180,6 +180,11 @@ fn pg16_expire_keep_full_two_keeps_every_moment_after_the_second_backup() {
         text(&out)
     );
 
+    // The expired repository verifies: every object, both kept backups, WAL from the oldest
+    // kept backup's start.
+    let out = run(&["verify", "--repo", &url]);
+    assert!(out.status.success(), "verify after expire: {}", text(&out));
+
     // A second run finds nothing more to do.
     let out = run(&["expire", "--repo", &url, "--keep-full", "2"]);
     assert!(out.status.success(), "{}", text(&out));

@@ -369,6 +369,7 @@ fn pg15_expire_killed_mid_delete_leaves_no_false_backup_and_the_next_run_finishe
         "{listing}"
     );
     run_ok(&["repo", "check", "--repo", &url]);
+    run_ok(&["verify", "--repo", &url]);
     // Every backup still listed restores its moments exactly.
     assert_eq!(
         pg_restore_markers(&env, version, &times[1]),
@@ -415,6 +416,7 @@ fn pg15_expire_killed_mid_delete_leaves_no_false_backup_and_the_next_run_finishe
     assert!(segs.iter().all(|s| segno(s) >= cut), "{segs:?}");
     assert!(pg_support::contiguous(&segs), "{segs:?}");
     run_ok(&["repo", "check", "--repo", &url]);
+    run_ok(&["verify", "--repo", &url]);
     assert_eq!(
         pg_restore_markers(&env, version, &times[2]),
         [0, 1, 2, 10, 11, 12].into_iter().collect()
@@ -476,6 +478,7 @@ fn redis_expire_killed_mid_delete_leaves_no_false_generation_and_the_next_run_fi
     assert_eq!(ids(&v, "redis", "generations"), &g[1..]);
     assert_eq!(ids(&v, "redis", "incomplete_generations"), [g[0].clone()]);
     run_ok(&["repo", "check", "--repo", &url]);
+    run_ok(&["verify", "--repo", &url]);
     run_ok(&["redis", "verify", "--repo", &url]);
 
     let out = run_ok(&["expire", "--repo", &url, "--keep-full", "2"]);
