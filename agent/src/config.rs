@@ -52,6 +52,7 @@ pub const KEYS: &[&str] = &[
     "redis.snapshot_every",
     "redis.spool",
     "redis.spool_limit_mib",
+    "redis.on_replica",
     "redis.retention.keep_full",
     "redis.retention.keep_within",
     "verify.every",
@@ -181,6 +182,10 @@ pub struct RedisConfig {
     pub spool_limit_mib: u64,
     /// Expire after each new generation.
     pub retention: Option<RetentionConfig>,
+    /// When the source is a replica: `stream` from it, `wait` for its promotion, or
+    /// `follow` to its master.
+    #[serde(default)]
+    pub on_replica: crate::redis::stream::ReplicaPolicy,
 }
 
 /// `[verify]`.
@@ -556,6 +561,7 @@ mod tests {
                 }
                 k if k.ends_with("compression_level") => "1",
                 k if k.ends_with("on_standby") => "stream",
+                k if k.ends_with("on_replica") => "follow",
                 k if k.ends_with("synchronous") => "true",
                 "http.listen" => "127.0.0.1:9187",
                 "agent.log_format" => "json",

@@ -277,6 +277,21 @@ impl Collector for JobsCollector {
             "Replication stream bytes made durable by this process",
             |s, k| redis(k).then_some(s.durable_bytes_total),
         )?;
+        gauge(
+            e,
+            &jobs,
+            "syncbridge_slot_retained_bytes",
+            "WAL the server has sent past what is durable in the repository: what the stream's replication slot makes the server keep",
+            None,
+            |s, k| pg(k).then_some(s.source_behind_bytes? as f64),
+        )?;
+        counter(
+            e,
+            &jobs,
+            "syncbridge_upload_errors",
+            "Writes to the repository that failed after the store layer's own retries (retried by the stream, or ending an attempt)",
+            |s, k| k.is_stream().then_some(s.upload_errors),
+        )?;
         counter(
             e,
             &jobs,

@@ -196,6 +196,7 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             snapshot_every: (!r.snapshot_every.is_zero()).then_some(r.snapshot_every),
             spool: r.spool.clone(),
             spool_limit: r.spool_limit_mib << 20,
+            on_replica: r.on_replica,
             ..Default::default()
         };
         let (status, state) = JobStatus::new();

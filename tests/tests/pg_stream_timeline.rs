@@ -154,7 +154,10 @@ fn streaming_from_a_standby_follows_its_promotion() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("repo").display());
     let src = standby.replication_url();
-    let mut agent = stream_agent(&src, &url, dir.path().join("agent.log"));
+    // Streaming from a standby on purpose (cascading replication): --on-standby stream.
+    let mut args = stream_args(&src, &url);
+    args.extend(["--on-standby", "stream"]);
+    let mut agent = AgentProcess::spawn(&args, dir.path().join("agent.log"));
     write_and_wait_archived(&primary, &url, &mut agent, "00000001");
     primary.stop();
     assert_eq!(standby.query_one_blocking("SELECT pg_promote()"), "t");

@@ -175,6 +175,9 @@ log_format = "json"
             "postgres_stream",
         ),
         ("syncbridge_wal_bytes_total", "postgres_stream"),
+        ("syncbridge_slot_retained_bytes", "postgres_stream"),
+        ("syncbridge_upload_errors_total", "postgres_stream"),
+        ("syncbridge_upload_errors_total", "redis_stream"),
     ] {
         assert!(
             sample(&metrics, metric, job).is_some(),
@@ -528,4 +531,151 @@ fn beside_a_standby_run_waits_and_takes_over_after_the_failover() {
     drop(restored);
     assert!(a.terminate().success(), "{}", a.log_text());
     assert!(b.terminate().success(), "{}", b.log_text());
+}
+
+fn redis_sidecar_config(
+    dir: &Path,
+    name: &str,
+    repo: &str,
+    port: u16,
+    policy: &str,
+    http_port: u16,
+) -> String {
+    let body = format!(
+        r#"
+[redis]
+source = "redis://127.0.0.1:{port}"
+repository = "{repo}"
+max_lag = "200ms"
+snapshot_every = "off"
+on_replica = "{policy}"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+"#
+    );
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, body).unwrap();
+    p.display().to_string()
+}
+
+/// Redis: a sidecar beside a replica with `on_replica = "wait"` waits, not ready, while the
+/// one beside the master streams; after the replica is promoted and the master is gone it
+/// takes over (PSYNC continues the same history) and the restore has every write. With
+/// `follow`, a stream given the replica streams from its master.
+#[test]
+fn beside_a_redis_replica_run_waits_or_follows_the_master() {
+    let mut master = RedisServer::start(RedisFlavor::Redis7);
+    let replica = RedisServer::start(RedisFlavor::Redis7);
+    assert!(replica
+        .cmd(&["REPLICAOF", "127.0.0.1", &master.port().to_string()])
+        .is_ok());
+    assert!(
+        wait_until(Duration::from_secs(30), || replica
+            .info("replication")
+            .get("master_link_status")
+            .is_some_and(|s| s == "up")),
+        "the replica never linked"
+    );
+    let work = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", work.path().join("repo").display());
+    let (port_a, port_b, port_c) = (free_port(), free_port(), free_port());
+    let conf_a = redis_sidecar_config(work.path(), "a", &repo, master.port(), "wait", port_a);
+    let conf_b = redis_sidecar_config(work.path(), "b", &repo, replica.port(), "wait", port_b);
+    let follow_repo = format!("file://{}", work.path().join("follow-repo").display());
+    let conf_c = redis_sidecar_config(
+        work.path(),
+        "c",
+        &follow_repo,
+        replica.port(),
+        "follow",
+        port_c,
+    );
+    let mut a = AgentProcess::spawn(&["run", "--config", &conf_a], work.path().join("a.log"));
+    let mut b = AgentProcess::spawn(&["run", "--config", &conf_b], work.path().join("b.log"));
+    let mut c = AgentProcess::spawn(&["run", "--config", &conf_c], work.path().join("c.log"));
+    let ready = |port: u16| http_get(port, "/readyz").is_some_and(|(s, _)| s == 200);
+    assert!(
+        wait_until(Duration::from_secs(60), || ready(port_a) && ready(port_c)),
+        "A:\n{}\nC:\n{}",
+        a.log_text(),
+        c.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || http_get(port_b, "/readyz")
+            .is_some_and(|(s, body)| s == 503 && body.contains("replica"))),
+        "{:?}\n{}",
+        http_get(port_b, "/readyz"),
+        b.log_text()
+    );
+    assert!(
+        c.log_text().contains("streaming from its master"),
+        "{}",
+        c.log_text()
+    );
+
+    let mut conn = master.connect();
+    for i in 0..50 {
+        assert!(conn
+            .cmd(&["SET", &format!("k{i}"), &format!("v{i}")])
+            .unwrap()
+            .is_ok());
+    }
+    // The replica has every write, then the master goes and the replica is promoted.
+    assert_eq!(conn.cmd(&["WAIT", "1", "10000"]).unwrap().as_int(), Some(1));
+    let master_keys = dump(&master);
+    assert!(
+        wait_until(Duration::from_secs(30), || dump(&replica) == master_keys),
+        "the replica did not catch up"
+    );
+    // C stored what it followed: restore its repository.
+    assert!(c.terminate().success(), "{}", c.log_text());
+    let restore = |repo: &str, name: &str| {
+        let target = work.path().join(name);
+        let target_s = target.display().to_string();
+        let bin = redis_support::server_bin(RedisFlavor::Redis7);
+        let out = agent()
+            .args([
+                "redis", "restore", "--repo", repo, "--target", &target_s, "--start", &bin,
+            ])
+            .output()
+            .unwrap();
+        let server = RestoredServer::try_from_output(&out);
+        assert!(out.status.success(), "{}", text(&out));
+        let server = server.unwrap();
+        dump_port(server.port, None)
+    };
+    assert_eq!(restore(&follow_repo, "follow-restore"), master_keys);
+
+    master.stop();
+    assert!(replica.cmd(&["REPLICAOF", "NO", "ONE"]).is_ok());
+    let mut conn = replica.connect();
+    for i in 50..100 {
+        assert!(conn
+            .cmd(&["SET", &format!("k{i}"), &format!("v{i}")])
+            .unwrap()
+            .is_ok());
+    }
+    let source_keys = dump(&replica);
+    assert_eq!(source_keys.len(), 100);
+    assert!(
+        wait_until(Duration::from_secs(60), || ready(port_b)),
+        "{:?}\n{}",
+        http_get(port_b, "/readyz"),
+        b.log_text()
+    );
+    // B stores every write the promoted replica took (WAIT counts the agent's ack).
+    assert!(
+        wait_until(Duration::from_secs(30), || conn
+            .cmd(&["WAIT", "1", "1000"])
+            .unwrap()
+            .as_int()
+            == Some(1)),
+        "{}",
+        b.log_text()
+    );
+    assert!(!ready(port_a), "the old master's sidecar says ready");
+    assert!(b.terminate().success(), "{}", b.log_text());
+    assert!(a.terminate().success(), "{}", a.log_text());
+    assert_eq!(restore(&repo, "restore"), source_keys);
 }

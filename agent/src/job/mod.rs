@@ -69,6 +69,12 @@ pub struct JobState {
     pub failures: u64,
     /// The earliest moment the repository can restore to, as the job last saw it.
     pub first_recoverable_at: Option<DateTime<Utc>>,
+    /// Writes to the repository that failed (after the store layer's own retries) and were
+    /// retried by the job or ended an attempt.
+    pub upload_errors: u64,
+    /// How far the server's end is ahead of what is durable: the WAL a replication slot
+    /// makes the server keep for this stream.
+    pub source_behind_bytes: Option<u64>,
 }
 
 /// The sending side of a job's state.

@@ -45,7 +45,7 @@ use super::conn::{ConnectMode, CopyMessage, NoSuitableServer, PgConnection, PgSe
 use super::conninfo::ConnInfo;
 use super::partial::Resume;
 use crate::catalog::pg::WalInventory;
-use crate::job::{self, Control, JobError, Outcome, Phase};
+use crate::job::{self, Control, JobError, JobStatus, Outcome, Phase};
 
 /// Validated settings of `postgres stream`.
 #[derive(Debug, Clone)]
@@ -787,7 +787,11 @@ impl<'a> Streamer<'a> {
     /// One line a minute so an operator can see the stream is alive and how far behind.
     fn report_progress(&mut self) {
         let lag = self.lag();
-        self.ctl.status.update(|s| s.lag = Some(lag));
+        let behind = self.server_end.bytes_since(self.flushed).unwrap_or(0);
+        self.ctl.status.update(|s| {
+            s.lag = Some(lag);
+            s.source_behind_bytes = Some(behind);
+        });
         if self.last_report.elapsed() >= Duration::from_secs(60) {
             self.last_report = Instant::now();
             tracing::info!(
@@ -906,8 +910,9 @@ impl<'a> Streamer<'a> {
         cleanup.extend(seg.stale.into_iter().map(|(_, k)| k));
         let (prev, done) = self.chain();
         let lease = self.lease.clone();
+        let status = self.ctl.status.clone();
         self.push_upload(Box::pin(async move {
-            retrying(&key, || async {
+            retrying(&key, &status, || async {
                 lease.writable().await?;
                 put_immutable(&repo, &key, ContentKind::WalSegment, &chunks).await
             })
@@ -917,7 +922,7 @@ impl<'a> Streamer<'a> {
             }
             // A store that stops answering here stalls the stream (retried, warned), like a
             // failed put; only a marker that is really gone stops it.
-            retrying(&storage::layout::marker(), || ensure_marker(&repo)).await?;
+            retrying(&storage::layout::marker(), &status, || ensure_marker(&repo)).await?;
             remove_superseded(&repo, cleanup).await;
             let _ = done.send(());
             tracing::debug!(%key, "segment stored");
@@ -993,8 +998,9 @@ impl<'a> Streamer<'a> {
         let (prev, done) = self.chain();
         self.deltas_in_flight += 1;
         let lease = self.lease.clone();
+        let status = self.ctl.status.clone();
         self.push_upload(Box::pin(async move {
-            retrying(&key, || async {
+            retrying(&key, &status, || async {
                 lease.writable().await?;
                 put_chunks(
                     &repo,
@@ -1012,7 +1018,7 @@ impl<'a> Streamer<'a> {
             }
             // A store that stops answering here stalls the stream (retried, warned), like a
             // failed put; only a marker that is really gone stops it.
-            retrying(&storage::layout::marker(), || ensure_marker(&repo)).await?;
+            retrying(&storage::layout::marker(), &status, || ensure_marker(&repo)).await?;
             remove_superseded(&repo, cleanup).await;
             let _ = done.send(());
             Ok(Uploaded { end, delta: true })
@@ -1079,7 +1085,7 @@ async fn remove_superseded(repo: &Repository, keys: Vec<RepoKey>) {
 
 /// Retries an upload on retryable storage errors forever (the stream stalls meanwhile and
 /// the caller warns); other errors end the stream.
-async fn retrying<F, Fut>(key: &RepoKey, mut f: F) -> Result<()>
+async fn retrying<F, Fut>(key: &RepoKey, status: &JobStatus, mut f: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<()>>,
@@ -1095,6 +1101,7 @@ where
                         .is_some_and(|s| s.is_retryable())
                 }) =>
             {
+                status.update(|s| s.upload_errors += 1);
                 if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
                     tracing::warn!(%key, "repository write failed, retrying: {e:#}");
                     last_warn = Some(Instant::now());

@@ -138,6 +138,11 @@ struct StreamArgs {
     /// Most the spool may hold (MiB). When full, the agent says so and pauses reading.
     #[arg(long, default_value_t = 1024)]
     spool_limit_mib: u64,
+    /// When the source is a replica: `stream` from it (chained replication), `wait` until it
+    /// is promoted (one sidecar per pod, only the master's streams), or `follow` to the
+    /// master it reports. `wait` and `follow` ask `ROLE` (ACL +role).
+    #[arg(long, value_enum, default_value = "stream")]
+    on_replica: super::stream::ReplicaPolicy,
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +251,7 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
         snapshot_every: (!args.snapshot_every.is_zero()).then_some(args.snapshot_every),
         spool: args.spool.clone(),
         spool_limit: args.spool_limit_mib << 20,
+        on_replica: args.on_replica,
         ..Default::default()
     };
     let ctl = crate::job::Control::standalone();

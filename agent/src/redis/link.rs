@@ -251,6 +251,39 @@ impl MasterLink {
         Ok(())
     }
 
+    /// The server's role (`ROLE`, before `PSYNC`): `None` for a master, `Some((host, port))`
+    /// of its master for a replica. A server that refuses `ROLE` (an ACL without `+role`) is
+    /// an error naming the permission.
+    pub async fn master_of(&mut self) -> Result<Option<(String, u16)>> {
+        let reply = self.request(&[b"ROLE"]).await?;
+        let items = match reply {
+            Reply::Array(items) => items,
+            Reply::Error(e) => bail!(
+                "{} refused ROLE: {e} (to tell a master from a replica, the agent's user needs +role, or set on_replica = \"stream\")",
+                self.endpoint
+            ),
+            other => bail!("{} answered ROLE with {other:?}", self.endpoint),
+        };
+        let text = |r: Option<&Reply>| match r {
+            Some(Reply::Bulk(Some(b))) => Some(String::from_utf8_lossy(b).into_owned()),
+            Some(Reply::Simple(s)) => Some(s.clone()),
+            _ => None,
+        };
+        match text(items.first()).as_deref() {
+            Some("master") => Ok(None),
+            Some("slave") | Some("replica") => {
+                let host = text(items.get(1)).context("ROLE: no master host")?;
+                let port = match items.get(2) {
+                    Some(Reply::Integer(p)) => u16::try_from(*p).ok(),
+                    other => text(other).and_then(|t| t.parse().ok()),
+                }
+                .context("ROLE: no master port")?;
+                Ok(Some((host, port)))
+            }
+            other => bail!("{} answered ROLE with role {other:?}", self.endpoint),
+        }
+    }
+
     /// Sends `PSYNC` (`? -1` for a new snapshot, or the id and the first offset wanted)
     /// and reads the answer, skipping keep-alive newlines.
     pub async fn psync(&mut self, resume: Option<(&str, ReplicationOffset)>) -> Result<PsyncReply> {

@@ -55,6 +55,31 @@ pub struct StreamOptions {
     /// Most bytes the spool may hold; when full, reading pauses (and the master may drop
     /// the connection, which is then resumed with PSYNC) rather than losing data.
     pub spool_limit: u64,
+    /// What to do when the source is a replica.
+    pub on_replica: ReplicaPolicy,
+}
+
+/// What `redis stream` does when its source is a replica (`ROLE` says `slave`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaPolicy {
+    /// Stream from the replica itself (chained replication; the replication id is the
+    /// master's, so a failover continues with PSYNC). Needs no `+role`.
+    #[default]
+    Stream,
+    /// Wait, not ready, until the server is promoted: one sidecar per pod, only the
+    /// master's streams.
+    Wait,
+    /// Stream from the master the replica reports (same credentials and TLS settings).
+    Follow,
+}
+
+/// The source is a replica and the policy is to wait for its promotion.
+#[derive(Debug, thiserror::Error)]
+#[error("{server} is a replica of {master}: waiting until it is promoted (on_replica = wait)")]
+pub struct SourceIsReplica {
+    server: String,
+    master: String,
 }
 
 impl Default for StreamOptions {
@@ -66,6 +91,7 @@ impl Default for StreamOptions {
             snapshot_every: Some(Duration::from_secs(15 * 60)),
             spool: None,
             spool_limit: 1 << 30,
+            on_replica: ReplicaPolicy::Stream,
         }
     }
 }
@@ -112,7 +138,17 @@ pub async fn run(
             match run_leased(repo, source, opts, &mut lease, stop, &ctl.status).await {
                 Ok(()) if ctl.token.is_cancelled() => Ok(Outcome::Stopped),
                 Ok(()) => Err(JobError::transient(anyhow::anyhow!("the stream ended"))),
-                Err(e) => Err(classify(e, attempt == 1)),
+                Err(e) => {
+                    let unreachable = is_unreachable(&e);
+                    let e = classify(e, attempt == 1);
+                    if unreachable || e.class == job::ErrorClass::WaitingForServer {
+                        // Not writing: the sidecar beside the master may take the lease.
+                        if let Some(l) = lease.take() {
+                            let _ = l.release().await;
+                        }
+                    }
+                    Err(e)
+                }
             }
         },
     )
@@ -123,6 +159,21 @@ pub async fn run(
         }
     }
     result
+}
+
+/// The source did not answer at all (refused, reset, timed out): not writing, and maybe not
+/// for long (a failover).
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::*;
+    e.chain().any(|c| {
+        c.downcast_ref::<ConnectTimedOut>().is_some()
+            || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut
+                )
+            })
+    })
 }
 
 /// What a failed attempt means: the repository is gone, or the very first connection
@@ -136,6 +187,11 @@ fn classify(err: anyhow::Error, first_attempt: bool) -> JobError {
     });
     if fatal {
         JobError::fatal(err)
+    } else if err
+        .chain()
+        .any(|c| c.downcast_ref::<SourceIsReplica>().is_some())
+    {
+        JobError::waiting(err)
     } else {
         JobError::transient(err)
     }
@@ -154,7 +210,30 @@ async fn run_leased(
 ) -> Result<()> {
     tokio::pin!(stop);
     // Connect first: a wrong source fails before anything is written, even a lease.
-    let link = MasterLink::connect(source).await?;
+    let mut link = MasterLink::connect(source).await?;
+    let followed;
+    let source = match opts.on_replica {
+        ReplicaPolicy::Stream => source,
+        policy => match link.master_of().await? {
+            None => source,
+            Some((host, port)) if policy == ReplicaPolicy::Wait => {
+                return Err(SourceIsReplica {
+                    server: source.endpoint(),
+                    master: format!("{host}:{port}"),
+                }
+                .into());
+            }
+            Some((host, port)) => {
+                let mut master = source.clone();
+                master.host = host;
+                master.port = port;
+                tracing::info!(replica = %source.endpoint(), master = %master.endpoint(), "the source is a replica: streaming from its master (on_replica = follow)");
+                link = MasterLink::connect(&master).await?;
+                followed = master;
+                &followed
+            }
+        },
+    };
     if lease.as_ref().is_none_or(|l| l.is_lost()) {
         *lease = None;
         let purpose = format!("redis stream (source {})", source.endpoint());
@@ -406,7 +485,7 @@ async fn stream_connected(
     let mut decoder = CommandDecoder::new();
     let mut chunk = ChunkBuilder::new(offset.get(), db);
     let mut in_multi = false;
-    let mut uploads = ChunkQueue::new(repo, opts, lease.clone())?;
+    let mut uploads = ChunkQueue::new(repo, opts, lease.clone(), status.clone())?;
     let mut durable = offset;
     let mut generation_started = Instant::now();
     let mut generation_offset = offset;
@@ -602,10 +681,17 @@ struct ChunkQueue<'a> {
     estimate: std::rc::Rc<std::cell::Cell<Duration>>,
     /// How long the oldest command of the last stored chunk waited to become durable.
     last_lag: std::rc::Rc<std::cell::Cell<Duration>>,
+    /// Where failed writes are counted.
+    status: JobStatus,
 }
 
 impl<'a> ChunkQueue<'a> {
-    fn new(repo: &'a Repository, opts: &StreamOptions, lease: LeaseGuard) -> Result<Self> {
+    fn new(
+        repo: &'a Repository,
+        opts: &StreamOptions,
+        lease: LeaseGuard,
+        status: JobStatus,
+    ) -> Result<Self> {
         if let Some(dir) = &opts.spool {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the spool {}", dir.display()))?;
@@ -622,6 +708,7 @@ impl<'a> ChunkQueue<'a> {
             full_reported: false,
             estimate: Default::default(),
             last_lag: Default::default(),
+            status,
         })
     }
 
@@ -720,12 +807,16 @@ impl<'a> ChunkQueue<'a> {
             let estimate = self.estimate.clone();
             let last_lag = self.last_lag.clone();
             let lease = self.lease.clone();
+            let status = self.status.clone();
             self.uploads.push_back(Box::pin(async move {
                 lease.writable().await?;
-                match repo
+                let put = repo
                     .put(&key, ContentKind::RedisCommands, data, PutMode::CreateNew)
-                    .await
-                {
+                    .await;
+                if put.is_err() {
+                    status.update(|s| s.upload_errors += 1);
+                }
+                match put {
                     Ok(_) => {}
                     // The local store never recreates a vanished repository directory.
                     Err(e @ StorageError::RepositoryMissing { .. }) => {
