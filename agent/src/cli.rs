@@ -319,8 +319,8 @@ enum Command {
     /// (docs/verify-json.md).
     Verify(crate::verify::VerifyArgs),
     /// The sidecar: run every job a configuration file describes (PostgreSQL and Redis
-    /// streams), with /healthz, /readyz and /metrics; packaging/agent.toml is the
-    /// commented example.
+    /// streams, scheduled base backups with retention, Redis retention, scheduled verify),
+    /// with /healthz, /readyz and /metrics; packaging/agent.toml is the commented example.
     Run(crate::run::RunArgs),
 }
 
