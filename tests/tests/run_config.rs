@@ -16,10 +16,13 @@ use std::time::{Duration, Instant};
 use pg_pitr_support::{share_repo_with_server_group, start_restored, Env, RestoreDirs};
 use pg_support::{agent, text, wait_until, AgentProcess};
 use redis_support::{dump, dump_port, RestoredServer};
-use syncbridge_tests::pg::{PgCluster, PgVersion, REPLICATION_PASSWORD, REPLICATION_USER};
+use syncbridge_tests::pg::{
+    PgCluster, PgVersion, REPLICATION_PASSWORD, REPLICATION_USER, SUPERUSER, SUPERUSER_PASSWORD,
+};
 use syncbridge_tests::process::server_temp_dir;
 use syncbridge_tests::prometheus::{http_get, promtool_check_metrics, PrometheusServer};
 use syncbridge_tests::redis::{RedisFlavor, RedisServer};
+use syncbridge_tests::s3::S3Server;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -63,6 +66,9 @@ fn run_streams_postgres_and_valkey_serves_health_and_metrics_and_stops_cleanly()
         stream: None,
     };
     let valkey = RedisServer::start(RedisFlavor::Valkey9);
+    // PostgreSQL's repository on SeaweedFS (S3), Redis's on file://.
+    let s3 = S3Server::start();
+    let pg_repo = s3.repo_url("pg");
     let work = tempfile::tempdir().unwrap();
     let pw = work.path().join("pg-password");
     std::fs::write(&pw, format!("{REPLICATION_PASSWORD}\n")).unwrap();
@@ -100,14 +106,17 @@ ready_max_lag = "30s"
 stop_timeout = "20s"
 log_format = "json"
 "#,
-            pg_repo = env.repo_url(),
             pg_port = env.pg.port(),
             pw = pw.display(),
             redis_port = valkey.port(),
         ),
     );
     let config_s = config.display().to_string();
-    let mut run = AgentProcess::spawn(&["run", "--config", &config_s], work.path().join("run.log"));
+    let mut run = AgentProcess::spawn_env(
+        &["run", "--config", &config_s],
+        work.path().join("run.log"),
+        &s3.env(),
+    );
 
     // Ready once both streams stream.
     let ready = wait_until(Duration::from_secs(90), || {
@@ -189,7 +198,7 @@ log_format = "json"
         Some(1.0)
     );
     assert!(
-        metrics.contains(&format!("repository=\"{}\"", env.repo_url())),
+        metrics.contains(&format!("repository=\"{pg_repo}\"")),
         "{metrics}"
     );
     promtool_check_metrics(&metrics)
@@ -217,6 +226,7 @@ log_format = "json"
     let list = |url: &str| -> serde_json::Value {
         let out = agent()
             .args(["list", "--repo", url, "--output", "json"])
+            .envs(s3.env())
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", text(&out));
@@ -226,7 +236,7 @@ log_format = "json"
         run.log_text().matches("base backup complete").count() >= 3
     });
     assert!(expired, "{}", run.log_text());
-    let backups = list(&env.repo_url())["postgres"]["backups"]
+    let backups = list(&pg_repo)["postgres"]["backups"]
         .as_array()
         .unwrap()
         .len();
@@ -294,16 +304,57 @@ log_format = "json"
     }
     assert!(!log.contains('\u{1b}'), "escape codes in the piped log");
 
-    // PostgreSQL: restore to the latest point has every committed row.
+    // PostgreSQL: restore to the latest point (from S3: the agent starts the server, whose
+    // restore_command takes the store's credentials from its environment) has every row.
     let dirs = RestoreDirs::new();
-    let out = env.restore(&dirs.data(), &[]);
+    let port = free_port();
+    let opts = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1",
+        dirs.parent.path().display()
+    );
+    let bin = env.pg.bin_dir().display().to_string();
+    let data = dirs.data().display().to_string();
+    let mut args = vec![
+        "restore",
+        "--repo",
+        &pg_repo,
+        "--target",
+        &data,
+        "--jobs",
+        "3",
+        "--start",
+        &bin,
+        "--start-options",
+        &opts,
+    ];
+    let owner = syncbridge_tests::process::server_user()
+        .map(|(u, g)| format!("{}:{}", u.as_raw(), g.as_raw()));
+    if let Some(o) = &owner {
+        args.extend(["--owner", o.as_str()]);
+    }
+    let out = agent().args(&args).envs(s3.env()).output().unwrap();
+    let got = syncbridge_tests::pg::block_on(async {
+        let conn = format!(
+            "host=127.0.0.1 port={port} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres"
+        );
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(connection);
+        let row = client
+            .query_one("SELECT count(*) FROM marker", &[])
+            .await
+            .ok()?;
+        Some(row.get::<_, i64>(0) as u64)
+    });
+    let mut stop = std::process::Command::new(env.pg.bin_dir().join("pg_ctl"));
+    stop.arg("-D")
+        .arg(dirs.data())
+        .args(["-m", "immediate", "stop"]);
+    syncbridge_tests::process::run_as_server_user(&mut stop);
+    let _ = stop.output();
     assert!(out.status.success(), "{}", text(&out));
-    let restored = start_restored(version, &dirs.data());
-    let got: u64 = restored
-        .query_one_blocking("SELECT count(*) FROM marker")
-        .parse()
-        .unwrap();
-    assert_eq!(got, rows, "rows after restore");
+    assert_eq!(got, Some(rows), "rows after restore:\n{}", text(&out));
 
     // Valkey: the latest point has every key.
     let target = work.path().join("redis-restore");
