@@ -788,9 +788,36 @@ fn verify_proves_generations_and_names_a_missing_chunk() {
     );
     agent.wait_for_log("snapshot stored", Duration::from_secs(60));
     let mut c = server.connect();
+    // Each phase in its own chunk: wait until the agent stored it (on a loaded machine the
+    // agent may otherwise read several phases at once and cut one chunk for them).
+    let chunk_count = || {
+        std::fs::read_dir(tmp.path().join("repo/redis/gen"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|g| std::fs::read_dir(g.path().join("chunks")).ok())
+            .map(|d| d.count())
+            .sum::<usize>()
+    };
     for phase in 0..4 {
+        let before = chunk_count();
         workload(&mut c, phase);
-        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            {
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                loop {
+                    if chunk_count() > before {
+                        break true;
+                    }
+                    if std::time::Instant::now() > deadline {
+                        break false;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            },
+            "phase {phase} was never stored:\n{}",
+            agent.log_text()
+        );
     }
     assert!(agent.terminate(), "{}", agent.log_text());
     let out = run_agent(&["redis", "verify", "--repo", &repo], &[]);
