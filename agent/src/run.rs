@@ -71,16 +71,7 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
 
     if let Some(pg) = &config.postgres {
         let repo_args = config.repo_args(pg.repository.as_deref())?;
-        let mut source = crate::pg::cli::SourceArgs {
-            source: pg.source.clone(),
-        }
-        .conninfo()?;
-        if let Some(f) = &pg.password_file {
-            source.password = Some(crate::util::secret_file::read_secret_file(
-                f,
-                "PostgreSQL password",
-            )?);
-        }
+        let source = pg_source(pg)?;
         let repo = repo_args.open_with(storage::RepoOptions {
             compression_level: Some(pg.compression_level),
             ..repo_args.options()?
@@ -96,16 +87,12 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             max_inflight: pg.max_inflight,
             on_standby: pg.on_standby,
         };
-        let (status, state) = JobStatus::new();
-        watched.push(Watched {
-            kind: JobKind::PostgresStream,
-            repository: repo_args.display_url(),
-            state,
-        });
-        let ctl = Control {
-            token: root.child_token(),
-            status,
-        };
+        let ctl = watch(
+            &mut watched,
+            &root,
+            JobKind::PostgresStream,
+            repo_args.display_url(),
+        );
         jobs.push((
             "postgres stream",
             Box::pin(crate::pg::stream::run(opts, ctl)),
@@ -118,16 +105,7 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
         .and_then(|pg| Some((pg, pg.backup_every.clone()?)))
     {
         let repo_args = config.repo_args(pg.repository.as_deref())?;
-        let mut source = crate::pg::cli::SourceArgs {
-            source: pg.source.clone(),
-        }
-        .conninfo()?;
-        if let Some(f) = &pg.password_file {
-            source.password = Some(crate::util::secret_file::read_secret_file(
-                f,
-                "PostgreSQL password",
-            )?);
-        }
+        let source = pg_source(pg)?;
         // Opened for each run: a repository opened before its marker existed would keep
         // an empty binding and refuse every object as foreign.
         let open = move || {
@@ -147,16 +125,7 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             pin: false,
         };
         let policy = pg.retention.map(policy_of);
-        let (status, state) = JobStatus::new();
-        watched.push(Watched {
-            kind: JobKind::PostgresBackup,
-            repository: display,
-            state,
-        });
-        let ctl = Control {
-            token: root.child_token(),
-            status,
-        };
+        let ctl = watch(&mut watched, &root, JobKind::PostgresBackup, display);
         jobs.push((
             "postgres backup",
             Box::pin(async move {
@@ -199,16 +168,12 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             on_replica: r.on_replica,
             ..Default::default()
         };
-        let (status, state) = JobStatus::new();
-        watched.push(Watched {
-            kind: JobKind::RedisStream,
-            repository: repo_args.display_url(),
-            state,
-        });
-        let ctl = Control {
-            token: root.child_token(),
-            status,
-        };
+        let ctl = watch(
+            &mut watched,
+            &root,
+            JobKind::RedisStream,
+            repo_args.display_url(),
+        );
         jobs.push((
             "redis stream",
             Box::pin(async move { crate::redis::stream::run(&repo, &source, &opts, ctl).await }),
@@ -226,16 +191,12 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             r.snapshot_every
         };
         let schedule = crate::config::Schedule::Every(every);
-        let (status, state) = JobStatus::new();
-        watched.push(Watched {
-            kind: JobKind::RedisExpire,
-            repository: repo_args.display_url(),
-            state,
-        });
-        let ctl = Control {
-            token: root.child_token(),
-            status,
-        };
+        let ctl = watch(
+            &mut watched,
+            &root,
+            JobKind::RedisExpire,
+            repo_args.display_url(),
+        );
         jobs.push((
             "redis expire",
             Box::pin(async move {
@@ -279,16 +240,12 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             repo_args.options()?;
             let schedule = v.every.clone();
             let max_age = v.max_age;
-            let (status, state) = JobStatus::new();
-            watched.push(Watched {
-                kind: JobKind::Verify,
-                repository: repo_args.display_url(),
-                state,
-            });
-            let ctl = Control {
-                token: root.child_token(),
-                status,
-            };
+            let ctl = watch(
+                &mut watched,
+                &root,
+                JobKind::Verify,
+                repo_args.display_url(),
+            );
             jobs.push((
                 "verify",
                 Box::pin(async move {
@@ -370,5 +327,40 @@ fn policy_of(r: RetentionConfig) -> Policy {
     Policy {
         keep_full: r.keep_full.map(|n| n as usize),
         keep_within: r.keep_within,
+    }
+}
+
+/// The PostgreSQL source of `[postgres]`, with the password from `password_file`.
+fn pg_source(pg: &crate::config::PostgresConfig) -> Result<crate::pg::conninfo::ConnInfo> {
+    let mut source = crate::pg::cli::SourceArgs {
+        source: pg.source.clone(),
+    }
+    .conninfo()?;
+    if let Some(f) = &pg.password_file {
+        source.password = Some(crate::util::secret_file::read_secret_file(
+            f,
+            "PostgreSQL password",
+        )?);
+    }
+    Ok(source)
+}
+
+/// A new job's control, its state watched by the HTTP endpoint under `kind` and
+/// `repository`; cancelled with `root`.
+fn watch(
+    watched: &mut Vec<Watched>,
+    root: &tokio_util::sync::CancellationToken,
+    kind: JobKind,
+    repository: String,
+) -> Control {
+    let (status, state) = JobStatus::new();
+    watched.push(Watched {
+        kind,
+        repository,
+        state,
+    });
+    Control {
+        token: root.child_token(),
+        status,
     }
 }

@@ -247,4 +247,41 @@ fn redis_expire_keep_full_two_keeps_the_newest_two_generations() {
         target.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
+
+    // A hostile bucket writer swaps the two kept generations' manifests: every reader of
+    // the catalog refuses, naming the swapped object, and nothing is restored.
+    let manifest = |g: &str| {
+        dir.path()
+            .join(format!("repo/redis/gen/{g}/generation.json"))
+    };
+    let (a, b) = (manifest(&gens[3]), manifest(&gens[4]));
+    let a_bytes = std::fs::read(&a).unwrap();
+    std::fs::copy(&b, &a).unwrap();
+    std::fs::write(&b, a_bytes).unwrap();
+    let swapped = format!("redis/gen/{}/generation.json", gens[3]);
+    let target = dir.path().join("restored-after-swap");
+    for args in [
+        vec!["list", "--repo", &url],
+        vec![
+            "restore",
+            "--repo",
+            &url,
+            "--target",
+            target.to_str().unwrap(),
+        ],
+        vec!["expire", "--repo", &url, "--keep-full", "1", "--dry-run"],
+    ] {
+        let out = run(&args);
+        assert!(
+            !out.status.success(),
+            "{args:?} accepted a swapped manifest: {}",
+            text(&out)
+        );
+        assert!(text(&out).contains(&swapped), "{args:?}: {}", text(&out));
+    }
+    assert_eq!(
+        files_under(&target),
+        0,
+        "a restore wrote files from a swapped manifest"
+    );
 }

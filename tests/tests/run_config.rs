@@ -290,6 +290,9 @@ log_format = "json"
         .query_one_blocking("SELECT count(*) FROM marker")
         .parse()
         .unwrap();
+    // Redis replication is asynchronous: a write is the agent's once WAIT counts its ack
+    // (what WAIT means for any replica); the agent acks only what it has stored.
+    assert_eq!(conn.cmd(&["WAIT", "1", "10000"]).unwrap().as_int(), Some(1));
     let source_keys = dump(&valkey);
     let stopping = Instant::now();
     let status = run.terminate();
