@@ -235,6 +235,8 @@ pub struct Lease {
     record: Arc<Mutex<LeaseRecord>>,
     store: Repository,
     task: tokio::task::JoinHandle<()>,
+    /// Asks the renewal task to stop after its renewal in flight, if any (see `release`).
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     lost_tx: Arc<watch::Sender<bool>>,
 }
 
@@ -489,17 +491,20 @@ impl Lease {
             state,
             lost_rx,
         };
+        let (stop, stop_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(renew_loop(
             store.clone(),
             guard.clone(),
             record.clone(),
             lost_tx.clone(),
+            stop_rx,
         ));
         Lease {
             guard,
             record,
             store,
             task,
+            stop: Some(stop),
             lost_tx,
         }
     }
@@ -530,8 +535,20 @@ impl Lease {
     }
 
     /// Gives the lease up (clean shutdown): a waiting writer takes over at once.
-    pub async fn release(self) -> Result<(), LeaseError> {
-        self.task.abort();
+    ///
+    /// The renewal task is stopped first and waited for: a renewal still in flight would
+    /// otherwise land after the released record and hide it, and the waiter would wait a
+    /// whole lease. A renewal that does not finish within a lease is abandoned.
+    pub async fn release(mut self) -> Result<(), LeaseError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if tokio::time::timeout(self.guard.opts.duration, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
         if self.check().is_err() {
             return Ok(());
         }
@@ -578,11 +595,16 @@ async fn renew_loop(
     guard: LeaseGuard,
     record: Arc<Mutex<LeaseRecord>>,
     lost_tx: Arc<watch::Sender<bool>>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let (scope, opts) = (guard.scope, guard.opts);
     let mut delay = opts.renew_every;
     loop {
-        tokio::time::sleep(delay).await;
+        // Stop is only heard between renewals, so `release` never races one in flight.
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut stop => return,
+        }
         let started = Instant::now();
         let generation = lock(&guard.state).generation;
         let unconfirmed = guard.check().is_err();

@@ -19,7 +19,6 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tempfile::TempDir;
 
 use crate::paths::{dep_dir, require_executable, RUN_MAKE_DEPS};
 use crate::process::{
@@ -205,7 +204,7 @@ pub struct PgCluster {
     start_timeout: Duration,
     process: Option<ServerProcess>,
     // Declared last: dropped after `process`, so the server is gone before its files.
-    dir: TempDir,
+    dir: crate::process::ServerTempDir,
 }
 
 impl PgCluster {

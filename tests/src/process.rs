@@ -139,13 +139,47 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) {
 ///
 /// Created under the system temp dir (`/tmp`, world-traversable) so the unprivileged user can
 /// reach it.
-pub fn server_temp_dir(prefix: &str) -> tempfile::TempDir {
+pub fn server_temp_dir(prefix: &str) -> ServerTempDir {
     let dir = tempfile::Builder::new()
         .prefix(prefix)
         .tempdir()
         .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
     chown_to_server_user(dir.path());
-    dir
+    ServerTempDir(dir)
+}
+
+/// A [`tempfile::TempDir`] whose removal retries: a server that is still exiting (a
+/// postmaster after a FATAL, its last log lines) can create a file while the tree is being
+/// removed, `rmdir` then fails with "not empty", and `TempDir` ignores that. Every such
+/// leak kept a restored cluster (100+ MB) in `/tmp` for good, and a long-lived CI disk
+/// filled up with them.
+#[derive(Debug)]
+pub struct ServerTempDir(tempfile::TempDir);
+
+impl std::ops::Deref for ServerTempDir {
+    type Target = tempfile::TempDir;
+
+    fn deref(&self) -> &tempfile::TempDir {
+        &self.0
+    }
+}
+
+impl Drop for ServerTempDir {
+    fn drop(&mut self) {
+        let path = self.0.path();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::fs::remove_dir_all(path) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(e) if Instant::now() >= deadline => {
+                    eprintln!("warning: could not remove {}: {e}", path.display());
+                    return;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
 }
 
 /// Every live descendant of `pid` (children, grandchildren, ...), found through `/proc`.

@@ -13,7 +13,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tempfile::TempDir;
 
 use crate::paths;
 use crate::process::{free_port, log_tail, server_temp_dir, wait_ready, ServerProcess};
@@ -116,7 +115,7 @@ pub struct RedisServer {
     port: u16,
     process: Option<ServerProcess>,
     // Declared last: removed after the process is gone.
-    dir: TempDir,
+    dir: crate::process::ServerTempDir,
 }
 
 impl RedisServer {

@@ -40,7 +40,7 @@ pub struct S3Server {
     /// [`start_with_https`](Self::start_with_https).
     https: Option<(u16, TestCerts)>,
     // Declared last: removed after the process is gone.
-    dir: TempDir,
+    dir: crate::process::ServerTempDir,
 }
 
 impl S3Server {
@@ -345,8 +345,12 @@ fn try_start(
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             // Small volumes: the tests write little, and a fresh server should not reserve GBs.
-            "-master.volumeSizeLimitMB=256",
+            "-master.volumeSizeLimitMB=64",
             "-volume.max=0",
+            // The default keeps 1% of the disk free, and refuses every write below that: on a
+            // large shared CI disk that is gigabytes, and a nearly full disk failed every S3
+            // test with "no volume server capacity". The tests need megabytes.
+            "-volume.minFreeSpace=64MiB",
         ])
         .arg(format!("-s3.port={s3}"))
         .arg(format!("-s3.port.grpc={s3_grpc}"))

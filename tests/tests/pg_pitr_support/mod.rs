@@ -30,7 +30,7 @@ pub fn share_repo_with_server_group(repo: &Path) {
 /// A source cluster with the stream running into a `file://` repository.
 pub struct Env {
     pub pg: PgCluster,
-    pub dir: tempfile::TempDir,
+    pub dir: syncbridge_tests::process::ServerTempDir,
     pub stream: Option<AgentProcess>,
 }
 
@@ -200,7 +200,7 @@ pub fn archived_end(url: &str) -> u64 {
 /// A place for a restored data directory (absent; its parent is reachable by the server
 /// user) and one for a relocated tablespace.
 pub struct RestoreDirs {
-    pub parent: tempfile::TempDir,
+    pub parent: syncbridge_tests::process::ServerTempDir,
 }
 
 impl RestoreDirs {
