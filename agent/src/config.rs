@@ -61,6 +61,7 @@ pub const KEYS: &[&str] = &[
     "http.ready_max_lag",
     "agent.stop_timeout",
     "agent.log_format",
+    "agent.memory_budget_mib",
 ];
 
 /// The whole file.
@@ -221,6 +222,10 @@ pub struct AgentConfig {
     pub stop_timeout: Duration,
     /// `text` or `json` (the command line's `--log-format` wins).
     pub log_format: Option<String>,
+    /// MiB of received data the streams may hold in memory together (see
+    /// [`crate::run::MemoryShares`]); what does not fit waits on the server's side.
+    #[serde(default = "memory_budget")]
+    pub memory_budget_mib: u64,
 }
 
 impl Default for AgentConfig {
@@ -228,6 +233,7 @@ impl Default for AgentConfig {
         AgentConfig {
             stop_timeout: twenty_seconds(),
             log_format: None,
+            memory_budget_mib: memory_budget(),
         }
     }
 }
@@ -306,6 +312,9 @@ fn one_level() -> i32 {
 }
 fn spool_limit() -> u64 {
     1024
+}
+fn memory_budget() -> u64 {
+    64
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -416,6 +425,12 @@ impl Config {
     fn check(&self) -> Result<()> {
         if self.postgres.is_none() && self.redis.is_none() {
             bail!("the configuration has neither [postgres] nor [redis]: nothing to run");
+        }
+        if self.agent.memory_budget_mib < 16 {
+            bail!(
+                "agent.memory_budget_mib = {} is too small: a stream needs at least 16 MiB (one WAL segment)",
+                self.agent.memory_budget_mib
+            );
         }
         if let Some(pg) = &self.postgres {
             self.repository_url(pg.repository.as_deref())
@@ -555,7 +570,7 @@ mod tests {
             let value = match *key {
                 k if k.ends_with("keep_full")
                     || k.ends_with("max_inflight")
-                    || k.ends_with("spool_limit_mib") =>
+                    || k.ends_with("_mib") =>
                 {
                     "3"
                 }

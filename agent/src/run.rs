@@ -68,6 +68,12 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
     crate::job::cancel_on_signals(root.clone());
     let mut watched = Vec::new();
     let mut jobs: Vec<(&'static str, LocalBoxFuture<'_, Result<()>>)> = Vec::new();
+    let shares = MemoryShares::split(
+        config.agent.memory_budget_mib << 20,
+        config.postgres.is_some(),
+        config.redis.is_some(),
+    );
+    tracing::debug!(?shares, "memory budget");
 
     if let Some(pg) = &config.postgres {
         let repo_args = config.repo_args(pg.repository.as_deref())?;
@@ -84,7 +90,7 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             status_interval: pg.status_interval,
             synchronous: pg.synchronous,
             application_name: pg.application_name.clone(),
-            max_inflight: pg.max_inflight,
+            max_inflight: pg.max_inflight.min(shares.pg_max_inflight()),
             on_standby: pg.on_standby,
         };
         let ctl = watch(
@@ -166,6 +172,8 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             spool: r.spool.clone(),
             spool_limit: r.spool_limit_mib << 20,
             on_replica: r.on_replica,
+            max_chunk_bytes: shares.redis_chunk_bytes(),
+            uploads_in_flight: shares.redis_uploads_in_flight(),
             ..Default::default()
         };
         let ctl = watch(
@@ -362,5 +370,94 @@ fn watch(
     Control {
         token: root.child_token(),
         status,
+    }
+}
+
+/// One memory budget for the streams of a `run` (`agent.memory_budget_mib`), split evenly
+/// between the streams configured. The sub-commands keep their defaults, sized for one
+/// stream per process and for throughput; a sidecar shares its pod's memory limit.
+///
+/// What a stream holds is what it received and has not stored: the PostgreSQL stream, the
+/// segment being received plus one per upload in flight (segments are 16 MiB); the Redis
+/// stream, the chunk being filled plus one per upload in flight. What does not fit waits
+/// on the server's side (WAL in `pg_wal` under the slot, commands in the master's output
+/// buffer for its replica, or in the Redis spool when one is set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryShares {
+    pg: Option<u64>,
+    redis: Option<u64>,
+}
+
+const SEGMENT_BYTES: u64 = 16 << 20;
+
+impl MemoryShares {
+    /// Splits `budget` bytes between the streams that run.
+    pub fn split(budget: u64, pg: bool, redis: bool) -> MemoryShares {
+        let streams = u64::from(pg) + u64::from(redis);
+        let share = budget / streams.max(1);
+        MemoryShares {
+            pg: pg.then_some(share),
+            redis: redis.then_some(share),
+        }
+    }
+
+    /// Segment uploads in flight: what the share holds beside the segment being received
+    /// (at least one, or nothing would ever be stored).
+    pub fn pg_max_inflight(&self) -> usize {
+        let share = self.pg.unwrap_or(0);
+        usize::try_from((share / SEGMENT_BYTES).saturating_sub(1))
+            .unwrap_or(usize::MAX)
+            .max(1)
+    }
+
+    /// Chunk size: a quarter of the share, between 1 and 16 MiB (the stream's default).
+    pub fn redis_chunk_bytes(&self) -> usize {
+        let share = self.redis.unwrap_or(0);
+        usize::try_from((share / 4).clamp(1 << 20, 16 << 20)).unwrap_or(16 << 20)
+    }
+
+    /// Chunk uploads in flight: what the share holds beside the chunk being filled, at
+    /// most 4 (the stream's default).
+    pub fn redis_uploads_in_flight(&self) -> usize {
+        let share = self.redis.unwrap_or(0) as usize;
+        (share / self.redis_chunk_bytes())
+            .saturating_sub(1)
+            .clamp(1, 4)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_default_budget_splits_between_both_streams() {
+        let s = MemoryShares::split(64 * MIB, true, true);
+        // 32 MiB each: the segment received and one upload; a 8 MiB chunk and 3 uploads.
+        assert_eq!(s.pg_max_inflight(), 1);
+        assert_eq!(s.redis_chunk_bytes(), 8 << 20);
+        assert_eq!(s.redis_uploads_in_flight(), 3);
+    }
+
+    #[test]
+    fn one_stream_takes_the_whole_budget() {
+        let s = MemoryShares::split(64 * MIB, true, false);
+        assert_eq!(s.pg_max_inflight(), 3);
+        let s = MemoryShares::split(64 * MIB, false, true);
+        assert_eq!(s.redis_chunk_bytes(), 16 << 20);
+        assert_eq!(s.redis_uploads_in_flight(), 3);
+    }
+
+    #[test]
+    fn a_small_budget_still_stores() {
+        let s = MemoryShares::split(16 * MIB, true, true);
+        assert_eq!(s.pg_max_inflight(), 1);
+        assert_eq!(s.redis_chunk_bytes(), 2 << 20);
+        assert_eq!(s.redis_uploads_in_flight(), 3);
+        let s = MemoryShares::split(1024 * MIB, true, true);
+        assert_eq!(s.redis_uploads_in_flight(), 4);
+        assert_eq!(s.redis_chunk_bytes(), 16 << 20);
     }
 }

@@ -955,3 +955,56 @@ fn failover_continue_with_a_new_replid_is_adopted_without_a_new_snapshot() {
     let restored = restore_and_start(&repo, &tmp.path().join("r"), None, RedisFlavor::Redis7, &[]);
     assert_eq!(dump_port(restored.port, None), dump(&replica));
 }
+
+/// SIGTERM right after a pipelined burst, without WAIT: every write the master had
+/// acknowledged to its client is in the restore. The master propagates a write to its
+/// replicas in the same event-loop turn as it answers the client, so those bytes are in
+/// the agent's socket (or on their way) when the signal lands; the stop drains them.
+#[test]
+fn sigterm_right_after_a_burst_stores_every_acknowledged_write() {
+    let server = RedisServer::start(RedisFlavor::Valkey9);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let mut agent = StreamingAgent::start(
+        &server.url(),
+        &repo,
+        "1s",
+        &[],
+        tmp.path().join("agent.log"),
+    );
+    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    let mut c = server.connect();
+    let value = "v".repeat(512);
+    const N: usize = 20_000;
+    for i in 0..N {
+        c.send(&["SET", &format!("burst:{i}"), &value]).unwrap();
+    }
+    c.send(&["INCR", "burst:last"]).unwrap();
+    for _ in 0..=N {
+        let r = c.read_reply().unwrap();
+        assert!(!matches!(r, RespValue::Error(_)), "{r}");
+    }
+    // Every write is acknowledged: stop now, no WAIT.
+    assert!(agent.terminate(), "{}", agent.log_text());
+    assert!(
+        agent
+            .log_text()
+            .contains("stopping: storing what the master has already sent"),
+        "{}",
+        agent.log_text()
+    );
+    let restored = restore_and_start(
+        &repo,
+        &tmp.path().join("r"),
+        None,
+        RedisFlavor::Valkey9,
+        &[],
+    );
+    let got = dump_port(restored.port, None);
+    assert_eq!(
+        got.get("0/burst:last").map(String::as_str),
+        Some("string \"1\""),
+        "the last acknowledged write is missing"
+    );
+    assert_eq!(got, dump(&server));
+}

@@ -37,6 +37,11 @@ use super::snapshot;
 use super::source::RedisSource;
 use crate::job::{self, Control, JobError, JobStatus, Outcome, Phase};
 
+/// After a stop request, the stream ends once the master has sent nothing for this long.
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
+/// ... or after this long in any case (a master under constant load is never quiet).
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
 /// Knobs of `redis stream`.
 #[derive(Debug, Clone)]
 pub struct StreamOptions {
@@ -494,6 +499,10 @@ async fn stream_connected(
     tokio::pin!(stop);
     let lost = lease.lost();
     tokio::pin!(lost);
+    // Set once stop is asked: reading goes on until the master has been quiet for
+    // DRAIN_QUIET (or DRAIN_LIMIT passed), so writes it already acknowledged to its
+    // clients, and sent or was sending to us, are stored rather than left in the socket.
+    let mut draining: Option<Instant> = None;
     let outcome: Result<()> = loop {
         // Uploads complete in order; the durable offset follows them.
         while uploads.is_full() {
@@ -508,7 +517,11 @@ async fn stream_connected(
             }
         }
         if let Some(every) = opts.snapshot_every {
-            if next_gen.is_none() && switch_to.is_none() && generation_started.elapsed() >= every {
+            if draining.is_none()
+                && next_gen.is_none()
+                && switch_to.is_none()
+                && generation_started.elapsed() >= every
+            {
                 if offset > generation_offset {
                     tracing::info!(previous = %generation, "taking a new snapshot generation (--snapshot-every)");
                     next_gen = Some(Box::pin(take_generation(repo, source, lease)));
@@ -523,12 +536,20 @@ async fn stream_connected(
             .max_lag
             .saturating_sub(uploads.upload_estimate())
             .max(opts.max_lag / 4);
-        let wait = budget
-            .saturating_sub(chunk.opened.elapsed())
-            .max(Duration::from_millis(1));
+        let wait = match draining {
+            Some(_) => DRAIN_QUIET,
+            None => budget
+                .saturating_sub(chunk.opened.elapsed())
+                .max(Duration::from_millis(1)),
+        };
         let next = tokio::select! {
             biased;
-            () = &mut stop => break Ok(()),
+            () = &mut stop, if draining.is_none() => {
+                tracing::info!("stopping: storing what the master has already sent");
+                status.update(|s| s.phase = Phase::Stopping);
+                draining = Some(Instant::now());
+                continue;
+            }
             // Another writer may own the chain now: stop writing (uploads refuse too).
             () = &mut lost => break Err(match lease.check() {
                 Err(e) => e.into(),
@@ -562,6 +583,7 @@ async fn stream_connected(
             Ok(c) => c,
             Err(e) => break Err(e),
         };
+        let quiet = cmd.is_none();
         if let Some(cmd) = cmd {
             let now_ms = index_now_ms();
             offset = offset.advance(cmd.wire_len());
@@ -616,6 +638,12 @@ async fn stream_connected(
                 acker = Acker::start(&link, received.clone());
                 generation_started = Instant::now();
                 generation_offset = offset;
+            }
+        }
+        if let Some(since) = draining {
+            // A transaction is stored whole: keep reading to its EXEC (within the limit).
+            if (quiet && !in_multi) || since.elapsed() >= DRAIN_LIMIT {
+                break Ok(());
             }
         }
     };
