@@ -568,12 +568,8 @@ mod tests {
         }
         for key in KEYS {
             let value = match *key {
-                k if k.ends_with("keep_full")
-                    || k.ends_with("max_inflight")
-                    || k.ends_with("_mib") =>
-                {
-                    "3"
-                }
+                k if k.ends_with("keep_full") || k.ends_with("max_inflight") => "3",
+                k if k.ends_with("_mib") => "32",
                 k if k.ends_with("compression_level") => "1",
                 k if k.ends_with("on_standby") => "stream",
                 k if k.ends_with("on_replica") => "follow",
