@@ -174,7 +174,6 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             on_replica: r.on_replica,
             max_chunk_bytes: shares.redis_chunk_bytes(),
             uploads_in_flight: shares.redis_uploads_in_flight(),
-            ..Default::default()
         };
         let ctl = watch(
             &mut watched,
