@@ -46,6 +46,59 @@ pub fn encode(header: &ChunkHeader, body: &[u8]) -> Result<Bytes> {
     Ok(out.freeze())
 }
 
+/// A chunk's bytes as they arrive, with room kept in front for the header: the object is
+/// then the same buffer (no copy of up to `max_chunk_bytes` per chunk, which was the
+/// largest transient allocation of a busy stream).
+#[derive(Debug, Default)]
+pub struct ChunkBody {
+    buf: BytesMut,
+}
+
+/// Room for the header; a larger header (a time index of tens of thousands of
+/// milliseconds) falls back to one copy.
+const HEADROOM: usize = 64 << 10;
+
+impl ChunkBody {
+    /// Bytes of the replication stream held.
+    pub fn len(&self) -> usize {
+        self.buf.len().saturating_sub(HEADROOM)
+    }
+
+    /// Nothing held yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends stream bytes; the first call reserves `expected` bytes at once (pages are
+    /// only touched as they are written), so the buffer is not regrown by doubling.
+    pub fn extend(&mut self, bytes: &[u8], expected: usize) {
+        if self.buf.is_empty() {
+            self.buf.reserve(HEADROOM + expected.max(bytes.len()));
+            self.buf.put_bytes(0, HEADROOM);
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The chunk object: header then body.
+    pub fn into_object(self, header: &ChunkHeader) -> Result<Bytes> {
+        let json = serde_json::to_vec(header).context("encoding a chunk header")?;
+        let prefix = MAGIC.len() + json.len() + 1;
+        let mut buf = self.buf;
+        if buf.is_empty() {
+            return encode(header, &[]);
+        }
+        if prefix > HEADROOM {
+            return encode(header, &buf[HEADROOM..]);
+        }
+        let at = HEADROOM - prefix;
+        buf[at..at + MAGIC.len()].copy_from_slice(MAGIC);
+        buf[at + MAGIC.len()..HEADROOM - 1].copy_from_slice(&json);
+        buf[HEADROOM - 1] = b'\n';
+        let _ = buf.split_to(at);
+        Ok(buf.freeze())
+    }
+}
+
 /// Parses a chunk and checks its length against its offsets.
 pub fn decode(key: &str, data: Bytes) -> Result<(ChunkHeader, Bytes)> {
     let Some(rest) = data.strip_prefix(MAGIC) else {
@@ -73,6 +126,42 @@ pub fn decode(key: &str, data: Bytes) -> Result<(ChunkHeader, Bytes)> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_chunk_built_in_place_is_the_encoded_chunk() {
+        let mut h = ChunkHeader {
+            replid: "a".repeat(40),
+            start: 10,
+            end: 10,
+            db_at_start: 0,
+            db_at_end: 3,
+            commands: 0,
+            time_index: vec![],
+        };
+        let mut body = ChunkBody::default();
+        assert!(body.is_empty());
+        let mut raw = Vec::new();
+        for i in 0..100u64 {
+            let cmd = format!("*1\r\n$4\r\nPING{i}\r\n");
+            body.extend(cmd.as_bytes(), 1 << 20);
+            raw.extend_from_slice(cmd.as_bytes());
+            h.commands += 1;
+            h.time_index.push((10 + raw.len() as u64, i as i64));
+        }
+        h.end = 10 + raw.len() as u64;
+        assert_eq!(body.len(), raw.len());
+        let expected = encode(&h, &raw).unwrap();
+        assert_eq!(body.into_object(&h).unwrap(), expected);
+        // A header larger than the room kept for it: one copy, same object.
+        let mut body = ChunkBody::default();
+        body.extend(&raw, 0);
+        h.time_index = (0..10_000).map(|i| (i, i as i64)).collect();
+        assert_eq!(body.into_object(&h).unwrap(), encode(&h, &raw).unwrap());
+        assert_eq!(
+            ChunkBody::default().into_object(&h).unwrap(),
+            encode(&h, &[]).unwrap()
+        );
+    }
 
     #[test]
     fn round_trip_and_length_check() {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use storage::{
@@ -315,7 +315,7 @@ pub async fn resume_point(repo: &Repository) -> Result<Option<ResumePoint>> {
 struct ChunkBuilder {
     start: u64,
     db_at_start: u32,
-    body: BytesMut,
+    body: chunk::ChunkBody,
     commands: u64,
     index: Vec<(u64, i64)>,
     opened: Instant,
@@ -356,7 +356,7 @@ impl ChunkBuilder {
         Self {
             start,
             db_at_start: db,
-            body: BytesMut::new(),
+            body: chunk::ChunkBody::default(),
             commands: 0,
             index: Vec::new(),
             opened: Instant::now(),
@@ -599,7 +599,10 @@ async fn stream_connected(
                 }
                 CommandKind::Ping | CommandKind::Replconf | CommandKind::Other => {}
             }
-            chunk.body.extend_from_slice(&cmd.raw);
+            // Room for a full chunk at once, plus a command that crosses the size.
+            chunk
+                .body
+                .extend(&cmd.raw, opts.max_chunk_bytes + (1 << 20));
             chunk.commands += 1;
             chunk.first_ms.get_or_insert(now_ms);
             if !in_multi {
@@ -792,7 +795,7 @@ impl<'a> ChunkQueue<'a> {
             commands: chunk.commands,
             time_index: chunk.index,
         };
-        let data = chunk::encode(&header, &chunk.body)?;
+        let data = chunk.body.into_object(&header)?;
         let key = layout::redis_chunk(generation, header.start, end);
         let data = match &self.spool {
             Some(dir) if self.uploads.len() >= self.in_flight || !self.waiting.is_empty() => {
