@@ -20,15 +20,18 @@
 //!   ([`io_class`]) is [`ErrorClass::Unreachable`]; `redis::link` the same for its socket,
 //!   and a connection that did not finish within its timeout is unreachable.
 //! - Typed errors convert with their class (`?`): a repository that is gone
-//!   ([`StorageError::RepositoryMissing`], also under a [`LeaseError`]) is fatal, any other
-//!   repository error transient.
+//!   ([`StorageError::RepositoryMissing`], also under a [`LeaseError`]; the streams'
+//!   `RepositoryGone`) is fatal, any other repository error transient; `pg::archive::Fatal`
+//!   (different content already stored, a foreign cluster, an invalidated slot) is fatal.
+//!   A source that is a standby (`SourceIsStandby`) or a replica (`SourceIsReplica`) with
+//!   the policy to wait is [`ErrorClass::WaitingForServer`], decided where it is found.
 //! - Every other failure site says what it means ([`JobError::fatal`],
 //!   [`JobError::waiting`], [`Classify`]); an error left unclassified (`?` on
 //!   `anyhow::Error`) is [`ErrorClass::Transient`]. [`JobContext`] adds context without
 //!   losing the class.
 //!
 //! What the jobs add on top:
-//! - PostgreSQL stream: until replication has started once, a [`ErrorClass::Transient`]
+//! - PostgreSQL stream: until replication has started once, an [`ErrorClass::Transient`]
 //!   error is fatal (a wrong password, no slot privilege, a TLS problem: the operator's to
 //!   fix); only [`ErrorClass::Unreachable`] and [`ErrorClass::WaitingForServer`] are waited
 //!   out (the agent may start before PostgreSQL).
