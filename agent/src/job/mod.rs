@@ -21,7 +21,8 @@
 //!   and a connection that did not finish within its timeout is unreachable.
 //! - Typed errors convert with their class (`?`): a repository that is gone
 //!   ([`StorageError::RepositoryMissing`], also under a [`LeaseError`]; the streams'
-//!   `RepositoryGone`) is fatal, any other repository error transient; `pg::archive::Fatal`
+//!   `RepositoryGone`) is fatal, one the store calls retryable (it did not answer) is
+//!   unreachable, any other repository error transient; `pg::archive::Fatal`
 //!   (different content already stored, a foreign cluster, an invalidated slot) is fatal.
 //!   A source that is a standby (`SourceIsStandby`) or a replica (`SourceIsReplica`) with
 //!   the policy to wait is [`ErrorClass::WaitingForServer`], decided where it is found.
@@ -181,10 +182,10 @@ pub enum ErrorClass {
     Fatal,
     /// A blip (connection lost, store unwell): retry with backoff.
     Transient,
-    /// The server did not answer (connection refused, reset, timed out): retry with
-    /// backoff, like [`ErrorClass::Transient`], but the job is not writing and lets go of
-    /// its lease (a failover may be under way), and it is retried even before the job
-    /// first started (the agent may start before its server).
+    /// The server (or the repository's store) did not answer (connection refused, reset,
+    /// timed out): retry with backoff, like [`ErrorClass::Transient`], but the job is not
+    /// writing and lets go of its lease (a failover may be under way), and it is retried
+    /// even before the job first started (the agent may start before its server).
     Unreachable,
     /// The server is not usable yet (a standby, starting up, its slot in use elsewhere):
     /// wait and try again, reporting not ready.
@@ -281,12 +282,14 @@ impl From<anyhow::Error> for JobError {
 }
 
 /// A repository that is gone (deleted, unmounted) is fatal: reconnecting cannot bring it
-/// back. Any other repository error is transient (the store layer already retried what it
-/// could).
+/// back. A store that did not answer (the store says retryable: an object store down or
+/// restarting) is unreachable, so a job waits for it even before its first start; any
+/// other repository error is transient.
 impl From<StorageError> for JobError {
     fn from(e: StorageError) -> JobError {
         match e {
             StorageError::RepositoryMissing { .. } => JobError::fatal(e),
+            e if e.is_retryable() => JobError::unreachable(e),
             e => JobError::transient(e),
         }
     }
@@ -301,6 +304,9 @@ impl From<LeaseError> for JobError {
                 source: StorageError::RepositoryMissing { .. },
                 ..
             } => JobError::fatal(e),
+            LeaseError::Storage { ref source, .. } if source.is_retryable() => {
+                JobError::unreachable(e)
+            }
             e => JobError::transient(e),
         }
     }
@@ -696,6 +702,14 @@ mod tests {
         assert_eq!(JobError::from(lost).class, ErrorClass::Transient);
         let absent = StorageError::NotFound { key: "k".into() };
         assert_eq!(JobError::from(absent).class, ErrorClass::Transient);
+        let down = StorageError::Backend {
+            key: "k".into(),
+            op: "put",
+            retryable: true,
+            attempts: 3,
+            source: "connection refused".into(),
+        };
+        assert_eq!(JobError::from(down).class, ErrorClass::Unreachable);
         assert_eq!(
             JobError::from(anyhow::anyhow!("anything")).class,
             ErrorClass::Transient
