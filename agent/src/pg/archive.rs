@@ -62,17 +62,20 @@ impl WriteError {
         self.storage().is_some_and(StorageError::is_retryable)
     }
 
-    /// The stream's error, explaining a write that failed because the repository
-    /// directory vanished (the local store never recreates it), like [`ensure_marker`]
-    /// does for a missing marker: fatal.
+    /// The stream's error, classified like the store's error it holds, and explaining a
+    /// write that failed because the repository directory vanished (the local store never
+    /// recreates it), like [`ensure_marker`] does for a missing marker: fatal.
     pub fn explain(self, repo: &Repository) -> JobError {
         let missing = matches!(self.storage(), Some(StorageError::RepositoryMissing { .. }));
+        let retryable = self.is_retryable();
         match self {
             WriteError::Fatal(f) => JobError::fatal(f),
             e if missing => JobError::fatal(
                 anyhow::Error::new(e).context(gone_message(repo, "its directory no longer exists")),
             ),
             WriteError::Lease(l) => l.into(),
+            // The store did not answer (as `JobError::from(StorageError)` says).
+            e if retryable => JobError::unreachable(e),
             e => JobError::transient(e),
         }
     }
