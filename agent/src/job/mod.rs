@@ -1,19 +1,51 @@
 //! One shape for long-running work. A job (the PostgreSQL stream, the Redis stream, and the
 //! scheduled backup, expire and verify to come) is a function of validated options (never a
 //! clap type), a [`CancellationToken`] and a [`JobStatus`] it publishes its state on. Each
-//! attempt returns an [`Outcome`] or a [`JobError`] whose [`ErrorClass`] the job decided
-//! where it understood the error; [`supervise`] restarts attempts with backoff, so the
-//! sub-commands (`postgres stream`, `redis stream`) and a supervisor of several jobs behave
-//! the same. Signals are not a job's business: [`cancel_on_signals`] turns SIGINT/SIGTERM
-//! into a cancellation (a second signal exits at once).
+//! attempt returns an [`Outcome`] or a [`JobError`]; [`supervise`] restarts attempts with
+//! backoff, so the sub-commands (`postgres stream`, `redis stream`) and a supervisor of
+//! several jobs behave the same. Signals are not a job's business: [`cancel_on_signals`]
+//! turns SIGINT/SIGTERM into a cancellation (a second signal exits at once).
 //!
 //! The model is the usual supervisor tree (Erlang/OTP, Neon's background tasks): a job
 //! knows what its errors mean, the supervisor only knows how long to wait.
+//!
+//! # Error classes
+//!
+//! An error gets its [`ErrorClass`] where it arises, never by searching an error chain
+//! afterwards: the code that meets it knows what it means.
+//! - The connections classify their own failures ([`JobError`] is their error type):
+//!   `pg::conn` by SQLSTATE ([`PgServerError::class`](crate::pg::conn::PgServerError::class):
+//!   57P01..57P03 and 55006 wait, 28P01, 28000, 42501 and 55000 are fatal), no usable server
+//!   of a multi-host source waits, and an I/O error of a kind that means "nobody answers"
+//!   ([`io_class`]) is [`ErrorClass::Unreachable`]; `redis::link` the same for its socket,
+//!   and a connection that did not finish within its timeout is unreachable.
+//! - Typed errors convert with their class (`?`): a repository that is gone
+//!   ([`StorageError::RepositoryMissing`], also under a [`LeaseError`]; the streams'
+//!   `RepositoryGone`) is fatal, one the store calls retryable (it did not answer) is
+//!   unreachable, any other repository error transient; `pg::archive::Fatal`
+//!   (different content already stored, a foreign cluster, an invalidated slot) is fatal.
+//!   A source that is a standby (`SourceIsStandby`) or a replica (`SourceIsReplica`) with
+//!   the policy to wait is [`ErrorClass::WaitingForServer`], decided where it is found.
+//! - Every other failure site says what it means ([`JobError::fatal`],
+//!   [`JobError::waiting`], [`Classify`]); an error left unclassified (`?` on
+//!   `anyhow::Error`) is [`ErrorClass::Transient`]. [`JobContext`] adds context without
+//!   losing the class.
+//!
+//! What the jobs add on top:
+//! - PostgreSQL stream: until replication has started once, an [`ErrorClass::Transient`]
+//!   error is fatal (a wrong password, no slot privilege, a TLS problem: the operator's to
+//!   fix); only [`ErrorClass::Unreachable`] and [`ErrorClass::WaitingForServer`] are waited
+//!   out (the agent may start before PostgreSQL).
+//! - Redis stream: a first connection that times out is fatal (a wrong host or port, not a
+//!   blip); later ones are unreachable.
+//! - Both: on an error that [lets go](JobError::lets_go) (unreachable, waiting) the stream
+//!   releases its lease, so a sidecar beside a usable server can take over.
 
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use storage::{LeaseError, StorageError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -150,45 +182,197 @@ pub enum ErrorClass {
     Fatal,
     /// A blip (connection lost, store unwell): retry with backoff.
     Transient,
+    /// The server (or the repository's store) did not answer (connection refused, reset,
+    /// timed out): retry with backoff, like [`ErrorClass::Transient`], but the job is not
+    /// writing and lets go of its lease (a failover may be under way), and it is retried
+    /// even before the job first started (the agent may start before its server).
+    Unreachable,
     /// The server is not usable yet (a standby, starting up, its slot in use elsewhere):
     /// wait and try again, reporting not ready.
     WaitingForServer,
 }
 
-/// An attempt's error with its class.
-#[derive(Debug, thiserror::Error)]
-#[error("{error:#}")]
+/// An error with its class, decided where it arose (see the module doc). The connections
+/// (`pg::conn`, `redis::link`) return it, so their callers keep the class with `?`.
+///
+/// It displays like the `anyhow::Error` it holds (`{:#}` the whole chain) and its
+/// `source` is that error's source, so wrapping it in `anyhow` changes no message.
+#[derive(Debug)]
 pub struct JobError {
     /// What it means.
     pub class: ErrorClass,
     /// The error.
-    #[source]
     pub error: anyhow::Error,
 }
 
-impl JobError {
-    /// A fatal error.
-    pub fn fatal(error: anyhow::Error) -> JobError {
-        JobError {
-            class: ErrorClass::Fatal,
-            error,
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if f.alternate() {
+            write!(f, "{:#}", self.error)
+        } else {
+            write!(f, "{}", self.error)
         }
+    }
+}
+
+impl std::error::Error for JobError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl JobError {
+    /// An error of `class`.
+    pub fn new(class: ErrorClass, error: impl Into<anyhow::Error>) -> JobError {
+        JobError {
+            class,
+            error: error.into(),
+        }
+    }
+
+    /// A fatal error.
+    pub fn fatal(error: impl Into<anyhow::Error>) -> JobError {
+        JobError::new(ErrorClass::Fatal, error)
     }
 
     /// A transient error.
-    pub fn transient(error: anyhow::Error) -> JobError {
-        JobError {
-            class: ErrorClass::Transient,
-            error,
-        }
+    pub fn transient(error: impl Into<anyhow::Error>) -> JobError {
+        JobError::new(ErrorClass::Transient, error)
+    }
+
+    /// The server did not answer.
+    pub fn unreachable(error: impl Into<anyhow::Error>) -> JobError {
+        JobError::new(ErrorClass::Unreachable, error)
     }
 
     /// The server is not usable yet.
-    pub fn waiting(error: anyhow::Error) -> JobError {
+    pub fn waiting(error: impl Into<anyhow::Error>) -> JobError {
+        JobError::new(ErrorClass::WaitingForServer, error)
+    }
+
+    /// Adds context to the message, keeping the class.
+    pub fn context(self, context: impl std::fmt::Display + Send + Sync + 'static) -> JobError {
         JobError {
-            class: ErrorClass::WaitingForServer,
-            error,
+            class: self.class,
+            error: self.error.context(context),
         }
+    }
+
+    /// The same error with another class.
+    pub fn reclassify(self, class: ErrorClass) -> JobError {
+        JobError { class, ..self }
+    }
+
+    /// The job is not writing, and maybe not for long (its server is unreachable or not
+    /// usable yet): it lets go of what it holds (its lease), so a job beside a usable
+    /// server can take over.
+    pub fn lets_go(&self) -> bool {
+        matches!(
+            self.class,
+            ErrorClass::Unreachable | ErrorClass::WaitingForServer
+        )
+    }
+}
+
+/// An error nobody classified: a blip, retried.
+impl From<anyhow::Error> for JobError {
+    fn from(error: anyhow::Error) -> JobError {
+        JobError::transient(error)
+    }
+}
+
+/// A repository that is gone (deleted, unmounted) is fatal: reconnecting cannot bring it
+/// back. A store that did not answer (the store says retryable: an object store down or
+/// restarting) is unreachable, so a job waits for it even before its first start; any
+/// other repository error is transient.
+impl From<StorageError> for JobError {
+    fn from(e: StorageError) -> JobError {
+        match e {
+            StorageError::RepositoryMissing { .. } => JobError::fatal(e),
+            e if e.is_retryable() => JobError::unreachable(e),
+            e => JobError::transient(e),
+        }
+    }
+}
+
+/// As [`StorageError`] for a lease whose store failed; a lost lease is transient (the job
+/// waits for it again).
+impl From<LeaseError> for JobError {
+    fn from(e: LeaseError) -> JobError {
+        match e {
+            LeaseError::Storage {
+                source: StorageError::RepositoryMissing { .. },
+                ..
+            } => JobError::fatal(e),
+            LeaseError::Storage { ref source, .. } if source.is_retryable() => {
+                JobError::unreachable(e)
+            }
+            e => JobError::transient(e),
+        }
+    }
+}
+
+/// The class of an I/O error on a connection to a server: the kinds that mean "nobody
+/// answers, or the connection dropped" are [`ErrorClass::Unreachable`], the rest
+/// [`ErrorClass::Transient`].
+pub fn io_class(e: &std::io::Error) -> ErrorClass {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | TimedOut
+        | AddrNotAvailable | UnexpectedEof => ErrorClass::Unreachable,
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// Classifies a failure where it happens: `TimelineId::new(t).transient()?`.
+pub trait Classify<T> {
+    /// With `class`.
+    fn class(self, class: ErrorClass) -> Result<T, JobError>;
+
+    /// A blip.
+    fn transient(self) -> Result<T, JobError>
+    where
+        Self: Sized,
+    {
+        self.class(ErrorClass::Transient)
+    }
+}
+
+impl<T, E: Into<anyhow::Error>> Classify<T> for Result<T, E> {
+    fn class(self, class: ErrorClass) -> Result<T, JobError> {
+        self.map_err(|e| JobError::new(class, e))
+    }
+}
+
+/// Adds context to a classified error, keeping its class (`anyhow::Context` would turn
+/// it into an unclassified `anyhow::Error`).
+pub trait JobContext<T> {
+    /// Adds `context`.
+    fn job_context<C: std::fmt::Display + Send + Sync + 'static>(
+        self,
+        context: C,
+    ) -> Result<T, JobError>;
+
+    /// Adds the context `f` makes, only on error.
+    fn with_job_context<C: std::fmt::Display + Send + Sync + 'static>(
+        self,
+        f: impl FnOnce() -> C,
+    ) -> Result<T, JobError>;
+}
+
+impl<T, E: Into<JobError>> JobContext<T> for Result<T, E> {
+    fn job_context<C: std::fmt::Display + Send + Sync + 'static>(
+        self,
+        context: C,
+    ) -> Result<T, JobError> {
+        self.map_err(|e| e.into().context(context))
+    }
+
+    fn with_job_context<C: std::fmt::Display + Send + Sync + 'static>(
+        self,
+        f: impl FnOnce() -> C,
+    ) -> Result<T, JobError> {
+        self.map_err(|e| e.into().context(f()))
     }
 }
 
@@ -429,14 +613,15 @@ mod tests {
         let r = supervise("t", &token, &status, fast(), async |n| match n {
             1 => Err(JobError::transient(anyhow::anyhow!("blip"))),
             2 => Err(JobError::waiting(anyhow::anyhow!("standby"))),
-            3 => Ok(Outcome::Again),
+            3 => Err(JobError::unreachable(anyhow::anyhow!("connection refused"))),
+            4 => Ok(Outcome::Again),
             _ => Err(JobError::fatal(anyhow::anyhow!("wrong password"))),
         })
         .await;
         assert_eq!(r.unwrap_err().to_string(), "wrong password");
         let s = rx.borrow().clone();
         assert_eq!(s.phase, Phase::Failed);
-        assert_eq!(s.retries, 2);
+        assert_eq!(s.retries, 3);
         assert_eq!(s.last_error.as_deref(), Some("wrong password"));
     }
 
@@ -474,5 +659,69 @@ mod tests {
         let s = rx.borrow().clone();
         assert_eq!(s.phase, Phase::Stopped);
         assert_eq!(s.waiting_for.as_deref(), Some("slot in use"));
+    }
+
+    #[test]
+    fn a_classified_error_reads_like_the_error_it_holds() {
+        let inner = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+            .context("connecting to db:5432");
+        let plain = format!("{inner:#}");
+        let e = JobError::unreachable(inner);
+        assert_eq!(format!("{e:#}"), plain);
+        assert_eq!(e.to_string(), "connecting to db:5432");
+        // Wrapped in anyhow (a caller's `?`) and given more context: the same chain.
+        let wrapped = anyhow::Error::new(e).context("postgres check");
+        assert_eq!(format!("{wrapped:#}"), format!("postgres check: {plain}"));
+        assert_eq!(wrapped.chain().count(), 3);
+        // Context added to a classified error keeps its class.
+        let e = Err::<(), _>(JobError::waiting(anyhow::anyhow!("standby")))
+            .job_context("starting")
+            .unwrap_err();
+        assert_eq!(e.class, ErrorClass::WaitingForServer);
+        assert!(e.lets_go());
+        assert_eq!(format!("{e:#}"), "starting: standby");
+    }
+
+    #[test]
+    fn repository_errors_are_classified_by_their_type() {
+        let missing = || StorageError::RepositoryMissing {
+            key: "k".into(),
+            location: "/gone".into(),
+        };
+        assert_eq!(JobError::from(missing()).class, ErrorClass::Fatal);
+        let lease = LeaseError::Storage {
+            key: "lease".into(),
+            source: missing(),
+        };
+        assert_eq!(JobError::from(lease).class, ErrorClass::Fatal);
+        let lost = LeaseError::Lost {
+            scope: "redis stream".into(),
+            key: "lease".into(),
+            reason: "taken".into(),
+        };
+        assert_eq!(JobError::from(lost).class, ErrorClass::Transient);
+        let absent = StorageError::NotFound { key: "k".into() };
+        assert_eq!(JobError::from(absent).class, ErrorClass::Transient);
+        let down = StorageError::Backend {
+            key: "k".into(),
+            op: "put",
+            retryable: true,
+            attempts: 3,
+            source: "connection refused".into(),
+        };
+        assert_eq!(JobError::from(down).class, ErrorClass::Unreachable);
+        assert_eq!(
+            JobError::from(anyhow::anyhow!("anything")).class,
+            ErrorClass::Transient
+        );
+        let io = |k| std::io::Error::from(k);
+        assert_eq!(
+            io_class(&io(std::io::ErrorKind::ConnectionReset)),
+            ErrorClass::Unreachable
+        );
+        assert_eq!(
+            io_class(&io(std::io::ErrorKind::InvalidData)),
+            ErrorClass::Transient
+        );
     }
 }

@@ -5,25 +5,95 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use storage::layout;
+use storage::LeaseError;
 use storage::{ContentKind, PutMode, RepoKey, Repository, StorageError};
 
 use wire::pg::{SegmentName, TimelineId};
+
+use crate::job::JobError;
 
 /// An error that reconnecting cannot fix: the stream must stop and a human must look.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Fatal(pub String);
 
+impl From<Fatal> for JobError {
+    fn from(e: Fatal) -> JobError {
+        JobError::fatal(e)
+    }
+}
+
+/// Why writing WAL into the repository failed, typed so the stream can tell a store to
+/// wait for ([`WriteError::is_retryable`]) from one to stop for, without searching a chain.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Different content already stored, or the repository gone: stop.
+    #[error(transparent)]
+    Fatal(#[from] Fatal),
+    /// The store failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The store failed while doing `what`.
+    #[error("{what}")]
+    Store {
+        /// What was being done.
+        what: String,
+        /// The store's error.
+        #[source]
+        source: StorageError,
+    },
+    /// The lease does not allow writing (lost, or not renewed in time).
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+}
+
+impl WriteError {
+    /// The store's own error, if it is one.
+    fn storage(&self) -> Option<&StorageError> {
+        match self {
+            WriteError::Storage(e) | WriteError::Store { source: e, .. } => Some(e),
+            WriteError::Lease(LeaseError::Storage { source, .. }) => Some(source),
+            _ => None,
+        }
+    }
+
+    /// Whether writing again may succeed (the store says its failure was transient).
+    pub fn is_retryable(&self) -> bool {
+        self.storage().is_some_and(StorageError::is_retryable)
+    }
+
+    /// The stream's error, classified like the store's error it holds, and explaining a
+    /// write that failed because the repository directory vanished (the local store never
+    /// recreates it), like [`ensure_marker`] does for a missing marker: fatal.
+    pub fn explain(self, repo: &Repository) -> JobError {
+        let missing = matches!(self.storage(), Some(StorageError::RepositoryMissing { .. }));
+        let retryable = self.is_retryable();
+        match self {
+            WriteError::Fatal(f) => JobError::fatal(f),
+            e if missing => JobError::fatal(
+                anyhow::Error::new(e).context(gone_message(repo, "its directory no longer exists")),
+            ),
+            WriteError::Lease(l) => l.into(),
+            // The store did not answer (as `JobError::from(StorageError)` says).
+            e if retryable => JobError::unreachable(e),
+            e => JobError::transient(e),
+        }
+    }
+}
+
 /// Checks that the repository marker is still there, before the server is told that WAL
 /// is safe in the repository: a repository deleted or replaced under the stream (its
 /// marker gone) stops the stream with an error, so the slot keeps the WAL.
-pub async fn ensure_marker(repo: &Repository) -> Result<()> {
+pub async fn ensure_marker(repo: &Repository) -> Result<(), WriteError> {
     let gone = |why: String| Fatal(gone_message(repo, &why));
     match repo.exists(&layout::marker()).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(gone(format!("its marker {} is missing", layout::marker())).into()),
         Err(e @ StorageError::RepositoryMissing { .. }) => Err(gone(e.to_string()).into()),
-        Err(e) => Err(e).context("checking the repository marker"),
+        Err(e) => Err(WriteError::Store {
+            what: "checking the repository marker".into(),
+            source: e,
+        }),
     }
 }
 
@@ -33,23 +103,6 @@ fn gone_message(repo: &Repository, why: &str) -> String {
          stopping without confirming more WAL, so the replication slot keeps everything since the last confirmed position",
         repo.url()
     )
-}
-
-/// Explains a write that failed because the repository directory vanished (the local
-/// store never recreates it), like [`ensure_marker`] does for a missing marker.
-pub fn explain_missing_repository(repo: &Repository, e: anyhow::Error) -> anyhow::Error {
-    let missing = e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<StorageError>(),
-            Some(StorageError::RepositoryMissing { .. })
-        )
-    });
-    if missing {
-        let why = "its directory no longer exists";
-        e.context(gone_message(repo, why))
-    } else {
-        e
-    }
 }
 
 /// The repository key of a segment.
@@ -98,7 +151,7 @@ pub async fn put_immutable(
     key: &RepoKey,
     kind: ContentKind,
     chunks: &[Bytes],
-) -> Result<()> {
+) -> Result<(), WriteError> {
     match put_chunks(repo, key, kind, chunks, PutMode::CreateNew).await {
         Ok(()) => Ok(()),
         Err(StorageError::AlreadyExists { .. }) => {
@@ -110,10 +163,10 @@ pub async fn put_immutable(
                 len += c.len() as u64;
             }
             let ours: [u8; 32] = hasher.finalize().into();
-            let theirs = repo
-                .info(key)
-                .await
-                .with_context(|| format!("reading the existing {key}"))?;
+            let theirs = repo.info(key).await.map_err(|e| WriteError::Store {
+                what: format!("reading the existing {key}"),
+                source: e,
+            })?;
             if theirs.matches_content(&ours, len) {
                 tracing::debug!(%key, "already in the repository with identical content");
                 return Ok(());
@@ -128,7 +181,10 @@ pub async fn put_immutable(
             ))
             .into())
         }
-        Err(e) => Err(anyhow::Error::new(e).context(format!("storing {key}"))),
+        Err(e) => Err(WriteError::Store {
+            what: format!("storing {key}"),
+            source: e,
+        }),
     }
 }
 
@@ -196,7 +252,7 @@ mod tests {
         let err = put_immutable(&repo, &key, kind, &chunks(b"diverged wal"))
             .await
             .unwrap_err();
-        assert!(err.downcast_ref::<Fatal>().is_some(), "{err:#}");
+        assert!(matches!(err, WriteError::Fatal(_)), "{err:#}");
         let text = err.to_string();
         assert!(
             text.contains("DIFFERENT") && text.contains(key.as_str()),

@@ -11,7 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context};
 use bytes::{BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{
@@ -27,8 +27,26 @@ use super::conninfo::{
     ChannelBinding as ChannelBindingPolicy, ConnInfo, Host, SslMode, TargetSessionAttrs,
 };
 use super::tls;
+use crate::job::{io_class, ErrorClass, JobError};
 use wire::pg::frame::{next_frame, DEFAULT_MAX_FRAME_BODY};
 use wire::pg::ResultCollector;
+
+/// Every failure carries its class, decided here where it is understood (see `crate::job`):
+/// a server error by its SQLSTATE, an I/O error by its kind.
+type Result<T, E = JobError> = std::result::Result<T, E>;
+
+/// `anyhow::bail!` for this module's error type (an unclassified, transient error).
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err(JobError::from(anyhow!($($arg)*)))
+    };
+}
+
+/// An I/O error on the connection, with what was being done: "nobody answers" kinds are
+/// unreachable ([`io_class`]).
+fn io_error(e: std::io::Error, what: String) -> JobError {
+    JobError::new(io_class(&e), anyhow::Error::new(e).context(what))
+}
 
 /// Anything we can speak the protocol over.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -93,6 +111,18 @@ impl PgServerError {
             }
         }
         e
+    }
+
+    /// What the error means for a job that retries: the server is starting up or shutting
+    /// down (57P01..57P03) or the slot is in use by another process (55006): wait; a wrong
+    /// password, a login pg_hba.conf refuses, a missing privilege, or a server that cannot
+    /// stream (wal_level, 55000): fatal; anything else transient.
+    pub fn class(&self) -> ErrorClass {
+        match self.code.as_str() {
+            c if c.starts_with("57P") || c == "55006" => ErrorClass::WaitingForServer,
+            "28P01" | "28000" | "42501" | "55000" => ErrorClass::Fatal,
+            _ => ErrorClass::Transient,
+        }
     }
 
     /// What an operator should do about it, for the errors a backup agent meets most.
@@ -226,7 +256,7 @@ impl PgConnection {
         // Keep the last connection error's type (retry vs fatal decisions depend on it).
         Err(match last_error {
             Some(e) => e.context(summary),
-            None => NoSuitableServer(summary).into(),
+            None => JobError::waiting(NoSuitableServer(summary)),
         })
     }
 
@@ -287,24 +317,24 @@ impl PgConnection {
                 Box::new(
                     UnixStream::connect(&path)
                         .await
-                        .with_context(|| format!("connecting to {}", path.display()))?,
+                        .map_err(|e| io_error(e, format!("connecting to {}", path.display())))?,
                 )
             }
             Host::Tcp(host) => {
                 let mut tcp = TcpStream::connect((host.as_str(), info.port))
                     .await
-                    .with_context(|| format!("connecting to {endpoint}"))?;
+                    .map_err(|e| io_error(e, format!("connecting to {endpoint}")))?;
                 tcp.set_nodelay(true).ok();
                 match tls::client_config(info)? {
                     None => Box::new(tcp),
                     Some(config) => {
                         let mut req = BytesMut::new();
                         frontend::ssl_request(&mut req);
-                        tcp.write_all(&req)
-                            .await
-                            .with_context(|| format!("sending SSLRequest to {endpoint}"))?;
-                        let answer = tcp.read_u8().await.with_context(|| {
-                            format!("reading SSLRequest answer from {endpoint}")
+                        tcp.write_all(&req).await.map_err(|e| {
+                            io_error(e, format!("sending SSLRequest to {endpoint}"))
+                        })?;
+                        let answer = tcp.read_u8().await.map_err(|e| {
+                            io_error(e, format!("reading SSLRequest answer from {endpoint}"))
                         })?;
                         match answer {
                             b'S' => {
@@ -312,7 +342,7 @@ impl PgConnection {
                                 let tls = connector
                                     .connect(tls::server_name(host)?, tcp)
                                     .await
-                                    .with_context(|| format!("TLS handshake with {endpoint} (sslmode={:?})", info.sslmode))?;
+                                    .map_err(|e| io_error(e, format!("TLS handshake with {endpoint} (sslmode={:?})", info.sslmode)))?;
                                 tls_on = true;
                                 end_point = tls
                                     .get_ref()
@@ -372,10 +402,10 @@ impl PgConnection {
         };
         let require_binding = info.channel_binding == ChannelBindingPolicy::Require;
         let unbound = |what: &str| {
-            anyhow!(
+            JobError::from(anyhow!(
                 "{}: channel_binding=require, but the server {what}: connect over TLS (sslmode=require or stricter) to a role that logs in with scram-sha-256, or relax channel_binding",
                 info.describe()
-            )
+            ))
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -394,7 +424,8 @@ impl PgConnection {
                 }
                 Backend::Other(Message::AuthenticationCleartextPassword) => {
                     let pw = need_password()?;
-                    frontend::password_message(pw.as_bytes(), &mut self.wbuf)?;
+                    frontend::password_message(pw.as_bytes(), &mut self.wbuf)
+                        .map_err(anyhow::Error::new)?;
                     self.flush().await?;
                 }
                 Backend::Other(Message::AuthenticationMd5Password(body)) => {
@@ -404,13 +435,14 @@ impl PgConnection {
                         pw.as_bytes(),
                         body.salt(),
                     );
-                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)
+                        .map_err(anyhow::Error::new)?;
                     self.flush().await?;
                 }
                 Backend::Other(Message::AuthenticationSasl(body)) => {
                     let mut mechanisms = body.mechanisms();
                     let (mut has_scram, mut has_plus) = (false, false);
-                    while let Some(m) = mechanisms.next()? {
+                    while let Some(m) = mechanisms.next().map_err(anyhow::Error::new)? {
                         has_scram |= m == SCRAM_SHA_256;
                         has_plus |= m == SCRAM_SHA_256_PLUS;
                     }
@@ -450,14 +482,16 @@ impl PgConnection {
                     };
                     self.bound = mechanism == SCRAM_SHA_256_PLUS;
                     let s = ScramSha256::new(pw.as_bytes(), cb);
-                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.wbuf)?;
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.wbuf)
+                        .map_err(anyhow::Error::new)?;
                     self.flush().await?;
                     scram = Some(s);
                 }
                 Backend::Other(Message::AuthenticationSaslContinue(body)) => {
                     let s = scram.as_mut().context("SASL continue without SASL start")?;
                     s.update(body.data()).context("SCRAM exchange")?;
-                    frontend::sasl_response(s.message(), &mut self.wbuf)?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf)
+                        .map_err(anyhow::Error::new)?;
                     self.flush().await?;
                 }
                 Backend::Other(Message::AuthenticationSaslFinal(body)) => {
@@ -493,13 +527,18 @@ impl PgConnection {
         }
     }
 
-    fn server_error(&self, e: PgServerError) -> anyhow::Error {
+    /// A server's error, with advice, classified by its SQLSTATE.
+    fn server_error(&self, e: PgServerError) -> JobError {
         let advice = e.advice(&self.user);
+        let class = e.class();
         let err = anyhow::Error::new(e);
-        match advice {
-            Some(a) => err.context(format!("{}: {a}", self.endpoint)),
-            None => err.context(self.endpoint.clone()),
-        }
+        JobError::new(
+            class,
+            match advice {
+                Some(a) => err.context(format!("{}: {a}", self.endpoint)),
+                None => err.context(self.endpoint.clone()),
+            },
+        )
     }
 
     /// A server parameter reported at startup (`server_version`, `server_version_num`, …).
@@ -518,10 +557,10 @@ impl PgConnection {
         let v = self
             .parameter("server_version")
             .context("server did not report server_version")?;
-        v.split(|c: char| !c.is_ascii_digit())
+        Ok(v.split(|c: char| !c.is_ascii_digit())
             .next()
             .and_then(|m| m.parse().ok())
-            .with_context(|| format!("cannot read server_version {v:?}"))
+            .with_context(|| format!("cannot read server_version {v:?}"))?)
     }
 
     /// How the connection is protected, for `postgres check`: TLS or not, and whether the
@@ -549,11 +588,11 @@ impl PgConnection {
         self.writer
             .write_all(&self.wbuf)
             .await
-            .with_context(|| format!("writing to {}", self.endpoint))?;
+            .map_err(|e| io_error(e, format!("writing to {}", self.endpoint)))?;
         self.writer
             .flush()
             .await
-            .with_context(|| format!("writing to {}", self.endpoint))?;
+            .map_err(|e| io_error(e, format!("writing to {}", self.endpoint)))?;
         self.wbuf.clear();
         Ok(())
     }
@@ -596,7 +635,7 @@ impl PgConnection {
                 .reader
                 .read_buf(&mut self.rbuf)
                 .await
-                .with_context(|| format!("reading from {}", self.endpoint))?;
+                .map_err(|e| io_error(e, format!("reading from {}", self.endpoint)))?;
             if n == 0 {
                 // An I/O error underneath, so callers see a dropped connection (a server
                 // shutting down or restarting) as the transient failure it is.
@@ -606,7 +645,7 @@ impl PgConnection {
                 } else {
                     "closed the connection in the middle of a message"
                 };
-                return Err(anyhow::Error::new(eof).context(format!("{} {what}", self.endpoint)));
+                return Err(io_error(eof, format!("{} {what}", self.endpoint)));
             }
         }
     }
@@ -618,7 +657,7 @@ impl PgConnection {
             .first()
             .and_then(|r| r.row(0))
             .context("IDENTIFY_SYSTEM returned no row")?;
-        Ok(wire::pg::commands::IdentifySystem::from_row(&row)?)
+        Ok(wire::pg::commands::IdentifySystem::from_row(&row).map_err(anyhow::Error::new)?)
     }
 
     /// `SHOW wal_segment_size`: never assumed to be 16 MiB.
@@ -628,14 +667,15 @@ impl PgConnection {
             .await?
             .first()
             .context("SHOW wal_segment_size returned nothing")?
-            .single_text()?;
-        Ok(wire::pg::WalSegmentSize::from_setting(&text)?)
+            .single_text()
+            .map_err(anyhow::Error::new)?;
+        Ok(wire::pg::WalSegmentSize::from_setting(&text).map_err(anyhow::Error::new)?)
     }
 
     /// Runs a simple query and returns every result set; a server error becomes an error
     /// with advice for the common cases.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<QueryResult>> {
-        frontend::query(sql, &mut self.wbuf)?;
+        frontend::query(sql, &mut self.wbuf).map_err(anyhow::Error::new)?;
         self.flush().await?;
         self.collect_results().await
     }
@@ -680,7 +720,7 @@ impl PgConnection {
     /// Sends a command that switches to CopyBoth (`START_REPLICATION`); returns once the
     /// server confirmed, or with the server's error (slot in use, WAL removed, …).
     pub async fn start_copy_both(&mut self, sql: &str) -> Result<()> {
-        frontend::query(sql, &mut self.wbuf)?;
+        frontend::query(sql, &mut self.wbuf).map_err(anyhow::Error::new)?;
         self.flush().await?;
         loop {
             match self.recv().await? {
@@ -707,7 +747,7 @@ impl PgConnection {
     /// Sends a command whose result contains CopyOut streams (`BASE_BACKUP`) and returns the
     /// result sets received before the first CopyOut (or all of them if none came).
     pub async fn start_copy_out(&mut self, sql: &str) -> Result<(Vec<QueryResult>, bool)> {
-        frontend::query(sql, &mut self.wbuf)?;
+        frontend::query(sql, &mut self.wbuf).map_err(anyhow::Error::new)?;
         self.flush().await?;
         self.results_until_copy_out().await
     }
@@ -834,6 +874,23 @@ fn reserve_for_next_read(buf: &mut BytesMut, blocks: &mut RecvBlocks) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_errors_are_classified_by_sqlstate() {
+        let e = |code: &str| PgServerError {
+            code: code.into(),
+            ..PgServerError::default()
+        };
+        for code in ["57P01", "57P02", "57P03", "55006"] {
+            assert_eq!(e(code).class(), ErrorClass::WaitingForServer, "{code}");
+        }
+        for code in ["28P01", "28000", "42501", "55000"] {
+            assert_eq!(e(code).class(), ErrorClass::Fatal, "{code}");
+        }
+        for code in ["53300", "58P01", "XX000"] {
+            assert_eq!(e(code).class(), ErrorClass::Transient, "{code}");
+        }
+    }
 
     /// Fills the rest of `buf`'s block with a frame and leaves 5 bytes of the next one.
     fn fill_block(buf: &mut BytesMut) -> Bytes {

@@ -20,13 +20,13 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
 use futures::{Future, StreamExt};
 use storage::{
     ContentKind, Lease, LeaseGuard, LeaseOptions, LeaseScope, PutMode, RepoKey, RepoKind,
-    RepoMarker, Repository, StorageError,
+    RepoMarker, Repository,
 };
 use tokio::sync::oneshot;
 use wire::pg::commands::{
@@ -38,14 +38,16 @@ use wire::pg::{
 };
 
 use super::archive::{
-    delta_key, ensure_marker, explain_missing_repository, history_key, put_chunks, put_immutable,
-    segment_key, Fatal,
+    delta_key, ensure_marker, history_key, put_chunks, put_immutable, segment_key, Fatal,
+    WriteError,
 };
-use super::conn::{ConnectMode, CopyMessage, NoSuitableServer, PgConnection, PgServerError};
+use super::conn::{ConnectMode, CopyMessage, PgConnection};
 use super::conninfo::ConnInfo;
 use super::partial::Resume;
 use crate::catalog::pg::WalInventory;
-use crate::job::{self, Control, JobError, JobStatus, Outcome, Phase};
+use crate::job::{
+    self, Classify, Control, ErrorClass, JobContext, JobError, JobStatus, Outcome, Phase,
+};
 
 /// Validated settings of `postgres stream`.
 #[derive(Debug, Clone)]
@@ -90,7 +92,7 @@ pub struct SourceIsStandby {
 }
 
 // Not `Send`: storage's write futures are not, and everything runs on the stream's task anyway.
-type UploadFuture = Pin<Box<dyn Future<Output = Result<Uploaded>>>>;
+type UploadFuture = Pin<Box<dyn Future<Output = Result<Uploaded, JobError>>>>;
 
 struct Uploaded {
     end: Lsn,
@@ -192,7 +194,9 @@ enum Ended {
 /// published on `status`.
 pub async fn run(opts: StreamOptions, ctl: Control) -> Result<()> {
     // Until replication has started once, errors are the operator's to fix (wrong
-    // password, no slot privilege, …): report them instead of retrying forever.
+    // password, no slot privilege, …): report them instead of retrying forever. Only a
+    // server that does not answer or is not usable yet is waited out (the agent may start
+    // before PostgreSQL).
     let mut started = false;
     let mut lease: Option<Lease> = None;
     let result = job::supervise(
@@ -208,15 +212,18 @@ pub async fn run(opts: StreamOptions, ctl: Control) -> Result<()> {
                 Ok(Outcome::Again)
             }
             Err(e) => {
-                let waiting = is_not_usable_yet(&e) || is_unreachable(&e);
-                if waiting {
+                if e.lets_go() {
                     // Not writing, and maybe not for long: let a stream that can write
                     // (beside the new primary after a failover) take the lease.
                     if let Some(l) = lease.take() {
                         let _ = l.release().await;
                     }
                 }
-                Err(classify(e, started))
+                if !started && e.class == ErrorClass::Transient {
+                    Err(e.reclassify(ErrorClass::Fatal))
+                } else {
+                    Err(e)
+                }
             }
         },
     )
@@ -229,71 +236,16 @@ pub async fn run(opts: StreamOptions, ctl: Control) -> Result<()> {
     result
 }
 
-/// What a failed attempt means. Before the first start only "server not reachable" and "not
-/// usable yet" are worth waiting out (the agent may start before PostgreSQL); a wrong
-/// password or a TLS problem is not.
-fn classify(e: anyhow::Error, started: bool) -> JobError {
-    if is_fatal(&e) {
-        JobError::fatal(e)
-    } else if is_not_usable_yet(&e) {
-        JobError::waiting(e)
-    } else if started || is_unreachable(&e) {
-        JobError::transient(e)
-    } else {
-        JobError::fatal(e)
-    }
-}
-
-/// The server is there but cannot serve this stream now: starting up or shutting down
-/// (57P01..57P03), no host of the list is the primary, or the slot is in use by another
-/// process (55006, "replication slot … is active for PID").
-fn is_not_usable_yet(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<PgServerError>()
-            .is_some_and(|s| s.code.starts_with("57P") || s.code == "55006")
-            || c.downcast_ref::<NoSuitableServer>().is_some()
-            || c.downcast_ref::<SourceIsStandby>().is_some()
-    })
-}
-
-fn is_unreachable(e: &anyhow::Error) -> bool {
-    use std::io::ErrorKind::*;
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-            matches!(
-                io.kind(),
-                ConnectionRefused
-                    | ConnectionReset
-                    | ConnectionAborted
-                    | NotConnected
-                    | TimedOut
-                    | AddrNotAvailable
-                    | UnexpectedEof
-            )
-        })
-    })
-}
-
-fn is_fatal(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<Fatal>().is_some()
-            || c.downcast_ref::<StorageError>()
-                .is_some_and(|s| matches!(s, StorageError::RepositoryMissing { .. }))
-            || c.downcast_ref::<PgServerError>()
-                .is_some_and(|s| matches!(s.code.as_str(), "28P01" | "28000" | "42501" | "55000"))
-    })
-}
-
-async fn query_row(conn: &mut PgConnection, sql: &str) -> Result<Vec<Option<Bytes>>> {
+async fn query_row(conn: &mut PgConnection, sql: &str) -> Result<Vec<Option<Bytes>>, JobError> {
     let results = conn
         .simple_query(sql)
         .await
-        .with_context(|| format!("running {sql}"))?;
-    results
+        .with_job_context(|| format!("running {sql}"))?;
+    Ok(results
         .into_iter()
         .find(|r| !r.columns.is_empty())
         .and_then(|r| r.rows.into_iter().next())
-        .with_context(|| format!("{sql} returned no row"))
+        .with_context(|| format!("{sql} returned no row"))?)
 }
 
 fn refs(row: &[Option<Bytes>]) -> Vec<Option<&[u8]>> {
@@ -314,10 +266,10 @@ async fn read_slot(
     conn: &mut PgConnection,
     opts: &StreamOptions,
     major: u32,
-) -> Result<Option<SlotState>> {
+) -> Result<Option<SlotState>, JobError> {
     if major >= 15 {
         let row = query_row(conn, &format!("READ_REPLICATION_SLOT {}", opts.slot)).await?;
-        let pos = ReplicationSlotPosition::from_row(&refs(&row))?;
+        let pos = ReplicationSlotPosition::from_row(&refs(&row)).transient()?;
         if let Some(p) = &pos {
             if p.slot_type != "physical" {
                 return Err(Fatal(format!(
@@ -339,7 +291,10 @@ async fn read_slot(
 }
 
 /// Asks `server` (the one the replication connection reached) over a plain SQL connection.
-async fn slot_status_sql(server: &ConnInfo, opts: &StreamOptions) -> Result<Option<SlotState>> {
+async fn slot_status_sql(
+    server: &ConnInfo,
+    opts: &StreamOptions,
+) -> Result<Option<SlotState>, JobError> {
     let mut sql = PgConnection::connect(server, ConnectMode::Sql, &opts.application_name).await?;
     let q = format!("SELECT slot_type, restart_lsn::text, wal_status, active_pid::text FROM pg_replication_slots WHERE slot_name = '{}'", opts.slot);
     let results = sql.simple_query(&q).await?;
@@ -359,7 +314,7 @@ async fn slot_status_sql(server: &ConnInfo, opts: &StreamOptions) -> Result<Opti
     if text(0).as_deref() != Some("physical") {
         return Err(Fatal(format!("slot {} is not a physical slot", opts.slot)).into());
     }
-    let lsn = text(1).map(|t| Lsn::parse(&t)).transpose()?;
+    let lsn = text(1).map(|t| Lsn::parse(&t)).transpose().transient()?;
     Ok(Some(SlotState {
         restart_lsn: lsn,
         wal_status: text(2),
@@ -414,8 +369,9 @@ async fn hold_lease(
     server: &ConnInfo,
     size: WalSegmentSize,
     restart: Lsn,
-) -> Result<Held> {
-    let scope = LeaseScope::PostgresStream(storage::layout::TimelineId::new(tli.get())?);
+) -> Result<Held, JobError> {
+    let scope =
+        LeaseScope::PostgresStream(storage::layout::TimelineId::new(tli.get()).transient()?);
     if let Some(l) = lease.as_ref() {
         if l.scope() == scope && !l.is_lost() {
             return Ok(Held::Yes(l.guard()));
@@ -456,7 +412,7 @@ async fn hold_lease(
     };
     tokio::select! {
         l = Lease::acquire(&opts.repo, scope, &purpose, lease_opts) => {
-            let l = l.context("taking the stream's lease in the repository")?;
+            let l = l.job_context("taking the stream's lease in the repository")?;
             let guard = l.guard();
             *lease = Some(l);
             Ok(if moved.get() { Held::SlotMoved } else { Held::Yes(guard) })
@@ -471,13 +427,13 @@ async fn stream_once(
     ctl: &Control,
     started: &mut bool,
     lease: &mut Option<Lease>,
-) -> Result<Ended> {
+) -> Result<Ended, JobError> {
     let mut conn =
         PgConnection::connect(&opts.source, ConnectMode::Physical, &opts.application_name).await?;
     if opts.on_standby == StandbyPolicy::Wait && conn.parameter("in_hot_standby") == Some("on") {
         let server = conn.endpoint().to_string();
         conn.close().await;
-        return Err(SourceIsStandby { server }.into());
+        return Err(JobError::waiting(SourceIsStandby { server }));
     }
     let major = conn.server_major()?;
     let ident = conn.identify_system().await?;
@@ -488,7 +444,7 @@ async fn stream_once(
         .repo
         .init_marker(&marker)
         .await
-        .context("reading the repository marker")?;
+        .job_context("reading the repository marker")?;
     let m = existing.marker();
     if m.kind != RepoKind::Postgres {
         return Err(Fatal(format!(
@@ -517,12 +473,12 @@ async fn stream_once(
     let mut history = TimelineHistory::default();
     let mut history_files = Vec::new();
     for t in 2..=ident.timeline.get() {
-        let tli = TimelineId::new(t)?;
+        let tli = TimelineId::new(t).transient()?;
         match query_row(&mut conn, &format!("TIMELINE_HISTORY {t}")).await {
             Ok(row) => {
-                let file = TimelineHistoryFile::from_row(&refs(&row), tli)?;
+                let file = TimelineHistoryFile::from_row(&refs(&row), tli).transient()?;
                 if tli == ident.timeline {
-                    history = TimelineHistory::parse(&file.content)?;
+                    history = TimelineHistory::parse(&file.content).transient()?;
                 }
                 history_files.push((tli, file.content));
             }
@@ -537,7 +493,7 @@ async fn stream_once(
     let mut slot = read_slot(&mut conn, opts, major).await?;
     if slot.is_none() {
         let row = query_row(&mut conn, &commands::create_physical_slot(&opts.slot)).await?;
-        let created = CreatedSlot::from_row(&refs(&row))?;
+        let created = CreatedSlot::from_row(&refs(&row)).transient()?;
         tracing::info!(slot = %created.slot_name, at = ?created.consistent_point.map(|l| l.to_string()), "created physical replication slot");
         slot = read_slot(&mut conn, opts, major).await?;
     }
@@ -547,10 +503,12 @@ async fn stream_once(
         active_pid,
     } = slot.with_context(|| format!("slot {} vanished right after creation", opts.slot))?;
     if let Some(pid) = active_pid {
-        bail!(
+        // Before the first start an operator's mistake (fatal), later a standby or agent
+        // that has not let go yet (retried).
+        return Err(JobError::transient(anyhow!(
             "the replication slot {} is in use by another connection (walsender PID {pid}): is another agent or standby streaming from it? Stop it or use --slot with another name",
             opts.slot
-        );
+        )));
     }
     if wal_status.as_deref() == Some("lost") {
         return Err(Fatal(format!(
@@ -581,7 +539,8 @@ async fn stream_once(
             ContentKind::TimelineHistory,
             std::slice::from_ref(content),
         )
-        .await?;
+        .await
+        .map_err(|e| e.explain(&opts.repo))?;
     }
 
     // What the repository has, and whether anything is missing before where we start.
@@ -597,8 +556,8 @@ async fn stream_once(
     }
     let gaps = repo_wal.missing_segments(tli);
     if !gaps.is_empty() {
-        let first = SegmentName::new(tli, gaps[0], size)?;
-        let last = SegmentName::new(tli, gaps[gaps.len() - 1], size)?;
+        let first = SegmentName::new(tli, gaps[0], size).transient()?;
+        let last = SegmentName::new(tli, gaps[gaps.len() - 1], size).transient()?;
         tracing::warn!(
             missing = gaps.len(),
             "repository has gaps on timeline {tli}: {first} .. {last}"
@@ -704,7 +663,7 @@ impl<'a> Streamer<'a> {
         }
     }
 
-    async fn run(&mut self, conn: &mut PgConnection) -> Result<Ended> {
+    async fn run(&mut self, conn: &mut PgConnection) -> Result<Ended, JobError> {
         // A delta goes out once its oldest byte has waited half of --max-lag (so WAL waits at
         // most that plus one upload or two, and a stream writes at most two deltas per
         // --max-lag), or at once in synchronous mode.
@@ -736,8 +695,7 @@ impl<'a> Streamer<'a> {
                     }
                 }
                 Some(done) = self.uploads.next(), if !self.uploads.is_empty() => {
-                    let done = done.map_err(|e| explain_missing_repository(&self.opts.repo, e))?;
-                    self.uploaded(done);
+                    self.uploaded(done?);
                     // Report durable progress at once: the slot may advance and synchronous
                     // commits waiting for this WAL are released.
                     self.send_status(conn, false).await?;
@@ -760,7 +718,7 @@ impl<'a> Streamer<'a> {
                     // Another writer is storing this timeline now: stop writing at once
                     // (uploads in flight refuse to write too) and wait for the lease again.
                     self.lease.check()?;
-                    bail!("lost the lease of timeline {}", self.tli);
+                    return Err(anyhow!("lost the lease of timeline {}", self.tli).into());
                 }
                 () = &mut shutdown => {
                     self.ctl.status.update(|s| s.phase = Phase::Stopping);
@@ -832,11 +790,15 @@ impl<'a> Streamer<'a> {
         self.uploads.push_back(upload);
     }
 
-    async fn on_message(&mut self, conn: &mut PgConnection, payload: Bytes) -> Result<()> {
-        match ReplicationMessage::parse(payload)? {
+    async fn on_message(
+        &mut self,
+        conn: &mut PgConnection,
+        payload: Bytes,
+    ) -> Result<(), JobError> {
+        match ReplicationMessage::parse(payload).transient()? {
             ReplicationMessage::XLogData(x) => {
                 self.server_end = self.server_end.max(x.server_end);
-                for slice in self.splitter.push(x.start, x.data)? {
+                for slice in self.splitter.push(x.start, x.data).transient()? {
                     self.append(
                         slice.segno,
                         slice.offset,
@@ -916,13 +878,16 @@ impl<'a> Streamer<'a> {
                 lease.writable().await?;
                 put_immutable(&repo, &key, ContentKind::WalSegment, &chunks).await
             })
-            .await?;
+            .await
+            .map_err(|e| e.explain(&repo))?;
             if let Some(p) = prev {
                 let _ = p.await;
             }
             // A store that stops answering here stalls the stream (retried, warned), like a
             // failed put; only a marker that is really gone stops it.
-            retrying(&storage::layout::marker(), &status, || ensure_marker(&repo)).await?;
+            retrying(&storage::layout::marker(), &status, || ensure_marker(&repo))
+                .await
+                .map_err(|e| e.explain(&repo))?;
             remove_superseded(&repo, cleanup).await;
             let _ = done.send(());
             tracing::debug!(%key, "segment stored");
@@ -1002,23 +967,25 @@ impl<'a> Streamer<'a> {
         self.push_upload(Box::pin(async move {
             retrying(&key, &status, || async {
                 lease.writable().await?;
-                put_chunks(
+                Ok(put_chunks(
                     &repo,
                     &key,
                     ContentKind::WalDelta,
                     &chunks,
                     PutMode::Overwrite,
                 )
-                .await
-                .map_err(anyhow::Error::new)
+                .await?)
             })
-            .await?;
+            .await
+            .map_err(|e| e.explain(&repo))?;
             if let Some(p) = prev {
                 let _ = p.await;
             }
             // A store that stops answering here stalls the stream (retried, warned), like a
             // failed put; only a marker that is really gone stops it.
-            retrying(&storage::layout::marker(), &status, || ensure_marker(&repo)).await?;
+            retrying(&storage::layout::marker(), &status, || ensure_marker(&repo))
+                .await
+                .map_err(|e| e.explain(&repo))?;
             remove_superseded(&repo, cleanup).await;
             let _ = done.send(());
             Ok(Uploaded { end, delta: true })
@@ -1026,7 +993,7 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    async fn send_status(&mut self, conn: &mut PgConnection, reply: bool) -> Result<()> {
+    async fn send_status(&mut self, conn: &mut PgConnection, reply: bool) -> Result<(), JobError> {
         let update = StandbyStatusUpdate {
             write: self.received,
             flush: self.flushed,
@@ -1047,7 +1014,7 @@ impl<'a> Streamer<'a> {
 
     /// Stores everything received (a delta in flight is followed by one more for the bytes
     /// that waited for it) and waits for every upload, then reports the durable position.
-    async fn drain(&mut self, conn: &mut PgConnection) -> Result<()> {
+    async fn drain(&mut self, conn: &mut PgConnection) -> Result<(), JobError> {
         loop {
             self.ship_delta()?;
             let Some(done) = self.uploads.next().await else {
@@ -1058,7 +1025,7 @@ impl<'a> Streamer<'a> {
         self.send_status(conn, false).await
     }
 
-    async fn end_of_timeline(&mut self, conn: &mut PgConnection) -> Result<Ended> {
+    async fn end_of_timeline(&mut self, conn: &mut PgConnection) -> Result<Ended, JobError> {
         self.drain(conn).await?;
         conn.send_copy_done().await?;
         let results = conn.collect_results().await?;
@@ -1067,7 +1034,7 @@ impl<'a> Streamer<'a> {
             .find(|r| r.columns.len() == 2)
             .and_then(|r| r.row(0))
             .context("the server ended streaming without saying where the next timeline starts")?;
-        let end = EndOfTimeline::from_row(&row)?;
+        let end = EndOfTimeline::from_row(&row).transient()?;
         tracing::info!(old = %self.tli, new = %end.next_tli, at = %end.next_tli_startpos, "end of timeline");
         Ok(Ended::TimelineSwitch(end))
     }
@@ -1085,24 +1052,20 @@ async fn remove_superseded(repo: &Repository, keys: Vec<RepoKey>) {
 
 /// Retries an upload on retryable storage errors forever (the stream stalls meanwhile and
 /// the caller warns); other errors end the stream.
-async fn retrying<F, Fut>(key: &RepoKey, status: &JobStatus, mut f: F) -> Result<()>
+async fn retrying<F, Fut>(key: &RepoKey, status: &JobStatus, mut f: F) -> Result<(), WriteError>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<()>>,
+    Fut: Future<Output = Result<(), WriteError>>,
 {
     let mut delay = Duration::from_millis(500);
     let mut last_warn: Option<Instant> = None;
     loop {
         match f().await {
             Ok(()) => return Ok(()),
-            Err(e)
-                if e.chain().any(|c| {
-                    c.downcast_ref::<storage::StorageError>()
-                        .is_some_and(|s| s.is_retryable())
-                }) =>
-            {
+            Err(e) if e.is_retryable() => {
                 status.update(|s| s.upload_errors += 1);
                 if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    let e = anyhow::Error::new(e);
                     tracing::warn!(%key, "repository write failed, retrying: {e:#}");
                     last_warn = Some(Instant::now());
                 }

@@ -12,6 +12,7 @@ use wire::redis::handshake::PsyncReply;
 use wire::redis::rdb::RdbValidator;
 
 use super::link::MasterLink;
+use super::restore::RedisRestoreOptions;
 use super::snapshot;
 use super::source::RedisSource;
 use crate::util::duration::{parse_duration, parse_duration_or_off};
@@ -261,32 +262,22 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
 
 async fn restore(args: RestoreArgs) -> Result<ExitCode> {
     let repo = args.repo.open()?;
-    restore_and_report(
-        &repo,
-        &args.target,
+    let opts = RedisRestoreOptions::new(
+        args.target,
         args.to_time.as_deref(),
         args.format,
-        args.start.as_deref(),
-    )
-    .await
+        args.start,
+    )?;
+    restore_and_report(&repo, &opts).await
 }
 
-/// Restores a Redis repository to `to_time` (RFC 3339 or `@<unix ms>`; latest when absent),
-/// prints what was restored and either how to start a server or, with `start`, starts one.
-/// Shared by `redis restore` and the top-level `restore`.
-pub async fn restore_and_report(
-    repo: &Repository,
-    target: &std::path::Path,
-    to_time: Option<&str>,
-    format: super::restore::RestoreFormat,
-    start: Option<&std::path::Path>,
-) -> Result<ExitCode> {
-    use super::restore::{describe_time, parse_time, start_hint};
-    let to_time = to_time
-        .map(parse_time)
-        .transpose()
-        .context("reading --to-time")?;
-    let done = super::restore::restore(repo, target, to_time, format).await?;
+/// Restores a Redis repository as `opts` say, prints what was restored and either how to
+/// start a server or, with `opts.start`, starts one. Shared by `redis restore` and the
+/// top-level `restore`.
+pub async fn restore_and_report(repo: &Repository, opts: &RedisRestoreOptions) -> Result<ExitCode> {
+    use super::restore::{describe_time, start_hint};
+    let (target, format) = (opts.target.as_path(), opts.format);
+    let done = super::restore::restore(repo, target, opts.to_time, format).await?;
     println!("generation:   {}", done.generation);
     println!(
         "restored to:  {} (replication offset {})",
@@ -302,7 +293,7 @@ pub async fn restore_and_report(
     for f in &done.files {
         println!("wrote:        {}", target.join(f).display());
     }
-    match start {
+    match &opts.start {
         None => println!(
             "start it with: {}",
             start_hint("redis-server", target, format)

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,6 +25,24 @@ use wire::redis::transfer::{RdbTransferDecoder, TransferEvent};
 use wire::redis::ReplicationOffset;
 
 use super::source::RedisSource;
+use crate::job::{io_class, JobError};
+
+/// Every failure carries its class, decided here where it is understood (see `crate::job`):
+/// an I/O error by its kind; the rest (a refusal, a protocol error) is transient.
+type Result<T, E = JobError> = std::result::Result<T, E>;
+
+/// `anyhow::bail!` for this module's error type (an unclassified, transient error).
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err(JobError::from(anyhow!($($arg)*)))
+    };
+}
+
+/// An I/O error on the connection, with what was being done: "nobody answers" kinds are
+/// unreachable ([`io_class`]).
+fn io_error(e: std::io::Error, what: String) -> JobError {
+    JobError::new(io_class(&e), anyhow::Error::new(e).context(what))
+}
 
 /// The Valkey version the agent announces: the newest whose RDB format (VALKEY080) the
 /// validator knows, so a newer master still sends something the agent can check.
@@ -46,6 +64,28 @@ pub struct ConnectTimedOut {
     pub endpoint: String,
     /// The limit that passed.
     pub after: Duration,
+}
+
+/// Why connecting to a master failed: it did not answer in time (which a caller may take
+/// for a wrong address on a first attempt), or anything else, classified.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// No answer within [`CONNECT_TIMEOUT`].
+    #[error(transparent)]
+    TimedOut(#[from] ConnectTimedOut),
+    /// Refused, reset, a failed login or handshake.
+    #[error(transparent)]
+    Failed(#[from] JobError),
+}
+
+/// A connection that timed out is unreachable (a failover, a restart).
+impl From<ConnectError> for JobError {
+    fn from(e: ConnectError) -> JobError {
+        match e {
+            ConnectError::TimedOut(t) => JobError::unreachable(t),
+            ConnectError::Failed(e) => e,
+        }
+    }
 }
 
 /// Silence after which the master is considered gone. Masters PING replicas every
@@ -75,7 +115,7 @@ impl AckSender {
         let mut w = self.writer.lock().await;
         w.write_all(&buf)
             .await
-            .context("sending REPLCONF ACK to the master")?;
+            .map_err(|e| io_error(e, "sending REPLCONF ACK to the master".into()))?;
         Ok(())
     }
 }
@@ -93,10 +133,10 @@ pub struct MasterLink {
 impl MasterLink {
     /// Connects and runs the handshake up to (not including) `PSYNC`, all within
     /// [`CONNECT_TIMEOUT`].
-    pub async fn connect(source: &RedisSource) -> Result<MasterLink> {
+    pub async fn connect(source: &RedisSource) -> Result<MasterLink, ConnectError> {
         let endpoint = source.endpoint();
         match tokio::time::timeout(CONNECT_TIMEOUT, MasterLink::connect_inner(source)).await {
-            Ok(r) => r,
+            Ok(r) => Ok(r?),
             Err(_) => Err(ConnectTimedOut {
                 endpoint,
                 after: CONNECT_TIMEOUT,
@@ -113,7 +153,7 @@ impl MasterLink {
         )
         .await
         .map_err(|_| anyhow!("connecting to Redis at {endpoint}: timed out"))?
-        .with_context(|| format!("connecting to Redis at {endpoint}"))?;
+        .map_err(|e| io_error(e, format!("connecting to Redis at {endpoint}")))?;
         stream.set_nodelay(true).ok();
         let (reader, writer): (ReadHalf, WriteHalf) = if source.tls {
             let config = super::tls::client_config(&source.tls_files)?;
@@ -124,7 +164,7 @@ impl MasterLink {
             )
             .await
             .map_err(|_| anyhow!("TLS handshake with {endpoint}: timed out"))?
-            .with_context(|| format!("TLS handshake with {endpoint}"))?;
+            .map_err(|e| io_error(e, format!("TLS handshake with {endpoint}")))?;
             let (r, w) = tokio::io::split(tls);
             (Box::new(r), Box::new(w))
         } else {
@@ -160,7 +200,7 @@ impl MasterLink {
         let mut w = self.writer.writer.lock().await;
         w.write_all(&buf)
             .await
-            .with_context(|| format!("writing to the master at {}", self.endpoint))
+            .map_err(|e| io_error(e, format!("writing to the master at {}", self.endpoint)))
     }
 
     /// Reads more bytes into the buffer; a closed connection or silence is an error.
@@ -175,7 +215,7 @@ impl MasterLink {
                     READ_TIMEOUT.as_secs()
                 )
             })?
-            .with_context(|| format!("reading from the master at {}", self.endpoint))?;
+            .map_err(|e| io_error(e, format!("reading from the master at {}", self.endpoint)))?;
         if n == 0 {
             bail!("the master at {} closed the connection", self.endpoint);
         }
@@ -187,8 +227,8 @@ impl MasterLink {
         self.send(args).await?;
         let fut = async {
             loop {
-                if let Some(reply) = decode_reply(&mut self.buf)? {
-                    return Ok::<Reply, anyhow::Error>(reply);
+                if let Some(reply) = decode_reply(&mut self.buf).map_err(|e| anyhow!(e))? {
+                    return Ok::<Reply, JobError>(reply);
                 }
                 self.fill().await?;
             }
@@ -196,12 +236,12 @@ impl MasterLink {
         tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
             .await
             .map_err(|_| {
-                anyhow!(
+                JobError::from(anyhow!(
                     "the master at {} did not answer {} within {}s",
                     self.endpoint,
                     String::from_utf8_lossy(args[0]),
                     HANDSHAKE_TIMEOUT.as_secs()
-                )
+                ))
             })?
     }
 
@@ -298,9 +338,9 @@ impl MasterLink {
                 Ok(Some(reply)) => return Ok(reply),
                 Ok(None) => self.fill().await?,
                 Err(e) => {
-                    return Err(
-                        anyhow!(e).context(format!("PSYNC {id} {offset} at {}", self.endpoint))
-                    )
+                    return Err(JobError::from(
+                        anyhow!(e).context(format!("PSYNC {id} {offset} at {}", self.endpoint)),
+                    ))
                 }
             }
         }
@@ -316,9 +356,9 @@ impl MasterLink {
                 Ok(Some(ev)) => return Ok(ev),
                 Ok(None) => self.fill().await?,
                 Err(e) => {
-                    return Err(
-                        anyhow!(e).context(format!("snapshot transfer from {}", self.endpoint))
-                    )
+                    return Err(JobError::from(
+                        anyhow!(e).context(format!("snapshot transfer from {}", self.endpoint)),
+                    ))
                 }
             }
         }
@@ -331,9 +371,9 @@ impl MasterLink {
                 Ok(Some(cmd)) => return Ok(cmd),
                 Ok(None) => self.fill().await?,
                 Err(e) => {
-                    return Err(
-                        anyhow!(e).context(format!("replication stream from {}", self.endpoint))
-                    )
+                    return Err(JobError::from(
+                        anyhow!(e).context(format!("replication stream from {}", self.endpoint)),
+                    ))
                 }
             }
         }

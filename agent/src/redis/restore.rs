@@ -72,6 +72,40 @@ pub fn parse_time(text: &str) -> Result<i64> {
     Ok(crate::util::time::parse_time(text)?.timestamp_millis())
 }
 
+/// Validated settings of a Redis restore (`redis restore` and the top-level `restore`).
+#[derive(Debug, Clone)]
+pub struct RedisRestoreOptions {
+    /// Directory to write (created; must be empty if it exists).
+    pub target: PathBuf,
+    /// The moment to restore, in Unix milliseconds; the latest restorable time when `None`.
+    pub to_time: Option<i64>,
+    /// Output layout.
+    pub format: RestoreFormat,
+    /// Start this redis-server/valkey-server on the result.
+    pub start: Option<PathBuf>,
+}
+
+impl RedisRestoreOptions {
+    /// From the command line's values; `to_time` in the one syntax of every `--to-time`.
+    pub fn new(
+        target: PathBuf,
+        to_time: Option<&str>,
+        format: RestoreFormat,
+        start: Option<PathBuf>,
+    ) -> Result<RedisRestoreOptions> {
+        let to_time = to_time
+            .map(parse_time)
+            .transpose()
+            .context("reading --to-time")?;
+        Ok(RedisRestoreOptions {
+            target,
+            to_time,
+            format,
+            start,
+        })
+    }
+}
+
 /// Restores into `target` (created; must be empty if it exists).
 pub async fn restore(
     repo: &Repository,

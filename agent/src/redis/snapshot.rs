@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Result};
 use storage::{layout, ContentKind, ObjectInfo, PutMode, RepoKind, RepoMarker, Repository};
 use wire::redis::rdb::{RdbReport, RdbValidator};
 use wire::redis::transfer::{Framing, RdbTransferDecoder, TransferEvent};
@@ -12,6 +12,7 @@ use wire::redis::ReplicationOffset;
 
 use super::link::MasterLink;
 use super::manifest::{GenerationManifest, SnapshotFacts, MANIFEST_FORMAT};
+use crate::job::{JobContext, JobError};
 
 /// What a captured generation holds.
 #[derive(Debug)]
@@ -27,19 +28,21 @@ pub struct CapturedSnapshot {
 }
 
 /// Makes sure the repository is (or becomes) a Redis repository.
-pub async fn ensure_redis_repo(repo: &Repository, replid: &str) -> Result<()> {
+/// A repository that is gone is fatal for a stream ([`JobError`]).
+pub async fn ensure_redis_repo(repo: &Repository, replid: &str) -> Result<(), JobError> {
     let mut marker = RepoMarker::new(RepoKind::Redis);
     marker.replication_id = Some(replid.to_owned());
     let init = repo
         .init_marker(&marker)
         .await
-        .with_context(|| format!("initialising the repository {}", repo.url()))?;
+        .with_job_context(|| format!("initialising the repository {}", repo.url()))?;
     if init.marker().kind != RepoKind::Redis {
-        bail!(
+        return Err(anyhow!(
             "the repository {} backs up {:?}, not Redis/Valkey; use another --repo",
             repo.url(),
             init.marker().kind
-        );
+        )
+        .into());
     }
     Ok(())
 }
@@ -60,12 +63,13 @@ pub fn generation_id(
 }
 
 /// Reads the snapshot that follows `+FULLRESYNC <replid> <offset>` into the repository.
+/// Failures keep the class the link or the store gave them ([`JobError`]).
 pub async fn capture(
     repo: &Repository,
     link: &mut MasterLink,
     replid: &str,
     offset: ReplicationOffset,
-) -> Result<CapturedSnapshot> {
+) -> Result<CapturedSnapshot, JobError> {
     let started = Instant::now();
     let snapshot_time = chrono::Utc::now();
     let id = generation_id(snapshot_time, replid, offset)?;
@@ -75,10 +79,10 @@ pub async fn capture(
     let mut writer = repo
         .writer(&key, ContentKind::RedisSnapshot, PutMode::CreateNew)
         .await
-        .with_context(|| format!("starting {key}"))?;
+        .with_job_context(|| format!("starting {key}"))?;
     let mut framing = None;
     let mut next_progress = 256u64 << 20;
-    let result: Result<()> = async {
+    let result: Result<(), JobError> = async {
         loop {
             match link.next_transfer_event(&mut decoder).await? {
                 TransferEvent::Started(f) => {
@@ -95,7 +99,7 @@ pub async fn capture(
                     writer
                         .write(bytes)
                         .await
-                        .with_context(|| format!("writing {key}"))?;
+                        .with_job_context(|| format!("writing {key}"))?;
                     if validator.bytes_seen() >= next_progress {
                         tracing::info!(
                             bytes = validator.bytes_seen(),
@@ -120,16 +124,17 @@ pub async fn capture(
         Ok(r) => r,
         Err(e) => {
             let _ = writer.abort().await;
-            bail!(
+            return Err(anyhow!(
                 "the snapshot from {} is not a valid RDB: {e}; generation {id} was not kept",
                 link.endpoint()
-            );
+            )
+            .into());
         }
     };
     let object = writer
         .finish()
         .await
-        .with_context(|| format!("finishing {key}"))?;
+        .with_job_context(|| format!("finishing {key}"))?;
     let server_version = report
         .aux
         .get("valkey-ver")

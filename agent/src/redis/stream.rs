@@ -32,10 +32,10 @@ use wire::redis::handshake::PsyncReply;
 use wire::redis::ReplicationOffset;
 
 use super::chunk::{self, ChunkHeader};
-use super::link::{ConnectTimedOut, MasterLink};
+use super::link::{ConnectError, MasterLink};
 use super::snapshot;
 use super::source::RedisSource;
-use crate::job::{self, Control, JobError, JobStatus, Outcome, Phase};
+use crate::job::{self, Control, JobContext, JobError, JobStatus, Outcome, Phase};
 
 /// After a stop request, the stream ends once the master has sent nothing for this long.
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
@@ -109,8 +109,14 @@ pub struct RepositoryGone {
     why: String,
 }
 
+impl From<RepositoryGone> for JobError {
+    fn from(e: RepositoryGone) -> JobError {
+        JobError::fatal(e)
+    }
+}
+
 /// Checks that the repository marker is still there after a chunk was stored.
-async fn ensure_marker(repo: &Repository) -> Result<()> {
+async fn ensure_marker(repo: &Repository) -> Result<(), JobError> {
     let gone = |why: String| RepositoryGone {
         url: repo.url().to_owned(),
         why,
@@ -119,7 +125,7 @@ async fn ensure_marker(repo: &Repository) -> Result<()> {
         Ok(true) => Ok(()),
         Ok(false) => Err(gone(format!("its marker {} is missing", layout::marker())).into()),
         Err(e @ StorageError::RepositoryMissing { .. }) => Err(gone(e.to_string()).into()),
-        Err(e) => Err(e).context("checking the repository marker"),
+        Err(e) => Err(JobError::from(e).context("checking the repository marker")),
     }
 }
 
@@ -140,13 +146,12 @@ pub async fn run(
         job::Backoff::default(),
         async |attempt| {
             let stop = ctl.token.clone().cancelled_owned();
-            match run_leased(repo, source, opts, &mut lease, stop, &ctl.status).await {
+            let first = attempt == 1;
+            match run_leased(repo, source, opts, &mut lease, stop, &ctl.status, first).await {
                 Ok(()) if ctl.token.is_cancelled() => Ok(Outcome::Stopped),
                 Ok(()) => Err(JobError::transient(anyhow::anyhow!("the stream ended"))),
                 Err(e) => {
-                    let unreachable = is_unreachable(&e);
-                    let e = classify(e, attempt == 1);
-                    if unreachable || e.class == job::ErrorClass::WaitingForServer {
+                    if e.lets_go() {
                         // Not writing: the sidecar beside the master may take the lease.
                         if let Some(l) = lease.take() {
                             let _ = l.release().await;
@@ -166,40 +171,13 @@ pub async fn run(
     result
 }
 
-/// The source did not answer at all (refused, reset, timed out): not writing, and maybe not
-/// for long (a failover).
-fn is_unreachable(e: &anyhow::Error) -> bool {
-    use std::io::ErrorKind::*;
-    e.chain().any(|c| {
-        c.downcast_ref::<ConnectTimedOut>().is_some()
-            || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut
-                )
-            })
+/// Connects to `source`: a first attempt that times out is fatal (a wrong host or port,
+/// not a blip); later, the master is unreachable for now (a restart, a failover).
+async fn connect(source: &RedisSource, first_attempt: bool) -> Result<MasterLink, JobError> {
+    MasterLink::connect(source).await.map_err(|e| match e {
+        ConnectError::TimedOut(t) if first_attempt => JobError::fatal(t),
+        e => e.into(),
     })
-}
-
-/// What a failed attempt means: the repository is gone, or the very first connection
-/// attempt timed out (a wrong host or port, not a blip), is fatal; the rest is retried.
-fn classify(err: anyhow::Error, first_attempt: bool) -> JobError {
-    let fatal = err.chain().any(|c| {
-        c.downcast_ref::<RepositoryGone>().is_some()
-            || c.downcast_ref::<StorageError>()
-                .is_some_and(|s| matches!(s, StorageError::RepositoryMissing { .. }))
-            || (first_attempt && c.downcast_ref::<ConnectTimedOut>().is_some())
-    });
-    if fatal {
-        JobError::fatal(err)
-    } else if err
-        .chain()
-        .any(|c| c.downcast_ref::<SourceIsReplica>().is_some())
-    {
-        JobError::waiting(err)
-    } else {
-        JobError::transient(err)
-    }
 }
 
 /// Connects, holds the repository's `redis stream` lease (kept in `lease` across retries;
@@ -212,28 +190,28 @@ async fn run_leased(
     lease: &mut Option<Lease>,
     stop: impl std::future::Future<Output = ()>,
     status: &JobStatus,
-) -> Result<()> {
+    first_attempt: bool,
+) -> Result<(), JobError> {
     tokio::pin!(stop);
     // Connect first: a wrong source fails before anything is written, even a lease.
-    let mut link = MasterLink::connect(source).await?;
+    let mut link = connect(source, first_attempt).await?;
     let followed;
     let source = match opts.on_replica {
         ReplicaPolicy::Stream => source,
         policy => match link.master_of().await? {
             None => source,
             Some((host, port)) if policy == ReplicaPolicy::Wait => {
-                return Err(SourceIsReplica {
+                return Err(JobError::waiting(SourceIsReplica {
                     server: source.endpoint(),
                     master: format!("{host}:{port}"),
-                }
-                .into());
+                }));
             }
             Some((host, port)) => {
                 let mut master = source.clone();
                 master.host = host;
                 master.port = port;
                 tracing::info!(replica = %source.endpoint(), master = %master.endpoint(), "the source is a replica: streaming from its master (on_replica = follow)");
-                link = MasterLink::connect(&master).await?;
+                link = connect(&master, first_attempt).await?;
                 followed = master;
                 &followed
             }
@@ -248,7 +226,7 @@ async fn run_leased(
         });
         tokio::select! {
             l = Lease::acquire(repo, LeaseScope::RedisStream, &purpose, LeaseOptions::from_env()) => {
-                *lease = Some(l.context("taking the stream's lease in the repository")?);
+                *lease = Some(l.job_context("taking the stream's lease in the repository")?);
             }
             () = &mut stop => return Ok(()),
         }
@@ -379,10 +357,10 @@ async fn take_generation(
     repo: &Repository,
     source: &RedisSource,
     lease: &LeaseGuard,
-) -> Result<NextGeneration> {
+) -> Result<NextGeneration, JobError> {
     let mut link = MasterLink::connect(source).await?;
     let PsyncReply::FullResync { replid, offset } = link.psync(None).await? else {
-        anyhow::bail!("the master answered PSYNC ? -1 with +CONTINUE");
+        return Err(anyhow::anyhow!("the master answered PSYNC ? -1 with +CONTINUE").into());
     };
     full_sync(repo, link, replid, offset, lease).await
 }
@@ -393,7 +371,7 @@ async fn full_sync(
     replid: String,
     offset: ReplicationOffset,
     lease: &LeaseGuard,
-) -> Result<NextGeneration> {
+) -> Result<NextGeneration, JobError> {
     lease.writable().await?;
     snapshot::ensure_redis_repo(repo, &replid).await?;
     let captured = snapshot::capture(repo, &mut link, &replid, offset).await?;
@@ -450,7 +428,7 @@ async fn stream_connected(
     lease: &LeaseGuard,
     stop: impl std::future::Future<Output = ()>,
     status: &JobStatus,
-) -> Result<()> {
+) -> Result<(), JobError> {
     if let Some(dir) = &opts.spool {
         lease.writable().await?;
         recover_spool(repo, dir).await?;
@@ -470,7 +448,7 @@ async fn stream_connected(
             (r.generation, replid, r.offset, r.db)
         }
         (PsyncReply::Continue { .. }, None) => {
-            anyhow::bail!("the master answered PSYNC ? -1 with +CONTINUE")
+            return Err(anyhow::anyhow!("the master answered PSYNC ? -1 with +CONTINUE").into())
         }
         (PsyncReply::FullResync { replid, offset }, resume) => {
             if let Some(r) = resume {
@@ -494,7 +472,7 @@ async fn stream_connected(
     let mut durable = offset;
     let mut generation_started = Instant::now();
     let mut generation_offset = offset;
-    let mut next_gen: Option<LocalBoxFuture<'_, Result<NextGeneration>>> = None;
+    let mut next_gen: Option<LocalBoxFuture<'_, Result<NextGeneration, JobError>>> = None;
     let mut switch_to: Option<NextGeneration> = None;
     tokio::pin!(stop);
     let lost = lease.lost();
@@ -503,7 +481,7 @@ async fn stream_connected(
     // DRAIN_QUIET (or DRAIN_LIMIT passed), so writes it already acknowledged to its
     // clients, and sent or was sending to us, are stored rather than left in the socket.
     let mut draining: Option<Instant> = None;
-    let outcome: Result<()> = loop {
+    let outcome: Result<(), JobError> = loop {
         // Uploads complete in order; the durable offset follows them.
         while uploads.is_full() {
             match uploads.next_done().await {
@@ -553,7 +531,7 @@ async fn stream_connected(
             // Another writer may own the chain now: stop writing (uploads refuse too).
             () = &mut lost => break Err(match lease.check() {
                 Err(e) => e.into(),
-                Ok(()) => anyhow::anyhow!("lost the redis stream lease"),
+                Ok(()) => anyhow::anyhow!("lost the redis stream lease").into(),
             }),
             Some(done) = uploads.next_done(), if uploads.is_busy() => {
                 match done {
@@ -622,7 +600,7 @@ async fn stream_connected(
             let mut full = std::mem::replace(&mut chunk, ChunkBuilder::new(offset.get(), db));
             full.seal(offset.get());
             if let Err(e) = uploads.push(&generation, &replid, full, offset.get(), db) {
-                break Err(e);
+                break Err(e.into());
             }
         } else if chunk.body.is_empty() && due {
             chunk.opened = Instant::now();
@@ -660,7 +638,7 @@ async fn stream_connected(
             chunk.seal(offset.get());
         }
         if let Err(e) = uploads.push(&generation, &replid, chunk, offset.get(), db) {
-            finished = Err(e);
+            finished = Err(e.into());
         }
     }
     while let Some(done) = uploads.next_done().await {
@@ -680,7 +658,7 @@ async fn stream_connected(
     outcome.and(finished)
 }
 
-type Uploads<'a> = FuturesOrdered<LocalBoxFuture<'a, Result<u64>>>;
+type Uploads<'a> = FuturesOrdered<LocalBoxFuture<'a, Result<u64, JobError>>>;
 
 /// Where a cut chunk waits for its upload.
 enum Waiting {
@@ -857,7 +835,7 @@ impl<'a> ChunkQueue<'a> {
                         }
                         .into())
                     }
-                    Err(e) => return Err(e).with_context(|| format!("storing {key}")),
+                    Err(e) => return Err(JobError::from(e).context(format!("storing {key}"))),
                 }
                 ensure_marker(repo).await?;
                 if let Some(path) = spooled {
@@ -878,15 +856,15 @@ impl<'a> ChunkQueue<'a> {
     }
 
     /// The next completed upload (in offset order), refilling from the waiting chunks.
-    async fn next_done(&mut self) -> Option<Result<u64>> {
+    async fn next_done(&mut self) -> Option<Result<u64, JobError>> {
         if self.uploads.is_empty() {
             if let Err(e) = self.refill() {
-                return Some(Err(e));
+                return Some(Err(e.into()));
             }
         }
         let done = self.uploads.next().await?;
         if let Err(e) = self.refill() {
-            return Some(Err(e));
+            return Some(Err(e.into()));
         }
         Some(done)
     }
@@ -905,7 +883,7 @@ fn write_synced(path: &std::path::Path, data: &[u8]) -> Result<()> {
 
 /// Uploads chunks a previous run left in the spool (they were cut and fsynced, maybe never
 /// stored), oldest first, so the repository's resume point includes them.
-pub async fn recover_spool(repo: &Repository, dir: &std::path::Path) -> Result<usize> {
+pub async fn recover_spool(repo: &Repository, dir: &std::path::Path) -> Result<usize, JobError> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(0);
     };
@@ -943,7 +921,7 @@ pub async fn recover_spool(repo: &Repository, dir: &std::path::Path) -> Result<u
         {
             Ok(_) => {}
             Err(storage::StorageError::AlreadyExists { .. }) => {}
-            Err(e) => return Err(e).with_context(|| format!("storing spooled {key}")),
+            Err(e) => return Err(JobError::from(e).context(format!("storing spooled {key}"))),
         }
         std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         tracing::info!(%key, "stored a chunk left in the spool by the previous run");

@@ -1,6 +1,10 @@
 //! `syncbridge-agent restore`: open the repository, read its marker and restore what it
-//! holds — a PostgreSQL base backup plus WAL replay to a point in time, or (once the Redis
-//! restore lands) a Redis generation.
+//! holds — a PostgreSQL base backup plus WAL replay to a point in time, or a Redis
+//! generation replayed to a time.
+//!
+//! The command line ([`RestoreArgs`]) stays here: it becomes validated options
+//! ([`pg::PgRestoreOptions`], [`RedisRestoreOptions`]) once the repository says which
+//! kind it holds, and the restores take only those.
 
 pub mod lock;
 pub mod pg;
@@ -13,9 +17,12 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use storage::{RepoKind, Repository};
+use storage::RepoKind;
 
 use crate::cli::RepoArgs;
+use crate::redis::restore::{RedisRestoreOptions, RestoreFormat};
+use pg::{Owner, PgRestoreOptions, StartOptions, TimelineTarget};
+use target::Target;
 
 /// Arguments of `restore`.
 #[derive(Debug, Args)]
@@ -79,6 +86,65 @@ pub struct RestoreArgs {
     pub start_timeout: std::time::Duration,
 }
 
+impl RestoreArgs {
+    /// The PostgreSQL restore these arguments ask for: targets parsed, the owner looked up,
+    /// `--start` as root without `--owner` refused.
+    pub fn pg_options(&self) -> Result<PgRestoreOptions> {
+        let target =
+            Target::from_args(self.to_time.as_deref(), self.to_lsn.as_deref(), self.to_xid)?;
+        let timeline = TimelineTarget::parse(&self.timeline)?;
+        let tablespace_map = place::parse_tablespace_map(&self.tablespace_map)?;
+        let owner = self.owner.as_deref().map(Owner::lookup).transpose()?;
+        if self.start.is_some() && owner.is_none() && pg::is_root() {
+            bail!("--start as root needs --owner USER: PostgreSQL refuses to run as root");
+        }
+        // Downloads wait on the network while decompression is capped by the repository's
+        // worker pool, so twice the cores keeps both busy.
+        let jobs = self.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() * 2)
+                .unwrap_or(4)
+                .clamp(2, 32)
+        });
+        Ok(PgRestoreOptions {
+            target,
+            timeline,
+            backup: self.backup.clone(),
+            target_dir: self.target.clone(),
+            force: self.force,
+            jobs,
+            tablespace_map,
+            tablespaces_in_place: self.tablespaces_in_place,
+            owner,
+            start: self.start.as_ref().map(|bin| StartOptions {
+                bin_dir: bin.clone(),
+                server_options: self.start_options.clone(),
+                timeout: self.start_timeout,
+            }),
+            wal_fetch_repo_args: self.repo.reader_args()?,
+        })
+    }
+
+    /// The Redis restore these arguments ask for (the newest generation before the target,
+    /// replayed to it, as AOF); PostgreSQL's options are refused (`redis restore` does the
+    /// same with more options, e.g. `--format`).
+    pub fn redis_options(&self) -> Result<RedisRestoreOptions> {
+        if self.to_lsn.is_some()
+            || self.to_xid.is_some()
+            || self.backup.is_some()
+            || self.start.is_some()
+        {
+            bail!("the repository holds Redis backups: --to-lsn, --to-xid, --backup and --start are PostgreSQL options (see `syncbridge-agent redis restore --help`)");
+        }
+        RedisRestoreOptions::new(
+            self.target.clone(),
+            self.to_time.as_deref(),
+            RestoreFormat::Aof,
+            None,
+        )
+    }
+}
+
 /// Runs `restore`.
 pub fn run(args: RestoreArgs) -> Result<ExitCode> {
     crate::cli::block_on(async move {
@@ -94,28 +160,102 @@ pub fn run(args: RestoreArgs) -> Result<ExitCode> {
             );
         };
         match marker.kind {
-            RepoKind::Postgres => pg::run(&repo, &marker, &args).await,
-            RepoKind::Redis => redis(&repo, &args).await,
+            RepoKind::Postgres => pg::run(&repo, &marker, &args.pg_options()?).await,
+            RepoKind::Redis => {
+                crate::redis::cli::restore_and_report(&repo, &args.redis_options()?).await
+            }
         }
     })
 }
 
-/// Redis: the newest generation before the target, replayed to it (`redis restore` does the
-/// same with more options, e.g. `--format`).
-async fn redis(repo: &Repository, args: &RestoreArgs) -> Result<ExitCode> {
-    if args.to_lsn.is_some()
-        || args.to_xid.is_some()
-        || args.backup.is_some()
-        || args.start.is_some()
-    {
-        bail!("the repository holds Redis backups: --to-lsn, --to-xid, --backup and --start are PostgreSQL options (see `syncbridge-agent redis restore --help`)");
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: RestoreArgs,
     }
-    crate::redis::cli::restore_and_report(
-        repo,
-        &args.target,
-        args.to_time.as_deref(),
-        crate::redis::restore::RestoreFormat::Aof,
-        None,
-    )
-    .await
+
+    fn args(extra: &[&str]) -> RestoreArgs {
+        let base = [
+            "restore",
+            "--repo",
+            "file:///tmp/repo",
+            "--target",
+            "/tmp/t",
+        ];
+        Cmd::try_parse_from(base.iter().chain(extra)).unwrap().args
+    }
+
+    #[test]
+    fn postgres_options_are_validated_once() {
+        let o = args(&[
+            "--to-lsn",
+            "0/3000000",
+            "--timeline",
+            "3",
+            "--jobs",
+            "5",
+            "--owner",
+            "70:70",
+            "--start",
+            "/usr/lib/postgresql/15/bin",
+            "--start-options",
+            "-p 5433",
+            "--tablespace-map",
+            "/old=/new",
+        ])
+        .pg_options()
+        .unwrap();
+        assert_eq!(
+            o.target,
+            Target::Lsn(wire::pg::Lsn::parse("0/3000000").unwrap())
+        );
+        assert_eq!(o.timeline.setting(), "3");
+        assert_eq!(o.jobs, 5);
+        assert_eq!(o.target_dir, PathBuf::from("/tmp/t"));
+        let owner = o.owner.unwrap();
+        assert_eq!(
+            (owner.uid, owner.gid, owner.name.as_str()),
+            (70, 70, "70:70")
+        );
+        let start = o.start.unwrap();
+        assert_eq!(start.server_options.as_deref(), Some("-p 5433"));
+        assert_eq!(start.timeout, std::time::Duration::from_secs(600));
+        assert_eq!(
+            o.tablespace_map,
+            vec![("/old".to_owned(), PathBuf::from("/new"))]
+        );
+        assert_eq!(o.wal_fetch_repo_args[..2], ["--repo", "file:///tmp/repo"]);
+
+        let latest = args(&[]).pg_options().unwrap();
+        assert_eq!(latest.target, Target::Latest);
+        assert_eq!(latest.timeline, TimelineTarget::Latest);
+        assert!(latest.start.is_none() && latest.owner.is_none());
+
+        let err = |extra: &[&str]| format!("{:#}", args(extra).pg_options().unwrap_err());
+        assert!(err(&["--timeline", "x"]).contains("expected latest, current or a number"));
+        assert!(err(&["--timeline", "0"]).contains("timeline"));
+        assert!(err(&["--to-lsn", "zz"]).contains("expected X/Y"));
+        assert!(err(&["--to-time", "yesterday"]).contains("yesterday"));
+    }
+
+    #[test]
+    fn redis_options_refuse_postgres_flags() {
+        let o = args(&["--to-time", "@1700000000123"])
+            .redis_options()
+            .unwrap();
+        assert_eq!(o.to_time, Some(1_700_000_000_123));
+        assert_eq!(o.format, RestoreFormat::Aof);
+        assert!(o.start.is_none());
+        let e = args(&["--to-lsn", "0/1"]).redis_options().unwrap_err();
+        assert!(e.to_string().contains("PostgreSQL options"), "{e}");
+        let e = args(&["--to-time", "soon"]).redis_options().unwrap_err();
+        assert!(format!("{e:#}").contains("reading --to-time"), "{e:#}");
+    }
 }

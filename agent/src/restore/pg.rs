@@ -34,7 +34,6 @@ use super::lock::{self, DirLock};
 use super::place;
 use super::target::Target;
 use super::unpack::{self, PG_CONTROL_TEMP};
-use super::RestoreArgs;
 use crate::catalog::pg::{BackupCatalog, WalInventory, WalPath};
 use crate::pg::backup::parse_server_manifest;
 use crate::pg::backup_manifest::{format_time, BackupManifest};
@@ -58,37 +57,128 @@ const LATEST_SCAN_SEGMENTS: u64 = 4;
 /// segments; the search reads backwards until one starts).
 const MAX_TAIL_BYTES: usize = 256 << 20;
 
-/// Runs a PostgreSQL restore.
-pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> Result<ExitCode> {
-    let began = Instant::now();
-    let target = Target::from_args(args.to_time.as_deref(), args.to_lsn.as_deref(), args.to_xid)?;
-    let timeline_setting = match args.timeline.as_str() {
-        "latest" | "current" => args.timeline.clone(),
-        n => {
-            let v: u32 = n.parse().with_context(|| {
-                format!("--timeline {n:?}: expected latest, current or a number")
-            })?;
-            TimelineId::new(v)?;
-            v.to_string()
-        }
-    };
-    let ts_map = place::parse_tablespace_map(&args.tablespace_map)?;
-    let owner = match &args.owner {
-        Some(name) => Some(lookup_user(name)?),
-        None => None,
-    };
-    if args.start.is_some() && owner.is_none() && is_root() {
-        bail!("--start as root needs --owner USER: PostgreSQL refuses to run as root");
+/// Validated settings of a PostgreSQL restore (built from `restore`'s arguments by
+/// `RestoreArgs::pg_options`).
+#[derive(Debug, Clone)]
+pub struct PgRestoreOptions {
+    /// Where recovery stops.
+    pub target: Target,
+    /// `recovery_target_timeline`.
+    pub timeline: TimelineTarget,
+    /// The base backup to use (an id as `list` shows it); chosen for the target when `None`.
+    pub backup: Option<String>,
+    /// Directory to restore into, as given.
+    pub target_dir: PathBuf,
+    /// Empty a non-empty target first.
+    pub force: bool,
+    /// Objects downloaded, verified and written at once.
+    pub jobs: usize,
+    /// Tablespaces restored elsewhere: (recorded location, new location), both absolute.
+    pub tablespace_map: Vec<(String, PathBuf)>,
+    /// Restore the unmapped tablespaces to their recorded locations.
+    pub tablespaces_in_place: bool,
+    /// Who gets the restored files (and runs the server of `start`).
+    pub owner: Option<Owner>,
+    /// Start the restored server and wait for recovery.
+    pub start: Option<StartOptions>,
+    /// The repository arguments `restore_command` passes to `postgres wal-fetch`.
+    pub wal_fetch_repo_args: Vec<String>,
+}
+
+/// `recovery_target_timeline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimelineTarget {
+    /// The newest timeline in the archive.
+    Latest,
+    /// The backup's timeline.
+    Current,
+    /// This timeline.
+    Id(TimelineId),
+}
+
+impl TimelineTarget {
+    /// `latest`, `current` or a timeline number.
+    pub fn parse(text: &str) -> Result<TimelineTarget> {
+        Ok(match text {
+            "latest" => TimelineTarget::Latest,
+            "current" => TimelineTarget::Current,
+            n => {
+                let v: u32 = n.parse().with_context(|| {
+                    format!("--timeline {n:?}: expected latest, current or a number")
+                })?;
+                TimelineTarget::Id(TimelineId::new(v)?)
+            }
+        })
     }
-    // Downloads wait on the network while decompression is capped by the repository's
-    // worker pool, so twice the cores keeps both busy.
-    let jobs = args.jobs.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get() * 2)
-            .unwrap_or(4)
-            .clamp(2, 32)
-    });
-    let target_dir = place::resolve(&args.target)?;
+
+    /// The value of `recovery_target_timeline`.
+    pub fn setting(&self) -> String {
+        match self {
+            TimelineTarget::Latest => "latest".into(),
+            TimelineTarget::Current => "current".into(),
+            TimelineTarget::Id(t) => t.get().to_string(),
+        }
+    }
+}
+
+/// The owner of the restored files.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    /// As given: a user name or `UID:GID`.
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+    /// Its gid.
+    pub gid: u32,
+}
+
+impl Owner {
+    /// Looks `name` up in /etc/passwd (or takes a numeric `UID:GID`).
+    pub fn lookup(name: &str) -> Result<Owner> {
+        let (uid, gid, _) = lookup_user(name)?;
+        Ok(Owner {
+            name: name.to_owned(),
+            uid,
+            gid,
+        })
+    }
+}
+
+/// Starting the restored server.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// The PostgreSQL binaries (`pg_ctl`).
+    pub bin_dir: PathBuf,
+    /// Extra server options (`pg_ctl -o`).
+    pub server_options: Option<String>,
+    /// How long to wait for recovery to finish.
+    pub timeout: Duration,
+}
+
+/// Whether this process runs as root (PostgreSQL refuses to).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs a PostgreSQL restore.
+pub async fn run(
+    repo: &Repository,
+    marker: &RepoMarker,
+    opts: &PgRestoreOptions,
+) -> Result<ExitCode> {
+    let began = Instant::now();
+    let target = opts.target;
+    let timeline_setting = opts.timeline.setting();
+    let owner = opts.owner.as_ref();
+    let jobs = opts.jobs;
+    let target_dir = place::resolve(&opts.target_dir)?;
     let repo_dir = repo.local_path();
     place::check_destination(&target_dir, repo_dir, "--target")?;
     // A restore already writing there fails this one at once (locking creates nothing).
@@ -98,21 +188,26 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
 
     // ---- Plan: read-only checks ----
     let backups = BackupCatalog::load(repo).await?;
-    let chosen = choose_backup(repo, &backups, marker, target, args.backup.as_deref())?;
+    let chosen = choose_backup(repo, &backups, marker, target, opts.backup.as_deref())?;
     let id = chosen.backup_id()?;
     let size = chosen.segment_size()?;
     let inv = WalInventory::load(repo, size).await?;
     let path = wal_path(repo, &inv, &chosen, &timeline_setting).await?;
     let expect = WalExpect::new(marker, Some(size), Some(chosen.server_major))?;
     let recovery = plan_recovery(repo, &inv, &chosen, target, &path, &expect).await?;
-    let mut placement = place::plan(&chosen, &target_dir, &ts_map, args.tablespaces_in_place)?;
+    let mut placement = place::plan(
+        &chosen,
+        &target_dir,
+        &opts.tablespace_map,
+        opts.tablespaces_in_place,
+    )?;
     place::resolve_tablespaces(&mut placement, &target_dir, repo_dir)?;
     let ts_roots: Vec<PathBuf> = placement
         .tablespaces
         .iter()
         .map(|t| t.dest.clone())
         .collect();
-    check_empty(&target_dir, args.force)?;
+    check_empty(&target_dir, opts.force)?;
     check_tablespaces_empty(&ts_roots)?;
     let server_manifest = repo
         .get(&layout::base_backup_server_manifest(&id))
@@ -151,7 +246,7 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
         locks.push(lock::create_and_lock(r, modes.dir_cap())?);
     }
     // Again under the locks: another restore may have finished in between.
-    check_empty(&target_dir, args.force)?;
+    check_empty(&target_dir, opts.force)?;
     check_tablespaces_empty(&ts_roots)?;
     clear_dir(&target_dir, modes)?;
     unpack::write_private(
@@ -180,16 +275,16 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
     }
     write_recovery_conf(
         &target_dir,
-        args,
+        &opts.wal_fetch_repo_args,
         &id,
         &recovery,
         &timeline_setting,
         &chosen_wal_hints(size, m.server_major),
     )?;
     unpack::write_private(&target_dir.join("recovery.signal"), b"")?;
-    if let Some((uid, gid, _)) = &owner {
+    if let Some(o) = owner {
         for r in roots.iter() {
-            chown_tree(r, *uid, *gid)?;
+            chown_tree(r, o.uid, o.gid)?;
         }
     }
     // Last: pg_control under its real name, then the in-progress marker goes.
@@ -210,14 +305,12 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
         human((stats.bytes as f64 / write_secs.max(1e-3)) as u64)
     );
 
-    match &args.start {
+    match &opts.start {
         None => {
-            let user = args
-                .owner
-                .as_deref()
-                .map(|u| match u.split_once(':') {
+            let user = owner
+                .map(|o| match o.name.split_once(':') {
                     Some((uid, _)) => format!("sudo -u '#{uid}' "),
-                    None => format!("sudo -u {u} "),
+                    None => format!("sudo -u {} ", o.name),
                 })
                 .unwrap_or_default();
             if owner.is_none() && is_root() {
@@ -234,15 +327,8 @@ pub async fn run(repo: &Repository, marker: &RepoMarker, args: &RestoreArgs) -> 
             println!("             PostgreSQL replays WAL through `postgres wal-fetch` and promotes at the target;");
             println!("             if the WAL it gets stops short of the target, it stops with FATAL instead of promoting.");
         }
-        Some(bin) => {
-            start_and_wait(
-                bin,
-                &target_dir,
-                args,
-                owner.as_ref(),
-                restore_secs,
-                &recovery,
-            )?;
+        Some(start) => {
+            start_and_wait(start, &target_dir, owner, restore_secs, &recovery)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -840,19 +926,14 @@ fn shell_quote(s: &str) -> String {
 
 fn write_recovery_conf(
     dir: &Path,
-    args: &RestoreArgs,
+    repo_args: &[String],
     id: &BackupId,
     plan: &RecoveryPlan,
     timeline: &str,
     wal_hints: &str,
 ) -> Result<()> {
     let exe = std::env::current_exe().context("finding this program's path")?;
-    let repo_args: Vec<String> = args
-        .repo
-        .reader_args()?
-        .iter()
-        .map(|a| shell_quote(a))
-        .collect();
+    let repo_args: Vec<String> = repo_args.iter().map(|a| shell_quote(a)).collect();
     let command = format!(
         "{} postgres wal-fetch {} {wal_hints} %f %p",
         shell_quote(&exe.display().to_string()),
@@ -884,17 +965,6 @@ fn write_recovery_conf(
         .with_context(|| format!("writing {}", path.display()))?;
     f.sync_all().ok();
     Ok(())
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// (uid, gid, home) of a user from /etc/passwd (or a numeric uid[:gid]).
@@ -931,17 +1001,17 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<()> {
 /// Starts the restored cluster with `pg_ctl`, waits for recovery to end and reports where
 /// it stopped (from the server log); fails if that is before the plan.
 fn start_and_wait(
-    bin: &Path,
+    start: &StartOptions,
     dir: &Path,
-    args: &RestoreArgs,
-    owner: Option<&(u32, u32, String)>,
+    owner: Option<&Owner>,
     restore_secs: f64,
     plan: &RecoveryPlan,
 ) -> Result<()> {
+    let bin = &start.bin_dir;
     let log = dir.join("syncbridge-recovery.log");
     unpack::write_private(&log, b"").context("creating the recovery log")?;
-    if let Some((uid, gid, _)) = owner {
-        std::os::unix::fs::lchown(&log, Some(*uid), Some(*gid))?;
+    if let Some(o) = owner {
+        std::os::unix::fs::lchown(&log, Some(o.uid), Some(o.gid))?;
     }
     let mut cmd = std::process::Command::new(bin.join("pg_ctl"));
     cmd.arg("-D")
@@ -949,11 +1019,11 @@ fn start_and_wait(
         .arg("-l")
         .arg(&log)
         .args(["-W", "start"]);
-    if let Some(o) = &args.start_options {
+    if let Some(o) = &start.server_options {
         cmd.arg("-o").arg(o);
     }
-    if let Some((uid, gid, _)) = owner {
-        cmd.uid(*uid).gid(*gid);
+    if let Some(o) = owner {
+        cmd.uid(o.uid).gid(o.gid);
     }
     cmd.current_dir(dir);
     let replay_started = Instant::now();
@@ -967,7 +1037,7 @@ fn start_and_wait(
             std::fs::read_to_string(&log).unwrap_or_default()
         );
     }
-    let deadline = Instant::now() + args.start_timeout;
+    let deadline = Instant::now() + start.timeout;
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if text.contains("database system is ready to accept connections") {
@@ -976,8 +1046,8 @@ fn start_and_wait(
             if let Err(e) = check_reached(&text, plan) {
                 let mut stop = std::process::Command::new(bin.join("pg_ctl"));
                 stop.arg("-D").arg(dir).args(["-m", "fast", "stop"]);
-                if let Some((uid, gid, _)) = owner {
-                    stop.uid(*uid).gid(*gid);
+                if let Some(o) = owner {
+                    stop.uid(o.uid).gid(o.gid);
                 }
                 let stopped = stop.output().map(|o| o.status.success()).unwrap_or(false);
                 bail!(
@@ -1018,7 +1088,7 @@ fn start_and_wait(
         if Instant::now() > deadline {
             bail!(
                 "recovery did not finish within {}s; the server is still running (log: {})",
-                args.start_timeout.as_secs(),
+                start.timeout.as_secs(),
                 log.display()
             );
         }
