@@ -7,6 +7,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 deps="$root/.deps"
 cache="${SYNCBRIDGE_DEPS_CACHE:-$HOME/.cache/syncbridge-deps}"
 mkdir -p "$deps" "$cache"
+# The real directory when .deps is a symlink (a git worktree sharing another's): paths.env
+# then names the same files from every worktree.
+deps=$(cd "$deps" && pwd -P)
 log() { printf 'deps: %s\n' "$*" >&2; }
 
 # --- Debian packages: PostgreSQL 15, Redis 7, pgbackrest, redis-tools -----------------------
