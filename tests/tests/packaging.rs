@@ -784,3 +784,88 @@ mod irsa {
         server.abort();
     }
 }
+
+/// Every `syncbridge-agent` command in docs/operations.md is one the agent has: its
+/// sub-command exists (`--help` succeeds) and every `--flag` it uses is in that help.
+#[test]
+fn operations_md_commands_are_the_agents() {
+    let doc = std::fs::read_to_string(repo_root().join("docs/operations.md")).unwrap();
+    let mut commands = Vec::new();
+    let mut in_code = false;
+    let mut pending = String::new();
+    for line in doc.lines() {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        if !in_code {
+            continue;
+        }
+        let line = line.trim();
+        if !pending.is_empty() {
+            pending.push(' ');
+            pending.push_str(line.trim_end_matches('\\'));
+            if !line.ends_with('\\') {
+                commands.push(std::mem::take(&mut pending));
+            }
+            continue;
+        }
+        if line.starts_with("syncbridge-agent ") {
+            if line.ends_with('\\') {
+                pending = line.trim_end_matches('\\').to_owned();
+            } else {
+                commands.push(line.to_owned());
+            }
+        }
+    }
+    assert!(commands.len() >= 15, "{commands:?}");
+    let help = |path: &[&str]| -> Option<String> {
+        let out = syncbridge_tests::agent::command(&["SYNCBRIDGE_", "AWS_"])
+            .args(path)
+            .arg("--help")
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    for command in &commands {
+        // Comments end the command; quoted values are not flags.
+        let command = command.split(" #").next().unwrap();
+        let mut words = Vec::new();
+        let mut quoted = false;
+        for w in command.split_whitespace().skip(1) {
+            let quotes = w.matches('\'').count();
+            if !quoted {
+                words.push(w);
+            }
+            if quotes % 2 == 1 {
+                quoted = !quoted;
+            }
+        }
+        let subs: Vec<&str> = words
+            .iter()
+            .take_while(|w| !w.starts_with('-'))
+            .take(2)
+            .copied()
+            .collect();
+        let (path, text) = match help(&subs) {
+            Some(t) if subs.len() == 2 => (subs.clone(), t),
+            _ => {
+                let path = subs[..1].to_vec();
+                let t = help(&path)
+                    .unwrap_or_else(|| panic!("`{command}`: no sub-command {:?}", path));
+                (path, t)
+            }
+        };
+        for flag in words.iter().filter(|w| w.starts_with("--")) {
+            let flag = flag.split('=').next().unwrap();
+            assert!(
+                text.contains(&format!("{flag} ")) || text.contains(&format!("{flag}\n")),
+                "`{command}`: `syncbridge-agent {}` has no {flag}",
+                path.join(" ")
+            );
+        }
+    }
+    println!("{} commands of docs/operations.md checked", commands.len());
+}
