@@ -216,7 +216,6 @@ listen = "127.0.0.1:{http_port}"
     }
     let mut pg = pg;
     pg.kill9();
-    let pg_killed_ms = now_ms();
 
     // Redis failure: writes for 5 s (no WAIT: what a normal client does), then kill -9.
     let mut conn = redis.connect();
@@ -235,7 +234,6 @@ listen = "127.0.0.1:{http_port}"
     redis.kill9();
     // The sidecar dies with them (a node failure); what it had not stored is lost.
     run.kill9();
-    let _ = pg_killed_ms;
 
     // PostgreSQL: restore to the latest point.
     let dirs = RestoreDirs::new();

@@ -159,7 +159,7 @@ fn kustomize_output_passes_kubernetes_validate() {
         let file = dir.path().join(format!("{}.yaml", overlay.replace('/', "-")));
         std::fs::write(&file, &rendered).unwrap();
         let docs = yaml_docs(&rendered);
-        assert!(docs.len() >= 3, "{overlay}: {rendered}");
+        assert!(docs.len() >= 2, "{overlay}: {rendered}");
         for version in KUBERNETES_VERSIONS {
             let out = validate(&file, version);
             let report = text(&out);
@@ -662,8 +662,10 @@ mod irsa {
                     && get("WebIdentityToken") == token;
                 seen.lock().unwrap().push(params.clone());
                 let response = if ok {
+                    // An empty session token: SeaweedFS 4 checks a token against its own
+                    // STS and would refuse any other (a real STS's token goes to real S3).
                     let xml = format!(
-                        "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleWithWebIdentityResult><Credentials><AccessKeyId>{}</AccessKeyId><SecretAccessKey>{}</SecretAccessKey><SessionToken>session-from-fake-sts</SessionToken><Expiration>2099-01-01T00:00:00Z</Expiration></Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>",
+                        "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleWithWebIdentityResult><Credentials><AccessKeyId>{}</AccessKeyId><SecretAccessKey>{}</SecretAccessKey><SessionToken></SessionToken><Expiration>2099-01-01T00:00:00Z</Expiration></Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>",
                         keys.0, keys.1
                     );
                     format!(
@@ -745,7 +747,12 @@ mod irsa {
         let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
             .await
             .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            out.status.success(),
+            "{}\nSTS saw: {:?}",
+            text(&out),
+            seen.lock().unwrap()
+        );
         {
             let seen = seen.lock().unwrap();
             assert_eq!(seen.len(), 1, "one AssumeRoleWithWebIdentity: {seen:?}");
