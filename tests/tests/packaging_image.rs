@@ -140,8 +140,8 @@ fn image_runs_version_postgres_check_and_redis_snapshot_as_65532_without_a_shell
     // OCI configuration: entrypoint, user, labels.
     assert_eq!(c.inspect("{{.OCIv1.Config.User}}"), "65532:65532");
     assert_eq!(
-        c.inspect("{{json .OCIv1.Config.Entrypoint}}"),
-        "[\"/usr/bin/syncbridge-agent\"]"
+        c.inspect("{{.OCIv1.Config.Entrypoint}}"),
+        "[/usr/bin/syncbridge-agent]"
     );
     for label in [
         "org.opencontainers.image.version",
