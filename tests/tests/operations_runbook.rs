@@ -172,10 +172,7 @@ listen = "127.0.0.1:{http_port}"
     )
     .unwrap();
     let config_s = config.display().to_string();
-    let mut run = AgentProcess::spawn(
-        &["run", "--config", &config_s],
-        dir.path().join("run.log"),
-    );
+    let mut run = AgentProcess::spawn(&["run", "--config", &config_s], dir.path().join("run.log"));
     // Ready, and the first base backup (taken at start) complete.
     let ready = wait_until(Duration::from_secs(300), || {
         http_get(http_port, "/readyz").is_some_and(|(s, _)| s == 200)
@@ -198,7 +195,9 @@ listen = "127.0.0.1:{http_port}"
 
     // Data corruption: a bad DELETE at a known time; restore to just before it.
     std::thread::sleep(Duration::from_secs(1));
-    let before_bad = pg.query_one_blocking("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')");
+    let before_bad = pg.query_one_blocking(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')",
+    );
     std::thread::sleep(Duration::from_millis(500));
     pg.sql_blocking("DELETE FROM pgbench_accounts WHERE aid % 2 = 0");
     let accounts_after_delete = pg.query_one_blocking("SELECT count(*) FROM pgbench_accounts");
@@ -288,7 +287,10 @@ listen = "127.0.0.1:{http_port}"
         .unwrap();
     assert!(cp.status.success(), "{}", text(&cp));
     let copy_url = format!("file://{}", copy.display());
-    let out = agent().args(["verify", "--repo", &copy_url]).output().unwrap();
+    let out = agent()
+        .args(["verify", "--repo", &copy_url])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
 
     // Redis: restore to the latest point.
@@ -298,6 +300,7 @@ listen = "127.0.0.1:{http_port}"
     let began = Instant::now();
     let out = agent()
         .args([
+            "redis",
             "restore",
             "--repo",
             &redis_repo,

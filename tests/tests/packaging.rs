@@ -47,7 +47,11 @@ fn kustomize(dir: &str) -> String {
         .arg(packaging().join("kubernetes").join(dir))
         .output()
         .unwrap();
-    assert!(out.status.success(), "kubectl kustomize {dir}: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        text(&out)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -156,7 +160,9 @@ fn kustomize_output_passes_kubernetes_validate() {
     let dir = tempfile::tempdir().unwrap();
     for overlay in OVERLAYS {
         let rendered = kustomize(overlay);
-        let file = dir.path().join(format!("{}.yaml", overlay.replace('/', "-")));
+        let file = dir
+            .path()
+            .join(format!("{}.yaml", overlay.replace('/', "-")));
         std::fs::write(&file, &rendered).unwrap();
         let docs = yaml_docs(&rendered);
         assert!(docs.len() >= 2, "{overlay}: {rendered}");
@@ -178,15 +184,24 @@ fn kustomize_output_passes_kubernetes_validate() {
                     "passed for resource {}/{name} against version",
                     kind.to_lowercase()
                 );
-                assert!(report.contains(&passed), "{overlay} {version}: no `{passed}`: {report}");
+                assert!(
+                    report.contains(&passed),
+                    "{overlay} {version}: no `{passed}`: {report}"
+                );
             }
-            for line in report.lines().filter(|l| l.contains("Couldn't find schema")) {
+            for line in report
+                .lines()
+                .filter(|l| l.contains("Couldn't find schema"))
+            {
                 assert!(
                     line.contains("kind PodMonitor") || line.contains("kind PrometheusRule"),
                     "{overlay} {version}: a resource was not validated: {line}"
                 );
             }
-            println!("{overlay}: {} resources valid for Kubernetes {version}", docs.len());
+            println!(
+                "{overlay}: {} resources valid for Kubernetes {version}",
+                docs.len()
+            );
         }
     }
     // The checker bites: a misspelt field of the sidecar's securityContext.
@@ -195,11 +210,19 @@ fn kustomize_output_passes_kubernetes_validate() {
     let broken = dir.path().join("broken.yaml");
     std::fs::write(
         &broken,
-        rendered.replacen("readOnlyRootFilesystem: true", "readOnlyRootFileSystem: true", 1),
+        rendered.replacen(
+            "readOnlyRootFilesystem: true",
+            "readOnlyRootFileSystem: true",
+            1,
+        ),
     )
     .unwrap();
     let out = validate(&broken, KUBERNETES_VERSIONS[1]);
-    assert!(!out.status.success(), "a misspelt field passed: {}", text(&out));
+    assert!(
+        !out.status.success(),
+        "a misspelt field passed: {}",
+        text(&out)
+    );
 }
 
 /// What the issue asks of the manifests, read from the rendered output: every container
@@ -233,7 +256,11 @@ fn manifests_run_the_agent_as_the_issue_describes() {
                 assert_eq!(sc["runAsNonRoot"], true, "{who}");
                 assert_eq!(sc["readOnlyRootFilesystem"], true, "{who}");
                 assert_eq!(sc["allowPrivilegeEscalation"], false, "{who}");
-                assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]), "{who}");
+                assert_eq!(
+                    sc["capabilities"]["drop"],
+                    serde_json::json!(["ALL"]),
+                    "{who}"
+                );
                 assert!(c.pointer("/resources/requests/cpu").is_some(), "{who}");
                 assert!(c.pointer("/resources/limits/memory").is_some(), "{who}");
                 let uid = sc["runAsUser"].as_u64().unwrap_or(0);
@@ -250,11 +277,16 @@ fn manifests_run_the_agent_as_the_issue_describes() {
     for sts in ["postgres", "redis"] {
         let d = find(&base, "StatefulSet", sts);
         let spec = pod_spec(&d).unwrap();
-        let agents: Vec<(bool, &Value)> =
-            containers(spec).into_iter().filter(|(_, c)| is_agent(c)).collect();
+        let agents: Vec<(bool, &Value)> = containers(spec)
+            .into_iter()
+            .filter(|(_, c)| is_agent(c))
+            .collect();
         assert_eq!(agents.len(), 1, "{sts}: one agent sidecar");
         let (init, agent) = agents[0];
-        assert!(init && agent["restartPolicy"] == "Always", "{sts}: a native sidecar");
+        assert!(
+            init && agent["restartPolicy"] == "Always",
+            "{sts}: a native sidecar"
+        );
         assert_eq!(
             agent["args"],
             serde_json::json!(["run", "--config", "/etc/syncbridge/agent.toml"]),
@@ -263,8 +295,15 @@ fn manifests_run_the_agent_as_the_issue_describes() {
         assert_eq!(str_of(agent, "/livenessProbe/httpGet/path"), "/healthz");
         assert_eq!(str_of(agent, "/readinessProbe/httpGet/path"), "/readyz");
         assert_eq!(str_of(agent, "/livenessProbe/httpGet/port"), "metrics");
-        assert_eq!(agent.pointer("/ports/0/name"), Some(&Value::from("metrics")));
-        let port = agent.pointer("/ports/0/containerPort").unwrap().as_u64().unwrap();
+        assert_eq!(
+            agent.pointer("/ports/0/name"),
+            Some(&Value::from("metrics"))
+        );
+        let port = agent
+            .pointer("/ports/0/containerPort")
+            .unwrap()
+            .as_u64()
+            .unwrap();
         // The config comes from a ConfigMap, its secrets from Secret volumes.
         let volumes = spec["volumes"].as_array().unwrap();
         let volume = |name: &str| -> &Value {
@@ -292,7 +331,10 @@ fn manifests_run_the_agent_as_the_issue_describes() {
             .iter()
             .filter(|m| volume(str_of(m, "/name")).get("secret").is_some())
             .count();
-        assert!(secret_mounts >= 2, "{sts}: database and store secrets as files");
+        assert!(
+            secret_mounts >= 2,
+            "{sts}: database and store secrets as files"
+        );
         assert_eq!(
             spec["serviceAccountName"], "syncbridge",
             "{sts}: the ServiceAccount IRSA annotates"
@@ -337,10 +379,7 @@ fn manifests_run_the_agent_as_the_issue_describes() {
     let pitr = yaml_docs(&kustomize("overlays/pitr-restore"));
     let job = find(&pitr, "Job", "pg-pitr-restore");
     let claim = str_of(
-        pod_spec(&job)
-            .unwrap()
-            .pointer("/volumes/0")
-            .unwrap(),
+        pod_spec(&job).unwrap().pointer("/volumes/0").unwrap(),
         "/persistentVolumeClaim/claimName",
     );
     find(&pitr, "PersistentVolumeClaim", claim);
@@ -372,10 +411,7 @@ fn manifests_run_the_agent_as_the_issue_describes() {
                 .iter()
                 .find(|m| Path::new(str_of(m, "/mountPath")) == token.parent().unwrap())
                 .unwrap_or_else(|| panic!("{who}: nothing mounted at the token's directory"));
-            let volume = volumes
-                .iter()
-                .find(|v| v["name"] == mount["name"])
-                .unwrap();
+            let volume = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
             let source = volume
                 .pointer("/projected/sources/0/serviceAccountToken")
                 .unwrap_or_else(|| panic!("{who}: the token is not a projected SA token"));
@@ -393,7 +429,10 @@ fn manifests_run_the_agent_as_the_issue_describes() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 5, "two sidecars, two verify containers, the restore drill");
+    assert_eq!(
+        checked, 5,
+        "two sidecars, two verify containers, the restore drill"
+    );
 }
 
 /// The sidecars' ConfigMap files are valid `run` configurations of this agent
@@ -429,7 +468,8 @@ fn the_sidecar_configmaps_pass_run_check() {
     assert_eq!(checked, 2, "the PostgreSQL and the Redis sidecar");
 }
 
-/// alerts.yml passes `promtool check rules`, its unit tests pass `promtool test rules`
+/// alerts.yml passes `promtool check rules`, its unit tests (alerts.test.yml, and
+/// alerts-long.test.yml for the alerts over days) pass `promtool test rules`
 /// (each alert fires on breaking series and stays silent on healthy ones), the
 /// PrometheusRule of the manifests holds exactly the same groups, and a changed threshold
 /// fails the unit tests.
@@ -447,22 +487,36 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
     };
     let (ok, report) = run(&["check", "rules", "alerts.yml"], &dir);
     assert!(ok && report.contains("SUCCESS"), "{report}");
-    let (ok, report) = run(&["test", "rules", "alerts.test.yml"], &dir);
-    assert!(ok && report.contains("SUCCESS"), "{report}");
+    let (ok, report) = run(
+        &["test", "rules", "alerts.test.yml", "alerts-long.test.yml"],
+        &dir,
+    );
+    assert!(ok && report.matches("SUCCESS").count() == 2, "{report}");
 
     // Every alert of alerts.yml is exercised, firing at least once.
     let alerts_text = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
     let tests_text = std::fs::read_to_string(dir.join("alerts.test.yml")).unwrap();
+    let long_text = std::fs::read_to_string(dir.join("alerts-long.test.yml")).unwrap();
     let rules = &yaml_docs(&alerts_text)[0]["groups"][0]["rules"];
-    let tests = &yaml_docs(&tests_text)[0]["tests"];
+    let mut tests = yaml_docs(&tests_text)[0]["tests"]
+        .as_array()
+        .unwrap()
+        .clone();
+    tests.extend(
+        yaml_docs(&long_text)[0]["tests"]
+            .as_array()
+            .unwrap()
+            .clone(),
+    );
     let mut names = Vec::new();
     for rule in rules.as_array().unwrap() {
         let name = str_of(rule, "/alert");
-        let fires = tests.as_array().unwrap().iter().any(|t| {
-            t["alert_rule_test"].as_array().unwrap().iter().any(|c| {
-                c["alertname"] == name && !c["exp_alerts"].as_array().unwrap().is_empty()
-            })
-        });
+        let fires =
+            tests.iter().any(|t| {
+                t["alert_rule_test"].as_array().unwrap().iter().any(|c| {
+                    c["alertname"] == name && !c["exp_alerts"].as_array().unwrap().is_empty()
+                })
+            });
         assert!(fires, "{name} is never shown to fire in alerts.test.yml");
         names.push(name.to_owned());
     }
@@ -481,10 +535,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
 
     // The PrometheusRule is alerts.yml.
     let base = yaml_docs(&kustomize("base"));
-    let rule = base
-        .iter()
-        .find(|d| d["kind"] == "PrometheusRule")
-        .unwrap();
+    let rule = base.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
     assert_eq!(
         rule["spec"]["groups"],
         yaml_docs(&alerts_text)[0]["groups"],
@@ -514,8 +565,8 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         !sa.is_empty() && Path::new(&sa).is_file(),
         "systemd-analyze is not installed (package systemd): {RUN_MAKE_DEPS}"
     );
-    let unit = std::fs::read_to_string(packaging().join("systemd/syncbridge-agent.service"))
-        .unwrap();
+    let unit =
+        std::fs::read_to_string(packaging().join("systemd/syncbridge-agent.service")).unwrap();
     for wanted in [
         "ExecStart=/usr/local/bin/syncbridge-agent run --config /etc/syncbridge/agent.toml",
         "Type=exec",
@@ -545,8 +596,11 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         for e in std::fs::read_dir("/usr/lib/systemd/system").unwrap() {
             let e = e.unwrap();
             if e.file_type().unwrap().is_file() {
-                std::fs::copy(e.path(), r.join("usr/lib/systemd/system").join(e.file_name()))
-                    .unwrap();
+                std::fs::copy(
+                    e.path(),
+                    r.join("usr/lib/systemd/system").join(e.file_name()),
+                )
+                .unwrap();
             }
         }
         std::fs::write(r.join("etc/systemd/system/syncbridge-agent.service"), text).unwrap();
@@ -600,8 +654,13 @@ mod irsa {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let (tls, token, role, keys, seen) =
-                (tls.clone(), token.clone(), role.clone(), keys.clone(), seen.clone());
+            let (tls, token, role, keys, seen) = (
+                tls.clone(),
+                token.clone(),
+                role.clone(),
+                keys.clone(),
+                seen.clone(),
+            );
             tokio::spawn(async move {
                 let Ok(mut s) = tls.accept(tcp).await else {
                     return;
@@ -688,11 +747,10 @@ mod irsa {
     fn acceptor(certs: &syncbridge_tests::tls::TestCerts) -> tokio_rustls::TlsAcceptor {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(&certs.server_cert)
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&certs.server_cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
         let key = PrivateKeyDer::from_pem_file(&certs.server_key).unwrap();
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -716,7 +774,10 @@ mod irsa {
         let role = "arn:aws:iam::111122223333:role/syncbridge-backups".to_owned();
         let seen: Seen = Arc::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let sts = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let sts = format!(
+            "https://127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        );
         let server = tokio::spawn(serve_sts(
             listener,
             acceptor(&certs),
@@ -756,7 +817,12 @@ mod irsa {
         {
             let seen = seen.lock().unwrap();
             assert_eq!(seen.len(), 1, "one AssumeRoleWithWebIdentity: {seen:?}");
-            let get = |k: &str| seen[0].iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+            let get = |k: &str| {
+                seen[0]
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.as_str())
+            };
             assert_eq!(get("Action"), Some("AssumeRoleWithWebIdentity"));
             assert_eq!(get("RoleArn"), Some(role.as_str()));
             assert_eq!(get("WebIdentityToken"), Some(token.as_str()));
@@ -782,7 +848,10 @@ mod irsa {
             .await
             .unwrap();
         assert!(!out.status.success(), "{}", text(&out));
-        assert!(seen.lock().unwrap().len() >= 2, "the second run asked STS too");
+        assert!(
+            seen.lock().unwrap().len() >= 2,
+            "the second run asked STS too"
+        );
         assert!(
             !String::from_utf8_lossy(&out.stderr).contains("eyJ.someone-else"),
             "the token is never echoed: {}",
@@ -860,8 +929,8 @@ fn operations_md_commands_are_the_agents() {
             Some(t) if subs.len() == 2 => (subs.clone(), t),
             _ => {
                 let path = subs[..1].to_vec();
-                let t = help(&path)
-                    .unwrap_or_else(|| panic!("`{command}`: no sub-command {:?}", path));
+                let t =
+                    help(&path).unwrap_or_else(|| panic!("`{command}`: no sub-command {:?}", path));
                 (path, t)
             }
         };

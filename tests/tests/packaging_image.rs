@@ -117,13 +117,7 @@ fn image_files(c: &Container) -> Vec<String> {
             if t.is_dir() {
                 stack.push(e.path());
             } else {
-                files.push(
-                    e.path()
-                        .strip_prefix(&mnt)
-                        .unwrap()
-                        .display()
-                        .to_string(),
-                );
+                files.push(e.path().strip_prefix(&mnt).unwrap().display().to_string());
             }
         }
     }
@@ -168,11 +162,18 @@ fn image_runs_version_postgres_check_and_redis_snapshot_as_65532_without_a_shell
             || f == "etc/nsswitch.conf"
             || f.starts_with("lib/x86_64-linux-gnu/")
             || f.starts_with("lib64/ld-linux");
-        assert!(allowed, "unexpected file in the image: {f} (all: {files:?})");
+        assert!(
+            allowed,
+            "unexpected file in the image: {f} (all: {files:?})"
+        );
     }
     assert!(files.len() <= 10, "{files:?}");
     let no_shell = c.run(None, &[], &["/bin/sh", "-c", "true"]);
-    assert!(!no_shell.status.success(), "a shell ran: {}", text(&no_shell));
+    assert!(
+        !no_shell.status.success(),
+        "a shell ran: {}",
+        text(&no_shell)
+    );
 
     // version
     let out = c.run(None, &[], &["/usr/bin/syncbridge-agent", "version"]);
@@ -193,7 +194,13 @@ fn image_runs_version_postgres_check_and_redis_snapshot_as_65532_without_a_shell
     let out = c.run(
         None,
         &[("PGPASSWORD", &password)],
-        &["/usr/bin/syncbridge-agent", "postgres", "check", "--source", &source],
+        &[
+            "/usr/bin/syncbridge-agent",
+            "postgres",
+            "check",
+            "--source",
+            &source,
+        ],
     );
     assert!(out.status.success(), "{}", text(&out));
     let want = pg.query_one_blocking("SELECT system_identifier FROM pg_control_system()");
@@ -225,10 +232,17 @@ fn image_runs_version_postgres_check_and_redis_snapshot_as_65532_without_a_shell
     );
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("db0:") && stdout.contains("keys=1"), "{stdout}");
+    assert!(
+        stdout.contains("db0:") && stdout.contains("keys=1"),
+        "{stdout}"
+    );
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(work.path().join("repo")).unwrap();
-    assert_eq!((meta.uid(), meta.gid()), (65532, 65532), "the repository's owner");
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (65532, 65532),
+        "the repository's owner"
+    );
     let mut owners = Vec::new();
     let mut stack = vec![work.path().join("repo")];
     while let Some(d) = stack.pop() {
@@ -241,7 +255,10 @@ fn image_runs_version_postgres_check_and_redis_snapshot_as_65532_without_a_shell
             }
         }
     }
-    assert!(owners.len() > 2 && owners.iter().all(|&u| u == 65532), "{owners:?}");
+    assert!(
+        owners.len() > 2 && owners.iter().all(|&u| u == 65532),
+        "{owners:?}"
+    );
 
     let size = buildah()
         .args(["images", "--format", "{{.Size}}"])
