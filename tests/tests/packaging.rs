@@ -263,6 +263,19 @@ fn manifests_run_the_agent_as_the_issue_describes() {
                 );
                 assert!(c.pointer("/resources/requests/cpu").is_some(), "{who}");
                 assert!(c.pointer("/resources/limits/memory").is_some(), "{who}");
+                if is_agent(c) {
+                    // The agent's command line is one it has.
+                    let args: Vec<&str> = c["args"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|a| a.as_str().unwrap())
+                        .collect();
+                    let line = format!("syncbridge-agent {}", args.join(" "));
+                    if let Err(e) = check_agent_command(&line) {
+                        panic!("{who}: {e}");
+                    }
+                }
                 let uid = sc["runAsUser"].as_u64().unwrap_or(0);
                 assert!(uid > 0, "{who}: runAsUser");
                 // Restores run as the database's uid, which must read what they write.
@@ -895,6 +908,25 @@ fn operations_md_commands_are_the_agents() {
         }
     }
     assert!(commands.len() >= 15, "{commands:?}");
+    for command in &commands {
+        if let Err(e) = check_agent_command(command) {
+            panic!("docs/operations.md: {e}");
+        }
+    }
+    // The check bites: an unknown sub-command, one of a group, an unknown flag.
+    for bad in [
+        "syncbridge-agent frobnicate --repo s3://b/p",
+        "syncbridge-agent postgres frobnicate",
+        "syncbridge-agent verify --repo s3://b/p --max-staleness 5m",
+    ] {
+        assert!(check_agent_command(bad).is_err(), "{bad} passed");
+    }
+    println!("{} commands of docs/operations.md checked", commands.len());
+}
+
+/// `Err` when `command` (`syncbridge-agent SUB [SUB] [--flag value]…`) names a sub-command
+/// the agent does not have, or a flag its `--help` does not list.
+fn check_agent_command(command: &str) -> Result<(), String> {
     let help = |path: &[&str]| -> Option<String> {
         let out = syncbridge_tests::agent::command(&["SYNCBRIDGE_", "AWS_"])
             .args(path)
@@ -905,43 +937,44 @@ fn operations_md_commands_are_the_agents() {
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    for command in &commands {
-        // Comments end the command; quoted values are not flags.
-        let command = command.split(" #").next().unwrap();
-        let mut words = Vec::new();
-        let mut quoted = false;
-        for w in command.split_whitespace().skip(1) {
-            let quotes = w.matches('\'').count();
-            if !quoted {
-                words.push(w);
-            }
-            if quotes % 2 == 1 {
-                quoted = !quoted;
-            }
+    // Comments end the command; quoted values are not flags.
+    let command = command.split(" #").next().unwrap_or_default();
+    let mut words = Vec::new();
+    let mut quoted = false;
+    for w in command.split_whitespace().skip(1) {
+        if !quoted {
+            words.push(w);
         }
-        let subs: Vec<&str> = words
-            .iter()
-            .take_while(|w| !w.starts_with('-'))
-            .take(2)
-            .copied()
-            .collect();
-        let (path, text) = match help(&subs) {
-            Some(t) if subs.len() == 2 => (subs.clone(), t),
-            _ => {
-                let path = subs[..1].to_vec();
-                let t =
-                    help(&path).unwrap_or_else(|| panic!("`{command}`: no sub-command {:?}", path));
-                (path, t)
-            }
-        };
-        for flag in words.iter().filter(|w| w.starts_with("--")) {
-            let flag = flag.split('=').next().unwrap();
-            assert!(
-                text.contains(&format!("{flag} ")) || text.contains(&format!("{flag}\n")),
-                "`{command}`: `syncbridge-agent {}` has no {flag}",
-                path.join(" ")
-            );
+        if w.matches('\'').count() % 2 == 1 {
+            quoted = !quoted;
         }
     }
-    println!("{} commands of docs/operations.md checked", commands.len());
+    let subs: Vec<&str> = words
+        .iter()
+        .take_while(|w| !w.starts_with('-'))
+        .take(2)
+        .copied()
+        .collect();
+    if subs.is_empty() {
+        return Err(format!("`{command}`: no sub-command"));
+    }
+    let first =
+        help(&subs[..1]).ok_or_else(|| format!("`{command}`: no sub-command {}", subs[0]))?;
+    let (path, text) = if subs.len() == 2 && first.contains("\nCommands:\n") {
+        let t = help(&subs)
+            .ok_or_else(|| format!("`{command}`: `{}` has no sub-command {}", subs[0], subs[1]))?;
+        (subs.clone(), t)
+    } else {
+        (subs[..1].to_vec(), first)
+    };
+    for flag in words.iter().filter(|w| w.starts_with("--")) {
+        let flag = flag.split('=').next().unwrap_or_default();
+        if !(text.contains(&format!("{flag} ")) || text.contains(&format!("{flag}\n"))) {
+            return Err(format!(
+                "`{command}`: `syncbridge-agent {}` has no {flag}",
+                path.join(" ")
+            ));
+        }
+    }
+    Ok(())
 }
