@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use wire::redis::cluster::{key_hash_slot, ClusterTopology, SlotMap, SlotRange};
+use wire::redis::cluster::{key_hash_slot, ClusterError, ClusterTopology, SlotMap, SlotRange};
 use wire::redis::resp::Reply;
 
 use crate::redis::{parse_info, RedisFlavor, RedisServer, RespConnection, RespValue};
@@ -262,10 +262,15 @@ impl RedisCluster {
     }
 
     /// The topology node `i` reports in `CLUSTER SHARDS`, parsed by `wire`.
-    pub fn topology_of(&self, i: usize) -> ClusterTopology {
+    pub fn try_topology_of(&self, i: usize) -> Result<ClusterTopology, ClusterError> {
         let reply = self.nodes[i].cmd(&["CLUSTER", "SHARDS"]);
         ClusterTopology::from_cluster_shards(&to_wire(&reply))
-            .unwrap_or_else(|e| panic!("CLUSTER SHARDS of node {i}: {e}\nreply: {reply}"))
+    }
+
+    /// [`try_topology_of`](Self::try_topology_of), panicking on an error.
+    pub fn topology_of(&self, i: usize) -> ClusterTopology {
+        self.try_topology_of(i)
+            .unwrap_or_else(|e| panic!("CLUSTER SHARDS of node {i}: {e}"))
     }
 
     /// The topology node `i` reports in `CLUSTER NODES`, parsed by `wire`.
@@ -278,10 +283,15 @@ impl RedisCluster {
             .unwrap_or_else(|e| panic!("CLUSTER NODES of node {i}: {e}\n{text}"))
     }
 
-    /// The topology as the first answering node sees it (`CLUSTER SHARDS`).
+    /// The topology as the first answering node sees it: `CLUSTER SHARDS`, or `CLUSTER
+    /// NODES` while a Valkey shard lists two live masters (the agent's fallback too).
     pub fn topology(&self) -> ClusterTopology {
         let i = self.index_of_port(self.any_running().port()).unwrap_or(0);
-        self.topology_of(i)
+        match self.try_topology_of(i) {
+            Ok(t) => t,
+            Err(ClusterError::AmbiguousShard { .. }) => self.topology_from_nodes_of(i),
+            Err(e) => panic!("CLUSTER SHARDS of node {i}: {e}"),
+        }
     }
 
     /// The current slot map (owners are master node ids).
@@ -416,17 +426,11 @@ impl RedisCluster {
                 if keys.is_empty() {
                     break;
                 }
-                let mut args: Vec<Vec<u8>> = [
-                    "MIGRATE",
-                    "127.0.0.1",
-                    dst_port.as_str(),
-                    "",
-                    "0",
-                    "10000",
-                ]
-                .iter()
-                .map(|a| a.as_bytes().to_vec())
-                .collect();
+                let mut args: Vec<Vec<u8>> =
+                    ["MIGRATE", "127.0.0.1", dst_port.as_str(), "", "0", "10000"]
+                        .iter()
+                        .map(|a| a.as_bytes().to_vec())
+                        .collect();
                 if let Some(pw) = src.password() {
                     args.push(b"AUTH".to_vec());
                     args.push(pw.as_bytes().to_vec());
@@ -490,10 +494,9 @@ impl RedisCluster {
             let Ok(info) = n.try_cmd(&["CLUSTER", "INFO"]) else {
                 return false;
             };
-            if info
-                .as_str()
-                .is_none_or(|t| parse_info(t).get("cluster_state").map(String::as_str) != Some("ok"))
-            {
+            if info.as_str().is_none_or(|t| {
+                parse_info(t).get("cluster_state").map(String::as_str) != Some("ok")
+            }) {
                 return false;
             }
             let Ok(repl) = n.try_cmd(&["INFO", "replication"]) else {
@@ -574,9 +577,7 @@ pub fn even_ranges(n: usize) -> Vec<SlotRange> {
             last = total as i64 - 1;
         }
         last = last.max(first);
-        out.push(
-            SlotRange::new(first, last).unwrap_or_else(|e| panic!("even range {i}/{n}: {e}")),
-        );
+        out.push(SlotRange::new(first, last).unwrap_or_else(|e| panic!("even range {i}/{n}: {e}")));
         first = last + 1;
         cursor += per_node;
     }

@@ -187,7 +187,11 @@ fn keys_land_on_the_nodes_owning_their_slots() {
             value.extend_from_slice(k);
             client.set(k, &value);
         }
-        assert_eq!(client.redirects(), 0, "{flavor}: the slot map routed every key");
+        assert_eq!(
+            client.redirects(),
+            0,
+            "{flavor}: the slot map routed every key"
+        );
         let map = c.slot_map();
         let mut per_node = [0i64; 3];
         for k in &distinct {
@@ -218,7 +222,10 @@ fn keys_land_on_the_nodes_owning_their_slots() {
                 Some(n),
                 "{flavor} node {i}"
             );
-            assert!(n > 500, "{flavor}: keys spread over every shard: {per_node:?}");
+            assert!(
+                n > 500,
+                "{flavor}: keys spread over every shard: {per_node:?}"
+            );
         }
     }
 }
@@ -299,8 +306,14 @@ fn failover_is_observed_in_the_parsed_topology() {
                     .any(|n| n.id == dead && n.health == NodeHealth::Failed)
             })
         };
-        while !(failed_in(&c.topology_of(0)) && failed_in(&c.topology_from_nodes_of(0))) {
-            assert!(Instant::now() < deadline, "{flavor}: node 1 never flagged failed");
+        // (Until then Valkey's CLUSTER SHARDS may be ambiguous: two live masters in a shard.)
+        while !(c.try_topology_of(0).is_ok_and(|t| failed_in(&t))
+            && failed_in(&c.topology_from_nodes_of(0)))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{flavor}: node 1 never flagged failed"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         let t = c.topology_of(0);
@@ -351,7 +364,10 @@ fn slot_migration_under_load_is_observed_as_a_slot_map_diff() {
         let mut client = c.client();
         for (i, t) in tags.iter().enumerate() {
             for j in 0..20 {
-                client.set(format!("{{{t}}}:pre:{j}").as_bytes(), format!("{i}").as_bytes());
+                client.set(
+                    format!("{{{t}}}:pre:{j}").as_bytes(),
+                    format!("{i}").as_bytes(),
+                );
             }
         }
         for i in 0..500 {

@@ -61,6 +61,20 @@ pub enum ClusterError {
     /// A `CLUSTER SHARDS` reply that does not have the documented shape.
     #[error("CLUSTER SHARDS reply: {0}")]
     Shards(String),
+    /// A `CLUSTER SHARDS` shard listing several masters none of which is marked failed:
+    /// Valkey groups by shard id, so right after a failover (before the old master is
+    /// flagged `fail`, up to `cluster-node-timeout` later) the dead master and the promoted
+    /// replica are both `master`, and the reply does not say which one owns the slots.
+    /// `CLUSTER NODES` does (slots are listed per node).
+    #[error(
+        "CLUSTER SHARDS lists {} masters not marked failed in one shard ({}), a failover not          settled yet: read CLUSTER NODES instead",
+        masters.len(),
+        masters.join(", ")
+    )]
+    AmbiguousShard {
+        /// The node ids claiming to be the shard's master.
+        masters: Vec<String>,
+    },
     /// A `CLUSTER NODES` line that cannot be read.
     #[error("CLUSTER NODES line {line}: {reason}")]
     Nodes {
@@ -401,7 +415,10 @@ impl ClusterTopology {
         };
         let mut shards = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
-            shards.push(parse_shard(item).map_err(|m| err(format!("shard {i}: {m}")))?);
+            shards.push(parse_shard(item).map_err(|e| match e {
+                ShardError::Shape(m) => err(format!("shard {i}: {m}")),
+                ShardError::Ambiguous(masters) => ClusterError::AmbiguousShard { masters },
+            })?);
         }
         Ok(ClusterTopology::canonical(shards))
     }
@@ -591,7 +608,50 @@ pub fn is_node_id(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn parse_shard(r: &Reply) -> Result<Shard, String> {
+enum ShardError {
+    Shape(String),
+    Ambiguous(Vec<String>),
+}
+
+impl From<String> for ShardError {
+    fn from(m: String) -> ShardError {
+        ShardError::Shape(m)
+    }
+}
+
+fn parse_shard(r: &Reply) -> Result<Shard, ShardError> {
+    let (id, slots, nodes) = shard_fields(r)?;
+    let (masters, replicas): (Vec<NodeInfo>, Vec<NodeInfo>) =
+        nodes.into_iter().partition(|n| n.role == NodeRole::Master);
+    let alive: Vec<usize> = (0..masters.len())
+        .filter(|&i| masters[i].health != NodeHealth::Failed)
+        .collect();
+    if alive.len() > 1 {
+        let mut ids: Vec<String> = alive.iter().map(|&i| masters[i].id.clone()).collect();
+        ids.sort();
+        return Err(ShardError::Ambiguous(ids));
+    }
+    let serving = match (alive.first(), masters.is_empty()) {
+        (Some(&i), _) => i,
+        (None, false) => 0,
+        (None, true) => {
+            return Err(format!("no master among the nodes of slots {}", slots).into());
+        }
+    };
+    let mut masters = masters;
+    let master = masters.remove(serving);
+    Ok(Shard {
+        id,
+        master,
+        replicas,
+        other_masters: masters,
+        slots,
+    })
+}
+
+type ShardFields = (Option<String>, SlotRanges, Vec<NodeInfo>);
+
+fn shard_fields(r: &Reply) -> Result<ShardFields, String> {
     let mut slots = None;
     let mut nodes = None;
     let mut id = None;
@@ -634,24 +694,7 @@ fn parse_shard(r: &Reply) -> Result<Shard, String> {
     }
     let slots = slots.ok_or("no slots")?;
     let nodes = nodes.ok_or("no nodes")?;
-    let (masters, replicas): (Vec<NodeInfo>, Vec<NodeInfo>) =
-        nodes.into_iter().partition(|n| n.role == NodeRole::Master);
-    let serving = masters
-        .iter()
-        .position(|n| n.health != NodeHealth::Failed)
-        .or(if masters.is_empty() { None } else { Some(0) });
-    let Some(serving) = serving else {
-        return Err(format!("no master among the nodes of slots {slots:?}"));
-    };
-    let mut masters = masters;
-    let master = masters.remove(serving);
-    Ok(Shard {
-        id,
-        master,
-        replicas,
-        other_masters: masters,
-        slots,
-    })
+    Ok((id, slots, nodes))
 }
 
 fn parse_shard_node(r: &Reply) -> Result<NodeInfo, String> {

@@ -224,6 +224,27 @@ fn valkey_keeps_a_failed_master_in_its_shard() {
 }
 
 #[test]
+fn two_live_masters_in_one_shard_are_ambiguous() {
+    // Valkey right after a forced failover: the dead master is not flagged `fail` yet.
+    let reply = Reply::Array(vec![shard(
+        &[0, 16383],
+        vec![
+            node(RA, 7005, "master", 120, "online"),
+            node(A, 7001, "master", 100, "online"),
+        ],
+        Some(SHARD_A),
+    )]);
+    let e = ClusterTopology::from_cluster_shards(&reply).unwrap_err();
+    assert_eq!(
+        e,
+        ClusterError::AmbiguousShard {
+            masters: vec![A.to_owned(), RA.to_owned()]
+        }
+    );
+    assert!(e.to_string().contains("read CLUSTER NODES"), "{e}");
+}
+
+#[test]
 fn parses_cluster_nodes_and_agrees_with_cluster_shards() {
     let nodes = ClusterTopology::from_cluster_nodes(NODES).unwrap();
     let shards = ClusterTopology::from_cluster_shards(&three_shards(false)).unwrap();
