@@ -242,6 +242,7 @@ fn failover_is_observed_in_the_parsed_topology() {
         // that takes over (`shiftReplicationId` in Redis `src/replication.c`).
         let old = replication(&c, 0);
         let before = c.slot_map();
+        let shard_id_before = c.topology_of(1).shards[0].id.clone();
 
         // 1. Coordinated failover: replica 3 takes over from master 0.
         c.failover(3, false);
@@ -266,6 +267,14 @@ fn failover_is_observed_in_the_parsed_topology() {
             );
             assert_eq!(shape(&t), shape(&c.topology_from_nodes_of(i)), "{flavor}");
         }
+        // The shard id (Valkey) survives the failover; Redis 7.0 has none.
+        let t = c.topology_of(1);
+        assert_eq!(
+            t.shards[t.shard_of_slot(0).unwrap()].id,
+            shard_id_before,
+            "{flavor}"
+        );
+        assert_eq!(shard_id_before.is_some(), flavor == RedisFlavor::Valkey9);
         let new = replication(&c, 3);
         assert_eq!(new["role"], "master");
         assert_eq!(
