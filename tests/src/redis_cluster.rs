@@ -43,9 +43,10 @@ impl RedisClusterBuilder {
         self
     }
 
-    /// `cluster-node-timeout` (default here 5000 ms, the server's is 15000): how long a node
-    /// may be unreachable before it is marked failed and its replica may take over. Too
-    /// short fails nodes spuriously on a loaded 2-core machine.
+    /// `cluster-node-timeout` (default 15000 ms, the server's): how long a node may be
+    /// unreachable before it is marked failed and its replica may take over on its own.
+    /// 5000 caused spurious failovers with two clusters on a loaded 2-core machine; tests
+    /// that kill a master use `CLUSTER FAILOVER FORCE` rather than wait for this.
     pub fn node_timeout_ms(mut self, ms: u64) -> Self {
         self.node_timeout_ms = ms;
         self
@@ -90,7 +91,7 @@ impl RedisCluster {
             masters,
             replicas_per_master,
             password: None,
-            node_timeout_ms: 5000,
+            node_timeout_ms: 15000,
             extra_args: Vec::new(),
         }
     }
@@ -381,7 +382,19 @@ impl RedisCluster {
         if force {
             args.push("FORCE");
         }
-        expect_ok(self.nodes[replica].cmd(&args), "CLUSTER FAILOVER");
+        let reply = self.nodes[replica].cmd(&args);
+        if !reply.is_ok() {
+            let role = self.nodes[replica].cmd(&["ROLE"]);
+            panic!(
+                "{}: {} on node {replica}: {reply}; ROLE: {role}; CLUSTER NODES:\n{}",
+                self.flavor,
+                args.join(" "),
+                self.nodes[replica]
+                    .cmd(&["CLUSTER", "NODES"])
+                    .as_str()
+                    .unwrap_or("?")
+            );
+        }
         self.wait_promoted(replica);
     }
 
@@ -404,39 +417,80 @@ impl RedisCluster {
     /// the keys in batches until the slot is empty, then `SETSLOT NODE` on the target, the
     /// source and every other master. Waits until every node agrees.
     pub fn migrate_slots(&self, from: usize, to: usize, slots: impl IntoIterator<Item = u16>) {
-        let (src, dst) = (&self.nodes[from], &self.nodes[to]);
+        self.migrate_slots_observed(from, to, slots, |_| {});
+    }
+
+    /// [`migrate_slots`](Self::migrate_slots), calling `after_slot(slot)` once each slot has
+    /// moved (and before the next starts): a test can note a moment in the middle of a move.
+    pub fn migrate_slots_observed(
+        &self,
+        from: usize,
+        to: usize,
+        slots: impl IntoIterator<Item = u16>,
+        mut after_slot: impl FnMut(u16),
+    ) {
         let (src_id, dst_id) = (self.ids[from].clone(), self.ids[to].clone());
-        let masters: Vec<usize> = self.current_masters();
-        let dst_port = dst.port().to_string();
+        let others: Vec<usize> = self
+            .current_masters()
+            .into_iter()
+            .filter(|&m| m != from && m != to)
+            .collect();
+        // One connection per node for the whole move (a thousand slots take ~10k commands).
+        let mut src = self.nodes[from].connect();
+        let mut dst = self.nodes[to].connect();
+        let mut rest: Vec<RespConnection> =
+            others.iter().map(|&m| self.nodes[m].connect()).collect();
+        let run = |c: &mut RespConnection, args: &[&[u8]]| -> RespValue {
+            c.cmd(args).unwrap_or_else(|e| {
+                panic!(
+                    "migration command {:?}: {e}",
+                    String::from_utf8_lossy(args[0])
+                )
+            })
+        };
+        let mut migrate_head: Vec<Vec<u8>> = [
+            "MIGRATE",
+            "127.0.0.1",
+            &self.nodes[to].port().to_string(),
+            "",
+            "0",
+            "10000",
+        ]
+        .iter()
+        .map(|a| a.as_bytes().to_vec())
+        .collect();
+        if let Some(pw) = self.nodes[from].password() {
+            migrate_head.push(b"AUTH".to_vec());
+            migrate_head.push(pw.as_bytes().to_vec());
+        }
+        migrate_head.push(b"REPLACE".to_vec());
+        migrate_head.push(b"KEYS".to_vec());
         for slot in slots {
             let s = slot.to_string();
+            let s = s.as_bytes();
             expect_ok(
-                dst.cmd(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]),
+                run(
+                    &mut dst,
+                    &[b"CLUSTER", b"SETSLOT", s, b"IMPORTING", src_id.as_bytes()],
+                ),
                 "SETSLOT IMPORTING",
             );
             expect_ok(
-                src.cmd(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]),
+                run(
+                    &mut src,
+                    &[b"CLUSTER", b"SETSLOT", s, b"MIGRATING", dst_id.as_bytes()],
+                ),
                 "SETSLOT MIGRATING",
             );
             loop {
-                let keys = match src.cmd(&["CLUSTER", "GETKEYSINSLOT", &s, "100"]) {
+                let keys = match run(&mut src, &[b"CLUSTER", b"GETKEYSINSLOT", s, b"100"]) {
                     RespValue::Array(keys) => keys,
                     other => panic!("GETKEYSINSLOT {slot}: {other}"),
                 };
                 if keys.is_empty() {
                     break;
                 }
-                let mut args: Vec<Vec<u8>> =
-                    ["MIGRATE", "127.0.0.1", dst_port.as_str(), "", "0", "10000"]
-                        .iter()
-                        .map(|a| a.as_bytes().to_vec())
-                        .collect();
-                if let Some(pw) = src.password() {
-                    args.push(b"AUTH".to_vec());
-                    args.push(pw.as_bytes().to_vec());
-                }
-                args.push(b"REPLACE".to_vec());
-                args.push(b"KEYS".to_vec());
+                let mut args = migrate_head.clone();
                 for k in keys {
                     args.push(
                         k.as_bytes()
@@ -444,28 +498,22 @@ impl RedisCluster {
                             .to_vec(),
                     );
                 }
-                match src.cmd(&args) {
+                match src
+                    .cmd(&args)
+                    .unwrap_or_else(|e| panic!("MIGRATE of slot {slot}: {e}"))
+                {
                     RespValue::Simple(ok) if ok == "OK" || ok == "NOKEY" => {}
                     other => panic!("MIGRATE of slot {slot}: {other}"),
                 }
             }
             // The order of redis-cli's clusterManagerMoveSlot: target, source, then the rest.
-            expect_ok(
-                dst.cmd(&["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]),
-                "SETSLOT NODE (target)",
-            );
-            expect_ok(
-                src.cmd(&["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]),
-                "SETSLOT NODE (source)",
-            );
-            for &m in &masters {
-                if m != from && m != to {
-                    expect_ok(
-                        self.nodes[m].cmd(&["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]),
-                        "SETSLOT NODE (other master)",
-                    );
-                }
+            let node = [&b"CLUSTER"[..], b"SETSLOT", s, b"NODE", dst_id.as_bytes()];
+            expect_ok(run(&mut dst, &node), "SETSLOT NODE (target)");
+            expect_ok(run(&mut src, &node), "SETSLOT NODE (source)");
+            for c in &mut rest {
+                expect_ok(run(c, &node), "SETSLOT NODE (other master)");
             }
+            after_slot(slot);
         }
         self.wait_stable();
     }

@@ -116,9 +116,9 @@ fn three_masters_and_three_replicas_come_up_on_both_flavors() {
                 ));
             }
             RedisFlavor::Valkey9 => {
-                for m in 0..3 {
+                for (m, id) in shard_ids[0].iter().enumerate() {
                     let mine = c.node(m).cmd(&["CLUSTER", "MYSHARDID"]);
-                    assert_eq!(shard_ids[0][m].as_deref(), mine.as_str(), "{flavor}");
+                    assert_eq!(id.as_deref(), mine.as_str(), "{flavor}");
                     let replica = c.node(3 + m).cmd(&["CLUSTER", "MYSHARDID"]);
                     assert_eq!(mine, replica, "{flavor}: a replica shares its shard id");
                 }
@@ -389,6 +389,7 @@ fn slot_migration_under_load_is_observed_as_a_slot_map_diff() {
         let stop = AtomicBool::new(false);
         let written = AtomicU64::new(0);
         let mut writer_client = c.client();
+        let mut mid_map = None;
         let (acked, redirects) = std::thread::scope(|s| {
             let writer = s.spawn(|| {
                 let mut n: u64 = 0;
@@ -404,7 +405,15 @@ fn slot_migration_under_load_is_observed_as_a_slot_map_diff() {
             while written.load(Ordering::SeqCst) < 200 {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            c.migrate_slots(0, 1, moved.slots());
+            // Half-way, a master that is neither source nor target already sees the first
+            // half moved (SETSLOT NODE reached it directly).
+            let mut mid = None;
+            c.migrate_slots_observed(0, 1, moved.slots(), |slot| {
+                if slot == 49 {
+                    mid = Some(c.topology_from_nodes_of(2).slot_map().unwrap());
+                }
+            });
+            mid_map = mid;
             let at_end = written.load(Ordering::SeqCst);
             while written.load(Ordering::SeqCst) < at_end + 200 {
                 std::thread::sleep(Duration::from_millis(5));
@@ -423,6 +432,15 @@ fn slot_migration_under_load_is_observed_as_a_slot_map_diff() {
                 to: Some(c.node_id(1).to_owned()),
             }],
             "{flavor}"
+        );
+        assert_eq!(
+            before.diff(&mid_map.unwrap()),
+            vec![SlotMove {
+                slots: SlotRange::new(0, 49).unwrap(),
+                from: Some(c.node_id(0).to_owned()),
+                to: Some(c.node_id(1).to_owned()),
+            }],
+            "{flavor}: half-way"
         );
         assert_eq!(
             after.slots_of(c.node_id(0)),
