@@ -367,7 +367,8 @@ fn tags_in(slots: SlotRange, n: usize) -> Vec<String> {
 #[test]
 fn slot_migration_under_load_is_observed_as_a_slot_map_diff() {
     for &flavor in RedisFlavor::all() {
-        let c = RedisCluster::start(flavor, 3, 1);
+        // No replicas: the move is the same with them, and this test is the heaviest.
+        let c = RedisCluster::start(flavor, 3, 0);
         let moved = SlotRange::new(0, 99).unwrap();
         let tags = tags_in(moved, 40);
         let mut client = c.client();
@@ -401,10 +402,15 @@ fn slot_migration_under_load_is_observed_as_a_slot_map_diff() {
                 }
                 (n, writer_client.redirects())
             });
+            // Waits for the writer to pass `n` writes; returns early if it died (its panic
+            // then surfaces at join) instead of spinning forever.
+            let wait_for = |n: u64| {
+                while written.load(Ordering::SeqCst) < n && !writer.is_finished() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            };
             // Under load: the writer is going before, during and after the move.
-            while written.load(Ordering::SeqCst) < 200 {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait_for(200);
             // Half-way, a master that is neither source nor target already sees the first
             // half moved (SETSLOT NODE reached it directly).
             let mut mid = None;
@@ -414,10 +420,7 @@ fn slot_migration_under_load_is_observed_as_a_slot_map_diff() {
                 }
             });
             mid_map = mid;
-            let at_end = written.load(Ordering::SeqCst);
-            while written.load(Ordering::SeqCst) < at_end + 200 {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait_for(written.load(Ordering::SeqCst) + 200);
             stop.store(true, Ordering::SeqCst);
             writer.join().unwrap()
         });
@@ -446,7 +449,7 @@ fn slot_migration_under_load_is_observed_as_a_slot_map_diff() {
             after.slots_of(c.node_id(0)),
             SlotRanges::from_ranges([SlotRange::new(100, 5460).unwrap()])
         );
-        for i in 0..6 {
+        for i in 0..3 {
             let t = c.topology_from_nodes_of(i);
             assert_eq!(t.slot_map().unwrap(), after, "{flavor} node {i} agrees");
         }
