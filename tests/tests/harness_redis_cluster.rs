@@ -502,3 +502,115 @@ fn dropping_a_cluster_removes_every_node_and_directory() {
         assert!(!d.exists(), "{} left behind", d.display());
     }
 }
+
+/// A raw replica link (`SYNC`) to `node`, past the RDB payload: what the agent will read.
+fn replica_link(node: &syncbridge_tests::RedisServer) -> std::io::BufReader<std::net::TcpStream> {
+    use std::io::{BufRead, Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", node.port())).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(&syncbridge_tests::redis::encode_command(&["SYNC"]))
+        .unwrap();
+    let mut r = std::io::BufReader::new(stream);
+    // Bare newlines are keep-alives while the master prepares the snapshot.
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if !line.trim().is_empty() {
+            break;
+        }
+    }
+    let len: usize = line.trim().strip_prefix('$').unwrap().parse().unwrap();
+    let mut rdb = vec![0u8; len];
+    r.read_exact(&mut rdb).unwrap();
+    r
+}
+
+/// Reads replicated commands until one named `name` (any case) about `key`; returns the
+/// name as sent.
+fn wait_for_command(
+    r: &mut std::io::BufReader<std::net::TcpStream>,
+    names: &[&str],
+    key: &[u8],
+) -> String {
+    loop {
+        let RespValue::Array(args) = syncbridge_tests::redis::read_value(r).unwrap() else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(args[0].as_bytes().unwrap()).to_uppercase();
+        if names.contains(&name.as_str()) && args.get(1).and_then(RespValue::as_bytes) == Some(key)
+        {
+            return name;
+        }
+    }
+}
+
+/// What a resharding puts in the replication streams the agent reads (docs/design/
+/// redis-cluster.md): the target's stream carries the key's `RESTORE` (as `RESTORE-ASKING`,
+/// the form MIGRATE sends in cluster mode), the source's stream its `DEL`.
+#[test]
+fn migrate_puts_restore_in_the_target_stream_and_del_in_the_source_stream() {
+    for &flavor in RedisFlavor::all() {
+        let c = RedisCluster::start(flavor, 2, 0);
+        let key = b"{moving}:key";
+        let slot = key_hash_slot(key);
+        let from = c.node_for_key(key);
+        let to = 1 - from;
+        c.set(key, b"value");
+        let mut source = replica_link(c.node(from));
+        let mut target = replica_link(c.node(to));
+        c.migrate_slots(from, to, [slot]);
+        let restore = wait_for_command(&mut target, &["RESTORE", "RESTORE-ASKING"], key);
+        let del = wait_for_command(&mut source, &["DEL", "UNLINK"], key);
+        assert_eq!(
+            (restore.as_str(), del.as_str()),
+            ("RESTORE-ASKING", "DEL"),
+            "{flavor}"
+        );
+        assert_eq!(c.get(key).as_deref(), Some(&b"value"[..]));
+    }
+}
+
+/// With a password: replicas sync (`masterauth`), the client and `MIGRATE` authenticate.
+#[test]
+fn a_cluster_with_a_password_comes_up_and_moves_slots() {
+    let c = RedisCluster::builder(RedisFlavor::Redis7, 2, 1)
+        .password("s3cret-cluster")
+        .start();
+    assert!(matches!(
+        syncbridge_tests::redis::RespConnection::connect(c.node(0).port())
+            .unwrap()
+            .cmd(&["GET", "x"])
+            .unwrap(),
+        RespValue::Error(e) if e.starts_with("NOAUTH")
+    ));
+    let mut client = c.client();
+    for i in 0..200 {
+        client.set(format!("k{i}").as_bytes(), b"v");
+    }
+    // Keys in the moving slots, so MIGRATE (with AUTH) has work.
+    let tags = tags_in(SlotRange::new(0, 9).unwrap(), 5);
+    for t in &tags {
+        client.set(format!("{{{t}}}:x").as_bytes(), b"moved");
+    }
+    let before = c.slot_map();
+    c.migrate_slots(0, 1, 0..10);
+    assert_eq!(before.diff(&c.slot_map()).len(), 1);
+    for t in &tags {
+        let k = format!("{{{t}}}:x");
+        assert_eq!(
+            c.node(1).cmd(&["GET", &k]),
+            RespValue::Bulk(b"moved".to_vec())
+        );
+    }
+    let mut client = c.client();
+    for i in 0..200 {
+        assert_eq!(
+            client.get(format!("k{i}").as_bytes()).as_deref(),
+            Some(&b"v"[..])
+        );
+    }
+}
