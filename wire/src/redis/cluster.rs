@@ -430,6 +430,7 @@ impl ClusterTopology {
     pub fn from_cluster_nodes(text: &str) -> Result<ClusterTopology, ClusterError> {
         let mut masters: Vec<(NodeInfo, SlotRanges, Option<String>)> = Vec::new();
         let mut replicas: Vec<(usize, NodeInfo, String)> = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
         for (i, line) in text.lines().enumerate() {
             let line_no = i + 1;
             let line = line.trim();
@@ -443,6 +444,9 @@ impl ClusterTopology {
             let Some(parsed) = parse_node_line(line).map_err(bad)? else {
                 continue;
             };
+            if !seen.insert(parsed.node.id.clone()) {
+                return Err(bad(format!("node {} is listed twice", parsed.node.id)));
+            }
             match parsed.node.role {
                 NodeRole::Master => masters.push((parsed.node, parsed.slots, parsed.shard_id)),
                 NodeRole::Replica => {

@@ -309,6 +309,12 @@ fn bad_input_is_a_typed_error() {
             "{what}: {e}"
         );
     }
+    let twice = format!("{NODES}{}", NODES.lines().next().unwrap());
+    let e = ClusterTopology::from_cluster_nodes(&twice).unwrap_err();
+    assert!(
+        matches!(&e, ClusterError::Nodes { line: 8, reason } if reason.contains("listed twice")),
+        "{e}"
+    );
     let orphan = format!("{RA} 127.0.0.1:7005@17005 slave {A} 0 0 1 connected\n");
     let e = ClusterTopology::from_cluster_nodes(&orphan).unwrap_err();
     assert!(e.to_string().contains("not a master in the list"), "{e}");
