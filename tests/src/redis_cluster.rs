@@ -764,3 +764,105 @@ impl ClusterClient {
         }
     }
 }
+
+impl RedisCluster {
+    /// [`dump_cluster`] of this cluster's running nodes.
+    pub fn dump(&self) -> BTreeMap<String, String> {
+        let ports: Vec<u16> = self.running().map(RedisServer::port).collect();
+        dump_cluster(&ports, self.nodes[0].password())
+    }
+}
+
+/// A canonical dump of a cluster's data (a harness cluster or one a restore started): key →
+/// `type[ ttl] value`, over every master among `ports` (replicas are skipped), database 0
+/// (the only one in cluster mode). Panics when a key is held by two masters or by a master
+/// that does not own its slot: a restored cluster must hold every key exactly once, where
+/// clients will look for it. Keys are shown lossily as UTF-8.
+pub fn dump_cluster(ports: &[u16], password: Option<&str>) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    let mut holder: BTreeMap<String, u16> = BTreeMap::new();
+    for &port in ports {
+        let mut conn = RespConnection::connect(port)
+            .unwrap_or_else(|e| panic!("dump: cannot connect to port {port}: {e}"));
+        let mut cmd = |args: &[&[u8]]| -> RespValue {
+            conn.cmd(args)
+                .unwrap_or_else(|e| panic!("dump: port {port}: {e}"))
+        };
+        if let Some(pw) = password {
+            expect_ok(cmd(&[b"AUTH", pw.as_bytes()]), "AUTH");
+        }
+        let role = cmd(&[b"ROLE"]);
+        if let RespValue::Array(r) = &role {
+            if r.first().and_then(RespValue::as_str) == Some("slave") {
+                continue;
+            }
+        }
+        let nodes = cmd(&[b"CLUSTER", b"NODES"]);
+        let text = nodes
+            .as_str()
+            .unwrap_or_else(|| panic!("dump: CLUSTER NODES of port {port}: {nodes}"));
+        let my_id = text
+            .lines()
+            .find(|l| {
+                l.split(' ')
+                    .nth(2)
+                    .is_some_and(|f| f.split(',').any(|x| x == "myself"))
+            })
+            .and_then(|l| l.split(' ').next())
+            .unwrap_or_else(|| panic!("dump: port {port} has no `myself` line"))
+            .to_owned();
+        let map = ClusterTopology::from_cluster_nodes(text)
+            .and_then(|t| t.slot_map().map_err(ClusterError::from))
+            .unwrap_or_else(|e| panic!("dump: topology of port {port}: {e}"));
+        let mut cursor = b"0".to_vec();
+        loop {
+            let reply = cmd(&[b"SCAN", &cursor, b"COUNT", b"1000"]);
+            let RespValue::Array(parts) = reply else {
+                panic!("dump: SCAN on port {port}: {reply}");
+            };
+            let (Some(next), Some(RespValue::Array(keys))) = (parts.first(), parts.get(1)) else {
+                panic!("dump: SCAN on port {port}: {parts:?}");
+            };
+            cursor = next.as_bytes().unwrap_or(b"0").to_vec();
+            for k in keys {
+                let key = k.as_bytes().unwrap_or_else(|| panic!("dump: key {k}"));
+                let shown = String::from_utf8_lossy(key).into_owned();
+                let owner = map.owner_of_key(key);
+                assert_eq!(
+                    owner,
+                    Some(my_id.as_str()),
+                    "dump: key {shown:?} (slot {}) is on port {port}, not on its slot's owner",
+                    key_hash_slot(key)
+                );
+                if let Some(other) = holder.insert(shown.clone(), port) {
+                    panic!("dump: key {shown:?} is on ports {other} and {port}");
+                }
+                let ty = cmd(&[b"TYPE", key]).as_str().unwrap_or("?").to_owned();
+                let value = match ty.as_str() {
+                    "string" => cmd(&[b"GET", key]),
+                    "list" => cmd(&[b"LRANGE", key, b"0", b"-1"]),
+                    "hash" => sorted_groups(cmd(&[b"HGETALL", key]), 2),
+                    "set" => sorted_groups(cmd(&[b"SMEMBERS", key]), 1),
+                    "zset" => cmd(&[b"ZRANGE", key, b"0", b"-1", b"WITHSCORES"]),
+                    "stream" => cmd(&[b"XRANGE", key, b"-", b"+"]),
+                    other => panic!("dump: unexpected type {other} of {shown:?}"),
+                };
+                let ttl = cmd(&[b"PTTL", key]).as_int().unwrap_or(-1);
+                let has_ttl = if ttl >= 0 { " ttl" } else { "" };
+                out.insert(shown, format!("{ty}{has_ttl} {value}"));
+            }
+            if cursor == b"0" {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Sorts an array reply in groups of `group` items (hash fields, set members).
+fn sorted_groups(v: RespValue, group: usize) -> RespValue {
+    let RespValue::Array(items) = v else { return v };
+    let mut groups: Vec<Vec<RespValue>> = items.chunks(group).map(<[RespValue]>::to_vec).collect();
+    groups.sort_by_key(|g| g.iter().map(ToString::to_string).collect::<Vec<_>>());
+    RespValue::Array(groups.into_iter().flatten().collect())
+}

@@ -216,6 +216,13 @@ fn keys_land_on_the_nodes_owning_their_slots() {
                 other => panic!("{flavor}: non-owner answered {other}"),
             }
         }
+        // The cluster dump sees every key once, on its owner.
+        let dump = c.dump();
+        assert_eq!(dump.len(), distinct.len(), "{flavor}");
+        assert_eq!(
+            dump["{user1000}.following"],
+            format!("string {:?}", "v:{user1000}.following")
+        );
         for (i, &n) in per_node.iter().enumerate() {
             assert_eq!(
                 c.node(i).cmd(&["DBSIZE"]).as_int(),
