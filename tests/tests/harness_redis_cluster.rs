@@ -621,3 +621,61 @@ fn a_cluster_with_a_password_comes_up_and_moves_slots() {
         );
     }
 }
+
+const CHILD_PID_FILE_ENV: &str = "SB_HARNESS_CLUSTER_CHILD_PID_FILE";
+
+/// A test process SIGKILLed with a cluster running (no Drop runs) leaves no node behind:
+/// each node's watchdog kills it. The test re-runs itself as the child, as
+/// `harness_cleanup.rs` does for single servers.
+#[test]
+fn sigkilled_test_leaves_no_cluster_node_behind() {
+    if let Some(pid_file) = std::env::var_os(CHILD_PID_FILE_ENV) {
+        let c = RedisCluster::start(RedisFlavor::Valkey9, 2, 1);
+        let mut report = String::new();
+        for n in c.nodes() {
+            report.push_str(&format!(
+                "pid {}\ndir {}\n",
+                n.pid().unwrap(),
+                n.dir().display()
+            ));
+        }
+        std::fs::write(pid_file, report).unwrap();
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL).unwrap();
+        unreachable!("SIGKILL returned");
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let pid_file = scratch.path().join("pids");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sigkilled_test_leaves_no_cluster_node_behind",
+            "--nocapture",
+        ])
+        .env(CHILD_PID_FILE_ENV, &pid_file)
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "the child failed before killing itself:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(&pid_file).unwrap();
+    let pids: Vec<u32> = report
+        .lines()
+        .filter_map(|l| l.strip_prefix("pid "))
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 4, "{report}");
+    let alive = wait_until_gone(&pids, Duration::from_secs(15));
+    // A dead process removes no temp dir; tidy up here.
+    for dir in report.lines().filter_map(|l| l.strip_prefix("dir ")) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    assert!(
+        alive.is_empty(),
+        "cluster nodes survived a SIGKILLed test: {alive:?}"
+    );
+}
