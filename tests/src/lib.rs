@@ -9,6 +9,8 @@
 //!   restored data directories, client programs (`psql`, `pgbench`, `pg_basebackup`).
 //! - [`redis::RedisServer`]: Redis 7 or Valkey 9 ([`redis::RedisFlavor`]), optional password,
 //!   and a small synchronous RESP2 client ([`redis::RespConnection`]).
+//! - [`redis_cluster::RedisCluster`]: a Redis 7 or Valkey 9 cluster of N masters with R
+//!   replicas each; failover, slot migration, a cluster-aware client.
 //! - [`s3::S3Server`]: SeaweedFS with a fresh bucket and its own credentials; `object_store`
 //!   builder, AWS environment and `s3://` URL. [`s3::TempRepo`] is a `file://` repository.
 //! - [`proxy::FaultProxy`]: an HTTP proxy that fails, resets or delays chosen requests, for
@@ -45,6 +47,7 @@ pub mod process;
 pub mod prometheus;
 pub mod proxy;
 pub mod redis;
+pub mod redis_cluster;
 pub mod s3;
 pub mod tls;
 

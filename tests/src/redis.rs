@@ -71,6 +71,7 @@ impl fmt::Display for RedisFlavor {
 pub struct RedisServerBuilder {
     flavor: RedisFlavor,
     password: Option<String>,
+    cluster: bool,
     extra_args: Vec<String>,
 }
 
@@ -79,6 +80,15 @@ impl RedisServerBuilder {
     /// (`requirepass`).
     pub fn password(mut self, password: impl Into<String>) -> Self {
         self.password = Some(password.into());
+        self
+    }
+
+    /// Cluster mode: `cluster-enabled yes`, `nodes.conf` in the server's directory and a
+    /// cluster bus on its own free port (see [`RedisServer::cluster_port`]); a password also
+    /// becomes `masterauth`, so replicas can sync. [`crate::redis_cluster::RedisCluster`]
+    /// joins such servers into a cluster.
+    pub fn cluster(mut self) -> Self {
+        self.cluster = true;
         self
     }
 
@@ -113,6 +123,8 @@ pub struct RedisServer {
     password: Option<String>,
     extra_args: Vec<String>,
     port: u16,
+    /// The cluster bus port, in cluster mode.
+    cluster_port: Option<u16>,
     process: Option<ServerProcess>,
     // Declared last: removed after the process is gone.
     dir: crate::process::ServerTempDir,
@@ -129,6 +141,7 @@ impl RedisServer {
         RedisServerBuilder {
             flavor,
             password: None,
+            cluster: false,
             extra_args: Vec::new(),
         }
     }
@@ -145,12 +158,16 @@ impl RedisServer {
             password: opts.password,
             extra_args: opts.extra_args,
             port: 0,
+            cluster_port: None,
             process: None,
             dir,
         };
         let mut last = String::new();
         for _ in 0..5 {
             server.port = free_port();
+            if opts.cluster {
+                server.cluster_port = Some(free_port());
+            }
             match server.try_start() {
                 Ok(()) => return server,
                 Err(e) if is_bind_error(&e) => last = e,
@@ -181,6 +198,15 @@ impl RedisServer {
             .current_dir(self.dir.path());
         if let Some(pw) = &self.password {
             cmd.args(["--requirepass", pw]);
+        }
+        if let Some(bus) = self.cluster_port {
+            // The bus port is chosen, not port + 10000: ports above 55535 have no such twin.
+            cmd.args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-port", &bus.to_string()]);
+            if let Some(pw) = &self.password {
+                cmd.args(["--masterauth", pw]);
+            }
         }
         cmd.args(&self.extra_args);
         let mut process = ServerProcess::spawn(&self.flavor.to_string(), cmd, &self.log_path());
@@ -218,6 +244,12 @@ impl RedisServer {
     /// The TCP port on 127.0.0.1 (kept across restarts).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The cluster bus port of a cluster-mode server (kept across restarts: the other nodes
+    /// remember it).
+    pub fn cluster_port(&self) -> Option<u16> {
+        self.cluster_port
     }
 
     /// The password clients must `AUTH` with, if any.

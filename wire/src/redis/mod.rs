@@ -13,7 +13,10 @@
 //! - [`transfer`]: the RDB payload in both framings, yielded slice by slice.
 //! - [`command`]: the command stream, one command and its exact byte length at a time.
 //! - [`rdb`]: a streaming validator for the snapshot itself.
+//! - [`cluster`]: Redis Cluster topology: key hash slots, `CLUSTER SHARDS` / `CLUSTER NODES`,
+//!   the slot map, its coverage check, serialisation and diff.
 
+pub mod cluster;
 pub mod command;
 pub mod handshake;
 pub mod offset;
