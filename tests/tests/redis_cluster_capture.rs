@@ -335,3 +335,61 @@ fn an_acl_without_info_or_cluster_gets_the_acl_to_add() {
     assert!(!out.status.success(), "{all}");
     assert!(all.contains("is one of 3 masters"), "{all}");
 }
+
+/// `run --config`: the redis job refuses a cluster node (the process exits non-zero, having
+/// written nothing); `--set redis.cluster_shard_only=true` streams that node's shard.
+#[test]
+fn run_refuses_a_cluster_node_unless_cluster_shard_only() {
+    let c = RedisCluster::start(RedisFlavor::Redis7, 3, 0);
+    load(&c, "run");
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let node = c.node(2);
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nsource = \"{}\"\nrepository = \"{repo}\"\nmax_lag = \"200ms\"\n",
+            node.url()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let out = agent().args(["run", "--config", &config]).output().unwrap();
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains(&format!(
+            "127.0.0.1:{} is one of 3 masters of a Redis/Valkey Cluster and owns 5461 of 16384 slots (10923-16383)",
+            node.port()
+        )),
+        "{all}"
+    );
+    assert!(all.contains("redis.cluster_shard_only = true"), "{all}");
+    assert_eq!(generations(tmp.path()), 0, "{all}");
+
+    let log = tmp.path().join("run.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut child = agent()
+        .args(["run", "--config", &config, "--set"])
+        .arg("redis.cluster_shard_only=true")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(read().contains("streaming this shard only") && read().contains("snapshot stored")) {
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            panic!("run did not stream the shard:\n{}", read());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{}", read());
+    assert!(read().contains("slots=10923-16383"), "{}", read());
+    assert_eq!(generations(tmp.path()), 1);
+}
