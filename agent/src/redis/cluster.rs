@@ -10,7 +10,8 @@
 //! `ClusterError::AmbiguousShard`).
 //!
 //! A refusal of these commands (an ACL without them) is fatal with the ACL to add: the agent
-//! never assumes a single server it could not check. Capturing a whole cluster is not
+//! never assumes a single server it could not check. (`CLUSTER SHARDS` refused alone falls
+//! back to `CLUSTER NODES`, so `+info +cluster|myid +cluster|nodes` is enough.) Capturing a whole cluster is not
 //! implemented yet, so a cluster node is refused unless the operator asks for this node's
 //! shard only (`--cluster-shard-only`, one sidecar per shard).
 
@@ -178,10 +179,11 @@ pub async fn detect(link: &mut MasterLink) -> Result<Option<ClusterPlace>, JobEr
         Ok(r) => text(r, "CLUSTER MYID", &endpoint)?.trim().to_owned(),
         Err(e) => return Err(anyhow!("{endpoint} refused CLUSTER MYID: {e}").into()),
     };
-    let shards = match ask(link, &[b"CLUSTER", b"SHARDS"]).await? {
-        // Unreadable or ambiguous (`ClusterError::AmbiguousShard`): CLUSTER NODES says.
-        Ok(reply) => ClusterTopology::from_cluster_shards(&reply).map_err(|e| e.to_string()),
-        Err(e) => Err(e),
+    // A refusal of CLUSTER SHARDS alone is not fatal: CLUSTER NODES says the same.
+    // So is one unreadable or ambiguous (`ClusterError::AmbiguousShard`).
+    let shards = match link.query(&[b"CLUSTER", b"SHARDS"]).await? {
+        Reply::Error(e) => Err(e),
+        reply => ClusterTopology::from_cluster_shards(&reply).map_err(|e| e.to_string()),
     };
     let topology = match shards {
         Ok(t) => t,
