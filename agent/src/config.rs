@@ -53,6 +53,7 @@ pub const KEYS: &[&str] = &[
     "redis.spool",
     "redis.spool_limit_mib",
     "redis.on_replica",
+    "redis.cluster_shard_only",
     "redis.retention.keep_full",
     "redis.retention.keep_within",
     "verify.every",
@@ -187,6 +188,10 @@ pub struct RedisConfig {
     /// `follow` to its master.
     #[serde(default)]
     pub on_replica: crate::redis::stream::ReplicaPolicy,
+    /// The source is a Redis Cluster node: stream its shard alone (one sidecar per shard);
+    /// without it a cluster node is refused.
+    #[serde(default)]
+    pub cluster_shard_only: bool,
 }
 
 /// `[verify]`.
@@ -573,7 +578,7 @@ mod tests {
                 k if k.ends_with("compression_level") => "1",
                 k if k.ends_with("on_standby") => "stream",
                 k if k.ends_with("on_replica") => "follow",
-                k if k.ends_with("synchronous") => "true",
+                k if k.ends_with("synchronous") || k.ends_with("cluster_shard_only") => "true",
                 "http.listen" => "127.0.0.1:9187",
                 "agent.log_format" => "json",
                 k if k.ends_with("identity_file") || k.ends_with("recipients") => "[]",

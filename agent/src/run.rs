@@ -172,6 +172,7 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             spool: r.spool.clone(),
             spool_limit: r.spool_limit_mib << 20,
             on_replica: r.on_replica,
+            cluster_shard_only: r.cluster_shard_only,
             max_chunk_bytes: shares.redis_chunk_bytes(),
             uploads_in_flight: shares.redis_uploads_in_flight(),
         };

@@ -218,6 +218,10 @@ fn snapshot_to_seaweedfs_with_the_documented_minimal_acl() {
                 "+replconf",
                 "+sync",
                 "+ping",
+                "+info",
+                "+cluster|myid",
+                "+cluster|shards",
+                "+cluster|nodes",
             ],
         );
         let source = format!("redis://backup:backuppw@127.0.0.1:{}", server.port());

@@ -29,7 +29,8 @@ enum RedisCommand {
     /// Take one snapshot now and exit: attach as a replica, receive the RDB (diskless when
     /// the master allows it, so nothing touches the master's disk), validate it while it
     /// uploads, record it as a new generation. The agent's Redis user needs the ACL
-    /// `+psync +replconf +sync +ping`.
+    /// `+psync +replconf +sync +ping +info +cluster|myid +cluster|shards +cluster|nodes`.
+    /// A Redis Cluster node is refused unless --cluster-shard-only.
     Snapshot(SnapshotArgs),
     /// Attach as a replica and keep the repository current: a snapshot generation, then
     /// every write command in chunks stored at least every --max-lag. Restarted, it resumes
@@ -115,6 +116,11 @@ struct SnapshotArgs {
     source: SourceArgs,
     #[command(flatten)]
     repo: RepoArgs,
+    /// When the source is a Redis/Valkey Cluster node: capture this node's shard only
+    /// (its master's slots; one agent per shard). Without it a cluster node is refused,
+    /// since its data is only part of the cluster's.
+    #[arg(long)]
+    cluster_shard_only: bool,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +150,11 @@ struct StreamArgs {
     /// master it reports. `wait` and `follow` ask `ROLE` (ACL +role).
     #[arg(long, value_enum, default_value = "stream")]
     on_replica: super::stream::ReplicaPolicy,
+    /// When the source is a Redis/Valkey Cluster node: capture this node's shard only
+    /// (its master's slots; one sidecar per shard). The slots covered are logged at start,
+    /// and a warning whenever they change. Without it a cluster node is refused.
+    #[arg(long)]
+    cluster_shard_only: bool,
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +212,11 @@ async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
     let source = args.source.parse()?;
     let repo = args.repo.open()?;
     let mut link = MasterLink::connect(&source).await?;
+    // Before PSYNC: a refused cluster node leaves nothing in the repository.
+    let place = super::cluster::check(&mut link, args.cluster_shard_only).await?;
+    if let Some(p) = &place {
+        tracing::info!(slots = %p.slots, "{}: capturing this shard only (--cluster-shard-only)", p.describe());
+    }
     let (replid, offset) = match link.psync(None).await? {
         PsyncReply::FullResync { replid, offset } => (replid, offset),
         PsyncReply::Continue { .. } => bail!(
@@ -221,6 +237,14 @@ async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
             .as_deref()
             .unwrap_or("unknown version")
     );
+    if let Some(p) = &place {
+        println!(
+            "cluster:      this shard only: slots {} ({} of 16384, one of {} masters)",
+            p.slots,
+            p.slots.slot_count(),
+            p.masters
+        );
+    }
     println!("replication:  {} offset {}", m.replid, m.snapshot_offset);
     println!(
         "snapshot:     {} ({}, {} bytes, {} stored, sha256 {})",
@@ -253,6 +277,7 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
         spool: args.spool.clone(),
         spool_limit: args.spool_limit_mib << 20,
         on_replica: args.on_replica,
+        cluster_shard_only: args.cluster_shard_only,
         ..Default::default()
     };
     let ctl = crate::job::Control::standalone();

@@ -7,8 +7,10 @@
 //! cannot be represented; Redis answers "Unrecognized REPLCONF option", which is ignored),
 //! then `PSYNC ? -1` or `PSYNC <replid> <offset+1>`.
 //!
-//! ACL the agent's user needs: `+psync +replconf +sync +ping` (e.g.
-//! `ACL SETUSER backup on >secret +psync +replconf +sync +ping`).
+//! ACL the agent's user needs: `+psync +replconf +sync +ping`, and `+info +cluster|myid
+//! +cluster|shards +cluster|nodes` to tell a Redis Cluster node from a single server
+//! ([`super::cluster`]), e.g. `ACL SETUSER backup on >secret +psync +replconf +sync +ping
+//! +info +cluster|myid +cluster|shards +cluster|nodes`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -269,9 +271,10 @@ impl MasterLink {
         for step in steps {
             if let Reply::Error(e) = self.request(step).await? {
                 bail!(
-                    "the master at {} refused `{}`: {e} (the agent's user needs the ACL +psync +replconf +sync +ping)",
+                    "the master at {} refused `{}`: {e} (the agent's user needs the ACL +psync +replconf +sync +ping {})",
                     self.endpoint,
-                    step.iter().map(|a| String::from_utf8_lossy(a)).collect::<Vec<_>>().join(" ")
+                    step.iter().map(|a| String::from_utf8_lossy(a)).collect::<Vec<_>>().join(" "),
+                    super::cluster::CLUSTER_ACL,
                 );
             }
         }
@@ -289,6 +292,12 @@ impl MasterLink {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Sends one plain command (before `PSYNC`) and returns its reply, an error reply
+    /// included: the caller says what a refusal means.
+    pub async fn query(&mut self, args: &[&[u8]]) -> Result<Reply> {
+        self.request(args).await
     }
 
     /// The server's role (`ROLE`, before `PSYNC`): `None` for a master, `Some((host, port))`

@@ -3,6 +3,8 @@
 //!
 //! - [`source`] parses the `--source` URL; [`tls`] sets up `rediss://`.
 //! - [`link`] is the replica connection and handshake (the ACL it needs is documented there).
+//! - [`cluster`] tells a Redis Cluster node from a single server, and refuses to capture one
+//!   shard silently.
 //! - [`snapshot`] stores one validated snapshot generation.
 //! - [`manifest`] reads and writes `generation.json`.
 //! - [`chunk`] encodes command-stream chunk objects with their time index.
@@ -15,6 +17,7 @@
 pub mod admin;
 pub mod chunk;
 pub mod cli;
+pub mod cluster;
 pub mod link;
 pub mod manifest;
 pub mod restore;

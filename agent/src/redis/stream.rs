@@ -27,11 +27,13 @@ use storage::{
     layout, ContentKind, Lease, LeaseGuard, LeaseOptions, LeaseScope, PutMode, Repository,
     StorageError,
 };
+use wire::redis::cluster::SlotRanges;
 use wire::redis::command::{CommandDecoder, CommandKind};
 use wire::redis::handshake::PsyncReply;
 use wire::redis::ReplicationOffset;
 
 use super::chunk::{self, ChunkHeader};
+use super::cluster::ClusterPlace;
 use super::link::{ConnectError, MasterLink};
 use super::snapshot;
 use super::source::RedisSource;
@@ -62,6 +64,9 @@ pub struct StreamOptions {
     pub spool_limit: u64,
     /// What to do when the source is a replica.
     pub on_replica: ReplicaPolicy,
+    /// Stream a Redis Cluster node's shard alone (else a cluster node is refused, see
+    /// [`super::cluster`]).
+    pub cluster_shard_only: bool,
 }
 
 /// What `redis stream` does when its source is a replica (`ROLE` says `slave`).
@@ -97,6 +102,7 @@ impl Default for StreamOptions {
             spool: None,
             spool_limit: 1 << 30,
             on_replica: ReplicaPolicy::Stream,
+            cluster_shard_only: false,
         }
     }
 }
@@ -139,6 +145,8 @@ pub async fn run(
     ctl: Control,
 ) -> Result<()> {
     let mut lease: Option<Lease> = None;
+    // The slots of the shard streamed (cluster_shard_only), to warn when they change.
+    let mut shard: Option<SlotRanges> = None;
     let result = job::supervise(
         "redis stream",
         &ctl.token,
@@ -147,7 +155,17 @@ pub async fn run(
         async |attempt| {
             let stop = ctl.token.clone().cancelled_owned();
             let first = attempt == 1;
-            match run_leased(repo, source, opts, &mut lease, stop, &ctl.status, first).await {
+            let leased = run_leased(
+                repo,
+                source,
+                opts,
+                &mut lease,
+                &mut shard,
+                stop,
+                &ctl.status,
+                first,
+            );
+            match leased.await {
                 Ok(()) if ctl.token.is_cancelled() => Ok(Outcome::Stopped),
                 Ok(()) => Err(JobError::transient(anyhow::anyhow!("the stream ended"))),
                 Err(e) => {
@@ -180,14 +198,37 @@ async fn connect(source: &RedisSource, first_attempt: bool) -> Result<MasterLink
     })
 }
 
+/// Logs the slots a shard-only stream covers: at start, and a warning when they changed
+/// since the last connection (a failover, a resharding).
+fn note_shard(place: &ClusterPlace, known: &mut Option<SlotRanges>) {
+    match known {
+        None => tracing::info!(
+            slots = %place.slots,
+            "{}: streaming this shard only (cluster_shard_only)",
+            place.describe()
+        ),
+        Some(before) if *before != place.slots => tracing::warn!(
+            before = %before,
+            now = %place.slots,
+            "the slots of the streamed shard changed: {}; the stream covers these slots only",
+            place.describe()
+        ),
+        Some(_) => {}
+    }
+    *known = Some(place.slots.clone());
+}
+
 /// Connects, holds the repository's `redis stream` lease (kept in `lease` across retries;
 /// waiting, and logging who holds it, while another writer has it), then streams until
-/// `stop` resolves (then stores what was read) or an error occurs.
+/// `stop` resolves (then stores what was read) or an error occurs. A Redis Cluster node is
+/// refused (fatal) unless `opts.cluster_shard_only`; `shard` keeps its slots across retries.
+#[allow(clippy::too_many_arguments)]
 async fn run_leased(
     repo: &Repository,
     source: &RedisSource,
     opts: &StreamOptions,
     lease: &mut Option<Lease>,
+    shard: &mut Option<SlotRanges>,
     stop: impl std::future::Future<Output = ()>,
     status: &JobStatus,
     first_attempt: bool,
@@ -195,6 +236,10 @@ async fn run_leased(
     tokio::pin!(stop);
     // Connect first: a wrong source fails before anything is written, even a lease.
     let mut link = connect(source, first_attempt).await?;
+    // So does a cluster node captured alone without being asked to (one shard's data).
+    if let Some(place) = super::cluster::check(&mut link, opts.cluster_shard_only).await? {
+        note_shard(&place, shard);
+    }
     let followed;
     let source = match opts.on_replica {
         ReplicaPolicy::Stream => source,
