@@ -224,8 +224,9 @@ async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
             source.endpoint()
         ),
     };
+    let replied_at = chrono::Utc::now();
     snapshot::ensure_redis_repo(&repo, &replid).await?;
-    let captured = snapshot::capture(&repo, &mut link, &replid, offset).await?;
+    let captured = snapshot::capture(&repo, &mut link, &replid, offset, replied_at).await?;
     let m = &captured.manifest;
     let secs = captured.elapsed.as_secs_f64();
     println!("generation:   {}", m.generation);

@@ -64,14 +64,21 @@ pub fn generation_id(
 
 /// Reads the snapshot that follows `+FULLRESYNC <replid> <offset>` into the repository.
 /// Failures keep the class the link or the store gave them ([`JobError`]).
+///
+/// `replied_at` is when `+FULLRESYNC` arrived, taken before anything else (a lease wait, a
+/// marker check): the master forks at `offset` just before it replies, and a restore to a
+/// time before the snapshot's time uses the previous generation, whose stream ends at
+/// `offset`. A time taken later would leave writes made after the fork, but before that
+/// time, in neither generation (a restore to such a moment missed them).
 pub async fn capture(
     repo: &Repository,
     link: &mut MasterLink,
     replid: &str,
     offset: ReplicationOffset,
+    replied_at: chrono::DateTime<chrono::Utc>,
 ) -> Result<CapturedSnapshot, JobError> {
     let started = Instant::now();
-    let snapshot_time = chrono::Utc::now();
+    let snapshot_time = replied_at;
     let id = generation_id(snapshot_time, replid, offset)?;
     let key = layout::redis_snapshot(&id);
     let mut decoder = RdbTransferDecoder::new();

@@ -407,7 +407,8 @@ async fn take_generation(
     let PsyncReply::FullResync { replid, offset } = link.psync(None).await? else {
         return Err(anyhow::anyhow!("the master answered PSYNC ? -1 with +CONTINUE").into());
     };
-    full_sync(repo, link, replid, offset, lease).await
+    let replied_at = chrono::Utc::now();
+    full_sync(repo, link, replid, offset, replied_at, lease).await
 }
 
 async fn full_sync(
@@ -415,11 +416,12 @@ async fn full_sync(
     mut link: MasterLink,
     replid: String,
     offset: ReplicationOffset,
+    replied_at: chrono::DateTime<chrono::Utc>,
     lease: &LeaseGuard,
 ) -> Result<NextGeneration, JobError> {
     lease.writable().await?;
     snapshot::ensure_redis_repo(repo, &replid).await?;
-    let captured = snapshot::capture(repo, &mut link, &replid, offset).await?;
+    let captured = snapshot::capture(repo, &mut link, &replid, offset, replied_at).await?;
     let generation = layout::GenerationId::parse(&captured.manifest.generation)?;
     tracing::info!(generation = %generation, bytes = captured.object.original_len, "snapshot stored");
     if captured.manifest.snapshot.diskless {
@@ -486,6 +488,7 @@ async fn stream_connected(
                 .map(|r| (r.replid.as_str(), r.offset.psync_start())),
         )
         .await?;
+    let replied_at = chrono::Utc::now();
     let (mut generation, mut replid, mut offset, mut db) = match (reply, resume) {
         (PsyncReply::Continue { replid: new_id }, Some(r)) => {
             let replid = new_id.unwrap_or(r.replid);
@@ -499,7 +502,7 @@ async fn stream_connected(
             if let Some(r) = resume {
                 tracing::info!(previous = %r.generation, "the master cannot continue from offset {}: new generation", r.offset);
             }
-            let next = full_sync(repo, link, replid, offset, lease).await?;
+            let next = full_sync(repo, link, replid, offset, replied_at, lease).await?;
             link = next.link;
             (next.generation, next.replid, next.offset, next.db)
         }
