@@ -1012,3 +1012,58 @@ fn sigterm_right_after_a_burst_stores_every_acknowledged_write() {
     );
     assert_eq!(got, dump(&server));
 }
+
+/// A slow repository between `+FULLRESYNC` and the snapshot (here its marker check takes
+/// 0.8 s per request) must not open a gap between two generations: a restore to a moment
+/// in it has every write made up to that moment. A generation's snapshot time is when the
+/// master forked, not when the agent got round to reading the snapshot.
+#[test]
+#[ignore = "known bug (session 7 note on issue 15/14): a restore to a moment around a generation switch under a slow store misses that moment's writes; run with --run-ignored"]
+fn moments_while_a_new_generation_waits_for_a_slow_store_are_restorable() {
+    use syncbridge_tests::proxy::{Fault, FaultProxy, FaultRule};
+    let s3 = S3Server::start();
+    let proxy = FaultProxy::start(s3.port());
+    let env = s3.env_with_endpoint(&proxy.url());
+    let server = RedisServer::start(RedisFlavor::Redis7);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = s3.repo_url("gap");
+    let mut c = server.connect();
+    let mut agent = StreamingAgent::start_with(
+        &server.url(),
+        &repo,
+        &["--max-lag", "100ms", "--snapshot-every", "1s"],
+        &env,
+        tmp.path().join("agent.log"),
+    );
+    agent.wait_for_log("snapshot stored", Duration::from_secs(60));
+    for method in ["GET", "PUT", "HEAD"] {
+        proxy.add_rule(
+            FaultRule::method(method, Fault::Delay(Duration::from_millis(800)))
+                .path_contains("syncbridge-repo")
+                .always(),
+        );
+    }
+    let mut targets = Vec::new();
+    for phase in 0..16 {
+        workload(&mut c, phase);
+        std::thread::sleep(Duration::from_millis(250));
+        targets.push((now_ms(), dump(&server)));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // (While it switches generations the agent is connected twice: WAIT may count 2.)
+    let waited = c.cmd(&["WAIT", "1", "60000"]).unwrap();
+    assert!(waited.as_int() >= Some(1), "{}", agent.log_text());
+    assert!(agent.terminate(), "{}", agent.log_text());
+    let log = agent.log_text();
+    assert!(log.contains("switched to the new generation"), "{log}");
+    for (i, (t, expected)) in targets.iter().enumerate() {
+        let restored = restore_and_start(
+            &repo,
+            &tmp.path().join(format!("at{i}")),
+            Some(*t),
+            RedisFlavor::Redis7,
+            &s3.env(),
+        );
+        assert_eq!(&dump_port(restored.port, None), expected, "target {i}");
+    }
+}
