@@ -240,6 +240,12 @@ impl JobError {
         JobError::new(ErrorClass::Transient, error)
     }
 
+    /// An I/O error on a connection, with what was being done: "nobody answers" kinds are
+    /// unreachable ([`io_class`]), the rest transient.
+    pub fn io(e: std::io::Error, what: String) -> JobError {
+        JobError::new(io_class(&e), anyhow::Error::new(e).context(what))
+    }
+
     /// The server did not answer.
     pub fn unreachable(error: impl Into<anyhow::Error>) -> JobError {
         JobError::new(ErrorClass::Unreachable, error)

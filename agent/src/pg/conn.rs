@@ -27,7 +27,7 @@ use super::conninfo::{
     ChannelBinding as ChannelBindingPolicy, ConnInfo, Host, SslMode, TargetSessionAttrs,
 };
 use super::tls;
-use crate::job::{io_class, ErrorClass, JobError};
+use crate::job::{ErrorClass, JobError};
 use wire::pg::frame::{next_frame, DEFAULT_MAX_FRAME_BODY};
 use wire::pg::ResultCollector;
 
@@ -40,12 +40,6 @@ macro_rules! bail {
     ($($arg:tt)*) => {
         return Err(JobError::from(anyhow!($($arg)*)))
     };
-}
-
-/// An I/O error on the connection, with what was being done: "nobody answers" kinds are
-/// unreachable ([`io_class`]).
-fn io_error(e: std::io::Error, what: String) -> JobError {
-    JobError::new(io_class(&e), anyhow::Error::new(e).context(what))
 }
 
 /// Anything we can speak the protocol over.
@@ -315,15 +309,15 @@ impl PgConnection {
             Host::Socket(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{}", info.port));
                 Box::new(
-                    UnixStream::connect(&path)
-                        .await
-                        .map_err(|e| io_error(e, format!("connecting to {}", path.display())))?,
+                    UnixStream::connect(&path).await.map_err(|e| {
+                        JobError::io(e, format!("connecting to {}", path.display()))
+                    })?,
                 )
             }
             Host::Tcp(host) => {
                 let mut tcp = TcpStream::connect((host.as_str(), info.port))
                     .await
-                    .map_err(|e| io_error(e, format!("connecting to {endpoint}")))?;
+                    .map_err(|e| JobError::io(e, format!("connecting to {endpoint}")))?;
                 tcp.set_nodelay(true).ok();
                 match tls::client_config(info)? {
                     None => Box::new(tcp),
@@ -331,10 +325,10 @@ impl PgConnection {
                         let mut req = BytesMut::new();
                         frontend::ssl_request(&mut req);
                         tcp.write_all(&req).await.map_err(|e| {
-                            io_error(e, format!("sending SSLRequest to {endpoint}"))
+                            JobError::io(e, format!("sending SSLRequest to {endpoint}"))
                         })?;
                         let answer = tcp.read_u8().await.map_err(|e| {
-                            io_error(e, format!("reading SSLRequest answer from {endpoint}"))
+                            JobError::io(e, format!("reading SSLRequest answer from {endpoint}"))
                         })?;
                         match answer {
                             b'S' => {
@@ -342,7 +336,7 @@ impl PgConnection {
                                 let tls = connector
                                     .connect(tls::server_name(host)?, tcp)
                                     .await
-                                    .map_err(|e| io_error(e, format!("TLS handshake with {endpoint} (sslmode={:?})", info.sslmode)))?;
+                                    .map_err(|e| JobError::io(e, format!("TLS handshake with {endpoint} (sslmode={:?})", info.sslmode)))?;
                                 tls_on = true;
                                 end_point = tls
                                     .get_ref()
@@ -588,11 +582,11 @@ impl PgConnection {
         self.writer
             .write_all(&self.wbuf)
             .await
-            .map_err(|e| io_error(e, format!("writing to {}", self.endpoint)))?;
+            .map_err(|e| JobError::io(e, format!("writing to {}", self.endpoint)))?;
         self.writer
             .flush()
             .await
-            .map_err(|e| io_error(e, format!("writing to {}", self.endpoint)))?;
+            .map_err(|e| JobError::io(e, format!("writing to {}", self.endpoint)))?;
         self.wbuf.clear();
         Ok(())
     }
@@ -635,7 +629,7 @@ impl PgConnection {
                 .reader
                 .read_buf(&mut self.rbuf)
                 .await
-                .map_err(|e| io_error(e, format!("reading from {}", self.endpoint)))?;
+                .map_err(|e| JobError::io(e, format!("reading from {}", self.endpoint)))?;
             if n == 0 {
                 // An I/O error underneath, so callers see a dropped connection (a server
                 // shutting down or restarting) as the transient failure it is.
@@ -645,7 +639,7 @@ impl PgConnection {
                 } else {
                     "closed the connection in the middle of a message"
                 };
-                return Err(io_error(eof, format!("{} {what}", self.endpoint)));
+                return Err(JobError::io(eof, format!("{} {what}", self.endpoint)));
             }
         }
     }

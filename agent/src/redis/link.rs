@@ -27,7 +27,7 @@ use wire::redis::transfer::{RdbTransferDecoder, TransferEvent};
 use wire::redis::ReplicationOffset;
 
 use super::source::RedisSource;
-use crate::job::{io_class, JobError};
+use crate::job::JobError;
 
 /// Every failure carries its class, decided here where it is understood (see `crate::job`):
 /// an I/O error by its kind; the rest (a refusal, a protocol error) is transient.
@@ -38,12 +38,6 @@ macro_rules! bail {
     ($($arg:tt)*) => {
         return Err(JobError::from(anyhow!($($arg)*)))
     };
-}
-
-/// An I/O error on the connection, with what was being done: "nobody answers" kinds are
-/// unreachable ([`io_class`]).
-fn io_error(e: std::io::Error, what: String) -> JobError {
-    JobError::new(io_class(&e), anyhow::Error::new(e).context(what))
 }
 
 /// The Valkey version the agent announces: the newest whose RDB format (VALKEY080) the
@@ -117,7 +111,7 @@ impl AckSender {
         let mut w = self.writer.lock().await;
         w.write_all(&buf)
             .await
-            .map_err(|e| io_error(e, "sending REPLCONF ACK to the master".into()))?;
+            .map_err(|e| JobError::io(e, "sending REPLCONF ACK to the master".into()))?;
         Ok(())
     }
 }
@@ -155,7 +149,7 @@ impl MasterLink {
         )
         .await
         .map_err(|_| anyhow!("connecting to Redis at {endpoint}: timed out"))?
-        .map_err(|e| io_error(e, format!("connecting to Redis at {endpoint}")))?;
+        .map_err(|e| JobError::io(e, format!("connecting to Redis at {endpoint}")))?;
         stream.set_nodelay(true).ok();
         let (reader, writer): (ReadHalf, WriteHalf) = if source.tls {
             let config = super::tls::client_config(&source.tls_files)?;
@@ -166,7 +160,7 @@ impl MasterLink {
             )
             .await
             .map_err(|_| anyhow!("TLS handshake with {endpoint}: timed out"))?
-            .map_err(|e| io_error(e, format!("TLS handshake with {endpoint}")))?;
+            .map_err(|e| JobError::io(e, format!("TLS handshake with {endpoint}")))?;
             let (r, w) = tokio::io::split(tls);
             (Box::new(r), Box::new(w))
         } else {
@@ -202,7 +196,7 @@ impl MasterLink {
         let mut w = self.writer.writer.lock().await;
         w.write_all(&buf)
             .await
-            .map_err(|e| io_error(e, format!("writing to the master at {}", self.endpoint)))
+            .map_err(|e| JobError::io(e, format!("writing to the master at {}", self.endpoint)))
     }
 
     /// Reads more bytes into the buffer; a closed connection or silence is an error.
@@ -217,7 +211,9 @@ impl MasterLink {
                     READ_TIMEOUT.as_secs()
                 )
             })?
-            .map_err(|e| io_error(e, format!("reading from the master at {}", self.endpoint)))?;
+            .map_err(|e| {
+                JobError::io(e, format!("reading from the master at {}", self.endpoint))
+            })?;
         if n == 0 {
             bail!("the master at {} closed the connection", self.endpoint);
         }
