@@ -7,6 +7,7 @@
 //!   shard silently.
 //! - [`snapshot`] stores one validated snapshot generation.
 //! - [`manifest`] reads and writes `generation.json`.
+//! - [`exec_time`] bounds when the master executed each command, for the time index.
 //! - [`chunk`] encodes command-stream chunk objects with their time index.
 //! - [`stream`] runs `redis stream`, resumable from the repository alone.
 //! - [`restore`] rebuilds server files for a moment in time.
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod chunk;
 pub mod cli;
 pub mod cluster;
+pub mod exec_time;
 pub mod link;
 pub mod manifest;
 pub mod restore;
