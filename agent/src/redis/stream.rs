@@ -544,6 +544,11 @@ async fn stream_connected(
     // DRAIN_QUIET (or DRAIN_LIMIT passed), so writes it already acknowledged to its
     // clients, and sent or was sending to us, are stored rather than left in the socket.
     let mut draining: Option<Instant> = None;
+    // The end of the last `REPLCONF GETACK` not yet acknowledged as stored: the master waits
+    // for it (`WAIT`, and Valkey 8+'s `CLUSTER SETSLOT`, which waits for every replica that
+    // announced a version above 7.2, the agent included, for 2 s by default). Its chunk is
+    // cut at once and acknowledged as soon as it is stored, not at the next second's ACK.
+    let mut ack_due: Option<u64> = None;
     let outcome: Result<(), JobError> = loop {
         // Uploads complete in order; the durable offset follows them.
         while uploads.is_full() {
@@ -552,6 +557,12 @@ async fn stream_connected(
                     durable = ReplicationOffset(end);
                     status.durable(durable, end, Some(uploads.last_lag()));
                     received.fetch_max(end, Ordering::Relaxed);
+                    if ack_due.is_some_and(|want| end >= want) {
+                        ack_due = None;
+                        if let Err(e) = link.ack_sender().ack(durable).await {
+                            return Err(e);
+                        }
+                    }
                 }
                 Some(Err(e)) => return Err(e),
                 None => break,
@@ -605,6 +616,12 @@ async fn stream_connected(
                         durable = ReplicationOffset(end);
                         status.durable(durable, end, Some(uploads.last_lag()));
                         received.fetch_max(end, Ordering::Relaxed);
+                        if ack_due.is_some_and(|want| end >= want) {
+                            ack_due = None;
+                            if let Err(e) = link.ack_sender().ack(durable).await {
+                                break Err(e);
+                            }
+                        }
                     }
                     Err(e) => break Err(e),
                 }
@@ -644,8 +661,14 @@ async fn stream_connected(
                     if let Err(e) = link.ack_sender().ack(acked).await {
                         break Err(e);
                     }
+                    if acked < offset {
+                        ack_due = Some(offset.get());
+                    }
                 }
-                CommandKind::Ping | CommandKind::Replconf | CommandKind::Other => {}
+                CommandKind::Ping
+                | CommandKind::Replconf
+                | CommandKind::Cluster
+                | CommandKind::Other => {}
             }
             // Room for a full chunk at once, plus a command that crosses the size.
             chunk
@@ -668,7 +691,7 @@ async fn stream_connected(
         // Without a spool, a chunk cut while every upload slot is taken would stop reading
         // until one frees: the chunk grows instead (up to its size), so the socket is read
         // on time and, after a slow upload, the next one carries everything since.
-        let due = (chunk.opened.elapsed() >= budget && uploads.has_room())
+        let due = ((chunk.opened.elapsed() >= budget || ack_due.is_some()) && uploads.has_room())
             || chunk.body.len() >= opts.max_chunk_bytes;
         if !chunk.body.is_empty() && !in_multi && (due || switch_now) {
             let mut full = std::mem::replace(&mut chunk, ChunkBuilder::new(offset.get(), db));
@@ -699,6 +722,7 @@ async fn stream_connected(
                 chunk = ChunkBuilder::new(offset.get(), db);
                 received.fetch_max(offset.get(), Ordering::Relaxed);
                 acker = Acker::start(&link, received.clone());
+                ack_due = None;
                 generation_started = Instant::now();
                 generation_offset = offset;
             }
