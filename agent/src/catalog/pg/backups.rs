@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::{self, StreamExt};
 use storage::layout::{self, BackupId, BaseBackupObject};
 use storage::Repository;
 use wire::pg::{Lsn, TimelineId, WalSegmentSize};
@@ -60,6 +60,15 @@ impl Backup {
     }
 }
 
+/// A listed `backup.json` that could not be read or does not check out.
+#[derive(Debug)]
+pub struct Unreadable {
+    /// The backup it belongs to.
+    pub id: BackupId,
+    /// Why (a storage error names the key).
+    pub error: anyhow::Error,
+}
+
 /// Every base backup of a repository.
 #[derive(Debug, Clone, Default)]
 pub struct BackupCatalog {
@@ -74,8 +83,20 @@ pub struct BackupCatalog {
 }
 
 impl BackupCatalog {
-    /// Lists `postgres/base/`, then reads each `backup.json`.
+    /// Lists `postgres/base/`, then reads each `backup.json`; one that cannot be read or
+    /// does not check out is an error.
     pub async fn load(repo: &Repository) -> Result<BackupCatalog> {
+        let (cat, unreadable) = Self::load_checked(repo).await?;
+        match unreadable.into_iter().next() {
+            Some(u) => Err(u.error),
+            None => Ok(cat),
+        }
+    }
+
+    /// [`load`](Self::load), but each `backup.json` that cannot be read or does not check
+    /// out is returned beside the catalog (`verify` names each and checks the rest) instead
+    /// of stopping it. Such a backup is in neither `complete` nor `incomplete`.
+    pub async fn load_checked(repo: &Repository) -> Result<(BackupCatalog, Vec<Unreadable>)> {
         let objects = repo
             .list(&layout::base_backups_prefix())
             .await
@@ -108,18 +129,33 @@ impl BackupCatalog {
             all.insert(id);
         }
         out.incomplete = all.difference(&done).cloned().collect();
-        out.complete = stream::iter(done)
+        let read: Vec<(BackupId, Result<Backup>)> = stream::iter(done)
             .map(|id| async move {
-                let m = BackupManifest::load(repo, &id).await?;
-                Backup::from_manifest(m)
+                let b = match BackupManifest::load(repo, &id).await {
+                    Ok(m) if m.id != id.as_str() => Err(anyhow::anyhow!(
+                        "{} names backup {:?}, not {id}",
+                        layout::base_backup_manifest(&id),
+                        m.id
+                    )),
+                    Ok(m) => Backup::from_manifest(m),
+                    Err(e) => Err(e),
+                };
+                (id, b)
             })
             .buffered(PARALLEL_READS)
-            .try_collect()
-            .await?;
-        for b in &mut out.complete {
-            b.pinned = pinned.contains(&b.id);
+            .collect()
+            .await;
+        let mut unreadable = Vec::new();
+        for (id, b) in read {
+            match b {
+                Ok(mut b) => {
+                    b.pinned = pinned.contains(&b.id);
+                    out.complete.push(b);
+                }
+                Err(error) => unreadable.push(Unreadable { id, error }),
+            }
         }
-        Ok(out)
+        Ok((out, unreadable))
     }
 
     /// The segment size of the repository's WAL: the newest backup's, else 16 MiB.
