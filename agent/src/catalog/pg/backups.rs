@@ -176,3 +176,82 @@ impl BackupCatalog {
         bail!("there is no backup {id} in {repo_url}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use bytes::Bytes;
+    use storage::{ContentKind, PutMode, RepoOptions};
+
+    fn manifest(id: &str) -> BackupManifest {
+        BackupManifest {
+            version: 1,
+            id: id.into(),
+            label: String::new(),
+            system_identifier: "1".into(),
+            server_version: "150010".into(),
+            server_major: 15,
+            timeline: 1,
+            start_lsn: "0/2000028".into(),
+            stop_lsn: "0/2000100".into(),
+            stop_timeline: 1,
+            start_time: "2026-12-01T00:00:00Z".into(),
+            stop_time: "2026-12-01T00:00:05Z".into(),
+            wal_archived_time: String::new(),
+            wal_segment_size: 16 << 20,
+            total_bytes: 0,
+            stored_bytes: 0,
+            tablespaces: Vec::new(),
+            entries: Vec::new(),
+            chunks: Vec::new(),
+            server_manifest_sha256: String::new(),
+        }
+    }
+
+    /// A `backup.json` that names another backup (a swapped or copied manifest) and one that
+    /// is not JSON are returned beside the catalog by `load_checked` (which `verify` names)
+    /// and stop `load`; the intact one is typed once.
+    #[test]
+    fn a_manifest_of_another_backup_or_not_json_is_unreadable() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
+            let put = |id: &str, body: Vec<u8>| {
+                let repo = repo.clone();
+                let key = layout::base_backup_manifest(&BackupId::parse(id).unwrap());
+                async move {
+                    repo.put(
+                        &key,
+                        ContentKind::BaseBackupManifest,
+                        Bytes::from(body),
+                        PutMode::CreateNew,
+                    )
+                    .await
+                    .unwrap();
+                }
+            };
+            let good = "20261201T000000Z";
+            let copied = "20261202T000000Z";
+            let garbled = "20261203T000000Z";
+            put(good, serde_json::to_vec(&manifest(good)).unwrap()).await;
+            put(copied, serde_json::to_vec(&manifest(good)).unwrap()).await;
+            put(garbled, b"{ not json".to_vec()).await;
+
+            let (cat, unreadable) = BackupCatalog::load_checked(&repo).await.unwrap();
+            assert_eq!(cat.complete.len(), 1);
+            let b = &cat.complete[0];
+            assert_eq!(b.id.as_str(), good);
+            assert_eq!(b.start, Lsn(0x2000028));
+            assert_eq!(b.timeline, TimelineId::new(1).unwrap());
+            let bad: Vec<&str> = unreadable.iter().map(|u| u.id.as_str()).collect();
+            assert_eq!(bad, [copied, garbled]);
+            let text = format!("{:#}", unreadable[0].error);
+            assert!(text.contains(&format!("names backup \"{good}\"")), "{text}");
+            assert!(BackupCatalog::load(&repo).await.is_err());
+        });
+    }
+}
