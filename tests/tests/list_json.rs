@@ -172,6 +172,13 @@ fn postgres_list_json_matches_the_schema_and_the_repository() {
         "{v:#}"
     );
     assert!(time(&r["last_time"]) >= time(&b["stop_time"]));
+    // WAL without a hole: one span, the whole range.
+    let spans = r["spans"].as_array().unwrap();
+    assert_eq!(spans.len(), 1, "{v:#}");
+    assert_eq!(spans[0]["timeline"], 1);
+    assert_eq!(spans[0]["from_lsn"], r["first_lsn"]);
+    assert_eq!(spans[0]["to_lsn"], r["last_lsn"]);
+    assert_eq!(time(&spans[0]["from_time"]), time(&r["first_time"]));
 }
 
 #[test]
@@ -218,6 +225,7 @@ fn redis_list_json_matches_the_schema_and_the_repository() {
         "{v:#}"
     );
     assert!(v["restorable"]["first_lsn"].is_null(), "{v:#}");
+    assert!(v["restorable"]["spans"].is_null(), "{v:#}");
     assert!(v["redis"]["incomplete_generations"]
         .as_array()
         .unwrap()

@@ -177,6 +177,32 @@ impl BackupCatalog {
     }
 }
 
+/// A complete backup for tests: `id` (whose time is the start and, plus 5 s, the stop).
+#[cfg(test)]
+pub(crate) fn test_backup(id: &str, tli: u32, start: Lsn, stop: Lsn) -> Backup {
+    #[allow(clippy::unwrap_used)]
+    let bid = BackupId::parse(id).unwrap();
+    let at = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
+        .map(|t| t.and_utc())
+        .unwrap_or_default();
+    let mut m = tests::manifest(id);
+    m.timeline = tli;
+    m.stop_timeline = tli;
+    m.start_lsn = start.to_string();
+    m.stop_lsn = stop.to_string();
+    Backup {
+        id: bid,
+        timeline: TimelineId::new(tli).unwrap_or(TimelineId::FIRST),
+        start,
+        stop,
+        start_time: at,
+        stop_time: at + chrono::TimeDelta::seconds(5),
+        segment_size: WalSegmentSize::DEFAULT,
+        manifest: m,
+        pinned: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -184,7 +210,7 @@ mod tests {
     use bytes::Bytes;
     use storage::{ContentKind, PutMode, RepoOptions};
 
-    fn manifest(id: &str) -> BackupManifest {
+    pub(crate) fn manifest(id: &str) -> BackupManifest {
         BackupManifest {
             version: 1,
             id: id.into(),
