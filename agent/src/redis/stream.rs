@@ -559,9 +559,7 @@ async fn stream_connected(
                     received.fetch_max(end, Ordering::Relaxed);
                     if ack_due.is_some_and(|want| end >= want) {
                         ack_due = None;
-                        if let Err(e) = link.ack_sender().ack(durable).await {
-                            return Err(e);
-                        }
+                        link.ack_sender().ack(durable).await?;
                     }
                 }
                 Some(Err(e)) => return Err(e),
