@@ -276,3 +276,72 @@ fn killed_agent_resumes_every_shard_with_psync() {
         .sum();
     assert_eq!(total, 1500);
 }
+
+/// Lines of `log` about `shard` (the shard's span names it) that contain `needle`.
+fn shard_lines(log: &str, shard: &str, needle: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(&format!("shard{{shard={shard}}}")) && l.contains(needle))
+        .count()
+}
+
+#[test]
+fn a_failover_moves_the_shard_stream_to_the_promoted_replica_with_psync() {
+    let flavor = RedisFlavor::Valkey9;
+    let mut c = RedisCluster::start(flavor, 3, 1);
+    load(&c, "before", 200);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let mut agent = StreamingAgent::start_with(
+        &c.node(0).url(),
+        &repo,
+        &["--max-lag", "100ms", "--cluster-seed", &format!("127.0.0.1:{}", c.node(1).port())],
+        &[],
+        tmp.path().join("stream.log"),
+    );
+    agent.wait_for_log_count("snapshot stored", 3, Duration::from_secs(60));
+    load(&c, "streamed", 200);
+    // Node 3 replicates node 0 (slots 0-5460, shard s01). Every write of node 0 is on the
+    // replica and stored by the agent (it acknowledges what is durable) before node 0 dies.
+    let replica = c
+        .topology()
+        .serving_shards()
+        .find(|s| s.master.id == c.node_id(0))
+        .unwrap()
+        .replicas[0]
+        .id
+        .clone();
+    let replica = c.index_of_id(&replica).unwrap();
+    let waited = c.node(0).cmd(&["WAIT", "2", "10000"]);
+    assert_eq!(waited, RespValue::Integer(2), "{waited}");
+    c.kill9(0);
+    c.failover(replica, true);
+    load(&c, "after", 200);
+    agent.wait_for_log(
+        "the shard's master changed (a failover)",
+        Duration::from_secs(30),
+    );
+    // The new master continues the stored history (psync2): no new generation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while shard_lines(&agent.log_text(), "s01", "resumed with PSYNC") < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(agent.terminate(), "{}", agent.log_text());
+    let log = agent.log_text();
+    assert_eq!(shard_lines(&log, "s01", "snapshot stored"), 1, "{log}");
+    for shard in ["s01", "s02", "s03"] {
+        assert_eq!(generations(tmp.path(), shard), 1, "{shard}");
+    }
+    let s = check_every_shard(&c, &repo, tmp.path(), flavor);
+    // The lineage kept its slots (one map record) and names both masters.
+    assert_eq!(s.slot_maps.len(), 1);
+    let masters = s.shards["s01"]["masters"].as_array().unwrap();
+    assert_eq!(masters.len(), 2, "{masters:?}");
+    assert_eq!(masters[0]["node_id"], c.node_id(0));
+    assert_eq!(masters[1]["node_id"], c.node_id(replica));
+}
