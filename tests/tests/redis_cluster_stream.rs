@@ -209,6 +209,35 @@ fn stream_captures_every_shard_and_the_slot_map() {
         // Valkey names its shards: the id is kept as evidence.
         assert_eq!(record["shard_ids"].as_array().unwrap().len(), 1, "{record}");
     }
+    // `list` shows the shards, their generations and the slot-map history.
+    let out = run_agent(&["list", "--repo", &repo, "--output", "json"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cluster = &json["redis"]["cluster"];
+    let shards = cluster["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 3, "{json}");
+    for (i, shard) in shards.iter().enumerate() {
+        assert_eq!(shard["shard"], format!("s0{}", i + 1));
+        assert_eq!(shard["slots"], c.initial_slots()[i].to_string());
+        assert_eq!(shard["generations"].as_array().unwrap().len(), 1, "{shard}");
+        assert_eq!(shard["masters"].as_array().unwrap().len(), 1, "{shard}");
+    }
+    let maps = cluster["slot_maps"].as_array().unwrap();
+    assert_eq!(maps.len(), 1, "{json}");
+    assert_eq!(maps[0]["complete"], true);
+    assert_eq!(maps[0]["ranges"][1]["shard"], "s02");
+    assert!(json["restorable"]["first_time"].is_string(), "{json}");
+    assert!(json["restorable"]["last_time"].is_string(), "{json}");
+    let out = run_agent(&["list", "--repo", &repo], &[]);
+    let listed = text(&out);
+    assert!(out.status.success(), "{listed}");
+    assert!(listed.contains("(Redis Cluster, 3 shards)"), "{listed}");
+    assert!(listed.contains("  s02  slots 5461-10922 (5462)"), "{listed}");
+    assert!(
+        listed.contains(": s01 0-5460, s02 5461-10922, s03 10923-16383"),
+        "{listed}"
+    );
+    assert!(listed.contains("(every shard)"), "{listed}");
     // `redis verify --shard` passes each shard.
     for shard in ["s01", "s02", "s03"] {
         let out = run_agent(&["redis", "verify", "--repo", &repo, "--shard", shard], &[]);
@@ -344,4 +373,14 @@ fn a_failover_moves_the_shard_stream_to_the_promoted_replica_with_psync() {
     assert_eq!(masters.len(), 2, "{masters:?}");
     assert_eq!(masters[0]["node_id"], c.node_id(0));
     assert_eq!(masters[1]["node_id"], c.node_id(replica));
+    let out = run_agent(&["list", "--repo", &repo], &[]);
+    let listed = text(&out);
+    assert!(
+        listed.contains(&format!(
+            "    master 127.0.0.1:{} (node {})",
+            c.node(replica).port(),
+            c.node_id(replica)
+        )),
+        "{listed}"
+    );
 }
