@@ -384,3 +384,44 @@ fn a_failover_moves_the_shard_stream_to_the_promoted_replica_with_psync() {
         "{listed}"
     );
 }
+
+#[test]
+fn snapshot_of_a_cluster_captures_every_shard() {
+    let flavor = RedisFlavor::Redis7;
+    let c = RedisCluster::start(flavor, 3, 1);
+    load(&c, "snap", 200);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    // From a replica: the agent finds the masters.
+    let seed = c.node(4).url();
+    let out = run_agent(
+        &["redis", "snapshot", "--source", &seed, "--repo", &repo],
+        &[],
+    );
+    let stdout = text(&out);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("cluster:      3 shards"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "shard s02:    slots 5461-10922 (5462 of 16384) from 127.0.0.1:{}",
+            c.node(1).port()
+        )),
+        "{stdout}"
+    );
+    for shard in ["s01", "s02", "s03"] {
+        assert_eq!(generations(tmp.path(), shard), 1, "{shard}");
+    }
+    check_every_shard(&c, &repo, tmp.path(), flavor);
+    // A second snapshot adds a generation to every shard and no slot map.
+    load(&c, "again", 50);
+    let out = run_agent(
+        &["redis", "snapshot", "--source", &seed, "--repo", &repo],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    for shard in ["s01", "s02", "s03"] {
+        assert_eq!(generations(tmp.path(), shard), 2, "{shard}");
+    }
+    let s = check_every_shard(&c, &repo, &tmp.path().join("second"), flavor);
+    assert_eq!(s.slot_maps.len(), 1);
+}

@@ -30,7 +30,8 @@ enum RedisCommand {
     /// the master allows it, so nothing touches the master's disk), validate it while it
     /// uploads, record it as a new generation. The agent's Redis user needs the ACL
     /// `+psync +replconf +sync +ping +info +cluster|myid +cluster|shards +cluster|nodes`.
-    /// A Redis Cluster node is refused unless --cluster-shard-only.
+    /// On a Redis Cluster node: every shard (one generation each) and the slot map, unless
+    /// --cluster-shard-only.
     Snapshot(SnapshotArgs),
     /// Attach as a replica and keep the repository current: a snapshot generation, then
     /// every write command in chunks stored at least every --max-lag. Restarted, it resumes
@@ -117,10 +118,31 @@ struct SnapshotArgs {
     #[command(flatten)]
     repo: RepoArgs,
     /// When the source is a Redis/Valkey Cluster node: capture this node's shard only
-    /// (its master's slots; one agent per shard). Without it a cluster node is refused,
-    /// since its data is only part of the cluster's.
+    /// (its master's slots; one agent per shard). Without it a cluster node's whole cluster
+    /// is captured: one generation per shard, from every master at once, and the slot map.
     #[arg(long)]
     cluster_shard_only: bool,
+}
+
+/// `redis snapshot` of a whole cluster: one generation per shard.
+async fn snapshot_cluster(repo: &Repository, seed: &RedisSource) -> Result<ExitCode> {
+    let taken = super::cluster_stream::snapshot(repo, std::slice::from_ref(seed)).await?;
+    println!("cluster:      {} shards", taken.len());
+    for t in &taken {
+        let m = &t.captured.manifest;
+        println!(
+            "shard {}:    slots {} ({} of 16384) from {}: generation {} ({}, {} bytes, {} keys)",
+            t.shard,
+            t.slots,
+            t.slots.slot_count(),
+            t.master,
+            m.generation,
+            m.snapshot.rdb_format,
+            m.snapshot.size,
+            t.captured.report.total_keys()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]
@@ -235,8 +257,12 @@ async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
     let source = args.source.parse()?;
     let repo = args.repo.open()?;
     let mut link = MasterLink::connect(&source).await?;
-    // Before PSYNC: a refused cluster node leaves nothing in the repository.
-    let place = super::cluster::check(&mut link, args.cluster_shard_only).await?;
+    // Before PSYNC: a cluster node captures the whole cluster, unless asked for its shard.
+    let place = super::cluster::detect(&mut link).await?;
+    if place.is_some() && !args.cluster_shard_only {
+        drop(link);
+        return snapshot_cluster(&repo, &source).await;
+    }
     if let Some(p) = &place {
         tracing::info!(slots = %p.slots, "{}: capturing this shard only (--cluster-shard-only)", p.describe());
     }

@@ -335,16 +335,34 @@ fn source_for(seed: &RedisSource, shard: &Shard) -> Option<RedisSource> {
     Some(s)
 }
 
-/// Reads the topology from the first node of `candidates` that answers.
-async fn read_topology(candidates: &[RedisSource]) -> Result<ClusterTopology, JobError> {
+/// Reads the topology on `link` when it still answers, else from the first node of
+/// `candidates` that does (then `link` is that connection, kept for the next poll).
+async fn read_topology(
+    link: &mut Option<MasterLink>,
+    candidates: &[RedisSource],
+) -> Result<ClusterTopology, JobError> {
+    if let Some(l) = link.as_mut() {
+        match tokio::time::timeout(Duration::from_secs(10), super::cluster::read_topology(l)).await
+        {
+            Ok(Ok(t)) => return Ok(t),
+            Ok(Err(e)) if e.class == ErrorClass::Fatal => return Err(e),
+            Ok(Err(e)) => tracing::debug!("reading the topology from {}: {e:#}", l.endpoint()),
+            Err(_) => tracing::debug!("{} did not answer in 10 s", l.endpoint()),
+        }
+        *link = None;
+    }
     let mut errors = Vec::new();
     for c in candidates {
         let attempt = async {
-            let mut link = MasterLink::connect(c).await?;
-            super::cluster::read_topology(&mut link).await
+            let mut l = MasterLink::connect(c).await?;
+            let t = super::cluster::read_topology(&mut l).await?;
+            Ok::<_, JobError>((l, t))
         };
         match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-            Ok(Ok(t)) => return Ok(t),
+            Ok(Ok((l, t))) => {
+                *link = Some(l);
+                return Ok(t);
+            }
             Ok(Err(e)) if e.class == ErrorClass::Fatal => return Err(e),
             Ok(Err(e)) => errors.push(format!("{}: {e:#}", c.endpoint())),
             Err(_) => errors.push(format!("{}: no answer in 10 s", c.endpoint())),
@@ -354,6 +372,115 @@ async fn read_topology(candidates: &[RedisSource]) -> Result<ClusterTopology, Jo
         "no node of the cluster answered: {}",
         errors.join("; ")
     )))
+}
+
+/// Makes `repo` a Redis repository (before anything is bound to it) and takes the lease of
+/// the cluster's records (shard records, slot maps), waiting while another agent holds it.
+async fn take_cluster_lease(repo: &Repository, purpose: &str) -> Result<Lease> {
+    let init = repo
+        .init_marker(&RepoMarker::new(RepoKind::Redis))
+        .await
+        .with_context(|| format!("initialising the repository {}", repo.url()))?;
+    if init.marker().kind != RepoKind::Redis {
+        anyhow::bail!(
+            "the repository {} backs up {:?}, not Redis/Valkey; use another --repo",
+            repo.url(),
+            init.marker().kind
+        );
+    }
+    let cluster_view = repo.scoped(&layout::redis_cluster_prefix())?;
+    Lease::acquire(
+        &cluster_view,
+        LeaseScope::RedisStream,
+        purpose,
+        LeaseOptions::from_env(),
+    )
+    .await
+    .context("taking the cluster's lease in the repository")
+}
+
+/// One shard's snapshot taken by [`snapshot`].
+#[derive(Debug)]
+pub struct ShardSnapshot {
+    /// The shard.
+    pub shard: ShardKey,
+    /// Its master.
+    pub master: String,
+    /// Its slots.
+    pub slots: wire::redis::cluster::SlotRanges,
+    /// The generation stored.
+    pub captured: super::snapshot::CapturedSnapshot,
+}
+
+/// `redis snapshot` of a cluster: the topology from the first seed that answers, the
+/// shard records and slot map brought up to date, then one new generation per shard, taken
+/// from every master at once. Refused (after a minute) while a cluster stream holds the
+/// cluster's lease: its shards get generations of their own (`--snapshot-every`).
+pub async fn snapshot(repo: &Repository, seeds: &[RedisSource]) -> Result<Vec<ShardSnapshot>> {
+    let seed = seeds.first().context("a cluster snapshot needs a seed node")?;
+    let purpose = format!("redis snapshot of the cluster (seed {})", seed.endpoint());
+    let lease = tokio::time::timeout(Duration::from_secs(60), take_cluster_lease(repo, &purpose))
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "another agent holds the cluster's lease in {} (a running `redis stream` of \
+                 this cluster?); its shards get new generations with --snapshot-every",
+                repo.url()
+            )
+        })??;
+    let result = async {
+        let topology = read_topology(&mut None, seeds).await?;
+        let catalog = ClusterCatalog::load(repo).await?;
+        let mut known = catalog.shards;
+        let last_map = catalog.slot_maps.last().map(|r| r.map.clone());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let (lineages, changed) = assign(&topology, &mut known, last_map.as_ref(), now_ms);
+        store_records(repo, &known, &changed).await?;
+        let map = lineage_map(&topology, &lineages)?;
+        if last_map.as_ref() != Some(&map) {
+            store_slot_map(repo, &map, now_ms, last_map.as_ref()).await?;
+        }
+        let takes = lineages.iter().map(|(&i, key)| {
+            let shard = &topology.shards[i];
+            async move {
+                let source = source_for(seed, shard).with_context(|| {
+                    format!("the master {} of shard {key} announces no address", shard.master.id)
+                })?;
+                let view = shard_repo(repo, key)?;
+                let mut link = MasterLink::connect(&source).await?;
+                let (replid, offset) = match link.psync(None).await? {
+                    wire::redis::handshake::PsyncReply::FullResync { replid, offset } => {
+                        (replid, offset)
+                    }
+                    wire::redis::handshake::PsyncReply::Continue { .. } => anyhow::bail!(
+                        "the master at {} answered PSYNC ? -1 with +CONTINUE",
+                        source.endpoint()
+                    ),
+                };
+                let replied_at = chrono::Utc::now();
+                super::snapshot::ensure_redis_repo(&view, &replid).await?;
+                let captured =
+                    super::snapshot::capture(&view, &mut link, &replid, offset, replied_at)
+                        .await
+                        .with_context(|| format!("the snapshot of shard {key}"))?;
+                Ok(ShardSnapshot {
+                    shard: key.clone(),
+                    master: source.endpoint(),
+                    slots: shard.slots.clone(),
+                    captured,
+                })
+            }
+        });
+        futures::future::join_all(takes)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()
+    }
+    .await;
+    if let Err(e) = lease.release().await {
+        tracing::warn!("could not release the cluster lease (it expires by itself): {e}");
+    }
+    result
 }
 
 /// A shard stream that is running.
@@ -374,24 +501,9 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
         .first()
         .context("a cluster stream needs at least one seed node")?
         .clone();
-    // The repository becomes a Redis repository before anything is bound to it.
-    let init = repo
-        .init_marker(&RepoMarker::new(RepoKind::Redis))
-        .await
-        .with_context(|| format!("initialising the repository {}", repo.url()))?;
-    if init.marker().kind != RepoKind::Redis {
-        anyhow::bail!(
-            "the repository {} backs up {:?}, not Redis/Valkey; use another --repo",
-            repo.url(),
-            init.marker().kind
-        );
-    }
-    let cluster_view = repo.scoped(&layout::redis_cluster_prefix())?;
     let purpose = format!("redis stream of the cluster (seed {})", seed.endpoint());
     let lease = tokio::select! {
-        l = Lease::acquire(&cluster_view, LeaseScope::RedisStream, &purpose, LeaseOptions::from_env()) => {
-            l.context("taking the cluster stream's lease in the repository")?
-        }
+        l = take_cluster_lease(repo, &purpose) => l?,
         () = ctl.token.cancelled() => return Ok(()),
     };
     let guard = lease.guard();
@@ -403,6 +515,7 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
     let mut tick = tokio::time::interval(opts.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut unreachable_since: Option<std::time::Instant> = None;
+    let mut poll_link: Option<MasterLink> = None;
     let lost = guard.lost();
     tokio::pin!(lost);
     let outcome: Result<()> = loop {
@@ -435,7 +548,7 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
                 }
             }
         }
-        let topology = match read_topology(&candidates).await {
+        let topology = match read_topology(&mut poll_link, &candidates).await {
             Ok(t) => {
                 unreachable_since = None;
                 t
