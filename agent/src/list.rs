@@ -19,10 +19,10 @@ use wire::pg::{Lsn, SegmentName, TimelineId};
 
 use crate::catalog::pg::PgCatalog;
 use crate::catalog::redis::RedisCatalog;
-use crate::redis::cluster_stream::{shard_repo, ClusterCatalog};
 use crate::cli::RepoArgs;
 use crate::pg::backup_manifest::format_time;
 use crate::pg::backup_progress::human;
+use crate::redis::cluster_stream::{shard_repo, ClusterCatalog};
 
 /// The version of the JSON `list` prints.
 pub const LIST_SCHEMA: &str = "syncbridge.list/1";
@@ -518,7 +518,10 @@ async fn redis_cluster_report(
                 .collect(),
         });
     }
-    let first_map = clustered.slot_maps.first().map(|r| r.effective_unix_ms as i64);
+    let first_map = clustered
+        .slot_maps
+        .first()
+        .map(|r| r.effective_unix_ms as i64);
     let restorable = match (first, first_map) {
         (Some(f), Some(m)) if all_have_generations => Some(Restorable {
             first_time: DateTime::from_timestamp_millis(f.max(m)).unwrap_or_default(),
@@ -583,7 +586,10 @@ fn print_generation(indent: &str, g: &RedisGeneration) {
 }
 
 fn print_cluster(url: &str, c: &RedisClusterReport, restorable: Option<&Restorable>) {
-    println!("repository:  {url} (Redis Cluster, {} shards)", c.shards.len());
+    println!(
+        "repository:  {url} (Redis Cluster, {} shards)",
+        c.shards.len()
+    );
     println!("shards:");
     for s in &c.shards {
         let slots = if s.slots.is_empty() {
@@ -621,7 +627,11 @@ fn print_cluster(url: &str, c: &RedisClusterReport, restorable: Option<&Restorab
             "  from {}: {}{}",
             format_time(m.effective_time),
             ranges.join(", "),
-            if m.complete { "" } else { "  (INCOMPLETE: slots without a shard)" }
+            if m.complete {
+                ""
+            } else {
+                "  (INCOMPLETE: slots without a shard)"
+            }
         );
     }
     if let Some(rest) = restorable {

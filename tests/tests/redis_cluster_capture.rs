@@ -244,7 +244,9 @@ fn an_acl_without_info_or_cluster_gets_the_acl_to_add() {
             }
             // Detection passed: this master's slots are captured.
             None => assert!(
-                all.contains("cluster:      this shard only: slots 0-5460 (5461 of 16384, one of 3 masters)"),
+                all.contains(
+                    "cluster:      this shard only: slots 0-5460 (5461 of 16384, one of 3 masters)"
+                ),
                 "{extra:?}: {all}"
             ),
         }

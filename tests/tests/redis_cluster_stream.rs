@@ -40,7 +40,9 @@ fn load(c: &RedisCluster, tag: &str, n: usize) {
         assert!(!matches!(r, RespValue::Error(_)), "{r}");
         let r = client.cmd(l.as_bytes(), &["RPUSH", &l, "a", "b"]);
         assert!(!matches!(r, RespValue::Error(_)), "{r}");
-        assert!(client.cmd(t.as_bytes(), &["SET", &t, "s", "EX", "3600"]).is_ok());
+        assert!(client
+            .cmd(t.as_bytes(), &["SET", &t, "s", "EX", "3600"])
+            .is_ok());
     }
 }
 
@@ -112,8 +114,8 @@ fn restore_shard(
     let bin = server_bin(flavor);
     let out = run_agent(
         &[
-            "redis", "restore", "--repo", repo, "--shard", shard, "--target", &target_s,
-            "--start", &bin,
+            "redis", "restore", "--repo", repo, "--shard", shard, "--target", &target_s, "--start",
+            &bin,
         ],
         &[],
     );
@@ -232,7 +234,10 @@ fn stream_captures_every_shard_and_the_slot_map() {
     let listed = text(&out);
     assert!(out.status.success(), "{listed}");
     assert!(listed.contains("(Redis Cluster, 3 shards)"), "{listed}");
-    assert!(listed.contains("  s02  slots 5461-10922 (5462)"), "{listed}");
+    assert!(
+        listed.contains("  s02  slots 5461-10922 (5462)"),
+        "{listed}"
+    );
     assert!(
         listed.contains(": s01 0-5460, s02 5461-10922, s03 10923-16383"),
         "{listed}"
@@ -301,7 +306,12 @@ fn killed_agent_resumes_every_shard_with_psync() {
         .dump()
         .iter()
         .filter(|(k, _)| k.starts_with("load-counter:"))
-        .map(|(_, v)| v.trim_start_matches("string \"").trim_end_matches('"').parse::<i64>().unwrap())
+        .map(|(_, v)| {
+            v.trim_start_matches("string \"")
+                .trim_end_matches('"')
+                .parse::<i64>()
+                .unwrap()
+        })
         .sum();
     assert_eq!(total, 1500);
 }
@@ -323,7 +333,12 @@ fn a_failover_moves_the_shard_stream_to_the_promoted_replica_with_psync() {
     let mut agent = StreamingAgent::start_with(
         &c.node(0).url(),
         &repo,
-        &["--max-lag", "100ms", "--cluster-seed", &format!("127.0.0.1:{}", c.node(1).port())],
+        &[
+            "--max-lag",
+            "100ms",
+            "--cluster-seed",
+            &format!("127.0.0.1:{}", c.node(1).port()),
+        ],
         &[],
         tmp.path().join("stream.log"),
     );
@@ -352,11 +367,7 @@ fn a_failover_moves_the_shard_stream_to_the_promoted_replica_with_psync() {
     // The new master continues the stored history (psync2): no new generation.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while shard_lines(&agent.log_text(), "s01", "resumed with PSYNC") < 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            agent.log_text()
-        );
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(800));

@@ -183,7 +183,11 @@ pub fn assign(
     // Strongest evidence first: a shard id, then the master's id, then other nodes.
     let score = |shard: &Shard, rec: &ShardRecord| -> u64 {
         let mut s = 0;
-        if shard.id.as_ref().is_some_and(|id| rec.shard_ids.contains(id)) {
+        if shard
+            .id
+            .as_ref()
+            .is_some_and(|id| rec.shard_ids.contains(id))
+        {
             s += 1 << 20;
         }
         if rec.nodes.contains(&shard.master.id) {
@@ -313,7 +317,10 @@ pub async fn probe(source: &RedisSource) -> Result<Option<bool>, JobError> {
     let mut link = match MasterLink::connect(source).await {
         Ok(l) => l,
         Err(e) => {
-            tracing::debug!("could not ask {} whether it is a cluster node: {e}", source.endpoint());
+            tracing::debug!(
+                "could not ask {} whether it is a cluster node: {e}",
+                source.endpoint()
+            );
             return Ok(None);
         }
     };
@@ -417,7 +424,9 @@ pub struct ShardSnapshot {
 /// from every master at once. Refused (after a minute) while a cluster stream holds the
 /// cluster's lease: its shards get generations of their own (`--snapshot-every`).
 pub async fn snapshot(repo: &Repository, seeds: &[RedisSource]) -> Result<Vec<ShardSnapshot>> {
-    let seed = seeds.first().context("a cluster snapshot needs a seed node")?;
+    let seed = seeds
+        .first()
+        .context("a cluster snapshot needs a seed node")?;
     let purpose = format!("redis snapshot of the cluster (seed {})", seed.endpoint());
     let lease = tokio::time::timeout(Duration::from_secs(60), take_cluster_lease(repo, &purpose))
         .await
@@ -444,7 +453,10 @@ pub async fn snapshot(repo: &Repository, seeds: &[RedisSource]) -> Result<Vec<Sh
             let shard = &topology.shards[i];
             async move {
                 let source = source_for(seed, shard).with_context(|| {
-                    format!("the master {} of shard {key} announces no address", shard.master.id)
+                    format!(
+                        "the master {} of shard {key} announces no address",
+                        shard.master.id
+                    )
                 })?;
                 let view = shard_repo(repo, key)?;
                 let mut link = MasterLink::connect(&source).await?;
@@ -816,7 +828,10 @@ mod tests {
         }
         let (l, _) = assign(&three(), &mut fresh, Some(&map), 6);
         assert_eq!(
-            owners(&three(), &l).into_iter().map(|(_, k)| k).collect::<Vec<_>>(),
+            owners(&three(), &l)
+                .into_iter()
+                .map(|(_, k)| k)
+                .collect::<Vec<_>>(),
             ["s01", "s02", "s03"]
         );
     }
