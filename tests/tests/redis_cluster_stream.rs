@@ -325,7 +325,16 @@ fn shard_lines(log: &str, shard: &str, needle: &str) -> usize {
 
 #[test]
 fn a_failover_moves_the_shard_stream_to_the_promoted_replica_with_psync() {
-    let flavor = RedisFlavor::Valkey9;
+    failover_case(RedisFlavor::Valkey9);
+}
+
+/// Redis 7.0 has no shard ids: the promoted replica is recognised by its node id.
+#[test]
+fn a_failover_on_redis7_continues_the_shard_with_psync() {
+    failover_case(RedisFlavor::Redis7);
+}
+
+fn failover_case(flavor: RedisFlavor) {
     let mut c = RedisCluster::start(flavor, 3, 1);
     load(&c, "before", 200);
     let tmp = tempfile::tempdir().unwrap();

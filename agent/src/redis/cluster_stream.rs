@@ -542,6 +542,12 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
                         tick.reset_immediately();
                     }
                     Ok(()) => {}
+                    // Stopped to move: an error of its last attempt (the old master is
+                    // gone) ends nothing but that attempt.
+                    Err(e) if was.as_ref().is_some_and(|r| r.stopping) => {
+                        tracing::info!(shard = %key, "the shard's stream stopped ({e:#}); it restarts at the shard's new master");
+                        tick.reset_immediately();
+                    }
                     Err(e) => break Err(e.context(format!("streaming shard {key}"))),
                 }
                 continue;
