@@ -1,7 +1,9 @@
 //! `syncbridge-agent list --repo URL [--output text|json]`: what a repository can restore.
 //! For PostgreSQL each base backup with its WAL range and times, the archived WAL per
 //! timeline with any holes, and the restorable range; for Redis each generation with its
-//! snapshot, command stream and times. Read through the catalog ([`crate::catalog`]).
+//! snapshot, command stream and times, and for a Redis Cluster capture each shard with its
+//! masters and generations and the slot-map history. Read through the catalog
+//! ([`crate::catalog`]).
 //!
 //! The JSON (`--output json`) is a versioned schema for scripts and monitoring, documented
 //! in `docs/list-json.md`; `schema` names its version and only grows compatibly within it.
@@ -20,6 +22,7 @@ use crate::catalog::redis::RedisCatalog;
 use crate::cli::RepoArgs;
 use crate::pg::backup_manifest::format_time;
 use crate::pg::backup_progress::human;
+use crate::redis::cluster_stream::{shard_repo, ClusterCatalog};
 
 /// The version of the JSON `list` prints.
 pub const LIST_SCHEMA: &str = "syncbridge.list/1";
@@ -203,6 +206,67 @@ pub struct RedisReport {
     pub generations: Vec<RedisGeneration>,
     /// Generation ids without a manifest (in progress, or failed).
     pub incomplete_generations: Vec<String>,
+    /// A Redis Cluster capture (`null` for a single server).
+    pub cluster: Option<RedisClusterReport>,
+}
+
+/// A Redis Cluster capture: every shard and the slot-map history.
+#[derive(Debug, Serialize)]
+pub struct RedisClusterReport {
+    /// Every shard, by key (`s01`, ...).
+    pub shards: Vec<RedisShard>,
+    /// Every slot-map record, oldest first.
+    pub slot_maps: Vec<RedisSlotMap>,
+}
+
+/// One shard (a lineage: it survives failovers) of a cluster capture.
+#[derive(Debug, Serialize)]
+pub struct RedisShard {
+    /// Its key (`s01`): `redis restore --shard`, `redis verify --shard`.
+    pub shard: String,
+    /// Its slots in the newest slot map (`""` when it owns none now).
+    pub slots: String,
+    /// How many.
+    pub slot_count: usize,
+    /// Shard ids the cluster gave it (Valkey, Redis 7.2+).
+    pub shard_ids: Vec<String>,
+    /// The masters that served it, oldest first (a failover adds one).
+    pub masters: Vec<RedisShardMaster>,
+    /// Its generations, as for a single server.
+    pub generations: Vec<RedisGeneration>,
+    /// Its generation ids without a manifest.
+    pub incomplete_generations: Vec<String>,
+}
+
+/// A master that served a shard.
+#[derive(Debug, Serialize)]
+pub struct RedisShardMaster {
+    /// Cluster node id.
+    pub node_id: String,
+    /// `host:port`.
+    pub address: String,
+    /// When the agent first saw it serve the shard.
+    pub since: DateTime<Utc>,
+}
+
+/// A slot map and when it took effect.
+#[derive(Debug, Serialize)]
+pub struct RedisSlotMap {
+    /// When the agent saw it take effect (at most one topology poll late).
+    pub effective_time: DateTime<Utc>,
+    /// Maximal runs of slots with their shard, ascending.
+    pub ranges: Vec<RedisSlotRange>,
+    /// Whether every one of the 16384 slots has a shard.
+    pub complete: bool,
+}
+
+/// Slots owned by one shard.
+#[derive(Debug, Serialize)]
+pub struct RedisSlotRange {
+    /// `start-end`.
+    pub slots: String,
+    /// The shard.
+    pub shard: String,
 }
 
 /// One Redis generation.
@@ -372,8 +436,7 @@ async fn pg_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
     })
 }
 
-async fn redis_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
-    let cat = RedisCatalog::load(repo).await?;
+fn redis_generations(cat: &RedisCatalog) -> Result<Vec<RedisGeneration>> {
     let mut generations = Vec::new();
     for g in &cat.generations {
         let m = &g.manifest;
@@ -394,6 +457,16 @@ async fn redis_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport>
             pinned: g.pinned,
         });
     }
+    Ok(generations)
+}
+
+async fn redis_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
+    let clustered = ClusterCatalog::load(repo).await?;
+    if clustered.is_cluster() {
+        return redis_cluster_report(repo, facts, clustered).await;
+    }
+    let cat = RedisCatalog::load(repo).await?;
+    let generations = redis_generations(&cat)?;
     let restorable = cat.generations.first().and_then(|oldest| {
         Some(Restorable {
             first_time: DateTime::from_timestamp_millis(oldest.manifest.snapshot_unix_ms)?,
@@ -416,8 +489,186 @@ async fn redis_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport>
                 .iter()
                 .map(|i| i.as_str().to_string())
                 .collect(),
+            cluster: None,
         }),
     })
+}
+
+/// A cluster capture. A moment is restorable once every shard of the first slot map has a
+/// snapshot, and as long as every shard's stream reaches it: the restorable range is the
+/// latest of the shards' first snapshots to the earliest of their newest chunks.
+async fn redis_cluster_report(
+    repo: &Repository,
+    facts: RepoFacts,
+    clustered: ClusterCatalog,
+) -> Result<ListReport> {
+    let newest = clustered.slot_maps.last().map(|r| &r.map);
+    let mut shards = Vec::new();
+    let mut first: Option<i64> = None;
+    let mut last: Option<Option<DateTime<Utc>>> = None;
+    let mut all_have_generations = true;
+    for (key, record) in &clustered.shards {
+        let cat = RedisCatalog::load(&shard_repo(repo, key)?).await?;
+        let slots = newest.map(|m| m.slots_of(key.as_str())).unwrap_or_default();
+        match cat.generations.first() {
+            Some(oldest) if !slots.is_empty() => {
+                let t = oldest.manifest.snapshot_unix_ms;
+                first = Some(first.map_or(t, |f| f.max(t)));
+                let newest_write = cat.latest().and_then(|g| g.last_write);
+                last = Some(match last {
+                    None => newest_write,
+                    Some(prev) => prev.zip(newest_write).map(|(a, b)| a.min(b)),
+                });
+            }
+            Some(_) => {}
+            None if !slots.is_empty() => all_have_generations = false,
+            None => {}
+        }
+        shards.push(RedisShard {
+            shard: key.to_string(),
+            slot_count: slots.slot_count(),
+            slots: slots.to_string(),
+            shard_ids: record.shard_ids.iter().cloned().collect(),
+            masters: record
+                .masters
+                .iter()
+                .map(|m| RedisShardMaster {
+                    node_id: m.node_id.clone(),
+                    address: m.address.clone(),
+                    since: DateTime::from_timestamp_millis(m.since_unix_ms).unwrap_or_default(),
+                })
+                .collect(),
+            generations: redis_generations(&cat)?,
+            incomplete_generations: cat
+                .incomplete
+                .iter()
+                .map(|i| i.as_str().to_string())
+                .collect(),
+        });
+    }
+    let first_map = clustered
+        .slot_maps
+        .first()
+        .map(|r| r.effective_unix_ms as i64);
+    let restorable = match (first, first_map) {
+        (Some(f), Some(m)) if all_have_generations => Some(Restorable {
+            first_time: DateTime::from_timestamp_millis(f.max(m)).unwrap_or_default(),
+            last_time: last.flatten(),
+            first_lsn: None,
+            last_lsn: None,
+            timeline: None,
+        }),
+        _ => None,
+    };
+    let slot_maps = clustered
+        .slot_maps
+        .iter()
+        .map(|r| RedisSlotMap {
+            effective_time: DateTime::from_timestamp_millis(r.effective_unix_ms as i64)
+                .unwrap_or_default(),
+            ranges: r
+                .map
+                .ranges()
+                .into_iter()
+                .map(|(range, owner)| RedisSlotRange {
+                    slots: range.to_string(),
+                    shard: owner.to_owned(),
+                })
+                .collect(),
+            complete: r.map.check_complete().is_ok(),
+        })
+        .collect();
+    Ok(ListReport {
+        schema: LIST_SCHEMA,
+        repository: facts,
+        restorable,
+        postgres: None,
+        redis: Some(RedisReport {
+            generations: Vec::new(),
+            incomplete_generations: Vec::new(),
+            cluster: Some(RedisClusterReport { shards, slot_maps }),
+        }),
+    })
+}
+
+fn print_generation(indent: &str, g: &RedisGeneration) {
+    println!(
+        "{indent}{}  snapshot {} at offset {} ({} keys, {})  stream to offset {} in {} chunks{}{}",
+        g.id,
+        format_time(g.snapshot_time),
+        g.snapshot_offset,
+        g.keys,
+        human(g.snapshot_bytes),
+        g.end_offset,
+        g.chunks,
+        if g.orphan_chunks > 0 {
+            format!(
+                "  ({} chunks off the chain: run `redis verify`)",
+                g.orphan_chunks
+            )
+        } else {
+            String::new()
+        },
+        if g.pinned { "  PINNED" } else { "" }
+    );
+}
+
+fn print_cluster(url: &str, c: &RedisClusterReport, restorable: Option<&Restorable>) {
+    println!(
+        "repository:  {url} (Redis Cluster, {} shards)",
+        c.shards.len()
+    );
+    println!("shards:");
+    for s in &c.shards {
+        let slots = if s.slots.is_empty() {
+            "no slots now".to_owned()
+        } else {
+            format!("slots {} ({})", s.slots, s.slot_count)
+        };
+        println!("  {}  {slots}", s.shard);
+        for m in &s.masters {
+            println!(
+                "    master {} (node {}) since {}",
+                m.address,
+                m.node_id,
+                format_time(m.since)
+            );
+        }
+        if s.generations.is_empty() {
+            println!("    (no generation yet)");
+        }
+        for g in &s.generations {
+            print_generation("    ", g);
+        }
+        for id in &s.incomplete_generations {
+            println!("    {id}  incomplete (no generation.json: in progress, or failed)");
+        }
+    }
+    println!("slot maps:");
+    for m in &c.slot_maps {
+        let ranges: Vec<String> = m
+            .ranges
+            .iter()
+            .map(|r| format!("{} {}", r.shard, r.slots))
+            .collect();
+        println!(
+            "  from {}: {}{}",
+            format_time(m.effective_time),
+            ranges.join(", "),
+            if m.complete {
+                ""
+            } else {
+                "  (INCOMPLETE: slots without a shard)"
+            }
+        );
+    }
+    if let Some(rest) = restorable {
+        println!(
+            "restorable:  from {} to {} (every shard)",
+            format_time(rest.first_time),
+            rest.last_time.map_or_else(|| "?".to_string(), format_time)
+        );
+    }
 }
 
 fn print_text(r: &ListReport) {
@@ -516,31 +767,17 @@ fn print_text(r: &ListReport) {
             }
         }
         (None, Some(redis)) => {
+            if let Some(c) = &redis.cluster {
+                print_cluster(&f.url, c, r.restorable.as_ref());
+                return;
+            }
             println!("repository:  {} (Redis)", f.url);
             println!("generations:");
             if redis.generations.is_empty() {
                 println!("  (none)");
             }
             for g in &redis.generations {
-                println!(
-                    "  {}  snapshot {} at offset {} ({} keys, {})  stream to offset {} in {} chunks{}{}",
-                    g.id,
-                    format_time(g.snapshot_time),
-                    g.snapshot_offset,
-                    g.keys,
-                    human(g.snapshot_bytes),
-                    g.end_offset,
-                    g.chunks,
-                    if g.orphan_chunks > 0 {
-                        format!(
-                            "  ({} chunks off the chain: run `redis verify`)",
-                            g.orphan_chunks
-                        )
-                    } else {
-                        String::new()
-                    },
-                    if g.pinned { "  PINNED" } else { "" }
-                );
+                print_generation("  ", g);
             }
             for id in &redis.incomplete_generations {
                 println!("  {id}  incomplete (no generation.json: in progress, or failed)");

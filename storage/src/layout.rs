@@ -26,6 +26,15 @@
 //! redis/gen/<generation-id>/generation.json         generation manifest
 //! redis/gen/<generation-id>/pinned                  present while the generation is pinned
 //! redis/gen/<generation-id>/expiring                `expire` is removing it (as above)
+//! redis/cluster/shards/<shard>/shard.json         a Redis Cluster shard: how the agent
+//!                                                   recognises it (lineage evidence, JSON)
+//! redis/cluster/shards/<shard>/redis/gen/...        the shard's generations, laid out as
+//!                                                   redis/gen/ above (a scoped view,
+//!                                                   `Repository::scoped`)
+//! redis/cluster/slotmap/<unix ms 20 digits>        the cluster's slot map from that moment
+//!                                                   (`SlotMapRecord` text, owners = shards)
+//! leases/redis/cluster/shards/<shard>/redis-stream/<generation 16 hex>
+//!                                                   writer lease of one shard's stream
 //! leases/postgres-stream/<tli>/<generation 16 hex>  writer lease of `postgres stream` on a
 //!                                                   timeline (JSON, never encrypted; lease.rs)
 //! leases/redis-stream/<generation 16 hex>           writer lease of `redis stream`
@@ -89,7 +98,7 @@ impl RepoKey {
                 && self.0.as_bytes().get(prefix.0.len()) == Some(&b'/'))
     }
 
-    fn join(parts: &[&str]) -> Self {
+    pub(crate) fn join(parts: &[&str]) -> Self {
         RepoKey(parts.join("/"))
     }
 }
@@ -560,6 +569,93 @@ pub fn parse_base_backup_key(key: &RepoKey) -> Option<BaseBackupObject> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Redis Cluster
+// ---------------------------------------------------------------------------------------
+
+/// A Redis Cluster shard's key in the repository (`s01`, `s02`, ...: `s` and 2 to 8
+/// digits), given in order of first sight and never reused; it outlives failovers, which
+/// change the master's node id and replication id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ShardKey(String);
+
+impl ShardKey {
+    /// The `n`th shard (1-based): `s01`, ..., `s99`, `s100`.
+    pub fn nth(n: u32) -> Self {
+        ShardKey(format!("s{n:02}"))
+    }
+
+    /// Validates a shard key.
+    pub fn parse(text: &str) -> Result<Self> {
+        let digits = text.strip_prefix('s').unwrap_or("");
+        if !(2..=8).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid(text, "a shard key is `s` and 2 to 8 digits (s01)"));
+        }
+        Ok(ShardKey(text.to_owned()))
+    }
+
+    /// Its number (`s07` → 7).
+    pub fn number(&self) -> u32 {
+        self.0[1..].parse().unwrap_or(0)
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ShardKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Everything of a Redis Cluster capture.
+pub fn redis_cluster_prefix() -> RepoKey {
+    RepoKey::join(&["redis", "cluster"])
+}
+
+/// Every shard of the cluster.
+pub fn redis_cluster_shards_prefix() -> RepoKey {
+    RepoKey::join(&["redis", "cluster", "shards"])
+}
+
+/// One shard: the prefix of its scoped view (`Repository::scoped`), which holds its
+/// generations as `redis/gen/...` and its `shard.json`.
+pub fn redis_cluster_shard(shard: &ShardKey) -> RepoKey {
+    RepoKey(format!("redis/cluster/shards/{shard}"))
+}
+
+/// The shard key of a [`redis_cluster_shard`] prefix.
+pub fn parse_redis_cluster_shard(key: &RepoKey) -> Option<ShardKey> {
+    let rest = key.as_str().strip_prefix("redis/cluster/shards/")?;
+    ShardKey::parse(rest).ok()
+}
+
+/// The shard's record (what identifies it), relative to the shard's scoped view.
+pub fn redis_shard_record() -> RepoKey {
+    RepoKey::join(&["shard.json"])
+}
+
+/// Every slot-map record.
+pub fn redis_slot_maps_prefix() -> RepoKey {
+    RepoKey::join(&["redis", "cluster", "slotmap"])
+}
+
+/// The slot map that took effect at `unix_ms`.
+pub fn redis_slot_map(unix_ms: u64) -> RepoKey {
+    RepoKey(format!("redis/cluster/slotmap/{unix_ms:020}"))
+}
+
+/// The effective time of a [`redis_slot_map`] key.
+pub fn parse_redis_slot_map(key: &RepoKey) -> Option<u64> {
+    let rest = key.as_str().strip_prefix("redis/cluster/slotmap/")?;
+    (rest.len() == 20 && rest.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| rest.parse().ok())
+        .flatten()
+}
+
+// ---------------------------------------------------------------------------------------
 // Redis generations
 // ---------------------------------------------------------------------------------------
 
@@ -778,6 +874,25 @@ mod tests {
             &RepoKey::parse("postgres/wal/00000001/000000020000000000000003").unwrap()
         )
         .is_none());
+    }
+
+    #[test]
+    fn redis_cluster_keys_round_trip() {
+        let s = ShardKey::nth(3);
+        assert_eq!(s.as_str(), "s03");
+        assert_eq!(ShardKey::nth(123).as_str(), "s123");
+        assert_eq!(ShardKey::parse("s03").unwrap(), s);
+        assert_eq!(s.number(), 3);
+        for bad in ["s1", "03", "s0a", "s", "s123456789", "x03"] {
+            assert!(ShardKey::parse(bad).is_err(), "{bad}");
+        }
+        let p = redis_cluster_shard(&s);
+        assert_eq!(p.as_str(), "redis/cluster/shards/s03");
+        assert_eq!(parse_redis_cluster_shard(&p), Some(s));
+        let m = redis_slot_map(1_764_000_000_123);
+        assert_eq!(m.as_str(), "redis/cluster/slotmap/00000001764000000123");
+        assert_eq!(parse_redis_slot_map(&m), Some(1_764_000_000_123));
+        assert_eq!(parse_redis_slot_map(&redis_slot_maps_prefix()), None);
     }
 
     #[test]

@@ -791,6 +791,46 @@ mod tests {
         assert_eq!(third.key(), layout::lease(scope(), released + 1));
     }
 
+    /// Each scoped view (one Redis Cluster shard) has its own lease: holding one does not
+    /// hold up the other, and a second writer of one view still waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scoped_views_hold_leases_of_their_own() {
+        let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
+        let a = repo.scoped(&RepoKey::parse("shards/a").unwrap()).unwrap();
+        let b = repo.scoped(&RepoKey::parse("shards/b").unwrap()).unwrap();
+        let la = Lease::acquire(&a, scope(), "a", fast()).await.unwrap();
+        let lb = tokio::time::timeout(
+            Duration::from_secs(2),
+            Lease::acquire(&b, scope(), "b", fast()),
+        )
+        .await
+        .expect("another view's lease does not wait")
+        .unwrap();
+        let stored: Vec<String> = repo
+            .list(&RepoKey::parse("leases").unwrap())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key.to_string())
+            .collect();
+        assert_eq!(
+            stored,
+            [
+                "leases/shards/a/redis-stream/0000000000000001",
+                "leases/shards/b/redis-stream/0000000000000001"
+            ]
+        );
+        assert_eq!(la.key().as_str(), "leases/redis-stream/0000000000000001");
+        assert!(tokio::time::timeout(
+            Duration::from_millis(300),
+            Lease::acquire(&a, scope(), "a2", fast())
+        )
+        .await
+        .is_err());
+        la.release().await.unwrap();
+        lb.release().await.unwrap();
+    }
+
     fn generation_of(lease: &Lease) -> u64 {
         lock(&lease.guard.state).generation
     }

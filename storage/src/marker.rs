@@ -308,6 +308,7 @@ impl Repository {
         inner.cpu = self.inner.cpu.clone();
         Repository {
             inner: Arc::new(inner),
+            scope: self.scope.clone(),
         }
     }
 }

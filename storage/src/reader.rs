@@ -127,6 +127,7 @@ impl ObjectReader {
         } else {
             let r = crate::repo::Repository {
                 inner: repo.clone(),
+                scope: None,
             };
             Some(r.context().await?)
         };

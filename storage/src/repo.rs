@@ -173,6 +173,8 @@ impl RepoInner {
 #[derive(Clone)]
 pub struct Repository {
     pub(crate) inner: Arc<RepoInner>,
+    /// Set on a [`scoped`](Self::scoped) view: the prefix its keys live under.
+    pub(crate) scope: Option<RepoKey>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -214,6 +216,7 @@ impl Repository {
         });
         Ok(Repository {
             inner: Arc::new(RepoInner::new(backend, redact(url), opts, keys)),
+            scope: None,
         })
     }
 
@@ -241,7 +244,83 @@ impl Repository {
         });
         Ok(Repository {
             inner: Arc::new(RepoInner::new(backend, description.to_owned(), opts, keys)),
+            scope: None,
         })
+    }
+
+    /// A view of this repository in which every key lives under `prefix`: a repository
+    /// inside the repository, with the same store, marker, encryption and identity. Code
+    /// written for a whole repository (e.g. one Redis server's stream, restore and verify)
+    /// then works unchanged on one part of it (one shard of a Redis Cluster, under
+    /// `redis/cluster/shards/<shard>`). Two keys are not moved: the marker stays the
+    /// repository's own, and writer leases (`leases/...`) go to `leases/<prefix>/...`, so
+    /// they stay plaintext like every lease. Objects are bound to their full key, so an
+    /// object copied from one scope to another is refused. `list` and `list_dirs` return
+    /// keys relative to the view; errors and `ObjectInfo` name the full keys. Scopes nest.
+    pub fn scoped(&self, prefix: &RepoKey) -> Result<Repository> {
+        let bad = |reason: &str| StorageError::InvalidKey {
+            key: prefix.to_string(),
+            reason: reason.into(),
+        };
+        if prefix.is_root() {
+            return Err(bad("a scope needs a prefix"));
+        }
+        if *prefix == crate::layout::marker() || crate::layout::is_lease_key(prefix) {
+            return Err(bad("the marker and the leases cannot be a scope"));
+        }
+        let full = self.full_key(prefix);
+        Ok(Repository {
+            inner: self.inner.clone(),
+            scope: Some(full),
+        })
+    }
+
+    /// The prefix of a [`scoped`](Self::scoped) view (`None` for the whole repository).
+    pub fn scope(&self) -> Option<&RepoKey> {
+        self.scope.as_ref()
+    }
+
+    /// The key in the store of `key` as this view names it.
+    pub fn full_key(&self, key: &RepoKey) -> RepoKey {
+        let Some(scope) = &self.scope else {
+            return key.clone();
+        };
+        if *key == crate::layout::marker() {
+            return key.clone();
+        }
+        if let Some(rest) = key.as_str().strip_prefix("leases/") {
+            return RepoKey::join(&["leases", scope.as_str(), rest]);
+        }
+        if key.as_str() == "leases" {
+            return RepoKey::join(&["leases", scope.as_str()]);
+        }
+        if key.is_root() {
+            return scope.clone();
+        }
+        RepoKey::join(&[scope.as_str(), key.as_str()])
+    }
+
+    /// The key this view names a store key by (the inverse of [`full_key`](Self::full_key));
+    /// keys outside the view are returned unchanged.
+    fn view_key(&self, full: RepoKey) -> RepoKey {
+        let Some(scope) = &self.scope else {
+            return full;
+        };
+        let text = full.as_str();
+        if let Some(rest) = text
+            .strip_prefix("leases/")
+            .and_then(|r| r.strip_prefix(scope.as_str()))
+            .and_then(|r| r.strip_prefix('/'))
+        {
+            return RepoKey::join(&["leases", rest]);
+        }
+        match text
+            .strip_prefix(scope.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+        {
+            Some(rest) => RepoKey::join(&[rest]),
+            None => full,
+        }
     }
 
     /// The URL this repository was opened with (query options removed).
@@ -308,6 +387,7 @@ impl Repository {
         mode: PutMode,
         len: Option<u64>,
     ) -> Result<ObjectWriter> {
+        let key = &self.full_key(key);
         if key.is_root() {
             return Err(StorageError::InvalidKey {
                 key: String::new(),
@@ -345,7 +425,8 @@ impl Repository {
     /// Streams an object's original bytes, verified frame by frame; the last chunk is only
     /// released (and the end only reported) after the trailer's checks pass.
     pub async fn reader(&self, key: &RepoKey) -> Result<ObjectReader> {
-        ObjectReader::open(self.inner.clone(), key.clone(), ReadMode::Plaintext).await
+        let key = self.full_key(key);
+        ObjectReader::open(self.inner.clone(), key, ReadMode::Plaintext).await
     }
 
     /// Reads an object to the end, checking everything, and returns its info. Without an
@@ -358,6 +439,7 @@ impl Repository {
         } else {
             ReadMode::Plaintext
         };
+        let key = &self.full_key(key);
         let mut r = ObjectReader::open(self.inner.clone(), key.clone(), mode).await?;
         while r.next_chunk().await?.is_some() {}
         let info = r.info().ok_or_else(|| StorageError::WriterClosed {
@@ -374,6 +456,7 @@ impl Repository {
     /// and the SHA-256 of its original bytes, as recorded. Use it to compare an existing
     /// object with one about to be written without downloading it.
     pub async fn info(&self, key: &RepoKey) -> Result<ObjectInfo> {
+        let key = &self.full_key(key);
         let b = &self.inner.backend;
         let policy = &self.inner.opts.retry;
         let meta = policy
@@ -431,7 +514,14 @@ impl Repository {
     /// cleaned by the bucket's `AbortIncompleteMultipartUpload` lifecycle rule.
     pub async fn list(&self, prefix: &RepoKey) -> Result<Vec<ObjectMeta>> {
         let b = &self.inner.backend;
-        self.inner.opts.retry.run(|_| b.list(prefix)).await
+        let prefix = &self.full_key(prefix);
+        let mut found = self.inner.opts.retry.run(|_| b.list(prefix)).await?;
+        if self.scope.is_some() {
+            for m in &mut found {
+                m.key = self.view_key(std::mem::replace(&mut m.key, RepoKey::root()));
+            }
+        }
+        Ok(found)
     }
 
     /// The keys one level below `prefix` that have objects under them (e.g. the backup
@@ -439,17 +529,21 @@ impl Repository {
     /// On a local directory an empty sub-directory may be listed too.
     pub async fn list_dirs(&self, prefix: &RepoKey) -> Result<Vec<RepoKey>> {
         let b = &self.inner.backend;
-        self.inner.opts.retry.run(|_| b.list_dirs(prefix)).await
+        let prefix = &self.full_key(prefix);
+        let found = self.inner.opts.retry.run(|_| b.list_dirs(prefix)).await?;
+        Ok(found.into_iter().map(|k| self.view_key(k)).collect())
     }
 
     /// Whether an object exists (a store error is an error, not "no").
     pub async fn exists(&self, key: &RepoKey) -> Result<bool> {
+        let key = &self.full_key(key);
         let b = &self.inner.backend;
         Ok(self.inner.opts.retry.run(|_| b.head(key)).await?.is_some())
     }
 
     /// Removes an object; removing an absent object succeeds.
     pub async fn delete(&self, key: &RepoKey) -> Result<()> {
+        let key = &self.full_key(key);
         let b = &self.inner.backend;
         self.inner.opts.retry.run(|_| b.delete(key)).await
     }
@@ -946,5 +1040,103 @@ mod level_tests {
             assert_eq!(repo.get(&key).await.unwrap(), data, "{level}");
             repo.verify(&key).await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_scoped_view_is_a_repository_under_its_prefix() {
+        let repo = Repository::open("memory://", RepoOptions::default()).unwrap();
+        let marker = crate::RepoMarker::new(crate::RepoKind::Redis);
+        repo.init_marker(&marker).await.unwrap();
+        let k = |t: &str| RepoKey::parse(t).unwrap();
+        let a = repo.scoped(&k("redis/cluster/shards/s01")).unwrap();
+        let b = repo.scoped(&k("redis/cluster/shards/s02")).unwrap();
+        let chunk = k("redis/gen/g1/chunks/1-2");
+        a.put(
+            &chunk,
+            ContentKind::RedisCommands,
+            Bytes::from_static(b"aa"),
+            crate::PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
+        b.put(
+            &chunk,
+            ContentKind::RedisCommands,
+            Bytes::from_static(b"bb"),
+            crate::PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.get(&chunk).await.unwrap(), Bytes::from_static(b"aa"));
+        assert_eq!(b.get(&chunk).await.unwrap(), Bytes::from_static(b"bb"));
+        // The view lists its own keys, relative to it; the store holds them under the prefix.
+        let listed: Vec<String> = a
+            .list(&k("redis/gen"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key.to_string())
+            .collect();
+        assert_eq!(listed, ["redis/gen/g1/chunks/1-2"]);
+        assert_eq!(
+            a.list_dirs(&k("redis/gen")).await.unwrap(),
+            [k("redis/gen/g1")]
+        );
+        assert!(repo
+            .exists(&k("redis/cluster/shards/s02/redis/gen/g1/chunks/1-2"))
+            .await
+            .unwrap());
+        assert!(repo.list(&k("redis/gen")).await.unwrap().is_empty());
+        // The marker is the repository's; leases stay under leases/.
+        assert!(a.exists(&crate::layout::marker()).await.unwrap());
+        assert_eq!(
+            a.read_marker().await.unwrap(),
+            repo.read_marker().await.unwrap()
+        );
+        assert_eq!(a.read_marker().await.unwrap().unwrap().kind, marker.kind);
+        assert_eq!(
+            a.full_key(&k("leases/redis-stream/0000000000000001"))
+                .as_str(),
+            "leases/redis/cluster/shards/s01/redis-stream/0000000000000001"
+        );
+        // Nested views compose; the root of a view is its prefix.
+        let nested = a.scoped(&k("x")).unwrap();
+        assert_eq!(
+            nested.full_key(&RepoKey::root()).as_str(),
+            "redis/cluster/shards/s01/x"
+        );
+        // An object moved from one view to the other is refused: bound to its full key.
+        let stolen = repo
+            .get(&k("redis/cluster/shards/s01/redis/gen/g1/chunks/1-2"))
+            .await
+            .unwrap();
+        assert_eq!(stolen, Bytes::from_static(b"aa"));
+        let path = |s: &str| format!("redis/cluster/shards/{s}/redis/gen/g1/chunks/1-2");
+        let Backend::Store(store) = &repo.inner.backend else {
+            panic!("memory is an object store")
+        };
+        let raw = store
+            .store
+            .get(&store.path(&k(&path("s01"))))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        b.delete(&chunk).await.unwrap();
+        store
+            .store
+            .put(&store.path(&k(&path("s02"))), raw.into())
+            .await
+            .unwrap();
+        let err = b.get(&chunk).await.unwrap_err().to_string();
+        assert!(
+            err.contains("it was written for redis/cluster/shards/s01"),
+            "{err}"
+        );
+        a.delete(&chunk).await.unwrap();
+        assert!(!a.exists(&chunk).await.unwrap());
+        assert!(repo.scoped(&RepoKey::root()).is_err());
+        assert!(repo.scoped(&k("leases/x")).is_err());
     }
 }

@@ -656,6 +656,7 @@ impl ObjectWriter {
             Err(StorageError::AlreadyExists { .. }) if last_attempt > 1 => {
                 let repo = crate::repo::Repository {
                     inner: self.repo.clone(),
+                    scope: None,
                 };
                 match repo.info(key).await {
                     Ok(existing)

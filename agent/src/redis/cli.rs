@@ -30,7 +30,8 @@ enum RedisCommand {
     /// the master allows it, so nothing touches the master's disk), validate it while it
     /// uploads, record it as a new generation. The agent's Redis user needs the ACL
     /// `+psync +replconf +sync +ping +info +cluster|myid +cluster|shards +cluster|nodes`.
-    /// A Redis Cluster node is refused unless --cluster-shard-only.
+    /// On a Redis Cluster node: every shard (one generation each) and the slot map, unless
+    /// --cluster-shard-only.
     Snapshot(SnapshotArgs),
     /// Attach as a replica and keep the repository current: a snapshot generation, then
     /// every write command in chunks stored at least every --max-lag. Restarted, it resumes
@@ -117,10 +118,31 @@ struct SnapshotArgs {
     #[command(flatten)]
     repo: RepoArgs,
     /// When the source is a Redis/Valkey Cluster node: capture this node's shard only
-    /// (its master's slots; one agent per shard). Without it a cluster node is refused,
-    /// since its data is only part of the cluster's.
+    /// (its master's slots; one agent per shard). Without it a cluster node's whole cluster
+    /// is captured: one generation per shard, from every master at once, and the slot map.
     #[arg(long)]
     cluster_shard_only: bool,
+}
+
+/// `redis snapshot` of a whole cluster: one generation per shard.
+async fn snapshot_cluster(repo: &Repository, seed: &RedisSource) -> Result<ExitCode> {
+    let taken = super::cluster_stream::snapshot(repo, std::slice::from_ref(seed)).await?;
+    println!("cluster:      {} shards", taken.len());
+    for t in &taken {
+        let m = &t.captured.manifest;
+        println!(
+            "shard {}:    slots {} ({} of 16384) from {}: generation {} ({}, {} bytes, {} keys)",
+            t.shard,
+            t.slots,
+            t.slots.slot_count(),
+            t.master,
+            m.generation,
+            m.snapshot.rdb_format,
+            m.snapshot.size,
+            t.captured.report.total_keys()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]
@@ -152,9 +174,15 @@ struct StreamArgs {
     on_replica: super::stream::ReplicaPolicy,
     /// When the source is a Redis/Valkey Cluster node: capture this node's shard only
     /// (its master's slots; one sidecar per shard). The slots covered are logged at start,
-    /// and a warning whenever they change. Without it a cluster node is refused.
+    /// and a warning whenever they change. Without it, a cluster node's whole cluster is
+    /// captured: every master's stream at once, each shard under
+    /// redis/cluster/shards/<shard>/, and the slot map whenever it changes.
     #[arg(long)]
     cluster_shard_only: bool,
+    /// Further nodes of the cluster to read the topology from, when --source does not
+    /// answer (host:port; same credentials and TLS settings). Repeatable.
+    #[arg(long, value_name = "HOST:PORT")]
+    cluster_seed: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -176,12 +204,29 @@ struct RestoreArgs {
     /// it to load and print keys per database. It keeps running; stop it with SHUTDOWN.
     #[arg(long)]
     start: Option<PathBuf>,
+    /// In a Redis Cluster repository: restore this one shard (`s01`, as `list` shows) as a
+    /// single server. The keys are those of the slots the shard owned.
+    #[arg(long, value_name = "SHARD")]
+    shard: Option<String>,
 }
 
 #[derive(Debug, Args)]
 struct VerifyArgs {
     #[command(flatten)]
     repo: RepoArgs,
+    /// In a Redis Cluster repository: verify this one shard (`s01`, as `list` shows).
+    #[arg(long, value_name = "SHARD")]
+    shard: Option<String>,
+}
+
+/// The repository, or with `--shard` the scoped view of that shard of a cluster capture.
+fn shard_view(repo: Repository, shard: Option<&str>) -> Result<Repository> {
+    let Some(shard) = shard else {
+        return Ok(repo);
+    };
+    let key = storage::layout::ShardKey::parse(shard)
+        .with_context(|| format!("--shard {shard:?}: shards are named s01, s02, ..."))?;
+    super::cluster_stream::shard_repo(&repo, &key)
 }
 
 #[derive(Debug, Args)]
@@ -212,8 +257,12 @@ async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
     let source = args.source.parse()?;
     let repo = args.repo.open()?;
     let mut link = MasterLink::connect(&source).await?;
-    // Before PSYNC: a refused cluster node leaves nothing in the repository.
-    let place = super::cluster::check(&mut link, args.cluster_shard_only).await?;
+    // Before PSYNC: a cluster node captures the whole cluster, unless asked for its shard.
+    let place = super::cluster::detect(&mut link).await?;
+    if place.is_some() && !args.cluster_shard_only {
+        drop(link);
+        return snapshot_cluster(&repo, &source).await;
+    }
     if let Some(p) = &place {
         tracing::info!(slots = %p.slots, "{}: capturing this shard only (--cluster-shard-only)", p.describe());
     }
@@ -282,12 +331,58 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
         ..Default::default()
     };
     let ctl = crate::job::Control::standalone();
+    if !args.cluster_shard_only {
+        let mut seeds = vec![source.clone()];
+        for s in &args.cluster_seed {
+            seeds.push(seed_source(&source, s)?);
+        }
+        // A cluster node (any seed that answers says so) captures the whole cluster.
+        let mut cluster = !args.cluster_seed.is_empty();
+        for s in &seeds {
+            if cluster {
+                break;
+            }
+            match super::cluster_stream::probe(s).await? {
+                Some(yes) => {
+                    cluster = yes;
+                    break;
+                }
+                None => continue,
+            }
+        }
+        if cluster {
+            let opts = super::cluster_stream::ClusterOptions {
+                seeds,
+                poll: Duration::from_secs(1),
+                stream: opts,
+            };
+            super::cluster_stream::run(&repo, &opts, ctl).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     super::stream::run(&repo, &source, &opts, ctl).await?;
     Ok(ExitCode::SUCCESS)
 }
 
+/// A `--cluster-seed` as a source: `host:port` with `--source`'s credentials and TLS.
+fn seed_source(source: &RedisSource, text: &str) -> Result<RedisSource> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .with_context(|| format!("--cluster-seed {text:?} is not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("--cluster-seed {text:?}: bad port"))?;
+    if host.is_empty() {
+        bail!("--cluster-seed {text:?} has no host");
+    }
+    let mut s = source.clone();
+    s.host = host.trim_matches(['[', ']']).to_owned();
+    s.port = port;
+    Ok(s)
+}
+
 async fn restore(args: RestoreArgs) -> Result<ExitCode> {
-    let repo = args.repo.open()?;
+    let repo = shard_view(args.repo.open()?, args.shard.as_deref())?;
     let opts = RedisRestoreOptions::new(
         args.target,
         args.to_time.as_deref(),
@@ -436,7 +531,7 @@ fn print_keys(report: &wire::redis::rdb::RdbReport) {
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode> {
     use super::restore::describe_time;
-    let repo = args.repo.open()?;
+    let repo = shard_view(args.repo.open()?, args.shard.as_deref())?;
     let checks = super::verify::check_all(&repo, 4).await?;
     if checks.is_empty() {
         bail!("the repository {} holds no Redis generation", repo.url());

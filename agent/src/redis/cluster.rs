@@ -11,9 +11,10 @@
 //!
 //! A refusal of these commands (an ACL without them) is fatal with the ACL to add: the agent
 //! never assumes a single server it could not check. (`CLUSTER SHARDS` refused alone falls
-//! back to `CLUSTER NODES`, so `+info +cluster|myid +cluster|nodes` is enough.) Capturing a whole cluster is not
-//! implemented yet, so a cluster node is refused unless the operator asks for this node's
-//! shard only (`--cluster-shard-only`, one sidecar per shard).
+//! back to `CLUSTER NODES`, so `+info +cluster|myid +cluster|nodes` is enough.) `redis stream`
+//! captures a whole cluster ([`super::cluster_stream`]); elsewhere (`redis snapshot`, `run`)
+//! a cluster node is refused unless the operator asks for this node's shard only
+//! (`--cluster-shard-only`, one sidecar per shard).
 
 use anyhow::anyhow;
 use wire::redis::cluster::{ClusterTopology, SlotRanges, SLOT_COUNT};
@@ -87,9 +88,10 @@ fn show_slots(slots: &SlotRanges) -> String {
 /// The source is a cluster node and the agent was not told to capture its shard alone.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{}; capturing it alone would back up only the keys of those slots ({}). Capturing a \
-     whole cluster is not available yet; to capture only this node's shard (one sidecar \
-     per shard), pass --cluster-shard-only (config redis.cluster_shard_only = true)",
+    "{}; capturing it alone would back up only the keys of those slots ({}). \
+     `syncbridge-agent redis stream` captures the whole cluster from any of its nodes; to \
+     capture only this node's shard (one sidecar per shard), pass --cluster-shard-only \
+     (config redis.cluster_shard_only = true)",
     .0.describe(),
     .0.share()
 )]
@@ -165,6 +167,33 @@ fn text(reply: Reply, what: &str, endpoint: &str) -> Result<String, JobError> {
     }
 }
 
+/// The cluster as the connected node sees it: `CLUSTER SHARDS`, or `CLUSTER NODES` when
+/// that is refused, unknown or ambiguous.
+pub async fn read_topology(link: &mut MasterLink) -> Result<ClusterTopology, JobError> {
+    let endpoint = link.endpoint().to_owned();
+    // A refusal of CLUSTER SHARDS alone is not fatal: CLUSTER NODES says the same.
+    // So is one unreadable or ambiguous (`ClusterError::AmbiguousShard`).
+    let shards = match link.query(&[b"CLUSTER", b"SHARDS"]).await? {
+        Reply::Error(e) => Err(e),
+        reply => ClusterTopology::from_cluster_shards(&reply).map_err(|e| e.to_string()),
+    };
+    match shards {
+        Ok(t) => Ok(t),
+        Err(why) => {
+            tracing::debug!(%endpoint, "CLUSTER SHARDS not usable ({why}): reading CLUSTER NODES");
+            let nodes = match ask(link, &[b"CLUSTER", b"NODES"]).await? {
+                Ok(r) => text(r, "CLUSTER NODES", &endpoint)?,
+                Err(e) => return Err(anyhow!("{endpoint} refused CLUSTER NODES: {e}").into()),
+            };
+            ClusterTopology::from_cluster_nodes(&nodes).map_err(|e| {
+                JobError::from(anyhow!(
+                    "reading the cluster topology from {endpoint}: {e} (CLUSTER SHARDS: {why})"
+                ))
+            })
+        }
+    }
+}
+
 /// Whether the connected server (before `PSYNC`) is a cluster node, and where it stands.
 pub async fn detect(link: &mut MasterLink) -> Result<Option<ClusterPlace>, JobError> {
     let endpoint = link.endpoint().to_owned();
@@ -179,27 +208,7 @@ pub async fn detect(link: &mut MasterLink) -> Result<Option<ClusterPlace>, JobEr
         Ok(r) => text(r, "CLUSTER MYID", &endpoint)?.trim().to_owned(),
         Err(e) => return Err(anyhow!("{endpoint} refused CLUSTER MYID: {e}").into()),
     };
-    // A refusal of CLUSTER SHARDS alone is not fatal: CLUSTER NODES says the same.
-    // So is one unreadable or ambiguous (`ClusterError::AmbiguousShard`).
-    let shards = match link.query(&[b"CLUSTER", b"SHARDS"]).await? {
-        Reply::Error(e) => Err(e),
-        reply => ClusterTopology::from_cluster_shards(&reply).map_err(|e| e.to_string()),
-    };
-    let topology = match shards {
-        Ok(t) => t,
-        Err(why) => {
-            tracing::debug!(%endpoint, "CLUSTER SHARDS not usable ({why}): reading CLUSTER NODES");
-            let nodes = match ask(link, &[b"CLUSTER", b"NODES"]).await? {
-                Ok(r) => text(r, "CLUSTER NODES", &endpoint)?,
-                Err(e) => return Err(anyhow!("{endpoint} refused CLUSTER NODES: {e}").into()),
-            };
-            ClusterTopology::from_cluster_nodes(&nodes).map_err(|e| {
-                JobError::from(anyhow!(
-                    "reading the cluster topology from {endpoint}: {e} (CLUSTER SHARDS: {why})"
-                ))
-            })?
-        }
-    };
+    let topology = read_topology(link).await?;
     locate(&topology, &my_id, &endpoint)
         .map(Some)
         .map_err(|e| anyhow!(e).into())

@@ -5,6 +5,8 @@
 //! - [`link`] is the replica connection and handshake (the ACL it needs is documented there).
 //! - [`cluster`] tells a Redis Cluster node from a single server, and refuses to capture one
 //!   shard silently.
+//! - [`cluster_stream`] captures a whole Redis Cluster: one stream per shard, the slot-map
+//!   history.
 //! - [`snapshot`] stores one validated snapshot generation.
 //! - [`manifest`] reads and writes `generation.json`.
 //! - [`exec_time`] bounds when the master executed each command, for the time index.
@@ -19,6 +21,7 @@ pub mod admin;
 pub mod chunk;
 pub mod cli;
 pub mod cluster;
+pub mod cluster_stream;
 pub mod exec_time;
 pub mod link;
 pub mod manifest;

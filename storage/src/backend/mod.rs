@@ -140,7 +140,7 @@ impl StoreBackend {
         }
     }
 
-    fn path(&self, key: &RepoKey) -> StorePath {
+    pub(crate) fn path(&self, key: &RepoKey) -> StorePath {
         match (self.prefix.is_empty(), key.is_root()) {
             (true, _) => StorePath::from(key.as_str()),
             (false, true) => StorePath::from(self.prefix.as_str()),
