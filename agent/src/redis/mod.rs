@@ -12,6 +12,8 @@
 //! - [`chunk`] encodes command-stream chunk objects with their time index.
 //! - [`stream`] runs `redis stream`, resumable from the repository alone.
 //! - [`restore`] rebuilds server files for a moment in time.
+//! - [`cluster_restore`] restores a Redis Cluster capture to a moment, one directory per
+//!   shard, and with `--start` assembles a cluster on them; [`server_proc`] starts servers.
 //! - [`verify`] proves every generation restorable (`redis verify`).
 //! - [`admin`] is a one-shot client for `INFO` on a restored server.
 //! - [`cli`] defines `syncbridge-agent redis …`.
@@ -24,6 +26,8 @@ pub mod cluster_stream;
 pub mod link;
 pub mod manifest;
 pub mod restore;
+pub mod server_proc;
+pub mod cluster_restore;
 pub mod snapshot;
 pub mod source;
 pub mod stream;
