@@ -23,7 +23,7 @@
 //! middle of removing one (`tests/tests/expire_safety.rs`). Read only here; not for
 //! production use.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -31,11 +31,10 @@ use chrono::{DateTime, Utc};
 use clap::Args;
 use storage::layout::{self, BackupId, GenerationId, RepoKey};
 use storage::{ContentKind, PutMode, RepoKind, Repository};
-use wire::pg::{SegmentName, TimelineId};
 
 use crate::catalog::pg::{Backup, PgCatalog};
 use crate::catalog::redis::RedisCatalog;
-use crate::catalog::retention::{plan, Candidate, Plan, Policy};
+use crate::catalog::retention::{plan, wal_to_expire, Candidate, Plan, Policy};
 use crate::cli::RepoArgs;
 use crate::pg::backup_progress::human;
 
@@ -130,15 +129,22 @@ async fn expire_pg(
             .map_or(0, |b| b.manifest.stored_bytes)
     };
     print_plan(&p, "backup", stored);
-    let kept: Vec<&Backup> = backups
-        .iter()
-        .filter(|b| p.keep.iter().any(|k| k == b.id.as_str()))
-        .collect();
     let size = cat.segment_size;
-    // WAL before the oldest kept backup's start restores nothing that is kept.
-    let cutoff: Option<(u64, &BackupId)> =
-        kept.iter().map(|b| (size.segment_of(b.start), &b.id)).min();
-    let oldest_kept_id = kept.iter().map(|b| b.id.to_string()).min();
+    // WAL before the oldest remaining backup's start restores nothing that is kept.
+    let wal_for = |expired: &[String]| {
+        let remaining: Vec<&Backup> = backups
+            .iter()
+            .filter(|b| !expired.iter().any(|e| e == b.id.as_str()))
+            .collect();
+        let oldest = remaining
+            .iter()
+            .min_by_key(|b| b.start)
+            .map(|b| b.id.clone());
+        wal_to_expire(&cat.wal, remaining.iter().map(|b| b.start), size)
+            .map(|(cut, keys)| (cut.zip(oldest), keys))
+    };
+    let (cutoff, mut wal) = wal_for(&p.expire)?;
+    let oldest_kept_id = p.keep.iter().min().cloned();
     let complete: BTreeSet<String> = backups.iter().map(|b| b.id.to_string()).collect();
     let found = Found {
         complete: &complete,
@@ -146,37 +152,11 @@ async fn expire_pg(
             .backups
             .incomplete
             .iter()
-            .map(|i| i.to_string())
+            .map(|i| (i.to_string(), cat.backups.last_write.get(i).copied()))
             .collect(),
         expiring: cat.backups.expiring.iter().map(|i| i.to_string()).collect(),
     };
-    let orphans = leftovers(
-        repo,
-        Engine::Postgres,
-        &found,
-        &p,
-        oldest_kept_id.as_deref(),
-        now,
-    )
-    .await?;
-    let inv = &cat.wal;
-    let mut wal: Vec<RepoKey> = Vec::new();
-    if let Some((cut, _)) = &cutoff {
-        for (tli, t) in &inv.timelines {
-            let tli = TimelineId::new(*tli)?;
-            for segno in t.segments.range(..*cut) {
-                let name = SegmentName::new(tli, *segno, size)?;
-                wal.push(layout::wal_segment(&layout::WalSegmentName::parse(
-                    &name.to_string(),
-                )?));
-            }
-            for (_, parts) in t.partials.range(..*cut) {
-                wal.extend(parts.deltas.iter().rev().map(|d| d.key.clone()));
-                wal.extend(parts.whole.iter().map(|(_, k)| k.clone()));
-            }
-        }
-    }
-    wal.sort();
+    let orphans = leftovers(Engine::Postgres, &found, &p, oldest_kept_id.as_deref(), now)?;
     if let Some((cut, id)) = &cutoff {
         crate::util::output::say(format!(
             "expire  {} WAL objects before segment number {cut:X} (the start of backup {id}); history files are kept",
@@ -197,13 +177,23 @@ async fn expire_pg(
     }
     let expired = remove_expired(repo, Engine::Postgres, &p).await?;
     finish_leftovers(repo, Engine::Postgres, &orphans).await?;
+    if expired.len() < p.expire.len() {
+        // A backup pinned while expire ran stays, and so does the WAL it restores with.
+        let (_, keys) = wal_for(&expired)?;
+        crate::util::output::say(format!(
+            "keep    {} more WAL objects for the backups pinned while expire ran",
+            wal.len().saturating_sub(keys.len())
+        ));
+        wal = keys;
+    }
     for k in &wal {
         repo.delete(k)
             .await
             .with_context(|| format!("deleting {k}"))?;
     }
     crate::util::output::say(format!(
-        "expired {expired} backups and {} WAL objects",
+        "expired {} backups and {} WAL objects",
+        expired.len(),
         wal.len()
     ));
     Ok(())
@@ -306,10 +296,14 @@ async fn expire_redis(
     let complete: BTreeSet<String> = cat.generations.iter().map(|g| g.id.to_string()).collect();
     let found = Found {
         complete: &complete,
-        incomplete: cat.incomplete.iter().map(|i| i.to_string()).collect(),
+        incomplete: cat
+            .incomplete
+            .iter()
+            .map(|i| (i.to_string(), cat.last_write.get(i).copied()))
+            .collect(),
         expiring: cat.expiring.iter().map(|i| i.to_string()).collect(),
     };
-    let orphans = leftovers(repo, Engine::Redis, &found, &p, oldest_kept.as_deref(), now).await?;
+    let orphans = leftovers(Engine::Redis, &found, &p, oldest_kept.as_deref(), now)?;
     let freed: u64 = p.expire.iter().map(|id| stored(id)).sum();
     crate::util::output::say(format!(
         "{}: {} generations kept, {} expired ({})",
@@ -323,7 +317,7 @@ async fn expire_redis(
     }
     let expired = remove_expired(repo, Engine::Redis, &p).await?;
     finish_leftovers(repo, Engine::Redis, &orphans).await?;
-    crate::util::output::say(format!("expired {expired} generations"));
+    crate::util::output::say(format!("expired {} generations", expired.len()));
     Ok(())
 }
 
@@ -417,7 +411,8 @@ impl Engine {
 /// What the catalog listed, by id.
 struct Found<'a> {
     complete: &'a BTreeSet<String>,
-    incomplete: BTreeSet<String>,
+    /// Incomplete ids with the store time of their newest object.
+    incomplete: BTreeMap<String, Option<DateTime<Utc>>>,
     expiring: BTreeSet<String>,
 }
 
@@ -433,8 +428,7 @@ struct Leftover {
 /// no tombstone, older than every kept one and unwritten for [`STALE_INCOMPLETE`]), and
 /// stale tombstones beside a manifest the plan keeps (the run that wrote them was killed
 /// before it removed anything).
-async fn leftovers(
-    repo: &Repository,
+fn leftovers(
     engine: Engine,
     found: &Found<'_>,
     p: &Plan,
@@ -462,23 +456,15 @@ async fn leftovers(
             });
         }
     }
-    for id in &found.incomplete {
+    for (id, newest) in &found.incomplete {
         if found.expiring.contains(id) || oldest_kept.is_none_or(|k| id.as_str() >= k) {
             continue;
         }
-        let (prefix, ..) = engine.keys(id)?;
-        let newest = repo
-            .list(&prefix)
-            .await
-            .with_context(|| format!("listing {prefix}"))?
-            .iter()
-            .map(|o| o.last_modified)
-            .max();
         match newest {
-            Some(t) if now - t >= STALE_INCOMPLETE => {
+            Some(t) if now - *t >= STALE_INCOMPLETE => {
                 crate::util::output::say(format!(
                     "remove  {id} (incomplete and unwritten since {}: a failed {what})",
-                    crate::pg::backup_manifest::format_time(t)
+                    crate::pg::backup_manifest::format_time(*t)
                 ));
                 out.push(Leftover {
                     id: id.clone(),
@@ -496,10 +482,10 @@ async fn leftovers(
 
 /// Removes the plan's expired backups or generations, each in the order a kill cannot
 /// turn into a lie: the tombstone, the manifest (invisible from here on), the data, the
-/// tombstone last. A pin set since the plan was made keeps one.
-async fn remove_expired(repo: &Repository, engine: Engine, p: &Plan) -> Result<usize> {
+/// tombstone last. A pin set since the plan was made keeps one. Returns the ids removed.
+async fn remove_expired(repo: &Repository, engine: Engine, p: &Plan) -> Result<Vec<String>> {
     let what = engine.what();
-    let mut expired = 0;
+    let mut expired = Vec::new();
     for id in &p.expire {
         let (prefix, manifest, tombstone, pin) = engine.keys(id)?;
         if pinned_now(repo, &pin).await? {
@@ -521,7 +507,7 @@ async fn remove_expired(repo: &Repository, engine: Engine, p: &Plan) -> Result<u
             .await
             .with_context(|| format!("deleting {manifest}"))?;
         remove_prefix(repo, &prefix, &tombstone).await?;
-        expired += 1;
+        expired.push(id.clone());
     }
     Ok(expired)
 }

@@ -94,6 +94,22 @@ pub struct Restorable {
     pub last_lsn: Option<String>,
     /// PostgreSQL: the timeline `last_lsn` is on.
     pub timeline: Option<u32>,
+    /// PostgreSQL: the stretches restorable without a hole, by timeline and LSN (a hole
+    /// in the WAL ends one; the next backup after it begins the next). `null` for Redis.
+    pub spans: Option<Vec<Span>>,
+}
+
+/// A stretch a PostgreSQL restore reaches without a hole.
+#[derive(Debug, Serialize)]
+pub struct Span {
+    /// The timeline of its backups.
+    pub timeline: u32,
+    /// The end of its oldest backup.
+    pub from_lsn: String,
+    /// When that backup ended: its earliest moment.
+    pub from_time: DateTime<Utc>,
+    /// The first LSN after it that is not restorable.
+    pub to_lsn: String,
 }
 
 /// PostgreSQL contents.
@@ -319,12 +335,23 @@ async fn pg_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport> {
             holes,
         });
     }
+    let spans: Vec<Span> = cat
+        .restorable_spans()
+        .into_iter()
+        .map(|s| Span {
+            timeline: s.timeline.get(),
+            from_lsn: s.from_lsn.to_string(),
+            from_time: s.from_time,
+            to_lsn: s.to_lsn.to_string(),
+        })
+        .collect();
     let restorable = cat.restorable().map(|r| Restorable {
         first_time: r.first_time,
         last_time: r.last_time,
         first_lsn: Some(r.first_lsn.to_string()),
         last_lsn: Some(r.last_lsn.to_string()),
         timeline: Some(r.timeline.get()),
+        spans: Some(spans),
     });
     Ok(ListReport {
         schema: LIST_SCHEMA,
@@ -374,6 +401,7 @@ async fn redis_report(repo: &Repository, facts: RepoFacts) -> Result<ListReport>
             first_lsn: None,
             last_lsn: None,
             timeline: None,
+            spans: None,
         })
     });
     Ok(ListReport {
@@ -472,6 +500,19 @@ fn print_text(r: &ListReport) {
                     rest.last_lsn.as_deref().unwrap_or("?"),
                     rest.timeline.unwrap_or(1)
                 );
+                // Holes split it: say which stretches restore.
+                let spans = rest.spans.as_deref().unwrap_or_default();
+                if spans.len() > 1 {
+                    for s in spans {
+                        println!(
+                            "  span:      from {} (LSN {}) to LSN {} on timeline {}",
+                            format_time(s.from_time),
+                            s.from_lsn,
+                            s.to_lsn,
+                            s.timeline
+                        );
+                    }
+                }
             }
         }
         (None, Some(redis)) => {

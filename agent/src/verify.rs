@@ -36,6 +36,12 @@
 //! chain of the newest Redis generation is looked at again after [`RECHECK_AFTER`] (a
 //! stream's concurrent uploads may land out of order) before it is reported.
 //!
+//! Progress: every 5 s (every 0.5 s on a terminal) a line on stderr counts the objects and
+//! stored bytes verified so far out of the listing's, and the reading speed. Test hook:
+//! `SYNCBRIDGE_TEST_READ_DELAY_MS=N` makes each object a job reads wait N ms first, so a test
+//! sees the progress of a long verification on a small repository
+//! (`tests/tests/verify.rs`). Read only here; not for production use.
+//!
 //! Exit status: 0 healthy; 1 damaged (one line per problem naming the object's key); 2
 //! stale but intact. Damage wins over staleness. An error that stops the verification
 //! itself (the repository cannot be listed) also exits 1. `--output json` prints the
@@ -177,7 +183,7 @@ enum Job {
     Plain(RepoKey),
     /// Read and checked as WAL.
     Wal(RepoKey, WalObject),
-    /// Data object `chunk` of backup `backup` (indexes into the loaded manifests).
+    /// Data object `chunk` of backup `backup` (indexes into the catalog's backups).
     BackupChunk { backup: usize, chunk: usize },
     /// The server's `backup_manifest` of backup `backup`.
     ServerManifest { backup: usize },
@@ -231,7 +237,8 @@ fn is_not_found(err: &anyhow::Error) -> bool {
 /// Shared state of the jobs.
 struct Ctx {
     repo: Repository,
-    manifests: Vec<(BackupId, BackupManifest)>,
+    /// The complete backups, typed by the catalog.
+    backups: Vec<Backup>,
     wal_expect: Option<WalExpect>,
 }
 
@@ -370,22 +377,29 @@ async fn verify_postgres(
     report: &mut VerifyReport,
 ) -> Result<(u64, u64)> {
     let present: HashSet<RepoKey> = listed.iter().map(|m| m.key.clone()).collect();
-    let mut manifests: Vec<(BackupId, BackupManifest)> = match BackupCatalog::load(repo).await {
-        Ok(c) => c.complete.into_iter().map(|b| (b.id, b.manifest)).collect(),
-        // A `backup.json` that cannot be read stops the catalog: read them one by one to
-        // name each that is damaged and verify the rest.
-        Err(_) => backups_one_by_one(repo, report).await?,
-    };
-    manifests.sort_by_key(|(_, m)| m.start().unwrap_or_default());
-    report.backups = manifests.len() as u64;
-    if manifests.is_empty() && report.problems.is_empty() {
+    // A `backup.json` that cannot be read or does not check out is named; the rest are
+    // verified.
+    let (catalog, unreadable) = BackupCatalog::load_checked(repo).await?;
+    for u in unreadable {
+        // Gone since the listing: an expire removed it (its data goes next).
+        if !is_not_found(&u.error) {
+            report.problems.push(error_problem(
+                &layout::base_backup_manifest(&u.id),
+                &u.error,
+            ));
+        }
+    }
+    let mut backups = catalog.complete;
+    backups.sort_by_key(|b| b.start);
+    report.backups = backups.len() as u64;
+    if backups.is_empty() && report.problems.is_empty() {
         report.problems.push(problem(
             layout::base_backups_prefix(),
             "no complete base backup: nothing in the repository can be restored",
         ));
     }
     // The backups say the segment size; without one, each segment's header says it.
-    let known_size = manifests.first().and_then(|(_, m)| m.segment_size().ok());
+    let known_size = backups.first().map(|b| b.segment_size);
     let size = known_size.unwrap_or(WalSegmentSize::DEFAULT);
     let wal_expect = WalExpect::new(marker, known_size, None)?;
 
@@ -393,7 +407,13 @@ async fn verify_postgres(
     // are problems now), every other object as WAL or as a plain object.
     let mut work = Vec::new();
     let mut claimed: HashSet<RepoKey> = HashSet::new();
-    for (b, (id, m)) in manifests.iter().enumerate() {
+    for (
+        b,
+        Backup {
+            id, manifest: m, ..
+        },
+    ) in backups.iter().enumerate()
+    {
         for (c, chunk) in m.chunks.iter().enumerate() {
             let key = layout::base_backup_chunk(id, chunk.seq);
             // A backup that completed after the listing has objects the listing missed.
@@ -437,7 +457,7 @@ async fn verify_postgres(
 
     let ctx = Arc::new(Ctx {
         repo: repo.clone(),
-        manifests,
+        backups,
         wal_expect: Some(wal_expect),
     });
     let outcomes = run_jobs(&ctx, work, jobs, tally).await?;
@@ -445,9 +465,9 @@ async fn verify_postgres(
     let mut server: BTreeMap<usize, Vec<ServerManifestFile>> = BTreeMap::new();
     let mut broken_backups: HashSet<usize> = HashSet::new();
     let backup_of = |key: &str| {
-        ctx.manifests
+        ctx.backups
             .iter()
-            .position(|(id, _)| key.starts_with(&format!("{}/", layout::base_backup_prefix(id))))
+            .position(|b| key.starts_with(&format!("{}/", layout::base_backup_prefix(&b.id))))
     };
     for o in outcomes {
         for p in &o.problems {
@@ -470,7 +490,13 @@ async fn verify_postgres(
     }
     // Each intact backup's files against its records (a damaged object was named already;
     // its files would only repeat it).
-    for (b, (id, m)) in ctx.manifests.iter().enumerate() {
+    for (
+        b,
+        Backup {
+            id, manifest: m, ..
+        },
+    ) in ctx.backups.iter().enumerate()
+    {
         if broken_backups.contains(&b) || !still_listed(repo, id).await {
             continue;
         }
@@ -483,53 +509,19 @@ async fn verify_postgres(
     }
 
     let (inv, newest) = WalInventory::load_with_times(repo, size).await?;
-    let (mut found, mut timelines) = wal_problems(repo, &inv, &ctx.manifests, size).await?;
+    let (mut found, mut timelines) = wal_problems(repo, &inv, &ctx.backups, size).await?;
     report.newest_time = newest;
     if !found.is_empty() {
         // A running stream stores several objects at once, so a listing may show a later
         // segment or delta before an earlier one: look again before calling a hole damage.
         tokio::time::sleep(RECHECK_AFTER).await;
         let (inv, newest) = WalInventory::load_with_times(repo, size).await?;
-        (found, timelines) = wal_problems(repo, &inv, &ctx.manifests, size).await?;
+        (found, timelines) = wal_problems(repo, &inv, &ctx.backups, size).await?;
         report.newest_time = newest;
     }
     report.problems.extend(found);
     report.timelines = timelines;
     Ok(tally_totals(tally))
-}
-
-/// Each backup's `backup.json` read on its own: those that cannot be read or do not check
-/// out are problems, absent ones are backups in progress.
-async fn backups_one_by_one(
-    repo: &Repository,
-    report: &mut VerifyReport,
-) -> Result<Vec<(BackupId, BackupManifest)>> {
-    let dirs = repo
-        .list_dirs(&layout::base_backups_prefix())
-        .await
-        .context("listing base backups")?;
-    let mut out = Vec::new();
-    for d in dirs {
-        let Some(id) = d
-            .as_str()
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .and_then(|n| BackupId::parse(n).ok())
-        else {
-            continue;
-        };
-        let key = layout::base_backup_manifest(&id);
-        match BackupManifest::load(repo, &id).await {
-            Ok(m) => match Backup::from_manifest(m) {
-                Ok(b) => out.push((b.id, b.manifest)),
-                Err(e) => report.problems.push(problem(&key, format!("{e:#}"))),
-            },
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => report.problems.push(error_problem(&key, &e)),
-        }
-    }
-    Ok(out)
 }
 
 fn tally_totals(t: &Tally) -> (u64, u64) {
@@ -554,6 +546,15 @@ fn describe_files(m: &BackupManifest, c: &DataChunk) -> String {
     format!("files {}", names.join(", "))
 }
 
+/// The test hook's delay before each object a job reads (see the module docs).
+fn test_read_delay() -> Option<Duration> {
+    std::env::var("SYNCBRIDGE_TEST_READ_DELAY_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+}
+
 /// Runs the jobs, `jobs` at a time, each on a task of its own (so checksums are computed
 /// on every core), counting each object read in `tally`.
 async fn run_jobs(
@@ -562,10 +563,14 @@ async fn run_jobs(
     jobs: usize,
     tally: &Arc<Tally>,
 ) -> Result<Vec<Outcome>> {
+    let delay = test_read_delay();
     let results: Vec<_> = stream::iter(work)
         .map(|job| {
             let (ctx, tally) = (ctx.clone(), tally.clone());
             tokio::spawn(async move {
+                if let Some(d) = delay {
+                    tokio::time::sleep(d).await;
+                }
                 let (o, stored) = run_job(&ctx, &job, &tally).await;
                 // A vanished object was not read; everything else was (a damaged one up
                 // to its damage).
@@ -615,7 +620,9 @@ async fn run_job(ctx: &Ctx, job: &Job, tally: &Tally) -> (Outcome, u64) {
             }
         }
         Job::BackupChunk { backup, chunk } => {
-            let (id, m) = &ctx.manifests[*backup];
+            let Backup {
+                id, manifest: m, ..
+            } = &ctx.backups[*backup];
             let c = &m.chunks[*chunk];
             let key = layout::base_backup_chunk(id, c.seq);
             let counted = |_: &_, _, part: &[u8]| {
@@ -662,7 +669,9 @@ async fn run_job(ctx: &Ctx, job: &Job, tally: &Tally) -> (Outcome, u64) {
             }
         }
         Job::ServerManifest { backup } => {
-            let (id, m) = &ctx.manifests[*backup];
+            let Backup {
+                id, manifest: m, ..
+            } = &ctx.backups[*backup];
             let key = layout::base_backup_server_manifest(id);
             let read = async {
                 let mut reader = repo.reader(&key).await?;
@@ -736,7 +745,7 @@ async fn still_listed(repo: &Repository, id: &BackupId) -> bool {
 async fn wal_problems(
     repo: &Repository,
     inv: &WalInventory,
-    manifests: &[(BackupId, BackupManifest)],
+    backups: &[Backup],
     size: WalSegmentSize,
 ) -> Result<(Vec<Problem>, u64)> {
     let mut problems = Vec::new();
@@ -760,9 +769,9 @@ async fn wal_problems(
         .chain(inv.histories.iter())
         .copied()
         .collect();
-    let backups: Vec<(&BackupId, TimelineId, Lsn, Lsn)> = manifests
+    let backups: Vec<(&BackupId, TimelineId, Lsn, Lsn)> = backups
         .iter()
-        .filter_map(|(id, m)| Some((id, m.tli().ok()?, m.start().ok()?, m.stop().ok()?)))
+        .map(|b| (&b.id, b.timeline, b.start, b.stop))
         .collect();
     for target in targets {
         let tid = TimelineId::new(target)?;
@@ -959,7 +968,7 @@ async fn verify_redis(
         .collect();
     let ctx = Arc::new(Ctx {
         repo: repo.clone(),
-        manifests: Vec::new(),
+        backups: Vec::new(),
         wal_expect: None,
     });
     for o in run_jobs(&ctx, work, jobs, tally).await? {
@@ -1210,11 +1219,18 @@ mod tests {
             inv.timelines.entry(3).or_default().segments.insert(9);
             // Timeline 4's WAL ends before the backup starts: no restore needs its history.
             inv.timelines.entry(4).or_default().segments.insert(1);
-            let id = BackupId::parse("20261201T000000Z").unwrap();
-            let manifests = vec![(
-                id,
-                manifest("20261201T000000Z", 1, "0/2000028", "0/2000100"),
-            )];
+            let m = manifest("20261201T000000Z", 1, "0/2000028", "0/2000100");
+            let manifests = vec![Backup {
+                id: BackupId::parse("20261201T000000Z").unwrap(),
+                timeline: TimelineId::new(1).unwrap(),
+                start: m.start().unwrap(),
+                stop: m.stop().unwrap(),
+                start_time: Utc::now(),
+                stop_time: Utc::now(),
+                segment_size: WalSegmentSize::DEFAULT,
+                manifest: m,
+                pinned: false,
+            }];
             let (problems, timelines) =
                 wal_problems(&repo, &inv, &manifests, WalSegmentSize::DEFAULT)
                     .await

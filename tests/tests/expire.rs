@@ -1,7 +1,9 @@
 //! `expire` (issue 13): PostgreSQL with three base backups and marker rows between them,
 //! `--keep-full 2` removes the oldest backup and the WAL before the second backup's start;
-//! a restore after the second backup is exact, one before it is refused; `--dry-run`
-//! deletes nothing. Redis: five generations, `--keep-full 2` keeps exactly the newest two.
+//! a restore to a moment after the second backup gives exactly the markers committed by
+//! then, one before it is refused naming the earliest restorable time; `--dry-run` deletes
+//! nothing and says what goes, what stays and the bytes freed, with `--keep-full` and with
+//! `--keep-within` (which keeps the backup that restores the window's start). Redis: five generations, `--keep-full 2` keeps exactly the newest two.
 #![allow(clippy::unwrap_used)]
 
 mod pg_pitr_support;
@@ -49,6 +51,22 @@ fn parse_time(s: &str) -> chrono::DateTime<chrono::Utc> {
         .to_utc()
 }
 
+/// Bytes as the agent prints them (`pg::backup_progress::human`).
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 fn run(args: &[&str]) -> std::process::Output {
     agent().args(args).output().unwrap()
 }
@@ -64,7 +82,10 @@ fn pg16_expire_keep_full_two_keeps_every_moment_after_the_second_backup() {
     let version = PgVersion::V16;
     let env = Env::simple(version);
     env.pg.sql_blocking("CREATE TABLE marker(id int)");
+    // Marker `i` before backup `i`, marker `10 + i` after it, then a quiet moment
+    // `times[i]`: every marker up to it committed, none after it.
     let mut backups = Vec::new();
+    let mut times = Vec::new();
     for i in 0..3 {
         env.pg
             .sql_blocking(&format!("INSERT INTO marker VALUES ({i})"));
@@ -77,8 +98,13 @@ fn pg16_expire_keep_full_two_keeps_every_moment_after_the_second_backup() {
         );
         env.pg
             .sql_blocking(&format!("INSERT INTO marker VALUES ({})", 10 + i));
+        std::thread::sleep(Duration::from_millis(400));
+        times.push(chrono::Utc::now());
+        std::thread::sleep(Duration::from_millis(400));
         env.pg.query_one_blocking("SELECT pg_switch_wal()");
     }
+    // A commit after the last moment, so recovery can stop at it.
+    env.pg.sql_blocking("INSERT INTO marker VALUES (99)");
     let lsn = env.pg.query_one_blocking("SELECT pg_current_wal_lsn()");
     env.wait_archived(&lsn);
     let url = env.repo_url();
@@ -97,6 +123,46 @@ fn pg16_expire_keep_full_two_keeps_every_moment_after_the_second_backup() {
     );
     assert!(
         plan.contains(&format!("keep    backup {}", backups[2])),
+        "{plan}"
+    );
+    assert_eq!(repo::listing(&url).0, segs_before);
+    // It says how much the expired backup frees.
+    let freed = human(
+        before["postgres"]["backups"][0]["stored_bytes"]
+            .as_u64()
+            .unwrap(),
+    );
+    assert!(
+        plan.contains(&format!("1 expired ({freed} of backups)")),
+        "{freed}: {plan}"
+    );
+    // --keep-within with the window starting at `times[1]` (after the second backup ended,
+    // before the third began): the second backup is kept as the one that restores the
+    // window's start, the third as the newest, the first goes.
+    let window = (chrono::Utc::now() - times[1]).num_milliseconds();
+    let out = run(&[
+        "expire",
+        "--repo",
+        &url,
+        "--keep-within",
+        &format!("{window}ms"),
+        "--dry-run",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains(&format!(
+            "keep    backup {} (restores the start of --keep-within)",
+            backups[1]
+        )),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!("keep    backup {} (newest)", backups[2])),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!("expire  backup {}", backups[0])),
         "{plan}"
     );
     assert_eq!(repo::listing(&url).0, segs_before);
@@ -160,7 +226,21 @@ fn pg16_expire_keep_full_two_keeps_every_moment_after_the_second_backup() {
         .into_iter()
         .map(|r| r[0].as_ref().unwrap().parse().unwrap())
         .collect();
-    assert_eq!(got, [0, 1, 2, 10, 11, 12].into_iter().collect());
+    assert_eq!(got, [0, 1, 2, 10, 11, 12, 99].into_iter().collect());
+    drop(restored);
+    // A moment after the second backup (now the oldest): exactly the markers committed by
+    // then.
+    let t1 = times[1].to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let dirs = RestoreDirs::new();
+    let out = env.restore(&dirs.data(), &["--to-time", &t1]);
+    assert!(out.status.success(), "restore to {t1}: {}", text(&out));
+    let restored = start_restored(version, &dirs.data());
+    let got: BTreeSet<u32> = restored
+        .sql_blocking("SELECT id FROM marker")
+        .into_iter()
+        .map(|r| r[0].as_ref().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(got, [0, 1, 10, 11].into_iter().collect(), "at {t1}");
     drop(restored);
     let early = before["postgres"]["backups"][0]["stop_time"]
         .as_str()

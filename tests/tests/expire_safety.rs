@@ -224,6 +224,70 @@ fn pg15_pinned_backup_survives_expire_until_unpinned() {
     );
 }
 
+/// A base backup pinned while `expire` is removing an older one stays, and so does the WAL
+/// it restores with: the WAL to remove is decided again from the backups actually removed
+/// (planned from `--keep-full 1`, it would have gone up to the newest backup's start).
+#[test]
+fn pg15_backup_pinned_while_expire_runs_keeps_its_wal() {
+    let version = PgVersion::V15;
+    let env = Env::simple(version);
+    // 1 MiB data objects: removing the oldest backup takes a while with the test hook.
+    let (b, times) = three_backups(&env, &["--chunk-mib", "1"], false);
+    let url = env.repo_url();
+    let dir0 = env.repo_path().join(format!("postgres/base/{}", b[0]));
+    let mut expire = AgentProcess::spawn_env(
+        &["expire", "--repo", &url, "--keep-full", "1"],
+        env.dir.path().join("expire.log"),
+        &[(
+            "SYNCBRIDGE_TEST_DELETE_DELAY_MS".to_string(),
+            "300".to_string(),
+        )],
+    );
+    // The oldest is being removed; the second's turn comes next: pin it now.
+    assert!(
+        wait_until(Duration::from_secs(60), || !dir0
+            .join("backup.json")
+            .exists()),
+        "{}",
+        expire.log_text()
+    );
+    run_ok(&["backup", "pin", "--repo", &url, &b[1]]);
+    assert!(
+        wait_until(Duration::from_secs(120), || expire.exited().is_some()),
+        "{}",
+        expire.log_text()
+    );
+    let log = expire.log_text();
+    assert!(
+        log.contains(&format!(
+            "keep    backup {} (pinned while expire ran)",
+            b[1]
+        )),
+        "{log}"
+    );
+    assert!(log.contains("expired 1 backups"), "{log}");
+    let v = list_json(&url);
+    assert_eq!(ids(&v, "postgres", "backups"), [b[1].clone(), b[2].clone()]);
+    assert!(pinned(&v, "postgres", "backups", &b[1]));
+    assert_eq!(files_under(&dir0), 0);
+    // The WAL from the pinned backup's start on is all there; only older WAL went.
+    let start =
+        pg_pitr_support::parse_lsn(v["postgres"]["backups"][0]["start_lsn"].as_str().unwrap());
+    let segs = repo::listing(&url).0;
+    let segno = |s: &str| {
+        u64::from_str_radix(&s[16..24], 16).unwrap()
+            + (u64::from_str_radix(&s[8..16], 16).unwrap() << 8)
+    };
+    assert!(segs.iter().any(|s| segno(s) == start >> 24), "{segs:?}");
+    assert!(segs.iter().all(|s| segno(s) >= start >> 24), "{segs:?}");
+    assert!(pg_support::contiguous(&segs), "{segs:?}");
+    run_ok(&["verify", "--repo", &url]);
+    assert_eq!(
+        pg_restore_markers(&env, version, &times[1]),
+        [0, 1, 10, 11].into_iter().collect()
+    );
+}
+
 #[test]
 fn redis_pinned_generation_survives_expire_until_unpinned() {
     let server = RedisServer::start(RedisFlavor::Redis7);

@@ -1,6 +1,7 @@
-//! `list --output json` of a PostgreSQL and a Redis repository parses and has the fields of
-//! the documented schema (docs/list-json.md, `syncbridge.list/1`), with values that match
-//! what was stored.
+//! `list --output json` of a PostgreSQL and a Redis repository parses and matches the
+//! documented schema (docs/list-json.md, `syncbridge.list/1`): exactly the keys of the
+//! documented example at every level, with its types, and values that match what was
+//! stored.
 #![allow(clippy::unwrap_used)]
 
 mod pg_pitr_support;
@@ -21,6 +22,81 @@ fn list_json(url: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
 }
 
+/// The example document of docs/list-json.md, its comments removed.
+fn documented() -> Value {
+    let doc = include_str!("../../docs/list-json.md");
+    let block = doc
+        .split("```jsonc")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("docs/list-json.md has a jsonc block");
+    let mut json = String::new();
+    for line in block.lines() {
+        let chars: Vec<(usize, char)> = line.char_indices().collect();
+        let mut in_string = false;
+        let mut cut = line.len();
+        for (i, &(at, ch)) in chars.iter().enumerate() {
+            if ch == '"' && (i == 0 || chars[i - 1].1 != '\\') {
+                in_string = !in_string;
+            }
+            if !in_string && ch == '/' && chars.get(i + 1).map(|c| c.1) == Some('/') {
+                cut = at;
+                break;
+            }
+        }
+        json.push_str(&line[..cut]);
+        json.push('\n');
+    }
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("docs/list-json.md: {e}\n{json}"))
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// `actual` has exactly the keys the documented example `doc` has, at every level (each
+/// array element against the documented element), each of the documented type; a value
+/// may be `null` (the schema says which are null in which repositories).
+fn assert_documented(doc: &Value, actual: &Value, path: &str) {
+    match (doc, actual) {
+        (_, Value::Null) => {}
+        (Value::Object(d), Value::Object(a)) => {
+            let documented: Vec<&String> = d.keys().collect();
+            let printed: Vec<&String> = a.keys().collect();
+            let mut documented_sorted = documented.clone();
+            documented_sorted.sort();
+            let mut printed_sorted = printed.clone();
+            printed_sorted.sort();
+            assert_eq!(
+                printed_sorted, documented_sorted,
+                "{path}: the keys printed are not the keys docs/list-json.md documents"
+            );
+            for (k, dv) in d {
+                assert_documented(dv, &a[k], &format!("{path}.{k}"));
+            }
+        }
+        (Value::Array(d), Value::Array(a)) => {
+            if let Some(element) = d.first() {
+                for (i, e) in a.iter().enumerate() {
+                    assert_documented(element, e, &format!("{path}[{i}]"));
+                }
+            }
+        }
+        (d, a) => assert_eq!(
+            json_kind(a),
+            json_kind(d),
+            "{path}: {a} is not of the documented type (example: {d})"
+        ),
+    }
+}
+
 fn time(v: &Value) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
         .unwrap()
@@ -38,8 +114,10 @@ fn postgres_list_json_matches_the_schema_and_the_repository() {
     env.wait_archived(&lsn);
     let v = list_json(&env.repo_url());
     assert_eq!(v["schema"], "syncbridge.list/1");
+    assert_documented(&documented(), &v, "$");
     let repo = &v["repository"];
     assert_eq!(repo["kind"], "postgres");
+    assert_eq!(repo["url"], env.repo_url().as_str());
     assert_eq!(repo["encrypted"], false);
     assert_eq!(repo["repository_id"].as_str().unwrap().len(), 32);
     let sysid = env
@@ -56,6 +134,7 @@ fn postgres_list_json_matches_the_schema_and_the_repository() {
     }
     assert!(time(&b["start_time"]) <= time(&b["stop_time"]));
     assert_eq!(b["timeline"], 1);
+    assert_eq!(b["pinned"], false);
     assert!(b["size_bytes"].as_u64().unwrap() > 1 << 20);
     assert!(b["stored_bytes"].as_u64().unwrap() > 0);
     // Only the main data directory (no oid, no location): no user tablespace.
@@ -73,6 +152,15 @@ fn postgres_list_json_matches_the_schema_and_the_repository() {
     assert_eq!(wal[0]["timeline"], 1);
     assert!(wal[0]["holes"].as_array().unwrap().is_empty(), "{v:#}");
     assert!(wal[0]["segments"].as_u64().unwrap() >= 1);
+    assert!(
+        wal[0]["first_segment"].as_str().unwrap() <= wal[0]["last_segment"].as_str().unwrap(),
+        "{v:#}"
+    );
+    assert_eq!(
+        pg_pitr_support::parse_lsn(wal[0]["end_lsn"].as_str().unwrap()),
+        pg_pitr_support::parse_lsn(v["restorable"]["last_lsn"].as_str().unwrap()),
+        "the newest WAL ends where the restorable range does: {v:#}"
+    );
     assert_eq!(pg["wal_conflicts"], serde_json::json!([]), "{v:#}");
     let r = &v["restorable"];
     assert_eq!(time(&r["first_time"]), time(&b["stop_time"]));
@@ -84,6 +172,13 @@ fn postgres_list_json_matches_the_schema_and_the_repository() {
         "{v:#}"
     );
     assert!(time(&r["last_time"]) >= time(&b["stop_time"]));
+    // WAL without a hole: one span, the whole range.
+    let spans = r["spans"].as_array().unwrap();
+    assert_eq!(spans.len(), 1, "{v:#}");
+    assert_eq!(spans[0]["timeline"], 1);
+    assert_eq!(spans[0]["from_lsn"], r["first_lsn"]);
+    assert_eq!(spans[0]["to_lsn"], r["last_lsn"]);
+    assert_eq!(time(&spans[0]["from_time"]), time(&r["first_time"]));
 }
 
 #[test]
@@ -110,6 +205,7 @@ fn redis_list_json_matches_the_schema_and_the_repository() {
     assert!(out.status.success(), "{}", text(&out));
     let v = list_json(&url);
     assert_eq!(v["schema"], "syncbridge.list/1");
+    assert_documented(&documented(), &v, "$");
     assert_eq!(v["repository"]["kind"], "redis");
     assert!(v["postgres"].is_null());
     let gens = v["redis"]["generations"].as_array().unwrap();
@@ -120,6 +216,20 @@ fn redis_list_json_matches_the_schema_and_the_repository() {
     assert_eq!(g["end_offset"], g["snapshot_offset"]);
     assert_eq!(g["chunks"], 0);
     assert_eq!(g["orphan_chunks"], 0);
+    assert_eq!(g["pinned"], false);
+    assert!(
+        g["source"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{}", server.port())),
+        "{v:#}"
+    );
+    assert!(v["restorable"]["first_lsn"].is_null(), "{v:#}");
+    assert!(v["restorable"]["spans"].is_null(), "{v:#}");
+    assert!(v["redis"]["incomplete_generations"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     assert!(g["snapshot_bytes"].as_u64().unwrap() > 0);
     assert!(g["stored_bytes"].as_u64().unwrap() > 0);
     assert_eq!(

@@ -241,3 +241,80 @@ fn a_moment_before_the_cluster_was_captured_is_refused() {
     );
     assert!(!target.join("slotmap").exists());
 }
+
+/// 1000 slots move from one master to another while writes go on: restores to moments
+/// before, in the middle of and after the move each hold exactly the cluster's keys, every
+/// key once, on the shard that owns its slot in the restored cluster.
+#[test]
+fn resharding_1000_slots_restores_exactly_before_during_and_after() {
+    let flavor = RedisFlavor::Valkey9;
+    let c = RedisCluster::start(flavor, 3, 1);
+    {
+        let mut client = c.client();
+        for i in 0..3000 {
+            let key = format!("k:{i}");
+            client.set(key.as_bytes(), b"0");
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", tmp.path().join("repo").display());
+    let mut agent = StreamingAgent::start_with(
+        &c.node(0).url(),
+        &repo,
+        &["--max-lag", "100ms"],
+        &[],
+        tmp.path().join("stream.log"),
+    );
+    agent.wait_for_log_count("snapshot stored", 3, Duration::from_secs(60));
+    let mut moments: Vec<(&str, i64, BTreeMap<String, String>)> = Vec::new();
+    let mut note = |name: &'static str, moments: &mut Vec<_>| {
+        wait_stored(&c);
+        std::thread::sleep(Duration::from_millis(300));
+        moments.push((name, now_ms(), c.dump()));
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    phase(&c, 0);
+    note("before", &mut moments);
+    let first = c.initial_slots()[0].start();
+    let slots: Vec<u16> = (first..first + 1000).collect();
+    let mut moved = 0;
+    let mut during = Vec::new();
+    c.migrate_slots_observed(0, 1, slots, |slot| {
+        moved += 1;
+        if moved % 100 == 0 {
+            // Writes keep coming, to moved and unmoved slots alike.
+            let mut client = c.client();
+            for i in (0..3000).step_by(7) {
+                let key = format!("k:{i}");
+                client.set(key.as_bytes(), format!("{moved}/{slot}").as_bytes());
+            }
+        }
+        if moved == 500 {
+            note("during", &mut during);
+        }
+    });
+    moments.extend(during);
+    phase(&c, 1);
+    note("after", &mut moments);
+    phase(&c, 2);
+    wait_stored(&c);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent.terminate(), "{}", agent.log_text());
+
+    for (name, t, expected) in &moments {
+        let target = tmp.path().join(name);
+        let (restored, out) = restore_cluster(&repo, &target, Some(*t), flavor);
+        assert!(out.contains("cluster_state:ok, 16384 slots assigned"), "{out}");
+        let got = dump_cluster(&restored.ports, None);
+        if &got != expected {
+            let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
+            let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
+            let differ: Vec<_> = got
+                .iter()
+                .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
+                .map(|(k, _)| k)
+                .collect();
+            panic!("moment {name}: missing {missing:?}, extra {extra:?}, different {differ:?}\n{out}");
+        }
+    }
+}

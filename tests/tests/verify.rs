@@ -493,3 +493,105 @@ fn pg_verify_follows_the_history_chain_after_a_failover() {
         "segment missing on timeline 2",
     );
 }
+
+/// A long verification reports progress on stderr (every 5 s when not on a terminal): the
+/// objects verified so far out of those listed. The test hook slows every object read so a
+/// small repository takes long (four generations' manifests read one at a time, 2.5 s each).
+#[test]
+fn verify_of_a_long_run_reports_progress_on_stderr() {
+    let server = RedisServer::start(RedisFlavor::Redis7);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let mut c = server.connect();
+    for i in 0..4 {
+        c.cmd(&["SET".to_string(), format!("k{i}"), "v".to_string()])
+            .unwrap();
+        let out = agent()
+            .args([
+                "redis",
+                "snapshot",
+                "--source",
+                &server.url(),
+                "--repo",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let v = json(&verify(&url, &["--output", "json"]));
+    assert_eq!(v["status"], "healthy", "{v:#}");
+    let total = v["objects"].as_u64().unwrap();
+    let out = agent()
+        .args(["verify", "--repo", &url, "--jobs", "1"])
+        .env("SYNCBRIDGE_TEST_READ_DELAY_MS", "2500")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let progress: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("verify: "))
+        .collect();
+    assert!(!progress.is_empty(), "no progress line:\n{}", text(&out));
+    for l in &progress {
+        let counts = l["verify: ".len()..].split_whitespace().next().unwrap();
+        let (done, of) = counts.split_once('/').unwrap();
+        assert_eq!(of.parse::<u64>().unwrap(), total, "{l}");
+        assert!(done.parse::<u64>().unwrap() <= total, "{l}");
+        assert!(
+            l.contains(" objects (") && l.contains("stored) verified"),
+            "{l}"
+        );
+    }
+}
+
+/// A snapshot whose container is intact (checksums, key binding) but whose content is not a
+/// valid RDB, as a writer with the repository's keys could leave it: `verify` runs it
+/// through the RDB validator and names it.
+#[test]
+fn redis_verify_names_a_snapshot_that_is_not_a_valid_rdb() {
+    use storage::{layout, ContentKind, PutMode, RepoKey, RepoOptions, Repository};
+    let server = RedisServer::start(RedisFlavor::Redis7);
+    let mut c = server.connect();
+    for i in 0..20 {
+        c.cmd(&["SET".to_string(), format!("k{i}"), "v".repeat(40)])
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let out = agent()
+        .args([
+            "redis",
+            "snapshot",
+            "--source",
+            &server.url(),
+            "--repo",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let repo = Repository::open(&url, RepoOptions::default()).unwrap();
+    let listed = rt
+        .block_on(repo.list(&layout::redis_generations_prefix()))
+        .unwrap();
+    let key: RepoKey = listed
+        .into_iter()
+        .map(|m| m.key)
+        .find(|k| k.as_str().ends_with("/snapshot.rdb"))
+        .unwrap();
+    let rdb = rt.block_on(repo.get(&key)).unwrap();
+    // Cut short: a valid container holding the first half of the RDB.
+    let half = bytes::Bytes::copy_from_slice(&rdb[..rdb.len() / 2]);
+    rt.block_on(repo.put(&key, ContentKind::RedisSnapshot, half, PutMode::Overwrite))
+        .unwrap();
+    let out = verify(&url, &[]);
+    assert_names(&out, 1, key.as_str(), "a snapshot that is not a valid RDB");
+    let v = json(&verify(&url, &["--output", "json"]));
+    assert_eq!(v["status"], "damaged", "{v:#}");
+}

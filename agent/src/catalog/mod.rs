@@ -1,8 +1,11 @@
 //! The catalog: one typed view of what a repository holds, read with one listing per part,
 //! so every command that asks "what is in this repository" gets the same answer.
 //!
-//! * [`pg`]: PostgreSQL base backups (ids by a delimiter listing, then each `backup.json`),
-//!   WAL per timeline (segments, deltas, partials, history files) and the restorable range.
+//! * [`pg`]: PostgreSQL base backups (one listing of `postgres/base/`: the ids with their
+//!   pins, `expiring` tombstones and last writes, which a delimiter listing of ids alone
+//!   would not give; then each `backup.json`), WAL per timeline (segments, deltas, partials,
+//!   history files) and the restorable range. `wal-fetch` asks only about the segment in
+//!   progress of one timeline ([`pg::segment_in_progress`], a listing of that timeline).
 //! * [`redis`]: Redis generations and their chunk chains.
 //! * [`retention`]: what a retention policy keeps (a pure function of the catalog).
 //!

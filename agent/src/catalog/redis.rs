@@ -58,6 +58,9 @@ pub struct RedisCatalog {
     pub incomplete: Vec<GenerationId>,
     /// Generations with an `expiring` tombstone: an `expire` began removing them.
     pub expiring: std::collections::BTreeSet<GenerationId>,
+    /// When each generation directory's newest object was written (the store's clock),
+    /// complete or not.
+    pub last_write: BTreeMap<GenerationId, DateTime<Utc>>,
 }
 
 impl RedisCatalog {
@@ -119,6 +122,9 @@ impl RedisCatalog {
         };
         let mut complete = Vec::new();
         for (id, seen) in by_id {
+            if let Some(t) = seen.last {
+                out.last_write.insert(id.clone(), t);
+            }
             if seen.manifest {
                 complete.push((id, seen));
             } else {

@@ -9,8 +9,18 @@
 //! newest backup that ended *before* the window starts (pgBackRest's and WAL-G's
 //! `retain`/`--retain-after` keep it too). The newest backup is always kept; pinned
 //! backups are never expired.
+//!
+//! For PostgreSQL the WAL goes with the backups ([`wal_to_expire`], property-tested too):
+//! everything before the oldest kept backup's start segment, on every timeline; from there
+//! on, every segment, delta and history file stays, so each kept backup restores every
+//! moment it did before.
 
+use anyhow::Result;
 use chrono::{DateTime, Utc};
+use storage::layout::{self, RepoKey};
+use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
+
+use super::pg::WalInventory;
 
 /// What to keep. At least one of the two must be set (`expire` refuses an empty policy).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -108,10 +118,51 @@ pub fn plan(candidates: &[Candidate], policy: &Policy, now: DateTime<Utc>) -> Pl
     out
 }
 
+/// The WAL `expire` removes when the backups that remain start at `kept_starts`: the
+/// segment number everything before is removed (the oldest kept backup's start segment),
+/// and the keys of every complete segment, delta and older partial of a segment before it,
+/// on every timeline, in the order to delete them. History files always stay (a later timeline's recovery
+/// reads the whole chain, and they are tiny). Without a kept backup nothing goes.
+pub fn wal_to_expire(
+    wal: &WalInventory,
+    kept_starts: impl IntoIterator<Item = Lsn>,
+    size: WalSegmentSize,
+) -> Result<(Option<u64>, Vec<RepoKey>)> {
+    let Some(cut) = kept_starts.into_iter().map(|l| size.segment_of(l)).min() else {
+        return Ok((None, Vec::new()));
+    };
+    let mut keys = Vec::new();
+    for (tli, t) in &wal.timelines {
+        let tli = TimelineId::new(*tli)?;
+        let segnos: std::collections::BTreeSet<u64> = t
+            .segments
+            .range(..cut)
+            .chain(t.partials.range(..cut).map(|(s, _)| s))
+            .copied()
+            .collect();
+        // Oldest first, so a kill midway leaves WAL without a hole after what is gone.
+        for segno in segnos {
+            if t.segments.contains(&segno) {
+                let name = SegmentName::new(tli, segno, size)?;
+                keys.push(layout::wal_segment(&layout::WalSegmentName::parse(
+                    &name.to_string(),
+                )?));
+            }
+            if let Some(parts) = t.partials.get(&segno) {
+                // Newest delta first: a kill midway leaves a chain that still links from 0.
+                keys.extend(parts.deltas.iter().rev().map(|d| d.key.clone()));
+                keys.extend(parts.whole.iter().map(|(_, k)| k.clone()));
+            }
+        }
+    }
+    Ok((Some(cut), keys))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::catalog::pg::WalPath;
     use proptest::prelude::*;
 
     fn at(s: i64) -> DateTime<Utc> {
@@ -204,6 +255,133 @@ mod tests {
             });
             if restorable(&all) && (in_window || in_keep_full) && probe <= now {
                 prop_assert!(restorable(&kept), "{probe} lost: {:?}", p);
+            }
+        }
+    }
+
+    fn wal_key(tli: u32, segno: u64) -> layout::WalSegmentName {
+        let name = SegmentName::new(
+            TimelineId::new(tli).unwrap(),
+            segno,
+            WalSegmentSize::DEFAULT,
+        )
+        .unwrap();
+        layout::WalSegmentName::parse(&name.to_string()).unwrap()
+    }
+
+    fn segno_of_key(k: &RepoKey) -> Option<u64> {
+        let object = layout::parse_wal_key(k)?;
+        let seg = object.segment()?;
+        Some(
+            SegmentName::parse(seg.as_str(), WalSegmentSize::DEFAULT)
+                .unwrap()
+                .segno(),
+        )
+    }
+
+    #[test]
+    fn wal_before_the_oldest_kept_start_goes_oldest_first_and_histories_stay() {
+        let size = WalSegmentSize::DEFAULT;
+        let seg = size.bytes();
+        let mut keys = vec![
+            layout::wal_segment(&wal_key(1, 1)),
+            layout::wal_segment(&wal_key(1, 2)),
+            layout::wal_segment(&wal_key(1, 3)),
+            layout::wal_delta(&wal_key(1, 4), 0, 0x1000),
+            layout::wal_delta(&wal_key(1, 4), 0x1000, 0x2000),
+            layout::timeline_history(layout::TimelineId::new(2).unwrap()),
+            layout::wal_segment(&wal_key(2, 4)),
+        ];
+        keys.sort();
+        let inv = WalInventory::from_keys(keys, size);
+        let (cut, gone) = wal_to_expire(&inv, [Lsn(4 * seg + 0x28), Lsn(9 * seg)], size).unwrap();
+        assert_eq!(cut, Some(4));
+        assert_eq!(
+            gone,
+            [
+                layout::wal_segment(&wal_key(1, 1)),
+                layout::wal_segment(&wal_key(1, 2)),
+                layout::wal_segment(&wal_key(1, 3)),
+            ]
+        );
+        let (_, gone) = wal_to_expire(&inv, [Lsn(5 * seg)], size).unwrap();
+        assert_eq!(gone[3], layout::wal_delta(&wal_key(1, 4), 0x1000, 0x2000));
+        assert_eq!(gone[4], layout::wal_delta(&wal_key(1, 4), 0, 0x1000));
+        assert_eq!(gone[5], layout::wal_segment(&wal_key(2, 4)));
+        assert_eq!(gone.len(), 6);
+        assert!(wal_to_expire(&inv, [], size).unwrap().1.is_empty());
+    }
+
+    proptest! {
+        /// Whatever the repository's WAL, after removing what [`wal_to_expire`] names every
+        /// kept backup reaches exactly as far as before, on its own timeline and along a
+        /// history to the next; nothing from the oldest kept start's segment on is touched,
+        /// everything before it (but history files) is gone.
+        #[test]
+        fn expired_wal_keeps_every_kept_backup_restoring_as_far_as_before(
+            objects in proptest::collection::vec((1u32..=3, 0u64..40, 0u8..4), 0..120),
+            histories in proptest::collection::vec(2u32..=3, 0..3),
+            starts in proptest::collection::vec((1u32..=3, 0u64..40, 0u64..(16 << 20)), 0..4),
+            switch in 0u64..48,
+        ) {
+            let size = WalSegmentSize::DEFAULT;
+            let mut keys = std::collections::BTreeSet::new();
+            for (tli, segno, kind) in &objects {
+                let name = wal_key(*tli, *segno);
+                if *kind < 3 {
+                    keys.insert(layout::wal_segment(&name));
+                } else {
+                    keys.insert(layout::wal_delta(&name, 0, 0x1000));
+                    keys.insert(layout::wal_delta(&name, 0x1000, 0x2000));
+                }
+            }
+            for tli in &histories {
+                keys.insert(layout::timeline_history(layout::TimelineId::new(*tli).unwrap()));
+            }
+            let kept: Vec<(TimelineId, Lsn)> = starts
+                .iter()
+                .map(|(t, s, off)| (TimelineId::new(*t).unwrap(), Lsn(s * size.bytes() + off)))
+                .collect();
+            let before = WalInventory::from_keys(keys.iter().cloned(), size);
+            let (cut, gone) = wal_to_expire(&before, kept.iter().map(|k| k.1), size).unwrap();
+            let gone_set: std::collections::BTreeSet<RepoKey> = gone.iter().cloned().collect();
+            prop_assert_eq!(gone_set.len(), gone.len(), "a key named twice");
+            let rest: Vec<RepoKey> = keys.iter().filter(|k| !gone_set.contains(*k)).cloned().collect();
+            let after = WalInventory::from_keys(rest, size);
+            prop_assert_eq!(&after.histories, &before.histories);
+            match cut {
+                None => prop_assert!(gone.is_empty() && kept.is_empty()),
+                Some(cut) => {
+                    for k in &keys {
+                        match segno_of_key(k) {
+                            Some(n) => prop_assert_eq!(gone_set.contains(k), n < cut, "{}", k),
+                            None => prop_assert!(!gone_set.contains(k), "{}", k),
+                        }
+                    }
+                }
+            }
+            for (tli, start) in &kept {
+                let own = WalPath::from(*tli);
+                prop_assert_eq!(
+                    after.contiguous_end(&own, *start, size),
+                    before.contiguous_end(&own, *start, size)
+                );
+                // Along a history to the next timeline, switching at `switch`.
+                let next = TimelineId::new(tli.get() + 1).unwrap();
+                let at = Lsn(switch * size.bytes() + 0x100);
+                let text = format!("{}\t{:X}/{:X}\tpromoted\n", tli.get(), at.0 >> 32, at.0 & 0xffff_ffff);
+                let mut entries = String::new();
+                for t in 1..tli.get() {
+                    entries.push_str(&format!("{t}\t0/100\tolder\n"));
+                }
+                entries.push_str(&text);
+                let history = wire::pg::TimelineHistory::parse(entries.as_bytes()).unwrap();
+                if let Ok(path) = WalPath::from_history(next, &history, *tli, *start) {
+                    prop_assert_eq!(
+                        after.contiguous_end(&path, *start, size),
+                        before.contiguous_end(&path, *start, size)
+                    );
+                }
             }
         }
     }

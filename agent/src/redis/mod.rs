@@ -9,6 +9,7 @@
 //!   history.
 //! - [`snapshot`] stores one validated snapshot generation.
 //! - [`manifest`] reads and writes `generation.json`.
+//! - [`exec_time`] bounds when the master executed each command, for the time index.
 //! - [`chunk`] encodes command-stream chunk objects with their time index.
 //! - [`stream`] runs `redis stream`, resumable from the repository alone.
 //! - [`restore`] rebuilds server files for a moment in time.
@@ -22,12 +23,13 @@ pub mod admin;
 pub mod chunk;
 pub mod cli;
 pub mod cluster;
+pub mod cluster_restore;
 pub mod cluster_stream;
+pub mod exec_time;
 pub mod link;
 pub mod manifest;
 pub mod restore;
 pub mod server_proc;
-pub mod cluster_restore;
 pub mod snapshot;
 pub mod source;
 pub mod stream;

@@ -34,6 +34,7 @@ use wire::redis::ReplicationOffset;
 
 use super::chunk::{self, ChunkHeader};
 use super::cluster::ClusterPlace;
+use super::exec_time::{CommandTimes, ExecBounds, OffsetProbe};
 use super::link::{ConnectError, MasterLink};
 use super::snapshot;
 use super::source::RedisSource;
@@ -365,10 +366,10 @@ fn raise_index_clock(ms: i64) {
 }
 
 impl ChunkBuilder {
-    /// Records that nothing else had arrived by now: a restore to a time between the last
-    /// command and the cut needs no later chunk.
-    fn seal(&mut self, end: u64) {
-        let now_ms = index_now_ms();
+    /// Records that nothing else had been executed by `now_ms`
+    /// ([`CommandTimes::sealed`]): a restore to a time between the last command and the
+    /// cut needs no later chunk.
+    fn seal(&mut self, end: u64, now_ms: i64) {
         match self.index.last_mut() {
             Some(last) if last.1 >= now_ms => last.0 = end,
             _ => self.index.push((end, now_ms)),
@@ -395,6 +396,8 @@ struct NextGeneration {
     replid: String,
     offset: ReplicationOffset,
     db: u32,
+    /// The snapshot's time (when `+FULLRESYNC` arrived), in Unix milliseconds.
+    snapshot_ms: i64,
 }
 
 /// Opens a second replica connection, takes a full sync and stores it as a generation.
@@ -434,6 +437,7 @@ async fn full_sync(
         replid,
         offset,
         db: captured.manifest.db_at_snapshot,
+        snapshot_ms: captured.manifest.snapshot_unix_ms,
     })
 }
 
@@ -489,11 +493,12 @@ async fn stream_connected(
         )
         .await?;
     let replied_at = chrono::Utc::now();
-    let (mut generation, mut replid, mut offset, mut db) = match (reply, resume) {
+    let (mut generation, mut replid, mut offset, mut db, snapshot_floor_ms) = match (reply, resume)
+    {
         (PsyncReply::Continue { replid: new_id }, Some(r)) => {
             let replid = new_id.unwrap_or(r.replid);
             tracing::info!(generation = %r.generation, offset = %r.offset, %replid, "resumed with PSYNC, no new snapshot");
-            (r.generation, replid, r.offset, r.db)
+            (r.generation, replid, r.offset, r.db, i64::MIN)
         }
         (PsyncReply::Continue { .. }, None) => {
             return Err(anyhow::anyhow!("the master answered PSYNC ? -1 with +CONTINUE").into())
@@ -504,7 +509,13 @@ async fn stream_connected(
             }
             let next = full_sync(repo, link, replid, offset, replied_at, lease).await?;
             link = next.link;
-            (next.generation, next.replid, next.offset, next.db)
+            (
+                next.generation,
+                next.replid,
+                next.offset,
+                next.db,
+                next.snapshot_ms,
+            )
         }
     };
 
@@ -522,6 +533,10 @@ async fn stream_connected(
     let mut generation_offset = offset;
     let mut next_gen: Option<LocalBoxFuture<'_, Result<NextGeneration, JobError>>> = None;
     let mut switch_to: Option<NextGeneration> = None;
+    // Recorded while a new generation is taken; borrowed by it after the switch.
+    let mut arrivals: Option<ExecBounds> = None;
+    let probe = OffsetProbe::start(source.clone(), index_now_ms);
+    let mut times = CommandTimes::new(index_now_ms, Some(probe), snapshot_floor_ms);
     tokio::pin!(stop);
     let lost = lease.lost();
     tokio::pin!(lost);
@@ -529,6 +544,11 @@ async fn stream_connected(
     // DRAIN_QUIET (or DRAIN_LIMIT passed), so writes it already acknowledged to its
     // clients, and sent or was sending to us, are stored rather than left in the socket.
     let mut draining: Option<Instant> = None;
+    // The end of the last `REPLCONF GETACK` not yet acknowledged as stored: the master waits
+    // for it (`WAIT`, and Valkey 8+'s `CLUSTER SETSLOT`, which waits for every replica that
+    // announced a version above 7.2, the agent included, for 2 s by default). Its chunk is
+    // cut at once and acknowledged as soon as it is stored, not at the next second's ACK.
+    let mut ack_due: Option<u64> = None;
     let outcome: Result<(), JobError> = loop {
         // Uploads complete in order; the durable offset follows them.
         while uploads.is_full() {
@@ -537,6 +557,12 @@ async fn stream_connected(
                     durable = ReplicationOffset(end);
                     status.durable(durable, end, Some(uploads.last_lag()));
                     received.fetch_max(end, Ordering::Relaxed);
+                    if ack_due.is_some_and(|want| end >= want) {
+                        ack_due = None;
+                        if let Err(e) = link.ack_sender().ack(durable).await {
+                            return Err(e);
+                        }
+                    }
                 }
                 Some(Err(e)) => return Err(e),
                 None => break,
@@ -551,6 +577,7 @@ async fn stream_connected(
                 if offset > generation_offset {
                     tracing::info!(previous = %generation, "taking a new snapshot generation (--snapshot-every)");
                     next_gen = Some(Box::pin(take_generation(repo, source, lease)));
+                    arrivals = Some(ExecBounds::default());
                 } else {
                     generation_started = Instant::now();
                 }
@@ -564,6 +591,8 @@ async fn stream_connected(
             .max(opts.max_lag / 4);
         let wait = match draining {
             Some(_) => DRAIN_QUIET,
+            // Nothing to cut into until an upload completes, which wakes this loop.
+            None if !uploads.has_room() => budget,
             None => budget
                 .saturating_sub(chunk.opened.elapsed())
                 .max(Duration::from_millis(1)),
@@ -587,6 +616,12 @@ async fn stream_connected(
                         durable = ReplicationOffset(end);
                         status.durable(durable, end, Some(uploads.last_lag()));
                         received.fetch_max(end, Ordering::Relaxed);
+                        if ack_due.is_some_and(|want| end >= want) {
+                            ack_due = None;
+                            if let Err(e) = link.ack_sender().ack(durable).await {
+                                break Err(e);
+                            }
+                        }
                     }
                     Err(e) => break Err(e),
                 }
@@ -599,6 +634,7 @@ async fn stream_connected(
                     Err(e) => {
                         tracing::warn!("taking a new generation failed, keeping the current one: {e:#}");
                         generation_started = Instant::now();
+                        arrivals = None;
                     }
                 }
                 continue;
@@ -611,8 +647,11 @@ async fn stream_connected(
         };
         let quiet = cmd.is_none();
         if let Some(cmd) = cmd {
-            let now_ms = index_now_ms();
             offset = offset.advance(cmd.wire_len());
+            let now_ms = times.command(&replid, offset.get());
+            if let Some(times) = arrivals.as_mut() {
+                times.record(offset.get(), now_ms);
+            }
             match cmd.kind() {
                 CommandKind::Multi => in_multi = true,
                 CommandKind::Exec => in_multi = false,
@@ -622,8 +661,14 @@ async fn stream_connected(
                     if let Err(e) = link.ack_sender().ack(acked).await {
                         break Err(e);
                     }
+                    if acked < offset {
+                        ack_due = Some(offset.get());
+                    }
                 }
-                CommandKind::Ping | CommandKind::Replconf | CommandKind::Other => {}
+                CommandKind::Ping
+                | CommandKind::Replconf
+                | CommandKind::Cluster
+                | CommandKind::Other => {}
             }
             // Room for a full chunk at once, plus a command that crosses the size.
             chunk
@@ -643,10 +688,14 @@ async fn stream_connected(
         let switch_now = switch_to
             .as_ref()
             .is_some_and(|n| !in_multi && (n.replid != replid || offset >= n.offset));
-        let due = chunk.opened.elapsed() >= budget || chunk.body.len() >= opts.max_chunk_bytes;
+        // Without a spool, a chunk cut while every upload slot is taken would stop reading
+        // until one frees: the chunk grows instead (up to its size), so the socket is read
+        // on time and, after a slow upload, the next one carries everything since.
+        let due = ((chunk.opened.elapsed() >= budget || ack_due.is_some()) && uploads.has_room())
+            || chunk.body.len() >= opts.max_chunk_bytes;
         if !chunk.body.is_empty() && !in_multi && (due || switch_now) {
             let mut full = std::mem::replace(&mut chunk, ChunkBuilder::new(offset.get(), db));
-            full.seal(offset.get());
+            full.seal(offset.get(), times.sealed(&replid, offset.get()));
             if let Err(e) = uploads.push(&generation, &replid, full, offset.get(), db) {
                 break Err(e.into());
             }
@@ -656,6 +705,14 @@ async fn stream_connected(
         if switch_now {
             if let Some(next) = switch_to.take() {
                 tracing::info!(from = %generation, to = %next.generation, "switched to the new generation");
+                // The same offsets, already read here, are read again on the new link.
+                times.switched(
+                    arrivals
+                        .take()
+                        .filter(|_| next.replid == replid)
+                        .and_then(|a| a.after(next.offset.get())),
+                    next.snapshot_ms,
+                );
                 link = next.link;
                 generation = next.generation;
                 replid = next.replid;
@@ -665,6 +722,7 @@ async fn stream_connected(
                 chunk = ChunkBuilder::new(offset.get(), db);
                 received.fetch_max(offset.get(), Ordering::Relaxed);
                 acker = Acker::start(&link, received.clone());
+                ack_due = None;
                 generation_started = Instant::now();
                 generation_offset = offset;
             }
@@ -683,7 +741,7 @@ async fn stream_connected(
     let mut finished = Ok(());
     if !chunk.body.is_empty() {
         if !in_multi {
-            chunk.seal(offset.get());
+            chunk.seal(offset.get(), times.sealed(&replid, offset.get()));
         }
         if let Err(e) = uploads.push(&generation, &replid, chunk, offset.get(), db) {
             finished = Err(e.into());
@@ -781,6 +839,12 @@ impl<'a> ChunkQueue<'a> {
     /// Uploads running or chunks waiting.
     fn is_busy(&self) -> bool {
         !self.uploads.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// Whether a chunk cut now would start uploading (or wait in the spool) rather than
+    /// make reading wait.
+    fn has_room(&self) -> bool {
+        self.spool.is_some() || (self.uploads.len() < self.in_flight && self.waiting.is_empty())
     }
 
     /// Whether reading must pause until an upload completes.

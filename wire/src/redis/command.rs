@@ -69,6 +69,10 @@ pub enum CommandKind {
     ReplconfGetAck,
     /// Another `REPLCONF`: never replayed.
     Replconf,
+    /// `CLUSTER ...`: Valkey 8+ replicates `CLUSTER SETSLOT` to its replicas before running
+    /// it (`clusterCommandSetSlot` in `src/cluster_legacy.c`). It is the cluster's topology,
+    /// not data: a restore builds its own topology and never replays it.
+    Cluster,
     /// A data command.
     Other,
 }
@@ -104,6 +108,8 @@ impl ReplicatedCommand {
                 .get(1)
                 .and_then(|db| std::str::from_utf8(db).ok()?.parse().ok())
                 .map_or(CommandKind::Other, CommandKind::Select)
+        } else if is("CLUSTER") {
+            CommandKind::Cluster
         } else if is("REPLCONF") {
             match self.args.get(1) {
                 Some(sub) if sub.eq_ignore_ascii_case(b"GETACK") => CommandKind::ReplconfGetAck,
@@ -114,11 +120,14 @@ impl ReplicatedCommand {
         }
     }
 
-    /// True for commands a restore must not replay (`PING`, `REPLCONF`).
+    /// True for commands a restore must not replay (`PING`, `REPLCONF`, `CLUSTER`).
     pub fn is_replication_only(&self) -> bool {
         matches!(
             self.kind(),
-            CommandKind::Ping | CommandKind::Replconf | CommandKind::ReplconfGetAck
+            CommandKind::Ping
+                | CommandKind::Replconf
+                | CommandKind::ReplconfGetAck
+                | CommandKind::Cluster
         )
     }
 }
@@ -301,6 +310,7 @@ mod tests {
         encode_command(&mut w, &[b"EXEC"]);
         encode_command(&mut w, &[b"PING"]);
         encode_command(&mut w, &[b"REPLCONF", b"GETACK", b"*"]);
+        encode_command(&mut w, &[b"cluster", b"SETSLOT", b"7", b"NODE", b"abc"]);
         let cmds = decode_all(&w, &[]).unwrap();
         let kinds: Vec<_> = cmds.iter().map(ReplicatedCommand::kind).collect();
         assert_eq!(
@@ -311,9 +321,12 @@ mod tests {
                 CommandKind::Other,
                 CommandKind::Exec,
                 CommandKind::Ping,
-                CommandKind::ReplconfGetAck
+                CommandKind::ReplconfGetAck,
+                CommandKind::Cluster
             ]
         );
+        let replayed: Vec<_> = cmds.iter().map(|c| !c.is_replication_only()).collect();
+        assert_eq!(replayed, [true, true, true, true, false, false, false]);
         assert_eq!(
             cmds.iter().map(ReplicatedCommand::wire_len).sum::<u64>(),
             w.len() as u64

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context, Result};
 use storage::layout::{self, WalObject};
-use storage::Repository;
+use storage::{RepoKey, Repository};
 use wire::pg::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
 use crate::pg::partial::SegmentPartials;
@@ -79,9 +79,21 @@ impl WalInventory {
             .await
             .context("listing archived WAL")?;
         let newest = objects.iter().map(|o| o.last_modified).max();
+        Ok((
+            Self::from_keys(objects.into_iter().map(|o| o.key), size),
+            newest,
+        ))
+    }
+
+    /// The inventory of a listing of `postgres/wal/` (keys that are not WAL are ignored):
+    /// the one place WAL keys are read into segments, partials and history files.
+    pub fn from_keys(
+        keys: impl IntoIterator<Item = RepoKey>,
+        size: WalSegmentSize,
+    ) -> WalInventory {
         let mut inv = WalInventory::default();
-        for o in objects {
-            match layout::parse_wal_key(&o.key) {
+        for key in keys {
+            match layout::parse_wal_key(&key) {
                 Some(WalObject::Segment(s)) => {
                     if let Some(segno) = segno_of(s.as_str(), size) {
                         inv.timelines
@@ -102,7 +114,7 @@ impl WalInventory {
                             .partials
                             .entry(segno)
                             .or_default()
-                            .add(&object, o.key);
+                            .add(&object, key);
                     }
                 }
                 Some(WalObject::History(tli)) => {
@@ -117,7 +129,7 @@ impl WalInventory {
             }
             t.partials.retain(|_, p| !p.is_empty());
         }
-        Ok((inv, newest))
+        inv
     }
 
     fn has(&self, tli: TimelineId, segno: u64) -> bool {
