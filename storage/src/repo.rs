@@ -1051,12 +1051,22 @@ mod level_tests {
         let a = repo.scoped(&k("redis/cluster/shards/s01")).unwrap();
         let b = repo.scoped(&k("redis/cluster/shards/s02")).unwrap();
         let chunk = k("redis/gen/g1/chunks/1-2");
-        a.put(&chunk, ContentKind::RedisCommands, Bytes::from_static(b"aa"), crate::PutMode::CreateNew)
-            .await
-            .unwrap();
-        b.put(&chunk, ContentKind::RedisCommands, Bytes::from_static(b"bb"), crate::PutMode::CreateNew)
-            .await
-            .unwrap();
+        a.put(
+            &chunk,
+            ContentKind::RedisCommands,
+            Bytes::from_static(b"aa"),
+            crate::PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
+        b.put(
+            &chunk,
+            ContentKind::RedisCommands,
+            Bytes::from_static(b"bb"),
+            crate::PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
         assert_eq!(a.get(&chunk).await.unwrap(), Bytes::from_static(b"aa"));
         assert_eq!(b.get(&chunk).await.unwrap(), Bytes::from_static(b"bb"));
         // The view lists its own keys, relative to it; the store holds them under the prefix.
@@ -1068,7 +1078,10 @@ mod level_tests {
             .map(|m| m.key.to_string())
             .collect();
         assert_eq!(listed, ["redis/gen/g1/chunks/1-2"]);
-        assert_eq!(a.list_dirs(&k("redis/gen")).await.unwrap(), [k("redis/gen/g1")]);
+        assert_eq!(
+            a.list_dirs(&k("redis/gen")).await.unwrap(),
+            [k("redis/gen/g1")]
+        );
         assert!(repo
             .exists(&k("redis/cluster/shards/s02/redis/gen/g1/chunks/1-2"))
             .await
@@ -1082,12 +1095,16 @@ mod level_tests {
         );
         assert_eq!(a.read_marker().await.unwrap().unwrap().kind, marker.kind);
         assert_eq!(
-            a.full_key(&k("leases/redis-stream/0000000000000001")).as_str(),
+            a.full_key(&k("leases/redis-stream/0000000000000001"))
+                .as_str(),
             "leases/redis/cluster/shards/s01/redis-stream/0000000000000001"
         );
         // Nested views compose; the root of a view is its prefix.
         let nested = a.scoped(&k("x")).unwrap();
-        assert_eq!(nested.full_key(&RepoKey::root()).as_str(), "redis/cluster/shards/s01/x");
+        assert_eq!(
+            nested.full_key(&RepoKey::root()).as_str(),
+            "redis/cluster/shards/s01/x"
+        );
         // An object moved from one view to the other is refused: bound to its full key.
         let stolen = repo
             .get(&k("redis/cluster/shards/s01/redis/gen/g1/chunks/1-2"))
@@ -1113,7 +1130,10 @@ mod level_tests {
             .await
             .unwrap();
         let err = b.get(&chunk).await.unwrap_err().to_string();
-        assert!(err.contains("it was written for redis/cluster/shards/s01"), "{err}");
+        assert!(
+            err.contains("it was written for redis/cluster/shards/s01"),
+            "{err}"
+        );
         a.delete(&chunk).await.unwrap();
         assert!(!a.exists(&chunk).await.unwrap());
         assert!(repo.scoped(&RepoKey::root()).is_err());

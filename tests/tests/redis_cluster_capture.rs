@@ -144,7 +144,10 @@ fn snapshot_of_a_cluster_node_is_refused_naming_its_slots() {
 
     // `redis stream` captures the whole cluster instead (tests/redis_cluster_stream.rs);
     // the refusal names it.
-    assert!(all.contains("`syncbridge-agent redis stream` captures the whole cluster"), "{all}");
+    assert!(
+        all.contains("`syncbridge-agent redis stream` captures the whole cluster"),
+        "{all}"
+    );
 }
 
 #[test]

@@ -117,7 +117,12 @@ fn wait_stored(c: &RedisCluster) {
     }
 }
 
-fn restore_cluster(repo: &str, target: &Path, to: Option<i64>, flavor: RedisFlavor) -> (RestoredCluster, String) {
+fn restore_cluster(
+    repo: &str,
+    target: &Path,
+    to: Option<i64>,
+    flavor: RedisFlavor,
+) -> (RestoredCluster, String) {
     let target_s = target.display().to_string();
     let bin = server_bin(flavor);
     let to_arg = to.map(|t| format!("@{t}"));
@@ -162,7 +167,10 @@ fn cluster_restore_to_three_moments(flavor: RedisFlavor) {
         let target = tmp.path().join(format!("at{i}"));
         let (restored, out) = restore_cluster(&repo, &target, Some(*t), flavor);
         assert_eq!(restored.ports.len(), 3, "{out}");
-        assert!(out.contains("cluster_state:ok, 16384 slots assigned"), "{out}");
+        assert!(
+            out.contains("cluster_state:ok, 16384 slots assigned"),
+            "{out}"
+        );
         assert!(target.join("slotmap").is_file(), "{out}");
         for p in &restored.ports {
             let info = RespConnection::connect(*p)
@@ -304,7 +312,10 @@ fn resharding_1000_slots_restores_exactly_before_during_and_after() {
     for (name, t, expected) in &moments {
         let target = tmp.path().join(name);
         let (restored, out) = restore_cluster(&repo, &target, Some(*t), flavor);
-        assert!(out.contains("cluster_state:ok, 16384 slots assigned"), "{out}");
+        assert!(
+            out.contains("cluster_state:ok, 16384 slots assigned"),
+            "{out}"
+        );
         let got = dump_cluster(&restored.ports, None);
         if &got != expected {
             let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
@@ -314,7 +325,9 @@ fn resharding_1000_slots_restores_exactly_before_during_and_after() {
                 .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
                 .map(|(k, _)| k)
                 .collect();
-            panic!("moment {name}: missing {missing:?}, extra {extra:?}, different {differ:?}\n{out}");
+            panic!(
+                "moment {name}: missing {missing:?}, extra {extra:?}, different {differ:?}\n{out}"
+            );
         }
     }
 }

@@ -40,7 +40,9 @@ fn load(c: &RedisCluster, tag: &str, n: usize) {
         assert!(!matches!(r, RespValue::Error(_)), "{r}");
         let r = client.cmd(l.as_bytes(), &["RPUSH", &l, "a", "b"]);
         assert!(!matches!(r, RespValue::Error(_)), "{r}");
-        assert!(client.cmd(t.as_bytes(), &["SET", &t, "s", "EX", "3600"]).is_ok());
+        assert!(client
+            .cmd(t.as_bytes(), &["SET", &t, "s", "EX", "3600"])
+            .is_ok());
     }
 }
 
@@ -112,8 +114,8 @@ fn restore_shard(
     let bin = server_bin(flavor);
     let out = run_agent(
         &[
-            "redis", "restore", "--repo", repo, "--shard", shard, "--target", &target_s,
-            "--start", &bin,
+            "redis", "restore", "--repo", repo, "--shard", shard, "--target", &target_s, "--start",
+            &bin,
         ],
         &[],
     );
@@ -272,7 +274,12 @@ fn killed_agent_resumes_every_shard_with_psync() {
         .dump()
         .iter()
         .filter(|(k, _)| k.starts_with("load-counter:"))
-        .map(|(_, v)| v.trim_start_matches("string \"").trim_end_matches('"').parse::<i64>().unwrap())
+        .map(|(_, v)| {
+            v.trim_start_matches("string \"")
+                .trim_end_matches('"')
+                .parse::<i64>()
+                .unwrap()
+        })
         .sum();
     assert_eq!(total, 1500);
 }

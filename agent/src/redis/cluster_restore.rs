@@ -127,7 +127,10 @@ pub async fn restore(
         shards.push(shard);
     }
     if shards.is_empty() {
-        bail!("the slot map of {} gives no slot to any shard", describe_time(to_ms));
+        bail!(
+            "the slot map of {} gives no slot to any shard",
+            describe_time(to_ms)
+        );
     }
 
     let target = &place::resolve(target)?;
@@ -207,8 +210,8 @@ pub async fn start(
     target: &Path,
     done: &ClusterRestored,
 ) -> Result<Vec<StartedNode>> {
-    let target = std::fs::canonicalize(target)
-        .with_context(|| format!("resolving {}", target.display()))?;
+    let target =
+        std::fs::canonicalize(target).with_context(|| format!("resolving {}", target.display()))?;
     // 1. Alone: every key to the shard that owns its slot at T.
     let mut alone = Vec::new();
     for shard in done.shards.keys() {
@@ -294,10 +297,7 @@ async fn place_keys_by_owner(
     alone: &[(ShardKey, u16, u32)],
     map: &SlotMapRecord,
 ) -> Result<Placed> {
-    let port_of: BTreeMap<&str, u16> = alone
-        .iter()
-        .map(|(s, p, _)| (s.as_str(), *p))
-        .collect();
+    let port_of: BTreeMap<&str, u16> = alone.iter().map(|(s, p, _)| (s.as_str(), *p)).collect();
     let mut placed = Placed::default();
     for (shard, port, _) in alone {
         let mut conn = AdminConn::connect(*port).await?;
@@ -393,7 +393,13 @@ async fn assemble(nodes: &[StartedNode], map: &SlotMapRecord) -> Result<()> {
             let port = n.port.to_string();
             let bus = (n.port + 10_000).to_string();
             first
-                .ok(&[b"CLUSTER", b"MEET", b"127.0.0.1", port.as_bytes(), bus.as_bytes()])
+                .ok(&[
+                    b"CLUSTER",
+                    b"MEET",
+                    b"127.0.0.1",
+                    port.as_bytes(),
+                    bus.as_bytes(),
+                ])
                 .await?;
         }
         let _ = rest;

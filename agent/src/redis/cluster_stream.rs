@@ -183,7 +183,11 @@ pub fn assign(
     // Strongest evidence first: a shard id, then the master's id, then other nodes.
     let score = |shard: &Shard, rec: &ShardRecord| -> u64 {
         let mut s = 0;
-        if shard.id.as_ref().is_some_and(|id| rec.shard_ids.contains(id)) {
+        if shard
+            .id
+            .as_ref()
+            .is_some_and(|id| rec.shard_ids.contains(id))
+        {
             s += 1 << 20;
         }
         if rec.nodes.contains(&shard.master.id) {
@@ -313,7 +317,10 @@ pub async fn probe(source: &RedisSource) -> Result<Option<bool>, JobError> {
     let mut link = match MasterLink::connect(source).await {
         Ok(l) => l,
         Err(e) => {
-            tracing::debug!("could not ask {} whether it is a cluster node: {e}", source.endpoint());
+            tracing::debug!(
+                "could not ask {} whether it is a cluster node: {e}",
+                source.endpoint()
+            );
             return Ok(None);
         }
     };
@@ -703,7 +710,10 @@ mod tests {
         }
         let (l, _) = assign(&three(), &mut fresh, Some(&map), 6);
         assert_eq!(
-            owners(&three(), &l).into_iter().map(|(_, k)| k).collect::<Vec<_>>(),
+            owners(&three(), &l)
+                .into_iter()
+                .map(|(_, k)| k)
+                .collect::<Vec<_>>(),
             ["s01", "s02", "s03"]
         );
     }

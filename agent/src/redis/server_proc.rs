@@ -12,8 +12,7 @@ use anyhow::{bail, Context, Result};
 /// callers retry.
 pub fn free_port(with_bus: bool) -> Result<u16> {
     for _ in 0..100 {
-        let listener =
-            std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
         let port = listener.local_addr()?.port();
         if !with_bus {
             return Ok(port);
