@@ -465,23 +465,41 @@ impl RedisCluster {
         }
         migrate_head.push(b"REPLACE".to_vec());
         migrate_head.push(b"KEYS".to_vec());
+        // Valkey 8+ replicates SETSLOT and waits for every replica announcing a version above
+        // 7.2 (the agent included) for 2 s by default; on this loaded 2-core machine an
+        // fsync can take longer, so give it the time a slow store would need.
+        let wait: &[&[u8]] = if self.flavor == RedisFlavor::Valkey9 {
+            &[b"TIMEOUT", b"15000"]
+        } else {
+            &[]
+        };
         for slot in slots {
             let s = slot.to_string();
             let s = s.as_bytes();
-            expect_ok(
-                run(
-                    &mut dst,
-                    &[b"CLUSTER", b"SETSLOT", s, b"IMPORTING", src_id.as_bytes()],
-                ),
-                "SETSLOT IMPORTING",
-            );
-            expect_ok(
-                run(
-                    &mut src,
-                    &[b"CLUSTER", b"SETSLOT", s, b"MIGRATING", dst_id.as_bytes()],
-                ),
-                "SETSLOT MIGRATING",
-            );
+            let importing = [
+                &[
+                    &b"CLUSTER"[..],
+                    b"SETSLOT",
+                    s,
+                    b"IMPORTING",
+                    src_id.as_bytes(),
+                ][..],
+                wait,
+            ]
+            .concat();
+            expect_ok(run(&mut dst, &importing), "SETSLOT IMPORTING");
+            let migrating = [
+                &[
+                    &b"CLUSTER"[..],
+                    b"SETSLOT",
+                    s,
+                    b"MIGRATING",
+                    dst_id.as_bytes(),
+                ][..],
+                wait,
+            ]
+            .concat();
+            expect_ok(run(&mut src, &migrating), "SETSLOT MIGRATING");
             loop {
                 let keys = match run(&mut src, &[b"CLUSTER", b"GETKEYSINSLOT", s, b"100"]) {
                     RespValue::Array(keys) => keys,
@@ -507,7 +525,11 @@ impl RedisCluster {
                 }
             }
             // The order of redis-cli's clusterManagerMoveSlot: target, source, then the rest.
-            let node = [&b"CLUSTER"[..], b"SETSLOT", s, b"NODE", dst_id.as_bytes()];
+            let node = [
+                &[&b"CLUSTER"[..], b"SETSLOT", s, b"NODE", dst_id.as_bytes()][..],
+                wait,
+            ]
+            .concat();
             expect_ok(run(&mut dst, &node), "SETSLOT NODE (target)");
             expect_ok(run(&mut src, &node), "SETSLOT NODE (source)");
             for c in &mut rest {

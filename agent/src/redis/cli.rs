@@ -398,6 +398,18 @@ async fn restore(args: RestoreArgs) -> Result<ExitCode> {
 pub async fn restore_and_report(repo: &Repository, opts: &RedisRestoreOptions) -> Result<ExitCode> {
     use super::restore::{describe_time, start_hint};
     let (target, format) = (opts.target.as_path(), opts.format);
+    if super::cluster_restore::is_cluster(repo).await? {
+        if format != super::restore::RestoreFormat::Aof {
+            bail!("a Redis Cluster is restored as one multi-part AOF directory per shard: --format {format:?} is for a single server (or restore one shard with --shard)");
+        }
+        let done = super::cluster_restore::restore(repo, target, opts.to_time).await?;
+        let started = match &opts.start {
+            Some(server) => Some(super::cluster_restore::start(server, target, &done).await?),
+            None => None,
+        };
+        super::cluster_restore::report(target, &done, started.as_deref());
+        return Ok(ExitCode::SUCCESS);
+    }
     let done = super::restore::restore(repo, target, opts.to_time, format).await?;
     println!("generation:   {}", done.generation);
     println!(
@@ -451,55 +463,13 @@ async fn start_once(
     format: super::restore::RestoreFormat,
 ) -> Result<u16> {
     use super::restore::RestoreFormat;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port")?
-        .port();
-    let mut cmd = tokio::process::Command::new(server);
-    cmd.arg("--port")
-        .arg(port.to_string())
-        .args(["--bind", "127.0.0.1"])
-        .arg("--dir")
-        .arg(dir);
-    cmd.args(["--daemonize", "no", "--save", ""])
-        .arg("--logfile")
-        .arg(dir.join("server.log"));
-    match format {
-        RestoreFormat::Aof | RestoreFormat::AofSingle => cmd.args(["--appendonly", "yes"]),
-        RestoreFormat::Rdb => cmd.args(["--appendonly", "no", "--dbfilename", "dump.rdb"]),
+    let port = super::server_proc::free_port(false)?;
+    let args: &[&str] = match format {
+        RestoreFormat::Aof | RestoreFormat::AofSingle => &["--appendonly", "yes"],
+        RestoreFormat::Rdb => &["--appendonly", "no", "--dbfilename", "dump.rdb"],
     };
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .process_group(0);
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", server.display()))?;
-    let pid = child.id().context("the server exited at once")?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(600);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "{} exited with {status} before it finished loading; see {}",
-                server.display(),
-                dir.join("server.log").display()
-            );
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("the server on port {port} did not finish loading in 10 minutes");
-        }
-        if let Ok(info) = super::admin::command(port, &[b"INFO", b"all"]).await {
-            let ours = info
-                .lines()
-                .any(|l| l.trim() == format!("process_id:{pid}"));
-            if ours && info.lines().any(|l| l.trim() == "loading:0") {
-                std::fs::write(dir.join("server.pid"), format!("{pid}\n"))
-                    .context("writing server.pid")?;
-                return Ok(port);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    super::server_proc::spawn_loaded(server, dir, port, args).await?;
+    Ok(port)
 }
 
 async fn report_started(server: &std::path::Path, dir: &std::path::Path, port: u16) -> Result<()> {

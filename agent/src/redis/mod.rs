@@ -13,6 +13,8 @@
 //! - [`chunk`] encodes command-stream chunk objects with their time index.
 //! - [`stream`] runs `redis stream`, resumable from the repository alone.
 //! - [`restore`] rebuilds server files for a moment in time.
+//! - [`cluster_restore`] restores a Redis Cluster capture to a moment, one directory per
+//!   shard, and with `--start` assembles a cluster on them; [`server_proc`] starts servers.
 //! - [`verify`] proves every generation restorable (`redis verify`).
 //! - [`admin`] is a one-shot client for `INFO` on a restored server.
 //! - [`cli`] defines `syncbridge-agent redis …`.
@@ -21,11 +23,13 @@ pub mod admin;
 pub mod chunk;
 pub mod cli;
 pub mod cluster;
+pub mod cluster_restore;
 pub mod cluster_stream;
 pub mod exec_time;
 pub mod link;
 pub mod manifest;
 pub mod restore;
+pub mod server_proc;
 pub mod snapshot;
 pub mod source;
 pub mod stream;

@@ -1,0 +1,333 @@
+//! Restoring a whole Redis Cluster / Valkey Cluster capture to a moment (issue 15, item 4):
+//! `redis restore --to-time T --start SERVER` writes one directory per shard and the slot
+//! map of T, starts one server per shard and assembles them into a cluster
+//! (`cluster_state:ok`, all 16384 slots), whose keys are exactly the cluster's at T.
+#![allow(clippy::unwrap_used)]
+
+mod redis_support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use redis_support::*;
+use syncbridge_tests::redis::{RedisFlavor, RespConnection, RespValue};
+use syncbridge_tests::redis_cluster::{dump_cluster, RedisCluster};
+
+/// Servers a cluster restore started, shut down when the test ends.
+struct RestoredCluster {
+    ports: Vec<u16>,
+}
+
+impl RestoredCluster {
+    fn from_output(out: &std::process::Output) -> RestoredCluster {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let ports = stdout
+            .lines()
+            .filter(|l| l.starts_with("server:"))
+            .filter_map(|l| l.split("on 127.0.0.1:").nth(1))
+            .filter_map(|r| r.split_whitespace().next())
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        RestoredCluster { ports }
+    }
+}
+
+impl Drop for RestoredCluster {
+    fn drop(&mut self) {
+        for port in &self.ports {
+            if let Ok(mut c) = RespConnection::connect(*port) {
+                let _ = c.send(&["SHUTDOWN", "NOSAVE"]);
+                let _ = c.read_reply();
+            }
+        }
+    }
+}
+
+/// One phase of the workload: a timestamped marker per slot range, counters, a MULTI/EXEC
+/// on hash-tagged keys, keys with a TTL and a deletion.
+fn phase(c: &RedisCluster, n: usize) {
+    let mut client = c.client();
+    let now = now_ms().to_string();
+    for i in 0..150 {
+        let key = format!("marker:{n}:{i}");
+        client.set(key.as_bytes(), now.as_bytes());
+        let counter = format!("counter:{}", i % 40);
+        let r = client.cmd(counter.as_bytes(), &["INCR", &counter]);
+        assert!(matches!(r, RespValue::Integer(_)), "{r}");
+    }
+    for u in 0..10 {
+        let a = format!("{{user{u}}}:balance");
+        let b = format!("{{user{u}}}:log");
+        for args in [
+            vec!["MULTI".to_owned()],
+            vec!["INCRBY".into(), a.clone(), (n + 1).to_string()],
+            vec!["RPUSH".into(), b.clone(), format!("p{n}")],
+            vec!["EXEC".into()],
+        ] {
+            let r = client.cmd(a.as_bytes(), &args);
+            assert!(!matches!(r, RespValue::Error(_)), "{args:?}: {r}");
+        }
+        let t = format!("ttl:{n}:{u}");
+        let r = client.cmd(t.as_bytes(), &["SET", &t, "x", "EX", "3600"]);
+        assert!(r.is_ok(), "{r}");
+    }
+    if n > 0 {
+        let gone = format!("marker:{}:0", n - 1);
+        client.cmd(gone.as_bytes(), &["DEL", &gone]);
+    }
+}
+
+/// Waits until every master's stream has reached its master's offset: the agent's
+/// replica entry in `INFO replication` (the cluster's own replicas are the others).
+fn wait_stored(c: &RedisCluster) {
+    for &m in &c.current_masters() {
+        let node = c.node(m);
+        let target = node
+            .cmd(&["INFO", "replication"])
+            .as_str()
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("master_repl_offset:"))
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = node.cmd(&["INFO", "replication"]);
+            // Every replica (the cluster's and the agent) acknowledged the offset.
+            let all = info
+                .as_str()
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("slave"))
+                .all(|l| {
+                    l.split(',')
+                        .find_map(|f| f.strip_prefix("offset="))
+                        .and_then(|o| o.parse::<u64>().ok())
+                        .is_some_and(|o| o >= target)
+                });
+            if all {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{info}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn restore_cluster(
+    repo: &str,
+    target: &Path,
+    to: Option<i64>,
+    flavor: RedisFlavor,
+) -> (RestoredCluster, String) {
+    let target_s = target.display().to_string();
+    let bin = server_bin(flavor);
+    let to_arg = to.map(|t| format!("@{t}"));
+    let mut args = vec![
+        "redis", "restore", "--repo", repo, "--target", &target_s, "--start", &bin,
+    ];
+    if let Some(t) = &to_arg {
+        args.extend(["--to-time", t.as_str()]);
+    }
+    let out = run_agent(&args, &[]);
+    let restored = RestoredCluster::from_output(&out);
+    assert!(out.status.success(), "{}", text(&out));
+    (restored, text(&out))
+}
+
+fn cluster_restore_to_three_moments(flavor: RedisFlavor) {
+    let c = RedisCluster::start(flavor, 3, 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", tmp.path().join("repo").display());
+    let mut agent = StreamingAgent::start_with(
+        &c.node(0).url(),
+        &repo,
+        &["--max-lag", "100ms"],
+        &[],
+        tmp.path().join("stream.log"),
+    );
+    agent.wait_for_log_count("snapshot stored", 3, Duration::from_secs(60));
+    let mut moments: Vec<(i64, BTreeMap<String, String>)> = Vec::new();
+    for n in 0..3 {
+        phase(&c, n);
+        wait_stored(&c);
+        std::thread::sleep(Duration::from_millis(300));
+        moments.push((now_ms(), c.dump()));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    phase(&c, 3);
+    wait_stored(&c);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent.terminate(), "{}", agent.log_text());
+
+    for (i, (t, expected)) in moments.iter().enumerate() {
+        let target = tmp.path().join(format!("at{i}"));
+        let (restored, out) = restore_cluster(&repo, &target, Some(*t), flavor);
+        assert_eq!(restored.ports.len(), 3, "{out}");
+        assert!(
+            out.contains("cluster_state:ok, 16384 slots assigned"),
+            "{out}"
+        );
+        assert!(target.join("slotmap").is_file(), "{out}");
+        for p in &restored.ports {
+            let info = RespConnection::connect(*p)
+                .unwrap()
+                .cmd(&[b"CLUSTER".as_slice(), b"INFO"])
+                .unwrap();
+            let info = info.as_str().unwrap().to_owned();
+            assert!(info.contains("cluster_state:ok"), "{info}");
+            assert!(info.contains("cluster_slots_assigned:16384"), "{info}");
+        }
+        let got = dump_cluster(&restored.ports, None);
+        if &got != expected {
+            let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
+            let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
+            let differ: Vec<_> = got
+                .iter()
+                .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
+                .map(|(k, _)| k)
+                .collect();
+            panic!("moment {i}: missing {missing:?}, extra {extra:?}, different {differ:?}\n{out}");
+        }
+    }
+    // Without --to-time: the newest moment every shard holds, i.e. everything.
+    let (restored, out) = restore_cluster(&repo, &tmp.path().join("latest"), None, flavor);
+    assert_eq!(dump_cluster(&restored.ports, None), c.dump(), "{out}");
+}
+
+#[test]
+fn valkey9_cluster_restores_to_three_moments_on_a_started_cluster() {
+    cluster_restore_to_three_moments(RedisFlavor::Valkey9);
+}
+
+#[test]
+fn redis7_cluster_restores_to_three_moments_on_a_started_cluster() {
+    cluster_restore_to_three_moments(RedisFlavor::Redis7);
+}
+
+/// A moment before the first slot map is refused, naming when the capture began.
+#[test]
+fn a_moment_before_the_cluster_was_captured_is_refused() {
+    let c = RedisCluster::start(RedisFlavor::Valkey9, 3, 0);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", tmp.path().join("repo").display());
+    let before = now_ms() - 60_000;
+    let mut agent = StreamingAgent::start_with(
+        &c.node(0).url(),
+        &repo,
+        &["--max-lag", "100ms"],
+        &[],
+        tmp.path().join("stream.log"),
+    );
+    agent.wait_for_log_count("snapshot stored", 3, Duration::from_secs(60));
+    phase(&c, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent.terminate(), "{}", agent.log_text());
+    let target = tmp.path().join("early");
+    let at = format!("@{before}");
+    let out = run_agent(
+        &[
+            "redis",
+            "restore",
+            "--repo",
+            &repo,
+            "--target",
+            target.to_str().unwrap(),
+            "--to-time",
+            &at,
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("before the cluster was captured"),
+        "{}",
+        text(&out)
+    );
+    assert!(!target.join("slotmap").exists());
+}
+
+/// 1000 slots move from one master to another while writes go on: restores to moments
+/// before, in the middle of and after the move each hold exactly the cluster's keys, every
+/// key once, on the shard that owns its slot in the restored cluster.
+#[test]
+fn resharding_1000_slots_restores_exactly_before_during_and_after() {
+    let flavor = RedisFlavor::Valkey9;
+    let c = RedisCluster::start(flavor, 3, 1);
+    {
+        let mut client = c.client();
+        for i in 0..3000 {
+            let key = format!("k:{i}");
+            client.set(key.as_bytes(), b"0");
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", tmp.path().join("repo").display());
+    let mut agent = StreamingAgent::start_with(
+        &c.node(0).url(),
+        &repo,
+        &["--max-lag", "100ms"],
+        &[],
+        tmp.path().join("stream.log"),
+    );
+    agent.wait_for_log_count("snapshot stored", 3, Duration::from_secs(60));
+    let mut moments: Vec<(&str, i64, BTreeMap<String, String>)> = Vec::new();
+    let mut note = |name: &'static str, moments: &mut Vec<_>| {
+        wait_stored(&c);
+        std::thread::sleep(Duration::from_millis(300));
+        moments.push((name, now_ms(), c.dump()));
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    phase(&c, 0);
+    note("before", &mut moments);
+    let first = c.initial_slots()[0].start();
+    let slots: Vec<u16> = (first..first + 1000).collect();
+    let mut moved = 0;
+    let mut during = Vec::new();
+    c.migrate_slots_observed(0, 1, slots, |slot| {
+        moved += 1;
+        if moved % 100 == 0 {
+            // Writes keep coming, to moved and unmoved slots alike.
+            let mut client = c.client();
+            for i in (0..3000).step_by(7) {
+                let key = format!("k:{i}");
+                client.set(key.as_bytes(), format!("{moved}/{slot}").as_bytes());
+            }
+        }
+        if moved == 500 {
+            note("during", &mut during);
+        }
+    });
+    moments.extend(during);
+    phase(&c, 1);
+    note("after", &mut moments);
+    phase(&c, 2);
+    wait_stored(&c);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent.terminate(), "{}", agent.log_text());
+
+    for (name, t, expected) in &moments {
+        let target = tmp.path().join(name);
+        let (restored, out) = restore_cluster(&repo, &target, Some(*t), flavor);
+        assert!(
+            out.contains("cluster_state:ok, 16384 slots assigned"),
+            "{out}"
+        );
+        let got = dump_cluster(&restored.ports, None);
+        if &got != expected {
+            let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
+            let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
+            let differ: Vec<_> = got
+                .iter()
+                .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
+                .map(|(k, _)| k)
+                .collect();
+            panic!(
+                "moment {name}: missing {missing:?}, extra {extra:?}, different {differ:?}\n{out}"
+            );
+        }
+    }
+}
