@@ -557,6 +557,7 @@ async fn redis_cluster_report(
             first_lsn: None,
             last_lsn: None,
             timeline: None,
+            spans: None,
         }),
         _ => None,
     };

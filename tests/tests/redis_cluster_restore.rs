@@ -275,7 +275,7 @@ fn resharding_1000_slots_restores_exactly_before_during_and_after() {
     );
     agent.wait_for_log_count("snapshot stored", 3, Duration::from_secs(60));
     let mut moments: Vec<(&str, i64, BTreeMap<String, String>)> = Vec::new();
-    let mut note = |name: &'static str, moments: &mut Vec<_>| {
+    let note = |name: &'static str, moments: &mut Vec<_>| {
         wait_stored(&c);
         std::thread::sleep(Duration::from_millis(300));
         moments.push((name, now_ms(), c.dump()));
