@@ -759,7 +759,9 @@ mod tests {
     async fn current(repo: &Repository) -> Option<(u64, String, u64)> {
         let store = plain(repo);
         let g = *generations(&store, scope()).await.unwrap().last()?;
-        let rec = read_record(&store, &layout::lease(scope(), g)).await.unwrap()?;
+        let rec = read_record(&store, &layout::lease(scope(), g))
+            .await
+            .unwrap()?;
         Some((g, rec.token, rec.renewal))
     }
 

@@ -52,8 +52,14 @@ mod tests {
             ("s3://K:S@b/p?q=1#f", "s3://b/p"),
             ("redis://u:pw@h:1", "redis://h:1"),
             ("redis://:pw@h:6379/0", "redis://h:6379/0"),
-            ("postgres://replicator@db:5432/postgres", "postgres://db:5432/postgres"),
-            ("s3://bucket/p?endpoint=http://x&ca_bundle=/a", "s3://bucket/p"),
+            (
+                "postgres://replicator@db:5432/postgres",
+                "postgres://db:5432/postgres",
+            ),
+            (
+                "s3://bucket/p?endpoint=http://x&ca_bundle=/a",
+                "s3://bucket/p",
+            ),
             ("s3://b/p@x", "s3://b/p@x"),
             ("file:///srv/repo", "file:///srv/repo"),
             ("file:///srv/a b", "file:///srv/a b"),
