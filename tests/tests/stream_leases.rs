@@ -1,7 +1,7 @@
 //! Case 7, second part: one writer per stream. Two `redis stream` on one repository, and
 //! two `postgres stream` on one repository and timeline (different slots): the second
-//! waits, naming the holder. Frozen (SIGSTOP), the first stops renewing its lease and the
-//! second takes over once it expires; woken up, the first notices it lost the lease,
+//! waits, naming the holder. Frozen (SIGSTOP, just after a renewal), the first stops
+//! renewing its lease and the second takes over once it expires; woken up, the first notices it lost the lease,
 //! writes nothing more and waits in turn. Killed with -9, the holder is replaced by the
 //! waiter. Across both handovers the chain does not fork (`redis verify`) and the
 //! point-in-time proof holds.
@@ -27,9 +27,8 @@ use syncbridge_tests::redis::{RedisFlavor, RedisServer, RespConnection, RespValu
 /// Short leases so a takeover takes seconds (renewed every second).
 const LEASE_SECS: u64 = 3;
 
-/// The least time from freezing a holder to a takeover: the lease's duration after the
-/// holder's last renewal, which came up to one renewal interval before the freeze.
-const MIN_TAKEOVER: Duration = Duration::from_secs(LEASE_SECS - 1);
+/// The least time from the holder's last renewal to a takeover.
+const MIN_TAKEOVER: Duration = Duration::from_secs(LEASE_SECS);
 
 fn lease_env() -> Vec<(String, String)> {
     vec![(
@@ -40,6 +39,44 @@ fn lease_env() -> Vec<(String, String)> {
 
 fn signal(pid: u32, sig: Signal) {
     kill(Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// Freezes `pid` (SIGSTOP) just after one of its lease renewals landed in `lease_dir`, and
+/// returns the last instant at which the previous renewal was still the current object: no
+/// waiter can have seen the final renewal before then, so none may take over earlier than
+/// a lease's duration after it, however late a loaded machine made the renewals.
+fn freeze_right_after_a_renewal(lease_dir: &std::path::Path, pid: u32) -> Instant {
+    let current = || {
+        let mut objects: Vec<_> = std::fs::read_dir(lease_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .collect();
+        objects.sort();
+        objects.pop().map(|p| {
+            let bytes = std::fs::read(&p).ok();
+            (p, bytes)
+        })
+    };
+    let seen = current();
+    let mut before_landing = Instant::now();
+    let deadline = before_landing + Duration::from_secs(60);
+    loop {
+        let now = Instant::now();
+        if current() != seen {
+            signal(pid, Signal::SIGSTOP);
+            return before_landing;
+        }
+        before_landing = now;
+        assert!(
+            Instant::now() < deadline,
+            "the lease in {} was never renewed",
+            lease_dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn log_count(log: &str, needle: &str) -> usize {
@@ -135,8 +172,7 @@ fn two_redis_streams_one_writer_handover_keeps_the_chain_and_pitr() {
     // A frozen (after a quiet second, so no upload is in flight): B takes over once the
     // lease expires.
     std::thread::sleep(Duration::from_secs(1));
-    signal(a_pid, Signal::SIGSTOP);
-    let frozen = Instant::now();
+    let frozen = freeze_right_after_a_renewal(&tmp.path().join("repo/leases/redis-stream"), a_pid);
     redis_phase(&mut c, 1);
     b.wait_for_log("was not renewed for", Duration::from_secs(30));
     assert!(
@@ -298,8 +334,14 @@ fn two_postgres_streams_one_writer_handover_keeps_pitr() {
     // A frozen after a quiet second: B takes over once the lease expires.
     std::thread::sleep(Duration::from_secs(1));
     let a_pid = a.pid();
-    signal(a_pid, Signal::SIGSTOP);
-    let frozen = Instant::now();
+    let lease_root = env.repo_path().join("leases/postgres-stream");
+    let timeline_dir = std::fs::read_dir(&lease_root)
+        .unwrap()
+        .next()
+        .expect("no postgres stream lease")
+        .unwrap()
+        .path();
+    let frozen = freeze_right_after_a_renewal(&timeline_dir, a_pid);
     insert_phase(&env.pg, 2);
     wait_log(&mut b, "was not renewed for");
     assert!(
