@@ -126,13 +126,7 @@ impl RepoArgs {
             .map(|u| u.scheme().to_owned())
             .or_else(|| url.split_once("://").map(|(s, _)| s.to_ascii_lowercase()));
         if has_userinfo(url) {
-            let shown = parsed
-                .map(|mut u| {
-                    let _ = u.set_username("");
-                    let _ = u.set_password(None);
-                    redact_url(u.as_str())
-                })
-                .unwrap_or_else(|| "the URL (not shown)".into());
+            let shown = redact_url(url);
             bail!(
                 "--repo: credentials in the repository URL are refused (they would show in process listings and messages): give {shown} without them and {}",
                 credential_hint(scheme.as_deref().and_then(store_family))

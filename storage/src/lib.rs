@@ -73,6 +73,7 @@ pub mod layout;
 pub mod lease;
 mod marker;
 mod reader;
+mod redact;
 mod repo;
 mod workers;
 mod writer;
@@ -84,6 +85,7 @@ pub use layout::{LeaseScope, RepoKey};
 pub use lease::{Lease, LeaseError, LeaseGuard, LeaseOptions};
 pub use marker::{EncryptionInfo, MarkerInit, RepoKind, RepoMarker};
 pub use reader::ObjectReader;
+pub use redact::redact_url;
 pub use repo::{
     ObjectInfo, RepoOptions, Repository, VerifyReport, BACKENDS, MIN_COMPRESSION_LEVEL,
 };

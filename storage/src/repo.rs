@@ -15,6 +15,7 @@ use crate::format::{bound_digest, Binding, ContentKind, Header, Trailer, TRAILER
 use crate::frame::{short_fingerprint, Keys};
 use crate::layout::RepoKey;
 use crate::reader::{ObjectReader, ReadMode};
+use crate::redact::redact_url;
 use crate::writer::ObjectWriter;
 use crate::PutMode;
 
@@ -183,11 +184,11 @@ impl std::fmt::Debug for Repository {
     }
 }
 
-/// A configuration error; `what` (often the URL as given) is shown through [`redact`]:
+/// A configuration error; `what` (often the URL as given) is shown through [`redact_url`]:
 /// a query may carry what someone took for an option (`?aws_secret_access_key=…`).
 fn config_err(what: impl Into<String>, reason: impl std::fmt::Display) -> StorageError {
     StorageError::Config {
-        what: redact(&what.into()),
+        what: redact_url(&what.into()),
         reason: reason.to_string(),
     }
 }
@@ -215,7 +216,7 @@ impl Repository {
             identities: opts.identities.clone(),
         });
         Ok(Repository {
-            inner: Arc::new(RepoInner::new(backend, redact(url), opts, keys)),
+            inner: Arc::new(RepoInner::new(backend, redact_url(url), opts, keys)),
             scope: None,
         })
     }
@@ -592,21 +593,6 @@ fn sanitize(mut o: RepoOptions) -> Result<RepoOptions> {
     Ok(o)
 }
 
-/// A URL as it may be shown: without query, fragment or userinfo (`KEY:SECRET@`).
-fn redact(url: &str) -> String {
-    let url = url.split(['?', '#']).next().unwrap_or(url);
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            match rest[..authority_end].rfind('@') {
-                Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
-                None => url.to_owned(),
-            }
-        }
-        None => url.to_owned(),
-    }
-}
-
 fn open_backend(url_text: &str, opts: &RepoOptions) -> Result<Backend> {
     if url_text.starts_with('/') {
         return local_backend(url_text, PathBuf::from(url_text));
@@ -918,9 +904,6 @@ mod tests {
             let e = err(url, o());
             assert!(!e.contains("TOPSECRET") && !e.contains("KEY"), "{url}: {e}");
         }
-        assert_eq!(redact("s3://K:S@b/p?q=1#f"), "s3://b/p");
-        assert_eq!(redact("s3://b/p@x"), "s3://b/p@x");
-        assert_eq!(redact("/srv/repo"), "/srv/repo");
     }
 
     #[test]

@@ -325,8 +325,14 @@ fn pg15_swapped_segments_are_refused() {
     std::fs::rename(&pa, &tmp).unwrap();
     std::fs::rename(&pb, &pa).unwrap();
     std::fs::rename(&tmp, &pb).unwrap();
-    assert_refused(env, a, None);
-    assert_refused(env, b, None);
+    // The mismatched field is the key in the header: each names the other segment.
+    for (asked, holds) in [(a, b), (b, a)] {
+        let err = assert_refused(env, asked, Some("written for"));
+        assert!(
+            err.contains(holds.as_str()),
+            "does not name {holds}:\n{err}"
+        );
+    }
     assert_repo_check_fails(env, a, "written for");
     // Put back, then swap through the storage crate: valid objects under the wrong keys.
     std::fs::rename(&pa, &tmp).unwrap();

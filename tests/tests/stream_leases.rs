@@ -1,7 +1,7 @@
 //! Case 7, second part: one writer per stream. Two `redis stream` on one repository, and
 //! two `postgres stream` on one repository and timeline (different slots): the second
-//! waits, naming the holder. Frozen (SIGSTOP), the first stops renewing its lease and the
-//! second takes over once it expires; woken up, the first notices it lost the lease,
+//! waits, naming the holder. Frozen (SIGSTOP, just after a renewal), the first stops
+//! renewing its lease and the second takes over once it expires; woken up, the first notices it lost the lease,
 //! writes nothing more and waits in turn. Killed with -9, the holder is replaced by the
 //! waiter. Across both handovers the chain does not fork (`redis verify`) and the
 //! point-in-time proof holds.
@@ -13,7 +13,7 @@ mod redis_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use nix::sys::signal::{kill, Signal};
@@ -45,6 +45,9 @@ fn assert_took_over_after_a_whole_lease(log: &str) {
     );
 }
 
+/// The least time from the holder's last renewal to a takeover.
+const MIN_TAKEOVER: Duration = Duration::from_secs(LEASE_SECS);
+
 fn lease_env() -> Vec<(String, String)> {
     vec![(
         "SYNCBRIDGE_STREAM_LEASE_SECS".into(),
@@ -54,6 +57,44 @@ fn lease_env() -> Vec<(String, String)> {
 
 fn signal(pid: u32, sig: Signal) {
     kill(Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// Freezes `pid` (SIGSTOP) just after one of its lease renewals landed in `lease_dir`, and
+/// returns the last instant at which the previous renewal was still the current object: no
+/// waiter can have seen the final renewal before then, so none may take over earlier than
+/// a lease's duration after it, however late a loaded machine made the renewals.
+fn freeze_right_after_a_renewal(lease_dir: &std::path::Path, pid: u32) -> Instant {
+    let current = || {
+        let mut objects: Vec<_> = std::fs::read_dir(lease_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .collect();
+        objects.sort();
+        objects.pop().map(|p| {
+            let bytes = std::fs::read(&p).ok();
+            (p, bytes)
+        })
+    };
+    let seen = current();
+    let mut before_landing = Instant::now();
+    let deadline = before_landing + Duration::from_secs(60);
+    loop {
+        let now = Instant::now();
+        if current() != seen {
+            signal(pid, Signal::SIGSTOP);
+            return before_landing;
+        }
+        before_landing = now;
+        assert!(
+            Instant::now() < deadline,
+            "the lease in {} was never renewed",
+            lease_dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn log_count(log: &str, needle: &str) -> usize {
@@ -149,9 +190,14 @@ fn two_redis_streams_one_writer_handover_keeps_the_chain_and_pitr() {
     // A frozen (after a quiet second, so no upload is in flight): B takes over once the
     // lease expires.
     std::thread::sleep(Duration::from_secs(1));
-    signal(a_pid, Signal::SIGSTOP);
+    let frozen = freeze_right_after_a_renewal(&tmp.path().join("repo/leases/redis-stream"), a_pid);
     redis_phase(&mut c, 1);
     b.wait_for_log("was not renewed for", Duration::from_secs(30));
+    assert!(
+        frozen.elapsed() >= MIN_TAKEOVER,
+        "took over after {:?}",
+        frozen.elapsed()
+    );
     assert_took_over_after_a_whole_lease(&b.log_text());
     b.wait_for_log("resumed with PSYNC", Duration::from_secs(30));
     target(&mut targets);
@@ -307,9 +353,23 @@ fn two_postgres_streams_one_writer_handover_keeps_pitr() {
     // A frozen after a quiet second: B takes over once the lease expires.
     std::thread::sleep(Duration::from_secs(1));
     let a_pid = a.pid();
-    signal(a_pid, Signal::SIGSTOP);
+    let lease_root = env.repo_path().join("leases/postgres-stream");
+    let timeline_dir = std::fs::read_dir(&lease_root)
+        .unwrap()
+        .next()
+        .expect("no postgres stream lease")
+        .unwrap()
+        .path();
+    let frozen = freeze_right_after_a_renewal(&timeline_dir, a_pid);
     insert_phase(&env.pg, 2);
     wait_log(&mut b, "was not renewed for");
+    assert!(
+        frozen.elapsed() >= MIN_TAKEOVER,
+        "took over after {:?}\nA:\n{}\nB:\n{}",
+        frozen.elapsed(),
+        a.log_text(),
+        b.log_text()
+    );
     assert_took_over_after_a_whole_lease(&b.log_text());
     wait_log(&mut b, "starting replication");
     archive_now(&env);
@@ -386,12 +446,16 @@ async fn one_winner_then_one_takeover(repo: &storage::Repository) {
     assert_eq!(first.len(), 1, "one writer holds the lease");
     let holder = first.pop().unwrap();
     assert_eq!(holder.key(), storage::layout::lease(scope, 1));
-    // The holder stops renewing (as if killed): one of the waiters takes over.
+    // The holder stops renewing (as if killed): one of the waiters takes over, with the
+    // generation after the one held last (a renewal the load delayed re-takes the lease as
+    // the next generation, which is correct).
     let waiters = race("b", Duration::from_secs(12));
+    let held = storage::layout::parse_lease(scope, &holder.key()).unwrap();
     drop(holder);
     let second: Vec<_> = waiters.await.into_iter().flatten().collect();
     assert_eq!(second.len(), 1, "one waiter took over");
-    assert_eq!(second[0].key(), storage::layout::lease(scope, 2));
+    let taken = storage::layout::parse_lease(scope, &second[0].key()).unwrap();
+    assert!(taken > held, "took generation {taken} after {held}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

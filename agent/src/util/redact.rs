@@ -1,33 +1,9 @@
-//! The one place a URL is made safe to print: every message that shows a repository or a
-//! source URL goes through [`redact_url`].
+//! Secrets in what the user typed. Showing a URL safely is [`storage::redact_url`], the
+//! one redaction rule for this crate and the storage library (re-exported here): no
+//! userinfo, query or fragment. This module adds the checks that decide whether to warn
+//! about, or refuse, a secret given on the command line.
 
-/// `text` without its secrets, for messages and logs: a password in the userinfo becomes
-/// `REDACTED`, and the query (`?endpoint=…&ca_bundle=…`, options rather than identity) is
-/// dropped. Text that is not a URL keeps only what precedes a possible userinfo.
-pub fn redact_url(text: &str) -> String {
-    match url::Url::parse(text).ok().filter(|u| !u.cannot_be_a_base()) {
-        Some(mut u) => {
-            if u.password().is_some() {
-                // Fails only for URLs that cannot have a password, which then have none.
-                let _ = u.set_password(Some("REDACTED"));
-            }
-            u.set_query(None);
-            u.set_fragment(None);
-            u.to_string()
-        }
-        None => {
-            let text = text.split(['?', '#']).next().unwrap_or_default();
-            // Not a URL: never echo anything that may be a `user:password@` part.
-            match (text.find("://"), text.rfind('@')) {
-                (Some(s), Some(at)) if at > s => {
-                    format!("{}REDACTED{}", &text[..s + 3], &text[at..])
-                }
-                (None, Some(_)) => "(a value containing '@', not shown)".into(),
-                _ => text.to_owned(),
-            }
-        }
-    }
-}
+pub use storage::redact_url;
 
 /// Whether a connection string holds a password: a URL's userinfo
 /// (`postgres://u:pw@h`, `redis://:pw@h`) or a libpq keyword (`password=…`).
@@ -79,19 +55,13 @@ mod tests {
 
     #[test]
     fn passwords_and_queries_never_shown() {
-        assert_eq!(redact_url("redis://u:pw@h:1"), "redis://u:REDACTED@h:1");
+        // The rule itself is tested in storage; this is the re-export the agent uses.
+        assert_eq!(redact_url("redis://u:pw@h:1"), "redis://h:1");
         assert_eq!(
             redact_url("s3://bucket/p?endpoint=http://x&ca_bundle=/a"),
             "s3://bucket/p"
         );
-        assert_eq!(redact_url("file:///srv/repo"), "file:///srv/repo");
-        assert_eq!(redact_url("/srv/repo"), "/srv/repo");
-        let r = redact_url("s3://KEY:SECRET@bucket/p");
-        assert!(!r.contains("SECRET"), "{r}");
-        // Not parsable as a URL (a space in the host).
-        let r = redact_url("s3://KEY:SE CRET@buck et/p");
-        assert!(!r.contains("SE CRET") && !r.contains("KEY"), "{r}");
-        assert!(!redact_url("KEY:SECRET@bucket").contains("SECRET"));
+        assert!(!redact_url("s3://KEY:SE CRET@buck et/p").contains("KEY"));
     }
 
     #[test]
