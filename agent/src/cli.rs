@@ -340,7 +340,7 @@ pub fn block_on<T>(
 /// `version`: what a bug report needs to say which build it is.
 fn version_text() -> String {
     format!(
-        "syncbridge-agent {}\ncommit:        {}\nbuilt:         {}\ncompiler:      {}\ntarget:        {}-{}\nrepositories:  {}\nobject format: v{} (reads v{} too)\n",
+        "syncbridge-agent {}\ncommit:        {}\nbuilt:         {}\ncompiler:      {}\ntarget:        {}-{}\nrepositories:  {}\nobject format: v{} (reads v{} to v{})\n",
         env!("CARGO_PKG_VERSION"),
         env!("SYNCBRIDGE_GIT_COMMIT"),
         env!("SYNCBRIDGE_BUILD_DATE"),
@@ -354,6 +354,7 @@ fn version_text() -> String {
             .join(" "),
         storage::format::FORMAT_VERSION,
         storage::format::UNBOUND_FORMAT_VERSION,
+        storage::format::FORMAT_VERSION,
     )
 }
 

@@ -3,9 +3,10 @@
 //! not: see [`looks_incompressible`]), optional age encryption, CRC32C. These
 //! functions are CPU-bound and run on tokio's blocking pool, several frames at a time.
 //!
-//! The SHA-256 of the whole object must see frames in order although they are encoded in
-//! parallel; `HashChain` lets the job for frame *i* wait its turn to feed the hasher, so a
-//! single-worker pipeline does exactly the work of the three operations back to back.
+//! The content hash of the whole object (BLAKE3 from format version 3, SHA-256 before) must
+//! see frames in order although they are encoded in parallel; `HashChain` lets the job for
+//! frame *i* wait its turn to feed the hasher, so a single-worker pipeline does exactly the
+//! work of the three operations back to back.
 
 use std::cell::RefCell;
 use std::io::{Read, Write};
@@ -14,7 +15,7 @@ use std::sync::{Condvar, Mutex};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::format::{FrameHeader, FRAME_AGE, FRAME_HEADER_LEN, FRAME_ZSTD};
+use crate::format::{ContentHasher, FrameHeader, FRAME_AGE, FRAME_HEADER_LEN, FRAME_ZSTD};
 
 /// age X25519 recipients and identities of a repository, with their fingerprints.
 #[derive(Clone, Default)]
@@ -333,7 +334,8 @@ fn decrypted_owned(data: &[u8]) -> Vec<u8> {
     data.to_vec()
 }
 
-/// Feeds frames to one SHA-256 in frame order although they are processed in parallel.
+/// Feeds frames to one content hasher in frame order although they are processed in
+/// parallel.
 pub(crate) struct HashChain {
     state: Mutex<ChainState>,
     turn: Condvar,
@@ -341,22 +343,23 @@ pub(crate) struct HashChain {
 
 struct ChainState {
     next: u64,
-    hasher: Sha256,
+    hasher: ContentHasher,
     abandoned: bool,
     /// With `full_frame_len` set: (frames hashed, state) after the newest frame of exactly
     /// that length, for a writer that hands its whole frames on (`EncodedPrefix`).
-    snapshot: Option<(u64, Sha256)>,
+    snapshot: Option<(u64, ContentHasher)>,
     full_frame_len: Option<usize>,
 }
 
 impl HashChain {
-    pub fn new() -> Self {
-        Self::resume(0, Sha256::new(), None)
+    /// A chain that has hashed nothing yet into `hasher`.
+    pub fn new(hasher: ContentHasher) -> Self {
+        Self::resume(0, hasher, None)
     }
 
     /// A chain that has already hashed `frames` frames into `hasher`; with
     /// `full_frame_len`, it also remembers its state after each frame of that length.
-    pub fn resume(frames: u64, hasher: Sha256, full_frame_len: Option<usize>) -> Self {
+    pub fn resume(frames: u64, hasher: ContentHasher, full_frame_len: Option<usize>) -> Self {
         HashChain {
             state: Mutex::new(ChainState {
                 next: frames,
@@ -370,7 +373,7 @@ impl HashChain {
     }
 
     /// The state after the last whole frame (see `resume`).
-    pub fn snapshot(&self) -> Option<(u64, Sha256)> {
+    pub fn snapshot(&self) -> Option<(u64, ContentHasher)> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.abandoned {
             return None;
@@ -418,7 +421,7 @@ impl HashChain {
     /// The digest after `frames` frames; None if not all were hashed.
     pub fn finish(&self, frames: u64) -> Option<[u8; 32]> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        (st.next == frames && !st.abandoned).then(|| st.hasher.clone().finalize().into())
+        (st.next == frames && !st.abandoned).then(|| st.hasher.finalize())
     }
 }
 
