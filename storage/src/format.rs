@@ -767,11 +767,11 @@ mod tests {
         assert_eq!(ContentHash::of_version(3), ContentHash::Blake3);
         // Known answers: FIPS 180-4 and the BLAKE3 reference for "abc".
         assert_eq!(
-            hex::encode(ContentHash::Sha256.digest(&[b"ab", b"c"])),
+            hex::encode(ContentHash::Sha256.digest(&[&b"ab"[..], b"c"])),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(
-            hex::encode(ContentHash::Blake3.digest(&[b"a", b"bc"])),
+            hex::encode(ContentHash::Blake3.digest(&[&b"a"[..], b"bc"])),
             "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
         );
         // Pieces of any size give the hash of the whole.
