@@ -29,7 +29,9 @@ use crate::workers::WorkQueue;
 
 use crate::backend::Upload;
 use crate::error::{Result, StorageError};
-use crate::format::{bound_digest, Binding, Codec, ContentHash, ContentHasher, ContentKind, Header, Trailer};
+use crate::format::{
+    bound_digest, Binding, Codec, ContentHash, ContentHasher, ContentKind, Header, Trailer,
+};
 use crate::frame::{encode_frame, EncodedFrame, HashChain};
 use crate::layout::RepoKey;
 use crate::repo::{ObjectInfo, RepoInner};
