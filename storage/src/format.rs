@@ -51,6 +51,8 @@ pub const FRAME_TAG: u8 = b'F';
 pub const TRAILER_TAG: u8 = b'T';
 /// Frame flag: payload is a zstd frame.
 pub const FRAME_ZSTD: u8 = 0x01;
+/// Frame flag (format version 3): payload is an LZ4 block. Never together with `FRAME_ZSTD`.
+pub const FRAME_LZ4: u8 = 0x04;
 /// Frame flag: payload is an age file (of the possibly compressed bytes).
 pub const FRAME_AGE: u8 = 0x02;
 /// Largest original bytes per frame a reader accepts (caps allocations from headers).
@@ -153,6 +155,9 @@ pub enum Codec {
     None,
     /// Frames compressed with zstd when that makes them smaller.
     Zstd,
+    /// Frames compressed with LZ4 (block format) when that makes them smaller (format
+    /// version 3): about a quarter of zstd level 1's CPU, larger objects.
+    Lz4,
 }
 
 impl Codec {
@@ -160,6 +165,7 @@ impl Codec {
         match self {
             Codec::None => 0,
             Codec::Zstd => 1,
+            Codec::Lz4 => 2,
         }
     }
 }
@@ -481,8 +487,10 @@ impl Header {
         let codec = match buf[15] {
             0 => Codec::None,
             1 => Codec::Zstd,
+            2 if version >= 3 => Codec::Lz4,
             c => {
-                return Err(StorageError::corrupt(key, "header codec", "0 or 1", c, 15));
+                let known = if version >= 3 { "0, 1 or 2" } else { "0 or 1" };
+                return Err(StorageError::corrupt(key, "header codec", known, c, 15));
             }
         };
         let encrypted = match buf[16] {
@@ -541,7 +549,7 @@ fn magic_err(key: &str, found: &[u8]) -> StorageError {
 /// A frame header: what follows and how to check it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameHeader {
-    /// `FRAME_ZSTD` | `FRAME_AGE`.
+    /// `FRAME_ZSTD` or `FRAME_LZ4`, | `FRAME_AGE`.
     pub flags: u8,
     /// Payload bytes that follow the header.
     pub stored_len: u32,
@@ -580,7 +588,11 @@ impl FrameHeader {
             ));
         }
         let flags = buf[1];
-        if flags & !(FRAME_ZSTD | FRAME_AGE) != 0 || buf[2] != 0 || buf[3] != 0 {
+        if flags & !(FRAME_ZSTD | FRAME_LZ4 | FRAME_AGE) != 0
+            || flags & (FRAME_ZSTD | FRAME_LZ4) == FRAME_ZSTD | FRAME_LZ4
+            || buf[2] != 0
+            || buf[3] != 0
+        {
             return Err(StorageError::corrupt(
                 key,
                 "frame flags",

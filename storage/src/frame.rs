@@ -15,7 +15,9 @@ use std::sync::{Condvar, Mutex};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::format::{ContentHasher, FrameHeader, FRAME_AGE, FRAME_HEADER_LEN, FRAME_ZSTD};
+use crate::format::{
+    ContentHasher, FrameHeader, FRAME_AGE, FRAME_HEADER_LEN, FRAME_LZ4, FRAME_ZSTD,
+};
 
 /// age X25519 recipients and identities of a repository, with their fingerprints.
 #[derive(Clone, Default)]
@@ -39,6 +41,15 @@ pub fn fingerprint(recipient: &age::x25519::Recipient) -> [u8; 32] {
 /// The short form of a fingerprint shown to people (first 8 bytes, hex).
 pub fn short_fingerprint(fp: &[u8; 32]) -> String {
     hex::encode(&fp[..8])
+}
+
+/// How new frames are compressed (when that makes them smaller).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Compress {
+    /// zstd at this level.
+    Zstd(i32),
+    /// LZ4 block format (format version 3).
+    Lz4,
 }
 
 /// One encoded frame record, ready to be appended to the stored object.
@@ -158,6 +169,23 @@ fn with_compressed<R>(
     })
 }
 
+/// LZ4-compresses `data` (block format) into the thread's reusable buffer and passes the
+/// result to `then`.
+fn with_lz4<R>(
+    data: &[u8],
+    then: impl FnOnce(&[u8]) -> R,
+) -> Result<R, lz4_flex::block::CompressError> {
+    OUT_BUF.with(|out| {
+        let mut out = out.borrow_mut();
+        let max = lz4_flex::block::get_maximum_output_size(data.len());
+        if out.len() < max {
+            out.resize(max, 0);
+        }
+        let n = lz4_flex::block::compress_into(data, &mut out[..])?;
+        Ok(then(&out[..n]))
+    })
+}
+
 fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -188,7 +216,7 @@ fn frame_header(
 /// Encodes one frame given as one or more pieces. `level` None stores it raw.
 pub(crate) fn encode_frame(
     pieces: &[Bytes],
-    level: Option<i32>,
+    level: Option<Compress>,
     recipients: &[age::x25519::Recipient],
 ) -> Result<EncodedFrame, String> {
     if pieces.len() == 1 {
@@ -228,7 +256,7 @@ pub(crate) fn encode_frame(
 /// has sampled it already).
 fn encode_contiguous(
     data: &[u8],
-    level: Option<i32>,
+    level: Option<Compress>,
     recipients: &[age::x25519::Recipient],
 ) -> Result<EncodedFrame, String> {
     let h = FRAME_HEADER_LEN;
@@ -241,15 +269,26 @@ fn encode_contiguous(
     };
     let mut flags = 0u8;
     let mut record = None;
-    if let Some(level) = level {
-        let compressed = with_compressed(level, data, |z| {
-            (z.len() < data.len()).then(|| record_from(z))
-        })
-        .map_err(|e| format!("zstd: {e}"))?;
-        if let Some(r) = compressed {
-            record = Some(r);
-            flags |= FRAME_ZSTD;
+    match level {
+        Some(Compress::Zstd(level)) => {
+            let compressed = with_compressed(level, data, |z| {
+                (z.len() < data.len()).then(|| record_from(z))
+            })
+            .map_err(|e| format!("zstd: {e}"))?;
+            if let Some(r) = compressed {
+                record = Some(r);
+                flags |= FRAME_ZSTD;
+            }
         }
+        Some(Compress::Lz4) => {
+            let compressed = with_lz4(data, |z| (z.len() < data.len()).then(|| record_from(z)))
+                .map_err(|e| format!("lz4: {e}"))?;
+            if let Some(r) = compressed {
+                record = Some(r);
+                flags |= FRAME_LZ4;
+            }
+        }
+        None => {}
     }
     let mut record = match record {
         Some(r) => r,
@@ -279,7 +318,7 @@ fn encode_contiguous(
 pub(crate) enum DecodeError {
     /// No identity matches, or the ciphertext is damaged.
     Decrypt(String),
-    /// zstd failed or produced the wrong length.
+    /// zstd or LZ4 failed or produced the wrong length.
     Decompress { expected: u64, actual: String },
 }
 
@@ -306,7 +345,19 @@ pub(crate) fn decode_frame(
         data = &decrypted;
     }
     let want = header.original_len as usize;
-    if header.flags & FRAME_ZSTD != 0 {
+    if header.flags & FRAME_LZ4 != 0 {
+        let out = lz4_flex::block::decompress(data, want).map_err(|e| DecodeError::Decompress {
+            expected: want as u64,
+            actual: format!("lz4 error: {e}"),
+        })?;
+        if out.len() != want {
+            return Err(DecodeError::Decompress {
+                expected: want as u64,
+                actual: format!("{} bytes", out.len()),
+            });
+        }
+        Ok(Bytes::from(out))
+    } else if header.flags & FRAME_ZSTD != 0 {
         let out = decompress(data, want).map_err(|e| DecodeError::Decompress {
             expected: want as u64,
             actual: format!("zstd error: {e}"),
@@ -444,7 +495,7 @@ mod tests {
     }
 
     fn flags_of(data: &[u8]) -> u8 {
-        let f = encode_frame(&[Bytes::copy_from_slice(data)], Some(3), &[]).unwrap();
+        let f = encode_frame(&[Bytes::copy_from_slice(data)], Some(Compress::Zstd(3)), &[]).unwrap();
         let h = FrameHeader::parse("k", &f.record[..FRAME_HEADER_LEN], 0, 1 << 20).unwrap();
         let Ok(back) = decode_frame(&h, &f.record[FRAME_HEADER_LEN..], &[]) else {
             panic!("the frame does not decode");
@@ -483,7 +534,7 @@ mod tests {
             .map(Bytes::copy_from_slice)
             .collect();
         assert!(pieces_look_incompressible(&pieces));
-        let f = encode_frame(&pieces, Some(3), &[]).unwrap();
+        let f = encode_frame(&pieces, Some(Compress::Zstd(3)), &[]).unwrap();
         let h = FrameHeader::parse("k", &f.record[..FRAME_HEADER_LEN], 0, 1 << 20).unwrap();
         assert_eq!(h.flags & FRAME_ZSTD, 0);
         assert_eq!(&f.record[FRAME_HEADER_LEN..], &random_frame[..]);
@@ -491,7 +542,7 @@ mod tests {
         half.extend(random(1 << 19, 5));
         let pieces: Vec<Bytes> = half.chunks(30_000).map(Bytes::copy_from_slice).collect();
         assert!(!pieces_look_incompressible(&pieces));
-        let f = encode_frame(&pieces, Some(3), &[]).unwrap();
+        let f = encode_frame(&pieces, Some(Compress::Zstd(3)), &[]).unwrap();
         let h = FrameHeader::parse("k", &f.record[..FRAME_HEADER_LEN], 0, 1 << 20).unwrap();
         assert_ne!(h.flags & FRAME_ZSTD, 0);
     }
@@ -502,5 +553,36 @@ mod tests {
         assert!(!looks_incompressible(&data));
         // zstd itself finds it does not help.
         assert_eq!(flags_of(&data) & FRAME_ZSTD, 0);
+    }
+
+    #[test]
+    fn lz4_frames_round_trip_and_damage_is_refused() {
+        let mut text: Vec<u8> = (0..(1 << 20) / 16)
+            .flat_map(|i: u32| format!("row {i:08} ok...").into_bytes())
+            .collect();
+        text.truncate(1 << 20);
+        let pieces: Vec<Bytes> = text.chunks(100_000).map(Bytes::copy_from_slice).collect();
+        for input in [vec![Bytes::from(text.clone())], pieces] {
+            let f = encode_frame(&input, Some(Compress::Lz4), &[]).unwrap();
+            let h = FrameHeader::parse("k", &f.record[..FRAME_HEADER_LEN], 0, 1 << 20).unwrap();
+            assert_eq!(h.flags, FRAME_LZ4);
+            assert!(f.record.len() < text.len() / 4);
+            let Ok(back) = decode_frame(&h, &f.record[FRAME_HEADER_LEN..], &[]) else {
+                panic!("the frame does not decode");
+            };
+            assert_eq!(&back[..], &text[..]);
+            // A payload that decodes to another length, or not at all, is refused.
+            let short = FrameHeader {
+                original_len: h.original_len - 1,
+                ..h
+            };
+            assert!(decode_frame(&short, &f.record[FRAME_HEADER_LEN..], &[]).is_err());
+            let cut = &f.record[FRAME_HEADER_LEN..f.record.len() - 7];
+            assert!(decode_frame(&h, cut, &[]).is_err());
+        }
+        // Incompressible frames stay raw.
+        let data = random(1 << 20, 5);
+        let f = encode_frame(&[Bytes::from(data)], Some(Compress::Lz4), &[]).unwrap();
+        assert_eq!(f.record[1], 0);
     }
 }

@@ -22,7 +22,7 @@ use crate::backend::ByteStream;
 use crate::binding;
 use crate::error::{Result, StorageError};
 use crate::format::{
-    bound_digest, ContentHash, FrameHeader, Header, Trailer, FRAME_AGE, FRAME_HEADER_LEN,
+    bound_digest, ContentHash, FrameHeader, Header, Trailer, FRAME_AGE, FRAME_LZ4, FRAME_HEADER_LEN,
     FRAME_TAG, TRAILER_LEN, TRAILER_TAG,
 };
 use crate::frame::{decode_frame, fingerprint, short_fingerprint, DecodeError, HashChain};
@@ -414,6 +414,15 @@ impl Job {
                         self.offset,
                         self.header.frame_size,
                     )?;
+                    if fh.flags & FRAME_LZ4 != 0 && self.header.version < 3 {
+                        return Err(StorageError::corrupt(
+                            &self.key,
+                            "frame flags",
+                            "no LZ4 before format version 3",
+                            format!("{:02x}", fh.flags),
+                            self.offset,
+                        ));
+                    }
                     if (fh.flags & FRAME_AGE != 0) != self.header.encrypted {
                         return Err(StorageError::corrupt(
                             &self.key,

@@ -32,7 +32,7 @@ use crate::error::{Result, StorageError};
 use crate::format::{
     bound_digest, Binding, Codec, ContentHash, ContentHasher, ContentKind, Header, Trailer,
 };
-use crate::frame::{encode_frame, EncodedFrame, HashChain};
+use crate::frame::{encode_frame, Compress, EncodedFrame, HashChain};
 use crate::layout::RepoKey;
 use crate::repo::{ObjectInfo, RepoInner};
 use crate::PutMode;
@@ -127,7 +127,7 @@ pub struct EncodedPrefix {
     original_len: u64,
     hasher: ContentHasher,
     frame_size: usize,
-    level: Option<i32>,
+    level: Option<Compress>,
     recipients: Vec<[u8; 32]>,
 }
 
@@ -163,7 +163,7 @@ struct QueuedFrame {
 /// The queue an object's frames wait in, and what a worker loop does with each: hash it
 /// in order (`HashChain`), then compress / encrypt / checksum it.
 fn frame_queue(repo: &Arc<RepoInner>) -> Arc<WorkQueue<(Arc<HashChain>, QueuedFrame)>> {
-    let level = repo.opts.compression_level;
+    let level = repo.opts.compress();
     let keys = repo.keys.clone();
     WorkQueue::new(move |(chain, job): (Arc<HashChain>, QueuedFrame)| {
         let result = if chain.update_pieces(job.index, &job.frame) {
@@ -232,10 +232,10 @@ impl ObjectWriter {
         let header = Header {
             version,
             kind,
-            codec: if opts.compression_level.is_some() {
-                Codec::Zstd
-            } else {
-                Codec::None
+            codec: match opts.compress() {
+                Some(Compress::Zstd(_)) => Codec::Zstd,
+                Some(Compress::Lz4) => Codec::Lz4,
+                None => Codec::None,
             },
             encrypted: !repo.keys.recipients.is_empty(),
             original_len: expected_len,
@@ -299,7 +299,7 @@ impl ObjectWriter {
             return Ok(());
         };
         if p.frame_size != fs
-            || p.level != self.repo.opts.compression_level
+            || p.level != self.repo.opts.compress()
             || p.recipients != self.repo.keys.recipient_fingerprints()
             || p.hasher.algorithm() != ContentHash::of_version(self.version)
         {
@@ -364,7 +364,7 @@ impl ObjectWriter {
                 original_len: frames * fs as u64,
                 hasher,
                 frame_size: fs,
-                level: self.repo.opts.compression_level,
+                level: self.repo.opts.compress(),
                 recipients: self.repo.keys.recipient_fingerprints(),
             },
         ))
