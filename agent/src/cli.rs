@@ -157,8 +157,9 @@ impl RepoArgs {
         Ok(())
     }
 
-    /// The repository options these arguments give: validated URL, keys, CA bundle and
-    /// secrets from `*_FILE` variables of the URL's store. Other settings are defaults.
+    /// The repository options these arguments give: validated URL, keys, CA bundle,
+    /// secrets from `*_FILE` variables of the URL's store and the container format version
+    /// of new objects (`SYNCBRIDGE_FORMAT_VERSION`). Other settings are defaults.
     pub fn options(&self) -> anyhow::Result<RepoOptions> {
         self.validate()?;
         let mut opts = RepoOptions {
@@ -183,6 +184,12 @@ impl RepoArgs {
         for f in &self.identities {
             opts.identities
                 .extend(storage::keys::read_identity_file(f)?);
+        }
+        // Writing container format 2 for readers older than format 3 (storage/FORMAT.md).
+        if let Ok(v) = std::env::var("SYNCBRIDGE_FORMAT_VERSION") {
+            opts.format_version = v.trim().parse().with_context(|| {
+                format!("SYNCBRIDGE_FORMAT_VERSION={v:?}: not a container format version (2 or 3)")
+            })?;
         }
         let family = url::Url::parse(self.repo.trim())
             .ok()

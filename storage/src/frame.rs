@@ -495,7 +495,12 @@ mod tests {
     }
 
     fn flags_of(data: &[u8]) -> u8 {
-        let f = encode_frame(&[Bytes::copy_from_slice(data)], Some(Compress::Zstd(3)), &[]).unwrap();
+        let f = encode_frame(
+            &[Bytes::copy_from_slice(data)],
+            Some(Compress::Zstd(3)),
+            &[],
+        )
+        .unwrap();
         let h = FrameHeader::parse("k", &f.record[..FRAME_HEADER_LEN], 0, 1 << 20).unwrap();
         let Ok(back) = decode_frame(&h, &f.record[FRAME_HEADER_LEN..], &[]) else {
             panic!("the frame does not decode");

@@ -22,8 +22,8 @@ use crate::backend::ByteStream;
 use crate::binding;
 use crate::error::{Result, StorageError};
 use crate::format::{
-    bound_digest, ContentHash, FrameHeader, Header, Trailer, FRAME_AGE, FRAME_LZ4, FRAME_HEADER_LEN,
-    FRAME_TAG, TRAILER_LEN, TRAILER_TAG,
+    bound_digest, ContentHash, FrameHeader, Header, Trailer, FRAME_AGE, FRAME_HEADER_LEN,
+    FRAME_LZ4, FRAME_TAG, TRAILER_LEN, TRAILER_TAG,
 };
 use crate::frame::{decode_frame, fingerprint, short_fingerprint, DecodeError, HashChain};
 use crate::layout::RepoKey;

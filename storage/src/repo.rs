@@ -97,8 +97,13 @@ impl RepoOptions {
     /// How new frames are compressed.
     pub(crate) fn compress(&self) -> Option<crate::frame::Compress> {
         use crate::frame::Compress;
-        self.compression_level
-            .map(|level| if self.lz4 { Compress::Lz4 } else { Compress::Zstd(level) })
+        self.compression_level.map(|level| {
+            if self.lz4 {
+                Compress::Lz4
+            } else {
+                Compress::Zstd(level)
+            }
+        })
     }
 }
 

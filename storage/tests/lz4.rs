@@ -39,8 +39,8 @@ fn frame_flags(path: &Path) -> (Header, Vec<u8>) {
     let (h, mut at) = Header::parse("k", &bytes).unwrap().unwrap();
     let mut flags = Vec::new();
     while bytes[at] == b'F' {
-        let fh = FrameHeader::parse("k", &bytes[at..at + FRAME_HEADER_LEN], 0, h.frame_size)
-            .unwrap();
+        let fh =
+            FrameHeader::parse("k", &bytes[at..at + FRAME_HEADER_LEN], 0, h.frame_size).unwrap();
         flags.push(fh.flags);
         at += FRAME_HEADER_LEN + fh.stored_len as usize;
     }
@@ -95,15 +95,23 @@ async fn lz4_needs_format_version_3_and_a_version_2_header_cannot_claim_it() {
     let err = Repository::open(&format!("file://{}", dir.path().display()), o)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("LZ4 needs container format version 3"), "{err}");
+    assert!(
+        err.contains("LZ4 needs container format version 3"),
+        "{err}"
+    );
 
     // A version 3 LZ4 object relabelled as version 2 (header CRC and stored CRC fixed, as
     // anyone can): refused at the header, whose codec 2 version 2 does not have.
     let repo = open(dir.path(), |_| {});
     let key = RepoKey::parse("t/obj").unwrap();
-    repo.put(&key, ContentKind::Other, data(3 * FRAME), PutMode::CreateNew)
-        .await
-        .unwrap();
+    repo.put(
+        &key,
+        ContentKind::Other,
+        data(3 * FRAME),
+        PutMode::CreateNew,
+    )
+    .await
+    .unwrap();
     let path = dir.path().join(key.as_str());
     let bytes = std::fs::read(&path).unwrap();
     let (mut h, hlen) = Header::parse("k", &bytes).unwrap().unwrap();
@@ -120,5 +128,8 @@ async fn lz4_needs_format_version_3_and_a_version_2_header_cannot_claim_it() {
     out.extend_from_slice(&bytes[hlen..]);
     std::fs::write(&path, &out).unwrap();
     let e = repo.get(&key).await.unwrap_err();
-    assert!(e.to_string().contains("no LZ4 before format version 3"), "{e}");
+    assert!(
+        e.to_string().contains("no LZ4 before format version 3"),
+        "{e}"
+    );
 }
