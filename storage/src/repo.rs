@@ -432,7 +432,7 @@ impl Repository {
     }
 
     /// Reads an object's header and trailer only (a few small requests): its length, kind
-    /// and the SHA-256 of its original bytes, as recorded. Use it to compare an existing
+    /// and the digest of its original bytes, as recorded. Use it to compare an existing
     /// object with one about to be written without downloading it.
     pub async fn info(&self, key: &RepoKey) -> Result<ObjectInfo> {
         let b = &self.inner.backend;
