@@ -1,8 +1,10 @@
 //! WAL streaming benchmark (issue 4), everything in the same run on the same WAL: one
-//! PostgreSQL 15 cluster, six receivers on six slots at once:
+//! PostgreSQL 15 cluster, seven receivers on seven slots at once:
 //!
 //! * `syncbridge-agent postgres stream` to a local repository (`file://`),
 //! * `syncbridge-agent postgres stream` to SeaweedFS (S3),
+//! * `syncbridge-agent postgres stream --compression lz4` to a local repository (the
+//!   codec `pg_receivewal --compress=lz4` uses),
 //! * `pg_receivewal` to a local directory, uncompressed (status every second, `-s 1`, so its
 //!   reported position is as fresh as the agent's),
 //! * `pg_receivewal --compress=gzip` (the method a bare `--compress=N` gives, and the only
@@ -95,13 +97,20 @@ fn main() {
     let src = pg.replication_url();
     let mut receivers = Vec::new();
 
-    for (name, app, repo) in [
+    for (name, app, repo, codec) in [
         (
             "agent -> file://",
             "sb_file",
             format!("file://{}", work.path().join("repo").display()),
+            "zstd",
         ),
-        ("agent -> SeaweedFS", "sb_s3", s3.repo_url("bench")),
+        ("agent -> SeaweedFS", "sb_s3", s3.repo_url("bench"), "zstd"),
+        (
+            "agent --compression lz4 -> file://",
+            "sb_lz4",
+            format!("file://{}", work.path().join("repo-lz4").display()),
+            "lz4",
+        ),
     ] {
         let child = Command::new(agent_bin())
             .args([
@@ -115,6 +124,8 @@ fn main() {
                 app,
                 "--application-name",
                 app,
+                "--compression",
+                codec,
             ])
             .envs(s3.env())
             .env("SYNCBRIDGE_LOG", "warn")
@@ -330,7 +341,7 @@ fn main() {
     for rc in &receivers {
         println!("  {:<30} {:>6.2}", rc.name, results[rc.app].1);
     }
-    for app in ["sb_file", "sb_s3"] {
+    for app in ["sb_file", "sb_s3", "sb_lz4"] {
         let (rate, cpu, _) = results[app];
         println!(
             "{app}: CPU/GiB agent/lz4 = {:.2} ({}); vs plain {:.2}, vs gzip {:.2}, vs --synchronous {:.2}; throughput vs pg_receivewal {:.2}",

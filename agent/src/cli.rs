@@ -151,8 +151,9 @@ impl RepoArgs {
         Ok(())
     }
 
-    /// The repository options these arguments give: validated URL, keys, CA bundle and
-    /// secrets from `*_FILE` variables of the URL's store. Other settings are defaults.
+    /// The repository options these arguments give: validated URL, keys, CA bundle,
+    /// secrets from `*_FILE` variables of the URL's store and the container format version
+    /// of new objects (`SYNCBRIDGE_FORMAT_VERSION`). Other settings are defaults.
     pub fn options(&self) -> anyhow::Result<RepoOptions> {
         self.validate()?;
         let mut opts = RepoOptions {
@@ -177,6 +178,12 @@ impl RepoArgs {
         for f in &self.identities {
             opts.identities
                 .extend(storage::keys::read_identity_file(f)?);
+        }
+        // Writing container format 2 for readers older than format 3 (storage/FORMAT.md).
+        if let Ok(v) = std::env::var("SYNCBRIDGE_FORMAT_VERSION") {
+            opts.format_version = v.trim().parse().with_context(|| {
+                format!("SYNCBRIDGE_FORMAT_VERSION={v:?}: not a container format version (2 or 3)")
+            })?;
         }
         let family = url::Url::parse(self.repo.trim())
             .ok()
@@ -334,7 +341,7 @@ pub fn block_on<T>(
 /// `version`: what a bug report needs to say which build it is.
 fn version_text() -> String {
     format!(
-        "syncbridge-agent {}\ncommit:        {}\nbuilt:         {}\ncompiler:      {}\ntarget:        {}-{}\nrepositories:  {}\nobject format: v{} (reads v{} too)\n",
+        "syncbridge-agent {}\ncommit:        {}\nbuilt:         {}\ncompiler:      {}\ntarget:        {}-{}\nrepositories:  {}\nobject format: v{} (reads v{} to v{})\n",
         env!("CARGO_PKG_VERSION"),
         env!("SYNCBRIDGE_GIT_COMMIT"),
         env!("SYNCBRIDGE_BUILD_DATE"),
@@ -348,6 +355,7 @@ fn version_text() -> String {
             .join(" "),
         storage::format::FORMAT_VERSION,
         storage::format::UNBOUND_FORMAT_VERSION,
+        storage::format::FORMAT_VERSION,
     )
 }
 

@@ -38,6 +38,7 @@ pub const KEYS: &[&str] = &[
     "postgres.status_interval",
     "postgres.max_inflight",
     "postgres.compression_level",
+    "postgres.compression",
     "postgres.on_standby",
     "postgres.backup_every",
     "postgres.retention.keep_full",
@@ -144,6 +145,9 @@ pub struct PostgresConfig {
     /// zstd level of WAL objects.
     #[serde(default = "one_level")]
     pub compression_level: i32,
+    /// `zstd` (at `compression_level`) or `lz4`.
+    #[serde(default)]
+    pub compression: crate::pg::stream::WalCompression,
     /// When the source is a standby: `wait` for its promotion, or `stream` from it.
     #[serde(default)]
     pub on_standby: crate::pg::stream::StandbyPolicy,
@@ -576,6 +580,7 @@ mod tests {
                 k if k.ends_with("keep_full") || k.ends_with("max_inflight") => "3",
                 k if k.ends_with("_mib") => "32",
                 k if k.ends_with("compression_level") => "1",
+                k if k.ends_with(".compression") => "lz4",
                 k if k.ends_with("on_standby") => "stream",
                 k if k.ends_with("on_replica") => "follow",
                 k if k.ends_with("synchronous") || k.ends_with("cluster_shard_only") => "true",

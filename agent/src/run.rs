@@ -80,6 +80,7 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
         let source = pg_source(pg)?;
         let repo = repo_args.open_with(storage::RepoOptions {
             compression_level: Some(pg.compression_level),
+            lz4: pg.compression == crate::pg::stream::WalCompression::Lz4,
             ..repo_args.options()?
         })?;
         let opts = crate::pg::stream::StreamOptions {

@@ -5,11 +5,14 @@
 //!
 //! The first input byte chooses the mode. Raw mode stores the rest as the object, as is.
 //! Structured mode writes a valid object (plain or age-encrypted, compressed or not,
-//! many small frames) from the rest, then applies up to 8 byte edits and an optional
-//! truncation taken from the input, so the decoder is reached past its checksums.
+//! many small frames; format version 3, or 2 when bit 2 of the mode is set: both are read
+//! by the same decoder, with SHA-256 or BLAKE3 as the content hash; LZ4 frames instead of
+//! zstd when bit 3 is set and bit 2 is not) from the rest, then
+//! applies up to 8 byte edits and an optional truncation taken from the input, so the
+//! decoder is reached past its checksums.
 //! Anything is allowed except a panic, a hang or unbounded allocation; what reads back is
 //! exactly what was written (an edit is either refused or harmless), and the same bytes
-//! copied under another key are always refused (format v2 binds the key).
+//! copied under another key are always refused (formats v2 and v3 bind the key).
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -33,6 +36,12 @@ struct World {
     /// An encrypted repository; reads with the identity.
     enc_store: Arc<InMemory>,
     encrypted: Repository,
+    /// Writers of format version 2 objects into the same two repositories.
+    plain_v2: Repository,
+    encrypted_v2: Repository,
+    /// Writers of LZ4 frames (format version 3) into the same two repositories.
+    plain_lz4: Repository,
+    encrypted_lz4: Repository,
 }
 
 const KEY: &str = "postgres/wal/00000001/000000010000000000000001";
@@ -47,7 +56,9 @@ fn world() -> &'static World {
             .build()
             .expect("runtime");
         let id = storage::keys::generate_identity();
-        let opts = |recipients: bool, zstd: bool| RepoOptions {
+        let opts = |recipients: bool, zstd: bool, format_version: u16| RepoOptions {
+            format_version,
+            lz4: false,
             frame_size: 64,
             workers: 1,
             compression_level: zstd.then_some(1),
@@ -72,10 +83,18 @@ fn world() -> &'static World {
         let plain_store = Arc::new(InMemory::new());
         let enc_store = Arc::new(InMemory::new());
         let (plain, raw) = (
-            open(&plain_store, opts(false, true)),
-            open(&plain_store, opts(false, false)),
+            open(&plain_store, opts(false, true, 3)),
+            open(&plain_store, opts(false, false, 3)),
         );
-        let encrypted = open(&enc_store, opts(true, true));
+        let encrypted = open(&enc_store, opts(true, true, 3));
+        let plain_v2 = open(&plain_store, opts(false, true, 2));
+        let encrypted_v2 = open(&enc_store, opts(true, true, 2));
+        let lz4 = |recipients| RepoOptions {
+            lz4: true,
+            ..opts(recipients, true, 3)
+        };
+        let plain_lz4 = open(&plain_store, lz4(false));
+        let encrypted_lz4 = open(&enc_store, lz4(true));
         // Markers, as in a real repository: readers check objects against them (the
         // repository id every v2 object is bound to, whether objects must be encrypted).
         for r in [&plain, &encrypted] {
@@ -89,6 +108,10 @@ fn world() -> &'static World {
             raw,
             enc_store,
             encrypted,
+            plain_v2,
+            encrypted_v2,
+            plain_lz4,
+            encrypted_lz4,
         }
     })
 }
@@ -152,7 +175,16 @@ fuzz_target!(|data: &[u8]| {
         } else {
             (&w.plain, &w.plain_store)
         };
-        writer
+        // Bit 2 writes format version 2, bit 3 LZ4 frames; `writer` (version 3, zstd)
+        // reads them all.
+        let put_with = match (mode & 4 != 0, mode & 8 != 0, mode & 2 != 0) {
+            (true, _, true) => &w.encrypted_v2,
+            (true, _, false) => &w.plain_v2,
+            (false, true, true) => &w.encrypted_lz4,
+            (false, true, false) => &w.plain_lz4,
+            (false, false, _) => writer,
+        };
+        put_with
             .put(
                 &key,
                 ContentKind::WalSegment,

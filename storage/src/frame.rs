@@ -3,9 +3,10 @@
 //! not: see [`looks_incompressible`]), optional age encryption, CRC32C. These
 //! functions are CPU-bound and run on tokio's blocking pool, several frames at a time.
 //!
-//! The SHA-256 of the whole object must see frames in order although they are encoded in
-//! parallel; `HashChain` lets the job for frame *i* wait its turn to feed the hasher, so a
-//! single-worker pipeline does exactly the work of the three operations back to back.
+//! The content hash of the whole object (BLAKE3 from format version 3, SHA-256 before) must
+//! see frames in order although they are encoded in parallel; `HashChain` lets the job for
+//! frame *i* wait its turn to feed the hasher, so a single-worker pipeline does exactly the
+//! work of the three operations back to back.
 
 use std::cell::RefCell;
 use std::io::{Read, Write};
@@ -14,7 +15,9 @@ use std::sync::{Condvar, Mutex};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::format::{FrameHeader, FRAME_AGE, FRAME_HEADER_LEN, FRAME_ZSTD};
+use crate::format::{
+    ContentHasher, FrameHeader, FRAME_AGE, FRAME_HEADER_LEN, FRAME_LZ4, FRAME_ZSTD,
+};
 
 /// age X25519 recipients and identities of a repository, with their fingerprints.
 #[derive(Clone, Default)]
@@ -38,6 +41,15 @@ pub fn fingerprint(recipient: &age::x25519::Recipient) -> [u8; 32] {
 /// The short form of a fingerprint shown to people (first 8 bytes, hex).
 pub fn short_fingerprint(fp: &[u8; 32]) -> String {
     hex::encode(&fp[..8])
+}
+
+/// How new frames are compressed (when that makes them smaller).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Compress {
+    /// zstd at this level.
+    Zstd(i32),
+    /// LZ4 block format (format version 3).
+    Lz4,
 }
 
 /// One encoded frame record, ready to be appended to the stored object.
@@ -157,6 +169,23 @@ fn with_compressed<R>(
     })
 }
 
+/// LZ4-compresses `data` (block format) into the thread's reusable buffer and passes the
+/// result to `then`.
+fn with_lz4<R>(
+    data: &[u8],
+    then: impl FnOnce(&[u8]) -> R,
+) -> Result<R, lz4_flex::block::CompressError> {
+    OUT_BUF.with(|out| {
+        let mut out = out.borrow_mut();
+        let max = lz4_flex::block::get_maximum_output_size(data.len());
+        if out.len() < max {
+            out.resize(max, 0);
+        }
+        let n = lz4_flex::block::compress_into(data, &mut out[..])?;
+        Ok(then(&out[..n]))
+    })
+}
+
 fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -187,7 +216,7 @@ fn frame_header(
 /// Encodes one frame given as one or more pieces. `level` None stores it raw.
 pub(crate) fn encode_frame(
     pieces: &[Bytes],
-    level: Option<i32>,
+    level: Option<Compress>,
     recipients: &[age::x25519::Recipient],
 ) -> Result<EncodedFrame, String> {
     if pieces.len() == 1 {
@@ -227,7 +256,7 @@ pub(crate) fn encode_frame(
 /// has sampled it already).
 fn encode_contiguous(
     data: &[u8],
-    level: Option<i32>,
+    level: Option<Compress>,
     recipients: &[age::x25519::Recipient],
 ) -> Result<EncodedFrame, String> {
     let h = FRAME_HEADER_LEN;
@@ -240,15 +269,26 @@ fn encode_contiguous(
     };
     let mut flags = 0u8;
     let mut record = None;
-    if let Some(level) = level {
-        let compressed = with_compressed(level, data, |z| {
-            (z.len() < data.len()).then(|| record_from(z))
-        })
-        .map_err(|e| format!("zstd: {e}"))?;
-        if let Some(r) = compressed {
-            record = Some(r);
-            flags |= FRAME_ZSTD;
+    match level {
+        Some(Compress::Zstd(level)) => {
+            let compressed = with_compressed(level, data, |z| {
+                (z.len() < data.len()).then(|| record_from(z))
+            })
+            .map_err(|e| format!("zstd: {e}"))?;
+            if let Some(r) = compressed {
+                record = Some(r);
+                flags |= FRAME_ZSTD;
+            }
         }
+        Some(Compress::Lz4) => {
+            let compressed = with_lz4(data, |z| (z.len() < data.len()).then(|| record_from(z)))
+                .map_err(|e| format!("lz4: {e}"))?;
+            if let Some(r) = compressed {
+                record = Some(r);
+                flags |= FRAME_LZ4;
+            }
+        }
+        None => {}
     }
     let mut record = match record {
         Some(r) => r,
@@ -278,7 +318,7 @@ fn encode_contiguous(
 pub(crate) enum DecodeError {
     /// No identity matches, or the ciphertext is damaged.
     Decrypt(String),
-    /// zstd failed or produced the wrong length.
+    /// zstd or LZ4 failed or produced the wrong length.
     Decompress { expected: u64, actual: String },
 }
 
@@ -305,7 +345,19 @@ pub(crate) fn decode_frame(
         data = &decrypted;
     }
     let want = header.original_len as usize;
-    if header.flags & FRAME_ZSTD != 0 {
+    if header.flags & FRAME_LZ4 != 0 {
+        let out = lz4_flex::block::decompress(data, want).map_err(|e| DecodeError::Decompress {
+            expected: want as u64,
+            actual: format!("lz4 error: {e}"),
+        })?;
+        if out.len() != want {
+            return Err(DecodeError::Decompress {
+                expected: want as u64,
+                actual: format!("{} bytes", out.len()),
+            });
+        }
+        Ok(Bytes::from(out))
+    } else if header.flags & FRAME_ZSTD != 0 {
         let out = decompress(data, want).map_err(|e| DecodeError::Decompress {
             expected: want as u64,
             actual: format!("zstd error: {e}"),
@@ -333,7 +385,8 @@ fn decrypted_owned(data: &[u8]) -> Vec<u8> {
     data.to_vec()
 }
 
-/// Feeds frames to one SHA-256 in frame order although they are processed in parallel.
+/// Feeds frames to one content hasher in frame order although they are processed in
+/// parallel.
 pub(crate) struct HashChain {
     state: Mutex<ChainState>,
     turn: Condvar,
@@ -341,22 +394,23 @@ pub(crate) struct HashChain {
 
 struct ChainState {
     next: u64,
-    hasher: Sha256,
+    hasher: ContentHasher,
     abandoned: bool,
     /// With `full_frame_len` set: (frames hashed, state) after the newest frame of exactly
     /// that length, for a writer that hands its whole frames on (`EncodedPrefix`).
-    snapshot: Option<(u64, Sha256)>,
+    snapshot: Option<(u64, ContentHasher)>,
     full_frame_len: Option<usize>,
 }
 
 impl HashChain {
-    pub fn new() -> Self {
-        Self::resume(0, Sha256::new(), None)
+    /// A chain that has hashed nothing yet into `hasher`.
+    pub fn new(hasher: ContentHasher) -> Self {
+        Self::resume(0, hasher, None)
     }
 
     /// A chain that has already hashed `frames` frames into `hasher`; with
     /// `full_frame_len`, it also remembers its state after each frame of that length.
-    pub fn resume(frames: u64, hasher: Sha256, full_frame_len: Option<usize>) -> Self {
+    pub fn resume(frames: u64, hasher: ContentHasher, full_frame_len: Option<usize>) -> Self {
         HashChain {
             state: Mutex::new(ChainState {
                 next: frames,
@@ -370,7 +424,7 @@ impl HashChain {
     }
 
     /// The state after the last whole frame (see `resume`).
-    pub fn snapshot(&self) -> Option<(u64, Sha256)> {
+    pub fn snapshot(&self) -> Option<(u64, ContentHasher)> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.abandoned {
             return None;
@@ -418,7 +472,7 @@ impl HashChain {
     /// The digest after `frames` frames; None if not all were hashed.
     pub fn finish(&self, frames: u64) -> Option<[u8; 32]> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        (st.next == frames && !st.abandoned).then(|| st.hasher.clone().finalize().into())
+        (st.next == frames && !st.abandoned).then(|| st.hasher.finalize())
     }
 }
 
@@ -441,7 +495,12 @@ mod tests {
     }
 
     fn flags_of(data: &[u8]) -> u8 {
-        let f = encode_frame(&[Bytes::copy_from_slice(data)], Some(3), &[]).unwrap();
+        let f = encode_frame(
+            &[Bytes::copy_from_slice(data)],
+            Some(Compress::Zstd(3)),
+            &[],
+        )
+        .unwrap();
         let h = FrameHeader::parse("k", &f.record[..FRAME_HEADER_LEN], 0, 1 << 20).unwrap();
         let Ok(back) = decode_frame(&h, &f.record[FRAME_HEADER_LEN..], &[]) else {
             panic!("the frame does not decode");
@@ -480,7 +539,7 @@ mod tests {
             .map(Bytes::copy_from_slice)
             .collect();
         assert!(pieces_look_incompressible(&pieces));
-        let f = encode_frame(&pieces, Some(3), &[]).unwrap();
+        let f = encode_frame(&pieces, Some(Compress::Zstd(3)), &[]).unwrap();
         let h = FrameHeader::parse("k", &f.record[..FRAME_HEADER_LEN], 0, 1 << 20).unwrap();
         assert_eq!(h.flags & FRAME_ZSTD, 0);
         assert_eq!(&f.record[FRAME_HEADER_LEN..], &random_frame[..]);
@@ -488,7 +547,7 @@ mod tests {
         half.extend(random(1 << 19, 5));
         let pieces: Vec<Bytes> = half.chunks(30_000).map(Bytes::copy_from_slice).collect();
         assert!(!pieces_look_incompressible(&pieces));
-        let f = encode_frame(&pieces, Some(3), &[]).unwrap();
+        let f = encode_frame(&pieces, Some(Compress::Zstd(3)), &[]).unwrap();
         let h = FrameHeader::parse("k", &f.record[..FRAME_HEADER_LEN], 0, 1 << 20).unwrap();
         assert_ne!(h.flags & FRAME_ZSTD, 0);
     }
@@ -499,5 +558,36 @@ mod tests {
         assert!(!looks_incompressible(&data));
         // zstd itself finds it does not help.
         assert_eq!(flags_of(&data) & FRAME_ZSTD, 0);
+    }
+
+    #[test]
+    fn lz4_frames_round_trip_and_damage_is_refused() {
+        let mut text: Vec<u8> = (0..(1 << 20) / 16)
+            .flat_map(|i: u32| format!("row {i:08} ok...").into_bytes())
+            .collect();
+        text.truncate(1 << 20);
+        let pieces: Vec<Bytes> = text.chunks(100_000).map(Bytes::copy_from_slice).collect();
+        for input in [vec![Bytes::from(text.clone())], pieces] {
+            let f = encode_frame(&input, Some(Compress::Lz4), &[]).unwrap();
+            let h = FrameHeader::parse("k", &f.record[..FRAME_HEADER_LEN], 0, 1 << 20).unwrap();
+            assert_eq!(h.flags, FRAME_LZ4);
+            assert!(f.record.len() < text.len() / 4);
+            let Ok(back) = decode_frame(&h, &f.record[FRAME_HEADER_LEN..], &[]) else {
+                panic!("the frame does not decode");
+            };
+            assert_eq!(&back[..], &text[..]);
+            // A payload that decodes to another length, or not at all, is refused.
+            let short = FrameHeader {
+                original_len: h.original_len - 1,
+                ..h
+            };
+            assert!(decode_frame(&short, &f.record[FRAME_HEADER_LEN..], &[]).is_err());
+            let cut = &f.record[FRAME_HEADER_LEN..f.record.len() - 7];
+            assert!(decode_frame(&h, cut, &[]).is_err());
+        }
+        // Incompressible frames stay raw.
+        let data = random(1 << 20, 5);
+        let f = encode_frame(&[Bytes::from(data)], Some(Compress::Lz4), &[]).unwrap();
+        assert_eq!(f.record[1], 0);
     }
 }

@@ -1,8 +1,9 @@
 //! The repository: where every byte the agent reads from a server becomes durable.
 //!
 //! Everything the agent stores goes through one pipeline into one repository: cut into
-//! frames, compressed (zstd), checksummed (CRC32C per frame and per object, SHA-256 of the
-//! original bytes), optionally encrypted to age X25519 recipients, and uploaded in parts
+//! frames, compressed (zstd or LZ4), checksummed (CRC32C per frame and per object, a digest
+//! of the original bytes bound to key and repository: BLAKE3 inside SHA-256 in format
+//! version 3, SHA-256 in older objects), optionally encrypted to age X25519 recipients, and uploaded in parts
 //! with bounded memory. Objects use the versioned container described in
 //! `storage/FORMAT.md`; readers verify everything.
 //!

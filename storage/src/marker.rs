@@ -231,7 +231,7 @@ impl Repository {
         marker.encryption = self.encryption_info();
         let id = RepoId::random();
         marker.repository_id = Some(id.to_hex());
-        marker.format_version = FORMAT_VERSION;
+        marker.format_version = self.inner.opts.format_version;
         if let Some((existing, json)) = self.read_marker_bytes().await? {
             self.set_context(Arc::new(context_of(&existing, &json)?));
             return self.check_encryption(existing).map(MarkerInit::Existing);

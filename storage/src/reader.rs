@@ -3,8 +3,8 @@
 //! A background task reads the stored bytes (resuming with a ranged GET of the same
 //! version when a transfer breaks), checks each frame's header and payload CRC32C as it
 //! arrives, decodes frames on the blocking pool in parallel (decrypt, decompress, length),
-//! feeds the SHA-256 in order, and hands out chunks in order. The last chunk is held back
-//! until the trailer's whole-object checks (stored CRC32C, frame count, length, SHA-256)
+//! feeds the content hash in order, and hands out chunks in order. The last chunk is held
+//! back until the trailer's whole-object checks (stored CRC32C, frame count, length, digest)
 //! pass, so a consumer that reads to the end never takes unverified bytes as good.
 
 use std::collections::VecDeque;
@@ -22,8 +22,8 @@ use crate::backend::ByteStream;
 use crate::binding;
 use crate::error::{Result, StorageError};
 use crate::format::{
-    bound_digest, FrameHeader, Header, Trailer, FRAME_AGE, FRAME_HEADER_LEN, FRAME_TAG,
-    TRAILER_LEN, TRAILER_TAG,
+    bound_digest, ContentHash, FrameHeader, Header, Trailer, FRAME_AGE, FRAME_HEADER_LEN,
+    FRAME_LZ4, FRAME_TAG, TRAILER_LEN, TRAILER_TAG,
 };
 use crate::frame::{decode_frame, fingerprint, short_fingerprint, DecodeError, HashChain};
 use crate::layout::RepoKey;
@@ -33,7 +33,7 @@ use crate::workers::WorkQueue;
 /// What to verify.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ReadMode {
-    /// Decode everything and check the SHA-256 (needs an identity when encrypted).
+    /// Decode everything and check the digest (needs an identity when encrypted).
     Plaintext,
     /// For encrypted objects without an identity: check the stored bytes only.
     StoredOnlyIfEncrypted,
@@ -161,7 +161,9 @@ impl ObjectReader {
         let header_crc = crc32c::crc32c(&buf[..hlen]);
         buf.advance(hlen);
         let (tx, rx) = mpsc::channel(2);
-        let chain = Arc::new(HashChain::new());
+        let chain = Arc::new(HashChain::new(
+            ContentHash::of_version(header.version).hasher(),
+        ));
         let info = Arc::new(Mutex::new(None));
         let repo_for_queue = repo.clone();
         let job = Job {
@@ -413,6 +415,15 @@ impl Job {
                         self.offset,
                         self.header.frame_size,
                     )?;
+                    if fh.flags & FRAME_LZ4 != 0 && self.header.version < 3 {
+                        return Err(StorageError::corrupt(
+                            &self.key,
+                            "frame flags",
+                            "no LZ4 before format version 3",
+                            format!("{:02x}", fh.flags),
+                            self.offset,
+                        ));
+                    }
                     if (fh.flags & FRAME_AGE != 0) != self.header.encrypted {
                         return Err(StorageError::corrupt(
                             &self.key,
@@ -488,6 +499,7 @@ impl Job {
                         frames,
                         encrypted: self.header.encrypted,
                         binding: self.header.binding.clone(),
+                        format_version: self.header.version,
                     });
                     if let Some(last) = self.held.take() {
                         let _ = self.tx.send(Ok(last)).await;
@@ -549,12 +561,17 @@ impl Job {
             }
         }
         if self.decode {
+            let version = self.header.version;
             let sha = self.chain.finish(frames).ok_or_else(|| {
-                StorageError::corrupt(k, "sha256", "all frames hashed", "incomplete", at)
+                StorageError::corrupt(k, "content hash", "all frames hashed", "incomplete", at)
             })?;
             let (sha, check) = match &self.header.binding {
+                Some(b) if ContentHash::of_version(version) == ContentHash::Blake3 => (
+                    bound_digest(&sha, b, version),
+                    "sha256 of key, repository and content (BLAKE3)",
+                ),
                 Some(b) => (
-                    bound_digest(&sha, b),
+                    bound_digest(&sha, b, version),
                     "sha256 of key, repository and content",
                 ),
                 None => (sha, "sha256 of original bytes"),

@@ -11,7 +11,10 @@ use tokio::sync::Semaphore;
 use crate::backend::{Backend, LocalBackend, ObjectMeta, RetryPolicy, StoreBackend};
 use crate::binding::{self, RepoContext};
 use crate::error::{Result, StorageError};
-use crate::format::{bound_digest, Binding, ContentKind, Header, Trailer, TRAILER_LEN};
+use crate::format::{
+    bound_digest, Binding, ContentHash, ContentKind, Header, Trailer, FORMAT_VERSION,
+    SHA256_FORMAT_VERSION, TRAILER_LEN,
+};
 use crate::frame::{short_fingerprint, Keys};
 use crate::layout::RepoKey;
 use crate::reader::{ObjectReader, ReadMode};
@@ -59,6 +62,14 @@ pub struct RepoOptions {
     /// `("aws_access_key_id", "...")` from a config file; names are case-insensitive and
     /// use object_store's config keys (`aws_*`, `google_*`, `azure_*`).
     pub store_config: Vec<(String, String)>,
+    /// LZ4 (block format) instead of zstd for new frames when `compression_level` is set
+    /// (its value is then not used): about a quarter of zstd level 1's CPU for objects
+    /// about twice as large on WAL. Needs format version 3.
+    pub lz4: bool,
+    /// Container version of new objects: 3 (the default; content hashed with BLAKE3) or 2
+    /// (SHA-256, for readers older than this build; `SYNCBRIDGE_FORMAT_VERSION=2`).
+    /// Readers take every version from 1 to 3, mixed in one repository.
+    pub format_version: u16,
 }
 
 impl Default for RepoOptions {
@@ -77,14 +88,31 @@ impl Default for RepoOptions {
             retry: RetryPolicy::default(),
             ca_bundle: None,
             store_config: Vec::new(),
+            format_version: FORMAT_VERSION,
+            lz4: false,
         }
+    }
+}
+
+impl RepoOptions {
+    /// How new frames are compressed.
+    pub(crate) fn compress(&self) -> Option<crate::frame::Compress> {
+        use crate::frame::Compress;
+        self.compression_level.map(|level| {
+            if self.lz4 {
+                Compress::Lz4
+            } else {
+                Compress::Zstd(level)
+            }
+        })
     }
 }
 
 impl RepoOptions {
     /// Defaults plus the repository settings of the agent's environment, so every command
     /// encrypts and decrypts the same way: `SYNCBRIDGE_RECIPIENTS` (comma-separated
-    /// `age1…`), `SYNCBRIDGE_RECIPIENTS_FILE`, `SYNCBRIDGE_IDENTITY` (identity file) and
+    /// `age1…`), `SYNCBRIDGE_RECIPIENTS_FILE`, `SYNCBRIDGE_IDENTITY` (identity file),
+    /// `SYNCBRIDGE_FORMAT_VERSION` (2 or 3, the container version of new objects) and
     /// `AWS_CA_BUNDLE`. Unset variables change nothing.
     pub fn from_env() -> Result<RepoOptions> {
         let mut o = RepoOptions::default();
@@ -99,6 +127,14 @@ impl RepoOptions {
         }
         if let Some(f) = std::env::var_os("SYNCBRIDGE_IDENTITY") {
             o.identities = crate::keys::read_identity_file(std::path::Path::new(&f))?;
+        }
+        if let Ok(v) = std::env::var("SYNCBRIDGE_FORMAT_VERSION") {
+            o.format_version = v.trim().parse().map_err(|_| {
+                config_err(
+                    "SYNCBRIDGE_FORMAT_VERSION",
+                    format!("{v:?} is not {SHA256_FORMAT_VERSION} or {FORMAT_VERSION}"),
+                )
+            })?;
         }
         Ok(o)
     }
@@ -115,10 +151,10 @@ pub struct ObjectInfo {
     pub original_len: u64,
     /// Bytes in the store.
     pub stored_len: u64,
-    /// The digest recorded in the trailer: in format version 2 the SHA-256 over the
-    /// binding and the SHA-256 of the original bytes (`format::bound_digest`); in version 1
-    /// the SHA-256 of the original bytes. Use [`ObjectInfo::matches_content`] to compare
-    /// with bytes about to be written.
+    /// The digest recorded in the trailer: in format versions 2 and 3 the SHA-256 over the
+    /// binding and the hash of the original bytes (SHA-256 in version 2, BLAKE3 in 3;
+    /// `format::bound_digest`); in version 1 the SHA-256 of the original bytes. Use
+    /// [`ObjectInfo::matches_content`] to compare with bytes about to be written.
     pub sha256: [u8; 32],
     /// CRC32C of the stored bytes before the trailer.
     pub stored_crc32c: u32,
@@ -126,18 +162,43 @@ pub struct ObjectInfo {
     pub frames: u64,
     /// Whether the frames are age-encrypted.
     pub encrypted: bool,
-    /// The key and repository the object was written for (format version 2).
+    /// The key and repository the object was written for (format versions 2 and 3).
     pub binding: Option<Binding>,
+    /// The container version of the object (which content hash its digest uses).
+    pub format_version: u16,
 }
 
 impl ObjectInfo {
-    /// Whether this object holds exactly the bytes whose SHA-256 is `content_sha256`.
-    pub fn matches_content(&self, content_sha256: &[u8; 32], original_len: u64) -> bool {
-        let digest = match &self.binding {
-            Some(b) => bound_digest(content_sha256, b),
-            None => *content_sha256,
-        };
-        digest == self.sha256 && original_len == self.original_len
+    /// How this object's version hashes its content (SHA-256 up to version 2, BLAKE3 in 3).
+    pub fn content_hash(&self) -> ContentHash {
+        ContentHash::of_version(self.format_version)
+    }
+
+    /// The trailer digest content whose [`content_hash`](Self::content_hash) is
+    /// `content_digest` has in this object (bound to its key and repository).
+    pub fn bound(&self, content_digest: &[u8; 32]) -> [u8; 32] {
+        match &self.binding {
+            Some(b) => bound_digest(content_digest, b, self.format_version),
+            None => *content_digest,
+        }
+    }
+
+    /// The trailer digest `content` (taken as one byte sequence) would have in this object.
+    pub fn digest_of<T: AsRef<[u8]>>(&self, content: &[T]) -> [u8; 32] {
+        self.bound(&self.content_hash().digest(content))
+    }
+
+    /// Whether this object holds exactly the `original_len` bytes whose
+    /// [`content_hash`](Self::content_hash) is `content_digest`.
+    pub fn matches_content_digest(&self, content_digest: &[u8; 32], original_len: u64) -> bool {
+        original_len == self.original_len && self.bound(content_digest) == self.sha256
+    }
+
+    /// Whether this object holds exactly `content` (taken as one byte sequence), whatever
+    /// its container version.
+    pub fn matches_content<T: AsRef<[u8]>>(&self, content: &[T]) -> bool {
+        let len: u64 = content.iter().map(|c| c.as_ref().len() as u64).sum();
+        len == self.original_len && self.digest_of(content) == self.sha256
     }
 
     /// The SHA-256 as lower-case hex.
@@ -454,7 +515,7 @@ impl Repository {
     }
 
     /// Reads an object's header and trailer only (a few small requests): its length, kind
-    /// and the SHA-256 of its original bytes, as recorded. Use it to compare an existing
+    /// and the digest of its original bytes, as recorded. Use it to compare an existing
     /// object with one about to be written without downloading it.
     pub async fn info(&self, key: &RepoKey) -> Result<ObjectInfo> {
         let key = &self.full_key(key);
@@ -505,6 +566,7 @@ impl Repository {
             stored_crc32c: trailer.stored_crc,
             frames: trailer.frame_count,
             encrypted: header.encrypted,
+            format_version: header.version,
             binding: header.binding,
         })
     }
@@ -584,6 +646,24 @@ fn sanitize(mut o: RepoOptions) -> Result<RepoOptions> {
         return Err(config_err(
             "frame size",
             format!("{} is not in 1..=64 MiB", o.frame_size),
+        ));
+    }
+    if !(SHA256_FORMAT_VERSION..=FORMAT_VERSION).contains(&o.format_version) {
+        return Err(config_err(
+            "format version",
+            format!(
+                "{} is not {SHA256_FORMAT_VERSION} or {FORMAT_VERSION} (new objects are always bound to their key and repository)",
+                o.format_version
+            ),
+        ));
+    }
+    if o.lz4 && o.format_version < 3 {
+        return Err(config_err(
+            "compression",
+            format!(
+                "LZ4 needs container format version 3 (SYNCBRIDGE_FORMAT_VERSION is {})",
+                o.format_version
+            ),
         ));
     }
     o.part_size = o.part_size.max(MIN_PART);

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! write(Bytes) ─► cut into frames ─► ordered queue ─► worker loops on the blocking pool
-//!                 (≤ workers, repository-wide): SHA-256 in frame order (HashChain), zstd,
+//!                 (≤ workers, repository-wide): content hash in frame order (HashChain), zstd,
 //!                 age, CRC32C (see `workers.rs`)
 //!             ◄── results in order ◄──┘
 //!   stored bytes ─► parts of part_size ─► ≤ upload_concurrency part uploads in flight
@@ -23,15 +23,16 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use crate::workers::WorkQueue;
 
 use crate::backend::Upload;
 use crate::error::{Result, StorageError};
-use crate::format::{bound_digest, Binding, Codec, ContentKind, Header, Trailer, FORMAT_VERSION};
-use crate::frame::{encode_frame, EncodedFrame, HashChain};
+use crate::format::{
+    bound_digest, Binding, Codec, ContentHash, ContentHasher, ContentKind, Header, Trailer,
+};
+use crate::frame::{encode_frame, Compress, EncodedFrame, HashChain};
 use crate::layout::RepoKey;
 use crate::repo::{ObjectInfo, RepoInner};
 use crate::PutMode;
@@ -112,21 +113,21 @@ impl Pieces {
     }
 }
 
-/// The encoded whole frames at the start of an object, with the SHA-256 state after them.
+/// The encoded whole frames at the start of an object, with the content hash state after them.
 ///
 /// Why: a WAL segment is shipped as ever longer partial objects and finally whole; each of
 /// these starts with the same bytes, so it can start with the same frames instead of
 /// compressing and hashing those bytes again (only the tail is new work). The caller
 /// guarantees the new object really starts with the bytes the prefix was made from; the
-/// object's SHA-256 is carried on from the prefix's hasher, so frames and trailer always
+/// object's content hash is carried on from the prefix's hasher, so frames and trailer always
 /// agree, and readers verify them as for any object.
 #[derive(Clone)]
 pub struct EncodedPrefix {
     records: Vec<Bytes>,
     original_len: u64,
-    hasher: Sha256,
+    hasher: ContentHasher,
     frame_size: usize,
-    level: Option<i32>,
+    level: Option<Compress>,
     recipients: Vec<[u8; 32]>,
 }
 
@@ -162,7 +163,7 @@ struct QueuedFrame {
 /// The queue an object's frames wait in, and what a worker loop does with each: hash it
 /// in order (`HashChain`), then compress / encrypt / checksum it.
 fn frame_queue(repo: &Arc<RepoInner>) -> Arc<WorkQueue<(Arc<HashChain>, QueuedFrame)>> {
-    let level = repo.opts.compression_level;
+    let level = repo.opts.compress();
     let keys = repo.keys.clone();
     WorkQueue::new(move |(chain, job): (Arc<HashChain>, QueuedFrame)| {
         let result = if chain.update_pieces(job.index, &job.frame) {
@@ -190,6 +191,8 @@ pub struct ObjectWriter {
     encrypted: bool,
     expected_len: Option<u64>,
     chain: Arc<HashChain>,
+    /// Container version written (decides the content hash).
+    version: u16,
     /// Original bytes not yet cut into a frame (zero-copy pieces; small writes coalesced).
     pending: Pieces,
     /// Small writes are gathered here before becoming a piece.
@@ -225,13 +228,14 @@ impl ObjectWriter {
         binding: Binding,
     ) -> Result<Self> {
         let opts = &repo.opts;
+        let version = opts.format_version;
         let header = Header {
-            version: FORMAT_VERSION,
+            version,
             kind,
-            codec: if opts.compression_level.is_some() {
-                Codec::Zstd
-            } else {
-                Codec::None
+            codec: match opts.compress() {
+                Some(Compress::Zstd(_)) => Codec::Zstd,
+                Some(Compress::Lz4) => Codec::Lz4,
+                None => Codec::None,
             },
             encrypted: !repo.keys.recipients.is_empty(),
             original_len: expected_len,
@@ -253,7 +257,8 @@ impl ObjectWriter {
             kind,
             mode,
             expected_len,
-            chain: Arc::new(HashChain::new()),
+            chain: Arc::new(HashChain::new(ContentHash::of_version(version).hasher())),
+            version,
             pending: Pieces::default(),
             small: BytesMut::new(),
             frames: 0,
@@ -288,13 +293,15 @@ impl ObjectWriter {
             return Err(err("reuse_prefix must come before the first write".into()));
         }
         let Some(p) = prefix else {
-            self.chain = Arc::new(HashChain::resume(0, Sha256::new(), Some(fs)));
+            let hasher = ContentHash::of_version(self.version).hasher();
+            self.chain = Arc::new(HashChain::resume(0, hasher, Some(fs)));
             self.kept = Some(Vec::new());
             return Ok(());
         };
         if p.frame_size != fs
-            || p.level != self.repo.opts.compression_level
+            || p.level != self.repo.opts.compress()
             || p.recipients != self.repo.keys.recipient_fingerprints()
+            || p.hasher.algorithm() != ContentHash::of_version(self.version)
         {
             return Err(err(
                 "the reused prefix was encoded with other repository settings".into(),
@@ -357,7 +364,7 @@ impl ObjectWriter {
                 original_len: frames * fs as u64,
                 hasher,
                 frame_size: fs,
-                level: self.repo.opts.compression_level,
+                level: self.repo.opts.compress(),
                 recipients: self.repo.keys.recipient_fingerprints(),
             },
         ))
@@ -579,14 +586,14 @@ impl ObjectWriter {
                 });
             }
         }
-        let content_sha256 =
+        let content_digest =
             self.chain
                 .finish(self.frames)
                 .ok_or_else(|| StorageError::Encode {
                     key: self.key.to_string(),
                     reason: "frame hashing did not complete".into(),
                 })?;
-        let sha256 = bound_digest(&content_sha256, &self.binding);
+        let sha256 = bound_digest(&content_digest, &self.binding, self.version);
         let trailer = Trailer {
             frame_count: self.frames,
             original_len: self.original_len,
@@ -603,6 +610,7 @@ impl ObjectWriter {
             frames: self.frames,
             encrypted: self.encrypted,
             binding: Some(self.binding.clone()),
+            format_version: self.version,
         };
         let trailer = Bytes::copy_from_slice(&trailer.encode());
         if self.upload.is_none() && self.part.len() + trailer.len() <= self.part_size {

@@ -1,7 +1,8 @@
-//! Every object is what its key says (format version 2): an intact object stored under
+//! Every object is what its key says (format versions 2 and 3): an intact object stored under
 //! another key, copied from another repository, plaintext in an encrypted repository, or
 //! in the old unbound format in a repository that binds everything, is refused by every
-//! reader, naming the object. Old (version 1) repositories stay readable.
+//! reader, naming the object. Old (version 1) repositories stay readable, and objects of
+//! versions 2 and 3 mix in one repository.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -256,10 +257,9 @@ async fn a_marker_rewritten_to_unencrypted_does_not_let_plaintext_in() {
     );
 }
 
-/// `bytes` (a version 2 object) with its header's repository id replaced by `id`, and the
-/// trailer's digest and CRCs recomputed: what anyone holding the plaintext can do.
+/// `bytes` (a version 2 or 3 object) with its header's repository id replaced by `id`, and
+/// the trailer's digest and CRCs recomputed: what anyone holding the plaintext can do.
 fn rebind(bytes: &[u8], id: storage::format::RepoId) -> Vec<u8> {
-    use sha2::{Digest, Sha256};
     let (mut h, hlen) = Header::parse("k", bytes).unwrap().unwrap();
     h.binding.as_mut().unwrap().repo_id = id;
     let mut out = h.encode();
@@ -273,11 +273,11 @@ fn rebind(bytes: &[u8], id: storage::format::RepoId) -> Vec<u8> {
     } else {
         payload.to_vec()
     };
-    let sha: [u8; 32] = Sha256::digest(&content).into();
+    let inner = storage::format::ContentHash::of_version(h.version).digest(&[&content]);
     let t = Trailer {
         frame_count: 1,
         original_len: content.len() as u64,
-        sha256: storage::format::bound_digest(&sha, h.binding.as_ref().unwrap()),
+        sha256: storage::format::bound_digest(&inner, h.binding.as_ref().unwrap(), h.version),
         stored_crc: crc32c::crc32c(&out),
     };
     out.extend_from_slice(&t.encode());
@@ -347,7 +347,8 @@ async fn a_version_1_repository_stays_readable_and_writable() {
     {
         use sha2::{Digest, Sha256};
         let sha: [u8; 32] = Sha256::digest(data(1)).into();
-        assert!(info.matches_content(&sha, data(1).len() as u64));
+        assert!(info.matches_content_digest(&sha, data(1).len() as u64));
+        assert!(info.matches_content(&[data(1)]));
     }
     // New objects in an old repository are bound (to an id derived from its marker).
     let new = seg(2);
@@ -374,7 +375,7 @@ async fn an_unbound_object_in_a_bound_repository_is_refused() {
         &v1_object(ContentKind::WalSegment, &data(5)),
     );
     assert_refused(&repo, &key, "format version 1").await;
-    assert_eq!(FORMAT_VERSION, 2);
+    assert_eq!(FORMAT_VERSION, 3);
 }
 
 #[tokio::test]
@@ -407,4 +408,89 @@ async fn leases_stay_readable_plaintext_and_from_before_the_marker() {
     .unwrap();
     let e = reader.get(&other).await.unwrap_err();
     assert!(matches!(e, StorageError::WrongObject { .. }), "{e}");
+}
+
+/// `bytes` (a version 2 or 3 object) with its header's version set to `version` and the
+/// header and stored CRCs recomputed (the trailer's digest left as it is).
+fn with_version(bytes: &[u8], version: u16) -> Vec<u8> {
+    let (mut h, hlen) = Header::parse("k", bytes).unwrap().unwrap();
+    h.version = version;
+    let mut out = h.encode();
+    assert_eq!(out.len(), hlen);
+    out.extend_from_slice(&bytes[hlen..]);
+    let n = out.len();
+    let mut t = Trailer::parse("k", &out[n - 68..], 0).unwrap();
+    t.stored_crc = crc32c::crc32c(&out[..n - 68]);
+    out[n - 68..].copy_from_slice(&t.encode());
+    out
+}
+
+#[tokio::test]
+async fn version_2_and_3_objects_mix_in_one_repository() {
+    // A repository created by a version 2 build (its marker a version 2 object), then
+    // written to by this build: old objects stay readable, new ones are version 3.
+    let dir = tempfile::tempdir().unwrap();
+    let old = marked(dir.path(), |o| o.format_version = 2).await;
+    let m = old.read_marker().await.unwrap().unwrap();
+    assert_eq!(m.format_version, 2);
+    put(&old, &seg(1), 1).await;
+    let repo = open(dir.path(), |_| {});
+    put(&repo, &seg(2), 2).await;
+    for (n, version) in [(1u8, 2u16), (2, 3)] {
+        let key = seg(u32::from(n));
+        let info = repo.info(&key).await.unwrap();
+        assert_eq!(info.format_version, version, "{key}");
+        assert_eq!(repo.get(&key).await.unwrap(), data(n));
+        assert_eq!(repo.verify(&key).await.unwrap().info, info);
+        assert!(info.matches_content(&[data(n)]));
+        assert!(!info.matches_content(&[data(n + 1)]));
+        // The other version's hash of the same bytes does not match.
+        let other = storage::format::ContentHash::of_version(5 - version).digest(&[data(n)]);
+        assert!(!info.matches_content_digest(&other, data(n).len() as u64));
+    }
+    let bytes = std::fs::read(dir.path().join(seg(2).as_str())).unwrap();
+    assert_eq!(Header::parse("k", &bytes).unwrap().unwrap().0.version, 3);
+    // A new repository says version 3 in its marker.
+    let fresh = tempfile::tempdir().unwrap();
+    let r = marked(fresh.path(), |_| {}).await;
+    assert_eq!(r.read_marker().await.unwrap().unwrap().format_version, 3);
+    // Versions outside 2..=3 cannot be written.
+    for v in [0u16, 1, 4] {
+        let o = RepoOptions {
+            format_version: v,
+            ..RepoOptions::default()
+        };
+        let err = Repository::open(&format!("file://{}", fresh.path().display()), o)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("format version"), "{v}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_header_rewritten_to_another_version_fails_the_digest() {
+    // The header's version decides the content hash; its CRC is no secret, so someone can
+    // rewrite it. The digest's domain names the version too: the object is refused either
+    // way, never read with the other hash.
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = marked(dir.path(), |o| o.format_version = 2).await;
+    put(&v2, &seg(1), 1).await;
+    let repo = open(dir.path(), |_| {});
+    put(&repo, &seg(2), 2).await;
+    for (n, to) in [(1u32, 3u16), (2, 2)] {
+        let path = dir.path().join(seg(n).as_str());
+        let forged = with_version(&std::fs::read(&path).unwrap(), to);
+        std::fs::write(&path, forged).unwrap();
+        for e in [
+            repo.get(&seg(n)).await.unwrap_err(),
+            repo.verify(&seg(n)).await.unwrap_err(),
+        ] {
+            let msg = e.to_string();
+            assert!(
+                matches!(e, StorageError::Corrupt { .. })
+                    && msg.contains("sha256 of key, repository and content"),
+                "{msg}"
+            );
+        }
+    }
 }

@@ -378,6 +378,55 @@ fn check_local_tree(root: &Path) {
     }
 }
 
+/// Objects of container versions 2 (SHA-256 content hash) and 3 (BLAKE3) side by side in one
+/// repository, written by handles of either version: each handle reads, checks and
+/// verifies both, whole and streamed, and each object says which version it is.
+async fn mixed_format_versions(repo: &Repository, reopen: impl Fn(RepoOptions) -> Repository) {
+    let v2 = reopen(RepoOptions {
+        format_version: 2,
+        ..opts()
+    });
+    let init = repo
+        .init_marker(&RepoMarker::new(RepoKind::Postgres))
+        .await
+        .unwrap();
+    assert!(matches!(init, MarkerInit::Created(_)), "{init:?}");
+    assert_eq!(init.marker().format_version, 3);
+    let keys: Vec<RepoKey> = (0..2)
+        .map(|i| RepoKey::parse(&format!("t/v{}", i + 2)).unwrap())
+        .collect();
+    let d: Vec<Vec<u8>> = (0..2).map(|i| data(3 * FRAME + 17, 40 + i)).collect();
+    for (i, w) in [&v2, repo].into_iter().enumerate() {
+        let info = w
+            .put(
+                &keys[i],
+                ContentKind::WalSegment,
+                Bytes::from(d[i].clone()),
+                PutMode::CreateNew,
+            )
+            .await
+            .unwrap();
+        assert_eq!(info.format_version, i as u16 + 2);
+    }
+    for r in [repo, &v2] {
+        for i in 0..2 {
+            let info = r.info(&keys[i]).await.unwrap();
+            assert_eq!(info.format_version, i as u16 + 2, "{}", keys[i]);
+            assert!(info.matches_content(&[&d[i]]), "{}", keys[i]);
+            assert!(r.get(&keys[i]).await.unwrap() == d[i], "{}", keys[i]);
+            let mut streamed = Vec::new();
+            let mut rd = r.reader(&keys[i]).await.unwrap();
+            while let Some(c) = rd.next().await {
+                streamed.extend_from_slice(&c.unwrap());
+            }
+            assert!(streamed == d[i], "streamed {}", keys[i]);
+            let v = r.verify(&keys[i]).await.unwrap();
+            assert!(v.plaintext_verified);
+            assert_eq!(v.info, info);
+        }
+    }
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
@@ -415,6 +464,13 @@ macro_rules! conformance {
             async fn marker_create_then_existing() {
                 let s = Store::$backend();
                 super::marker_create_then_existing(&s.repo(opts())).await;
+                s.after();
+            }
+
+            #[tokio::test]
+            async fn mixed_format_versions() {
+                let s = Store::$backend();
+                super::mixed_format_versions(&s.repo(opts()), |o| s.repo(o)).await;
                 s.after();
             }
 

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
+use storage::format::{ContentHash, FORMAT_VERSION};
 use storage::{ContentKind, PutMode, RepoKey, RepoOptions, Repository};
 use syncbridge_tests::s3::{S3Server, TempRepo};
 
@@ -86,7 +86,8 @@ async fn child_stream_1gib() {
 
     let t = Instant::now();
     let mut src = Source::new();
-    let mut hasher = Sha256::new();
+    // The content hash new objects use (BLAKE3 in format version 3).
+    let mut hasher = ContentHash::of_version(FORMAT_VERSION).hasher();
     let mut w = repo
         .writer(&key, ContentKind::Other, PutMode::CreateNew)
         .await
@@ -97,14 +98,14 @@ async fn child_stream_1gib() {
     }
     let info = w.finish().await.unwrap();
     let write_secs = t.elapsed().as_secs_f64();
-    let want: [u8; 32] = hasher.finalize().into();
-    assert!(info.matches_content(&want, SIZE as u64));
+    let want = hasher.finalize();
+    assert!(info.matches_content_digest(&want, SIZE as u64));
     assert_eq!(info.original_len, SIZE as u64);
     let writer_hwm = vm_hwm_kb();
 
     let t = Instant::now();
     let mut r = repo.reader(&key).await.unwrap();
-    let mut hasher = Sha256::new();
+    let mut hasher = ContentHash::of_version(FORMAT_VERSION).hasher();
     let mut n = 0usize;
     while let Some(c) = r.next_chunk().await.unwrap() {
         n += c.len();
@@ -112,7 +113,7 @@ async fn child_stream_1gib() {
     }
     let read_secs = t.elapsed().as_secs_f64();
     assert_eq!(n, SIZE);
-    let got: [u8; 32] = hasher.finalize().into();
+    let got = hasher.finalize();
     assert_eq!(got, want);
     println!(
         "RESULT start_hwm_kb={start_hwm} writer_hwm_kb={writer_hwm} final_hwm_kb={} stored_bytes={} write_secs={write_secs:.1} read_secs={read_secs:.1}",

@@ -3,7 +3,6 @@
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use storage::layout;
 use storage::LeaseError;
 use storage::{ContentKind, PutMode, RepoKey, Repository, StorageError};
@@ -155,25 +154,21 @@ pub async fn put_immutable(
     match put_chunks(repo, key, kind, chunks, PutMode::CreateNew).await {
         Ok(()) => Ok(()),
         Err(StorageError::AlreadyExists { .. }) => {
-            // Hashed only here: the storage pipeline already hashes every write once.
-            let mut hasher = Sha256::new();
-            let mut len = 0u64;
-            for c in chunks {
-                hasher.update(c);
-                len += c.len() as u64;
-            }
-            let ours: [u8; 32] = hasher.finalize().into();
             let theirs = repo.info(key).await.map_err(|e| WriteError::Store {
                 what: format!("reading the existing {key}"),
                 source: e,
             })?;
-            if theirs.matches_content(&ours, len) {
+            // Hashed only here (the way the stored object's version hashes: SHA-256 or
+            // BLAKE3): the storage pipeline already hashes every write once.
+            let ours = theirs.digest_of(chunks);
+            let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+            if ours == theirs.sha256 && len == theirs.original_len {
                 tracing::debug!(%key, "already in the repository with identical content");
                 return Ok(());
             }
             let kept = keep_conflicting_copy(repo, key, kind, chunks).await;
             Err(Fatal(format!(
-                "{key} already exists in the repository with DIFFERENT content (stored sha256 {}, {} bytes; streamed sha256 {}, {len} bytes). \
+                "{key} already exists in the repository with DIFFERENT content (stored digest {}, {} bytes; the streamed bytes would have digest {}, {len} bytes). \
                  The stored object was not overwritten; {kept}. Is another cluster or agent writing to this repository?",
                 theirs.sha256_hex(),
                 theirs.original_len,

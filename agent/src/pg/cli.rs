@@ -128,6 +128,10 @@ struct StreamArgs {
     /// compression CPU for objects 15% larger (benches/README.md has the table).
     #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = parse_wal_level, value_name = "LEVEL")]
     compression_level: i32,
+    /// `zstd` (at `--compression-level`) or `lz4` (about a quarter of the CPU of zstd level
+    /// 1, objects about twice as large).
+    #[arg(long, value_enum, default_value = "zstd")]
+    compression: super::stream::WalCompression,
     /// When the source is a standby: `wait` until it is promoted (the sidecar beside every
     /// pod; only the primary's streams), or `stream` from it (cascading replication).
     #[arg(long, value_enum, default_value = "wait")]
@@ -290,6 +294,7 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
     let source = args.source.conninfo()?;
     let repo_opts = storage::RepoOptions {
         compression_level: Some(args.compression_level),
+        lz4: args.compression == super::stream::WalCompression::Lz4,
         ..args.repo.options()?
     };
     let repo = args.repo.open_with(repo_opts)?;

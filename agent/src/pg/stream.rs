@@ -84,6 +84,18 @@ pub enum StandbyPolicy {
     Stream,
 }
 
+/// How `postgres stream` compresses WAL objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WalCompression {
+    /// zstd at `--compression-level` (the smallest objects).
+    #[default]
+    Zstd,
+    /// LZ4: about a quarter of zstd level 1's CPU, objects about twice as large (the CPU
+    /// of `pg_receivewal --compress=lz4`; benches/README.md). Needs container format 3.
+    Lz4,
+}
+
 /// The source is a standby and the policy is to wait for its promotion.
 #[derive(Debug, thiserror::Error)]
 #[error("{server} is a standby (in recovery): waiting until it is promoted (on_standby = wait; --on-standby stream streams from a standby)")]
