@@ -74,7 +74,19 @@ fn three_masters_and_three_replicas_come_up_on_both_flavors() {
                     "{flavor} node {i}"
                 );
             }
-            let shards = c.topology_of(i);
+            // A replica may list itself as a shard of its own for a moment after it settles
+            // (CLUSTER SHARDS groups by the master it has heard of): ask again.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            let shards = loop {
+                match c.try_topology_of(i) {
+                    Ok(t) => break t,
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        eprintln!("{flavor} node {i}: {e}; asking again");
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                    }
+                    Err(e) => panic!("{flavor} node {i} CLUSTER SHARDS: {e}"),
+                }
+            };
             let nodes = c.topology_from_nodes_of(i);
             assert_eq!(shape(&shards), expected, "{flavor} node {i} CLUSTER SHARDS");
             assert_eq!(shape(&nodes), expected, "{flavor} node {i} CLUSTER NODES");

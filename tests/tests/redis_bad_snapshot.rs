@@ -29,9 +29,11 @@ fn real_rdb() -> Vec<u8> {
     std::fs::read(server.dir().join("dump.rdb")).unwrap()
 }
 
-/// Answers the handshake, then sends `payload` as a sized full-sync transfer and holds the
-/// connection (reading ACKs) until the peer closes it.
-fn serve_full_sync(stream: TcpStream, payload: &[u8]) {
+/// Answers the handshake, then sends the damaged RDB at the first `PSYNC` of all connections
+/// and the intact one after (as a sized full-sync transfer), and holds the connection
+/// (reading ACKs) until the peer closes it. Connections that never ask for a sync (the
+/// agent's cluster check and offset probe) get `+OK` to everything and do not count.
+fn serve_full_sync(stream: TcpStream, syncs: &AtomicUsize, bad: &[u8], good: &[u8]) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
     loop {
@@ -43,6 +45,11 @@ fn serve_full_sync(stream: TcpStream, payload: &[u8]) {
             _ => return,
         };
         if name == "PSYNC" {
+            let payload = if syncs.fetch_add(1, Ordering::SeqCst) == 0 {
+                bad
+            } else {
+                good
+            };
             let id = "8f6e2c1d9b7a5e3c1f0d2b4a6c8e0f1a3b5d7c9e";
             let mut out = format!("+FULLRESYNC {id} 0\r\n${}\r\n", payload.len()).into_bytes();
             out.extend_from_slice(payload);
@@ -83,13 +90,13 @@ fn damaged_snapshot_is_refused_and_retaken() {
     let syncs = Arc::new(AtomicUsize::new(0));
     {
         let syncs = syncs.clone();
-        let good = good.clone();
+        let good = Arc::new(good.clone());
+        let bad = Arc::new(bad);
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { return };
-                let n = syncs.fetch_add(1, Ordering::SeqCst);
-                let payload = if n == 0 { bad.clone() } else { good.clone() };
-                std::thread::spawn(move || serve_full_sync(conn, &payload));
+                let (syncs, bad, good) = (syncs.clone(), bad.clone(), good.clone());
+                std::thread::spawn(move || serve_full_sync(conn, &syncs, &bad, &good));
             }
         });
     }

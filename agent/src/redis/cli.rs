@@ -342,12 +342,18 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
             if cluster {
                 break;
             }
-            match super::cluster_stream::probe(s).await? {
-                Some(yes) => {
+            match super::cluster_stream::probe(s).await {
+                Ok(Some(yes)) => {
                     cluster = yes;
                     break;
                 }
-                None => continue,
+                Ok(None) => continue,
+                // One of several seeds not answering is not the end; the only one is.
+                Err(e) if seeds.len() > 1 => {
+                    tracing::warn!("{e:#}");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
             }
         }
         if cluster {

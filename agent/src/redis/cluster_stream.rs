@@ -316,6 +316,8 @@ pub fn lineage_map(
 pub async fn probe(source: &RedisSource) -> Result<Option<bool>, JobError> {
     let mut link = match MasterLink::connect(source).await {
         Ok(l) => l,
+        // No answer at all: the caller says so at once (a second connect would wait again).
+        Err(super::link::ConnectError::TimedOut(t)) => return Err(JobError::fatal(t)),
         Err(e) => {
             tracing::debug!(
                 "could not ask {} whether it is a cluster node: {e}",
