@@ -841,17 +841,29 @@ mod irsa {
             assert_eq!(get("WebIdentityToken"), Some(token.as_str()));
             assert_eq!(get("RoleSessionName"), Some("syncbridge-agent"));
         }
-        // The repository exists in SeaweedFS: written with the credentials STS returned.
+        // The repository exists in SeaweedFS: written with the credentials STS returned. The
+        // marker is a container object (compressed, bound to its key): read it back through
+        // the agent with the store's own keys.
         use object_store::ObjectStore;
         let store = s3.object_store();
-        let marker = store
-            .get(&object_store::path::Path::from("irsa/syncbridge-repo"))
+        store
+            .head(&object_store::path::Path::from("irsa/syncbridge-repo"))
             .await
-            .unwrap_or_else(|e| panic!("the agent's repository marker is missing: {e}"))
-            .bytes()
+            .unwrap_or_else(|e| panic!("the agent's repository marker is missing: {e}"));
+        let mut cat = syncbridge_tests::agent::command(&["SYNCBRIDGE_", "AWS_"]);
+        cat.envs(s3.env())
+            .args(["repo", "cat", "--repo"])
+            .arg(s3.repo_url("irsa"))
+            .arg("syncbridge-repo");
+        let out = tokio::task::spawn_blocking(move || cat.output().unwrap())
             .await
             .unwrap();
-        assert!(String::from_utf8_lossy(&marker).contains("postgres"));
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("postgres"),
+            "{}",
+            text(&out)
+        );
 
         // Another token is refused by STS, and then the agent has no way in.
         let other = dir.path().join("other-token");
