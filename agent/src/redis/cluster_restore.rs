@@ -30,12 +30,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use storage::layout::{self, ShardKey};
 use storage::Repository;
-use wire::redis::cluster::{key_hash_slot, SlotMapRecord, SlotRange};
+use wire::redis::cluster::{key_hash_slot, ClusterTopology, SlotMapRecord, SlotRange, SlotRanges};
 use wire::redis::resp::Reply;
 
 use super::admin::AdminConn;
 use super::cluster_stream::{shard_repo, ClusterCatalog};
-use super::restore::{describe_time, RestoreFormat, Restored};
+use super::restore::{check_target_empty, describe_time, RestoreFormat, Restored};
 use crate::catalog::redis::RedisCatalog;
 use crate::restore::lock;
 use crate::restore::place;
@@ -136,16 +136,7 @@ pub async fn restore(
     let target = &place::resolve(target)?;
     place::check_destination(target, repo.local_path(), "the target")?;
     let _lock = lock::create_and_lock(target, 0o700)?;
-    if std::fs::read_dir(target)
-        .with_context(|| format!("reading {}", target.display()))?
-        .next()
-        .is_some()
-    {
-        bail!(
-            "the target {} is not empty; restore into a new or empty directory",
-            target.display()
-        );
-    }
+    check_target_empty(target).await?;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("setting the mode of {}", target.display()))?;
     let mut restored = BTreeMap::new();
@@ -407,11 +398,10 @@ async fn assemble(nodes: &[StartedNode], map: &SlotMapRecord) -> Result<()> {
     // A node claims, when it loads, the slots it holds keys of: add only the rest.
     for (n, c) in nodes.iter().zip(conns.iter_mut()) {
         let mine = map.map.slots_of(n.shard.as_str());
-        let nodes_text = c.text(&[b"CLUSTER", b"NODES"]).await?;
-        let claimed = myself_slots(&nodes_text);
-        let missing: Vec<u16> = mine.slots().filter(|s| !claimed.contains(s)).collect();
-        for run in runs(&missing) {
-            let (a, b) = (run.0.to_string(), run.1.to_string());
+        let claimed = claimed_slots(c, n.port).await?;
+        let missing = SlotRanges::from_slots(mine.slots().filter(|s| !claimed.contains(*s)));
+        for run in missing.ranges() {
+            let (a, b) = (run.start().to_string(), run.end().to_string());
             c.ok(&[b"CLUSTER", b"ADDSLOTSRANGE", a.as_bytes(), b.as_bytes()])
                 .await
                 .with_context(|| format!("giving shard {} its slots {a}-{b}", n.shard))?;
@@ -434,38 +424,16 @@ async fn assemble(nodes: &[StartedNode], map: &SlotMapRecord) -> Result<()> {
     }
 }
 
-/// The slots of the `myself` line of a `CLUSTER NODES` text.
-fn myself_slots(text: &str) -> std::collections::BTreeSet<u16> {
-    let mut out = std::collections::BTreeSet::new();
-    let Some(line) = text.lines().find(|l| {
-        l.split(' ')
-            .nth(2)
-            .is_some_and(|flags| flags.split(',').any(|f| f == "myself"))
-    }) else {
-        return out;
-    };
-    for field in line.split(' ').skip(8) {
-        if field.starts_with('[') {
-            continue;
-        }
-        let (a, b) = field.split_once('-').unwrap_or((field, field));
-        if let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>()) {
-            out.extend(a..=b);
-        }
-    }
-    out
-}
-
-/// Maximal runs of consecutive slots.
-fn runs(slots: &[u16]) -> Vec<(u16, u16)> {
-    let mut out: Vec<(u16, u16)> = Vec::new();
-    for &s in slots {
-        match out.last_mut() {
-            Some(last) if last.1 + 1 == s => last.1 = s,
-            _ => out.push((s, s)),
-        }
-    }
-    out
+/// The slots a started node already claims (those it held keys of when it loaded).
+async fn claimed_slots(c: &mut AdminConn, port: u16) -> Result<SlotRanges> {
+    let id = c.text(&[b"CLUSTER", b"MYID"]).await?;
+    let nodes = c.text(&[b"CLUSTER", b"NODES"]).await?;
+    let topology = ClusterTopology::from_cluster_nodes(&nodes)
+        .with_context(|| format!("reading CLUSTER NODES of 127.0.0.1:{port}"))?;
+    Ok(topology
+        .shard_of_master(id.trim())
+        .map(|i| topology.shards[i].slots.clone())
+        .unwrap_or_default())
 }
 
 /// Prints what a cluster restore did and, without `--start`, how to bring the shards up.
@@ -503,27 +471,5 @@ pub fn report(target: &Path, done: &ClusterRestored, started: Option<&[StartedNo
         None => println!(
             "start it:     run again with --start redis-server to assemble a cluster with this slot map; or by hand: redis-server --dir DIR/<shard> --appendonly yes --cluster-enabled yes on each directory, CLUSTER MEET, and CLUSTER ADDSLOTSRANGE per DIR/slotmap (README, \"Restoring a cluster\")"
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn myself_slots_are_read_from_cluster_nodes() {
-        let text = "07c37dfeb235213a872192d90877d0cd55635b91 127.0.0.1:30004@31004 slave e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 0 1426238317239 4 connected\n\
-67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1 127.0.0.1:30002@31002 myself,master - 0 1426238316232 2 connected 5461-10922 12000 [5460->-e7d1]\n";
-        let s = myself_slots(text);
-        assert_eq!(s.len(), 10922 - 5461 + 1 + 1);
-        assert!(s.contains(&12000) && !s.contains(&5460));
-        assert!(myself_slots("").is_empty());
-    }
-
-    #[test]
-    fn runs_merge_consecutive_slots() {
-        assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 7), (9, 10)]);
-        assert!(runs(&[]).is_empty());
     }
 }

@@ -24,6 +24,7 @@
 //! the writes of the last [`PROBE_EVERY`] before T when reading was late.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -98,21 +99,30 @@ struct Samples {
     bounds: ExecBounds,
 }
 
+/// What the probe task hands to the stream: samples not yet taken, and a counter of
+/// samples published so the stream reads one atomic per command and locks only when a new
+/// sample is there (ten times a second), not once per replicated command.
+#[derive(Default)]
+struct Shared {
+    samples: Mutex<Samples>,
+    published: AtomicU64,
+}
+
 /// `INFO replication` every [`PROBE_EVERY`] on a connection of its own, as a task.
 pub struct OffsetProbe {
-    samples: Arc<Mutex<Samples>>,
+    shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl OffsetProbe {
     /// Starts probing `source`; `clock` gives the index's time (never going back).
     pub fn start(source: RedisSource, clock: fn() -> i64) -> OffsetProbe {
-        let samples = Arc::new(Mutex::new(Samples::default()));
-        let shared = samples.clone();
+        let shared = Arc::new(Shared::default());
+        let published = shared.clone();
         let task = tokio::spawn(async move {
             let mut failures = 0u32;
             loop {
-                match probe_loop(&source, &shared, clock).await {
+                match probe_loop(&source, &published, clock).await {
                     Ok(()) => return,
                     Err(e) => {
                         failures += 1;
@@ -126,25 +136,28 @@ impl OffsetProbe {
                 }
             }
         });
-        OffsetProbe { samples, task }
+        OffsetProbe { shared, task }
     }
 
-    /// The probe's bound for the command ending at `end` of the history `replid`.
-    pub fn take(&self, replid: &str, end: u64) -> Option<i64> {
-        let mut s = self.samples.lock().ok()?;
-        if s.replid != replid {
-            return None;
+    /// Moves the samples published since the last call into `into` (the caller's own
+    /// copy, consulted without a lock).
+    fn take_new(&self, seen: &mut u64, into: &mut Samples) {
+        if self.shared.published.load(Ordering::Acquire) == *seen {
+            return;
         }
-        s.bounds.take(end)
-    }
-
-    /// The probe's bound for the command after `end` (see [`ExecBounds::peek_after`]).
-    pub fn peek_after(&self, replid: &str, end: u64) -> Option<i64> {
-        let s = self.samples.lock().ok()?;
-        if s.replid != replid {
-            return None;
+        let Ok(mut s) = self.shared.samples.lock() else {
+            return;
+        };
+        *seen = self.shared.published.load(Ordering::Acquire);
+        if s.replid != into.replid {
+            *into = Samples {
+                replid: s.replid.clone(),
+                bounds: ExecBounds::default(),
+            };
         }
-        s.bounds.peek_after(end)
+        for (m, ms) in s.bounds.entries.drain(..) {
+            into.bounds.record(m, ms);
+        }
     }
 }
 
@@ -156,7 +169,7 @@ impl Drop for OffsetProbe {
 
 async fn probe_loop(
     source: &RedisSource,
-    samples: &Mutex<Samples>,
+    shared: &Shared,
     clock: fn() -> i64,
 ) -> anyhow::Result<()> {
     let mut link = MasterLink::connect(source).await?;
@@ -177,7 +190,7 @@ async fn probe_loop(
                 link.endpoint()
             );
         };
-        let Ok(mut s) = samples.lock() else {
+        let Ok(mut s) = shared.samples.lock() else {
             return Ok(());
         };
         if s.replid != replid {
@@ -187,6 +200,7 @@ async fn probe_loop(
             };
         }
         s.bounds.record(offset, ms);
+        shared.published.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -206,6 +220,9 @@ fn replication_position(info: &str) -> Option<(String, u64)> {
 pub struct CommandTimes {
     clock: fn() -> i64,
     probe: Option<OffsetProbe>,
+    /// The probe's samples taken so far and not yet used, and how many it had published.
+    probed: Samples,
+    probe_seen: u64,
     borrowed: Option<ExecBounds>,
     /// No time before this: the generation's snapshot time, then the last time given.
     floor: i64,
@@ -216,6 +233,8 @@ impl CommandTimes {
         Self {
             clock,
             probe,
+            probed: Samples::default(),
+            probe_seen: 0,
             borrowed: None,
             floor,
         }
@@ -233,7 +252,7 @@ impl CommandTimes {
     /// The time of the command of history `replid` ending at `end`, read now.
     pub fn command(&mut self, replid: &str, end: u64) -> i64 {
         let mut ms = (self.clock)();
-        if let Some(t) = self.probe.as_ref().and_then(|p| p.take(replid, end)) {
+        if let Some(t) = self.probed(replid).and_then(|b| b.take(end)) {
             ms = ms.min(t);
         }
         if let Some(b) = self.borrowed.as_mut() {
@@ -246,11 +265,18 @@ impl CommandTimes {
         self.floor
     }
 
+    /// The probe's bounds for history `replid`, with what it published since last asked.
+    fn probed(&mut self, replid: &str) -> Option<&mut ExecBounds> {
+        let probe = self.probe.as_ref()?;
+        probe.take_new(&mut self.probe_seen, &mut self.probed);
+        (self.probed.replid == replid).then_some(&mut self.probed.bounds)
+    }
+
     /// The time up to which the stream is known to have held nothing after `end`: now, but
     /// not past a bound of a later command (which may not have been read yet).
     pub fn sealed(&mut self, replid: &str, end: u64) -> i64 {
         let mut ms = (self.clock)();
-        if let Some(t) = self.probe.as_ref().and_then(|p| p.peek_after(replid, end)) {
+        if let Some(t) = self.probed(replid).and_then(|b| b.peek_after(end)) {
             ms = ms.min(t);
         }
         if let Some(t) = self.borrowed.as_ref().and_then(|b| b.peek_after(end)) {
@@ -317,6 +343,42 @@ mod tests {
         early.record(110, 900);
         t.switched(early.after(100), 1005);
         assert_eq!(t.command("r", 110), 1005);
+    }
+
+    #[tokio::test]
+    async fn probe_samples_reach_command_times_once_published() {
+        fn clock() -> i64 {
+            5000
+        }
+        let shared = Arc::new(Shared::default());
+        let publish = |replid: &str, m: u64, ms: i64| {
+            let mut s = shared.samples.lock().unwrap();
+            if s.replid != replid {
+                *s = Samples {
+                    replid: replid.to_owned(),
+                    bounds: ExecBounds::default(),
+                };
+            }
+            s.bounds.record(m, ms);
+            shared.published.fetch_add(1, Ordering::Release);
+        };
+        let probe = OffsetProbe {
+            shared: shared.clone(),
+            task: tokio::spawn(async {}),
+        };
+        let mut t = CommandTimes::new(clock, Some(probe), 0);
+        publish("r", 200, 4000);
+        publish("r", 300, 4100);
+        assert_eq!(t.command("r", 150), 4000);
+        assert_eq!(t.command("r", 250), 4100);
+        assert_eq!(t.sealed("r", 250), 4100);
+        // Taken by the stream, not left with the probe.
+        assert!(shared.samples.lock().unwrap().bounds.entries.is_empty());
+        publish("r", 400, 4200);
+        assert_eq!(t.command("r", 350), 4200);
+        // Another history's samples are not this one's: the arrival time.
+        assert_eq!(t.command("x", 450), 5000);
+        assert!(shared.samples.lock().unwrap().bounds.entries.is_empty());
     }
 
     #[test]

@@ -334,7 +334,8 @@ async fn write_file(path: &Path, data: &[u8]) -> Result<()> {
 }
 
 /// Refuses a target that exists and is not empty (an absent one is fine).
-async fn check_target_empty(target: &Path) -> Result<()> {
+/// Refuses a target that holds anything (a restore never mixes with what is there).
+pub(super) async fn check_target_empty(target: &Path) -> Result<()> {
     match tokio::fs::read_dir(target).await {
         Ok(mut entries) => {
             if entries.next_entry().await?.is_some() {
