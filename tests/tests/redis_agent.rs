@@ -1080,12 +1080,10 @@ fn assert_moments_restore(
             env,
         );
         let got = dump_port(restored.port, None);
-        if &got != expected {
+        if let Some(diff) = dump_difference(expected, &got) {
             let list = run_agent(&["list", "--repo", repo], env);
-            let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
-            let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
             panic!(
-                "target {i} (@{t}): missing {missing:?}, extra {extra:?}\nlist:\n{}\nlog:\n{log}",
+                "target {i} (@{t}): {diff}\nlist:\n{}\nlog:\n{log}",
                 text(&list)
             );
         }

@@ -182,15 +182,8 @@ fn cluster_restore_to_three_moments(flavor: RedisFlavor) {
             assert!(info.contains("cluster_slots_assigned:16384"), "{info}");
         }
         let got = dump_cluster(&restored.ports, None);
-        if &got != expected {
-            let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
-            let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
-            let differ: Vec<_> = got
-                .iter()
-                .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
-                .map(|(k, _)| k)
-                .collect();
-            panic!("moment {i}: missing {missing:?}, extra {extra:?}, different {differ:?}\n{out}");
+        if let Some(diff) = dump_difference(expected, &got) {
+            panic!("moment {i}: {diff}\n{out}");
         }
     }
     // Without --to-time: the newest moment every shard holds, i.e. everything.
@@ -317,17 +310,188 @@ fn resharding_1000_slots_restores_exactly_before_during_and_after() {
             "{out}"
         );
         let got = dump_cluster(&restored.ports, None);
-        if &got != expected {
-            let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
-            let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
-            let differ: Vec<_> = got
-                .iter()
-                .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
-                .map(|(k, _)| k)
-                .collect();
-            panic!(
-                "moment {name}: missing {missing:?}, extra {extra:?}, different {differ:?}\n{out}"
-            );
+        if let Some(diff) = dump_difference(expected, &got) {
+            panic!("moment {name}: {diff}\n{out}");
         }
     }
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// The object files of `dir` (recursively) whose path contains `part`, sorted.
+fn files_with(dir: &Path, part: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.to_string_lossy().contains(part) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A cluster restore (to `at`, else the latest moment) that must fail without leaving
+/// anything in `target`; returns its text.
+fn refused(repo: &str, target: &Path, at: Option<i64>) -> String {
+    let at = at.map(|t| format!("@{t}"));
+    let mut args = vec![
+        "redis",
+        "restore",
+        "--repo",
+        repo,
+        "--target",
+        target.to_str().unwrap(),
+    ];
+    if let Some(at) = &at {
+        args.extend(["--to-time", at.as_str()]);
+    }
+    let out = run_agent(&args, &[]);
+    let t = text(&out);
+    assert!(!out.status.success(), "restore succeeded:\n{t}");
+    let left: Vec<_> = std::fs::read_dir(target)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind {left:?}:\n{t}");
+    t
+}
+
+/// An attacker with write access to the bucket (or plain damage) never gets a cluster
+/// restore to succeed: a shard's chunk copied into another shard's place, a slot map giving
+/// slots to a shard the repository does not hold, a slot map not in canonical form and one
+/// whose time is not its key's are each refused naming the object, and nothing is left in
+/// the target (not even the shards restored before the damage was met).
+#[test]
+fn tampered_cluster_objects_are_refused_by_name_and_nothing_is_kept() {
+    let c = RedisCluster::start(RedisFlavor::Redis7, 3, 0);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo_dir = tmp.path().join("repo");
+    let repo = format!("file://{}", repo_dir.display());
+    let mut agent = StreamingAgent::start_with(
+        &c.node(0).url(),
+        &repo,
+        &["--max-lag", "100ms"],
+        &[],
+        tmp.path().join("stream.log"),
+    );
+    agent.wait_for_log_count("snapshot stored", 3, Duration::from_secs(60));
+    phase(&c, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    // A moment every shard's stream holds writes after (a shard's index ends at its last
+    // command).
+    let moment = now_ms();
+    std::thread::sleep(Duration::from_millis(300));
+    phase(&c, 1);
+    wait_stored(&c);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent.terminate(), "{}", agent.log_text());
+
+    // Intact, it restores (so each refusal below is the tampering's doing).
+    let out = run_agent(
+        &[
+            "redis",
+            "restore",
+            "--repo",
+            &repo,
+            "--target",
+            tmp.path().join("intact").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    // 1. Shard s01's first chunk stored in s02's place.
+    let chunks = |shard: &str| {
+        files_with(
+            &repo_dir.join(format!("redis/cluster/shards/{shard}")),
+            "/chunks/",
+        )
+    };
+    let (from, to) = (chunks("s01")[0].clone(), chunks("s02")[0].clone());
+    let saved = std::fs::read(&to).unwrap();
+    std::fs::copy(&from, &to).unwrap();
+    // Found while planning the latest moment (the newest chunk of each shard is read)...
+    let t = refused(&repo, &tmp.path().join("swapped"), None);
+    assert!(t.contains("written for"), "{t}");
+    assert!(t.contains("redis/cluster/shards/s01/"), "{t}");
+    assert!(t.contains("redis/cluster/shards/s02/"), "{t}");
+    // ... and, restoring to a moment, after shard s01 was written: which is removed again.
+    let t = refused(&repo, &tmp.path().join("swapped-at"), Some(moment));
+    assert!(t.contains("written for"), "{t}");
+    assert!(t.contains("redis/cluster/shards/s02/"), "{t}");
+    assert!(t.contains("nothing was kept"), "{t}");
+    std::fs::write(&to, saved).unwrap();
+
+    // 2-4. Slot maps written as valid objects of their keys (what the key binding cannot
+    // catch: the attacker writes a well-formed object).
+    let store = storage::Repository::open(&repo, storage::RepoOptions::default()).unwrap();
+    let put = |ms: u64, text: String| {
+        let key = storage::layout::redis_slot_map(ms);
+        block_on(store.put(
+            &key,
+            storage::ContentKind::RedisManifest,
+            bytes::Bytes::from(text),
+            storage::PutMode::Overwrite,
+        ))
+        .unwrap();
+        key
+    };
+    let remove = |key: &storage::layout::RepoKey| block_on(store.delete(key)).unwrap();
+    let later = u64::try_from(now_ms()).unwrap();
+    let header = |ms: u64| format!("syncbridge-slot-map 1\neffective-unix-ms {ms}\n");
+
+    let key = put(
+        later,
+        header(later) + "0-5460 s01\n5461-10922 s02\n10923-16383 s07\n",
+    );
+    let t = refused(&repo, &tmp.path().join("unknown"), None);
+    assert!(t.contains(key.as_str()) && t.contains("shard s07"), "{t}");
+    remove(&key);
+
+    let key = put(
+        later,
+        header(later) + "0-100 s01\n101-5460 s01\n5461-10922 s02\n10923-16383 s03\n",
+    );
+    let t = refused(&repo, &tmp.path().join("unmerged"), None);
+    assert!(
+        t.contains(key.as_str()) && t.contains("is not a slot map"),
+        "{t}"
+    );
+    remove(&key);
+
+    let key = put(
+        later,
+        header(later + 1) + "0-5460 s01\n5461-10922 s02\n10923-16383 s03\n",
+    );
+    let t = refused(&repo, &tmp.path().join("retimed"), None);
+    assert!(
+        t.contains(key.as_str()) && t.contains("took effect at"),
+        "{t}"
+    );
+    remove(&key);
+
+    // Mended, it restores again.
+    let out = run_agent(
+        &[
+            "redis",
+            "restore",
+            "--repo",
+            &repo,
+            "--target",
+            tmp.path().join("mended").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
 }

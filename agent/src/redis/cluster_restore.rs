@@ -99,9 +99,7 @@ pub async fn restore(
             // the newest moment the whole cluster can be restored to.
             let last = catalog.slot_maps.last().context("a slot map")?;
             let mut newest = i64::MAX;
-            for owner in last.map.owners() {
-                let shard = ShardKey::parse(owner)
-                    .with_context(|| format!("the slot map names the shard {owner:?}"))?;
+            for shard in held_owners(&catalog, last)? {
                 newest = newest.min(newest_moment(&shard_repo(repo, &shard)?, &shard).await?);
             }
             newest
@@ -120,12 +118,7 @@ pub async fn restore(
             describe_time(i64::try_from(first).unwrap_or(i64::MAX))
         );
     };
-    let mut shards = Vec::new();
-    for owner in record.map.owners() {
-        let shard = ShardKey::parse(owner)
-            .with_context(|| format!("the slot map of {} names {owner:?}", describe_time(to_ms)))?;
-        shards.push(shard);
-    }
+    let shards = held_owners(&catalog, record)?;
     if shards.is_empty() {
         bail!(
             "the slot map of {} gives no slot to any shard",
@@ -143,20 +136,21 @@ pub async fn restore(
     for shard in shards {
         let view = shard_repo(repo, &shard)?;
         let slots = record.map.slots_of(shard.as_str());
-        let done = super::restore::restore(
-            &view,
-            &target.join(shard.as_str()),
-            Some(to_ms),
-            RestoreFormat::Aof,
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "shard {shard} (slots {}) at {}",
-                describe_ranges(slots.ranges()),
-                describe_time(to_ms)
-            )
-        })?;
+        let dir = target.join(shard.as_str());
+        let done = super::restore::restore(&view, &dir, Some(to_ms), RestoreFormat::Aof).await;
+        let done = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // A cluster is restored whole or not at all: the shards already written
+                // would pass for a restore. The target was empty and is ours (locked).
+                let kept = remove_restored(target, restored.keys().chain([&shard]));
+                return Err(e.context(format!(
+                    "shard {shard} (slots {}) at {}; {kept}",
+                    describe_ranges(slots.ranges()),
+                    describe_time(to_ms)
+                )));
+            }
+        };
         restored.insert(shard, done);
     }
     let text = record.encode();
@@ -168,6 +162,43 @@ pub async fn restore(
         slot_map: record.clone(),
         shards: restored,
     })
+}
+
+/// The shards `record` gives slots to, each one the repository holds: checked before
+/// anything is written, since a record naming another shard is damage or tampering.
+fn held_owners(catalog: &ClusterCatalog, record: &SlotMapRecord) -> Result<Vec<ShardKey>> {
+    let key = layout::redis_slot_map(record.effective_unix_ms);
+    let mut shards = Vec::new();
+    for owner in record.map.owners() {
+        let shard = ShardKey::parse(owner)
+            .with_context(|| format!("{key} names the shard {owner:?}; nothing was written"))?;
+        if !catalog.shards.contains_key(&shard) {
+            bail!(
+                "{key} gives slots to shard {shard}, which this repository does not hold ({} has no shard record); nothing was written",
+                layout::redis_cluster_shard(&shard)
+            );
+        }
+        shards.push(shard);
+    }
+    Ok(shards)
+}
+
+/// Removes the shard directories this restore wrote into `target`, saying what is left.
+fn remove_restored<'a>(target: &Path, written: impl Iterator<Item = &'a ShardKey>) -> String {
+    let mut left = Vec::new();
+    for shard in written {
+        let dir = target.join(shard.as_str());
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => left.push(format!("{}: {e}", dir.display())),
+        }
+    }
+    if left.is_empty() {
+        format!("nothing was kept in {}", target.display())
+    } else {
+        format!("could not remove what was written: {}", left.join(", "))
+    }
 }
 
 fn describe_ranges(ranges: &[SlotRange]) -> String {

@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -141,15 +141,22 @@ impl ClusterCatalog {
             .await
             .context("listing the slot maps")?
         {
-            if layout::parse_redis_slot_map(&meta.key).is_none() {
+            let Some(key_ms) = layout::parse_redis_slot_map(&meta.key) else {
                 continue;
-            }
+            };
             let data = repo
                 .get(&meta.key)
                 .await
                 .with_context(|| format!("reading {}", meta.key))?;
             let record = SlotMapRecord::decode(&data)
                 .with_context(|| format!("{} is not a slot map", meta.key))?;
+            if record.effective_unix_ms != key_ms {
+                bail!(
+                    "{} says it took effect at {} ms, not at the time its key names",
+                    meta.key,
+                    record.effective_unix_ms
+                );
+            }
             slot_maps.push(record);
         }
         Ok(ClusterCatalog { shards, slot_maps })

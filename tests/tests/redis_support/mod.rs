@@ -150,6 +150,36 @@ pub fn keyspace(server: &RedisServer) -> BTreeMap<u64, (u64, u64)> {
     out
 }
 
+/// How `got` differs from `expected` (two dumps of [`dump_port`]'s shape), for a failure
+/// message: the keys missing, extra and with another value (at most 20 of each), or `None`
+/// when they are equal.
+pub fn dump_difference(
+    expected: &BTreeMap<String, String>,
+    got: &BTreeMap<String, String>,
+) -> Option<String> {
+    if expected == got {
+        return None;
+    }
+    fn first<'a>(keys: impl Iterator<Item = &'a String>) -> String {
+        let keys: Vec<&String> = keys.collect();
+        let shown: Vec<&&String> = keys.iter().take(20).collect();
+        match keys.len() {
+            n if n > 20 => format!("{n} keys, first {shown:?}"),
+            _ => format!("{shown:?}"),
+        }
+    }
+    let missing = first(expected.keys().filter(|k| !got.contains_key(*k)));
+    let extra = first(got.keys().filter(|k| !expected.contains_key(*k)));
+    let differ = first(
+        got.iter()
+            .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
+            .map(|(k, _)| k),
+    );
+    Some(format!(
+        "missing {missing}, extra {extra}, different {differ}"
+    ))
+}
+
 /// A canonical text dump of every key in databases 0..16: type and full content, sorted.
 /// Two servers with equal dumps hold the same data.
 pub fn dump_port(port: u16, password: Option<&str>) -> BTreeMap<String, String> {
