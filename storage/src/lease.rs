@@ -1382,7 +1382,11 @@ mod tests {
         let mut slow = gate.hold_put();
         slow.arrived().await;
         assert_eq!(Instant::now() - t0, Duration::from_millis(1250));
-        assert_eq!(current(&repo).await.unwrap().2, 0, "the first renewal failed");
+        assert_eq!(
+            current(&repo).await.unwrap().2,
+            0,
+            "the first renewal failed"
+        );
 
         // The renewal in flight holds the paused clock; move it by hand. The waiter, which
         // first saw the creation at t0, still reads it: it takes generation 2.
@@ -1435,7 +1439,11 @@ mod tests {
         late.arrived().await;
         assert_eq!(Instant::now() - t0, Duration::from_millis(1350));
         tokio::time::sleep_until(t0 + Duration::from_millis(4500)).await;
-        assert_eq!(current(&repo).await.unwrap().2, 4, "renewed at 2, 3 and 4 s");
+        assert_eq!(
+            current(&repo).await.unwrap().2,
+            4,
+            "renewed at 2, 3 and 4 s"
+        );
         late.release();
 
         // The holder keeps renewing on time: the waiter keeps waiting.
@@ -1463,9 +1471,14 @@ mod tests {
             released: true,
             ..other_writer("gone")
         };
-        write_record(&store, &layout::lease(scope(), 1), &released, PutMode::CreateNew)
-            .await
-            .unwrap();
+        write_record(
+            &store,
+            &layout::lease(scope(), 1),
+            &released,
+            PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
         let mut late = gate.hold_put();
         let mut waiter = tokio::spawn({
             let repo = repo.clone();
