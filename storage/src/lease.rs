@@ -256,8 +256,8 @@ struct State {
 /// A held lease. Renewed by a background task until `release` or drop (a dropped lease is
 /// not released: it expires, as after a crash; its guards fail from then on).
 ///
-/// When renewals fail for longer than `duration - renew_every` the lease is
-/// *unconfirmed*: `check` fails with [`LeaseError::Unconfirmed`] and writers wait
+/// When renewals fail (or land late, see the module doc) for longer than
+/// `duration - renew_every` the lease is *unconfirmed*: `check` fails with [`LeaseError::Unconfirmed`] and writers wait
 /// ([`LeaseGuard::writable`]). The renewal task keeps trying; once the store answers it
 /// re-takes the lease with a create-new write of the next generation (unless another
 /// writer took it meanwhile: then the lease is lost).
@@ -736,7 +736,7 @@ async fn renew_loop(
                     delay = opts.renew_every;
                 } else {
                     drop(s);
-                    tracing::warn!(lease = %layout::lease(scope, generation), "renewing the {scope} lease took until {:.1}s after the last confirmed renewal started: another writer may have taken it over meanwhile; re-taking it", since_confirmed.as_secs_f64());
+                    tracing::warn!(lease = %layout::lease(scope, generation), "renewing the {scope} lease took until {:.1}s after the last confirmed write of it started: another writer may have taken it over meanwhile; re-taking it", since_confirmed.as_secs_f64());
                     retake = true;
                     delay = opts.renew_every / 4;
                 }
