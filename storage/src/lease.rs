@@ -17,21 +17,42 @@
 //! * **Taking a lease is a create-new write** (`PutMode::CreateNew`: `If-None-Match: *` on
 //!   S3, a hard link on a local directory) of the next generation. Of several writers
 //!   taking over at once exactly one create succeeds; the others see `AlreadyExists` and
-//!   go back to waiting. Generations are never reused, so a holder that was taken over
-//!   cannot mistake a later lease for its own.
+//!   go back to waiting. Generations are never reused (a late creation of a deleted one is
+//!   not held: below), so a holder that was taken over cannot mistake a later lease for its
+//!   own.
 //! * **Renewal** overwrites the holder's own generation with the counter incremented,
 //!   every `renew_every`, after checking that no higher generation exists (if one does, the
 //!   lease was taken over: the holder stops).
 //! * **Expiry is judged by the waiter's own clock, never by timestamps**: a waiter that
 //!   sees the same (generation, token, counter) unchanged for the holder's `duration`
-//!   takes over. Clock skew between hosts or the store does not matter.
+//!   takes over. It notes when it first saw a record just *after* that read returned (so no
+//!   earlier than the write it saw landed), and takes over only on a read that *started*
+//!   `duration` after that (the instant is taken before the list): a task held up while a
+//!   read is answered never acts on older evidence than it measured. Clock skew between
+//!   hosts or the store does not matter.
+//! * **A renewal counts only if it landed in time**: within `duration` (less 1% for clock
+//!   rates) of the start of the previous *confirmed* write, the lease's creation or a renewal
+//!   that counted. One that lands later counts for nothing (a waiter may have taken over
+//!   meanwhile), and the next renewal re-takes the lease (below).
 //! * **A holder stops writing before any waiter can take over**: it considers the lease
-//!   valid only until `duration - renew_every` after the start of its last successful
-//!   renewal (or creation). A waiter first saw that renewal after it started, so it waits
-//!   at least `duration` from a later instant; the margin is `renew_every`. Past that the
-//!   lease is *unconfirmed*: writers wait, and the holder's next successful renewal
-//!   re-takes it with a create-new write of the next generation (racing a waiter fairly:
-//!   one create wins). So a store outage stalls the stream but does not hand it over.
+//!   valid only until `duration - renew_every` after the start of its last confirmed write.
+//!   Why that never outlasts what a waiter may assume: say a waiter takes over after last
+//!   seeing write W. It first saw W after W landed, so after W started, and its deciding read
+//!   started `duration` later still. Had a renewal after W counted, it would have landed
+//!   within `duration` of the start of W (or of an earlier confirmed write), so before that
+//!   read started, and the read would have returned it instead of W. So none did, and the
+//!   holder stopped writing by W's start + `duration - renew_every`: a `renew_every` before
+//!   the take-over. Past that point the lease is *unconfirmed*: writers
+//!   wait, and the holder's next successful renewal re-takes it with a create-new write of
+//!   the next generation (racing a waiter fairly: one create wins). So a store outage stalls
+//!   the stream but does not hand it over.
+//! * **A create-new counts only if its generation is still the newest once written**: a
+//!   writer held up between deciding and writing can create a generation that another writer
+//!   took and already deleted (holding a higher one by then). So every creator lists again
+//!   after creating; seeing a higher generation, it deletes its own and waits (a holder
+//!   re-taking stops: lost). The highest generation is never deleted (a holder deletes only
+//!   generations below the one it created), so a later creator of a higher one first sees
+//!   this one and waits for it to expire.
 //! * **A holder that certainly died is not waited for**: when the lease names a process of
 //!   this kernel boot and PID namespace (`boot_id` and `/proc/self/ns/pid` match) and
 //!   `/proc/<pid>` does not exist, the waiter takes over at once (a restart after a crash
@@ -44,11 +65,13 @@
 //! blocked on its source.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+// tokio's `Instant` is `std`'s outside tests; tests pause and advance it (`tokio::time::pause`).
+use tokio::time::Instant;
 
 use crate::error::StorageError;
 use crate::format::ContentKind;
@@ -141,6 +164,13 @@ impl LeaseOptions {
     fn valid_for(&self) -> Duration {
         self.duration.saturating_sub(self.renew_every)
     }
+
+    /// How soon after the start of the previous confirmed write (renewal or creation) a
+    /// renewal must have landed to count: `duration`, less 1% for the holder's and a
+    /// waiter's clocks running at different rates (NTP slews by at most 0.05%).
+    fn confirm_within(&self) -> Duration {
+        self.duration.saturating_sub(self.duration / 100)
+    }
 }
 
 /// Who holds a lease: what the lease object says.
@@ -216,7 +246,8 @@ fn host_name() -> String {
 struct State {
     /// The generation held (a renewal after an outage takes the next one).
     generation: u64,
-    /// Start of the last successful creation or renewal.
+    /// Start of the last confirmed write: the creation, or a renewal that counted (see the
+    /// module doc).
     renewed_at: Instant,
     /// Set once the lease is gone for good.
     lost: Option<String>,
@@ -225,8 +256,8 @@ struct State {
 /// A held lease. Renewed by a background task until `release` or drop (a dropped lease is
 /// not released: it expires, as after a crash; its guards fail from then on).
 ///
-/// When renewals fail for longer than `duration - renew_every` the lease is
-/// *unconfirmed*: `check` fails with [`LeaseError::Unconfirmed`] and writers wait
+/// When renewals fail (or land late, see the module doc) for longer than
+/// `duration - renew_every` the lease is *unconfirmed*: `check` fails with [`LeaseError::Unconfirmed`] and writers wait
 /// ([`LeaseGuard::writable`]). The renewal task keeps trying; once the store answers it
 /// re-takes the lease with a create-new write of the next generation (unless another
 /// writer took it meanwhile: then the lease is lost).
@@ -358,6 +389,35 @@ async fn generations(store: &Repository, scope: LeaseScope) -> Result<Vec<u64>, 
     Ok(gens)
 }
 
+/// Who holds a generation of `scope` higher than `generation`, if one exists: the holder
+/// and the lease object, as text.
+async fn newer_holder(
+    store: &Repository,
+    scope: LeaseScope,
+    generation: u64,
+) -> Result<Option<String>, LeaseError> {
+    let gens = generations(store, scope).await?;
+    Ok(newest_above(store, scope, &gens, generation).await)
+}
+
+/// The highest of `gens` when it is above `generation`, with its holder, as text.
+async fn newest_above(
+    store: &Repository,
+    scope: LeaseScope,
+    gens: &[u64],
+    generation: u64,
+) -> Option<String> {
+    let newest = *gens.last().filter(|&&g| g > generation)?;
+    let k = layout::lease(scope, newest);
+    let by = read_record(store, &k)
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| "another writer".into());
+    Some(format!("{by} ({k})"))
+}
+
 async fn read_record(store: &Repository, key: &RepoKey) -> Result<Option<LeaseRecord>, LeaseError> {
     match store.get(key).await {
         Ok(data) => Ok(Some(serde_json::from_slice(&data).map_err(|e| {
@@ -412,6 +472,9 @@ impl Lease {
         // What we saw of the current holder: (generation, token, renewal) and since when.
         let mut watching: Option<((u64, String, u64), Instant)> = None;
         loop {
+            // Taken before the list: the read below starts after this instant, so what it
+            // returns is at least this recent however long the task waits for its answer.
+            let probe = Instant::now();
             let gens = generations(&store, scope).await?;
             let next = match gens.last() {
                 None => Some(1),
@@ -430,8 +493,9 @@ impl Lease {
                             let wait = Duration::from_millis(rec.duration_ms).max(opts.duration);
                             match &watching {
                                 Some((s, since)) if *s == seen => {
-                                    if since.elapsed() >= wait {
-                                        tracing::warn!(lease = %key, holder = %rec, "the {scope} lease was not renewed for {:.1}s: taking over", since.elapsed().as_secs_f64());
+                                    let unchanged = probe.saturating_duration_since(*since);
+                                    if unchanged >= wait {
+                                        tracing::warn!(lease = %key, holder = %rec, "the {scope} lease was not renewed for {:.1}s: taking over", unchanged.as_secs_f64());
                                         Some(g + 1)
                                     } else {
                                         None
@@ -441,6 +505,8 @@ impl Lease {
                                     if watching.as_ref().is_none_or(|(s, _)| s.1 != seen.1) {
                                         tracing::warn!(lease = %key, holder = %rec, "another writer holds the {scope} lease: waiting until it stops (taken over once it is not renewed for {:.0}s)", wait.as_secs_f64());
                                     }
+                                    // After the read returned, so no earlier than the
+                                    // write it saw landed.
                                     watching = Some((seen, Instant::now()));
                                     None
                                 }
@@ -454,6 +520,21 @@ impl Lease {
                 let attempt = Instant::now();
                 match write_record(&store, &key, &me, PutMode::CreateNew).await {
                     Ok(()) => {
+                        // A writer held up between deciding and writing can create a
+                        // generation that was taken and already deleted meanwhile (by the
+                        // holder of a higher one): then it holds nothing.
+                        match newer_holder(&store, scope, generation).await {
+                            Ok(None) => {}
+                            Ok(Some(by)) => {
+                                tracing::warn!(lease = %key, "created the {scope} lease too late: {by} holds a newer one; waiting");
+                                let _ = store.delete(&key).await;
+                                continue;
+                            }
+                            Err(e) => {
+                                let _ = store.delete(&key).await;
+                                return Err(e);
+                            }
+                        }
                         tracing::info!(lease = %key, "holding the {scope} lease");
                         for old in gens.iter().filter(|&&g| g < generation) {
                             let _ = store.delete(&layout::lease(scope, *old)).await;
@@ -599,6 +680,8 @@ async fn renew_loop(
 ) {
     let (scope, opts) = (guard.scope, guard.opts);
     let mut delay = opts.renew_every;
+    // Set when a renewal landed too late to count: the next one re-takes the lease.
+    let mut retake = false;
     loop {
         // Stop is only heard between renewals, so `release` never races one in flight.
         tokio::select! {
@@ -607,7 +690,7 @@ async fn renew_loop(
         }
         let started = Instant::now();
         let generation = lock(&guard.state).generation;
-        let unconfirmed = guard.check().is_err();
+        let unconfirmed = retake || guard.check().is_err();
         // Storage writes are not `Send`: each renewal runs on a blocking thread that
         // drives it on this runtime, so this task (and the lease) can live anywhere.
         //
@@ -643,10 +726,23 @@ async fn renew_loop(
         drop(alive);
         match renewed {
             Ok(Renewal::Renewed) => {
-                lock(&guard.state).renewed_at = started;
-                delay = opts.renew_every;
+                // Counts only if it landed within `confirm_within` of the start of the
+                // previous confirmed write (see the module doc's rules): a waiter that last
+                // saw that write may take over from then on.
+                let mut s = lock(&guard.state);
+                let since_confirmed = s.renewed_at.elapsed();
+                if since_confirmed < opts.confirm_within() {
+                    s.renewed_at = started;
+                    delay = opts.renew_every;
+                } else {
+                    drop(s);
+                    tracing::warn!(lease = %layout::lease(scope, generation), "renewing the {scope} lease took until {:.1}s after the last confirmed write of it started: another writer may have taken it over meanwhile; re-taking it", since_confirmed.as_secs_f64());
+                    retake = true;
+                    delay = opts.renew_every / 4;
+                }
             }
             Ok(Renewal::Retaken(g)) => {
+                retake = false;
                 {
                     let mut s = lock(&guard.state);
                     s.generation = g;
@@ -680,15 +776,8 @@ async fn renew_once(
     unconfirmed: bool,
 ) -> Result<Renewal, LeaseError> {
     let gens = generations(store, scope).await?;
-    if let Some(&newer) = gens.iter().find(|&&g| g > generation) {
-        let k = layout::lease(scope, newer);
-        let by = read_record(store, &k)
-            .await
-            .ok()
-            .flatten()
-            .map(|r| r.to_string())
-            .unwrap_or_else(|| "another writer".into());
-        return Ok(Renewal::TakenOver(format!("taken over by {by} ({k})")));
+    if let Some(by) = newest_above(store, scope, &gens, generation).await {
+        return Ok(Renewal::TakenOver(format!("taken over by {by}")));
     }
     let mut rec = record.lock().unwrap_or_else(|p| p.into_inner()).clone();
     rec.renewal += 1;
@@ -696,7 +785,15 @@ async fn renew_once(
         let next = generation + 1;
         let key = layout::lease(scope, next);
         match write_record(store, &key, &rec, PutMode::CreateNew).await {
-            Ok(()) => Renewal::Retaken(next),
+            // As in `acquire`: created, but perhaps after that generation was taken and
+            // deleted by the holder of a higher one.
+            Ok(()) => match newer_holder(store, scope, next).await? {
+                None => Renewal::Retaken(next),
+                Some(by) => {
+                    let _ = store.delete(&key).await;
+                    return Ok(Renewal::TakenOver(format!("taken over by {by}")));
+                }
+            },
             Err(StorageError::AlreadyExists { .. }) => {
                 return Ok(Renewal::TakenOver(format!(
                     "taken over by another writer ({key})"
@@ -1057,5 +1154,394 @@ mod tests {
         assert_eq!(lease.key(), layout::lease(scope(), 2));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!repo.exists(&layout::lease(scope(), 1)).await.unwrap());
+    }
+
+    /// A memory store whose lease PUTs and GETs a test can fail or hold (see `Held`), to
+    /// replay the races of the module doc's rules in paused time, deterministically.
+    mod gate {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        use async_trait::async_trait;
+        use futures::stream::BoxStream;
+        use object_store::memory::InMemory;
+        use object_store::path::Path;
+        use object_store::{
+            GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+            PutMultipartOptions, PutOptions, PutPayload, PutResult,
+        };
+        use tokio::sync::oneshot;
+
+        use crate::{RepoOptions, Repository, RetryPolicy};
+
+        type Slot = Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>;
+
+        #[derive(Default)]
+        pub struct Gate {
+            inner: InMemory,
+            fail_puts: AtomicUsize,
+            hold_put: Slot,
+            hold_get: Slot,
+        }
+
+        impl std::fmt::Debug for Gate {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "Gate")
+            }
+        }
+
+        impl std::fmt::Display for Gate {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "Gate")
+            }
+        }
+
+        /// An armed hold: `arrived` resolves when the operation reaches the store; it goes
+        /// on when `release` is called.
+        pub struct Held {
+            arrived: oneshot::Receiver<()>,
+            release: oneshot::Sender<()>,
+        }
+
+        impl Held {
+            pub async fn arrived(&mut self) {
+                (&mut self.arrived).await.unwrap();
+            }
+
+            pub fn release(self) {
+                self.release.send(()).unwrap();
+            }
+        }
+
+        fn arm(slot: &Slot) -> Held {
+            let (arrived_tx, arrived) = oneshot::channel();
+            let (release, release_rx) = oneshot::channel();
+            *slot.lock().unwrap() = Some((arrived_tx, release_rx));
+            Held { arrived, release }
+        }
+
+        async fn pass(slot: &Slot) {
+            let held = slot.lock().unwrap().take();
+            if let Some((arrived, release)) = held {
+                arrived.send(()).unwrap();
+                release.await.unwrap();
+            }
+        }
+
+        impl Gate {
+            /// The next `n` lease PUTs fail.
+            pub fn fail_puts(&self, n: usize) {
+                self.fail_puts.store(n, Ordering::SeqCst);
+            }
+
+            /// The next lease PUT (after any failing ones) waits before it reaches the
+            /// store: a write slow to land.
+            pub fn hold_put(&self) -> Held {
+                arm(&self.hold_put)
+            }
+
+            /// The next lease GET reads the store, then waits before answering: a read
+            /// answered late, or a reader starved after its read.
+            pub fn hold_get(&self) -> Held {
+                arm(&self.hold_get)
+            }
+        }
+
+        fn is_lease(location: &Path) -> bool {
+            location.as_ref().starts_with("leases/")
+        }
+
+        #[async_trait]
+        impl ObjectStore for Gate {
+            async fn put_opts(
+                &self,
+                location: &Path,
+                payload: PutPayload,
+                opts: PutOptions,
+            ) -> object_store::Result<PutResult> {
+                if is_lease(location) {
+                    let failing = self
+                        .fail_puts
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if failing {
+                        return Err(object_store::Error::Generic {
+                            store: "Gate",
+                            source: "the store failed this write".into(),
+                        });
+                    }
+                    pass(&self.hold_put).await;
+                }
+                self.inner.put_opts(location, payload, opts).await
+            }
+
+            async fn put_multipart_opts(
+                &self,
+                location: &Path,
+                opts: PutMultipartOptions,
+            ) -> object_store::Result<Box<dyn MultipartUpload>> {
+                self.inner.put_multipart_opts(location, opts).await
+            }
+
+            async fn get_opts(
+                &self,
+                location: &Path,
+                options: GetOptions,
+            ) -> object_store::Result<GetResult> {
+                // The memory store's answer holds the bytes read now.
+                let answer = self.inner.get_opts(location, options).await;
+                if is_lease(location) {
+                    pass(&self.hold_get).await;
+                }
+                answer
+            }
+
+            async fn delete(&self, location: &Path) -> object_store::Result<()> {
+                self.inner.delete(location).await
+            }
+
+            fn list(
+                &self,
+                prefix: Option<&Path>,
+            ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+                self.inner.list(prefix)
+            }
+
+            async fn list_with_delimiter(
+                &self,
+                prefix: Option<&Path>,
+            ) -> object_store::Result<ListResult> {
+                self.inner.list_with_delimiter(prefix).await
+            }
+
+            async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+                self.inner.copy(from, to).await
+            }
+
+            async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+                self.inner.copy_if_not_exists(from, to).await
+            }
+        }
+
+        /// A repository on a fresh gate; no retries (a retry's backoff would wait for the
+        /// paused clock).
+        pub fn repo() -> (Arc<Gate>, Repository) {
+            let gate = Arc::new(Gate::default());
+            let opts = RepoOptions {
+                retry: RetryPolicy {
+                    max_attempts: 1,
+                    ..RetryPolicy::default()
+                },
+                ..RepoOptions::default()
+            };
+            let repo = Repository::from_store(gate.clone(), "", "gate://", opts).unwrap();
+            (gate, repo)
+        }
+    }
+
+    /// A lease of 3 s renewed every second (as `with_duration` makes it).
+    fn three_seconds() -> LeaseOptions {
+        LeaseOptions::with_duration(Duration::from_secs(3))
+    }
+
+    /// A record of `purpose` holding the lease for an hour, as another process would write.
+    fn other_writer(purpose: &str) -> LeaseRecord {
+        LeaseRecord {
+            host: "elsewhere".into(),
+            pid: 1,
+            started: "then".into(),
+            purpose: purpose.into(),
+            token: purpose.into(),
+            renewal: 0,
+            duration_ms: 3_600_000,
+            released: false,
+            boot_id: None,
+            pid_ns: None,
+        }
+    }
+
+    /// Race 1 of the audit: a renewal slow to land. The holder's first renewal fails and
+    /// its retry (started 1.25 s after the creation) takes until after a waiter, which last
+    /// saw the creation, took over 3 s after it. Counted from its start, that renewal would
+    /// let the holder write until 3.25 s, beside the new holder; it landed later than a lease
+    /// after the creation started, so it counts for nothing: the holder stays unconfirmed
+    /// and then finds the lease lost.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_landing_after_a_take_over_does_not_count() {
+        let (gate, repo) = gate::repo();
+        let t0 = Instant::now();
+        let holder = Lease::acquire(&repo, scope(), "holder", three_seconds())
+            .await
+            .unwrap();
+        let guard = holder.guard();
+        let waiter = tokio::spawn({
+            let repo = repo.clone();
+            async move { Lease::acquire(&repo, scope(), "waiter", three_seconds()).await }
+        });
+        gate.fail_puts(1);
+        let mut slow = gate.hold_put();
+        slow.arrived().await;
+        assert_eq!(Instant::now() - t0, Duration::from_millis(1250));
+        assert_eq!(
+            current(&repo).await.unwrap().2,
+            0,
+            "the first renewal failed"
+        );
+
+        // The renewal in flight holds the paused clock; move it by hand. The waiter, which
+        // first saw the creation at t0, still reads it: it takes generation 2.
+        tokio::time::advance(Duration::from_millis(1800)).await;
+        let taker = waiter.await.unwrap().unwrap();
+        assert_eq!(taker.key(), layout::lease(scope(), 2));
+        assert!(guard.check().is_err(), "unconfirmed since 2 s after t0");
+
+        // The renewal lands (3.05 s after t0) and must not make the holder writable again.
+        slow.release();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !guard.is_lost() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert!(
+                guard.check().is_err(),
+                "the old holder may write {:?} after t0, while {} is held",
+                Instant::now() - t0,
+                taker.key()
+            );
+            assert!(Instant::now() < deadline, "the old holder never noticed");
+        }
+        assert_eq!(current(&repo).await.unwrap().0, 2);
+        assert!(taker.check().is_ok());
+    }
+
+    /// Race 2 of the audit: a waiter whose read is answered late (or whose task is starved
+    /// right after it) must not take over on that read's old contents. The waiter (polling
+    /// every 250 ms) first saw renewal 1 at 1.1 s; its read at 1.35 s returns renewal 1
+    /// only at 4.5 s, after renewals 2, 3 and 4 landed on time. Measured from when the read
+    /// returned, renewal 1 looks 3.4 s old; the read started 0.25 s after it was first seen.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_does_not_take_over_on_a_read_answered_late() {
+        let (gate, repo) = gate::repo();
+        let t0 = Instant::now();
+        let holder = Lease::acquire(&repo, scope(), "holder", three_seconds())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let polling = LeaseOptions {
+            duration: Duration::from_secs(3),
+            renew_every: Duration::from_millis(250),
+        };
+        let mut waiter = tokio::spawn({
+            let repo = repo.clone();
+            async move { Lease::acquire(&repo, scope(), "waiter", polling).await }
+        });
+        tokio::time::sleep_until(t0 + Duration::from_millis(1200)).await;
+        assert_eq!(current(&repo).await.unwrap().2, 1, "renewed at 1 s");
+        let mut late = gate.hold_get();
+        late.arrived().await;
+        assert_eq!(Instant::now() - t0, Duration::from_millis(1350));
+        tokio::time::sleep_until(t0 + Duration::from_millis(4500)).await;
+        assert_eq!(
+            current(&repo).await.unwrap().2,
+            4,
+            "renewed at 2, 3 and 4 s"
+        );
+        late.release();
+
+        // The holder keeps renewing on time: the waiter keeps waiting.
+        let outcome = tokio::time::timeout(Duration::from_secs(5), &mut waiter).await;
+        if let Ok(taken) = outcome {
+            panic!(
+                "took over at {:?} on a read that started 0.25 s after it saw that renewal: {:?}",
+                Instant::now() - t0,
+                taken.unwrap().map(|l| l.key())
+            );
+        }
+        assert!(holder.check().is_ok());
+        assert_eq!(current(&repo).await.unwrap().0, 1);
+        waiter.abort();
+    }
+
+    /// A waiter held up between deciding to take generation 2 and writing it, while
+    /// generation 2 was taken by another writer that, re-taking, now holds 3 and deleted 2:
+    /// its create-new of 2 succeeds, yet it must not hold the lease.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_creation_of_a_superseded_generation_is_not_held() {
+        let (gate, repo) = gate::repo();
+        let store = plain(&repo);
+        let released = LeaseRecord {
+            released: true,
+            ..other_writer("gone")
+        };
+        write_record(
+            &store,
+            &layout::lease(scope(), 1),
+            &released,
+            PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
+        let mut late = gate.hold_put();
+        let mut waiter = tokio::spawn({
+            let repo = repo.clone();
+            async move { Lease::acquire(&repo, scope(), "late", three_seconds()).await }
+        });
+        late.arrived().await;
+        write_record(
+            &store,
+            &layout::lease(scope(), 3),
+            &other_writer("newer"),
+            PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
+        assert!(!repo.exists(&layout::lease(scope(), 2)).await.unwrap());
+        late.release();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), &mut waiter).await;
+        if let Ok(taken) = outcome {
+            panic!(
+                "holds {:?} while generation 3 is the lease",
+                taken.unwrap().map(|l| l.key())
+            );
+        }
+        assert!(!repo.exists(&layout::lease(scope(), 2)).await.unwrap());
+        assert_eq!(current(&repo).await.unwrap().0, 3);
+        waiter.abort();
+    }
+
+    /// The same for a holder re-taking its lease after an outage: its create-new of the
+    /// next generation lands after another writer took that one, re-took the one after and
+    /// deleted it. The lease is lost, not re-taken.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_re_take_of_a_superseded_generation_is_lost() {
+        let (gate, repo) = gate::repo();
+        let holder = Lease::acquire(&repo, scope(), "holder", three_seconds())
+            .await
+            .unwrap();
+        let guard = holder.guard();
+        // As if the store had not answered for a while: the next renewal re-takes.
+        lock(&guard.state).renewed_at = Instant::now() - three_seconds().duration;
+        let mut late = gate.hold_put();
+        late.arrived().await;
+        write_record(
+            &plain(&repo),
+            &layout::lease(scope(), 3),
+            &other_writer("newer"),
+            PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
+        late.release();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(
+            guard.check().is_err(),
+            "writable as {} while generation 3 is the lease",
+            guard.key()
+        );
+        tokio::time::timeout(Duration::from_secs(5), guard.lost())
+            .await
+            .unwrap();
+        let err = guard.check().unwrap_err().to_string();
+        assert!(err.contains("taken over by newer"), "{err}");
+        assert_eq!(current(&repo).await.unwrap().0, 3);
+        assert!(!repo.exists(&layout::lease(scope(), 2)).await.unwrap());
     }
 }
