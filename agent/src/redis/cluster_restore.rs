@@ -34,6 +34,7 @@ use wire::redis::cluster::{key_hash_slot, ClusterTopology, SlotMapRecord, SlotRa
 use wire::redis::resp::Reply;
 
 use super::admin::AdminConn;
+use super::cluster_moves;
 use super::cluster_stream::{shard_repo, ClusterCatalog};
 use super::restore::{check_target_empty, describe_time, RestoreFormat, Restored};
 use crate::catalog::redis::RedisCatalog;
@@ -49,6 +50,9 @@ pub struct ClusterRestored {
     pub slot_map: SlotMapRecord,
     /// Each shard's restore, by shard key.
     pub shards: BTreeMap<ShardKey, Restored>,
+    /// Keys that were moving between shards at the moment, put back on their owner (see
+    /// [`cluster_moves`]), by owner.
+    pub moving: BTreeMap<ShardKey, usize>,
 }
 
 /// Whether `repo` holds a Redis Cluster capture.
@@ -153,6 +157,13 @@ pub async fn restore(
         };
         restored.insert(shard, done);
     }
+    let moving = match replay_moving_keys(repo, &catalog, record, target, to_ms).await {
+        Ok(m) => m,
+        Err(e) => {
+            let kept = remove_restored(target, restored.keys());
+            return Err(e.context(format!("keys moving at {}; {kept}", describe_time(to_ms))));
+        }
+    };
     let text = record.encode();
     let path = target.join("slotmap");
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
@@ -161,7 +172,69 @@ pub async fn restore(
         to_ms,
         slot_map: record.clone(),
         shards: restored,
+        moving,
     })
+}
+
+/// Applies "a `DEL` during a move means moved" ([`cluster_moves`]): every shard with a
+/// generation at T is read around T, and each key that was moving at T is put back on the
+/// shard owning its slot at T by replaying the target's `RESTORE`. Returns the count per
+/// owner.
+async fn replay_moving_keys(
+    repo: &Repository,
+    catalog: &ClusterCatalog,
+    record: &SlotMapRecord,
+    target: &Path,
+    to_ms: i64,
+) -> Result<BTreeMap<ShardKey, usize>> {
+    let mut windows = BTreeMap::new();
+    for shard in catalog.shards.keys() {
+        let view = shard_repo(repo, shard)?;
+        let w = cluster_moves::window(&view, to_ms)
+            .await
+            .with_context(|| format!("shard {shard}: reading its commands around the moment"))?;
+        windows.insert(shard.clone(), w);
+    }
+    let mut by_owner: BTreeMap<ShardKey, Vec<u8>> = BTreeMap::new();
+    let mut counts = BTreeMap::new();
+    for m in cluster_moves::moved_keys(&windows) {
+        let owner = match record.map.owner_of_key(&m.key) {
+            Some(o) => ShardKey::parse(o)?,
+            None => continue,
+        };
+        tracing::info!(
+            key = %String::from_utf8_lossy(&m.key),
+            from = %m.source,
+            to = %m.target,
+            "a key moving at the moment: restored on {owner} from {}'s RESTORE",
+            m.target
+        );
+        let aof = by_owner.entry(owner.clone()).or_default();
+        if aof.is_empty() {
+            // Cluster nodes have database 0 only.
+            aof.extend_from_slice(b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n");
+        }
+        aof.extend_from_slice(&m.restore);
+        *counts.entry(owner).or_insert(0) += 1;
+    }
+    for (owner, aof) in by_owner {
+        let path = target
+            .join(owner.as_str())
+            .join("appendonlydir/appendonly.aof.1.incr.aof");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| {
+                format!(
+                    "opening {} to add the keys moving at the moment",
+                    path.display()
+                )
+            })?;
+        std::io::Write::write_all(&mut f, &aof)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(counts)
 }
 
 /// The shards `record` gives slots to, each one the repository holds: checked before
@@ -481,6 +554,9 @@ pub fn report(target: &Path, done: &ClusterRestored, started: Option<&[StartedNo
             r.snapshot.total_keys(),
             r.commands
         );
+        if let Some(n) = done.moving.get(shard) {
+            println!("              {n} keys moving between shards at that moment restored here from their target's RESTORE");
+        }
     }
     println!("wrote:        {}", target.join("slotmap").display());
     match started {

@@ -124,6 +124,8 @@ pub struct MasterLink {
     endpoint: String,
     /// Bytes read from the socket in total (for throughput reports).
     pub bytes_read: u64,
+    /// The test hook's next read time (see [`test_read_delay`]).
+    delayed_until: Option<tokio::time::Instant>,
 }
 
 impl MasterLink {
@@ -175,6 +177,7 @@ impl MasterLink {
             buf: BytesMut::with_capacity(READ_SIZE),
             endpoint,
             bytes_read: 0,
+            delayed_until: None,
         };
         link.handshake(source).await?;
         Ok(link)
@@ -394,9 +397,32 @@ impl MasterLink {
         if let Some(cmd) = dec.decode(&mut self.buf).map_err(|e| anyhow!(e))? {
             return Ok(Some(cmd));
         }
+        if let Some(delay) = test_read_delay(&self.endpoint) {
+            let until = *self
+                .delayed_until
+                .get_or_insert_with(|| tokio::time::Instant::now() + delay);
+            tokio::time::sleep_until(until).await;
+            self.delayed_until = None;
+        }
         match tokio::time::timeout(wait, self.next_command(dec)).await {
             Ok(result) => result.map(Some),
             Err(_) => Ok(None),
         }
     }
+}
+
+/// Test hook: `SYNCBRIDGE_TEST_REDIS_READ_DELAY=HOST:PORT=MS` makes the replication stream
+/// from that master wait MS before each read of new commands, as a stream does while its
+/// uploads hold it back (the offset probe is not delayed). Lets the cluster tests show that
+/// a restore stays exact when one shard's stream is read late. Not for production use.
+fn test_read_delay(endpoint: &str) -> Option<Duration> {
+    static HOOK: std::sync::OnceLock<Option<(String, Duration)>> = std::sync::OnceLock::new();
+    let hook = HOOK.get_or_init(|| {
+        let v = std::env::var("SYNCBRIDGE_TEST_REDIS_READ_DELAY").ok()?;
+        let (at, ms) = v.trim().rsplit_once('=')?;
+        Some((at.to_owned(), Duration::from_millis(ms.parse().ok()?)))
+    });
+    hook.as_ref()
+        .filter(|(at, _)| at == endpoint)
+        .map(|(_, d)| *d)
 }
