@@ -192,6 +192,52 @@ impl RedisCluster {
         self.wait_stable();
     }
 
+    /// Starts one more node, joins it to the cluster as a master owning no slot (what
+    /// `redis-cli --cluster add-node` does before a `reshard` gives it slots) and returns its
+    /// index. Clusters with a password are not supported here.
+    pub fn add_master(&mut self) -> usize {
+        assert!(
+            self.nodes[0].password().is_none(),
+            "add_master: clusters with a password are not supported"
+        );
+        let node = RedisServer::builder(self.flavor)
+            .cluster()
+            .args(["--cluster-node-timeout", "15000"])
+            .start();
+        let id = node
+            .cmd(&["CLUSTER", "MYID"])
+            .as_str()
+            .unwrap_or_else(|| panic!("CLUSTER MYID of port {} is not a string", node.port()))
+            .to_owned();
+        let bus = node.cluster_port().unwrap_or(0).to_string();
+        expect_ok(
+            self.nodes[0].cmd(&[
+                "CLUSTER",
+                "MEET",
+                "127.0.0.1",
+                &node.port().to_string(),
+                &bus,
+            ]),
+            "CLUSTER MEET",
+        );
+        self.nodes.push(node);
+        self.ids.push(id.clone());
+        self.wait_until("every node knows the new master", SETTLE, |c| {
+            c.running().all(|n| {
+                n.try_cmd(&["CLUSTER", "NODES"])
+                    .ok()
+                    .and_then(|r| r.as_str().map(str::to_owned))
+                    .is_some_and(|text| {
+                        text.lines()
+                            .any(|l| l.starts_with(id.as_str()) && !l.contains("handshake"))
+                            && !text.contains("handshake")
+                    })
+            })
+        });
+        self.wait_stable();
+        self.nodes.len() - 1
+    }
+
     /// Server implementation.
     pub fn flavor(&self) -> RedisFlavor {
         self.flavor

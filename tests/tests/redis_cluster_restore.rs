@@ -580,3 +580,115 @@ fn keys_moving_at_the_moment_are_restored_once() {
     // rule, hundreds of keys were missing): the case was exercised, not dodged.
     assert!(moving_seen, "no moment had keys in flight");
 }
+
+/// A master added to the cluster owns no slot until its first slot has moved to it; while
+/// that slot moves, the keys already migrated are on the new master only (deleted on the
+/// source). The agent captures the new master from the moment it joins, and a restore to a
+/// moment in the middle of that first move holds every key once.
+#[test]
+fn keys_moved_to_a_new_master_before_its_first_slot_flips_are_restored() {
+    let flavor = RedisFlavor::Redis7;
+    let mut c = RedisCluster::start(flavor, 3, 0);
+    let slot = c.initial_slots()[0].start() + 7;
+    let tag = (0u32..)
+        .map(|n| format!("n{n}"))
+        .find(|t| wire::redis::cluster::key_hash_slot(t.as_bytes()) == slot)
+        .unwrap();
+    {
+        let mut client = c.client();
+        for i in 0..2000 {
+            let key = format!("{{{tag}}}:{i}");
+            client.set(key.as_bytes(), i.to_string().as_bytes());
+        }
+        for i in 0..300 {
+            let key = format!("k:{i}");
+            client.set(key.as_bytes(), b"v");
+        }
+    }
+    let expected = c.dump();
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", tmp.path().join("repo").display());
+    let mut agent = StreamingAgent::start_with(
+        &c.node(0).url(),
+        &repo,
+        &["--max-lag", "100ms"],
+        &[],
+        tmp.path().join("stream.log"),
+    );
+    agent.wait_for_log_count("snapshot stored", 3, Duration::from_secs(60));
+    let new = c.add_master();
+    agent.wait_for_log_count("snapshot stored", 4, Duration::from_secs(60));
+
+    // Move the slot to the new master by hand, noting a moment halfway.
+    let (src_id, dst_id) = (c.node_id(0).to_owned(), c.node_id(new).to_owned());
+    let s = slot.to_string();
+    let ok = |r: RespValue, what: &str| assert!(r.is_ok(), "{what}: {r}");
+    ok(
+        c.node(new)
+            .cmd(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]),
+        "IMPORTING",
+    );
+    ok(
+        c.node(0)
+            .cmd(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]),
+        "MIGRATING",
+    );
+    let port = c.node(new).port().to_string();
+    let mut moved = 0;
+    let mut moment = None;
+    loop {
+        let RespValue::Array(keys) = c.node(0).cmd(&["CLUSTER", "GETKEYSINSLOT", &s, "100"]) else {
+            panic!("GETKEYSINSLOT");
+        };
+        if keys.is_empty() {
+            break;
+        }
+        let mut args: Vec<String> = ["MIGRATE", "127.0.0.1", &port, "", "0", "10000", "KEYS"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        moved += keys.len();
+        args.extend(keys.iter().map(|k| k.as_str().unwrap().to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(c.node(0).cmd(&args), "MIGRATE");
+        if moved >= 1000 && moment.is_none() {
+            std::thread::sleep(Duration::from_millis(300));
+            moment = Some(now_ms());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    for i in [new, 0, 1, 2] {
+        ok(
+            c.node(i).cmd(&["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]),
+            "SETSLOT NODE",
+        );
+    }
+    c.wait_stable();
+    {
+        let mut client = c.client();
+        for i in 0..300 {
+            let key = format!("after:{i}");
+            client.set(key.as_bytes(), b"x");
+        }
+        let key = format!("{{{tag}}}:after");
+        client.set(key.as_bytes(), b"x");
+    }
+    wait_stored(&c);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent.terminate(), "{}", agent.log_text());
+
+    let t = moment.unwrap();
+    let (restored, out) = restore_cluster(&repo, &tmp.path().join("halfway"), Some(t), flavor);
+    assert!(
+        out.contains("slots none"),
+        "the new master is restored too:\n{out}"
+    );
+    let got = dump_cluster(&restored.ports, None);
+    if let Some(diff) = dump_difference(&expected, &got) {
+        panic!("halfway (@{t}): {diff}\n{out}");
+    }
+    drop(restored);
+    // The latest moment: the slot is the new master's.
+    let (restored, out) = restore_cluster(&repo, &tmp.path().join("latest"), None, flavor);
+    assert_eq!(dump_cluster(&restored.ports, None), c.dump(), "{out}");
+}

@@ -60,6 +60,16 @@ pub async fn is_cluster(repo: &Repository) -> Result<bool> {
     Ok(ClusterCatalog::load(repo).await?.is_cluster())
 }
 
+/// Whether a shard's stream covers `to_ms`: a generation taken at or before it, and
+/// commands (or a snapshot) at or after it.
+async fn holds_moment(view: &Repository, shard: &ShardKey, to_ms: i64) -> Result<bool> {
+    let catalog = RedisCatalog::load(view).await?;
+    if catalog.for_time(Some(to_ms)).is_none() {
+        return Ok(false);
+    }
+    Ok(newest_moment(view, shard).await? >= to_ms)
+}
+
 /// The newest moment stored for a shard: its newest chunk's last time-index entry, or its
 /// newest snapshot's time.
 async fn newest_moment(view: &Repository, shard: &ShardKey) -> Result<i64> {
@@ -122,7 +132,14 @@ pub async fn restore(
             describe_time(i64::try_from(first).unwrap_or(i64::MAX))
         );
     };
-    let shards = held_owners(&catalog, record)?;
+    let mut shards = held_owners(&catalog, record)?;
+    // A shard owning no slot at T (a new master whose first slot is still moving to it)
+    // holds the keys already migrated to it: restored too, and placed on their owners.
+    for key in catalog.shards.keys() {
+        if !shards.contains(key) && holds_moment(&shard_repo(repo, key)?, key, to_ms).await? {
+            shards.push(key.clone());
+        }
+    }
     if shards.is_empty() {
         bail!(
             "the slot map of {} gives no slot to any shard",
@@ -275,6 +292,9 @@ fn remove_restored<'a>(target: &Path, written: impl Iterator<Item = &'a ShardKey
 }
 
 fn describe_ranges(ranges: &[SlotRange]) -> String {
+    if ranges.is_empty() {
+        return "none".to_owned();
+    }
     ranges
         .iter()
         .map(|r| {

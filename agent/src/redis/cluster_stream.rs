@@ -44,7 +44,7 @@ use storage::{
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use wire::redis::cluster::{ClusterTopology, Shard, SlotMap, SlotMapRecord};
+use wire::redis::cluster::{ClusterTopology, NodeHealth, Shard, SlotMap, SlotMapRecord};
 
 use super::link::MasterLink;
 use super::source::RedisSource;
@@ -173,7 +173,7 @@ pub fn shard_repo(repo: &Repository, shard: &ShardKey) -> Result<Repository> {
     Ok(repo.scoped(&layout::redis_cluster_shard(shard))?)
 }
 
-/// Matches every master that owns slots to a lineage of `known`, creating lineages for new
+/// Matches every master that owns slots (or is new and owns none yet) to a lineage of `known`, creating lineages for new
 /// shards and adding what was seen to the records. Returns the lineage of each serving
 /// shard (by index in `topology.shards`) and the lineages whose record changed.
 pub fn assign(
@@ -184,8 +184,19 @@ pub fn assign(
 ) -> (BTreeMap<usize, ShardKey>, BTreeSet<ShardKey>) {
     let mut taken: BTreeMap<usize, ShardKey> = BTreeMap::new();
     let mut changed = BTreeSet::new();
+    // Masters owning slots, and masters owning none that are up and are not a lineage's
+    // former master: a new master, before its first slot has finished moving to it, holds
+    // the keys already migrated to it, which no other stream has any more.
     let serving: Vec<usize> = (0..topology.shards.len())
-        .filter(|&i| !topology.shards[i].slots.is_empty())
+        .filter(|&i| {
+            let s = &topology.shards[i];
+            !s.slots.is_empty()
+                || (s.master.health == NodeHealth::Online
+                    && !known.values().any(|r| {
+                        r.nodes.contains(&s.master.id)
+                            && r.current_master().is_some_and(|m| m.node_id != s.master.id)
+                    }))
+        })
         .collect();
     // Strongest evidence first: a shard id, then the master's id, then other nodes.
     let score = |shard: &Shard, rec: &ShardRecord| -> u64 {
