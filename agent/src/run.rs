@@ -166,6 +166,14 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             tls_key: r.tls_key.clone(),
         }
         .parse()?;
+        let mut seeds = Vec::new();
+        for s in &r.cluster_seeds {
+            seeds.push(crate::redis::cli::seed_source(
+                &source,
+                s,
+                "redis.cluster_seeds",
+            )?);
+        }
         let repo = repo_args.open()?;
         let opts = crate::redis::stream::StreamOptions {
             max_lag: r.max_lag,
@@ -183,9 +191,17 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             JobKind::RedisStream,
             repo_args.display_url(),
         );
+        // A single server, one shard, or (set or detected) every shard of a cluster.
+        let job = crate::redis::cluster_job::RedisStreamJob {
+            source,
+            seeds,
+            cluster: r.cluster,
+            poll: std::time::Duration::from_secs(1),
+            stream: opts,
+        };
         jobs.push((
             "redis stream",
-            Box::pin(async move { crate::redis::stream::run(&repo, &source, &opts, ctl).await }),
+            Box::pin(async move { crate::redis::cluster_job::run(&repo, &job, ctl).await }),
         ));
     }
 
@@ -367,6 +383,7 @@ fn watch(
         kind,
         repository,
         state,
+        parts: status.parts(),
     });
     Control {
         token: root.child_token(),

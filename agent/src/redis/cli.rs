@@ -330,56 +330,32 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
         cluster_shard_only: args.cluster_shard_only,
         ..Default::default()
     };
-    let ctl = crate::job::Control::standalone();
-    if !args.cluster_shard_only {
-        let mut seeds = vec![source.clone()];
-        for s in &args.cluster_seed {
-            seeds.push(seed_source(&source, s)?);
-        }
-        // A cluster node (any seed that answers says so) captures the whole cluster.
-        let mut cluster = !args.cluster_seed.is_empty();
-        for s in &seeds {
-            if cluster {
-                break;
-            }
-            match super::cluster_stream::probe(s).await {
-                Ok(Some(yes)) => {
-                    cluster = yes;
-                    break;
-                }
-                Ok(None) => continue,
-                // One of several seeds not answering is not the end; the only one is.
-                Err(e) if seeds.len() > 1 => {
-                    tracing::warn!("{e:#}");
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if cluster {
-            let opts = super::cluster_stream::ClusterOptions {
-                seeds,
-                poll: Duration::from_secs(1),
-                stream: opts,
-            };
-            super::cluster_stream::run(&repo, &opts, ctl).await?;
-            return Ok(ExitCode::SUCCESS);
-        }
+    let mut seeds = Vec::new();
+    for s in &args.cluster_seed {
+        seeds.push(seed_source(&source, s, "--cluster-seed")?);
     }
-    super::stream::run(&repo, &source, &opts, ctl).await?;
+    let job = super::cluster_job::RedisStreamJob {
+        source,
+        seeds,
+        cluster: None,
+        poll: Duration::from_secs(1),
+        stream: opts,
+    };
+    super::cluster_job::run(&repo, &job, crate::job::Control::standalone()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// A `--cluster-seed` as a source: `host:port` with `--source`'s credentials and TLS.
-fn seed_source(source: &RedisSource, text: &str) -> Result<RedisSource> {
+/// A cluster seed (`--cluster-seed`, `redis.cluster_seeds`: `what`) as a source:
+/// `host:port` with the source's credentials and TLS settings.
+pub(crate) fn seed_source(source: &RedisSource, text: &str, what: &str) -> Result<RedisSource> {
     let (host, port) = text
         .rsplit_once(':')
-        .with_context(|| format!("--cluster-seed {text:?} is not host:port"))?;
+        .with_context(|| format!("{what} {text:?} is not host:port"))?;
     let port: u16 = port
         .parse()
-        .with_context(|| format!("--cluster-seed {text:?}: bad port"))?;
+        .with_context(|| format!("{what} {text:?}: bad port"))?;
     if host.is_empty() {
-        bail!("--cluster-seed {text:?} has no host");
+        bail!("{what} {text:?} has no host");
     }
     let mut s = source.clone();
     s.host = host.trim_matches(['[', ']']).to_owned();

@@ -23,6 +23,7 @@ pub mod admin;
 pub mod chunk;
 pub mod cli;
 pub mod cluster;
+pub mod cluster_job;
 pub mod cluster_restore;
 pub mod cluster_stream;
 pub mod exec_time;

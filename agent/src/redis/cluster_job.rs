@@ -1,0 +1,109 @@
+//! The `redis stream` job, as `redis stream` and `run` (`[redis]`) both run it: a single
+//! server ([`super::stream::run`]), one shard of a cluster (`cluster_shard_only`), or a whole
+//! Redis Cluster / Valkey Cluster ([`super::cluster_stream::run`], every shard in this
+//! process), chosen from the options or from the source itself (`INFO cluster`,
+//! `cluster_enabled:1`; Redis `src/cluster.c` `genClusterInfoString`).
+//!
+//! One job shape for all three: options, a [`Control`] (cancellation and the published
+//! state) and [`crate::job::supervise`] restarting failed attempts. A whole-cluster stream
+//! publishes each shard's stream state as a part of its status (`/metrics` label `shard`,
+//! one `/readyz` line per shard).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use storage::Repository;
+
+use super::cluster::ClusterRefused;
+use super::cluster_stream::ClusterOptions;
+use super::source::RedisSource;
+use super::stream::StreamOptions;
+use crate::job::{self, Control, Outcome};
+
+/// Everything the `redis stream` job needs.
+#[derive(Debug, Clone)]
+pub struct RedisStreamJob {
+    /// The node to stream from (any node of a cluster).
+    pub source: RedisSource,
+    /// Further cluster nodes to read the topology from (same credentials and TLS).
+    pub seeds: Vec<RedisSource>,
+    /// `Some(true)`: a whole cluster; `Some(false)`: a single server (a cluster node is then
+    /// refused unless `stream.cluster_shard_only`); `None`: as the source says.
+    pub cluster: Option<bool>,
+    /// How often a whole-cluster stream reads the topology.
+    pub poll: Duration,
+    /// The stream's knobs (every shard's, for a cluster).
+    pub stream: StreamOptions,
+}
+
+/// Runs the job until `ctl.token` is cancelled or it fails for good.
+pub async fn run(repo: &Repository, job: &RedisStreamJob, ctl: Control) -> Result<()> {
+    if job.stream.cluster_shard_only {
+        return super::stream::run(repo, &job.source, &job.stream, ctl).await;
+    }
+    let cluster = match job.cluster {
+        Some(c) => c,
+        None => detect(job).await?,
+    };
+    if !cluster {
+        match super::stream::run(repo, &job.source, &job.stream, ctl.clone()).await {
+            // The source could not be asked before, and turned out to be a cluster node
+            // (refused before anything was written): capture the whole cluster.
+            Err(e) if job.cluster.is_none() && is_cluster_refused(&e) => {
+                tracing::info!("{} is a cluster node: streaming the whole cluster", job.source.endpoint());
+            }
+            other => return other,
+        }
+    }
+    run_cluster(repo, job, ctl).await
+}
+
+/// Whether `e` is the single-server stream refusing a cluster node.
+fn is_cluster_refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<ClusterRefused>().is_some())
+}
+
+/// Asks the source, then the seeds, whether they are cluster nodes; the first that answers
+/// decides. When none can be asked now, the single-server stream connects (and retries) as
+/// usual, and a cluster node it then meets is streamed as a cluster ([`run`]).
+async fn detect(job: &RedisStreamJob) -> Result<bool> {
+    let mut nodes = vec![job.source.clone()];
+    nodes.extend(job.seeds.iter().cloned());
+    // Seeds are only cluster nodes: naming one says the source is one.
+    if !job.seeds.is_empty() {
+        return Ok(true);
+    }
+    for node in &nodes {
+        match super::cluster_stream::probe(node).await {
+            Ok(Some(yes)) => return Ok(yes),
+            Ok(None) => continue,
+            // One of several nodes not answering is not the end; the only one is.
+            Err(e) if nodes.len() > 1 => tracing::warn!("{e:#}"),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(false)
+}
+
+/// The whole-cluster stream, its attempts supervised: a lost cluster lease or a failed
+/// first topology read is retried; a shard that failed for good ends the job.
+async fn run_cluster(repo: &Repository, job: &RedisStreamJob, ctl: Control) -> Result<()> {
+    let mut seeds = vec![job.source.clone()];
+    seeds.extend(job.seeds.iter().cloned());
+    let opts = ClusterOptions {
+        seeds,
+        poll: job.poll,
+        stream: job.stream.clone(),
+    };
+    job::supervise(
+        "redis stream",
+        &ctl.token,
+        &ctl.status,
+        job::Backoff::default(),
+        async |_| {
+            super::cluster_stream::run(repo, &opts, ctl.clone()).await?;
+            Ok(Outcome::Stopped)
+        },
+    )
+    .await
+}
