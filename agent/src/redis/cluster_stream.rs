@@ -596,7 +596,6 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
         if let Err(e) = guard.check() {
             break Err(JobError::transient(anyhow!("the cluster stream's lease: {e}")));
         }
-        ctl.status.running();
         if let Err(e) = store_records(repo, &known, &changed).await {
             tracing::warn!("{e:#}");
         }
@@ -659,6 +658,8 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
                 .instrument(span),
             ));
         }
+        // After the shards' states exist: `/readyz` then waits for every shard.
+        ctl.status.running();
     };
     // Every shard stores what it read before the process ends.
     for r in running.values() {

@@ -1,0 +1,253 @@
+//! Issue 15, item 5 ("sidecar and metrics") against real Redis 7 / Valkey 9 clusters (three
+//! masters, three replicas): `run --config` streams every shard of a cluster (detected from
+//! the source, or `redis.cluster = true`) through the same job as `redis stream`; `/metrics`
+//! labels every per-shard Redis series with `shard` and `/readyz` has one line per shard;
+//! `verify` and `list` check and show every shard and the slot-map history; `expire` keeps
+//! the shards' generations together, so a kept moment restores on every shard and an
+//! expired one is refused.
+#![allow(clippy::unwrap_used)]
+
+mod redis_support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use redis_support::*;
+use syncbridge_tests::prometheus::{http_get, promtool_check_metrics};
+use syncbridge_tests::redis::{RedisFlavor, RespValue};
+use syncbridge_tests::redis_cluster::RedisCluster;
+
+fn file_repo(dir: &Path) -> String {
+    format!("file://{}", dir.join("repo").display())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cond()
+}
+
+/// Keys spread over all slots, counters and hash-tagged groups.
+fn load(c: &RedisCluster, tag: &str, n: usize) {
+    let mut client = c.client();
+    for i in 0..n {
+        let key = format!("{tag}:k:{i}");
+        client.set(key.as_bytes(), format!("v{i}").as_bytes());
+        let counter = format!("counter:{}", i % 30);
+        let r = client.cmd(counter.as_bytes(), &["INCR", &counter]);
+        assert!(matches!(r, RespValue::Integer(_)), "{r}");
+    }
+    for i in 0..10 {
+        let h = format!("{tag}:{{user{i}}}:profile");
+        let r = client.cmd(h.as_bytes(), &["HSET", &h, "name", "n", "age", "7"]);
+        assert!(!matches!(r, RespValue::Error(_)), "{r}");
+    }
+}
+
+/// `run --config FILE`, its output appended to `log`; SIGKILLed on drop.
+struct RunAgent {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl RunAgent {
+    fn start(config: &Path, log: PathBuf) -> RunAgent {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = agent()
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        RunAgent { child, log }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM; whether it exited 0.
+    fn terminate(&mut self) -> bool {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(Instant::now() < deadline, "run did not stop:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RunAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of the sample `metric{...}` whose label set is exactly `labels` (in order).
+fn sample(metrics: &str, metric: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{metric}{{{labels}}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+}
+
+/// `redis restore --shard` of one shard, started; its keys (database 0).
+fn restore_shard(
+    repo: &str,
+    shard: &str,
+    target: &Path,
+    to_time: Option<&str>,
+    flavor: RedisFlavor,
+) -> Result<BTreeMap<String, String>, String> {
+    let target_s = target.display().to_string();
+    let bin = server_bin(flavor);
+    let mut args = vec![
+        "redis", "restore", "--repo", repo, "--shard", shard, "--target", &target_s, "--start",
+        &bin,
+    ];
+    if let Some(t) = to_time {
+        args.extend(["--to-time", t]);
+    }
+    let out = run_agent(&args, &[]);
+    let server = RestoredServer::try_from_output(&out);
+    if !out.status.success() {
+        return Err(text(&out));
+    }
+    let server = server.unwrap();
+    Ok(dump_port(server.port, None)
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("0/").unwrap().to_owned(), v))
+        .collect())
+}
+
+/// Every shard restored (latest moment), together.
+fn restore_all(repo: &str, dir: &Path, flavor: RedisFlavor) -> BTreeMap<String, String> {
+    let mut union = BTreeMap::new();
+    for shard in ["s01", "s02", "s03"] {
+        let got = restore_shard(repo, shard, &dir.join(format!("r-{shard}")), None, flavor)
+            .unwrap_or_else(|e| panic!("{shard}: {e}"));
+        assert!(got.len() > 20, "{shard}: {} keys", got.len());
+        union.extend(got);
+    }
+    union
+}
+
+/// `run` beside a replica of a Redis 7 cluster, without saying it is one: the cluster is
+/// detected and every shard streamed; `/readyz` says so per shard; `/metrics` (checked by
+/// promtool) carries each shard's Redis series with a `shard` label, and the job's own
+/// `job_up` without one; after SIGTERM every shard restores to the cluster's data.
+#[test]
+fn run_streams_every_shard_of_a_detected_cluster_with_shard_labelled_metrics() {
+    let flavor = RedisFlavor::Redis7;
+    let c = RedisCluster::start(flavor, 3, 1);
+    load(&c, "before", 200);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let http = free_port();
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nsource = \"{}\"\nrepository = \"{repo}\"\nmax_lag = \"200ms\"\nsnapshot_every = \"off\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+            c.node(4).url()
+        ),
+    )
+    .unwrap();
+    let mut a = RunAgent::start(&config, tmp.path().join("run.log"));
+    let ready = || http_get(http, "/readyz");
+    assert!(
+        wait_until(Duration::from_secs(60), || ready()
+            .is_some_and(|(s, _)| s == 200)),
+        "{:?}\n{}",
+        ready(),
+        a.log_text()
+    );
+    let (_, body) = ready().unwrap();
+    for shard in ["s01", "s02", "s03"] {
+        assert!(
+            body.contains(&format!("redis_stream shard {shard}: ready")),
+            "{body}"
+        );
+    }
+    assert!(body.contains("redis_stream: ready"), "{body}");
+    load(&c, "during", 200);
+
+    let base = format!("job=\"redis_stream\",repository=\"{repo}\"");
+    // Every shard's stream has stored past its snapshot.
+    let metrics = || http_get(http, "/metrics").unwrap().1;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let m = metrics();
+            ["s01", "s02", "s03"].iter().all(|s| {
+                sample(
+                    &m,
+                    "syncbridge_redis_bytes_total",
+                    &format!("{base},shard=\"{s}\""),
+                )
+                .is_some_and(|v| v > 0.0)
+            })
+        }),
+        "{}",
+        metrics()
+    );
+    let m = metrics();
+    promtool_check_metrics(&m).unwrap_or_else(|e| panic!("promtool: {e}\n{m}"));
+    for s in ["s01", "s02", "s03"] {
+        let l = format!("{base},shard=\"{s}\"");
+        assert_eq!(sample(&m, "syncbridge_job_up", &l), Some(1.0), "{s}\n{m}");
+        for metric in [
+            "syncbridge_redis_durable_offset",
+            "syncbridge_redis_last_chunk_timestamp_seconds",
+            "syncbridge_redis_lag_seconds",
+            "syncbridge_upload_errors_total",
+            "syncbridge_job_retries_total",
+        ] {
+            assert!(sample(&m, metric, &l).is_some(), "{metric} {s}\n{m}");
+        }
+    }
+    // The job itself: up, without a shard label; its stream series are its shards' only.
+    assert_eq!(sample(&m, "syncbridge_job_up", &base), Some(1.0), "{m}");
+    assert_eq!(sample(&m, "syncbridge_redis_durable_offset", &base), None, "{m}");
+    assert_eq!(sample(&m, "syncbridge_redis_bytes_total", &base), None, "{m}");
+    // OpenMetrics (what Prometheus asks for) has the same labels.
+    let om = {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+        use std::io::{Read, Write};
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text; version=1.0.0\r\nConnection: close\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    };
+    assert!(om.contains("shard=\"s02\""), "{om}");
+
+    std::thread::sleep(Duration::from_millis(600));
+    let expected = c.dump();
+    assert!(a.terminate(), "{}", a.log_text());
+    let log = a.log_text();
+    assert!(log.contains("streaming the whole cluster") || log.contains("streaming shard s01"), "{log}");
+    assert_eq!(restore_all(&repo, tmp.path(), flavor), expected);
+}
