@@ -232,13 +232,7 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
                         return Ok(());
                     }
                     crate::expire::apply(&repo, &policy, false).await?;
-                    let first = crate::catalog::redis::RedisCatalog::load(&repo)
-                        .await?
-                        .generations
-                        .first()
-                        .and_then(|g| {
-                            chrono::DateTime::from_timestamp_millis(g.manifest.snapshot_unix_ms)
-                        });
+                    let first = crate::expire::redis_first_recoverable(&repo).await?;
                     ctl.status.update(|s| s.first_recoverable_at = first);
                     Ok(())
                 })

@@ -251,3 +251,125 @@ fn run_streams_every_shard_of_a_detected_cluster_with_shard_labelled_metrics() {
     assert!(log.contains("streaming the whole cluster") || log.contains("streaming shard s01"), "{log}");
     assert_eq!(restore_all(&repo, tmp.path(), flavor), expected);
 }
+
+/// `redis stream` of the whole cluster until `n` more "snapshot stored" lines, then `work`,
+/// then SIGTERM.
+fn stream_while(c: &RedisCluster, repo: &str, log: PathBuf, work: impl FnOnce()) {
+    let before = std::fs::read_to_string(&log).unwrap_or_default();
+    let resumed = before.matches("resumed with PSYNC").count();
+    let stored = before.matches("snapshot stored").count();
+    let mut a = StreamingAgent::start_with(
+        &c.node(0).url(),
+        repo,
+        &["--max-lag", "200ms", "--snapshot-every", "off"],
+        &[],
+        log,
+    );
+    // Every shard streaming: from a new snapshot, or resumed from the stored one.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = a.log_text();
+        let n = t.matches("resumed with PSYNC").count() - resumed
+            + t.matches("snapshot stored").count()
+            - stored;
+        if n >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{t}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    work();
+    assert!(a.terminate(), "{}", a.log_text());
+}
+
+/// Retention on a cluster capture (Valkey 9): two generations per shard (a stream, then
+/// `redis snapshot` of the cluster, then the stream resumed on the new generations).
+/// `expire --keep-within 1h` keeps both; `expire --keep-full 1` removes every shard's
+/// first generation together: a moment of the second restores on every shard, exactly,
+/// and a moment of the first is refused clearly, per shard and for the whole cluster.
+#[test]
+fn expire_keeps_the_shards_generations_together() {
+    let flavor = RedisFlavor::Valkey9;
+    let c = RedisCluster::start(flavor, 3, 0);
+    load(&c, "zero", 100);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let log = tmp.path().join("stream.log");
+    let mut t1 = 0;
+    stream_while(&c, &repo, log.clone(), || {
+        load(&c, "one", 100);
+        std::thread::sleep(Duration::from_millis(800));
+        t1 = now_ms();
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    let out = run_agent(&["redis", "snapshot", "--source", &c.node(1).url(), "--repo", &repo], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut t2 = 0;
+    let mut at_t2 = BTreeMap::new();
+    stream_while(&c, &repo, log.clone(), || {
+        load(&c, "two", 100);
+        std::thread::sleep(Duration::from_millis(800));
+        at_t2 = c.dump();
+        t2 = now_ms();
+        std::thread::sleep(Duration::from_millis(50));
+        load(&c, "after", 20);
+        std::thread::sleep(Duration::from_millis(600));
+    });
+    // Complete generations: those with a manifest (an expired one's directory may stay).
+    let gens = |shard: &str| {
+        std::fs::read_dir(tmp.path().join(format!("repo/redis/cluster/shards/{shard}/redis/gen")))
+            .unwrap()
+            .filter(|d| d.as_ref().unwrap().path().join("generation.json").exists())
+            .count()
+    };
+    for s in ["s01", "s02", "s03"] {
+        assert_eq!(gens(s), 2, "{s}");
+    }
+
+    let out = run_agent(&["expire", "--repo", &repo, "--keep-within", "1h"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    for s in ["s01", "s02", "s03"] {
+        assert_eq!(gens(s), 2, "{s}: {}", text(&out));
+    }
+    let out = run_agent(&["expire", "--repo", &repo, "--keep-full", "1", "--dry-run"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let all = text(&out);
+    for s in ["s01", "s02", "s03"] {
+        assert!(all.contains(&format!("expire  shard {s} generation")), "{all}");
+        assert_eq!(gens(s), 2, "{s}: dry run");
+    }
+    let out = run_agent(&["expire", "--repo", &repo, "--keep-full", "1"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    for s in ["s01", "s02", "s03"] {
+        assert_eq!(gens(s), 1, "{s}: {}", text(&out));
+    }
+
+    // A kept moment, on every shard: exactly the cluster's data then.
+    let t2s = format!("@{t2}");
+    let mut union = BTreeMap::new();
+    for s in ["s01", "s02", "s03"] {
+        let got = restore_shard(&repo, s, &tmp.path().join(format!("t2-{s}")), Some(&t2s), flavor)
+            .unwrap_or_else(|e| panic!("{s}: {e}"));
+        union.extend(got);
+    }
+    assert_eq!(union, at_t2);
+    // An expired moment: refused, saying where the backup now begins.
+    let t1s = format!("@{t1}");
+    for s in ["s01", "s02", "s03"] {
+        let e = restore_shard(&repo, s, &tmp.path().join(format!("t1-{s}")), Some(&t1s), flavor)
+            .unwrap_err();
+        assert!(e.contains("no generation starts at or before"), "{s}: {e}");
+        assert!(e.contains("expired"), "{s}: {e}");
+    }
+    let target = tmp.path().join("t1-all").display().to_string();
+    let out = run_agent(
+        &["redis", "restore", "--repo", &repo, "--target", &target, "--to-time", &t1s],
+        &[],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("no generation starts at or before"),
+        "{}",
+        text(&out)
+    );
+}

@@ -482,18 +482,102 @@ fn print_keys(report: &wire::redis::rdb::RdbReport) {
 }
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode> {
-    use super::restore::describe_time;
-    let repo = shard_view(args.repo.open()?, args.shard.as_deref())?;
+    let root = args.repo.open()?;
+    if args.shard.is_none() && super::cluster_verify::holds_cluster(&root).await? {
+        return verify_cluster(&root).await;
+    }
+    let repo = shard_view(root, args.shard.as_deref())?;
     let checks = super::verify::check_all(&repo, 4).await?;
     if checks.is_empty() {
         bail!("the repository {} holds no Redis generation", repo.url());
     }
+    let bad = print_checks(&checks, "");
+    if bad > 0 {
+        eprintln!("{bad} of {} generations are damaged", checks.len());
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `redis verify` of a whole cluster capture: every shard's generations (as `--shard`
+/// checks one), then the shard records and the slot-map history.
+async fn verify_cluster(repo: &Repository) -> Result<ExitCode> {
+    let catalog_dirs = repo
+        .list_dirs(&storage::layout::redis_cluster_shards_prefix())
+        .await
+        .context("listing the cluster's shards")?;
+    let mut generations = std::collections::BTreeMap::new();
+    let mut damaged = Vec::new();
+    for dir in catalog_dirs {
+        let Some(shard) = storage::layout::parse_redis_cluster_shard(&dir) else {
+            continue;
+        };
+        let view = super::cluster_stream::shard_repo(repo, &shard)?;
+        let checks = super::verify::check_all(&view, 4)
+            .await
+            .with_context(|| format!("shard {shard}"))?;
+        let bad = checks.iter().filter(|c| !c.is_ok()).count();
+        println!(
+            "shard {shard}: {} generations{}",
+            checks.len(),
+            match (checks.len(), bad) {
+                (0, _) => " (none complete: its slots cannot be restored)".to_owned(),
+                (_, 0) => ", OK".to_owned(),
+                (_, n) => format!(", {n} DAMAGED"),
+            }
+        );
+        print_checks(&checks, "  ");
+        if checks.is_empty() || bad > 0 {
+            damaged.push(shard.to_string());
+        }
+        generations.insert(shard, checks.len());
+    }
+    let records = super::cluster_verify::check_records(repo, &generations).await?;
+    println!(
+        "slot maps: {} records{}",
+        records.slot_maps,
+        if records.problems.is_empty() {
+            ", OK".to_owned()
+        } else {
+            format!(", {} problems", records.problems.len())
+        }
+    );
+    for (key, p) in &records.problems {
+        println!("  problem:    {key}: {p}");
+    }
+    if generations.is_empty() {
+        eprintln!("the repository {} holds no shard", repo.url());
+        return Ok(ExitCode::FAILURE);
+    }
+    if !damaged.is_empty() || !records.problems.is_empty() {
+        eprintln!(
+            "damaged: {}{}",
+            if damaged.is_empty() {
+                "no shard".to_owned()
+            } else {
+                format!("shards {}", damaged.join(", "))
+            },
+            if records.problems.is_empty() {
+                ""
+            } else {
+                "; the slot-map history"
+            }
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one line per generation (and its snapshot and problems), each line after
+/// `indent`; returns how many are damaged.
+fn print_checks(checks: &[super::verify::GenerationCheck], indent: &str) -> usize {
+    use super::restore::describe_time;
     let mut bad = 0;
-    for c in &checks {
+    for c in checks {
         let m = &c.manifest;
         let state = if c.is_ok() { "OK" } else { "DAMAGED" };
         println!(
-            "{} {state}: snapshot {} at {} (offset {}), {} chunks, {} commands, up to offset {}",
+            "{indent}{} {state}: snapshot {} at {} (offset {}), {} chunks, {} commands, up to offset {}",
             m.generation,
             m.snapshot.rdb_format,
             describe_time(m.snapshot_unix_ms),
@@ -504,7 +588,7 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
         );
         match &c.snapshot {
             Ok(r) => println!(
-                "  snapshot:   {} keys, checksum {}",
+                "{indent}  snapshot:   {} keys, checksum {}",
                 r.total_keys(),
                 if r.checksum.is_some() {
                     "ok"
@@ -512,20 +596,16 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
                     "not written"
                 }
             ),
-            Err(e) => println!("  snapshot:   {e}"),
+            Err(e) => println!("{indent}  snapshot:   {e}"),
         }
         for p in &c.problems {
-            println!("  problem:    {p}");
+            println!("{indent}  problem:    {p}");
         }
         if !c.is_ok() {
             bad += 1;
         }
     }
-    if bad > 0 {
-        eprintln!("{bad} of {} generations are damaged", checks.len());
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
+    bad
 }
 
 async fn verify_rdb(args: VerifyRdbArgs) -> Result<ExitCode> {

@@ -26,6 +26,7 @@ pub mod cluster;
 pub mod cluster_job;
 pub mod cluster_restore;
 pub mod cluster_stream;
+pub mod cluster_verify;
 pub mod exec_time;
 pub mod link;
 pub mod manifest;
