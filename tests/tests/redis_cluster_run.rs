@@ -282,11 +282,13 @@ fn stream_while(c: &RedisCluster, repo: &str, log: PathBuf, work: impl FnOnce())
     assert!(a.terminate(), "{}", a.log_text());
 }
 
-/// Retention on a cluster capture (Valkey 9): two generations per shard (a stream, then
-/// `redis snapshot` of the cluster, then the stream resumed on the new generations).
+/// Retention on a cluster capture (Valkey 9): two generations per shard (a stream, during
+/// which slots move, then `redis snapshot` of the cluster, then the stream resumed on the
+/// new generations).
 /// `expire --keep-within 1h` keeps both; `expire --keep-full 1` removes every shard's
 /// first generation together: a moment of the second restores on every shard, exactly,
-/// and a moment of the first is refused clearly, per shard and for the whole cluster.
+/// and a moment of the first is refused clearly, per shard and for the whole cluster; the
+/// slot map replaced before the oldest kept moment goes, and the capture verifies healthy.
 #[test]
 fn expire_keeps_the_shards_generations_together() {
     let flavor = RedisFlavor::Valkey9;
@@ -298,6 +300,10 @@ fn expire_keeps_the_shards_generations_together() {
     let mut t1 = 0;
     stream_while(&c, &repo, log.clone(), || {
         load(&c, "one", 100);
+        // Slots move: a second slot map, in effect from here on.
+        c.migrate_slots(0, 1, 0..8u16);
+        std::thread::sleep(Duration::from_millis(2500));
+        load(&c, "one-b", 50);
         std::thread::sleep(Duration::from_millis(800));
         t1 = now_ms();
         std::thread::sleep(Duration::from_millis(50));
@@ -325,6 +331,12 @@ fn expire_keeps_the_shards_generations_together() {
     for s in ["s01", "s02", "s03"] {
         assert_eq!(gens(s), 2, "{s}");
     }
+    let slot_maps = || {
+        std::fs::read_dir(tmp.path().join("repo/redis/cluster/slotmap"))
+            .unwrap()
+            .count()
+    };
+    assert_eq!(slot_maps(), 2);
 
     let out = run_agent(&["expire", "--repo", &repo, "--keep-within", "1h"], &[]);
     assert!(out.status.success(), "{}", text(&out));
@@ -343,6 +355,10 @@ fn expire_keeps_the_shards_generations_together() {
     for s in ["s01", "s02", "s03"] {
         assert_eq!(gens(s), 1, "{s}: {}", text(&out));
     }
+    // The first slot map went; the one in effect at the oldest kept moment stays.
+    assert_eq!(slot_maps(), 1, "{}", text(&out));
+    let out = run_agent(&["verify", "--repo", &repo], &[]);
+    assert!(out.status.success(), "{}", text(&out));
 
     // A kept moment, on every shard: exactly the cluster's data then.
     let t2s = format!("@{t2}");
@@ -372,4 +388,220 @@ fn expire_keeps_the_shards_generations_together() {
         "{}",
         text(&out)
     );
+}
+
+/// A runtime for the few direct repository writes of a test.
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}:\n{}", text(out)))
+}
+
+/// `verify` and `redis verify` (no `--shard`) on a Redis 7 cluster capture with two slot
+/// maps (slots moved while streaming): healthy, per shard in text and JSON; `list` shows
+/// the slot-map history. Then a slot map naming a shard the repository does not hold, and
+/// a damaged snapshot of one shard, are each named by key, the damage counted on its shard.
+#[test]
+fn verify_and_list_check_every_shard_and_the_slot_map_history() {
+    let flavor = RedisFlavor::Redis7;
+    let c = RedisCluster::start(flavor, 3, 0);
+    load(&c, "zero", 100);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    stream_while(&c, &repo, tmp.path().join("stream.log"), || {
+        load(&c, "one", 100);
+        c.migrate_slots(0, 1, 0..8u16);
+        // The topology is read every second.
+        std::thread::sleep(Duration::from_millis(2500));
+        load(&c, "two", 50);
+        std::thread::sleep(Duration::from_millis(600));
+    });
+
+    let out = run_agent(&["verify", "--repo", &repo, "--output", "json"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v = json_of(&out);
+    assert_eq!(v["schema"], "syncbridge.verify/1");
+    assert_eq!(v["kind"], "redis");
+    assert_eq!(v["status"], "healthy", "{v:#}");
+    assert_eq!(v["generations"], 3, "{v:#}");
+    assert_eq!(v["cluster"]["slot_maps"], 2, "{v:#}");
+    let shards = v["cluster"]["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 3, "{v:#}");
+    for (s, name) in shards.iter().zip(["s01", "s02", "s03"]) {
+        assert_eq!(s["shard"], name);
+        assert_eq!(s["generations"], 1);
+        assert_eq!(s["problems"], 0);
+        chrono::DateTime::parse_from_rfc3339(s["newest_time"].as_str().unwrap()).unwrap();
+    }
+    let out = run_agent(&["verify", "--repo", &repo], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let all = text(&out);
+    assert!(all.contains("(Redis Cluster)"), "{all}");
+    assert!(all.contains("cluster:     3 shards, 2 slot maps"), "{all}");
+    assert!(all.contains("  s02  1 generations"), "{all}");
+    let out = run_agent(&["redis", "verify", "--repo", &repo], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let all = text(&out);
+    for s in ["s01", "s02", "s03"] {
+        assert!(all.contains(&format!("shard {s}: 1 generations, OK")), "{all}");
+    }
+    assert!(all.contains("slot maps: 2 records, OK"), "{all}");
+
+    // list: the slot-map history, in JSON and text.
+    let out = run_agent(&["list", "--repo", &repo, "--output", "json"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let l = json_of(&out);
+    let maps = l["redis"]["cluster"]["slot_maps"].as_array().unwrap_or_else(|| panic!("{l:#}"));
+    assert_eq!(maps.len(), 2, "{l:#}");
+    assert!(maps.iter().all(|m| m["complete"] == true), "{l:#}");
+    assert_eq!(maps[1]["ranges"][0]["slots"], "0-7", "{l:#}");
+    assert_eq!(maps[1]["ranges"][0]["shard"], "s02", "{l:#}");
+    let out = run_agent(&["list", "--repo", &repo], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("0-7"), "{}", text(&out));
+
+    // A slot map giving s03's slots to a shard the repository does not hold.
+    let bad_key = block_on(async {
+        use storage::{layout, ContentKind, PutMode, RepoOptions, Repository};
+        let r = Repository::open(&repo, RepoOptions::default()).unwrap();
+        let listed = r.list(&layout::redis_slot_maps_prefix()).await.unwrap();
+        let last = listed.last().unwrap();
+        let data = r.get(&last.key).await.unwrap();
+        let mut record = wire::redis::cluster::SlotMapRecord::decode(&data).unwrap();
+        record.map = record
+            .map
+            .map_owners(|o| if o == "s03" { "s07".into() } else { o.into() })
+            .unwrap();
+        record.effective_unix_ms += 1000;
+        let key = layout::redis_slot_map(record.effective_unix_ms);
+        r.put(
+            &key,
+            ContentKind::RedisManifest,
+            bytes::Bytes::from(record.encode()),
+            PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
+        key.to_string()
+    });
+    // And a flipped byte in s02's snapshot.
+    let gen_dir = std::fs::read_dir(tmp.path().join("repo/redis/cluster/shards/s02/redis/gen"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let snap = gen_dir.join("snapshot.rdb");
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&snap, bytes).unwrap();
+
+    let out = run_agent(&["verify", "--repo", &repo, "--output", "json"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let v = json_of(&out);
+    assert_eq!(v["status"], "damaged", "{v:#}");
+    let problems = v["problems"].as_array().unwrap();
+    assert!(
+        problems.iter().any(|p| p["key"] == bad_key.as_str()
+            && p["problem"].as_str().unwrap().contains("\"s07\"")),
+        "{v:#}"
+    );
+    assert!(
+        problems.iter().any(|p| p["key"]
+            .as_str()
+            .unwrap()
+            .starts_with("redis/cluster/shards/s02/redis/gen/")
+            && p["key"].as_str().unwrap().ends_with("snapshot.rdb")),
+        "{v:#}"
+    );
+    let shards = v["cluster"]["shards"].as_array().unwrap();
+    assert!(shards[1]["problems"].as_u64().unwrap() >= 1, "{v:#}");
+    assert_eq!(shards[0]["problems"], 0, "{v:#}");
+    assert_eq!(shards[2]["problems"], 0, "{v:#}");
+    let out = run_agent(&["redis", "verify", "--repo", &repo], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let all = text(&out);
+    assert!(all.contains("shard s02: 1 generations, 1 DAMAGED"), "{all}");
+    assert!(all.contains(&bad_key), "{all}");
+    assert!(all.contains("damaged: shards s02; the slot-map history"), "{all}");
+}
+
+/// `run` with `redis.cluster = true` and `cluster_seeds` on a Valkey 9 cluster, new
+/// generations every 2 s and `retention = { keep_full = 1 }`: every shard streams, the
+/// scheduled expire keeps the shards' generations together and publishes the cluster's
+/// first recoverable moment; after SIGTERM the capture verifies healthy and every shard
+/// restores to the cluster's data.
+#[test]
+fn run_with_cluster_true_and_retention_keeps_every_shard_restorable() {
+    let flavor = RedisFlavor::Valkey9;
+    let c = RedisCluster::start(flavor, 3, 0);
+    load(&c, "before", 100);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let http = free_port();
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nsource = \"{}\"\ncluster = true\ncluster_seeds = [\"127.0.0.1:{}\"]\nrepository = \"{repo}\"\nmax_lag = \"200ms\"\nsnapshot_every = \"2s\"\nretention = {{ keep_full = 1 }}\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+            c.node(0).url(),
+            c.node(1).port()
+        ),
+    )
+    .unwrap();
+    let out = run_agent(&["run", "--config", config.to_str().unwrap(), "--check"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut a = RunAgent::start(&config, tmp.path().join("run.log"));
+    assert!(
+        wait_until(Duration::from_secs(60), || http_get(http, "/readyz")
+            .is_some_and(|(s, _)| s == 200)),
+        "{:?}\n{}",
+        http_get(http, "/readyz"),
+        a.log_text()
+    );
+    // Writes keep coming, so each shard takes new generations; expire keeps them together.
+    let generations_of = |shard: &str| {
+        std::fs::read_dir(tmp.path().join(format!("repo/redis/cluster/shards/{shard}/redis/gen")))
+            .map(|d| {
+                d.filter(|e| e.as_ref().unwrap().path().join("generation.json").exists())
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let mut expired = false;
+    for round in 0..30 {
+        load(&c, &format!("round{round}"), 20);
+        std::thread::sleep(Duration::from_millis(500));
+        let log = a.log_text();
+        if log.matches("expired 1 generations").count() >= 3 {
+            expired = true;
+            break;
+        }
+    }
+    assert!(expired, "{}", a.log_text());
+    let m = http_get(http, "/metrics").unwrap().1;
+    promtool_check_metrics(&m).unwrap_or_else(|e| panic!("promtool: {e}\n{m}"));
+    let first = sample(
+        &m,
+        "syncbridge_first_recoverability_timestamp_seconds",
+        &format!("job=\"redis_expire\",repository=\"{repo}\""),
+    );
+    assert!(first.is_some_and(|t| t > 1e9), "{m}");
+    std::thread::sleep(Duration::from_millis(600));
+    let expected = c.dump();
+    assert!(a.terminate(), "{}", a.log_text());
+    for s in ["s01", "s02", "s03"] {
+        let n = generations_of(s);
+        assert!((1..=3).contains(&n), "{s}: {n} generations\n{}", a.log_text());
+    }
+    let out = run_agent(&["verify", "--repo", &repo], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(restore_all(&repo, tmp.path(), flavor), expected);
 }
