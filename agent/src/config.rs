@@ -481,9 +481,9 @@ impl Config {
                 bail!("redis.cluster_seeds is for a whole-cluster stream: it cannot go with redis.cluster = false or redis.cluster_shard_only = true");
             }
             for seed in &r.cluster_seeds {
-                let (host, port) = seed.rsplit_once(':').with_context(|| {
-                    format!("redis.cluster_seeds: {seed:?} is not host:port")
-                })?;
+                let (host, port) = seed
+                    .rsplit_once(':')
+                    .with_context(|| format!("redis.cluster_seeds: {seed:?} is not host:port"))?;
                 if host.is_empty() || port.parse::<u16>().is_err() {
                     bail!("redis.cluster_seeds: {seed:?} is not host:port");
                 }
@@ -636,6 +636,42 @@ mod tests {
             assert!(r.is_ok(), "{key}: {:#}", r.unwrap_err());
             let r = load(&p, Vec::new(), &[format!("{key}={value}")]);
             assert!(r.is_ok(), "--set {key}: {:#}", r.unwrap_err());
+        }
+    }
+
+    #[test]
+    fn cluster_keys_that_contradict_each_other_are_refused() {
+        let base =
+            "[repository]\nurl = \"file:///tmp/x\"\n[redis]\nsource = \"redis://127.0.0.1:7000\"\n";
+        let (_d, p) = write(&format!(
+            "{base}cluster = true\ncluster_seeds = [\"127.0.0.1:7001\", \"h:7002\"]\n"
+        ));
+        let c = load(&p, Vec::new(), &[]).unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(r.cluster, Some(true));
+        assert_eq!(r.cluster_seeds.len(), 2);
+        let (_d, p) = write(base);
+        assert_eq!(
+            load(&p, Vec::new(), &[]).unwrap().redis.unwrap().cluster,
+            None
+        );
+        for (extra, needle) in [
+            ("cluster = true\ncluster_shard_only = true\n", "contradict"),
+            (
+                "cluster = false\ncluster_seeds = [\"h:1\"]\n",
+                "cluster_seeds",
+            ),
+            (
+                "cluster_shard_only = true\ncluster_seeds = [\"h:1\"]\n",
+                "cluster_seeds",
+            ),
+            ("cluster_seeds = [\"nohost\"]\n", "not host:port"),
+            ("cluster_seeds = [\"h:port\"]\n", "not host:port"),
+            ("cluster = \"yes\"\n", "redis.cluster"),
+        ] {
+            let (_d, p) = write(&format!("{base}{extra}"));
+            let e = format!("{:#}", load(&p, Vec::new(), &[]).unwrap_err());
+            assert!(e.contains(needle), "{extra}: {e}");
         }
     }
 

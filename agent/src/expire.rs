@@ -15,6 +15,10 @@
 //! stream's segment in progress, its deltas and the open Redis generation are never
 //! candidates.
 //!
+//! A Redis Cluster capture keeps its shards' generations together, so a kept moment
+//! restores on every shard (`expire_cluster`), and drops the slot maps replaced before the
+//! oldest kept moment.
+//!
 //! Pinned backups and generations (`backup pin`) are kept whatever the policy; the pin is
 //! read again just before a backup is made invisible, so a pin set during a run holds.
 //!
@@ -349,7 +353,8 @@ async fn expire_cluster(
             let id = g.id.to_string();
             if i == from {
                 p.keep.push(id);
-                p.reasons.push("restores the oldest kept moment on this shard");
+                p.reasons
+                    .push("restores the oldest kept moment on this shard");
             } else if i > from {
                 p.keep.push(id);
                 p.reasons.push("newer than the oldest kept moment");
@@ -379,7 +384,9 @@ async fn expire_cluster(
         None => Vec::new(),
     };
     for key in &old_maps {
-        crate::util::output::say(format!("expire  slot map {key} (replaced before {oldest_text})"));
+        crate::util::output::say(format!(
+            "expire  slot map {key} (replaced before {oldest_text})"
+        ));
     }
     crate::util::output::say(format!(
         "{}: {} shards, {kept} generations kept, {expired} expired, {} slot maps expired",

@@ -1,6 +1,7 @@
 //! `syncbridge-agent run --config FILE`: the sidecar. One process runs every job the file
 //! describes ([`crate::config`]), each under [`crate::job::supervise`] exactly as its own
-//! sub-command runs it (`postgres stream`, `redis stream`), plus `/healthz`, `/readyz` and
+//! sub-command runs it (`postgres stream`, `redis stream`: a single server, one shard, or a
+//! whole Redis Cluster, [`crate::redis::cluster_job`]), plus `/healthz`, `/readyz` and
 //! `/metrics` ([`crate::http`]). Scheduled jobs run beside them: base backups
 //! (`postgres.backup_every`, then `expire` with `postgres.retention`), Redis retention (as
 //! often as snapshot generations are made), and `verify` of each repository (`[verify]`).

@@ -24,7 +24,9 @@
 //!   but no history file is damage too: recovery cannot follow it.
 //! * **Redis**: each generation's snapshot through the RDB validator and its chunk chain
 //!   gap-free from the snapshot's offset with whole commands (the checks of `redis verify`,
-//!   [`crate::redis::verify::check_generation`]).
+//!   [`crate::redis::verify::check_generation`]). A Redis Cluster capture: every shard so,
+//!   on its view, and the shard records and slot-map history
+//!   ([`crate::redis::cluster_verify`]); the report has a `cluster` part per shard.
 //! * **Staleness** (`--max-age`): the newest WAL object (segment, partial or delta) or the
 //!   newest object of the newest Redis generation, by the store's last-modified time, must
 //!   be younger than the limit: a stream that stopped shows here before a restore needs it.
@@ -1195,7 +1197,10 @@ async fn verify_redis_cluster(
             "no shard: nothing of the cluster can be restored",
         ));
     }
-    report.generations = shards.iter().map(|(_, _, c)| c.generations.len() as u64).sum();
+    report.generations = shards
+        .iter()
+        .map(|(_, _, c)| c.generations.len() as u64)
+        .sum();
     report.newest_time = newest.flatten();
     // Each shard's problems: those under its directory.
     for s in &mut summaries {

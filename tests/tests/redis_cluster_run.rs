@@ -94,7 +94,11 @@ impl RunAgent {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status.success();
             }
-            assert!(Instant::now() < deadline, "run did not stop:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "run did not stop:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -231,8 +235,16 @@ fn run_streams_every_shard_of_a_detected_cluster_with_shard_labelled_metrics() {
     }
     // The job itself: up, without a shard label; its stream series are its shards' only.
     assert_eq!(sample(&m, "syncbridge_job_up", &base), Some(1.0), "{m}");
-    assert_eq!(sample(&m, "syncbridge_redis_durable_offset", &base), None, "{m}");
-    assert_eq!(sample(&m, "syncbridge_redis_bytes_total", &base), None, "{m}");
+    assert_eq!(
+        sample(&m, "syncbridge_redis_durable_offset", &base),
+        None,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "syncbridge_redis_bytes_total", &base),
+        None,
+        "{m}"
+    );
     // OpenMetrics (what Prometheus asks for) has the same labels.
     let om = {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
@@ -248,7 +260,10 @@ fn run_streams_every_shard_of_a_detected_cluster_with_shard_labelled_metrics() {
     let expected = c.dump();
     assert!(a.terminate(), "{}", a.log_text());
     let log = a.log_text();
-    assert!(log.contains("streaming the whole cluster") || log.contains("streaming shard s01"), "{log}");
+    assert!(
+        log.contains("streaming the whole cluster") || log.contains("streaming shard s01"),
+        "{log}"
+    );
     assert_eq!(restore_all(&repo, tmp.path(), flavor), expected);
 }
 
@@ -308,7 +323,17 @@ fn expire_keeps_the_shards_generations_together() {
         t1 = now_ms();
         std::thread::sleep(Duration::from_millis(50));
     });
-    let out = run_agent(&["redis", "snapshot", "--source", &c.node(1).url(), "--repo", &repo], &[]);
+    let out = run_agent(
+        &[
+            "redis",
+            "snapshot",
+            "--source",
+            &c.node(1).url(),
+            "--repo",
+            &repo,
+        ],
+        &[],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let mut t2 = 0;
     let mut at_t2 = BTreeMap::new();
@@ -323,10 +348,13 @@ fn expire_keeps_the_shards_generations_together() {
     });
     // Complete generations: those with a manifest (an expired one's directory may stay).
     let gens = |shard: &str| {
-        std::fs::read_dir(tmp.path().join(format!("repo/redis/cluster/shards/{shard}/redis/gen")))
-            .unwrap()
-            .filter(|d| d.as_ref().unwrap().path().join("generation.json").exists())
-            .count()
+        std::fs::read_dir(
+            tmp.path()
+                .join(format!("repo/redis/cluster/shards/{shard}/redis/gen")),
+        )
+        .unwrap()
+        .filter(|d| d.as_ref().unwrap().path().join("generation.json").exists())
+        .count()
     };
     for s in ["s01", "s02", "s03"] {
         assert_eq!(gens(s), 2, "{s}");
@@ -343,11 +371,17 @@ fn expire_keeps_the_shards_generations_together() {
     for s in ["s01", "s02", "s03"] {
         assert_eq!(gens(s), 2, "{s}: {}", text(&out));
     }
-    let out = run_agent(&["expire", "--repo", &repo, "--keep-full", "1", "--dry-run"], &[]);
+    let out = run_agent(
+        &["expire", "--repo", &repo, "--keep-full", "1", "--dry-run"],
+        &[],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let all = text(&out);
     for s in ["s01", "s02", "s03"] {
-        assert!(all.contains(&format!("expire  shard {s} generation")), "{all}");
+        assert!(
+            all.contains(&format!("expire  shard {s} generation")),
+            "{all}"
+        );
         assert_eq!(gens(s), 2, "{s}: dry run");
     }
     let out = run_agent(&["expire", "--repo", &repo, "--keep-full", "1"], &[]);
@@ -364,22 +398,43 @@ fn expire_keeps_the_shards_generations_together() {
     let t2s = format!("@{t2}");
     let mut union = BTreeMap::new();
     for s in ["s01", "s02", "s03"] {
-        let got = restore_shard(&repo, s, &tmp.path().join(format!("t2-{s}")), Some(&t2s), flavor)
-            .unwrap_or_else(|e| panic!("{s}: {e}"));
+        let got = restore_shard(
+            &repo,
+            s,
+            &tmp.path().join(format!("t2-{s}")),
+            Some(&t2s),
+            flavor,
+        )
+        .unwrap_or_else(|e| panic!("{s}: {e}"));
         union.extend(got);
     }
     assert_eq!(union, at_t2);
     // An expired moment: refused, saying where the backup now begins.
     let t1s = format!("@{t1}");
     for s in ["s01", "s02", "s03"] {
-        let e = restore_shard(&repo, s, &tmp.path().join(format!("t1-{s}")), Some(&t1s), flavor)
-            .unwrap_err();
+        let e = restore_shard(
+            &repo,
+            s,
+            &tmp.path().join(format!("t1-{s}")),
+            Some(&t1s),
+            flavor,
+        )
+        .unwrap_err();
         assert!(e.contains("no generation starts at or before"), "{s}: {e}");
         assert!(e.contains("expired"), "{s}: {e}");
     }
     let target = tmp.path().join("t1-all").display().to_string();
     let out = run_agent(
-        &["redis", "restore", "--repo", &repo, "--target", &target, "--to-time", &t1s],
+        &[
+            "redis",
+            "restore",
+            "--repo",
+            &repo,
+            "--target",
+            &target,
+            "--to-time",
+            &t1s,
+        ],
         &[],
     );
     assert!(!out.status.success(), "{}", text(&out));
@@ -449,7 +504,10 @@ fn verify_and_list_check_every_shard_and_the_slot_map_history() {
     assert!(out.status.success(), "{}", text(&out));
     let all = text(&out);
     for s in ["s01", "s02", "s03"] {
-        assert!(all.contains(&format!("shard {s}: 1 generations, OK")), "{all}");
+        assert!(
+            all.contains(&format!("shard {s}: 1 generations, OK")),
+            "{all}"
+        );
     }
     assert!(all.contains("slot maps: 2 records, OK"), "{all}");
 
@@ -457,7 +515,9 @@ fn verify_and_list_check_every_shard_and_the_slot_map_history() {
     let out = run_agent(&["list", "--repo", &repo, "--output", "json"], &[]);
     assert!(out.status.success(), "{}", text(&out));
     let l = json_of(&out);
-    let maps = l["redis"]["cluster"]["slot_maps"].as_array().unwrap_or_else(|| panic!("{l:#}"));
+    let maps = l["redis"]["cluster"]["slot_maps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{l:#}"));
     assert_eq!(maps.len(), 2, "{l:#}");
     assert!(maps.iter().all(|m| m["complete"] == true), "{l:#}");
     assert_eq!(maps[1]["ranges"][0]["slots"], "0-7", "{l:#}");
@@ -509,8 +569,10 @@ fn verify_and_list_check_every_shard_and_the_slot_map_history() {
     assert_eq!(v["status"], "damaged", "{v:#}");
     let problems = v["problems"].as_array().unwrap();
     assert!(
-        problems.iter().any(|p| p["key"] == bad_key.as_str()
-            && p["problem"].as_str().unwrap().contains("\"s07\"")),
+        problems
+            .iter()
+            .any(|p| p["key"] == bad_key.as_str()
+                && p["problem"].as_str().unwrap().contains("\"s07\"")),
         "{v:#}"
     );
     assert!(
@@ -530,7 +592,10 @@ fn verify_and_list_check_every_shard_and_the_slot_map_history() {
     let all = text(&out);
     assert!(all.contains("shard s02: 1 generations, 1 DAMAGED"), "{all}");
     assert!(all.contains(&bad_key), "{all}");
-    assert!(all.contains("damaged: shards s02; the slot-map history"), "{all}");
+    assert!(
+        all.contains("damaged: shards s02; the slot-map history"),
+        "{all}"
+    );
 }
 
 /// `run` with `redis.cluster = true` and `cluster_seeds` on a Valkey 9 cluster, new
@@ -556,7 +621,10 @@ fn run_with_cluster_true_and_retention_keeps_every_shard_restorable() {
         ),
     )
     .unwrap();
-    let out = run_agent(&["run", "--config", config.to_str().unwrap(), "--check"], &[]);
+    let out = run_agent(
+        &["run", "--config", config.to_str().unwrap(), "--check"],
+        &[],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let mut a = RunAgent::start(&config, tmp.path().join("run.log"));
     assert!(
@@ -568,12 +636,15 @@ fn run_with_cluster_true_and_retention_keeps_every_shard_restorable() {
     );
     // Writes keep coming, so each shard takes new generations; expire keeps them together.
     let generations_of = |shard: &str| {
-        std::fs::read_dir(tmp.path().join(format!("repo/redis/cluster/shards/{shard}/redis/gen")))
-            .map(|d| {
-                d.filter(|e| e.as_ref().unwrap().path().join("generation.json").exists())
-                    .count()
-            })
-            .unwrap_or(0)
+        std::fs::read_dir(
+            tmp.path()
+                .join(format!("repo/redis/cluster/shards/{shard}/redis/gen")),
+        )
+        .map(|d| {
+            d.filter(|e| e.as_ref().unwrap().path().join("generation.json").exists())
+                .count()
+        })
+        .unwrap_or(0)
     };
     let mut expired = false;
     for round in 0..30 {
@@ -599,7 +670,11 @@ fn run_with_cluster_true_and_retention_keeps_every_shard_restorable() {
     assert!(a.terminate(), "{}", a.log_text());
     for s in ["s01", "s02", "s03"] {
         let n = generations_of(s);
-        assert!((1..=3).contains(&n), "{s}: {n} generations\n{}", a.log_text());
+        assert!(
+            (1..=3).contains(&n),
+            "{s}: {n} generations\n{}",
+            a.log_text()
+        );
     }
     let out = run_agent(&["verify", "--repo", &repo], &[]);
     assert!(out.status.success(), "{}", text(&out));

@@ -126,7 +126,11 @@ pub fn plan(candidates: &[Candidate], policy: &Policy, now: DateTime<Utc>) -> Pl
 /// moment and every one after ([`cluster_keep_from`]), so the shards' generations stay
 /// together: a shard whose snapshots came a little earlier than the others' keeps one
 /// more. `None` when no shard has a generation.
-pub fn cluster_oldest_kept(shards: &[Vec<i64>], policy: &Policy, now: DateTime<Utc>) -> Option<i64> {
+pub fn cluster_oldest_kept(
+    shards: &[Vec<i64>],
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> Option<i64> {
     let with: Vec<&Vec<i64>> = shards.iter().filter(|s| !s.is_empty()).collect();
     if with.is_empty() {
         return None;

@@ -50,7 +50,10 @@ pub async fn run(repo: &Repository, job: &RedisStreamJob, ctl: Control) -> Resul
             // The source could not be asked before, and turned out to be a cluster node
             // (refused before anything was written): capture the whole cluster.
             Err(e) if job.cluster.is_none() && is_cluster_refused(&e) => {
-                tracing::info!("{} is a cluster node: streaming the whole cluster", job.source.endpoint());
+                tracing::info!(
+                    "{} is a cluster node: streaming the whole cluster",
+                    job.source.endpoint()
+                );
             }
             other => return other,
         }
@@ -60,7 +63,8 @@ pub async fn run(repo: &Repository, job: &RedisStreamJob, ctl: Control) -> Resul
 
 /// Whether `e` is the single-server stream refusing a cluster node.
 fn is_cluster_refused(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<ClusterRefused>().is_some())
+    e.chain()
+        .any(|c| c.downcast_ref::<ClusterRefused>().is_some())
 }
 
 /// Asks the source, then the seeds, whether they are cluster nodes; the first that answers

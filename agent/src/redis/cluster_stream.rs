@@ -594,7 +594,9 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
         let now_ms = chrono::Utc::now().timestamp_millis();
         let (lineages, changed) = assign(&topology, &mut known, last_map.as_ref(), now_ms);
         if let Err(e) = guard.check() {
-            break Err(JobError::transient(anyhow!("the cluster stream's lease: {e}")));
+            break Err(JobError::transient(anyhow!(
+                "the cluster stream's lease: {e}"
+            )));
         }
         if let Err(e) = store_records(repo, &known, &changed).await {
             tracing::warn!("{e:#}");

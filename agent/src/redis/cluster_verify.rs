@@ -97,8 +97,10 @@ pub async fn check_records(
             continue;
         };
         if previous.is_some_and(|p| ms <= p) {
-            out.problems
-                .push((key.clone(), "its time does not follow the previous record's".into()));
+            out.problems.push((
+                key.clone(),
+                "its time does not follow the previous record's".into(),
+            ));
         }
         previous = Some(ms);
         let data = match repo.get(&key).await {
