@@ -680,3 +680,32 @@ fn run_with_cluster_true_and_retention_keeps_every_shard_restorable() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(restore_all(&repo, tmp.path(), flavor), expected);
 }
+
+/// `redis.cluster = true` beside a server that is not a cluster node: `run` fails at once,
+/// saying so, having written nothing.
+#[test]
+fn run_with_cluster_true_beside_a_single_server_fails_clearly() {
+    let server = syncbridge_tests::redis::RedisServer::start(RedisFlavor::Redis7);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = file_repo(tmp.path());
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nsource = \"{}\"\ncluster = true\nrepository = \"{repo}\"\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let out = run_agent(&["run", "--config", config.to_str().unwrap()], &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let all = text(&out);
+    assert!(
+        all.contains(&format!(
+            "redis.cluster = true, but 127.0.0.1:{} is not a Redis Cluster node",
+            server.port()
+        )),
+        "{all}"
+    );
+    assert!(!tmp.path().join("repo/redis").exists(), "{all}");
+}

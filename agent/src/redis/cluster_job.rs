@@ -42,7 +42,17 @@ pub async fn run(repo: &Repository, job: &RedisStreamJob, ctl: Control) -> Resul
         return super::stream::run(repo, &job.source, &job.stream, ctl).await;
     }
     let cluster = match job.cluster {
-        Some(c) => c,
+        Some(true) => {
+            // Told so: a source that answers it is not one is a configuration mistake.
+            if let Ok(Some(false)) = super::cluster_stream::probe(&job.source).await {
+                anyhow::bail!(
+                    "redis.cluster = true, but {} is not a Redis Cluster node (INFO cluster says cluster_enabled:0); remove the key to stream it as a single server",
+                    job.source.endpoint()
+                );
+            }
+            true
+        }
+        Some(false) => false,
         None => detect(job).await?,
     };
     if !cluster {
