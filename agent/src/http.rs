@@ -530,6 +530,93 @@ fn respond<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::JobStatus;
+
+    fn exposition(jobs: Vec<Watched>) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(JobsCollector { jobs }));
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &registry).unwrap_or_default();
+        classic_text(&body)
+    }
+
+    #[test]
+    fn a_cluster_streams_series_are_its_shards_and_a_single_server_has_no_shard_label() {
+        let (cluster, state) = JobStatus::new();
+        cluster.running();
+        let s01 = cluster.part("s01");
+        s01.running();
+        s01.durable("1:100", 100, Some(Duration::from_millis(20)));
+        s01.durable("1:150", 150, None);
+        cluster.part("s02").durable("9:7", 7, None);
+        let (single, single_state) = JobStatus::new();
+        single.running();
+        single.durable("5:1", 1, None);
+        let jobs = vec![
+            Watched {
+                kind: JobKind::RedisStream,
+                repository: "file:///c".into(),
+                state,
+                parts: cluster.parts(),
+            },
+            Watched {
+                kind: JobKind::RedisStream,
+                repository: "file:///r".into(),
+                state: single_state,
+                parts: single.parts(),
+            },
+        ];
+        let text = exposition(jobs.clone());
+        let has = |l: &str| text.lines().any(|x| x == l);
+        let c = r#"job="redis_stream",repository="file:///c""#;
+        let r = r#"job="redis_stream",repository="file:///r""#;
+        assert!(
+            has(&format!(
+                r#"syncbridge_redis_durable_offset{{{c},shard="s01"}} 150.0"#
+            )),
+            "{text}"
+        );
+        assert!(
+            has(&format!(
+                r#"syncbridge_redis_bytes_total{{{c},shard="s01"}} 50"#
+            )),
+            "{text}"
+        );
+        assert!(
+            has(&format!(
+                r#"syncbridge_redis_durable_offset{{{c},shard="s02"}} 7.0"#
+            )),
+            "{text}"
+        );
+        assert!(
+            has(&format!(r#"syncbridge_job_up{{{c},shard="s01"}} 1.0"#)),
+            "{text}"
+        );
+        assert!(
+            has(&format!(r#"syncbridge_job_up{{{c},shard="s02"}} 0.0"#)),
+            "{text}"
+        );
+        assert!(has(&format!(r#"syncbridge_job_up{{{c}}} 1.0"#)), "{text}");
+        assert!(
+            !text.contains(&format!(r#"syncbridge_redis_bytes_total{{{c}}}"#)),
+            "{text}"
+        );
+        assert!(
+            has(&format!(r#"syncbridge_redis_durable_offset{{{r}}} 1.0"#)),
+            "{text}"
+        );
+        assert!(!text.contains(&format!(r#"{r},shard"#)), "{text}");
+        // Ready only when every shard is.
+        let (ok, why) = readiness(&jobs, Duration::from_secs(30));
+        assert!(!ok, "{why}");
+        assert!(why.contains("redis_stream shard s01: ready"), "{why}");
+        assert!(
+            why.contains("redis_stream shard s02: not ready: Starting"),
+            "{why}"
+        );
+        cluster.part("s02").running();
+        assert!(readiness(&jobs, Duration::from_secs(30)).0);
+    }
 
     #[test]
     fn classic_text_names_counter_samples_and_drops_openmetrics_lines() {
