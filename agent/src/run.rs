@@ -199,6 +199,7 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             cluster: r.cluster,
             poll: std::time::Duration::from_secs(1),
             stream: opts,
+            memory_share: Some(shares.redis_share()),
         };
         jobs.push((
             "redis stream",
@@ -412,6 +413,12 @@ impl MemoryShares {
             pg: pg.then_some(share),
             redis: redis.then_some(share),
         }
+    }
+
+    /// The Redis stream's share in bytes (a whole-cluster stream splits it between its
+    /// shards, [`crate::redis::cluster_job`]).
+    pub fn redis_share(&self) -> u64 {
+        self.redis.unwrap_or(0)
     }
 
     /// Segment uploads in flight: what the share holds beside the segment being received

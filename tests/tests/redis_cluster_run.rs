@@ -260,8 +260,10 @@ fn run_streams_every_shard_of_a_detected_cluster_with_shard_labelled_metrics() {
     let expected = c.dump();
     assert!(a.terminate(), "{}", a.log_text());
     let log = a.log_text();
+    assert!(log.contains("streaming shard s01 from its master"), "{log}");
+    // `agent.memory_budget_mib` (64 MiB) split between the three shards.
     assert!(
-        log.contains("streaming the whole cluster") || log.contains("streaming shard s01"),
+        log.contains("memory budget: the Redis share split between 3 shards"),
         "{log}"
     );
     assert_eq!(restore_all(&repo, tmp.path(), flavor), expected);

@@ -340,6 +340,7 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
         cluster: None,
         poll: Duration::from_secs(1),
         stream: opts,
+        memory_share: None,
     };
     super::cluster_job::run(&repo, &job, crate::job::Control::standalone()).await?;
     Ok(ExitCode::SUCCESS)

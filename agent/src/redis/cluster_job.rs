@@ -34,6 +34,10 @@ pub struct RedisStreamJob {
     pub poll: Duration,
     /// The stream's knobs (every shard's, for a cluster).
     pub stream: StreamOptions,
+    /// `run`'s memory share for the Redis stream (bytes, `agent.memory_budget_mib`): a
+    /// whole-cluster stream splits it between its shards. `None` (the sub-command): each
+    /// shard keeps `stream`'s sizes.
+    pub memory_share: Option<u64>,
 }
 
 /// Runs the job until `ctl.token` is cancelled or it fails for good.
@@ -104,10 +108,23 @@ async fn detect(job: &RedisStreamJob) -> Result<bool> {
 async fn run_cluster(repo: &Repository, job: &RedisStreamJob, ctl: Control) -> Result<()> {
     let mut seeds = vec![job.source.clone()];
     seeds.extend(job.seeds.iter().cloned());
+    let mut stream = job.stream.clone();
+    if let Some(share) = job.memory_share {
+        let shards = shard_count(repo, &seeds).await;
+        let each = crate::run::MemoryShares::split(share / shards.max(1), false, true);
+        stream.max_chunk_bytes = each.redis_chunk_bytes();
+        stream.uploads_in_flight = each.redis_uploads_in_flight();
+        tracing::info!(
+            shards,
+            chunk_bytes = stream.max_chunk_bytes,
+            uploads_in_flight = stream.uploads_in_flight,
+            "memory budget: the Redis share split between {shards} shards"
+        );
+    }
     let opts = ClusterOptions {
         seeds,
         poll: job.poll,
-        stream: job.stream.clone(),
+        stream,
     };
     job::supervise(
         "redis stream",
@@ -120,4 +137,26 @@ async fn run_cluster(repo: &Repository, job: &RedisStreamJob, ctl: Control) -> R
         },
     )
     .await
+}
+
+/// How many shards the cluster has, to split a memory budget: the masters owning slots as
+/// the first seed that answers says, else the shards the repository knows, else 3 (the
+/// usual shape). A shard added later gets the same sizes as the others.
+async fn shard_count(repo: &Repository, seeds: &[RedisSource]) -> u64 {
+    for seed in seeds {
+        let ask = async {
+            let mut link = super::link::MasterLink::connect(seed).await.ok()?;
+            super::cluster::read_topology(&mut link).await.ok()
+        };
+        if let Ok(Some(t)) = tokio::time::timeout(Duration::from_secs(10), ask).await {
+            let n = t.serving_shards().count() as u64;
+            if n > 0 {
+                return n;
+            }
+        }
+    }
+    match super::cluster_stream::ClusterCatalog::load(repo).await {
+        Ok(c) if !c.shards.is_empty() => c.shards.len() as u64,
+        _ => 3,
+    }
 }
