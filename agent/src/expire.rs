@@ -342,6 +342,9 @@ async fn expire_cluster(
         "cluster: every shard keeps what restores {oldest_text} and later"
     ));
     let (mut kept, mut expired) = (0, 0);
+    // Slot maps stay from the oldest moment a kept generation restores: a pinned one older
+    // than `oldest` keeps the map of its time.
+    let mut maps_from = oldest;
     for ((key, view, cat), snaps) in shards.iter().zip(&times) {
         let from = cluster_keep_from(snaps, oldest);
         let mut p = Plan {
@@ -361,6 +364,7 @@ async fn expire_cluster(
             } else if g.pinned {
                 p.keep.push(id);
                 p.reasons.push("pinned");
+                maps_from = maps_from.min(g.manifest.snapshot_unix_ms);
             } else {
                 p.expire.push(id);
             }
@@ -375,7 +379,7 @@ async fn expire_cluster(
     let in_effect = clustered
         .slot_maps
         .iter()
-        .rposition(|r| i64::try_from(r.effective_unix_ms).unwrap_or(i64::MAX) <= oldest);
+        .rposition(|r| i64::try_from(r.effective_unix_ms).unwrap_or(i64::MAX) <= maps_from);
     let old_maps: Vec<RepoKey> = match in_effect {
         Some(i) => clustered.slot_maps[..i]
             .iter()
@@ -385,7 +389,8 @@ async fn expire_cluster(
     };
     for key in &old_maps {
         crate::util::output::say(format!(
-            "expire  slot map {key} (replaced before {oldest_text})"
+            "expire  slot map {key} (replaced before {})",
+            crate::redis::restore::describe_time(maps_from)
         ));
     }
     crate::util::output::say(format!(

@@ -81,26 +81,17 @@ fn is_cluster_refused(e: &anyhow::Error) -> bool {
         .any(|c| c.downcast_ref::<ClusterRefused>().is_some())
 }
 
-/// Asks the source, then the seeds, whether they are cluster nodes; the first that answers
-/// decides. When none can be asked now, the single-server stream connects (and retries) as
-/// usual, and a cluster node it then meets is streamed as a cluster ([`run`]).
+/// Whether the job streams a whole cluster: yes when seeds are named (only cluster nodes
+/// have seeds), else as the source answers (`INFO cluster`). When it cannot be asked now,
+/// the single-server stream connects (and retries) as usual, and a cluster node it then
+/// meets is streamed as a cluster ([`run`]). A source that never answers fails at once.
 async fn detect(job: &RedisStreamJob) -> Result<bool> {
-    let mut nodes = vec![job.source.clone()];
-    nodes.extend(job.seeds.iter().cloned());
-    // Seeds are only cluster nodes: naming one says the source is one.
     if !job.seeds.is_empty() {
         return Ok(true);
     }
-    for node in &nodes {
-        match super::cluster_stream::probe(node).await {
-            Ok(Some(yes)) => return Ok(yes),
-            Ok(None) => continue,
-            // One of several nodes not answering is not the end; the only one is.
-            Err(e) if nodes.len() > 1 => tracing::warn!("{e:#}"),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(false)
+    Ok(super::cluster_stream::probe(&job.source)
+        .await?
+        .unwrap_or(false))
 }
 
 /// The whole-cluster stream, its attempts supervised: a lost cluster lease or a failed
