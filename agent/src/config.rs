@@ -54,6 +54,8 @@ pub const KEYS: &[&str] = &[
     "redis.spool",
     "redis.spool_limit_mib",
     "redis.on_replica",
+    "redis.cluster",
+    "redis.cluster_seeds",
     "redis.cluster_shard_only",
     "redis.retention.keep_full",
     "redis.retention.keep_within",
@@ -192,8 +194,16 @@ pub struct RedisConfig {
     /// `follow` to its master.
     #[serde(default)]
     pub on_replica: crate::redis::stream::ReplicaPolicy,
-    /// The source is a Redis Cluster node: stream its shard alone (one sidecar per shard);
-    /// without it a cluster node is refused.
+    /// `true`: the source is a node of a Redis Cluster / Valkey Cluster, stream every shard
+    /// in this process; `false`: a single server (a cluster node is then refused unless
+    /// `cluster_shard_only`); unset: as the source says (`INFO cluster`).
+    pub cluster: Option<bool>,
+    /// Further cluster nodes (`host:port`) to read the topology from when `source` does
+    /// not answer; naming any says the source is a cluster node.
+    #[serde(default)]
+    pub cluster_seeds: Vec<String>,
+    /// The source is a Redis Cluster node: stream its shard alone (one sidecar per shard,
+    /// each with a repository of its own) instead of the whole cluster.
     #[serde(default)]
     pub cluster_shard_only: bool,
 }
@@ -464,6 +474,20 @@ impl Config {
             if crate::util::redact::has_password(&r.source) {
                 bail!("redis.source holds a password: put it in a file and name it as redis.password_file");
             }
+            if r.cluster_shard_only && r.cluster == Some(true) {
+                bail!("redis.cluster = true (stream every shard) and redis.cluster_shard_only = true (stream the source's shard alone) contradict each other: set one");
+            }
+            if !r.cluster_seeds.is_empty() && (r.cluster == Some(false) || r.cluster_shard_only) {
+                bail!("redis.cluster_seeds is for a whole-cluster stream: it cannot go with redis.cluster = false or redis.cluster_shard_only = true");
+            }
+            for seed in &r.cluster_seeds {
+                let (host, port) = seed
+                    .rsplit_once(':')
+                    .with_context(|| format!("redis.cluster_seeds: {seed:?} is not host:port"))?;
+                if host.is_empty() || port.parse::<u16>().is_err() {
+                    bail!("redis.cluster_seeds: {seed:?} is not host:port");
+                }
+            }
         }
         if let Some(agent_format) = &self.agent.log_format {
             if !matches!(agent_format.as_str(), "text" | "json") {
@@ -583,7 +607,13 @@ mod tests {
                 k if k.ends_with(".compression") => "lz4",
                 k if k.ends_with("on_standby") => "stream",
                 k if k.ends_with("on_replica") => "follow",
-                k if k.ends_with("synchronous") || k.ends_with("cluster_shard_only") => "true",
+                k if k.ends_with("synchronous")
+                    || k.ends_with("cluster_shard_only")
+                    || k.ends_with(".cluster") =>
+                {
+                    "true"
+                }
+                k if k.ends_with("cluster_seeds") => "[\"127.0.0.1:7001\"]",
                 "http.listen" => "127.0.0.1:9187",
                 "agent.log_format" => "json",
                 k if k.ends_with("identity_file") || k.ends_with("recipients") => "[]",
@@ -606,6 +636,42 @@ mod tests {
             assert!(r.is_ok(), "{key}: {:#}", r.unwrap_err());
             let r = load(&p, Vec::new(), &[format!("{key}={value}")]);
             assert!(r.is_ok(), "--set {key}: {:#}", r.unwrap_err());
+        }
+    }
+
+    #[test]
+    fn cluster_keys_that_contradict_each_other_are_refused() {
+        let base =
+            "[repository]\nurl = \"file:///tmp/x\"\n[redis]\nsource = \"redis://127.0.0.1:7000\"\n";
+        let (_d, p) = write(&format!(
+            "{base}cluster = true\ncluster_seeds = [\"127.0.0.1:7001\", \"h:7002\"]\n"
+        ));
+        let c = load(&p, Vec::new(), &[]).unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(r.cluster, Some(true));
+        assert_eq!(r.cluster_seeds.len(), 2);
+        let (_d, p) = write(base);
+        assert_eq!(
+            load(&p, Vec::new(), &[]).unwrap().redis.unwrap().cluster,
+            None
+        );
+        for (extra, needle) in [
+            ("cluster = true\ncluster_shard_only = true\n", "contradict"),
+            (
+                "cluster = false\ncluster_seeds = [\"h:1\"]\n",
+                "cluster_seeds",
+            ),
+            (
+                "cluster_shard_only = true\ncluster_seeds = [\"h:1\"]\n",
+                "cluster_seeds",
+            ),
+            ("cluster_seeds = [\"nohost\"]\n", "not host:port"),
+            ("cluster_seeds = [\"h:port\"]\n", "not host:port"),
+            ("cluster = \"yes\"\n", "redis.cluster"),
+        ] {
+            let (_d, p) = write(&format!("{base}{extra}"));
+            let e = format!("{:#}", load(&p, Vec::new(), &[]).unwrap_err());
+            assert!(e.contains(needle), "{extra}: {e}");
         }
     }
 

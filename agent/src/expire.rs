@@ -15,6 +15,10 @@
 //! stream's segment in progress, its deltas and the open Redis generation are never
 //! candidates.
 //!
+//! A Redis Cluster capture keeps its shards' generations together, so a kept moment
+//! restores on every shard (`expire_cluster`), and drops the slot maps replaced before the
+//! oldest kept moment.
+//!
 //! Pinned backups and generations (`backup pin`) are kept whatever the policy; the pin is
 //! read again just before a backup is made invisible, so a pin set during a run holds.
 //!
@@ -34,9 +38,12 @@ use storage::{ContentKind, PutMode, RepoKind, Repository};
 
 use crate::catalog::pg::{Backup, PgCatalog};
 use crate::catalog::redis::RedisCatalog;
-use crate::catalog::retention::{plan, wal_to_expire, Candidate, Plan, Policy};
+use crate::catalog::retention::{
+    cluster_keep_from, cluster_oldest_kept, plan, wal_to_expire, Candidate, Plan, Policy,
+};
 use crate::cli::RepoArgs;
 use crate::pg::backup_progress::human;
+use crate::redis::cluster_stream::{shard_repo, ClusterCatalog};
 
 /// Arguments of `expire`.
 #[derive(Debug, Args)]
@@ -241,6 +248,10 @@ async fn expire_redis(
     now: DateTime<Utc>,
     dry: bool,
 ) -> Result<()> {
+    let clustered = ClusterCatalog::load(repo).await?;
+    if clustered.is_cluster() {
+        return expire_cluster(repo, &clustered, policy, now, dry).await;
+    }
     let cat = RedisCatalog::load(repo).await?;
     if cat.generations.is_empty() {
         crate::util::output::say(format!(
@@ -258,7 +269,159 @@ async fn expire_redis(
             pinned: g.pinned,
         });
     }
-    let mut p = plan(&candidates, policy, now);
+    let p = plan(&candidates, policy, now);
+    carry_out_redis(repo, &cat, p, now, dry, "generation").await?;
+    Ok(())
+}
+
+/// The earliest moment a Redis repository restores to: its oldest snapshot; for a cluster
+/// capture the latest of the shards' oldest snapshots (every shard restores from there on),
+/// `None` while a shard has none.
+pub async fn redis_first_recoverable(repo: &Repository) -> Result<Option<DateTime<Utc>>> {
+    let clustered = ClusterCatalog::load(repo).await?;
+    let ms = if clustered.is_cluster() {
+        let mut latest: Option<i64> = None;
+        for key in clustered.shards.keys() {
+            let cat = RedisCatalog::load(&shard_repo(repo, key)?).await?;
+            let Some(g) = cat.generations.first() else {
+                return Ok(None);
+            };
+            latest = Some(latest.map_or(g.manifest.snapshot_unix_ms, |l| {
+                l.max(g.manifest.snapshot_unix_ms)
+            }));
+        }
+        latest
+    } else {
+        RedisCatalog::load(repo)
+            .await?
+            .generations
+            .first()
+            .map(|g| g.manifest.snapshot_unix_ms)
+    };
+    Ok(ms.and_then(DateTime::from_timestamp_millis))
+}
+
+/// Retention of a Redis Cluster capture (`docs/design/redis-cluster.md`, "Retention and
+/// verify"): the policy gives the oldest moment to keep restorable on every shard
+/// ([`cluster_oldest_kept`]); each shard keeps its generation that restores that moment and
+/// every newer one ([`cluster_keep_from`]), plus its pinned ones; then slot-map records
+/// older than that moment go, except the one in effect at it.
+async fn expire_cluster(
+    repo: &Repository,
+    clustered: &ClusterCatalog,
+    policy: &Policy,
+    now: DateTime<Utc>,
+    dry: bool,
+) -> Result<()> {
+    let mut shards = Vec::new();
+    for key in clustered.shards.keys() {
+        let view = shard_repo(repo, key)?;
+        let cat = RedisCatalog::load(&view)
+            .await
+            .with_context(|| format!("reading shard {key}"))?;
+        shards.push((key.clone(), view, cat));
+    }
+    let times: Vec<Vec<i64>> = shards
+        .iter()
+        .map(|(_, _, c)| {
+            c.generations
+                .iter()
+                .map(|g| g.manifest.snapshot_unix_ms)
+                .collect()
+        })
+        .collect();
+    let Some(oldest) = cluster_oldest_kept(&times, policy, now) else {
+        crate::util::output::say(format!(
+            "no generation in the cluster capture {}: nothing to expire",
+            repo.url()
+        ));
+        return Ok(());
+    };
+    let oldest_text = crate::redis::restore::describe_time(oldest);
+    crate::util::output::say(format!(
+        "cluster: every shard keeps what restores {oldest_text} and later"
+    ));
+    let (mut kept, mut expired) = (0, 0);
+    // Slot maps stay from the oldest moment a kept generation restores: a pinned one older
+    // than `oldest` keeps the map of its time.
+    let mut maps_from = oldest;
+    for ((key, view, cat), snaps) in shards.iter().zip(&times) {
+        let from = cluster_keep_from(snaps, oldest);
+        let mut p = Plan {
+            keep: Vec::new(),
+            expire: Vec::new(),
+            reasons: Vec::new(),
+        };
+        for (i, g) in cat.generations.iter().enumerate() {
+            let id = g.id.to_string();
+            if i == from {
+                p.keep.push(id);
+                p.reasons
+                    .push("restores the oldest kept moment on this shard");
+            } else if i > from {
+                p.keep.push(id);
+                p.reasons.push("newer than the oldest kept moment");
+            } else if g.pinned {
+                p.keep.push(id);
+                p.reasons.push("pinned");
+                maps_from = maps_from.min(g.manifest.snapshot_unix_ms);
+            } else {
+                p.expire.push(id);
+            }
+        }
+        let (k, e) = carry_out_redis(view, cat, p, now, dry, &format!("shard {key} generation"))
+            .await
+            .with_context(|| format!("expiring shard {key}"))?;
+        kept += k;
+        expired += e;
+    }
+    // Slot maps: those before the oldest kept moment, except the one in effect at it.
+    let in_effect = clustered
+        .slot_maps
+        .iter()
+        .rposition(|r| i64::try_from(r.effective_unix_ms).unwrap_or(i64::MAX) <= maps_from);
+    let old_maps: Vec<RepoKey> = match in_effect {
+        Some(i) => clustered.slot_maps[..i]
+            .iter()
+            .map(|r| layout::redis_slot_map(r.effective_unix_ms))
+            .collect(),
+        None => Vec::new(),
+    };
+    for key in &old_maps {
+        crate::util::output::say(format!(
+            "expire  slot map {key} (replaced before {})",
+            crate::redis::restore::describe_time(maps_from)
+        ));
+    }
+    crate::util::output::say(format!(
+        "{}: {} shards, {kept} generations kept, {expired} expired, {} slot maps expired",
+        if dry { "dry run" } else { "done" },
+        shards.len(),
+        old_maps.len()
+    ));
+    if dry {
+        return Ok(());
+    }
+    for key in &old_maps {
+        repo.delete(key)
+            .await
+            .with_context(|| format!("deleting {key}"))?;
+    }
+    Ok(())
+}
+
+/// Carries out plan `p` for the generations of `cat` in `repo` (the repository, or one
+/// shard's view): generations the stream is still writing are kept whatever the plan,
+/// leftovers of interrupted runs are finished. `what` names a generation in the output.
+/// Returns (kept, expired).
+async fn carry_out_redis(
+    repo: &Repository,
+    cat: &RedisCatalog,
+    mut p: Plan,
+    now: DateTime<Utc>,
+    dry: bool,
+    what: &str,
+) -> Result<(usize, usize)> {
     let facts: Vec<GenFacts> = cat
         .generations
         .iter()
@@ -291,7 +454,7 @@ async fn expire_redis(
             .find(|g| g.id.as_str() == id)
             .map_or(0, |g| g.stored_bytes)
     };
-    print_plan(&p, "generation", stored);
+    print_plan(&p, what, stored);
     let oldest_kept = p.keep.iter().min().cloned();
     let complete: BTreeSet<String> = cat.generations.iter().map(|g| g.id.to_string()).collect();
     let found = Found {
@@ -313,12 +476,12 @@ async fn expire_redis(
         human(freed)
     ));
     if dry {
-        return Ok(());
+        return Ok((p.keep.len(), p.expire.len()));
     }
     let expired = remove_expired(repo, Engine::Redis, &p).await?;
     finish_leftovers(repo, Engine::Redis, &orphans).await?;
     crate::util::output::say(format!("expired {} generations", expired.len()));
-    Ok(())
+    Ok((p.keep.len(), expired.len()))
 }
 
 /// How long an incomplete backup or generation directory without a tombstone must have been

@@ -28,7 +28,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::{JobState, Phase};
+use crate::job::{JobState, PartStates, Phase};
 
 /// What a job is, for its metric names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +82,8 @@ pub struct Watched {
     pub repository: String,
     /// Its published state.
     pub state: watch::Receiver<JobState>,
+    /// Its parts' states (a whole-cluster Redis stream's shards, label `shard`).
+    pub parts: PartStates,
 }
 
 #[derive(Debug)]
@@ -98,6 +100,41 @@ fn labels(w: &Watched) -> Labels {
     ]
 }
 
+/// What one set of samples describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// A job without parts: every series of its kind.
+    Whole,
+    /// A job with parts (a whole-cluster Redis stream): its own `job_up` and retries only;
+    /// the stream series are its parts'.
+    Parent,
+    /// One part (a shard, label `shard`): the stream series, `job_up` and retries.
+    Part,
+}
+
+/// One set of samples: labels, the state they show, the job kind, the scope.
+type Entry = (Labels, JobState, JobKind, Scope);
+
+/// The entries of every job: one per job, plus one per part labelled `shard`.
+fn entries(jobs: &[Watched]) -> Vec<Entry> {
+    let mut out = Vec::new();
+    for w in jobs {
+        let parts = w.parts.states();
+        let scope = if parts.is_empty() {
+            Scope::Whole
+        } else {
+            Scope::Parent
+        };
+        out.push((labels(w), w.state.borrow().clone(), w.kind, scope));
+        for (name, state) in parts {
+            let mut l = labels(w);
+            l.push(("shard", name));
+            out.push((l, state, w.kind, Scope::Part));
+        }
+    }
+    out
+}
+
 fn unix_seconds(t: chrono::DateTime<chrono::Utc>) -> f64 {
     t.timestamp_millis() as f64 / 1000.0
 }
@@ -105,15 +142,15 @@ fn unix_seconds(t: chrono::DateTime<chrono::Utc>) -> f64 {
 /// Encodes one gauge family; `value` picks each job's value (jobs without one are left out).
 fn gauge(
     encoder: &mut DescriptorEncoder,
-    jobs: &[(Labels, JobState, JobKind)],
+    jobs: &[Entry],
     name: &str,
     help: &str,
     unit: Option<&Unit>,
-    value: impl Fn(&JobState, JobKind) -> Option<f64>,
+    value: impl Fn(&JobState, JobKind, Scope) -> Option<f64>,
 ) -> std::fmt::Result {
     let present: Vec<(&Labels, f64)> = jobs
         .iter()
-        .filter_map(|(l, s, k)| value(s, *k).map(|v| (l, v)))
+        .filter_map(|(l, s, k, p)| value(s, *k, *p).map(|v| (l, v)))
         .collect();
     if present.is_empty() {
         return Ok(());
@@ -133,14 +170,14 @@ fn gauge(
 /// Encodes one counter family (exposed with the `_total` suffix).
 fn counter(
     encoder: &mut DescriptorEncoder,
-    jobs: &[(Labels, JobState, JobKind)],
+    jobs: &[Entry],
     name: &str,
     help: &str,
-    value: impl Fn(&JobState, JobKind) -> Option<u64>,
+    value: impl Fn(&JobState, JobKind, Scope) -> Option<u64>,
 ) -> std::fmt::Result {
     let present: Vec<(&Labels, u64)> = jobs
         .iter()
-        .filter_map(|(l, s, k)| value(s, *k).map(|v| (l, v)))
+        .filter_map(|(l, s, k, p)| value(s, *k, *p).map(|v| (l, v)))
         .collect();
     if present.is_empty() {
         return Ok(());
@@ -159,21 +196,18 @@ fn counter(
 
 impl Collector for JobsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let jobs: Vec<(Labels, JobState, JobKind)> = self
-            .jobs
-            .iter()
-            .map(|w| (labels(w), w.state.borrow().clone(), w.kind))
-            .collect();
+        let jobs = entries(&self.jobs);
         let e = &mut encoder;
         let pg = |k: JobKind| k == JobKind::PostgresStream;
-        let redis = |k: JobKind| k == JobKind::RedisStream;
+        // A cluster stream's series are its shards' (`shard` label), not the parent's.
+        let redis = |k: JobKind, p: Scope| k == JobKind::RedisStream && p != Scope::Parent;
         gauge(
             e,
             &jobs,
             "syncbridge_job_up",
             "1 when the job is doing its work: a stream streaming, a scheduled job whose last run succeeded",
             None,
-            |s, k| Some(if k.up(s) { 1.0 } else { 0.0 }),
+            |s, k, _| Some(if k.up(s) { 1.0 } else { 0.0 }),
         )?;
         let backup = |k: JobKind| k == JobKind::PostgresBackup;
         gauge(
@@ -182,7 +216,7 @@ impl Collector for JobsCollector {
             "syncbridge_backup_last_success_timestamp_seconds",
             "When the last scheduled base backup completed (Unix time)",
             None,
-            |s, k| backup(k).then_some(unix_seconds(s.last_success_at?)),
+            |s, k, _| backup(k).then_some(unix_seconds(s.last_success_at?)),
         )?;
         gauge(
             e,
@@ -190,7 +224,7 @@ impl Collector for JobsCollector {
             "syncbridge_backup_duration_seconds",
             "How long the last successful base backup took, waiting for its WAL included",
             None,
-            |s, k| backup(k).then_some(s.last_run_duration?.as_secs_f64()),
+            |s, k, _| backup(k).then_some(s.last_run_duration?.as_secs_f64()),
         )?;
         gauge(
             e,
@@ -198,7 +232,7 @@ impl Collector for JobsCollector {
             "syncbridge_first_recoverability_timestamp_seconds",
             "The earliest moment the repository can restore to (the end of its oldest backup or the oldest snapshot), after the last backup and expire",
             None,
-            |s, _| Some(unix_seconds(s.first_recoverable_at?)),
+            |s, _, _| Some(unix_seconds(s.first_recoverable_at?)),
         )?;
         gauge(
             e,
@@ -206,14 +240,14 @@ impl Collector for JobsCollector {
             "syncbridge_verify_last_success_timestamp_seconds",
             "When the last scheduled verify found the repository healthy (Unix time)",
             None,
-            |s, k| (k == JobKind::Verify).then_some(unix_seconds(s.last_success_at?)),
+            |s, k, _| (k == JobKind::Verify).then_some(unix_seconds(s.last_success_at?)),
         )?;
         counter(
             e,
             &jobs,
             "syncbridge_job_failures",
             "Runs of a scheduled job that failed",
-            |s, k| (!k.is_stream()).then_some(s.failures),
+            |s, k, _| (!k.is_stream()).then_some(s.failures),
         )?;
         gauge(
             e,
@@ -221,7 +255,7 @@ impl Collector for JobsCollector {
             "syncbridge_wal_archived_lsn_bytes",
             "The LSN up to which WAL is durable in the repository, as a byte position",
             None,
-            |s, k| pg(k).then_some(s.durable_bytes? as f64),
+            |s, k, _| pg(k).then_some(s.durable_bytes? as f64),
         )?;
         gauge(
             e,
@@ -229,7 +263,7 @@ impl Collector for JobsCollector {
             "syncbridge_wal_last_archived_timestamp_seconds",
             "When WAL last became durable in the repository (Unix time)",
             None,
-            |s, k| pg(k).then_some(unix_seconds(s.durable_at?)),
+            |s, k, _| pg(k).then_some(unix_seconds(s.durable_at?)),
         )?;
         gauge(
             e,
@@ -237,14 +271,14 @@ impl Collector for JobsCollector {
             "syncbridge_wal_lag_seconds",
             "How long the oldest received WAL byte not yet durable has waited",
             None,
-            |s, k| pg(k).then_some(s.lag?.as_secs_f64()),
+            |s, k, _| pg(k).then_some(s.lag?.as_secs_f64()),
         )?;
         counter(
             e,
             &jobs,
             "syncbridge_wal_bytes",
             "WAL bytes made durable by this process",
-            |s, k| pg(k).then_some(s.durable_bytes_total),
+            |s, k, _| pg(k).then_some(s.durable_bytes_total),
         )?;
         gauge(
             e,
@@ -252,7 +286,7 @@ impl Collector for JobsCollector {
             "syncbridge_redis_durable_offset",
             "The replication offset up to which the Redis stream is durable in the repository",
             None,
-            |s, k| redis(k).then_some(s.durable_bytes? as f64),
+            |s, k, p| redis(k, p).then_some(s.durable_bytes? as f64),
         )?;
         gauge(
             e,
@@ -260,7 +294,7 @@ impl Collector for JobsCollector {
             "syncbridge_redis_last_chunk_timestamp_seconds",
             "When the Redis stream last became durable further (Unix time)",
             None,
-            |s, k| redis(k).then_some(unix_seconds(s.durable_at?)),
+            |s, k, p| redis(k, p).then_some(unix_seconds(s.durable_at?)),
         )?;
         gauge(
             e,
@@ -268,14 +302,14 @@ impl Collector for JobsCollector {
             "syncbridge_redis_lag_seconds",
             "How long the oldest write of the last stored chunk waited to become durable",
             None,
-            |s, k| redis(k).then_some(s.lag?.as_secs_f64()),
+            |s, k, p| redis(k, p).then_some(s.lag?.as_secs_f64()),
         )?;
         counter(
             e,
             &jobs,
             "syncbridge_redis_bytes",
             "Replication stream bytes made durable by this process",
-            |s, k| redis(k).then_some(s.durable_bytes_total),
+            |s, k, p| redis(k, p).then_some(s.durable_bytes_total),
         )?;
         gauge(
             e,
@@ -283,57 +317,63 @@ impl Collector for JobsCollector {
             "syncbridge_slot_retained_bytes",
             "WAL the server has sent past what is durable in the repository: what the stream's replication slot makes the server keep",
             None,
-            |s, k| pg(k).then_some(s.source_behind_bytes? as f64),
+            |s, k, _| pg(k).then_some(s.source_behind_bytes? as f64),
         )?;
         counter(
             e,
             &jobs,
             "syncbridge_upload_errors",
             "Writes to the repository that failed after the store layer's own retries (retried by the stream, or ending an attempt)",
-            |s, k| k.is_stream().then_some(s.upload_errors),
+            |s, k, p| (k.is_stream() && p != Scope::Parent).then_some(s.upload_errors),
         )?;
         counter(
             e,
             &jobs,
             "syncbridge_job_retries",
             "Attempts of the job that ended in an error and were retried",
-            |s, _| Some(s.retries),
+            |s, _, _| Some(s.retries),
         )?;
         Ok(())
     }
 }
 
-/// Whether every job is ready, and per job why not.
+/// Whether every job is ready, and per job why not. A whole-cluster stream is ready when
+/// it and every one of its shards' streams are (one line per shard).
 fn readiness(jobs: &[Watched], max_lag: Duration) -> (bool, String) {
     let mut ok = true;
     let mut text = String::new();
     for w in jobs.iter().filter(|w| w.kind.is_stream()) {
-        let s = w.state.borrow().clone();
-        let lag = s.lag.unwrap_or_default();
-        let why = match s.phase {
-            Phase::Running if lag <= max_lag => None,
-            Phase::Running => Some(format!(
-                "lag {:.1}s is over {:.1}s",
-                lag.as_secs_f64(),
-                max_lag.as_secs_f64()
-            )),
-            Phase::Waiting => Some(format!(
-                "waiting: {}",
-                s.waiting_for.as_deref().unwrap_or("?")
-            )),
-            other => Some(format!(
-                "{other:?}{}",
-                s.last_error
-                    .as_deref()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
-            )),
-        };
-        match why {
-            None => text.push_str(&format!("{}: ready\n", w.kind.label())),
-            Some(why) => {
-                ok = false;
-                text.push_str(&format!("{}: not ready: {why}\n", w.kind.label()));
+        let mut states = vec![(w.kind.label().to_owned(), w.state.borrow().clone())];
+        for (name, state) in w.parts.states() {
+            states.push((format!("{} shard {name}", w.kind.label()), state));
+        }
+        for (label, s) in states {
+            let lag = s.lag.unwrap_or_default();
+            let why = match s.phase {
+                Phase::Running if lag <= max_lag => None,
+                Phase::Running => Some(format!(
+                    "lag {:.1}s is over {:.1}s",
+                    lag.as_secs_f64(),
+                    max_lag.as_secs_f64()
+                )),
+                Phase::Waiting => Some(format!(
+                    "waiting: {}",
+                    s.waiting_for.as_deref().unwrap_or("?")
+                )),
+                other => Some(format!(
+                    "{other:?}{}",
+                    s.last_error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                )),
+            };
+            match why {
+                None => text.push_str(&format!("{label}: ready\n")),
+                Some(why) => {
+                    ok = false;
+                    text.push_str(&format!("{label}: not ready: {why}\n"));
+                }
             }
         }
     }
@@ -490,6 +530,93 @@ fn respond<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::JobStatus;
+
+    fn exposition(jobs: Vec<Watched>) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(JobsCollector { jobs }));
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &registry).unwrap_or_default();
+        classic_text(&body)
+    }
+
+    #[test]
+    fn a_cluster_streams_series_are_its_shards_and_a_single_server_has_no_shard_label() {
+        let (cluster, state) = JobStatus::new();
+        cluster.running();
+        let s01 = cluster.part("s01");
+        s01.running();
+        s01.durable("1:100", 100, Some(Duration::from_millis(20)));
+        s01.durable("1:150", 150, None);
+        cluster.part("s02").durable("9:7", 7, None);
+        let (single, single_state) = JobStatus::new();
+        single.running();
+        single.durable("5:1", 1, None);
+        let jobs = vec![
+            Watched {
+                kind: JobKind::RedisStream,
+                repository: "file:///c".into(),
+                state,
+                parts: cluster.parts(),
+            },
+            Watched {
+                kind: JobKind::RedisStream,
+                repository: "file:///r".into(),
+                state: single_state,
+                parts: single.parts(),
+            },
+        ];
+        let text = exposition(jobs.clone());
+        let has = |l: &str| text.lines().any(|x| x == l);
+        let c = r#"job="redis_stream",repository="file:///c""#;
+        let r = r#"job="redis_stream",repository="file:///r""#;
+        assert!(
+            has(&format!(
+                r#"syncbridge_redis_durable_offset{{{c},shard="s01"}} 150.0"#
+            )),
+            "{text}"
+        );
+        assert!(
+            has(&format!(
+                r#"syncbridge_redis_bytes_total{{{c},shard="s01"}} 50"#
+            )),
+            "{text}"
+        );
+        assert!(
+            has(&format!(
+                r#"syncbridge_redis_durable_offset{{{c},shard="s02"}} 7.0"#
+            )),
+            "{text}"
+        );
+        assert!(
+            has(&format!(r#"syncbridge_job_up{{{c},shard="s01"}} 1.0"#)),
+            "{text}"
+        );
+        assert!(
+            has(&format!(r#"syncbridge_job_up{{{c},shard="s02"}} 0.0"#)),
+            "{text}"
+        );
+        assert!(has(&format!(r#"syncbridge_job_up{{{c}}} 1.0"#)), "{text}");
+        assert!(
+            !text.contains(&format!(r#"syncbridge_redis_bytes_total{{{c}}}"#)),
+            "{text}"
+        );
+        assert!(
+            has(&format!(r#"syncbridge_redis_durable_offset{{{r}}} 1.0"#)),
+            "{text}"
+        );
+        assert!(!text.contains(&format!(r#"{r},shard"#)), "{text}");
+        // Ready only when every shard is.
+        let (ok, why) = readiness(&jobs, Duration::from_secs(30));
+        assert!(!ok, "{why}");
+        assert!(why.contains("redis_stream shard s01: ready"), "{why}");
+        assert!(
+            why.contains("redis_stream shard s02: not ready: Starting"),
+            "{why}"
+        );
+        cluster.part("s02").running();
+        assert!(readiness(&jobs, Duration::from_secs(30)).0);
+    }
 
     #[test]
     fn classic_text_names_counter_samples_and_drops_openmetrics_lines() {

@@ -1,6 +1,7 @@
 //! `syncbridge-agent run --config FILE`: the sidecar. One process runs every job the file
 //! describes ([`crate::config`]), each under [`crate::job::supervise`] exactly as its own
-//! sub-command runs it (`postgres stream`, `redis stream`), plus `/healthz`, `/readyz` and
+//! sub-command runs it (`postgres stream`, `redis stream`: a single server, one shard, or a
+//! whole Redis Cluster, [`crate::redis::cluster_job`]), plus `/healthz`, `/readyz` and
 //! `/metrics` ([`crate::http`]). Scheduled jobs run beside them: base backups
 //! (`postgres.backup_every`, then `expire` with `postgres.retention`), Redis retention (as
 //! often as snapshot generations are made), and `verify` of each repository (`[verify]`).
@@ -166,6 +167,14 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             tls_key: r.tls_key.clone(),
         }
         .parse()?;
+        let mut seeds = Vec::new();
+        for s in &r.cluster_seeds {
+            seeds.push(crate::redis::cli::seed_source(
+                &source,
+                s,
+                "redis.cluster_seeds",
+            )?);
+        }
         let repo = repo_args.open()?;
         let opts = crate::redis::stream::StreamOptions {
             max_lag: r.max_lag,
@@ -183,9 +192,18 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
             JobKind::RedisStream,
             repo_args.display_url(),
         );
+        // A single server, one shard, or (set or detected) every shard of a cluster.
+        let job = crate::redis::cluster_job::RedisStreamJob {
+            source,
+            seeds,
+            cluster: r.cluster,
+            poll: std::time::Duration::from_secs(1),
+            stream: opts,
+            memory_share: Some(shares.redis_share()),
+        };
         jobs.push((
             "redis stream",
-            Box::pin(async move { crate::redis::stream::run(&repo, &source, &opts, ctl).await }),
+            Box::pin(async move { crate::redis::cluster_job::run(&repo, &job, ctl).await }),
         ));
     }
 
@@ -216,13 +234,7 @@ async fn run_jobs(config: Config) -> Result<ExitCode> {
                         return Ok(());
                     }
                     crate::expire::apply(&repo, &policy, false).await?;
-                    let first = crate::catalog::redis::RedisCatalog::load(&repo)
-                        .await?
-                        .generations
-                        .first()
-                        .and_then(|g| {
-                            chrono::DateTime::from_timestamp_millis(g.manifest.snapshot_unix_ms)
-                        });
+                    let first = crate::expire::redis_first_recoverable(&repo).await?;
                     ctl.status.update(|s| s.first_recoverable_at = first);
                     Ok(())
                 })
@@ -367,6 +379,7 @@ fn watch(
         kind,
         repository,
         state,
+        parts: status.parts(),
     });
     Control {
         token: root.child_token(),
@@ -400,6 +413,12 @@ impl MemoryShares {
             pg: pg.then_some(share),
             redis: redis.then_some(share),
         }
+    }
+
+    /// The Redis stream's share in bytes (a whole-cluster stream splits it between its
+    /// shards, [`crate::redis::cluster_job`]).
+    pub fn redis_share(&self) -> u64 {
+        self.redis.unwrap_or(0)
     }
 
     /// Segment uploads in flight: what the share holds beside the segment being received

@@ -24,7 +24,9 @@
 //!   but no history file is damage too: recovery cannot follow it.
 //! * **Redis**: each generation's snapshot through the RDB validator and its chunk chain
 //!   gap-free from the snapshot's offset with whole commands (the checks of `redis verify`,
-//!   [`crate::redis::verify::check_generation`]).
+//!   [`crate::redis::verify::check_generation`]). A Redis Cluster capture: every shard so,
+//!   on its view, and the shard records and slot-map history
+//!   ([`crate::redis::cluster_verify`]); the report has a `cluster` part per shard.
 //! * **Staleness** (`--max-age`): the newest WAL object (segment, partial or delta) or the
 //!   newest object of the newest Redis generation, by the store's last-modified time, must
 //!   be younger than the limit: a stream that stopped shows here before a restore needs it.
@@ -175,6 +177,30 @@ pub struct VerifyReport {
     pub max_age_seconds: Option<f64>,
     /// Whether the newest WAL or chunk is older than `--max-age` (or there is none).
     pub stale: bool,
+    /// A Redis Cluster capture: each shard and the slot-map history (`null` otherwise).
+    pub cluster: Option<ClusterVerify>,
+}
+
+/// What `verify` checked of a Redis Cluster capture.
+#[derive(Debug, Serialize)]
+pub struct ClusterVerify {
+    /// Every shard, in order.
+    pub shards: Vec<ShardVerify>,
+    /// Slot-map records checked.
+    pub slot_maps: u64,
+}
+
+/// One shard of a cluster capture as `verify` found it.
+#[derive(Debug, Serialize)]
+pub struct ShardVerify {
+    /// Its key (`s01`).
+    pub shard: String,
+    /// Complete generations checked.
+    pub generations: u64,
+    /// When its newest generation's newest object was stored.
+    pub newest_time: Option<DateTime<Utc>>,
+    /// Problems under the shard's prefix.
+    pub problems: u64,
 }
 
 /// What there is to read, and how it is checked.
@@ -320,6 +346,7 @@ pub async fn check(
         age_seconds: None,
         max_age_seconds: max_age.map(|d| d.as_secs_f64()),
         stale: false,
+        cluster: None,
     };
     let tally = match marker.kind {
         RepoKind::Postgres => {
@@ -943,6 +970,9 @@ async fn verify_redis(
     tally: &Arc<Tally>,
     report: &mut VerifyReport,
 ) -> Result<(u64, u64)> {
+    if crate::redis::cluster_verify::holds_cluster(repo).await? {
+        return verify_redis_cluster(repo, listed, jobs, tally, report).await;
+    }
     let cat = RedisCatalog::load(repo).await?;
     report.generations = cat.generations.len() as u64;
     report.newest_time = cat.latest().and_then(|g| g.last_write);
@@ -1026,6 +1056,168 @@ async fn verify_redis(
     Ok(tally_totals(tally))
 }
 
+/// A Redis Cluster capture: every object read; each shard's generations checked on its view
+/// (as `redis verify --shard`), problems named by their full keys; the shard records and
+/// the slot-map history ([`crate::redis::cluster_verify::check_records`]). The newest time
+/// is the oldest of the shards' newest: one shard whose stream stopped makes it stale.
+async fn verify_redis_cluster(
+    repo: &Repository,
+    listed: Vec<storage::ObjectMeta>,
+    jobs: usize,
+    tally: &Arc<Tally>,
+    report: &mut VerifyReport,
+) -> Result<(u64, u64)> {
+    let mut shards = Vec::new();
+    let mut claimed: HashSet<RepoKey> = HashSet::new();
+    for dir in repo
+        .list_dirs(&layout::redis_cluster_shards_prefix())
+        .await
+        .context("listing the cluster's shards")?
+    {
+        let Some(shard) = layout::parse_redis_cluster_shard(&dir) else {
+            continue;
+        };
+        let view = repo.scoped(&dir)?;
+        let cat = RedisCatalog::load(&view)
+            .await
+            .with_context(|| format!("reading shard {shard}"))?;
+        for g in &cat.generations {
+            claimed.insert(view.full_key(&layout::redis_snapshot(&g.id)));
+            for (s, e) in &g.chain {
+                claimed.insert(view.full_key(&layout::redis_chunk(&g.id, *s, *e)));
+            }
+        }
+        shards.push((shard, view, cat));
+    }
+    let work: Vec<Job> = listed
+        .into_iter()
+        .filter(|m| !claimed.contains(&m.key) && !skipped(&m.key))
+        .map(|m| Job::Plain(m.key))
+        .collect();
+    let ctx = Arc::new(Ctx {
+        repo: repo.clone(),
+        backups: Vec::new(),
+        wal_expect: None,
+    });
+    for o in run_jobs(&ctx, work, jobs, tally).await? {
+        report.problems.extend(o.problems);
+    }
+    let mut summaries = Vec::new();
+    let mut generations = BTreeMap::new();
+    let mut newest: Option<Option<DateTime<Utc>>> = None;
+    for (shard, view, cat) in &shards {
+        generations.insert(shard.clone(), cat.generations.len());
+        let full = |k: &RepoKey| view.full_key(k);
+        if cat.generations.is_empty() {
+            report.problems.push(problem(
+                full(&layout::redis_generations_prefix()),
+                format!("no complete generation: shard {shard} cannot be restored"),
+            ));
+        }
+        for (n, g) in cat.generations.iter().enumerate() {
+            let mut check =
+                crate::redis::verify::check_generation(view, g.clone(), jobs, tally).await?;
+            if n + 1 == cat.generations.len() && !check.is_ok() {
+                // The newest generation may be being written: look again.
+                tokio::time::sleep(RECHECK_AFTER).await;
+                let again = RedisCatalog::load(view)
+                    .await?
+                    .generations
+                    .into_iter()
+                    .find(|x| x.id == g.id);
+                if let Some(again) = again {
+                    check = crate::redis::verify::check_generation(
+                        view,
+                        again,
+                        jobs,
+                        &Tally::default(),
+                    )
+                    .await?;
+                }
+            }
+            let in_view = |p: Problem| match RepoKey::parse(&p.key) {
+                Ok(k) if !p.key.starts_with("redis/cluster/") => Problem {
+                    key: full(&k).to_string(),
+                    problem: p.problem,
+                },
+                _ => p,
+            };
+            if let Err(e) = &check.snapshot {
+                let p = redis_problem(&layout::redis_snapshot(&g.id), e);
+                report.problems.push(in_view(p));
+            }
+            for p in &check.problems {
+                let p = redis_problem(&layout::redis_generation_prefix(&g.id), p);
+                report.problems.push(in_view(p));
+            }
+            let end = check.end_offset;
+            let next = check
+                .orphans
+                .iter()
+                .filter_map(|k| match layout::parse_redis_key(k) {
+                    Some(storage::layout::RedisObject::Chunk { start, .. }) if start > end => {
+                        Some((start, k))
+                    }
+                    _ => None,
+                })
+                .min();
+            if let Some((start, next_key)) = next {
+                report.problems.push(problem(
+                    full(&layout::redis_chunk(&g.id, end, start)),
+                    format!(
+                        "missing: the chunk chain of shard {shard}'s generation {} breaks at offset {end}; the next stored chunk is {} (restores past offset {end} are impossible)",
+                        g.id,
+                        full(next_key)
+                    ),
+                ));
+            }
+        }
+        let shard_newest = cat.latest().and_then(|g| g.last_write);
+        newest = Some(match newest {
+            None => shard_newest,
+            Some(prev) => match (prev, shard_newest) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                _ => None,
+            },
+        });
+        summaries.push(ShardVerify {
+            shard: shard.to_string(),
+            generations: cat.generations.len() as u64,
+            newest_time: shard_newest,
+            problems: 0,
+        });
+    }
+    let records = crate::redis::cluster_verify::check_records(repo, &generations).await?;
+    for (key, text) in records.problems {
+        report.problems.push(problem(key, text));
+    }
+    if shards.is_empty() {
+        report.problems.push(problem(
+            layout::redis_cluster_shards_prefix(),
+            "no shard: nothing of the cluster can be restored",
+        ));
+    }
+    report.generations = shards
+        .iter()
+        .map(|(_, _, c)| c.generations.len() as u64)
+        .sum();
+    report.newest_time = newest.flatten();
+    // Each shard's problems: those under its directory.
+    for s in &mut summaries {
+        let prefix = format!("redis/cluster/shards/{}/", s.shard);
+        s.problems = report
+            .problems
+            .iter()
+            .filter(|p| p.key.starts_with(&prefix))
+            .count() as u64;
+    }
+    report.cluster = Some(ClusterVerify {
+        shards: summaries,
+        slot_maps: records.slot_maps as u64,
+    });
+    Ok(tally_totals(tally))
+}
+
 /// A problem text of `redis verify` (which starts with the key it concerns) as a problem.
 fn redis_problem(fallback: &RepoKey, text: &str) -> Problem {
     let text = text.strip_prefix("object ").unwrap_or(text);
@@ -1095,10 +1287,10 @@ fn print_text(r: &VerifyReport, max_age: Option<Duration>) {
     println!(
         "repository:  {} ({})",
         r.url,
-        if r.kind == "postgres" {
-            "PostgreSQL"
-        } else {
-            "Redis"
+        match (r.kind, r.cluster.is_some()) {
+            ("postgres", _) => "PostgreSQL",
+            (_, true) => "Redis Cluster",
+            _ => "Redis",
         }
     );
     for p in &r.problems {
@@ -1139,6 +1331,27 @@ fn print_text(r: &VerifyReport, max_age: Option<Duration>) {
         "newest {}:  {newest}{limit}",
         if r.kind == "postgres" { "WAL" } else { "chunk" }
     );
+    if let Some(c) = &r.cluster {
+        println!(
+            "cluster:     {} shards, {} slot maps",
+            c.shards.len(),
+            c.slot_maps
+        );
+        for sh in &c.shards {
+            println!(
+                "  {}  {} generations, newest chunk {}: {}",
+                sh.shard,
+                sh.generations,
+                sh.newest_time
+                    .map_or_else(|| "none".into(), crate::pg::backup_manifest::format_time),
+                if sh.problems == 0 {
+                    "ok".to_owned()
+                } else {
+                    format!("DAMAGED ({} problems)", sh.problems)
+                }
+            );
+        }
+    }
     match r.status {
         Status::Healthy => println!("status:      healthy"),
         Status::Stale => println!("status:      stale (intact, but the stream has stopped)"),

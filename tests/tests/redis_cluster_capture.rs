@@ -1,7 +1,8 @@
 //! The agent pointed at one node of a real Redis Cluster / Valkey Cluster (issue 15, the
-//! runbook's mistake of backing up pod 0 alone): `run` detects cluster mode and refuses,
-//! naming the slots it would capture and the options, before writing anything (`redis
-//! stream` and `redis snapshot` capture the whole cluster: redis_cluster_stream.rs); with
+//! runbook's mistake of backing up pod 0 alone): `run` told `redis.cluster = false` detects
+//! cluster mode and refuses, naming the slots it would capture and the options, before
+//! writing anything (`redis stream`, `redis snapshot` and `run` otherwise capture the whole
+//! cluster: redis_cluster_stream.rs, redis_cluster_run.rs); with
 //! `--cluster-shard-only` it captures that node's shard, and a restore holds exactly the
 //! keys of that master's slots. An ACL without `+info` / `+cluster|…` gets the ACL to add.
 #![allow(clippy::unwrap_used)]
@@ -256,10 +257,10 @@ fn an_acl_without_info_or_cluster_gets_the_acl_to_add() {
     }
 }
 
-/// `run --config`: the redis job refuses a cluster node (the process exits non-zero, having
+/// `run --config` with `redis.cluster = false`: the redis job refuses a cluster node (the process exits non-zero, having
 /// written nothing); `--set redis.cluster_shard_only=true` streams that node's shard.
 #[test]
-fn run_refuses_a_cluster_node_unless_cluster_shard_only() {
+fn run_with_cluster_false_refuses_a_cluster_node_unless_cluster_shard_only() {
     let c = RedisCluster::start(RedisFlavor::Redis7, 3, 0);
     load(&c, "run");
     let tmp = tempfile::tempdir().unwrap();
@@ -269,7 +270,7 @@ fn run_refuses_a_cluster_node_unless_cluster_shard_only() {
     std::fs::write(
         &config,
         format!(
-            "[redis]\nsource = \"{}\"\nrepository = \"{repo}\"\nmax_lag = \"200ms\"\n",
+            "[redis]\nsource = \"{}\"\nrepository = \"{repo}\"\nmax_lag = \"200ms\"\ncluster = false\n",
             node.url()
         ),
     )

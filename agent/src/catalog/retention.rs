@@ -118,6 +118,53 @@ pub fn plan(candidates: &[Candidate], policy: &Policy, now: DateTime<Utc>) -> Pl
     out
 }
 
+/// Retention of a Redis Cluster capture: the oldest moment (Unix ms) `policy` keeps
+/// restorable on every shard, from each shard's generations' snapshot times (ascending).
+/// `keep_full = N`: the moment from which every shard restores with its newest N
+/// generations (the latest of their N-th newest snapshots); `keep_within`: the window's
+/// start; both: the older. Each shard then keeps its newest generation at or before that
+/// moment and every one after ([`cluster_keep_from`]), so the shards' generations stay
+/// together: a shard whose snapshots came a little earlier than the others' keeps one
+/// more. `None` when no shard has a generation.
+pub fn cluster_oldest_kept(
+    shards: &[Vec<i64>],
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> Option<i64> {
+    let with: Vec<&Vec<i64>> = shards.iter().filter(|s| !s.is_empty()).collect();
+    if with.is_empty() {
+        return None;
+    }
+    let full = policy.keep_full.map(|n| {
+        with.iter()
+            .map(|s| s[s.len().saturating_sub(n.max(1))])
+            .max()
+            .unwrap_or(i64::MIN)
+    });
+    let within = policy.keep_within.map(|w| {
+        chrono::Duration::from_std(w)
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d))
+            .map_or(i64::MIN, |t| t.timestamp_millis())
+    });
+    match (full, within) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (Some(a), None) | (None, Some(a)) => Some(a),
+        // No policy: only the newest moment (every shard's newest generation).
+        (None, None) => with.iter().filter_map(|s| s.last().copied()).max(),
+    }
+}
+
+/// The index of the oldest generation a shard keeps when the cluster keeps every moment
+/// from `oldest_kept` on: its newest snapshot at or before that moment (it restores the
+/// moment), else its first.
+pub fn cluster_keep_from(snapshots: &[i64], oldest_kept: i64) -> usize {
+    snapshots
+        .iter()
+        .rposition(|&t| t <= oldest_kept)
+        .unwrap_or(0)
+}
+
 /// The WAL `expire` removes when the backups that remain start at `kept_starts`: the
 /// segment number everything before is removed (the oldest kept backup's start segment),
 /// and the keys of every complete segment, delta and older partial of a segment before it,
@@ -175,6 +222,50 @@ mod tests {
             restorable_from: at(s),
             pinned: false,
         }
+    }
+
+    #[test]
+    fn a_cluster_keeps_its_shards_generations_together() {
+        let now = at(10_000);
+        let ms = |s: i64| at(s).timestamp_millis();
+        // Three shards snapshotting every 1000 s, a little apart.
+        let shards = vec![
+            vec![ms(1000), ms(2000), ms(3000)],
+            vec![ms(1001), ms(2001), ms(3001)],
+            vec![ms(1002), ms(2002), ms(3002)],
+        ];
+        let full = |n| Policy {
+            keep_full: Some(n),
+            keep_within: None,
+        };
+        // The newest one each: every shard restores from 3002 on.
+        let t = cluster_oldest_kept(&shards, &full(1), now).unwrap();
+        assert_eq!(t, ms(3002));
+        let from: Vec<usize> = shards.iter().map(|s| cluster_keep_from(s, t)).collect();
+        assert_eq!(from, [2, 2, 2]);
+        let t = cluster_oldest_kept(&shards, &full(2), now).unwrap();
+        assert_eq!(t, ms(2002));
+        // A shard that snapshotted later than the others keeps one more.
+        let skewed = vec![vec![ms(1000), ms(2000)], vec![ms(1500), ms(2500)]];
+        let t = cluster_oldest_kept(&skewed, &full(1), now).unwrap();
+        assert_eq!(t, ms(2500));
+        assert_eq!(cluster_keep_from(&skewed[0], t), 1);
+        assert_eq!(cluster_keep_from(&skewed[1], t), 1);
+        let within = Policy {
+            keep_full: None,
+            keep_within: Some(std::time::Duration::from_secs(10_000 - 2200)),
+        };
+        let t = cluster_oldest_kept(&skewed, &within, now).unwrap();
+        assert_eq!(t, ms(2200));
+        assert_eq!(cluster_keep_from(&skewed[0], t), 1);
+        assert_eq!(cluster_keep_from(&skewed[1], t), 0);
+        // Both: the older moment wins.
+        let both = Policy {
+            keep_full: Some(1),
+            keep_within: within.keep_within,
+        };
+        assert_eq!(cluster_oldest_kept(&skewed, &both, now), Some(ms(2200)));
+        assert_eq!(cluster_oldest_kept(&[vec![]], &both, now), None);
     }
 
     #[test]

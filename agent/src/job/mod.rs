@@ -41,6 +41,8 @@
 //! - Both: on an error that [lets go](JobError::lets_go) (unreachable, waiting) the stream
 //!   releases its lease, so a sidecar beside a usable server can take over.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -109,15 +111,52 @@ pub struct JobState {
     pub source_behind_bytes: Option<u64>,
 }
 
-/// The sending side of a job's state.
+/// The sending side of a job's state, and the states of its parts (a cluster stream's
+/// shards), which the metrics label `shard`.
 #[derive(Debug, Clone)]
-pub struct JobStatus(watch::Sender<JobState>);
+pub struct JobStatus(watch::Sender<JobState>, PartStates);
+
+/// The states of a job's parts by name (`s01`, ...): a whole-cluster Redis stream publishes
+/// each shard's stream state there, so `/metrics` and `/readyz` see every shard. Parts are
+/// added as they appear and kept (a shard restarted at a new master keeps its counters).
+#[derive(Debug, Clone, Default)]
+pub struct PartStates(Arc<Mutex<BTreeMap<String, JobStatus>>>);
+
+impl PartStates {
+    /// The status of part `name`, created on first use.
+    pub fn status(&self, name: &str) -> JobStatus {
+        let mut parts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        parts
+            .entry(name.to_owned())
+            .or_insert_with(|| JobStatus::new().0)
+            .clone()
+    }
+
+    /// Every part's current state, by name.
+    pub fn states(&self) -> Vec<(String, JobState)> {
+        let parts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        parts
+            .iter()
+            .map(|(n, s)| (n.clone(), s.0.borrow().clone()))
+            .collect()
+    }
+}
 
 impl JobStatus {
     /// A new status and a receiver for whoever watches it.
     pub fn new() -> (JobStatus, watch::Receiver<JobState>) {
         let (tx, rx) = watch::channel(JobState::default());
-        (JobStatus(tx), rx)
+        (JobStatus(tx, PartStates::default()), rx)
+    }
+
+    /// The status of the job's part `name` (a cluster stream's shard).
+    pub fn part(&self, name: &str) -> JobStatus {
+        self.1.status(name)
+    }
+
+    /// The job's parts, for whoever watches them.
+    pub fn parts(&self) -> PartStates {
+        self.1.clone()
     }
 
     /// Changes the state (watchers are told only when something changed).

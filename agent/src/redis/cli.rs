@@ -330,56 +330,33 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
         cluster_shard_only: args.cluster_shard_only,
         ..Default::default()
     };
-    let ctl = crate::job::Control::standalone();
-    if !args.cluster_shard_only {
-        let mut seeds = vec![source.clone()];
-        for s in &args.cluster_seed {
-            seeds.push(seed_source(&source, s)?);
-        }
-        // A cluster node (any seed that answers says so) captures the whole cluster.
-        let mut cluster = !args.cluster_seed.is_empty();
-        for s in &seeds {
-            if cluster {
-                break;
-            }
-            match super::cluster_stream::probe(s).await {
-                Ok(Some(yes)) => {
-                    cluster = yes;
-                    break;
-                }
-                Ok(None) => continue,
-                // One of several seeds not answering is not the end; the only one is.
-                Err(e) if seeds.len() > 1 => {
-                    tracing::warn!("{e:#}");
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if cluster {
-            let opts = super::cluster_stream::ClusterOptions {
-                seeds,
-                poll: Duration::from_secs(1),
-                stream: opts,
-            };
-            super::cluster_stream::run(&repo, &opts, ctl).await?;
-            return Ok(ExitCode::SUCCESS);
-        }
+    let mut seeds = Vec::new();
+    for s in &args.cluster_seed {
+        seeds.push(seed_source(&source, s, "--cluster-seed")?);
     }
-    super::stream::run(&repo, &source, &opts, ctl).await?;
+    let job = super::cluster_job::RedisStreamJob {
+        source,
+        seeds,
+        cluster: None,
+        poll: Duration::from_secs(1),
+        stream: opts,
+        memory_share: None,
+    };
+    super::cluster_job::run(&repo, &job, crate::job::Control::standalone()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// A `--cluster-seed` as a source: `host:port` with `--source`'s credentials and TLS.
-fn seed_source(source: &RedisSource, text: &str) -> Result<RedisSource> {
+/// A cluster seed (`--cluster-seed`, `redis.cluster_seeds`: `what`) as a source:
+/// `host:port` with the source's credentials and TLS settings.
+pub(crate) fn seed_source(source: &RedisSource, text: &str, what: &str) -> Result<RedisSource> {
     let (host, port) = text
         .rsplit_once(':')
-        .with_context(|| format!("--cluster-seed {text:?} is not host:port"))?;
+        .with_context(|| format!("{what} {text:?} is not host:port"))?;
     let port: u16 = port
         .parse()
-        .with_context(|| format!("--cluster-seed {text:?}: bad port"))?;
+        .with_context(|| format!("{what} {text:?}: bad port"))?;
     if host.is_empty() {
-        bail!("--cluster-seed {text:?} has no host");
+        bail!("{what} {text:?} has no host");
     }
     let mut s = source.clone();
     s.host = host.trim_matches(['[', ']']).to_owned();
@@ -506,18 +483,102 @@ fn print_keys(report: &wire::redis::rdb::RdbReport) {
 }
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode> {
-    use super::restore::describe_time;
-    let repo = shard_view(args.repo.open()?, args.shard.as_deref())?;
+    let root = args.repo.open()?;
+    if args.shard.is_none() && super::cluster_verify::holds_cluster(&root).await? {
+        return verify_cluster(&root).await;
+    }
+    let repo = shard_view(root, args.shard.as_deref())?;
     let checks = super::verify::check_all(&repo, 4).await?;
     if checks.is_empty() {
         bail!("the repository {} holds no Redis generation", repo.url());
     }
+    let bad = print_checks(&checks, "");
+    if bad > 0 {
+        eprintln!("{bad} of {} generations are damaged", checks.len());
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `redis verify` of a whole cluster capture: every shard's generations (as `--shard`
+/// checks one), then the shard records and the slot-map history.
+async fn verify_cluster(repo: &Repository) -> Result<ExitCode> {
+    let catalog_dirs = repo
+        .list_dirs(&storage::layout::redis_cluster_shards_prefix())
+        .await
+        .context("listing the cluster's shards")?;
+    let mut generations = std::collections::BTreeMap::new();
+    let mut damaged = Vec::new();
+    for dir in catalog_dirs {
+        let Some(shard) = storage::layout::parse_redis_cluster_shard(&dir) else {
+            continue;
+        };
+        let view = super::cluster_stream::shard_repo(repo, &shard)?;
+        let checks = super::verify::check_all(&view, 4)
+            .await
+            .with_context(|| format!("shard {shard}"))?;
+        let bad = checks.iter().filter(|c| !c.is_ok()).count();
+        println!(
+            "shard {shard}: {} generations{}",
+            checks.len(),
+            match (checks.len(), bad) {
+                (0, _) => " (none complete: its slots cannot be restored)".to_owned(),
+                (_, 0) => ", OK".to_owned(),
+                (_, n) => format!(", {n} DAMAGED"),
+            }
+        );
+        print_checks(&checks, "  ");
+        if checks.is_empty() || bad > 0 {
+            damaged.push(shard.to_string());
+        }
+        generations.insert(shard, checks.len());
+    }
+    let records = super::cluster_verify::check_records(repo, &generations).await?;
+    println!(
+        "slot maps: {} records{}",
+        records.slot_maps,
+        if records.problems.is_empty() {
+            ", OK".to_owned()
+        } else {
+            format!(", {} problems", records.problems.len())
+        }
+    );
+    for (key, p) in &records.problems {
+        println!("  problem:    {key}: {p}");
+    }
+    if generations.is_empty() {
+        eprintln!("the repository {} holds no shard", repo.url());
+        return Ok(ExitCode::FAILURE);
+    }
+    if !damaged.is_empty() || !records.problems.is_empty() {
+        eprintln!(
+            "damaged: {}{}",
+            if damaged.is_empty() {
+                "no shard".to_owned()
+            } else {
+                format!("shards {}", damaged.join(", "))
+            },
+            if records.problems.is_empty() {
+                ""
+            } else {
+                "; the slot-map history"
+            }
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one line per generation (and its snapshot and problems), each line after
+/// `indent`; returns how many are damaged.
+fn print_checks(checks: &[super::verify::GenerationCheck], indent: &str) -> usize {
+    use super::restore::describe_time;
     let mut bad = 0;
-    for c in &checks {
+    for c in checks {
         let m = &c.manifest;
         let state = if c.is_ok() { "OK" } else { "DAMAGED" };
         println!(
-            "{} {state}: snapshot {} at {} (offset {}), {} chunks, {} commands, up to offset {}",
+            "{indent}{} {state}: snapshot {} at {} (offset {}), {} chunks, {} commands, up to offset {}",
             m.generation,
             m.snapshot.rdb_format,
             describe_time(m.snapshot_unix_ms),
@@ -528,7 +589,7 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
         );
         match &c.snapshot {
             Ok(r) => println!(
-                "  snapshot:   {} keys, checksum {}",
+                "{indent}  snapshot:   {} keys, checksum {}",
                 r.total_keys(),
                 if r.checksum.is_some() {
                     "ok"
@@ -536,20 +597,16 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode> {
                     "not written"
                 }
             ),
-            Err(e) => println!("  snapshot:   {e}"),
+            Err(e) => println!("{indent}  snapshot:   {e}"),
         }
         for p in &c.problems {
-            println!("  problem:    {p}");
+            println!("{indent}  problem:    {p}");
         }
         if !c.is_ok() {
             bad += 1;
         }
     }
-    if bad > 0 {
-        eprintln!("{bad} of {} generations are damaged", checks.len());
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
+    bad
 }
 
 async fn verify_rdb(args: VerifyRdbArgs) -> Result<ExitCode> {

@@ -89,9 +89,9 @@ fn show_slots(slots: &SlotRanges) -> String {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{}; capturing it alone would back up only the keys of those slots ({}). \
-     `syncbridge-agent redis stream` captures the whole cluster from any of its nodes; to \
-     capture only this node's shard (one sidecar per shard), pass --cluster-shard-only \
-     (config redis.cluster_shard_only = true)",
+     `syncbridge-agent redis stream` (and `run`, unless redis.cluster = false) captures the \
+     whole cluster from any of its nodes; to capture only this node's shard (one sidecar \
+     per shard), pass --cluster-shard-only (config redis.cluster_shard_only = true)",
     .0.describe(),
     .0.share()
 )]

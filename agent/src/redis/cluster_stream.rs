@@ -49,7 +49,7 @@ use wire::redis::cluster::{ClusterTopology, NodeHealth, Shard, SlotMap, SlotMapR
 use super::link::MasterLink;
 use super::source::RedisSource;
 use super::stream::StreamOptions;
-use crate::job::{Control, ErrorClass, JobError, JobStatus};
+use crate::job::{Control, ErrorClass, JobError};
 
 /// Version of `shard.json`'s layout.
 pub const SHARD_RECORD_FORMAT: u32 = 1;
@@ -526,16 +526,24 @@ struct Running {
 type ShardRuns<'a> = FuturesUnordered<LocalBoxFuture<'a, (ShardKey, Result<()>)>>;
 
 /// Streams every shard of the cluster `opts.seeds` belong to until `ctl.token` is cancelled
-/// (every shard then stores what it read) or a shard fails for good.
-pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Result<()> {
+/// (every shard then stores what it read) or a shard fails for good (fatal: its stream
+/// retried what it could) or the cluster's lease is lost (transient). Each shard's stream
+/// publishes its state as the part `<L>` of `ctl.status` (`/metrics` label `shard`);
+/// `crate::redis::cluster_job` supervises attempts.
+pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Result<(), JobError> {
     let seed = opts
         .seeds
         .first()
-        .context("a cluster stream needs at least one seed node")?
+        .context("a cluster stream needs at least one seed node")
+        .map_err(JobError::fatal)?
         .clone();
     let purpose = format!("redis stream of the cluster (seed {})", seed.endpoint());
+    ctl.status.update(|s| {
+        s.phase = crate::job::Phase::Waiting;
+        s.waiting_for = Some("the cluster's lease (another writer may hold it)".into());
+    });
     let lease = tokio::select! {
-        l = take_cluster_lease(repo, &purpose) => l?,
+        l = take_cluster_lease(repo, &purpose) => l.map_err(JobError::transient)?,
         () = ctl.token.cancelled() => return Ok(()),
     };
     let guard = lease.guard();
@@ -550,10 +558,10 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
     let mut poll_link: Option<MasterLink> = None;
     let lost = guard.lost();
     tokio::pin!(lost);
-    let outcome: Result<()> = loop {
+    let outcome: Result<(), JobError> = loop {
         tokio::select! {
             () = ctl.token.cancelled() => break Ok(()),
-            () = &mut lost => break Err(anyhow!("lost the cluster stream's lease: {}", match guard.check() { Err(e) => e.to_string(), Ok(()) => "taken over".into() })),
+            () = &mut lost => break Err(JobError::transient(anyhow!("lost the cluster stream's lease: {}", match guard.check() { Err(e) => e.to_string(), Ok(()) => "taken over".into() }))),
             Some((key, done)) = runs.next(), if !runs.is_empty() => {
                 let was = running.remove(&key);
                 match done {
@@ -568,7 +576,8 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
                         tracing::info!(shard = %key, "the shard's stream stopped ({e:#}); it restarts at the shard's new master");
                         tick.reset_immediately();
                     }
-                    Err(e) => break Err(e.context(format!("streaming shard {key}"))),
+                    // Its stream retried what it could: what ends it is for good.
+                    Err(e) => break Err(JobError::fatal(e.context(format!("streaming shard {key}")))),
                 }
                 continue;
             }
@@ -591,7 +600,7 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
                 unreachable_since = None;
                 t
             }
-            Err(e) if e.class == ErrorClass::Fatal => break Err(anyhow::Error::from(e)),
+            Err(e) if e.class == ErrorClass::Fatal => break Err(e),
             Err(e) => {
                 let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
                 if since.elapsed() >= Duration::from_secs(10) || running.is_empty() {
@@ -603,7 +612,9 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
         let now_ms = chrono::Utc::now().timestamp_millis();
         let (lineages, changed) = assign(&topology, &mut known, last_map.as_ref(), now_ms);
         if let Err(e) = guard.check() {
-            break Err(anyhow!("the cluster stream's lease: {e}"));
+            break Err(JobError::transient(anyhow!(
+                "the cluster stream's lease: {e}"
+            )));
         }
         if let Err(e) = store_records(repo, &known, &changed).await {
             tracing::warn!("{e:#}");
@@ -656,19 +667,19 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
                 },
             );
             let key2 = key.clone();
+            let status = ctl.status.part(key.as_str());
             let span = tracing::info_span!("shard", shard = %key);
             runs.push(Box::pin(
                 async move {
-                    let ctl = Control {
-                        token,
-                        status: JobStatus::new().0,
-                    };
+                    let ctl = Control { token, status };
                     let result = super::stream::run(&view, &source, &stream_opts, ctl).await;
                     (key2, result)
                 }
                 .instrument(span),
             ));
         }
+        // After the shards' states exist: `/readyz` then waits for every shard.
+        ctl.status.running();
     };
     // Every shard stores what it read before the process ends.
     for r in running.values() {
