@@ -2,7 +2,7 @@
 //! `docs/design/redis-cluster.md`, "Restore to T").
 //!
 //! 1. The slot map of T is the newest `redis/cluster/slotmap/<ms>` record at or before T;
-//!    none means T is before the cluster was captured.
+//!    none means T is before the cluster was captured (or before what `expire` kept).
 //! 2. Every shard (lineage) that owns slots in that map is restored to T by the
 //!    single-server restore on its scoped view ([`super::restore::restore`]): the newest
 //!    generation whose snapshot is at or before T, its chunks replayed up to T. One agent
@@ -127,7 +127,7 @@ pub async fn restore(
     else {
         let first = catalog.slot_maps.first().map_or(0, |m| m.effective_unix_ms);
         bail!(
-            "{} is before the cluster was captured: its first slot map is from {}",
+            "{} is before the cluster was captured (or before what `expire` kept): its first slot map is from {}",
             describe_time(to_ms),
             describe_time(i64::try_from(first).unwrap_or(i64::MAX))
         );
