@@ -8,10 +8,16 @@
 //!    generation whose snapshot is at or before T, its chunks replayed up to T. One agent
 //!    process stamped every shard's time index with one clock, so T is one moment across
 //!    the cluster. Without `--to-time`, T is the earliest of the shards' newest stored
-//!    moments, so every shard is restored to the same moment.
-//! 3. The output is `DIR/<shard>/` per shard (the multi-part AOF layout of a single-server
+//!    moments, so every shard is restored to the same moment. A shard owning no slot at T
+//!    whose stream covers T (a new master whose first slot is still moving to it) is
+//!    restored too: it holds keys already migrated to it. Every shard the map names must be
+//!    one the repository holds, checked before anything is written; if a shard fails, the
+//!    shards already written are removed.
+//! 3. Keys moving at T whose source's `DEL` is at or before T and whose target's `RESTORE`
+//!    is after the target's cut are put back on their owner ([`cluster_moves`]).
+//! 4. The output is `DIR/<shard>/` per shard (the multi-part AOF layout of a single-server
 //!    restore) and `DIR/slotmap`, the record of T with the shard names as owners.
-//! 4. With `--start`, a server is started on each directory, first alone: a key held by a
+//! 5. With `--start`, a server is started on each directory, first alone: a key held by a
 //!    shard that does not own its slot at T (a slot moving at T: `MIGRATE` copies the key to
 //!    the target before the source deletes it, and the slot map is polled) is moved to the
 //!    owner when the owner lacks it, and deleted otherwise (`MIGRATE` blocks both servers,
