@@ -184,9 +184,16 @@ pub fn assign(
 ) -> (BTreeMap<usize, ShardKey>, BTreeSet<ShardKey>) {
     let mut taken: BTreeMap<usize, ShardKey> = BTreeMap::new();
     let mut changed = BTreeSet::new();
-    // Masters owning slots, and masters owning none that are up and are not a lineage's
-    // former master: a new master, before its first slot has finished moving to it, holds
-    // the keys already migrated to it, which no other stream has any more.
+    // Masters owning slots, and masters owning none that are up and belong to no lineage
+    // whose nodes include a master owning slots now (that is a demoted master after a
+    // failover, not a new shard): a new master, before its first slot has finished moving
+    // to it, holds the keys already migrated to it, which no other stream has any more.
+    let owning: BTreeSet<&str> = topology
+        .shards
+        .iter()
+        .filter(|s| !s.slots.is_empty())
+        .map(|s| s.master.id.as_str())
+        .collect();
     let serving: Vec<usize> = (0..topology.shards.len())
         .filter(|&i| {
             let s = &topology.shards[i];
@@ -194,7 +201,7 @@ pub fn assign(
                 || (s.master.health == NodeHealth::Online
                     && !known.values().any(|r| {
                         r.nodes.contains(&s.master.id)
-                            && r.current_master().is_some_and(|m| m.node_id != s.master.id)
+                            && r.nodes.iter().any(|n| owning.contains(n.as_str()))
                     }))
         })
         .collect();
@@ -792,6 +799,41 @@ mod tests {
         l.iter()
             .map(|(&i, k)| (t.shards[i].master.id.clone(), k.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_new_master_without_slots_gets_a_lineage_and_a_demoted_one_does_not() {
+        let mut known = BTreeMap::new();
+        let (l, _) = assign(&three(), &mut known, None, 1);
+        assert_eq!(l.len(), 3);
+        // A fourth master joins with no slot yet: its own lineage, so its keys are captured.
+        let joined = nodes(&format!(
+            "{A} 127.0.0.1:7001@17001 master - 0 0 1 connected 0-5460\n\
+             {B} 127.0.0.1:7002@17002 master - 0 0 2 connected 5461-10922\n\
+             {C} 127.0.0.1:7003@17003 master - 0 0 3 connected 10923-16383\n\
+             {E} 127.0.0.1:7005@17005 master - 0 0 4 connected\n\
+             {D} 127.0.0.1:7004@17004 slave {A} 0 0 1 connected\n"
+        ));
+        let (l, _) = assign(&joined, &mut known, None, 2);
+        let got = owners(&joined, &l);
+        assert!(got.contains(&(E.to_owned(), "s04".to_owned())), "{got:?}");
+        // Still without slots on the next poll: the same lineage.
+        let (l, _) = assign(&joined, &mut known, None, 3);
+        assert!(owners(&joined, &l).contains(&(E.to_owned(), "s04".to_owned())));
+        // A failover: D took A's slots, A is back as a master without slots before it
+        // learns it was demoted: A is s01's former master, not a new shard.
+        let failed_over = nodes(&format!(
+            "{D} 127.0.0.1:7004@17004 master - 0 0 5 connected 0-5460\n\
+             {B} 127.0.0.1:7002@17002 master - 0 0 2 connected 5461-10922\n\
+             {C} 127.0.0.1:7003@17003 master - 0 0 3 connected 10923-16383\n\
+             {E} 127.0.0.1:7005@17005 master - 0 0 4 connected\n\
+             {A} 127.0.0.1:7001@17001 master - 0 0 1 connected\n"
+        ));
+        let (l, _) = assign(&failed_over, &mut known, None, 4);
+        let got = owners(&failed_over, &l);
+        assert!(got.contains(&(D.to_owned(), "s01".to_owned())), "{got:?}");
+        assert!(!got.iter().any(|(m, _)| m == A), "{got:?}");
+        assert_eq!(known.len(), 4);
     }
 
     #[test]
