@@ -23,6 +23,10 @@
 //! default mode; CPU/GiB ≤ `pg_receivewal --compress=lz4` (printed as the agent/lz4 ratio);
 //! RSS < 100 MiB.
 //!
+//! `SB_BENCH_AGENT_BASELINE=PATH` adds two receivers running another agent binary (an
+//! earlier build, to file:// with zstd and with LZ4), so a change is compared with the
+//! build before it in the same run rather than across runs.
+//!
 //! Run: `cargo build --release -p syncbridge-agent && cargo bench -p syncbridge-tests --bench
 //! pg_wal_stream` (or `make bench`).
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -97,22 +101,50 @@ fn main() {
     let src = pg.replication_url();
     let mut receivers = Vec::new();
 
-    for (name, app, repo, codec) in [
+    // `SB_BENCH_AGENT_BASELINE`: another agent binary (an earlier build) streams too, to
+    // file:// with zstd and with LZ4, so a change is measured against it in the same run.
+    let baseline = std::env::var_os("SB_BENCH_AGENT_BASELINE").map(PathBuf::from);
+    let mut agents = vec![
         (
             "agent -> file://",
             "sb_file",
             format!("file://{}", work.path().join("repo").display()),
             "zstd",
+            agent_bin(),
         ),
-        ("agent -> SeaweedFS", "sb_s3", s3.repo_url("bench"), "zstd"),
+        (
+            "agent -> SeaweedFS",
+            "sb_s3",
+            s3.repo_url("bench"),
+            "zstd",
+            agent_bin(),
+        ),
         (
             "agent --compression lz4 -> file://",
             "sb_lz4",
             format!("file://{}", work.path().join("repo-lz4").display()),
             "lz4",
+            agent_bin(),
         ),
-    ] {
-        let child = Command::new(agent_bin())
+    ];
+    if let Some(base) = &baseline {
+        agents.push((
+            "baseline agent -> file://",
+            "sb_base_file",
+            format!("file://{}", work.path().join("repo-base").display()),
+            "zstd",
+            base.clone(),
+        ));
+        agents.push((
+            "baseline agent --compression lz4 -> file://",
+            "sb_base_lz4",
+            format!("file://{}", work.path().join("repo-base-lz4").display()),
+            "lz4",
+            base.clone(),
+        ));
+    }
+    for (name, app, repo, codec, bin) in agents {
+        let child = Command::new(bin)
             .args([
                 "postgres",
                 "stream",
@@ -341,8 +373,10 @@ fn main() {
     for rc in &receivers {
         println!("  {:<30} {:>6.2}", rc.name, results[rc.app].1);
     }
-    for app in ["sb_file", "sb_s3", "sb_lz4"] {
-        let (rate, cpu, _) = results[app];
+    for app in ["sb_file", "sb_s3", "sb_lz4", "sb_base_file", "sb_base_lz4"] {
+        let Some(&(rate, cpu, _)) = results.get(app) else {
+            continue;
+        };
         println!(
             "{app}: CPU/GiB agent/lz4 = {:.2} ({}); vs plain {:.2}, vs gzip {:.2}, vs --synchronous {:.2}; throughput vs pg_receivewal {:.2}",
             cpu / rw_lz4_cpu,
@@ -448,7 +482,7 @@ fn save_results(
         Some("Throughput ratio: higher is better; CPU ratio: the goal is at most 1.00× `pg_receivewal --compress=lz4`. Stored is n/a for S3."),
     );
     for (name, app, v) in rows {
-        if app.starts_with("sb_") {
+        if app.starts_with("sb_") && !app.starts_with("sb_base") {
             out.goal_at_most(
                 &format!("CPU s/GiB, {name} ÷ pg_receivewal --compress=lz4"),
                 v[4] / peer("rw_lz4", 4),
