@@ -811,16 +811,18 @@ impl PgConnection {
                 }
                 let n = if self.rbuf.is_empty() {
                     let mut into = (&mut *dest).limit(want);
-                    let n = self
-                        .reader
-                        .read_buf(&mut into)
-                        .await
-                        .map_err(|e| JobError::io(e, format!("reading from {}", self.endpoint)))?;
+                    let n =
+                        self.reader.read_buf(&mut into).await.map_err(|e| {
+                            JobError::io(e, format!("reading from {}", self.endpoint))
+                        })?;
                     if n == 0 {
                         let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
                         return Err(JobError::io(
                             eof,
-                            format!("{} closed the connection in the middle of a message", self.endpoint),
+                            format!(
+                                "{} closed the connection in the middle of a message",
+                                self.endpoint
+                            ),
                         ));
                     }
                     n
@@ -842,7 +844,7 @@ impl PgConnection {
                     u64::from_be_bytes(v)
                 };
                 let body = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
-                if body > DEFAULT_MAX_FRAME_BODY || body < XLOG_DATA_HEADER - 1 {
+                if !(XLOG_DATA_HEADER - 1..=DEFAULT_MAX_FRAME_BODY).contains(&body) {
                     return Err(anyhow!(
                         "malformed XLogData from {}: message length {body}",
                         self.endpoint
@@ -874,7 +876,10 @@ impl PgConnection {
                 .map_err(|e| JobError::io(e, format!("reading from {}", self.endpoint)))?;
             if n == 0 {
                 let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
-                return Err(JobError::io(eof, format!("{} closed the connection", self.endpoint)));
+                return Err(JobError::io(
+                    eof,
+                    format!("{} closed the connection", self.endpoint),
+                ));
             }
         }
     }

@@ -950,7 +950,10 @@ impl<'a> Streamer<'a> {
     /// current message are still to come.
     fn on_wal(&mut self, n: usize, pending: usize) -> Result<(), JobError> {
         let seg_bytes = self.size.bytes();
-        let open = self.open.as_mut().context("internal: WAL without an open segment")?;
+        let open = self
+            .open
+            .as_mut()
+            .context("internal: WAL without an open segment")?;
         open.len += n;
         if open.pending_since.is_none() {
             open.pending_since = Some(Instant::now());
@@ -1227,6 +1230,44 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segment_buffers_hand_out_contiguous_slices_and_are_reused() {
+        let size = WalSegmentSize::new(16 << 20).unwrap();
+        let name = SegmentName::new(TimelineId::new(1).unwrap(), 1, size).unwrap();
+        let mut bufs = SegmentBuffers::default();
+        let mut seg = OpenSegment::new(name, Resume::default(), bufs.take(SEGMENT_BUFFER));
+        let first_buf = seg.tail.as_ptr();
+        let wal: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        // WAL lands in the tail as `recv_wal` puts it there, in uneven pieces.
+        let mut put = |seg: &mut OpenSegment, range: std::ops::Range<usize>| {
+            assert!(seg.room(size) >= range.len());
+            seg.tail.extend_from_slice(&wal[range.clone()]);
+            seg.len += range.len();
+        };
+        put(&mut seg, 0..1_000_000);
+        put(&mut seg, 1_000_000..1_300_000);
+        // A delta: one slice from where the chain ends.
+        let delta = seg.bytes_from(0);
+        assert_eq!(delta.len(), 1);
+        assert_eq!(&delta[0][..], &wal[..1_300_000]);
+        put(&mut seg, 1_300_000..3_000_000);
+        let delta2 = seg.bytes_from(1_300_000);
+        assert_eq!(delta2.len(), 1, "the next delta is one slice too");
+        assert_eq!(&delta2[0][..], &wal[1_300_000..]);
+        assert_eq!(seg.room(size), (16 << 20) - 3_000_000);
+        let (parts, buf) = seg.into_parts();
+        assert_eq!(parts.concat(), wal, "the segment is every byte in order");
+        bufs.give_back(buf);
+        // Still referenced by uploads: a new buffer; once they are gone, the old one.
+        let other = bufs.take(SEGMENT_BUFFER);
+        assert_ne!(other.as_ptr(), first_buf);
+        bufs.give_back(other);
+        drop((parts, delta, delta2));
+        let again = bufs.take(SEGMENT_BUFFER);
+        assert_eq!(again.as_ptr(), first_buf, "the first buffer is reused");
+        assert!(again.is_empty() && again.capacity() >= SEGMENT_BUFFER);
+    }
 
     #[test]
     fn idle_time_is_not_a_stall() {
