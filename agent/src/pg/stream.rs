@@ -1229,6 +1229,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -1240,7 +1241,7 @@ mod tests {
         let first_buf = seg.tail.as_ptr();
         let wal: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         // WAL lands in the tail as `recv_wal` puts it there, in uneven pieces.
-        let mut put = |seg: &mut OpenSegment, range: std::ops::Range<usize>| {
+        let put = |seg: &mut OpenSegment, range: std::ops::Range<usize>| {
             assert!(seg.room(size) >= range.len());
             seg.tail.extend_from_slice(&wal[range.clone()]);
             seg.len += range.len();
