@@ -13,8 +13,8 @@
 //! * `pg_receivewal --synchronous` (fsync after every write, flush reported at once: what
 //!   the agent's `--synchronous` competes with) to a local directory.
 //!
-//! A write load (`INSERT … generate_series`, `SB_BENCH_PG_WAL_MB` MiB of WAL, default 512)
-//! runs while `pg_stat_replication.flush_lag` of every receiver is sampled every 200 ms.
+//! A write load (`INSERT … generate_series`, `SB_BENCH_PG_WAL_MB` MiB of WAL, default 512;
+//! paced to `SB_BENCH_PG_WAL_RATE_MIB` MiB/s when set) runs while `pg_stat_replication.flush_lag` of every receiver is sampled every 200 ms.
 //! Reported per receiver: WAL MiB/s sustained (load start until its flush position reached
 //! the end of WAL), lag at the end (seconds after the load until caught up), flush-lag
 //! p50/p99 during the load, CPU seconds per GiB of WAL (utime+stime from /proc), peak RSS
@@ -91,6 +91,13 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(512);
+    // `SB_BENCH_PG_WAL_RATE_MIB`: pace the load to this many MiB/s of WAL (default: as fast
+    // as it goes). Below ~32 MiB/s a segment takes longer than half of `--max-lag` to fill,
+    // so the agent ships deltas before the whole segment.
+    let rate: f64 = std::env::var("SB_BENCH_PG_WAL_RATE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     let pg = PgCluster::builder(PgVersion::V15)
         .wal_keep_size_mb(256)
         .extra_conf("max_wal_senders = 10")
@@ -251,15 +258,25 @@ fn main() {
             rt.block_on(async move {
                 let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
                 tokio::spawn(conn);
+                let t0 = Instant::now();
+                let rows = if rate > 0.0 { 1500 } else { 20000 };
                 loop {
-                    client.simple_query("INSERT INTO load SELECT g, repeat('b', 300) FROM generate_series(1, 20000) g").await.unwrap();
+                    client.simple_query(&format!("INSERT INTO load SELECT g, repeat('b', 300) FROM generate_series(1, {rows}) g")).await.unwrap();
                     let rows = client.simple_query("SELECT pg_current_wal_lsn()::text").await.unwrap();
                     let lsn = rows.iter().find_map(|m| match m {
                         tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(parse_lsn),
                         _ => None,
                     });
-                    if lsn.unwrap_or(0) >= target {
+                    let lsn = lsn.unwrap_or(0);
+                    if lsn >= target {
                         break;
+                    }
+                    if rate > 0.0 {
+                        let due = lsn.saturating_sub(start_lsn) as f64 / (rate * 1048576.0);
+                        let ahead = due - t0.elapsed().as_secs_f64();
+                        if ahead > 0.0 {
+                            tokio::time::sleep(Duration::from_secs_f64(ahead)).await;
+                        }
                     }
                 }
                 client.simple_query("SELECT pg_switch_wal()").await.unwrap();
