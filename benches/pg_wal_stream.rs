@@ -13,8 +13,8 @@
 //! * `pg_receivewal --synchronous` (fsync after every write, flush reported at once: what
 //!   the agent's `--synchronous` competes with) to a local directory.
 //!
-//! A write load (`INSERT … generate_series`, `SB_BENCH_PG_WAL_MB` MiB of WAL, default 512)
-//! runs while `pg_stat_replication.flush_lag` of every receiver is sampled every 200 ms.
+//! A write load (`INSERT … generate_series`, `SB_BENCH_PG_WAL_MB` MiB of WAL, default 512;
+//! paced to `SB_BENCH_PG_WAL_RATE_MIB` MiB/s when set) runs while `pg_stat_replication.flush_lag` of every receiver is sampled every 200 ms.
 //! Reported per receiver: WAL MiB/s sustained (load start until its flush position reached
 //! the end of WAL), lag at the end (seconds after the load until caught up), flush-lag
 //! p50/p99 during the load, CPU seconds per GiB of WAL (utime+stime from /proc), peak RSS
@@ -22,6 +22,10 @@
 //! ratios. Goals: keeps up; lag p99 < 1 s in the
 //! default mode; CPU/GiB ≤ `pg_receivewal --compress=lz4` (printed as the agent/lz4 ratio);
 //! RSS < 100 MiB.
+//!
+//! `SB_BENCH_AGENT_BASELINE=PATH` adds two receivers running another agent binary (an
+//! earlier build, to file:// with zstd and with LZ4), so a change is compared with the
+//! build before it in the same run rather than across runs.
 //!
 //! Run: `cargo build --release -p syncbridge-agent && cargo bench -p syncbridge-tests --bench
 //! pg_wal_stream` (or `make bench`).
@@ -87,6 +91,13 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(512);
+    // `SB_BENCH_PG_WAL_RATE_MIB`: pace the load to this many MiB/s of WAL (default: as fast
+    // as it goes). Below ~32 MiB/s a segment takes longer than half of `--max-lag` to fill,
+    // so the agent ships deltas before the whole segment.
+    let rate: f64 = std::env::var("SB_BENCH_PG_WAL_RATE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     let pg = PgCluster::builder(PgVersion::V15)
         .wal_keep_size_mb(256)
         .extra_conf("max_wal_senders = 10")
@@ -97,22 +108,50 @@ fn main() {
     let src = pg.replication_url();
     let mut receivers = Vec::new();
 
-    for (name, app, repo, codec) in [
+    // `SB_BENCH_AGENT_BASELINE`: another agent binary (an earlier build) streams too, to
+    // file:// with zstd and with LZ4, so a change is measured against it in the same run.
+    let baseline = std::env::var_os("SB_BENCH_AGENT_BASELINE").map(PathBuf::from);
+    let mut agents = vec![
         (
             "agent -> file://",
             "sb_file",
             format!("file://{}", work.path().join("repo").display()),
             "zstd",
+            agent_bin(),
         ),
-        ("agent -> SeaweedFS", "sb_s3", s3.repo_url("bench"), "zstd"),
+        (
+            "agent -> SeaweedFS",
+            "sb_s3",
+            s3.repo_url("bench"),
+            "zstd",
+            agent_bin(),
+        ),
         (
             "agent --compression lz4 -> file://",
             "sb_lz4",
             format!("file://{}", work.path().join("repo-lz4").display()),
             "lz4",
+            agent_bin(),
         ),
-    ] {
-        let child = Command::new(agent_bin())
+    ];
+    if let Some(base) = &baseline {
+        agents.push((
+            "baseline agent -> file://",
+            "sb_base_file",
+            format!("file://{}", work.path().join("repo-base").display()),
+            "zstd",
+            base.clone(),
+        ));
+        agents.push((
+            "baseline agent --compression lz4 -> file://",
+            "sb_base_lz4",
+            format!("file://{}", work.path().join("repo-base-lz4").display()),
+            "lz4",
+            base.clone(),
+        ));
+    }
+    for (name, app, repo, codec, bin) in agents {
+        let child = Command::new(bin)
             .args([
                 "postgres",
                 "stream",
@@ -219,15 +258,25 @@ fn main() {
             rt.block_on(async move {
                 let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
                 tokio::spawn(conn);
+                let t0 = Instant::now();
+                let rows = if rate > 0.0 { 1500 } else { 20000 };
                 loop {
-                    client.simple_query("INSERT INTO load SELECT g, repeat('b', 300) FROM generate_series(1, 20000) g").await.unwrap();
+                    client.simple_query(&format!("INSERT INTO load SELECT g, repeat('b', 300) FROM generate_series(1, {rows}) g")).await.unwrap();
                     let rows = client.simple_query("SELECT pg_current_wal_lsn()::text").await.unwrap();
                     let lsn = rows.iter().find_map(|m| match m {
                         tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(parse_lsn),
                         _ => None,
                     });
-                    if lsn.unwrap_or(0) >= target {
+                    let lsn = lsn.unwrap_or(0);
+                    if lsn >= target {
                         break;
+                    }
+                    if rate > 0.0 {
+                        let due = lsn.saturating_sub(start_lsn) as f64 / (rate * 1048576.0);
+                        let ahead = due - t0.elapsed().as_secs_f64();
+                        if ahead > 0.0 {
+                            tokio::time::sleep(Duration::from_secs_f64(ahead)).await;
+                        }
                     }
                 }
                 client.simple_query("SELECT pg_switch_wal()").await.unwrap();
@@ -341,8 +390,10 @@ fn main() {
     for rc in &receivers {
         println!("  {:<30} {:>6.2}", rc.name, results[rc.app].1);
     }
-    for app in ["sb_file", "sb_s3", "sb_lz4"] {
-        let (rate, cpu, _) = results[app];
+    for app in ["sb_file", "sb_s3", "sb_lz4", "sb_base_file", "sb_base_lz4"] {
+        let Some(&(rate, cpu, _)) = results.get(app) else {
+            continue;
+        };
         println!(
             "{app}: CPU/GiB agent/lz4 = {:.2} ({}); vs plain {:.2}, vs gzip {:.2}, vs --synchronous {:.2}; throughput vs pg_receivewal {:.2}",
             cpu / rw_lz4_cpu,
@@ -448,7 +499,7 @@ fn save_results(
         Some("Throughput ratio: higher is better; CPU ratio: the goal is at most 1.00× `pg_receivewal --compress=lz4`. Stored is n/a for S3."),
     );
     for (name, app, v) in rows {
-        if app.starts_with("sb_") {
+        if app.starts_with("sb_") && !app.starts_with("sb_base") {
             out.goal_at_most(
                 &format!("CPU s/GiB, {name} ÷ pg_receivewal --compress=lz4"),
                 v[4] / peer("rw_lz4", 4),

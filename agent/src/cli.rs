@@ -338,6 +338,22 @@ pub fn block_on<T>(
     rt.block_on(future)
 }
 
+/// [`block_on`] on a single-threaded runtime: the thread that polls `future` also waits
+/// for the sockets, so a read that becomes ready resumes it directly instead of through a
+/// worker thread waking this one (two thread switches per socket read). For a command
+/// whose work is one task that is not `Send` (`postgres stream`); CPU-heavy work still
+/// runs in parallel on the blocking pool (storage's frame workers).
+pub fn block_on_current_thread<T>(
+    future: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    use anyhow::Context;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(future)
+}
+
 /// `version`: what a bug report needs to say which build it is.
 fn version_text() -> String {
     format!(

@@ -257,6 +257,9 @@ pub fn run(args: PostgresArgs) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
+    if let PostgresCommand::Stream(a) = args.command {
+        return crate::cli::block_on_current_thread(stream(a));
+    }
     crate::cli::block_on(async move {
         match args.command {
             PostgresCommand::Check(a) => check(a).await,

@@ -29,7 +29,7 @@ use super::conninfo::{
 use super::tls;
 use crate::job::{ErrorClass, JobError};
 use wire::pg::frame::{next_frame, DEFAULT_MAX_FRAME_BODY};
-use wire::pg::ResultCollector;
+use wire::pg::{Lsn, ResultCollector};
 
 /// Every failure carries its class, decided here where it is understood (see `crate::job`):
 /// a server error by its SQLSTATE, an I/O error by its kind.
@@ -153,6 +153,25 @@ pub enum CopyMessage {
     Done,
 }
 
+/// What [`PgConnection::recv_wal`] received.
+#[derive(Debug)]
+pub enum WalRecv {
+    /// An XLogData message begins: its `len` bytes of WAL, starting at `start`, follow as
+    /// [`WalRecv::Data`].
+    Header {
+        start: Lsn,
+        server_end: Lsn,
+        len: usize,
+    },
+    /// This many more bytes of the current XLogData message were appended to the buffer.
+    Data(usize),
+    /// Any other CopyData payload (a keepalive) or the end of the copy.
+    Other(CopyMessage),
+}
+
+/// CopyData header (tag, length) and XLogData header (`w`, start, end, send time).
+const XLOG_DATA_HEADER: usize = 5 + 1 + 8 + 8 + 8;
+
 enum Backend {
     CopyData(Bytes),
     /// A message of a result set (see `ResultCollector::takes`): type byte and body.
@@ -177,6 +196,9 @@ pub struct PgConnection {
     reader: ReadHalf<Box<dyn Io>>,
     writer: WriteHalf<Box<dyn Io>>,
     rbuf: BytesMut,
+    /// WAL bytes of the XLogData message being received that `recv_wal` has not yet
+    /// delivered.
+    wal_rest: usize,
     /// Earlier receive blocks, used again once their slices are gone.
     blocks: RecvBlocks,
     wbuf: BytesMut,
@@ -359,6 +381,7 @@ impl PgConnection {
             reader,
             writer,
             rbuf: BytesMut::with_capacity(64 * 1024),
+            wal_rest: 0,
             blocks: RecvBlocks::default(),
             wbuf: BytesMut::new(),
             params: HashMap::new(),
@@ -760,6 +783,104 @@ impl PgConnection {
                 Err(self.server_error(PgServerError::from_fields(body.fields())))
             }
             _ => bail!("{}: unexpected message during COPY", self.endpoint),
+        }
+    }
+
+    /// WAL bytes of the current XLogData message still to come from [`recv_wal`]: while
+    /// not zero, its caller must offer room for them.
+    ///
+    /// [`recv_wal`]: Self::recv_wal
+    pub fn wal_pending(&self) -> usize {
+        self.wal_rest
+    }
+
+    /// Next event while streaming WAL (`START_REPLICATION`); cancel-safe. The WAL of an
+    /// XLogData message is read from the socket straight into `dest`, at most `room`
+    /// bytes at a time (`room` must not exceed `dest`'s spare capacity, and must be at
+    /// least 1 while [`wal_pending`](Self::wal_pending) is not zero): the kernel's copy is
+    /// the only one, where receiving whole messages into a buffer first needs a second
+    /// copy to make the WAL of consecutive messages contiguous. Headers are read on their
+    /// own (30 bytes); other messages take the ordinary path.
+    pub async fn recv_wal(&mut self, dest: &mut BytesMut, room: usize) -> Result<WalRecv> {
+        use bytes::Buf;
+        loop {
+            if self.wal_rest > 0 {
+                let want = self.wal_rest.min(room).min(dest.capacity() - dest.len());
+                if want == 0 {
+                    return Err(anyhow!("internal: no room for the WAL being received").into());
+                }
+                let n = if self.rbuf.is_empty() {
+                    let mut into = (&mut *dest).limit(want);
+                    let n =
+                        self.reader.read_buf(&mut into).await.map_err(|e| {
+                            JobError::io(e, format!("reading from {}", self.endpoint))
+                        })?;
+                    if n == 0 {
+                        let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                        return Err(JobError::io(
+                            eof,
+                            format!(
+                                "{} closed the connection in the middle of a message",
+                                self.endpoint
+                            ),
+                        ));
+                    }
+                    n
+                } else {
+                    let n = want.min(self.rbuf.len());
+                    dest.extend_from_slice(&self.rbuf[..n]);
+                    self.rbuf.advance(n);
+                    n
+                };
+                self.wal_rest -= n;
+                return Ok(WalRecv::Data(n));
+            }
+            let b = &self.rbuf;
+            let xlog = b.len() >= 6 && b[0] == b'd' && b[5] == b'w';
+            if xlog && b.len() >= XLOG_DATA_HEADER {
+                let be64 = |at: usize| {
+                    let mut v = [0u8; 8];
+                    v.copy_from_slice(&b[at..at + 8]);
+                    u64::from_be_bytes(v)
+                };
+                let body = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+                if !(XLOG_DATA_HEADER - 1..=DEFAULT_MAX_FRAME_BODY).contains(&body) {
+                    return Err(anyhow!(
+                        "malformed XLogData from {}: message length {body}",
+                        self.endpoint
+                    )
+                    .into());
+                }
+                let (start, server_end) = (Lsn(be64(6)), Lsn(be64(14)));
+                self.rbuf.advance(XLOG_DATA_HEADER);
+                self.wal_rest = body + 1 - XLOG_DATA_HEADER;
+                return Ok(WalRecv::Header {
+                    start,
+                    server_end,
+                    len: self.wal_rest,
+                });
+            }
+            if !xlog && (b.len() >= 6 || (!b.is_empty() && b[0] != b'd')) {
+                return Ok(WalRecv::Other(self.recv_copy().await?));
+            }
+            // Only the rest of the header, so the WAL after it is read into `dest`.
+            if self.rbuf.capacity() - self.rbuf.len() < XLOG_DATA_HEADER {
+                self.rbuf.reserve(XLOG_DATA_HEADER);
+            }
+            let want = XLOG_DATA_HEADER - self.rbuf.len();
+            let mut into = (&mut self.rbuf).limit(want);
+            let n = self
+                .reader
+                .read_buf(&mut into)
+                .await
+                .map_err(|e| JobError::io(e, format!("reading from {}", self.endpoint)))?;
+            if n == 0 {
+                let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                return Err(JobError::io(
+                    eof,
+                    format!("{} closed the connection", self.endpoint),
+                ));
+            }
         }
     }
 

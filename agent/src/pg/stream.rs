@@ -33,7 +33,7 @@ use wire::pg::commands::{
     self, CreatedSlot, EndOfTimeline, ReplicationSlotPosition, SlotName, TimelineHistoryFile,
 };
 use wire::pg::{
-    Lsn, PgTimestamp, ReplicationMessage, SegmentName, SegmentSplitter, StandbyStatusUpdate,
+    Lsn, PgTimestamp, PgWireError, ReplicationMessage, SegmentName, StandbyStatusUpdate,
     TimelineHistory, TimelineId, WalSegmentSize,
 };
 
@@ -41,7 +41,7 @@ use super::archive::{
     delta_key, ensure_marker, history_key, put_chunks, put_immutable, segment_key, Fatal,
     WriteError,
 };
-use super::conn::{ConnectMode, CopyMessage, PgConnection};
+use super::conn::{ConnectMode, CopyMessage, PgConnection, WalRecv};
 use super::conninfo::ConnInfo;
 use super::partial::Resume;
 use crate::catalog::pg::WalInventory;
@@ -139,12 +139,52 @@ impl StallClock {
     }
 }
 
+/// Bytes of a segment buffer: a whole 16 MiB segment in one (larger segments take several).
+const SEGMENT_BUFFER: usize = 16 << 20;
+
+/// Segment buffers kept for reuse: the open segment, `--max-inflight` uploads and one
+/// being let go of. A reused buffer's pages are already mapped; a fresh one costs a page
+/// fault and the kernel zeroing each page before the WAL is copied in.
+const SPARE_SEGMENT_BUFFERS: usize = 5;
+
+/// WAL is copied out of the receive buffer into contiguous segment buffers as it arrives,
+/// so the storage pipeline gets each frame as one slice: the frame workers neither join
+/// pieces (a copy of every byte, out of receive blocks long gone cold) nor keep receive
+/// blocks alive, and the receive buffer stays small and warm in the cache.
+#[derive(Default)]
+struct SegmentBuffers {
+    spare: Vec<BytesMut>,
+}
+
+impl SegmentBuffers {
+    /// An empty buffer for `cap` bytes: a spare one nothing refers to any more, or a new one.
+    fn take(&mut self, cap: usize) -> BytesMut {
+        let free = self.spare.iter_mut().position(|b| b.try_reclaim(cap));
+        match free {
+            Some(i) => self.spare.swap_remove(i),
+            None => BytesMut::with_capacity(cap),
+        }
+    }
+
+    /// Keeps `buf` (emptied; the slices split off it keep their bytes) for reuse once
+    /// they are gone.
+    fn give_back(&mut self, mut buf: BytesMut) {
+        buf.clear();
+        if self.spare.len() >= SPARE_SEGMENT_BUFFERS {
+            self.spare.remove(0);
+        }
+        self.spare.push(buf);
+    }
+}
+
 /// The segment being received.
 struct OpenSegment {
     name: SegmentName,
-    /// The segment's bytes so far, as received (slices of the receive buffer, no copy).
-    chunks: Vec<Bytes>,
-    /// Total length of `chunks`.
+    /// The segment's bytes so far that were handed out (deltas) or filled a buffer, in order.
+    frozen: Vec<Bytes>,
+    /// The bytes received after `frozen`, in a contiguous buffer with room for more.
+    tail: BytesMut,
+    /// Total length of `frozen` and `tail`.
     len: usize,
     /// Where the next delta starts: the end of the stored chain plus the deltas queued.
     next_start: usize,
@@ -162,10 +202,11 @@ struct OpenSegment {
 }
 
 impl OpenSegment {
-    fn new(name: SegmentName, resume: Resume) -> OpenSegment {
+    fn new(name: SegmentName, resume: Resume, tail: BytesMut) -> OpenSegment {
         OpenSegment {
             name,
-            chunks: Vec::new(),
+            frozen: Vec::new(),
+            tail,
             len: 0,
             next_start: resume.chain_end as usize,
             covered: resume.durable as usize,
@@ -176,11 +217,36 @@ impl OpenSegment {
         }
     }
 
-    /// The received bytes from `from` on, as slices of the receive buffers (no copy).
-    fn bytes_from(&self, from: usize) -> Vec<Bytes> {
+    /// How many more bytes can go into `tail` now: its spare capacity, up to the end of
+    /// the segment.
+    fn room(&self, size: WalSegmentSize) -> usize {
+        let to_end = usize::try_from(size.bytes()).unwrap_or(usize::MAX) - self.len;
+        (self.tail.capacity() - self.tail.len()).min(to_end)
+    }
+
+    /// When `tail` is full, freezes it and continues in another buffer from `bufs`
+    /// (segments larger than one buffer).
+    fn make_room(&mut self, bufs: &mut SegmentBuffers, buf_size: usize) {
+        if self.tail.capacity() == self.tail.len() {
+            self.freeze_tail();
+            let full = std::mem::replace(&mut self.tail, bufs.take(buf_size));
+            bufs.give_back(full);
+        }
+    }
+
+    /// Moves the bytes in `tail` to `frozen` (the buffer keeps its remaining room).
+    fn freeze_tail(&mut self) {
+        if !self.tail.is_empty() {
+            self.frozen.push(self.tail.split().freeze());
+        }
+    }
+
+    /// The received bytes from `from` on, as slices of the segment buffers (no copy).
+    fn bytes_from(&mut self, from: usize) -> Vec<Bytes> {
+        self.freeze_tail();
         let mut out = Vec::new();
         let mut at = 0usize;
-        for c in &self.chunks {
+        for c in &self.frozen {
             let end = at + c.len();
             if end > from {
                 out.push(c.slice(from.saturating_sub(at)..));
@@ -188,6 +254,12 @@ impl OpenSegment {
             at = end;
         }
         out
+    }
+
+    /// Every byte received, and the buffer for reuse.
+    fn into_parts(mut self) -> (Vec<Bytes>, BytesMut) {
+        self.freeze_tail();
+        (self.frozen, self.tail)
     }
 }
 
@@ -617,8 +689,13 @@ struct Streamer<'a> {
     ctl: &'a Control,
     size: WalSegmentSize,
     tli: TimelineId,
-    splitter: SegmentSplitter,
+    /// The buffer `recv_wal` gets while no segment is open (it then reads only headers).
+    no_segment: BytesMut,
     open: Option<OpenSegment>,
+    /// Reusable buffers the open segment's WAL is copied into.
+    bufs: SegmentBuffers,
+    /// Size of each segment buffer: the segment size, at most [`SEGMENT_BUFFER`].
+    buf_size: usize,
     /// What the repository held of segments in progress when the stream started.
     stored: BTreeMap<u64, Resume>,
     uploads: FuturesOrdered<UploadFuture>,
@@ -656,8 +733,12 @@ impl<'a> Streamer<'a> {
             ctl,
             size,
             tli,
-            splitter: SegmentSplitter::starting_at(size, start),
+            no_segment: BytesMut::new(),
             open: None,
+            bufs: SegmentBuffers::default(),
+            buf_size: usize::try_from(size.bytes())
+                .unwrap_or(SEGMENT_BUFFER)
+                .min(SEGMENT_BUFFER),
             stored,
             uploads: FuturesOrdered::new(),
             deltas_in_flight: 0,
@@ -699,11 +780,27 @@ impl<'a> Streamer<'a> {
                 armed = due;
             }
             let can_read = self.uploads.len() < self.opts.max_inflight;
+            // WAL is read straight into the open segment's buffer.
+            let (dest, room) = match self.open.as_mut() {
+                Some(o) => {
+                    let room = o.room(self.size);
+                    (&mut o.tail, room)
+                }
+                None => (&mut self.no_segment, 0),
+            };
             tokio::select! {
-                msg = conn.recv_copy(), if can_read => {
-                    match msg? {
-                        CopyMessage::Data(payload) => self.on_message(conn, payload).await?,
-                        CopyMessage::Done => return self.end_of_timeline(conn).await,
+                ev = conn.recv_wal(dest, room), if can_read => {
+                    match ev? {
+                        WalRecv::Header { start, server_end, len } => {
+                            self.on_header(start, server_end, len)?
+                        }
+                        WalRecv::Data(n) => self.on_wal(n, conn.wal_pending())?,
+                        WalRecv::Other(CopyMessage::Data(payload)) => {
+                            self.on_message(conn, payload).await?
+                        }
+                        WalRecv::Other(CopyMessage::Done) => {
+                            return self.end_of_timeline(conn).await
+                        }
                     }
                 }
                 Some(done) = self.uploads.next(), if !self.uploads.is_empty() => {
@@ -802,6 +899,8 @@ impl<'a> Streamer<'a> {
         self.uploads.push_back(upload);
     }
 
+    /// A keepalive, or an XLogData message that came through the ordinary path (its WAL is
+    /// copied in as `recv_wal` would have read it).
     async fn on_message(
         &mut self,
         conn: &mut PgConnection,
@@ -809,18 +908,15 @@ impl<'a> Streamer<'a> {
     ) -> Result<(), JobError> {
         match ReplicationMessage::parse(payload).transient()? {
             ReplicationMessage::XLogData(x) => {
-                self.server_end = self.server_end.max(x.server_end);
-                for slice in self.splitter.push(x.start, x.data).transient()? {
-                    self.append(
-                        slice.segno,
-                        slice.offset,
-                        slice.data,
-                        slice.completes_segment,
-                    )?;
-                }
-                self.received = self.splitter.next_lsn().unwrap_or(self.received);
-                if self.opts.synchronous {
-                    self.ship_delta()?;
+                self.on_header(x.start, x.server_end, x.data.len())?;
+                let mut data = &x.data[..];
+                while !data.is_empty() {
+                    let open = self.open.as_mut().context("internal: no segment open")?;
+                    let room = open.room(self.size);
+                    let (now, rest) = data.split_at(room.min(data.len()));
+                    open.tail.extend_from_slice(now);
+                    data = rest;
+                    self.on_wal(now.len(), data.len())?;
                 }
             }
             ReplicationMessage::PrimaryKeepalive(k) => {
@@ -833,7 +929,56 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    fn append(&mut self, segno: u64, offset: u64, data: Bytes, completes: bool) -> Result<()> {
+    /// An XLogData message of `len` bytes of WAL from `start` begins: it must continue
+    /// exactly where the last one ended; its segment is opened, with room for its bytes.
+    fn on_header(&mut self, start: Lsn, server_end: Lsn, len: usize) -> Result<(), JobError> {
+        self.server_end = self.server_end.max(server_end);
+        if start != self.received {
+            return Err(PgWireError::Discontinuity {
+                expected: self.received.to_string(),
+                got: start.to_string(),
+            })
+            .transient();
+        }
+        if len > 0 {
+            self.open_at(start)?;
+        }
+        Ok(())
+    }
+
+    /// `n` bytes of WAL were appended to the open segment's buffer; `pending` more of the
+    /// current message are still to come.
+    fn on_wal(&mut self, n: usize, pending: usize) -> Result<(), JobError> {
+        let seg_bytes = self.size.bytes();
+        let open = self
+            .open
+            .as_mut()
+            .context("internal: WAL without an open segment")?;
+        open.len += n;
+        if open.pending_since.is_none() {
+            open.pending_since = Some(Instant::now());
+        }
+        self.received = Lsn(self.received.0 + n as u64);
+        if open.len as u64 == seg_bytes {
+            if let Some(o) = self.open.take() {
+                self.queue_segment(o)?;
+            }
+            if pending > 0 {
+                self.open_at(self.received)?;
+            }
+        } else {
+            open.make_room(&mut self.bufs, self.buf_size);
+        }
+        if pending == 0 && self.opts.synchronous {
+            self.ship_delta()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the segment holding `at` the open one (`at` must be where its bytes so far
+    /// end), with room in its buffer.
+    fn open_at(&mut self, at: Lsn) -> Result<()> {
+        let (segno, offset) = (self.size.segment_of(at), self.size.offset_in_segment(at));
         let open = match &mut self.open {
             Some(o) if o.name.segno() == segno => o,
             _ => {
@@ -844,7 +989,8 @@ impl<'a> Streamer<'a> {
                 }
                 let name = SegmentName::new(self.tli, segno, self.size)?;
                 let resume = self.stored.remove(&segno).unwrap_or_default();
-                self.open = Some(OpenSegment::new(name, resume));
+                let tail = self.bufs.take(self.buf_size);
+                self.open = Some(OpenSegment::new(name, resume, tail));
                 self.open.as_mut().context("segment just opened")?
             }
         };
@@ -855,16 +1001,7 @@ impl<'a> Streamer<'a> {
                 open.len
             );
         }
-        open.len += data.len();
-        open.chunks.push(data);
-        if open.pending_since.is_none() {
-            open.pending_since = Some(Instant::now());
-        }
-        if completes {
-            if let Some(o) = self.open.take() {
-                self.queue_segment(o)?;
-            }
-        }
+        open.make_room(&mut self.bufs, self.buf_size);
         Ok(())
     }
 
@@ -873,15 +1010,16 @@ impl<'a> Streamer<'a> {
         (self.last_done.replace(rx), tx)
     }
 
-    fn queue_segment(&mut self, seg: OpenSegment) -> Result<()> {
+    fn queue_segment(&mut self, mut seg: OpenSegment) -> Result<()> {
         let key = segment_key(seg.name)?;
         let end = seg.name.end_lsn();
         let repo = self.opts.repo.clone();
-        let chunks = seg.chunks;
         // The complete segment supersedes its deltas (removed last to first, so a cleanup
         // cut short leaves a chain that still starts at 0) and every stale object.
-        let mut cleanup: Vec<RepoKey> = seg.chain.into_iter().rev().collect();
-        cleanup.extend(seg.stale.into_iter().map(|(_, k)| k));
+        let mut cleanup: Vec<RepoKey> = std::mem::take(&mut seg.chain).into_iter().rev().collect();
+        cleanup.extend(std::mem::take(&mut seg.stale).into_iter().map(|(_, k)| k));
+        let (chunks, buf) = seg.into_parts();
+        self.bufs.give_back(buf);
         let (prev, done) = self.chain();
         let lease = self.lease.clone();
         let status = self.ctl.status.clone();
@@ -1091,7 +1229,46 @@ where
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn segment_buffers_hand_out_contiguous_slices_and_are_reused() {
+        let size = WalSegmentSize::new(16 << 20).unwrap();
+        let name = SegmentName::new(TimelineId::new(1).unwrap(), 1, size).unwrap();
+        let mut bufs = SegmentBuffers::default();
+        let mut seg = OpenSegment::new(name, Resume::default(), bufs.take(SEGMENT_BUFFER));
+        let first_buf = seg.tail.as_ptr();
+        let wal: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        // WAL lands in the tail as `recv_wal` puts it there, in uneven pieces.
+        let put = |seg: &mut OpenSegment, range: std::ops::Range<usize>| {
+            assert!(seg.room(size) >= range.len());
+            seg.tail.extend_from_slice(&wal[range.clone()]);
+            seg.len += range.len();
+        };
+        put(&mut seg, 0..1_000_000);
+        put(&mut seg, 1_000_000..1_300_000);
+        // A delta: one slice from where the chain ends.
+        let delta = seg.bytes_from(0);
+        assert_eq!(delta.len(), 1);
+        assert_eq!(&delta[0][..], &wal[..1_300_000]);
+        put(&mut seg, 1_300_000..3_000_000);
+        let delta2 = seg.bytes_from(1_300_000);
+        assert_eq!(delta2.len(), 1, "the next delta is one slice too");
+        assert_eq!(&delta2[0][..], &wal[1_300_000..]);
+        assert_eq!(seg.room(size), (16 << 20) - 3_000_000);
+        let (parts, buf) = seg.into_parts();
+        assert_eq!(parts.concat(), wal, "the segment is every byte in order");
+        bufs.give_back(buf);
+        // Still referenced by uploads: a new buffer; once they are gone, the old one.
+        let other = bufs.take(SEGMENT_BUFFER);
+        assert_ne!(other.as_ptr(), first_buf);
+        bufs.give_back(other);
+        drop((parts, delta, delta2));
+        let again = bufs.take(SEGMENT_BUFFER);
+        assert_eq!(again.as_ptr(), first_buf, "the first buffer is reused");
+        assert!(again.is_empty() && again.capacity() >= SEGMENT_BUFFER);
+    }
 
     #[test]
     fn idle_time_is_not_a_stall() {
