@@ -4,7 +4,9 @@
 //!   local file vs `syncbridge-agent redis snapshot` to SeaweedFS (S3) and to `file://`,
 //!   which also validate, compress (zstd 3), checksum and upload. Wall time, MiB/s, CPU
 //!   seconds, speed ratios (redis-cli time / agent time: ≥ 1.0 means the agent is at least
-//!   as fast), and the agent's peak RSS (VmHWM). `SB_BENCH_REDIS_VALUES` picks the values:
+//!   as fast), and the agent's peak RSS (VmHWM). SeaweedFS runs on the same cores, so its
+//!   CPU seconds per GiB are printed too, for the agent's upload and for a plain upload of
+//!   the same RDB (8 MiB `PUT`s by the harness's own client): SeaweedFS's floor. `SB_BENCH_REDIS_VALUES` picks the values:
 //!   `random` (default: 1000 random bytes each, incompressible, what a cache of compressed
 //!   or encrypted blobs looks like), `populate` (`DEBUG POPULATE`'s `value:N` padded with
 //!   zeros, which zstd shrinks ~100×, the data the first version of this bench used) or
@@ -226,6 +228,8 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
     let tools = ["redis-cli", "agent s3", "agent file"];
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); tools.len()];
     let mut size = 0u64;
+    // SeaweedFS CPU s per GiB of RDB while the agent uploads, per round.
+    let mut weed_agent: Vec<f64> = Vec::new();
     for round in 0..runs {
         for k in 0..tools.len() {
             let tool = (round + k) % tools.len();
@@ -239,7 +243,10 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
                 let (time, rss, cpu, out) = run_measured(cli);
                 check(&out, "redis-cli --rdb");
                 size = std::fs::metadata(&rdb).unwrap().len();
-                std::fs::remove_file(&rdb).unwrap();
+                // The last round's RDB is uploaded once more by a plain client below.
+                if round + 1 < runs {
+                    std::fs::remove_file(&rdb).unwrap();
+                }
                 (time, rss, cpu, "redis-cli --rdb (local file)")
             } else {
                 let (name, repo, env) = if tool == 1 {
@@ -272,10 +279,12 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
                 let (time, rss, cpu, out) = run_measured(cmd);
                 check(&out, name);
                 if tool == 1 {
+                    let weed_cpu = weed().saturating_sub(weed_before) as f64 / 100.0;
                     println!(
-                        "round {round}: SeaweedFS CPU during the upload {:.1}s",
-                        weed().saturating_sub(weed_before) as f64 / 100.0
+                        "round {round}: SeaweedFS CPU during the upload {weed_cpu:.1}s ({:.1} s/GiB of RDB)",
+                        weed_cpu / (mib(size) / 1024.0)
                     );
+                    weed_agent.push(weed_cpu / (mib(size) / 1024.0));
                 }
                 let _ = std::fs::remove_dir_all(tmp.join("repo"));
                 (time, rss, cpu, name)
@@ -290,6 +299,16 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
             );
         }
     }
+    let weed_plain = seaweedfs_floor(s3, &tmp.join("cli.rdb"));
+    let _ = std::fs::remove_file(tmp.join("cli.rdb"));
+    println!(
+        "SeaweedFS CPU per GiB taken: agent snapshot {} s/GiB, plain 8 MiB PUTs of the same RDB {weed_plain:.1} s/GiB",
+        weed_agent
+            .iter()
+            .map(|w| format!("{w:.1}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
@@ -365,6 +384,21 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
                 .collect(),
             Some("Goal: at least 1.00× `redis-cli --rdb` (speed ratio: higher is better)."),
         );
+        out.table(
+            "SeaweedFS's own CPU to take the upload (same two cores as Redis and the agent)",
+            &["client", "SeaweedFS CPU s per GiB"],
+            vec![
+                vec![
+                    Cell::text("agent snapshot (multipart, 8 MiB parts, median of rounds)"),
+                    Cell::num(median(&weed_agent), 1),
+                ],
+                vec![
+                    Cell::text("plain 8 MiB PUTs of the same RDB (harness SigV4 client)"),
+                    Cell::num(weed_plain, 1),
+                ],
+            ],
+            Some("SeaweedFS MD5-hashes every byte four times (S3 part ETag, chunk upload stream, chunk Content-MD5, volume-server check) whatever the client sends: see benches/README.md."),
+        );
         for i in 1..names.len() {
             out.goal_at_least(
                 &format!("snapshot speed ({values}), {} ÷ redis-cli --rdb", names[i]),
@@ -374,6 +408,40 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
         }
         out.save_merged();
     }
+}
+
+/// SeaweedFS's CPU seconds per GiB for a plain upload of `file` (8 MiB objects, one
+/// SigV4-signed `PUT` each, by the harness's own HTTP client): its floor, to compare with
+/// what it spends while the agent uploads the same bytes.
+fn seaweedfs_floor(s3: &S3Server, file: &std::path::Path) -> f64 {
+    use std::io::Read;
+    let weed = || s3.pid().and_then(cpu_ticks).unwrap_or(0);
+    let mut input = std::fs::File::open(file).unwrap();
+    let mut buf = vec![0u8; 8 << 20];
+    let (mut total, mut n) = (0u64, 0u32);
+    let before = weed();
+    loop {
+        let mut len = 0;
+        while len < buf.len() {
+            let got = input.read(&mut buf[len..]).unwrap();
+            if got == 0 {
+                break;
+            }
+            len += got;
+        }
+        if len == 0 {
+            break;
+        }
+        let key = format!("/{}/bench-plain/{n:05}", s3.bucket());
+        match s3.signed_request("PUT", &key, &buf[..len]) {
+            Ok((200, _)) => {}
+            other => panic!("plain PUT {key}: {other:?}"),
+        }
+        total += len as u64;
+        n += 1;
+    }
+    let cpu = weed().saturating_sub(before) as f64 / 100.0;
+    cpu / (mib(total) / 1024.0)
 }
 
 fn lag_bench(s3: &S3Server, tmp: &std::path::Path) {
