@@ -4,7 +4,9 @@
 //!   local file vs `syncbridge-agent redis snapshot` to SeaweedFS (S3) and to `file://`,
 //!   which also validate, compress (zstd 3), checksum and upload. Wall time, MiB/s, CPU
 //!   seconds, speed ratios (redis-cli time / agent time: ≥ 1.0 means the agent is at least
-//!   as fast), and the agent's peak RSS (VmHWM). `SB_BENCH_REDIS_VALUES` picks the values:
+//!   as fast), and the agent's peak RSS (VmHWM). SeaweedFS runs on the same cores, so its
+//!   CPU seconds per GiB are printed too, for the agent's upload and for a plain upload of
+//!   the same RDB (8 MiB `PUT`s by the harness's own client): SeaweedFS's floor. `SB_BENCH_REDIS_VALUES` picks the values:
 //!   `random` (default: 1000 random bytes each, incompressible, what a cache of compressed
 //!   or encrypted blobs looks like), `populate` (`DEBUG POPULATE`'s `value:N` padded with
 //!   zeros, which zstd shrinks ~100×, the data the first version of this bench used) or
@@ -80,6 +82,15 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// CPU of a process's waited-for children (cutime + cstime, `/proc/PID/stat` fields 16 and
+/// 17), in clock ticks: Redis's forked snapshot child once Redis has reaped it.
+fn children_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?)
 }
 
 /// Loads `keys` keys of `len` random bytes each (xorshift64*, incompressible to zstd and
@@ -226,10 +237,19 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
     let tools = ["redis-cli", "agent s3", "agent file"];
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); tools.len()];
     let mut size = 0u64;
+    // SeaweedFS CPU s per GiB of RDB while the agent uploads, per round.
+    let mut weed_agent: Vec<f64> = Vec::new();
     for round in 0..runs {
         for k in 0..tools.len() {
             let tool = (round + k) % tools.len();
             let _ = Command::new("sync").status();
+            let fork_cpu = || {
+                server
+                    .pid()
+                    .and_then(children_cpu_ticks)
+                    .map_or(f64::NAN, |t| t as f64 / 100.0)
+            };
+            let fork_before = fork_cpu();
             let (time, rss, cpu, name) = if tool == 0 {
                 // redis-cli --rdb, the peer tool (it fsyncs the file before it exits).
                 let rdb = tmp.join("cli.rdb");
@@ -239,7 +259,10 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
                 let (time, rss, cpu, out) = run_measured(cli);
                 check(&out, "redis-cli --rdb");
                 size = std::fs::metadata(&rdb).unwrap().len();
-                std::fs::remove_file(&rdb).unwrap();
+                // The last round's RDB is uploaded once more by a plain client below.
+                if round + 1 < runs {
+                    std::fs::remove_file(&rdb).unwrap();
+                }
                 (time, rss, cpu, "redis-cli --rdb (local file)")
             } else {
                 let (name, repo, env) = if tool == 1 {
@@ -272,24 +295,39 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
                 let (time, rss, cpu, out) = run_measured(cmd);
                 check(&out, name);
                 if tool == 1 {
+                    let weed_cpu = weed().saturating_sub(weed_before) as f64 / 100.0;
                     println!(
-                        "round {round}: SeaweedFS CPU during the upload {:.1}s",
-                        weed().saturating_sub(weed_before) as f64 / 100.0
+                        "round {round}: SeaweedFS CPU during the upload {weed_cpu:.1}s ({:.1} s/GiB of RDB)",
+                        weed_cpu / (mib(size) / 1024.0)
                     );
+                    weed_agent.push(weed_cpu / (mib(size) / 1024.0));
                 }
                 let _ = std::fs::remove_dir_all(tmp.join("repo"));
                 (time, rss, cpu, name)
             };
             times[tool].push(time.as_secs_f64());
+            // Redis reaps its child from its cron (every 100 ms): give it time to.
+            std::thread::sleep(Duration::from_millis(500));
             println!(
-                "round {round}: {name:<36} {:6.2}s  {:7.1} MiB/s  CPU {:5.1}s  RSS {:5.1} MiB",
+                "round {round}: {name:<36} {:6.2}s  {:7.1} MiB/s  CPU {:5.1}s  RSS {:5.1} MiB  (Redis fork CPU {:.1}s)",
                 time.as_secs_f64(),
                 mib(size) / time.as_secs_f64(),
                 cpu,
                 rss as f64 / 1024.0,
+                fork_cpu() - fork_before,
             );
         }
     }
+    let weed_plain = seaweedfs_floor(s3, &tmp.join("cli.rdb"));
+    let _ = std::fs::remove_file(tmp.join("cli.rdb"));
+    println!(
+        "SeaweedFS CPU per GiB taken: agent snapshot {} s/GiB, plain 8 MiB PUTs of the same RDB {weed_plain:.1} s/GiB",
+        weed_agent
+            .iter()
+            .map(|w| format!("{w:.1}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
@@ -365,6 +403,21 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
                 .collect(),
             Some("Goal: at least 1.00× `redis-cli --rdb` (speed ratio: higher is better)."),
         );
+        out.table(
+            "SeaweedFS's own CPU to take the upload (same two cores as Redis and the agent)",
+            &["client", "SeaweedFS CPU s per GiB"],
+            vec![
+                vec![
+                    Cell::text("agent snapshot (multipart, 8 MiB parts, median of rounds)"),
+                    Cell::num(median(&weed_agent), 1),
+                ],
+                vec![
+                    Cell::text("plain 8 MiB PUTs of the same RDB (harness SigV4 client)"),
+                    Cell::num(weed_plain, 1),
+                ],
+            ],
+            Some("SeaweedFS MD5-hashes every byte four times (S3 part ETag, chunk upload stream, chunk Content-MD5, volume-server check) whatever the client sends: see benches/README.md."),
+        );
         for i in 1..names.len() {
             out.goal_at_least(
                 &format!("snapshot speed ({values}), {} ÷ redis-cli --rdb", names[i]),
@@ -374,6 +427,40 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
         }
         out.save_merged();
     }
+}
+
+/// SeaweedFS's CPU seconds per GiB for a plain upload of `file` (8 MiB objects, one
+/// SigV4-signed `PUT` each, by the harness's own HTTP client): its floor, to compare with
+/// what it spends while the agent uploads the same bytes.
+fn seaweedfs_floor(s3: &S3Server, file: &std::path::Path) -> f64 {
+    use std::io::Read;
+    let weed = || s3.pid().and_then(cpu_ticks).unwrap_or(0);
+    let mut input = std::fs::File::open(file).unwrap();
+    let mut buf = vec![0u8; 8 << 20];
+    let (mut total, mut n) = (0u64, 0u32);
+    let before = weed();
+    loop {
+        let mut len = 0;
+        while len < buf.len() {
+            let got = input.read(&mut buf[len..]).unwrap();
+            if got == 0 {
+                break;
+            }
+            len += got;
+        }
+        if len == 0 {
+            break;
+        }
+        let key = format!("/{}/bench-plain/{n:05}", s3.bucket());
+        match s3.signed_request("PUT", &key, &buf[..len]) {
+            Ok((200, _)) => {}
+            other => panic!("plain PUT {key}: {other:?}"),
+        }
+        total += len as u64;
+        n += 1;
+    }
+    let cpu = weed().saturating_sub(before) as f64 / 100.0;
+    cpu / (mib(total) / 1024.0)
 }
 
 fn lag_bench(s3: &S3Server, tmp: &std::path::Path) {

@@ -367,6 +367,15 @@ fn try_start(
         ))
         .arg(format!("-s3.localSocket={}", dir.join("s3.sock").display()))
         .current_dir(dir);
+    // For profiling SeaweedFS in a benchmark (its binary is stripped, so `perf` cannot name
+    // its functions; Go's own profiler can): `SB_WEED_PPROF_PORT=6060` serves
+    // http://127.0.0.1:6060/debug/pprof/profile. One server at a time only.
+    if let Some(port) = std::env::var("SB_WEED_PPROF_PORT")
+        .ok()
+        .filter(|p| !p.is_empty())
+    {
+        cmd.arg("-debug").arg(format!("-debug.port={port}"));
+    }
     let https = certs.map(|c| {
         cmd.arg(format!("-s3.port.https={}", ports[8]))
             .arg(format!("-s3.cert.file={}", c.server_cert.display()))
