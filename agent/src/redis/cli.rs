@@ -183,6 +183,13 @@ struct StreamArgs {
     /// answer (host:port; same credentials and TLS settings). Repeatable.
     #[arg(long, value_name = "HOST:PORT")]
     cluster_seed: Vec<String>,
+    /// Whole-cluster capture: MiB of received data every shard's stream may hold in memory
+    /// together (split evenly between the shards: each a chunk being filled and uploads in
+    /// flight); what does not fit waits in the master's output buffer or the spool.
+    /// Snapshots are stored with 5 MiB parts, one in flight per shard. A single server
+    /// keeps the stream's defaults (16 MiB chunks, 4 uploads in flight).
+    #[arg(long, default_value_t = super::cluster_stream::DEFAULT_MEMORY_BUDGET_MIB, value_name = "MIB")]
+    memory_budget_mib: u64,
 }
 
 #[derive(Debug, Args)]
@@ -261,6 +268,10 @@ async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
     let place = super::cluster::detect(&mut link).await?;
     if place.is_some() && !args.cluster_shard_only {
         drop(link);
+        // Every master's snapshot at once: small part buffers per shard.
+        let repo = args
+            .repo
+            .open_with(super::cluster_stream::cluster_repo_options(args.repo.options()?))?;
         return snapshot_cluster(&repo, &source).await;
     }
     if let Some(p) = &place {
@@ -357,10 +368,16 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
             }
         }
         if cluster {
+            let repo = args
+                .repo
+                .open_with(super::cluster_stream::cluster_repo_options(args.repo.options()?))?;
             let opts = super::cluster_stream::ClusterOptions {
                 seeds,
                 poll: Duration::from_secs(1),
-                stream: opts,
+                stream: super::cluster_stream::budget_stream_options(
+                    opts,
+                    args.memory_budget_mib << 20,
+                ),
             };
             super::cluster_stream::run(&repo, &opts, ctl).await?;
             return Ok(ExitCode::SUCCESS);
