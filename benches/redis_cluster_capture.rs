@@ -139,10 +139,7 @@ fn populate(c: &RedisCluster, keys: u64, len: usize) {
     let owner_index: Vec<usize> = (0..16384u16)
         .map(|s| {
             let id = map.owner(s).unwrap();
-            masters
-                .iter()
-                .position(|&m| c.node_id(m) == id)
-                .unwrap()
+            masters.iter().position(|&m| c.node_id(m) == id).unwrap()
         })
         .collect();
     let threads: Vec<_> = (0..ports.len())
@@ -327,7 +324,11 @@ fn snapshot_bench(c: &RedisCluster, dir: &Path, results: &mut BenchResults) {
             per_round.join(", ")
         )),
     );
-    results.goal_at_least("cluster snapshot speed, redis-cli --rdb ÷ agent", ratio, 1.0);
+    results.goal_at_least(
+        "cluster snapshot speed, redis-cli --rdb ÷ agent",
+        ratio,
+        1.0,
+    );
 }
 
 fn stream_bench(c: &RedisCluster, dir: &Path, results: &mut BenchResults) {
@@ -510,7 +511,10 @@ fn stream_bench(c: &RedisCluster, dir: &Path, results: &mut BenchResults) {
         peak as f64 / 1024.0 / 100.0,
         1.0,
     );
-    assert!(status.success(), "the stream did not stop cleanly: {status}");
+    assert!(
+        status.success(),
+        "the stream did not stop cleanly: {status}"
+    );
 }
 
 fn main() {

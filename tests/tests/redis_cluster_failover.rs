@@ -351,12 +351,7 @@ fn restore_cluster(repo: &str, target: &Path, to: i64, flavor: RedisFlavor) -> R
         &[],
     );
     let restored = RestoredCluster::from_output(&out);
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        target.display(),
-        text(&out)
-    );
+    assert!(out.status.success(), "{}: {}", target.display(), text(&out));
     assert!(
         text(&out).contains("cluster_state:ok, 16384 slots assigned"),
         "{}",
@@ -499,7 +494,10 @@ fn failover_under_load(flavor: RedisFlavor, case: AtTheKill) {
                 .unwrap();
             let deadline = Instant::now() + Duration::from_secs(20);
             while !replica_offsets(victim_port).iter().any(|&o| o >= target) {
-                assert!(Instant::now() < deadline, "the agent did not read the burst");
+                assert!(
+                    Instant::now() < deadline,
+                    "the agent did not read the burst"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
             std::thread::sleep(Duration::from_millis(300));

@@ -271,7 +271,9 @@ async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
         // Every master's snapshot at once: small part buffers per shard.
         let repo = args
             .repo
-            .open_with(super::cluster_stream::cluster_repo_options(args.repo.options()?))?;
+            .open_with(super::cluster_stream::cluster_repo_options(
+                args.repo.options()?,
+            ))?;
         return snapshot_cluster(&repo, &source).await;
     }
     if let Some(p) = &place {
@@ -370,7 +372,9 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
         if cluster {
             let repo = args
                 .repo
-                .open_with(super::cluster_stream::cluster_repo_options(args.repo.options()?))?;
+                .open_with(super::cluster_stream::cluster_repo_options(
+                    args.repo.options()?,
+                ))?;
             let opts = super::cluster_stream::ClusterOptions {
                 seeds,
                 poll: Duration::from_secs(1),

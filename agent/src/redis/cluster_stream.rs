@@ -838,7 +838,10 @@ mod tests {
     fn the_budget_is_shared_between_the_shards() {
         const MIB: usize = 1 << 20;
         let whole = budget_stream_options(StreamOptions::default(), 64 << 20);
-        assert_eq!((whole.max_chunk_bytes, whole.uploads_in_flight), (16 * MIB, 3));
+        assert_eq!(
+            (whole.max_chunk_bytes, whole.uploads_in_flight),
+            (16 * MIB, 3)
+        );
         let held = |o: &StreamOptions| o.max_chunk_bytes * (o.uploads_in_flight + 1);
         for shards in 1..=8 {
             let o = shard_stream_options(&whole, shards);
@@ -854,7 +857,8 @@ mod tests {
         assert!(three.max_chunk_bytes * 7 <= 64 * MIB / 3);
         assert_eq!(three.spool_limit, whole.spool_limit / 3);
         // A tiny budget still stores: 1 MiB chunks, one upload in flight.
-        let tiny = shard_stream_options(&budget_stream_options(StreamOptions::default(), 4 << 20), 3);
+        let tiny =
+            shard_stream_options(&budget_stream_options(StreamOptions::default(), 4 << 20), 3);
         assert_eq!((tiny.max_chunk_bytes, tiny.uploads_in_flight), (MIB, 1));
     }
 
