@@ -337,6 +337,32 @@ impl Repository {
         })
     }
 
+    /// The same repository (store, marker, encryption, scope) writing new objects with other
+    /// buffer sizes: multipart `part_size`, `upload_concurrency` parts in flight and
+    /// `frame_size` frames. Readers take any frame size, so objects stay readable by any
+    /// view; used where many objects are written at once (every shard of a cluster storing
+    /// its snapshot) to bound memory.
+    pub fn with_write_sizes(
+        &self,
+        part_size: usize,
+        upload_concurrency: usize,
+        frame_size: usize,
+    ) -> Repository {
+        let mut opts = self.inner.opts.clone();
+        opts.part_size = part_size.max(5 << 20);
+        opts.upload_concurrency = upload_concurrency.max(1);
+        opts.frame_size = frame_size.clamp(64 << 10, crate::format::MAX_FRAME_ORIGINAL as usize);
+        Repository {
+            inner: Arc::new(RepoInner::new(
+                self.inner.backend.clone(),
+                self.inner.url.clone(),
+                opts,
+                self.inner.keys.clone(),
+            )),
+            scope: self.scope.clone(),
+        }
+    }
+
     /// The prefix of a [`scoped`](Self::scoped) view (`None` for the whole repository).
     pub fn scope(&self) -> Option<&RepoKey> {
         self.scope.as_ref()

@@ -183,6 +183,13 @@ struct StreamArgs {
     /// answer (host:port; same credentials and TLS settings). Repeatable.
     #[arg(long, value_name = "HOST:PORT")]
     cluster_seed: Vec<String>,
+    /// Whole-cluster capture: MiB of received data every shard's stream may hold in memory
+    /// together (split evenly between the shards: each a chunk being filled and uploads in
+    /// flight); what does not fit waits in the master's output buffer or the spool.
+    /// Snapshots are stored with 5 MiB parts, one in flight per shard. A single server
+    /// keeps the stream's defaults (16 MiB chunks, 4 uploads in flight).
+    #[arg(long, default_value_t = super::cluster_stream::DEFAULT_MEMORY_BUDGET_MIB, value_name = "MIB")]
+    memory_budget_mib: u64,
 }
 
 #[derive(Debug, Args)]
@@ -261,6 +268,8 @@ async fn snapshot_now(args: SnapshotArgs) -> Result<ExitCode> {
     let place = super::cluster::detect(&mut link).await?;
     if place.is_some() && !args.cluster_shard_only {
         drop(link);
+        // Every master's snapshot at once: small part buffers per shard.
+        let repo = super::cluster_stream::cluster_repo(&repo);
         return snapshot_cluster(&repo, &source).await;
     }
     if let Some(p) = &place {
@@ -340,7 +349,7 @@ async fn stream(args: StreamArgs) -> Result<ExitCode> {
         cluster: None,
         poll: Duration::from_secs(1),
         stream: opts,
-        memory_share: None,
+        memory_share: Some(args.memory_budget_mib << 20),
     };
     super::cluster_job::run(&repo, &job, crate::job::Control::standalone()).await?;
     Ok(ExitCode::SUCCESS)

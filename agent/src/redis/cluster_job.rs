@@ -99,19 +99,13 @@ async fn detect(job: &RedisStreamJob) -> Result<bool> {
 async fn run_cluster(repo: &Repository, job: &RedisStreamJob, ctl: Control) -> Result<()> {
     let mut seeds = vec![job.source.clone()];
     seeds.extend(job.seeds.iter().cloned());
-    let mut stream = job.stream.clone();
-    if let Some(share) = job.memory_share {
-        let shards = shard_count(repo, &seeds).await;
-        let each = crate::run::MemoryShares::split(share / shards.max(1), false, true);
-        stream.max_chunk_bytes = each.redis_chunk_bytes();
-        stream.uploads_in_flight = each.redis_uploads_in_flight();
-        tracing::info!(
-            shards,
-            chunk_bytes = stream.max_chunk_bytes,
-            uploads_in_flight = stream.uploads_in_flight,
-            "memory budget: the Redis share split between {shards} shards"
-        );
-    }
+    // The stream options size the whole capture; `cluster_stream::run` gives each shard
+    // an even share of them.
+    let stream = match job.memory_share {
+        Some(share) => super::cluster_stream::budget_stream_options(job.stream.clone(), share),
+        None => job.stream.clone(),
+    };
+    let repo = &super::cluster_stream::cluster_repo(repo);
     let opts = ClusterOptions {
         seeds,
         poll: job.poll,
@@ -128,26 +122,4 @@ async fn run_cluster(repo: &Repository, job: &RedisStreamJob, ctl: Control) -> R
         },
     )
     .await
-}
-
-/// How many shards the cluster has, to split a memory budget: the masters owning slots as
-/// the first seed that answers says, else the shards the repository knows, else 3 (the
-/// usual shape). A shard added later gets the same sizes as the others.
-async fn shard_count(repo: &Repository, seeds: &[RedisSource]) -> u64 {
-    for seed in seeds {
-        let ask = async {
-            let mut link = super::link::MasterLink::connect(seed).await.ok()?;
-            super::cluster::read_topology(&mut link).await.ok()
-        };
-        if let Ok(Some(t)) = tokio::time::timeout(Duration::from_secs(10), ask).await {
-            let n = t.serving_shards().count() as u64;
-            if n > 0 {
-                return n;
-            }
-        }
-    }
-    match super::cluster_stream::ClusterCatalog::load(repo).await {
-        Ok(c) if !c.shards.is_empty() => c.shards.len() as u64,
-        _ => 3,
-    }
 }

@@ -54,6 +54,72 @@ use crate::job::{Control, ErrorClass, JobError};
 /// Version of `shard.json`'s layout.
 pub const SHARD_RECORD_FORMAT: u32 = 1;
 
+/// Default memory budget of a whole-cluster capture (`redis stream --memory-budget-mib`):
+/// received data of every shard together, see [`shard_stream_options`]. With 32 MiB one
+/// process capturing three shards under load peaked at 71 MiB of RSS, with 48 at 87 and
+/// with 64 at 124 (benches/README.md, `redis_cluster_capture`): the goal is under 100 MiB.
+pub const DEFAULT_MEMORY_BUDGET_MIB: u64 = 32;
+
+/// Least chunk size a shard's share is cut into.
+const MIN_SHARD_CHUNK: usize = 1 << 20;
+
+/// Stream options sized for one memory budget, `budget` bytes of received data for the
+/// whole capture (what [`shard_stream_options`] then divides between the shards): the
+/// chunk being filled plus the chunk uploads in flight, as `run`'s
+/// `agent.memory_budget_mib` does for one stream (`crate::run::MemoryShares`).
+pub fn budget_stream_options(mut opts: StreamOptions, budget: u64) -> StreamOptions {
+    let share = usize::try_from(budget).unwrap_or(usize::MAX);
+    opts.max_chunk_bytes = (share / 4).clamp(MIN_SHARD_CHUNK, 16 << 20);
+    opts.uploads_in_flight = (share / opts.max_chunk_bytes).saturating_sub(1).clamp(1, 4);
+    opts
+}
+
+/// The options of one shard's stream when `shards` shards are captured at once: `opts`
+/// sizes the whole capture, and each shard gets an even share of it, so the process holds
+/// about what one stream of `opts` would, whatever the number of shards.
+///
+/// - Received data: `opts` counts a chunk being filled plus `uploads_in_flight` chunks
+///   being stored, `max_chunk_bytes × (uploads_in_flight + 1)` (as `run`'s budget does).
+///   A shard's share `S` of that is counted honestly: a chunk being stored is held twice
+///   (its bytes and its compressed frames), so `chunk × (1 + 2 × uploads) ≤ S`, with a
+///   chunk of `S / 8` (at least 1 MiB, at most `max_chunk_bytes`) and 1 to
+///   `uploads_in_flight` uploads. What does not fit waits in the master's output buffer
+///   for the agent, or in the spool.
+/// - Spool (disk): `spool_limit` is divided between the shards.
+/// - Snapshots (a full sync, `--snapshot-every`) go through the repository's writer, whose
+///   buffers are set once for the repository ([`cluster_repo`]).
+///
+/// A shard added later (the cluster grew) gets the share of the count at its start; the
+/// others keep theirs until they restart.
+pub fn shard_stream_options(opts: &StreamOptions, shards: usize) -> StreamOptions {
+    let shards = shards.max(1);
+    let whole = opts
+        .max_chunk_bytes
+        .saturating_mul(opts.uploads_in_flight.saturating_add(1));
+    let share = whole / shards;
+    let mut o = opts.clone();
+    o.max_chunk_bytes =
+        (share / 8).clamp(MIN_SHARD_CHUNK, opts.max_chunk_bytes.max(MIN_SHARD_CHUNK));
+    o.uploads_in_flight = (share / o.max_chunk_bytes)
+        .saturating_sub(1)
+        .div_euclid(2)
+        .clamp(1, opts.uploads_in_flight.max(1));
+    o.spool_limit = opts.spool_limit / shards as u64;
+    o
+}
+
+/// The repository as a capture of every shard at once writes it, where each shard stores
+/// a snapshot at the same time (the full syncs, `--snapshot-every`): multipart parts of
+/// 5 MiB (S3's least), one part upload in flight per object, and frames of 256 KiB. An
+/// object being written holds its parts (`part_size × (upload_concurrency + 1)`) and a
+/// queue of `4 × workers` frames with their compressed copies: about 14 MiB per shard
+/// with 2 workers, where the defaults (8 MiB parts, 4 in flight, 1 MiB frames) hold about
+/// 56 MiB. Throughput stays: the shards' uploads run side by side. Readers take any frame
+/// size.
+pub fn cluster_repo(repo: &Repository) -> Repository {
+    repo.with_write_sizes(5 << 20, 1, 256 << 10)
+}
+
 /// Knobs of a whole-cluster stream.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -658,7 +724,7 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
                     continue;
                 }
             };
-            let mut stream_opts = opts.stream.clone();
+            let mut stream_opts = shard_stream_options(&opts.stream, lineages.len());
             stream_opts.cluster_shard_only = true;
             if let Some(dir) = &mut stream_opts.spool {
                 dir.push(key.as_str());
@@ -834,6 +900,34 @@ mod tests {
         assert!(got.contains(&(D.to_owned(), "s01".to_owned())), "{got:?}");
         assert!(!got.iter().any(|(m, _)| m == A), "{got:?}");
         assert_eq!(known.len(), 4);
+    }
+
+    #[test]
+    fn the_budget_is_shared_between_the_shards() {
+        const MIB: usize = 1 << 20;
+        let whole = budget_stream_options(StreamOptions::default(), 64 << 20);
+        assert_eq!(
+            (whole.max_chunk_bytes, whole.uploads_in_flight),
+            (16 * MIB, 3)
+        );
+        let held = |o: &StreamOptions| o.max_chunk_bytes * (o.uploads_in_flight + 1);
+        for shards in 1..=8 {
+            let o = shard_stream_options(&whole, shards);
+            assert!(held(&o) * shards <= 64 * MIB, "{shards}: {o:?}");
+            let honest = o.max_chunk_bytes * (1 + 2 * o.uploads_in_flight);
+            assert!(shards > 6 || honest * shards <= 64 * MIB, "{shards}: {o:?}");
+            assert!(o.uploads_in_flight >= 1 && o.max_chunk_bytes >= MIB);
+        }
+        let three = shard_stream_options(&whole, 3);
+        assert_eq!(three.uploads_in_flight, 3);
+        assert_eq!(three.max_chunk_bytes, 64 * MIB / 3 / 8);
+        // Counting a stored chunk twice (bytes and compressed frames), still in the share.
+        assert!(three.max_chunk_bytes * 7 <= 64 * MIB / 3);
+        assert_eq!(three.spool_limit, whole.spool_limit / 3);
+        // A tiny budget still stores: 1 MiB chunks, one upload in flight.
+        let tiny =
+            shard_stream_options(&budget_stream_options(StreamOptions::default(), 4 << 20), 3);
+        assert_eq!((tiny.max_chunk_bytes, tiny.uploads_in_flight), (MIB, 1));
     }
 
     #[test]

@@ -174,6 +174,24 @@ pub async fn restore(
     let (cut, cut_ms) = match to_time {
         None => (end_offset, latest_ms),
         Some(t) if t > covered_ms => {
+            // A later generation starts after T: the stream has a gap there (its master
+            // could not continue it: a failover to a replica that lacked part of what the
+            // agent had read, a restart without persistence). Writes of the old generation
+            // after its end may have been lost by the server, so it is not extended.
+            if let Some(next) = catalog
+                .generations
+                .iter()
+                .map(|g| &g.manifest)
+                .find(|m| m.generation > manifest.generation)
+            {
+                bail!(
+                    "{} falls in a gap of the backup: generation {id} ends at {} and the next, {}, begins at {} (its master could not continue the stream, e.g. after a failover to a replica that lacked part of it); restore to a moment at or before the first or at or after the second",
+                    fmt_ms(t),
+                    fmt_ms(latest_ms),
+                    next.generation,
+                    fmt_ms(next.snapshot_unix_ms)
+                );
+            }
             bail!(
                 "{} is past the end of the backup: the latest restorable time is {}",
                 fmt_ms(t),
