@@ -263,7 +263,7 @@ fn run_streams_every_shard_of_a_detected_cluster_with_shard_labelled_metrics() {
     assert!(log.contains("streaming shard s01 from its master"), "{log}");
     // `agent.memory_budget_mib` (64 MiB) split between the three shards.
     assert!(
-        log.contains("memory budget: the Redis share split between 3 shards"),
+        log.contains("memory budget split between 3 shards"),
         "{log}"
     );
     assert_eq!(restore_all(&repo, tmp.path(), flavor), expected);

@@ -729,7 +729,15 @@ pub async fn run(repo: &Repository, opts: &ClusterOptions, ctl: Control) -> Resu
             if let Some(dir) = &mut stream_opts.spool {
                 dir.push(key.as_str());
             }
-            tracing::info!(shard = %key, master = %source.endpoint(), slots = %shard.slots, "streaming shard {key} from its master");
+            tracing::info!(
+                shard = %key,
+                master = %source.endpoint(),
+                slots = %shard.slots,
+                chunk_bytes = stream_opts.max_chunk_bytes,
+                uploads_in_flight = stream_opts.uploads_in_flight,
+                "streaming shard {key} from its master (its share of the memory budget split between {} shards)",
+                lineages.len()
+            );
             running.insert(
                 key.clone(),
                 Running {
