@@ -316,14 +316,6 @@ fn resharding_1000_slots_restores_exactly_before_during_and_after() {
     }
 }
 
-fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
 /// The object files of `dir` (recursively) whose path contains `part`, sorted.
 fn files_with(dir: &Path, part: &str) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -342,9 +334,8 @@ fn files_with(dir: &Path, part: &str) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// A cluster restore (to `at`, else the latest moment) that must fail without leaving
-/// anything in `target`; returns its text.
-fn refused(repo: &str, target: &Path, at: Option<i64>) -> String {
+/// A cluster restore (to `at`, else the latest moment) without `--start`.
+fn restore_dirs(repo: &str, target: &Path, at: Option<i64>) -> std::process::Output {
     let at = at.map(|t| format!("@{t}"));
     let mut args = vec![
         "redis",
@@ -357,7 +348,13 @@ fn refused(repo: &str, target: &Path, at: Option<i64>) -> String {
     if let Some(at) = &at {
         args.extend(["--to-time", at.as_str()]);
     }
-    let out = run_agent(&args, &[]);
+    run_agent(&args, &[])
+}
+
+/// A cluster restore (to `at`, else the latest moment) that must fail without leaving
+/// anything in `target`; returns its text.
+fn refused(repo: &str, target: &Path, at: Option<i64>) -> String {
+    let out = restore_dirs(repo, target, at);
     let t = text(&out);
     assert!(!out.status.success(), "restore succeeded:\n{t}");
     let left: Vec<_> = std::fs::read_dir(target)
@@ -398,17 +395,7 @@ fn tampered_cluster_objects_are_refused_by_name_and_nothing_is_kept() {
     assert!(agent.terminate(), "{}", agent.log_text());
 
     // Intact, it restores (so each refusal below is the tampering's doing).
-    let out = run_agent(
-        &[
-            "redis",
-            "restore",
-            "--repo",
-            &repo,
-            "--target",
-            tmp.path().join("intact").to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = restore_dirs(&repo, &tmp.path().join("intact"), None);
     assert!(out.status.success(), "{}", text(&out));
 
     // 1. Shard s01's first chunk stored in s02's place.
@@ -438,7 +425,7 @@ fn tampered_cluster_objects_are_refused_by_name_and_nothing_is_kept() {
     let store = storage::Repository::open(&repo, storage::RepoOptions::default()).unwrap();
     let put = |ms: u64, text: String| {
         let key = storage::layout::redis_slot_map(ms);
-        block_on(store.put(
+        syncbridge_tests::pg::block_on(store.put(
             &key,
             storage::ContentKind::RedisManifest,
             bytes::Bytes::from(text),
@@ -447,7 +434,8 @@ fn tampered_cluster_objects_are_refused_by_name_and_nothing_is_kept() {
         .unwrap();
         key
     };
-    let remove = |key: &storage::layout::RepoKey| block_on(store.delete(key)).unwrap();
+    let remove =
+        |key: &storage::layout::RepoKey| syncbridge_tests::pg::block_on(store.delete(key)).unwrap();
     let later = u64::try_from(now_ms()).unwrap();
     let header = |ms: u64| format!("syncbridge-slot-map 1\neffective-unix-ms {ms}\n");
 
@@ -482,17 +470,7 @@ fn tampered_cluster_objects_are_refused_by_name_and_nothing_is_kept() {
     remove(&key);
 
     // Mended, it restores again.
-    let out = run_agent(
-        &[
-            "redis",
-            "restore",
-            "--repo",
-            &repo,
-            "--target",
-            tmp.path().join("mended").to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = restore_dirs(&repo, &tmp.path().join("mended"), None);
     assert!(out.status.success(), "{}", text(&out));
 }
 
