@@ -263,11 +263,7 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
             let (time, rss, cpu, name) = if tool == 0 {
                 // redis-cli --rdb, the peer tool (it fsyncs the file before it exits).
                 let rdb = tmp.join("cli.rdb");
-                let mut cli = Command::new("redis-cli");
-                cli.args(["-p", &server.port().to_string(), "--rdb"])
-                    .arg(&rdb);
-                let (time, rss, cpu, out) = run_measured(cli);
-                check(&out, "redis-cli --rdb");
+                let (time, rss, cpu) = redis_cli_rdb(server.port(), &rdb);
                 size = std::fs::metadata(&rdb).unwrap().len();
                 // The last round's RDB is uploaded once more by a plain client below.
                 if round + 1 < runs {
@@ -280,11 +276,7 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
                 // the agent.
                 let aws = aws.as_deref().unwrap();
                 let rdb = tmp.join("runbook.rdb");
-                let mut cli = Command::new("redis-cli");
-                cli.args(["-p", &server.port().to_string(), "--rdb"])
-                    .arg(&rdb);
-                let (dump_time, dump_rss, dump_cpu, out) = run_measured(cli);
-                check(&out, "redis-cli --rdb (runbook)");
+                let (dump_time, dump_rss, dump_cpu) = redis_cli_rdb(server.port(), &rdb);
                 let weed = || s3.pid().and_then(cpu_ticks).unwrap_or(0);
                 let weed_before = weed();
                 let mut cp = Command::new(aws);
@@ -507,6 +499,15 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
         }
         out.save_merged();
     }
+}
+
+/// `redis-cli --rdb FILE` (it fsyncs the file before it exits): wall time, peak RSS, CPU.
+fn redis_cli_rdb(port: u16, rdb: &std::path::Path) -> (Duration, u64, f64) {
+    let mut cli = Command::new("redis-cli");
+    cli.args(["-p", &port.to_string(), "--rdb"]).arg(rdb);
+    let (time, rss, cpu, out) = run_measured(cli);
+    check(&out, "redis-cli --rdb");
+    (time, rss, cpu)
 }
 
 /// The AWS CLI (`aws`) on PATH, if installed: the runbook's uploader.
