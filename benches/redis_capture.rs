@@ -29,10 +29,12 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use syncbridge_tests::measure::{
+    check_success, children_cpu_ticks, cpu_ticks, load_random_sets, median, mib, run_measured,
+    status_kib, Measured,
+};
 use syncbridge_tests::redis::{RedisFlavor, RedisServer};
 use syncbridge_tests::s3::S3Server;
 
@@ -40,112 +42,10 @@ fn agent_bin() -> PathBuf {
     syncbridge_tests::agent::binary()
 }
 
-/// Runs a command to completion, sampling the peak RSS (VmHWM, KiB) and the CPU time
-/// (user + system clock ticks, last sample before it exited) of the process.
-fn run_measured(mut cmd: Command) -> (Duration, u64, f64, std::process::Output) {
-    let start = Instant::now();
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let peak = Arc::new(AtomicU64::new(0));
-    let ticks = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (peak, ticks, done) = (peak.clone(), ticks.clone(), done.clone());
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                if let Some(kb) = vm_hwm_kib(pid) {
-                    peak.fetch_max(kb, Ordering::Relaxed);
-                }
-                if let Some(t) = cpu_ticks(pid) {
-                    ticks.fetch_max(t, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
-    let out = child.wait_with_output().unwrap();
-    let elapsed = start.elapsed();
-    done.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
-    // Clock ticks are 1/100 s on Linux (USER_HZ).
-    let cpu = ticks.load(Ordering::Relaxed) as f64 / 100.0;
-    (elapsed, peak.load(Ordering::Relaxed), cpu, out)
-}
-
-/// utime + stime of a process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-/// CPU of a process's waited-for children (cutime + cstime, `/proc/PID/stat` fields 16 and
-/// 17), in clock ticks: Redis's forked snapshot child once Redis has reaped it.
-fn children_cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?)
-}
-
-/// Loads `keys` keys of `len` random bytes each (xorshift64*, incompressible to zstd and
-/// LZF) with pipelined `SET`s over one connection.
+/// Loads `keys` keys of `len` random bytes each (incompressible to zstd and LZF).
 fn populate_random(port: u16, keys: u64, len: usize) {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let mut reader = conn.try_clone().unwrap();
-    let counter = std::thread::spawn(move || {
-        // Each reply is `+OK\r\n`.
-        let want = keys * 5;
-        let mut got = 0u64;
-        let mut buf = vec![0u8; 1 << 16];
-        while got < want {
-            let n = reader.read(&mut buf).unwrap();
-            assert!(n > 0, "Redis closed the connection while loading");
-            assert!(
-                !buf[..n].contains(&b'-'),
-                "Redis refused a SET: {}",
-                String::from_utf8_lossy(&buf[..n])
-            );
-            got += n as u64;
-        }
-    });
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut batch = Vec::with_capacity(1 << 20);
-    for i in 0..keys {
-        let key = format!("key:{i}");
-        batch.extend_from_slice(
-            format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${len}\r\n", key.len()).as_bytes(),
-        );
-        let mut left = len;
-        while left > 0 {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            let word = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-            let n = left.min(8);
-            batch.extend_from_slice(&word[..n]);
-            left -= n;
-        }
-        batch.extend_from_slice(b"\r\n");
-        if batch.len() >= 1 << 20 {
-            conn.write_all(&batch).unwrap();
-            batch.clear();
-        }
-    }
-    conn.write_all(&batch).unwrap();
-    counter.join().unwrap();
-}
-
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    let keys: Vec<u64> = (0..keys).collect();
+    load_random_sets(port, &keys, len, 0x9E37_79B9_7F4A_7C15);
 }
 
 /// Drops terminal colour sequences (`ESC [ ... m`) from a log.
@@ -164,19 +64,6 @@ fn strip_ansi(text: &str) -> String {
         }
     }
     out
-}
-
-fn check(out: &std::process::Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / 1048576.0
 }
 
 fn percentile(sorted: &[i64], p: f64) -> i64 {
@@ -287,8 +174,13 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
                         s3.bucket()
                     ))
                     .envs(s3.env());
-                let (cp_time, cp_rss, cp_cpu, out) = run_measured(cp);
-                check(&out, "aws s3 cp (runbook)");
+                let Measured {
+                    time: cp_time,
+                    peak_kib: cp_rss,
+                    cpu: cp_cpu,
+                    out,
+                } = run_measured(cp);
+                check_success(&out, "aws s3 cp (runbook)");
                 let weed_cpu = weed().saturating_sub(weed_before) as f64 / 100.0;
                 println!(
                     "round {round}: runbook: redis-cli --rdb {:.2}s, then aws s3 cp {:.2}s (CPU {cp_cpu:.1}s; SeaweedFS CPU {weed_cpu:.1}s)",
@@ -330,8 +222,13 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
                 // SeaweedFS runs on the same cores: its CPU for the upload is shown too.
                 let weed = || s3.pid().and_then(cpu_ticks).unwrap_or(0);
                 let weed_before = weed();
-                let (time, rss, cpu, out) = run_measured(cmd);
-                check(&out, name);
+                let Measured {
+                    time,
+                    peak_kib: rss,
+                    cpu,
+                    out,
+                } = run_measured(cmd);
+                check_success(&out, name);
                 if tool == 1 {
                     let weed_cpu = weed().saturating_sub(weed_before) as f64 / 100.0;
                     println!(
@@ -366,11 +263,6 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
             .collect::<Vec<_>>()
             .join(" / ")
     );
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let per_round = |agent: &[f64]| {
         times[0]
             .iter()
@@ -505,8 +397,13 @@ fn snapshot_bench_of(s3: &S3Server, tmp: &std::path::Path, values: &str) {
 fn redis_cli_rdb(port: u16, rdb: &std::path::Path) -> (Duration, u64, f64) {
     let mut cli = Command::new("redis-cli");
     cli.args(["-p", &port.to_string(), "--rdb"]).arg(rdb);
-    let (time, rss, cpu, out) = run_measured(cli);
-    check(&out, "redis-cli --rdb");
+    let Measured {
+        time,
+        peak_kib: rss,
+        cpu,
+        out,
+    } = run_measured(cli);
+    check_success(&out, "redis-cli --rdb");
     (time, rss, cpu)
 }
 
@@ -610,10 +507,10 @@ fn lag_bench(s3: &S3Server, tmp: &std::path::Path) {
         ])
         .output()
         .unwrap();
-    check(&out, "redis-benchmark");
+    check_success(&out, "redis-benchmark");
     let load = t.elapsed();
     std::thread::sleep(Duration::from_secs(3));
-    let rss = vm_hwm_kib(pid).unwrap_or(0);
+    let rss = status_kib(pid, "VmHWM:").unwrap_or(0);
     let master_offset: u64 = server.info("replication")["master_repl_offset"]
         .parse()
         .unwrap();

@@ -23,14 +23,14 @@
 //! redis_cluster_capture`.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use syncbridge_tests::bench_results::{BenchResults, Cell};
+use syncbridge_tests::measure::{
+    check_success, cpu_ticks, load_average, load_random_sets, median, mib, run_measured, status_kib,
+};
 use syncbridge_tests::redis::RedisFlavor;
 use syncbridge_tests::redis_cluster::RedisCluster;
 use wire::redis::cluster::key_hash_slot;
@@ -40,94 +40,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A `/proc/PID/status` field in KiB.
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// utime + stime of a process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-struct Measured {
-    time: Duration,
-    peak_kib: u64,
-    cpu: f64,
-    out: std::process::Output,
-}
-
-/// Runs a command to completion, sampling its peak RSS (VmHWM) and CPU time.
-fn run_measured(mut cmd: Command) -> Measured {
-    let start = Instant::now();
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let peak = Arc::new(AtomicU64::new(0));
-    let ticks = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (peak, ticks, done) = (peak.clone(), ticks.clone(), done.clone());
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                if let Some(kb) = status_kib(pid, "VmHWM:") {
-                    peak.fetch_max(kb, Ordering::Relaxed);
-                }
-                if let Some(t) = cpu_ticks(pid) {
-                    ticks.fetch_max(t, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
-    let out = child.wait_with_output().unwrap();
-    let time = start.elapsed();
-    done.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
-    Measured {
-        time,
-        peak_kib: peak.load(Ordering::Relaxed),
-        // Clock ticks are 1/100 s on Linux (USER_HZ).
-        cpu: ticks.load(Ordering::Relaxed) as f64 / 100.0,
-        out,
-    }
-}
-
-fn check(out: &std::process::Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / 1048576.0
 }
 
 /// Loads `keys` keys of `len` random bytes (xorshift64*, incompressible) into the cluster:
@@ -147,63 +59,19 @@ fn populate(c: &RedisCluster, keys: u64, len: usize) {
             let port = ports[me];
             let owner_index = owner_index.clone();
             std::thread::spawn(move || {
-                let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-                let mut reader = conn.try_clone().unwrap();
                 let mine: Vec<u64> = (0..keys)
                     .filter(|i| {
                         let key = format!("key:{i}");
                         owner_index[usize::from(key_hash_slot(key.as_bytes()))] == me
                     })
                     .collect();
-                let want = mine.len() as u64 * 5;
-                let counter = std::thread::spawn(move || {
-                    let mut got = 0u64;
-                    let mut buf = vec![0u8; 1 << 16];
-                    while got < want {
-                        let n = reader.read(&mut buf).unwrap();
-                        assert!(n > 0, "the server closed the connection while loading");
-                        assert!(!buf[..n].contains(&b'-'), "a SET was refused");
-                        got += n as u64;
-                    }
-                });
-                let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (me as u64 + 1);
-                let mut batch = Vec::with_capacity(1 << 20);
-                for i in mine {
-                    let key = format!("key:{i}");
-                    batch.extend_from_slice(
-                        format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${len}\r\n", key.len())
-                            .as_bytes(),
-                    );
-                    let mut left = len;
-                    while left > 0 {
-                        state ^= state >> 12;
-                        state ^= state << 25;
-                        state ^= state >> 27;
-                        let word = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-                        let n = left.min(8);
-                        batch.extend_from_slice(&word[..n]);
-                        left -= n;
-                    }
-                    batch.extend_from_slice(b"\r\n");
-                    if batch.len() >= 1 << 20 {
-                        conn.write_all(&batch).unwrap();
-                        batch.clear();
-                    }
-                }
-                conn.write_all(&batch).unwrap();
-                counter.join().unwrap();
+                load_random_sets(port, &mine, len, 0x9E37_79B9_7F4A_7C15u64 ^ (me as u64 + 1));
             })
         })
         .collect();
     for t in threads {
         t.join().unwrap();
     }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// `redis-cli --rdb` against each master in turn: total time, CPU, RDB bytes, peak RSS.
@@ -215,7 +83,7 @@ fn cli_round(c: &RedisCluster, dir: &Path) -> (f64, f64, u64, u64) {
         cli.args(["-p", &c.node(m).port().to_string(), "--rdb"])
             .arg(&rdb);
         let r = run_measured(cli);
-        check(&r.out, "redis-cli --rdb");
+        check_success(&r.out, "redis-cli --rdb");
         secs += r.time.as_secs_f64();
         cpu += r.cpu;
         peak = peak.max(r.peak_kib);
@@ -239,7 +107,7 @@ fn agent_round(c: &RedisCluster, dir: &Path) -> (f64, f64, u64) {
     ])
     .env("SYNCBRIDGE_LOG", "warn");
     let r = run_measured(cmd);
-    check(&r.out, "redis snapshot (cluster)");
+    check_success(&r.out, "redis snapshot (cluster)");
     let stdout = String::from_utf8_lossy(&r.out.stdout);
     assert!(stdout.contains("cluster:      3 shards"), "{stdout}");
     let _ = std::fs::remove_dir_all(&repo);

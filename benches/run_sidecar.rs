@@ -14,22 +14,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use syncbridge_tests::bench_results::{BenchResults, Cell, Chart, Series};
+use syncbridge_tests::measure::status_kib;
 use syncbridge_tests::pg::{PgCluster, PgVersion, REPLICATION_PASSWORD, REPLICATION_USER};
 use syncbridge_tests::process::free_port;
 use syncbridge_tests::prometheus::http_get;
 use syncbridge_tests::redis::{RedisFlavor, RedisServer};
-
-/// A `/proc/PID/status` field in KiB.
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
 
 fn main() {
     let secs: u64 = std::env::var("SB_BENCH_SIDECAR_SECS")

@@ -41,6 +41,7 @@
 pub mod agent;
 pub mod bench_report;
 pub mod bench_results;
+pub mod measure;
 pub mod paths;
 pub mod pg;
 pub mod process;
