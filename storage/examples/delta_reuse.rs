@@ -5,7 +5,7 @@
 //! `threshold` original bytes (the rest encoded again, as `postgres stream` does). Prints
 //! the complete segment's stored bytes and frame count per delta size and threshold,
 //! against the segment written from scratch ("none"), for zstd level 1 and LZ4, and the
-//! process CPU time of writing the complete segments.
+//! process CPU seconds of writing one complete segment (mean of 5; 10 ms ticks).
 //!
 //! Run: `cargo run --release -p storage --example delta_reuse -- SEGMENT...` (segments of
 //! a `pg_wal` directory). Not part of the test suite; the figures are in
@@ -18,7 +18,12 @@ use storage::{ContentKind, EncodedRecord, PutMode, RepoKey, RepoOptions, Reposit
 /// utime + stime of this process, seconds (the frame workers are other threads).
 fn cpu() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let f: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
 }
 
@@ -78,7 +83,9 @@ async fn complete(
             if off > at {
                 w.write(seg.slice(at..off)).await.unwrap();
             }
-            w.append_encoded(r, vec![seg.slice(off..end)]).await.unwrap();
+            w.append_encoded(r, vec![seg.slice(off..end)])
+                .await
+                .unwrap();
             at = end;
         }
     }
@@ -91,10 +98,23 @@ async fn complete(
 async fn main() {
     let files: Vec<String> = std::env::args().skip(1).collect();
     assert!(!files.is_empty(), "give WAL segments");
-    // Delta sizes: one commit (--synchronous trickle), half a second of a 20 commit/s
-    // trickle, and half a second (--max-lag 1s) at 1, 4 and 12 MiB/s.
-    let sizes = [300usize, 3_000, 512 << 10, 2 << 20, 6 << 20];
-    let thresholds = [Some(0u64), Some(16 << 10), Some(64 << 10), Some(256 << 10), None];
+    // Delta sizes (a half second of WAL at the default --max-lag 1s): `SIZES` or a
+    // range from one commit (--synchronous trickle) to 12 MiB/s, off frame boundaries.
+    let sizes: Vec<usize> = std::env::var("SIZES")
+        .map(|s| s.split(',').map(|v| v.parse().unwrap()).collect())
+        .unwrap_or_else(|_| {
+            vec![
+                300, 3_000, 20_000, 50_000, 100_003, 300_007, 700_001, 6_300_001,
+            ]
+        });
+    let thresholds = [
+        Some(0u64),
+        Some(16 << 10),
+        Some(64 << 10),
+        Some(256 << 10),
+        None,
+    ];
+    const ROUNDS: u32 = 5;
     for (codec, lz4) in [("zstd 1", false), ("lz4", true)] {
         let repo = Repository::open(
             "memory:///",
@@ -108,14 +128,21 @@ async fn main() {
         .unwrap();
         for f in &files {
             let seg = Bytes::from(std::fs::read(f).unwrap());
-            let name = std::path::Path::new(f).file_name().unwrap().to_string_lossy();
-            for delta in sizes {
+            let name = std::path::Path::new(f)
+                .file_name()
+                .unwrap()
+                .to_string_lossy();
+            for &delta in &sizes {
                 let records = deltas(&repo, &seg, delta).await;
                 let mut line = format!("{codec} {name} deltas of {delta:>8} B:");
                 for t in thresholds {
                     let c = cpu();
-                    let (stored, frames) = complete(&repo, &seg, &records, t).await;
-                    let secs = cpu() - c;
+                    let mut result = (0, 0);
+                    for _ in 0..ROUNDS {
+                        result = complete(&repo, &seg, &records, t).await;
+                    }
+                    let (stored, frames) = result;
+                    let secs = (cpu() - c) / f64::from(ROUNDS);
                     let t = t.map_or("none".to_string(), |t| format!("{}K", t >> 10));
                     line += &format!(" | >={t}: {stored} B {frames} fr {secs:.2}s");
                 }

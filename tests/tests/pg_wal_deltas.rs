@@ -554,7 +554,7 @@ fn pg15_a_segment_shipped_as_deltas_is_stored_from_their_frames() {
         let url = format!("file://{}", dir.path().join("repo").display());
         let log = dir.path().join("stream.log");
         let args = ["--max-lag", "400ms", "--compression", compression];
-        let mut agent = stream(&pg, &url, "sb_paced", &args, &log);
+        let mut streamer = stream(&pg, &url, "sb_paced", &args, &log);
         pg.sql_blocking("INSERT INTO paced VALUES (0, 'start')");
         pg.query_one_blocking("SELECT pg_switch_wal()");
         pg.sql_blocking("INSERT INTO paced VALUES (0, 'start')");
@@ -581,9 +581,9 @@ fn pg15_a_segment_shipped_as_deltas_is_stored_from_their_frames() {
                 .contains(&seg)
                 && deltas_of(&url, &seg).is_empty()),
             "{seg} never completed or its deltas stayed:\n{}",
-            agent.log_text()
+            streamer.log_text()
         );
-        assert!(agent.terminate().success(), "{}", agent.log_text());
+        assert!(streamer.terminate().success(), "{}", streamer.log_text());
         let frames = segment_frames(&url, &seg);
         eprintln!(
             "{compression}: {batch} batches, {deltas}+ deltas, the segment has {frames} frames"
