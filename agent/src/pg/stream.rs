@@ -142,12 +142,15 @@ impl StallClock {
 /// Bytes of a segment buffer: a whole 16 MiB segment in one (larger segments take several).
 const SEGMENT_BUFFER: usize = 16 << 20;
 
-/// Smallest delta frame the complete segment reuses (original bytes). Smaller frames (the
-/// tail of each delta; every delta in synchronous mode, one per commit) are encoded again
-/// into ordinary frames: a segment made of many small frames would compress worse and
-/// carry a 20-byte header per frame. Measured in benches/README.md (pg_wal_stream, "WAL
-/// encoded once").
-const MIN_REUSED_FRAME: u64 = 64 << 10;
+/// Smallest delta frame the complete segment reuses (original bytes). The bytes of smaller
+/// frames (tiny deltas: one per commit in synchronous mode, a few KiB per half second on a
+/// quiet database) are encoded again into ordinary frames: a segment made of many small
+/// frames compresses worse (deltas of 20 KB reused: 4-18% more stored; storage example
+/// `delta_reuse`, figures in benches/README.md "WAL encoded once"). From 256 KiB on, a
+/// segment stored from its deltas' frames is within 0.7% of one written from scratch
+/// (64 KiB allowed +2.3% at 100 KB deltas); below it, WAL arrives at under 512 KiB/s,
+/// where encoding it twice costs next to nothing.
+const MIN_REUSED_FRAME: u64 = 256 << 10;
 
 /// Segment buffers kept for reuse: the open segment, `--max-inflight` uploads and one
 /// being let go of. A reused buffer's pages are already mapped; a fresh one costs a page
