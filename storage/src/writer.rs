@@ -32,7 +32,8 @@ use crate::error::{Result, StorageError};
 use crate::format::{
     bound_digest, Binding, Codec, ContentHash, ContentHasher, ContentKind, Header, Trailer,
 };
-use crate::frame::{encode_frame, Compress, EncodedFrame, HashChain};
+use crate::format::{FrameHeader, FRAME_AGE, FRAME_HEADER_LEN, FRAME_LZ4, FRAME_TAG, FRAME_ZSTD};
+use crate::frame::{encode_frame, Compress, HashChain};
 use crate::layout::RepoKey;
 use crate::repo::{ObjectInfo, RepoInner};
 use crate::PutMode;
@@ -152,24 +153,199 @@ impl std::fmt::Debug for EncodedPrefix {
     }
 }
 
-type FrameResult = std::result::Result<EncodedFrame, String>;
+/// How a writer encodes frames: a record from one writer may go into another's object
+/// only when these are equal (the reader checks flags against the header, and the
+/// recipients decide who can decrypt).
+#[derive(Debug, PartialEq, Eq)]
+struct EncodeSettings {
+    frame_size: usize,
+    level: Option<Compress>,
+    recipients: Vec<[u8; 32]>,
+    version: u16,
+}
+
+/// One encoded frame record of an object, with the original bytes it was made from.
+///
+/// Why: a WAL segment in progress is stored as delta objects and then written whole; the
+/// whole segment can start with (or contain) the deltas' records instead of compressing
+/// those bytes again ([`ObjectWriter::append_encoded`]), so each byte is compressed once.
+/// The original bytes are kept (zero-copy slices of what was written, so usually of a
+/// buffer the caller holds anyway) so that reuse can check it is given the same bytes.
+#[derive(Clone)]
+pub struct EncodedRecord {
+    record: Bytes,
+    plain: Vec<Bytes>,
+    original_len: u64,
+    settings: Arc<EncodeSettings>,
+}
+
+impl EncodedRecord {
+    /// Original bytes the record decodes to.
+    pub fn original_len(&self) -> u64 {
+        self.original_len
+    }
+
+    /// Stored bytes of the record (frame header and payload).
+    pub fn stored_len(&self) -> u64 {
+        self.record.len() as u64
+    }
+}
+
+impl std::fmt::Debug for EncodedRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncodedRecord")
+            .field("original_len", &self.original_len)
+            .field("stored_len", &self.record.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether the byte sequences `a` and `b` (cut into pieces anywhere) are equal. Pieces
+/// that are the same memory compare in O(1) (a record's bytes are normally slices of the
+/// very buffer the caller passes again), others byte by byte.
+fn same_bytes(a: &[Bytes], b: &[Bytes]) -> bool {
+    let total = |v: &[Bytes]| v.iter().map(Bytes::len).sum::<usize>();
+    if total(a) != total(b) {
+        return false;
+    }
+    let (mut ia, mut ib) = (
+        a.iter().filter(|p| !p.is_empty()),
+        b.iter().filter(|p| !p.is_empty()),
+    );
+    let (mut pa, mut pb): (&[u8], &[u8]) = (&[], &[]);
+    loop {
+        if pa.is_empty() {
+            match ia.next() {
+                Some(p) => pa = p,
+                None => return pb.is_empty() && ib.next().is_none(),
+            }
+        }
+        if pb.is_empty() {
+            match ib.next() {
+                Some(p) => pb = p,
+                None => return false,
+            }
+        }
+        let n = pa.len().min(pb.len());
+        if pa.as_ptr() != pb.as_ptr() && pa[..n] != pb[..n] {
+            return false;
+        }
+        pa = &pa[n..];
+        pb = &pb[n..];
+    }
+}
+
+/// The checks on a reused record, before it is appended: it is one well-formed frame
+/// record (header CRC, flags, payload CRC) that decodes to `original_len` bytes, with the
+/// codec and encryption of `settings`. Returns the reason it is refused.
+fn check_record(
+    record: &[u8],
+    original_len: u64,
+    settings: &EncodeSettings,
+) -> std::result::Result<(), String> {
+    if record.len() < FRAME_HEADER_LEN || record[0] != FRAME_TAG {
+        return Err("it is not a frame record".into());
+    }
+    let fh = FrameHeader::parse(
+        "",
+        &record[..FRAME_HEADER_LEN],
+        0,
+        settings.frame_size as u32,
+    )
+    .map_err(|e| match e {
+        StorageError::Corrupt {
+            check,
+            expected,
+            actual,
+            ..
+        } => format!("{check}: expected {expected}, found {actual}"),
+        other => other.to_string(),
+    })?;
+    if FRAME_HEADER_LEN + fh.stored_len as usize != record.len() {
+        return Err(format!(
+            "its header says {} stored bytes, it has {}",
+            fh.stored_len,
+            record.len() - FRAME_HEADER_LEN
+        ));
+    }
+    let crc = crc32c::crc32c(&record[FRAME_HEADER_LEN..]);
+    if crc != fh.payload_crc {
+        return Err(format!(
+            "payload crc32c {crc:08x}, its header says {:08x}",
+            fh.payload_crc
+        ));
+    }
+    if u64::from(fh.original_len) != original_len {
+        return Err(format!(
+            "it decodes to {} bytes, {original_len} were given with it",
+            fh.original_len
+        ));
+    }
+    let codec_ok = match settings.level {
+        None => fh.flags & (FRAME_ZSTD | FRAME_LZ4) == 0,
+        Some(Compress::Zstd(_)) => fh.flags & FRAME_LZ4 == 0,
+        Some(Compress::Lz4) => fh.flags & FRAME_ZSTD == 0 && settings.version >= 3,
+    };
+    let encrypted = !settings.recipients.is_empty();
+    if !codec_ok || (fh.flags & FRAME_AGE != 0) != encrypted {
+        return Err(format!(
+            "frame flags {:02x} do not match the object's codec {:?} and encryption {encrypted}",
+            fh.flags, settings.level
+        ));
+    }
+    Ok(())
+}
+
+/// What a frame worker does with a queued frame.
+enum FrameWork {
+    /// Hash and encode these original bytes.
+    Encode(Vec<Bytes>),
+    /// Only hash these original bytes: `record` (checked already) is their frame record.
+    Reuse { plain: Vec<Bytes>, record: Bytes },
+}
+
+/// A frame's stored record, and its original bytes when the writer keeps records.
+struct FrameDone {
+    record: Bytes,
+    plain: Option<Vec<Bytes>>,
+}
+
+type FrameResult = std::result::Result<FrameDone, String>;
 
 struct QueuedFrame {
     index: u64,
-    frame: Vec<Bytes>,
+    work: FrameWork,
+    /// Hand the original bytes back with the record (`ObjectWriter::keep_records`).
+    keep_plain: bool,
     result: oneshot::Sender<FrameResult>,
 }
 
 /// The queue an object's frames wait in, and what a worker loop does with each: hash it
-/// in order (`HashChain`), then compress / encrypt / checksum it.
+/// in order (`HashChain`), then compress / encrypt / checksum it (a reused record is only
+/// hashed).
 fn frame_queue(repo: &Arc<RepoInner>) -> Arc<WorkQueue<(Arc<HashChain>, QueuedFrame)>> {
     let level = repo.opts.compress();
     let keys = repo.keys.clone();
     WorkQueue::new(move |(chain, job): (Arc<HashChain>, QueuedFrame)| {
-        let result = if chain.update_pieces(job.index, &job.frame) {
-            encode_frame(&job.frame, level, &keys.recipients)
-        } else {
+        let plain = match &job.work {
+            FrameWork::Encode(p) | FrameWork::Reuse { plain: p, .. } => p,
+        };
+        let result = if !chain.update_pieces(job.index, plain) {
             Err("write abandoned".to_string())
+        } else {
+            let keep = job.keep_plain;
+            match job.work {
+                FrameWork::Encode(plain) => {
+                    encode_frame(&plain, level, &keys.recipients).map(|enc| FrameDone {
+                        record: enc.record,
+                        plain: keep.then_some(plain),
+                    })
+                }
+                FrameWork::Reuse { plain, record } => Ok(FrameDone {
+                    record,
+                    plain: keep.then_some(plain),
+                }),
+            }
         };
         let _ = job.result.send(result);
     })
@@ -213,6 +389,11 @@ pub struct ObjectWriter {
     parts_sent: u32,
     /// Records of every frame so far, when the caller wants an `EncodedPrefix` back.
     kept: Option<Vec<Bytes>>,
+    /// Every frame so far with its original bytes, when the caller wants them back
+    /// (`keep_records`).
+    records: Option<Vec<EncodedRecord>>,
+    /// How this writer encodes frames (what a reused record must match).
+    settings: Arc<EncodeSettings>,
     /// The key and repository the object is bound to (header and trailer digest).
     binding: Binding,
     state: State,
@@ -271,6 +452,13 @@ impl ObjectWriter {
             uploads: FuturesUnordered::new(),
             parts_sent: 0,
             kept: None,
+            records: None,
+            settings: Arc::new(EncodeSettings {
+                frame_size: repo_for_queue.opts.frame_size,
+                level: repo_for_queue.opts.compress(),
+                recipients: repo_for_queue.keys.recipient_fingerprints(),
+                version,
+            }),
             binding,
             state: State::Open,
         })
@@ -289,8 +477,14 @@ impl ObjectWriter {
             key: self.key.to_string(),
             reason,
         };
-        if self.frames != 0 || self.original_len != 0 || self.kept.is_some() {
-            return Err(err("reuse_prefix must come before the first write".into()));
+        if self.frames != 0
+            || self.original_len != 0
+            || self.kept.is_some()
+            || self.records.is_some()
+        {
+            return Err(err(
+                "reuse_prefix must come before the first write, without keep_records".into(),
+            ));
         }
         let Some(p) = prefix else {
             let hasher = ContentHash::of_version(self.version).hasher();
@@ -368,6 +562,114 @@ impl ObjectWriter {
                 recipients: self.repo.keys.recipient_fingerprints(),
             },
         ))
+    }
+
+    /// Keeps every frame record this writer stores, with the original bytes it was made
+    /// from, for [`finish_with_records`](Self::finish_with_records). Call before the first
+    /// write. The original bytes stay referenced until the records are dropped (zero-copy
+    /// slices of what was written; writes under 16 KiB are copies).
+    pub fn keep_records(&mut self) -> Result<()> {
+        self.check_open()?;
+        if self.frames != 0 || self.original_len != 0 || self.kept.is_some() {
+            return Err(StorageError::Encode {
+                key: self.key.to_string(),
+                reason: "keep_records must come before the first write, without reuse_prefix"
+                    .into(),
+            });
+        }
+        self.records = Some(Vec::new());
+        Ok(())
+    }
+
+    /// [`finish`](Self::finish), and every frame record of the object in order (needs
+    /// [`keep_records`](Self::keep_records)), for [`append_encoded`](Self::append_encoded)
+    /// into a later object holding the same bytes.
+    pub async fn finish_with_records(mut self) -> Result<(ObjectInfo, Vec<EncodedRecord>)> {
+        self.check_open()?;
+        if self.records.is_none() {
+            return Err(StorageError::Encode {
+                key: self.key.to_string(),
+                reason: "finish_with_records needs keep_records before the first write".into(),
+            });
+        }
+        match self.finish_inner().await {
+            Ok(info) => {
+                self.state = State::Done;
+                Ok((info, self.records.take().unwrap_or_default()))
+            }
+            Err(e) => {
+                self.fail(&e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends `record` (from another object's [`finish_with_records`]) as this object's
+    /// next frame instead of encoding `plain` again: `plain` must be the bytes the record
+    /// was made from. Bytes written before and not yet in a frame become a frame of their
+    /// own first, shorter than the frame size (FORMAT.md allows frames of any length up
+    /// to it); a record holds what it holds, so an object made this way may have several
+    /// short frames.
+    ///
+    /// Only the content hash is computed again (in frame order, by the frame workers). The
+    /// record is refused, naming this object, unless it was encoded with this writer's
+    /// frame size, codec and recipients, `plain` equals its original bytes, and it is one
+    /// intact frame record of that length (header and payload CRC32C, flags).
+    ///
+    /// [`finish_with_records`]: Self::finish_with_records
+    pub async fn append_encoded(
+        &mut self,
+        record: &EncodedRecord,
+        plain: Vec<Bytes>,
+    ) -> Result<()> {
+        self.check_open()?;
+        let refuse = |reason: String| StorageError::Encode {
+            key: self.key.to_string(),
+            reason: format!("reused frame record refused: {reason}"),
+        };
+        let checked = if self.kept.is_some() {
+            Err(refuse("the writer reuses a prefix of whole frames".into()))
+        } else if *record.settings != *self.settings {
+            Err(refuse(format!(
+                "it was encoded with other settings ({:?}, this object {:?})",
+                record.settings, self.settings
+            )))
+        } else if !same_bytes(&record.plain, &plain) {
+            let len: usize = plain.iter().map(Bytes::len).sum();
+            Err(refuse(format!(
+                "the {len} bytes given are not the {} bytes it was made from",
+                record.original_len
+            )))
+        } else {
+            check_record(&record.record, record.original_len, &self.settings).map_err(refuse)
+        };
+        let result = match checked {
+            Ok(()) => self.append_inner(record, plain).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            self.fail(e).await;
+        }
+        result
+    }
+
+    async fn append_inner(&mut self, record: &EncodedRecord, plain: Vec<Bytes>) -> Result<()> {
+        let len = record.original_len;
+        if let Some(exp) = self.expected_len {
+            if self.original_len + len > exp {
+                return Err(StorageError::Encode {
+                    key: self.key.to_string(),
+                    reason: format!("more bytes written than the declared length {exp}"),
+                });
+            }
+        }
+        self.submit_pending().await?;
+        self.original_len += len;
+        self.submit(FrameWork::Reuse {
+            plain,
+            record: record.record.clone(),
+        })
+        .await
     }
 
     /// The key being written.
@@ -456,13 +758,13 @@ impl ObjectWriter {
         if pieces.is_empty() {
             return Ok(());
         }
-        self.submit(pieces).await
+        self.submit(FrameWork::Encode(pieces)).await
     }
 
     /// Queues a frame. Worker loops on the blocking pool take frames in order and keep
     /// going while there are frames, so consecutive frames need no hand-off through this
     /// task; a loop holds one of the repository's CPU permits while it runs.
-    async fn submit(&mut self, frame: Vec<Bytes>) -> Result<()> {
+    async fn submit(&mut self, work: FrameWork) -> Result<()> {
         // Four frames per worker in flight: with only two, a worker that finished its
         // frames idles until this task gets a time slice to queue the next one, which on a
         // busy 2-core machine cost a single worker 20-25% of its throughput.
@@ -475,7 +777,8 @@ impl ObjectWriter {
         self.jobs.push_back(rx);
         let job = QueuedFrame {
             index,
-            frame,
+            work,
+            keep_plain: self.records.is_some(),
             result: tx,
         };
         self.queue
@@ -495,7 +798,7 @@ impl ObjectWriter {
         let Some(job) = self.jobs.pop_front() else {
             return Ok(());
         };
-        let enc = job
+        let done = job
             .await
             .map_err(|_| "frame worker ended without a result".to_string())
             .and_then(|r| r)
@@ -503,12 +806,21 @@ impl ObjectWriter {
                 key: self.key.to_string(),
                 reason,
             })?;
-        self.stored_crc = crc32c::crc32c_append(self.stored_crc, &enc.record);
-        self.stored_len += enc.record.len() as u64;
+        self.stored_crc = crc32c::crc32c_append(self.stored_crc, &done.record);
+        self.stored_len += done.record.len() as u64;
         if let Some(kept) = self.kept.as_mut() {
-            kept.push(enc.record.clone());
+            kept.push(done.record.clone());
         }
-        self.append_stored(enc.record).await
+        if let Some(records) = self.records.as_mut() {
+            let plain = done.plain.unwrap_or_default();
+            records.push(EncodedRecord {
+                record: done.record.clone(),
+                original_len: plain.iter().map(|p| p.len() as u64).sum(),
+                plain,
+                settings: self.settings.clone(),
+            });
+        }
+        self.append_stored(done.record).await
     }
 
     async fn append_stored(&mut self, bytes: Bytes) -> Result<()> {
@@ -752,6 +1064,60 @@ mod tests {
         // Memory stays modest for ordinary sizes: 100 GiB never needs parts above 64 MiB.
         let (_, size) = parts_for(100 << 30, 8 << 20);
         assert!(size <= 64 << 20, "{size}");
+    }
+
+    fn settings(level: Option<Compress>, encrypted: bool) -> EncodeSettings {
+        EncodeSettings {
+            frame_size: 1 << 20,
+            level,
+            recipients: if encrypted { vec![[7; 32]] } else { vec![] },
+            version: 3,
+        }
+    }
+
+    #[test]
+    fn reused_records_are_checked_before_they_are_appended() {
+        let text: Vec<u8> = (0..100_000u32).map(|i| (i % 13) as u8).collect();
+        let zstd = Some(Compress::Zstd(1));
+        let record = encode_frame(&[Bytes::from(text.clone())], zstd, &[])
+            .unwrap()
+            .record;
+        let ok = settings(zstd, false);
+        check_record(&record, 100_000, &ok).unwrap();
+        let refused = |r: &[u8], len: u64, s: &EncodeSettings| check_record(r, len, s).unwrap_err();
+        assert!(refused(&record, 99_999, &ok).contains("decodes to 100000 bytes"));
+        // A damaged payload, a damaged header, a cut record.
+        let mut bad = record.to_vec();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(refused(&bad, 100_000, &ok).contains("payload crc32c"));
+        let mut bad = record.to_vec();
+        bad[9] ^= 1;
+        assert!(refused(&bad, 100_000, &ok).contains("frame header crc32c"));
+        assert!(refused(&record[..record.len() - 1], 100_000, &ok).contains("stored bytes"));
+        assert!(refused(&record[..10], 100_000, &ok).contains("not a frame record"));
+        // Flags the object's codec and encryption would not have.
+        assert!(refused(&record, 100_000, &settings(None, false)).contains("flags"));
+        assert!(refused(&record, 100_000, &settings(Some(Compress::Lz4), false)).contains("flags"));
+        assert!(refused(&record, 100_000, &settings(zstd, true)).contains("flags"));
+    }
+
+    #[test]
+    fn same_bytes_compares_content_whatever_the_cut() {
+        let all = Bytes::from((0..1000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        let copy = Bytes::from(all.to_vec());
+        assert!(same_bytes(
+            &[all.clone()],
+            &[copy.slice(..300), copy.slice(300..)]
+        ));
+        assert!(same_bytes(
+            &[all.slice(..10), Bytes::new(), all.slice(10..)],
+            &[all.slice(..500), all.slice(500..)]
+        ));
+        let mut other = all.to_vec();
+        other[999] ^= 1;
+        assert!(!same_bytes(&[all.clone()], &[Bytes::from(other)]));
+        assert!(!same_bytes(&[all.clone()], &[all.slice(..999)]));
+        assert!(!same_bytes(&[all.slice(1..)], &[all.slice(..999)]));
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! * kill -9 during a synchronous trickle loses no acknowledged commit: `restore` of the
 //!   latest point has every one, through a segment that exists only as deltas;
 //! * wal-fetch of that segment gives the bytes of `pg_wal`, a missing middle delta is exit
-//!   200 naming it, and once the segment completes it is byte-identical and its deltas are gone.
+//!   200 naming it, and once the segment completes it is byte-identical and its deltas are gone;
+//! * at a moderate WAL rate the complete segment is written from its deltas' frames (zstd and
+//!   LZ4), and reads back as `pg_wal`'s bytes through the library, wal-fetch and `repo check`.
 #![allow(clippy::unwrap_used)]
 
 mod pg_pitr_support;
@@ -530,6 +532,86 @@ fn pg15_kill9_during_a_synchronous_trickle_keeps_every_acknowledged_commit() {
         "{leftover} was not removed:\n{}",
         agent.log_text()
     );
+}
+
+/// The number of frames of the complete segment `seg` (from its trailer).
+fn segment_frames(url: &str, seg: &str) -> u64 {
+    let repo = Repository::open(url, RepoOptions::default()).unwrap();
+    let key = layout::wal_segment(&layout::WalSegmentName::parse(seg).unwrap());
+    block_on(repo.info(&key)).unwrap().frames
+}
+
+#[test]
+fn pg15_a_segment_shipped_as_deltas_is_stored_from_their_frames() {
+    // WAL at a moderate rate (a few MiB/s): the segment goes out as deltas of about a MiB,
+    // then whole. Its stored object reuses the deltas' frames (each delta ends in a short
+    // frame, so the segment has more than 16 frames of 1 MiB) and reads back as pg_wal's
+    // bytes through every reader: the library, wal-fetch and repo check.
+    for compression in ["zstd", "lz4"] {
+        let pg = PgCluster::builder(VERSION).wal_keep_size_mb(256).start();
+        pg.sql_blocking("CREATE TABLE paced(id int, note text)");
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().join("repo").display());
+        let log = dir.path().join("stream.log");
+        let args = ["--max-lag", "400ms", "--compression", compression];
+        let mut streamer = stream(&pg, &url, "sb_paced", &args, &log);
+        pg.sql_blocking("INSERT INTO paced VALUES (0, 'start')");
+        pg.query_one_blocking("SELECT pg_switch_wal()");
+        pg.sql_blocking("INSERT INTO paced VALUES (0, 'start')");
+        let seg = pg.query_one_blocking("SELECT pg_walfile_name(pg_current_wal_lsn())");
+        let offset =
+            || parse_lsn(&pg.query_one_blocking("SELECT pg_current_wal_lsn()::text")) % SEG;
+        let mut batch = 0;
+        while offset() < 10 << 20 {
+            batch += 1;
+            pg.sql_blocking(&format!(
+                "INSERT INTO paced SELECT g, md5(g::text) || repeat('w', 60) \
+                 FROM generate_series({}, {}) g",
+                batch * 10_000,
+                batch * 10_000 + 7_000
+            ));
+            std::thread::sleep(Duration::from_millis(350));
+        }
+        let deltas = deltas_of(&url, &seg).len();
+        let done = pg.query_one_blocking("SELECT pg_walfile_name(pg_switch_wal())");
+        assert_eq!(done, seg, "the load left its segment");
+        assert!(
+            wait_until(Duration::from_secs(60), || repo::listing(&url)
+                .0
+                .contains(&seg)
+                && deltas_of(&url, &seg).is_empty()),
+            "{seg} never completed or its deltas stayed:\n{}",
+            streamer.log_text()
+        );
+        assert!(streamer.terminate().success(), "{}", streamer.log_text());
+        let frames = segment_frames(&url, &seg);
+        eprintln!(
+            "{compression}: {batch} batches, {deltas}+ deltas, the segment has {frames} frames"
+        );
+        assert!(deltas >= 3, "{compression}: only {deltas} deltas of {seg}");
+        assert!(
+            frames > 16,
+            "{compression}: {frames} frames: the deltas' frames were not reused"
+        );
+        let server = std::fs::read(pg.pg_wal_dir().join(&seg)).unwrap();
+        let stored = repo::segments(&url).remove(&seg).unwrap();
+        assert!(
+            stored[..] == server[..],
+            "{compression}: {seg} differs from pg_wal"
+        );
+        let target = dir.path().join(&seg);
+        let out = agent_cmd_wal_fetch(&url, &seg, &target);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            std::fs::read(&target).unwrap() == server,
+            "{compression}: wal-fetch of {seg} differs from pg_wal"
+        );
+        let out = agent()
+            .args(["repo", "check", "--repo", &url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
 }
 
 fn agent_cmd_wal_fetch(url: &str, name: &str, target: &Path) -> std::process::Output {

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use storage::layout;
 use storage::LeaseError;
-use storage::{ContentKind, PutMode, RepoKey, Repository, StorageError};
+use storage::{ContentKind, EncodedRecord, PutMode, RepoKey, Repository, StorageError};
 
 use wire::pg::{SegmentName, TimelineId};
 
@@ -134,24 +134,95 @@ pub async fn put_chunks(
     chunks: &[Bytes],
     mode: PutMode,
 ) -> Result<(), StorageError> {
+    put_chunks_reusing(repo, key, kind, chunks, &[], mode).await
+}
+
+/// Frame records of a segment's deltas that the complete segment may reuse, each with the
+/// offset in the segment of the bytes it holds, in order.
+pub type Reusable = Vec<(u64, EncodedRecord)>;
+
+/// [`put_chunks`], appending the records in `reuse` for the bytes they hold instead of
+/// compressing those bytes again (only the content hash is computed over them again); the
+/// bytes between them are encoded as usual. A record that does not fit (overlapping the
+/// previous one, or past the end) is skipped and its bytes are encoded.
+pub async fn put_chunks_reusing(
+    repo: &Repository,
+    key: &RepoKey,
+    kind: ContentKind,
+    chunks: &[Bytes],
+    reuse: &[(u64, EncodedRecord)],
+    mode: PutMode,
+) -> Result<(), StorageError> {
     let len = chunks.iter().map(|c| c.len() as u64).sum();
     let mut w = repo.writer_with_len(key, kind, mode, Some(len)).await?;
-    for c in chunks {
-        w.write(c.clone()).await?;
+    let mut at = 0u64;
+    for (offset, record) in reuse {
+        let end = offset + record.original_len();
+        if *offset < at || end > len {
+            continue;
+        }
+        for c in slice_chunks(chunks, at, *offset) {
+            w.write(c).await?;
+        }
+        w.append_encoded(record, slice_chunks(chunks, *offset, end))
+            .await?;
+        at = end;
+    }
+    for c in slice_chunks(chunks, at, len) {
+        w.write(c).await?;
     }
     w.finish().await.map(|_| ())
 }
 
+/// Writes a delta like [`put_chunks`] (overwriting) and returns its frame records, for the
+/// complete segment to reuse.
+pub async fn put_delta(
+    repo: &Repository,
+    key: &RepoKey,
+    chunks: &[Bytes],
+) -> Result<Vec<EncodedRecord>, StorageError> {
+    let len = chunks.iter().map(|c| c.len() as u64).sum();
+    let mut w = repo
+        .writer_with_len(key, ContentKind::WalDelta, PutMode::Overwrite, Some(len))
+        .await?;
+    w.keep_records()?;
+    for c in chunks {
+        w.write(c.clone()).await?;
+    }
+    Ok(w.finish_with_records().await?.1)
+}
+
+/// Bytes `[from, to)` of the concatenation of `chunks`, as slices of them (no copy).
+fn slice_chunks(chunks: &[Bytes], from: u64, to: u64) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    for c in chunks {
+        let end = at + c.len() as u64;
+        if end > from && at < to {
+            let s = from.saturating_sub(at) as usize;
+            let e = (to.min(end) - at) as usize;
+            out.push(c.slice(s..e));
+        }
+        at = end;
+        if at >= to {
+            break;
+        }
+    }
+    out
+}
+
 /// Stores an object that must never change once written (a complete segment or a history
-/// file): writing identical bytes again is a no-op; different bytes are a [`Fatal`] error
-/// and the existing object is left alone.
+/// file), reusing the frame records in `reuse` (see [`put_chunks_reusing`]): writing
+/// identical bytes again is a no-op; different bytes are a [`Fatal`] error and the existing
+/// object is left alone.
 pub async fn put_immutable(
     repo: &Repository,
     key: &RepoKey,
     kind: ContentKind,
     chunks: &[Bytes],
+    reuse: &[(u64, EncodedRecord)],
 ) -> Result<(), WriteError> {
-    match put_chunks(repo, key, kind, chunks, PutMode::CreateNew).await {
+    match put_chunks_reusing(repo, key, kind, chunks, reuse, PutMode::CreateNew).await {
         Ok(()) => Ok(()),
         Err(StorageError::AlreadyExists { .. }) => {
             let theirs = repo.info(key).await.map_err(|e| WriteError::Store {
@@ -236,15 +307,15 @@ mod tests {
         .unwrap();
         let key = segment_key(seg).unwrap();
         let kind = ContentKind::WalSegment;
-        put_immutable(&repo, &key, kind, &chunks(b"original wal"))
+        put_immutable(&repo, &key, kind, &chunks(b"original wal"), &[])
             .await
             .unwrap();
         // The same bytes again (a restart re-sending a segment): a no-op.
-        put_immutable(&repo, &key, kind, &chunks(b"original wal"))
+        put_immutable(&repo, &key, kind, &chunks(b"original wal"), &[])
             .await
             .unwrap();
 
-        let err = put_immutable(&repo, &key, kind, &chunks(b"diverged wal"))
+        let err = put_immutable(&repo, &key, kind, &chunks(b"diverged wal"), &[])
             .await
             .unwrap_err();
         assert!(matches!(err, WriteError::Fatal(_)), "{err:#}");
