@@ -546,6 +546,29 @@ fn magic_err(key: &str, found: &[u8]) -> StorageError {
     )
 }
 
+/// The running CRC32C of an object's stored bytes after one more frame `record` (header and
+/// payload). For a large payload it is combined from the CRC32C of the record's header and
+/// the payload CRC32C that header carries (computed by the writer's encoder, or checked by
+/// the reader just before) instead of reading the payload a second time: the combination
+/// costs about 10 µs whatever the length, reading a megabyte about 70 µs.
+pub(crate) fn stored_crc_after_record(crc: u32, record: &[u8]) -> u32 {
+    const COMBINE_FROM: usize = 64 << 10;
+    let (Some(header), Some(payload_crc)) = (
+        record.get(..FRAME_HEADER_LEN),
+        record
+            .get(12..16)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes),
+    ) else {
+        return crc32c::crc32c_append(crc, record);
+    };
+    let payload_len = record.len() - FRAME_HEADER_LEN;
+    if payload_len < COMBINE_FROM {
+        return crc32c::crc32c_append(crc, record);
+    }
+    crc32c::crc32c_combine(crc32c::crc32c_append(crc, header), payload_crc, payload_len)
+}
+
 /// A frame header: what follows and how to check it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameHeader {
@@ -718,6 +741,36 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn stored_crc_after_record_equals_reading_every_byte() {
+        for payload_len in [0usize, 1, 100, (64 << 10) - 1, 64 << 10, 1 << 20, 3_000_001] {
+            let payload: Vec<u8> = (0..payload_len)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect();
+            let mut record = FrameHeader {
+                flags: 0,
+                stored_len: payload_len as u32,
+                original_len: payload_len as u32,
+                payload_crc: crc32c::crc32c(&payload),
+            }
+            .encode()
+            .to_vec();
+            record.extend_from_slice(&payload);
+            for before in [0u32, 0xdead_beef] {
+                assert_eq!(
+                    stored_crc_after_record(before, &record),
+                    crc32c::crc32c_append(before, &record),
+                    "payload of {payload_len} bytes"
+                );
+            }
+        }
+        // Shorter than a frame header: read as it is.
+        assert_eq!(
+            stored_crc_after_record(7, b"short"),
+            crc32c::crc32c_append(7, b"short")
+        );
+    }
 
     #[test]
     fn header_round_trip_and_short_input() {

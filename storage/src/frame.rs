@@ -226,18 +226,45 @@ fn frame_header(
 }
 
 /// Encodes one frame given as one or more pieces. `level` None stores it raw.
+#[cfg(test)]
 pub(crate) fn encode_frame(
     pieces: &[Bytes],
     level: Option<Compress>,
     recipients: &[age::x25519::Recipient],
 ) -> Result<EncodedFrame, String> {
+    encode_frame_then_hash(pieces, level, recipients, |_| true)
+}
+
+/// Encodes one frame given as one or more pieces (`level` None stores it raw), then passes
+/// its original bytes to `hash` in one contiguous slice; `hash` returning false (the object
+/// was abandoned) fails the frame.
+///
+/// Why after, and contiguous: a frame made of pieces is joined for the encoder anyway (in
+/// the record itself when it is stored raw), and BLAKE3 hashes a contiguous megabyte with
+/// its wide SIMD path, while pieces ending mid-chunk send part of every piece through its
+/// one-block-at-a-time path (4% of a Redis snapshot's CPU). Encoding first also lets frame
+/// workers compress in parallel before they wait for their turn in the hash chain.
+pub(crate) fn encode_frame_then_hash(
+    pieces: &[Bytes],
+    level: Option<Compress>,
+    recipients: &[age::x25519::Recipient],
+    hash: impl FnOnce(&[u8]) -> bool,
+) -> Result<EncodedFrame, String> {
+    let hashed = |ok: bool, frame: EncodedFrame| {
+        if ok {
+            Ok(frame)
+        } else {
+            Err("write abandoned".to_string())
+        }
+    };
     // Only zstd is sampled: LZ4 itself skips ahead faster and faster through data where
     // it finds no match, so on incompressible frames it costs about what the sample would,
     // and on compressible ones (WAL) the sample would be wasted work.
     let sampled = matches!(level, Some(Compress::Zstd(_)));
     if pieces.len() == 1 {
         let level = level.filter(|_| !(sampled && looks_incompressible(&pieces[0])));
-        return encode_contiguous(&pieces[0], level, recipients);
+        let frame = encode_contiguous(&pieces[0], level, recipients)?;
+        return hashed(hash(&pieces[0]), frame);
     }
     let mut level = level;
     if sampled && pieces_look_incompressible(pieces) {
@@ -252,9 +279,13 @@ pub(crate) fn encode_frame(
             }
             let header = frame_header(0, &record[FRAME_HEADER_LEN..], len)?;
             record[..FRAME_HEADER_LEN].copy_from_slice(&header);
-            return Ok(EncodedFrame {
-                record: Bytes::from(record),
-            });
+            let ok = hash(&record[FRAME_HEADER_LEN..]);
+            return hashed(
+                ok,
+                EncodedFrame {
+                    record: Bytes::from(record),
+                },
+            );
         }
         level = None;
     }
@@ -264,7 +295,8 @@ pub(crate) fn encode_frame(
         for p in pieces {
             buf.extend_from_slice(p);
         }
-        encode_contiguous(&buf, level, recipients)
+        let frame = encode_contiguous(&buf, level, recipients)?;
+        hashed(hash(&buf), frame)
     })
 }
 

@@ -22,8 +22,8 @@ use crate::backend::ByteStream;
 use crate::binding;
 use crate::error::{Result, StorageError};
 use crate::format::{
-    bound_digest, ContentHash, FrameHeader, Header, Trailer, FRAME_AGE, FRAME_HEADER_LEN,
-    FRAME_LZ4, FRAME_TAG, TRAILER_LEN, TRAILER_TAG,
+    bound_digest, stored_crc_after_record, ContentHash, FrameHeader, Header, Trailer, FRAME_AGE,
+    FRAME_HEADER_LEN, FRAME_LZ4, FRAME_TAG, TRAILER_LEN, TRAILER_TAG,
 };
 use crate::frame::{decode_frame, fingerprint, short_fingerprint, DecodeError, HashChain};
 use crate::layout::RepoKey;
@@ -449,7 +449,7 @@ impl Job {
                             self.offset,
                         ));
                     }
-                    self.stored_crc = crc32c::crc32c_append(self.stored_crc, &record);
+                    self.stored_crc = stored_crc_after_record(self.stored_crc, &record);
                     if self.decode {
                         while jobs.len() >= 2 * workers {
                             if let Some(j) = jobs.pop_front() {

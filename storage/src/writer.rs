@@ -32,8 +32,11 @@ use crate::error::{Result, StorageError};
 use crate::format::{
     bound_digest, Binding, Codec, ContentHash, ContentHasher, ContentKind, Header, Trailer,
 };
-use crate::format::{FrameHeader, FRAME_AGE, FRAME_HEADER_LEN, FRAME_LZ4, FRAME_TAG, FRAME_ZSTD};
-use crate::frame::{encode_frame, Compress, HashChain};
+use crate::format::{
+    stored_crc_after_record, FrameHeader, FRAME_AGE, FRAME_HEADER_LEN, FRAME_LZ4, FRAME_TAG,
+    FRAME_ZSTD,
+};
+use crate::frame::{encode_frame_then_hash, Compress, HashChain};
 use crate::layout::RepoKey;
 use crate::repo::{ObjectInfo, RepoInner};
 use crate::PutMode;
@@ -327,24 +330,26 @@ fn frame_queue(repo: &Arc<RepoInner>) -> Arc<WorkQueue<(Arc<HashChain>, QueuedFr
     let level = repo.opts.compress();
     let keys = repo.keys.clone();
     WorkQueue::new(move |(chain, job): (Arc<HashChain>, QueuedFrame)| {
-        let plain = match &job.work {
-            FrameWork::Encode(p) | FrameWork::Reuse { plain: p, .. } => p,
-        };
-        let result = if !chain.update_pieces(job.index, plain) {
-            Err("write abandoned".to_string())
-        } else {
-            let keep = job.keep_plain;
-            match job.work {
-                FrameWork::Encode(plain) => {
-                    encode_frame(&plain, level, &keys.recipients).map(|enc| FrameDone {
-                        record: enc.record,
+        let keep = job.keep_plain;
+        let result = match job.work {
+            FrameWork::Encode(plain) => {
+                encode_frame_then_hash(&plain, level, &keys.recipients, |bytes| {
+                    chain.update(job.index, bytes)
+                })
+                .map(|enc| FrameDone {
+                    record: enc.record,
+                    plain: keep.then_some(plain),
+                })
+            }
+            FrameWork::Reuse { plain, record } => {
+                if chain.update_pieces(job.index, &plain) {
+                    Ok(FrameDone {
+                        record,
                         plain: keep.then_some(plain),
                     })
+                } else {
+                    Err("write abandoned".to_string())
                 }
-                FrameWork::Reuse { plain, record } => Ok(FrameDone {
-                    record,
-                    plain: keep.then_some(plain),
-                }),
             }
         };
         let _ = job.result.send(result);
@@ -513,7 +518,7 @@ impl ObjectWriter {
         self.original_len = p.original_len;
         self.kept = Some(p.records.clone());
         for r in &p.records {
-            self.stored_crc = crc32c::crc32c_append(self.stored_crc, r);
+            self.stored_crc = stored_crc_after_record(self.stored_crc, r);
             self.stored_len += r.len() as u64;
             if let Err(e) = self.append_stored(r.clone()).await {
                 self.fail(&e).await;
@@ -806,7 +811,7 @@ impl ObjectWriter {
                 key: self.key.to_string(),
                 reason,
             })?;
-        self.stored_crc = crc32c::crc32c_append(self.stored_crc, &done.record);
+        self.stored_crc = stored_crc_after_record(self.stored_crc, &done.record);
         self.stored_len += done.record.len() as u64;
         if let Some(kept) = self.kept.as_mut() {
             kept.push(done.record.clone());
@@ -1042,7 +1047,9 @@ impl Drop for ObjectWriter {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::frame::encode_frame;
 
     /// Parts needed to store `total` bytes of unknown length starting at `base`.
     fn parts_for(total: u64, base: usize) -> (u32, usize) {
@@ -1106,7 +1113,7 @@ mod tests {
         let all = Bytes::from((0..1000u32).map(|i| i as u8).collect::<Vec<u8>>());
         let copy = Bytes::from(all.to_vec());
         assert!(same_bytes(
-            &[all.clone()],
+            std::slice::from_ref(&all),
             &[copy.slice(..300), copy.slice(300..)]
         ));
         assert!(same_bytes(
@@ -1115,8 +1122,11 @@ mod tests {
         ));
         let mut other = all.to_vec();
         other[999] ^= 1;
-        assert!(!same_bytes(&[all.clone()], &[Bytes::from(other)]));
-        assert!(!same_bytes(&[all.clone()], &[all.slice(..999)]));
+        assert!(!same_bytes(
+            std::slice::from_ref(&all),
+            &[Bytes::from(other)]
+        ));
+        assert!(!same_bytes(std::slice::from_ref(&all), &[all.slice(..999)]));
         assert!(!same_bytes(&[all.slice(1..)], &[all.slice(..999)]));
     }
 
