@@ -10,6 +10,10 @@
 //!           complete; nothing is visible at the key before that.
 //! ```
 //!
+//! A frame record another writer already encoded from the same bytes (a WAL delta's, for
+//! the complete segment) can take the place of a frame (`keep_records`, `append_encoded`):
+//! it is checked and only hashed, in the same ordered queue.
+//!
 //! Backpressure: `write` waits while `4 × workers` frames are queued or
 //! `upload_concurrency` parts are in flight, so memory stays bounded by roughly
 //! `part_size × (upload_concurrency + 1) + 4 × workers × frame_size` whatever the size.
@@ -165,6 +169,24 @@ struct EncodeSettings {
     level: Option<Compress>,
     recipients: Vec<[u8; 32]>,
     version: u16,
+}
+
+impl EncodeSettings {
+    /// The settings for an error message (fingerprints shortened).
+    fn describe(&self) -> String {
+        let recipients: Vec<String> = self
+            .recipients
+            .iter()
+            .map(crate::frame::short_fingerprint)
+            .collect();
+        format!(
+            "frame size {}, codec {:?}, recipients [{}], format version {}",
+            self.frame_size,
+            self.level,
+            recipients.join(", "),
+            self.version
+        )
+    }
 }
 
 /// One encoded frame record of an object, with the original bytes it was made from.
@@ -636,8 +658,9 @@ impl ObjectWriter {
             Err(refuse("the writer reuses a prefix of whole frames".into()))
         } else if *record.settings != *self.settings {
             Err(refuse(format!(
-                "it was encoded with other settings ({:?}, this object {:?})",
-                record.settings, self.settings
+                "it was encoded with other settings ({}; this object: {})",
+                record.settings.describe(),
+                self.settings.describe()
             )))
         } else if !same_bytes(&record.plain, &plain) {
             let len: usize = plain.iter().map(Bytes::len).sum();

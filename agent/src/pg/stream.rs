@@ -152,6 +152,13 @@ const SEGMENT_BUFFER: usize = 16 << 20;
 /// where encoding it twice costs next to nothing.
 const MIN_REUSED_FRAME: u64 = 256 << 10;
 
+/// Most stored bytes of delta records one segment keeps for reuse until it completes.
+/// Records hold their compressed (or, for incompressible WAL, raw) bytes beyond the
+/// segment's own buffer, so this bounds the extra memory per open segment whatever the
+/// segment size: 16 MiB of WAL compresses to 0.6-6 MiB (benches/README.md); past the
+/// budget the rest of the segment is encoded again, as before reuse.
+const MAX_KEPT_RECORDS: u64 = 8 << 20;
+
 /// Segment buffers kept for reuse: the open segment, `--max-inflight` uploads and one
 /// being let go of. A reused buffer's pages are already mapped; a fresh one costs a page
 /// fault and the kernel zeroing each page before the WAL is copied in.
@@ -212,6 +219,8 @@ struct OpenSegment {
     /// The frame records each delta queued by this connection will hand over once stored,
     /// for the complete segment to reuse.
     reusable: Vec<oneshot::Receiver<Reusable>>,
+    /// Stored bytes of the records handed over so far (see [`MAX_KEPT_RECORDS`]).
+    kept_bytes: std::rc::Rc<std::cell::Cell<u64>>,
 }
 
 impl OpenSegment {
@@ -228,6 +237,7 @@ impl OpenSegment {
             stale: resume.stale,
             pending_since: None,
             reusable: Vec::new(),
+            kept_bytes: Default::default(),
         }
     }
 
@@ -1135,6 +1145,7 @@ impl<'a> Streamer<'a> {
         let cleanup: Vec<RepoKey> = cleanup.into_iter().map(|(_, k)| k).collect();
         let (hand_over, reusable) = oneshot::channel();
         open.reusable.push(reusable);
+        let kept_bytes = open.kept_bytes.clone();
         let end = Lsn(seg_start + stop as u64);
         let repo = self.opts.repo.clone();
         let (prev, done) = self.chain();
@@ -1150,7 +1161,7 @@ impl<'a> Streamer<'a> {
             })
             .await
             .map_err(|e| e.explain(&repo))?;
-            // Frames worth reusing, at their offsets in the segment.
+            // Frames worth reusing, at their offsets in the segment, within the budget.
             let mut at = start as u64;
             let reuse: Reusable = records
                 .into_inner()
@@ -1158,7 +1169,12 @@ impl<'a> Streamer<'a> {
                 .filter_map(|r| {
                     let offset = at;
                     at += r.original_len();
-                    (r.original_len() >= MIN_REUSED_FRAME).then_some((offset, r))
+                    let kept = kept_bytes.get() + r.stored_len();
+                    let keep = r.original_len() >= MIN_REUSED_FRAME && kept <= MAX_KEPT_RECORDS;
+                    keep.then(|| {
+                        kept_bytes.set(kept);
+                        (offset, r)
+                    })
                 })
                 .collect();
             let _ = hand_over.send(reuse);
