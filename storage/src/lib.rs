@@ -42,7 +42,9 @@
 //!
 //! * [`Repository`] (cheap `Clone`): `open(url, RepoOptions)`; `put(key, kind, Bytes,
 //!   PutMode) -> ObjectInfo`; `writer(key, kind, mode)` / `writer_with_len(.., Some(len))`
-//!   -> [`ObjectWriter`] (`write(Bytes)`, `finish() -> ObjectInfo`, `abort()`); `get(key)
+//!   -> [`ObjectWriter`] (`write(Bytes)`, `finish() -> ObjectInfo`, `abort()`;
+//!   `keep_records` + `finish_with_records` -> [`EncodedRecord`]s that `append_encoded`
+//!   puts into another object holding the same bytes without encoding them again); `get(key)
 //!   -> Bytes`; `reader(key)` -> [`ObjectReader`] (`next_chunk()`, `Stream`,
 //!   `into_async_read()`); `info(key)` (header + trailer only: length, SHA-256);
 //!   `verify(key)`; `list(prefix) -> Vec<ObjectMeta>`; `list_dirs(prefix)`; `exists`;

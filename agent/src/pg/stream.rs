@@ -1161,22 +1161,7 @@ impl<'a> Streamer<'a> {
             })
             .await
             .map_err(|e| e.explain(&repo))?;
-            // Frames worth reusing, at their offsets in the segment, within the budget.
-            let mut at = start as u64;
-            let reuse: Reusable = records
-                .into_inner()
-                .into_iter()
-                .filter_map(|r| {
-                    let offset = at;
-                    at += r.original_len();
-                    let kept = kept_bytes.get() + r.stored_len();
-                    let keep = r.original_len() >= MIN_REUSED_FRAME && kept <= MAX_KEPT_RECORDS;
-                    keep.then(|| {
-                        kept_bytes.set(kept);
-                        (offset, r)
-                    })
-                })
-                .collect();
+            let reuse = worth_reusing(start as u64, records.into_inner(), &kept_bytes);
             let _ = hand_over.send(reuse);
             if let Some(p) = prev {
                 let _ = p.await;
@@ -1238,6 +1223,30 @@ impl<'a> Streamer<'a> {
         tracing::info!(old = %self.tli, new = %end.next_tli, at = %end.next_tli_startpos, "end of timeline");
         Ok(Ended::TimelineSwitch(end))
     }
+}
+
+/// The records of a delta starting at `start` worth reusing in the complete segment, at
+/// their offsets in it: those of at least [`MIN_REUSED_FRAME`] original bytes, while the
+/// segment's kept records (`kept_bytes`, stored bytes) stay within [`MAX_KEPT_RECORDS`].
+fn worth_reusing(
+    start: u64,
+    records: Vec<storage::EncodedRecord>,
+    kept_bytes: &std::cell::Cell<u64>,
+) -> Reusable {
+    let mut at = start;
+    records
+        .into_iter()
+        .filter_map(|r| {
+            let offset = at;
+            at += r.original_len();
+            let kept = kept_bytes.get() + r.stored_len();
+            let keep = r.original_len() >= MIN_REUSED_FRAME && kept <= MAX_KEPT_RECORDS;
+            keep.then(|| {
+                kept_bytes.set(kept);
+                (offset, r)
+            })
+        })
+        .collect()
 }
 
 /// Deletes objects a stored segment or delta superseded, in the order given. A failure only
@@ -1318,6 +1327,58 @@ mod tests {
         let again = bufs.take(SEGMENT_BUFFER);
         assert_eq!(again.as_ptr(), first_buf, "the first buffer is reused");
         assert!(again.is_empty() && again.capacity() >= SEGMENT_BUFFER);
+    }
+
+    /// Records of a delta of `len` bytes written with 1 MiB frames (incompressible when
+    /// `raw`, so each record stores about its own length).
+    async fn delta_records(
+        repo: &Repository,
+        len: usize,
+        raw: bool,
+    ) -> Vec<storage::EncodedRecord> {
+        let mut x = 7u64;
+        let data: Vec<u8> = (0..len)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if raw {
+                    x as u8
+                } else {
+                    (i % 7) as u8
+                }
+            })
+            .collect();
+        let key = RepoKey::parse("postgres/wal/00000001/d").unwrap();
+        let mut w = repo
+            .writer(&key, ContentKind::WalDelta, storage::PutMode::Overwrite)
+            .await
+            .unwrap();
+        w.keep_records().unwrap();
+        w.write(Bytes::from(data)).await.unwrap();
+        w.finish_with_records().await.unwrap().1
+    }
+
+    #[tokio::test]
+    async fn only_large_records_within_the_budget_are_kept_for_reuse() {
+        let repo = Repository::open("memory:///", storage::RepoOptions::default()).unwrap();
+        // 2.5 MiB from offset 100: two whole frames kept at their offsets, the short last
+        // one (512 KiB) too; a 100 KB delta's single record is not.
+        let kept = std::cell::Cell::new(0);
+        let r = worth_reusing(100, delta_records(&repo, 5 << 19, false).await, &kept);
+        let offsets: Vec<u64> = r.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, [100, 100 + (1 << 20), 100 + (2 << 20)]);
+        let small = worth_reusing(0, delta_records(&repo, 100_000, false).await, &kept);
+        assert!(small.is_empty());
+        assert_eq!(
+            kept.get(),
+            r.iter().map(|(_, r)| r.stored_len()).sum::<u64>()
+        );
+        // Incompressible WAL: records are as large as the WAL, so the budget stops them.
+        let kept = std::cell::Cell::new(0);
+        let r = worth_reusing(0, delta_records(&repo, 12 << 20, true).await, &kept);
+        assert!(r.len() < 8 && !r.is_empty(), "{} records kept", r.len());
+        assert!(kept.get() <= MAX_KEPT_RECORDS);
     }
 
     #[test]
