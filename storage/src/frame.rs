@@ -444,40 +444,19 @@ struct ChainState {
     next: u64,
     hasher: ContentHasher,
     abandoned: bool,
-    /// With `full_frame_len` set: (frames hashed, state) after the newest frame of exactly
-    /// that length, for a writer that hands its whole frames on (`EncodedPrefix`).
-    snapshot: Option<(u64, ContentHasher)>,
-    full_frame_len: Option<usize>,
 }
 
 impl HashChain {
     /// A chain that has hashed nothing yet into `hasher`.
     pub fn new(hasher: ContentHasher) -> Self {
-        Self::resume(0, hasher, None)
-    }
-
-    /// A chain that has already hashed `frames` frames into `hasher`; with
-    /// `full_frame_len`, it also remembers its state after each frame of that length.
-    pub fn resume(frames: u64, hasher: ContentHasher, full_frame_len: Option<usize>) -> Self {
         HashChain {
             state: Mutex::new(ChainState {
-                next: frames,
-                snapshot: full_frame_len.map(|_| (frames, hasher.clone())),
+                next: 0,
                 hasher,
                 abandoned: false,
-                full_frame_len,
             }),
             turn: Condvar::new(),
         }
-    }
-
-    /// The state after the last whole frame (see `resume`).
-    pub fn snapshot(&self) -> Option<(u64, ContentHasher)> {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.abandoned {
-            return None;
-        }
-        st.snapshot.clone()
     }
 
     /// Blocks until every frame before `index` has been hashed, then hashes `data`.
@@ -495,15 +474,10 @@ impl HashChain {
         if st.abandoned {
             return false;
         }
-        let mut len = 0;
         for p in pieces {
             st.hasher.update(p.as_ref());
-            len += p.as_ref().len();
         }
         st.next += 1;
-        if st.full_frame_len == Some(len) {
-            st.snapshot = Some((st.next, st.hasher.clone()));
-        }
         drop(st);
         self.turn.notify_all();
         true

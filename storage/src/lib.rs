@@ -92,7 +92,7 @@ pub use redact::redact_url;
 pub use repo::{
     ObjectInfo, RepoOptions, Repository, VerifyReport, BACKENDS, MIN_COMPRESSION_LEVEL,
 };
-pub use writer::{EncodedPrefix, EncodedRecord, ObjectWriter};
+pub use writer::{EncodedRecord, ObjectWriter};
 
 /// Whether a write may replace an existing object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

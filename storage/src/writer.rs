@@ -33,9 +33,7 @@ use crate::workers::WorkQueue;
 
 use crate::backend::Upload;
 use crate::error::{Result, StorageError};
-use crate::format::{
-    bound_digest, Binding, Codec, ContentHash, ContentHasher, ContentKind, Header, Trailer,
-};
+use crate::format::{bound_digest, Binding, Codec, ContentHash, ContentKind, Header, Trailer};
 use crate::format::{
     stored_crc_after_record, FrameHeader, FRAME_AGE, FRAME_HEADER_LEN, FRAME_LZ4, FRAME_TAG,
     FRAME_ZSTD,
@@ -118,45 +116,6 @@ impl Pieces {
             out.push(p);
         }
         out
-    }
-}
-
-/// The encoded whole frames at the start of an object, with the content hash state after them.
-///
-/// Why: a WAL segment is shipped as ever longer partial objects and finally whole; each of
-/// these starts with the same bytes, so it can start with the same frames instead of
-/// compressing and hashing those bytes again (only the tail is new work). The caller
-/// guarantees the new object really starts with the bytes the prefix was made from; the
-/// object's content hash is carried on from the prefix's hasher, so frames and trailer always
-/// agree, and readers verify them as for any object.
-#[derive(Clone)]
-pub struct EncodedPrefix {
-    records: Vec<Bytes>,
-    original_len: u64,
-    hasher: ContentHasher,
-    frame_size: usize,
-    level: Option<Compress>,
-    recipients: Vec<[u8; 32]>,
-}
-
-impl EncodedPrefix {
-    /// Original bytes covered (a whole number of frames).
-    pub fn len(&self) -> u64 {
-        self.original_len
-    }
-
-    /// Whether it covers nothing.
-    pub fn is_empty(&self) -> bool {
-        self.original_len == 0
-    }
-}
-
-impl std::fmt::Debug for EncodedPrefix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EncodedPrefix")
-            .field("frames", &self.records.len())
-            .field("original_len", &self.original_len)
-            .finish_non_exhaustive()
     }
 }
 
@@ -414,8 +373,6 @@ pub struct ObjectWriter {
     upload: Option<Upload>,
     uploads: FuturesUnordered<BoxFuture<'static, Result<()>>>,
     parts_sent: u32,
-    /// Records of every frame so far, when the caller wants an `EncodedPrefix` back.
-    kept: Option<Vec<Bytes>>,
     /// Every frame so far with its original bytes, when the caller wants them back
     /// (`keep_records`).
     records: Option<Vec<EncodedRecord>>,
@@ -478,7 +435,6 @@ impl ObjectWriter {
             upload: None,
             uploads: FuturesUnordered::new(),
             parts_sent: 0,
-            kept: None,
             records: None,
             settings: Arc::new(EncodeSettings {
                 frame_size: repo_for_queue.opts.frame_size,
@@ -491,117 +447,16 @@ impl ObjectWriter {
         })
     }
 
-    /// Starts this object with `prefix`'s frames (if any) instead of encoding those bytes
-    /// again, and keeps this object's whole frames so [`finish_with_prefix`] can hand them
-    /// to the next, longer object with the same beginning. Call before the first `write`;
-    /// then write only the bytes after `prefix.len()`.
-    ///
-    /// [`finish_with_prefix`]: Self::finish_with_prefix
-    pub async fn reuse_prefix(&mut self, prefix: Option<&EncodedPrefix>) -> Result<()> {
-        self.check_open()?;
-        let fs = self.repo.opts.frame_size;
-        let err = |reason: String| StorageError::Encode {
-            key: self.key.to_string(),
-            reason,
-        };
-        if self.frames != 0
-            || self.original_len != 0
-            || self.kept.is_some()
-            || self.records.is_some()
-        {
-            return Err(err(
-                "reuse_prefix must come before the first write, without keep_records".into(),
-            ));
-        }
-        let Some(p) = prefix else {
-            let hasher = ContentHash::of_version(self.version).hasher();
-            self.chain = Arc::new(HashChain::resume(0, hasher, Some(fs)));
-            self.kept = Some(Vec::new());
-            return Ok(());
-        };
-        if p.frame_size != fs
-            || p.level != self.repo.opts.compress()
-            || p.recipients != self.repo.keys.recipient_fingerprints()
-            || p.hasher.algorithm() != ContentHash::of_version(self.version)
-        {
-            return Err(err(
-                "the reused prefix was encoded with other repository settings".into(),
-            ));
-        }
-        if self.expected_len.is_some_and(|exp| p.original_len > exp) {
-            return Err(err(format!(
-                "the reused prefix ({} bytes) is longer than the declared length",
-                p.original_len
-            )));
-        }
-        let frames = p.records.len() as u64;
-        self.chain = Arc::new(HashChain::resume(frames, p.hasher.clone(), Some(fs)));
-        self.frames = frames;
-        self.original_len = p.original_len;
-        self.kept = Some(p.records.clone());
-        for r in &p.records {
-            self.stored_crc = stored_crc_after_record(self.stored_crc, r);
-            self.stored_len += r.len() as u64;
-            if let Err(e) = self.append_stored(r.clone()).await {
-                self.fail(&e).await;
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
-    /// [`finish`](Self::finish), and the object's whole frames as a prefix for the next,
-    /// longer object with the same beginning (needs [`reuse_prefix`](Self::reuse_prefix)).
-    pub async fn finish_with_prefix(mut self) -> Result<(ObjectInfo, EncodedPrefix)> {
-        self.check_open()?;
-        let missing = |key: &RepoKey| StorageError::Encode {
-            key: key.to_string(),
-            reason: "finish_with_prefix needs reuse_prefix before the first write".into(),
-        };
-        if self.kept.is_none() {
-            return Err(missing(&self.key));
-        }
-        let info = match self.finish_inner().await {
-            Ok(info) => {
-                self.state = State::Done;
-                info
-            }
-            Err(e) => {
-                self.fail(&e).await;
-                return Err(e);
-            }
-        };
-        let (frames, hasher) = self.chain.snapshot().ok_or_else(|| missing(&self.key))?;
-        let mut records = self.kept.take().unwrap_or_default();
-        records.truncate(frames as usize);
-        if records.len() as u64 != frames {
-            return Err(missing(&self.key));
-        }
-        let fs = self.repo.opts.frame_size;
-        Ok((
-            info,
-            EncodedPrefix {
-                records,
-                original_len: frames * fs as u64,
-                hasher,
-                frame_size: fs,
-                level: self.repo.opts.compress(),
-                recipients: self.repo.keys.recipient_fingerprints(),
-            },
-        ))
-    }
-
     /// Keeps every frame record this writer stores, with the original bytes it was made
     /// from, for [`finish_with_records`](Self::finish_with_records). Call before the first
     /// write. The original bytes stay referenced until the records are dropped (zero-copy
     /// slices of what was written; writes under 16 KiB are copies).
     pub fn keep_records(&mut self) -> Result<()> {
         self.check_open()?;
-        if self.frames != 0 || self.original_len != 0 || self.kept.is_some() {
+        if self.frames != 0 || self.original_len != 0 {
             return Err(StorageError::Encode {
                 key: self.key.to_string(),
-                reason: "keep_records must come before the first write, without reuse_prefix"
-                    .into(),
+                reason: "keep_records must come before the first write".into(),
             });
         }
         self.records = Some(Vec::new());
@@ -654,9 +509,7 @@ impl ObjectWriter {
             key: self.key.to_string(),
             reason: format!("reused frame record refused: {reason}"),
         };
-        let checked = if self.kept.is_some() {
-            Err(refuse("the writer reuses a prefix of whole frames".into()))
-        } else if *record.settings != *self.settings {
+        let checked = if *record.settings != *self.settings {
             Err(refuse(format!(
                 "it was encoded with other settings ({}; this object: {})",
                 record.settings.describe(),
@@ -836,9 +689,6 @@ impl ObjectWriter {
             })?;
         self.stored_crc = stored_crc_after_record(self.stored_crc, &done.record);
         self.stored_len += done.record.len() as u64;
-        if let Some(kept) = self.kept.as_mut() {
-            kept.push(done.record.clone());
-        }
         if let Some(records) = self.records.as_mut() {
             let plain = done.plain.unwrap_or_default();
             records.push(EncodedRecord {
