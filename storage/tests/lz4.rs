@@ -4,12 +4,14 @@
 //! never knew it, so no version 2 object can hold it).
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::Path;
 
-use bytes::Bytes;
-use storage::format::{Codec, FrameHeader, Header, FRAME_HEADER_LEN, FRAME_LZ4, FRAME_ZSTD};
+use storage::format::{Codec, Header, FRAME_LZ4, FRAME_ZSTD};
 use storage::keys::generate_identity;
 use storage::{ContentKind, PutMode, RepoKey, RepoOptions, Repository, StorageError};
+use support::{stored_frames, wal_like as data};
 
 const FRAME: usize = 64 << 10;
 
@@ -24,27 +26,10 @@ fn open(dir: &Path, f: impl FnOnce(&mut RepoOptions)) -> Repository {
     Repository::open(&format!("file://{}", dir.display()), o).unwrap()
 }
 
-/// WAL-like: records of text with counters, compressible but not trivially.
-fn data(len: usize) -> Bytes {
-    let mut v: Vec<u8> = (0..len / 24 + 1)
-        .flat_map(|i: usize| format!("rec {i:010} lsn {:06x}\n", i * 7).into_bytes())
-        .collect();
-    v.truncate(len);
-    Bytes::from(v)
-}
-
 /// The flags of every frame of the object file at `path`.
 fn frame_flags(path: &Path) -> (Header, Vec<u8>) {
-    let bytes = std::fs::read(path).unwrap();
-    let (h, mut at) = Header::parse("k", &bytes).unwrap().unwrap();
-    let mut flags = Vec::new();
-    while bytes[at] == b'F' {
-        let fh =
-            FrameHeader::parse("k", &bytes[at..at + FRAME_HEADER_LEN], 0, h.frame_size).unwrap();
-        flags.push(fh.flags);
-        at += FRAME_HEADER_LEN + fh.stored_len as usize;
-    }
-    (h, flags)
+    let (h, frames) = stored_frames(path);
+    (h, frames.iter().map(|(fh, _)| fh.flags).collect())
 }
 
 #[tokio::test]

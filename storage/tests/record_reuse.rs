@@ -5,12 +5,14 @@
 //! settings do not match is refused naming the object.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::Path;
 
 use bytes::Bytes;
-use storage::format::{FrameHeader, Header, FRAME_HEADER_LEN};
 use storage::keys::generate_identity;
 use storage::{ContentKind, EncodedRecord, PutMode, RepoKey, RepoOptions, Repository};
+use support::{stored_frames, wal_like};
 
 const FRAME: usize = 64 << 10;
 
@@ -26,10 +28,7 @@ fn open(dir: &Path, f: impl FnOnce(&mut RepoOptions)) -> Repository {
 
 /// WAL-like records with a stretch of incompressible bytes in the middle.
 fn data(len: usize) -> Bytes {
-    let mut v: Vec<u8> = (0..len / 24 + 1)
-        .flat_map(|i: usize| format!("rec {i:010} lsn {:06x}\n", i * 7).into_bytes())
-        .collect();
-    v.truncate(len);
+    let mut v = wal_like(len).to_vec();
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     for b in &mut v[len / 3..len / 3 + 100_000] {
         x ^= x << 13;
@@ -75,17 +74,7 @@ async fn delta(repo: &Repository, name: &str, bytes: Bytes) -> Vec<EncodedRecord
 
 /// The frame records of the object file at `path`, as stored.
 fn stored_records(path: &Path) -> Vec<Vec<u8>> {
-    let bytes = std::fs::read(path).unwrap();
-    let (h, mut at) = Header::parse("k", &bytes).unwrap().unwrap();
-    let mut out = Vec::new();
-    while bytes[at] == b'F' {
-        let fh =
-            FrameHeader::parse("k", &bytes[at..at + FRAME_HEADER_LEN], 0, h.frame_size).unwrap();
-        let end = at + FRAME_HEADER_LEN + fh.stored_len as usize;
-        out.push(bytes[at..end].to_vec());
-        at = end;
-    }
-    out
+    stored_frames(path).1.into_iter().map(|(_, r)| r).collect()
 }
 
 /// The records' stored bytes, read back from the delta object files (what reuse must
