@@ -25,12 +25,19 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
+    fixture_of(
+        (0..300_000u32)
+            .map(|i| (i % 251) as u8 ^ (i >> 9) as u8)
+            .collect(),
+    )
+    .await
+}
+
+/// A stored object holding `original`, and its pristine bytes.
+async fn fixture_of(original: Vec<u8>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let repo = Repository::open(&format!("file://{}", dir.path().display()), opts()).unwrap();
     let key = RepoKey::parse("postgres/wal/00000001/000000010000000000000001").unwrap();
-    let original: Vec<u8> = (0..300_000u32)
-        .map(|i| (i % 251) as u8 ^ (i >> 9) as u8)
-        .collect();
     repo.put(
         &key,
         ContentKind::WalSegment,
@@ -209,6 +216,41 @@ async fn reordered_frames_are_detected() {
     let (e, _) = read_err(&f).await;
     // The stored CRC32C over the whole body catches the reordering first.
     assert_corrupt(&e, &f.key, "crc32c");
+}
+
+#[tokio::test]
+async fn reordered_raw_frames_are_detected() {
+    // Incompressible bytes: every frame is stored raw at the full 64 KiB, where the reader
+    // combines the stored CRC32C from each record's header and payload CRC instead of
+    // reading the payload again. Two whole records swapped must still be caught there.
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let random: Vec<u8> = (0..300_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let f = fixture_of(random).await;
+    let b = &f.pristine;
+    let first = header_len(b);
+    let len =
+        |at: usize| 20 + u32::from_le_bytes([b[at + 4], b[at + 5], b[at + 6], b[at + 7]]) as usize;
+    let (l1, l2) = (len(first), len(first + len(first)));
+    assert_eq!(
+        l1,
+        20 + (64 << 10),
+        "the first frame is stored raw and whole"
+    );
+    assert_eq!(l1, l2, "two whole raw frames of the same length");
+    let mut spliced = b[..first].to_vec();
+    spliced.extend_from_slice(&b[first + l1..first + l1 + l2]);
+    spliced.extend_from_slice(&b[first..first + l1]);
+    spliced.extend_from_slice(&b[first + l1 + l2..]);
+    with_bytes(&f, &spliced).await;
+    let (e, _) = read_err(&f).await;
+    assert_corrupt(&e, &f.key, "stored crc32c");
 }
 
 #[tokio::test]
