@@ -179,10 +179,12 @@ impl RepoArgs {
             opts.identities
                 .extend(storage::keys::read_identity_file(f)?);
         }
-        // Writing container format 2 for readers older than format 3 (storage/FORMAT.md).
+        // Writing an older container format for older readers (storage/FORMAT.md).
         if let Ok(v) = std::env::var("SYNCBRIDGE_FORMAT_VERSION") {
             opts.format_version = v.trim().parse().with_context(|| {
-                format!("SYNCBRIDGE_FORMAT_VERSION={v:?}: not a container format version (2 or 3)")
+                format!(
+                    "SYNCBRIDGE_FORMAT_VERSION={v:?}: not a container format version (2, 3 or 4)"
+                )
             })?;
         }
         let family = url::Url::parse(self.repo.trim())

@@ -4,7 +4,7 @@
 //! recorded, WAL continuity from each backup on), for both kinds of repository:
 //!
 //! * **Every object** is read to its end, `--jobs` at a time, through the storage reader,
-//!   which checks each frame's CRC32C, the trailer's digest and (format versions 2, 3) that
+//!   which checks each frame's CRC32C, the trailer's digest and (format versions 2 to 4) that
 //!   the object is bound to its key and repository: a flipped byte, a truncated object or
 //!   two objects swapped fail here, named by key. Memory is bounded by the readers' frame
 //!   buffers (a Redis command chunk is read whole: chunks are small).
@@ -659,7 +659,7 @@ async fn run_job(ctx: &Ctx, job: &Job, tally: &Tally) -> (Outcome, u64) {
             match read_pieces(repo, &key, c, counted).await {
                 Ok((pieces, info)) => {
                     // `backup.json` records the digest the object's trailer holds (bound to
-                    // its key in format versions 2 and 3) and its original length.
+                    // its key in format versions 2 to 4) and its original length.
                     if info.sha256_hex() != c.sha256 || info.original_len != c.bytes {
                         out.problems.push(problem(
                             &key,

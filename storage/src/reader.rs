@@ -162,7 +162,7 @@ impl ObjectReader {
         buf.advance(hlen);
         let (tx, rx) = mpsc::channel(2);
         let chain = Arc::new(HashChain::new(
-            ContentHash::of_version(header.version).hasher(),
+            ContentHash::of_object(header.version, header.encrypted).hasher(),
         ));
         let info = Arc::new(Mutex::new(None));
         let repo_for_queue = repo.clone();
@@ -561,20 +561,24 @@ impl Job {
             }
         }
         if self.decode {
-            let version = self.header.version;
+            let hash = ContentHash::of_object(self.header.version, self.header.encrypted);
             let sha = self.chain.finish(frames).ok_or_else(|| {
                 StorageError::corrupt(k, "content hash", "all frames hashed", "incomplete", at)
             })?;
-            let (sha, check) = match &self.header.binding {
-                Some(b) if ContentHash::of_version(version) == ContentHash::Blake3 => (
-                    bound_digest(&sha, b, version),
-                    "sha256 of key, repository and content (BLAKE3)",
-                ),
-                Some(b) => (
-                    bound_digest(&sha, b, version),
+            let (sha, check) = match (&self.header.binding, hash) {
+                (Some(b), ContentHash::Sha256) => (
+                    bound_digest(&sha, b, hash),
                     "sha256 of key, repository and content",
                 ),
-                None => (sha, "sha256 of original bytes"),
+                (Some(b), ContentHash::Blake3) => (
+                    bound_digest(&sha, b, hash),
+                    "sha256 of key, repository and content (BLAKE3)",
+                ),
+                (Some(b), ContentHash::Xxh3) => (
+                    bound_digest(&sha, b, hash),
+                    "sha256 of key, repository and content (XXH3-128)",
+                ),
+                (None, _) => (sha, "sha256 of original bytes"),
             };
             if sha != t.sha256 {
                 return Err(StorageError::corrupt(

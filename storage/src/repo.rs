@@ -12,8 +12,8 @@ use crate::backend::{Backend, LocalBackend, ObjectMeta, RetryPolicy, StoreBacken
 use crate::binding::{self, RepoContext};
 use crate::error::{Result, StorageError};
 use crate::format::{
-    bound_digest, Binding, ContentHash, ContentKind, Header, Trailer, FORMAT_VERSION,
-    SHA256_FORMAT_VERSION, TRAILER_LEN,
+    bound_digest, Binding, ContentHash, ContentKind, Header, Trailer, BLAKE3_FORMAT_VERSION,
+    FORMAT_VERSION, SHA256_FORMAT_VERSION, TRAILER_LEN,
 };
 use crate::frame::{short_fingerprint, Keys};
 use crate::layout::RepoKey;
@@ -64,11 +64,12 @@ pub struct RepoOptions {
     pub store_config: Vec<(String, String)>,
     /// LZ4 (block format) instead of zstd for new frames when `compression_level` is set
     /// (its value is then not used): about a quarter of zstd level 1's CPU for objects
-    /// about twice as large on WAL. Needs format version 3.
+    /// about twice as large on WAL. Needs format version 3 or later.
     pub lz4: bool,
-    /// Container version of new objects: 3 (the default; content hashed with BLAKE3) or 2
-    /// (SHA-256, for readers older than this build; `SYNCBRIDGE_FORMAT_VERSION=2`).
-    /// Readers take every version from 1 to 3, mixed in one repository.
+    /// Container version of new objects: 4 (the default; content hashed with XXH3-128, or
+    /// BLAKE3 when encrypted), 3 (BLAKE3; `SYNCBRIDGE_FORMAT_VERSION=3`, for readers older
+    /// than version 4) or 2 (SHA-256, for readers older than version 3). Readers take every
+    /// version from 1 to 4, mixed in one repository.
     pub format_version: u16,
 }
 
@@ -112,7 +113,7 @@ impl RepoOptions {
     /// Defaults plus the repository settings of the agent's environment, so every command
     /// encrypts and decrypts the same way: `SYNCBRIDGE_RECIPIENTS` (comma-separated
     /// `age1…`), `SYNCBRIDGE_RECIPIENTS_FILE`, `SYNCBRIDGE_IDENTITY` (identity file),
-    /// `SYNCBRIDGE_FORMAT_VERSION` (2 or 3, the container version of new objects) and
+    /// `SYNCBRIDGE_FORMAT_VERSION` (2, 3 or 4, the container version of new objects) and
     /// `AWS_CA_BUNDLE`. Unset variables change nothing.
     pub fn from_env() -> Result<RepoOptions> {
         let mut o = RepoOptions::default();
@@ -132,7 +133,9 @@ impl RepoOptions {
             o.format_version = v.trim().parse().map_err(|_| {
                 config_err(
                     "SYNCBRIDGE_FORMAT_VERSION",
-                    format!("{v:?} is not {SHA256_FORMAT_VERSION} or {FORMAT_VERSION}"),
+                    format!(
+                        "{v:?} is not {SHA256_FORMAT_VERSION}, {BLAKE3_FORMAT_VERSION} or {FORMAT_VERSION}"
+                    ),
                 )
             })?;
         }
@@ -151,8 +154,8 @@ pub struct ObjectInfo {
     pub original_len: u64,
     /// Bytes in the store.
     pub stored_len: u64,
-    /// The digest recorded in the trailer: in format versions 2 and 3 the SHA-256 over the
-    /// binding and the hash of the original bytes (SHA-256 in version 2, BLAKE3 in 3;
+    /// The digest recorded in the trailer: in format versions 2 to 4 the SHA-256 over the
+    /// binding and the hash of the original bytes (`format::ContentHash::of_object`,
     /// `format::bound_digest`); in version 1 the SHA-256 of the original bytes. Use
     /// [`ObjectInfo::matches_content`] to compare with bytes about to be written.
     pub sha256: [u8; 32],
@@ -162,23 +165,23 @@ pub struct ObjectInfo {
     pub frames: u64,
     /// Whether the frames are age-encrypted.
     pub encrypted: bool,
-    /// The key and repository the object was written for (format versions 2 and 3).
+    /// The key and repository the object was written for (format versions 2 to 4).
     pub binding: Option<Binding>,
     /// The container version of the object (which content hash its digest uses).
     pub format_version: u16,
 }
 
 impl ObjectInfo {
-    /// How this object's version hashes its content (SHA-256 up to version 2, BLAKE3 in 3).
+    /// How this object hashes its content (by its version and encryption).
     pub fn content_hash(&self) -> ContentHash {
-        ContentHash::of_version(self.format_version)
+        ContentHash::of_object(self.format_version, self.encrypted)
     }
 
     /// The trailer digest content whose [`content_hash`](Self::content_hash) is
     /// `content_digest` has in this object (bound to its key and repository).
     pub fn bound(&self, content_digest: &[u8; 32]) -> [u8; 32] {
         match &self.binding {
-            Some(b) => bound_digest(content_digest, b, self.format_version),
+            Some(b) => bound_digest(content_digest, b, self.content_hash()),
             None => *content_digest,
         }
     }
@@ -678,7 +681,7 @@ fn sanitize(mut o: RepoOptions) -> Result<RepoOptions> {
         return Err(config_err(
             "format version",
             format!(
-                "{} is not {SHA256_FORMAT_VERSION} or {FORMAT_VERSION} (new objects are always bound to their key and repository)",
+                "{} is not {SHA256_FORMAT_VERSION}, {BLAKE3_FORMAT_VERSION} or {FORMAT_VERSION} (new objects are always bound to their key and repository)",
                 o.format_version
             ),
         ));
@@ -687,7 +690,7 @@ fn sanitize(mut o: RepoOptions) -> Result<RepoOptions> {
         return Err(config_err(
             "compression",
             format!(
-                "LZ4 needs container format version 3 (SYNCBRIDGE_FORMAT_VERSION is {})",
+                "LZ4 needs container format version 3 or later (SYNCBRIDGE_FORMAT_VERSION is {})",
                 o.format_version
             ),
         ));

@@ -422,7 +422,10 @@ impl ObjectWriter {
             kind,
             mode,
             expected_len,
-            chain: Arc::new(HashChain::new(ContentHash::of_version(version).hasher())),
+            chain: Arc::new(HashChain::new(
+                ContentHash::of_object(version, !repo_for_queue.keys.recipients.is_empty())
+                    .hasher(),
+            )),
             version,
             pending: Pieces::default(),
             small: BytesMut::new(),
@@ -783,7 +786,8 @@ impl ObjectWriter {
                     key: self.key.to_string(),
                     reason: "frame hashing did not complete".into(),
                 })?;
-        let sha256 = bound_digest(&content_digest, &self.binding, self.version);
+        let hash = ContentHash::of_object(self.version, self.encrypted);
+        let sha256 = bound_digest(&content_digest, &self.binding, hash);
         let trailer = Trailer {
             frame_count: self.frames,
             original_len: self.original_len,

@@ -150,6 +150,32 @@ async fn an_object_from_another_repository_is_refused_and_a_whole_copy_is_not() 
 }
 
 #[tokio::test]
+async fn encrypted_version_4_objects_keep_blake3_and_plaintext_ones_use_xxh3() {
+    // The content hash inside an encrypted object's digest must stay one nobody can compute
+    // without the plaintext; a plaintext object's only has to catch accidents.
+    use storage::format::ContentHash;
+    let dir = tempfile::tempdir().unwrap();
+    let id = generate_identity();
+    let writer = marked(dir.path(), |o| o.recipients = vec![id.to_public()]).await;
+    put(&writer, &seg(4), 4).await;
+    let reader = open(dir.path(), |o| o.identities = vec![id.clone()]);
+    let info = reader.verify(&seg(4)).await.unwrap().info;
+    assert_eq!((info.format_version, info.encrypted), (4, true));
+    assert_eq!(info.content_hash(), ContentHash::Blake3);
+    assert!(info.matches_content(&[data(4)]));
+    let xxh3 = ContentHash::Xxh3.digest(&[data(4)]);
+    assert!(!info.matches_content_digest(&xxh3, data(4).len() as u64));
+
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = marked(plain_dir.path(), |_| {}).await;
+    put(&plain, &seg(4), 4).await;
+    let info = plain.verify(&seg(4)).await.unwrap().info;
+    assert_eq!((info.format_version, info.encrypted), (4, false));
+    assert_eq!(info.content_hash(), ContentHash::Xxh3);
+    assert!(info.matches_content_digest(&xxh3, data(4).len() as u64));
+}
+
+#[tokio::test]
 async fn plaintext_in_an_encrypted_repository_is_refused_by_every_reader() {
     let dir = tempfile::tempdir().unwrap();
     let id = generate_identity();
@@ -257,7 +283,7 @@ async fn a_marker_rewritten_to_unencrypted_does_not_let_plaintext_in() {
     );
 }
 
-/// `bytes` (a version 2 or 3 object) with its header's repository id replaced by `id`, and
+/// `bytes` (a version 2 to 4 object) with its header's repository id replaced by `id`, and
 /// the trailer's digest and CRCs recomputed: what anyone holding the plaintext can do.
 fn rebind(bytes: &[u8], id: storage::format::RepoId) -> Vec<u8> {
     let (mut h, hlen) = Header::parse("k", bytes).unwrap().unwrap();
@@ -273,11 +299,12 @@ fn rebind(bytes: &[u8], id: storage::format::RepoId) -> Vec<u8> {
     } else {
         payload.to_vec()
     };
-    let inner = storage::format::ContentHash::of_version(h.version).digest(&[&content]);
+    let hash = storage::format::ContentHash::of_object(h.version, h.encrypted);
+    let inner = hash.digest(&[&content]);
     let t = Trailer {
         frame_count: 1,
         original_len: content.len() as u64,
-        sha256: storage::format::bound_digest(&inner, h.binding.as_ref().unwrap(), h.version),
+        sha256: storage::format::bound_digest(&inner, h.binding.as_ref().unwrap(), hash),
         stored_crc: crc32c::crc32c(&out),
     };
     out.extend_from_slice(&t.encode());
@@ -375,7 +402,7 @@ async fn an_unbound_object_in_a_bound_repository_is_refused() {
         &v1_object(ContentKind::WalSegment, &data(5)),
     );
     assert_refused(&repo, &key, "format version 1").await;
-    assert_eq!(FORMAT_VERSION, 3);
+    assert_eq!(FORMAT_VERSION, 4);
 }
 
 #[tokio::test]
@@ -410,7 +437,7 @@ async fn leases_stay_readable_plaintext_and_from_before_the_marker() {
     assert!(matches!(e, StorageError::WrongObject { .. }), "{e}");
 }
 
-/// `bytes` (a version 2 or 3 object) with its header's version set to `version` and the
+/// `bytes` (a version 2 to 4 object) with its header's version set to `version` and the
 /// header and stored CRCs recomputed (the trailer's digest left as it is).
 fn with_version(bytes: &[u8], version: u16) -> Vec<u8> {
     let (mut h, hlen) = Header::parse("k", bytes).unwrap().unwrap();
@@ -426,36 +453,47 @@ fn with_version(bytes: &[u8], version: u16) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn version_2_and_3_objects_mix_in_one_repository() {
-    // A repository created by a version 2 build (its marker a version 2 object), then
-    // written to by this build: old objects stay readable, new ones are version 3.
+async fn versions_2_3_and_4_mix_in_one_repository() {
+    // A repository created by a version 2 build (its marker a version 2 object), written to
+    // by a version 3 build, then by this build: old objects stay readable, new ones are
+    // version 4.
+    use storage::format::ContentHash;
     let dir = tempfile::tempdir().unwrap();
     let old = marked(dir.path(), |o| o.format_version = 2).await;
     let m = old.read_marker().await.unwrap().unwrap();
     assert_eq!(m.format_version, 2);
     put(&old, &seg(1), 1).await;
+    put(&open(dir.path(), |o| o.format_version = 3), &seg(2), 2).await;
     let repo = open(dir.path(), |_| {});
-    put(&repo, &seg(2), 2).await;
-    for (n, version) in [(1u8, 2u16), (2, 3)] {
+    put(&repo, &seg(3), 3).await;
+    let all = [ContentHash::Sha256, ContentHash::Blake3, ContentHash::Xxh3];
+    for (n, version, hash) in [
+        (1u8, 2u16, ContentHash::Sha256),
+        (2, 3, ContentHash::Blake3),
+        (3, 4, ContentHash::Xxh3),
+    ] {
         let key = seg(u32::from(n));
         let info = repo.info(&key).await.unwrap();
         assert_eq!(info.format_version, version, "{key}");
+        assert_eq!(info.content_hash(), hash, "{key}");
         assert_eq!(repo.get(&key).await.unwrap(), data(n));
         assert_eq!(repo.verify(&key).await.unwrap().info, info);
         assert!(info.matches_content(&[data(n)]));
         assert!(!info.matches_content(&[data(n + 1)]));
-        // The other version's hash of the same bytes does not match.
-        let other = storage::format::ContentHash::of_version(5 - version).digest(&[data(n)]);
-        assert!(!info.matches_content_digest(&other, data(n).len() as u64));
+        // Another hash of the same bytes does not match.
+        for other in all.iter().filter(|h| **h != hash) {
+            let d = other.digest(&[data(n)]);
+            assert!(!info.matches_content_digest(&d, data(n).len() as u64));
+        }
     }
-    let bytes = std::fs::read(dir.path().join(seg(2).as_str())).unwrap();
-    assert_eq!(Header::parse("k", &bytes).unwrap().unwrap().0.version, 3);
-    // A new repository says version 3 in its marker.
+    let bytes = std::fs::read(dir.path().join(seg(3).as_str())).unwrap();
+    assert_eq!(Header::parse("k", &bytes).unwrap().unwrap().0.version, 4);
+    // A new repository says version 4 in its marker.
     let fresh = tempfile::tempdir().unwrap();
     let r = marked(fresh.path(), |_| {}).await;
-    assert_eq!(r.read_marker().await.unwrap().unwrap().format_version, 3);
-    // Versions outside 2..=3 cannot be written.
-    for v in [0u16, 1, 4] {
+    assert_eq!(r.read_marker().await.unwrap().unwrap().format_version, 4);
+    // Versions outside 2..=4 cannot be written.
+    for v in [0u16, 1, 5] {
         let o = RepoOptions {
             format_version: v,
             ..RepoOptions::default()
@@ -477,7 +515,11 @@ async fn a_header_rewritten_to_another_version_fails_the_digest() {
     put(&v2, &seg(1), 1).await;
     let repo = open(dir.path(), |_| {});
     put(&repo, &seg(2), 2).await;
-    for (n, to) in [(1u32, 3u16), (2, 2)] {
+    put(&repo, &seg(3), 3).await;
+    put(&open(dir.path(), |o| o.format_version = 3), &seg(4), 4).await;
+    put(&open(dir.path(), |o| o.format_version = 3), &seg(5), 5).await;
+    // 2 → 3, 4 → 2, 4 → 3, 3 → 4, 3 → 2.
+    for (n, to) in [(1u32, 3u16), (2, 2), (3, 3), (4, 4), (5, 2)] {
         let path = dir.path().join(seg(n).as_str());
         let forged = with_version(&std::fs::read(&path).unwrap(), to);
         std::fs::write(&path, forged).unwrap();

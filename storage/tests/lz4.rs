@@ -60,7 +60,7 @@ async fn lz4_objects_round_trip_plain_and_encrypted() {
         assert!(repo.verify(&key).await.unwrap().plaintext_verified);
         assert!(info.matches_content(&[&d]));
         let (h, flags) = frame_flags(&dir.path().join(key.as_str()));
-        assert_eq!((h.version, h.codec), (3, Codec::Lz4));
+        assert_eq!((h.version, h.codec), (4, Codec::Lz4));
         assert_eq!(flags.len(), 6);
         for f in flags {
             assert_ne!(f & FRAME_LZ4, 0, "{f:02x}");

@@ -912,7 +912,7 @@ fn version_prints_the_build_facts() {
     for scheme in ["file://", "s3://"] {
         assert!(backends.contains(scheme), "{stdout}");
     }
-    assert!(field("object format:").starts_with("v3"), "{stdout}");
+    assert!(field("object format:").starts_with("v4"), "{stdout}");
 }
 
 /// Runs `postgres stream` against a port nothing listens on for a moment (it keeps

@@ -1,8 +1,9 @@
 //! Container format versions mixed in one repository (storage/FORMAT.md, "Version 2
 //! repositories, mixed versions"): a repository streamed by a writer of format version 2
-//! (`SYNCBRIDGE_FORMAT_VERSION=2`, what an older build wrote), then by this build's default
-//! (version 3, BLAKE3 content hash), then with `--compression lz4` (version 3, LZ4 frames),
-//! reads with every command: `wal-fetch` returns the bytes of `pg_wal` for segments of
+//! (`SYNCBRIDGE_FORMAT_VERSION=2`, what an older build wrote), then version 3 (BLAKE3
+//! content hash, `SYNCBRIDGE_FORMAT_VERSION=3`), then by this build's default (version 4,
+//! XXH3-128 content hash), then with `--compression lz4` (version 4, LZ4 frames), reads with
+//! every command: `wal-fetch` returns the bytes of `pg_wal` for segments of
 //! every kind, `repo check` calls the repository healthy and `verify` reads every object
 //! back without naming one (it names only the missing base backup: none is taken here);
 //! stored version 2 objects are never rewritten, and damage to one is still caught by its
@@ -70,7 +71,7 @@ fn stream_segments(
 }
 
 #[test]
-fn a_repository_streamed_as_version_2_then_3_reads_with_every_command() {
+fn a_repository_streamed_as_version_2_then_3_then_4_reads_with_every_command() {
     let pg = PgCluster::builder(PgVersion::V15)
         .wal_keep_size_mb(512)
         .start();
@@ -87,12 +88,18 @@ fn a_repository_streamed_as_version_2_then_3_reads_with_every_command() {
     }
     let v2_bytes = std::fs::read(segment_file(&repo_dir, &old[1])).unwrap();
 
-    // This build's default: version 3. The restart continues the chain of version 2
-    // deltas the stop left (the segment in progress) with version 3 ones; stored version 2
-    // objects are left alone.
-    let new = stream_segments(&pg, &url, &dir.path().join("v3.log"), &[], &[], 2);
-    for s in &new {
+    // Version 3 on request. The restart continues the chain of version 2 deltas the stop
+    // left (the segment in progress) with version 3 ones; stored version 2 objects are left
+    // alone.
+    let v3_env = [("SYNCBRIDGE_FORMAT_VERSION".to_string(), "3".to_string())];
+    let blake3 = stream_segments(&pg, &url, &dir.path().join("v3.log"), &v3_env, &[], 2);
+    for s in &blake3 {
         assert_eq!(version_of(&segment_file(&repo_dir, s)), 3, "{s}");
+    }
+    // This build's default: version 4, after version 3 deltas.
+    let new = stream_segments(&pg, &url, &dir.path().join("v4.log"), &[], &[], 2);
+    for s in &new {
+        assert_eq!(version_of(&segment_file(&repo_dir, s)), 4, "{s}");
     }
     let lz4 = stream_segments(
         &pg,
@@ -104,8 +111,8 @@ fn a_repository_streamed_as_version_2_then_3_reads_with_every_command() {
     );
     for s in &lz4 {
         let b = std::fs::read(segment_file(&repo_dir, s)).unwrap();
-        // Version 3, header codec 2 (LZ4), and smaller than the segment.
-        assert_eq!((u16::from_le_bytes([b[8], b[9]]), b[15]), (3, 2), "{s}");
+        // Version 4, header codec 2 (LZ4), and smaller than the segment.
+        assert_eq!((u16::from_le_bytes([b[8], b[9]]), b[15]), (4, 2), "{s}");
         assert!(b.len() < 8 << 20, "{s}: {} bytes", b.len());
     }
     assert_eq!(
@@ -118,7 +125,7 @@ fn a_repository_streamed_as_version_2_then_3_reads_with_every_command() {
 
     let out_dir = tempfile::tempdir().unwrap();
     let target = out_dir.path().join("RECOVERYXLOG");
-    for s in old.iter().chain(&new).chain(&lz4) {
+    for s in old.iter().chain(&blake3).chain(&new).chain(&lz4) {
         let out = run_agent(&[
             "postgres",
             "wal-fetch",
@@ -176,4 +183,23 @@ fn a_repository_streamed_as_version_2_then_3_reads_with_every_command() {
     let out = run_agent(&["repo", "check", "--repo", &url]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains(&old[0]), "{}", text(&out));
+
+    // A version 4 object whose header says version 3 (its header CRC recomputed) is refused:
+    // its digest binds XXH3-128, which the version 3 tag does not name.
+    std::fs::write(&path, &v2_bytes).unwrap();
+    let path = segment_file(&repo_dir, &new[0]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let (mut header, header_len) = storage::format::Header::parse("k", &bytes)
+        .unwrap()
+        .unwrap();
+    header.version = 3;
+    bytes.splice(..header_len, header.encode());
+    std::fs::write(&path, bytes).unwrap();
+    let out = run_agent(&["repo", "check", "--repo", &url]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&new[0]) && text(&out).contains("BLAKE3"),
+        "{}",
+        text(&out)
+    );
 }

@@ -378,12 +378,16 @@ fn check_local_tree(root: &Path) {
     }
 }
 
-/// Objects of container versions 2 (SHA-256 content hash) and 3 (BLAKE3) side by side in one
-/// repository, written by handles of either version: each handle reads, checks and
-/// verifies both, whole and streamed, and each object says which version it is.
+/// Objects of container versions 2 (SHA-256 content hash), 3 (BLAKE3) and 4 (XXH3-128)
+/// side by side in one repository, written by handles of each version: each handle reads,
+/// checks and verifies all, whole and streamed, and each object says which version it is.
 async fn mixed_format_versions(repo: &Repository, reopen: impl Fn(RepoOptions) -> Repository) {
     let v2 = reopen(RepoOptions {
         format_version: 2,
+        ..opts()
+    });
+    let v3 = reopen(RepoOptions {
+        format_version: 3,
         ..opts()
     });
     let init = repo
@@ -391,12 +395,12 @@ async fn mixed_format_versions(repo: &Repository, reopen: impl Fn(RepoOptions) -
         .await
         .unwrap();
     assert!(matches!(init, MarkerInit::Created(_)), "{init:?}");
-    assert_eq!(init.marker().format_version, 3);
-    let keys: Vec<RepoKey> = (0..2)
+    assert_eq!(init.marker().format_version, 4);
+    let keys: Vec<RepoKey> = (0..3)
         .map(|i| RepoKey::parse(&format!("t/v{}", i + 2)).unwrap())
         .collect();
-    let d: Vec<Vec<u8>> = (0..2).map(|i| data(3 * FRAME + 17, 40 + i)).collect();
-    for (i, w) in [&v2, repo].into_iter().enumerate() {
+    let d: Vec<Vec<u8>> = (0..3).map(|i| data(3 * FRAME + 17, 40 + i)).collect();
+    for (i, w) in [&v2, &v3, repo].into_iter().enumerate() {
         let info = w
             .put(
                 &keys[i],
@@ -408,8 +412,8 @@ async fn mixed_format_versions(repo: &Repository, reopen: impl Fn(RepoOptions) -
             .unwrap();
         assert_eq!(info.format_version, i as u16 + 2);
     }
-    for r in [repo, &v2] {
-        for i in 0..2 {
+    for r in [repo, &v2, &v3] {
+        for i in 0..3 {
             let info = r.info(&keys[i]).await.unwrap();
             assert_eq!(info.format_version, i as u16 + 2, "{}", keys[i]);
             assert!(info.matches_content(&[&d[i]]), "{}", keys[i]);

@@ -229,8 +229,9 @@ pub async fn put_immutable(
                 what: format!("reading the existing {key}"),
                 source: e,
             })?;
-            // Hashed only here (the way the stored object's version hashes: SHA-256 or
-            // BLAKE3): the storage pipeline already hashes every write once.
+            // Hashed only here (the way the stored object hashes: SHA-256, BLAKE3 or
+            // XXH3-128 by its version and encryption): the storage pipeline already hashes
+            // every write once.
             let ours = theirs.digest_of(chunks);
             let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
             if ours == theirs.sha256 && len == theirs.original_len {
