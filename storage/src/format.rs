@@ -590,9 +590,10 @@ fn magic_err(key: &str, found: &[u8]) -> StorageError {
 /// payload). For a large payload it is combined from the CRC32C of the record's header and
 /// the payload CRC32C that header carries (computed by the writer's encoder, or checked by
 /// the reader just before) instead of reading the payload a second time: the combination
-/// costs about 10 µs whatever the length, reading a megabyte about 70 µs.
+/// ([`crate::crc::crc32c_combine`]) costs 0.2 µs whatever the length, reading 4 KiB about
+/// as much, a megabyte about 75 µs.
 pub(crate) fn stored_crc_after_record(crc: u32, record: &[u8]) -> u32 {
-    const COMBINE_FROM: usize = 64 << 10;
+    const COMBINE_FROM: usize = 4 << 10;
     let (Some(header), Some(payload_crc)) = (
         record.get(..FRAME_HEADER_LEN),
         record
@@ -606,7 +607,11 @@ pub(crate) fn stored_crc_after_record(crc: u32, record: &[u8]) -> u32 {
     if payload_len < COMBINE_FROM {
         return crc32c::crc32c_append(crc, record);
     }
-    crc32c::crc32c_combine(crc32c::crc32c_append(crc, header), payload_crc, payload_len)
+    crate::crc::crc32c_combine(
+        crc32c::crc32c_append(crc, header),
+        payload_crc,
+        payload_len as u64,
+    )
 }
 
 /// A frame header: what follows and how to check it.
@@ -784,7 +789,7 @@ mod tests {
 
     #[test]
     fn stored_crc_after_record_equals_reading_every_byte() {
-        for payload_len in [0usize, 1, 100, (64 << 10) - 1, 64 << 10, 1 << 20, 3_000_001] {
+        for payload_len in [0usize, 1, 100, (4 << 10) - 1, 4 << 10, 1 << 20, 3_000_001] {
             let payload: Vec<u8> = (0..payload_len)
                 .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
                 .collect();

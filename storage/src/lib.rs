@@ -68,6 +68,7 @@
 
 mod backend;
 mod binding;
+pub mod crc;
 pub mod error;
 pub mod format;
 mod frame;

@@ -393,7 +393,7 @@ pub fn file_problems(
         e.1 = if e.0 == 0 {
             crc
         } else {
-            crc32c::crc32c_combine(e.1, crc, len as usize)
+            storage::crc::crc32c_combine(e.1, crc, len)
         };
         e.0 += len;
     }
