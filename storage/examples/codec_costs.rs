@@ -1,5 +1,6 @@
 //! What each step of the object pipeline costs on real data: CPU seconds per GiB of
-//! SHA-256 (format version 2's content hash), BLAKE3 (version 3's), CRC32C and zstd at several levels (negative = zstd's fast mode), with and
+//! SHA-256 (format version 2's content hash), BLAKE3 (version 3's, and 4's when encrypted),
+//! XXH3-128 (version 4's), the CRC32C and its combine, and zstd at several levels (negative = zstd's fast mode), with and
 //! without long-distance matching, per 1 MiB frame as the container format compresses
 //! them; with the compression ratio and the decompression cost (what a restore pays).
 //! Used to choose the default WAL compression level.

@@ -294,7 +294,7 @@ impl ContentHash {
 pub enum ContentHasher {
     /// SHA-256 (versions 1 and 2).
     Sha256(sha2::Sha256),
-    /// BLAKE3 (version 3); boxed, its state is about 2 KiB.
+    /// BLAKE3 (version 3, encrypted objects of 4); boxed, its state is about 2 KiB.
     Blake3(Box<blake3::Hasher>),
     /// XXH3-128 (plaintext objects of version 4); boxed, its state is about 600 bytes.
     Xxh3(Box<xxhash_rust::xxh3::Xxh3>),

@@ -3,7 +3,7 @@
 //! not: see [`looks_incompressible`]), optional age encryption, CRC32C. These
 //! functions are CPU-bound and run on tokio's blocking pool, several frames at a time.
 //!
-//! The content hash of the whole object (BLAKE3 from format version 3, SHA-256 before) must
+//! The content hash of the whole object (`format::ContentHash`: by version and encryption) must
 //! see frames in order although they are encoded in parallel; `HashChain` lets the job for
 //! frame *i* wait its turn to feed the hasher, so a single-worker pipeline does exactly the
 //! work of the three operations back to back.

@@ -2,8 +2,8 @@
 //!
 //! Everything the agent stores goes through one pipeline into one repository: cut into
 //! frames, compressed (zstd or LZ4), checksummed (CRC32C per frame and per object, a digest
-//! of the original bytes bound to key and repository: BLAKE3 inside SHA-256 in format
-//! version 3, SHA-256 in older objects), optionally encrypted to age X25519 recipients, and uploaded in parts
+//! of the original bytes bound to key and repository: in format version 4 XXH3-128, or
+//! BLAKE3 when encrypted, inside SHA-256; BLAKE3 or SHA-256 in older objects), optionally encrypted to age X25519 recipients, and uploaded in parts
 //! with bounded memory. Objects use the versioned container described in
 //! `storage/FORMAT.md`; readers verify everything.
 //!
