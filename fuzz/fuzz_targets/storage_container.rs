@@ -5,14 +5,14 @@
 //!
 //! The first input byte chooses the mode. Raw mode stores the rest as the object, as is.
 //! Structured mode writes a valid object (plain or age-encrypted, compressed or not,
-//! many small frames; format version 3, or 2 when bit 2 of the mode is set: both are read
-//! by the same decoder, with SHA-256 or BLAKE3 as the content hash; LZ4 frames instead of
+//! many small frames; format version 4, or 2 or 3 when bit 2 of the mode is set: all are read
+//! by the same decoder, with SHA-256, BLAKE3 or XXH3-128 as the content hash; LZ4 frames instead of
 //! zstd when bit 3 is set and bit 2 is not) from the rest, then
 //! applies up to 8 byte edits and an optional truncation taken from the input, so the
 //! decoder is reached past its checksums.
 //! Anything is allowed except a panic, a hang or unbounded allocation; what reads back is
 //! exactly what was written (an edit is either refused or harmless), and the same bytes
-//! copied under another key are always refused (formats v2 and v3 bind the key).
+//! copied under another key are always refused (formats v2 to v4 bind the key).
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -39,7 +39,10 @@ struct World {
     /// Writers of format version 2 objects into the same two repositories.
     plain_v2: Repository,
     encrypted_v2: Repository,
-    /// Writers of LZ4 frames (format version 3) into the same two repositories.
+    /// Writers of format version 3 (BLAKE3 for every object) into the same two.
+    plain_v3: Repository,
+    encrypted_v3: Repository,
+    /// Writers of LZ4 frames (format version 4) into the same two repositories.
     plain_lz4: Repository,
     encrypted_lz4: Repository,
 }
@@ -83,15 +86,17 @@ fn world() -> &'static World {
         let plain_store = Arc::new(InMemory::new());
         let enc_store = Arc::new(InMemory::new());
         let (plain, raw) = (
-            open(&plain_store, opts(false, true, 3)),
-            open(&plain_store, opts(false, false, 3)),
+            open(&plain_store, opts(false, true, 4)),
+            open(&plain_store, opts(false, false, 4)),
         );
-        let encrypted = open(&enc_store, opts(true, true, 3));
+        let encrypted = open(&enc_store, opts(true, true, 4));
         let plain_v2 = open(&plain_store, opts(false, true, 2));
         let encrypted_v2 = open(&enc_store, opts(true, true, 2));
+        let plain_v3 = open(&plain_store, opts(false, true, 3));
+        let encrypted_v3 = open(&enc_store, opts(true, true, 3));
         let lz4 = |recipients| RepoOptions {
             lz4: true,
-            ..opts(recipients, true, 3)
+            ..opts(recipients, true, 4)
         };
         let plain_lz4 = open(&plain_store, lz4(false));
         let encrypted_lz4 = open(&enc_store, lz4(true));
@@ -110,6 +115,8 @@ fn world() -> &'static World {
             encrypted,
             plain_v2,
             encrypted_v2,
+            plain_v3,
+            encrypted_v3,
             plain_lz4,
             encrypted_lz4,
         }
@@ -175,11 +182,13 @@ fuzz_target!(|data: &[u8]| {
         } else {
             (&w.plain, &w.plain_store)
         };
-        // Bit 2 writes format version 2, bit 3 LZ4 frames; `writer` (version 3, zstd)
-        // reads them all.
+        // Bit 2 writes an older format version (2 or 3, by bit 3), else bit 3 LZ4 frames;
+        // `writer` (version 4, zstd) reads them all.
         let put_with = match (mode & 4 != 0, mode & 8 != 0, mode & 2 != 0) {
-            (true, _, true) => &w.encrypted_v2,
-            (true, _, false) => &w.plain_v2,
+            (true, false, true) => &w.encrypted_v2,
+            (true, false, false) => &w.plain_v2,
+            (true, true, true) => &w.encrypted_v3,
+            (true, true, false) => &w.plain_v3,
             (false, true, true) => &w.encrypted_lz4,
             (false, true, false) => &w.plain_lz4,
             (false, false, _) => writer,

@@ -18,6 +18,9 @@ const POLY: u32 = 0x82F6_3B78;
 
 /// `a · b mod P`.
 const fn mult_mod_p(a: u32, mut b: u32) -> u32 {
+    if a == 0 {
+        return 0;
+    }
     let mut m = 1u32 << 31;
     let mut p = 0u32;
     loop {

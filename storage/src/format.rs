@@ -268,6 +268,13 @@ impl ContentHash {
         h.finalize()
     }
 
+    /// Whether nobody can make two contents with the same hash: true for SHA-256 and
+    /// BLAKE3, false for XXH3-128 (accidents only), so "the digests match" means "the
+    /// contents are equal" only for the first two; compare the bytes otherwise.
+    pub fn collision_resistant(self) -> bool {
+        !matches!(self, ContentHash::Xxh3)
+    }
+
     /// The algorithm's name, for messages.
     pub fn name(self) -> &'static str {
         match self {
@@ -873,6 +880,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn version_4_bound_digest_is_the_documented_layout() {
+        // Built from storage/FORMAT.md by hand: SHA-256 of the tag, the repository id, the
+        // key's length (u16 LE) and the key, then XXH3-128 big-endian and 16 zero bytes.
+        use sha2::{Digest, Sha256};
+        let binding = Binding {
+            repo_id: RepoId([0xab; 16]),
+            key: "postgres/wal/00000001/000000010000000000000003".into(),
+        };
+        let content = b"some WAL bytes";
+        let mut inner = xxhash_rust::xxh3::xxh3_128(content).to_be_bytes().to_vec();
+        inner.extend_from_slice(&[0u8; 16]);
+        let mut h = Sha256::new();
+        h.update(b"SBO4 key binding");
+        h.update([0xab; 16]);
+        h.update((binding.key.len() as u16).to_le_bytes());
+        h.update(binding.key.as_bytes());
+        h.update(&inner);
+        let want: [u8; 32] = h.finalize().into();
+        let got = bound_digest(
+            &ContentHash::Xxh3.digest(&[&content[..]]),
+            &binding,
+            ContentHash::Xxh3,
+        );
+        assert_eq!(hex::encode(got), hex::encode(want));
     }
 
     #[test]

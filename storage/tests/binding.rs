@@ -437,6 +437,56 @@ async fn leases_stay_readable_plaintext_and_from_before_the_marker() {
     assert!(matches!(e, StorageError::WrongObject { .. }), "{e}");
 }
 
+/// `bytes` (a version 2 to 4 object) with its header's encryption flag set to `encrypted`
+/// and the header and stored CRCs recomputed (the trailer's digest left as it is).
+fn with_encrypted_flag(bytes: &[u8], encrypted: bool) -> Vec<u8> {
+    let (mut h, hlen) = Header::parse("k", bytes).unwrap().unwrap();
+    h.encrypted = encrypted;
+    let mut out = h.encode();
+    assert_eq!(out.len(), hlen);
+    out.extend_from_slice(&bytes[hlen..]);
+    let n = out.len();
+    let mut t = Trailer::parse("k", &out[n - 68..], 0).unwrap();
+    t.stored_crc = crc32c::crc32c(&out[..n - 68]);
+    out[n - 68..].copy_from_slice(&t.encode());
+    out
+}
+
+#[tokio::test]
+async fn an_encryption_flag_rewritten_either_way_is_refused() {
+    // The flag picks the content hash in version 4 (BLAKE3 when encrypted, XXH3-128 when
+    // not), so it is one more header field someone could rewrite to change how an object
+    // is checked. Encrypted → plaintext is refused by the repository's encryption (check 4
+    // of Binding); plaintext → encrypted by the frames, which are not age files.
+    let dir = tempfile::tempdir().unwrap();
+    let id = generate_identity();
+    let writer = marked(dir.path(), |o| o.recipients = vec![id.to_public()]).await;
+    put(&writer, &seg(1), 1).await;
+    let path = dir.path().join(seg(1).as_str());
+    std::fs::write(
+        &path,
+        with_encrypted_flag(&std::fs::read(&path).unwrap(), false),
+    )
+    .unwrap();
+    let reader = open(dir.path(), |o| o.identities = vec![id.clone()]);
+    assert_refused(&reader, &seg(1), "not encrypted, but the repository is").await;
+
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = marked(plain_dir.path(), |_| {}).await;
+    put(&plain, &seg(2), 2).await;
+    let path = plain_dir.path().join(seg(2).as_str());
+    std::fs::write(
+        &path,
+        with_encrypted_flag(&std::fs::read(&path).unwrap(), true),
+    )
+    .unwrap();
+    let with_identity = open(plain_dir.path(), |o| o.identities = vec![id.clone()]);
+    for r in [&plain, &with_identity] {
+        assert!(r.get(&seg(2)).await.is_err());
+        assert!(r.verify(&seg(2)).await.is_err());
+    }
+}
+
 /// `bytes` (a version 2 to 4 object) with its header's version set to `version` and the
 /// header and stored CRCs recomputed (the trailer's digest left as it is).
 fn with_version(bytes: &[u8], version: u16) -> Vec<u8> {
@@ -507,9 +557,11 @@ async fn versions_2_3_and_4_mix_in_one_repository() {
 
 #[tokio::test]
 async fn a_header_rewritten_to_another_version_fails_the_digest() {
-    // The header's version decides the content hash; its CRC is no secret, so someone can
-    // rewrite it. The digest's domain names the version too: the object is refused either
-    // way, never read with the other hash.
+    // The header's version (with its encryption flag) decides the content hash; its CRC is
+    // no secret, so someone can rewrite it. The digest's domain names the content hash too:
+    // a plaintext object is refused whichever other version it claims, never read with
+    // another hash. (An encrypted object is hashed with BLAKE3 in versions 3 and 4 alike,
+    // so relabelling one between them changes nothing that is read.)
     let dir = tempfile::tempdir().unwrap();
     let v2 = marked(dir.path(), |o| o.format_version = 2).await;
     put(&v2, &seg(1), 1).await;

@@ -174,7 +174,8 @@ fn a_repository_streamed_as_version_2_then_3_then_4_reads_with_every_command() {
     // A version 2 object whose trailer digest was changed (its CRC recomputed, so only the
     // digest can tell) is still refused, by its SHA-256 binding.
     let path = segment_file(&repo_dir, &old[0]);
-    let mut bytes = std::fs::read(&path).unwrap();
+    let intact = std::fs::read(&path).unwrap();
+    let mut bytes = intact.clone();
     let at = bytes.len() - 68;
     let mut t = storage::format::Trailer::parse("k", &bytes[at..], 0).unwrap();
     t.sha256[0] ^= 1;
@@ -184,9 +185,12 @@ fn a_repository_streamed_as_version_2_then_3_then_4_reads_with_every_command() {
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains(&old[0]), "{}", text(&out));
 
-    // A version 4 object whose header says version 3 (its header CRC recomputed) is refused:
-    // its digest binds XXH3-128, which the version 3 tag does not name.
-    std::fs::write(&path, &v2_bytes).unwrap();
+    // A version 4 object whose header says version 3 (its header CRC and the trailer's
+    // stored CRC recomputed, so every CRC passes) is refused by its digest, read as
+    // version 3 with BLAKE3: it binds XXH3-128 under another domain tag.
+    std::fs::write(&path, &intact).unwrap();
+    let out = run_agent(&["repo", "check", "--repo", &url]);
+    assert!(out.status.success(), "{}", text(&out));
     let path = segment_file(&repo_dir, &new[0]);
     let mut bytes = std::fs::read(&path).unwrap();
     let (mut header, header_len) = storage::format::Header::parse("k", &bytes)
@@ -194,12 +198,20 @@ fn a_repository_streamed_as_version_2_then_3_then_4_reads_with_every_command() {
         .unwrap();
     header.version = 3;
     bytes.splice(..header_len, header.encode());
+    let at = bytes.len() - 68;
+    let mut t = storage::format::Trailer::parse("k", &bytes[at..], 0).unwrap();
+    t.stored_crc = crc32c::crc32c(&bytes[..at]);
+    bytes[at..].copy_from_slice(&t.encode());
     std::fs::write(&path, bytes).unwrap();
     let out = run_agent(&["repo", "check", "--repo", &url]);
     assert!(!out.status.success(), "{}", text(&out));
+    let report = text(&out);
     assert!(
-        text(&out).contains(&new[0]) && text(&out).contains("BLAKE3"),
-        "{}",
-        text(&out)
+        report
+            .lines()
+            .any(|l| l.contains(&new[0])
+                && l.contains("sha256 of key, repository and content (BLAKE3)")),
+        "{report}"
     );
+    assert!(!text(&out).contains("stored crc32c"), "{}", text(&out));
 }

@@ -92,7 +92,7 @@ pub enum WalCompression {
     #[default]
     Zstd,
     /// LZ4: about a quarter of zstd level 1's CPU, objects about twice as large (the CPU
-    /// of `pg_receivewal --compress=lz4`; benches/README.md). Needs container format 3.
+    /// of `pg_receivewal --compress=lz4`; benches/README.md). Needs container format 3 or later.
     Lz4,
 }
 
