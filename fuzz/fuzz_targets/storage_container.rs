@@ -70,7 +70,13 @@ fn world() -> &'static World {
             } else {
                 Vec::new()
             },
-            identities: vec![id.clone()],
+            // Only where objects are encrypted: a reader holding an identity refuses a
+            // marker that says "not encrypted" (the marker is not authenticated).
+            identities: if recipients {
+                vec![id.clone()]
+            } else {
+                Vec::new()
+            },
             // Nothing here is transient: one attempt, no backoff sleeps.
             retry: RetryPolicy {
                 max_attempts: 1,
