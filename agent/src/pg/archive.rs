@@ -243,12 +243,22 @@ pub async fn put_immutable(
                 return Ok(());
             }
             let kept = keep_conflicting_copy(repo, key, kind, chunks).await;
+            let how = if ours == theirs.sha256 {
+                format!(
+                    "its digest matches the streamed bytes' by {}, but read back its bytes differ or fail their checks",
+                    theirs.content_hash().name()
+                )
+            } else {
+                format!(
+                    "stored digest {}, {} bytes; the streamed bytes would have digest {}, {len} bytes",
+                    theirs.sha256_hex(),
+                    theirs.original_len,
+                    hex::encode(ours),
+                )
+            };
             Err(Fatal(format!(
-                "{key} already exists in the repository with DIFFERENT content (stored digest {}, {} bytes; the streamed bytes would have digest {}, {len} bytes). \
-                 The stored object was not overwritten; {kept}. Is another cluster or agent writing to this repository?",
-                theirs.sha256_hex(),
-                theirs.original_len,
-                hex::encode(ours),
+                "{key} already exists in the repository with DIFFERENT content ({how}). \
+                 The stored object was not overwritten; {kept}. Is another cluster or agent writing to this repository?"
             ))
             .into())
         }
@@ -263,20 +273,34 @@ pub async fn put_immutable(
 /// frame by frame (memory: one frame). For an object whose digest matches by a hash that
 /// only catches accidents (format version 4, plaintext): someone who can write to the bucket
 /// could have put a colliding object there first, which must stop the stream loudly, as a
-/// different digest does, rather than be taken for ours.
+/// different digest does, rather than be taken for ours. An object that fails its checks
+/// when read (damaged, or not what its key says) is not ours either.
 async fn stored_bytes_equal(
     repo: &Repository,
     key: &RepoKey,
     chunks: &[Bytes],
 ) -> Result<bool, WriteError> {
-    let read_err = |e| WriteError::Store {
-        what: format!("reading the existing {key} back to compare it"),
-        source: e,
-    };
-    let mut reader = repo.reader(key).await.map_err(read_err)?;
+    match compare_stored(repo, key, chunks).await {
+        Err(e) if e.is_corrupt() => {
+            tracing::warn!(%key, "the stored object does not read back intact: {e}");
+            Ok(false)
+        }
+        other => other.map_err(|e| WriteError::Store {
+            what: format!("reading the existing {key} back to compare it"),
+            source: e,
+        }),
+    }
+}
+
+async fn compare_stored(
+    repo: &Repository,
+    key: &RepoKey,
+    chunks: &[Bytes],
+) -> Result<bool, StorageError> {
+    let mut reader = repo.reader(key).await?;
     let mut ours = chunks.iter().filter(|c| !c.is_empty());
     let mut current: &[u8] = &[];
-    while let Some(piece) = reader.next_chunk().await.map_err(read_err)? {
+    while let Some(piece) = reader.next_chunk().await? {
         let mut theirs: &[u8] = &piece;
         while !theirs.is_empty() {
             if current.is_empty() {
@@ -429,5 +453,59 @@ mod tests {
         ] {
             assert!(!stored_bytes_equal(&repo, &key, &pieces).await.unwrap());
         }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_segment_matching_by_its_trailer_is_not_taken_for_ours() {
+        // A complete segment already stored whose trailer (digest, length) still matches the
+        // streamed bytes but whose payload was damaged: read back, it fails its checks, so
+        // it is a conflict (our copy kept aside, the stream stopped naming it), never a no-op.
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let opts = || storage::RepoOptions {
+            compression_level: None,
+            ..storage::RepoOptions::default()
+        };
+        let repo = Repository::open(&url, opts()).unwrap();
+        let seg = SegmentName::parse(
+            "000000010000000000000003",
+            WalSegmentSize::new(16 << 20).unwrap(),
+        )
+        .unwrap();
+        let key = segment_key(seg).unwrap();
+        let kind = ContentKind::WalSegment;
+        let data = chunks(&[b'w'; 4000]);
+        put_immutable(&repo, &key, kind, &data, &[]).await.unwrap();
+        let path = dir.path().join(key.as_str());
+        let mut stored = std::fs::read(&path).unwrap();
+        let n = stored.len();
+        stored[n - 68 - 100] ^= 1; // a payload byte (raw frame), trailer untouched
+        std::fs::write(&path, &stored).unwrap();
+
+        let err = put_immutable(&repo, &key, kind, &data, &[])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WriteError::Fatal(_)), "{err:#}");
+        let text = err.to_string();
+        assert!(
+            text.contains("DIFFERENT")
+                && text.contains(key.as_str())
+                && text.contains("fail their checks"),
+            "{text}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            stored,
+            "the stored object was rewritten"
+        );
+        let saved = repo
+            .list(&RepoKey::parse("postgres/conflicts").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(saved.len(), 1, "{saved:?}");
+        assert_eq!(
+            repo.get(&saved[0].key).await.unwrap(),
+            Bytes::from(vec![b'w'; 4000])
+        );
     }
 }
