@@ -2,6 +2,8 @@
 //! stream reader never reports a clean end for them.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::PathBuf;
 
 use bytes::Bytes;
@@ -223,15 +225,7 @@ async fn reordered_raw_frames_are_detected() {
     // Incompressible bytes: every frame is stored raw at the full 64 KiB, where the reader
     // combines the stored CRC32C from each record's header and payload CRC instead of
     // reading the payload again. Two whole records swapped must still be caught there.
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let random: Vec<u8> = (0..300_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let random = support::random_bytes(300_000, 0x2545_F491_4F6C_DD1D);
     let f = fixture_of(random).await;
     let b = &f.pristine;
     let first = header_len(b);

@@ -2,6 +2,8 @@
 //! Neon's `simulate_failures`): transfers cut off mid-body, failed PUTs, failed HEADs.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -280,16 +282,7 @@ async fn long_transfers_survive_many_breaks_while_progressing() {
     let store = flaky(0, 0, 0);
     let repo = Repository::from_store(store.clone(), "", "flaky://", opts()).unwrap();
     let key = RepoKey::parse("big").unwrap();
-    let mut x = 0x1234_5678_9abc_def1u64;
-    let d: Bytes = (0..12 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect::<Vec<u8>>()
-        .into();
+    let d = Bytes::from(support::random_bytes(12 << 20, 0x1234_5678_9abc_def1));
     repo.put(&key, ContentKind::Other, d.clone(), PutMode::CreateNew)
         .await
         .unwrap();

@@ -3,6 +3,8 @@
 //! only when the operator made the repository directory group-readable beforehand.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
@@ -35,15 +37,7 @@ async fn fill(root: &Path) {
         .await
         .unwrap();
     // Incompressible, so the stored object spans several parts.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..12 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = support::random_bytes(12 << 20, 0x9e37_79b9_7f4a_7c15);
     w.write(Bytes::from(data)).await.unwrap();
     w.finish().await.unwrap();
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use bytes::Bytes;
 use storage::keys::generate_identity;
 use storage::{ContentKind, EncodedRecord, PutMode, RepoKey, RepoOptions, Repository};
-use support::{stored_frames, wal_like};
+use support::{random_bytes, stored_frames, wal_like};
 
 const FRAME: usize = 64 << 10;
 
@@ -29,13 +29,7 @@ fn open(dir: &Path, f: impl FnOnce(&mut RepoOptions)) -> Repository {
 /// WAL-like records with a stretch of incompressible bytes in the middle.
 fn data(len: usize) -> Bytes {
     let mut v = wal_like(len).to_vec();
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for b in &mut v[len / 3..len / 3 + 100_000] {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    v[len / 3..len / 3 + 100_000].copy_from_slice(&random_bytes(100_000, 0x9E37_79B9_7F4A_7C15));
     Bytes::from(v)
 }
 

@@ -16,6 +16,20 @@ pub fn wal_like(len: usize) -> Bytes {
     Bytes::from(v)
 }
 
+/// Incompressible bytes, the same for the same `seed` (xorshift64; no `rand` needed for
+/// test data that only has to defeat the codecs).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// The header of the object file at `path` and each frame record's header and stored bytes
 /// (frame header and payload), in stored order.
 pub fn stored_frames(path: &Path) -> (Header, Vec<(FrameHeader, Vec<u8>)>) {
