@@ -50,6 +50,17 @@ fn proc_field(pid: u32, key: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Minor page faults of the process (all its threads, `/proc/PID/stat` field 10).
+fn minor_faults(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    after
+        .split_whitespace()
+        .nth(7)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// utime + stime in seconds (of the process itself; neither receiver forks workers).
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -58,6 +69,29 @@ fn cpu_seconds(pid: u32) -> f64 {
     let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
         + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     ticks as f64 / 100.0
+}
+
+/// Context switches (voluntary, involuntary) summed over the process's threads: a receiver
+/// that wakes for every small socket read or hands each piece of work to another thread
+/// shows it here before it shows in CPU.
+fn context_switches(pid: u32) -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0, 0);
+    };
+    let mut sum = (0, 0);
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |key: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        sum.0 += field("voluntary_ctxt_switches:");
+        sum.1 += field("nonvoluntary_ctxt_switches:");
+    }
+    sum
 }
 
 fn parse_lsn(text: &str) -> u64 {
@@ -72,6 +106,10 @@ struct Receiver {
     lags_ms: Vec<f64>,
     caught_up: Option<Duration>,
     cpu: f64,
+    /// Context switches (voluntary, involuntary) of threads alive at the end.
+    switches: (u64, u64),
+    /// Minor page faults (`/proc/PID/stat` field 10): fresh memory being touched.
+    minor_faults: u64,
     rss_kib: u64,
     /// Where it stores WAL on the local disk, if it does.
     dir: Option<PathBuf>,
@@ -179,6 +217,8 @@ fn main() {
             lags_ms: Vec::new(),
             caught_up: None,
             cpu: 0.0,
+            switches: (0, 0),
+            minor_faults: 0,
             rss_kib: 0,
             dir: repo
                 .strip_prefix("file://")
@@ -226,6 +266,8 @@ fn main() {
             lags_ms: Vec::new(),
             caught_up: None,
             cpu: 0.0,
+            switches: (0, 0),
+            minor_faults: 0,
             rss_kib: 0,
             dir: Some(dir),
         });
@@ -330,6 +372,8 @@ fn main() {
     }
     for rc in receivers.iter_mut() {
         rc.cpu = cpu_seconds(rc.child.id());
+        rc.switches = context_switches(rc.child.id());
+        rc.minor_faults = minor_faults(rc.child.id());
         let _ = rc.child.kill();
         let _ = rc.child.wait();
     }
@@ -389,6 +433,17 @@ fn main() {
     println!("\nCPU s/GiB of WAL per receiver (goal: agent <= pg_receivewal --compress=lz4):");
     for rc in &receivers {
         println!("  {:<30} {:>6.2}", rc.name, results[rc.app].1);
+    }
+    println!("\nPer MiB of WAL: context switches (voluntary / involuntary, threads alive at the end) and minor page faults:");
+    let mib = wal_bytes as f64 / 1048576.0;
+    for rc in &receivers {
+        println!(
+            "  {:<36} {:>6.1} / {:<6.1} {:>8.1}",
+            rc.name,
+            rc.switches.0 as f64 / mib,
+            rc.switches.1 as f64 / mib,
+            rc.minor_faults as f64 / mib
+        );
     }
     for app in ["sb_file", "sb_s3", "sb_lz4", "sb_base_file", "sb_base_lz4"] {
         let Some(&(rate, cpu, _)) = results.get(app) else {
