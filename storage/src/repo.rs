@@ -734,8 +734,9 @@ fn open_backend(url_text: &str, opts: &RepoOptions) -> Result<Backend> {
         "s3" | "s3a" => s3_backend(url_text, &url, opts),
         "gs" => {
             let bucket = url.host_str().unwrap_or_default();
-            let mut b = object_store::gcp::GoogleCloudStorageBuilder::new()
-                .with_client_options(client_options(url_text, &url, opts)?);
+            let mut b = object_store::gcp::GoogleCloudStorageBuilder::new().with_client_options(
+                client_options(url_text, &url, opts, &env_with_prefix("AWS_"))?,
+            );
             for (k, v) in env_with_prefix("GOOGLE_") {
                 if let Ok(key) = k.parse::<object_store::gcp::GoogleConfigKey>() {
                     b = b.with_config(key, v);
@@ -762,8 +763,9 @@ fn open_backend(url_text: &str, opts: &RepoOptions) -> Result<Backend> {
             )?)
         }
         "az" | "azure" | "abfs" | "abfss" => {
-            let mut b = object_store::azure::MicrosoftAzureBuilder::new()
-                .with_client_options(client_options(url_text, &url, opts)?);
+            let mut b = object_store::azure::MicrosoftAzureBuilder::new().with_client_options(
+                client_options(url_text, &url, opts, &env_with_prefix("AWS_"))?,
+            );
             for (k, v) in env_with_prefix("AZURE_") {
                 if let Ok(key) = k.parse::<object_store::azure::AzureConfigKey>() {
                     b = b.with_config(key, v);
@@ -870,14 +872,25 @@ fn parse_bool(url_text: &str, name: &str, v: &str) -> Result<bool> {
     }
 }
 
-fn client_options(url_text: &str, url: &url::Url, opts: &RepoOptions) -> Result<ClientOptions> {
+/// `env`: the `AWS_*` environment as [`env_with_prefix`] gives it (a parameter so tests can
+/// choose it).
+fn client_options(
+    url_text: &str,
+    url: &url::Url,
+    opts: &RepoOptions,
+    env: &[(String, String)],
+) -> Result<ClientOptions> {
     let mut co = ClientOptions::new()
         .with_connect_timeout(Duration::from_secs(10))
         .with_timeout(Duration::from_secs(300));
     let bundle = query(url, "ca_bundle")
         .map(PathBuf::from)
         .or_else(|| opts.ca_bundle.clone())
-        .or_else(|| std::env::var_os("AWS_CA_BUNDLE").map(PathBuf::from));
+        .or_else(|| {
+            env.iter()
+                .find(|(k, _)| k == "aws_ca_bundle")
+                .map(|(_, v)| PathBuf::from(v))
+        });
     if let Some(path) = bundle {
         let pem = std::fs::read(&path)
             .map_err(|e| config_err(format!("CA bundle {}", path.display()), e))?;
@@ -900,17 +913,19 @@ fn client_options(url_text: &str, url: &url::Url, opts: &RepoOptions) -> Result<
 }
 
 fn s3_backend(url_text: &str, url: &url::Url, opts: &RepoOptions) -> Result<Backend> {
-    let (b, conditional, attributes) = s3_builder(url_text, url, opts)?;
+    let (b, conditional, attributes) = s3_builder(url_text, url, opts, &env_with_prefix("AWS_"))?;
     let store = b.build().map_err(|e| config_err(url_text, e))?;
     store_backend(url_text, url, Arc::new(store), conditional, attributes)
 }
 
-/// The S3 client as configured by the URL, the environment and the store options, whether
-/// conditional puts are on, and the attributes every object gets.
+/// The S3 client as configured by the URL, the `AWS_*` environment `env` (lower-case names,
+/// as [`env_with_prefix`] gives them) and the store options, whether conditional puts are
+/// on, and the attributes every object gets.
 fn s3_builder(
     url_text: &str,
     url: &url::Url,
     opts: &RepoOptions,
+    env: &[(String, String)],
 ) -> Result<(object_store::aws::AmazonS3Builder, bool, Attributes)> {
     use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
     use std::str::FromStr;
@@ -940,10 +955,14 @@ fn s3_builder(
     // Client options first: `with_client_options` replaces them wholesale, so the
     // environment (e.g. AWS_ALLOW_HTTP) must be applied after it.
     let mut b = AmazonS3Builder::new()
-        .with_client_options(client_options(url_text, url, opts)?)
+        .with_client_options(client_options(url_text, url, opts, env)?)
         .with_retry(store_retry(&opts.retry));
-    for (k, v) in env_with_prefix("AWS_") {
-        if let Ok(key) = AmazonS3ConfigKey::from_str(&k) {
+    let mut env_unsigned = false;
+    let mut env_endpoint = false;
+    for (k, v) in env {
+        if let Ok(key) = AmazonS3ConfigKey::from_str(k) {
+            env_unsigned |= matches!(key, AmazonS3ConfigKey::UnsignedPayload);
+            env_endpoint |= matches!(key, AmazonS3ConfigKey::Endpoint);
             b = b.with_config(key, v);
         }
     }
@@ -961,10 +980,7 @@ fn s3_builder(
     if let Some(r) = query(url, "region") {
         b = b.with_region(r);
     }
-    let custom_endpoint = configured_endpoint
-        || query(url, "endpoint").is_some()
-        || std::env::var_os("AWS_ENDPOINT_URL").is_some()
-        || std::env::var_os("AWS_ENDPOINT").is_some();
+    let custom_endpoint = configured_endpoint || query(url, "endpoint").is_some() || env_endpoint;
     // S3-compatible stores behind a custom endpoint mostly want path-style requests.
     let path_style = match query(url, "path_style") {
         Some(v) => parse_bool(url_text, "path_style", &v)?,
@@ -981,7 +997,7 @@ fn s3_builder(
         b = b.with_config(AmazonS3ConfigKey::Checksum, v);
     }
     let unsigned_set = query(url, "unsigned_payload").is_some()
-        || std::env::var_os("AWS_UNSIGNED_PAYLOAD").is_some()
+        || env_unsigned
         || opts.store_config.iter().any(|(k, _)| {
             matches!(
                 AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase()),
@@ -1019,12 +1035,14 @@ fn s3_builder(
 /// (`?unsigned_payload=`, `AWS_UNSIGNED_PAYLOAD`, a store option).
 ///
 /// Signing a body means a SHA-256 pass over every byte before it is sent (about 0.6 CPU s
-/// per GiB here, as much as the rest of a WAL upload's hashing), and again on each retry.
-/// Over HTTPS that pass buys nothing: TLS already keeps the body from being changed in
-/// transit, and every object carries its own checksums and key binding (FORMAT.md). So,
-/// as the AWS SDKs do for S3 over HTTPS, bodies go `UNSIGNED-PAYLOAD` when the endpoint
-/// is HTTPS (AWS itself when no endpoint is set), and stay signed over plain HTTP, where
-/// the signature is the only thing a man in the middle cannot forge.
+/// per GiB here, as much as the rest of a WAL upload's hashing). Over HTTPS that pass buys
+/// little: TLS already keeps the body from being changed in transit, and every object
+/// carries its own checksums and key binding (FORMAT.md), checked whenever it is read. So
+/// bodies go `UNSIGNED-PAYLOAD` when the endpoint is HTTPS (AWS itself when no endpoint is
+/// set), and stay signed over plain HTTP, where the signature is the only thing a man in
+/// the middle cannot forge. An endpoint that is not plainly `https://` keeps the
+/// signature. Behind a proxy that ends TLS and forwards plain HTTP to the store, the
+/// operator keeps it with `unsigned_payload=false`.
 fn default_payload_signing(
     b: object_store::aws::AmazonS3Builder,
 ) -> object_store::aws::AmazonS3Builder {
@@ -1043,66 +1061,91 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// Bodies are signed over plain HTTP only, unless the operator says otherwise.
+    /// Bodies are signed over plain HTTP only, unless the operator says otherwise; the
+    /// endpoint and the override may come from the URL, a store option or the environment
+    /// (given here, so the test does not depend on the one it runs in).
     #[test]
     fn payloads_are_signed_over_http_only_by_default() {
-        use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-        let unsigned = |url_text: &str, store_config: Vec<(String, String)>| {
+        use object_store::aws::AmazonS3ConfigKey;
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let unsigned = |url_text: &str, store: &[(&str, &str)], env: &[(&str, &str)]| {
             let url = url::Url::parse(url_text).unwrap();
             let opts = RepoOptions {
-                store_config,
+                store_config: pairs(store),
                 ..RepoOptions::default()
             };
-            let (b, _, _) = s3_builder(url_text, &url, &opts).unwrap();
+            let (b, _, _) = s3_builder(url_text, &url, &opts, &pairs(env)).unwrap();
             b.get_config_value(&AmazonS3ConfigKey::UnsignedPayload)
                 .unwrap()
         };
+        let https = "s3://b/p?endpoint=https://s3.example:9000";
+        let http = "s3://b/p?endpoint=http://127.0.0.1:1&allow_http=true";
+        assert_eq!(unsigned(https, &[], &[]), "true");
         assert_eq!(
-            unsigned("s3://b/p?endpoint=https://s3.example:9000", vec![]),
+            unsigned("s3://b/p?endpoint=HTTPS://s3.example", &[], &[]),
+            "true"
+        );
+        assert_eq!(unsigned(http, &[], &[]), "false");
+        // No endpoint anywhere: AWS itself, over HTTPS.
+        assert_eq!(unsigned("s3://b/p", &[], &[]), "true");
+        // The endpoint from the environment or a store option.
+        let env_https = [("aws_endpoint_url", "https://minio.internal:9000")];
+        let env_http = [("aws_endpoint_url", "http://minio.internal:9000")];
+        assert_eq!(unsigned("s3://b/p", &[], &env_https), "true");
+        assert_eq!(unsigned("s3://b/p", &[], &env_http), "false");
+        assert_eq!(
+            unsigned("s3://b/p", &[("endpoint", "https://s")], &env_http),
             "true"
         );
         assert_eq!(
-            unsigned("s3://b/p?endpoint=HTTPS://s3.example", vec![]),
+            unsigned("s3://b/p", &[("endpoint", "http://s")], &env_https),
+            "false"
+        );
+        // An endpoint that is not plainly HTTPS keeps the signature (the safe side).
+        assert_eq!(
+            unsigned("s3://b/p", &[], &[("aws_endpoint", "s3.example")]),
+            "false"
+        );
+        // The operator's word wins either way, from wherever it comes.
+        let env_signed = [("aws_unsigned_payload", "false")];
+        let env_unsigned = [("aws_unsigned_payload", "true")];
+        assert_eq!(unsigned(https, &[], &env_signed), "false");
+        assert_eq!(unsigned(http, &[], &env_unsigned), "true");
+        assert_eq!(
+            unsigned(https, &[("aws_unsigned_payload", "false")], &[]),
+            "false"
+        );
+        assert_eq!(
+            unsigned(&format!("{https}&unsigned_payload=false"), &[], &[]),
+            "false"
+        );
+        assert_eq!(
+            unsigned(&format!("{http}&unsigned_payload=true"), &[], &[]),
             "true"
         );
         assert_eq!(
             unsigned(
-                "s3://b/p?endpoint=http://127.0.0.1:1&allow_http=true",
-                vec![]
+                &format!("{https}&unsigned_payload=false"),
+                &[],
+                &env_unsigned
             ),
-            "false"
+            "false",
+            "the URL wins over the environment"
         );
-        // The operator's word wins either way.
-        assert_eq!(
-            unsigned(
-                "s3://b/p?endpoint=https://s3.example&unsigned_payload=false",
-                vec![]
-            ),
-            "false"
-        );
-        assert_eq!(
-            unsigned(
-                "s3://b/p?endpoint=http://127.0.0.1:1&unsigned_payload=true",
-                vec![]
-            ),
-            "true"
-        );
-        let signed = vec![("aws_unsigned_payload".to_string(), "false".to_string())];
-        assert_eq!(
-            unsigned("s3://b/p?endpoint=https://s3.example", signed),
-            "false"
-        );
-        assert!(
-            err("s3://b/p?unsigned_payload=maybe", RepoOptions::default())
-                .contains("unsigned_payload")
-        );
-        // No endpoint: AWS itself, over HTTPS.
-        let aws = default_payload_signing(AmazonS3Builder::new());
-        assert_eq!(
-            aws.get_config_value(&AmazonS3ConfigKey::UnsignedPayload)
-                .unwrap(),
-            "true"
-        );
+        let bad = "s3://b/p?unsigned_payload=maybe";
+        match s3_builder(
+            bad,
+            &url::Url::parse(bad).unwrap(),
+            &RepoOptions::default(),
+            &[],
+        ) {
+            Err(e) => assert!(e.to_string().contains("unsigned_payload=maybe"), "{e}"),
+            Ok(_) => panic!("{bad} was accepted"),
+        }
     }
 
     fn err(url: &str, opts: RepoOptions) -> String {
