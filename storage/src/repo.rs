@@ -968,10 +968,12 @@ fn s3_builder(
     }
     b = b.with_bucket_name(bucket);
     let mut configured_endpoint = false;
+    let mut configured_unsigned = false;
     for (k, v) in &opts.store_config {
         let key = AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase())
             .map_err(|e| config_err(format!("store option {k}"), e))?;
         configured_endpoint |= matches!(key, AmazonS3ConfigKey::Endpoint);
+        configured_unsigned |= matches!(key, AmazonS3ConfigKey::UnsignedPayload);
         b = b.with_config(key, v);
     }
     if let Some(ep) = query(url, "endpoint") {
@@ -996,17 +998,9 @@ fn s3_builder(
     if let Some(v) = query(url, "checksum") {
         b = b.with_config(AmazonS3ConfigKey::Checksum, v);
     }
-    let unsigned_set = query(url, "unsigned_payload").is_some()
-        || env_unsigned
-        || opts.store_config.iter().any(|(k, _)| {
-            matches!(
-                AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase()),
-                Ok(AmazonS3ConfigKey::UnsignedPayload)
-            )
-        });
     if let Some(v) = query(url, "unsigned_payload") {
         b = b.with_unsigned_payload(parse_bool(url_text, "unsigned_payload", &v)?);
-    } else if !unsigned_set {
+    } else if !env_unsigned && !configured_unsigned {
         b = default_payload_signing(b);
     }
     let conditional = match query(url, "conditional_put").as_deref() {

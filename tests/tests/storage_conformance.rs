@@ -304,6 +304,16 @@ async fn encrypted_round_trip(repo: &Repository, reopen: impl Fn(RepoOptions) ->
 // The backends
 // ---------------------------------------------------------------------------------------
 
+/// Credentials, region and `endpoint` of a test SeaweedFS, as store options.
+fn s3_config(s3: &S3Server, endpoint: String) -> Vec<(String, String)> {
+    vec![
+        ("aws_access_key_id".into(), s3.access_key().into()),
+        ("aws_secret_access_key".into(), s3.secret_key().into()),
+        ("aws_region".into(), s3.region().into()),
+        ("aws_endpoint".into(), endpoint),
+    ]
+}
+
 /// A fresh, empty repository location of one kind.
 enum Store {
     Memory(std::sync::Arc<object_store::memory::InMemory>),
@@ -342,26 +352,14 @@ impl Store {
                     .unwrap()
             }
             Store::S3(s3) => {
-                let o = RepoOptions {
-                    store_config: vec![
-                        ("aws_access_key_id".into(), s3.access_key().into()),
-                        ("aws_secret_access_key".into(), s3.secret_key().into()),
-                        ("aws_region".into(), s3.region().into()),
-                        ("aws_endpoint".into(), s3.endpoint()),
-                        ("aws_allow_http".into(), "true".into()),
-                    ],
-                    ..o
-                };
+                let mut store_config = s3_config(s3, s3.endpoint());
+                store_config.push(("aws_allow_http".into(), "true".into()));
+                let o = RepoOptions { store_config, ..o };
                 Repository::open(&s3.repo_url("conf"), o).unwrap()
             }
             Store::S3Https(s3) => {
                 let o = RepoOptions {
-                    store_config: vec![
-                        ("aws_access_key_id".into(), s3.access_key().into()),
-                        ("aws_secret_access_key".into(), s3.secret_key().into()),
-                        ("aws_region".into(), s3.region().into()),
-                        ("aws_endpoint".into(), s3.https_endpoint().unwrap()),
-                    ],
+                    store_config: s3_config(s3, s3.https_endpoint().unwrap()),
                     ca_bundle: s3.ca_cert().map(Path::to_path_buf),
                     ..o
                 };

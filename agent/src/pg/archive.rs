@@ -362,15 +362,20 @@ mod tests {
         text.chunks(3).map(Bytes::copy_from_slice).collect()
     }
 
-    #[tokio::test]
-    async fn immutable_objects_keep_both_versions_on_conflict() {
-        let repo = Repository::open("memory:///", storage::RepoOptions::default()).unwrap();
+    /// The key of segment 3 of timeline 1 (16 MiB segments).
+    fn segment_3_key() -> RepoKey {
         let seg = SegmentName::parse(
             "000000010000000000000003",
             WalSegmentSize::new(16 << 20).unwrap(),
         )
         .unwrap();
-        let key = segment_key(seg).unwrap();
+        segment_key(seg).unwrap()
+    }
+
+    #[tokio::test]
+    async fn immutable_objects_keep_both_versions_on_conflict() {
+        let repo = Repository::open("memory:///", storage::RepoOptions::default()).unwrap();
+        let key = segment_3_key();
         let kind = ContentKind::WalSegment;
         put_immutable(&repo, &key, kind, &chunks(b"original wal"), &[])
             .await
@@ -462,17 +467,12 @@ mod tests {
         // it is a conflict (our copy kept aside, the stream stopped naming it), never a no-op.
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}", dir.path().display());
-        let opts = || storage::RepoOptions {
+        let opts = storage::RepoOptions {
             compression_level: None,
             ..storage::RepoOptions::default()
         };
-        let repo = Repository::open(&url, opts()).unwrap();
-        let seg = SegmentName::parse(
-            "000000010000000000000003",
-            WalSegmentSize::new(16 << 20).unwrap(),
-        )
-        .unwrap();
-        let key = segment_key(seg).unwrap();
+        let repo = Repository::open(&url, opts).unwrap();
+        let key = segment_3_key();
         let kind = ContentKind::WalSegment;
         let data = chunks(&[b'w'; 4000]);
         put_immutable(&repo, &key, kind, &data, &[]).await.unwrap();
