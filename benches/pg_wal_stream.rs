@@ -137,8 +137,9 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(512);
     // `SB_BENCH_PG_WAL_RATE_MIB`: pace the load to this many MiB/s of WAL (default: as fast
-    // as it goes). Below ~32 MiB/s a segment takes longer than half of `--max-lag` to fill,
-    // so the agent ships deltas before the whole segment.
+    // as it goes). Below ~18 MiB/s a segment takes longer than `--max-lag` less the write
+    // headroom (0.9 s against a fast store) to fill, so the agent ships deltas before the
+    // whole segment.
     let rate: f64 = std::env::var("SB_BENCH_PG_WAL_RATE_MIB")
         .ok()
         .and_then(|v| v.parse().ok())

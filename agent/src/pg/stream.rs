@@ -110,6 +110,44 @@ struct Uploaded {
     end: Lsn,
     /// A delta (or durable bytes re-sent after a restart), not a complete segment.
     delta: bool,
+    /// When it was queued, if it wrote an object: a delta's time to durable teaches
+    /// [`WriteHeadroom`].
+    queued: Option<Instant>,
+}
+
+/// How much of `--max-lag` to keep for a delta's write: three times the slowest of the
+/// last eight deltas (queued to durable, so waiting for a segment write ahead of it counts),
+/// at least 100 ms, at most half of `--max-lag`.
+///
+/// A delta goes out once its oldest byte has waited `--max-lag` minus this. Against a fast
+/// store that is 0.9 s of a 1 s `--max-lag`, so a stream writes about half the deltas the
+/// fixed half-way point did (each one an object created, made durable and later removed),
+/// while a slow store keeps the half-way point and with it the promise.
+#[derive(Debug, Default)]
+struct WriteHeadroom {
+    /// The last delta write times, oldest first.
+    recent: std::collections::VecDeque<Duration>,
+}
+
+impl WriteHeadroom {
+    const FLOOR: Duration = Duration::from_millis(100);
+    const WINDOW: usize = 8;
+
+    fn observe(&mut self, took: Duration) {
+        if self.recent.len() == Self::WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(took);
+    }
+
+    /// Until the store has shown how fast it is, the half-way point.
+    fn of(&self, max_lag: Duration) -> Duration {
+        let half = max_lag / 2;
+        match self.recent.iter().max() {
+            None => half,
+            Some(slowest) => (*slowest * 3).clamp(Self::FLOOR.min(half), half),
+        }
+    }
 }
 
 /// How long the repository has kept us waiting: counts only while an upload is
@@ -727,6 +765,7 @@ struct Streamer<'a> {
     /// Deltas queued and not completed: at most one, so WAL arriving meanwhile goes out
     /// as the next single delta (group commit in synchronous mode).
     deltas_in_flight: usize,
+    headroom: WriteHeadroom,
     /// Completion of the most recently queued upload: the next one waits for it before
     /// deleting anything, so a delete never races a put of the same key.
     last_done: Option<oneshot::Receiver<()>>,
@@ -767,6 +806,7 @@ impl<'a> Streamer<'a> {
             stored,
             uploads: FuturesOrdered::new(),
             deltas_in_flight: 0,
+            headroom: WriteHeadroom::default(),
             last_done: None,
             received: start,
             flushed: start,
@@ -782,9 +822,10 @@ impl<'a> Streamer<'a> {
     }
 
     async fn run(&mut self, conn: &mut PgConnection) -> Result<Ended, JobError> {
-        // A delta goes out once its oldest byte has waited half of --max-lag (so WAL waits at
-        // most that plus one upload or two, and a stream writes at most two deltas per
-        // --max-lag), or at once in synchronous mode.
+        // A delta goes out once its oldest byte has waited --max-lag less the headroom its
+        // write needs (so WAL waits at most --max-lag while writes take no longer than they
+        // did recently, and a stream writes at most two deltas per --max-lag), or at once in
+        // synchronous mode.
         let ship_timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(ship_timer);
         let mut armed: Option<Instant> = None;
@@ -1049,6 +1090,7 @@ impl<'a> Streamer<'a> {
         let (prev, done) = self.chain();
         let lease = self.lease.clone();
         let status = self.ctl.status.clone();
+        let queued = Some(Instant::now());
         self.push_upload(Box::pin(async move {
             // The deltas' frames are reused, so their bytes are compressed only once: wait
             // for deltas still being stored (a delta that failed hands over nothing, and
@@ -1076,7 +1118,11 @@ impl<'a> Streamer<'a> {
             remove_superseded(&repo, cleanup).await;
             let _ = done.send(());
             tracing::debug!(%key, "segment stored");
-            Ok(Uploaded { end, delta: false })
+            Ok(Uploaded {
+                end,
+                delta: false,
+                queued,
+            })
         }));
         Ok(())
     }
@@ -1088,12 +1134,21 @@ impl<'a> Streamer<'a> {
             return None;
         }
         let since = self.open.as_ref()?.pending_since?;
-        Some(since + self.opts.max_lag / 2)
+        Some(since + self.opts.max_lag - self.headroom.of(self.opts.max_lag))
     }
 
     fn uploaded(&mut self, done: Uploaded) {
         if done.delta {
             self.deltas_in_flight -= 1;
+            if let Some(queued) = done.queued {
+                let took = queued.elapsed();
+                self.headroom.observe(took);
+                tracing::debug!(
+                    took_ms = took.as_millis() as u64,
+                    headroom_ms = self.headroom.of(self.opts.max_lag).as_millis() as u64,
+                    "delta durable"
+                );
+            }
         } else {
             self.segments_stored += 1;
         }
@@ -1124,7 +1179,13 @@ impl<'a> Streamer<'a> {
                 open.acked = open.len;
                 let end = Lsn(seg_start + open.len as u64);
                 self.deltas_in_flight += 1;
-                self.push_upload(Box::pin(async move { Ok(Uploaded { end, delta: true }) }));
+                self.push_upload(Box::pin(async move {
+                    Ok(Uploaded {
+                        end,
+                        delta: true,
+                        queued: None,
+                    })
+                }));
             }
             return Ok(());
         }
@@ -1152,6 +1213,7 @@ impl<'a> Streamer<'a> {
         self.deltas_in_flight += 1;
         let lease = self.lease.clone();
         let status = self.ctl.status.clone();
+        let queued = Some(Instant::now());
         self.push_upload(Box::pin(async move {
             let records = std::cell::RefCell::new(Vec::new());
             retrying(&key, &status, || async {
@@ -1173,7 +1235,11 @@ impl<'a> Streamer<'a> {
                 .map_err(|e| e.explain(&repo))?;
             remove_superseded(&repo, cleanup).await;
             let _ = done.send(());
-            Ok(Uploaded { end, delta: true })
+            Ok(Uploaded {
+                end,
+                delta: true,
+                queued,
+            })
         }));
         Ok(())
     }
@@ -1290,6 +1356,33 @@ where
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn write_headroom_starts_at_half_and_follows_the_store() {
+        let ms = Duration::from_millis;
+        let max_lag = Duration::from_secs(1);
+        let mut h = WriteHeadroom::default();
+        // Until a write was seen: the half-way point.
+        assert_eq!(h.of(max_lag), ms(500));
+        // A fast store: three times its slowest recent write, never below the floor.
+        h.observe(ms(5));
+        assert_eq!(h.of(max_lag), ms(100));
+        h.observe(ms(40));
+        assert_eq!(h.of(max_lag), ms(120));
+        // A slow write counts at once, capped at half of --max-lag...
+        h.observe(ms(900));
+        assert_eq!(h.of(max_lag), ms(500));
+        // ...until eight faster ones have followed it.
+        for _ in 0..7 {
+            h.observe(ms(5));
+        }
+        assert_eq!(h.of(max_lag), ms(500));
+        h.observe(ms(5));
+        assert_eq!(h.of(max_lag), ms(100));
+        // A --max-lag under 200 ms keeps its half-way point.
+        let short = ms(120);
+        assert_eq!(h.of(short), ms(60));
+    }
 
     #[test]
     fn segment_buffers_hand_out_contiguous_slices_and_are_reused() {
