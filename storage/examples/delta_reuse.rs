@@ -98,7 +98,7 @@ async fn complete(
 async fn main() {
     let files: Vec<String> = std::env::args().skip(1).collect();
     assert!(!files.is_empty(), "give WAL segments");
-    // Delta sizes (a half second of WAL at the default --max-lag 1s): `SIZES` or a
+    // Delta sizes (0.5-0.9 s of WAL at the default --max-lag 1s, by the store's speed): `SIZES` or a
     // range from one commit (--synchronous trickle) to 12 MiB/s, off frame boundaries.
     let sizes: Vec<usize> = std::env::var("SIZES")
         .map(|s| s.split(',').map(|v| v.parse().unwrap()).collect())

@@ -105,7 +105,8 @@ struct StreamArgs {
     slot: String,
     /// Longest time received WAL may wait before it is in the repository (e.g. 1.5s,
     /// 500ms): the RPO. WAL goes out as a delta object when it has waited this less three
-    /// times the store's recent write time (at least 100 ms, at most half). A longer one
+    /// times the store's recent write time (at least a tenth of it or 100 ms, at most
+    /// half; half until the store has shown its speed). A longer one
     /// means fewer delta objects: at 12 MiB/s of WAL, `10s` stores whole segments only and
     /// needs about an eighth (zstd) to a sixth (LZ4) less CPU than `1s`.
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]

@@ -110,43 +110,75 @@ struct Uploaded {
     end: Lsn,
     /// A delta (or durable bytes re-sent after a restart), not a complete segment.
     delta: bool,
-    /// When it was queued, if it wrote an object: a delta's time to durable teaches
-    /// [`WriteHeadroom`].
-    queued: Option<Instant>,
+    /// What the write shows of the store (none when nothing was written).
+    write: Option<WriteStart>,
 }
 
-/// How much of `--max-lag` to keep for a delta's write: three times the slowest of the
-/// last eight deltas (queued to durable, so waiting for a segment write ahead of it counts),
-/// at least 100 ms, at most half of `--max-lag`.
+/// When an upload was queued, how many bytes it encoded, and since when the oldest of the
+/// WAL it makes durable had waited.
+#[derive(Debug, Clone, Copy)]
+struct WriteStart {
+    queued: Instant,
+    /// Original bytes a delta encodes; 0 for a complete segment, whose frames are mostly
+    /// the deltas' (so its write time says nothing of what a bigger delta would take).
+    bytes: u64,
+    oldest: Option<Instant>,
+}
+
+/// How much of `--max-lag` to keep for a delta's write. A delta goes out once its oldest
+/// byte has waited `--max-lag` minus this.
 ///
-/// A delta goes out once its oldest byte has waited `--max-lag` minus this. Against a fast
-/// store that is 0.9 s of a 1 s `--max-lag`, so a stream writes about half the deltas the
-/// fixed half-way point did (each one an object created, made durable and later removed),
-/// while a slow store keeps the half-way point and with it the promise.
+/// Why: a delta to a fast store is durable in 7-33 ms, so the fixed half-way point used
+/// before left most of `--max-lag` unused and wrote twice the deltas needed (each an object
+/// created, made durable and later removed). The headroom is three times the slowest write
+/// of the last minute (up to eight deltas and complete segments, queued to durable, so
+/// waiting for a write ahead counts), at least a tenth of `--max-lag` or 100 ms, at most
+/// half of it: 0.9 s of the default 1 s against a fast store. It is the half-way point
+/// while the store has shown nothing recently, and while more bytes wait than twice the
+/// largest recent delta (a burst after a quiet spell: the store has not shown how long
+/// that much takes).
 #[derive(Debug, Default)]
 struct WriteHeadroom {
-    /// The last delta write times, oldest first.
-    recent: std::collections::VecDeque<Duration>,
+    /// The last writes, oldest first.
+    recent: std::collections::VecDeque<WriteSample>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WriteSample {
+    done: Instant,
+    took: Duration,
+    bytes: u64,
 }
 
 impl WriteHeadroom {
     const FLOOR: Duration = Duration::from_millis(100);
     const WINDOW: usize = 8;
+    const MEMORY: Duration = Duration::from_secs(60);
 
-    fn observe(&mut self, took: Duration) {
+    fn observe(&mut self, done: Instant, took: Duration, bytes: u64) {
         if self.recent.len() == Self::WINDOW {
             self.recent.pop_front();
         }
-        self.recent.push_back(took);
+        self.recent.push_back(WriteSample { done, took, bytes });
     }
 
-    /// Until the store has shown how fast it is, the half-way point.
-    fn of(&self, max_lag: Duration) -> Duration {
+    /// The headroom at `now` for a delta of `pending` bytes.
+    fn of(&self, now: Instant, max_lag: Duration, pending: u64) -> Duration {
         let half = max_lag / 2;
-        match self.recent.iter().max() {
-            None => half,
-            Some(slowest) => (*slowest * 3).clamp(Self::FLOOR.min(half), half),
+        let live = || {
+            self.recent
+                .iter()
+                .filter(move |s| now.saturating_duration_since(s.done) <= Self::MEMORY)
+        };
+        let Some(slowest) = live().map(|s| s.took).max() else {
+            return half;
+        };
+        let largest = live().map(|s| s.bytes).max().unwrap_or(0);
+        if pending > largest.saturating_mul(2) {
+            return half;
         }
+        let floor = Self::FLOOR.max(max_lag / 10).min(half);
+        slowest.saturating_mul(3).clamp(floor, half)
     }
 }
 
@@ -181,13 +213,14 @@ impl StallClock {
 const SEGMENT_BUFFER: usize = 16 << 20;
 
 /// Smallest delta frame the complete segment reuses (original bytes). The bytes of smaller
-/// frames (tiny deltas: one per commit in synchronous mode, a few KiB per half second on a
+/// frames (tiny deltas: one per commit in synchronous mode, a few KiB per 0.5-0.9 s on a
 /// quiet database) are encoded again into ordinary frames: a segment made of many small
 /// frames compresses worse (deltas of 20 KB reused: 4-18% more stored; storage example
 /// `delta_reuse`, figures in benches/README.md "WAL encoded once"). From 256 KiB on, a
 /// segment stored from its deltas' frames is within 0.7% of one written from scratch
-/// (64 KiB allowed +2.3% at 100 KB deltas); below it, WAL arrives at under 512 KiB/s,
-/// where encoding it twice costs next to nothing.
+/// (64 KiB allowed +2.3% at 100 KB deltas); below it, WAL arrives at under 285-512 KiB/s
+/// (a delta per 0.9 s against a fast store, per 0.5 s against a slow one), where encoding
+/// it twice costs next to nothing.
 const MIN_REUSED_FRAME: u64 = 256 << 10;
 
 /// Most stored bytes of delta records one segment keeps for reuse until it completes.
@@ -823,9 +856,9 @@ impl<'a> Streamer<'a> {
 
     async fn run(&mut self, conn: &mut PgConnection) -> Result<Ended, JobError> {
         // A delta goes out once its oldest byte has waited --max-lag less the headroom its
-        // write needs (so WAL waits at most --max-lag while writes take no longer than they
-        // did recently, and a stream writes at most two deltas per --max-lag), or at once in
-        // synchronous mode.
+        // write needs (WriteHeadroom: so WAL waits at most --max-lag while each write takes
+        // no longer than that headroom; never more than two deltas per --max-lag), or at
+        // once in synchronous mode.
         let ship_timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(ship_timer);
         let mut armed: Option<Instant> = None;
@@ -1085,12 +1118,16 @@ impl<'a> Streamer<'a> {
         let mut cleanup: Vec<RepoKey> = std::mem::take(&mut seg.chain).into_iter().rev().collect();
         cleanup.extend(std::mem::take(&mut seg.stale).into_iter().map(|(_, k)| k));
         let reusable = std::mem::take(&mut seg.reusable);
+        let write = Some(WriteStart {
+            queued: Instant::now(),
+            bytes: 0,
+            oldest: seg.pending_since,
+        });
         let (chunks, buf) = seg.into_parts();
         self.bufs.give_back(buf);
         let (prev, done) = self.chain();
         let lease = self.lease.clone();
         let status = self.ctl.status.clone();
-        let queued = Some(Instant::now());
         self.push_upload(Box::pin(async move {
             // The deltas' frames are reused, so their bytes are compressed only once: wait
             // for deltas still being stored (a delta that failed hands over nothing, and
@@ -1121,7 +1158,7 @@ impl<'a> Streamer<'a> {
             Ok(Uploaded {
                 end,
                 delta: false,
-                queued,
+                write,
             })
         }));
         Ok(())
@@ -1133,22 +1170,32 @@ impl<'a> Streamer<'a> {
         if self.deltas_in_flight > 0 {
             return None;
         }
-        let since = self.open.as_ref()?.pending_since?;
-        Some(since + self.opts.max_lag - self.headroom.of(self.opts.max_lag))
+        let open = self.open.as_ref()?;
+        let since = open.pending_since?;
+        let pending = open.len.saturating_sub(open.next_start) as u64;
+        let headroom = self.headroom.of(Instant::now(), self.opts.max_lag, pending);
+        Some(since + self.opts.max_lag.saturating_sub(headroom))
     }
 
     fn uploaded(&mut self, done: Uploaded) {
+        if let Some(w) = done.write {
+            let now = Instant::now();
+            let took = now.saturating_duration_since(w.queued);
+            self.headroom.observe(now, took, w.bytes);
+            // What --max-lag promises, for an operator (or a bench) to check.
+            tracing::debug!(
+                delta = done.delta,
+                bytes = w.bytes,
+                took_ms = took.as_millis() as u64,
+                oldest_waited_ms = w
+                    .oldest
+                    .map_or(0, |t| now.saturating_duration_since(t).as_millis() as u64),
+                headroom_ms = self.headroom.of(now, self.opts.max_lag, 0).as_millis() as u64,
+                "WAL durable"
+            );
+        }
         if done.delta {
             self.deltas_in_flight -= 1;
-            if let Some(queued) = done.queued {
-                let took = queued.elapsed();
-                self.headroom.observe(took);
-                tracing::debug!(
-                    took_ms = took.as_millis() as u64,
-                    headroom_ms = self.headroom.of(self.opts.max_lag).as_millis() as u64,
-                    "delta durable"
-                );
-            }
         } else {
             self.segments_stored += 1;
         }
@@ -1172,7 +1219,7 @@ impl<'a> Streamer<'a> {
         let Some(open) = self.open.as_mut() else {
             return Ok(());
         };
-        open.pending_since = None;
+        let oldest = open.pending_since.take();
         let seg_start = open.name.start_lsn().0;
         if open.len <= open.covered {
             if open.len > open.acked {
@@ -1183,7 +1230,7 @@ impl<'a> Streamer<'a> {
                     Ok(Uploaded {
                         end,
                         delta: true,
-                        queued: None,
+                        write: None,
                     })
                 }));
             }
@@ -1213,7 +1260,11 @@ impl<'a> Streamer<'a> {
         self.deltas_in_flight += 1;
         let lease = self.lease.clone();
         let status = self.ctl.status.clone();
-        let queued = Some(Instant::now());
+        let write = Some(WriteStart {
+            queued: Instant::now(),
+            bytes: (stop - start) as u64,
+            oldest,
+        });
         self.push_upload(Box::pin(async move {
             let records = std::cell::RefCell::new(Vec::new());
             retrying(&key, &status, || async {
@@ -1238,7 +1289,7 @@ impl<'a> Streamer<'a> {
             Ok(Uploaded {
                 end,
                 delta: true,
-                queued,
+                write,
             })
         }));
         Ok(())
@@ -1361,27 +1412,38 @@ mod tests {
     fn write_headroom_starts_at_half_and_follows_the_store() {
         let ms = Duration::from_millis;
         let max_lag = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mib = 1u64 << 20;
         let mut h = WriteHeadroom::default();
         // Until a write was seen: the half-way point.
-        assert_eq!(h.of(max_lag), ms(500));
+        assert_eq!(h.of(t0, max_lag, mib), ms(500));
         // A fast store: three times its slowest recent write, never below the floor.
-        h.observe(ms(5));
-        assert_eq!(h.of(max_lag), ms(100));
-        h.observe(ms(40));
-        assert_eq!(h.of(max_lag), ms(120));
+        h.observe(at(1), ms(5), 10 * mib);
+        assert_eq!(h.of(at(1), max_lag, 10 * mib), ms(100));
+        h.observe(at(2), ms(40), 0);
+        assert_eq!(h.of(at(2), max_lag, 10 * mib), ms(120));
+        // More bytes waiting than twice the largest recent delta: the half-way point.
+        assert_eq!(h.of(at(2), max_lag, 20 * mib), ms(120));
+        assert_eq!(h.of(at(2), max_lag, 20 * mib + 1), ms(500));
         // A slow write counts at once, capped at half of --max-lag...
-        h.observe(ms(900));
-        assert_eq!(h.of(max_lag), ms(500));
-        // ...until eight faster ones have followed it.
-        for _ in 0..7 {
-            h.observe(ms(5));
+        h.observe(at(3), ms(900), 10 * mib);
+        assert_eq!(h.of(at(3), max_lag, 0), ms(500));
+        // ...until eight faster ones have followed it...
+        for i in 0..7 {
+            h.observe(at(4 + i), ms(5), 10 * mib);
         }
-        assert_eq!(h.of(max_lag), ms(500));
-        h.observe(ms(5));
-        assert_eq!(h.of(max_lag), ms(100));
-        // A --max-lag under 200 ms keeps its half-way point.
-        let short = ms(120);
-        assert_eq!(h.of(short), ms(60));
+        assert_eq!(h.of(at(10), max_lag, 0), ms(500));
+        h.observe(at(11), ms(5), 10 * mib);
+        assert_eq!(h.of(at(11), max_lag, 0), ms(100));
+        // ...and what the store showed more than a minute ago no longer counts.
+        assert_eq!(h.of(at(71), max_lag, 0), ms(100));
+        assert_eq!(h.of(at(72), max_lag, 0), ms(500));
+        // The floor is a tenth of a longer --max-lag; a short one keeps its half-way point.
+        h.observe(at(80), ms(5), 10 * mib);
+        assert_eq!(h.of(at(80), Duration::from_secs(10), 0), ms(1000));
+        assert_eq!(h.of(at(80), ms(120), 0), ms(60));
+        assert_eq!(h.of(at(80), Duration::from_nanos(1), 0), Duration::ZERO);
     }
 
     #[test]
