@@ -165,15 +165,18 @@ impl WriteHeadroom {
     /// The headroom at `now` for a delta of `pending` bytes.
     fn of(&self, now: Instant, max_lag: Duration, pending: u64) -> Duration {
         let half = max_lag / 2;
-        let live = || {
-            self.recent
-                .iter()
-                .filter(move |s| now.saturating_duration_since(s.done) <= Self::MEMORY)
-        };
-        let Some(slowest) = live().map(|s| s.took).max() else {
+        // One pass: this runs on every turn of the stream's loop.
+        let Some((slowest, largest)) = self
+            .recent
+            .iter()
+            .filter(|s| now.saturating_duration_since(s.done) <= Self::MEMORY)
+            .fold(None, |acc: Option<(Duration, u64)>, s| {
+                let (t, b) = acc.unwrap_or_default();
+                Some((t.max(s.took), b.max(s.bytes)))
+            })
+        else {
             return half;
         };
-        let largest = live().map(|s| s.bytes).max().unwrap_or(0);
         if pending > largest.saturating_mul(2) {
             return half;
         }
