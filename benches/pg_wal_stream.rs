@@ -14,7 +14,9 @@
 //!   the agent's `--synchronous` competes with) to a local directory.
 //!
 //! A write load (`INSERT … generate_series`, `SB_BENCH_PG_WAL_MB` MiB of WAL, default 512;
-//! paced to `SB_BENCH_PG_WAL_RATE_MIB` MiB/s when set) runs while `pg_stat_replication.flush_lag` of every receiver is sampled every 200 ms.
+//! paced to `SB_BENCH_PG_WAL_RATE_MIB` MiB/s when set; or, with
+//! `SB_BENCH_PG_WAL_LOAD=pgbench`, pgbench's TPC-B-like transactions on a scale-20 database
+//! initialised before the receivers start, default 256 MiB, not paced) runs while `pg_stat_replication.flush_lag` of every receiver is sampled every 200 ms.
 //! Reported per receiver: WAL MiB/s sustained (load start until its flush position reached
 //! the end of WAL), lag at the end (seconds after the load until caught up), flush-lag
 //! p50/p99 during the load, CPU seconds per GiB of WAL (utime+stime from /proc), peak RSS
@@ -131,11 +133,49 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[idx]
 }
 
+/// What writes the WAL the receivers stream.
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    /// Batches of `INSERT … generate_series` with repetitive rows: the WAL compresses
+    /// 15-28× (LZ4, zstd), so the codec is a small part of each receiver's CPU.
+    Insert,
+    /// pgbench's TPC-B-like transactions: OLTP WAL (updates of random rows, full-page
+    /// images after each checkpoint) that compresses 4× (LZ4) to 8× (zstd), where the
+    /// codec's cost shows.
+    Pgbench,
+}
+
+impl Load {
+    fn from_env() -> Load {
+        match std::env::var("SB_BENCH_PG_WAL_LOAD").as_deref() {
+            Err(_) | Ok("") | Ok("insert") => Load::Insert,
+            Ok("pgbench") => Load::Pgbench,
+            Ok(other) => panic!("SB_BENCH_PG_WAL_LOAD={other}: use insert or pgbench"),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Load::Insert => "`INSERT … generate_series`",
+            Load::Pgbench => "pgbench (TPC-B-like, 4 clients, scale 20)",
+        }
+    }
+
+    /// Name of the results file, so both loads have their own section in the report.
+    fn bench_id(self) -> &'static str {
+        match self {
+            Load::Insert => "pg_wal_stream",
+            Load::Pgbench => "pg_wal_stream_pgbench",
+        }
+    }
+}
+
 fn main() {
+    let load = Load::from_env();
     let wal_mb: u64 = std::env::var("SB_BENCH_PG_WAL_MB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(512);
+        .unwrap_or(if load == Load::Pgbench { 256 } else { 512 });
     // `SB_BENCH_PG_WAL_RATE_MIB`: pace the load to this many MiB/s of WAL (default: as fast
     // as it goes). Below ~18 MiB/s a segment takes longer than `--max-lag` less the write
     // headroom (0.9 s against a fast store) to fill, so the agent ships deltas before the
@@ -144,6 +184,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
+    assert!(
+        rate == 0.0 || load == Load::Insert,
+        "SB_BENCH_PG_WAL_RATE_MIB paces the insert load only (pgbench runs unpaced)"
+    );
     let pg = PgCluster::builder(PgVersion::V15)
         .wal_keep_size_mb(256)
         .extra_conf("max_wal_senders = 10")
@@ -152,6 +196,21 @@ fn main() {
     let s3 = S3Server::start();
     let work = tempfile::tempdir().unwrap();
     let src = pg.replication_url();
+    let pgbench = pg.client_binary("pgbench");
+    if load == Load::Pgbench {
+        // Before any slot exists: the receivers stream the transactions' WAL, not the
+        // initial load's.
+        let out = Command::new(&pgbench)
+            .args(["-i", "-q", "-s", "20", &pg.superuser_url()])
+            .output()
+            .expect("pgbench (run make deps)");
+        assert!(
+            out.status.success(),
+            "pgbench -i: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg.sql_blocking("CHECKPOINT");
+    }
     let mut receivers = Vec::new();
 
     // `SB_BENCH_AGENT_BASELINE`: another agent binary (an earlier build) streams too, to
@@ -300,6 +359,7 @@ fn main() {
     let load_started = Instant::now();
     let loader = {
         let url = pg.superuser_url();
+        let pgbench = pgbench.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -311,7 +371,18 @@ fn main() {
                 let t0 = Instant::now();
                 let rows = if rate > 0.0 { 1500 } else { 20000 };
                 loop {
-                    client.simple_query(&format!("INSERT INTO load SELECT g, repeat('b', 300) FROM generate_series(1, {rows}) g")).await.unwrap();
+                    if load == Load::Pgbench {
+                        // Five seconds at a time until the WAL target is passed.
+                        let st = tokio::process::Command::new(&pgbench)
+                            .args(["-n", "-c", "4", "-j", "2", "-T", "5", "-M", "prepared", &url])
+                            .stdout(Stdio::null())
+                            .status()
+                            .await
+                            .unwrap();
+                        assert!(st.success(), "pgbench failed: {st}");
+                    } else {
+                        client.simple_query(&format!("INSERT INTO load SELECT g, repeat('b', 300) FROM generate_series(1, {rows}) g")).await.unwrap();
+                    }
                     let rows = client.simple_query("SELECT pg_current_wal_lsn()::text").await.unwrap();
                     let lsn = rows.iter().find_map(|m| match m {
                         tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(parse_lsn),
@@ -389,8 +460,9 @@ fn main() {
 
     let gib = wal_bytes as f64 / (1u64 << 30) as f64;
     println!(
-        "\nWAL streaming, PostgreSQL 15, {:.0} MiB of WAL generated in {:.1} s ({:.1} MiB/s)",
+        "\nWAL streaming, PostgreSQL 15, {:.0} MiB of WAL generated by {} in {:.1} s ({:.1} MiB/s)",
         wal_bytes as f64 / 1048576.0,
+        load.describe(),
         load_time.as_secs_f64(),
         wal_bytes as f64 / 1048576.0 / load_time.as_secs_f64()
     );
@@ -473,11 +545,18 @@ fn main() {
         );
     }
 
-    save_results(wal_bytes, load_time.as_secs_f64(), &report_rows, lag_series);
+    save_results(
+        load,
+        wal_bytes,
+        load_time.as_secs_f64(),
+        &report_rows,
+        lag_series,
+    );
 }
 
 /// The report's copy of the tables above, plus lag over time and CPU per GiB as plots.
 fn save_results(
+    load: Load,
     wal_bytes: u64,
     load_secs: f64,
     rows: &[(&'static str, &'static str, [f64; 7])],
@@ -489,10 +568,15 @@ fn save_results(
             .find(|r| r.1 == app)
             .map_or(f64::NAN, |r| r.2[i])
     };
-    let mut out = BenchResults::new("pg_wal_stream", "WAL streaming vs pg_receivewal");
+    let title = match load {
+        Load::Insert => "WAL streaming vs pg_receivewal",
+        Load::Pgbench => "WAL streaming vs pg_receivewal, pgbench WAL",
+    };
+    let mut out = BenchResults::new(load.bench_id(), title);
     out.note(format!(
-        "PostgreSQL 15, every receiver on its own slot on the same WAL: {:.0} MiB generated by `INSERT … generate_series` in {load_secs:.1} s ({:.1} MiB/s). `SB_BENCH_PG_WAL_MB` sets the amount.",
+        "PostgreSQL 15, every receiver on its own slot on the same WAL: {:.0} MiB generated by {} in {load_secs:.1} s ({:.1} MiB/s). `SB_BENCH_PG_WAL_MB` sets the amount, `SB_BENCH_PG_WAL_LOAD` (insert, pgbench) the load.",
         wal_bytes as f64 / 1048576.0,
+        load.describe(),
         wal_bytes as f64 / 1048576.0 / load_secs
     ));
     out.chart(Chart::Lines {

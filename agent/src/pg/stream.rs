@@ -604,6 +604,20 @@ async fn hold_lease(
     }
 }
 
+/// How long small XLogData messages may gather in the socket before the stream wakes
+/// for them ([`PgConnection::coalesce_reads`]): a hundredth of `--max-lag`, at most 10 ms,
+/// so a server flushing per commit wakes the agent at most about 100 times a second
+/// instead of once per flush. None in synchronous mode, where each commit waits for the
+/// flush. The WAL's wait is counted from up to this much before it was read
+/// ([`Streamer::on_wal`]), so `--max-lag` holds.
+fn read_coalescing(opts: &StreamOptions) -> Duration {
+    if opts.synchronous {
+        Duration::ZERO
+    } else {
+        (opts.max_lag / 100).min(Duration::from_millis(10))
+    }
+}
+
 async fn stream_once(
     opts: &StreamOptions,
     ctl: &Control,
@@ -775,6 +789,7 @@ async fn stream_once(
         );
         remove_superseded(&opts.repo, leftovers).await;
     }
+    conn.coalesce_reads(read_coalescing(opts));
     let mut s = Streamer::new(opts, ctl, size, tli, start, stored, guard);
     let ended = s.run(&mut conn).await?;
     if let Ended::TimelineSwitch(_) = ended {
@@ -1058,7 +1073,10 @@ impl<'a> Streamer<'a> {
             .context("internal: WAL without an open segment")?;
         open.len += n;
         if open.pending_since.is_none() {
-            open.pending_since = Some(Instant::now());
+            // It may have waited in the socket while reads were coalesced.
+            let now = Instant::now();
+            let coalesced = read_coalescing(self.opts);
+            open.pending_since = Some(now.checked_sub(coalesced).unwrap_or(now));
         }
         self.received = Lsn(self.received.0 + n as u64);
         if open.len as u64 == seg_bytes {
