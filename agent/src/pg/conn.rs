@@ -219,6 +219,9 @@ pub struct PgConnection {
     coalesce: std::time::Duration,
     /// The end of the nap in progress (kept across a cancelled `recv_wal`).
     nap_until: Option<tokio::time::Instant>,
+    /// A second handle of the TCP socket, to raise its receive low-water mark while a nap
+    /// lasts (see `rcvlowat`); None for Unix sockets and kernels before Linux 4.18.
+    lowat: Option<std::os::fd::OwnedFd>,
     /// Earlier receive blocks, used again once their slices are gone.
     blocks: RecvBlocks,
     wbuf: BytesMut,
@@ -347,6 +350,7 @@ impl PgConnection {
         let endpoint = info.describe();
         let mut tls_on = false;
         let mut end_point = None;
+        let mut lowat = None;
         let stream: Box<dyn Io> = match &info.host {
             Host::Socket(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{}", info.port));
@@ -361,6 +365,9 @@ impl PgConnection {
                     .await
                     .map_err(|e| JobError::io(e, format!("connecting to {endpoint}")))?;
                 tcp.set_nodelay(true).ok();
+                if super::rcvlowat::usable() {
+                    lowat = std::os::fd::AsFd::as_fd(&tcp).try_clone_to_owned().ok();
+                }
                 match tls::client_config(info)? {
                     None => Box::new(tcp),
                     Some(config) => {
@@ -405,6 +412,7 @@ impl PgConnection {
             read_ahead: false,
             coalesce: std::time::Duration::ZERO,
             nap_until: None,
+            lowat,
             blocks: RecvBlocks::default(),
             wbuf: BytesMut::new(),
             params: HashMap::new(),
@@ -933,6 +941,9 @@ impl PgConnection {
                         let until = *self
                             .nap_until
                             .get_or_insert_with(|| tokio::time::Instant::now() + coalesce);
+                        // Meanwhile arrivals short of READ_AHEAD bytes do not wake us; the
+                        // mark is lowered again however the nap ends.
+                        let _mark = self.lowat.as_ref().and_then(RaisedLowWater::raise);
                         tokio::time::sleep_until(until).await;
                         self.nap_until = None;
                     }
@@ -974,6 +985,30 @@ impl PgConnection {
         frontend::terminate(&mut self.wbuf);
         let _ = self.flush().await;
         let _ = self.writer.shutdown().await;
+    }
+}
+
+/// The socket's receive low-water mark raised to [`READ_AHEAD`] for as long as this lives
+/// (see `rcvlowat`); lowering it on drop makes the kernel report data already waiting.
+struct RaisedLowWater<'a>(&'a std::os::fd::OwnedFd);
+
+impl<'a> RaisedLowWater<'a> {
+    fn raise(socket: &'a std::os::fd::OwnedFd) -> Option<RaisedLowWater<'a>> {
+        match super::rcvlowat::set(socket, READ_AHEAD) {
+            Ok(()) => Some(RaisedLowWater(socket)),
+            Err(e) => {
+                tracing::debug!("SO_RCVLOWAT not set: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for RaisedLowWater<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = super::rcvlowat::set(self.0, 1) {
+            tracing::warn!("could not lower SO_RCVLOWAT again: {e}");
+        }
     }
 }
 
@@ -1167,6 +1202,110 @@ mod tests {
         }
     }
 
+    /// A connection over a real TCP socket on 127.0.0.1 (with its low-water mark handle,
+    /// as `connect` makes it), and the other end.
+    async fn over_tcp() -> (PgConnection, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let lowat = std::os::fd::AsFd::as_fd(&client)
+            .try_clone_to_owned()
+            .unwrap();
+        let (reader, writer) = tokio::io::split(Box::new(client) as Box<dyn Io>);
+        let conn = PgConnection {
+            reader,
+            writer,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wal_rest: 0,
+            read_ahead: false,
+            coalesce: std::time::Duration::ZERO,
+            nap_until: None,
+            lowat: super::super::rcvlowat::usable().then_some(lowat),
+            blocks: RecvBlocks::default(),
+            wbuf: BytesMut::new(),
+            params: HashMap::new(),
+            user: "replicator".into(),
+            endpoint: "test server".into(),
+            server: ConnInfo::parse("postgres://replicator@127.0.0.1/postgres").unwrap(),
+            tls: false,
+            end_point: None,
+            bound: false,
+        };
+        (conn, server)
+    }
+
+    #[tokio::test]
+    async fn over_tcp_a_nap_ends_with_the_waiting_wal_read() {
+        // With the low-water mark raised during naps, the last small message before a
+        // quiet spell must still arrive once the nap ends, not when more data comes.
+        let (mut conn, mut server) = over_tcp().await;
+        assert!(
+            conn.lowat.is_some(),
+            "this kernel should support SO_RCVLOWAT"
+        );
+        conn.coalesce_reads(std::time::Duration::from_millis(50));
+        let mut dest = BytesMut::with_capacity(1 << 20);
+        let limit = std::time::Duration::from_secs(5);
+        for i in 0..4u64 {
+            // The first message is read at once; each later one is sent 10 ms into the
+            // nap that begins when the reader finds the socket empty, so it waits under
+            // the raised mark until the nap ends.
+            let message = xlog_data(0x4000_0000 + i * 100, &[i as u8; 100]);
+            let send = async {
+                if i > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                server.write_all(&message).await.unwrap();
+            };
+            let started = std::time::Instant::now();
+            let (header, ()) = tokio::join!(
+                tokio::time::timeout(limit, conn.recv_wal(&mut dest, 0)),
+                send
+            );
+            let header = header.expect("header in time").unwrap();
+            assert!(
+                matches!(header, WalRecv::Header { len: 100, .. }),
+                "{header:?}"
+            );
+            let data = tokio::time::timeout(limit, conn.recv_wal(&mut dest, 1 << 20))
+                .await
+                .expect("WAL in time")
+                .unwrap();
+            assert!(matches!(data, WalRecv::Data(100)), "{data:?}");
+            let took = started.elapsed();
+            assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+            if i > 0 {
+                assert!(
+                    took >= std::time::Duration::from_millis(45),
+                    "no nap: {took:?}"
+                );
+            }
+        }
+        assert_eq!(dest.len(), 400);
+        // Small messages arriving 2 ms apart are read a nap's worth at a time.
+        let messages: Vec<Vec<u8>> = (0..40u64)
+            .map(|i| xlog_data(0x5000_0000 + i * 512, &[i as u8; 512]))
+            .collect();
+        let writer = tokio::spawn(async move {
+            for m in messages {
+                server.write_all(&m).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            server.write_all(&[b'c', 0, 0, 0, 4]).await.unwrap();
+            server
+        });
+        let (got, headers, _) = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            receive_all(&mut conn, 1 << 20),
+        )
+        .await
+        .expect("every message in time");
+        assert_eq!((got.len(), headers.len()), (40 * 512, 40));
+        drop(writer.await.unwrap());
+    }
+
     /// A connection over an in-memory pipe, as if logged in and streaming, and the count
     /// of its reads that returned bytes.
     fn piped(
@@ -1186,6 +1325,7 @@ mod tests {
             read_ahead: false,
             coalesce: std::time::Duration::ZERO,
             nap_until: None,
+            lowat: None,
             blocks: RecvBlocks::default(),
             wbuf: BytesMut::new(),
             params: HashMap::new(),

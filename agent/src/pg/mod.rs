@@ -11,6 +11,7 @@ pub mod cli;
 pub mod conn;
 pub mod conninfo;
 pub mod partial;
+mod rcvlowat;
 pub mod stream;
 pub mod tls;
 pub mod wal_fetch;
