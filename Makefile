@@ -28,6 +28,7 @@ demo: deps
 bench: deps
 	$(CARGO) build --release -p syncbridge-agent
 	@status=0; $(CARGO) bench --workspace --no-fail-fast || status=$$?; \
+	SB_BENCH_PG_WAL_LOAD=pgbench $(CARGO) bench -p syncbridge-tests --bench pg_wal_stream || status=$$?; \
 	$(CARGO) run --release -q -p syncbridge-tests --bin bench-report; exit $$status
 
 ## bench-report: render bench-report/REPORT.md again from the last results (target/bench-results)

@@ -27,6 +27,10 @@ pub const KNOWN_BENCHES: &[(&str, &str)] = &[
         "cargo bench -p syncbridge-tests --bench pg_wal_stream",
     ),
     (
+        "pg_wal_stream_pgbench",
+        "SB_BENCH_PG_WAL_LOAD=pgbench cargo bench -p syncbridge-tests --bench pg_wal_stream",
+    ),
+    (
         "pg_wal_trickle",
         "cargo bench -p syncbridge-tests --bench pg_wal_trickle",
     ),
