@@ -196,11 +196,11 @@ fn main() {
     let s3 = S3Server::start();
     let work = tempfile::tempdir().unwrap();
     let src = pg.replication_url();
-    let pgbench = pg.client_binary("pgbench");
-    if load == Load::Pgbench {
+    let pgbench = (load == Load::Pgbench).then(|| pg.client_binary("pgbench"));
+    if let Some(pgbench) = &pgbench {
         // Before any slot exists: the receivers stream the transactions' WAL, not the
         // initial load's.
-        let out = Command::new(&pgbench)
+        let out = Command::new(pgbench)
             .args(["-i", "-q", "-s", "20", &pg.superuser_url()])
             .output()
             .expect("pgbench (run make deps)");
@@ -371,9 +371,9 @@ fn main() {
                 let t0 = Instant::now();
                 let rows = if rate > 0.0 { 1500 } else { 20000 };
                 loop {
-                    if load == Load::Pgbench {
+                    if let Some(pgbench) = &pgbench {
                         // Five seconds at a time until the WAL target is passed.
-                        let st = tokio::process::Command::new(&pgbench)
+                        let st = tokio::process::Command::new(pgbench)
                             .args(["-n", "-c", "4", "-j", "2", "-T", "5", "-M", "prepared", &url])
                             .stdout(Stdio::null())
                             .status()

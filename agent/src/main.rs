@@ -1,5 +1,5 @@
 //! `syncbridge-agent`: parse the command line, set up logging, run, return an exit code.
-// One justified exception: agent/src/pg/rcvlowat.rs (a setsockopt no safe crate offers).
+// One justified exception: a setsockopt no safe crate offers (src/pg/rcvlowat.rs).
 #![deny(unsafe_code)]
 
 use std::process::ExitCode;

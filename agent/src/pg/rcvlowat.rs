@@ -1,26 +1,29 @@
 //! `SO_RCVLOWAT` on the replication socket, so a stream coalescing small XLogData
 //! messages ([`super::conn::PgConnection::coalesce_reads`]) is not woken by each one.
 //!
-//! While the mark is above what the socket holds, Linux's TCP neither reports the socket
-//! readable nor wakes a waiting `epoll` for new data (`tcp_data_ready`, since 4.18), and
-//! lowering the mark signals readiness at once if data is waiting (`tcp_set_rcvlowat`).
-//! A non-blocking `recv` still returns whatever is there. See socket(7) and
-//! net/ipv4/tcp.c in the Linux sources.
+//! While less than the mark is waiting, Linux's TCP (4.18 and later) does not wake a
+//! waiting `epoll` for new data (`tcp_data_ready` in net/ipv4/tcp_input.c), except under
+//! memory pressure, when the receive window is down to about one segment, and for FIN or
+//! errors; lowering the mark signals readiness at once if data is waiting
+//! (`tcp_set_rcvlowat` in net/ipv4/tcp.c). A non-blocking `recv` returns whatever is there
+//! whatever the mark. Setting the mark also grows the receive buffer to about twice the
+//! mark when it is smaller (never shrinks it). See socket(7).
 //!
 //! Neither `socket2`, `nix` nor `rustix` exposes this option, hence the one `setsockopt`
-//! call below, the only `unsafe` in the agent.
-#![allow(unsafe_code)]
+//! statement below, the only `unsafe` in the agent.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 
 /// Sets the socket's receive low-water mark to `bytes` (at least 1).
-pub fn set(socket: &OwnedFd, bytes: usize) -> std::io::Result<()> {
+pub fn set(socket: impl AsFd, bytes: usize) -> std::io::Result<()> {
     let value = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `socket` is an open descriptor owned for the whole call, and setsockopt reads
+    let fd = socket.as_fd();
+    // SAFETY: `fd` is an open descriptor borrowed for the whole call, and setsockopt reads
     // exactly `size_of::<c_int>()` bytes from `&value`, a live local of that type.
+    #[allow(unsafe_code)]
     let rc = unsafe {
         libc::setsockopt(
-            socket.as_raw_fd(),
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVLOWAT,
             (&value as *const libc::c_int).cast(),
@@ -29,6 +32,31 @@ pub fn set(socket: &OwnedFd, bytes: usize) -> std::io::Result<()> {
     };
     if rc == 0 {
         Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The socket's receive low-water mark (to test that naps raise and lower it).
+#[cfg(test)]
+pub fn get(socket: impl AsFd) -> std::io::Result<usize> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let fd = socket.as_fd();
+    // SAFETY: `fd` is open for the call; getsockopt writes at most `len` bytes (the size of
+    // `value`, a live local) and stores the written length in `len`.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(usize::try_from(value).unwrap_or(0))
     } else {
         Err(std::io::Error::last_os_error())
     }

@@ -606,17 +606,22 @@ async fn hold_lease(
 
 /// How long small XLogData messages may gather in the socket before the stream wakes
 /// for them ([`PgConnection::coalesce_reads`]): a hundredth of `--max-lag`, at most 10 ms,
-/// so a server flushing per commit wakes the agent at most about 100 times a second
-/// instead of once per flush. None in synchronous mode, where each commit waits for the
-/// flush. The WAL's wait is counted from up to this much before it was read
-/// ([`Streamer::on_wal`]), so `--max-lag` holds.
-fn read_coalescing(opts: &StreamOptions) -> Duration {
-    if opts.synchronous {
+/// so with the default `--max-lag` a server flushing per commit wakes the stream about 100
+/// times a second instead of once per flush. None in synchronous mode, where each commit
+/// waits for the flush, nor below a millisecond (`--max-lag` under 100 ms), which batches
+/// nothing the timer could keep. [`Streamer::on_wal`] counts the WAL's wait from
+/// [`NAP_SLACK`] more than this before it was read, so `--max-lag` holds.
+fn read_coalescing(max_lag: Duration, synchronous: bool) -> Duration {
+    let nap = (max_lag / 100).min(Duration::from_millis(10));
+    if synchronous || nap < Duration::from_millis(1) {
         Duration::ZERO
     } else {
-        (opts.max_lag / 100).min(Duration::from_millis(10))
+        nap
     }
 }
+
+/// A nap ends up to the timer's resolution (1 ms) late.
+const NAP_SLACK: Duration = Duration::from_millis(1);
 
 async fn stream_once(
     opts: &StreamOptions,
@@ -789,7 +794,7 @@ async fn stream_once(
         );
         remove_superseded(&opts.repo, leftovers).await;
     }
-    conn.coalesce_reads(read_coalescing(opts));
+    conn.coalesce_reads(read_coalescing(opts.max_lag, opts.synchronous));
     let mut s = Streamer::new(opts, ctl, size, tli, start, stored, guard);
     let ended = s.run(&mut conn).await?;
     if let Ended::TimelineSwitch(_) = ended {
@@ -1075,8 +1080,9 @@ impl<'a> Streamer<'a> {
         if open.pending_since.is_none() {
             // It may have waited in the socket while reads were coalesced.
             let now = Instant::now();
-            let coalesced = read_coalescing(self.opts);
-            open.pending_since = Some(now.checked_sub(coalesced).unwrap_or(now));
+            let nap = read_coalescing(self.opts.max_lag, self.opts.synchronous);
+            let waited = if nap.is_zero() { nap } else { nap + NAP_SLACK };
+            open.pending_since = Some(now.checked_sub(waited).unwrap_or(now));
         }
         self.received = Lsn(self.received.0 + n as u64);
         if open.len as u64 == seg_bytes {
@@ -1428,6 +1434,21 @@ where
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn reads_are_coalesced_a_hundredth_of_max_lag_up_to_10ms_never_when_synchronous() {
+        let ms = Duration::from_millis;
+        assert_eq!(read_coalescing(ms(1000), false), ms(10));
+        assert_eq!(read_coalescing(Duration::from_secs(60), false), ms(10));
+        assert_eq!(read_coalescing(ms(500), false), ms(5));
+        assert_eq!(read_coalescing(ms(100), false), ms(1));
+        assert_eq!(read_coalescing(ms(99), false), Duration::ZERO);
+        assert_eq!(
+            read_coalescing(Duration::from_nanos(1), false),
+            Duration::ZERO
+        );
+        assert_eq!(read_coalescing(ms(1000), true), Duration::ZERO);
+    }
 
     #[test]
     fn write_headroom_starts_at_half_and_follows_the_store() {
