@@ -862,13 +862,13 @@ impl PgConnection {
     /// ordinary path.
     pub async fn recv_wal(&mut self, dest: &mut BytesMut, room: usize) -> Result<WalRecv> {
         use bytes::Buf;
-        if self.lowat_stuck.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(JobError::io(
-                std::io::Error::other("could not lower SO_RCVLOWAT after a nap"),
-                format!("reading from {}", self.endpoint),
-            ));
-        }
         loop {
+            if self.lowat_stuck.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(JobError::io(
+                    std::io::Error::other("could not lower SO_RCVLOWAT after a nap"),
+                    format!("reading from {}", self.endpoint),
+                ));
+            }
             if self.wal_rest > 0 {
                 let want = self.wal_rest.min(room).min(dest.capacity() - dest.len());
                 if want == 0 {
@@ -966,17 +966,20 @@ impl PgConnection {
                             .nap_until
                             .get_or_insert_with(|| tokio::time::Instant::now() + coalesce);
                         if until > tokio::time::Instant::now() {
-                            let mark = self.lowat.as_ref().and_then(|fd| {
-                                RaisedLowWater::raise(fd, &self.lowat_stuck)
-                                    .map_err(|e| {
-                                        tracing::warn!(
-                                            "SO_RCVLOWAT not set ({e}): small WAL messages wake the stream as they arrive"
-                                        )
-                                    })
-                                    .ok()
+                            if let Some(fd) = &self.lowat {
+                                if let Err(e) = super::rcvlowat::set(fd, READ_AHEAD) {
+                                    tracing::warn!(
+                                        "SO_RCVLOWAT not set ({e}): small WAL messages wake the stream as they arrive"
+                                    );
+                                    self.lowat = None;
+                                }
+                            }
+                            // Lowers the mark again however the nap ends.
+                            let mark = self.lowat.as_ref().map(|socket| RaisedLowWater {
+                                socket,
+                                stuck: &self.lowat_stuck,
                             });
-                            let raised = mark.is_some();
-                            if raised {
+                            if mark.is_some() {
                                 // Arrivals no longer wake us; READ_AHEAD bytes waiting make
                                 // the socket readable and end the nap early.
                                 let mut into = (&mut self.rbuf).limit(want);
@@ -1002,10 +1005,6 @@ impl PgConnection {
                                 tokio::time::sleep_until(until).await;
                             }
                             drop(mark);
-                            if !raised && self.lowat.is_some() {
-                                // Raising it failed: stop trying (warned once above).
-                                self.lowat = None;
-                            }
                         }
                     }
                 }
@@ -1050,22 +1049,12 @@ impl PgConnection {
     }
 }
 
-/// The socket's receive low-water mark raised to [`READ_AHEAD`] for as long as this lives
-/// (see `rcvlowat`); lowering it on drop makes the kernel report data already waiting. If
+/// Lowers the socket's receive low-water mark (raised to [`READ_AHEAD`] for a nap, see
+/// `rcvlowat`) when dropped, which makes the kernel report data already waiting. If
 /// lowering fails, `stuck` is set and the connection refuses further reads.
 struct RaisedLowWater<'a> {
     socket: &'a std::os::fd::OwnedFd,
     stuck: &'a std::sync::atomic::AtomicBool,
-}
-
-impl<'a> RaisedLowWater<'a> {
-    fn raise(
-        socket: &'a std::os::fd::OwnedFd,
-        stuck: &'a std::sync::atomic::AtomicBool,
-    ) -> std::io::Result<RaisedLowWater<'a>> {
-        super::rcvlowat::set(socket, READ_AHEAD)?;
-        Ok(RaisedLowWater { socket, stuck })
-    }
 }
 
 impl Drop for RaisedLowWater<'_> {
@@ -1345,20 +1334,23 @@ mod tests {
             // the raised mark until the nap ends.
             let message = xlog_data(0x4000_0000 + i * 100, &[i as u8; 100]);
             let started = std::time::Instant::now();
-            let send = async {
+            let header = {
+                let recv = tokio::time::timeout(limit, conn.recv_wal(&mut dest, 0));
+                tokio::pin!(recv);
                 if i > 0 {
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    // (Unless this machine stalled the test past the nap's end.)
-                    if started.elapsed() < std::time::Duration::from_millis(40) {
-                        assert_eq!(mark(&probe), READ_AHEAD, "mark during the nap");
-                    }
+                    // One poll starts the nap: the mark stays raised until the next.
+                    assert!(futures::poll!(&mut recv).is_pending());
+                    assert_eq!(mark(&probe), READ_AHEAD, "mark during the nap");
                 }
-                server.write_all(&message).await.unwrap();
+                let send = async {
+                    if i > 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                    server.write_all(&message).await.unwrap();
+                };
+                let (header, ()) = tokio::join!(recv, send);
+                header
             };
-            let (header, ()) = tokio::join!(
-                tokio::time::timeout(limit, conn.recv_wal(&mut dest, 0)),
-                send
-            );
             let header = header.expect("header in time").unwrap();
             assert!(
                 matches!(header, WalRecv::Header { len: 100, .. }),
@@ -1617,5 +1609,88 @@ mod tests {
             started.elapsed()
         );
         drop(writer.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_nap_cut_short_by_cancellation_is_not_taken_twice() {
+        // A call cancelled after its nap ended, while waiting for data, keeps the nap's
+        // end: the next call waits for data at once instead of napping again.
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let (mut conn, _) = piped(client);
+        let nap = std::time::Duration::from_millis(50);
+        conn.coalesce_reads(nap);
+        let mut dest = BytesMut::with_capacity(1 << 20);
+        server
+            .write_all(&xlog_data(0x6000_0000, &[1; 100]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            conn.recv_wal(&mut dest, 0).await.unwrap(),
+            WalRecv::Header { len: 100, .. }
+        ));
+        assert!(matches!(
+            conn.recv_wal(&mut dest, 1 << 20).await.unwrap(),
+            WalRecv::Data(100)
+        ));
+        // Nothing waiting: the nap (50 ms) ends, then the call waits for data until cut.
+        let cut = tokio::time::timeout(
+            std::time::Duration::from_millis(70),
+            conn.recv_wal(&mut dest, 0),
+        )
+        .await;
+        assert!(cut.is_err());
+        let called = tokio::time::Instant::now();
+        let send = async {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            server
+                .write_all(&xlog_data(0x6000_0064, &[2; 100]))
+                .await
+                .unwrap();
+        };
+        let (header, ()) = tokio::join!(conn.recv_wal(&mut dest, 0), send);
+        assert!(matches!(header.unwrap(), WalRecv::Header { len: 100, .. }));
+        assert!(
+            called.elapsed() < std::time::Duration::from_millis(20),
+            "napped again: {:?}",
+            called.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn over_tcp_a_nap_ends_once_64_kib_are_waiting() {
+        // Naps of two seconds, but a burst of small messages (about 100 KiB) arriving
+        // during one must end it: the raised mark makes the socket readable at 64 KiB.
+        let Some((mut conn, _, mut server, _probe)) = over_tcp().await else {
+            return;
+        };
+        conn.coalesce_reads(std::time::Duration::from_secs(2));
+        let mut dest = BytesMut::with_capacity(4 << 20);
+        server
+            .write_all(&xlog_data(0x7000_0000, &[1; 100]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            conn.recv_wal(&mut dest, 0).await.unwrap(),
+            WalRecv::Header { len: 100, .. }
+        ));
+        assert!(matches!(
+            conn.recv_wal(&mut dest, 1 << 20).await.unwrap(),
+            WalRecv::Data(100)
+        ));
+        let burst: Vec<u8> = (0..200u64)
+            .flat_map(|i| xlog_data(0x7000_0064 + i * 512, &[i as u8; 512]))
+            .collect();
+        let started = std::time::Instant::now();
+        let send = async {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            server.write_all(&burst).await.unwrap();
+        };
+        let (header, ()) = tokio::join!(conn.recv_wal(&mut dest, 0), send);
+        assert!(matches!(header.unwrap(), WalRecv::Header { len: 512, .. }));
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(1500),
+            "the nap ran its two seconds: {:?}",
+            started.elapsed()
+        );
     }
 }

@@ -10,7 +10,7 @@
 //! mark when it is smaller (never shrinks it). See socket(7).
 //!
 //! Neither `socket2`, `nix` nor `rustix` exposes this option, hence the one `setsockopt`
-//! statement below, the only `unsafe` in the agent.
+//! statement below, the only `unsafe` in the agent (tests also read the mark back).
 
 use std::os::fd::{AsFd, AsRawFd};
 

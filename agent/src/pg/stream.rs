@@ -606,8 +606,9 @@ async fn hold_lease(
 
 /// How long small XLogData messages may gather in the socket before the stream wakes
 /// for them ([`PgConnection::coalesce_reads`]): a hundredth of `--max-lag`, at most 10 ms,
-/// so with the default `--max-lag` a server flushing per commit wakes the stream about 100
-/// times a second instead of once per flush. None in synchronous mode, where each commit
+/// so with the default `--max-lag` a server flushing per commit wakes the stream at most
+/// about 100 times a second, plus once per 64 KiB gathered sooner, instead of once per
+/// flush. None in synchronous mode, where each commit
 /// waits for the flush, nor below a millisecond (`--max-lag` under 100 ms), which batches
 /// nothing the timer could keep. [`Streamer::on_wal`] counts the WAL's wait from
 /// [`NAP_SLACK`] more than this before it was read, so `--max-lag` holds.
