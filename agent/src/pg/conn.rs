@@ -936,8 +936,11 @@ impl PgConnection {
             } else {
                 XLOG_DATA_HEADER - self.rbuf.len()
             };
-            if self.rbuf.capacity() - self.rbuf.len() < want {
+            if self.rbuf.capacity() - self.rbuf.len() < want && !self.rbuf.try_reclaim(want) {
+                // A fresh allocation, not one of the receive blocks: not kept for reuse
+                // when the connection moves on from it (`RecvBlocks::retire`).
                 self.rbuf.reserve(want);
+                self.blocks.current = 0;
             }
             if self.read_ahead && !self.coalesce.is_zero() {
                 let ready = {
