@@ -331,6 +331,38 @@ impl PgConnection {
         })
     }
 
+    /// A connection over `stream` to `info`'s server, before the startup exchange
+    /// (plaintext; `connect_inner` records TLS). `lowat` is a second handle of the TCP
+    /// socket for read coalescing (see `rcvlowat`).
+    fn over(
+        stream: Box<dyn Io>,
+        lowat: Option<std::os::fd::OwnedFd>,
+        info: &ConnInfo,
+        endpoint: String,
+    ) -> PgConnection {
+        let (reader, writer) = tokio::io::split(stream);
+        PgConnection {
+            reader,
+            writer,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wal_rest: 0,
+            read_ahead: false,
+            coalesce: std::time::Duration::ZERO,
+            nap_until: None,
+            lowat,
+            lowat_stuck: Default::default(),
+            blocks: RecvBlocks::default(),
+            wbuf: BytesMut::new(),
+            params: HashMap::new(),
+            user: info.user.clone(),
+            endpoint,
+            server: info.clone(),
+            tls: false,
+            end_point: None,
+            bound: false,
+        }
+    }
+
     async fn connect_one(
         info: &ConnInfo,
         mode: ConnectMode,
@@ -407,27 +439,9 @@ impl PgConnection {
                 }
             }
         };
-        let (reader, writer) = tokio::io::split(stream);
-        let mut conn = PgConnection {
-            reader,
-            writer,
-            rbuf: BytesMut::with_capacity(64 * 1024),
-            wal_rest: 0,
-            read_ahead: false,
-            coalesce: std::time::Duration::ZERO,
-            nap_until: None,
-            lowat,
-            lowat_stuck: Default::default(),
-            blocks: RecvBlocks::default(),
-            wbuf: BytesMut::new(),
-            params: HashMap::new(),
-            user: info.user.clone(),
-            endpoint,
-            server: info.clone(),
-            tls: tls_on,
-            end_point,
-            bound: false,
-        };
+        let mut conn = PgConnection::over(stream, lowat, info, endpoint);
+        conn.tls = tls_on;
+        conn.end_point = end_point;
         let app = info
             .application_name
             .clone()
@@ -1269,27 +1283,8 @@ mod tests {
             inner: io,
             reads: reads.clone(),
         });
-        let (reader, writer) = tokio::io::split(io);
-        let conn = PgConnection {
-            reader,
-            writer,
-            rbuf: BytesMut::with_capacity(64 * 1024),
-            wal_rest: 0,
-            read_ahead: false,
-            coalesce: std::time::Duration::ZERO,
-            nap_until: None,
-            lowat,
-            lowat_stuck: Default::default(),
-            blocks: RecvBlocks::default(),
-            wbuf: BytesMut::new(),
-            params: HashMap::new(),
-            user: "replicator".into(),
-            endpoint: "test server".into(),
-            server: ConnInfo::parse("postgres://replicator@127.0.0.1/postgres").unwrap(),
-            tls: false,
-            end_point: None,
-            bound: false,
-        };
+        let info = ConnInfo::parse("postgres://replicator@127.0.0.1/postgres").unwrap();
+        let conn = PgConnection::over(io, lowat, &info, "test server".into());
         (conn, reads)
     }
 
@@ -1299,13 +1294,14 @@ mod tests {
     }
 
     /// A connection over a real TCP socket on 127.0.0.1 with its low-water mark handle, as
-    /// `connect` makes it; the other end; and a handle to read the mark. None where the
-    /// kernel has no usable SO_RCVLOWAT (before Linux 4.18), as in production.
-    async fn over_tcp() -> Option<(PgConnection, Reads, TcpStream, std::os::fd::OwnedFd)> {
-        if !crate::pg::rcvlowat::usable() {
-            eprintln!("SO_RCVLOWAT not usable on this kernel: nothing to test");
-            return None;
-        }
+    /// `connect` makes it; the other end; and a handle to read the mark. Fails (rather than
+    /// passing untested) on a kernel without a usable SO_RCVLOWAT (before Linux 4.18),
+    /// where production reads without the mark.
+    async fn over_tcp() -> (PgConnection, Reads, TcpStream, std::os::fd::OwnedFd) {
+        assert!(
+            crate::pg::rcvlowat::usable(),
+            "this kernel has no usable SO_RCVLOWAT (Linux 4.18 or later): these tests need one"
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -1314,7 +1310,7 @@ mod tests {
         let fd = |s: &TcpStream| std::os::fd::AsFd::as_fd(s).try_clone_to_owned().unwrap();
         let (lowat, probe) = (fd(&client), fd(&client));
         let (conn, reads) = test_conn(Box::new(client), Some(lowat));
-        Some((conn, reads, server, probe))
+        (conn, reads, server, probe)
     }
 
     fn mark(probe: &std::os::fd::OwnedFd) -> usize {
@@ -1325,9 +1321,7 @@ mod tests {
     async fn over_tcp_a_nap_raises_the_mark_and_ends_with_the_waiting_wal_read() {
         // The last small message before a quiet spell must arrive once the nap ends, not
         // when more data comes.
-        let Some((mut conn, reads, mut server, probe)) = over_tcp().await else {
-            return;
-        };
+        let (mut conn, reads, mut server, probe) = over_tcp().await;
         conn.coalesce_reads(std::time::Duration::from_millis(50));
         let mut dest = BytesMut::with_capacity(1 << 20);
         let limit = std::time::Duration::from_secs(5);
@@ -1663,9 +1657,7 @@ mod tests {
     async fn over_tcp_a_nap_ends_once_64_kib_are_waiting() {
         // Naps of two seconds, but a burst of small messages (about 100 KiB) arriving
         // during one must end it: the raised mark makes the socket readable at 64 KiB.
-        let Some((mut conn, _, mut server, _probe)) = over_tcp().await else {
-            return;
-        };
+        let (mut conn, _, mut server, _probe) = over_tcp().await;
         conn.coalesce_reads(std::time::Duration::from_secs(2));
         let mut dest = BytesMut::with_capacity(4 << 20);
         server
